@@ -1,0 +1,262 @@
+//! Certificates: a CA, and leaf certificates that carry a tapgraph identity in their URI SAN.
+//! Used by `tapgraphctl dev-certs` now and by the controller's enrollment CA.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+
+use crate::fsutil;
+use crate::identity::Identity;
+use crate::tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("`{0}` is neither an IP address nor a DNS name")]
+    BadSan(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Clock skew tolerated between hosts: certificates are valid from this long before issuance.
+const BACKDATE: Duration = Duration::from_secs(300);
+
+/// A certificate and its private key, PEM encoded.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_after: SystemTime,
+}
+
+/// A certificate authority able to sign leaf certificates.
+pub struct CertAuthority {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn validity(params: &mut CertificateParams, lifetime: Duration) -> SystemTime {
+    let now = SystemTime::now();
+    let not_after = now + lifetime;
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = not_after.into();
+    not_after
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f; // positive
+    SerialNumber::from_slice(&bytes)
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "tapgraph");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+/// Parses `127.0.0.1` or `controller.example` into a SAN entry.
+pub fn san(entry: &str) -> Result<SanType, PkiError> {
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    let valid = !entry.is_empty()
+        && entry.len() <= 253
+        && entry
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if !valid {
+        return Err(PkiError::BadSan(entry.to_string()));
+    }
+    Ok(SanType::DnsName(
+        entry
+            .try_into()
+            .map_err(|_| PkiError::BadSan(entry.to_string()))?,
+    ))
+}
+
+impl CertAuthority {
+    /// A new self-signed CA with an ECDSA P-256 key.
+    pub fn generate(common_name: &str, lifetime: Duration) -> Result<Self, PkiError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.serial_number = Some(random_serial());
+        validity(&mut params, lifetime);
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// An existing CA from its PEM certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        let der = tls::parse_certs(cert_pem.as_bytes())
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .ok_or(PkiError::Rcgen(rcgen::Error::CouldNotParseCertificate))?;
+        Ok(Self {
+            cert_pem: cert_pem.to_string(),
+            cert_der: der.to_vec(),
+            issuer,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// SHA-256 of the CA certificate, as agents pin it.
+    pub fn fingerprint(&self) -> String {
+        tls::fingerprint(&self.cert_der)
+    }
+
+    /// Issues a certificate for `identity` with a fresh key. `names` are extra DNS or IP SANs that a
+    /// server certificate is reached by.
+    pub fn issue(
+        &self,
+        identity: &Identity,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<IssuedCert, PkiError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&identity.to_string());
+        params.serial_number = Some(random_serial());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match identity {
+            Identity::Controller => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            Identity::Agent(_) | Identity::Operator(_) => {
+                vec![ExtendedKeyUsagePurpose::ClientAuth]
+            }
+        };
+        params.subject_alt_names = vec![SanType::URI(
+            identity
+                .uri()
+                .try_into()
+                .map_err(|_| PkiError::BadSan(identity.uri()))?,
+        )];
+        for entry in names {
+            params.subject_alt_names.push(san(entry)?);
+        }
+        params.use_authority_key_identifier_extension = true;
+        let not_after = validity(&mut params, lifetime);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            not_after,
+        })
+    }
+}
+
+/// Writes a certificate (0644) and its key (0600) as `<stem>.pem` and `<stem>.key` in `dir`.
+pub fn write_pair(dir: &Path, stem: &str, cert: &IssuedCert) -> Result<(), PkiError> {
+    let io = |path: PathBuf| move |source| PkiError::Io { path, source };
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}.key"));
+    fsutil::write_atomic(&cert_path, cert.cert_pem.as_bytes(), 0o644).map_err(io(cert_path))?;
+    fsutil::write_private(&key_path, cert.key_pem.as_bytes()).map_err(io(key_path))?;
+    Ok(())
+}
+
+/// What `tapgraphctl dev-certs` made.
+#[derive(Debug)]
+pub struct DevCerts {
+    pub dir: PathBuf,
+    pub fingerprint: String,
+    pub agents: Vec<String>,
+    pub operator: String,
+}
+
+/// Makes a development CA (`ca.pem`, `ca.key`), a controller certificate (`controller.*`) valid for
+/// `server_names`, one certificate per agent id (`agent-<id>.*`) and one operator certificate
+/// (`operator-<name>.*`), all in `dir`.
+pub fn write_dev_certs(
+    dir: &Path,
+    server_names: &[String],
+    agents: &[String],
+    operator: &str,
+    lifetime: Duration,
+) -> Result<DevCerts, PkiError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PkiError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let ca = CertAuthority::generate("tapgraph development CA", lifetime)?;
+    let ca_cert = dir.join("ca.pem");
+    let ca_key = dir.join("ca.key");
+    fsutil::write_atomic(&ca_cert, ca.cert_pem().as_bytes(), 0o644).map_err(io(&ca_cert))?;
+    fsutil::write_private(&ca_key, ca.key_pem().as_bytes()).map_err(io(&ca_key))?;
+    let controller = ca.issue(&Identity::Controller, server_names, lifetime)?;
+    write_pair(dir, "controller", &controller)?;
+    for id in agents {
+        let identity = Identity::agent(id).map_err(|e| PkiError::BadSan(e.to_string()))?;
+        write_pair(dir, &format!("agent-{id}"), &ca.issue(&identity, &[], lifetime)?)?;
+    }
+    let identity = Identity::operator(operator).map_err(|e| PkiError::BadSan(e.to_string()))?;
+    write_pair(
+        dir,
+        &format!("operator-{operator}"),
+        &ca.issue(&identity, &[], lifetime)?,
+    )?;
+    Ok(DevCerts {
+        dir: dir.to_path_buf(),
+        fingerprint: ca.fingerprint(),
+        agents: agents.to_vec(),
+        operator: operator.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_carry_their_identity() {
+        let ca = CertAuthority::generate("test", Duration::from_secs(3600)).unwrap();
+        let id = Identity::agent("web-1").unwrap();
+        let cert = ca
+            .issue(&id, &["127.0.0.1".into()], Duration::from_secs(60))
+            .unwrap();
+        let der = tls::parse_certs(cert.cert_pem.as_bytes()).unwrap();
+        assert_eq!(Identity::from_cert_der(&der[0]).unwrap(), id);
+        // A reloaded CA signs certificates that chain to the same root.
+        let again = CertAuthority::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
+        assert_eq!(again.fingerprint(), ca.fingerprint());
+    }
+
+    #[test]
+    fn refuses_bad_names() {
+        assert!(san("bad name").is_err());
+        assert!(san("").is_err());
+        assert!(san("a..b").is_err());
+        assert!(san("::1").is_ok());
+        assert!(san("controller.example").is_ok());
+    }
+}

@@ -1,0 +1,561 @@
+//! The policy an agent runs: what to capture, how fast, where mirrored packets go, and how often to
+//! report. Validated once, here, by the controller before it is accepted and by the agent before it
+//! is applied, so both refuse the same things with the same words.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::config::Layered;
+use crate::proto;
+use crate::units::{self, format_bitrate, format_duration};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// libpcap immediate mode: each packet delivered at once.
+    Immediate,
+    /// Packets delivered when the kernel buffer fills or `buffer_timeout` passes.
+    Buffered,
+}
+
+impl FromStr for CaptureMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "immediate" => Ok(Self::Immediate),
+            "buffered" => Ok(Self::Buffered),
+            other => Err(format!(
+                "`{other}` is not a capture mode: use immediate or buffered"
+            )),
+        }
+    }
+}
+
+/// Where the controller sends an agent's mirrored packets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    None,
+    /// Reinject into this interface, as a SPAN port.
+    Interface(String),
+    /// Write pcapng files.
+    Pcap {
+        path: String,
+        rotate_bytes: u64,
+        rotate_interval: Duration,
+    },
+    /// Encapsulate in VXLAN towards `host:port`.
+    Vxlan { host: String, port: u16, vni: u32 },
+}
+
+pub const TARGET_SYNTAX: &str = "interface:NAME, pcap:PATH, vxlan:HOST:PORT or none";
+pub const DEFAULT_VXLAN_PORT: u16 = 4789;
+
+impl FromStr for Target {
+    type Err = String;
+
+    /// Parses `interface:span0`, `pcap:/var/lib/x.pcapng`, `vxlan:10.0.0.9:4789` or `none`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = s.split_once(':').unwrap_or((s, ""));
+        match scheme {
+            "none" if rest.is_empty() => Ok(Self::None),
+            "interface" => {
+                check_interface_name(rest)?;
+                Ok(Self::Interface(rest.to_string()))
+            }
+            "pcap" if !rest.is_empty() => Ok(Self::Pcap {
+                path: rest.to_string(),
+                rotate_bytes: 0,
+                rotate_interval: Duration::ZERO,
+            }),
+            "vxlan" => {
+                let (host, port) = match rest.rsplit_once(':') {
+                    Some((h, p)) if !h.is_empty() => (
+                        h.trim_start_matches('[').trim_end_matches(']'),
+                        p.parse::<u16>()
+                            .ok()
+                            .filter(|p| *p > 0)
+                            .ok_or_else(|| format!("`{p}` is not a UDP port in target `{s}`"))?,
+                    ),
+                    _ if !rest.is_empty() => (rest, DEFAULT_VXLAN_PORT),
+                    _ => return Err(format!("target `{s}` has no host: use vxlan:HOST:PORT")),
+                };
+                Ok(Self::Vxlan {
+                    host: host.to_string(),
+                    port,
+                    vni: 0,
+                })
+            }
+            _ => Err(format!("unknown target `{s}`: use {TARGET_SYNTAX}")),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("none"),
+            Self::Interface(name) => write!(f, "interface:{name}"),
+            Self::Pcap { path, .. } => write!(f, "pcap:{path}"),
+            Self::Vxlan { host, port, .. } if host.contains(':') => {
+                write!(f, "vxlan:[{host}]:{port}")
+            }
+            Self::Vxlan { host, port, .. } => write!(f, "vxlan:{host}:{port}"),
+        }
+    }
+}
+
+/// Linux interface names: 1 to 15 bytes, no `/`, no white space.
+pub fn check_interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\t', '\n', ':']) {
+        return Err(format!(
+            "`{name}` is not an interface name (1 to 15 characters, no '/', ':' or spaces)"
+        ));
+    }
+    Ok(())
+}
+
+/// A complete, validated policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySpec {
+    pub capture: bool,
+    pub interface: String,
+    pub filter: String,
+    pub snaplen: u32,
+    pub mode: CaptureMode,
+    pub buffer_timeout: Duration,
+    pub batch_packets: u32,
+    pub batch_delay: Duration,
+    pub limit_bps: u64,
+    pub check_interval: Duration,
+    pub breach_intervals: u32,
+    pub target: Target,
+    pub snapshot_interval: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for PolicySpec {
+    fn default() -> Self {
+        Self {
+            capture: false,
+            interface: "any".into(),
+            filter: String::new(),
+            snaplen: 262_144,
+            mode: CaptureMode::Buffered,
+            buffer_timeout: Duration::from_millis(1),
+            batch_packets: 256,
+            batch_delay: Duration::from_millis(1),
+            limit_bps: 10_000_000,
+            check_interval: Duration::from_secs(1),
+            breach_intervals: 5,
+            target: Target::None,
+            snapshot_interval: Duration::from_secs(15),
+            heartbeat_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One field of a policy that is out of bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyIssue {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+/// Every field of a policy that is out of bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyError(pub Vec<PolicyIssue>);
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|i| format!("{}: {}", i.field, i.reason))
+            .collect();
+        write!(f, "invalid policy: {}", parts.join("; "))
+    }
+}
+
+/// Bounds of every policy field, shared by validation and `--help` texts.
+pub mod bounds {
+    use std::time::Duration;
+    pub const SNAPLEN: (u32, u32) = (64, 262_144);
+    pub const LIMIT_BPS: (u64, u64) = (8_000, 100_000_000_000);
+    pub const CHECK_INTERVAL: (Duration, Duration) =
+        (Duration::from_millis(100), Duration::from_secs(3600));
+    pub const BREACH_INTERVALS: u32 = 1000;
+    pub const BUFFER_TIMEOUT: (Duration, Duration) =
+        (Duration::from_micros(100), Duration::from_secs(1));
+    pub const BATCH_PACKETS: (u32, u32) = (1, 8192);
+    pub const BATCH_DELAY: (Duration, Duration) =
+        (Duration::from_micros(50), Duration::from_secs(1));
+    pub const SNAPSHOT_INTERVAL: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(3600));
+    pub const HEARTBEAT_INTERVAL: (Duration, Duration) =
+        (Duration::from_millis(100), Duration::from_secs(300));
+}
+
+fn in_range<T: PartialOrd>(v: T, (lo, hi): (T, T)) -> bool {
+    v >= lo && v <= hi
+}
+
+impl PolicySpec {
+    /// Checks every bound; with `compile_filter`, also compiles the BPF filter with libpcap.
+    pub fn validate(&self, compile_filter: bool) -> Result<(), PolicyError> {
+        let mut issues = Vec::new();
+        let mut fail = |field, reason: String| issues.push(PolicyIssue { field, reason });
+        let dur_range = |d: Duration, (lo, hi): (Duration, Duration)| {
+            format!(
+                "{} is out of range {}..={}",
+                format_duration(d),
+                format_duration(lo),
+                format_duration(hi)
+            )
+        };
+        if self.interface != "any"
+            && let Err(e) = check_interface_name(&self.interface)
+        {
+            fail("interface", e);
+        }
+        if compile_filter && let Err(e) = crate::bpf::check_filter(&self.filter) {
+            fail("filter", e.reason);
+        }
+        if !in_range(self.snaplen, bounds::SNAPLEN) {
+            fail(
+                "snaplen",
+                format!(
+                    "{} is out of range {}..={}",
+                    self.snaplen,
+                    bounds::SNAPLEN.0,
+                    bounds::SNAPLEN.1
+                ),
+            );
+        }
+        if !in_range(self.limit_bps, bounds::LIMIT_BPS) {
+            fail(
+                "limit",
+                format!(
+                    "{} is out of range {}..={}",
+                    format_bitrate(self.limit_bps),
+                    format_bitrate(bounds::LIMIT_BPS.0),
+                    format_bitrate(bounds::LIMIT_BPS.1)
+                ),
+            );
+        }
+        if !in_range(self.check_interval, bounds::CHECK_INTERVAL) {
+            fail(
+                "check_interval",
+                dur_range(self.check_interval, bounds::CHECK_INTERVAL),
+            );
+        }
+        if self.breach_intervals > bounds::BREACH_INTERVALS {
+            fail(
+                "breach_intervals",
+                format!(
+                    "{} is above {} (0 disables the breach rule)",
+                    self.breach_intervals,
+                    bounds::BREACH_INTERVALS
+                ),
+            );
+        }
+        if !in_range(self.buffer_timeout, bounds::BUFFER_TIMEOUT) {
+            fail(
+                "buffer_timeout",
+                dur_range(self.buffer_timeout, bounds::BUFFER_TIMEOUT),
+            );
+        }
+        if !in_range(self.batch_packets, bounds::BATCH_PACKETS) {
+            fail(
+                "batch_packets",
+                format!(
+                    "{} is out of range {}..={}",
+                    self.batch_packets,
+                    bounds::BATCH_PACKETS.0,
+                    bounds::BATCH_PACKETS.1
+                ),
+            );
+        }
+        if !in_range(self.batch_delay, bounds::BATCH_DELAY) {
+            fail(
+                "batch_delay",
+                dur_range(self.batch_delay, bounds::BATCH_DELAY),
+            );
+        }
+        if !in_range(self.snapshot_interval, bounds::SNAPSHOT_INTERVAL) {
+            fail(
+                "snapshot_interval",
+                dur_range(self.snapshot_interval, bounds::SNAPSHOT_INTERVAL),
+            );
+        }
+        if !in_range(self.heartbeat_interval, bounds::HEARTBEAT_INTERVAL) {
+            fail(
+                "heartbeat_interval",
+                dur_range(self.heartbeat_interval, bounds::HEARTBEAT_INTERVAL),
+            );
+        }
+        if let Target::Vxlan { vni, .. } = self.target
+            && vni >= 1 << 24
+        {
+            fail("target", format!("VNI {vni} does not fit in 24 bits"));
+        }
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(PolicyError(issues))
+        }
+    }
+
+    /// Reads a policy from configuration keys under `prefix` (e.g. `policy.filter`), recording
+    /// problems in `cfg` under their full key. Missing keys keep the defaults.
+    pub fn from_config(cfg: &mut Layered, prefix: &str) -> Self {
+        let d = Self::default();
+        let k = |name: &str| format!("{prefix}.{name}");
+        let mut spec = Self {
+            capture: cfg.bool(&k("capture"), d.capture),
+            interface: cfg.string(&k("interface"), &d.interface),
+            filter: cfg.string(&k("filter"), &d.filter),
+            snaplen: cfg.value(&k("snaplen"), d.snaplen),
+            mode: cfg.value(&k("mode"), d.mode),
+            buffer_timeout: cfg.parse(
+                &k("buffer_timeout"),
+                d.buffer_timeout,
+                units::parse_duration,
+            ),
+            batch_packets: cfg.value(&k("batch_packets"), d.batch_packets),
+            batch_delay: cfg.parse(&k("batch_delay"), d.batch_delay, units::parse_duration),
+            limit_bps: cfg.parse(&k("limit"), d.limit_bps, units::parse_bitrate),
+            check_interval: cfg.parse(
+                &k("check_interval"),
+                d.check_interval,
+                units::parse_duration,
+            ),
+            breach_intervals: cfg.value(&k("breach_intervals"), d.breach_intervals),
+            target: cfg.value(&k("target"), d.target.clone()),
+            snapshot_interval: cfg.parse(
+                &k("snapshot_interval"),
+                d.snapshot_interval,
+                units::parse_duration,
+            ),
+            heartbeat_interval: cfg.parse(
+                &k("heartbeat_interval"),
+                d.heartbeat_interval,
+                units::parse_duration,
+            ),
+        };
+        if let Target::Vxlan { vni, .. } = &mut spec.target {
+            *vni = cfg.value(&k("vni"), 0);
+        }
+        if let Err(errors) = spec.validate(true) {
+            for issue in errors.0 {
+                cfg.fail(&k(issue.field), issue.reason);
+            }
+            return d;
+        }
+        spec
+    }
+
+    /// Every configuration key [`PolicySpec::from_config`] reads, under `prefix`.
+    pub fn config_keys(prefix: &str) -> Vec<String> {
+        [
+            "capture",
+            "interface",
+            "filter",
+            "snaplen",
+            "mode",
+            "buffer_timeout",
+            "batch_packets",
+            "batch_delay",
+            "limit",
+            "check_interval",
+            "breach_intervals",
+            "target",
+            "vni",
+            "snapshot_interval",
+            "heartbeat_interval",
+        ]
+        .iter()
+        .map(|n| format!("{prefix}.{n}"))
+        .collect()
+    }
+
+    pub fn to_proto(&self, version: u64, name: &str) -> proto::Policy {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        let kind = match &self.target {
+            Target::None => proto::mirror_target::Kind::None(proto::NoTarget {}),
+            Target::Interface(name) => {
+                proto::mirror_target::Kind::Interface(proto::InterfaceTarget { name: name.clone() })
+            }
+            Target::Pcap {
+                path,
+                rotate_bytes,
+                rotate_interval,
+            } => proto::mirror_target::Kind::Pcap(proto::PcapTarget {
+                path: path.clone(),
+                rotate_bytes: *rotate_bytes,
+                rotate_interval_ms: ms(*rotate_interval),
+            }),
+            Target::Vxlan { host, port, vni } => {
+                proto::mirror_target::Kind::Vxlan(proto::VxlanTarget {
+                    host: host.clone(),
+                    port: u32::from(*port),
+                    vni: *vni,
+                })
+            }
+        };
+        proto::Policy {
+            version,
+            name: name.to_string(),
+            capture: Some(proto::Capture {
+                enabled: self.capture,
+                interface: self.interface.clone(),
+                filter: self.filter.clone(),
+                snaplen: self.snaplen,
+                mode: match self.mode {
+                    CaptureMode::Immediate => proto::CaptureMode::Immediate,
+                    CaptureMode::Buffered => proto::CaptureMode::Buffered,
+                } as i32,
+                buffer_timeout_us: us(self.buffer_timeout),
+                batch_max_packets: self.batch_packets,
+                batch_max_delay_us: us(self.batch_delay),
+            }),
+            limit: Some(proto::RateLimit {
+                bits_per_second: self.limit_bps,
+                check_interval_ms: ms(self.check_interval),
+                breach_intervals: self.breach_intervals,
+            }),
+            target: Some(proto::MirrorTarget { kind: Some(kind) }),
+            snapshot_interval_ms: ms(self.snapshot_interval),
+            heartbeat_interval_ms: ms(self.heartbeat_interval),
+        }
+    }
+
+    /// Converts and validates a received policy (the BPF filter is compiled where it is applied).
+    pub fn from_proto(p: &proto::Policy) -> Result<Self, PolicyError> {
+        let missing = |field| {
+            PolicyError(vec![PolicyIssue {
+                field,
+                reason: "missing".into(),
+            }])
+        };
+        let capture = p.capture.as_ref().ok_or_else(|| missing("capture"))?;
+        let limit = p.limit.as_ref().ok_or_else(|| missing("limit"))?;
+        let target = match p.target.as_ref().and_then(|t| t.kind.as_ref()) {
+            None | Some(proto::mirror_target::Kind::None(_)) => Target::None,
+            Some(proto::mirror_target::Kind::Interface(i)) => Target::Interface(i.name.clone()),
+            Some(proto::mirror_target::Kind::Pcap(x)) => Target::Pcap {
+                path: x.path.clone(),
+                rotate_bytes: x.rotate_bytes,
+                rotate_interval: Duration::from_millis(x.rotate_interval_ms),
+            },
+            Some(proto::mirror_target::Kind::Vxlan(v)) => Target::Vxlan {
+                host: v.host.clone(),
+                port: u16::try_from(v.port).map_err(|_| {
+                    PolicyError(vec![PolicyIssue {
+                        field: "target",
+                        reason: format!("port {} is not a UDP port", v.port),
+                    }])
+                })?,
+                vni: v.vni,
+            },
+        };
+        let mode = match proto::CaptureMode::try_from(capture.mode) {
+            Ok(proto::CaptureMode::Immediate) => CaptureMode::Immediate,
+            Ok(proto::CaptureMode::Buffered) => CaptureMode::Buffered,
+            _ => {
+                return Err(PolicyError(vec![PolicyIssue {
+                    field: "mode",
+                    reason: format!("unknown capture mode {}", capture.mode),
+                }]));
+            }
+        };
+        let spec = Self {
+            capture: capture.enabled,
+            interface: capture.interface.clone(),
+            filter: capture.filter.clone(),
+            snaplen: capture.snaplen,
+            mode,
+            buffer_timeout: Duration::from_micros(u64::from(capture.buffer_timeout_us)),
+            batch_packets: capture.batch_max_packets,
+            batch_delay: Duration::from_micros(u64::from(capture.batch_max_delay_us)),
+            limit_bps: limit.bits_per_second,
+            check_interval: Duration::from_millis(limit.check_interval_ms),
+            breach_intervals: limit.breach_intervals,
+            target,
+            snapshot_interval: Duration::from_millis(p.snapshot_interval_ms),
+            heartbeat_interval: Duration::from_millis(p.heartbeat_interval_ms),
+        };
+        spec.validate(false)?;
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_print() {
+        for s in [
+            "none",
+            "interface:span0",
+            "pcap:/tmp/x.pcapng",
+            "vxlan:10.0.0.9:4789",
+            "vxlan:[fd00::9]:4790",
+        ] {
+            assert_eq!(s.parse::<Target>().unwrap().to_string(), s);
+        }
+        assert_eq!(
+            "vxlan:analyzer".parse::<Target>().unwrap().to_string(),
+            "vxlan:analyzer:4789"
+        );
+        for bad in [
+            "span0",
+            "ftp:host",
+            "interface:",
+            "interface:a/b",
+            "vxlan:",
+            "vxlan:h:0",
+            "pcap:",
+        ] {
+            assert!(bad.parse::<Target>().is_err(), "{bad} accepted");
+        }
+        let e = "gre:10.0.0.1".parse::<Target>().unwrap_err();
+        assert!(e.contains("unknown target `gre:10.0.0.1`"), "{e}");
+    }
+
+    #[test]
+    fn proto_round_trip_keeps_everything() {
+        let spec = PolicySpec {
+            capture: true,
+            filter: "tcp port 80".into(),
+            mode: CaptureMode::Immediate,
+            target: Target::Vxlan {
+                host: "10.0.0.9".into(),
+                port: 4789,
+                vni: 42,
+            },
+            ..PolicySpec::default()
+        };
+        let back = PolicySpec::from_proto(&spec.to_proto(7, "web")).unwrap();
+        assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn validation_names_every_bad_field() {
+        let spec = PolicySpec {
+            filter: "tcp port banana".into(),
+            snaplen: 10,
+            limit_bps: 1,
+            heartbeat_interval: Duration::ZERO,
+            ..PolicySpec::default()
+        };
+        let e = spec.validate(true).unwrap_err();
+        let fields: Vec<_> = e.0.iter().map(|i| i.field).collect();
+        assert_eq!(fields, ["filter", "snaplen", "limit", "heartbeat_interval"]);
+        assert!(e.to_string().contains("banana"), "{e}");
+        // Without compiling, the filter is not judged.
+        assert_eq!(spec.validate(false).unwrap_err().0.len(), 3);
+    }
+}

@@ -1,0 +1,207 @@
+//! TLS over TCP for gRPC, on both ends, with the peer's verified identity attached to every request.
+//!
+//! The server side accepts, handshakes each connection on its own task (a slow or hostile client
+//! cannot stall the accept loop), and hands tonic a [`TlsIo`] whose connect info carries the
+//! [`PeerInfo`]. Handlers read it with `request.extensions().get::<PeerInfo>()`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::identity::{Identity, IdentityError};
+
+/// What the server knows about the peer of a connection, from its verified certificate.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote_addr: SocketAddr,
+    /// `Err` when the certificate verified against the CA but carries no usable tapgraph identity.
+    pub identity: Result<Identity, IdentityError>,
+}
+
+/// A server-side TLS connection, as tonic serves it.
+pub struct TlsIo {
+    stream: server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsIo {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections on `listener` and yields those whose TLS handshake (including client
+/// certificate verification) succeeds within `handshake_timeout`. Refused handshakes are logged with
+/// the peer address and the reason. Accepting stops when the returned stream is dropped.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+) -> ReceiverStream<Result<TlsIo, io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => return,
+            };
+            let (tcp, remote_addr) = match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let identity = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|certs| certs.first())
+                            .ok_or(IdentityError::Missing)
+                            .and_then(|leaf| Identity::from_cert_der(leaf));
+                        let info = PeerInfo {
+                            remote_addr,
+                            identity,
+                        };
+                        let _ = tx.send(Ok(TlsIo { stream, info })).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(peer = %remote_addr, %error, "TLS handshake refused");
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = %remote_addr, timeout = ?handshake_timeout, "TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Options of a client channel to the controller.
+#[derive(Debug, Clone)]
+pub struct ChannelOptions {
+    pub connect_timeout: Duration,
+    /// HTTP/2 PING interval; a peer that does not answer within `keepalive_timeout` is dead.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Opens one HTTP/2 connection over TLS to `addr` (`host:port`), verifying the server as
+/// `server_name`. Every RPC made on the returned channel shares that connection.
+pub async fn connect(
+    addr: &str,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    options: &ChannelOptions,
+) -> Result<Channel, ConnectError> {
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|_| ConnectError::ServerName(server_name.to_string()))?;
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| ConnectError::Address(addr.to_string(), e.to_string()))?
+        .connect_timeout(options.connect_timeout)
+        .http2_keep_alive_interval(options.keepalive_interval)
+        .keep_alive_timeout(options.keepalive_timeout)
+        .keep_alive_while_idle(true);
+    let connector = TlsConnector::from(tls);
+    let target = addr.to_string();
+    let service = tower::service_fn(move |_: http::Uri| {
+        let connector = connector.clone();
+        let name = name.clone();
+        let target = target.clone();
+        async move {
+            let tcp = TcpStream::connect(&target).await?;
+            tcp.set_nodelay(true)?;
+            let tls: client::TlsStream<TcpStream> = connector.connect(name, tcp).await?;
+            Ok::<_, io::Error>(TokioIo::new(tls))
+        }
+    });
+    endpoint
+        .connect_with_connector(service)
+        .await
+        .map_err(|e| ConnectError::Transport(crate::error_chain(&e)))
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    #[error("`{0}` is not a valid TLS server name")]
+    ServerName(String),
+    #[error("`{0}` is not a valid address: {1}")]
+    Address(String, String),
+    #[error("{0}")]
+    Transport(String),
+}

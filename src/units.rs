@@ -1,0 +1,268 @@
+//! Human units for durations and bit rates, as operators type them: `10s`, `500ms`, `2Mbit`, `1G`.
+//!
+//! Prefixes are decimal (SI), as in `tc` and every link-speed spec: `1kbit` = 1,000 bit/s. Byte
+//! rates (`MBps`, `MB/s`) are refused rather than guessed, because `tc` reads `mbps` as megabytes.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("empty value: expected {expected}")]
+    Empty { expected: &'static str },
+    #[error("`{input}` is not a number followed by a unit: expected {expected}")]
+    Malformed {
+        input: String,
+        expected: &'static str,
+    },
+    #[error("`{input}` has no unit: write e.g. `{input}s` or `{input}ms`")]
+    MissingDurationUnit { input: String },
+    #[error("`{input}`: unknown unit `{unit}`: expected {expected}")]
+    UnknownUnit {
+        input: String,
+        unit: String,
+        expected: &'static str,
+    },
+    #[error("`{input}` is a byte rate; tapgraph takes bit rates: write e.g. `8Mbit` for 1 MB/s")]
+    ByteRate { input: String },
+    #[error("`{input}` is too large")]
+    Overflow { input: String },
+}
+
+const DURATION_UNITS: &str = "a duration such as 250us, 500ms, 10s, 5m or 1h";
+const RATE_UNITS: &str = "a bit rate such as 500kbit, 2Mbit, 1G or 1000000 (bit/s)";
+
+/// Splits `12.5Mbit` into (`12.5`, `Mbit`) after trimming white space.
+fn split_number(input: &str) -> (&str, &str) {
+    let s = input.trim();
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    (&s[..end], s[end..].trim())
+}
+
+fn parse_number(num: &str, input: &str, expected: &'static str) -> Result<f64, UnitError> {
+    let value: f64 = num.parse().map_err(|_| UnitError::Malformed {
+        input: input.to_string(),
+        expected,
+    })?;
+    if !value.is_finite() {
+        return Err(UnitError::Overflow {
+            input: input.to_string(),
+        });
+    }
+    Ok(value)
+}
+
+/// Parses a duration: a decimal number and one of `ns`, `us`/`µs`, `ms`, `s`, `m`/`min`, `h`.
+/// A bare `0` is accepted; any other bare number is refused, since its unit would be a guess.
+pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
+    let (num, unit) = split_number(input);
+    if input.trim().is_empty() {
+        return Err(UnitError::Empty {
+            expected: DURATION_UNITS,
+        });
+    }
+    if num.is_empty() {
+        return Err(UnitError::Malformed {
+            input: input.to_string(),
+            expected: DURATION_UNITS,
+        });
+    }
+    let value = parse_number(num, input, DURATION_UNITS)?;
+    let nanos_per_unit: f64 = match unit {
+        "" if value == 0.0 => 0.0,
+        "" => {
+            return Err(UnitError::MissingDurationUnit {
+                input: input.trim().to_string(),
+            });
+        }
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "ms" => 1e6,
+        "s" | "sec" => 1e9,
+        "m" | "min" => 60e9,
+        "h" => 3600e9,
+        other => {
+            return Err(UnitError::UnknownUnit {
+                input: input.to_string(),
+                unit: other.to_string(),
+                expected: DURATION_UNITS,
+            });
+        }
+    };
+    let nanos = value * nanos_per_unit;
+    if nanos > u64::MAX as f64 {
+        return Err(UnitError::Overflow {
+            input: input.to_string(),
+        });
+    }
+    Ok(Duration::from_nanos(nanos.round() as u64))
+}
+
+/// Parses a bit rate in bit/s: a decimal number, an optional SI prefix (`k`, `M`, `G`, `T`, any case)
+/// and an optional `bit`, `bit/s`, `bits` or `bps`.
+pub fn parse_bitrate(input: &str) -> Result<u64, UnitError> {
+    let (num, unit) = split_number(input);
+    if input.trim().is_empty() {
+        return Err(UnitError::Empty {
+            expected: RATE_UNITS,
+        });
+    }
+    if num.is_empty() {
+        return Err(UnitError::Malformed {
+            input: input.to_string(),
+            expected: RATE_UNITS,
+        });
+    }
+    let value = parse_number(num, input, RATE_UNITS)?;
+    // Byte units are refused before case folding: `B` is bytes, `b` is bits.
+    if unit.contains('B') || unit.to_ascii_lowercase().contains("byte") {
+        return Err(UnitError::ByteRate {
+            input: input.trim().to_string(),
+        });
+    }
+    let lower = unit.to_ascii_lowercase();
+    let (prefix, rest) = match lower.chars().next() {
+        Some(c @ ('k' | 'm' | 'g' | 't')) => (Some(c), &lower[1..]),
+        _ => (None, lower.as_str()),
+    };
+    if !matches!(rest, "" | "bit" | "bit/s" | "bits" | "bps" | "b/s" | "b") {
+        return Err(UnitError::UnknownUnit {
+            input: input.to_string(),
+            unit: unit.to_string(),
+            expected: RATE_UNITS,
+        });
+    }
+    let multiplier = match prefix {
+        None => 1.0,
+        Some('k') => 1e3,
+        Some('m') => 1e6,
+        Some('g') => 1e9,
+        Some(_) => 1e12,
+    };
+    let bits = value * multiplier;
+    if bits > u64::MAX as f64 {
+        return Err(UnitError::Overflow {
+            input: input.to_string(),
+        });
+    }
+    Ok(bits.round() as u64)
+}
+
+/// Formats a bit rate with the largest SI prefix that keeps it readable: `2Mbit`, `1.5Gbit`.
+pub fn format_bitrate(bits_per_second: u64) -> String {
+    const STEPS: [(f64, &str); 4] = [(1e12, "Tbit"), (1e9, "Gbit"), (1e6, "Mbit"), (1e3, "kbit")];
+    let v = bits_per_second as f64;
+    for (scale, name) in STEPS {
+        if v >= scale {
+            let scaled = v / scale;
+            let text = format!("{scaled:.3}");
+            let text = text.trim_end_matches('0').trim_end_matches('.');
+            return format!("{text}{name}");
+        }
+    }
+    format!("{bits_per_second}bit")
+}
+
+/// Formats a duration in the largest whole unit: `10s`, `500ms`, `250us`.
+pub fn format_duration(d: Duration) -> String {
+    let n = d.as_nanos();
+    const STEPS: [(u128, &str); 5] = [
+        (3_600_000_000_000, "h"),
+        (60_000_000_000, "m"),
+        (1_000_000_000, "s"),
+        (1_000_000, "ms"),
+        (1_000, "us"),
+    ];
+    for (scale, name) in STEPS {
+        if n >= scale && n % scale == 0 {
+            return format!("{}{name}", n / scale);
+        }
+    }
+    if n >= 1_000_000 {
+        return format!("{}ms", n as f64 / 1e6);
+    }
+    format!("{n}ns")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration(" 500ms "), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn bad_durations_name_the_input() {
+        let e = parse_duration("10").unwrap_err();
+        assert!(e.to_string().contains("`10` has no unit"), "{e}");
+        let e = parse_duration("10 parsecs").unwrap_err();
+        assert!(e.to_string().contains("unknown unit `parsecs`"), "{e}");
+        assert!(matches!(
+            parse_duration("ms"),
+            Err(UnitError::Malformed { .. })
+        ));
+        assert!(matches!(parse_duration(""), Err(UnitError::Empty { .. })));
+        assert!(matches!(
+            parse_duration("1.2.3s"),
+            Err(UnitError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_duration("99999999999999999999h"),
+            Err(UnitError::Overflow { .. })
+        ));
+    }
+
+    #[test]
+    fn bitrates() {
+        assert_eq!(parse_bitrate("2Mbit"), Ok(2_000_000));
+        assert_eq!(parse_bitrate("500kbit"), Ok(500_000));
+        assert_eq!(parse_bitrate("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_bitrate("1.5Gbit/s"), Ok(1_500_000_000));
+        assert_eq!(parse_bitrate("10mbit"), Ok(10_000_000));
+        assert_eq!(parse_bitrate("1000000"), Ok(1_000_000));
+        assert_eq!(parse_bitrate("64 kbps"), Ok(64_000));
+    }
+
+    #[test]
+    fn bad_bitrates_are_refused() {
+        assert!(matches!(
+            parse_bitrate("1MB/s"),
+            Err(UnitError::ByteRate { .. })
+        ));
+        assert!(matches!(
+            parse_bitrate("2MBps"),
+            Err(UnitError::ByteRate { .. })
+        ));
+        assert!(matches!(
+            parse_bitrate("2 furlongs"),
+            Err(UnitError::UnknownUnit { .. })
+        ));
+        assert!(matches!(
+            parse_bitrate("fast"),
+            Err(UnitError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_bitrate("-1Mbit"),
+            Err(UnitError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn formats_round_trip() {
+        for s in ["2Mbit", "500kbit", "1Gbit", "1.5Gbit", "999bit"] {
+            assert_eq!(format_bitrate(parse_bitrate(s).unwrap()), s);
+        }
+        for s in ["10s", "500ms", "250us", "5m", "1h"] {
+            assert_eq!(format_duration(parse_duration(s).unwrap()), s);
+        }
+    }
+}

@@ -21,6 +21,17 @@ pub struct BackoffPolicy {
     jitter: f64,
 }
 
+impl Default for BackoffPolicy {
+    /// 200 ms doubling to 5 s, each delay shortened by up to 20%.
+    fn default() -> Self {
+        Self {
+            min: Duration::from_millis(200),
+            max: Duration::from_secs(5),
+            jitter: 0.2,
+        }
+    }
+}
+
 impl BackoffPolicy {
     pub fn new(min: Duration, max: Duration, jitter: f64) -> Result<Self, BackoffError> {
         if min.is_zero() {
@@ -119,7 +130,9 @@ mod tests {
         let seen: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
         assert_eq!(
             seen,
-            [100, 200, 400, 800, 1000, 1000, 1000, 1000].map(ms).to_vec()
+            [100, 200, 400, 800, 1000, 1000, 1000, 1000]
+                .map(ms)
+                .to_vec()
         );
         b.reset();
         assert_eq!(b.next_delay(), ms(100));

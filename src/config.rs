@@ -364,7 +364,9 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once_with_its_key() {
         let s = sources(
-            Some("interval = '10 parsecs'\nflag = 'maybe'\nlisten_typo = 1\n[log]\nformat = 'text'"),
+            Some(
+                "interval = '10 parsecs'\nflag = 'maybe'\nlisten_typo = 1\n[log]\nformat = 'text'",
+            ),
             &[],
             &[],
         );

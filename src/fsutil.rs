@@ -68,6 +68,9 @@ mod tests {
         assert!(check_private(&p).is_ok());
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = check_private(&p).unwrap_err();
-        assert!(err.contains("mode 0644") && err.contains("chmod 600"), "{err}");
+        assert!(
+            err.contains("mode 0644") && err.contains("chmod 600"),
+            "{err}"
+        );
     }
 }

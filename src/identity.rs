@@ -33,7 +33,10 @@ pub enum IdentityError {
 /// Checks an agent id or operator name: it appears in URIs, file names and graph keys.
 pub fn validate_name(kind: &'static str, name: &str) -> Result<(), IdentityError> {
     let ok = (1..=64).contains(&name.len())
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));

@@ -217,7 +217,11 @@ pub fn write_dev_certs(
     write_pair(dir, "controller", &controller)?;
     for id in agents {
         let identity = Identity::agent(id).map_err(|e| PkiError::BadSan(e.to_string()))?;
-        write_pair(dir, &format!("agent-{id}"), &ca.issue(&identity, &[], lifetime)?)?;
+        write_pair(
+            dir,
+            &format!("agent-{id}"),
+            &ca.issue(&identity, &[], lifetime)?,
+        )?;
     }
     let identity = Identity::operator(operator).map_err(|e| PkiError::BadSan(e.to_string()))?;
     write_pair(

@@ -45,7 +45,11 @@ pub enum Target {
         rotate_interval: Duration,
     },
     /// Encapsulate in VXLAN towards `host:port`.
-    Vxlan { host: String, port: u16, vni: u32 },
+    Vxlan {
+        host: String,
+        port: u16,
+        vni: u32,
+    },
 }
 
 pub const TARGET_SYNTAX: &str = "interface:NAME, pcap:PATH, vxlan:HOST:PORT or none";

@@ -1,0 +1,224 @@
+//! The control session: connect, say Hello, apply policies, send heartbeats; on any failure,
+//! reconnect with backoff. It never gives up on a transient error.
+
+use std::time::Duration;
+
+use tapgraph::policy::PolicySpec;
+use tapgraph::proto::{
+    self, agent_message::Msg, agent_service_client::AgentServiceClient, controller_message,
+};
+use tapgraph::transport::{self, ChannelOptions};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::host;
+
+/// What survives reconnects: the applied policy and the heartbeat sequence.
+struct State {
+    policy: PolicySpec,
+    policy_version: u64,
+    control_sequence: u64,
+    started_at: u64,
+}
+
+/// How a session ended.
+enum End {
+    /// Shutdown requested: stop.
+    Shutdown,
+    /// The session was established and then lost: reconnect from the shortest delay.
+    Lost(String),
+    /// The session never got going: back off further.
+    Failed(String),
+}
+
+/// Runs sessions until `shutdown` is cancelled.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
+    let mut state = State {
+        policy: PolicySpec::default(),
+        policy_version: 0,
+        control_sequence: 0,
+        started_at: tapgraph::time::unix_nanos(),
+    };
+    let mut backoff = config.backoff.start();
+    loop {
+        let reason = match session(&config, &mut state, &shutdown).await {
+            End::Shutdown => return,
+            End::Lost(reason) => {
+                backoff.reset();
+                reason
+            }
+            End::Failed(reason) => reason,
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(controller = %config.controller, error = %reason, retry_in = ?delay, attempt = backoff.attempt(), "no session with the controller");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn message(msg: Msg) -> proto::AgentMessage {
+    proto::AgentMessage { msg: Some(msg) }
+}
+
+async fn session(config: &AgentConfig, state: &mut State, shutdown: &CancellationToken) -> End {
+    // Certificates are re-read on every attempt, so replaced files take effect on reconnect.
+    let tls = match tapgraph::tls::client_config(
+        &config.tls.ca,
+        Some((&config.tls.cert, &config.tls.key)),
+    ) {
+        Ok(tls) => tls,
+        Err(e) => return End::Failed(e.to_string()),
+    };
+    let options = ChannelOptions {
+        connect_timeout: config.connect_timeout,
+        ..ChannelOptions::default()
+    };
+    let channel = tokio::select! {
+        c = transport::connect(&config.controller, &config.server_name, tls, &options) => c,
+        () = shutdown.cancelled() => return End::Shutdown,
+    };
+    let channel = match channel {
+        Ok(c) => c,
+        Err(e) => return End::Failed(e.to_string()),
+    };
+    let mut client = AgentServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel::<proto::AgentMessage>(64);
+    let mut hello = host::hello();
+    hello.started_at_unix_nanos = state.started_at;
+    // The channel is new and empty: Hello is queued before the stream opens, as the controller requires.
+    if tx.try_send(message(Msg::Hello(hello))).is_err() {
+        return End::Failed("cannot queue Hello".into());
+    }
+    let response = tokio::select! {
+        r = client.connect(ReceiverStream::new(rx)) => r,
+        () = shutdown.cancelled() => return End::Shutdown,
+    };
+    let mut inbound = match response {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            return End::Failed(format!(
+                "stream refused: {:?}: {}",
+                status.code(),
+                status.message()
+            ));
+        }
+    };
+    tracing::info!(controller = %config.controller, "connected to controller");
+
+    let mut established = false;
+    let mut heartbeat = new_ticker(state.policy.heartbeat_interval);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return End::Shutdown,
+            _ = heartbeat.tick() => {
+                state.control_sequence += 1;
+                let record = proto::ControlRecord {
+                    sequence: state.control_sequence,
+                    sent_at_unix_nanos: tapgraph::time::unix_nanos(),
+                    counters: Some(proto::Counters::default()),
+                    capture_state: proto::CaptureState::Disabled as i32,
+                    last_error: String::new(),
+                    policy_version: state.policy_version,
+                    snapshot_entries: 0,
+                    breach: None,
+                };
+                if tx.send(message(Msg::Control(record))).await.is_err() {
+                    return lost(established, "control stream closed".into());
+                }
+            }
+            next = inbound.message() => match next {
+                Ok(Some(proto::ControllerMessage { msg: Some(msg) })) => {
+                    established = true;
+                    if let Some(reply) = handle(msg, state, &mut heartbeat)
+                        && tx.send(message(reply)).await.is_err()
+                    {
+                        return lost(established, "control stream closed".into());
+                    }
+                }
+                Ok(Some(proto::ControllerMessage { msg: None })) => {}
+                Ok(None) => return lost(established, "controller closed the stream".into()),
+                Err(status) => {
+                    return lost(established, format!("{:?}: {}", status.code(), status.message()));
+                }
+            },
+        }
+    }
+}
+
+fn lost(established: bool, reason: String) -> End {
+    if established {
+        End::Lost(reason)
+    } else {
+        End::Failed(reason)
+    }
+}
+
+fn new_ticker(period: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval_at(Instant::now() + period, period);
+    t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    t
+}
+
+/// Applies one controller message; returns the reply to send, if any.
+fn handle(
+    msg: controller_message::Msg,
+    state: &mut State,
+    heartbeat: &mut tokio::time::Interval,
+) -> Option<Msg> {
+    match msg {
+        controller_message::Msg::Policy(p) => Some(Msg::PolicyStatus(apply(&p, state, heartbeat))),
+        controller_message::Msg::TimeProbe(probe) => {
+            let received = tapgraph::time::unix_nanos();
+            Some(Msg::TimeProbeReply(proto::TimeProbeReply {
+                id: probe.id,
+                probe_sent_at_unix_nanos: probe.sent_at_unix_nanos,
+                received_at_unix_nanos: received,
+                sent_at_unix_nanos: tapgraph::time::unix_nanos(),
+            }))
+        }
+        controller_message::Msg::Resync(request) => {
+            tracing::info!(reason = %request.reason, "controller asked for a resync");
+            None
+        }
+    }
+}
+
+/// Applies a policy entirely or not at all. On refusal the previous policy keeps running and the
+/// exact reason goes back to the controller.
+fn apply(
+    p: &proto::Policy,
+    state: &mut State,
+    heartbeat: &mut tokio::time::Interval,
+) -> proto::PolicyStatus {
+    let refuse = |error: String| {
+        tracing::warn!(version = p.version, %error, "policy refused; the previous policy keeps running");
+        proto::PolicyStatus {
+            version: p.version,
+            applied: false,
+            error,
+        }
+    };
+    let spec = match PolicySpec::from_proto(p) {
+        Ok(spec) => spec,
+        Err(e) => return refuse(e.to_string()),
+    };
+    if spec.capture {
+        return refuse("capture: this agent version cannot capture packets yet".into());
+    }
+    if spec.heartbeat_interval != state.policy.heartbeat_interval {
+        *heartbeat = new_ticker(spec.heartbeat_interval);
+    }
+    tracing::info!(version = p.version, name = %p.name, heartbeat = ?spec.heartbeat_interval, "policy applied");
+    state.policy = spec;
+    state.policy_version = p.version;
+    proto::PolicyStatus {
+        version: p.version,
+        applied: true,
+        error: String::new(),
+    }
+}

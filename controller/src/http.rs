@@ -1,0 +1,39 @@
+//! Plain HTTP for probes and the read-only API: `/healthz`, `/readyz`, `/api/v1/agents`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+
+use crate::registry::Registry;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub registry: Registry,
+    /// Set once the gRPC listener is bound and state is loaded.
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/agents", get(agents))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+async fn agents(State(state): State<HttpState>) -> impl IntoResponse {
+    Json(state.registry.list().await)
+}

@@ -1,0 +1,377 @@
+//! The session registry: one task owns the table of agents and their live sessions. gRPC handlers
+//! talk to it by message and never hold a lock across an await.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tapgraph::policy::PolicySpec;
+use tapgraph::proto::{self, agent_message::Msg, controller_message};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+/// What the registry pushes to an agent's `Connect` response stream.
+pub type Outbound = mpsc::Sender<Result<proto::ControllerMessage, Status>>;
+
+/// Why a session ended, as the session task logs it.
+#[derive(Debug, Clone)]
+pub enum CloseReason {
+    Replaced { by: SocketAddr },
+    Shutdown,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Replaced { by } => write!(f, "replaced by a newer session from {by}"),
+            Self::Shutdown => f.write_str("controller shutting down"),
+        }
+    }
+}
+
+enum Command {
+    Register {
+        agent_id: String,
+        hello: proto::Hello,
+        remote: SocketAddr,
+        outbound: Outbound,
+        reply: oneshot::Sender<Registered>,
+    },
+    Deregister {
+        agent_id: String,
+        session: u64,
+        reason: String,
+    },
+    Message {
+        agent_id: String,
+        session: u64,
+        msg: Msg,
+    },
+    List {
+        reply: oneshot::Sender<Vec<AgentView>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A registered session: its number, and the signal that the registry ended it.
+pub struct Registered {
+    pub session: u64,
+    pub closed: oneshot::Receiver<CloseReason>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    Connected,
+    Disconnected,
+}
+
+/// One agent as operators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentView {
+    pub id: String,
+    pub hostname: String,
+    pub state: AgentState,
+    pub remote_addr: String,
+    pub agent_version: String,
+    pub kernel: String,
+    pub interfaces: Vec<String>,
+    pub connected_at_unix_ms: u64,
+    pub last_seen_unix_ms: u64,
+    pub sessions: u64,
+    pub last_disconnect_reason: Option<String>,
+    pub policy_version_sent: u64,
+    pub policy_version_applied: u64,
+    pub policy_error: Option<String>,
+    pub control_records: u64,
+    pub last_control_sequence: u64,
+}
+
+struct Live {
+    session: u64,
+    outbound: Outbound,
+    close: oneshot::Sender<CloseReason>,
+}
+
+struct Agent {
+    view: AgentView,
+    live: Option<Live>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    tapgraph::time::to_unix_nanos(t) / 1_000_000
+}
+
+/// A handle to the registry task; cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Registry {
+    /// Starts the registry task. Every agent receives `policy` when it connects.
+    pub fn spawn(policy: PolicySpec) -> (Self, impl std::future::Future<Output = ()>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let task = RegistryTask {
+            agents: BTreeMap::new(),
+            next_session: 1,
+            policy: policy.to_proto(1, "default"),
+        }
+        .run(rx);
+        (Self { tx }, task)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Registers a session for `agent_id`, replacing (and closing) any earlier one, and queues the
+    /// agent's policy on `outbound`.
+    pub async fn register(
+        &self,
+        agent_id: String,
+        hello: proto::Hello,
+        remote: SocketAddr,
+        outbound: Outbound,
+    ) -> Result<Registered, Status> {
+        self.call(|reply| Command::Register {
+            agent_id,
+            hello,
+            remote,
+            outbound,
+            reply,
+        })
+        .await
+        .ok_or_else(|| Status::unavailable("controller shutting down"))
+    }
+
+    pub async fn message(&self, agent_id: &str, session: u64, msg: Msg) {
+        let _ = self
+            .tx
+            .send(Command::Message {
+                agent_id: agent_id.to_string(),
+                session,
+                msg,
+            })
+            .await;
+    }
+
+    pub async fn list(&self) -> Vec<AgentView> {
+        self.call(|reply| Command::List { reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Ends every live session with UNAVAILABLE, so agents reconnect to the next controller.
+    pub async fn shutdown(&self) {
+        self.call(|reply| Command::Shutdown { reply }).await;
+    }
+
+    /// Deregisters on drop: however the session task ends, the registry hears of it.
+    pub fn guard(&self, agent_id: String, session: u64) -> SessionGuard {
+        SessionGuard {
+            tx: self.tx.clone(),
+            agent_id,
+            session,
+            reason: "stream ended".into(),
+        }
+    }
+}
+
+/// Deregisters its session when dropped, with the last reason set.
+pub struct SessionGuard {
+    tx: mpsc::Sender<Command>,
+    agent_id: String,
+    session: u64,
+    reason: String,
+}
+
+impl SessionGuard {
+    pub fn set_reason(&mut self, reason: impl Into<String>) {
+        self.reason = reason.into();
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let cmd = Command::Deregister {
+            agent_id: std::mem::take(&mut self.agent_id),
+            session: self.session,
+            reason: std::mem::take(&mut self.reason),
+        };
+        // Drop cannot await: try first, and fall back to a task if the registry is busy.
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(cmd).await;
+            });
+        }
+    }
+}
+
+struct RegistryTask {
+    agents: BTreeMap<String, Agent>,
+    next_session: u64,
+    policy: proto::Policy,
+}
+
+impl RegistryTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                Command::Register {
+                    agent_id,
+                    hello,
+                    remote,
+                    outbound,
+                    reply,
+                } => {
+                    let registered = self.register(agent_id, hello, remote, outbound);
+                    let _ = reply.send(registered);
+                }
+                Command::Deregister {
+                    agent_id,
+                    session,
+                    reason,
+                } => self.deregister(&agent_id, session, reason),
+                Command::Message {
+                    agent_id,
+                    session,
+                    msg,
+                } => self.message(&agent_id, session, msg),
+                Command::List { reply } => {
+                    let _ = reply.send(self.agents.values().map(|a| a.view.clone()).collect());
+                }
+                Command::Shutdown { reply } => {
+                    for agent in self.agents.values_mut() {
+                        if let Some(live) = agent.live.take() {
+                            let _ = live
+                                .outbound
+                                .try_send(Err(Status::unavailable("controller shutting down")));
+                            let _ = live.close.send(CloseReason::Shutdown);
+                            agent.view.state = AgentState::Disconnected;
+                        }
+                    }
+                    let _ = reply.send(());
+                }
+            }
+        }
+    }
+
+    fn register(
+        &mut self,
+        agent_id: String,
+        hello: proto::Hello,
+        remote: SocketAddr,
+        outbound: Outbound,
+    ) -> Registered {
+        let session = self.next_session;
+        self.next_session += 1;
+        let now = unix_ms(SystemTime::now());
+        let agent = self
+            .agents
+            .entry(agent_id.clone())
+            .or_insert_with(|| Agent {
+                view: AgentView {
+                    id: agent_id.clone(),
+                    hostname: String::new(),
+                    state: AgentState::Disconnected,
+                    remote_addr: String::new(),
+                    agent_version: String::new(),
+                    kernel: String::new(),
+                    interfaces: Vec::new(),
+                    connected_at_unix_ms: 0,
+                    last_seen_unix_ms: 0,
+                    sessions: 0,
+                    last_disconnect_reason: None,
+                    policy_version_sent: 0,
+                    policy_version_applied: 0,
+                    policy_error: None,
+                    control_records: 0,
+                    last_control_sequence: 0,
+                },
+                live: None,
+            });
+        if let Some(old) = agent.live.take() {
+            tracing::info!(agent = %agent_id, old_session = old.session, new_peer = %remote, "agent reconnected; closing its previous session");
+            let _ = old.close.send(CloseReason::Replaced { by: remote });
+        }
+        let v = &mut agent.view;
+        v.hostname = hello.hostname;
+        v.state = AgentState::Connected;
+        v.remote_addr = remote.to_string();
+        v.agent_version = hello.agent_version;
+        v.kernel = hello.kernel;
+        v.interfaces = hello
+            .interfaces
+            .iter()
+            .map(|i| format!("{} {}", i.name, i.addresses.join(",")))
+            .collect();
+        v.connected_at_unix_ms = now;
+        v.last_seen_unix_ms = now;
+        v.sessions += 1;
+        v.policy_error = None;
+        // The channel is new and has room: the policy is the first thing the agent receives.
+        let push = proto::ControllerMessage {
+            msg: Some(controller_message::Msg::Policy(self.policy.clone())),
+        };
+        if outbound.try_send(Ok(push)).is_ok() {
+            v.policy_version_sent = self.policy.version;
+        }
+        let (close, closed) = oneshot::channel();
+        agent.live = Some(Live {
+            session,
+            outbound,
+            close,
+        });
+        Registered { session, closed }
+    }
+
+    fn deregister(&mut self, agent_id: &str, session: u64, reason: String) {
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return;
+        };
+        // A replaced session's late deregistration must not end its successor.
+        if agent.live.as_ref().is_some_and(|l| l.session == session) {
+            agent.live = None;
+            agent.view.state = AgentState::Disconnected;
+        }
+        agent.view.last_disconnect_reason = Some(reason);
+    }
+
+    fn message(&mut self, agent_id: &str, session: u64, msg: Msg) {
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return;
+        };
+        if !agent.live.as_ref().is_some_and(|l| l.session == session) {
+            return;
+        }
+        let v = &mut agent.view;
+        v.last_seen_unix_ms = unix_ms(SystemTime::now());
+        match msg {
+            Msg::Control(record) => {
+                v.control_records += 1;
+                v.last_control_sequence = record.sequence;
+            }
+            Msg::PolicyStatus(status) => {
+                if status.applied {
+                    v.policy_version_applied = status.version;
+                    v.policy_error = None;
+                    tracing::info!(agent = %agent_id, version = status.version, "policy applied");
+                } else {
+                    tracing::warn!(agent = %agent_id, version = status.version, error = %status.error, "agent refused policy; its previous policy keeps running");
+                    v.policy_error = Some(status.error);
+                }
+            }
+            Msg::Hello(_) => {
+                tracing::warn!(agent = %agent_id, "second Hello on one stream ignored");
+            }
+            Msg::Snapshot(_) | Msg::TimeProbeReply(_) => {}
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! `AgentService`: the agent's control stream and mirror stream. The agent id always comes from the
+//! verified client certificate, never from a message.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use tapgraph::identity::Identity;
+use tapgraph::proto::{self, agent_message::Msg, agent_service_server::AgentService};
+use tapgraph::transport::PeerInfo;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::registry::Registry;
+
+/// Limits applied to every agent stream.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// The first message must arrive within this.
+    pub hello_timeout: Duration,
+    /// A session with no message for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+pub struct AgentApi {
+    registry: Registry,
+    limits: StreamLimits,
+}
+
+impl AgentApi {
+    pub fn new(registry: Registry, limits: StreamLimits) -> Self {
+        Self { registry, limits }
+    }
+}
+
+/// The agent id of a request's verified certificate, or the status that refuses it.
+pub fn agent_id<T>(request: &Request<T>) -> Result<(String, PeerInfo), Status> {
+    let peer = request
+        .extensions()
+        .get::<PeerInfo>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no verified client certificate"))?;
+    match &peer.identity {
+        Ok(Identity::Agent(id)) => Ok((id.clone(), peer)),
+        Ok(other) => Err(Status::permission_denied(format!(
+            "{other} may not open agent streams: an agent certificate is required"
+        ))),
+        Err(e) => Err(Status::unauthenticated(format!(
+            "client certificate refused: {e}"
+        ))),
+    }
+}
+
+fn kind(msg: &Msg) -> &'static str {
+    match msg {
+        Msg::Hello(_) => "Hello",
+        Msg::Snapshot(_) => "ConnectionSnapshot",
+        Msg::Control(_) => "ControlRecord",
+        Msg::PolicyStatus(_) => "PolicyStatus",
+        Msg::TimeProbeReply(_) => "TimeProbeReply",
+    }
+}
+
+fn check_hello(hello: &proto::Hello) -> Result<(), Status> {
+    if hello.hostname.is_empty() || hello.hostname.len() > 255 {
+        return Err(Status::invalid_argument(
+            "Hello.hostname must be 1 to 255 bytes",
+        ));
+    }
+    if hello.interfaces.len() > 4096 {
+        return Err(Status::invalid_argument(format!(
+            "Hello lists {} interfaces; at most 4096 are accepted",
+            hello.interfaces.len()
+        )));
+    }
+    Ok(())
+}
+
+type ControlStream =
+    Pin<Box<dyn Stream<Item = Result<proto::ControllerMessage, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type ConnectStream = ControlStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<proto::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let (agent_id, peer) = agent_id(&request).inspect_err(|status| {
+            tracing::warn!(peer = ?request.extensions().get::<PeerInfo>().map(|p| p.remote_addr), error = %status.message(), "agent stream refused");
+        })?;
+        let mut inbound = request.into_inner();
+        let refuse = |status: Status| {
+            tracing::warn!(agent = %agent_id, peer = %peer.remote_addr, error = %status.message(), "agent stream refused");
+            status
+        };
+        let first = tokio::time::timeout(self.limits.hello_timeout, inbound.message()).await;
+        let hello = match first {
+            Ok(Ok(Some(proto::AgentMessage {
+                msg: Some(Msg::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(proto::AgentMessage { msg: Some(other) }))) => {
+                return Err(refuse(Status::invalid_argument(format!(
+                    "the first message on Connect must be Hello, got {}",
+                    kind(&other)
+                ))));
+            }
+            Ok(Ok(Some(proto::AgentMessage { msg: None }))) => {
+                return Err(refuse(Status::invalid_argument(
+                    "the first message on Connect must be Hello, got an empty message",
+                )));
+            }
+            Ok(Ok(None)) => {
+                return Err(refuse(Status::invalid_argument(
+                    "stream closed before Hello",
+                )));
+            }
+            Ok(Err(status)) => return Err(refuse(status)),
+            Err(_) => {
+                return Err(refuse(Status::deadline_exceeded(format!(
+                    "no Hello within {:?}",
+                    self.limits.hello_timeout
+                ))));
+            }
+        };
+        check_hello(&hello).map_err(refuse)?;
+        tracing::info!(
+            agent = %agent_id,
+            hostname = %hello.hostname,
+            peer = %peer.remote_addr,
+            version = %hello.agent_version,
+            interfaces = hello.interfaces.len(),
+            "agent connected"
+        );
+        let (outbound, rx) = mpsc::channel(64);
+        let registered = self
+            .registry
+            .register(agent_id.clone(), hello, peer.remote_addr, outbound)
+            .await?;
+        let mut guard = self.registry.guard(agent_id.clone(), registered.session);
+        let registry = self.registry.clone();
+        let idle = self.limits.idle_timeout;
+        tokio::spawn(async move {
+            let mut closed = registered.closed;
+            let reason = loop {
+                tokio::select! {
+                    reason = &mut closed => {
+                        break reason.map_or_else(|_| "registry gone".to_string(), |r| r.to_string());
+                    }
+                    next = tokio::time::timeout(idle, inbound.message()) => match next {
+                        Ok(Ok(Some(proto::AgentMessage { msg: Some(msg) }))) => {
+                            registry.message(&agent_id, registered.session, msg).await;
+                        }
+                        Ok(Ok(Some(proto::AgentMessage { msg: None }))) => {}
+                        Ok(Ok(None)) => break "agent closed the stream".to_string(),
+                        Ok(Err(status)) => break format!("stream error: {}", status.message()),
+                        Err(_) => break format!("idle for {idle:?}"),
+                    },
+                }
+            };
+            tracing::info!(agent = %agent_id, peer = %peer.remote_addr, %reason, "agent disconnected");
+            guard.set_reason(reason);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn mirror(
+        &self,
+        request: Request<Streaming<proto::MirrorBatch>>,
+    ) -> Result<Response<proto::MirrorSummary>, Status> {
+        let (agent_id, _) = agent_id(&request)?;
+        let mut inbound = request.into_inner();
+        let mut summary = proto::MirrorSummary::default();
+        while let Some(batch) = inbound.message().await? {
+            summary.batches_received += 1;
+            summary.packets_received += batch.packets.len() as u64;
+        }
+        tracing::info!(agent = %agent_id, batches = summary.batches_received, packets = summary.packets_received, "mirror stream ended");
+        Ok(Response::new(summary))
+    }
+}

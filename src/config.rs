@@ -226,8 +226,15 @@ impl Layered {
         T::Err: fmt::Display,
     {
         self.parse(key, default, |s| {
-            s.parse::<T>()
-                .map_err(|e| format!("`{s}` is not valid here: {e}"))
+            s.parse::<T>().map_err(|e| {
+                let reason = e.to_string();
+                // Our own parsers quote the input already; std's do not.
+                if reason.contains(s) {
+                    reason
+                } else {
+                    format!("`{s}`: {reason}")
+                }
+            })
         })
     }
 

@@ -175,7 +175,7 @@ pub fn format_duration(d: Duration) -> String {
         (1_000, "us"),
     ];
     for (scale, name) in STEPS {
-        if n >= scale && n % scale == 0 {
+        if n >= scale && n.is_multiple_of(scale) {
             return format!("{}{name}", n / scale);
         }
     }

@@ -348,7 +348,7 @@ impl RegistryTask {
         let Some(agent) = self.agents.get_mut(agent_id) else {
             return;
         };
-        if !agent.live.as_ref().is_some_and(|l| l.session == session) {
+        if agent.live.as_ref().is_none_or(|l| l.session != session) {
             return;
         }
         let v = &mut agent.view;

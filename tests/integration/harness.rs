@@ -1,0 +1,396 @@
+//! The integration harness: real binaries, real certificates, optional network-namespace hosts.
+//! Every process and namespace it makes is torn down on drop, also when a test fails; a failing
+//! test prints the tail of every process log.
+
+#![allow(dead_code)] // Each test file uses a different part of the harness.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Where the workspace binaries are: `$TAPGRAPH_BIN_DIR`, else the target directory this test
+/// binary was built into.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TAPGRAPH_BIN_DIR") {
+        return dir.into();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/integration-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first with `cargo build --workspace --bins` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// True when the test may run; otherwise says loudly why it is skipped.
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    eprintln!(
+        "\n*** SKIPPED {test}: needs root (network namespaces). CI runs as root; run `sudo scripts/test` here. ***\n"
+    );
+    false
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `probe` until it returns `Some` or `timeout` passes; panics naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process whose output goes to a log file. Dropping it stops it (SIGTERM, then SIGKILL).
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Proc {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let err = out.try_clone().expect("log file");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(self.pid(), signal);
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL and reap: the process gets no chance to clean up (a crash, a power cut).
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let text = self.log_text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- last lines of {} ({}) -----\n{}\n-----",
+                self.name,
+                self.log.display(),
+                self.tail(40)
+            );
+        }
+    }
+}
+
+/// `GET path` over HTTP/1.1; returns the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad HTTP response: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A test's world: a temporary directory with a development PKI and logs.
+pub struct World {
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    /// A PKI with agents `agents` and operator `admin`.
+    pub fn new(agents: &[&str]) -> World {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let agents: Vec<String> = agents.iter().map(|s| s.to_string()).collect();
+        tapgraph::pki::write_dev_certs(
+            &dir.path().join("certs"),
+            &["localhost".into(), "127.0.0.1".into(), "198.18.0.1".into()],
+            &agents,
+            "admin",
+            Duration::from_secs(3600),
+        )
+        .expect("dev certs");
+        World { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn cert(&self, name: &str) -> PathBuf {
+        self.path().join("certs").join(name)
+    }
+
+    /// A controller command with certificates and addresses set by flags.
+    pub fn controller_cmd(&self, grpc: SocketAddr, http: SocketAddr) -> Command {
+        let mut cmd = Command::new(bin("tapgraph-controller"));
+        cmd.arg("--listen")
+            .arg(grpc.to_string())
+            .arg("--http-listen")
+            .arg(http.to_string())
+            .arg("--tls-cert")
+            .arg(self.cert("controller.pem"))
+            .arg("--tls-key")
+            .arg(self.cert("controller.key"))
+            .arg("--tls-ca")
+            .arg(self.cert("ca.pem"))
+            .env("TAPGRAPH_LOG__LEVEL", "info,tapgraph_controller=debug");
+        cmd
+    }
+
+    /// An agent command for `id`, certificates by flags.
+    pub fn agent_cmd(&self, id: &str, controller: SocketAddr) -> Command {
+        let mut cmd = Command::new(bin("tapgraph-agent"));
+        cmd.arg("--controller")
+            .arg(controller.to_string())
+            .arg("--tls-cert")
+            .arg(self.cert(&format!("agent-{id}.pem")))
+            .arg("--tls-key")
+            .arg(self.cert(&format!("agent-{id}.key")))
+            .arg("--tls-ca")
+            .arg(self.cert("ca.pem"));
+        cmd
+    }
+}
+
+/// A running controller on loopback with its addresses.
+pub struct Controller {
+    pub proc: Proc,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl Controller {
+    /// Starts a controller on fresh loopback ports with `env` added, and waits until it is ready.
+    pub fn start(world: &World, env: &[(&str, &str)]) -> Controller {
+        let grpc: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        Self::start_at(world, grpc, http, env)
+    }
+
+    pub fn start_at(
+        world: &World,
+        grpc: SocketAddr,
+        http: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Controller {
+        let mut cmd = world.controller_cmd(grpc, http);
+        cmd.envs(env.iter().copied());
+        let proc = Proc::spawn("controller", cmd, world.path());
+        let c = Controller { proc, grpc, http };
+        wait_for("controller /readyz", Duration::from_secs(20), || {
+            matches!(http_get(http, "/readyz"), Ok((200, _))).then_some(())
+        });
+        c
+    }
+
+    pub fn agents(&self) -> Vec<Value> {
+        let (status, body) = http_get(self.http, "/api/v1/agents").expect("GET /api/v1/agents");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("agents JSON")
+    }
+
+    pub fn agent(&self, id: &str) -> Option<Value> {
+        self.agents().into_iter().find(|a| a["id"] == id)
+    }
+
+    /// Waits until agent `id` is in `state` and `check` accepts it; returns its record.
+    pub fn wait_agent(
+        &self,
+        id: &str,
+        state: &str,
+        timeout: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        wait_for(&format!("agent {id} to be {state}"), timeout, || {
+            self.agent(id).filter(|a| a["state"] == state && check(a))
+        })
+    }
+}
+
+static NETNS_SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace made by this test, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(role: &str) -> Netns {
+        let name = format!(
+            "tgt-{}-{}-{role}",
+            std::process::id(),
+            NETNS_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Wraps `cmd` to run inside the namespace, keeping its arguments and environment.
+    pub fn wrap(&self, cmd: Command) -> Command {
+        let mut wrapped = self.command(cmd.get_program());
+        wrapped.args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => wrapped.env(k, v),
+                None => wrapped.env_remove(k),
+            };
+        }
+        wrapped
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it opens live there.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = File::open(&path).expect("netns handle");
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("netns thread")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Links two namespaces with a veth pair: `a_if` with `a_cidr` in `a`, `b_if` with `b_cidr` in `b`.
+pub fn veth(a: &Netns, a_if: &str, a_cidr: &str, b: &Netns, b_if: &str, b_cidr: &str) {
+    ip(&[
+        "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+        &b.name,
+    ]);
+    for (ns, ifname, cidr) in [(a, a_if, a_cidr), (b, b_if, b_cidr)] {
+        ip(&["-n", &ns.name, "addr", "add", cidr, "dev", ifname]);
+        ip(&["-n", &ns.name, "link", "set", ifname, "up"]);
+    }
+}

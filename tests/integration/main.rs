@@ -1,0 +1,5 @@
+//! End-to-end tests with the real binaries. Build them first: `cargo build --workspace --bins`
+//! (`scripts/test` does it).
+
+mod harness;
+mod session;

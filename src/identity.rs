@@ -16,6 +16,8 @@ pub enum Identity {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
+    #[error("no client certificate was presented")]
+    NoCertificate,
     #[error("certificate does not parse: {0}")]
     BadCertificate(String),
     #[error("certificate has no tapgraph identity (a URI SAN starting with {URI_PREFIX})")]

@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod config;
 pub mod fsutil;
 pub mod identity;
+pub mod labels;
 pub mod logging;
 pub mod pki;
 pub mod policy;

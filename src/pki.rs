@@ -20,6 +20,10 @@ pub enum PkiError {
     Rcgen(#[from] rcgen::Error),
     #[error("`{0}` is neither an IP address nor a DNS name")]
     BadSan(String),
+    #[error("malformed CSR: {0}")]
+    BadCsr(String),
+    #[error("unsupported key type in CSR: {0}; use ECDSA P-256, ECDSA P-384 or Ed25519")]
+    UnsupportedKey(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -141,29 +145,7 @@ impl CertAuthority {
         lifetime: Duration,
     ) -> Result<IssuedCert, PkiError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = name(&identity.to_string());
-        params.serial_number = Some(random_serial());
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = match identity {
-            Identity::Controller => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-            Identity::Agent(_) | Identity::Operator(_) => {
-                vec![ExtendedKeyUsagePurpose::ClientAuth]
-            }
-        };
-        params.subject_alt_names = vec![SanType::URI(
-            identity
-                .uri()
-                .try_into()
-                .map_err(|_| PkiError::BadSan(identity.uri()))?,
-        )];
-        for entry in names {
-            params.subject_alt_names.push(san(entry)?);
-        }
-        params.use_authority_key_identifier_extension = true;
+        let mut params = leaf_params(identity, names)?;
         let not_after = validity(&mut params, lifetime);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {
@@ -172,6 +154,121 @@ impl CertAuthority {
             not_after,
         })
     }
+}
+
+/// Largest CSR accepted, PEM: an ECDSA CSR is under 1 KiB.
+pub const MAX_CSR_BYTES: usize = 16 * 1024;
+
+impl CertAuthority {
+    /// Signs the public key of a PKCS#10 request for `identity`. Only the key is taken from the
+    /// request: names, extensions and lifetime are the CA's choice, so a client cannot ask for
+    /// another identity.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, PkiError> {
+        if csr_pem.len() > MAX_CSR_BYTES {
+            return Err(PkiError::BadCsr(format!(
+                "{} bytes; at most {MAX_CSR_BYTES} are accepted",
+                csr_pem.len()
+            )));
+        }
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let alg = csr.public_key.algorithm();
+        let supported = [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ];
+        if !supported.contains(&alg) {
+            return Err(PkiError::UnsupportedKey(format!("{alg:?}")));
+        }
+        let mut params = leaf_params(identity, &[])?;
+        let not_after = validity(&mut params, lifetime);
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: String::new(),
+            not_after,
+        })
+    }
+}
+
+/// A fresh ECDSA P-256 key and a CSR for it, both PEM: the key never leaves the caller.
+pub fn new_key_and_csr(common_name: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(common_name);
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// What a certificate says about itself.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub serial: String,
+    pub identity: Option<Identity>,
+}
+
+impl CertInfo {
+    /// The moment `fraction` of the lifetime has passed (renewal at 0.7).
+    pub fn at_fraction(&self, fraction: f64) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life.mul_f64(fraction)
+    }
+}
+
+/// Reads validity, serial and identity from the first certificate of a PEM text.
+pub fn cert_info(pem: &str) -> Result<CertInfo, String> {
+    let der = tls::parse_certs(pem.as_bytes())
+        .map_err(|e| e.unwrap_or_else(|| "no PEM certificate".into()))?;
+    let (_, cert) = <x509_parser::certificate::X509Certificate as x509_parser::prelude::FromDer<
+        '_,
+        _,
+    >>::from_der(&der[0])
+    .map_err(|e| format!("certificate does not parse: {e}"))?;
+    let to_time = |t: x509_parser::time::ASN1Time| {
+        std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+    };
+    Ok(CertInfo {
+        not_before: to_time(cert.validity().not_before),
+        not_after: to_time(cert.validity().not_after),
+        serial: cert.raw_serial_as_string(),
+        identity: Identity::from_cert_der(&der[0]).ok(),
+    })
+}
+
+fn leaf_params(identity: &Identity, names: &[String]) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(&identity.to_string());
+    params.serial_number = Some(random_serial());
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = match identity {
+        Identity::Controller => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        Identity::Agent(_) | Identity::Operator(_) => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    params.subject_alt_names = vec![SanType::URI(
+        identity
+            .uri()
+            .try_into()
+            .map_err(|_| PkiError::BadSan(identity.uri()))?,
+    )];
+    for entry in names {
+        params.subject_alt_names.push(san(entry)?);
+    }
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
 }
 
 /// Writes a certificate (0644) and its key (0600) as `<stem>.pem` and `<stem>.key` in `dir`.
@@ -253,6 +350,39 @@ mod tests {
         // A reloaded CA signs certificates that chain to the same root.
         let again = CertAuthority::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
         assert_eq!(again.fingerprint(), ca.fingerprint());
+    }
+
+    #[test]
+    fn csrs_are_signed_for_the_ca_chosen_identity_only() {
+        let ca = CertAuthority::generate("test", Duration::from_secs(3600)).unwrap();
+        let (_key, csr) = new_key_and_csr("whatever the client asks").unwrap();
+        let id = Identity::agent("db-1").unwrap();
+        let cert = ca.sign_csr(&csr, &id, Duration::from_secs(600)).unwrap();
+        let info = cert_info(&cert.cert_pem).unwrap();
+        assert_eq!(info.identity, Some(id));
+        let life = info.not_after.duration_since(info.not_before).unwrap();
+        assert_eq!(life, Duration::from_secs(600) + BACKDATE);
+    }
+
+    #[test]
+    fn bad_and_unsupported_csrs_are_refused() {
+        let ca = CertAuthority::generate("test", Duration::from_secs(3600)).unwrap();
+        let id = Identity::agent("x").unwrap();
+        let garbage =
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n";
+        assert!(matches!(
+            ca.sign_csr(garbage, &id, Duration::from_secs(60)),
+            Err(PkiError::BadCsr(_))
+        ));
+        assert!(matches!(
+            ca.sign_csr("not pem at all", &id, Duration::from_secs(60)),
+            Err(PkiError::BadCsr(_))
+        ));
+        let huge = "A".repeat(MAX_CSR_BYTES + 1);
+        assert!(matches!(
+            ca.sign_csr(&huge, &id, Duration::from_secs(60)),
+            Err(PkiError::BadCsr(_))
+        ));
     }
 
     #[test]

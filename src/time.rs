@@ -16,3 +16,10 @@ pub fn to_unix_nanos(t: SystemTime) -> u64 {
 pub fn from_unix_nanos(nanos: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(nanos)
 }
+
+/// RFC 3339 UTC text of `t`, for messages and tables.
+pub fn rfc3339(t: SystemTime) -> String {
+    let odt: ::time::OffsetDateTime = t.into();
+    odt.format(&::time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| format!("{t:?}"))
+}

@@ -34,6 +34,13 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
+impl TlsFiles {
+    /// A client configuration presenting these files.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        client_config_files(&self.ca, Some((&self.cert, &self.key)))
+    }
+}
+
 /// The one crypto provider of the whole workspace.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -97,41 +104,200 @@ pub fn fingerprint(der: &[u8]) -> String {
         .collect()
 }
 
-/// The controller's server configuration: TLS 1.3, a client certificate signed by `files.ca` required.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let roots = Arc::new(load_roots(&files.ca)?);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+/// A server configuration for the controller: TLS 1.3, serving `chain` (leaf first, then the CA, so
+/// an enrolling agent can pin the CA by fingerprint). A client certificate is verified against
+/// `client_roots` when presented; it is optional at this layer so agents can enroll on the same
+/// port, and every RPC except `Enroll` refuses a caller without one.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_roots: RootCertStore,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(client_roots), provider())
+        .allow_unauthenticated()
         .build()
-        .map_err(|e| TlsError::BadCa {
-            path: files.ca.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| TlsError::Identity(format!("client CA: {e}")))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Identity(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .with_single_cert(chain, key)
         .map_err(|e| TlsError::Identity(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
 
-/// A client configuration trusting `ca`, presenting `identity` (certificate and key paths) if given.
+/// A client configuration trusting `roots`, presenting `identity` (chain and key) if given.
 pub fn client_config(
-    ca: &Path,
-    identity: Option<(&Path, &Path)>,
+    roots: RootCertStore,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let roots = load_roots(ca)?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Identity(e.to_string()))?
         .with_root_certificates(roots);
     let mut config = match identity {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError::Identity(e.to_string()))?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// A client configuration from files: trust `ca`, present `identity` (certificate, key) if given.
+pub fn client_config_files(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let identity = match identity {
+        Some((cert, key)) => Some((load_certs(cert)?, load_key(key)?)),
+        None => None,
+    };
+    client_config(load_roots(ca)?, identity)
+}
+
+/// Parses a PEM private key held in memory.
+pub fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("no usable private key: {e}"))
+}
+
+/// Builds a root store from PEM certificates held in memory.
+pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    let certs = parse_certs(pem).map_err(|e| e.unwrap_or_else(|| "no PEM certificate".into()))?;
+    for cert in certs {
+        roots.add(cert).map_err(|e| e.to_string())?;
+    }
+    Ok(roots)
+}
+
+/// A client configuration for enrollment: no client certificate, and the server is trusted only if
+/// its chain carries a CA whose SHA-256 fingerprint is `fingerprint` and the leaf verifies against
+/// that CA. Nothing is sent to a server that fails this.
+pub fn pinned_client_config(fingerprint: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let wanted = normalize_fingerprint(fingerprint).map_err(TlsError::Identity)?;
+    let verifier = Arc::new(PinnedCa {
+        fingerprint: wanted,
+        provider: provider(),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Identity(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts `ab:cd:…` or `abcd…` (any case); returns 64 lowercase hex digits.
+pub fn normalize_fingerprint(text: &str) -> Result<String, String> {
+    let hex: String = text
+        .trim()
+        .trim_start_matches("sha256:")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "`{text}` is not a SHA-256 fingerprint (64 hex digits, as `tapgraphctl token create` prints)"
+        ));
+    }
+    Ok(hex)
+}
+
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates
+            .iter()
+            .find(|c| fingerprint(c) == self.fingerprint)
+        else {
+            let seen: Vec<String> = intermediates.iter().map(|c| fingerprint(c)).collect();
+            return Err(rustls::Error::General(format!(
+                "controller CA fingerprint mismatch: expected {}, the controller presented {}",
+                self.fingerprint,
+                if seen.is_empty() {
+                    "no CA certificate".to_string()
+                } else {
+                    seen.join(", ")
+                }
+            )));
+        };
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(ca.clone().into_owned())
+            .map_err(|e| rustls::Error::General(format!("pinned CA is unusable: {e}")))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_normalize() {
+        let hex = "AB".repeat(32);
+        let colons = vec!["ab"; 32].join(":");
+        assert_eq!(normalize_fingerprint(&hex).unwrap(), "ab".repeat(32));
+        assert_eq!(normalize_fingerprint(&colons).unwrap(), "ab".repeat(32));
+        assert!(normalize_fingerprint("abc").is_err());
+        assert!(normalize_fingerprint(&"zz".repeat(32)).is_err());
+    }
 }

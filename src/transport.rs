@@ -27,7 +27,8 @@ use crate::identity::{Identity, IdentityError};
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
     pub remote_addr: SocketAddr,
-    /// `Err` when the certificate verified against the CA but carries no usable tapgraph identity.
+    /// `Err` when no certificate was presented (allowed only for enrollment), or when it verified
+    /// against the CA but carries no usable tapgraph identity.
     pub identity: Result<Identity, IdentityError>,
 }
 
@@ -121,7 +122,7 @@ pub fn tls_incoming(
                             .1
                             .peer_certificates()
                             .and_then(|certs| certs.first())
-                            .ok_or(IdentityError::Missing)
+                            .ok_or(IdentityError::NoCertificate)
                             .and_then(|leaf| Identity::from_cert_der(leaf));
                         let info = PeerInfo {
                             remote_addr,

@@ -1,11 +1,27 @@
 //! The agent's configuration, read through the shared layered loader.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use tapgraph::backoff::BackoffPolicy;
 use tapgraph::config::{ConfigErrors, Layered, Sources};
 use tapgraph::logging::{self, LogFormat};
 use tapgraph::tls::TlsFiles;
+
+/// How to enroll when the agent has no (valid) certificate.
+#[derive(Debug, Clone)]
+pub struct EnrollSettings {
+    pub token: String,
+    pub fingerprint: String,
+}
+
+/// Whether the agent can connect with what is on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    Ready,
+    /// No usable certificate, but a join token is configured: enroll first. Says why.
+    Enroll(String),
+}
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -14,6 +30,8 @@ pub struct AgentConfig {
     /// Name the controller's certificate must carry (DNS name or IP).
     pub server_name: String,
     pub tls: TlsFiles,
+    pub enroll: Option<EnrollSettings>,
+    pub credentials: Credentials,
     pub backoff: BackoffPolicy,
     pub connect_timeout: Duration,
     pub log_format: LogFormat,
@@ -21,12 +39,25 @@ pub struct AgentConfig {
     pub shutdown_timeout: Duration,
 }
 
+/// What the configuration is loaded for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// The daemon: credentials must exist, or a token must be configured.
+    Run,
+    /// `tapgraph-agent enroll`: a token and fingerprint must be configured.
+    Enroll,
+}
+
 const KNOWN: &[&str] = &[
     "controller",
     "server_name",
+    "state_dir",
     "tls.cert",
     "tls.key",
     "tls.ca",
+    "enroll.token",
+    "enroll.token_file",
+    "enroll.ca_fingerprint",
     "backoff.min",
     "backoff.max",
     "backoff.jitter",
@@ -46,8 +77,45 @@ fn host_of(addr: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
+/// Checks the certificate and key on disk: present, private, parseable, matching, unexpired.
+fn check_credentials(tls: &TlsFiles) -> Result<(), (&'static str, String)> {
+    if !tls.cert.exists() {
+        return Err((
+            "tls.cert",
+            format!("{}: no certificate yet", tls.cert.display()),
+        ));
+    }
+    if !tls.key.exists() {
+        return Err(("tls.key", format!("{}: no private key", tls.key.display())));
+    }
+    tls.client_config().map_err(|e| {
+        let key = if e.to_string().contains(&*tls.key.to_string_lossy()) {
+            "tls.key"
+        } else if e.to_string().contains(&*tls.ca.to_string_lossy()) {
+            "tls.ca"
+        } else {
+            "tls.cert"
+        };
+        (key, e.to_string())
+    })?;
+    let pem = std::fs::read_to_string(&tls.cert).map_err(|e| ("tls.cert", e.to_string()))?;
+    let info = tapgraph::pki::cert_info(&pem)
+        .map_err(|e| ("tls.cert", format!("{}: {e}", tls.cert.display())))?;
+    if info.not_after <= SystemTime::now() {
+        return Err((
+            "tls.cert",
+            format!(
+                "{}: certificate expired at {}",
+                tls.cert.display(),
+                tapgraph::time::rfc3339(info.not_after)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl AgentConfig {
-    pub fn load(sources: &Sources) -> Result<Self, ConfigErrors> {
+    pub fn load(sources: &Sources, purpose: Purpose) -> Result<Self, ConfigErrors> {
         let mut c = Layered::load(sources, KNOWN)?;
         let controller = c.string("controller", "127.0.0.1:7443");
         let default_name = match host_of(&controller) {
@@ -58,11 +126,68 @@ impl AgentConfig {
             }
         };
         let server_name = c.string("server_name", &default_name);
-        let hint = "make certificates with `tapgraphctl dev-certs DIR`";
+        let state_dir = PathBuf::from(c.string("state_dir", "/var/lib/tapgraph-agent"));
         let tls = TlsFiles {
-            cert: c.required_file("tls.cert", hint),
-            key: c.required_file("tls.key", hint),
-            ca: c.required_file("tls.ca", hint),
+            cert: c
+                .path("tls.cert")
+                .unwrap_or_else(|| state_dir.join("agent.pem")),
+            key: c
+                .path("tls.key")
+                .unwrap_or_else(|| state_dir.join("agent.key")),
+            ca: c.path("tls.ca").unwrap_or_else(|| state_dir.join("ca.pem")),
+        };
+        let token = match (c.opt_string("enroll.token"), c.path("enroll.token_file")) {
+            (Some(_), Some(_)) => {
+                c.fail(
+                    "enroll.token",
+                    "set enroll.token or enroll.token_file, not both",
+                );
+                None
+            }
+            (Some(t), None) => Some(t),
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(t) => Some(t.trim().to_string()),
+                Err(e) => {
+                    c.fail("enroll.token_file", format!("{}: {e}", path.display()));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        let fingerprint = c.opt_string("enroll.ca_fingerprint");
+        if let Some(fp) = &fingerprint
+            && let Err(e) = tapgraph::tls::normalize_fingerprint(fp)
+        {
+            c.fail("enroll.ca_fingerprint", e);
+        }
+        let enroll = match (token, fingerprint) {
+            (Some(token), Some(fingerprint)) => Some(EnrollSettings { token, fingerprint }),
+            (Some(_), None) => {
+                c.fail(
+                    "enroll.ca_fingerprint",
+                    "required with a join token: the controller CA is pinned by it (tapgraphctl token create prints it)",
+                );
+                None
+            }
+            (None, Some(_)) if purpose == Purpose::Enroll => {
+                c.fail(
+                    "enroll.token",
+                    "required: a join token from `tapgraphctl token create`",
+                );
+                None
+            }
+            (None, None) if purpose == Purpose::Enroll => {
+                c.fail(
+                    "enroll.token",
+                    "required: a join token from `tapgraphctl token create`",
+                );
+                c.fail(
+                    "enroll.ca_fingerprint",
+                    "required: the CA fingerprint printed with the token",
+                );
+                None
+            }
+            _ => None,
         };
         let min = c.duration(
             "backoff.min",
@@ -89,18 +214,32 @@ impl AgentConfig {
         let log_filter = c.parse("log.level", "info".to_string(), logging::parse_filter);
         let shutdown_timeout =
             c.duration("shutdown_timeout", 5 * SECOND, SECOND / 10, 600 * SECOND);
-        // Load the TLS material once now, so a bad file is a configuration error naming its key.
-        if !tls.cert.as_os_str().is_empty()
-            && !tls.key.as_os_str().is_empty()
-            && !tls.ca.as_os_str().is_empty()
-            && let Err(e) = tapgraph::tls::client_config(&tls.ca, Some((&tls.cert, &tls.key)))
-        {
-            c.fail("tls", e);
+
+        // A renewal interrupted by a crash is completed before the files are judged.
+        if let Err(e) = crate::enroll::finish_pending_install(&tls) {
+            c.fail(
+                "tls.cert",
+                format!("cannot complete an interrupted renewal: {e}"),
+            );
         }
+        let credentials = match (purpose, check_credentials(&tls)) {
+            (Purpose::Enroll, _) => Credentials::Enroll("requested".into()),
+            (Purpose::Run, Ok(())) => Credentials::Ready,
+            (Purpose::Run, Err((_, why))) if enroll.is_some() => Credentials::Enroll(why),
+            (Purpose::Run, Err((key, why))) => {
+                c.fail(
+                    key,
+                    format!("{why}; enroll with `tapgraph-agent enroll --controller HOST:PORT --token T --ca-fingerprint F`, or set enroll.token and enroll.ca_fingerprint"),
+                );
+                Credentials::Ready
+            }
+        };
         c.finish(Self {
             controller,
             server_name,
             tls,
+            enroll,
+            credentials,
             backoff,
             connect_timeout,
             log_format,
@@ -113,6 +252,16 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Sources {
+        Sources {
+            env: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Sources::default()
+        }
+    }
 
     #[test]
     fn hosts_are_split_from_ports() {
@@ -127,21 +276,47 @@ mod tests {
     }
 
     #[test]
-    fn missing_certificates_and_bad_values_are_all_reported() {
-        let sources = Sources {
-            env: [
+    fn missing_credentials_and_bad_values_are_all_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = AgentConfig::load(
+            &env(&[
+                ("TAPGRAPH_STATE_DIR", dir.path().to_str().unwrap()),
                 ("TAPGRAPH_BACKOFF__MIN", "10s"),
                 ("TAPGRAPH_BACKOFF__MAX", "1s"),
                 ("TAPGRAPH_LOG__FORMAT", "xml"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-            ..Sources::default()
-        };
-        let e = AgentConfig::load(&sources).unwrap_err();
-        for key in ["tls.cert", "tls.key", "tls.ca", "backoff", "log.format"] {
+            ]),
+            Purpose::Run,
+        )
+        .unwrap_err();
+        for key in ["tls.cert", "backoff", "log.format"] {
             assert!(e.mentions(key), "{key} missing from {e}");
         }
+        assert!(e.to_string().contains("tapgraph-agent enroll"), "{e}");
+    }
+
+    #[test]
+    fn a_token_without_certificates_means_enroll_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let fp = "ab".repeat(32);
+        let c = AgentConfig::load(
+            &env(&[
+                ("TAPGRAPH_STATE_DIR", dir.path().to_str().unwrap()),
+                ("TAPGRAPH_ENROLL__TOKEN", "tgj.x.y"),
+                ("TAPGRAPH_ENROLL__CA_FINGERPRINT", &fp),
+            ]),
+            Purpose::Run,
+        )
+        .unwrap();
+        assert!(matches!(c.credentials, Credentials::Enroll(_)));
+        // A token without the fingerprint is refused: the CA must be pinned.
+        let e = AgentConfig::load(
+            &env(&[
+                ("TAPGRAPH_STATE_DIR", dir.path().to_str().unwrap()),
+                ("TAPGRAPH_ENROLL__TOKEN", "tgj.x.y"),
+            ]),
+            Purpose::Run,
+        )
+        .unwrap_err();
+        assert!(e.mentions("enroll.ca_fingerprint"), "{e}");
     }
 }

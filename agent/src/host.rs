@@ -118,6 +118,7 @@ pub fn hello() -> proto::Hello {
         started_at_unix_nanos: 0,
         machine_id: machine_id(),
         scope: proto::SnapshotScope::Own as i32,
+        agent_id: String::new(),
     }
 }
 

@@ -1,69 +1,101 @@
-//! tapgraph-agent: parse and validate configuration, run the control session, stop on a signal.
+//! tapgraph-agent: parse and validate configuration, enroll if needed, run the control session,
+//! stop on a signal.
 
 mod config;
+mod enroll;
 mod host;
 mod session;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tapgraph::config::{EX_CONFIG, Sources};
 use tapgraph::runtime::{Tasks, shutdown_signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Credentials, Purpose};
+use crate::enroll::EnrollParams;
 
 /// The tapgraph agent: holds one mTLS session to the controller, applies the policy it pushes and
-/// reports heartbeats; reconnects with backoff whenever the controller goes away.
+/// reports heartbeats; reconnects with backoff whenever the controller goes away. With no
+/// certificate yet and a join token configured, it enrolls by itself first.
 ///
 /// Configuration comes from, lowest to highest precedence: built-in defaults, the TOML file given
-/// with --config, TAPGRAPH_* environment variables (`__` separates levels: TAPGRAPH_TLS__CERT is
-/// tls.cert), and these flags. Invalid configuration exits with status 78 and names every bad key.
+/// with --config, TAPGRAPH_* environment variables (`__` separates levels: TAPGRAPH_ENROLL__TOKEN
+/// is enroll.token), and these flags. Invalid configuration exits with status 78 and names every
+/// bad key.
 #[derive(Parser, Debug)]
 #[command(version = tapgraph::VERSION, after_help = AFTER_HELP)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file.
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Controller gRPC address, HOST:PORT [key: controller, default 127.0.0.1:7443].
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", global = true)]
     controller: Option<String>,
     /// Name the controller certificate must carry [key: server_name, default: HOST of --controller].
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", global = true)]
     server_name: Option<String>,
-    /// Agent certificate, PEM [key: tls.cert].
-    #[arg(long, value_name = "FILE")]
+    /// Where the agent keeps its key and certificates [key: state_dir, default /var/lib/tapgraph-agent].
+    #[arg(long, value_name = "DIR", global = true)]
+    state_dir: Option<String>,
+    /// Agent certificate, PEM [key: tls.cert, default STATE_DIR/agent.pem].
+    #[arg(long, value_name = "FILE", global = true)]
     tls_cert: Option<String>,
-    /// Agent private key, PEM, mode 0600 [key: tls.key].
-    #[arg(long, value_name = "FILE")]
+    /// Agent private key, PEM, mode 0600 [key: tls.key, default STATE_DIR/agent.key].
+    #[arg(long, value_name = "FILE", global = true)]
     tls_key: Option<String>,
-    /// CA bundle the controller certificate must chain to [key: tls.ca].
-    #[arg(long, value_name = "FILE")]
+    /// CA bundle the controller certificate must chain to [key: tls.ca, default STATE_DIR/ca.pem].
+    #[arg(long, value_name = "FILE", global = true)]
     tls_ca: Option<String>,
+    /// Join token from `tapgraphctl token create` [key: enroll.token; or enroll.token_file].
+    #[arg(long, value_name = "TOKEN", global = true)]
+    token: Option<String>,
+    /// SHA-256 fingerprint of the controller CA, printed with the token [key: enroll.ca_fingerprint].
+    #[arg(long, value_name = "SHA256", global = true)]
+    ca_fingerprint: Option<String>,
     /// Log format: text or json [key: log.format].
-    #[arg(long, value_name = "FORMAT")]
+    #[arg(long, value_name = "FORMAT", global = true)]
     log_format: Option<String>,
     /// Log filter, e.g. info or debug [key: log.level].
-    #[arg(long, value_name = "FILTER")]
+    #[arg(long, value_name = "FILTER", global = true)]
     log_level: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Enroll with a join token: make a key here, send a CSR to the controller (whose CA is pinned
+    /// by --ca-fingerprint), and write the key and certificate into the state directory (0600).
+    #[command(
+        after_help = "Example:\n  tapgraph-agent enroll --controller ctl.lan:7443 --token tgj.… --ca-fingerprint 9ec8…\n\nExit status: 0 enrolled, 1 refused or unreachable (the reason is printed), 78 bad configuration."
+    )]
+    Enroll,
 }
 
 const AFTER_HELP: &str = "\
 Other keys (file or environment only): backoff.min (200ms), backoff.max (5s), backoff.jitter
 (0.2), connect_timeout (5s), shutdown_timeout (5s).
 
-Exit status: 0 after a clean shutdown, 78 on invalid configuration. Lost connections are
-never fatal: the agent reconnects with capped exponential backoff and jitter.";
+Exit status: 0 after a clean shutdown, 1 when enrollment was refused, 78 on invalid
+configuration or unusable credentials. Lost connections are never fatal: the agent reconnects
+with capped exponential backoff and jitter.";
 
 impl Cli {
     fn overrides(&self) -> Vec<(String, String)> {
         [
             ("controller", &self.controller),
             ("server_name", &self.server_name),
+            ("state_dir", &self.state_dir),
             ("tls.cert", &self.tls_cert),
             ("tls.key", &self.tls_key),
             ("tls.ca", &self.tls_ca),
+            ("enroll.token", &self.token),
+            ("enroll.ca_fingerprint", &self.ca_fingerprint),
             ("log.format", &self.log_format),
             ("log.level", &self.log_level),
         ]
@@ -75,8 +107,12 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let purpose = match cli.command {
+        Some(Command::Enroll) => Purpose::Enroll,
+        Some(Command::Run) | None => Purpose::Run,
+    };
     let sources = Sources::from_process(cli.config.clone(), cli.overrides());
-    let config = match AgentConfig::load(&sources) {
+    let config = match AgentConfig::load(&sources, purpose) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("tapgraph-agent: {errors}");
@@ -98,16 +134,104 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let stop = CancellationToken::new();
-        let mut tasks = Tasks::default();
-        let deadline = config.shutdown_timeout;
-        tracing::info!(controller = %config.controller, version = tapgraph::VERSION, "agent starting");
-        tasks.spawn("session", session::run(config, stop.clone()));
+        match purpose {
+            Purpose::Enroll => enroll_once(&config).await,
+            Purpose::Run => run(config).await,
+        }
+    })
+}
+
+fn params(config: &AgentConfig) -> Option<EnrollParams> {
+    config.enroll.as_ref().map(|e| EnrollParams {
+        controller: config.controller.clone(),
+        server_name: config.server_name.clone(),
+        token: e.token.clone(),
+        fingerprint: e.fingerprint.clone(),
+        connect_timeout: config.connect_timeout,
+    })
+}
+
+/// `tapgraph-agent enroll`: one attempt, the outcome printed.
+async fn enroll_once(config: &AgentConfig) -> ExitCode {
+    let Some(params) = params(config) else {
+        eprintln!("tapgraph-agent: enroll needs --token and --ca-fingerprint");
+        return ExitCode::from(EX_CONFIG as u8);
+    };
+    match enroll::enroll(&params, &config.tls).await {
+        Ok(done) => {
+            println!("Enrolled as agent {}", done.agent_id);
+            println!(
+                "  certificate: {} (valid until {})",
+                config.tls.cert.display(),
+                tapgraph::time::rfc3339(done.not_after)
+            );
+            println!(
+                "  key:         {} (mode 0600, made on this host)",
+                config.tls.key.display()
+            );
+            if !done.labels.is_empty() {
+                let labels: Vec<String> = done
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                println!("  labels:      {}", labels.join(","));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tapgraph-agent: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The daemon: enroll if needed (retrying while the controller is unreachable), then run sessions.
+async fn run(config: AgentConfig) -> ExitCode {
+    let stop = CancellationToken::new();
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
         let signal = shutdown_signal().await;
-        tracing::info!(signal, deadline = ?deadline, "shutting down");
-        stop.cancel();
-        tasks.drain(deadline).await;
-        tracing::info!("agent stopped");
+        tracing::info!(signal, "shutting down");
+        signal_stop.cancel();
     });
+    if let Credentials::Enroll(why) = &config.credentials {
+        let Some(params) = params(&config) else {
+            return ExitCode::from(EX_CONFIG as u8);
+        };
+        tracing::info!(reason = %why, controller = %config.controller, "enrolling with the configured join token");
+        let mut backoff = config.backoff.start();
+        loop {
+            let attempt = tokio::select! {
+                r = enroll::enroll(&params, &config.tls) => r,
+                () = stop.cancelled() => return ExitCode::SUCCESS,
+            };
+            match attempt {
+                Ok(done) => {
+                    tracing::info!(agent = %done.agent_id, labels = ?done.labels, "enrolled");
+                    break;
+                }
+                Err(error) if error.permanent => {
+                    tracing::error!(%error, "enrollment refused; fix the token or fingerprint and restart");
+                    return ExitCode::FAILURE;
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, retry_in = ?delay, "enrollment failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stop.cancelled() => return ExitCode::SUCCESS,
+                    }
+                }
+            }
+        }
+    }
+    let mut tasks = Tasks::default();
+    let deadline = config.shutdown_timeout;
+    tracing::info!(controller = %config.controller, version = tapgraph::VERSION, "agent starting");
+    tasks.spawn("session", session::run(config, stop.clone()));
+    stop.cancelled().await;
+    tasks.drain(deadline).await;
+    tracing::info!("agent stopped");
     ExitCode::SUCCESS
 }

@@ -66,14 +66,19 @@ fn message(msg: Msg) -> proto::AgentMessage {
 }
 
 async fn session(config: &AgentConfig, state: &mut State, shutdown: &CancellationToken) -> End {
-    // Certificates are re-read on every attempt, so replaced files take effect on reconnect.
-    let tls = match tapgraph::tls::client_config(
-        &config.tls.ca,
-        Some((&config.tls.cert, &config.tls.key)),
-    ) {
+    // Certificates are re-read on every attempt, so a renewed pair takes effect on reconnect.
+    let tls = match config.tls.client_config() {
         Ok(tls) => tls,
         Err(e) => return End::Failed(e.to_string()),
     };
+    let agent_id = std::fs::read_to_string(&config.tls.cert)
+        .ok()
+        .and_then(|pem| tapgraph::pki::cert_info(&pem).ok())
+        .and_then(|info| match info.identity {
+            Some(tapgraph::identity::Identity::Agent(id)) => Some(id),
+            _ => None,
+        })
+        .unwrap_or_default();
     let options = ChannelOptions {
         connect_timeout: config.connect_timeout,
         ..ChannelOptions::default()
@@ -86,10 +91,11 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
         Ok(c) => c,
         Err(e) => return End::Failed(e.to_string()),
     };
-    let mut client = AgentServiceClient::new(channel);
+    let mut client = AgentServiceClient::new(channel.clone());
     let (tx, rx) = mpsc::channel::<proto::AgentMessage>(64);
     let mut hello = host::hello();
     hello.started_at_unix_nanos = state.started_at;
+    hello.agent_id = agent_id.clone();
     // The channel is new and empty: Hello is queued before the stream opens, as the controller requires.
     if tx.try_send(message(Msg::Hello(hello))).is_err() {
         return End::Failed("cannot queue Hello".into());
@@ -108,7 +114,15 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
             ));
         }
     };
-    tracing::info!(controller = %config.controller, "connected to controller");
+    tracing::info!(controller = %config.controller, agent = %agent_id, "connected to controller");
+    // Renewal runs on the same connection for as long as this session lives.
+    let renewal = CancellationToken::new();
+    let _renewal_guard = renewal.clone().drop_guard();
+    tokio::spawn(crate::enroll::renew_loop(
+        channel,
+        config.tls.clone(),
+        renewal,
+    ));
 
     let mut established = false;
     let mut heartbeat = new_ticker(state.policy.heartbeat_interval);

@@ -1,13 +1,14 @@
 //! The controller's configuration, read through the shared layered loader.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tapgraph::config::{ConfigErrors, Layered, Sources};
 use tapgraph::logging::{self, LogFormat};
 use tapgraph::policy::PolicySpec;
-use tapgraph::tls::{self, TlsFiles};
+
+use crate::enrollment::ca::PkiSettings;
 
 #[derive(Clone)]
 pub struct ControllerConfig {
@@ -15,7 +16,11 @@ pub struct ControllerConfig {
     pub listen: SocketAddr,
     /// Plain HTTP: /healthz, /readyz, /api/v1/*.
     pub http_listen: SocketAddr,
-    pub tls: Arc<tls::ServerConfig>,
+    /// Holds the CA, the serving certificate, tokens, agents and (later) policies and topology.
+    pub state_dir: PathBuf,
+    pub pki: PkiSettings,
+    /// Lifetime of agent certificates; agents renew at 70% of it.
+    pub agent_cert_lifetime: Duration,
     pub log_format: LogFormat,
     pub log_filter: String,
     pub shutdown_timeout: Duration,
@@ -35,9 +40,12 @@ fn known_keys() -> Vec<String> {
     let mut keys: Vec<String> = [
         "listen",
         "http.listen",
-        "tls.cert",
-        "tls.key",
-        "tls.ca",
+        "state_dir",
+        "pki.ca_cert",
+        "pki.ca_key",
+        "pki.server_names",
+        "pki.server_cert_lifetime",
+        "pki.agent_cert_lifetime",
         "log.format",
         "log.level",
         "shutdown_timeout",
@@ -60,12 +68,41 @@ impl ControllerConfig {
         let mut c = Layered::load(sources, &known)?;
         let listen = c.value("listen", SocketAddr::from(([127, 0, 0, 1], 7443)));
         let http_listen = c.value("http.listen", SocketAddr::from(([127, 0, 0, 1], 7080)));
-        let hint = "make certificates with `tapgraphctl dev-certs DIR`";
-        let tls_files = TlsFiles {
-            cert: c.required_file("tls.cert", hint),
-            key: c.required_file("tls.key", hint),
-            ca: c.required_file("tls.ca", hint),
+        let state_dir = PathBuf::from(c.string("state_dir", "/var/lib/tapgraph"));
+        let ca_files = match (
+            c.existing_file("pki.ca_cert"),
+            c.existing_file("pki.ca_key"),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                c.fail(
+                    "pki.ca_cert",
+                    "pki.ca_cert and pki.ca_key go together: set both or neither",
+                );
+                None
+            }
         };
+        let default_names = format!("localhost,127.0.0.1,::1,{}", hostname());
+        let server_names: Vec<String> = c
+            .string("pki.server_names", &default_names)
+            .split(',')
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect();
+        for name in &server_names {
+            if let Err(e) = tapgraph::pki::san(name) {
+                c.fail("pki.server_names", e);
+            }
+        }
+        let day = 86_400 * SECOND;
+        let server_lifetime = c.duration(
+            "pki.server_cert_lifetime",
+            365 * day,
+            60 * SECOND,
+            3650 * day,
+        );
+        let agent_cert_lifetime = c.duration("pki.agent_cert_lifetime", day, 5 * SECOND, 365 * day);
         let log_format = c.value("log.format", LogFormat::Text);
         let log_filter = c.parse("log.level", "info".to_string(), logging::parse_filter);
         let shutdown_timeout =
@@ -97,50 +134,17 @@ impl ControllerConfig {
                 "must exceed twice policy.heartbeat_interval, or healthy agents would be cut off",
             );
         }
-        // TLS material is loaded now, so a bad certificate is a configuration error naming its key.
-        let tls = if tls_files.cert.as_os_str().is_empty()
-            || tls_files.key.as_os_str().is_empty()
-            || tls_files.ca.as_os_str().is_empty()
-        {
-            None
-        } else {
-            match tls::server_config(&tls_files) {
-                Ok(cfg) => Some(cfg),
-                Err(e) => {
-                    let key = match &e {
-                        tls::TlsError::File { path, .. }
-                        | tls::TlsError::NoCertificate { path }
-                            if *path == tls_files.key =>
-                        {
-                            "tls.key"
-                        }
-                        tls::TlsError::BadCa { .. } => "tls.ca",
-                        tls::TlsError::File { path, .. }
-                        | tls::TlsError::NoCertificate { path }
-                            if *path == tls_files.ca =>
-                        {
-                            "tls.ca"
-                        }
-                        _ => "tls.cert",
-                    };
-                    c.fail(key, e);
-                    None
-                }
-            }
-        };
-        let Some(tls) = tls else {
-            // A missing or unusable TLS file has been recorded above with the rest.
-            return Err(c.finish(()).err().unwrap_or_else(|| {
-                ConfigErrors(vec![tapgraph::config::ConfigIssue {
-                    key: "tls".into(),
-                    reason: "not configured".into(),
-                }])
-            }));
-        };
         c.finish(Self {
             listen,
             http_listen,
-            tls,
+            pki: PkiSettings {
+                dir: state_dir.join("pki"),
+                ca_files,
+                server_names,
+                server_lifetime,
+            },
+            state_dir,
+            agent_cert_lifetime,
             log_format,
             log_filter,
             shutdown_timeout,
@@ -151,4 +155,12 @@ impl ControllerConfig {
             default_policy,
         })
     }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| tapgraph::pki::san(h).is_ok())
+        .unwrap_or_else(|| "localhost".into())
 }

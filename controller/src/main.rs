@@ -1,10 +1,15 @@
-//! tapgraph-controller: parse and validate configuration, start the named tasks, wait for a signal,
-//! drain with a deadline.
+//! tapgraph-controller: parse and validate configuration, load state, start the named tasks, wait
+//! for a signal, drain with a deadline.
 
+mod admin;
+mod auth;
 mod config;
+mod enrollment;
 mod http;
+mod operator;
 mod registry;
 mod session;
+mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,68 +17,109 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tapgraph::config::{EX_CONFIG, Sources};
+use tapgraph::proto::admin_service_server::AdminServiceServer;
 use tapgraph::proto::agent_service_server::AgentServiceServer;
+use tapgraph::proto::enrollment_service_server::EnrollmentServiceServer;
 use tapgraph::runtime::{Tasks, shutdown_signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ControllerConfig;
+use crate::enrollment::Enrollment;
+use crate::enrollment::ca::ControllerPki;
 use crate::registry::Registry;
 use crate::session::{AgentApi, StreamLimits};
 
-/// The tapgraph controller: holds one mTLS gRPC session per agent, pushes policy, merges the
-/// fleet's connection tables into one graph and receives mirrored packets.
+/// The tapgraph controller: enrolls agents, holds one mTLS gRPC session per agent, pushes policy,
+/// merges the fleet's connection tables into one graph and receives mirrored packets.
+///
+/// On first start it creates its CA and serving certificate in STATE_DIR/pki (or uses the
+/// operator's CA from pki.ca_cert and pki.ca_key), and reuses them afterwards.
 ///
 /// Configuration comes from, lowest to highest precedence: built-in defaults, the TOML file given
-/// with --config, TAPGRAPH_* environment variables (`__` separates levels: TAPGRAPH_TLS__CERT is
-/// tls.cert), and these flags. Invalid configuration exits with status 78 and names every bad key.
+/// with --config, TAPGRAPH_* environment variables (`__` separates levels: TAPGRAPH_STATE_DIR is
+/// state_dir, TAPGRAPH_PKI__SERVER_NAMES is pki.server_names), and these flags. Invalid
+/// configuration exits with status 78 and names every bad key.
 #[derive(Parser, Debug)]
 #[command(version = tapgraph::VERSION, after_help = AFTER_HELP)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file.
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
+    /// State directory: PKI, tokens, agents [key: state_dir, default /var/lib/tapgraph].
+    #[arg(long, value_name = "DIR", global = true)]
+    state_dir: Option<String>,
     /// gRPC listen address for agents and operators [key: listen, default 127.0.0.1:7443].
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", global = true)]
     listen: Option<String>,
     /// HTTP listen address for /healthz, /readyz and /api/v1 [key: http.listen, default 127.0.0.1:7080].
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", global = true)]
     http_listen: Option<String>,
-    /// Controller certificate, PEM [key: tls.cert].
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<String>,
-    /// Controller private key, PEM, mode 0600 [key: tls.key].
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<String>,
-    /// CA bundle that agent and operator certificates must chain to [key: tls.ca].
-    #[arg(long, value_name = "FILE")]
-    tls_ca: Option<String>,
+    /// Names agents reach the controller by, comma-separated, for its certificate
+    /// [key: pki.server_names, default localhost,127.0.0.1,::1,HOSTNAME].
+    #[arg(long, value_name = "NAMES", global = true)]
+    server_names: Option<String>,
     /// Log format: text or json [key: log.format].
-    #[arg(long, value_name = "FORMAT")]
+    #[arg(long, value_name = "FORMAT", global = true)]
     log_format: Option<String>,
     /// Log filter, e.g. info or debug,h2=info [key: log.level].
-    #[arg(long, value_name = "FILTER")]
+    #[arg(long, value_name = "FILTER", global = true)]
     log_level: Option<String>,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller (the default).
+    Run,
+    /// Operator identities for tapgraphctl.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum OperatorCommand {
+    /// Issue an operator certificate from this controller's CA and write a tapgraphctl config file
+    /// (controller address, CA, certificate and key inline; mode 0600). Run it on the controller
+    /// host, with the controller's configuration.
+    #[command(
+        after_help = "Example:\n  tapgraph-controller operator issue alice --out ~/.config/tapgraph/tapgraphctl.toml\n  export TAPGRAPHCTL_CONFIG=~/.config/tapgraph/tapgraphctl.toml\n  tapgraphctl agent list"
+    )]
+    Issue {
+        /// Operator name (1–64 of a-z, A-Z, 0-9, '.', '_', '-').
+        name: String,
+        /// Where to write the tapgraphctl config [default: ./tapgraphctl-NAME.toml].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Controller address tapgraphctl should dial [default: from `listen`].
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+        /// Certificate lifetime, e.g. 30d or 12h.
+        #[arg(long, value_name = "DURATION", default_value = "720h")]
+        lifetime: String,
+    },
+}
+
 const AFTER_HELP: &str = "\
-Other keys (file or environment only): shutdown_timeout, session.handshake_timeout,
-session.hello_timeout, session.idle_timeout, session.max_message_bytes, and the default policy
-under policy.* (capture, interface, filter, snaplen, mode, limit, check_interval,
-breach_intervals, target, vni, snapshot_interval, heartbeat_interval, ...).
+Other keys (file or environment only): pki.ca_cert and pki.ca_key (an existing CA),
+pki.server_cert_lifetime (365d), pki.agent_cert_lifetime (24h; agents renew at 70%),
+shutdown_timeout, session.handshake_timeout, session.hello_timeout, session.idle_timeout,
+session.max_message_bytes, and the default policy under policy.* (capture, interface, filter,
+snaplen, mode, limit, check_interval, breach_intervals, target, vni, snapshot_interval,
+heartbeat_interval, ...).
 
 Exit status: 0 after a clean shutdown, 1 on a runtime failure (e.g. address in use),
-78 on invalid configuration.";
+78 on invalid configuration or an unusable CA.";
 
 impl Cli {
     fn overrides(&self) -> Vec<(String, String)> {
         [
+            ("state_dir", &self.state_dir),
             ("listen", &self.listen),
             ("http.listen", &self.http_listen),
-            ("tls.cert", &self.tls_cert),
-            ("tls.key", &self.tls_key),
-            ("tls.ca", &self.tls_ca),
+            ("pki.server_names", &self.server_names),
             ("log.format", &self.log_format),
             ("log.level", &self.log_level),
         ]
@@ -93,7 +139,33 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG as u8);
         }
     };
+    if let Some(Command::Operator(OperatorCommand::Issue {
+        name,
+        out,
+        address,
+        lifetime,
+    })) = cli.command
+    {
+        return match operator::issue(&config, &name, out, address, &lifetime) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("tapgraph-controller: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tapgraph::logging::init(config.log_format, &config.log_filter);
+    let pki = match ControllerPki::load_or_create(&config.pki) {
+        Ok(pki) => pki,
+        Err(error) => {
+            tracing::error!(%error, "cannot load or create the controller PKI");
+            eprintln!(
+                "tapgraph-controller: PKI in {}: {error}",
+                config.pki.dir.display()
+            );
+            return ExitCode::from(EX_CONFIG as u8);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("controller")
@@ -105,7 +177,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, pki)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "controller failed");
@@ -114,7 +186,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: ControllerConfig) -> anyhow::Result<()> {
+async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()> {
+    let tls = pki
+        .server_config()
+        .map_err(anyhow::Error::msg)
+        .context("serving certificate")?;
+    let store = store::Store::open(&config.state_dir.join("controller.redb"))?;
     let grpc_listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", config.listen))?;
@@ -128,6 +205,10 @@ async fn run(config: ControllerConfig) -> anyhow::Result<()> {
 
     let (registry, registry_task) = Registry::spawn(config.default_policy.clone());
     tasks.spawn("registry", registry_task);
+    let fingerprint = pki.fingerprint();
+    let (enrollment, enrollment_task) =
+        Enrollment::spawn(store, pki.ca, config.agent_cert_lifetime, registry.clone())?;
+    tasks.spawn("enrollment", enrollment_task);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServiceServer<AgentApi>>().await;
@@ -137,17 +218,18 @@ async fn run(config: ControllerConfig) -> anyhow::Result<()> {
         .context("gRPC reflection")?;
     let agents = AgentServiceServer::new(AgentApi::new(
         registry.clone(),
+        enrollment.revocations().clone(),
         StreamLimits {
             hello_timeout: config.hello_timeout,
             idle_timeout: config.idle_timeout,
         },
     ))
     .max_decoding_message_size(config.max_message_bytes);
-    let incoming = tapgraph::transport::tls_incoming(
-        grpc_listener,
-        config.tls.clone(),
-        config.handshake_timeout,
-    );
+    let enroll =
+        EnrollmentServiceServer::new(enrollment::service::EnrollmentApi::new(enrollment.clone()))
+            .max_decoding_message_size(64 * 1024);
+    let admin = AdminServiceServer::new(admin::AdminApi::new(enrollment.clone(), registry.clone()));
+    let incoming = tapgraph::transport::tls_incoming(grpc_listener, tls, config.handshake_timeout);
     let grpc_stop = stop.clone();
     tasks.spawn("grpc", async move {
         let served = tonic::transport::Server::builder()
@@ -156,6 +238,8 @@ async fn run(config: ControllerConfig) -> anyhow::Result<()> {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(agents)
+            .add_service(enroll)
+            .add_service(admin)
             .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
             .await;
         if let Err(error) = served {
@@ -181,6 +265,8 @@ async fn run(config: ControllerConfig) -> anyhow::Result<()> {
     tracing::info!(
         grpc = %config.listen,
         http = %config.http_listen,
+        state_dir = %config.state_dir.display(),
+        ca_fingerprint = %fingerprint,
         version = tapgraph::VERSION,
         "controller ready"
     );
@@ -191,7 +277,7 @@ async fn run(config: ControllerConfig) -> anyhow::Result<()> {
     // Sessions end first, so the gRPC server's graceful shutdown is not held up by open streams.
     registry.shutdown().await;
     stop.cancel();
-    drop(registry);
+    drop((registry, enrollment));
     tasks.drain(config.shutdown_timeout).await;
     tracing::info!("controller stopped");
     Ok(())

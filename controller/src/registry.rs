@@ -19,6 +19,7 @@ pub type Outbound = mpsc::Sender<Result<proto::ControllerMessage, Status>>;
 pub enum CloseReason {
     Replaced { by: SocketAddr },
     Shutdown,
+    Closed(String),
 }
 
 impl std::fmt::Display for CloseReason {
@@ -26,6 +27,7 @@ impl std::fmt::Display for CloseReason {
         match self {
             Self::Replaced { by } => write!(f, "replaced by a newer session from {by}"),
             Self::Shutdown => f.write_str("controller shutting down"),
+            Self::Closed(why) => f.write_str(why),
         }
     }
 }
@@ -50,6 +52,11 @@ enum Command {
     },
     List {
         reply: oneshot::Sender<Vec<AgentView>>,
+    },
+    Close {
+        agent_id: String,
+        status: Status,
+        reply: oneshot::Sender<()>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -167,6 +174,17 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Ends the live session of `agent_id`, if any, sending `status` to the agent.
+    pub async fn close_agent(&self, agent_id: &str, status: Status) {
+        let agent_id = agent_id.to_string();
+        self.call(|reply| Command::Close {
+            agent_id,
+            status,
+            reply,
+        })
+        .await;
+    }
+
     /// Ends every live session with UNAVAILABLE, so agents reconnect to the next controller.
     pub async fn shutdown(&self) {
         self.call(|reply| Command::Shutdown { reply }).await;
@@ -246,6 +264,21 @@ impl RegistryTask {
                 } => self.message(&agent_id, session, msg),
                 Command::List { reply } => {
                     let _ = reply.send(self.agents.values().map(|a| a.view.clone()).collect());
+                }
+                Command::Close {
+                    agent_id,
+                    status,
+                    reply,
+                } => {
+                    if let Some(agent) = self.agents.get_mut(&agent_id)
+                        && let Some(live) = agent.live.take()
+                    {
+                        let reason = status.message().to_string();
+                        let _ = live.outbound.try_send(Err(status));
+                        let _ = live.close.send(CloseReason::Closed(reason));
+                        agent.view.state = AgentState::Disconnected;
+                    }
+                    let _ = reply.send(());
                 }
                 Command::Shutdown { reply } => {
                     for agent in self.agents.values_mut() {

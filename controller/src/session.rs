@@ -1,18 +1,23 @@
 //! `AgentService`: the agent's control stream and mirror stream. The agent id always comes from the
 //! verified client certificate, never from a message.
 
-use std::pin::Pin;
 use std::time::Duration;
 
-use tapgraph::identity::Identity;
-use tapgraph::proto::{self, agent_message::Msg, agent_service_server::AgentService};
+use tapgraph::proto::agent_service_server::AgentService;
+use tapgraph::proto::{self, agent_message::Msg};
 use tapgraph::transport::PeerInfo;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth;
+use crate::enrollment::Revocations;
 use crate::registry::Registry;
+
+/// The `Connect` response stream, as the generated trait (with default stubs) names it.
+type ControlStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<proto::ControllerMessage, Status>> + Send + 'static>,
+>;
 
 /// Limits applied to every agent stream.
 #[derive(Debug, Clone, Copy)]
@@ -25,30 +30,17 @@ pub struct StreamLimits {
 
 pub struct AgentApi {
     registry: Registry,
+    revocations: Revocations,
     limits: StreamLimits,
 }
 
 impl AgentApi {
-    pub fn new(registry: Registry, limits: StreamLimits) -> Self {
-        Self { registry, limits }
-    }
-}
-
-/// The agent id of a request's verified certificate, or the status that refuses it.
-pub fn agent_id<T>(request: &Request<T>) -> Result<(String, PeerInfo), Status> {
-    let peer = request
-        .extensions()
-        .get::<PeerInfo>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("no verified client certificate"))?;
-    match &peer.identity {
-        Ok(Identity::Agent(id)) => Ok((id.clone(), peer)),
-        Ok(other) => Err(Status::permission_denied(format!(
-            "{other} may not open agent streams: an agent certificate is required"
-        ))),
-        Err(e) => Err(Status::unauthenticated(format!(
-            "client certificate refused: {e}"
-        ))),
+    pub fn new(registry: Registry, revocations: Revocations, limits: StreamLimits) -> Self {
+        Self {
+            registry,
+            revocations,
+            limits,
+        }
     }
 }
 
@@ -62,7 +54,13 @@ fn kind(msg: &Msg) -> &'static str {
     }
 }
 
-fn check_hello(hello: &proto::Hello) -> Result<(), Status> {
+fn check_hello(hello: &proto::Hello, agent_id: &str) -> Result<(), Status> {
+    if !hello.agent_id.is_empty() && hello.agent_id != agent_id {
+        return Err(Status::permission_denied(format!(
+            "Hello claims agent id {}, but the certificate is agent {agent_id}",
+            hello.agent_id
+        )));
+    }
     if hello.hostname.is_empty() || hello.hostname.len() > 255 {
         return Err(Status::invalid_argument(
             "Hello.hostname must be 1 to 255 bytes",
@@ -77,18 +75,13 @@ fn check_hello(hello: &proto::Hello) -> Result<(), Status> {
     Ok(())
 }
 
-type ControlStream =
-    Pin<Box<dyn Stream<Item = Result<proto::ControllerMessage, Status>> + Send + 'static>>;
-
 #[tonic::async_trait]
 impl AgentService for AgentApi {
-    type ConnectStream = ControlStream;
-
     async fn connect(
         &self,
         request: Request<Streaming<proto::AgentMessage>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
-        let (agent_id, peer) = agent_id(&request).inspect_err(|status| {
+    ) -> Result<Response<ControlStream>, Status> {
+        let (agent_id, peer) = auth::agent(&request, &self.revocations).inspect_err(|status| {
             tracing::warn!(peer = ?request.extensions().get::<PeerInfo>().map(|p| p.remote_addr), error = %status.message(), "agent stream refused");
         })?;
         let mut inbound = request.into_inner();
@@ -125,7 +118,7 @@ impl AgentService for AgentApi {
                 ))));
             }
         };
-        check_hello(&hello).map_err(refuse)?;
+        check_hello(&hello, &agent_id).map_err(refuse)?;
         tracing::info!(
             agent = %agent_id,
             hostname = %hello.hostname,
@@ -170,12 +163,27 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<proto::MirrorBatch>>,
     ) -> Result<Response<proto::MirrorSummary>, Status> {
-        let (agent_id, _) = agent_id(&request)?;
+        let (agent_id, _) = auth::agent(&request, &self.revocations)?;
         let mut inbound = request.into_inner();
         let mut summary = proto::MirrorSummary::default();
-        while let Some(batch) = inbound.message().await? {
-            summary.batches_received += 1;
-            summary.packets_received += batch.packets.len() as u64;
+        let mut revoked = self.revocations.changed();
+        loop {
+            tokio::select! {
+                batch = inbound.message() => match batch? {
+                    Some(batch) => {
+                        summary.batches_received += 1;
+                        summary.packets_received += batch.packets.len() as u64;
+                    }
+                    None => break,
+                },
+                Ok(()) = revoked.changed() => {
+                    if self.revocations.is_revoked(&agent_id) {
+                        return Err(Status::permission_denied(format!(
+                            "the certificate of agent {agent_id} was revoked"
+                        )));
+                    }
+                }
+            }
         }
         tracing::info!(agent = %agent_id, batches = summary.batches_received, packets = summary.packets_received, "mirror stream ended");
         Ok(Response::new(summary))

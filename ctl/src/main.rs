@@ -1,120 +1,386 @@
 //! tapgraphctl: the operator's command line.
 
+mod client;
+mod table;
+
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use anyhow::anyhow;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tapgraph::proto;
 
-/// Steer a tapgraph fleet.
+use crate::client::CtlConfig;
+
+/// Steer a tapgraph fleet: join tokens, agents, and (later) policies and the dependency map.
+///
+/// tapgraphctl talks to the controller's AdminService over mTLS with an operator certificate. Get
+/// a config file on the controller host with `tapgraph-controller operator issue NAME`.
 #[derive(Parser, Debug)]
 #[command(name = "tapgraphctl", version = tapgraph::VERSION, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// tapgraphctl config file [env: TAPGRAPHCTL_CONFIG, default ~/.config/tapgraph/tapgraphctl.toml].
+    #[arg(long, value_name = "FILE", global = true, env = "TAPGRAPHCTL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Controller address, overriding the config file.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        global = true,
+        env = "TAPGRAPHCTL_CONTROLLER"
+    )]
+    controller: Option<String>,
+    /// Name the controller certificate must carry, overriding the config file.
+    #[arg(long, value_name = "NAME", global = true)]
+    server_name: Option<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 const EXIT_CODES: &str = "\
-Exit status: 0 on success, 1 when the command failed (the reason is printed), 2 on a usage error.";
+Exit status:
+  0  success
+  1  the controller refused the request (its gRPC status and message are printed)
+  2  usage error
+  3  no usable config, or the controller cannot be reached";
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Make a development PKI: a CA, a controller certificate, agent and operator certificates.
-    ///
-    /// For trying tapgraph on one machine or in tests. Production fleets enroll agents with join
-    /// tokens instead. Keys are written with mode 0600.
-    #[command(after_help = "\
-Files written in DIR:
-  ca.pem, ca.key                 the CA (keep ca.key private)
-  controller.pem, controller.key the controller's serving certificate
-  agent-ID.pem, agent-ID.key     one per --agent
-  operator-NAME.pem/.key         for tapgraphctl
+    /// Join tokens that let agents enroll.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Enrolled and connected agents.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
 
-Example:
-  tapgraphctl dev-certs ./certs --agent web-1 --agent db-1 --name controller.lan")]
-    DevCerts {
-        /// Directory to write into (created if missing).
-        dir: PathBuf,
-        /// DNS name or IP the controller is reached by; repeatable. Always includes localhost,
-        /// 127.0.0.1 and ::1.
-        #[arg(long = "name", value_name = "NAME")]
-        names: Vec<String>,
-        /// Agent id to issue a certificate for; repeatable [default: local].
-        #[arg(long = "agent", value_name = "ID")]
-        agents: Vec<String>,
-        /// Operator name for the tapgraphctl certificate.
-        #[arg(long, value_name = "NAME", default_value = "admin")]
-        operator: String,
-        /// Certificate lifetime in days.
-        #[arg(long, value_name = "DAYS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3650))]
-        days: u64,
-        /// Overwrite an existing CA in DIR (every certificate it signed stops working).
-        #[arg(long)]
-        force: bool,
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a join token; prints it (once) with the CA fingerprint agents pin.
+    #[command(
+        after_help = "Example:\n  tapgraphctl token create --ttl 1h --uses 50 --label role=web --label env=prod"
+    )]
+    Create {
+        /// How long the token can be used, e.g. 1h, 30m, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Label given to every agent enrolled with it, key=value; repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = tapgraph::labels::parse_pair)]
+        labels: Vec<(String, String)>,
+        /// A note for `token list`.
+        #[arg(long, default_value = "")]
+        description: String,
     },
+    /// List tokens: id, expiry, uses left, labels, state. Secrets are never shown again.
+    List,
+    /// Revoke a token: no further enrollment with it. Agents already enrolled keep working.
+    Revoke {
+        /// Token id (the middle part of tgj.<id>.<secret>, as `token list` shows).
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCommand {
+    /// List agents with state, labels, last seen and certificate expiry.
+    List {
+        /// Only agents with these labels, e.g. role=web,env=prod.
+        #[arg(long, value_name = "K=V,...", value_parser = tapgraph::labels::parse_selector)]
+        selector: Option<BTreeMap<String, String>>,
+    },
+    /// Everything known about one agent.
+    Show { id: String },
+    /// Revoke an agent: its live streams close within a second and its certificate is refused
+    /// from then on, across controller restarts.
+    Revoke { id: String },
+}
+
+/// A failure with its exit status.
+struct Failure(u8, anyhow::Error);
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure(1, anyhow!("{:?}: {}", s.code(), s.message()))
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tapgraphctl: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
+        Err(Failure(code, error)) => {
             eprintln!("tapgraphctl: {error:#}");
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn ns_time(ns: u64) -> String {
+    if ns == 0 {
+        return "-".into();
+    }
+    tapgraph::time::rfc3339(tapgraph::time::from_unix_nanos(ns))
+}
+
+fn labels_text<'a>(labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
+    let mut v: Vec<String> = labels
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+fn state_name(state: i32) -> &'static str {
+    match proto::AgentState::try_from(state) {
+        Ok(proto::AgentState::Connected) => "connected",
+        Ok(proto::AgentState::Degraded) => "degraded",
+        Ok(proto::AgentState::Lost) => "lost",
+        Ok(proto::AgentState::Revoked) => "revoked",
+        _ => "enrolled",
+    }
+}
+
+fn token_state(t: &proto::TokenInfo) -> &'static str {
+    if t.revoked {
+        "revoked"
+    } else if t.expires_at_unix_nanos <= tapgraph::time::unix_nanos() {
+        "expired"
+    } else if t.uses_left == 0 {
+        "used up"
+    } else {
+        "active"
+    }
+}
+
+fn agent_json(a: &proto::AgentInfo) -> serde_json::Value {
+    json!({
+        "id": a.id,
+        "hostname": a.hostname,
+        "state": state_name(a.state),
+        "labels": a.labels,
+        "last_seen": ns_time(a.last_seen_unix_nanos),
+        "cert_not_after": ns_time(a.cert_not_after_unix_nanos),
+        "policy_version_applied": a.policy_version_applied,
+        "policy_error": a.policy_error,
+        "agent_version": a.agent_version,
+        "remote_addr": a.remote_addr,
+    })
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(client::default_config_path);
+    let config = CtlConfig::load(&path, cli.controller.clone(), cli.server_name.clone())
+        .map_err(|e| Failure(3, e))?;
+    let mut admin = config.admin().await.map_err(|e| Failure(3, e))?;
+    let json = cli.output == Output::Json;
     match cli.command {
-        Command::DevCerts {
-            dir,
-            names,
-            agents,
-            operator,
-            days,
-            force,
-        } => {
-            if dir.join("ca.pem").exists() && !force {
-                bail!(
-                    "{} already holds a CA (ca.pem); pass --force to replace it and every certificate it signed",
-                    dir.display()
+        Command::Token(TokenCommand::Create {
+            ttl,
+            uses,
+            labels,
+            description,
+        }) => {
+            let ttl = tapgraph::units::parse_duration(&ttl)
+                .map_err(|e| Failure(2, anyhow!("--ttl: {e}")))?;
+            let created = admin
+                .create_token(proto::CreateTokenRequest {
+                    ttl_ms: ttl.as_millis() as u64,
+                    uses,
+                    labels: labels.into_iter().collect(),
+                    description,
+                })
+                .await?
+                .into_inner();
+            let info = created.info.unwrap_or_default();
+            if json {
+                print_json(&json!({
+                    "token": created.token,
+                    "id": info.id,
+                    "ca_fingerprint": created.ca_fingerprint,
+                    "expires_at": ns_time(info.expires_at_unix_nanos),
+                    "uses": info.uses_left,
+                    "labels": info.labels,
+                }));
+            } else {
+                println!(
+                    "Join token (shown once; the controller keeps only its hash):\n  {}",
+                    created.token
+                );
+                println!("CA fingerprint (SHA-256):\n  {}", created.ca_fingerprint);
+                println!(
+                    "Valid until {} for {} enrollment(s); labels {}",
+                    ns_time(info.expires_at_unix_nanos),
+                    info.uses_left,
+                    labels_text(&info.labels)
+                );
+                println!(
+                    "Enroll an agent:\n  tapgraph-agent enroll --controller {} --token {} --ca-fingerprint {}",
+                    config.controller, created.token, created.ca_fingerprint
                 );
             }
-            let mut server_names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
-            for n in names {
-                if !server_names.contains(&n) {
-                    server_names.push(n);
+        }
+        Command::Token(TokenCommand::List) => {
+            let tokens = admin
+                .list_tokens(proto::ListTokensRequest {})
+                .await?
+                .into_inner()
+                .tokens;
+            if json {
+                print_json(&json!(tokens.iter().map(|t| json!({
+                    "id": t.id, "expires_at": ns_time(t.expires_at_unix_nanos), "uses_left": t.uses_left,
+                    "labels": t.labels, "state": token_state(t), "description": t.description,
+                })).collect::<Vec<_>>()));
+            } else {
+                let rows: Vec<Vec<String>> = tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.clone(),
+                            token_state(t).into(),
+                            ns_time(t.expires_at_unix_nanos),
+                            t.uses_left.to_string(),
+                            labels_text(&t.labels),
+                            t.description.clone(),
+                        ]
+                    })
+                    .collect();
+                table::print(
+                    &[
+                        "ID",
+                        "STATE",
+                        "EXPIRES",
+                        "USES LEFT",
+                        "LABELS",
+                        "DESCRIPTION",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            admin
+                .revoke_token(proto::RevokeTokenRequest { id: id.clone() })
+                .await?;
+            if !json {
+                println!("token {id} revoked: no agent can enroll with it any more");
+            }
+        }
+        Command::Agent(AgentCommand::List { selector }) => {
+            let agents = admin
+                .list_agents(proto::ListAgentsRequest {
+                    selector: selector.unwrap_or_default().into_iter().collect(),
+                })
+                .await?
+                .into_inner()
+                .agents;
+            if json {
+                print_json(&json!(agents.iter().map(agent_json).collect::<Vec<_>>()));
+            } else {
+                let rows: Vec<Vec<String>> = agents
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.id.clone(),
+                            a.hostname.clone(),
+                            state_name(a.state).into(),
+                            labels_text(&a.labels),
+                            ns_time(a.last_seen_unix_nanos),
+                            ns_time(a.cert_not_after_unix_nanos),
+                            a.policy_version_applied.to_string(),
+                        ]
+                    })
+                    .collect();
+                table::print(
+                    &[
+                        "ID",
+                        "HOSTNAME",
+                        "STATE",
+                        "LABELS",
+                        "LAST SEEN",
+                        "CERT EXPIRES",
+                        "POLICY",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        Command::Agent(AgentCommand::Show { id }) => {
+            let a = admin
+                .get_agent(proto::GetAgentRequest { id })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&agent_json(&a));
+            } else {
+                for (k, v) in [
+                    ("id", a.id.clone()),
+                    ("hostname", a.hostname.clone()),
+                    ("state", state_name(a.state).into()),
+                    ("labels", labels_text(&a.labels)),
+                    ("last seen", ns_time(a.last_seen_unix_nanos)),
+                    ("certificate expires", ns_time(a.cert_not_after_unix_nanos)),
+                    ("policy applied", a.policy_version_applied.to_string()),
+                    (
+                        "policy error",
+                        if a.policy_error.is_empty() {
+                            "-".into()
+                        } else {
+                            a.policy_error.clone()
+                        },
+                    ),
+                    ("agent version", a.agent_version.clone()),
+                    ("remote address", a.remote_addr.clone()),
+                ] {
+                    println!("{k:<20} {v}");
                 }
             }
-            let agents = if agents.is_empty() {
-                vec!["local".to_string()]
-            } else {
-                agents
-            };
-            let made = tapgraph::pki::write_dev_certs(
-                &dir,
-                &server_names,
-                &agents,
-                &operator,
-                Duration::from_secs(days * 86_400),
-            )
-            .context("cannot make development certificates")?;
-            println!("Development PKI written to {}", made.dir.display());
-            println!("  CA fingerprint (SHA-256): {}", made.fingerprint);
-            println!(
-                "  controller: controller.pem/.key, valid for {}",
-                server_names.join(", ")
-            );
-            for id in &made.agents {
-                println!("  agent {id}: agent-{id}.pem/.key");
+        }
+        Command::Agent(AgentCommand::Revoke { id }) => {
+            admin
+                .revoke_agent(proto::RevokeAgentRequest { id: id.clone() })
+                .await?;
+            if !json {
+                println!(
+                    "agent {id} revoked: its streams are closed and its certificate is refused"
+                );
             }
-            println!(
-                "  operator {}: operator-{}.pem/.key",
-                made.operator, made.operator
-            );
-            Ok(())
         }
     }
+    Ok(())
 }

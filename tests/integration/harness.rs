@@ -194,65 +194,136 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     Ok((status, body))
 }
 
-/// A test's world: a temporary directory with a development PKI and logs.
+/// A test's world: a temporary directory with the controller's state, agents' state and logs.
 pub struct World {
     pub dir: tempfile::TempDir,
 }
 
+/// Names in the controller's serving certificate: loopback, and the hub address of netns tests.
+pub const SERVER_NAMES: &str = "localhost,127.0.0.1,198.18.0.1";
+
 impl World {
-    /// A PKI with agents `agents` and operator `admin`.
-    pub fn new(agents: &[&str]) -> World {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let agents: Vec<String> = agents.iter().map(|s| s.to_string()).collect();
-        tapgraph::pki::write_dev_certs(
-            &dir.path().join("certs"),
-            &["localhost".into(), "127.0.0.1".into(), "198.18.0.1".into()],
-            &agents,
-            "admin",
-            Duration::from_secs(3600),
-        )
-        .expect("dev certs");
-        World { dir }
+    pub fn new() -> World {
+        World {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    pub fn cert(&self, name: &str) -> PathBuf {
-        self.path().join("certs").join(name)
+    pub fn state_dir(&self) -> PathBuf {
+        self.path().join("controller")
     }
 
-    /// A controller command with certificates and addresses set by flags.
+    pub fn agent_dir(&self, id: &str) -> PathBuf {
+        self.path().join("agents").join(id)
+    }
+
+    /// A controller command with its state directory and addresses set by flags.
     pub fn controller_cmd(&self, grpc: SocketAddr, http: SocketAddr) -> Command {
         let mut cmd = Command::new(bin("tapgraph-controller"));
-        cmd.arg("--listen")
+        cmd.arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--listen")
             .arg(grpc.to_string())
             .arg("--http-listen")
             .arg(http.to_string())
-            .arg("--tls-cert")
-            .arg(self.cert("controller.pem"))
-            .arg("--tls-key")
-            .arg(self.cert("controller.key"))
-            .arg("--tls-ca")
-            .arg(self.cert("ca.pem"))
+            .arg("--server-names")
+            .arg(SERVER_NAMES)
             .env("TAPGRAPH_LOG__LEVEL", "info,tapgraph_controller=debug");
         cmd
     }
 
-    /// An agent command for `id`, certificates by flags.
+    /// The controller's CA, as it created it in its state directory.
+    pub fn ca(&self) -> tapgraph::pki::CertAuthority {
+        let pki = self.state_dir().join("pki");
+        let read = |f: &str| {
+            std::fs::read_to_string(pki.join(f))
+                .expect("controller CA (start the controller first)")
+        };
+        tapgraph::pki::CertAuthority::from_pem(&read("ca.pem"), &read("ca.key")).expect("CA")
+    }
+
+    pub fn ca_pem(&self) -> PathBuf {
+        self.state_dir().join("pki").join("ca.pem")
+    }
+
+    /// Issues agent `id` a certificate straight from the controller CA (no enrollment) into its
+    /// state directory, as an operator with the CA key could.
+    pub fn issue_agent(&self, id: &str) -> PathBuf {
+        let ca = self.ca();
+        let cert = ca
+            .issue(
+                &tapgraph::identity::Identity::agent(id).unwrap(),
+                &[],
+                Duration::from_secs(3600),
+            )
+            .expect("agent certificate");
+        let dir = self.agent_dir(id);
+        tapgraph::fsutil::private_dir(&dir).unwrap();
+        tapgraph::fsutil::write_private(&dir.join("agent.pem"), cert.cert_pem.as_bytes()).unwrap();
+        tapgraph::fsutil::write_private(&dir.join("agent.key"), cert.key_pem.as_bytes()).unwrap();
+        tapgraph::fsutil::write_private(&dir.join("ca.pem"), ca.cert_pem().as_bytes()).unwrap();
+        dir
+    }
+
+    /// An agent command whose state directory is `agent_dir(id)`.
     pub fn agent_cmd(&self, id: &str, controller: SocketAddr) -> Command {
         let mut cmd = Command::new(bin("tapgraph-agent"));
         cmd.arg("--controller")
             .arg(controller.to_string())
-            .arg("--tls-cert")
-            .arg(self.cert(&format!("agent-{id}.pem")))
-            .arg("--tls-key")
-            .arg(self.cert(&format!("agent-{id}.key")))
-            .arg("--tls-ca")
-            .arg(self.cert("ca.pem"));
+            .arg("--state-dir")
+            .arg(self.agent_dir(id));
         cmd
     }
+
+    /// A tapgraphctl config for operator `name`, made by `tapgraph-controller operator issue`.
+    pub fn operator(&self, name: &str, grpc: SocketAddr) -> PathBuf {
+        let out = self.path().join(format!("ctl-{name}.toml"));
+        let status = Command::new(bin("tapgraph-controller"))
+            .args(["operator", "issue", name, "--state-dir"])
+            .arg(self.state_dir())
+            .arg("--listen")
+            .arg(grpc.to_string())
+            .arg("--server-names")
+            .arg(SERVER_NAMES)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("operator issue");
+        assert!(
+            status.status.success(),
+            "operator issue: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        out
+    }
+}
+
+/// Runs tapgraphctl with `config`; returns (exit code, stdout, stderr).
+pub fn ctl(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("tapgraphctl"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run tapgraphctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs tapgraphctl with `-o json` and parses its output; panics on failure.
+pub fn ctl_json(config: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["-o", "json"];
+    all.extend_from_slice(args);
+    let (code, out, err) = ctl(config, &all);
+    assert_eq!(code, 0, "tapgraphctl {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("tapgraphctl {args:?}: {e}: {out}"))
 }
 
 /// A running controller on loopback with its addresses.

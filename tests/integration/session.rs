@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use tapgraph::identity::Identity;
 use tapgraph::proto::{self, agent_message::Msg, agent_service_client::AgentServiceClient};
 use tapgraph::transport::{self, ChannelOptions};
 
@@ -15,8 +16,9 @@ const FAST: &[(&str, &str)] = &[("TAPGRAPH_POLICY__HEARTBEAT_INTERVAL", "200ms")
 
 #[test]
 fn agent_connects_gets_its_policy_and_sends_heartbeats() {
-    let world = World::new(&["a1"]);
+    let world = World::new();
     let controller = Controller::start(&world, FAST);
+    world.issue_agent("a1");
     let _agent = Proc::spawn(
         "agent",
         world.agent_cmd("a1", controller.grpc),
@@ -43,8 +45,9 @@ fn agent_connects_gets_its_policy_and_sends_heartbeats() {
 
 #[test]
 fn agent_reconnects_after_the_controller_is_killed_and_restarted() {
-    let world = World::new(&["a1"]);
+    let world = World::new();
     let mut controller = Controller::start(&world, FAST);
+    world.issue_agent("a1");
     let (grpc, http) = (controller.grpc, controller.http);
     let _agent = Proc::spawn("agent", world.agent_cmd("a1", grpc), world.path());
     controller.wait_agent("a1", "connected", Duration::from_secs(20), |_| true);
@@ -83,7 +86,7 @@ async fn try_stream(
     identity: Option<(&Path, &Path)>,
     first: Msg,
 ) -> Result<Option<proto::ControllerMessage>, String> {
-    let tls = tapgraph::tls::client_config(ca, identity).map_err(|e| e.to_string())?;
+    let tls = tapgraph::tls::client_config_files(ca, identity).map_err(|e| e.to_string())?;
     let options = ChannelOptions {
         connect_timeout: Duration::from_secs(5),
         ..ChannelOptions::default()
@@ -122,48 +125,66 @@ fn hello() -> Msg {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_without_a_valid_certificate_are_refused() {
-    let world = World::new(&["a1"]);
-    let other = World::new(&["a1"]);
+    let world = World::new();
     let controller = Controller::start(&world, FAST);
-    let ca = world.cert("ca.pem");
+    let ca = world.ca_pem();
 
+    // Without a certificate the connection is allowed (agents enroll on this port), but no agent
+    // stream opens.
     let none = open_stream(controller.grpc, &ca, None, hello()).await;
-    assert!(!none.starts_with("stream accepted"), "{none}");
+    assert_eq!(
+        none,
+        "Unauthenticated: a client certificate is required (enroll first)"
+    );
 
-    let foreign = open_stream(
+    // A certificate from another CA fails the TLS handshake.
+    let other = tempfile::tempdir().unwrap();
+    let foreign =
+        tapgraph::pki::CertAuthority::generate("someone else's CA", Duration::from_secs(3600))
+            .unwrap()
+            .issue(
+                &Identity::agent("a1").unwrap(),
+                &[],
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+    tapgraph::pki::write_pair(other.path(), "a1", &foreign).unwrap();
+    let refused = open_stream(
         controller.grpc,
         &ca,
-        Some((&other.cert("agent-a1.pem"), &other.cert("agent-a1.key"))),
+        Some((&other.path().join("a1.pem"), &other.path().join("a1.key"))),
         hello(),
     )
     .await;
-    assert!(!foreign.starts_with("stream accepted"), "{foreign}");
-
+    assert!(!refused.starts_with("stream accepted"), "{refused}");
     let log = wait_for(
-        "two refused handshakes in the log",
+        "a refused handshake in the log",
         Duration::from_secs(5),
         || {
             let log = controller.proc.log_text();
-            (log.matches("TLS handshake refused").count() >= 2).then_some(log)
+            log.contains("TLS handshake refused").then_some(log)
         },
     );
-    assert!(log.contains("peer sent no certificates"), "{log}");
-    assert!(log.contains("invalid peer certificate"), "{log}");
+    assert!(
+        log.contains("invalid peer certificate: UnknownIssuer"),
+        "{log}"
+    );
     assert!(controller.agents().is_empty(), "nobody may register");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_does_not_open_with_hello_is_refused() {
-    let world = World::new(&["a1"]);
+    let world = World::new();
     let controller = Controller::start(&world, FAST);
-    let (cert, key) = (world.cert("agent-a1.pem"), world.cert("agent-a1.key"));
+    let dir = world.issue_agent("a1");
+    let (cert, key) = (dir.join("agent.pem"), dir.join("agent.key"));
     let record = Msg::Control(proto::ControlRecord {
         sequence: 1,
         ..Default::default()
     });
     let refused = open_stream(
         controller.grpc,
-        &world.cert("ca.pem"),
+        &world.ca_pem(),
         Some((&cert, &key)),
         record,
     )
@@ -172,17 +193,34 @@ async fn a_stream_that_does_not_open_with_hello_is_refused() {
         refused,
         "InvalidArgument: the first message on Connect must be Hello, got ControlRecord"
     );
+
+    // Identity is the certificate: a Hello claiming another id is refused.
+    let claim = Msg::Hello(proto::Hello {
+        hostname: "h".into(),
+        agent_id: "a2".into(),
+        ..Default::default()
+    });
+    let refused = open_stream(controller.grpc, &world.ca_pem(), Some((&cert, &key)), claim).await;
+    assert_eq!(
+        refused,
+        "PermissionDenied: Hello claims agent id a2, but the certificate is agent a1"
+    );
     assert!(controller.agents().is_empty());
 
     // An operator certificate is valid, but may not pose as an agent.
-    let (cert, key) = (
-        world.cert("operator-admin.pem"),
-        world.cert("operator-admin.key"),
-    );
+    let op = world
+        .ca()
+        .issue(
+            &Identity::operator("admin").unwrap(),
+            &[],
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    tapgraph::pki::write_pair(world.path(), "op", &op).unwrap();
     let refused = open_stream(
         controller.grpc,
-        &world.cert("ca.pem"),
-        Some((&cert, &key)),
+        &world.ca_pem(),
+        Some((&world.path().join("op.pem"), &world.path().join("op.key"))),
         hello(),
     )
     .await;
@@ -194,11 +232,11 @@ async fn a_stream_that_does_not_open_with_hello_is_refused() {
 
 #[test]
 fn bad_configuration_exits_78_and_names_every_bad_key() {
-    let world = World::new(&[]);
+    let world = World::new();
     let file = world.path().join("controller.toml");
     std::fs::write(
         &file,
-        "listen = 'nowhere'\nlisten_typo = 1\n[policy]\nlimit = 'fast'\nfilter = 'tcp port banana'\nheartbeat_interval = '5'\n",
+        "listen = 'nowhere'\nlisten_typo = 1\n[pki]\nserver_names = 'ok.example,bad name!'\n[policy]\nlimit = 'fast'\nfilter = 'tcp port banana'\nheartbeat_interval = '5'\n",
     )
     .unwrap();
     let mut cmd = Command::new(bin("tapgraph-controller"));
@@ -216,8 +254,7 @@ fn bad_configuration_exits_78_and_names_every_bad_key() {
         "policy.filter:",
         "policy.heartbeat_interval:",
         "log.format:",
-        "tls.cert:",
-        "tls.ca:",
+        "pki.server_names:",
     ] {
         assert!(stderr.contains(key), "{key} not named in:\n{stderr}");
     }
@@ -240,7 +277,7 @@ fn bad_configuration_exits_78_and_names_every_bad_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(
-        stderr.contains("tls.cert:") && stderr.contains("tls.key:"),
+        stderr.contains("tls.cert:") && stderr.contains("no certificate yet"),
         "{stderr}"
     );
     assert!(
@@ -251,8 +288,9 @@ fn bad_configuration_exits_78_and_names_every_bad_key() {
 
 #[test]
 fn sigterm_shuts_both_daemons_down_cleanly() {
-    let world = World::new(&["a1"]);
+    let world = World::new();
     let mut controller = Controller::start(&world, FAST);
+    world.issue_agent("a1");
     let mut agent = Proc::spawn(
         "agent",
         world.agent_cmd("a1", controller.grpc),
@@ -291,7 +329,7 @@ fn agent_in_its_own_network_namespace_reaches_the_controller_across_a_veth_link(
     {
         return;
     }
-    let world = World::new(&["edge"]);
+    let world = World::new();
     let hub = Netns::new("hub");
     let edge = Netns::new("edge");
     veth(
@@ -312,6 +350,7 @@ fn agent_in_its_own_network_namespace_reaches_the_controller_across_a_veth_link(
         Duration::from_secs(20),
         || hub.run(|| matches!(http_get(http, "/readyz"), Ok((200, _))).then_some(())),
     );
+    world.issue_agent("edge");
     let _agent = Proc::spawn(
         "agent",
         edge.wrap(world.agent_cmd("edge", grpc)),

@@ -1,0 +1,216 @@
+//! `AdminService`: the operator's API. Every call requires an operator certificate. Issue 3 brings
+//! tokens and agents; the other RPCs answer UNIMPLEMENTED until their issues land.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tapgraph::proto::{self, admin_service_server::AdminService};
+use tonic::{Request, Response, Status};
+
+use crate::auth;
+use crate::enrollment::tokens::Token;
+use crate::enrollment::{EnrolledAgent, Enrollment};
+use crate::registry::{AgentState, AgentView, Registry};
+
+pub struct AdminApi {
+    enrollment: Enrollment,
+    registry: Registry,
+}
+
+impl AdminApi {
+    pub fn new(enrollment: Enrollment, registry: Registry) -> Self {
+        Self {
+            enrollment,
+            registry,
+        }
+    }
+
+    /// Every agent known by enrollment or by a session, joined by id.
+    async fn agents(&self) -> Vec<proto::AgentInfo> {
+        let enrolled: BTreeMap<String, EnrolledAgent> = self
+            .enrollment
+            .list_agents()
+            .await
+            .into_iter()
+            .map(|a| (a.id.clone(), a))
+            .collect();
+        let mut live: BTreeMap<String, AgentView> = self
+            .registry
+            .list()
+            .await
+            .into_iter()
+            .map(|a| (a.id.clone(), a))
+            .collect();
+        let mut ids: Vec<String> = enrolled.keys().chain(live.keys()).cloned().collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| agent_info(&id, enrolled.get(&id), live.remove(&id)))
+            .collect()
+    }
+}
+
+const MS: u64 = 1_000_000;
+
+fn agent_info(
+    id: &str,
+    enrolled: Option<&EnrolledAgent>,
+    live: Option<AgentView>,
+) -> proto::AgentInfo {
+    let revoked = enrolled.is_some_and(|a| a.revoked_at_ms.is_some());
+    let state = match (&live, revoked) {
+        (_, true) => proto::AgentState::Revoked,
+        (Some(v), _) if v.state == AgentState::Connected => proto::AgentState::Connected,
+        (Some(_), _) => proto::AgentState::Lost,
+        (None, _) => proto::AgentState::Unspecified,
+    };
+    let mut info = proto::AgentInfo {
+        id: id.to_string(),
+        state: state as i32,
+        ..Default::default()
+    };
+    if let Some(a) = enrolled {
+        info.hostname = a.hostname.clone();
+        info.labels = a.labels.clone().into_iter().collect();
+        info.cert_not_after_unix_nanos = a.cert_not_after_ms * MS;
+    }
+    if let Some(v) = live {
+        if !v.hostname.is_empty() {
+            info.hostname = v.hostname;
+        }
+        info.last_seen_unix_nanos = v.last_seen_unix_ms * MS;
+        info.policy_version_applied = v.policy_version_applied;
+        info.policy_error = v.policy_error.unwrap_or_default();
+        info.agent_version = v.agent_version;
+        info.remote_addr = v.remote_addr;
+    }
+    info
+}
+
+fn token_info(t: &Token) -> proto::TokenInfo {
+    proto::TokenInfo {
+        id: t.id.clone(),
+        expires_at_unix_nanos: t.expires_at_ms * MS,
+        uses_left: t.uses_left,
+        labels: t.labels.clone().into_iter().collect(),
+        description: t.description.clone(),
+        revoked: t.revoked,
+    }
+}
+
+/// Bounds of a join token.
+const TTL: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(365 * 86_400));
+const MAX_USES: u32 = 1_000_000;
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn create_token(
+        &self,
+        request: Request<proto::CreateTokenRequest>,
+    ) -> Result<Response<proto::CreateTokenResponse>, Status> {
+        let operator = auth::operator(&request)?;
+        let req = request.into_inner();
+        let ttl = Duration::from_millis(req.ttl_ms);
+        if ttl < TTL.0 || ttl > TTL.1 {
+            return Err(Status::invalid_argument(format!(
+                "ttl {} is out of range 1s..=365d",
+                tapgraph::units::format_duration(ttl)
+            )));
+        }
+        if req.uses == 0 || req.uses > MAX_USES {
+            return Err(Status::invalid_argument(format!(
+                "uses {} is out of range 1..={MAX_USES}",
+                req.uses
+            )));
+        }
+        for (k, v) in &req.labels {
+            tapgraph::labels::check(k, v).map_err(Status::invalid_argument)?;
+        }
+        if req.description.len() > 256 {
+            return Err(Status::invalid_argument(
+                "description is longer than 256 bytes",
+            ));
+        }
+        let new = self
+            .enrollment
+            .create_token(
+                ttl,
+                req.uses,
+                req.labels.into_iter().collect(),
+                req.description,
+            )
+            .await?;
+        tracing::info!(%operator, token = %new.token.id, "token issued");
+        Ok(Response::new(proto::CreateTokenResponse {
+            token: new.text,
+            info: Some(token_info(&new.token)),
+            ca_fingerprint: self.enrollment.ca_fingerprint().to_string(),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<proto::ListTokensRequest>,
+    ) -> Result<Response<proto::ListTokensResponse>, Status> {
+        auth::operator(&request)?;
+        let tokens = self.enrollment.list_tokens().await;
+        Ok(Response::new(proto::ListTokensResponse {
+            tokens: tokens.iter().map(token_info).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<proto::RevokeTokenRequest>,
+    ) -> Result<Response<proto::RevokeTokenResponse>, Status> {
+        let operator = auth::operator(&request)?;
+        let id = request.into_inner().id;
+        self.enrollment.revoke_token(id.clone()).await?;
+        tracing::info!(%operator, token = %id, "token revoked by operator");
+        Ok(Response::new(proto::RevokeTokenResponse {}))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<proto::ListAgentsRequest>,
+    ) -> Result<Response<proto::ListAgentsResponse>, Status> {
+        auth::operator(&request)?;
+        let selector: BTreeMap<String, String> =
+            request.into_inner().selector.into_iter().collect();
+        let agents = self
+            .agents()
+            .await
+            .into_iter()
+            .filter(|a| {
+                let labels: BTreeMap<String, String> = a.labels.clone().into_iter().collect();
+                tapgraph::labels::matches(&selector, &labels)
+            })
+            .collect();
+        Ok(Response::new(proto::ListAgentsResponse { agents }))
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<proto::GetAgentRequest>,
+    ) -> Result<Response<proto::AgentInfo>, Status> {
+        auth::operator(&request)?;
+        let id = request.into_inner().id;
+        self.agents()
+            .await
+            .into_iter()
+            .find(|a| a.id == id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no agent {id}")))
+    }
+
+    async fn revoke_agent(
+        &self,
+        request: Request<proto::RevokeAgentRequest>,
+    ) -> Result<Response<proto::RevokeAgentResponse>, Status> {
+        let operator = auth::operator(&request)?;
+        let id = request.into_inner().id;
+        self.enrollment.revoke_agent(id.clone()).await?;
+        tracing::info!(%operator, agent = %id, "agent revoked by operator");
+        Ok(Response::new(proto::RevokeAgentResponse {}))
+    }
+}

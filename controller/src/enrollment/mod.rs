@@ -1,0 +1,557 @@
+//! Enrollment: one task owns the join tokens, the enrolled agents, the revocation list and the CA
+//! key. It signs certificates, and writes every change through to the state store before it answers.
+
+pub mod ca;
+pub mod service;
+pub mod tokens;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use redb::TableDefinition;
+use serde::{Deserialize, Serialize};
+use tapgraph::identity::Identity;
+use tapgraph::pki::{CertAuthority, PkiError};
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::Status;
+
+use crate::registry::Registry;
+use crate::store::{Batch, Store, StoreError, Table};
+use tokens::{Token, TokenError};
+
+const TOKENS: Table = TableDefinition::new("tokens");
+const AGENTS: Table = TableDefinition::new("agents");
+
+/// An agent this controller issued a certificate to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrolledAgent {
+    pub id: String,
+    pub hostname: String,
+    pub machine_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub enrolled_at_ms: u64,
+    pub token_id: String,
+    pub cert_serial: String,
+    pub cert_not_after_ms: u64,
+    pub revoked_at_ms: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("agent {0} is revoked")]
+    Revoked(String),
+    #[error("agent {0} was not enrolled by this controller")]
+    NotEnrolled(String),
+    #[error("no agent or token named {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<EnrollError> for Status {
+    fn from(e: EnrollError) -> Status {
+        let msg = e.to_string();
+        match e {
+            EnrollError::Token(TokenError::Malformed) | EnrollError::Invalid(_) => {
+                Status::invalid_argument(msg)
+            }
+            EnrollError::Token(_) | EnrollError::Revoked(_) => Status::permission_denied(msg),
+            EnrollError::Pki(_) => Status::invalid_argument(msg),
+            EnrollError::NotEnrolled(_) => Status::failed_precondition(msg),
+            EnrollError::NotFound(_) => Status::not_found(msg),
+            EnrollError::Store(_) => Status::unavailable(msg),
+        }
+    }
+}
+
+/// The revoked agent ids, readable without asking the task; `changed()` fires on every revocation.
+#[derive(Clone)]
+pub struct Revocations {
+    set: Arc<RwLock<HashSet<String>>>,
+    tx: Arc<watch::Sender<u64>>,
+}
+
+impl Revocations {
+    fn new(ids: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            set: Arc::new(RwLock::new(ids.into_iter().collect())),
+            tx: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    pub fn is_revoked(&self, id: &str) -> bool {
+        // A poisoned lock only means a writer panicked mid-insert; the set is still usable.
+        self.set
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    pub fn changed(&self) -> watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+
+    fn revoke(&self, id: &str) {
+        self.set
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
+        self.tx.send_modify(|n| *n += 1);
+    }
+}
+
+/// What an agent receives when it enrolls.
+pub struct Enrolled {
+    pub agent_id: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    pub labels: BTreeMap<String, String>,
+    pub not_after_ms: u64,
+}
+
+pub struct NewToken {
+    pub text: String,
+    pub token: Token,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, EnrollError>>;
+
+enum Command {
+    CreateToken {
+        ttl: Duration,
+        uses: u32,
+        labels: BTreeMap<String, String>,
+        description: String,
+        reply: Reply<NewToken>,
+    },
+    ListTokens {
+        reply: oneshot::Sender<Vec<Token>>,
+    },
+    RevokeToken {
+        id: String,
+        reply: Reply<()>,
+    },
+    Enroll {
+        token: String,
+        csr_pem: String,
+        hostname: String,
+        machine_id: String,
+        reply: Reply<Enrolled>,
+    },
+    Renew {
+        agent_id: String,
+        csr_pem: String,
+        reply: Reply<Enrolled>,
+    },
+    ListAgents {
+        reply: oneshot::Sender<Vec<EnrolledAgent>>,
+    },
+    RevokeAgent {
+        id: String,
+        reply: Reply<()>,
+    },
+}
+
+/// A handle to the enrollment task.
+#[derive(Clone)]
+pub struct Enrollment {
+    tx: mpsc::Sender<Command>,
+    revocations: Revocations,
+    fingerprint: String,
+}
+
+fn now_ms() -> u64 {
+    tapgraph::time::unix_nanos() / 1_000_000
+}
+
+/// An agent id from a hostname: lowercase, safe characters, at most 48 of them.
+fn id_base(hostname: &str) -> String {
+    let mut s: String = hostname
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    s = s
+        .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
+    s.truncate(48);
+    if s.is_empty() { "agent".into() } else { s }
+}
+
+impl Enrollment {
+    /// Loads tokens and agents from `store` and starts the task.
+    pub fn spawn(
+        store: Store,
+        ca: CertAuthority,
+        agent_lifetime: Duration,
+        registry: Registry,
+    ) -> Result<(Self, impl std::future::Future<Output = ()>), StoreError> {
+        let tokens: BTreeMap<String, Token> = store
+            .load::<Token>(TOKENS)?
+            .into_iter()
+            .map(|t| (t.id.clone(), t))
+            .collect();
+        let agents: BTreeMap<String, EnrolledAgent> = store
+            .load::<EnrolledAgent>(AGENTS)?
+            .into_iter()
+            .map(|a| (a.id.clone(), a))
+            .collect();
+        let revocations = Revocations::new(
+            agents
+                .values()
+                .filter(|a| a.revoked_at_ms.is_some())
+                .map(|a| a.id.clone()),
+        );
+        let (tx, rx) = mpsc::channel(256);
+        let fingerprint = ca.fingerprint();
+        let task = Task {
+            store,
+            ca,
+            tokens,
+            agents,
+            revocations: revocations.clone(),
+            registry,
+            agent_lifetime,
+        };
+        Ok((
+            Self {
+                tx,
+                revocations,
+                fingerprint,
+            },
+            task.run(rx),
+        ))
+    }
+
+    pub fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
+    pub fn ca_fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EnrollError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || EnrollError::Store(StoreError::closed());
+        self.tx.send(make(reply)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    pub async fn create_token(
+        &self,
+        ttl: Duration,
+        uses: u32,
+        labels: BTreeMap<String, String>,
+        description: String,
+    ) -> Result<NewToken, EnrollError> {
+        self.call(|reply| Command::CreateToken {
+            ttl,
+            uses,
+            labels,
+            description,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn list_tokens(&self) -> Vec<Token> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::ListTokens { reply }).await;
+        rx.await.unwrap_or_default()
+    }
+
+    pub async fn revoke_token(&self, id: String) -> Result<(), EnrollError> {
+        self.call(|reply| Command::RevokeToken { id, reply }).await
+    }
+
+    pub async fn enroll(
+        &self,
+        token: String,
+        csr_pem: String,
+        hostname: String,
+        machine_id: String,
+    ) -> Result<Enrolled, EnrollError> {
+        self.call(|reply| Command::Enroll {
+            token,
+            csr_pem,
+            hostname,
+            machine_id,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn renew(&self, agent_id: String, csr_pem: String) -> Result<Enrolled, EnrollError> {
+        self.call(|reply| Command::Renew {
+            agent_id,
+            csr_pem,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn list_agents(&self) -> Vec<EnrolledAgent> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::ListAgents { reply }).await;
+        rx.await.unwrap_or_default()
+    }
+
+    pub async fn revoke_agent(&self, id: String) -> Result<(), EnrollError> {
+        self.call(|reply| Command::RevokeAgent { id, reply }).await
+    }
+}
+
+struct Task {
+    store: Store,
+    ca: CertAuthority,
+    tokens: BTreeMap<String, Token>,
+    agents: BTreeMap<String, EnrolledAgent>,
+    revocations: Revocations,
+    registry: Registry,
+    agent_lifetime: Duration,
+}
+
+impl Task {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        // Commands are handled one at a time: two enrollments racing for a token's last use are
+        // ordered here, and exactly one wins.
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                Command::CreateToken {
+                    ttl,
+                    uses,
+                    labels,
+                    description,
+                    reply,
+                } => {
+                    let (text, token) = Token::generate(
+                        now_ms(),
+                        ttl.as_millis() as u64,
+                        uses,
+                        labels,
+                        description,
+                    );
+                    let result = self
+                        .store
+                        .put(TOKENS, &token.id, &token)
+                        .map(|()| {
+                            self.tokens.insert(token.id.clone(), token.clone());
+                            tracing::info!(token = %token.id, uses, ttl = ?ttl, "join token created");
+                            NewToken { text, token }
+                        })
+                        .map_err(EnrollError::from);
+                    let _ = reply.send(result);
+                }
+                Command::ListTokens { reply } => {
+                    let _ = reply.send(self.tokens.values().cloned().collect());
+                }
+                Command::RevokeToken { id, reply } => {
+                    let _ = reply.send(self.revoke_token(&id));
+                }
+                Command::Enroll {
+                    token,
+                    csr_pem,
+                    hostname,
+                    machine_id,
+                    reply,
+                } => {
+                    let result = self.enroll(&token, &csr_pem, &hostname, &machine_id);
+                    if let Err(error) = &result {
+                        tracing::warn!(%hostname, %error, "enrollment refused");
+                    }
+                    let _ = reply.send(result);
+                }
+                Command::Renew {
+                    agent_id,
+                    csr_pem,
+                    reply,
+                } => {
+                    let result = self.renew(&agent_id, &csr_pem);
+                    if let Err(error) = &result {
+                        tracing::warn!(agent = %agent_id, %error, "renewal refused");
+                    }
+                    let _ = reply.send(result);
+                }
+                Command::ListAgents { reply } => {
+                    let _ = reply.send(self.agents.values().cloned().collect());
+                }
+                Command::RevokeAgent { id, reply } => {
+                    let result = self.revoke_agent(&id).await;
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+
+    fn revoke_token(&mut self, id: &str) -> Result<(), EnrollError> {
+        let mut token = self
+            .tokens
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EnrollError::NotFound(id.to_string()))?;
+        token.revoked = true;
+        self.store.put(TOKENS, id, &token)?;
+        self.tokens.insert(id.to_string(), token);
+        tracing::info!(token = %id, "join token revoked");
+        Ok(())
+    }
+
+    /// A free id for `hostname`, or the id this machine had, unless that one is revoked.
+    fn allocate_id(&self, hostname: &str, machine_id: &str) -> String {
+        let base = id_base(hostname);
+        (1..)
+            .map(|n| {
+                if n == 1 {
+                    base.clone()
+                } else {
+                    format!("{base}-{n}")
+                }
+            })
+            .find(|candidate| match self.agents.get(candidate) {
+                None => !self.revocations.is_revoked(candidate),
+                Some(a) => {
+                    a.revoked_at_ms.is_none()
+                        && !machine_id.is_empty()
+                        && a.machine_id == machine_id
+                }
+            })
+            .unwrap_or(base)
+    }
+
+    fn enroll(
+        &mut self,
+        text: &str,
+        csr_pem: &str,
+        hostname: &str,
+        machine_id: &str,
+    ) -> Result<Enrolled, EnrollError> {
+        let (token_id, secret) = tokens::parse(text)?;
+        let mut token = self
+            .tokens
+            .get(token_id)
+            .cloned()
+            .ok_or_else(|| TokenError::Unknown(token_id.to_string()))?;
+        let now = now_ms();
+        token.check(secret, now)?;
+        let id = self.allocate_id(hostname, machine_id);
+        let identity = Identity::agent(&id).map_err(|e| EnrollError::Invalid(e.to_string()))?;
+        let cert = self.ca.sign_csr(csr_pem, &identity, self.agent_lifetime)?;
+        let info = tapgraph::pki::cert_info(&cert.cert_pem).map_err(EnrollError::Invalid)?;
+        token.uses_left -= 1;
+        let agent = EnrolledAgent {
+            id: id.clone(),
+            hostname: hostname.to_string(),
+            machine_id: machine_id.to_string(),
+            labels: token.labels.clone(),
+            enrolled_at_ms: now,
+            token_id: token.id.clone(),
+            cert_serial: info.serial,
+            cert_not_after_ms: tapgraph::time::to_unix_nanos(info.not_after) / 1_000_000,
+            revoked_at_ms: None,
+        };
+        // Both records, or neither: the token's use and the agent are committed together.
+        let mut batch = Batch::default();
+        batch.put(TOKENS, &token.id, &token)?;
+        batch.put(AGENTS, &id, &agent)?;
+        self.store.commit(batch)?;
+        tracing::info!(agent = %id, %hostname, token = %token.id, uses_left = token.uses_left, "agent enrolled");
+        let enrolled = Enrolled {
+            agent_id: id.clone(),
+            cert_pem: cert.cert_pem,
+            ca_pem: self.ca.cert_pem().to_string(),
+            labels: agent.labels.clone(),
+            not_after_ms: agent.cert_not_after_ms,
+        };
+        self.tokens.insert(token.id.clone(), token);
+        self.agents.insert(id, agent);
+        Ok(enrolled)
+    }
+
+    fn renew(&mut self, id: &str, csr_pem: &str) -> Result<Enrolled, EnrollError> {
+        if self.revocations.is_revoked(id) {
+            return Err(EnrollError::Revoked(id.to_string()));
+        }
+        let mut agent = self
+            .agents
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EnrollError::NotEnrolled(id.to_string()))?;
+        let identity = Identity::agent(id).map_err(|e| EnrollError::Invalid(e.to_string()))?;
+        let cert = self.ca.sign_csr(csr_pem, &identity, self.agent_lifetime)?;
+        let info = tapgraph::pki::cert_info(&cert.cert_pem).map_err(EnrollError::Invalid)?;
+        agent.cert_serial = info.serial;
+        agent.cert_not_after_ms = tapgraph::time::to_unix_nanos(info.not_after) / 1_000_000;
+        self.store.put(AGENTS, id, &agent)?;
+        tracing::info!(agent = %id, serial = %agent.cert_serial, "certificate renewed");
+        let renewed = Enrolled {
+            agent_id: id.to_string(),
+            cert_pem: cert.cert_pem,
+            ca_pem: self.ca.cert_pem().to_string(),
+            labels: agent.labels.clone(),
+            not_after_ms: agent.cert_not_after_ms,
+        };
+        self.agents.insert(id.to_string(), agent);
+        Ok(renewed)
+    }
+
+    async fn revoke_agent(&mut self, id: &str) -> Result<(), EnrollError> {
+        let agent = match self.agents.get(id) {
+            Some(a) => a.clone(),
+            // An agent with a certificate from elsewhere (the same CA) can be revoked too.
+            None if self.registry.list().await.iter().any(|a| a.id == id) => EnrolledAgent {
+                id: id.to_string(),
+                hostname: String::new(),
+                machine_id: String::new(),
+                labels: BTreeMap::new(),
+                enrolled_at_ms: 0,
+                token_id: String::new(),
+                cert_serial: String::new(),
+                cert_not_after_ms: 0,
+                revoked_at_ms: None,
+            },
+            None => return Err(EnrollError::NotFound(id.to_string())),
+        };
+        let revoked = EnrolledAgent {
+            revoked_at_ms: Some(agent.revoked_at_ms.unwrap_or_else(now_ms)),
+            ..agent
+        };
+        self.store.put(AGENTS, id, &revoked)?;
+        self.agents.insert(id.to_string(), revoked);
+        self.revocations.revoke(id);
+        self.registry
+            .close_agent(
+                id,
+                Status::permission_denied(format!("the certificate of agent {id} was revoked")),
+            )
+            .await;
+        tracing::info!(agent = %id, "agent revoked; its streams are closed and its certificate refused");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_from_hostnames() {
+        assert_eq!(id_base("Web-01.Prod"), "web-01.prod");
+        assert_eq!(id_base("-weird host!"), "weird-host-");
+        assert_eq!(id_base("..."), "agent");
+        assert_eq!(id_base(&"a".repeat(100)).len(), 48);
+    }
+}

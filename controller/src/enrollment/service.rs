@@ -1,0 +1,75 @@
+//! `EnrollmentService`: `Enroll` (token + CSR, no client certificate needed) and `Renew` (over the
+//! agent's own mTLS connection).
+
+use tapgraph::proto::{self, enrollment_service_server::EnrollmentService};
+use tonic::{Request, Response, Status};
+
+use super::{Enrolled, Enrollment};
+use crate::auth;
+
+pub struct EnrollmentApi {
+    enrollment: Enrollment,
+}
+
+impl EnrollmentApi {
+    pub fn new(enrollment: Enrollment) -> Self {
+        Self { enrollment }
+    }
+}
+
+fn nanos(ms: u64) -> u64 {
+    ms.saturating_mul(1_000_000)
+}
+
+#[tonic::async_trait]
+impl EnrollmentService for EnrollmentApi {
+    async fn enroll(
+        &self,
+        request: Request<proto::EnrollRequest>,
+    ) -> Result<Response<proto::EnrollResponse>, Status> {
+        let peer = auth::peer(&request)?;
+        let req = request.into_inner();
+        if req.hostname.is_empty() || req.hostname.len() > 255 {
+            return Err(Status::invalid_argument("hostname must be 1 to 255 bytes"));
+        }
+        if req.machine_id.len() > 128 {
+            return Err(Status::invalid_argument(
+                "machine_id is longer than 128 bytes",
+            ));
+        }
+        tracing::info!(peer = %peer.remote_addr, hostname = %req.hostname, "enrollment request");
+        let Enrolled {
+            agent_id,
+            cert_pem,
+            ca_pem,
+            labels,
+            not_after_ms,
+        } = self
+            .enrollment
+            .enroll(req.token, req.csr_pem, req.hostname, req.machine_id)
+            .await?;
+        Ok(Response::new(proto::EnrollResponse {
+            agent_id,
+            certificate_pem: cert_pem,
+            ca_bundle_pem: ca_pem,
+            labels: labels.into_iter().collect(),
+            not_after_unix_nanos: nanos(not_after_ms),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<proto::RenewRequest>,
+    ) -> Result<Response<proto::RenewResponse>, Status> {
+        let (agent_id, _) = auth::agent(&request, self.enrollment.revocations())?;
+        let renewed = self
+            .enrollment
+            .renew(agent_id, request.into_inner().csr_pem)
+            .await?;
+        Ok(Response::new(proto::RenewResponse {
+            certificate_pem: renewed.cert_pem,
+            ca_bundle_pem: renewed.ca_pem,
+            not_after_unix_nanos: nanos(renewed.not_after_ms),
+        }))
+    }
+}

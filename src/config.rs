@@ -74,6 +74,14 @@ impl Sources {
     }
 }
 
+/// The flags an operator gave, as overrides: `(key, value)` for each `Some`.
+pub fn flag_overrides(flags: &[(&str, &Option<String>)]) -> Vec<(String, String)> {
+    flags
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
+        .collect()
+}
+
 /// A loaded configuration, read key by key; problems accumulate until [`Layered::finish`].
 pub struct Layered {
     cfg: config::Config,

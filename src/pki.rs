@@ -1,5 +1,5 @@
 //! Certificates: a CA, and leaf certificates that carry a tapgraph identity in their URI SAN.
-//! Used by `tapgraphctl dev-certs` now and by the controller's enrollment CA.
+//! Used by the controller's enrollment CA and by agents making their key and CSR.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ pub enum PkiError {
 }
 
 /// Clock skew tolerated between hosts: certificates are valid from this long before issuance.
-const BACKDATE: Duration = Duration::from_secs(300);
+pub const BACKDATE: Duration = Duration::from_secs(300);
 
 /// A certificate and its private key, PEM encoded.
 #[derive(Debug, Clone)]
@@ -216,13 +216,22 @@ pub struct CertInfo {
 }
 
 impl CertInfo {
-    /// The moment `fraction` of the lifetime has passed (renewal at 0.7).
+    /// When the certificate was issued: `not_before` is backdated by [`BACKDATE`] for clock skew
+    /// (a certificate from another CA may not be; then it is `not_before` itself).
+    pub fn issued_at(&self) -> SystemTime {
+        let backdated = self.not_before + BACKDATE;
+        if backdated < self.not_after {
+            backdated
+        } else {
+            self.not_before
+        }
+    }
+
+    /// The moment `fraction` of the lifetime since issuance has passed (renewal at 0.7).
     pub fn at_fraction(&self, fraction: f64) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life.mul_f64(fraction)
+        let issued = self.issued_at();
+        let life = self.not_after.duration_since(issued).unwrap_or_default();
+        issued + life.mul_f64(fraction)
     }
 }
 
@@ -281,59 +290,6 @@ pub fn write_pair(dir: &Path, stem: &str, cert: &IssuedCert) -> Result<(), PkiEr
     Ok(())
 }
 
-/// What `tapgraphctl dev-certs` made.
-#[derive(Debug)]
-pub struct DevCerts {
-    pub dir: PathBuf,
-    pub fingerprint: String,
-    pub agents: Vec<String>,
-    pub operator: String,
-}
-
-/// Makes a development CA (`ca.pem`, `ca.key`), a controller certificate (`controller.*`) valid for
-/// `server_names`, one certificate per agent id (`agent-<id>.*`) and one operator certificate
-/// (`operator-<name>.*`), all in `dir`.
-pub fn write_dev_certs(
-    dir: &Path,
-    server_names: &[String],
-    agents: &[String],
-    operator: &str,
-    lifetime: Duration,
-) -> Result<DevCerts, PkiError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| PkiError::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let ca = CertAuthority::generate("tapgraph development CA", lifetime)?;
-    let ca_cert = dir.join("ca.pem");
-    let ca_key = dir.join("ca.key");
-    fsutil::write_atomic(&ca_cert, ca.cert_pem().as_bytes(), 0o644).map_err(io(&ca_cert))?;
-    fsutil::write_private(&ca_key, ca.key_pem().as_bytes()).map_err(io(&ca_key))?;
-    let controller = ca.issue(&Identity::Controller, server_names, lifetime)?;
-    write_pair(dir, "controller", &controller)?;
-    for id in agents {
-        let identity = Identity::agent(id).map_err(|e| PkiError::BadSan(e.to_string()))?;
-        write_pair(
-            dir,
-            &format!("agent-{id}"),
-            &ca.issue(&identity, &[], lifetime)?,
-        )?;
-    }
-    let identity = Identity::operator(operator).map_err(|e| PkiError::BadSan(e.to_string()))?;
-    write_pair(
-        dir,
-        &format!("operator-{operator}"),
-        &ca.issue(&identity, &[], lifetime)?,
-    )?;
-    Ok(DevCerts {
-        dir: dir.to_path_buf(),
-        fingerprint: ca.fingerprint(),
-        agents: agents.to_vec(),
-        operator: operator.to_string(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,6 +318,12 @@ mod tests {
         assert_eq!(info.identity, Some(id));
         let life = info.not_after.duration_since(info.not_before).unwrap();
         assert_eq!(life, Duration::from_secs(600) + BACKDATE);
+        // Renewal is due at 70% of the 600 s since issuance, not of the backdated span.
+        let due = info
+            .at_fraction(0.7)
+            .duration_since(info.issued_at())
+            .unwrap();
+        assert_eq!(due, Duration::from_secs(420));
     }
 
     #[test]

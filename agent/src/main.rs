@@ -87,7 +87,7 @@ with capped exponential backoff and jitter.";
 
 impl Cli {
     fn overrides(&self) -> Vec<(String, String)> {
-        [
+        tapgraph::config::flag_overrides(&[
             ("controller", &self.controller),
             ("server_name", &self.server_name),
             ("state_dir", &self.state_dir),
@@ -98,10 +98,7 @@ impl Cli {
             ("enroll.ca_fingerprint", &self.ca_fingerprint),
             ("log.format", &self.log_format),
             ("log.level", &self.log_level),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
-        .collect()
+        ])
     }
 }
 

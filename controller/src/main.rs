@@ -115,17 +115,14 @@ Exit status: 0 after a clean shutdown, 1 on a runtime failure (e.g. address in u
 
 impl Cli {
     fn overrides(&self) -> Vec<(String, String)> {
-        [
+        tapgraph::config::flag_overrides(&[
             ("state_dir", &self.state_dir),
             ("listen", &self.listen),
             ("http.listen", &self.http_listen),
             ("pki.server_names", &self.server_names),
             ("log.format", &self.log_format),
             ("log.level", &self.log_level),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
-        .collect()
+        ])
     }
 }
 

@@ -357,6 +357,15 @@ impl Controller {
         c
     }
 
+    /// Stops this controller (SIGTERM) and starts a new one on the same addresses and state. The
+    /// new process appends to the same log; `log_offset` says where its lines begin.
+    pub fn restart(self, world: &World, env: &[(&str, &str)]) -> (Controller, usize) {
+        let (grpc, http) = (self.grpc, self.http);
+        let offset = self.proc.log_text().len();
+        drop(self);
+        (Self::start_at(world, grpc, http, env), offset)
+    }
+
     pub fn agents(&self) -> Vec<Value> {
         let (status, body) = http_get(self.http, "/api/v1/agents").expect("GET /api/v1/agents");
         assert_eq!(status, 200, "{body}");

@@ -1,5 +1,6 @@
 //! End-to-end tests with the real binaries. Build them first: `cargo build --workspace --bins`
 //! (`scripts/test` does it).
 
+mod enrollment;
 mod harness;
 mod session;

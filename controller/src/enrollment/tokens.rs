@@ -46,11 +46,10 @@ fn hash(secret: &str) -> String {
 }
 
 /// Formats Unix milliseconds as RFC 3339 UTC, for messages.
-pub fn rfc3339(ms: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| format!("{ms} ms"))
+fn rfc3339(ms: u64) -> String {
+    tapgraph::time::rfc3339(tapgraph::time::from_unix_nanos(
+        ms.saturating_mul(1_000_000),
+    ))
 }
 
 impl Token {

@@ -195,6 +195,8 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     let http_listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
 
     let mut tasks = Tasks::default();
     let stop = CancellationToken::new();
@@ -259,9 +261,10 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     });
 
     ready.store(true, Ordering::Release);
+    // The bound addresses, which differ from the configured ones when a port is 0.
     tracing::info!(
-        grpc = %config.listen,
-        http = %config.http_listen,
+        grpc = %grpc_addr,
+        http = %http_addr,
         state_dir = %config.state_dir.display(),
         ca_fingerprint = %fingerprint,
         version = tapgraph::VERSION,

@@ -608,3 +608,39 @@ async fn the_admin_api_takes_operator_certificates_only() {
     let status = call(None).await;
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
 }
+
+#[test]
+fn an_agent_offline_past_expiry_must_enroll_again() {
+    let s = Setup::new(&[("TAPGRAPH_PKI__AGENT_CERT_LIFETIME", "5s")]);
+    let (token, fp, _) = s.token(&[]);
+    assert_eq!(s.enroll("sleeper", &token, &fp).0, 0);
+    let cert = s.world.agent_dir("sleeper").join("agent.pem");
+    let info = tapgraph::pki::cert_info(&std::fs::read_to_string(&cert).unwrap()).unwrap();
+    wait_for("the certificate to expire", Duration::from_secs(15), || {
+        (std::time::SystemTime::now() > info.not_after).then_some(())
+    });
+
+    // Without a token the agent refuses to start, and says why and what to do.
+    let out = s
+        .world
+        .agent_cmd("sleeper", s.controller.grpc)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("certificate expired at") && err.contains("enroll"),
+        "{err}"
+    );
+
+    // With a token configured it enrolls again, keeping its id (same machine).
+    let (again, fp, _) = s.token(&[]);
+    let mut cmd = s.world.agent_cmd("sleeper", s.controller.grpc);
+    cmd.env("TAPGRAPH_ENROLL__TOKEN", &again)
+        .env("TAPGRAPH_ENROLL__CA_FINGERPRINT", &fp);
+    let agent = Proc::spawn("agent", cmd, s.world.path());
+    s.controller
+        .wait_agent(&hostname(), "connected", Duration::from_secs(20), |_| true);
+    assert!(agent.log_text().contains("certificate expired at"));
+    assert_eq!(s.agents().len(), 1, "re-enrollment kept the id");
+}

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -53,14 +53,6 @@ pub fn require_root(test: &str) -> bool {
         "\n*** SKIPPED {test}: needs root (network namespaces). CI runs as root; run `sudo scripts/test` here. ***\n"
     );
     false
-}
-
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// Polls `probe` until it returns `Some` or `timeout` passes; panics naming `what`.
@@ -334,13 +326,34 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Starts a controller on fresh loopback ports with `env` added, and waits until it is ready.
+    /// Starts a controller on loopback ports the kernel picks (port 0), with `env` added, waits
+    /// until it is ready and reads the bound addresses from its log: no port can be taken by
+    /// another test between choosing and binding it.
     pub fn start(world: &World, env: &[(&str, &str)]) -> Controller {
-        let grpc: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        Self::start_at(world, grpc, http, env)
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let mut cmd = world.controller_cmd(any, any);
+        cmd.envs(env.iter().copied());
+        let earlier =
+            std::fs::metadata(world.path().join("controller.log")).map_or(0, |m| m.len() as usize);
+        let proc = Proc::spawn("controller", cmd, world.path());
+        let (grpc, http) = wait_for("controller ready", Duration::from_secs(20), || {
+            let log = proc.log_text();
+            let line = log
+                .get(earlier..)?
+                .lines()
+                .find(|l| l.contains("controller ready"))?;
+            let field = |name: &str| -> Option<SocketAddr> {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))?
+                    .parse()
+                    .ok()
+            };
+            Some((field("grpc=")?, field("http=")?))
+        });
+        Controller { proc, grpc, http }
     }
 
+    /// Starts a controller on known addresses (a restart), and waits until it is ready.
     pub fn start_at(
         world: &World,
         grpc: SocketAddr,

@@ -13,6 +13,8 @@ use tapgraph::tls::TlsFiles;
 pub struct EnrollSettings {
     pub token: String,
     pub fingerprint: String,
+    /// The agent id to ask for; empty: the controller derives one from the hostname.
+    pub name: String,
 }
 
 /// Whether the agent can connect with what is on disk.
@@ -58,6 +60,7 @@ const KNOWN: &[&str] = &[
     "enroll.token",
     "enroll.token_file",
     "enroll.ca_fingerprint",
+    "enroll.name",
     "backoff.min",
     "backoff.max",
     "backoff.jitter",
@@ -160,8 +163,18 @@ impl AgentConfig {
         {
             c.fail("enroll.ca_fingerprint", e);
         }
+        let name = c.string("enroll.name", "");
+        if !name.is_empty()
+            && let Err(e) = tapgraph::identity::validate_name("agent", &name)
+        {
+            c.fail("enroll.name", e);
+        }
         let enroll = match (token, fingerprint) {
-            (Some(token), Some(fingerprint)) => Some(EnrollSettings { token, fingerprint }),
+            (Some(token), Some(fingerprint)) => Some(EnrollSettings {
+                token,
+                fingerprint,
+                name,
+            }),
             (Some(_), None) => {
                 c.fail(
                     "enroll.ca_fingerprint",

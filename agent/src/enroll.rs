@@ -43,6 +43,8 @@ pub struct EnrollParams {
     pub server_name: String,
     pub token: String,
     pub fingerprint: String,
+    /// The agent id to ask for; empty lets the controller use the hostname.
+    pub name: String,
     pub connect_timeout: Duration,
 }
 
@@ -129,6 +131,7 @@ pub async fn enroll(params: &EnrollParams, files: &TlsFiles) -> Result<Enrolled,
         csr_pem,
         hostname: host,
         machine_id: crate::host::machine_id(),
+        requested_id: params.name.clone(),
     };
     let response = EnrollmentServiceClient::new(channel)
         .enroll(request)

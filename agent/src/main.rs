@@ -57,6 +57,9 @@ struct Cli {
     /// SHA-256 fingerprint of the controller CA, printed with the token [key: enroll.ca_fingerprint].
     #[arg(long, value_name = "SHA256", global = true)]
     ca_fingerprint: Option<String>,
+    /// Agent id to ask for when enrolling [key: enroll.name, default: from the hostname].
+    #[arg(long, value_name = "ID", global = true)]
+    name: Option<String>,
     /// Log format: text or json [key: log.format].
     #[arg(long, value_name = "FORMAT", global = true)]
     log_format: Option<String>,
@@ -96,6 +99,7 @@ impl Cli {
             ("tls.ca", &self.tls_ca),
             ("enroll.token", &self.token),
             ("enroll.ca_fingerprint", &self.ca_fingerprint),
+            ("enroll.name", &self.name),
             ("log.format", &self.log_format),
             ("log.level", &self.log_level),
         ])
@@ -144,6 +148,7 @@ fn params(config: &AgentConfig) -> Option<EnrollParams> {
         server_name: config.server_name.clone(),
         token: e.token.clone(),
         fingerprint: e.fingerprint.clone(),
+        name: e.name.clone(),
         connect_timeout: config.connect_timeout,
     })
 }

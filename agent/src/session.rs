@@ -164,6 +164,27 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
     }
 }
 
+/// What only this host can judge: the interface exists here, and this host's libpcap compiles the
+/// filter. Capture itself arrives with the capture pipeline; until then a policy that enables it is
+/// refused rather than silently ignored.
+fn check_on_host(spec: &PolicySpec) -> Result<(), String> {
+    if spec.interface != "any" {
+        let names: Vec<String> = host::interfaces().into_iter().map(|i| i.name).collect();
+        if !names.contains(&spec.interface) {
+            return Err(format!(
+                "interface: {} does not exist on this host (it has {})",
+                spec.interface,
+                names.join(", ")
+            ));
+        }
+    }
+    tapgraph::bpf::check_filter(&spec.filter).map_err(|e| format!("filter: {}", e.reason))?;
+    if spec.capture {
+        return Err("capture: this agent version cannot capture packets yet".into());
+    }
+    Ok(())
+}
+
 fn lost(established: bool, reason: String) -> End {
     if established {
         End::Lost(reason)
@@ -221,13 +242,22 @@ fn apply(
         Ok(spec) => spec,
         Err(e) => return refuse(e.to_string()),
     };
-    if spec.capture {
-        return refuse("capture: this agent version cannot capture packets yet".into());
+    if let Err(e) = check_on_host(&spec) {
+        return refuse(e);
     }
     if spec.heartbeat_interval != state.policy.heartbeat_interval {
         *heartbeat = new_ticker(spec.heartbeat_interval);
     }
-    tracing::info!(version = p.version, name = %p.name, heartbeat = ?spec.heartbeat_interval, "policy applied");
+    tracing::info!(
+        version = p.version,
+        name = %p.name,
+        heartbeat = ?spec.heartbeat_interval,
+        interface = %spec.interface,
+        filter = %spec.filter,
+        limit = %tapgraph::units::format_bitrate(spec.limit_bps),
+        target = %spec.target,
+        "policy applied"
+    );
     state.policy = spec;
     state.policy_version = p.version;
     proto::PolicyStatus {

@@ -1,27 +1,43 @@
-//! `AdminService`: the operator's API. Every call requires an operator certificate. Issue 3 brings
-//! tokens and agents; the other RPCs answer UNIMPLEMENTED until their issues land.
+//! `AdminService`: the operator's API. Every call requires an operator certificate. Tokens, agents,
+//! policies and events are served; the graph RPC answers UNIMPLEMENTED until the map lands.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tapgraph::proto::{self, admin_service_server::AdminService};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::auth;
 use crate::enrollment::tokens::Token;
 use crate::enrollment::{EnrolledAgent, Enrollment};
+use crate::events::Events;
+use crate::policies::{self, Policies, Selector};
 use crate::registry::{AgentState, AgentView, Registry};
 
 pub struct AdminApi {
     enrollment: Enrollment,
     registry: Registry,
+    policies: Policies,
+    events: Events,
 }
 
+type EventStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<proto::Event, Status>> + Send + 'static>,
+>;
+
 impl AdminApi {
-    pub fn new(enrollment: Enrollment, registry: Registry) -> Self {
+    pub fn new(
+        enrollment: Enrollment,
+        registry: Registry,
+        policies: Policies,
+        events: Events,
+    ) -> Self {
         Self {
             enrollment,
             registry,
+            policies,
+            events,
         }
     }
 
@@ -211,6 +227,146 @@ impl AdminService for AdminApi {
         let id = request.into_inner().id;
         self.enrollment.revoke_agent(id.clone()).await?;
         tracing::info!(%operator, agent = %id, "agent revoked by operator");
+        self.events
+            .emit("revoked", &id, format!("agent {id} revoked by {operator}"));
         Ok(Response::new(proto::RevokeAgentResponse {}))
+    }
+
+    async fn label_agent(
+        &self,
+        request: Request<proto::LabelAgentRequest>,
+    ) -> Result<Response<proto::AgentInfo>, Status> {
+        let operator = auth::operator(&request)?;
+        let req = request.into_inner();
+        for (k, v) in &req.set {
+            tapgraph::labels::check(k, v).map_err(Status::invalid_argument)?;
+        }
+        if let Some(both) = req.remove.iter().find(|k| req.set.contains_key(*k)) {
+            return Err(Status::invalid_argument(format!(
+                "label `{both}` is both set and removed"
+            )));
+        }
+        let labels = self
+            .enrollment
+            .set_labels(req.id.clone(), req.set.into_iter().collect(), req.remove)
+            .await?;
+        // The registry re-resolves the agent's policy with its new labels and pushes a change.
+        self.registry.set_labels(&req.id, labels.clone()).await;
+        let text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        self.events.emit(
+            "labels",
+            &req.id,
+            format!(
+                "labels of {} set to {} by {operator}",
+                req.id,
+                text.join(",")
+            ),
+        );
+        self.agents()
+            .await
+            .into_iter()
+            .find(|a| a.id == req.id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no agent {}", req.id)))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<proto::SetPolicyRequest>,
+    ) -> Result<Response<proto::StoredPolicy>, Status> {
+        let operator = auth::operator(&request)?;
+        let req = request.into_inner();
+        let selector =
+            Selector::from_proto(req.selector.as_ref()).map_err(Status::invalid_argument)?;
+        let spec = req
+            .policy
+            .ok_or_else(|| Status::invalid_argument("policy is required"))?;
+        let stored = self.policies.set(req.name, selector, spec).await?;
+        tracing::info!(%operator, policy = %stored.name, version = stored.version, selector = %stored.selector, "policy set");
+        Ok(Response::new(stored.to_proto()))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<proto::GetPolicyRequest>,
+    ) -> Result<Response<proto::StoredPolicy>, Status> {
+        auth::operator(&request)?;
+        let name = request.into_inner().name;
+        self.policies
+            .list()
+            .await
+            .into_iter()
+            .find(|p| p.name == name)
+            .map(|p| Response::new(p.to_proto()))
+            .ok_or_else(|| Status::not_found(format!("no policy named {name}")))
+    }
+
+    async fn list_policies(
+        &self,
+        request: Request<proto::ListPoliciesRequest>,
+    ) -> Result<Response<proto::ListPoliciesResponse>, Status> {
+        auth::operator(&request)?;
+        let policies = self
+            .policies
+            .list()
+            .await
+            .iter()
+            .map(|p| p.to_proto())
+            .collect();
+        Ok(Response::new(proto::ListPoliciesResponse { policies }))
+    }
+
+    async fn delete_policy(
+        &self,
+        request: Request<proto::DeletePolicyRequest>,
+    ) -> Result<Response<proto::DeletePolicyResponse>, Status> {
+        let operator = auth::operator(&request)?;
+        let name = request.into_inner().name;
+        if name == policies::DEFAULT_NAME {
+            return Err(Status::invalid_argument(
+                "the default policy comes from the controller's configuration and cannot be deleted",
+            ));
+        }
+        self.policies.delete(name.clone()).await?;
+        tracing::info!(%operator, policy = %name, "policy deleted");
+        Ok(Response::new(proto::DeletePolicyResponse {}))
+    }
+
+    async fn get_policy_status(
+        &self,
+        request: Request<proto::GetPolicyStatusRequest>,
+    ) -> Result<Response<proto::PolicyStatusResponse>, Status> {
+        auth::operator(&request)?;
+        let name = Some(request.into_inner().name).filter(|n| !n.is_empty());
+        if let Some(n) = &name
+            && !self.policies.list().await.iter().any(|p| &p.name == n)
+        {
+            return Err(Status::not_found(format!("no policy named {n}")));
+        }
+        let agents = self.registry.policy_status(name).await;
+        Ok(Response::new(proto::PolicyStatusResponse { agents }))
+    }
+
+    async fn watch_events(
+        &self,
+        request: Request<proto::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let operator = auth::operator(&request)?;
+        tracing::info!(%operator, "event watcher connected");
+        let stream =
+            tokio_stream::wrappers::BroadcastStream::new(self.events.subscribe()).map(|item| {
+                match item {
+                    Ok(event) => Ok(event),
+                    Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                        Ok(proto::Event {
+                            at_unix_nanos: tapgraph::time::unix_nanos(),
+                            kind: "lagged".into(),
+                            message: format!("{n} events were dropped: this watcher fell behind"),
+                            ..Default::default()
+                        })
+                    }
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -5,8 +5,10 @@ mod admin;
 mod auth;
 mod config;
 mod enrollment;
+mod events;
 mod http;
 mod operator;
+mod policies;
 mod registry;
 mod session;
 mod store;
@@ -202,12 +204,26 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     let stop = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
 
-    let (registry, registry_task) = Registry::spawn(config.default_policy.clone());
+    let events = events::Events::new(1024);
+    let (registry, registry_task) = Registry::spawn(events.clone());
     tasks.spawn("registry", registry_task);
     let fingerprint = pki.fingerprint();
-    let (enrollment, enrollment_task) =
-        Enrollment::spawn(store, pki.ca, config.agent_cert_lifetime, registry.clone())?;
+    let (enrollment, enrollment_task) = Enrollment::spawn(
+        store.clone(),
+        pki.ca,
+        config.agent_cert_lifetime,
+        registry.clone(),
+    )?;
     tasks.spawn("enrollment", enrollment_task);
+    // Loaded before the listener serves, so the first agent already gets its stored policy.
+    let (policies, policies_task) = policies::Policies::spawn(
+        store,
+        &config.default_policy,
+        registry.clone(),
+        events.clone(),
+    )
+    .await?;
+    tasks.spawn("policies", policies_task);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServiceServer<AgentApi>>().await;
@@ -217,7 +233,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         .context("gRPC reflection")?;
     let agents = AgentServiceServer::new(AgentApi::new(
         registry.clone(),
-        enrollment.revocations().clone(),
+        enrollment.clone(),
         StreamLimits {
             hello_timeout: config.hello_timeout,
             idle_timeout: config.idle_timeout,
@@ -227,7 +243,12 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     let enroll =
         EnrollmentServiceServer::new(enrollment::service::EnrollmentApi::new(enrollment.clone()))
             .max_decoding_message_size(64 * 1024);
-    let admin = AdminServiceServer::new(admin::AdminApi::new(enrollment.clone(), registry.clone()));
+    let admin = AdminServiceServer::new(admin::AdminApi::new(
+        enrollment.clone(),
+        registry.clone(),
+        policies.clone(),
+        events,
+    ));
     let incoming = tapgraph::transport::tls_incoming(grpc_listener, tls, config.handshake_timeout);
     let grpc_stop = stop.clone();
     tasks.spawn("grpc", async move {
@@ -277,7 +298,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     // Sessions end first, so the gRPC server's graceful shutdown is not held up by open streams.
     registry.shutdown().await;
     stop.cancel();
-    drop((registry, enrollment));
+    drop((registry, enrollment, policies));
     tasks.drain(config.shutdown_timeout).await;
     tracing::info!("controller stopped");
     Ok(())

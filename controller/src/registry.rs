@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use serde::Serialize;
-use tapgraph::policy::PolicySpec;
 use tapgraph::proto::{self, agent_message::Msg, controller_message};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
+
+use crate::events::Events;
+use crate::policies::{self, StoredPolicy};
 
 /// What the registry pushes to an agent's `Connect` response stream.
 pub type Outbound = mpsc::Sender<Result<proto::ControllerMessage, Status>>;
@@ -36,9 +38,24 @@ enum Command {
     Register {
         agent_id: String,
         hello: proto::Hello,
+        labels: BTreeMap<String, String>,
         remote: SocketAddr,
         outbound: Outbound,
         reply: oneshot::Sender<Registered>,
+    },
+    SetPolicies {
+        policies: Vec<StoredPolicy>,
+        default: StoredPolicy,
+        reply: oneshot::Sender<()>,
+    },
+    SetLabels {
+        agent_id: String,
+        labels: BTreeMap<String, String>,
+        reply: oneshot::Sender<()>,
+    },
+    PolicyStatus {
+        name: Option<String>,
+        reply: oneshot::Sender<Vec<proto::AgentPolicyStatus>>,
     },
     Deregister {
         agent_id: String,
@@ -90,6 +107,8 @@ pub struct AgentView {
     pub last_seen_unix_ms: u64,
     pub sessions: u64,
     pub last_disconnect_reason: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub policy_name: String,
     pub policy_version_sent: u64,
     pub policy_version_applied: u64,
     pub policy_error: Option<String>,
@@ -119,16 +138,64 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Starts the registry task. Every agent receives `policy` when it connects.
-    pub fn spawn(policy: PolicySpec) -> (Self, impl std::future::Future<Output = ()>) {
+    /// Starts the registry task. Agents receive the policy that resolves for them (see
+    /// [`Registry::set_policies`], called before any agent can connect).
+    pub fn spawn(events: Events) -> (Self, impl std::future::Future<Output = ()>) {
         let (tx, rx) = mpsc::channel(1024);
+        let placeholder = StoredPolicy {
+            name: policies::DEFAULT_NAME.into(),
+            selector: policies::Selector::All,
+            spec: policies::StoredSpec(
+                tapgraph::policy::PolicySpec::default().to_proto(0, policies::DEFAULT_NAME),
+            ),
+            version: 0,
+            updated_at_ms: 0,
+        };
         let task = RegistryTask {
             agents: BTreeMap::new(),
             next_session: 1,
-            policy: policy.to_proto(1, "default"),
+            policies: Vec::new(),
+            default: placeholder,
+            events,
         }
         .run(rx);
         (Self { tx }, task)
+    }
+
+    /// Replaces the stored policies; every live agent whose resolved policy changed gets it now.
+    pub async fn set_policies(&self, policies: Vec<StoredPolicy>, default: StoredPolicy) {
+        self.call(|reply| Command::SetPolicies {
+            policies,
+            default,
+            reply,
+        })
+        .await;
+    }
+
+    /// Replaces an agent's labels; if that changes its policy, the agent gets the new one now.
+    pub async fn set_labels(&self, agent_id: &str, labels: BTreeMap<String, String>) {
+        let agent_id = agent_id.to_string();
+        self.call(|reply| Command::SetLabels {
+            agent_id,
+            labels,
+            reply,
+        })
+        .await;
+    }
+
+    /// Whether agent `id` has a live session now.
+    pub async fn is_connected(&self, id: &str) -> bool {
+        self.list()
+            .await
+            .iter()
+            .any(|a| a.id == id && a.state == AgentState::Connected)
+    }
+
+    /// Rollout status per agent, for one policy or all.
+    pub async fn policy_status(&self, name: Option<String>) -> Vec<proto::AgentPolicyStatus> {
+        self.call(|reply| Command::PolicyStatus { name, reply })
+            .await
+            .unwrap_or_default()
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
@@ -138,17 +205,19 @@ impl Registry {
     }
 
     /// Registers a session for `agent_id`, replacing (and closing) any earlier one, and queues the
-    /// agent's policy on `outbound`.
+    /// policy that resolves for it on `outbound`.
     pub async fn register(
         &self,
         agent_id: String,
         hello: proto::Hello,
+        labels: BTreeMap<String, String>,
         remote: SocketAddr,
         outbound: Outbound,
     ) -> Result<Registered, Status> {
         self.call(|reply| Command::Register {
             agent_id,
             hello,
+            labels,
             remote,
             outbound,
             reply,
@@ -235,7 +304,9 @@ impl Drop for SessionGuard {
 struct RegistryTask {
     agents: BTreeMap<String, Agent>,
     next_session: u64,
-    policy: proto::Policy,
+    policies: Vec<StoredPolicy>,
+    default: StoredPolicy,
+    events: Events,
 }
 
 impl RegistryTask {
@@ -245,12 +316,40 @@ impl RegistryTask {
                 Command::Register {
                     agent_id,
                     hello,
+                    labels,
                     remote,
                     outbound,
                     reply,
                 } => {
-                    let registered = self.register(agent_id, hello, remote, outbound);
+                    let registered = self.register(agent_id, hello, labels, remote, outbound);
                     let _ = reply.send(registered);
+                }
+                Command::SetPolicies {
+                    policies,
+                    default,
+                    reply,
+                } => {
+                    self.policies = policies;
+                    self.default = default;
+                    let ids: Vec<String> = self.agents.keys().cloned().collect();
+                    for id in ids {
+                        self.push_policy(&id);
+                    }
+                    let _ = reply.send(());
+                }
+                Command::SetLabels {
+                    agent_id,
+                    labels,
+                    reply,
+                } => {
+                    if let Some(agent) = self.agents.get_mut(&agent_id) {
+                        agent.view.labels = labels;
+                        self.push_policy(&agent_id);
+                    }
+                    let _ = reply.send(());
+                }
+                Command::PolicyStatus { name, reply } => {
+                    let _ = reply.send(self.policy_status(name.as_deref()));
                 }
                 Command::Deregister {
                     agent_id,
@@ -300,6 +399,7 @@ impl RegistryTask {
         &mut self,
         agent_id: String,
         hello: proto::Hello,
+        labels: BTreeMap<String, String>,
         remote: SocketAddr,
         outbound: Outbound,
     ) -> Registered {
@@ -322,6 +422,8 @@ impl RegistryTask {
                     last_seen_unix_ms: 0,
                     sessions: 0,
                     last_disconnect_reason: None,
+                    labels: BTreeMap::new(),
+                    policy_name: String::new(),
                     policy_version_sent: 0,
                     policy_version_applied: 0,
                     policy_error: None,
@@ -348,21 +450,81 @@ impl RegistryTask {
         v.connected_at_unix_ms = now;
         v.last_seen_unix_ms = now;
         v.sessions += 1;
+        v.labels = labels;
+        // A new session starts without a policy: it gets the one that resolves for it now.
+        v.policy_name = String::new();
+        v.policy_version_sent = 0;
+        v.policy_version_applied = 0;
         v.policy_error = None;
-        // The channel is new and has room: the policy is the first thing the agent receives.
-        let push = proto::ControllerMessage {
-            msg: Some(controller_message::Msg::Policy(self.policy.clone())),
-        };
-        if outbound.try_send(Ok(push)).is_ok() {
-            v.policy_version_sent = self.policy.version;
-        }
         let (close, closed) = oneshot::channel();
         agent.live = Some(Live {
             session,
             outbound,
             close,
         });
+        self.events.emit(
+            "connected",
+            &agent_id,
+            format!("agent {agent_id} connected from {remote}"),
+        );
+        self.push_policy(&agent_id);
         Registered { session, closed }
+    }
+
+    /// Sends agent `id` the policy that resolves for it, if it is live and that is not what it has.
+    fn push_policy(&mut self, id: &str) {
+        let Some(agent) = self.agents.get_mut(id) else {
+            return;
+        };
+        let Some(live) = &agent.live else {
+            return;
+        };
+        let wanted = policies::resolve(&self.policies, &self.default, id, &agent.view.labels);
+        let v = &mut agent.view;
+        if v.policy_name == wanted.name && v.policy_version_sent == wanted.version {
+            return;
+        }
+        let push = proto::ControllerMessage {
+            msg: Some(controller_message::Msg::Policy(wanted.message())),
+        };
+        // The control channel holds 64 messages; an agent that lets it fill is not reading, and
+        // its idle timeout will end the session. Its policy is resent when it reconnects.
+        match live.outbound.try_send(Ok(push)) {
+            Ok(()) => {
+                v.policy_name = wanted.name.clone();
+                v.policy_version_sent = wanted.version;
+                v.policy_error = None;
+                self.events.emit(
+                    "policy_sent",
+                    id,
+                    format!("policy {} v{} sent to {id}", wanted.name, wanted.version),
+                );
+            }
+            Err(_) => {
+                tracing::warn!(agent = %id, policy = %wanted.name, "control channel full; policy not sent");
+            }
+        }
+    }
+
+    fn policy_status(&self, name: Option<&str>) -> Vec<proto::AgentPolicyStatus> {
+        self.agents
+            .values()
+            .filter(|a| a.live.is_some())
+            .map(|a| {
+                let wanted =
+                    policies::resolve(&self.policies, &self.default, &a.view.id, &a.view.labels);
+                proto::AgentPolicyStatus {
+                    agent_id: a.view.id.clone(),
+                    policy_name: wanted.name.clone(),
+                    version_wanted: wanted.version,
+                    version_applied: a.view.policy_version_applied,
+                    pending: a.view.policy_version_applied != wanted.version
+                        && a.view.policy_error.is_none(),
+                    error: a.view.policy_error.clone().unwrap_or_default(),
+                }
+            })
+            .filter(|s| name.is_none_or(|n| n == s.policy_name))
+            .collect()
     }
 
     fn deregister(&mut self, agent_id: &str, session: u64, reason: String) {
@@ -373,6 +535,11 @@ impl RegistryTask {
         if agent.live.as_ref().is_some_and(|l| l.session == session) {
             agent.live = None;
             agent.view.state = AgentState::Disconnected;
+            self.events.emit(
+                "disconnected",
+                agent_id,
+                format!("agent {agent_id} disconnected: {reason}"),
+            );
         }
         agent.view.last_disconnect_reason = Some(reason);
     }
@@ -391,13 +558,32 @@ impl RegistryTask {
                 v.control_records += 1;
                 v.last_control_sequence = record.sequence;
             }
+            Msg::PolicyStatus(status) if status.version != v.policy_version_sent => {
+                tracing::debug!(agent = %agent_id, version = status.version, current = v.policy_version_sent, "status for a superseded policy ignored");
+            }
             Msg::PolicyStatus(status) => {
                 if status.applied {
                     v.policy_version_applied = status.version;
                     v.policy_error = None;
                     tracing::info!(agent = %agent_id, version = status.version, "policy applied");
+                    self.events.emit(
+                        "policy_applied",
+                        agent_id,
+                        format!(
+                            "{agent_id} applied policy {} v{}",
+                            v.policy_name, status.version
+                        ),
+                    );
                 } else {
                     tracing::warn!(agent = %agent_id, version = status.version, error = %status.error, "agent refused policy; its previous policy keeps running");
+                    self.events.emit(
+                        "policy_refused",
+                        agent_id,
+                        format!(
+                            "{agent_id} refused policy {} v{}: {}",
+                            v.policy_name, status.version, status.error
+                        ),
+                    );
                     v.policy_error = Some(status.error);
                 }
             }

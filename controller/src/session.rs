@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth;
-use crate::enrollment::Revocations;
+use crate::enrollment::Enrollment;
 use crate::registry::Registry;
 
 /// The `Connect` response stream, as the generated trait (with default stubs) names it.
@@ -30,15 +30,15 @@ pub struct StreamLimits {
 
 pub struct AgentApi {
     registry: Registry,
-    revocations: Revocations,
+    enrollment: Enrollment,
     limits: StreamLimits,
 }
 
 impl AgentApi {
-    pub fn new(registry: Registry, revocations: Revocations, limits: StreamLimits) -> Self {
+    pub fn new(registry: Registry, enrollment: Enrollment, limits: StreamLimits) -> Self {
         Self {
             registry,
-            revocations,
+            enrollment,
             limits,
         }
     }
@@ -81,7 +81,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<ControlStream>, Status> {
-        let (agent_id, peer) = auth::agent(&request, &self.revocations).inspect_err(|status| {
+        let (agent_id, peer) = auth::agent(&request, self.enrollment.revocations()).inspect_err(|status| {
             tracing::warn!(peer = ?request.extensions().get::<PeerInfo>().map(|p| p.remote_addr), error = %status.message(), "agent stream refused");
         })?;
         let mut inbound = request.into_inner();
@@ -128,9 +128,10 @@ impl AgentService for AgentApi {
             "agent connected"
         );
         let (outbound, rx) = mpsc::channel(64);
+        let labels = self.enrollment.labels(&agent_id).await;
         let registered = self
             .registry
-            .register(agent_id.clone(), hello, peer.remote_addr, outbound)
+            .register(agent_id.clone(), hello, labels, peer.remote_addr, outbound)
             .await?;
         let mut guard = self.registry.guard(agent_id.clone(), registered.session);
         let registry = self.registry.clone();
@@ -163,10 +164,11 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<proto::MirrorBatch>>,
     ) -> Result<Response<proto::MirrorSummary>, Status> {
-        let (agent_id, _) = auth::agent(&request, &self.revocations)?;
+        let (agent_id, _) = auth::agent(&request, self.enrollment.revocations())?;
         let mut inbound = request.into_inner();
         let mut summary = proto::MirrorSummary::default();
-        let mut revoked = self.revocations.changed();
+        let revocations = self.enrollment.revocations();
+        let mut revoked = revocations.changed();
         loop {
             tokio::select! {
                 batch = inbound.message() => match batch? {
@@ -177,7 +179,7 @@ impl AgentService for AgentApi {
                     None => break,
                 },
                 Ok(()) = revoked.changed() => {
-                    if self.revocations.is_revoked(&agent_id) {
+                    if revocations.is_revoked(&agent_id) {
                         return Err(Status::permission_denied(format!(
                             "the certificate of agent {agent_id} was revoked"
                         )));

@@ -1,6 +1,7 @@
 //! tapgraphctl: the operator's command line.
 
 mod client;
+mod policy;
 mod table;
 
 use std::collections::BTreeMap;
@@ -14,7 +15,7 @@ use tapgraph::proto;
 
 use crate::client::CtlConfig;
 
-/// Steer a tapgraph fleet: join tokens, agents, and (later) policies and the dependency map.
+/// Steer a tapgraph fleet: join tokens, agents, policies and live events.
 ///
 /// tapgraphctl talks to the controller's AdminService over mTLS with an operator certificate. Get
 /// a config file on the controller host with `tapgraph-controller operator issue NAME`.
@@ -52,8 +53,14 @@ const EXIT_CODES: &str = "\
 Exit status:
   0  success
   1  the controller refused the request (its gRPC status and message are printed)
-  2  usage error
-  3  no usable config, or the controller cannot be reached";
+  2  usage error, or a value refused here (bad filter, unit, target, label): nothing was sent
+  3  no usable config, or the controller cannot be reached
+  4  policy status --wait: an agent refused the policy
+  5  policy status --wait: timed out with agents still pending
+
+Config: the file from `tapgraph-controller operator issue` holds the controller address and the
+operator's certificate; TAPGRAPHCTL_CONFIG names it, TAPGRAPHCTL_CONTROLLER or --controller
+override its address.";
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -63,6 +70,21 @@ enum Command {
     /// Enrolled and connected agents.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Policies: what agents capture, how fast, where it goes, how often they report.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Follow live events: agent connects and disconnects, policy rollouts, acks and refusals,
+    /// label changes, revocations. Runs until interrupted, or until --count events.
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Print a shell completion script, e.g. `tapgraphctl completion bash > /etc/bash_completion.d/tapgraphctl`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,10 +129,23 @@ enum AgentCommand {
     /// Revoke an agent: its live streams close within a second and its certificate is refused
     /// from then on, across controller restarts.
     Revoke { id: String },
+    /// Set or remove labels; the agent's policy follows at once if its labels change which applies.
+    #[command(
+        after_help = "Example:\n  tapgraphctl agent label web-17 role=web env=prod --remove canary"
+    )]
+    Label {
+        id: String,
+        /// Labels to set, key=value.
+        #[arg(value_name = "KEY=VALUE", value_parser = tapgraph::labels::parse_pair)]
+        set: Vec<(String, String)>,
+        /// Label keys to remove; repeatable.
+        #[arg(long = "remove", value_name = "KEY")]
+        remove: Vec<String>,
+    },
 }
 
 /// A failure with its exit status.
-struct Failure(u8, anyhow::Error);
+pub(crate) struct Failure(pub(crate) u8, pub(crate) anyhow::Error);
 
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
@@ -196,11 +231,16 @@ fn agent_json(a: &proto::AgentInfo) -> serde_json::Value {
     })
 }
 
-fn print_json(v: &serde_json::Value) {
+pub(crate) fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Completion { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "tapgraphctl", &mut std::io::stdout());
+        return Ok(());
+    }
     let path = cli
         .config
         .clone()
@@ -369,6 +409,49 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 ] {
                     println!("{k:<20} {v}");
                 }
+            }
+        }
+        Command::Policy(command) => policy::run(&mut admin, command, json).await?,
+        Command::Events { count } => {
+            let mut stream = admin
+                .watch_events(proto::WatchEventsRequest {})
+                .await?
+                .into_inner();
+            let mut seen = 0;
+            while count.is_none_or(|c| seen < c) {
+                let Some(e) = stream.message().await? else {
+                    return Err(Failure(
+                        3,
+                        anyhow!("the controller closed the event stream"),
+                    ));
+                };
+                seen += 1;
+                if json {
+                    println!(
+                        "{}",
+                        json!({"at": ns_time(e.at_unix_nanos), "kind": e.kind, "agent": e.agent_id, "message": e.message, "fields": e.fields})
+                    );
+                } else {
+                    println!("{}  {:<15} {}", ns_time(e.at_unix_nanos), e.kind, e.message);
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            }
+        }
+        Command::Completion { .. } => {}
+        Command::Agent(AgentCommand::Label { id, set, remove }) => {
+            let a = admin
+                .label_agent(proto::LabelAgentRequest {
+                    id,
+                    set: set.into_iter().collect(),
+                    remove,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&agent_json(&a));
+            } else {
+                println!("agent {} labels: {}", a.id, labels_text(&a.labels));
             }
         }
         Command::Agent(AgentCommand::Revoke { id }) => {

@@ -271,6 +271,7 @@ async fn enroll_raw(addr: SocketAddr, fp: &str, token: &str, csr_pem: String) ->
             csr_pem,
             hostname: "raw".into(),
             machine_id: String::new(),
+            requested_id: String::new(),
         })
         .await
         .expect_err("must be refused")
@@ -643,4 +644,33 @@ fn an_agent_offline_past_expiry_must_enroll_again() {
         .wait_agent(&hostname(), "connected", Duration::from_secs(20), |_| true);
     assert!(agent.log_text().contains("certificate expired at"));
     assert_eq!(s.agents().len(), 1, "re-enrollment kept the id");
+}
+
+#[test]
+fn a_live_clone_with_the_same_machine_id_gets_its_own_id_and_names_can_be_asked_for() {
+    let s = Setup::new(&[]);
+    let (token, fp, _) = s.token(&["--uses", "3"]);
+    assert_eq!(s.enroll("first", &token, &fp).0, 0);
+    let host = hostname();
+    let _first = Proc::spawn(
+        "first",
+        s.world.agent_cmd("first", s.controller.grpc),
+        s.world.path(),
+    );
+    s.controller
+        .wait_agent(&host, "connected", Duration::from_secs(20), |_| true);
+    // Same /etc/machine-id (this host), but the id is live: a clone must not take it over.
+    let (code, out) = s.enroll("clone", &token, &fp);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("Enrolled as agent {host}-2")),
+        "{out}"
+    );
+    let mut named = s.enroll_cmd("named", &token, &fp);
+    named.args(["--name", "web-1"]);
+    let out = named.output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Enrolled as agent web-1"),
+        "{out:?}"
+    );
 }

@@ -107,6 +107,16 @@ impl Revocations {
     }
 }
 
+/// What an agent sends to enroll.
+pub struct EnrollRequest {
+    pub token: String,
+    pub csr_pem: String,
+    pub hostname: String,
+    pub machine_id: String,
+    /// The id the agent asks for, if any; otherwise its hostname is the base.
+    pub requested_id: String,
+}
+
 /// What an agent receives when it enrolls.
 pub struct Enrolled {
     pub agent_id: String,
@@ -139,10 +149,7 @@ enum Command {
         reply: Reply<()>,
     },
     Enroll {
-        token: String,
-        csr_pem: String,
-        hostname: String,
-        machine_id: String,
+        request: EnrollRequest,
         reply: Reply<Enrolled>,
     },
     Renew {
@@ -156,6 +163,16 @@ enum Command {
     RevokeAgent {
         id: String,
         reply: Reply<()>,
+    },
+    Labels {
+        id: String,
+        reply: oneshot::Sender<BTreeMap<String, String>>,
+    },
+    SetLabels {
+        id: String,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+        reply: Reply<BTreeMap<String, String>>,
     },
 }
 
@@ -278,21 +295,8 @@ impl Enrollment {
         self.call(|reply| Command::RevokeToken { id, reply }).await
     }
 
-    pub async fn enroll(
-        &self,
-        token: String,
-        csr_pem: String,
-        hostname: String,
-        machine_id: String,
-    ) -> Result<Enrolled, EnrollError> {
-        self.call(|reply| Command::Enroll {
-            token,
-            csr_pem,
-            hostname,
-            machine_id,
-            reply,
-        })
-        .await
+    pub async fn enroll(&self, request: EnrollRequest) -> Result<Enrolled, EnrollError> {
+        self.call(|reply| Command::Enroll { request, reply }).await
     }
 
     pub async fn renew(&self, agent_id: String, csr_pem: String) -> Result<Enrolled, EnrollError> {
@@ -312,6 +316,35 @@ impl Enrollment {
 
     pub async fn revoke_agent(&self, id: String) -> Result<(), EnrollError> {
         self.call(|reply| Command::RevokeAgent { id, reply }).await
+    }
+
+    /// The labels of agent `id` (from its token and operators); empty for an unknown agent.
+    pub async fn labels(&self, id: &str) -> BTreeMap<String, String> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self
+            .tx
+            .send(Command::Labels {
+                id: id.to_string(),
+                reply,
+            })
+            .await;
+        rx.await.unwrap_or_default()
+    }
+
+    /// Sets and removes labels of agent `id`; returns the labels it has now.
+    pub async fn set_labels(
+        &self,
+        id: String,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<BTreeMap<String, String>, EnrollError> {
+        self.call(|reply| Command::SetLabels {
+            id,
+            set,
+            remove,
+            reply,
+        })
+        .await
     }
 }
 
@@ -362,16 +395,10 @@ impl Task {
                 Command::RevokeToken { id, reply } => {
                     let _ = reply.send(self.revoke_token(&id));
                 }
-                Command::Enroll {
-                    token,
-                    csr_pem,
-                    hostname,
-                    machine_id,
-                    reply,
-                } => {
-                    let result = self.enroll(&token, &csr_pem, &hostname, &machine_id);
+                Command::Enroll { request, reply } => {
+                    let result = self.enroll(&request).await;
                     if let Err(error) = &result {
-                        tracing::warn!(%hostname, %error, "enrollment refused");
+                        tracing::warn!(hostname = %request.hostname, %error, "enrollment refused");
                     }
                     let _ = reply.send(result);
                 }
@@ -393,6 +420,19 @@ impl Task {
                     let result = self.revoke_agent(&id).await;
                     let _ = reply.send(result);
                 }
+                Command::Labels { id, reply } => {
+                    let labels = self.agents.get(&id).map(|a| a.labels.clone());
+                    let _ = reply.send(labels.unwrap_or_default());
+                }
+                Command::SetLabels {
+                    id,
+                    set,
+                    remove,
+                    reply,
+                } => {
+                    let result = self.set_labels(&id, set, remove).await;
+                    let _ = reply.send(result);
+                }
             }
         }
     }
@@ -410,36 +450,34 @@ impl Task {
         Ok(())
     }
 
-    /// A free id for `hostname`, or the id this machine had, unless that one is revoked.
-    fn allocate_id(&self, hostname: &str, machine_id: &str) -> String {
-        let base = id_base(hostname);
-        (1..)
-            .map(|n| {
-                if n == 1 {
-                    base.clone()
-                } else {
-                    format!("{base}-{n}")
-                }
-            })
-            .find(|candidate| match self.agents.get(candidate) {
-                None => !self.revocations.is_revoked(candidate),
-                Some(a) => {
-                    a.revoked_at_ms.is_none()
+    /// A free id from `base`, or the id this machine had: same machine id, not revoked, and not
+    /// connected now (cloned VMs share machine ids; a live clone must not take over an identity).
+    async fn allocate_id(&self, base: &str, machine_id: &str) -> String {
+        let base = id_base(base);
+        for n in 1.. {
+            let candidate = if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            };
+            match self.agents.get(&candidate) {
+                None if !self.revocations.is_revoked(&candidate) => return candidate,
+                Some(a)
+                    if a.revoked_at_ms.is_none()
                         && !machine_id.is_empty()
                         && a.machine_id == machine_id
+                        && !self.registry.is_connected(&candidate).await =>
+                {
+                    return candidate;
                 }
-            })
-            .unwrap_or(base)
+                _ => {}
+            }
+        }
+        unreachable!("the id space is unbounded")
     }
 
-    fn enroll(
-        &mut self,
-        text: &str,
-        csr_pem: &str,
-        hostname: &str,
-        machine_id: &str,
-    ) -> Result<Enrolled, EnrollError> {
-        let (token_id, secret) = tokens::parse(text)?;
+    async fn enroll(&mut self, request: &EnrollRequest) -> Result<Enrolled, EnrollError> {
+        let (token_id, secret) = tokens::parse(&request.token)?;
         let mut token = self
             .tokens
             .get(token_id)
@@ -447,15 +485,22 @@ impl Task {
             .ok_or_else(|| TokenError::Unknown(token_id.to_string()))?;
         let now = now_ms();
         token.check(secret, now)?;
-        let id = self.allocate_id(hostname, machine_id);
+        let base = if request.requested_id.is_empty() {
+            &request.hostname
+        } else {
+            &request.requested_id
+        };
+        let id = self.allocate_id(base, &request.machine_id).await;
         let identity = Identity::agent(&id).map_err(|e| EnrollError::Invalid(e.to_string()))?;
-        let cert = self.ca.sign_csr(csr_pem, &identity, self.agent_lifetime)?;
+        let cert = self
+            .ca
+            .sign_csr(&request.csr_pem, &identity, self.agent_lifetime)?;
         let info = tapgraph::pki::cert_info(&cert.cert_pem).map_err(EnrollError::Invalid)?;
         token.uses_left -= 1;
         let agent = EnrolledAgent {
             id: id.clone(),
-            hostname: hostname.to_string(),
-            machine_id: machine_id.to_string(),
+            hostname: request.hostname.clone(),
+            machine_id: request.machine_id.clone(),
             labels: token.labels.clone(),
             enrolled_at_ms: now,
             token_id: token.id.clone(),
@@ -468,7 +513,7 @@ impl Task {
         batch.put(TOKENS, &token.id, &token)?;
         batch.put(AGENTS, &id, &agent)?;
         self.store.commit(batch)?;
-        tracing::info!(agent = %id, %hostname, token = %token.id, uses_left = token.uses_left, "agent enrolled");
+        tracing::info!(agent = %id, hostname = %request.hostname, token = %token.id, uses_left = token.uses_left, "agent enrolled");
         let enrolled = Enrolled {
             agent_id: id.clone(),
             cert_pem: cert.cert_pem,
@@ -508,11 +553,12 @@ impl Task {
         Ok(renewed)
     }
 
-    async fn revoke_agent(&mut self, id: &str) -> Result<(), EnrollError> {
-        let agent = match self.agents.get(id) {
-            Some(a) => a.clone(),
-            // An agent with a certificate from elsewhere (the same CA) can be revoked too.
-            None if self.registry.list().await.iter().any(|a| a.id == id) => EnrolledAgent {
+    /// The record of agent `id`; one is made for an agent that holds a certificate from this CA
+    /// without having enrolled (issued by hand), as long as it has connected.
+    async fn record(&self, id: &str) -> Result<EnrolledAgent, EnrollError> {
+        match self.agents.get(id) {
+            Some(a) => Ok(a.clone()),
+            None if self.registry.list().await.iter().any(|a| a.id == id) => Ok(EnrolledAgent {
                 id: id.to_string(),
                 hostname: String::new(),
                 machine_id: String::new(),
@@ -522,9 +568,31 @@ impl Task {
                 cert_serial: String::new(),
                 cert_not_after_ms: 0,
                 revoked_at_ms: None,
-            },
-            None => return Err(EnrollError::NotFound(id.to_string())),
-        };
+            }),
+            None => Err(EnrollError::NotFound(id.to_string())),
+        }
+    }
+
+    async fn set_labels(
+        &mut self,
+        id: &str,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<BTreeMap<String, String>, EnrollError> {
+        let mut agent = self.record(id).await?;
+        for key in &remove {
+            agent.labels.remove(key);
+        }
+        agent.labels.extend(set);
+        self.store.put(AGENTS, id, &agent)?;
+        let labels = agent.labels.clone();
+        self.agents.insert(id.to_string(), agent);
+        tracing::info!(agent = %id, labels = ?labels, "agent labels changed");
+        Ok(labels)
+    }
+
+    async fn revoke_agent(&mut self, id: &str) -> Result<(), EnrollError> {
+        let agent = self.record(id).await?;
         let revoked = EnrolledAgent {
             revoked_at_ms: Some(agent.revoked_at_ms.unwrap_or_else(now_ms)),
             ..agent

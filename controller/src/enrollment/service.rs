@@ -46,7 +46,13 @@ impl EnrollmentService for EnrollmentApi {
             not_after_ms,
         } = self
             .enrollment
-            .enroll(req.token, req.csr_pem, req.hostname, req.machine_id)
+            .enroll(super::EnrollRequest {
+                token: req.token,
+                csr_pem: req.csr_pem,
+                hostname: req.hostname,
+                machine_id: req.machine_id,
+                requested_id: req.requested_id,
+            })
             .await?;
         Ok(Response::new(proto::EnrollResponse {
             agent_id,

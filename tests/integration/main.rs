@@ -3,4 +3,5 @@
 
 mod enrollment;
 mod harness;
+mod policy;
 mod session;

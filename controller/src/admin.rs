@@ -1,5 +1,5 @@
-//! `AdminService`: the operator's API. Every call requires an operator certificate. Tokens, agents,
-//! policies and events are served; the graph RPC answers UNIMPLEMENTED until the map lands.
+//! `AdminService`: the operator's API. Every call requires an operator certificate: tokens, agents,
+//! policies, events and the dependency map.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,11 +14,13 @@ use crate::enrollment::{EnrolledAgent, Enrollment};
 use crate::events::Events;
 use crate::policies::{self, Policies, Selector};
 use crate::registry::{AgentState, AgentView, Registry};
+use crate::topology::{GraphQuery, Topology};
 
 pub struct AdminApi {
     enrollment: Enrollment,
     registry: Registry,
     policies: Policies,
+    topology: Topology,
     events: Events,
 }
 
@@ -31,12 +33,14 @@ impl AdminApi {
         enrollment: Enrollment,
         registry: Registry,
         policies: Policies,
+        topology: Topology,
         events: Events,
     ) -> Self {
         Self {
             enrollment,
             registry,
             policies,
+            topology,
             events,
         }
     }
@@ -345,6 +349,37 @@ impl AdminService for AdminApi {
         }
         let agents = self.registry.policy_status(name).await;
         Ok(Response::new(proto::PolicyStatusResponse { agents }))
+    }
+
+    async fn get_graph(
+        &self,
+        request: Request<proto::GetGraphRequest>,
+    ) -> Result<Response<proto::Graph>, Status> {
+        auth::operator(&request)?;
+        let req = request.into_inner();
+        let mut graph = self
+            .topology
+            .graph(GraphQuery {
+                include_control: req.include_control,
+                include_inactive: req.include_inactive,
+            })
+            .await;
+        // Host labels live with the enrolled agents: attach them, so operators can filter on them.
+        let labels: BTreeMap<String, BTreeMap<String, String>> = self
+            .enrollment
+            .list_agents()
+            .await
+            .into_iter()
+            .map(|a| (a.id, a.labels))
+            .collect();
+        for node in graph.nodes.iter_mut().filter(|n| n.kind == "host") {
+            if let Some(l) = labels.get(&node.name) {
+                for (k, v) in l {
+                    node.properties.insert(format!("label.{k}"), v.clone());
+                }
+            }
+        }
+        Ok(Response::new(graph))
     }
 
     async fn watch_events(

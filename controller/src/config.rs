@@ -30,6 +30,7 @@ pub struct ControllerConfig {
     pub idle_timeout: Duration,
     /// Largest gRPC message accepted.
     pub max_message_bytes: usize,
+    pub topology: crate::topology::TopologySettings,
     /// The policy every agent gets until operators set others.
     pub default_policy: PolicySpec,
 }
@@ -53,6 +54,9 @@ fn known_keys() -> Vec<String> {
         "session.hello_timeout",
         "session.idle_timeout",
         "session.max_message_bytes",
+        "topology.ttl",
+        "topology.retention",
+        "topology.max_entries",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -128,6 +132,19 @@ impl ControllerConfig {
             );
         }
         let default_policy = PolicySpec::from_config(&mut c, "policy");
+        let topology = crate::topology::TopologySettings {
+            ttl: c.duration("topology.ttl", 120 * SECOND, SECOND, 86_400 * SECOND),
+            retention: c.duration(
+                "topology.retention",
+                7 * 86_400 * SECOND,
+                60 * SECOND,
+                3650 * 86_400 * SECOND,
+            ),
+            max_entries: c.value("topology.max_entries", 100_000usize),
+        };
+        if topology.retention < topology.ttl {
+            c.fail("topology.retention", "must be at least topology.ttl");
+        }
         if idle_timeout <= default_policy.heartbeat_interval * 2 {
             c.fail(
                 "session.idle_timeout",
@@ -152,6 +169,7 @@ impl ControllerConfig {
             hello_timeout,
             idle_timeout,
             max_message_bytes,
+            topology,
             default_policy,
         })
     }

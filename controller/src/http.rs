@@ -1,4 +1,5 @@
-//! Plain HTTP for probes and the read-only API: `/healthz`, `/readyz`, `/api/v1/agents`.
+//! Plain HTTP for probes and the read-only API: `/healthz`, `/readyz`, `/api/v1/agents`,
+//! `/api/v1/topology/stats`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,10 +11,12 @@ use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 
 use crate::registry::Registry;
+use crate::topology::Topology;
 
 #[derive(Clone)]
 pub struct HttpState {
     pub registry: Registry,
+    pub topology: Topology,
     /// Set once the gRPC listener is bound and state is loaded.
     pub ready: Arc<AtomicBool>,
 }
@@ -23,6 +26,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/agents", get(agents))
+        .route("/api/v1/topology/stats", get(topology_stats))
         .with_state(state)
 }
 
@@ -36,4 +40,8 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
 
 async fn agents(State(state): State<HttpState>) -> impl IntoResponse {
     Json(state.registry.list().await)
+}
+
+async fn topology_stats(State(state): State<HttpState>) -> impl IntoResponse {
+    Json(state.topology.stats().await)
 }

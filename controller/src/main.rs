@@ -12,6 +12,7 @@ mod policies;
 mod registry;
 mod session;
 mod store;
+mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -216,6 +217,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     )?;
     tasks.spawn("enrollment", enrollment_task);
     // Loaded before the listener serves, so the first agent already gets its stored policy.
+    let store_for_topology = store.clone();
     let (policies, policies_task) = policies::Policies::spawn(
         store,
         &config.default_policy,
@@ -224,6 +226,8 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     )
     .await?;
     tasks.spawn("policies", policies_task);
+    let (topology, topology_task) = topology::Topology::spawn(store_for_topology, config.topology)?;
+    tasks.spawn("topology", topology_task);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServiceServer<AgentApi>>().await;
@@ -234,6 +238,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     let agents = AgentServiceServer::new(AgentApi::new(
         registry.clone(),
         enrollment.clone(),
+        topology.clone(),
         StreamLimits {
             hello_timeout: config.hello_timeout,
             idle_timeout: config.idle_timeout,
@@ -247,6 +252,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         enrollment.clone(),
         registry.clone(),
         policies.clone(),
+        topology.clone(),
         events,
     ));
     let incoming = tapgraph::transport::tls_incoming(grpc_listener, tls, config.handshake_timeout);
@@ -269,6 +275,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
 
     let http_state = http::HttpState {
         registry: registry.clone(),
+        topology: topology.clone(),
         ready: ready.clone(),
     };
     let http_stop = stop.clone();
@@ -298,7 +305,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     // Sessions end first, so the gRPC server's graceful shutdown is not held up by open streams.
     registry.shutdown().await;
     stop.cancel();
-    drop((registry, enrollment, policies));
+    drop((registry, enrollment, policies, topology));
     tasks.drain(config.shutdown_timeout).await;
     tracing::info!("controller stopped");
     Ok(())

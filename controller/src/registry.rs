@@ -75,6 +75,11 @@ enum Command {
         status: Status,
         reply: oneshot::Sender<()>,
     },
+    Send {
+        agent_id: String,
+        session: u64,
+        msg: controller_message::Msg,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -254,6 +259,18 @@ impl Registry {
         .await;
     }
 
+    /// Sends `msg` to the agent's live session `session`, if it is still the live one.
+    pub async fn send(&self, agent_id: &str, session: u64, msg: controller_message::Msg) {
+        let _ = self
+            .tx
+            .send(Command::Send {
+                agent_id: agent_id.to_string(),
+                session,
+                msg,
+            })
+            .await;
+    }
+
     /// Ends every live session with UNAVAILABLE, so agents reconnect to the next controller.
     pub async fn shutdown(&self) {
         self.call(|reply| Command::Shutdown { reply }).await;
@@ -378,6 +395,23 @@ impl RegistryTask {
                         agent.view.state = AgentState::Disconnected;
                     }
                     let _ = reply.send(());
+                }
+                Command::Send {
+                    agent_id,
+                    session,
+                    msg,
+                } => {
+                    if let Some(live) = self
+                        .agents
+                        .get(&agent_id)
+                        .and_then(|a| a.live.as_ref())
+                        .filter(|l| l.session == session)
+                    {
+                        let push = proto::ControllerMessage { msg: Some(msg) };
+                        if live.outbound.try_send(Ok(push)).is_err() {
+                            tracing::warn!(agent = %agent_id, "control channel full; message dropped");
+                        }
+                    }
                 }
                 Command::Shutdown { reply } => {
                     for agent in self.agents.values_mut() {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tapgraph::proto::agent_service_server::AgentService;
-use tapgraph::proto::{self, agent_message::Msg};
+use tapgraph::proto::{self, agent_message::Msg, controller_message};
 use tapgraph::transport::PeerInfo;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth;
 use crate::enrollment::Enrollment;
 use crate::registry::Registry;
+use crate::topology::Topology;
 
 /// The `Connect` response stream, as the generated trait (with default stubs) names it.
 type ControlStream = std::pin::Pin<
@@ -31,14 +32,21 @@ pub struct StreamLimits {
 pub struct AgentApi {
     registry: Registry,
     enrollment: Enrollment,
+    topology: Topology,
     limits: StreamLimits,
 }
 
 impl AgentApi {
-    pub fn new(registry: Registry, enrollment: Enrollment, limits: StreamLimits) -> Self {
+    pub fn new(
+        registry: Registry,
+        enrollment: Enrollment,
+        topology: Topology,
+        limits: StreamLimits,
+    ) -> Self {
         Self {
             registry,
             enrollment,
+            topology,
             limits,
         }
     }
@@ -135,6 +143,7 @@ impl AgentService for AgentApi {
             .await?;
         let mut guard = self.registry.guard(agent_id.clone(), registered.session);
         let registry = self.registry.clone();
+        let topology = self.topology.clone();
         let idle = self.limits.idle_timeout;
         tokio::spawn(async move {
             let mut closed = registered.closed;
@@ -144,6 +153,17 @@ impl AgentService for AgentApi {
                         break reason.map_or_else(|_| "registry gone".to_string(), |r| r.to_string());
                     }
                     next = tokio::time::timeout(idle, inbound.message()) => match next {
+                        Ok(Ok(Some(proto::AgentMessage { msg: Some(Msg::Snapshot(snapshot)) }))) => {
+                            let sequence = snapshot.sequence;
+                            if let Err(refusal) = topology.snapshot(&agent_id, snapshot).await {
+                                // The map keeps what it had; the agent starts over with a full table.
+                                let resync = proto::ResyncRequest { reason: refusal.to_string() };
+                                registry
+                                    .send(&agent_id, registered.session, controller_message::Msg::Resync(resync))
+                                    .await;
+                                tracing::info!(agent = %agent_id, sequence, %refusal, "asked the agent for a full snapshot");
+                            }
+                        }
                         Ok(Ok(Some(proto::AgentMessage { msg: Some(msg) }))) => {
                             registry.message(&agent_id, registered.session, msg).await;
                         }

@@ -1,6 +1,7 @@
 //! tapgraphctl: the operator's command line.
 
 mod client;
+mod graph;
 mod policy;
 mod table;
 
@@ -15,7 +16,7 @@ use tapgraph::proto;
 
 use crate::client::CtlConfig;
 
-/// Steer a tapgraph fleet: join tokens, agents, policies and live events.
+/// Steer a tapgraph fleet: join tokens, agents, policies, live events and the dependency map.
 ///
 /// tapgraphctl talks to the controller's AdminService over mTLS with an operator certificate. Get
 /// a config file on the controller host with `tapgraph-controller operator issue NAME`.
@@ -73,6 +74,11 @@ enum Command {
     /// Policies: what agents capture, how fast, where it goes, how often they report.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// The dependency map: who connects to whom, orphans, clusters, exports.
+    Graph(graph::GraphArgs),
+    /// One host of the map.
+    #[command(subcommand)]
+    Host(HostCommand),
     /// Follow live events: agent connects and disconnects, policy rollouts, acks and refusals,
     /// label changes, revocations. Runs until interrupted, or until --count events.
     Events {
@@ -85,6 +91,12 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCommand {
+    /// What the host depends on (outbound) and what depends on it (inbound), with processes and ports.
+    Show { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -174,7 +186,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn ns_time(ns: u64) -> String {
+pub(crate) fn ns_time(ns: u64) -> String {
     if ns == 0 {
         return "-".into();
     }
@@ -412,6 +424,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Policy(command) => policy::run(&mut admin, command, json).await?,
+        Command::Graph(args) => graph::run(&mut admin, args, json).await?,
+        Command::Host(HostCommand::Show { name }) => {
+            graph::show_host(&mut admin, &name, json).await?
+        }
         Command::Events { count } => {
             let mut stream = admin
                 .watch_events(proto::WatchEventsRequest {})

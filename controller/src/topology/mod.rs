@@ -1,0 +1,486 @@
+//! The topology task: owns the dependency map. Snapshots arrive as messages from agent sessions;
+//! each is validated, applied to the model and written through to the state store, so a restart
+//! loses nothing. Queries read the model; nothing else touches it.
+
+pub mod model;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use redb::TableDefinition;
+use serde::{Deserialize, Serialize};
+use tapgraph::proto;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{Batch, Store, StoreError, Table};
+use model::{
+    AgentTable, Changes, Direction, Edge, ListenerKey, Model, Node, ObsKey, ObsValue, Protocol,
+};
+
+const AGENTS: Table = TableDefinition::new("topology_agents");
+const EDGES: Table = TableDefinition::new("topology_edges");
+
+/// Limits and timings of the map.
+#[derive(Debug, Clone, Copy)]
+pub struct TopologySettings {
+    /// An edge unseen this long turns inactive.
+    pub ttl: Duration,
+    /// An inactive edge is removed this long after it was last seen.
+    pub retention: Duration,
+    /// Largest number of rows in one snapshot; a larger one is refused.
+    pub max_entries: usize,
+}
+
+/// Why a snapshot was not applied. The session asks the agent for a full resync after any of them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "delta based on snapshot {base}, but the last applied is {have:?}: a full resync is needed"
+    )]
+    SequenceGap { base: u64, have: Option<u64> },
+    #[error("snapshot has {rows} rows; at most {max} are accepted")]
+    TooLarge { rows: usize, max: usize },
+    #[error("state store: {0}")]
+    Store(String),
+}
+
+/// Counters of what arrived and what was refused or skipped.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub snapshots_applied: u64,
+    pub snapshots_refused_gap: u64,
+    pub snapshots_refused_size: u64,
+    pub rows_skipped: u64,
+}
+
+/// Persisted per agent: its table and the last sequence applied.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct AgentRecord {
+    id: String,
+    sequence: u64,
+    table: AgentTable,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EdgeRecord {
+    id: String,
+    edge: Edge,
+}
+
+/// What an operator asks of the map.
+#[derive(Debug, Clone, Default)]
+pub struct GraphQuery {
+    pub include_control: bool,
+    pub include_inactive: bool,
+}
+
+enum Command {
+    Snapshot {
+        agent: String,
+        snapshot: Box<proto::ConnectionSnapshot>,
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
+    Graph {
+        query: GraphQuery,
+        reply: oneshot::Sender<proto::Graph>,
+    },
+    Stats {
+        reply: oneshot::Sender<Stats>,
+    },
+}
+
+#[derive(Clone)]
+pub struct Topology {
+    tx: mpsc::Sender<Command>,
+}
+
+fn now_ms() -> u64 {
+    tapgraph::time::unix_nanos() / 1_000_000
+}
+
+impl Topology {
+    /// Loads the persisted map and starts the task.
+    pub fn spawn(
+        store: Store,
+        settings: TopologySettings,
+    ) -> Result<(Self, impl std::future::Future<Output = ()>), StoreError> {
+        let mut model = Model::default();
+        for record in store.load::<EdgeRecord>(EDGES)? {
+            model.restore_edge(record.edge);
+        }
+        let mut sequences = BTreeMap::new();
+        let now = now_ms();
+        for record in store.load::<AgentRecord>(AGENTS)? {
+            let last = record.table.last_snapshot_ms;
+            model.replace(&record.id, record.table, last.min(now));
+            sequences.insert(record.id, record.sequence);
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let task = Task {
+            model,
+            sequences,
+            store,
+            settings,
+            stats: Stats::default(),
+        };
+        Ok((Self { tx }, task.run(rx)))
+    }
+
+    /// Applies a snapshot from `agent` (the id of its verified certificate).
+    pub async fn snapshot(
+        &self,
+        agent: &str,
+        snapshot: proto::ConnectionSnapshot,
+    ) -> Result<(), Refusal> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Snapshot {
+            agent: agent.to_string(),
+            snapshot: Box::new(snapshot),
+            reply,
+        };
+        if self.tx.send(cmd).await.is_err() {
+            return Err(Refusal::Store("topology task stopped".into()));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(Refusal::Store("topology task stopped".into())))
+    }
+
+    pub async fn graph(&self, query: GraphQuery) -> proto::Graph {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::Graph { query, reply }).await;
+        rx.await.unwrap_or_default()
+    }
+
+    pub async fn stats(&self) -> Stats {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::Stats { reply }).await;
+        rx.await.unwrap_or_default()
+    }
+}
+
+struct Task {
+    model: Model,
+    sequences: BTreeMap<String, u64>,
+    store: Store,
+    settings: TopologySettings,
+    stats: Stats,
+}
+
+/// Converts one wire row; `None` for a row that makes no sense (counted, skipped).
+fn row(e: &proto::ConnectionEntry) -> Option<(ObsKey, ObsValue)> {
+    let direction = match proto::Direction::try_from(e.direction).ok()? {
+        proto::Direction::Client => Direction::Client,
+        proto::Direction::Server => Direction::Server,
+        proto::Direction::Unspecified => return None,
+    };
+    let protocol = protocol(e.protocol)?;
+    let port = u16::try_from(e.server_port).ok().filter(|p| *p > 0)?;
+    let process = e
+        .process
+        .as_ref()
+        .map(|p| p.name.clone())
+        .unwrap_or_default();
+    Some((
+        ObsKey {
+            direction,
+            local_ip: e.local_ip.parse().ok()?,
+            remote_ip: e.remote_ip.parse().ok()?,
+            server_port: port,
+            protocol,
+            process,
+        },
+        ObsValue {
+            sockets: e.sockets.max(1),
+            control_plane: e.control_plane,
+            short_lived: e.short_lived,
+        },
+    ))
+}
+
+fn protocol(p: i32) -> Option<Protocol> {
+    match proto::Protocol::try_from(p).ok()? {
+        proto::Protocol::Tcp => Some(Protocol::Tcp),
+        proto::Protocol::Udp => Some(Protocol::Udp),
+        proto::Protocol::Unspecified => None,
+    }
+}
+
+fn listener(l: &proto::ListeningService) -> Option<(ListenerKey, String)> {
+    Some((
+        ListenerKey {
+            ip: l.ip.parse().ok()?,
+            port: u16::try_from(l.port).ok().filter(|p| *p > 0)?,
+            protocol: protocol(l.protocol)?,
+        },
+        l.process
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_default(),
+    ))
+}
+
+impl Task {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut expiry = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    None => return,
+                    Some(Command::Snapshot { agent, snapshot, reply }) => {
+                        let result = self.apply(&agent, &snapshot);
+                        if let Err(refusal) = &result {
+                            tracing::warn!(%agent, sequence = snapshot.sequence, %refusal, "snapshot refused");
+                        }
+                        let _ = reply.send(result);
+                    }
+                    Some(Command::Graph { query, reply }) => {
+                        let _ = reply.send(self.graph(&query));
+                    }
+                    Some(Command::Stats { reply }) => {
+                        let _ = reply.send(self.stats.clone());
+                    }
+                },
+                _ = expiry.tick() => {
+                    let retention = self.settings.retention.as_millis() as u64;
+                    let changes = self.model.expire(now_ms(), retention);
+                    if !changes.edges_removed.is_empty() {
+                        tracing::info!(removed = changes.edges_removed.len(), "inactive edges past retention removed");
+                        if let Err(error) = self.persist(None, &changes) {
+                            tracing::error!(%error, "cannot persist expired edges");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, agent: &str, s: &proto::ConnectionSnapshot) -> Result<(), Refusal> {
+        let rows =
+            s.entries.len() + s.removed.len() + s.listeners.len() + s.removed_listeners.len();
+        if rows > self.settings.max_entries {
+            self.stats.snapshots_refused_size += 1;
+            return Err(Refusal::TooLarge {
+                rows,
+                max: self.settings.max_entries,
+            });
+        }
+        let have = self.sequences.get(agent).copied();
+        if !s.full && have != Some(s.base_sequence) {
+            self.stats.snapshots_refused_gap += 1;
+            return Err(Refusal::SequenceGap {
+                base: s.base_sequence,
+                have,
+            });
+        }
+        let now = now_ms();
+        let mut table = if s.full {
+            AgentTable::default()
+        } else {
+            self.model.agents.get(agent).cloned().unwrap_or_default()
+        };
+        let mut skipped = 0u64;
+        for e in &s.removed {
+            match row(e) {
+                Some((k, _)) => {
+                    table.entries.remove(&k);
+                }
+                None => skipped += 1,
+            }
+        }
+        for e in &s.entries {
+            match row(e) {
+                Some((k, v)) => {
+                    table.entries.insert(k, v);
+                }
+                None => skipped += 1,
+            }
+        }
+        for l in &s.removed_listeners {
+            if let Some((k, _)) = listener(l) {
+                table.listeners.remove(&k);
+            }
+        }
+        for l in &s.listeners {
+            match listener(l) {
+                Some((k, p)) => {
+                    table.listeners.insert(k, p);
+                }
+                None => skipped += 1,
+            }
+        }
+        if s.full || !s.addresses.is_empty() {
+            table.addresses = s
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse::<IpAddr>().ok())
+                .collect::<BTreeSet<_>>();
+        }
+        table.last_snapshot_ms = now;
+        self.stats.rows_skipped += skipped;
+        let mut changes = self.model.replace(agent, table, now);
+        self.model.touch(agent, now);
+        // Every edge this agent still reports was seen now.
+        changes.edges_upserted.extend(
+            self.model
+                .edges
+                .iter()
+                .filter(|(_, e)| e.reporters.keys().any(|(a, _)| a == agent))
+                .map(|(k, _)| k.clone()),
+        );
+        self.sequences.insert(agent.to_string(), s.sequence);
+        self.persist(Some(agent), &changes)
+            .map_err(|e| Refusal::Store(e.to_string()))?;
+        self.stats.snapshots_applied += 1;
+        Ok(())
+    }
+
+    fn persist(&self, agent: Option<&str>, changes: &Changes) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        if let Some(agent) = agent
+            && let Some(table) = self.model.agents.get(agent)
+        {
+            let record = AgentRecord {
+                id: agent.to_string(),
+                sequence: self.sequences.get(agent).copied().unwrap_or(0),
+                table: table.clone(),
+            };
+            batch.put(AGENTS, agent, &record)?;
+        }
+        for key in &changes.edges_upserted {
+            if let Some(edge) = self.model.edges.get(key) {
+                let id = key.id();
+                batch.put(
+                    EDGES,
+                    &id,
+                    &EdgeRecord {
+                        id: id.clone(),
+                        edge: edge.clone(),
+                    },
+                )?;
+            }
+        }
+        for key in &changes.edges_removed {
+            batch.delete(EDGES, &key.id());
+        }
+        self.store.commit(batch)
+    }
+
+    fn graph(&self, q: &GraphQuery) -> proto::Graph {
+        let now = now_ms();
+        let ttl = self.settings.ttl.as_millis() as u64;
+        let mut nodes: BTreeMap<String, proto::GraphNode> = BTreeMap::new();
+        let mut edges = Vec::new();
+        let mut add_node = |node: &Node, model: &Model| {
+            let id = node.id();
+            nodes.entry(id.clone()).or_insert_with(|| {
+                let (kind, name, mut properties) = match node {
+                    Node::Host(h) => ("host", h.clone(), BTreeMap::new()),
+                    Node::Address(ip) => ("address", ip.to_string(), BTreeMap::new()),
+                    Node::Service {
+                        host,
+                        protocol,
+                        port,
+                    } => {
+                        let process = model
+                            .agents
+                            .get(host)
+                            .and_then(|t| {
+                                t.listeners
+                                    .iter()
+                                    .find(|(l, _)| l.port == *port && l.protocol == *protocol)
+                                    .map(|(_, p)| p.clone())
+                            })
+                            .unwrap_or_default();
+                        let mut p = BTreeMap::new();
+                        p.insert("host".to_string(), host.clone());
+                        p.insert("process".to_string(), process.clone());
+                        p.insert("port".to_string(), port.to_string());
+                        p.insert("protocol".to_string(), protocol.as_str().to_string());
+                        ("service", format!("{host}:{port}/{}", protocol.as_str()), p)
+                    }
+                };
+                if let Node::Host(h) = node
+                    && let Some(t) = model.agents.get(h)
+                {
+                    properties.insert("hostname".into(), t.hostname.clone());
+                }
+                proto::GraphNode {
+                    id,
+                    kind: kind.into(),
+                    name,
+                    properties: properties.into_iter().collect(),
+                }
+            });
+        };
+        for (host, table) in &self.model.agents {
+            let h = Node::Host(host.clone());
+            add_node(&h, &self.model);
+            for ip in table.addresses.iter().filter(|ip| !ip.is_loopback()) {
+                let a = Node::Address(*ip);
+                add_node(&a, &self.model);
+                edges.push(proto::GraphEdge {
+                    from: h.id(),
+                    to: a.id(),
+                    kind: "HAS_ADDRESS".into(),
+                    active: true,
+                    ..Default::default()
+                });
+            }
+            let mut services = BTreeSet::new();
+            for l in table.listeners.keys() {
+                let s = Node::Service {
+                    host: host.clone(),
+                    protocol: l.protocol,
+                    port: l.port,
+                };
+                // A port listened on several addresses is one service.
+                if !services.insert(s.id()) {
+                    continue;
+                }
+                add_node(&s, &self.model);
+                edges.push(proto::GraphEdge {
+                    from: h.id(),
+                    to: s.id(),
+                    kind: "LISTENS".into(),
+                    port: u32::from(l.port),
+                    protocol: proto_protocol(l.protocol) as i32,
+                    active: true,
+                    ..Default::default()
+                });
+            }
+        }
+        for e in self.model.edges.values() {
+            let active = e.active(now, ttl);
+            if (e.control_plane && !q.include_control) || (!active && !q.include_inactive) {
+                continue;
+            }
+            add_node(&e.key.from, &self.model);
+            add_node(&e.key.to, &self.model);
+            edges.push(proto::GraphEdge {
+                from: e.key.from.id(),
+                to: e.key.to.id(),
+                kind: "CONNECTS_TO".into(),
+                port: u32::from(e.key.port),
+                protocol: proto_protocol(e.key.protocol) as i32,
+                process: e.process.clone(),
+                sockets: e.sockets,
+                first_seen_unix_nanos: e.first_seen_ms.saturating_mul(1_000_000),
+                last_seen_unix_nanos: e.last_seen_ms.saturating_mul(1_000_000),
+                active,
+                control_plane: e.control_plane,
+            });
+        }
+        proto::Graph {
+            nodes: nodes.into_values().collect(),
+            edges,
+        }
+    }
+}
+
+fn proto_protocol(p: Protocol) -> proto::Protocol {
+    match p {
+        Protocol::Tcp => proto::Protocol::Tcp,
+        Protocol::Udp => proto::Protocol::Udp,
+    }
+}

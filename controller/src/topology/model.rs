@@ -1,0 +1,593 @@
+//! The dependency map as a pure model: per-agent connection tables in, one graph out.
+//!
+//! Each agent reports aggregated rows ("observations"). A client row of agent A towards B's
+//! listening port and the server row of B for the same connection map to the same edge key,
+//! `Host(A) → Service(B, tcp, 6379)`, so both ends reported by two agents make one edge. An address
+//! that no agent owns is an `Address` node: an external or agentless endpoint.
+//!
+//! Edges are derived incrementally: each observation knows its edge key, and only observations
+//! whose endpoints' ownership changes (a host's addresses or listeners) are re-keyed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+pub type AgentId = String;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Direction {
+    Client,
+    Server,
+}
+
+/// One aggregated row as an agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObsKey {
+    pub direction: Direction,
+    pub local_ip: IpAddr,
+    pub remote_ip: IpAddr,
+    pub server_port: u16,
+    pub protocol: Protocol,
+    pub process: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObsValue {
+    pub sockets: u32,
+    pub control_plane: bool,
+    pub short_lived: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ListenerKey {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A graph node's identity.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Node {
+    Host(AgentId),
+    Address(IpAddr),
+    Service {
+        host: AgentId,
+        protocol: Protocol,
+        port: u16,
+    },
+}
+
+impl Node {
+    /// Stable text id: `host:web-1`, `addr:10.0.0.9`, `svc:db-1/tcp/5432`.
+    pub fn id(&self) -> String {
+        match self {
+            Node::Host(h) => format!("host:{h}"),
+            Node::Address(ip) => format!("addr:{ip}"),
+            Node::Service {
+                host,
+                protocol,
+                port,
+            } => format!("svc:{host}/{}/{port}", protocol.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EdgeKey {
+    pub from: Node,
+    pub to: Node,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl EdgeKey {
+    /// Stable text id, e.g. `host:web|svc:db/tcp/6379|6379/tcp`.
+    pub fn id(&self) -> String {
+        format!(
+            "{}|{}|{}/{}",
+            self.from.id(),
+            self.to.id(),
+            self.port,
+            self.protocol.as_str()
+        )
+    }
+}
+
+/// An edge as stored: its history outlives the observations that made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Edge {
+    pub key: EdgeKey,
+    /// The connecting process, when the client side was reported.
+    pub process: String,
+    pub sockets: u32,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    pub control_plane: bool,
+    pub short_lived: bool,
+    /// Current observations (agent, row) backing this edge; empty once they are gone.
+    #[serde(skip)]
+    pub reporters: BTreeMap<(AgentId, ObsKey), u32>,
+}
+
+impl Edge {
+    /// Active while seen within `ttl`. Every snapshot of a reporting agent refreshes `last_seen`,
+    /// so a closed connection, and every edge of an agent that went silent, turns inactive after it.
+    pub fn active(&self, now_ms: u64, ttl_ms: u64) -> bool {
+        now_ms.saturating_sub(self.last_seen_ms) < ttl_ms
+    }
+}
+
+/// What one agent currently reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentTable {
+    pub hostname: String,
+    pub addresses: BTreeSet<IpAddr>,
+    pub listeners: BTreeMap<ListenerKey, String>,
+    pub entries: BTreeMap<ObsKey, ObsValue>,
+    pub last_snapshot_ms: u64,
+}
+
+/// Addresses that never identify a host across the network.
+fn is_local_only(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// The whole map.
+#[derive(Debug, Default)]
+pub struct Model {
+    pub agents: BTreeMap<AgentId, AgentTable>,
+    pub edges: BTreeMap<EdgeKey, Edge>,
+    /// Which host owns an address (routable addresses only).
+    owners: HashMap<IpAddr, AgentId>,
+    /// The edge each current observation belongs to.
+    keyed: HashMap<(AgentId, ObsKey), EdgeKey>,
+    /// Observations by the address of their far end, to re-key them when ownership changes.
+    by_remote: HashMap<IpAddr, HashSet<(AgentId, ObsKey)>>,
+}
+
+/// What a change did, for the store and the sinks.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub edges_upserted: BTreeSet<EdgeKey>,
+    pub edges_removed: BTreeSet<EdgeKey>,
+}
+
+impl Model {
+    /// The host that owns `ip` as seen from `agent` (loopback belongs to the agent itself).
+    fn owner(&self, agent: &str, ip: &IpAddr) -> Option<AgentId> {
+        if is_local_only(ip) {
+            return Some(agent.to_string());
+        }
+        self.owners.get(ip).cloned()
+    }
+
+    fn listens(&self, host: &str, ip: &IpAddr, port: u16, protocol: Protocol) -> bool {
+        self.agents.get(host).is_some_and(|t| {
+            t.listeners.keys().any(|l| {
+                l.port == port
+                    && l.protocol == protocol
+                    && (l.ip == *ip || l.ip.is_unspecified() || is_local_only(ip))
+            })
+        })
+    }
+
+    fn edge_key(&self, agent: &str, obs: &ObsKey) -> EdgeKey {
+        let far = |ip: &IpAddr| self.owner(agent, ip);
+        let (from, to) = match obs.direction {
+            Direction::Client => {
+                let to = match far(&obs.remote_ip) {
+                    Some(h) if self.listens(&h, &obs.remote_ip, obs.server_port, obs.protocol) => {
+                        Node::Service {
+                            host: h,
+                            protocol: obs.protocol,
+                            port: obs.server_port,
+                        }
+                    }
+                    _ => Node::Address(obs.remote_ip),
+                };
+                (Node::Host(agent.to_string()), to)
+            }
+            Direction::Server => {
+                let from = match far(&obs.remote_ip) {
+                    Some(h) => Node::Host(h),
+                    None => Node::Address(obs.remote_ip),
+                };
+                let to = Node::Service {
+                    host: agent.to_string(),
+                    protocol: obs.protocol,
+                    port: obs.server_port,
+                };
+                (from, to)
+            }
+        };
+        EdgeKey {
+            from,
+            to,
+            port: obs.server_port,
+            protocol: obs.protocol,
+        }
+    }
+
+    fn attach(
+        &mut self,
+        agent: &str,
+        obs: &ObsKey,
+        value: &ObsValue,
+        now_ms: u64,
+        ch: &mut Changes,
+    ) {
+        let key = self.edge_key(agent, obs);
+        let id = (agent.to_string(), obs.clone());
+        let edge = self.edges.entry(key.clone()).or_insert_with(|| Edge {
+            key: key.clone(),
+            process: String::new(),
+            sockets: 0,
+            first_seen_ms: now_ms,
+            last_seen_ms: now_ms,
+            control_plane: false,
+            short_lived: false,
+            reporters: BTreeMap::new(),
+        });
+        edge.reporters.insert(id.clone(), value.sockets);
+        edge.last_seen_ms = edge.last_seen_ms.max(now_ms);
+        edge.control_plane |= value.control_plane;
+        edge.short_lived = value.short_lived && edge.reporters.len() == 1;
+        if obs.direction == Direction::Client && !obs.process.is_empty() {
+            edge.process = obs.process.clone();
+        }
+        // Both ends see the same sockets: the larger count, never the sum.
+        edge.sockets = edge.reporters.values().copied().max().unwrap_or(0);
+        ch.edges_upserted.insert(key.clone());
+        self.keyed.insert(id.clone(), key);
+        self.by_remote.entry(obs.remote_ip).or_default().insert(id);
+    }
+
+    fn detach(&mut self, agent: &str, obs: &ObsKey, ch: &mut Changes) {
+        let id = (agent.to_string(), obs.clone());
+        if let Some(key) = self.keyed.remove(&id)
+            && let Some(edge) = self.edges.get_mut(&key)
+        {
+            edge.reporters.remove(&id);
+            edge.sockets = edge
+                .reporters
+                .values()
+                .copied()
+                .max()
+                .unwrap_or(edge.sockets);
+            ch.edges_upserted.insert(key);
+        }
+        if let Some(set) = self.by_remote.get_mut(&obs.remote_ip) {
+            set.remove(&id);
+        }
+    }
+
+    /// Re-keys every observation whose far end is one of `ips` (their owner or listeners changed).
+    fn rekey(&mut self, ips: &BTreeSet<IpAddr>, now_ms: u64, ch: &mut Changes) {
+        let ids: Vec<(AgentId, ObsKey)> = ips
+            .iter()
+            .filter_map(|ip| self.by_remote.get(ip))
+            .flat_map(|s| s.iter().cloned())
+            .collect();
+        for (agent, obs) in ids {
+            let Some(value) = self
+                .agents
+                .get(&agent)
+                .and_then(|t| t.entries.get(&obs))
+                .cloned()
+            else {
+                continue;
+            };
+            let old = self.keyed.get(&(agent.clone(), obs.clone())).cloned();
+            if old.as_ref() != Some(&self.edge_key(&agent, &obs)) {
+                self.detach(&agent, &obs, ch);
+                // An edge that existed only under the old ownership was never a dependency of its
+                // own (e.g. `Address(10.0.0.2)` before the agent owning 10.0.0.2 reported).
+                if let Some(old) = old
+                    && self.edges.get(&old).is_some_and(|e| e.reporters.is_empty())
+                {
+                    self.edges.remove(&old);
+                    ch.edges_upserted.remove(&old);
+                    ch.edges_removed.insert(old);
+                }
+                self.attach(&agent, &obs, &value, now_ms, ch);
+            }
+        }
+    }
+
+    /// Replaces everything `agent` reports (a full snapshot, or the agent's first).
+    pub fn replace(&mut self, agent: &str, table: AgentTable, now_ms: u64) -> Changes {
+        let mut ch = Changes::default();
+        let old = self.agents.remove(agent).unwrap_or_default();
+        for obs in old.entries.keys() {
+            self.detach(agent, obs, &mut ch);
+        }
+        // Ownership of addresses.
+        for ip in &old.addresses {
+            if self.owners.get(ip).is_some_and(|o| o == agent) {
+                self.owners.remove(ip);
+            }
+        }
+        for ip in table.addresses.iter().filter(|ip| !is_local_only(ip)) {
+            if let Some(other) = self.owners.get(ip).filter(|o| o.as_str() != agent) {
+                tracing::warn!(%ip, agent, other = %other, "address reported by two hosts; keeping the first");
+                continue;
+            }
+            self.owners.insert(*ip, agent.to_string());
+        }
+        let entries = table.entries.clone();
+        let mut touched: BTreeSet<IpAddr> =
+            old.addresses.union(&table.addresses).copied().collect();
+        touched.extend(old.listeners.keys().map(|l| l.ip));
+        self.agents.insert(agent.to_string(), table);
+        for (obs, value) in &entries {
+            self.attach(agent, obs, value, now_ms, &mut ch);
+        }
+        if old.addresses != self.agents[agent].addresses
+            || old.listeners.keys().ne(self.agents[agent].listeners.keys())
+        {
+            touched.extend(self.agents[agent].addresses.iter().copied());
+            self.rekey(&touched, now_ms, &mut ch);
+        }
+        ch
+    }
+
+    /// Marks every current observation of `agent` as seen at `now_ms` (a snapshot arrived).
+    pub fn touch(&mut self, agent: &str, now_ms: u64) {
+        if let Some(t) = self.agents.get_mut(agent) {
+            t.last_snapshot_ms = now_ms;
+        }
+        let keys: Vec<EdgeKey> = self
+            .keyed
+            .iter()
+            .filter(|((a, _), _)| a == agent)
+            .map(|(_, k)| k.clone())
+            .collect();
+        for k in keys {
+            if let Some(e) = self.edges.get_mut(&k) {
+                e.last_seen_ms = e.last_seen_ms.max(now_ms);
+            }
+        }
+    }
+
+    /// Removes edges last seen more than `retention_ms` ago.
+    pub fn expire(&mut self, now_ms: u64, retention_ms: u64) -> Changes {
+        let mut ch = Changes::default();
+        self.edges.retain(|k, e| {
+            let keep = now_ms.saturating_sub(e.last_seen_ms) < retention_ms;
+            if !keep {
+                ch.edges_removed.insert(k.clone());
+            }
+            keep
+        });
+        ch
+    }
+
+    /// Restores a persisted edge (its history); current reporters are re-attached by `replace`.
+    pub fn restore_edge(&mut self, edge: Edge) {
+        self.edges.insert(edge.key.clone(), edge);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn table(
+        addrs: &[&str],
+        listeners: &[(u16, &str)],
+        entries: &[(Direction, &str, &str, u16, &str, u32)],
+    ) -> AgentTable {
+        AgentTable {
+            hostname: String::new(),
+            addresses: addrs.iter().map(|a| ip(a)).collect(),
+            listeners: listeners
+                .iter()
+                .map(|(port, process)| {
+                    (
+                        ListenerKey {
+                            ip: ip("0.0.0.0"),
+                            port: *port,
+                            protocol: Protocol::Tcp,
+                        },
+                        process.to_string(),
+                    )
+                })
+                .collect(),
+            entries: entries
+                .iter()
+                .map(|(d, local, remote, port, process, sockets)| {
+                    (
+                        ObsKey {
+                            direction: *d,
+                            local_ip: ip(local),
+                            remote_ip: ip(remote),
+                            server_port: *port,
+                            protocol: Protocol::Tcp,
+                            process: process.to_string(),
+                        },
+                        ObsValue {
+                            sockets: *sockets,
+                            control_plane: false,
+                            short_lived: false,
+                        },
+                    )
+                })
+                .collect(),
+            last_snapshot_ms: 0,
+        }
+    }
+
+    fn svc(host: &str, port: u16) -> Node {
+        Node::Service {
+            host: host.into(),
+            protocol: Protocol::Tcp,
+            port,
+        }
+    }
+
+    #[test]
+    fn both_ends_reported_by_two_agents_make_one_edge() {
+        let mut m = Model::default();
+        m.replace(
+            "web",
+            table(
+                &["10.0.0.1"],
+                &[],
+                &[(Direction::Client, "10.0.0.1", "10.0.0.2", 6379, "app", 3)],
+            ),
+            1,
+        );
+        m.replace(
+            "db",
+            table(
+                &["10.0.0.2"],
+                &[(6379, "redis-server")],
+                &[(
+                    Direction::Server,
+                    "10.0.0.2",
+                    "10.0.0.1",
+                    6379,
+                    "redis-server",
+                    3,
+                )],
+            ),
+            2,
+        );
+        assert_eq!(m.edges.len(), 1, "{:#?}", m.edges.keys());
+        let e = m.edges.values().next().unwrap();
+        assert_eq!(e.key.from, Node::Host("web".into()));
+        assert_eq!(e.key.to, svc("db", 6379));
+        assert_eq!(e.process, "app");
+        assert_eq!(e.sockets, 3, "max of both ends, not the sum");
+        assert_eq!(e.reporters.len(), 2);
+    }
+
+    #[test]
+    fn the_order_of_reports_does_not_matter() {
+        // The server reports first: the client's address is unknown, so it is an Address at first.
+        let mut m = Model::default();
+        m.replace(
+            "db",
+            table(
+                &["10.0.0.2"],
+                &[(6379, "redis-server")],
+                &[(
+                    Direction::Server,
+                    "10.0.0.2",
+                    "10.0.0.1",
+                    6379,
+                    "redis-server",
+                    1,
+                )],
+            ),
+            1,
+        );
+        assert_eq!(
+            m.edges.keys().next().unwrap().from,
+            Node::Address(ip("10.0.0.1"))
+        );
+        m.replace(
+            "web",
+            table(
+                &["10.0.0.1"],
+                &[],
+                &[(Direction::Client, "10.0.0.1", "10.0.0.2", 6379, "app", 1)],
+            ),
+            2,
+        );
+        let live: Vec<_> = m.edges.values().collect();
+        assert_eq!(
+            live.len(),
+            1,
+            "the provisional Address edge is gone: {:#?}",
+            m.edges.keys()
+        );
+        assert_eq!(live[0].key.from, Node::Host("web".into()));
+        assert_eq!(live[0].reporters.len(), 2);
+    }
+
+    #[test]
+    fn unowned_addresses_are_external_endpoints() {
+        let mut m = Model::default();
+        m.replace(
+            "web",
+            table(
+                &["10.0.0.1"],
+                &[],
+                &[(Direction::Client, "10.0.0.1", "203.0.113.7", 443, "curl", 1)],
+            ),
+            1,
+        );
+        let e = m.edges.values().next().unwrap();
+        assert_eq!(e.key.to, Node::Address(ip("203.0.113.7")));
+    }
+
+    #[test]
+    fn removed_rows_leave_an_edge_that_goes_inactive_then_expires() {
+        let mut m = Model::default();
+        m.replace(
+            "web",
+            table(
+                &["10.0.0.1"],
+                &[],
+                &[(Direction::Client, "10.0.0.1", "203.0.113.7", 443, "curl", 1)],
+            ),
+            1_000,
+        );
+        m.replace("web", table(&["10.0.0.1"], &[], &[]), 2_000);
+        let e = m.edges.values().next().unwrap();
+        assert!(e.reporters.is_empty());
+        assert_eq!(e.last_seen_ms, 1_000, "last reported in the first snapshot");
+        assert!(
+            e.active(1_500, 1_000),
+            "within the TTL after it was last seen"
+        );
+        assert!(!e.active(2_000, 1_000));
+        assert!(m.expire(3_000, 5_000).edges_removed.is_empty());
+        assert_eq!(m.expire(6_000, 5_000).edges_removed.len(), 1);
+        assert!(m.edges.is_empty());
+    }
+
+    #[test]
+    fn loopback_stays_inside_its_host() {
+        let mut m = Model::default();
+        m.replace(
+            "a",
+            table(
+                &["10.0.0.1"],
+                &[(5432, "postgres")],
+                &[(Direction::Client, "127.0.0.1", "127.0.0.1", 5432, "app", 1)],
+            ),
+            1,
+        );
+        m.replace("b", table(&["10.0.0.2"], &[(5432, "postgres")], &[]), 1);
+        let e = m.edges.values().next().unwrap();
+        assert_eq!(e.key.from, Node::Host("a".into()));
+        assert_eq!(e.key.to, svc("a", 5432));
+    }
+}

@@ -1,0 +1,497 @@
+//! `tapgraphctl graph …` and `host show`: the dependency map as tables, exports, orphans and
+//! clusters. The controller sends the graph; everything here is presentation and graph algebra.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::anyhow;
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+use tapgraph::proto::{self, admin_service_client::AdminServiceClient};
+use tonic::transport::Channel;
+
+use crate::{Failure, ns_time, print_json, table};
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  tapgraphctl graph                             # who connects to whom, now
+  tapgraphctl graph --host web-1 --port 5432
+  tapgraphctl graph orphans                     # hosts nobody talks to: still needed?
+  tapgraphctl graph clusters --hub-degree 20    # groups once the hubs are hidden
+  tapgraphctl graph export --format dot | dot -Tsvg > map.svg")]
+pub struct GraphArgs {
+    #[command(subcommand)]
+    command: Option<GraphCommand>,
+    #[command(flatten)]
+    filter: Filter,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct Filter {
+    /// Only edges touching this host (agent id).
+    #[arg(long, value_name = "HOST", global = true)]
+    host: Option<String>,
+    /// Only edges touching a host with this label.
+    #[arg(long, value_name = "K=V", value_parser = tapgraph::labels::parse_pair, global = true)]
+    label: Option<(String, String)>,
+    /// Only this server port.
+    #[arg(long, global = true)]
+    port: Option<u16>,
+    /// Only this protocol.
+    #[arg(long, value_enum, global = true)]
+    protocol: Option<Proto>,
+    /// Include the agents' own connections to the controller (hidden: the controller would be a
+    /// hub that hides every cluster).
+    #[arg(long, global = true)]
+    include_control: bool,
+    /// Include edges not seen within the TTL (kept until the retention passes).
+    #[arg(long, global = true)]
+    include_inactive: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Subcommand, Debug)]
+enum GraphCommand {
+    /// Hosts with no connection in or out (besides the controller) within the retention window.
+    Orphans,
+    /// Connected groups of hosts after hiding the controller, --hide hosts and hubs.
+    Clusters {
+        /// Hide this host; repeatable.
+        #[arg(long, value_name = "HOST")]
+        hide: Vec<String>,
+        /// Hide every host with at least this many neighbours.
+        #[arg(long, value_name = "N")]
+        hub_degree: Option<usize>,
+    },
+    /// The whole graph for Graphviz (dot), Gephi (graphml) or scripts (json).
+    Export {
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Json,
+    Dot,
+    Graphml,
+}
+
+async fn fetch(
+    admin: &mut AdminServiceClient<Channel>,
+    f: &Filter,
+    all_history: bool,
+) -> Result<proto::Graph, Failure> {
+    Ok(admin
+        .get_graph(proto::GetGraphRequest {
+            include_control: f.include_control,
+            include_inactive: f.include_inactive || all_history,
+            ..Default::default()
+        })
+        .await?
+        .into_inner())
+}
+
+/// The host a node belongs to: itself, or a service's host; addresses belong to none.
+fn host_of(node_id: &str) -> Option<&str> {
+    if let Some(h) = node_id.strip_prefix("host:") {
+        return Some(h);
+    }
+    node_id
+        .strip_prefix("svc:")
+        .and_then(|s| s.split('/').next())
+}
+
+/// How a node reads in a table: `web-1`, `db-1:5432/tcp`, `203.0.113.7`.
+fn display(node_id: &str, nodes: &BTreeMap<&str, &proto::GraphNode>) -> String {
+    match nodes.get(node_id) {
+        Some(n) if n.kind == "service" => {
+            let process = n.properties.get("process").filter(|p| !p.is_empty());
+            match process {
+                Some(p) => format!("{} ({p})", n.name),
+                None => n.name.clone(),
+            }
+        }
+        Some(n) => n.name.clone(),
+        None => node_id.to_string(),
+    }
+}
+
+fn protocol_name(p: i32) -> &'static str {
+    match proto::Protocol::try_from(p) {
+        Ok(proto::Protocol::Tcp) => "tcp",
+        Ok(proto::Protocol::Udp) => "udp",
+        _ => "?",
+    }
+}
+
+fn connects(g: &proto::Graph) -> impl Iterator<Item = &proto::GraphEdge> {
+    g.edges.iter().filter(|e| e.kind == "CONNECTS_TO")
+}
+
+fn keep(
+    e: &proto::GraphEdge,
+    f: &Filter,
+    labels: &BTreeMap<&str, BTreeMap<String, String>>,
+) -> bool {
+    let hosts = [host_of(&e.from), host_of(&e.to)];
+    f.host
+        .as_ref()
+        .is_none_or(|h| hosts.contains(&Some(h.as_str())))
+        && f.label.as_ref().is_none_or(|(k, v)| {
+            hosts
+                .iter()
+                .flatten()
+                .any(|h| labels.get(h).and_then(|l| l.get(k)) == Some(v))
+        })
+        && f.port.is_none_or(|p| e.port == u32::from(p))
+        && f.protocol
+            .is_none_or(|p| protocol_name(e.protocol) == format!("{p:?}").to_lowercase())
+}
+
+fn host_labels(g: &proto::Graph) -> BTreeMap<&str, BTreeMap<String, String>> {
+    g.nodes
+        .iter()
+        .filter(|n| n.kind == "host")
+        .map(|n| {
+            let l = n
+                .properties
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix("label.").map(|k| (k.to_string(), v.clone())))
+                .collect();
+            (n.name.as_str(), l)
+        })
+        .collect()
+}
+
+fn edge_json(e: &proto::GraphEdge) -> serde_json::Value {
+    json!({
+        "from": e.from, "to": e.to, "port": e.port, "protocol": protocol_name(e.protocol),
+        "process": e.process, "sockets": e.sockets, "active": e.active, "control_plane": e.control_plane,
+        "first_seen": ns_time(e.first_seen_unix_nanos), "last_seen": ns_time(e.last_seen_unix_nanos),
+    })
+}
+
+fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
+    if json_out {
+        print_json(&json!(
+            edges.iter().map(|e| edge_json(e)).collect::<Vec<_>>()
+        ));
+        return;
+    }
+    let nodes: BTreeMap<&str, &proto::GraphNode> =
+        g.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    let rows: Vec<Vec<String>> = edges
+        .iter()
+        .map(|e| {
+            vec![
+                display(&e.from, &nodes),
+                display(&e.to, &nodes),
+                format!("{}/{}", e.port, protocol_name(e.protocol)),
+                if e.process.is_empty() {
+                    "-".into()
+                } else {
+                    e.process.clone()
+                },
+                e.sockets.to_string(),
+                if e.active { "active" } else { "inactive" }.into(),
+                ns_time(e.last_seen_unix_nanos),
+            ]
+        })
+        .collect();
+    table::print(
+        &[
+            "FROM",
+            "TO",
+            "PORT",
+            "PROCESS",
+            "SOCKETS",
+            "STATE",
+            "LAST SEEN",
+        ],
+        &rows,
+    );
+}
+
+pub async fn run(
+    admin: &mut AdminServiceClient<Channel>,
+    args: GraphArgs,
+    json_out: bool,
+) -> Result<(), Failure> {
+    match args.command {
+        None => {
+            let g = fetch(admin, &args.filter, false).await?;
+            let labels = host_labels(&g);
+            let edges: Vec<&proto::GraphEdge> = connects(&g)
+                .filter(|e| keep(e, &args.filter, &labels))
+                .collect();
+            print_edges(&edges, &g, json_out);
+        }
+        Some(GraphCommand::Orphans) => {
+            let g = fetch(admin, &Filter::default(), true).await?;
+            let mut talking = BTreeSet::new();
+            for e in connects(&g).filter(|e| !e.control_plane) {
+                talking.extend(host_of(&e.from));
+                talking.extend(host_of(&e.to));
+            }
+            let orphans: Vec<&str> = g
+                .nodes
+                .iter()
+                .filter(|n| n.kind == "host" && !talking.contains(n.name.as_str()))
+                .map(|n| n.name.as_str())
+                .collect();
+            if json_out {
+                print_json(&json!(orphans));
+            } else if orphans.is_empty() {
+                println!(
+                    "no orphan hosts: every host has a connection in or out within the retention window"
+                );
+            } else {
+                for o in orphans {
+                    println!("{o}");
+                }
+            }
+        }
+        Some(GraphCommand::Clusters { hide, hub_degree }) => {
+            let g = fetch(admin, &args.filter, false).await?;
+            let clusters = clusters(&g, &hide, hub_degree);
+            if json_out {
+                print_json(&json!(clusters));
+            } else {
+                for (i, c) in clusters.iter().enumerate() {
+                    println!("cluster {} ({} hosts): {}", i + 1, c.len(), c.join(", "));
+                }
+            }
+        }
+        Some(GraphCommand::Export { format }) => {
+            let g = fetch(admin, &args.filter, false).await?;
+            print!("{}", export(&g, format));
+        }
+    }
+    Ok(())
+}
+
+/// Groups of hosts joined by connections (services count as their host, external addresses join
+/// nothing), after hiding `hide` and hosts with `hub_degree` or more neighbours. Largest first.
+fn clusters(g: &proto::Graph, hide: &[String], hub_degree: Option<usize>) -> Vec<Vec<String>> {
+    let mut neighbours: BTreeMap<String, BTreeSet<String>> = g
+        .nodes
+        .iter()
+        .filter(|n| n.kind == "host")
+        .map(|n| (n.name.clone(), BTreeSet::new()))
+        .collect();
+    for e in connects(g).filter(|e| !e.control_plane) {
+        if let (Some(a), Some(b)) = (host_of(&e.from), host_of(&e.to))
+            && a != b
+        {
+            neighbours.entry(a.into()).or_default().insert(b.into());
+            neighbours.entry(b.into()).or_default().insert(a.into());
+        }
+    }
+    let hidden: BTreeSet<String> = neighbours
+        .iter()
+        .filter(|(h, n)| hide.contains(h) || hub_degree.is_some_and(|d| n.len() >= d))
+        .map(|(h, _)| h.clone())
+        .collect();
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for start in neighbours.keys().filter(|h| !hidden.contains(*h)) {
+        if !seen.insert(start.clone()) {
+            continue;
+        }
+        let mut group = vec![start.clone()];
+        let mut stack = vec![start.clone()];
+        while let Some(h) = stack.pop() {
+            for n in &neighbours[&h] {
+                if !hidden.contains(n) && seen.insert(n.clone()) {
+                    group.push(n.clone());
+                    stack.push(n.clone());
+                }
+            }
+        }
+        group.sort();
+        out.push(group);
+    }
+    out.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+    out
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn export(g: &proto::Graph, format: Format) -> String {
+    match format {
+        Format::Json => {
+            let v = json!({
+                "nodes": g.nodes.iter().map(|n| json!({"id": n.id, "kind": n.kind, "name": n.name, "properties": n.properties})).collect::<Vec<_>>(),
+                "edges": g.edges.iter().map(|e| { let mut v = edge_json(e); v["kind"] = json!(e.kind); v }).collect::<Vec<_>>(),
+            });
+            format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
+        }
+        Format::Dot => {
+            let mut out = String::from("digraph tapgraph {\n  rankdir=LR;\n");
+            for n in &g.nodes {
+                let shape = match n.kind.as_str() {
+                    "host" => "box",
+                    "service" => "ellipse",
+                    _ => "diamond",
+                };
+                out.push_str(&format!(
+                    "  \"{}\" [label=\"{}\", shape={shape}];\n",
+                    n.id,
+                    n.name.replace('"', "'")
+                ));
+            }
+            for e in &g.edges {
+                let label = if e.kind == "CONNECTS_TO" {
+                    format!("{}/{} {}", e.port, protocol_name(e.protocol), e.process)
+                } else {
+                    e.kind.to_lowercase()
+                };
+                let style = if e.kind == "CONNECTS_TO" {
+                    "solid"
+                } else {
+                    "dotted"
+                };
+                out.push_str(&format!(
+                    "  \"{}\" -> \"{}\" [label=\"{}\", style={style}];\n",
+                    e.from,
+                    e.to,
+                    label.trim().replace('"', "'")
+                ));
+            }
+            out.push_str("}\n");
+            out
+        }
+        Format::Graphml => {
+            let mut out = String::from(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<graphml xmlns=\"http://graphml.graphdrawing.org/xmlns\">\n\
+                 <key id=\"kind\" for=\"all\" attr.name=\"kind\" attr.type=\"string\"/>\n\
+                 <key id=\"name\" for=\"node\" attr.name=\"name\" attr.type=\"string\"/>\n\
+                 <key id=\"port\" for=\"edge\" attr.name=\"port\" attr.type=\"int\"/>\n\
+                 <key id=\"protocol\" for=\"edge\" attr.name=\"protocol\" attr.type=\"string\"/>\n\
+                 <key id=\"process\" for=\"edge\" attr.name=\"process\" attr.type=\"string\"/>\n\
+                 <key id=\"sockets\" for=\"edge\" attr.name=\"sockets\" attr.type=\"int\"/>\n\
+                 <key id=\"active\" for=\"edge\" attr.name=\"active\" attr.type=\"boolean\"/>\n\
+                 <graph id=\"tapgraph\" edgedefault=\"directed\">\n",
+            );
+            for n in &g.nodes {
+                out.push_str(&format!(
+                    "  <node id=\"{}\"><data key=\"kind\">{}</data><data key=\"name\">{}</data></node>\n",
+                    xml(&n.id), xml(&n.kind), xml(&n.name)
+                ));
+            }
+            for e in &g.edges {
+                out.push_str(&format!(
+                    "  <edge source=\"{}\" target=\"{}\"><data key=\"kind\">{}</data><data key=\"port\">{}</data><data key=\"protocol\">{}</data><data key=\"process\">{}</data><data key=\"sockets\">{}</data><data key=\"active\">{}</data></edge>\n",
+                    xml(&e.from), xml(&e.to), xml(&e.kind), e.port, protocol_name(e.protocol), xml(&e.process), e.sockets, e.active
+                ));
+            }
+            out.push_str("</graph>\n</graphml>\n");
+            out
+        }
+    }
+}
+
+/// `tapgraphctl host show NAME`: what a host depends on, and what depends on it.
+pub async fn show_host(
+    admin: &mut AdminServiceClient<Channel>,
+    name: &str,
+    json_out: bool,
+) -> Result<(), Failure> {
+    let g = fetch(admin, &Filter::default(), false).await?;
+    if !g.nodes.iter().any(|n| n.kind == "host" && n.name == name) {
+        return Err(Failure(
+            1,
+            anyhow!("no host {name} in the map (agents report once connected)"),
+        ));
+    }
+    let outbound: Vec<&proto::GraphEdge> = connects(&g)
+        .filter(|e| host_of(&e.from) == Some(name) && !e.control_plane)
+        .collect();
+    let inbound: Vec<&proto::GraphEdge> = connects(&g)
+        .filter(|e| host_of(&e.to) == Some(name) && host_of(&e.from) != Some(name))
+        .collect();
+    if json_out {
+        print_json(&json!({
+            "host": name,
+            "outbound": outbound.iter().map(|e| edge_json(e)).collect::<Vec<_>>(),
+            "inbound": inbound.iter().map(|e| edge_json(e)).collect::<Vec<_>>(),
+        }));
+        return Ok(());
+    }
+    println!("{name} depends on ({}):", outbound.len());
+    print_edges(&outbound, &g, false);
+    println!("\ndepends on {name} ({}):", inbound.len());
+    print_edges(&inbound, &g, false);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edge(from: &str, to: &str) -> proto::GraphEdge {
+        proto::GraphEdge {
+            from: from.into(),
+            to: to.into(),
+            kind: "CONNECTS_TO".into(),
+            ..Default::default()
+        }
+    }
+
+    fn host(name: &str) -> proto::GraphNode {
+        proto::GraphNode {
+            id: format!("host:{name}"),
+            kind: "host".into(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hiding_the_hub_reveals_the_clusters() {
+        let g = proto::Graph {
+            nodes: ["a", "b", "c", "d", "hub", "lonely"].map(host).to_vec(),
+            edges: vec![
+                edge("host:a", "svc:b/tcp/80"),
+                edge("host:c", "svc:d/tcp/80"),
+                edge("host:a", "svc:hub/tcp/53"),
+                edge("host:b", "svc:hub/tcp/53"),
+                edge("host:c", "svc:hub/tcp/53"),
+                edge("host:d", "svc:hub/tcp/53"),
+                edge("host:b", "addr:203.0.113.7"),
+            ],
+        };
+        assert_eq!(
+            clusters(&g, &[], None),
+            vec![vec!["a", "b", "c", "d", "hub"], vec!["lonely"]]
+        );
+        let split = vec![vec!["a", "b"], vec!["c", "d"], vec!["lonely"]];
+        assert_eq!(clusters(&g, &["hub".into()], None), split);
+        assert_eq!(
+            clusters(&g, &[], Some(3)),
+            split,
+            "only the hub has 3 or more neighbours"
+        );
+    }
+
+    #[test]
+    fn exports_escape_their_text() {
+        let g = proto::Graph {
+            nodes: vec![host("x\"<&>")],
+            edges: vec![],
+        };
+        assert!(export(&g, Format::Graphml).contains("x&quot;&lt;&amp;&gt;"));
+        assert!(export(&g, Format::Dot).contains("label=\"x'<&>\""));
+    }
+}

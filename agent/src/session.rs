@@ -15,13 +15,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::host;
+use crate::report::Reporter;
 
-/// What survives reconnects: the applied policy and the heartbeat sequence.
+/// What survives reconnects: the applied policy, the heartbeat sequence and the connection-table
+/// reporter (its inode→process cache is what makes snapshots cheap).
 struct State {
     policy: PolicySpec,
     policy_version: u64,
     control_sequence: u64,
     started_at: u64,
+    reporter: Option<Reporter>,
+    /// The next snapshot must be full: a new session, or the controller asked.
+    full_snapshot: bool,
+    snapshot_entries: u64,
 }
 
 /// How a session ended.
@@ -41,6 +47,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
         policy_version: 0,
         control_sequence: 0,
         started_at: tapgraph::time::unix_nanos(),
+        reporter: None,
+        full_snapshot: true,
+        snapshot_entries: 0,
     };
     let mut backoff = config.backoff.start();
     loop {
@@ -124,8 +133,20 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
         renewal,
     ));
 
+    if state.reporter.is_none() {
+        // Rows towards the controller are marked control-plane (hidden from the map by default).
+        let control_plane = tokio::net::lookup_host(config.controller.as_str())
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next());
+        state.reporter = Some(Reporter::new(control_plane));
+    }
+    state.full_snapshot = true;
     let mut established = false;
     let mut heartbeat = new_ticker(state.policy.heartbeat_interval);
+    // The first snapshot goes out at once; then one every snapshot interval.
+    let mut snapshots = tokio::time::interval(state.policy.snapshot_interval);
+    snapshots.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return End::Shutdown,
@@ -138,17 +159,32 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
                     capture_state: proto::CaptureState::Disabled as i32,
                     last_error: String::new(),
                     policy_version: state.policy_version,
-                    snapshot_entries: 0,
+                    snapshot_entries: state.snapshot_entries,
                     breach: None,
                 };
                 if tx.send(message(Msg::Control(record))).await.is_err() {
                     return lost(established, "control stream closed".into());
                 }
             }
+            _ = snapshots.tick() => {
+                if let Some(snapshot) = take_snapshot(state).await
+                    && tx.send(message(Msg::Snapshot(snapshot))).await.is_err()
+                {
+                    return lost(established, "control stream closed".into());
+                }
+            }
             next = inbound.message() => match next {
                 Ok(Some(proto::ControllerMessage { msg: Some(msg) })) => {
                     established = true;
-                    if let Some(reply) = handle(msg, state, &mut heartbeat)
+                    let interval = state.policy.snapshot_interval;
+                    let resync = matches!(msg, controller_message::Msg::Resync(_));
+                    let reply = handle(msg, state, &mut heartbeat);
+                    if resync || state.policy.snapshot_interval != interval {
+                        // A resync is answered at once; a new interval starts now.
+                        snapshots = tokio::time::interval(state.policy.snapshot_interval);
+                        snapshots.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    }
+                    if let Some(reply) = reply
                         && tx.send(message(reply)).await.is_err()
                     {
                         return lost(established, "control stream closed".into());
@@ -185,6 +221,37 @@ fn check_on_host(spec: &PolicySpec) -> Result<(), String> {
     Ok(())
 }
 
+/// Takes the next snapshot on a blocking thread (it reads /proc); `None` if it failed (logged).
+async fn take_snapshot(state: &mut State) -> Option<proto::ConnectionSnapshot> {
+    let mut reporter = state.reporter.take()?;
+    let full = state.full_snapshot;
+    let (reporter, result) = tokio::task::spawn_blocking(move || {
+        let result = reporter.next(full);
+        (reporter, result)
+    })
+    .await
+    .ok()?;
+    state.snapshot_entries = reporter.rows();
+    state.reporter = Some(reporter);
+    match result {
+        Ok(snapshot) => {
+            state.full_snapshot = false;
+            tracing::debug!(
+                sequence = snapshot.sequence,
+                full = snapshot.full,
+                rows = snapshot.entries.len(),
+                removed = snapshot.removed.len(),
+                "snapshot"
+            );
+            Some(snapshot)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the connection table");
+            None
+        }
+    }
+}
+
 fn lost(established: bool, reason: String) -> End {
     if established {
         End::Lost(reason)
@@ -217,7 +284,8 @@ fn handle(
             }))
         }
         controller_message::Msg::Resync(request) => {
-            tracing::info!(reason = %request.reason, "controller asked for a resync");
+            tracing::info!(reason = %request.reason, "controller asked for a full snapshot");
+            state.full_snapshot = true;
             None
         }
     }

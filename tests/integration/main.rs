@@ -5,3 +5,4 @@ mod enrollment;
 mod harness;
 mod policy;
 mod session;
+mod topology;

@@ -36,6 +36,28 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
     fsutil::write_private(path, text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Creates the CA unless another process wins the race: the key is claimed with a hard link, which
+/// fails if it exists, so exactly one CA is ever written; the loser uses the winner's.
+fn create_ca(cert: &Path, key: &Path) -> Result<(), String> {
+    let ca = CertAuthority::generate("tapgraph controller CA", CA_LIFETIME)
+        .map_err(|e| e.to_string())?;
+    let pid = std::process::id();
+    let (key_tmp, cert_tmp) = (
+        key.with_extension(format!("key.{pid}")),
+        cert.with_extension(format!("pem.{pid}")),
+    );
+    write(&key_tmp, &ca.key_pem())?;
+    write(&cert_tmp, ca.cert_pem())?;
+    let won = std::fs::hard_link(&key_tmp, key).is_ok();
+    if won {
+        std::fs::rename(&cert_tmp, cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+        tracing::info!(fingerprint = %ca.fingerprint(), path = %cert.display(), "created the controller CA");
+    }
+    let _ = std::fs::remove_file(&key_tmp);
+    let _ = std::fs::remove_file(&cert_tmp);
+    Ok(())
+}
+
 impl ControllerPki {
     /// Loads the PKI from `settings.dir`, creating what is missing. Every file is written 0600.
     pub fn load_or_create(settings: &PkiSettings) -> Result<Self, String> {
@@ -52,18 +74,18 @@ impl ControllerPki {
             }
             None => {
                 let (cert, key) = (settings.dir.join("ca.pem"), settings.dir.join("ca.key"));
-                if cert.exists() {
-                    fsutil::check_private(&key)?;
-                    CertAuthority::from_pem(&read(&cert)?, &read(&key)?)
-                        .map_err(|e| format!("{}: {e}", cert.display()))?
-                } else {
-                    let ca = CertAuthority::generate("tapgraph controller CA", CA_LIFETIME)
-                        .map_err(|e| e.to_string())?;
-                    write(&key, &ca.key_pem())?;
-                    write(&cert, ca.cert_pem())?;
-                    tracing::info!(fingerprint = %ca.fingerprint(), path = %cert.display(), "created the controller CA");
-                    ca
+                if !cert.exists() && !key.exists() {
+                    create_ca(&cert, &key)?;
                 }
+                // Another process (a controller starting, `operator issue`) may be creating it:
+                // its key is claimed first, the certificate follows within moments.
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while !cert.exists() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                fsutil::check_private(&key)?;
+                CertAuthority::from_pem(&read(&cert)?, &read(&key)?)
+                    .map_err(|e| format!("{}: {e}", cert.display()))?
             }
         };
         let (cert_path, key_path, names_path) = (

@@ -138,9 +138,34 @@ impl Edge {
 pub struct AgentTable {
     pub hostname: String,
     pub addresses: BTreeSet<IpAddr>,
+    #[serde(with = "pairs")]
     pub listeners: BTreeMap<ListenerKey, String>,
+    #[serde(with = "pairs")]
     pub entries: BTreeMap<ObsKey, ObsValue>,
     pub last_snapshot_ms: u64,
+}
+
+/// Maps with structured keys, stored as lists of pairs (JSON object keys must be strings).
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 /// Addresses that never identify a host across the network.
@@ -319,6 +344,14 @@ impl Model {
     pub fn replace(&mut self, agent: &str, table: AgentTable, now_ms: u64) -> Changes {
         let mut ch = Changes::default();
         let old = self.agents.remove(agent).unwrap_or_default();
+        let old_keys: Vec<(ObsKey, EdgeKey)> = old
+            .entries
+            .keys()
+            .filter_map(|obs| {
+                let key = self.keyed.get(&(agent.to_string(), obs.clone()))?;
+                Some((obs.clone(), key.clone()))
+            })
+            .collect();
         for obs in old.entries.keys() {
             self.detach(agent, obs, &mut ch);
         }
@@ -342,6 +375,21 @@ impl Model {
         self.agents.insert(agent.to_string(), table);
         for (obs, value) in &entries {
             self.attach(agent, obs, value, now_ms, &mut ch);
+        }
+        // A row still reported under a new key (its far end's owner or listener became known)
+        // leaves no phantom behind: the old edge existed only under the old ownership.
+        for (obs, old_key) in old_keys {
+            let now_key = self.keyed.get(&(agent.to_string(), obs));
+            if now_key.is_some_and(|k| *k != old_key)
+                && self
+                    .edges
+                    .get(&old_key)
+                    .is_some_and(|e| e.reporters.is_empty())
+            {
+                self.edges.remove(&old_key);
+                ch.edges_upserted.remove(&old_key);
+                ch.edges_removed.insert(old_key);
+            }
         }
         if old.addresses != self.agents[agent].addresses
             || old.listeners.keys().ne(self.agents[agent].listeners.keys())
@@ -529,6 +577,31 @@ mod tests {
         );
         assert_eq!(live[0].key.from, Node::Host("web".into()));
         assert_eq!(live[0].reporters.len(), 2);
+    }
+
+    #[test]
+    fn a_listener_seen_one_read_late_leaves_no_phantom_edge() {
+        let mut m = Model::default();
+        let row = (Direction::Client, "127.0.0.1", "127.0.0.1", 8080, "app", 1);
+        m.replace("a", table(&["10.0.0.1"], &[], &[row]), 1);
+        assert_eq!(
+            m.edges.keys().next().unwrap().to,
+            Node::Address(ip("127.0.0.1"))
+        );
+        m.replace("a", table(&["10.0.0.1"], &[(8080, "server")], &[row]), 2);
+        assert_eq!(m.edges.len(), 1, "{:#?}", m.edges.keys());
+        assert_eq!(m.edges.keys().next().unwrap().to, svc("a", 8080));
+    }
+
+    #[test]
+    fn tables_survive_a_round_trip_through_the_store_format() {
+        let t = table(
+            &["10.0.0.1"],
+            &[(80, "nginx")],
+            &[(Direction::Server, "10.0.0.1", "10.0.0.2", 80, "nginx", 2)],
+        );
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(serde_json::from_str::<AgentTable>(&json).unwrap(), t);
     }
 
     #[test]

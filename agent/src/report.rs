@@ -1,0 +1,366 @@
+//! Turns connection tables into `ConnectionSnapshot` messages: a full one first, then the changes
+//! since the last one sent, each numbered so the controller can tell a gap and ask for a resync.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+
+use tapgraph::proto;
+
+use crate::shortlived::{Catch, Catcher};
+use crate::snapshot::{
+    self, Direction, EntryKey, EntryValue, Listener, ProcessKey, Snapshotter, Table,
+};
+
+pub struct Reporter {
+    snapshotter: Snapshotter,
+    /// The table the controller has, after the last snapshot it was sent.
+    sent: Option<Table>,
+    sequence: u64,
+    control_plane: Option<SocketAddr>,
+    /// SYN-ACK capture for connections too short for a table read; `None` without CAP_NET_RAW.
+    catcher: Option<Catcher>,
+    /// Rows of the last table that only the SYN-ACK capture saw.
+    short_lived: BTreeSet<EntryKey>,
+    pub short_lived_caught: u64,
+    /// SYN-ACKs the capture had to drop (queue full), at the last look.
+    short_lived_dropped: u64,
+}
+
+/// Adds the connections `catches` saw that `table` does not show, as rows of their own; returns the
+/// keys added. A server-side row names the process listening on the port; a client-side row cannot
+/// name its process (the socket is gone).
+pub fn merge_catches(
+    table: &mut Table,
+    catches: &BTreeSet<Catch>,
+    local: &BTreeSet<IpAddr>,
+    control_plane: Option<SocketAddr>,
+) -> BTreeSet<EntryKey> {
+    let is_local = |ip: &IpAddr| ip.is_loopback() || local.contains(ip);
+    let mut added = BTreeSet::new();
+    for c in catches {
+        let mut rows = Vec::new();
+        if is_local(&c.server_ip) {
+            let listener = table.listeners.iter().find(|(l, _)| {
+                l.port == c.server_port
+                    && l.protocol == snapshot::Protocol::Tcp
+                    && (l.ip == c.server_ip || l.ip.is_unspecified())
+            });
+            let (process, pid) = listener
+                .map(|(l, pid)| (l.process.clone(), *pid))
+                .unwrap_or_default();
+            rows.push((Direction::Server, c.server_ip, c.client_ip, process, pid));
+        }
+        if is_local(&c.client_ip) {
+            rows.push((
+                Direction::Client,
+                c.client_ip,
+                c.server_ip,
+                ProcessKey::default(),
+                0,
+            ));
+        }
+        for (direction, local_ip, remote_ip, process, pid) in rows {
+            let seen = table.entries.keys().any(|k| {
+                k.direction == direction
+                    && k.local_ip == local_ip
+                    && k.remote_ip == remote_ip
+                    && k.server_port == c.server_port
+                    && k.protocol == snapshot::Protocol::Tcp
+            });
+            if seen {
+                continue;
+            }
+            let key = EntryKey {
+                direction,
+                local_ip,
+                remote_ip,
+                server_port: c.server_port,
+                protocol: snapshot::Protocol::Tcp,
+                process,
+            };
+            let control = control_plane
+                .is_some_and(|cp| cp.ip() == c.server_ip && cp.port() == c.server_port);
+            table.entries.insert(
+                key.clone(),
+                EntryValue {
+                    sockets: 1,
+                    pid,
+                    control_plane: control,
+                },
+            );
+            added.insert(key);
+        }
+    }
+    added
+}
+
+fn protocol(p: snapshot::Protocol) -> i32 {
+    match p {
+        snapshot::Protocol::Tcp => proto::Protocol::Tcp as i32,
+        snapshot::Protocol::Udp => proto::Protocol::Udp as i32,
+    }
+}
+
+fn process(pid: u32, key: &snapshot::ProcessKey) -> Option<proto::ProcessInfo> {
+    (!key.name.is_empty()).then(|| proto::ProcessInfo {
+        pid,
+        name: key.name.clone(),
+        cmdline: key.cmdline.clone(),
+    })
+}
+
+fn entry(k: &EntryKey, v: Option<&EntryValue>, short_lived: bool) -> proto::ConnectionEntry {
+    proto::ConnectionEntry {
+        direction: match k.direction {
+            Direction::Client => proto::Direction::Client as i32,
+            Direction::Server => proto::Direction::Server as i32,
+        },
+        local_ip: k.local_ip.to_string(),
+        remote_ip: k.remote_ip.to_string(),
+        server_port: u32::from(k.server_port),
+        protocol: protocol(k.protocol),
+        process: process(v.map_or(0, |v| v.pid), &k.process),
+        sockets: v.map_or(0, |v| v.sockets),
+        control_plane: v.is_some_and(|v| v.control_plane),
+        netns: String::new(),
+        container: String::new(),
+        short_lived,
+    }
+}
+
+fn listener(l: &Listener, pid: u32) -> proto::ListeningService {
+    proto::ListeningService {
+        ip: l.ip.to_string(),
+        port: u32::from(l.port),
+        protocol: protocol(l.protocol),
+        process: process(pid, &l.process),
+        netns: String::new(),
+    }
+}
+
+/// Every address of every interface of this namespace.
+fn addresses() -> BTreeSet<IpAddr> {
+    crate::host::interfaces()
+        .iter()
+        .flat_map(|i| i.addresses.iter())
+        .filter_map(|cidr| cidr.split('/').next()?.parse::<IpAddr>().ok())
+        .collect()
+}
+
+impl Reporter {
+    pub fn new(control_plane: Option<SocketAddr>) -> Self {
+        let catcher = match Catcher::start() {
+            Ok(c) => Some(c),
+            Err(error) => {
+                tracing::warn!(%error, "no short-lived connection capture (needs CAP_NET_RAW); periodic tables only");
+                None
+            }
+        };
+        Self {
+            snapshotter: Snapshotter::new("/proc".into(), control_plane),
+            sent: None,
+            sequence: 0,
+            control_plane,
+            catcher,
+            short_lived: BTreeSet::new(),
+            short_lived_caught: 0,
+            short_lived_dropped: 0,
+        }
+    }
+
+    /// Rows in the table the controller holds now.
+    pub fn rows(&self) -> u64 {
+        self.sent.as_ref().map_or(0, |t| t.entries.len() as u64)
+    }
+
+    /// The next snapshot: full when `full` or nothing was sent yet, else the changes since the last.
+    /// Reads /proc: call it off the async workers.
+    pub fn next(
+        &mut self,
+        full: bool,
+    ) -> Result<proto::ConnectionSnapshot, snapshot::SnapshotError> {
+        let mut table = self.snapshotter.take()?;
+        let local = addresses();
+        if let Some(catcher) = &self.catcher {
+            let catches = catcher.drain();
+            let dropped = catcher
+                .counters
+                .dropped
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if dropped > self.short_lived_dropped {
+                tracing::warn!(
+                    dropped = dropped - self.short_lived_dropped,
+                    "short-lived connection catches dropped: more new connections than the queue holds between two snapshots"
+                );
+                self.short_lived_dropped = dropped;
+            }
+            self.short_lived = merge_catches(&mut table, &catches, &local, self.control_plane);
+            self.short_lived_caught += self.short_lived.len() as u64;
+        }
+        let base = self.sequence;
+        self.sequence += 1;
+        let mut msg = proto::ConnectionSnapshot {
+            sequence: self.sequence,
+            taken_at_unix_nanos: tapgraph::time::unix_nanos(),
+            addresses: local.iter().map(IpAddr::to_string).collect(),
+            short_lived_caught: self.short_lived_caught,
+            ..Default::default()
+        };
+        let short = |k: &EntryKey| self.short_lived.contains(k);
+        match (&self.sent, full) {
+            (Some(prev), false) => {
+                let d = snapshot::delta(prev, &table);
+                msg.full = false;
+                msg.base_sequence = base;
+                msg.entries = d
+                    .upserts
+                    .iter()
+                    .map(|(k, v)| entry(k, Some(v), short(k)))
+                    .collect();
+                msg.removed = d.removed.iter().map(|k| entry(k, None, false)).collect();
+                msg.listeners = d
+                    .listeners_added
+                    .iter()
+                    .map(|(l, pid)| listener(l, *pid))
+                    .collect();
+                msg.removed_listeners =
+                    d.listeners_removed.iter().map(|l| listener(l, 0)).collect();
+            }
+            _ => {
+                msg.full = true;
+                msg.entries = table
+                    .entries
+                    .iter()
+                    .map(|(k, v)| entry(k, Some(v), short(k)))
+                    .collect();
+                msg.listeners = table
+                    .listeners
+                    .iter()
+                    .map(|(l, pid)| listener(l, *pid))
+                    .collect();
+            }
+        }
+        self.sent = Some(table);
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn table_with_listener() -> Table {
+        let mut t = Table::default();
+        t.listeners.insert(
+            Listener {
+                ip: ip("0.0.0.0"),
+                port: 80,
+                protocol: snapshot::Protocol::Tcp,
+                process: ProcessKey {
+                    name: "nginx".into(),
+                    cmdline: "nginx: worker".into(),
+                },
+            },
+            42,
+        );
+        t
+    }
+
+    #[test]
+    fn a_caught_connection_becomes_a_row_on_the_right_side() {
+        let local: BTreeSet<IpAddr> = [ip("10.0.0.2")].into();
+        let catches: BTreeSet<Catch> = [
+            // Someone connected to our nginx.
+            Catch {
+                server_ip: ip("10.0.0.2"),
+                server_port: 80,
+                client_ip: ip("10.0.0.9"),
+            },
+            // We connected out.
+            Catch {
+                server_ip: ip("10.0.0.7"),
+                server_port: 5432,
+                client_ip: ip("10.0.0.2"),
+            },
+            // Not ours (promiscuous leftovers): ignored.
+            Catch {
+                server_ip: ip("10.0.0.5"),
+                server_port: 1,
+                client_ip: ip("10.0.0.6"),
+            },
+        ]
+        .into();
+        let mut t = table_with_listener();
+        let added = merge_catches(&mut t, &catches, &local, None);
+        assert_eq!(added.len(), 2);
+        let server = t
+            .entries
+            .keys()
+            .find(|k| k.direction == Direction::Server)
+            .unwrap();
+        assert_eq!(
+            (server.server_port, server.process.name.as_str()),
+            (80, "nginx")
+        );
+        assert_eq!(t.entries[server].pid, 42);
+        let client = t
+            .entries
+            .keys()
+            .find(|k| k.direction == Direction::Client)
+            .unwrap();
+        assert_eq!(
+            (client.remote_ip, client.server_port),
+            (ip("10.0.0.7"), 5432)
+        );
+        assert!(
+            client.process.name.is_empty(),
+            "the socket is gone: no process"
+        );
+    }
+
+    #[test]
+    fn a_connection_the_table_already_shows_is_not_added_twice() {
+        let local: BTreeSet<IpAddr> = [ip("10.0.0.2")].into();
+        let mut t = table_with_listener();
+        t.entries.insert(
+            EntryKey {
+                direction: Direction::Server,
+                local_ip: ip("10.0.0.2"),
+                remote_ip: ip("10.0.0.9"),
+                server_port: 80,
+                protocol: snapshot::Protocol::Tcp,
+                process: ProcessKey::default(),
+            },
+            EntryValue {
+                sockets: 3,
+                pid: 42,
+                control_plane: false,
+            },
+        );
+        let catches: BTreeSet<Catch> = [Catch {
+            server_ip: ip("10.0.0.2"),
+            server_port: 80,
+            client_ip: ip("10.0.0.9"),
+        }]
+        .into();
+        assert!(merge_catches(&mut t, &catches, &local, None).is_empty());
+        assert_eq!(t.entries.len(), 1);
+    }
+
+    #[test]
+    fn loopback_connections_give_both_sides() {
+        let catches: BTreeSet<Catch> = [Catch {
+            server_ip: ip("127.0.0.1"),
+            server_port: 80,
+            client_ip: ip("127.0.0.1"),
+        }]
+        .into();
+        let mut t = table_with_listener();
+        let added = merge_catches(&mut t, &catches, &BTreeSet::new(), None);
+        assert_eq!(added.len(), 2);
+    }
+}

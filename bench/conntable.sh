@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Snapshot benchmark (issue 5): the agent's connection-table read with process attribution, side by
+# side with `ss -tanp` and a plain read of /proc/net/tcp*, on the same established loopback
+# connections, in the same run, inside a network namespace made for it (torn down on exit).
+#
+#   sudo bench/conntable.sh [N ...]        default: 10000 50000
+#
+# Prints a table: per N, median milliseconds of each method over 5 warm runs, the ratio to ss, the
+# agent's first (cold-cache) read, its CPU time and peak RSS, and its CPU share at a 15 s interval.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+sizes=("$@"); [ ${#sizes[@]} -gt 0 ] || sizes=(10000 50000)
+[ "$(id -u)" -eq 0 ] || { echo "bench/conntable.sh: needs root (network namespace)" >&2; exit 1; }
+
+cargo build --release --locked -p tapgraph-agent >/dev/null
+agent=$PWD/target/release/tapgraph-agent
+ns=tgb-conn-$$
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  ip netns del "$ns" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+in_ns() { ip netns exec "$ns" "$@"; }
+
+# One holder process per 8,000 connections (16,000 descriptors: under the 20,000 per-process limit):
+# it listens on its own port, connects to itself N times, accepts, and holds everything open.
+cat >"$work/hold.py" <<'PY'
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port)); srv.listen(4096)
+held = []
+for i in range(n):
+    c = socket.create_connection(("127.0.0.1", port)); s, _ = srv.accept(); held += [c, s]
+print("ready", flush=True)
+time.sleep(3600)
+PY
+
+ms() { python3 -c "import sys,statistics; v=[float(x) for x in sys.argv[1:]]; print(f'{statistics.median(v):.1f}')" "$@"; }
+time_cmd() {  # median wall ms of 5 runs of "$@" (after one warm-up run)
+  local runs=() s e
+  "$@" >/dev/null 2>&1
+  for _ in 1 2 3 4 5; do
+    s=$(date +%s%N); "$@" >/dev/null 2>&1; e=$(date +%s%N)
+    runs+=("$(( (e - s) / 1000 ))e-3")
+  done
+  ms "${runs[@]}"
+}
+
+printf '%-8s %-10s %-10s %-12s %-10s %-10s %-9s %-10s %-9s\n' sockets "ss -tanp" "cat /proc" "agent warm" "ratio/ss" "agent cold" "cpu ms" "peak RSS" "cpu@15s"
+held=0; port=20000
+for n in "${sizes[@]}"; do
+  while [ "$held" -lt "$n" ]; do
+    chunk=$(( n - held < 8000 ? n - held : 8000 ))
+    in_ns python3 "$work/hold.py" "$port" "$chunk" >"$work/hold-$port.log" 2>&1 &
+    pids+=($!)
+    until grep -q ready "$work/hold-$port.log" 2>/dev/null; do sleep 0.2; done
+    held=$(( held + chunk )); port=$(( port + 1 ))
+  done
+  ss_ms=$(time_cmd in_ns ss -tanp)
+  cat_ms=$(time_cmd in_ns cat /proc/net/tcp /proc/net/tcp6)
+  out=$(in_ns "$agent" snapshot --repeat 6 --quiet 2>&1)
+  cold=$(echo "$out" | sed -n 's/^read 1: \([0-9.]*\) ms.*/\1/p')
+  warm=$(ms $(echo "$out" | sed -n 's/^read [2-6]: \([0-9.]*\) ms.*/\1/p'))
+  cpu=$(echo "$out" | sed -n 's/^cpu: \([0-9.]*\) ms.*/\1/p')
+  rss=$(echo "$out" | sed -n 's/.*peak RSS \([0-9]*\) kB.*/\1/p')
+  ratio=$(python3 -c "print(f'{$warm/$ss_ms:.2f}')")
+  share=$(python3 -c "print(f'{($cpu/6)/15000*100:.3f}%')")
+  printf '%-8s %-10s %-10s %-12s %-10s %-10s %-9s %-10s %-9s\n' "$((2*n))" "$ss_ms" "$cat_ms" "$warm" "$ratio" "$cold" "$cpu" "${rss}kB" "$share"
+done

@@ -1,0 +1,371 @@
+//! Issue 5: the dependency map from real servers and clients in network-namespace hosts, with
+//! agents on some hosts and not on others.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::{Netns, Proc, World, bin, http_get, require_root, veth, wait_for};
+
+/// A router namespace `hub` (the controller) with one /30 link per host; hosts route through it.
+/// Fields drop in order: processes first (their logs are printed on failure), then the hosts and the
+/// hub, then the directory holding the logs.
+struct Lab {
+    procs: Vec<Proc>,
+    hosts: Vec<(String, Netns, String)>,
+    hub: Netns,
+    ctl: std::path::PathBuf,
+    world: World,
+}
+
+const HTTP: &str = "127.0.0.1:7080";
+
+impl Lab {
+    fn new(names: &[&str], env: &[(&str, &str)]) -> Lab {
+        let world = World::new();
+        let hub = Netns::new("hub");
+        let out = hub
+            .command("sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let mut hosts = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let ns = Netns::new(name);
+            let net = i + 1;
+            veth(
+                &hub,
+                &format!("to-{name}"),
+                &format!("198.18.{net}.1/30"),
+                &ns,
+                "eth0",
+                &format!("198.18.{net}.2/30"),
+            );
+            let route = ns
+                .command("ip")
+                .args(["route", "add", "default", "via", &format!("198.18.{net}.1")])
+                .output()
+                .unwrap();
+            assert!(route.status.success(), "{route:?}");
+            hosts.push((name.to_string(), ns, format!("198.18.{net}.2")));
+        }
+        let mut cmd =
+            hub.wrap(world.controller_cmd("0.0.0.0:7443".parse().unwrap(), HTTP.parse().unwrap()));
+        cmd.envs(env.iter().copied());
+        let controller = Proc::spawn("controller", cmd, world.path());
+        let mut lab = Lab {
+            world,
+            hub,
+            hosts,
+            procs: vec![controller],
+            ctl: Default::default(),
+        };
+        lab.wait_ready();
+        lab.ctl = lab
+            .world
+            .operator("admin", "127.0.0.1:7443".parse().unwrap());
+        lab
+    }
+
+    fn wait_ready(&self) {
+        let http: SocketAddr = HTTP.parse().unwrap();
+        wait_for("controller ready", Duration::from_secs(20), || {
+            self.hub
+                .run(|| matches!(http_get(http, "/readyz"), Ok((200, _))).then_some(()))
+        });
+    }
+
+    fn host(&self, name: &str) -> (&Netns, &str, usize) {
+        let i = self.hosts.iter().position(|(n, _, _)| n == name).unwrap();
+        (&self.hosts[i].1, &self.hosts[i].2, i + 1)
+    }
+
+    /// Runs `program args` inside host `name`, kept running until the lab is dropped.
+    fn run(
+        &mut self,
+        name: &str,
+        label: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+    ) {
+        let (ns, _, _) = self.host(name);
+        let mut cmd = ns.command(program);
+        cmd.args(args);
+        let p = Proc::spawn(label, cmd, self.world.path());
+        self.procs.push(p);
+    }
+
+    fn agent(&mut self, name: &str) {
+        self.world.issue_agent(name);
+        let (ns, _, net) = self.host(name);
+        let mut cmd = self
+            .world
+            .agent_cmd(name, format!("198.18.{net}.1:7443").parse().unwrap());
+        cmd.args(["--server-name", "localhost"]);
+        let cmd = ns.wrap(cmd);
+        let p = Proc::spawn(&format!("agent-{name}"), cmd, self.world.path());
+        self.procs.push(p);
+    }
+
+    /// tapgraphctl inside the hub, `-o json`.
+    fn ctl(&self, args: &[&str]) -> Value {
+        let out = self
+            .hub
+            .command(bin("tapgraphctl"))
+            .arg("--config")
+            .arg(&self.ctl)
+            .args(["-o", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tapgraphctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The map's CONNECTS_TO edges as `from -> to port/proto process`.
+    fn edges(&self, extra: &[&str]) -> BTreeSet<String> {
+        let mut args = vec!["graph"];
+        args.extend_from_slice(extra);
+        self.ctl(&args)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} -> {} {}/{} {}",
+                    e["from"].as_str().unwrap(),
+                    e["to"].as_str().unwrap(),
+                    e["port"],
+                    e["protocol"].as_str().unwrap(),
+                    e["process"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+}
+
+fn nginx_conf(dir: &Path) -> std::path::PathBuf {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; keepalive_timeout 300s; keepalive_requests 100000;\n\
+               client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+               server {{ listen 80; location / {{ return 200 \"ok\\n\"; }} }} }}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+/// A keep-alive HTTP client: one connection, a request every 200 ms.
+const HTTP_CLIENT: &str = "import http.client,sys,time\n\
+c=http.client.HTTPConnection(sys.argv[1],80)\n\
+while True:\n    c.request('GET','/'); c.getresponse().read(); time.sleep(0.2)\n";
+
+#[test]
+fn the_map_shows_exactly_who_connects_to_whom() {
+    if !require_root("the_map_shows_exactly_who_connects_to_whom") {
+        return;
+    }
+    let mut lab = Lab::new(
+        &["db", "front", "app1", "app2", "ext"],
+        &[
+            ("TAPGRAPH_POLICY__SNAPSHOT_INTERVAL", "1s"),
+            ("TAPGRAPH_POLICY__HEARTBEAT_INTERVAL", "1s"),
+            ("TAPGRAPH_TOPOLOGY__TTL", "4s"),
+        ],
+    );
+    let redis = [
+        "--port",
+        "6379",
+        "--bind",
+        "0.0.0.0",
+        "--protected-mode",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ];
+    lab.run("db", "redis-db", "redis-server", &redis);
+    lab.run("ext", "redis-ext", "redis-server", &redis);
+    let conf = nginx_conf(lab.world.path());
+    let nginx_log = lab.world.path().join("nginx-startup.log");
+    lab.run(
+        "front",
+        "nginx",
+        "nginx",
+        &[
+            "-c",
+            conf.to_str().unwrap(),
+            "-e",
+            nginx_log.to_str().unwrap(),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // Real clients holding connections: redis-cli repeating PING on one connection, a keep-alive
+    // HTTP client.
+    let ping = ["-r", "-1", "-i", "0.2", "ping"];
+    let (_, db_ip, _) = lab.host("db");
+    let (_, front_ip, _) = lab.host("front");
+    let (_, ext_ip, _) = lab.host("ext");
+    let (db_ip, front_ip, ext_ip) = (db_ip.to_string(), front_ip.to_string(), ext_ip.to_string());
+    for app in ["app1", "app2"] {
+        let mut args = vec!["-h", db_ip.as_str()];
+        args.extend_from_slice(&ping);
+        lab.run(app, &format!("redis-cli-{app}"), "redis-cli", &args);
+    }
+    lab.run(
+        "app1",
+        "http-client",
+        "python3",
+        &["-c", HTTP_CLIENT, front_ip.as_str()],
+    );
+    let mut args = vec!["-h", ext_ip.as_str()];
+    args.extend_from_slice(&ping);
+    lab.run("app1", "redis-cli-ext", "redis-cli", &args);
+    // Agents on db, front, app1 and app2; none on ext.
+    for host in ["db", "front", "app1", "app2"] {
+        lab.agent(host);
+    }
+    let expected: BTreeSet<String> = [
+        "host:app1 -> svc:db/tcp/6379 6379/tcp redis-cli".to_string(),
+        "host:app2 -> svc:db/tcp/6379 6379/tcp redis-cli".to_string(),
+        "host:app1 -> svc:front/tcp/80 80/tcp python3".to_string(),
+        format!("host:app1 -> addr:{ext_ip} 6379/tcp redis-cli"),
+    ]
+    .into();
+    let got = wait_for("the expected edge set", Duration::from_secs(30), || {
+        let got = lab.edges(&[]);
+        (got == expected).then_some(got)
+    });
+    assert_eq!(got, expected);
+
+    // A connection opened and closed between two snapshots (one curl, well under the 1 s
+    // interval) is still on the map: the agents' SYN-ACK capture caught it.
+    let (app2, _, _) = lab.host("app2");
+    let out = app2
+        .command("curl")
+        .args(["-fsS", "--max-time", "5", &format!("http://{front_ip}/")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let short = wait_for("the short-lived edge", Duration::from_secs(15), || {
+        lab.edges(&[])
+            .into_iter()
+            .find(|e| e.starts_with("host:app2 -> svc:front/tcp/80 80/tcp"))
+    });
+    eprintln!("short-lived connection on the map: {short}");
+    let stats: Value = {
+        let http: SocketAddr = HTTP.parse().unwrap();
+        let (_, body) = lab.hub.run(|| http_get(http, "/api/v1/agents")).unwrap();
+        serde_json::from_str(&body).unwrap()
+    };
+    assert!(stats.as_array().unwrap().len() >= 4);
+
+    // Both ends reported make one edge; the server side names its process on the service node.
+    let export = lab.ctl(&["graph", "export", "--format", "json"]);
+    let node = |id: &str| {
+        export["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no node {id}"))
+    };
+    assert_eq!(
+        node("svc:db/tcp/6379")["properties"]["process"],
+        "redis-server"
+    );
+    assert_eq!(node("svc:front/tcp/80")["properties"]["process"], "nginx");
+    assert_eq!(node(&format!("addr:{ext_ip}"))["kind"], "address");
+    let edges: Vec<&Value> = export["edges"].as_array().unwrap().iter().collect();
+    assert!(edges.iter().any(|e| e["kind"] == "HAS_ADDRESS"
+        && e["from"] == "host:db"
+        && e["to"] == format!("addr:{db_ip}")));
+    assert!(edges.iter().any(|e| e["kind"] == "LISTENS"
+        && e["from"] == "host:front"
+        && e["to"] == "svc:front/tcp/80"));
+
+    // The controller is a hub of control-plane edges, hidden unless asked for.
+    let with_control = lab.edges(&["--include-control"]);
+    assert!(
+        with_control.len() >= expected.len() + 4,
+        "{with_control:#?}"
+    );
+
+    // Queries.
+    let shown = lab.ctl(&["host", "show", "db"]);
+    assert_eq!(shown["inbound"].as_array().unwrap().len(), 2, "{shown}");
+    let orphans = lab.ctl(&["graph", "orphans"]);
+    assert_eq!(
+        orphans,
+        serde_json::json!([]),
+        "every agent host talks to someone"
+    );
+    let clusters = lab.ctl(&["graph", "clusters"]);
+    assert_eq!(
+        clusters,
+        serde_json::json!([["app1", "app2", "db", "front"]])
+    );
+    let port_filtered = lab.edges(&["--port", "6379"]);
+    assert_eq!(port_filtered.len(), 3, "{port_filtered:#?}");
+
+    // A closed connection's edge turns inactive after the TTL.
+    let app2_cli = lab
+        .procs
+        .iter()
+        .position(|p| p.name == "redis-cli-app2")
+        .unwrap();
+    lab.procs.remove(app2_cli);
+    let gone = "host:app2 -> svc:db/tcp/6379 6379/tcp redis-cli".to_string();
+    wait_for(
+        "app2's edge to turn inactive",
+        Duration::from_secs(30),
+        || (!lab.edges(&[]).contains(&gone)).then_some(()),
+    );
+    assert!(
+        lab.edges(&["--include-inactive"]).contains(&gone),
+        "kept until the retention passes"
+    );
+    let orphans = lab.ctl(&["graph", "orphans"]);
+    assert_eq!(
+        orphans,
+        serde_json::json!([]),
+        "app2 still connected within the retention window"
+    );
+
+    // The map survives a controller restart: before any agent reports again, it is all there.
+    let before = lab.edges(&["--include-inactive"]);
+    let controller = lab.procs.remove(0);
+    drop(controller);
+    // Agents are frozen so that nothing reports again: what the new controller shows, it loaded.
+    for p in lab.procs.iter().filter(|p| p.name.starts_with("agent-")) {
+        p.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+    let mut cmd = lab.hub.wrap(
+        lab.world
+            .controller_cmd("0.0.0.0:7443".parse().unwrap(), HTTP.parse().unwrap()),
+    );
+    cmd.env("TAPGRAPH_TOPOLOGY__TTL", "1h");
+    lab.procs
+        .insert(0, Proc::spawn("controller-2", cmd, lab.world.path()));
+    lab.wait_ready();
+    assert_eq!(lab.edges(&["--include-inactive"]), before);
+    for p in lab.procs.iter().filter(|p| p.name.starts_with("agent-")) {
+        p.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+}

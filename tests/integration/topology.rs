@@ -369,3 +369,143 @@ fn the_map_shows_exactly_who_connects_to_whom() {
         p.signal(nix::sys::signal::Signal::SIGCONT);
     }
 }
+
+fn row(
+    direction: tapgraph::proto::Direction,
+    remote: &str,
+    port: u32,
+) -> tapgraph::proto::ConnectionEntry {
+    tapgraph::proto::ConnectionEntry {
+        direction: direction as i32,
+        local_ip: "10.9.0.1".into(),
+        remote_ip: remote.into(),
+        server_port: port,
+        protocol: tapgraph::proto::Protocol::Tcp as i32,
+        sockets: 1,
+        process: Some(tapgraph::proto::ProcessInfo {
+            name: "app".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_snapshots_are_refused_or_skipped_and_the_map_is_kept() {
+    use tapgraph::proto::{self, agent_message::Msg, controller_message};
+    let world = World::new();
+    let controller =
+        crate::harness::Controller::start(&world, &[("TAPGRAPH_TOPOLOGY__MAX_ENTRIES", "10")]);
+    let dir = world.issue_agent("raw");
+    let tls = tapgraph::tls::client_config_files(
+        &dir.join("ca.pem"),
+        Some((&dir.join("agent.pem"), &dir.join("agent.key"))),
+    )
+    .unwrap();
+    let channel = tapgraph::transport::connect(
+        &controller.grpc.to_string(),
+        "127.0.0.1",
+        tls,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let send = |msg: Msg| {
+        let tx = tx.clone();
+        async move {
+            tx.send(proto::AgentMessage { msg: Some(msg) })
+                .await
+                .unwrap()
+        }
+    };
+    send(Msg::Hello(proto::Hello {
+        hostname: "raw".into(),
+        ..Default::default()
+    }))
+    .await;
+    let mut inbound = proto::agent_service_client::AgentServiceClient::new(channel)
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_resync = async || loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap();
+        if let Some(controller_message::Msg::Resync(r)) = msg.msg {
+            return r.reason;
+        }
+    };
+    let stats = || -> Value {
+        let (_, body) = http_get(controller.http, "/api/v1/topology/stats").unwrap();
+        serde_json::from_str(&body).unwrap()
+    };
+
+    // A delta before any full snapshot: a sequence gap.
+    send(Msg::Snapshot(proto::ConnectionSnapshot {
+        sequence: 6,
+        base_sequence: 5,
+        entries: vec![row(proto::Direction::Client, "203.0.113.9", 443)],
+        ..Default::default()
+    }))
+    .await;
+    let reason = next_resync().await;
+    assert!(reason.contains("delta based on snapshot 5"), "{reason}");
+
+    // A full snapshot with one good row and rows that make no sense: the good one is applied.
+    let mut bad_ip = row(proto::Direction::Client, "not-an-ip", 443);
+    bad_ip.local_ip = "10.9.0.1".into();
+    let no_direction = row(proto::Direction::Unspecified, "203.0.113.8", 443);
+    let port_zero = row(proto::Direction::Client, "203.0.113.7", 0);
+    send(Msg::Snapshot(proto::ConnectionSnapshot {
+        sequence: 1,
+        full: true,
+        addresses: vec!["10.9.0.1".into()],
+        entries: vec![
+            row(proto::Direction::Client, "203.0.113.9", 443),
+            bad_ip,
+            no_direction,
+            port_zero,
+        ],
+        ..Default::default()
+    }))
+    .await;
+    let s = wait_for("the full snapshot applied", Duration::from_secs(10), || {
+        let s = stats();
+        (s["snapshots_applied"] == 1).then_some(s)
+    });
+    assert_eq!(s["rows_skipped"], 3, "{s}");
+    assert_eq!(s["snapshots_refused_gap"], 1, "{s}");
+
+    // An absurd size is refused, and the map keeps what it had.
+    send(Msg::Snapshot(proto::ConnectionSnapshot {
+        sequence: 2,
+        base_sequence: 1,
+        entries: (1..=11)
+            .map(|p| row(proto::Direction::Client, "203.0.113.10", p))
+            .collect(),
+        ..Default::default()
+    }))
+    .await;
+    let reason = next_resync().await;
+    assert!(reason.contains("11 rows; at most 10"), "{reason}");
+    assert_eq!(stats()["snapshots_refused_size"], 1);
+    let ctl = world.operator("admin", controller.grpc);
+    let edges = crate::harness::ctl_json(&ctl, &["graph"]);
+    let edges: Vec<String> = edges
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} -> {}",
+                e["from"].as_str().unwrap(),
+                e["to"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(edges, ["host:raw -> addr:203.0.113.9"]);
+}

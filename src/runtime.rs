@@ -22,6 +22,38 @@ pub async fn shutdown_signal() -> &'static str {
     }
 }
 
+/// A daemon's configuration, or every problem printed (prefixed by `program`) and the exit status
+/// 78 (`EX_CONFIG`) to return.
+pub fn config_or_exit<T>(
+    program: &str,
+    loaded: Result<T, crate::config::ConfigErrors>,
+) -> Result<T, std::process::ExitCode> {
+    loaded.map_err(|errors| {
+        eprintln!("{program}: {errors}");
+        std::process::ExitCode::from(crate::config::EX_CONFIG as u8)
+    })
+}
+
+/// The multi-threaded runtime of a daemon, its threads named `program`; `workers` caps the worker
+/// threads (the agent keeps to two on the host it watches).
+pub fn daemon_runtime(
+    program: &str,
+    workers: Option<usize>,
+) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
+        .enable_all()
+        .thread_name(program)
+        .build()
+        .map_err(|error| {
+            eprintln!("{program}: cannot start the runtime: {error}");
+            std::process::ExitCode::FAILURE
+        })
+}
+
 /// Long-running tasks with names, so a slow shutdown says what it waits for.
 #[derive(Default)]
 pub struct Tasks {

@@ -14,7 +14,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tapgraph::config::{EX_CONFIG, Sources};
-use tapgraph::runtime::{Tasks, shutdown_signal};
+use tapgraph::runtime::{Tasks, config_or_exit, daemon_runtime, shutdown_signal};
+
+const PROGRAM: &str = "tapgraph-agent";
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, Credentials, Purpose};
@@ -138,26 +140,15 @@ fn main() -> ExitCode {
         Some(Command::Run | Command::Snapshot { .. }) | None => Purpose::Run,
     };
     let sources = Sources::from_process(cli.config.clone(), cli.overrides());
-    let config = match AgentConfig::load(&sources, purpose) {
+    let config = match config_or_exit(PROGRAM, AgentConfig::load(&sources, purpose)) {
         Ok(c) => c,
-        Err(errors) => {
-            eprintln!("tapgraph-agent: {errors}");
-            return ExitCode::from(EX_CONFIG as u8);
-        }
+        Err(code) => return code,
     };
     tapgraph::logging::init(config.log_format, &config.log_filter);
     // Two worker threads at most: the agent must stay light on the host it watches.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("agent")
-        .build()
-    {
+    let runtime = match daemon_runtime(PROGRAM, Some(2)) {
         Ok(rt) => rt,
-        Err(error) => {
-            eprintln!("tapgraph-agent: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         match purpose {

@@ -387,21 +387,20 @@ impl AdminService for AdminApi {
         request: Request<proto::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let operator = auth::operator(&request)?;
+        // Subscribed before anything is said: every event after the log line reaches the watcher.
+        let events = self.events.subscribe();
         tracing::info!(%operator, "event watcher connected");
-        let stream =
-            tokio_stream::wrappers::BroadcastStream::new(self.events.subscribe()).map(|item| {
-                match item {
-                    Ok(event) => Ok(event),
-                    Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                        Ok(proto::Event {
-                            at_unix_nanos: tapgraph::time::unix_nanos(),
-                            kind: "lagged".into(),
-                            message: format!("{n} events were dropped: this watcher fell behind"),
-                            ..Default::default()
-                        })
-                    }
-                }
-            });
+        let stream = tokio_stream::wrappers::BroadcastStream::new(events).map(|item| match item {
+            Ok(event) => Ok(event),
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Ok(proto::Event {
+                    at_unix_nanos: tapgraph::time::unix_nanos(),
+                    kind: "lagged".into(),
+                    message: format!("{n} events were dropped: this watcher fell behind"),
+                    ..Default::default()
+                })
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }

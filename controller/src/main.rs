@@ -25,7 +25,9 @@ use tapgraph::config::{EX_CONFIG, Sources};
 use tapgraph::proto::admin_service_server::AdminServiceServer;
 use tapgraph::proto::agent_service_server::AgentServiceServer;
 use tapgraph::proto::enrollment_service_server::EnrollmentServiceServer;
-use tapgraph::runtime::{Tasks, shutdown_signal};
+use tapgraph::runtime::{Tasks, config_or_exit, daemon_runtime, shutdown_signal};
+
+const PROGRAM: &str = "tapgraph-controller";
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ControllerConfig;
@@ -132,12 +134,9 @@ impl Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let sources = Sources::from_process(cli.config.clone(), cli.overrides());
-    let config = match ControllerConfig::load(&sources) {
+    let config = match config_or_exit(PROGRAM, ControllerConfig::load(&sources)) {
         Ok(c) => c,
-        Err(errors) => {
-            eprintln!("tapgraph-controller: {errors}");
-            return ExitCode::from(EX_CONFIG as u8);
-        }
+        Err(code) => return code,
     };
     if let Some(Command::Operator(OperatorCommand::Issue {
         name,
@@ -166,16 +165,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG as u8);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("controller")
-        .build()
-    {
+    let runtime = match daemon_runtime(PROGRAM, None) {
         Ok(rt) => rt,
-        Err(error) => {
-            eprintln!("tapgraph-controller: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(run(config, pki)) {
         Ok(()) => ExitCode::SUCCESS,

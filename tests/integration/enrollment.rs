@@ -11,7 +11,7 @@ use serde_json::Value;
 use tapgraph::proto::{self, admin_service_client::AdminServiceClient};
 use tapgraph::transport::{self, ChannelOptions};
 
-use crate::harness::{Controller, Proc, World, bin, ctl, ctl_json, wait_for};
+use crate::harness::{Controller, Proc, World, bin, ctl, ctl_json, refused_config, wait_for};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -356,13 +356,7 @@ fn unusable_credential_files_are_refused_naming_the_key() {
         std::fs::Permissions::from_mode(0o644),
     )
     .unwrap();
-    let out = s
-        .world
-        .agent_cmd("files", s.controller.grpc)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    let err = refused_config(&mut s.world.agent_cmd("files", s.controller.grpc));
     assert!(
         err.contains("tls.key:") && err.contains("chmod 600"),
         "{err}"
@@ -378,13 +372,7 @@ fn unusable_credential_files_are_refused_naming_the_key() {
         "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    let out = s
-        .world
-        .agent_cmd("files", s.controller.grpc)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    let err = refused_config(&mut s.world.agent_cmd("files", s.controller.grpc));
     assert!(err.contains("tls.cert:"), "{err}");
 
     // The controller refuses an operator CA whose key others can read.
@@ -398,17 +386,13 @@ fn unusable_credential_files_are_refused_naming_the_key() {
         std::fs::Permissions::from_mode(0o644),
     )
     .unwrap();
-    let out = other
-        .controller_cmd(
-            "127.0.0.1:1".parse().unwrap(),
-            "127.0.0.1:2".parse().unwrap(),
-        )
-        .env("TAPGRAPH_PKI__CA_CERT", other.path().join("ca.pem"))
-        .env("TAPGRAPH_PKI__CA_KEY", other.path().join("ca.key"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    let mut cmd = other.controller_cmd(
+        "127.0.0.1:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+    );
+    cmd.env("TAPGRAPH_PKI__CA_CERT", other.path().join("ca.pem"))
+        .env("TAPGRAPH_PKI__CA_KEY", other.path().join("ca.key"));
+    let err = refused_config(&mut cmd);
     assert!(err.contains("chmod 600"), "{err}");
 }
 
@@ -622,13 +606,7 @@ fn an_agent_offline_past_expiry_must_enroll_again() {
     });
 
     // Without a token the agent refuses to start, and says why and what to do.
-    let out = s
-        .world
-        .agent_cmd("sleeper", s.controller.grpc)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    let err = refused_config(&mut s.world.agent_cmd("sleeper", s.controller.grpc));
     assert!(
         err.contains("certificate expired at") && err.contains("enroll"),
         "{err}"

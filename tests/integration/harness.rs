@@ -164,6 +164,18 @@ impl Drop for Proc {
     }
 }
 
+/// Runs `cmd` expecting its configuration to be refused: exit status 78. Returns its stderr.
+pub fn refused_config(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run the command");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "expected exit 78 from {cmd:?}: {err}"
+    );
+    err
+}
+
 /// `GET path` over HTTP/1.1; returns the status code and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;

@@ -10,7 +10,9 @@ use tapgraph::identity::Identity;
 use tapgraph::proto::{self, agent_message::Msg, agent_service_client::AgentServiceClient};
 use tapgraph::transport::{self, ChannelOptions};
 
-use crate::harness::{Controller, Netns, Proc, World, bin, http_get, require_root, veth, wait_for};
+use crate::harness::{
+    Controller, Netns, Proc, World, bin, http_get, refused_config, require_root, veth, wait_for,
+};
 
 const FAST: &[(&str, &str)] = &[("TAPGRAPH_POLICY__HEARTBEAT_INTERVAL", "200ms")];
 
@@ -244,9 +246,7 @@ fn bad_configuration_exits_78_and_names_every_bad_key() {
         .arg(&file)
         .arg("--log-format")
         .arg("yaml");
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    let stderr = refused_config(&mut cmd);
     for key in [
         "listen:",
         "listen_typo:",
@@ -273,9 +273,7 @@ fn bad_configuration_exits_78_and_names_every_bad_key() {
     // The agent refuses a bad configuration the same way, with its keys.
     let mut agent = world.agent_cmd("missing", "127.0.0.1:1".parse().unwrap());
     agent.env("TAPGRAPH_BACKOFF__JITTER", "2");
-    let out = agent.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    let stderr = refused_config(&mut agent);
     assert!(
         stderr.contains("tls.cert:") && stderr.contains("no certificate yet"),
         "{stderr}"

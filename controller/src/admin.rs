@@ -14,6 +14,7 @@ use crate::enrollment::{EnrolledAgent, Enrollment};
 use crate::events::Events;
 use crate::policies::{self, Policies, Selector};
 use crate::registry::{AgentState, AgentView, Registry};
+use crate::topology::labels::LabelRules;
 use crate::topology::{GraphQuery, Topology};
 
 pub struct AdminApi {
@@ -22,6 +23,7 @@ pub struct AdminApi {
     policies: Policies,
     topology: Topology,
     events: Events,
+    label_rules: LabelRules,
 }
 
 type EventStream = std::pin::Pin<
@@ -35,6 +37,7 @@ impl AdminApi {
         policies: Policies,
         topology: Topology,
         events: Events,
+        label_rules: LabelRules,
     ) -> Self {
         Self {
             enrollment,
@@ -42,6 +45,7 @@ impl AdminApi {
             policies,
             topology,
             events,
+            label_rules,
         }
     }
 
@@ -364,19 +368,36 @@ impl AdminService for AdminApi {
                 include_inactive: req.include_inactive,
             })
             .await;
-        // Host labels live with the enrolled agents: attach them, so operators can filter on them.
-        let labels: BTreeMap<String, BTreeMap<String, String>> = self
+        // Labels sit on nodes, as `label.KEY` properties: a host's come from its enrollment token
+        // and operators, then hostname rules; an address's from CIDR rules.
+        let enrolled: BTreeMap<String, EnrolledAgent> = self
             .enrollment
             .list_agents()
             .await
             .into_iter()
-            .map(|a| (a.id, a.labels))
+            .map(|a| (a.id.clone(), a))
             .collect();
-        for node in graph.nodes.iter_mut().filter(|n| n.kind == "host") {
-            if let Some(l) = labels.get(&node.name) {
-                for (k, v) in l {
-                    node.properties.insert(format!("label.{k}"), v.clone());
+        for node in graph.nodes.iter_mut() {
+            let labels = match node.kind.as_str() {
+                "host" => {
+                    let record = enrolled.get(&node.name);
+                    let hostname = record
+                        .map(|a| a.hostname.clone())
+                        .filter(|h| !h.is_empty())
+                        .unwrap_or_else(|| node.name.clone());
+                    node.properties.insert("hostname".into(), hostname.clone());
+                    let mut labels = self.label_rules.for_hostname(&hostname);
+                    labels.extend(record.map(|a| a.labels.clone()).unwrap_or_default());
+                    labels
                 }
+                "address" => match node.name.parse() {
+                    Ok(ip) => self.label_rules.for_address(&ip),
+                    Err(_) => BTreeMap::new(),
+                },
+                _ => BTreeMap::new(),
+            };
+            for (k, v) in labels {
+                node.properties.insert(format!("label.{k}"), v);
             }
         }
         Ok(Response::new(graph))

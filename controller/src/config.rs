@@ -31,6 +31,7 @@ pub struct ControllerConfig {
     /// Largest gRPC message accepted.
     pub max_message_bytes: usize,
     pub topology: crate::topology::TopologySettings,
+    pub label_rules: crate::topology::labels::LabelRules,
     /// The policy every agent gets until operators set others.
     pub default_policy: PolicySpec,
 }
@@ -57,6 +58,8 @@ fn known_keys() -> Vec<String> {
         "topology.ttl",
         "topology.retention",
         "topology.max_entries",
+        "topology.cidr_labels",
+        "topology.hostname_labels",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -142,6 +145,15 @@ impl ControllerConfig {
             ),
             max_entries: c.value("topology.max_entries", 100_000usize),
         };
+        let cidr = c.string("topology.cidr_labels", "");
+        let hostname = c.string("topology.hostname_labels", "");
+        let label_rules = match crate::topology::labels::LabelRules::parse(&cidr, &hostname) {
+            Ok(rules) => rules,
+            Err((key, e)) => {
+                c.fail(key, e);
+                Default::default()
+            }
+        };
         if topology.retention < topology.ttl {
             c.fail("topology.retention", "must be at least topology.ttl");
         }
@@ -170,6 +182,7 @@ impl ControllerConfig {
             idle_timeout,
             max_message_bytes,
             topology,
+            label_rules,
             default_policy,
         })
     }

@@ -246,6 +246,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         policies.clone(),
         topology.clone(),
         events,
+        config.label_rules.clone(),
     ));
     let incoming = tapgraph::transport::tls_incoming(grpc_listener, tls, config.handshake_timeout);
     let grpc_stop = stop.clone();

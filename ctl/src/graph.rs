@@ -31,7 +31,8 @@ pub struct Filter {
     /// Only edges touching this host (agent id).
     #[arg(long, value_name = "HOST", global = true)]
     host: Option<String>,
-    /// Only edges touching a host with this label.
+    /// Only edges touching a node with this label (hosts: token, operator and hostname rules;
+    /// addresses: CIDR rules).
     #[arg(long, value_name = "K=V", value_parser = tapgraph::labels::parse_pair, global = true)]
     label: Option<(String, String)>,
     /// Only this server port.
@@ -134,6 +135,17 @@ fn connects(g: &proto::Graph) -> impl Iterator<Item = &proto::GraphEdge> {
     g.edges.iter().filter(|e| e.kind == "CONNECTS_TO")
 }
 
+/// The node ids whose labels speak for an edge endpoint: the node, and a service's host.
+fn label_holders(node_id: &str) -> Vec<String> {
+    let mut ids = vec![node_id.to_string()];
+    if node_id.starts_with("svc:")
+        && let Some(h) = host_of(node_id)
+    {
+        ids.push(format!("host:{h}"));
+    }
+    ids
+}
+
 fn keep(
     e: &proto::GraphEdge,
     f: &Filter,
@@ -144,27 +156,27 @@ fn keep(
         .as_ref()
         .is_none_or(|h| hosts.contains(&Some(h.as_str())))
         && f.label.as_ref().is_none_or(|(k, v)| {
-            hosts
+            [&e.from, &e.to]
                 .iter()
-                .flatten()
-                .any(|h| labels.get(h).and_then(|l| l.get(k)) == Some(v))
+                .flat_map(|n| label_holders(n))
+                .any(|id| labels.get(id.as_str()).and_then(|l| l.get(k)) == Some(v))
         })
         && f.port.is_none_or(|p| e.port == u32::from(p))
         && f.protocol
             .is_none_or(|p| protocol_name(e.protocol) == format!("{p:?}").to_lowercase())
 }
 
-fn host_labels(g: &proto::Graph) -> BTreeMap<&str, BTreeMap<String, String>> {
+/// Labels by node id, for hosts and addresses alike.
+fn node_labels(g: &proto::Graph) -> BTreeMap<&str, BTreeMap<String, String>> {
     g.nodes
         .iter()
-        .filter(|n| n.kind == "host")
         .map(|n| {
             let l = n
                 .properties
                 .iter()
                 .filter_map(|(k, v)| k.strip_prefix("label.").map(|k| (k.to_string(), v.clone())))
                 .collect();
-            (n.name.as_str(), l)
+            (n.id.as_str(), l)
         })
         .collect()
 }
@@ -226,7 +238,7 @@ pub async fn run(
     match args.command {
         None => {
             let g = fetch(admin, &args.filter, false).await?;
-            let labels = host_labels(&g);
+            let labels = node_labels(&g);
             let edges: Vec<&proto::GraphEdge> = connects(&g)
                 .filter(|e| keep(e, &args.filter, &labels))
                 .collect();
@@ -483,6 +495,45 @@ mod tests {
             split,
             "only the hub has 3 or more neighbours"
         );
+    }
+
+    #[test]
+    fn label_filters_see_hosts_services_and_addresses() {
+        let mut addr = proto::GraphNode {
+            id: "addr:203.0.113.7".into(),
+            kind: "address".into(),
+            name: "203.0.113.7".into(),
+            ..Default::default()
+        };
+        addr.properties.insert("label.owner".into(), "saas".into());
+        let mut db = host("db");
+        db.properties.insert("label.role".into(), "db".into());
+        let g = proto::Graph {
+            nodes: vec![host("a"), db, addr],
+            edges: vec![
+                edge("host:a", "svc:db/tcp/5432"),
+                edge("host:a", "addr:203.0.113.7"),
+            ],
+        };
+        let labels = node_labels(&g);
+        let only = |k: &str, v: &str| {
+            let f = Filter {
+                label: Some((k.into(), v.into())),
+                ..Default::default()
+            };
+            g.edges
+                .iter()
+                .filter(|e| keep(e, &f, &labels))
+                .map(|e| e.to.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            only("role", "db"),
+            ["svc:db/tcp/5432"],
+            "a service carries its host's labels"
+        );
+        assert_eq!(only("owner", "saas"), ["addr:203.0.113.7"]);
+        assert!(only("owner", "nobody").is_empty());
     }
 
     #[test]

@@ -238,7 +238,7 @@ fn bad_configuration_exits_78_and_names_every_bad_key() {
     let file = world.path().join("controller.toml");
     std::fs::write(
         &file,
-        "listen = 'nowhere'\nlisten_typo = 1\n[pki]\nserver_names = 'ok.example,bad name!'\n[policy]\nlimit = 'fast'\nfilter = 'tcp port banana'\nheartbeat_interval = '5'\n",
+        "listen = 'nowhere'\nlisten_typo = 1\n[pki]\nserver_names = 'ok.example,bad name!'\n[topology]\ncidr_labels = '10.0.0.0/33 a=b'\n[policy]\nlimit = 'fast'\nfilter = 'tcp port banana'\nheartbeat_interval = '5'\n",
     )
     .unwrap();
     let mut cmd = Command::new(bin("tapgraph-controller"));
@@ -255,6 +255,7 @@ fn bad_configuration_exits_78_and_names_every_bad_key() {
         "policy.heartbeat_interval:",
         "log.format:",
         "pki.server_names:",
+        "topology.cidr_labels:",
     ] {
         assert!(stderr.contains(key), "{key} not named in:\n{stderr}");
     }

@@ -185,6 +185,8 @@ fn the_map_shows_exactly_who_connects_to_whom() {
             ("TAPGRAPH_POLICY__SNAPSHOT_INTERVAL", "1s"),
             ("TAPGRAPH_POLICY__HEARTBEAT_INTERVAL", "1s"),
             ("TAPGRAPH_TOPOLOGY__TTL", "4s"),
+            // The agentless host's network is a partner's: name it.
+            ("TAPGRAPH_TOPOLOGY__CIDR_LABELS", "198.18.5.0/30 owner=partner,zone=dmz"),
         ],
     );
     let redis = [
@@ -323,6 +325,12 @@ fn the_map_shows_exactly_who_connects_to_whom() {
     );
     let port_filtered = lab.edges(&["--port", "6379"]);
     assert_eq!(port_filtered.len(), 3, "{port_filtered:#?}");
+    // CIDR label rules name external endpoints, and queries can use them.
+    let partner = lab.edges(&["--label", "owner=partner"]);
+    assert_eq!(
+        partner,
+        BTreeSet::from([format!("host:app1 -> addr:{ext_ip} 6379/tcp redis-cli")])
+    );
 
     // A closed connection's edge turns inactive after the TTL.
     let app2_cli = lab

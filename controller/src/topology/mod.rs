@@ -2,6 +2,7 @@
 //! each is validated, applied to the model and written through to the state store, so a restart
 //! loses nothing. Queries read the model; nothing else touches it.
 
+pub mod labels;
 pub mod model;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -15,6 +15,7 @@ use crate::events::Events;
 use crate::policies::{self, Policies, Selector};
 use crate::registry::{AgentState, AgentView, Registry};
 use crate::topology::labels::LabelRules;
+use crate::topology::names::Names;
 use crate::topology::{GraphQuery, Topology};
 
 pub struct AdminApi {
@@ -24,6 +25,7 @@ pub struct AdminApi {
     topology: Topology,
     events: Events,
     label_rules: LabelRules,
+    names: Names,
 }
 
 type EventStream = std::pin::Pin<
@@ -38,6 +40,7 @@ impl AdminApi {
         topology: Topology,
         events: Events,
         label_rules: LabelRules,
+        names: Names,
     ) -> Self {
         Self {
             enrollment,
@@ -46,6 +49,7 @@ impl AdminApi {
             topology,
             events,
             label_rules,
+            names,
         }
     }
 
@@ -398,6 +402,19 @@ impl AdminService for AdminApi {
             };
             for (k, v) in labels {
                 node.properties.insert(format!("label.{k}"), v);
+            }
+        }
+        // External and agentless endpoints by name, when reverse DNS is on.
+        let external: Vec<std::net::IpAddr> = graph
+            .nodes
+            .iter()
+            .filter(|n| n.kind == "address")
+            .filter_map(|n| n.name.parse().ok())
+            .collect();
+        let names = self.names.lookup(&external, Duration::from_secs(2)).await;
+        for node in graph.nodes.iter_mut().filter(|n| n.kind == "address") {
+            if let Some(name) = node.name.parse().ok().and_then(|ip| names.get(&ip)) {
+                node.properties.insert("dns".into(), name.clone());
             }
         }
         Ok(Response::new(graph))

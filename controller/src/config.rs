@@ -32,6 +32,8 @@ pub struct ControllerConfig {
     pub max_message_bytes: usize,
     pub topology: crate::topology::TopologySettings,
     pub label_rules: crate::topology::labels::LabelRules,
+    /// Name external addresses by reverse DNS.
+    pub reverse_dns: bool,
     /// The policy every agent gets until operators set others.
     pub default_policy: PolicySpec,
 }
@@ -60,6 +62,7 @@ fn known_keys() -> Vec<String> {
         "topology.max_entries",
         "topology.cidr_labels",
         "topology.hostname_labels",
+        "topology.reverse_dns",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -154,6 +157,7 @@ impl ControllerConfig {
                 Default::default()
             }
         };
+        let reverse_dns = c.bool("topology.reverse_dns", false);
         if topology.retention < topology.ttl {
             c.fail("topology.retention", "must be at least topology.ttl");
         }
@@ -183,6 +187,7 @@ impl ControllerConfig {
             max_message_bytes,
             topology,
             label_rules,
+            reverse_dns,
             default_policy,
         })
     }

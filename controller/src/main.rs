@@ -247,6 +247,11 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         topology.clone(),
         events,
         config.label_rules.clone(),
+        if config.reverse_dns {
+            topology::names::Names::new(std::time::Duration::from_secs(3600))
+        } else {
+            topology::names::Names::disabled()
+        },
     ));
     let incoming = tapgraph::transport::tls_incoming(grpc_listener, tls, config.handshake_timeout);
     let grpc_stop = stop.clone();

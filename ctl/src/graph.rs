@@ -118,7 +118,10 @@ fn display(node_id: &str, nodes: &BTreeMap<&str, &proto::GraphNode>) -> String {
                 None => n.name.clone(),
             }
         }
-        Some(n) => n.name.clone(),
+        Some(n) => match n.properties.get("dns") {
+            Some(dns) => format!("{dns} ({})", n.name),
+            None => n.name.clone(),
+        },
         None => node_id.to_string(),
     }
 }

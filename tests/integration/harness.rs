@@ -427,9 +427,19 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// A network namespace made by this test, deleted on drop.
+/// A network namespace made by this test, deleted on drop (with its /etc/netns files).
 pub struct Netns {
     pub name: String,
+}
+
+impl Netns {
+    /// Gives programs run in this namespace their own /etc/hosts (`ip netns exec` bind-mounts
+    /// /etc/netns/NAME/hosts over it): name resolution for a test, without touching the machine's.
+    pub fn hosts_file(&self, content: &str) {
+        let dir = PathBuf::from("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).expect("/etc/netns/NAME");
+        std::fs::write(dir.join("hosts"), content).expect("hosts file");
+    }
 }
 
 impl Netns {
@@ -482,6 +492,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.name));
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();

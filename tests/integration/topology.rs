@@ -53,6 +53,8 @@ impl Lab {
             assert!(route.status.success(), "{route:?}");
             hosts.push((name.to_string(), ns, format!("198.18.{net}.2")));
         }
+        // The controller's namespace knows the agentless host by name, for reverse DNS.
+        hub.hosts_file("127.0.0.1 localhost\n198.18.5.2 partner-redis.example\n");
         let mut cmd =
             hub.wrap(world.controller_cmd("0.0.0.0:7443".parse().unwrap(), HTTP.parse().unwrap()));
         cmd.envs(env.iter().copied());
@@ -186,7 +188,11 @@ fn the_map_shows_exactly_who_connects_to_whom() {
             ("TAPGRAPH_POLICY__HEARTBEAT_INTERVAL", "1s"),
             ("TAPGRAPH_TOPOLOGY__TTL", "4s"),
             // The agentless host's network is a partner's: name it.
-            ("TAPGRAPH_TOPOLOGY__CIDR_LABELS", "198.18.5.0/30 owner=partner,zone=dmz"),
+            (
+                "TAPGRAPH_TOPOLOGY__CIDR_LABELS",
+                "198.18.5.0/30 owner=partner,zone=dmz",
+            ),
+            ("TAPGRAPH_TOPOLOGY__REVERSE_DNS", "true"),
         ],
     );
     let redis = [
@@ -293,7 +299,16 @@ fn the_map_shows_exactly_who_connects_to_whom() {
         "redis-server"
     );
     assert_eq!(node("svc:front/tcp/80")["properties"]["process"], "nginx");
-    assert_eq!(node(&format!("addr:{ext_ip}"))["kind"], "address");
+    let partner = node(&format!("addr:{ext_ip}"));
+    assert_eq!(partner["kind"], "address");
+    assert_eq!(
+        partner["properties"]["dns"], "partner-redis.example",
+        "named by reverse DNS"
+    );
+    assert_eq!(
+        partner["properties"]["label.owner"], "partner",
+        "and by a CIDR rule"
+    );
     let edges: Vec<&Value> = export["edges"].as_array().unwrap().iter().collect();
     assert!(edges.iter().any(|e| e["kind"] == "HAS_ADDRESS"
         && e["from"] == "host:db"

@@ -4,6 +4,7 @@
 
 pub mod labels;
 pub mod model;
+pub mod names;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

@@ -361,10 +361,13 @@ fn events_show_a_policy_rollout() {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        lines
-            .iter()
-            .any(|e| e["kind"] == "policy_refused")
-            .then_some(lines)
+        // Both outcomes, in whichever order the two agents answer.
+        let seen = |kind: &str, agent: &str| {
+            lines
+                .iter()
+                .any(|e| e["kind"] == kind && e["agent"] == agent)
+        };
+        (seen("policy_refused", "db1") && seen("policy_applied", "web1")).then_some(lines)
     });
     let kinds: Vec<(String, String)> = lines
         .iter()

@@ -14,9 +14,8 @@ use crate::enrollment::{EnrolledAgent, Enrollment};
 use crate::events::Events;
 use crate::policies::{self, Policies, Selector};
 use crate::registry::{AgentState, AgentView, Registry};
-use crate::topology::labels::LabelRules;
-use crate::topology::names::Names;
-use crate::topology::{GraphQuery, Topology};
+use crate::topology::labels::RuleText;
+use crate::topology::{GraphQuery, Naming, Topology};
 
 pub struct AdminApi {
     enrollment: Enrollment,
@@ -24,8 +23,7 @@ pub struct AdminApi {
     policies: Policies,
     topology: Topology,
     events: Events,
-    label_rules: LabelRules,
-    names: Names,
+    naming: Naming,
 }
 
 type EventStream = std::pin::Pin<
@@ -39,8 +37,7 @@ impl AdminApi {
         policies: Policies,
         topology: Topology,
         events: Events,
-        label_rules: LabelRules,
-        names: Names,
+        naming: Naming,
     ) -> Self {
         Self {
             enrollment,
@@ -48,8 +45,7 @@ impl AdminApi {
             policies,
             topology,
             events,
-            label_rules,
-            names,
+            naming,
         }
     }
 
@@ -381,6 +377,10 @@ impl AdminService for AdminApi {
             .into_iter()
             .map(|a| (a.id.clone(), a))
             .collect();
+        let rules = self
+            .naming
+            .config_rules
+            .then(&self.naming.operator_rules.get().1);
         for node in graph.nodes.iter_mut() {
             let labels = match node.kind.as_str() {
                 "host" => {
@@ -390,12 +390,12 @@ impl AdminService for AdminApi {
                         .filter(|h| !h.is_empty())
                         .unwrap_or_else(|| node.name.clone());
                     node.properties.insert("hostname".into(), hostname.clone());
-                    let mut labels = self.label_rules.for_hostname(&hostname);
+                    let mut labels = rules.for_hostname(&hostname);
                     labels.extend(record.map(|a| a.labels.clone()).unwrap_or_default());
                     labels
                 }
                 "address" => match node.name.parse() {
-                    Ok(ip) => self.label_rules.for_address(&ip),
+                    Ok(ip) => rules.for_address(&ip),
                     Err(_) => BTreeMap::new(),
                 },
                 _ => BTreeMap::new(),
@@ -411,13 +411,49 @@ impl AdminService for AdminApi {
             .filter(|n| n.kind == "address")
             .filter_map(|n| n.name.parse().ok())
             .collect();
-        let names = self.names.lookup(&external, Duration::from_secs(2)).await;
+        let names = self
+            .naming
+            .names
+            .lookup(&external, Duration::from_secs(2))
+            .await;
         for node in graph.nodes.iter_mut().filter(|n| n.kind == "address") {
             if let Some(name) = node.name.parse().ok().and_then(|ip| names.get(&ip)) {
                 node.properties.insert("dns".into(), name.clone());
             }
         }
         Ok(Response::new(graph))
+    }
+
+    async fn get_label_rules(
+        &self,
+        request: Request<proto::GetLabelRulesRequest>,
+    ) -> Result<Response<proto::LabelRules>, Status> {
+        auth::operator(&request)?;
+        let (text, _) = self.naming.operator_rules.get();
+        Ok(Response::new(proto::LabelRules {
+            cidr: text.cidr,
+            hostname: text.hostname,
+        }))
+    }
+
+    async fn set_label_rules(
+        &self,
+        request: Request<proto::LabelRules>,
+    ) -> Result<Response<proto::LabelRules>, Status> {
+        let operator = auth::operator(&request)?;
+        let req = request.into_inner();
+        let text = RuleText {
+            cidr: req.cidr.clone(),
+            hostname: req.hostname.clone(),
+        };
+        self.naming
+            .operator_rules
+            .set(text)
+            .map_err(Status::invalid_argument)?;
+        tracing::info!(%operator, cidr = %req.cidr, hostname = %req.hostname, "label rules set");
+        self.events
+            .emit("label_rules", "", format!("label rules set by {operator}"));
+        Ok(Response::new(req))
     }
 
     async fn watch_events(

@@ -210,6 +210,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     tasks.spawn("enrollment", enrollment_task);
     // Loaded before the listener serves, so the first agent already gets its stored policy.
     let store_for_topology = store.clone();
+    let rules_store = store.clone();
     let (policies, policies_task) = policies::Policies::spawn(
         store,
         &config.default_policy,
@@ -246,11 +247,14 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         policies.clone(),
         topology.clone(),
         events,
-        config.label_rules.clone(),
-        if config.reverse_dns {
-            topology::names::Names::new(std::time::Duration::from_secs(3600))
-        } else {
-            topology::names::Names::disabled()
+        topology::Naming {
+            config_rules: config.label_rules.clone(),
+            operator_rules: topology::labels::OperatorRules::load(rules_store)?,
+            names: if config.reverse_dns {
+                topology::names::Names::new(std::time::Duration::from_secs(3600))
+            } else {
+                topology::names::Names::disabled()
+            },
         },
     ));
     let incoming = tapgraph::transport::tls_incoming(grpc_listener, tls, config.handshake_timeout);

@@ -69,10 +69,36 @@ enum GraphCommand {
         #[arg(long, value_name = "N")]
         hub_degree: Option<usize>,
     },
+    /// Label rules set by operators (applied after those in the controller's configuration).
+    #[command(after_help = "\
+Examples:
+  tapgraphctl graph rules
+  tapgraphctl graph rules set --cidr '203.0.113.0/24 owner=saas,name=payments; 10.20.0.0/16 zone=old-dc'
+  tapgraphctl graph rules set --hostname 'web-* role=web; db? role=db'
+
+A CIDR rule labels the addresses in it (the longest prefix wins a conflict); a hostname pattern
+(* and ?) labels the hosts it matches. An operator's rule wins over a configured one of equal weight.")]
+    Rules {
+        #[command(subcommand)]
+        action: Option<RulesCommand>,
+    },
     /// The whole graph for Graphviz (dot), Gephi (graphml) or scripts (json).
     Export {
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RulesCommand {
+    /// Replace the rules; a flag not given keeps its current rules, '' clears them.
+    Set {
+        /// CIDR rules: 'CIDR k=v,k=v; CIDR k=v'.
+        #[arg(long, value_name = "RULES")]
+        cidr: Option<String>,
+        /// Hostname rules: 'PATTERN k=v; PATTERN k=v'.
+        #[arg(long, value_name = "RULES")]
+        hostname: Option<String>,
     },
 }
 
@@ -281,6 +307,34 @@ pub async fn run(
                 for (i, c) in clusters.iter().enumerate() {
                     println!("cluster {} ({} hosts): {}", i + 1, c.len(), c.join(", "));
                 }
+            }
+        }
+        Some(GraphCommand::Rules { action }) => {
+            let mut rules = admin
+                .get_label_rules(proto::GetLabelRulesRequest {})
+                .await?
+                .into_inner();
+            if let Some(RulesCommand::Set { cidr, hostname }) = action {
+                if let Some(c) = cidr {
+                    rules.cidr = c;
+                }
+                if let Some(h) = hostname {
+                    rules.hostname = h;
+                }
+                rules = admin.set_label_rules(rules).await?.into_inner();
+            }
+            if json_out {
+                print_json(&json!({"cidr": rules.cidr, "hostname": rules.hostname}));
+            } else {
+                let show = |r: &str| {
+                    if r.is_empty() {
+                        "-".to_string()
+                    } else {
+                        r.to_string()
+                    }
+                };
+                println!("cidr      {}", show(&rules.cidr));
+                println!("hostname  {}", show(&rules.hostname));
             }
         }
         Some(GraphCommand::Export { format }) => {

@@ -422,12 +422,19 @@ fn row(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_snapshots_are_refused_or_skipped_and_the_map_is_kept() {
-    use tapgraph::proto::{self, agent_message::Msg, controller_message};
-    let world = World::new();
-    let controller =
-        crate::harness::Controller::start(&world, &[("TAPGRAPH_TOPOLOGY__MAX_ENTRIES", "10")]);
+type Sender = Box<
+    dyn Fn(tapgraph::proto::agent_message::Msg) -> futures::future::BoxFuture<'static, ()>
+        + Send
+        + Sync,
+>;
+
+/// An agent `raw` speaking gRPC directly, its session open (Hello sent): a sender of messages and
+/// the controller's side of the stream.
+async fn raw_agent(
+    world: &World,
+    controller: &crate::harness::Controller,
+) -> (Sender, tonic::Streaming<tapgraph::proto::ControllerMessage>) {
+    use tapgraph::proto::{self, agent_message::Msg};
     let dir = world.issue_agent("raw");
     let tls = tapgraph::tls::client_config_files(
         &dir.join("ca.pem"),
@@ -443,24 +450,88 @@ async fn bad_snapshots_are_refused_or_skipped_and_the_map_is_kept() {
     .await
     .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let send = |msg: Msg| {
+    let send: Sender = Box::new(move |msg: Msg| {
         let tx = tx.clone();
-        async move {
+        Box::pin(async move {
             tx.send(proto::AgentMessage { msg: Some(msg) })
                 .await
                 .unwrap()
-        }
-    };
+        })
+    });
     send(Msg::Hello(proto::Hello {
         hostname: "raw".into(),
         ..Default::default()
     }))
     .await;
-    let mut inbound = proto::agent_service_client::AgentServiceClient::new(channel)
+    let inbound = proto::agent_service_client::AgentServiceClient::new(channel)
         .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
+    (send, inbound)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_set_label_rules_that_name_external_endpoints() {
+    use tapgraph::proto::{self, agent_message::Msg};
+    let world = World::new();
+    let controller = crate::harness::Controller::start(&world, &[]);
+    let (send, _inbound) = raw_agent(&world, &controller).await;
+    send(Msg::Snapshot(proto::ConnectionSnapshot {
+        sequence: 1,
+        full: true,
+        addresses: vec!["10.9.0.1".into()],
+        entries: vec![row(proto::Direction::Client, "203.0.113.9", 443)],
+        ..Default::default()
+    }))
+    .await;
+    let ctl = world.operator("admin", controller.grpc);
+    let ctl_run = |args: &[&str]| crate::harness::ctl(&ctl, args);
+    wait_for("the snapshot on the map", Duration::from_secs(10), || {
+        (crate::harness::ctl_json(&ctl, &["graph"]).as_array()?.len() == 1).then_some(())
+    });
+    let (code, out, err) = ctl_run(&[
+        "graph",
+        "rules",
+        "set",
+        "--cidr",
+        "203.0.113.0/24 owner=saas",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cidr      203.0.113.0/24 owner=saas"), "{out}");
+    let saas = crate::harness::ctl_json(&ctl, &["graph", "--label", "owner=saas"]);
+    assert_eq!(saas.as_array().unwrap().len(), 1, "{saas}");
+
+    // A bad rule is refused with the reason, and the rules in force stay.
+    let (code, _, err) = ctl_run(&["graph", "rules", "set", "--cidr", "203.0.113.0/33 owner=x"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("InvalidArgument: cidr_labels: rule `203.0.113.0/33 owner=x`"),
+        "{err}"
+    );
+    let rules = crate::harness::ctl_json(&ctl, &["graph", "rules"]);
+    assert_eq!(rules["cidr"], "203.0.113.0/24 owner=saas");
+
+    // They survive a controller restart.
+    drop(_inbound);
+    let (controller, _) = controller.restart(&world, &[]);
+    let rules = crate::harness::ctl_json(&ctl, &["graph", "rules"]);
+    assert_eq!(rules["cidr"], "203.0.113.0/24 owner=saas");
+    let saas = crate::harness::ctl_json(
+        &ctl,
+        &["graph", "--label", "owner=saas", "--include-inactive"],
+    );
+    assert_eq!(saas.as_array().unwrap().len(), 1, "{saas}");
+    drop(controller);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_snapshots_are_refused_or_skipped_and_the_map_is_kept() {
+    use tapgraph::proto::{self, agent_message::Msg, controller_message};
+    let world = World::new();
+    let controller =
+        crate::harness::Controller::start(&world, &[("TAPGRAPH_TOPOLOGY__MAX_ENTRIES", "10")]);
+    let (send, mut inbound) = raw_agent(&world, &controller).await;
     let mut next_resync = async || loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await

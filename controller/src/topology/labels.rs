@@ -125,3 +125,85 @@ mod tests {
         assert!(LabelRules::parse("10.0.0.0/8 bad key=x", "").is_err());
     }
 }
+
+impl LabelRules {
+    /// These rules, then `later`'s: on a conflict between rules of equal weight, `later` wins.
+    pub fn then(&self, later: &LabelRules) -> LabelRules {
+        LabelRules {
+            cidr: self.cidr.iter().chain(&later.cidr).cloned().collect(),
+            hostname: self
+                .hostname
+                .iter()
+                .chain(&later.hostname)
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// Rules as operators write them (the configuration's syntax), stored as text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RuleText {
+    pub cidr: String,
+    pub hostname: String,
+}
+
+const RULES: crate::store::Table = redb::TableDefinition::new("label_rules");
+
+/// The rules operators set with tapgraphctl: validated, persisted, then swapped in whole.
+#[derive(Clone)]
+pub struct OperatorRules {
+    store: crate::store::Store,
+    /// Read on every graph query, written by an operator now and then; never held across an await.
+    current: std::sync::Arc<std::sync::RwLock<(RuleText, LabelRules)>>,
+}
+
+impl OperatorRules {
+    /// Loads the stored rules; stored rules that no longer parse are reported and ignored.
+    pub fn load(store: crate::store::Store) -> Result<Self, crate::store::StoreError> {
+        let text = store.load::<RuleText>(RULES)?.pop().unwrap_or_default();
+        let parsed = match LabelRules::parse(&text.cidr, &text.hostname) {
+            Ok(r) => r,
+            Err((key, error)) => {
+                tracing::error!(key, %error, "stored label rules no longer parse; ignoring them");
+                LabelRules::default()
+            }
+        };
+        Ok(Self {
+            store,
+            current: std::sync::Arc::new(std::sync::RwLock::new((text, parsed))),
+        })
+    }
+
+    pub fn get(&self) -> (RuleText, LabelRules) {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the rules; a rule that does not parse is refused with the reason and nothing changes.
+    pub fn set(&self, text: RuleText) -> Result<(), String> {
+        let parsed = LabelRules::parse(&text.cidr, &text.hostname)
+            .map_err(|(key, e)| format!("{}: {e}", key.replace("topology.", "")))?;
+        self.store
+            .put(RULES, "operator", &text)
+            .map_err(|e| e.to_string())?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (text, parsed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod operator_tests {
+    use super::*;
+
+    #[test]
+    fn later_rules_win_ties() {
+        let config = LabelRules::parse("10.0.0.0/8 zone=dc1", "web-* role=web").unwrap();
+        let ops = LabelRules::parse("10.0.0.0/8 zone=dc2", "web-* role=frontend").unwrap();
+        let all = config.then(&ops);
+        assert_eq!(all.for_address(&"10.1.1.1".parse().unwrap())["zone"], "dc2");
+        assert_eq!(all.for_hostname("web-1")["role"], "frontend");
+    }
+}

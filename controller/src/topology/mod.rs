@@ -23,6 +23,15 @@ use model::{
 const AGENTS: Table = TableDefinition::new("topology_agents");
 const EDGES: Table = TableDefinition::new("topology_edges");
 
+/// What names and labels the map's nodes at query time: rules from configuration, rules from
+/// operators (they win a tie), and reverse-DNS names.
+#[derive(Clone)]
+pub struct Naming {
+    pub config_rules: labels::LabelRules,
+    pub operator_rules: labels::OperatorRules,
+    pub names: names::Names,
+}
+
 /// Limits and timings of the map.
 #[derive(Debug, Clone, Copy)]
 pub struct TopologySettings {

@@ -848,7 +848,9 @@ mod tests {
         let _accepted = [listener.accept().unwrap(), listener.accept().unwrap()];
         let me = std::process::id();
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let name = procs::parse_stat(&stat).unwrap().comm;
+        let comm = procs::parse_stat(&stat).unwrap().comm;
+        // A test binary's name is longer than the kernel's 15-byte comm: argv0 completes it.
+        let name = procs::full_name(&comm, &std::fs::read("/proc/self/cmdline").unwrap());
 
         let mut snapshotter = Snapshotter::new(PathBuf::from("/proc"), None);
         for _ in 0..2 {

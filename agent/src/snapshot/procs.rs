@@ -493,9 +493,48 @@ impl ProcessTable {
             let _ = file.take(CMDLINE_MAX as u64 + 1).read_to_end(&mut raw);
         }
         ProcessKey {
-            name: stat.comm.clone(),
+            name: full_name(&stat.comm, &raw),
             cmdline: cmdline_text(&raw),
         }
+    }
+}
+
+/// The kernel keeps 15 bytes of a process name (`comm`): `tapgraph-controller` reads as
+/// `tapgraph-contro`. When comm is that long and the program's file name (argv[0]) extends it,
+/// the file name is the process's real name.
+pub(crate) fn full_name(comm: &str, cmdline: &[u8]) -> String {
+    const TASK_COMM_LEN: usize = 15;
+    if comm.len() < TASK_COMM_LEN {
+        return comm.to_string();
+    }
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let base = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
+    match std::str::from_utf8(base) {
+        Ok(name) if name.len() > comm.len() && name.starts_with(comm) => name.to_string(),
+        _ => comm.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::full_name;
+
+    #[test]
+    fn truncated_names_are_completed_from_argv0_only() {
+        assert_eq!(
+            full_name(
+                "tapgraph-contro",
+                b"/usr/bin/tapgraph-controller\0--listen\0"
+            ),
+            "tapgraph-controller"
+        );
+        assert_eq!(full_name("nginx", b"nginx: worker process\0"), "nginx");
+        // A 15-byte name whose argv0 says something else keeps its comm.
+        assert_eq!(
+            full_name("exactly15bytes!", b"/bin/other\0"),
+            "exactly15bytes!"
+        );
+        assert_eq!(full_name("exactly15bytes!", b""), "exactly15bytes!");
     }
 }
 

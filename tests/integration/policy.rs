@@ -507,8 +507,18 @@ fn a_missing_interface_is_reported_for_that_agent_only() {
             .unwrap()
             .to_string()
     };
-    assert!(row("tapped ").contains("applied"), "{out}");
     assert!(row("plain ").contains("failed"), "{out}");
+    // --wait returns at the first refusal; the tapped host may still have been applying then.
+    wait_for(
+        "the tapped host to apply span",
+        Duration::from_secs(20),
+        || {
+            let (_, now, _) = hub_ctl(&["policy", "status", "span"]);
+            now.lines()
+                .any(|r| r.starts_with("tapped ") && r.contains("applied"))
+                .then_some(())
+        },
+    );
     assert!(
         row("plain ").contains("interface: span0 does not exist on this host (it has lo, up0)"),
         "{out}"

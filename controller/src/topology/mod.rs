@@ -330,16 +330,9 @@ impl Task {
         }
         table.last_snapshot_ms = now;
         self.stats.rows_skipped += skipped;
-        let mut changes = self.model.replace(agent, table, now);
-        self.model.touch(agent, now);
-        // Every edge this agent still reports was seen now.
-        changes.edges_upserted.extend(
-            self.model
-                .edges
-                .iter()
-                .filter(|(_, e)| e.reporters.keys().any(|(a, _)| a == agent))
-                .map(|(k, _)| k.clone()),
-        );
+        // Replacing re-attaches every row at `now`: each edge this agent still reports is marked
+        // seen and listed in the changes, at a cost in this agent's rows, not the whole map's.
+        let changes = self.model.replace(agent, table, now);
         self.sequences.insert(agent.to_string(), s.sequence);
         self.stats.snapshots_applied += 1;
         // The model has the snapshot. A failed write is not the agent's fault: a resync would

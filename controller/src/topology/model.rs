@@ -400,24 +400,6 @@ impl Model {
         ch
     }
 
-    /// Marks every current observation of `agent` as seen at `now_ms` (a snapshot arrived).
-    pub fn touch(&mut self, agent: &str, now_ms: u64) {
-        if let Some(t) = self.agents.get_mut(agent) {
-            t.last_snapshot_ms = now_ms;
-        }
-        let keys: Vec<EdgeKey> = self
-            .keyed
-            .iter()
-            .filter(|((a, _), _)| a == agent)
-            .map(|(_, k)| k.clone())
-            .collect();
-        for k in keys {
-            if let Some(e) = self.edges.get_mut(&k) {
-                e.last_seen_ms = e.last_seen_ms.max(now_ms);
-            }
-        }
-    }
-
     /// Removes edges last seen more than `retention_ms` ago.
     pub fn expire(&mut self, now_ms: u64, retention_ms: u64) -> Changes {
         let mut ch = Changes::default();
@@ -602,6 +584,20 @@ mod tests {
         );
         let json = serde_json::to_string(&t).unwrap();
         assert_eq!(serde_json::from_str::<AgentTable>(&json).unwrap(), t);
+    }
+
+    #[test]
+    fn every_snapshot_refreshes_the_edges_it_still_reports() {
+        let mut m = Model::default();
+        let row = (Direction::Client, "10.0.0.1", "203.0.113.7", 443, "curl", 1);
+        m.replace("web", table(&["10.0.0.1"], &[], &[row]), 1_000);
+        let ch = m.replace("web", table(&["10.0.0.1"], &[], &[row]), 5_000);
+        let e = m.edges.values().next().unwrap();
+        assert_eq!((e.first_seen_ms, e.last_seen_ms), (1_000, 5_000));
+        assert!(
+            ch.edges_upserted.contains(&e.key),
+            "so the store writes the new last_seen"
+        );
     }
 
     #[test]

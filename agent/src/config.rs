@@ -8,6 +8,8 @@ use tapgraph::config::{ConfigErrors, Layered, Sources};
 use tapgraph::logging::{self, LogFormat};
 use tapgraph::tls::TlsFiles;
 
+use crate::snapshot::Scope;
+
 /// How to enroll when the agent has no (valid) certificate.
 #[derive(Debug, Clone)]
 pub struct EnrollSettings {
@@ -39,6 +41,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     pub log_filter: String,
     pub shutdown_timeout: Duration,
+    /// Which network namespaces connection snapshots cover.
+    pub scope: Scope,
 }
 
 /// What the configuration is loaded for.
@@ -68,6 +72,7 @@ const KNOWN: &[&str] = &[
     "log.format",
     "log.level",
     "shutdown_timeout",
+    "snapshot.scope",
 ];
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -227,6 +232,7 @@ impl AgentConfig {
         let log_filter = c.parse("log.level", "info".to_string(), logging::parse_filter);
         let shutdown_timeout =
             c.duration("shutdown_timeout", 5 * SECOND, SECOND / 10, 600 * SECOND);
+        let scope = c.value("snapshot.scope", Scope::Own);
 
         // A renewal interrupted by a crash is completed before the files are judged.
         if let Err(e) = crate::enroll::finish_pending_install(&tls) {
@@ -258,6 +264,7 @@ impl AgentConfig {
             log_format,
             log_filter,
             shutdown_timeout,
+            scope,
         })
     }
 }

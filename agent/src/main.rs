@@ -71,6 +71,11 @@ struct Cli {
     /// Log filter, e.g. info or debug [key: log.level].
     #[arg(long, value_name = "FILTER", global = true)]
     log_level: Option<String>,
+    /// Network namespaces to report: `own` (this one: a VM, or a host that is a namespace) or
+    /// `all` (every namespace on the host, for container hosts; rows are tagged with their
+    /// namespace and container; needs root) [key: snapshot.scope, default own].
+    #[arg(long, value_name = "own|all", global = true)]
+    scope: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,6 +126,7 @@ impl Cli {
             ("enroll.name", &self.name),
             ("log.format", &self.log_format),
             ("log.level", &self.log_level),
+            ("snapshot.scope", &self.scope),
         ])
     }
 }
@@ -133,7 +139,14 @@ fn main() -> ExitCode {
         quiet,
     }) = cli.command
     {
-        return print_snapshot(repeat, json, quiet);
+        let scope = match cli.scope.as_deref().unwrap_or("own").parse() {
+            Ok(scope) => scope,
+            Err(e) => {
+                eprintln!("{PROGRAM}: --scope: {e}");
+                return ExitCode::from(tapgraph::config::EX_CONFIG as u8);
+            }
+        };
+        return print_snapshot(scope, repeat, json, quiet);
     }
     let purpose = match cli.command {
         Some(Command::Enroll) => Purpose::Enroll,
@@ -159,8 +172,8 @@ fn main() -> ExitCode {
 }
 
 /// `tapgraph-agent snapshot`: one or more reads of the connection table, printed.
-fn print_snapshot(repeat: u32, json: bool, quiet: bool) -> ExitCode {
-    let mut snapshotter = snapshot::Snapshotter::new("/proc".into(), None);
+fn print_snapshot(scope: snapshot::Scope, repeat: u32, json: bool, quiet: bool) -> ExitCode {
+    let mut snapshotter = snapshot::Snapshotter::with_scope("/proc".into(), None, scope);
     let mut last = None;
     for i in 1..=repeat.max(1) {
         let started = std::time::Instant::now();
@@ -211,47 +224,61 @@ fn print_snapshot(repeat: u32, json: bool, quiet: bool) -> ExitCode {
             p.name.clone()
         }
     };
+    // Scope `all` only: where a row lives, as ` [netns container]`.
+    let place = |netns: &str, p: &snapshot::ProcessKey| match (netns, p.container.as_str()) {
+        ("", "") => String::new(),
+        (ns, "") => format!(" [{ns}]"),
+        ("", c) => format!(" [{c}]"),
+        (ns, c) => format!(" [{ns} {c}]"),
+    };
     for (l, pid) in &table.listeners {
         if json {
-            println!(
-                "{{\"listen\":\"{}\",\"port\":{},\"protocol\":\"{:?}\",\"process\":\"{}\",\"pid\":{pid}}}",
-                l.ip,
-                l.port,
-                l.protocol,
-                name(&l.process)
-            );
+            let row = serde_json::json!({
+                "netns": l.netns,
+                "listen": l.ip.to_string(),
+                "port": l.port,
+                "protocol": format!("{:?}", l.protocol),
+                "process": name(&l.process),
+                "container": l.process.container,
+                "pid": pid,
+            });
+            println!("{row}");
         } else {
             println!(
-                "LISTEN  {:?} {}:{}  {} ({pid})",
+                "LISTEN  {:?} {}:{}  {} ({pid}){}",
                 l.protocol,
                 l.ip,
                 l.port,
-                name(&l.process)
+                name(&l.process),
+                place(&l.netns, &l.process)
             );
         }
     }
     for (k, v) in &table.entries {
         if json {
-            println!(
-                "{{\"direction\":\"{:?}\",\"local\":\"{}\",\"remote\":\"{}\",\"port\":{},\"protocol\":\"{:?}\",\"process\":\"{}\",\"sockets\":{}}}",
-                k.direction,
-                k.local_ip,
-                k.remote_ip,
-                k.server_port,
-                k.protocol,
-                name(&k.process),
-                v.sockets
-            );
+            let row = serde_json::json!({
+                "netns": k.netns,
+                "direction": format!("{:?}", k.direction),
+                "local": k.local_ip.to_string(),
+                "remote": k.remote_ip.to_string(),
+                "port": k.server_port,
+                "protocol": format!("{:?}", k.protocol),
+                "process": name(&k.process),
+                "container": k.process.container,
+                "sockets": v.sockets,
+            });
+            println!("{row}");
         } else {
             println!(
-                "{:?}  {:?} {} -> {} port {}  {}  x{}",
+                "{:?}  {:?} {} -> {} port {}  {}  x{}{}",
                 k.direction,
                 k.protocol,
                 k.local_ip,
                 k.remote_ip,
                 k.server_port,
                 name(&k.process),
-                v.sockets
+                v.sockets,
+                place(&k.netns, &k.process)
             );
         }
     }

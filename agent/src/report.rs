@@ -8,7 +8,7 @@ use tapgraph::proto;
 
 use crate::shortlived::{Catch, Catcher};
 use crate::snapshot::{
-    self, Direction, EntryKey, EntryValue, Listener, ProcessKey, Snapshotter, Table,
+    self, Direction, EntryKey, EntryValue, Listener, ProcessKey, Scope, Snapshotter, Table,
 };
 
 pub struct Reporter {
@@ -71,6 +71,7 @@ pub fn merge_catches(
                 continue;
             }
             let key = EntryKey {
+                netns: String::new(),
                 direction,
                 local_ip,
                 remote_ip,
@@ -122,8 +123,8 @@ fn entry(k: &EntryKey, v: Option<&EntryValue>, short_lived: bool) -> proto::Conn
         process: process(v.map_or(0, |v| v.pid), &k.process),
         sockets: v.map_or(0, |v| v.sockets),
         control_plane: v.is_some_and(|v| v.control_plane),
-        netns: String::new(),
-        container: String::new(),
+        netns: k.netns.clone(),
+        container: k.process.container.clone(),
         short_lived,
     }
 }
@@ -134,21 +135,44 @@ fn listener(l: &Listener, pid: u32) -> proto::ListeningService {
         port: u32::from(l.port),
         protocol: protocol(l.protocol),
         process: process(pid, &l.process),
-        netns: String::new(),
+        netns: l.netns.clone(),
     }
 }
 
-/// Every address of every interface of this namespace.
-fn addresses() -> BTreeSet<IpAddr> {
-    crate::host::interfaces()
-        .iter()
-        .flat_map(|i| i.addresses.iter())
-        .filter_map(|cidr| cidr.split('/').next()?.parse::<IpAddr>().ok())
-        .collect()
+/// Every address of every interface of this namespace; in scope `all`, of every namespace a
+/// process is in (a container's address is the host's too).
+fn addresses(scope: Scope) -> BTreeSet<IpAddr> {
+    let of = |interfaces: Vec<proto::Interface>| -> BTreeSet<IpAddr> {
+        interfaces
+            .iter()
+            .flat_map(|i| i.addresses.iter())
+            .filter_map(|cidr| cidr.split('/').next()?.parse::<IpAddr>().ok())
+            .collect()
+    };
+    let mut all = of(crate::host::interfaces());
+    if scope == Scope::All {
+        let root = std::path::Path::new("/proc");
+        let own = snapshot::netns::inode_of(&root.join("self/ns/net")).ok();
+        for ns in snapshot::netns::list(root).unwrap_or_default() {
+            if Some(ns.inode) == own {
+                continue;
+            }
+            let path = root.join(ns.pid.to_string()).join("ns/net");
+            match std::fs::File::open(&path)
+                .and_then(|file| snapshot::netns::run_in(&file, crate::host::interfaces))
+            {
+                Ok(interfaces) => all.extend(of(interfaces)),
+                Err(error) => {
+                    tracing::debug!(namespace = %ns.name, %error, "cannot read the namespace's addresses")
+                }
+            }
+        }
+    }
+    all
 }
 
 impl Reporter {
-    pub fn new(control_plane: Option<SocketAddr>) -> Self {
+    pub fn new(control_plane: Option<SocketAddr>, scope: Scope) -> Self {
         let catcher = match Catcher::start() {
             Ok(c) => Some(c),
             Err(error) => {
@@ -157,7 +181,7 @@ impl Reporter {
             }
         };
         Self {
-            snapshotter: Snapshotter::new("/proc".into(), control_plane),
+            snapshotter: Snapshotter::with_scope("/proc".into(), control_plane, scope),
             sent: None,
             sequence: 0,
             control_plane,
@@ -180,7 +204,7 @@ impl Reporter {
         full: bool,
     ) -> Result<proto::ConnectionSnapshot, snapshot::SnapshotError> {
         let mut table = self.snapshotter.take()?;
-        let local = addresses();
+        let local = addresses(self.snapshotter.scope());
         if let Some(catcher) = &self.catcher {
             let catches = catcher.drain();
             let dropped = catcher
@@ -257,12 +281,14 @@ mod tests {
         let mut t = Table::default();
         t.listeners.insert(
             Listener {
+                netns: String::new(),
                 ip: ip("0.0.0.0"),
                 port: 80,
                 protocol: snapshot::Protocol::Tcp,
                 process: ProcessKey {
                     name: "nginx".into(),
                     cmdline: "nginx: worker".into(),
+                    container: String::new(),
                 },
             },
             42,
@@ -328,6 +354,7 @@ mod tests {
         let mut t = table_with_listener();
         t.entries.insert(
             EntryKey {
+                netns: String::new(),
                 direction: Direction::Server,
                 local_ip: ip("10.0.0.2"),
                 remote_ip: ip("10.0.0.9"),

@@ -105,6 +105,10 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
     let mut hello = host::hello();
     hello.started_at_unix_nanos = state.started_at;
     hello.agent_id = agent_id.clone();
+    hello.scope = match config.scope {
+        crate::snapshot::Scope::Own => proto::SnapshotScope::Own,
+        crate::snapshot::Scope::All => proto::SnapshotScope::All,
+    } as i32;
     // The channel is new and empty: Hello is queued before the stream opens, as the controller requires.
     if tx.try_send(message(Msg::Hello(hello))).is_err() {
         return End::Failed("cannot queue Hello".into());
@@ -139,7 +143,7 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
             .await
             .ok()
             .and_then(|mut addrs| addrs.next());
-        state.reporter = Some(Reporter::new(control_plane));
+        state.reporter = Some(Reporter::new(control_plane, config.scope));
     }
     state.full_snapshot = true;
     let mut established = false;

@@ -102,12 +102,16 @@ impl Lab {
     }
 
     fn agent(&mut self, name: &str) {
+        self.agent_with(name, &[]);
+    }
+
+    fn agent_with(&mut self, name: &str, args: &[&str]) {
         self.world.issue_agent(name);
         let (ns, _, net) = self.host(name);
         let mut cmd = self
             .world
             .agent_cmd(name, format!("198.18.{net}.1:7443").parse().unwrap());
-        cmd.args(["--server-name", "localhost"]);
+        cmd.args(["--server-name", "localhost"]).args(args);
         let cmd = ns.wrap(cmd);
         let p = Proc::spawn(&format!("agent-{name}"), cmd, self.world.path());
         self.procs.push(p);
@@ -400,6 +404,97 @@ fn the_map_shows_exactly_who_connects_to_whom() {
     for p in lab.procs.iter().filter(|p| p.name.starts_with("agent-")) {
         p.signal(nix::sys::signal::Signal::SIGCONT);
     }
+}
+
+/// Snapshot scope: an agent with `--scope all` reports the sockets of every network namespace on
+/// its host, tagged with the namespace; one with the default scope `own` never does, though it
+/// sees the same processes.
+#[test]
+fn scope_all_covers_every_namespace_and_scope_own_only_its_own() {
+    if !require_root("scope_all_covers_every_namespace_and_scope_own_only_its_own") {
+        return;
+    }
+    let mut lab = Lab::new(
+        &["node", "vm"],
+        &[
+            ("TAPGRAPH_POLICY__SNAPSHOT_INTERVAL", "1s"),
+            ("TAPGRAPH_POLICY__HEARTBEAT_INTERVAL", "1s"),
+        ],
+    );
+    // A "pod": a namespace of its own with a redis server and client on its loopback.
+    let pod = Netns::new("pod");
+    let mut server = pod.command("redis-server");
+    server.args([
+        "--port",
+        "6380",
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]);
+    lab.procs
+        .push(Proc::spawn("redis-pod", server, lab.world.path()));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = pod.command("redis-cli");
+    client.args(["-p", "6380", "-r", "-1", "-i", "0.2", "ping"]);
+    lab.procs
+        .push(Proc::spawn("redis-cli-pod", client, lab.world.path()));
+    lab.agent_with("node", &["--scope", "all"]);
+    lab.agent("vm");
+
+    // Through the real pipeline: the pod's loopback connection is the node host's own edge.
+    let pod_edge = "host:node -> svc:node/tcp/6380 6380/tcp redis-cli".to_string();
+    wait_for(
+        "the pod's edge on the node",
+        Duration::from_secs(30),
+        || lab.edges(&[]).contains(&pod_edge).then_some(()),
+    );
+    // The vm agent, in scope own, reported nothing of it, and never will.
+    std::thread::sleep(Duration::from_secs(2));
+    let vm: Vec<String> = lab
+        .edges(&["--include-control", "--include-inactive"])
+        .into_iter()
+        .filter(|e| e.starts_with("host:vm ") && e.contains("6380"))
+        .collect();
+    assert!(vm.is_empty(), "scope own leaked another namespace: {vm:?}");
+
+    // The rows carry the namespace: the agent's own table, read in the vm host both ways.
+    let (vm_ns, _, _) = lab.host("vm");
+    let snapshot = |scope: &str| -> Vec<Value> {
+        let out = vm_ns
+            .command(bin("tapgraph-agent"))
+            .args(["snapshot", "--json", "--scope", scope])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|row: &Value| row["port"] == 6380)
+            .collect()
+    };
+    assert_eq!(snapshot("own"), Vec::<Value>::new());
+    let rows = snapshot("all");
+    let kinds: BTreeSet<String> = rows
+        .iter()
+        .map(|r| {
+            assert_eq!(r["netns"], pod.name.as_str(), "{r}");
+            match r["direction"].as_str() {
+                Some(d) => format!("{d} {}", r["process"].as_str().unwrap()),
+                None => format!("Listen {}", r["process"].as_str().unwrap()),
+            }
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "Listen redis-server".to_string(),
+            "Client redis-cli".to_string(),
+            "Server redis-server".to_string(),
+        ])
+    );
 }
 
 fn row(

@@ -5,7 +5,10 @@
 //!   namespace of the agent process (`/proc/net` is `/proc/self/net`, the thread-group
 //!   leader's; a thread that `setns()`es must read `/proc/thread-self/net` instead). Only
 //!   inodes from these tables are ever attributed, so sockets of other namespaces are never
-//!   reported, even though their processes are visible.
+//!   reported, even though their processes are visible. That is scope `own`, the default. In
+//!   scope `all` (container hosts) the tables of every namespace a process is in are read from
+//!   `PROC/PID/net` of one of its processes ([`netns`]), direction is inferred within each
+//!   namespace, and rows carry the namespace's name and their process's container.
 //! - **Direction.** A TCP socket is the `Server` side when its local port is listened on, in
 //!   this namespace, on its own local address or a wildcard: `0.0.0.0` covers IPv4, `::` covers
 //!   both (dual-stack; `IPV6_V6ONLY` cannot be seen in the tables). Anything else is `Client`.
@@ -27,6 +30,8 @@
 // The session wires the Snapshotter into the agent next; until then only the tests call it.
 #![allow(dead_code)]
 
+pub mod netns;
+mod diag;
 mod proc_net;
 mod procs;
 
@@ -49,6 +54,9 @@ pub enum Direction {
 /// One aggregated row: every socket with the same key counts into `sockets`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EntryKey {
+    /// The network namespace, in scope `all`: empty for the agent's own, else its name
+    /// (see [`netns`]). Part of the key: `127.0.0.1` in two namespaces is two places.
+    pub netns: String,
     pub direction: Direction,
     /// IPv4-mapped IPv6 is normalised to IPv4.
     pub local_ip: IpAddr,
@@ -66,6 +74,8 @@ pub struct ProcessKey {
     pub name: String,
     /// Arguments joined by spaces, at most 256 bytes.
     pub cmdline: String,
+    /// Container or pod (see [`netns::container_of`]), in scope `all`; empty otherwise.
+    pub container: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +88,8 @@ pub struct EntryValue {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Listener {
+    /// As [`EntryKey::netns`].
+    pub netns: String,
     pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
@@ -192,10 +204,42 @@ const TABLES: [(&str, Protocol, bool); 4] = [
     ("udp6", Protocol::Udp, true),
 ];
 
+/// Which sockets a snapshot covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// The agent's own network namespace: a VM, or one host among namespaces sharing a kernel.
+    #[default]
+    Own,
+    /// Every network namespace some process is in, for container hosts; rows carry their
+    /// namespace and container.
+    All,
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "own" => Ok(Scope::Own),
+            "all" => Ok(Scope::All),
+            other => Err(format!(
+                "`{other}` is not a snapshot scope: use `own` (this network namespace) or `all` (every namespace, for container hosts)"
+            )),
+        }
+    }
+}
+
+/// One namespace's socket tables, as one read found them.
+struct Space {
+    /// Empty for the agent's own namespace.
+    tag: String,
+    rows: Vec<SocketRow>,
+}
+
 /// Reads connection tables; keeps the inode → process cache between reads.
 #[derive(Debug)]
 pub struct Snapshotter {
     proc_root: PathBuf,
+    scope: Scope,
     control_plane: Option<SocketAddr>,
     processes: procs::ProcessTable,
     /// Reused between tables and snapshots: a busy table is megabytes.
@@ -207,36 +251,41 @@ impl Snapshotter {
     /// `control_plane`: the controller's address; rows whose remote endpoint is it get
     /// `control_plane = true`.
     pub fn new(proc_root: PathBuf, control_plane: Option<SocketAddr>) -> Self {
+        Self::with_scope(proc_root, control_plane, Scope::Own)
+    }
+
+    pub fn with_scope(proc_root: PathBuf, control_plane: Option<SocketAddr>, scope: Scope) -> Self {
         Self {
-            processes: procs::ProcessTable::new(proc_root.clone()),
+            processes: procs::ProcessTable::new(proc_root.clone(), scope == Scope::All),
             proc_root,
+            scope,
             control_plane,
             buf: Vec::new(),
         }
     }
 
-    /// Reads this network namespace's TCP and UDP sockets (v4 and v6) with their owning
-    /// processes, infers direction, aggregates. Never panics on odd input: bad lines are counted
-    /// in stats.
+    pub fn scope(&self) -> Scope {
+        self.scope
+    }
+
+    /// Reads the TCP and UDP sockets (v4 and v6) of the scope with their owning processes,
+    /// infers direction per namespace, aggregates. Never panics on odd input: bad lines are
+    /// counted in stats.
     pub fn take(&mut self) -> Result<Table, SnapshotError> {
-        let mut rows = Vec::new();
         let mut bad_lines = 0;
-        for (name, protocol, v6) in TABLES {
-            let path = self.proc_root.join("net").join(name);
-            self.buf.clear();
-            match File::open(&path).and_then(|mut f| f.read_to_end(&mut self.buf)) {
-                Ok(_) => {}
-                // A kernel booted with ipv6.disable=1 has no v6 tables.
-                Err(e) if v6 && e.kind() == io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(SnapshotError::ReadTable { path, source }),
+        let spaces = match self.scope {
+            Scope::Own => {
+                let dir = self.proc_root.join("net");
+                vec![Space {
+                    tag: String::new(),
+                    rows: self.read_tables(&dir, &mut bad_lines, true)?,
+                }]
             }
-            let (mut parsed, bad) =
-                proc_net::parse(&String::from_utf8_lossy(&self.buf), protocol, v6);
-            rows.append(&mut parsed);
-            bad_lines += bad;
-        }
-        let mut wanted: Vec<u64> = rows
+            Scope::All => self.read_all(&mut bad_lines)?,
+        };
+        let mut wanted: Vec<u64> = spaces
             .iter()
+            .flat_map(|space| &space.rows)
             .filter(|row| row.inode != 0 && role(row) != Role::Ignored)
             .map(|row| row.inode)
             .collect();
@@ -250,17 +299,22 @@ impl Snapshotter {
                     source,
                 })?;
         let processes = &self.processes;
-        let mut table = build(
-            &rows,
-            |inode| {
-                let pid = *resolution.owners.get(&inode)?;
-                Some((pid, processes.process(pid)?))
-            },
-            self.control_plane,
-        );
+        let owner = |inode| {
+            let pid = *resolution.owners.get(&inode)?;
+            Some((pid, processes.process(pid)?))
+        };
+        let mut table = Table::default();
+        for space in &spaces {
+            let part = build(&space.rows, &space.tag, owner, self.control_plane);
+            table.entries.extend(part.entries);
+            table.listeners.extend(part.listeners);
+            table.stats.sockets_read += part.stats.sockets_read;
+            table.stats.unattributed += part.stats.unattributed;
+        }
         table.stats.bad_lines = bad_lines;
         let r = &resolution.stats;
         tracing::debug!(
+            namespaces = spaces.len(),
             sockets = table.stats.sockets_read,
             entries = table.entries.len(),
             listeners = table.listeners.len(),
@@ -273,6 +327,63 @@ impl Snapshotter {
             "connection snapshot"
         );
         Ok(table)
+    }
+
+    /// Scope `all`: the tables of every namespace, through `/proc/PID/net` of one of its
+    /// processes. A namespace that vanishes between listing and reading is skipped; only the
+    /// agent's own tables failing is an error.
+    fn read_all(&mut self, bad_lines: &mut u64) -> Result<Vec<Space>, SnapshotError> {
+        let own = netns::inode_of(&self.proc_root.join("self/ns/net")).map_err(|source| {
+            SnapshotError::ReadTable {
+                path: self.proc_root.join("self/ns/net"),
+                source,
+            }
+        })?;
+        let list = netns::list(&self.proc_root).map_err(|source| SnapshotError::ListProcesses {
+            path: self.proc_root.clone(),
+            source,
+        })?;
+        let mut spaces = Vec::with_capacity(list.len());
+        for ns in list {
+            let dir = netns::net_dir(&self.proc_root, ns.pid);
+            let mine = ns.inode == own;
+            match self.read_tables(&dir, bad_lines, mine) {
+                Ok(rows) => spaces.push(Space {
+                    tag: if mine { String::new() } else { ns.name },
+                    rows,
+                }),
+                Err(e) if mine => return Err(e),
+                Err(e) => {
+                    tracing::debug!(namespace = %ns.name, error = %e, "namespace gone before its tables were read")
+                }
+            }
+        }
+        Ok(spaces)
+    }
+
+    /// The four tables under `dir` (a `net` directory of the proc root).
+    fn read_tables(
+        &mut self,
+        dir: &std::path::Path,
+        bad_lines: &mut u64,
+        _own: bool,
+    ) -> Result<Vec<SocketRow>, SnapshotError> {
+        let mut rows = Vec::new();
+        for (name, protocol, v6) in TABLES {
+            let path = dir.join(name);
+            self.buf.clear();
+            match File::open(&path).and_then(|mut f| f.read_to_end(&mut self.buf)) {
+                Ok(_) => {}
+                // A kernel booted with ipv6.disable=1 has no v6 tables.
+                Err(e) if v6 && e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(SnapshotError::ReadTable { path, source }),
+            }
+            let (mut parsed, bad) =
+                proc_net::parse(&String::from_utf8_lossy(&self.buf), protocol, v6);
+            rows.append(&mut parsed);
+            *bad_lines += bad;
+        }
+        Ok(rows)
     }
 }
 
@@ -317,6 +428,7 @@ impl Listening {
 /// Builds the table from parsed rows; `owner` maps an inode to the pid and process holding it.
 fn build<'a>(
     rows: &[SocketRow],
+    netns: &str,
     owner: impl Fn(u64) -> Option<(u32, &'a ProcessKey)>,
     control_plane: Option<SocketAddr>,
 ) -> Table {
@@ -343,6 +455,7 @@ fn build<'a>(
         };
         if role == Role::Listener {
             let listener = Listener {
+                netns: netns.to_string(),
                 ip: row.local.ip(),
                 port: row.local.port(),
                 protocol: row.protocol,
@@ -374,6 +487,7 @@ fn build<'a>(
         groups
     {
         let key = EntryKey {
+            netns: netns.to_string(),
             direction,
             local_ip,
             remote_ip,
@@ -411,6 +525,7 @@ mod tests {
         ProcessKey {
             name: name.into(),
             cmdline: format!("/usr/bin/{name}"),
+            container: String::new(),
         }
     }
 
@@ -447,7 +562,7 @@ mod tests {
     /// Every inode belongs to pid 7, "app".
     fn build_one(rows: &[SocketRow]) -> Table {
         let app = process("app");
-        build(rows, |_| Some((7, &app)), None)
+        build(rows, "", |_| Some((7, &app)), None)
     }
 
     fn directions(table: &Table) -> Vec<(Direction, Protocol, IpAddr, u16)> {
@@ -569,6 +684,7 @@ mod tests {
         // gets its own.
         let table = build(
             &rows,
+            "",
             |inode| match inode {
                 99 => Some((3, &b)),
                 i if i % 2 == 0 => Some((40, &a)),
@@ -599,7 +715,7 @@ mod tests {
             tcp("10.0.0.1:40002", "10.0.0.2:80", Established, 56),
             tcp("10.0.0.1:40003", "0.0.0.0:0", Close, 57),
         ];
-        let table = build(&rows, |inode| (inode == 56).then_some((9, &app)), None);
+        let table = build(&rows, "", |inode| (inode == 56).then_some((9, &app)), None);
         assert_eq!(table.stats.unattributed, 4);
         assert_eq!(table.stats.sockets_read, 6);
         assert_eq!(table.entries.len(), 1);
@@ -617,7 +733,7 @@ mod tests {
         let app = process("agent");
         // Given as IPv4-mapped, as a dual-stack resolver may hand it over.
         let cp = Some(sa("[::ffff:10.0.0.5]:7443"));
-        let table = build(&rows, |_| Some((1, &app)), cp);
+        let table = build(&rows, "", |_| Some((1, &app)), cp);
         let marked: Vec<_> = table
             .entries
             .iter()
@@ -638,6 +754,7 @@ mod tests {
         let mut table = Table::default();
         for _ in 0..(next() % 24) {
             let key = EntryKey {
+                netns: String::new(),
                 direction: if next() % 2 == 1 {
                     Direction::Server
                 } else {
@@ -662,6 +779,7 @@ mod tests {
         }
         for _ in 0..(next() % 6) {
             let listener = Listener {
+                netns: String::new(),
                 ip: ["0.0.0.0", "::", "127.0.0.1"][(next() % 3) as usize]
                     .parse()
                     .unwrap(),
@@ -742,10 +860,12 @@ mod tests {
         let py = ProcessKey {
             name: "python3".into(),
             cmdline: "python3 capture.py".into(),
+            container: String::new(),
         };
         let entry = |direction, local: &str, remote: &str, port, protocol, sockets, cp| {
             (
                 EntryKey {
+                    netns: String::new(),
                     direction,
                     local_ip: ip(local),
                     remote_ip: ip(remote),

@@ -154,6 +154,8 @@ struct Proc {
 #[derive(Debug)]
 pub struct ProcessTable {
     root: PathBuf,
+    /// Read each process's container from its cgroup (scope `all`).
+    containers: bool,
     procs: HashMap<u32, Proc>,
     /// Inode → `(pid, fd)` of every cached holder, sorted, so the lowest pid wins when a socket
     /// is shared (fork) and the choice is stable between snapshots.
@@ -167,9 +169,10 @@ pub struct ProcessTable {
 }
 
 impl ProcessTable {
-    pub fn new(root: PathBuf) -> Self {
+    pub fn new(root: PathBuf, containers: bool) -> Self {
         Self {
             root,
+            containers,
             procs: HashMap::new(),
             holders: HashMap::new(),
             pending: HashSet::new(),
@@ -492,9 +495,17 @@ impl ProcessTable {
         if let Ok(file) = File::open(self.root.join(pid.to_string()).join("cmdline")) {
             let _ = file.take(CMDLINE_MAX as u64 + 1).read_to_end(&mut raw);
         }
+        let container = if self.containers {
+            std::fs::read_to_string(self.root.join(pid.to_string()).join("cgroup"))
+                .map(|text| super::netns::container_of(&text))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         ProcessKey {
             name: full_name(&stat.comm, &raw),
             cmdline: cmdline_text(&raw),
+            container,
         }
     }
 }
@@ -673,7 +684,7 @@ pub(crate) mod tests {
         fake.spawn(200, "curl", 9, &["curl", "http://x"]);
         fake.open(200, 3, 2001);
         fake.spawn(300, "idle", 9, &["idle"]);
-        let mut table = ProcessTable::new(fake.root());
+        let mut table = ProcessTable::new(fake.root(), false);
 
         let (found, stats) = owners(&mut table, &[1001, 1002, 2001]);
         assert_eq!(found, vec![(1001, 100), (1002, 100), (2001, 200)]);
@@ -695,7 +706,7 @@ pub(crate) mod tests {
         fake.spawn(100, "parent", 5, &["parent"]);
         fake.open(100, 4, 7000);
         fake.spawn(200, "child", 6, &["child"]);
-        let mut table = ProcessTable::new(fake.root());
+        let mut table = ProcessTable::new(fake.root(), false);
         assert_eq!(owners(&mut table, &[7000]).0, vec![(7000, 100)]);
         // SCM_RIGHTS to an already-known process, then the sender closes and reuses the fd
         // number for a new socket.
@@ -713,7 +724,7 @@ pub(crate) mod tests {
         fake.open(100, 3, 500);
         fake.spawn(101, "worker", 6, &["worker"]);
         fake.open(101, 3, 500);
-        let mut table = ProcessTable::new(fake.root());
+        let mut table = ProcessTable::new(fake.root(), false);
         // Pass A stops at the first holder it meets; the other is found once that one lets go.
         assert_eq!(owners(&mut table, &[500]).0, vec![(500, 100)]);
         fake.close(100, 3);
@@ -725,7 +736,7 @@ pub(crate) mod tests {
         let fake = FakeProc::new();
         fake.spawn(100, "sh", 5, &["sh", "-c", "exec server"]);
         fake.open(100, 3, 42);
-        let mut table = ProcessTable::new(fake.root());
+        let mut table = ProcessTable::new(fake.root(), false);
         owners(&mut table, &[42]);
         assert_eq!(table.process(100).unwrap().name, "sh");
         // exec: same pid and start time, new comm and cmdline, fd kept.
@@ -748,7 +759,7 @@ pub(crate) mod tests {
         let fake = FakeProc::new();
         fake.spawn(100, "a", 5, &["a"]);
         fake.open(100, 3, 42);
-        let mut table = ProcessTable::new(fake.root());
+        let mut table = ProcessTable::new(fake.root(), false);
         owners(&mut table, &[42]);
         fake.exit(100);
         let (found, stats) = owners(&mut table, &[42]);
@@ -767,7 +778,7 @@ pub(crate) mod tests {
             fake.open_file(pid, 0, "/dev/null");
         }
         fake.open(209, 1, 998);
-        let mut table = ProcessTable::new(fake.root());
+        let mut table = ProcessTable::new(fake.root(), false);
         // First sight: every pid is new and read once.
         let (_, stats) = owners(&mut table, &[1, 998]);
         assert_eq!((stats.pids_scanned, stats.unresolved), (11, 0));
@@ -796,7 +807,7 @@ pub(crate) mod tests {
         fake.spawn(100, "a", 5, &["a"]);
         fake.open(100, 3, 1);
         fake.spawn(101, "b", 5, &["b"]);
-        let mut table = ProcessTable::new(fake.root());
+        let mut table = ProcessTable::new(fake.root(), false);
         let (_, stats) = owners(&mut table, &[1, 999]);
         assert_eq!((stats.pids_scanned, stats.unresolved), (2, 1));
         let (_, stats) = owners(&mut table, &[1, 999]);

@@ -188,13 +188,18 @@ fn row(e: &proto::ConnectionEntry) -> Option<(ObsKey, ObsValue)> {
     };
     let protocol = protocol(e.protocol)?;
     let port = u16::try_from(e.server_port).ok().filter(|p| *p > 0)?;
-    let process = e
+    let mut process = e
         .process
         .as_ref()
         .map(|p| p.name.clone())
         .unwrap_or_default();
+    // In scope `all` the container says more than the program: `redis-server (docker:4f1c2e9a7b3d)`.
+    if !e.container.is_empty() {
+        process = format!("{process} ({})", e.container);
+    }
     Some((
         ObsKey {
+            netns: e.netns.clone(),
             direction,
             local_ip: e.local_ip.parse().ok()?,
             remote_ip: e.remote_ip.parse().ok()?,

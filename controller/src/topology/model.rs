@@ -39,6 +39,10 @@ pub enum Direction {
 /// One aggregated row as an agent reported it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObsKey {
+    /// The agent's network namespace for the row, in snapshot scope `all`; empty for its own.
+    /// Rows of two namespaces never merge: `127.0.0.1` in each is a different place.
+    #[serde(default)]
+    pub netns: String,
     pub direction: Direction,
     pub local_ip: IpAddr,
     pub remote_ip: IpAddr,
@@ -453,6 +457,7 @@ mod tests {
                 .map(|(d, local, remote, port, process, sockets)| {
                     (
                         ObsKey {
+                            netns: String::new(),
                             direction: *d,
                             local_ip: ip(local),
                             remote_ip: ip(remote),

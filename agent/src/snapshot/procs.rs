@@ -4,14 +4,19 @@
 //! or not. That walk is the expensive part of a snapshot; here it is replaced by a cache of
 //! `pid → (identity, socket fds)` and three rules that keep it correct:
 //!
-//! 1. **Every attribution is checked on every snapshot.** A cached holder `(pid, fd)` of inode `X`
-//!    counts only if `readlinkat(/proc/PID/fd, fd)` says `socket:[X]` right now, or if the
-//!    process's fd directory is read again in full this snapshot. Inode numbers
-//!    are unique among live sockets, so a process that passed the socket on (SCM_RIGHTS, or
-//!    accept-fork-close) can never keep it: its check fails, the holder is dropped, and `X` is
-//!    looked for again. Nothing weaker is sound: an fd number is reused at once after a close,
-//!    and neither the fd directory's mtime nor its size (the fd count, Linux ≥ 6.2) changes
-//!    reliably when a process swaps one socket for another.
+//! 1. **Every attribution is checked, cheaply where that is safe.** A cached holder `(pid, fd)`
+//!    of inode `X` counts if `readlinkat(/proc/PID/fd, fd)` says `socket:[X]` right now, or if
+//!    the process's fd directory is read again in full this snapshot, or if the process's fd
+//!    count (`st_size` of its fd directory, Linux ≥ 6.2) is the one it had when its table was
+//!    last known in full and it is not `X`'s turn: each socket is re-read once every
+//!    [`RECHECK_ROUNDS`] snapshots whatever the count says. Inode numbers are unique among live
+//!    sockets, so a process that passed the socket on (SCM_RIGHTS, or accept-fork-close) loses
+//!    it: letting a socket go changes the fd count unless another fd took its place; a new
+//!    socket in its place makes this snapshot read the process in full (and a socket taken on
+//!    trust that the read no longer shows is looked for again at once); anything else in its
+//!    place leaves the old owner on the map for at most [`RECHECK_ROUNDS`] snapshots. An fd
+//!    number is reused at once after a close, and the fd directory's mtime never changes, so
+//!    without the count (kernels before 6.2) every holder is re-read on every snapshot.
 //! 2. **A process is the one we cached only while its identity holds.** `/proc/PID/stat` is
 //!    read once per snapshot for each owning pid: a different start time means the pid was
 //!    reused (its cache is dropped); a different `comm` means an exec or a rename, and the
@@ -112,6 +117,8 @@ pub fn socket_inode(link: &[u8]) -> Option<u64> {
 pub struct ResolveStats {
     /// Cached holders confirmed by one `readlinkat` each.
     pub verified: u64,
+    /// Cached holders taken on the word of an unchanged fd count (rule 1's cheap form).
+    pub trusted: u64,
     /// Cached holders that no longer held their socket.
     pub stale: u64,
     /// fd directories read in full.
@@ -166,6 +173,25 @@ pub struct ProcessTable {
     unresolvable: HashSet<u64>,
     /// The previous snapshot's answer, to see which processes let sockets go since.
     last_owners: HashMap<u64, u32>,
+    /// Snapshots taken, for the rotation of [`RECHECK_ROUNDS`].
+    round: u64,
+    /// The fd count of an fd directory: its `st_size` on Linux (0 before 6.2). Tests of fixture
+    /// trees count the entries instead, as the kernel does.
+    count_fds: fn(&Path) -> u64,
+}
+
+/// A socket held by a process whose fd table is unchanged is re-read only once in this many
+/// snapshots (rule 1's rotation).
+pub const RECHECK_ROUNDS: u64 = 8;
+
+/// One process, as the verification of one snapshot found it.
+#[derive(Debug, Clone, Copy)]
+struct PidCheck {
+    /// Same process as cached (rule 2).
+    alive: bool,
+    /// Its fd count is known (Linux ≥ 6.2) and unchanged since its table was last known.
+    steady: bool,
+    fd_count: u64,
 }
 
 impl ProcessTable {
@@ -178,6 +204,8 @@ impl ProcessTable {
             pending: HashSet::new(),
             unresolvable: HashSet::new(),
             last_owners: HashMap::new(),
+            round: 0,
+            count_fds: fd_dir_size,
         }
     }
 
@@ -231,7 +259,7 @@ impl ProcessTable {
                 let moved = self
                     .procs
                     .get(&pid)
-                    .is_some_and(|p| fd_dir_size(&self.fd_dir(pid)) != p.fd_count);
+                    .is_some_and(|p| (self.count_fds)(&self.fd_dir(pid)) != p.fd_count);
                 if moved {
                     rescan.insert(pid);
                 }
@@ -239,9 +267,11 @@ impl ProcessTable {
         }
 
         // Rules 1 and 2: confirm cached holders.
+        self.round = self.round.wrapping_add(1);
         let mut owners = HashMap::with_capacity(wanted.len());
         let mut unknown = Vec::new();
-        let mut identity_ok: HashMap<u32, bool> = HashMap::new();
+        let mut checks: HashMap<u32, PidCheck> = HashMap::new();
+        let mut trusted: Vec<(u64, u32)> = Vec::new();
         let mut fd_dirs: HashMap<u32, Option<File>> = HashMap::new();
         let mut name = String::new();
         for &inode in wanted {
@@ -251,16 +281,24 @@ impl ProcessTable {
                 if rescan.contains(&pid) {
                     continue;
                 }
-                let ok = match identity_ok.get(&pid) {
-                    Some(&ok) => ok,
+                let check = match checks.get(&pid) {
+                    Some(&check) => check,
                     None => {
-                        let ok = self.confirm_identity(pid);
-                        identity_ok.insert(pid, ok);
-                        ok
+                        let check = self.check_pid(pid);
+                        checks.insert(pid, check);
+                        check
                     }
                 };
-                if !ok {
+                if !check.alive {
                     continue;
+                }
+                // Rule 1's cheap form: an unchanged fd table vouches for the socket, except on
+                // this socket's round.
+                if check.steady && inode % RECHECK_ROUNDS != self.round % RECHECK_ROUNDS {
+                    stats.trusted += 1;
+                    trusted.push((inode, pid));
+                    owner = Some(pid);
+                    break;
                 }
                 let dir = fd_dirs
                     .entry(pid)
@@ -289,6 +327,16 @@ impl ProcessTable {
             }
         }
         drop(fd_dirs);
+        // A process whose every checked socket held has a known fd table again at this size.
+        for (pid, check) in &checks {
+            if check.alive
+                && !check.steady
+                && !rescan.contains(pid)
+                && let Some(p) = self.procs.get_mut(pid)
+            {
+                p.fd_count = check.fd_count;
+            }
+        }
 
         let mut missing: HashSet<u64> = unknown.iter().copied().collect();
         let mut scanned = HashSet::new();
@@ -334,6 +382,47 @@ impl ProcessTable {
             }
             self.pending = targets.difference(&overdue).copied().collect();
         }
+        // A socket taken on trust from a process that this round then read in full, and that the
+        // read no longer shows, went elsewhere meanwhile: look for it among everyone left.
+        let mut revoked: HashSet<u64> = trusted
+            .iter()
+            .filter(|&&(inode, pid)| {
+                search.scanned.contains(&pid)
+                    && !self
+                        .holders
+                        .get(&inode)
+                        .is_some_and(|list| list.iter().any(|&(p, _)| p == pid))
+            })
+            .map(|&(inode, _)| inode)
+            .collect();
+        if !revoked.is_empty() {
+            for &inode in &revoked {
+                search.owners.remove(&inode);
+                // A process this round read may hold it: its cache is fresh.
+                let fresh = self.holders.get(&inode).and_then(|list| {
+                    list.iter()
+                        .map(|&(pid, _)| pid)
+                        .find(|pid| search.scanned.contains(pid))
+                });
+                match fresh {
+                    Some(pid) => {
+                        search.owners.insert(inode, pid);
+                    }
+                    None => {
+                        search.missing.insert(inode);
+                    }
+                }
+            }
+            revoked.retain(|inode| search.missing.contains(inode));
+            let mut order = self.pass_a_order(&live, search.scanned);
+            let first: HashSet<u32> = order.iter().copied().collect();
+            order.extend(
+                live.iter()
+                    .copied()
+                    .filter(|pid| !first.contains(pid) && !search.scanned.contains(pid)),
+            );
+            self.scan_until(&order, &mut revoked, &mut search);
+        }
         self.last_owners.clone_from(&owners);
         self.unresolvable.retain(|inode| wanted_set.contains(inode));
         stats.unresolved = missing.len() as u64;
@@ -371,7 +460,7 @@ impl ProcessTable {
         for pid in live.iter().copied().filter(|pid| !scanned.contains(pid)) {
             match self.procs.get(&pid) {
                 None => fresh.push(pid),
-                Some(p) if fd_dir_size(&self.fd_dir(pid)) != p.fd_count => moved.push(pid),
+                Some(p) if (self.count_fds)(&self.fd_dir(pid)) != p.fd_count => moved.push(pid),
                 Some(p) if !p.sockets.is_empty() => holding.push(pid),
                 Some(_) => {}
             }
@@ -393,7 +482,7 @@ impl ProcessTable {
             _ => self.read_key(pid, &stat),
         };
         let fd_dir = self.fd_dir(pid);
-        let fd_count = fd_dir_size(&fd_dir);
+        let fd_count = (self.count_fds)(&fd_dir);
         stats.pids_scanned += 1;
         let mut sockets = Vec::new();
         // An fd directory we may not read (a zombie, or no privilege) caches as holding nothing.
@@ -429,6 +518,22 @@ impl ProcessTable {
             },
         );
         Some(sockets)
+    }
+
+    /// Rule 2, and whether the process's fd table looks as it did when last known in full.
+    fn check_pid(&mut self, pid: u32) -> PidCheck {
+        let alive = self.confirm_identity(pid);
+        let fd_count = (self.count_fds)(&self.fd_dir(pid));
+        let steady = alive
+            && self
+                .procs
+                .get(&pid)
+                .is_some_and(|p| p.fd_count != 0 && p.fd_count == fd_count);
+        PidCheck {
+            alive,
+            steady,
+            fd_count,
+        }
     }
 
     /// Rule 2. False (and the cache dropped) when the pid is gone or now another process.
@@ -586,6 +691,13 @@ pub(crate) mod tests {
             self.dir.path().to_path_buf()
         }
 
+        /// A process table over this tree, counting fds as Linux ≥ 6.2 does.
+        pub fn table(&self) -> ProcessTable {
+            let mut table = ProcessTable::new(self.root(), false);
+            table.count_fds = |dir| std::fs::read_dir(dir).map_or(0, |d| d.count() as u64);
+            table
+        }
+
         /// A process with a stat line shaped like the kernel's (52 fields).
         pub fn spawn(&self, pid: u32, comm: &str, starttime: u64, cmdline: &[&str]) {
             let dir = self.dir.path().join(pid.to_string());
@@ -684,7 +796,7 @@ pub(crate) mod tests {
         fake.spawn(200, "curl", 9, &["curl", "http://x"]);
         fake.open(200, 3, 2001);
         fake.spawn(300, "idle", 9, &["idle"]);
-        let mut table = ProcessTable::new(fake.root(), false);
+        let mut table = fake.table();
 
         let (found, stats) = owners(&mut table, &[1001, 1002, 2001]);
         assert_eq!(found, vec![(1001, 100), (1002, 100), (2001, 200)]);
@@ -692,12 +804,24 @@ pub(crate) mod tests {
         assert_eq!(table.process(100).unwrap().name, "nginx");
         assert_eq!(table.process(100).unwrap().cmdline, "nginx -g daemon off;");
 
+        // Unchanged fd tables vouch for their sockets; this round re-reads the one whose turn
+        // it is (1002: 1002 % 8 == 2, the second round).
         let (found, stats) = owners(&mut table, &[1001, 1002, 2001]);
         assert_eq!(found.len(), 3);
         assert_eq!(
-            (stats.verified, stats.pids_scanned, stats.links_read),
-            (3, 0, 0)
+            (
+                stats.verified,
+                stats.trusted,
+                stats.pids_scanned,
+                stats.links_read
+            ),
+            (1, 2, 0, 0)
         );
+        // A process whose fd count moved has every socket re-read.
+        fake.open_file(100, 1, "/dev/null");
+        let (found, stats) = owners(&mut table, &[1001, 1002, 2001]);
+        assert_eq!(found.len(), 3);
+        assert_eq!((stats.verified, stats.trusted), (2, 1));
     }
 
     #[test]
@@ -706,15 +830,39 @@ pub(crate) mod tests {
         fake.spawn(100, "parent", 5, &["parent"]);
         fake.open(100, 4, 7000);
         fake.spawn(200, "child", 6, &["child"]);
-        let mut table = ProcessTable::new(fake.root(), false);
+        let mut table = fake.table();
         assert_eq!(owners(&mut table, &[7000]).0, vec![(7000, 100)]);
         // SCM_RIGHTS to an already-known process, then the sender closes and reuses the fd
         // number for a new socket.
         fake.open(200, 9, 7000);
         fake.open(100, 4, 7001);
-        let (found, stats) = owners(&mut table, &[7000, 7001]);
+        let (found, _) = owners(&mut table, &[7000, 7001]);
         assert_eq!(found, vec![(7000, 200), (7001, 100)]);
-        assert_eq!(stats.stale, 1);
+    }
+
+    #[test]
+    fn a_socket_given_away_behind_an_unchanged_fd_count_follows_within_the_rotation() {
+        let fake = FakeProc::new();
+        fake.spawn(100, "parent", 5, &["parent"]);
+        fake.open(100, 4, 7003);
+        fake.spawn(200, "child", 6, &["child"]);
+        let mut table = fake.table();
+        assert_eq!(owners(&mut table, &[7003]).0, vec![(7003, 100)]);
+        // The parent hands the socket over and puts a file in its place: same fd count, and no
+        // new socket anywhere to prompt a scan.
+        fake.open(200, 9, 7003);
+        fake.close(100, 4);
+        fake.open_file(100, 4, "/var/log/app.log");
+        let mut snapshots = 0;
+        loop {
+            snapshots += 1;
+            let (found, _) = owners(&mut table, &[7003]);
+            if found == vec![(7003, 200)] {
+                break;
+            }
+            assert_eq!(found, vec![(7003, 100)]);
+            assert!(snapshots < RECHECK_ROUNDS, "still on the old holder");
+        }
     }
 
     #[test]
@@ -724,7 +872,7 @@ pub(crate) mod tests {
         fake.open(100, 3, 500);
         fake.spawn(101, "worker", 6, &["worker"]);
         fake.open(101, 3, 500);
-        let mut table = ProcessTable::new(fake.root(), false);
+        let mut table = fake.table();
         // Pass A stops at the first holder it meets; the other is found once that one lets go.
         assert_eq!(owners(&mut table, &[500]).0, vec![(500, 100)]);
         fake.close(100, 3);
@@ -736,7 +884,7 @@ pub(crate) mod tests {
         let fake = FakeProc::new();
         fake.spawn(100, "sh", 5, &["sh", "-c", "exec server"]);
         fake.open(100, 3, 42);
-        let mut table = ProcessTable::new(fake.root(), false);
+        let mut table = fake.table();
         owners(&mut table, &[42]);
         assert_eq!(table.process(100).unwrap().name, "sh");
         // exec: same pid and start time, new comm and cmdline, fd kept.
@@ -759,7 +907,7 @@ pub(crate) mod tests {
         let fake = FakeProc::new();
         fake.spawn(100, "a", 5, &["a"]);
         fake.open(100, 3, 42);
-        let mut table = ProcessTable::new(fake.root(), false);
+        let mut table = fake.table();
         owners(&mut table, &[42]);
         fake.exit(100);
         let (found, stats) = owners(&mut table, &[42]);
@@ -778,7 +926,7 @@ pub(crate) mod tests {
             fake.open_file(pid, 0, "/dev/null");
         }
         fake.open(209, 1, 998);
-        let mut table = ProcessTable::new(fake.root(), false);
+        let mut table = fake.table();
         // First sight: every pid is new and read once.
         let (_, stats) = owners(&mut table, &[1, 998]);
         assert_eq!((stats.pids_scanned, stats.unresolved), (11, 0));
@@ -807,7 +955,7 @@ pub(crate) mod tests {
         fake.spawn(100, "a", 5, &["a"]);
         fake.open(100, 3, 1);
         fake.spawn(101, "b", 5, &["b"]);
-        let mut table = ProcessTable::new(fake.root(), false);
+        let mut table = fake.table();
         let (_, stats) = owners(&mut table, &[1, 999]);
         assert_eq!((stats.pids_scanned, stats.unresolved), (2, 1));
         let (_, stats) = owners(&mut table, &[1, 999]);

@@ -101,6 +101,10 @@ enum Command {
         /// Print only the timing and row counts.
         #[arg(long)]
         quiet: bool,
+        /// How to read the socket tables: `netlink` (sock_diag, the agent's way) or `proc`
+        /// (/proc/net text tables), to compare the two.
+        #[arg(long, value_name = "netlink|proc", default_value = "netlink")]
+        reader: snapshot::Reader,
     },
 }
 
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
         repeat,
         json,
         quiet,
+        reader,
     }) = cli.command
     {
         let scope = match cli.scope.as_deref().unwrap_or("own").parse() {
@@ -146,7 +151,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(tapgraph::config::EX_CONFIG as u8);
             }
         };
-        return print_snapshot(scope, repeat, json, quiet);
+        return print_snapshot(scope, reader, repeat, json, quiet);
     }
     let purpose = match cli.command {
         Some(Command::Enroll) => Purpose::Enroll,
@@ -172,17 +177,26 @@ fn main() -> ExitCode {
 }
 
 /// `tapgraph-agent snapshot`: one or more reads of the connection table, printed.
-fn print_snapshot(scope: snapshot::Scope, repeat: u32, json: bool, quiet: bool) -> ExitCode {
-    let mut snapshotter = snapshot::Snapshotter::with_scope("/proc".into(), None, scope);
+fn print_snapshot(
+    scope: snapshot::Scope,
+    reader: snapshot::Reader,
+    repeat: u32,
+    json: bool,
+    quiet: bool,
+) -> ExitCode {
+    let mut snapshotter =
+        snapshot::Snapshotter::with_scope("/proc".into(), None, scope).with_reader(reader);
     let mut last = None;
     for i in 1..=repeat.max(1) {
         let started = std::time::Instant::now();
+        let cpu_before = cpu_ms();
         match snapshotter.take() {
             Ok(table) => {
                 let took = started.elapsed();
                 eprintln!(
-                    "read {i}: {:.1} ms, {} sockets, {} rows, {} listeners, {} bad lines, {} unattributed",
+                    "read {i}: {:.1} ms (cpu {:.1} ms), {} sockets, {} rows, {} listeners, {} bad lines, {} unattributed",
                     took.as_secs_f64() * 1e3,
+                    cpu_ms() - cpu_before,
                     table.stats.sockets_read,
                     table.entries.len(),
                     table.listeners.len(),
@@ -198,8 +212,7 @@ fn print_snapshot(scope: snapshot::Scope, repeat: u32, json: bool, quiet: bool) 
         }
     }
     // CPU time of all reads and the peak resident set, for the benchmark's side-by-side table.
-    if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
-        let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+    {
         let hwm = std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| {
@@ -210,7 +223,7 @@ fn print_snapshot(scope: snapshot::Scope, repeat: u32, json: bool, quiet: bool) 
             .unwrap_or_default();
         eprintln!(
             "cpu: {:.1} ms (user+sys, {} reads), peak RSS {hwm} kB",
-            ms(usage.user_time()) + ms(usage.system_time()),
+            cpu_ms(),
             repeat.max(1)
         );
     }
@@ -283,6 +296,13 @@ fn print_snapshot(scope: snapshot::Scope, repeat: u32, json: bool, quiet: bool) 
         }
     }
     ExitCode::SUCCESS
+}
+
+/// CPU time (user + system) this process has used, in ms.
+fn cpu_ms() -> f64 {
+    let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map_or(0.0, |u| ms(u.user_time()) + ms(u.system_time()))
 }
 
 fn params(config: &AgentConfig) -> Option<EnrollParams> {

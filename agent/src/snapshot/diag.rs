@@ -1,0 +1,977 @@
+//! Netlink `sock_diag` reader of a network namespace's TCP and UDP sockets: the same
+//! [`SocketRow`]s that [`proc_net`](super::proc_net) parses out of
+//! `/proc/net/{tcp,tcp6,udp,udp6}`, without the kernel printing text for us to parse back.
+//!
+//! Four `inet_diag_req_v2` dumps (`AF_INET`/`AF_INET6` × TCP/UDP, every state) on one
+//! `NETLINK_SOCK_DIAG` socket, in the order `tcp, tcp6, udp, udp6`. The socket belongs to the
+//! network namespace it was created in, whatever thread reads it later.
+//!
+//! Where the two sources differ, by the kernel's doing:
+//! - TCP request sockets (SYN_RECV, inode 0): sock_diag reports uid 0, `/proc` the listener's.
+//! - TCP sockets bound but never listened on or connected: an all-ones state mask adds them (as
+//!   CLOSE, through the `TCP_BOUND_INACTIVE` bit, 6.8+). `/proc` never lists them, so that bit
+//!   is left out.
+//! - A missing protocol handler (`udp_diag` neither built in nor loadable) ends that one dump with
+//!   ENOENT in NLMSG_DONE; the error names the table so a caller can read it from `/proc`.
+//!
+//! Hand-written on `nix` (no `unsafe`, no new dependency) rather than with
+//! `netlink-packet-sock-diag` 0.5 + `netlink-sys` 0.9, by measurement on this project's 2-vCPU VM
+//! (kernel 6.18; loopback connections in a fresh namespace; median of 101 reads of the four
+//! tables, then the median of three runs): 6,100 sockets: 10.7 ms here, 12.9 ms with the crates,
+//! 27.6 ms for `/proc` read and parse; 20,000 sockets: 28.8 ms, 37.2 ms, 68.7 ms. The kernel's
+//! share is the same for both; decoding is not: 0.06 ms here against 2.4 ms at 6,100 sockets,
+//! 0.2 against 7.8 ms at 20,000, because the crate builds an owned, boxed message with parsed
+//! attributes per socket, while here each 72-byte `inet_diag_msg` becomes a row in place from one
+//! buffer kept across reads. 32 KiB, 64 KiB and 1 MiB buffers measured the same: the kernel caps
+//! a dump datagram at 32 KiB.
+
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::AddAssign;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, setsockopt, socket,
+    sockopt,
+};
+use nix::sys::time::{TimeVal, TimeValLike};
+
+use super::proc_net::{Protocol, SocketRow, TcpState};
+
+// include/uapi/linux/netlink.h
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_NOOP: u16 = 1;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x01;
+/// `NLM_F_ROOT | NLM_F_MATCH`.
+const NLM_F_DUMP: u16 = 0x300;
+// include/uapi/linux/sock_diag.h, inet_diag.h
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const INET_DIAG_REQ_V2_LEN: usize = 56;
+const INET_DIAG_MSG_LEN: usize = 72;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+// include/net/tcp_states.h
+const TCP_BOUND_INACTIVE: u32 = 13;
+
+/// Kernel dump datagrams are at most 32 KiB (`netlink_recvmsg` caps `max_recvmsg_len`), so this
+/// always holds one whole.
+const RECV_BUF_LEN: usize = 32 * 1024;
+/// A dump is answered synchronously; a receive that waits this long means the kernel will not
+/// answer, and the snapshot must not hang on it.
+const RECV_TIMEOUT_SECS: i64 = 5;
+
+/// One of the four socket tables, named like its `/proc/net` file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Table {
+    pub protocol: Protocol,
+    pub v6: bool,
+}
+
+impl Table {
+    /// In the order [`DiagReader::read`] dumps them.
+    pub const ALL: [Table; 4] = [
+        Table::new(Protocol::Tcp, false),
+        Table::new(Protocol::Tcp, true),
+        Table::new(Protocol::Udp, false),
+        Table::new(Protocol::Udp, true),
+    ];
+
+    pub const fn new(protocol: Protocol, v6: bool) -> Self {
+        Self { protocol, v6 }
+    }
+
+    /// The `/proc/net` file with the same rows.
+    pub fn proc_name(self) -> &'static str {
+        match (self.protocol, self.v6) {
+            (Protocol::Tcp, false) => "tcp",
+            (Protocol::Tcp, true) => "tcp6",
+            (Protocol::Udp, false) => "udp",
+            (Protocol::Udp, true) => "udp6",
+        }
+    }
+
+    fn family(self) -> u8 {
+        if self.v6 { AF_INET6 } else { AF_INET }
+    }
+
+    fn ip_protocol(self) -> u8 {
+        match self.protocol {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+
+    fn states(self) -> u32 {
+        match self.protocol {
+            Protocol::Tcp => !(1 << TCP_BOUND_INACTIVE),
+            Protocol::Udp => !0,
+        }
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let family = if self.v6 { "AF_INET6" } else { "AF_INET" };
+        let protocol = match self.protocol {
+            Protocol::Tcp => "IPPROTO_TCP",
+            Protocol::Udp => "IPPROTO_UDP",
+        };
+        write!(f, "{} ({family}, {protocol})", self.proc_name())
+    }
+}
+
+/// Why a dump failed. [`DiagReader`] returns it inside an [`io::Error`] of the matching kind
+/// (`err.get_ref()` downcasts to it), so a caller can tell which table to take from `/proc`.
+#[derive(Debug, thiserror::Error)]
+pub enum DiagError {
+    /// The kernel refused or aborted the dump. ENOENT: no sock_diag handler for the protocol
+    /// (`udp_diag`/`tcp_diag` neither built in nor loadable).
+    #[error(
+        "sock_diag dump of {table} failed in the kernel{}: {source}",
+        enoent_hint(source)
+    )]
+    Kernel { table: Table, source: io::Error },
+    #[error("sock_diag dump of {table}: {what} at byte {offset} of a {len}-byte datagram")]
+    Malformed {
+        table: Table,
+        what: &'static str,
+        offset: usize,
+        len: usize,
+    },
+    #[error("sock_diag dump of {table}: unexpected netlink message type {kind}")]
+    UnexpectedMessage { table: Table, kind: u16 },
+    #[error("sock_diag dump of {table}: a {len}-byte datagram overflows the {cap}-byte buffer")]
+    Truncated {
+        table: Table,
+        len: usize,
+        cap: usize,
+    },
+    #[error("sock_diag dump of {table}: {op} failed: {source}")]
+    Socket {
+        table: Table,
+        op: &'static str,
+        source: io::Error,
+    },
+}
+
+fn enoent_hint(source: &io::Error) -> &'static str {
+    if source.kind() == io::ErrorKind::NotFound {
+        " (no sock_diag handler for this protocol)"
+    } else {
+        ""
+    }
+}
+
+impl DiagError {
+    /// The table whose dump failed.
+    pub fn table(&self) -> Table {
+        match self {
+            Self::Kernel { table, .. }
+            | Self::Malformed { table, .. }
+            | Self::UnexpectedMessage { table, .. }
+            | Self::Truncated { table, .. }
+            | Self::Socket { table, .. } => *table,
+        }
+    }
+}
+
+impl From<DiagError> for io::Error {
+    fn from(err: DiagError) -> Self {
+        let kind = match &err {
+            DiagError::Kernel { source, .. } | DiagError::Socket { source, .. } => source.kind(),
+            DiagError::Malformed { .. }
+            | DiagError::UnexpectedMessage { .. }
+            | DiagError::Truncated { .. } => io::ErrorKind::InvalidData,
+        };
+        io::Error::new(kind, err)
+    }
+}
+
+/// What one read cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Rows appended.
+    pub rows: usize,
+    /// Datagrams received, and their bytes.
+    pub datagrams: usize,
+    pub bytes: usize,
+}
+
+impl AddAssign for ReadStats {
+    fn add_assign(&mut self, other: Self) {
+        self.rows += other.rows;
+        self.datagrams += other.datagrams;
+        self.bytes += other.bytes;
+    }
+}
+
+/// A `NETLINK_SOCK_DIAG` socket bound to one network namespace, with its receive buffer.
+pub struct DiagReader {
+    fd: OwnedFd,
+    buf: Box<[u8]>,
+    seq: u32,
+    /// A dump was abandoned part-way (bad datagram, receive error). The kernel refuses a new dump
+    /// on the socket with EBUSY until the old one is read to its end, so the next dump drains it.
+    unfinished: bool,
+}
+
+impl fmt::Debug for DiagReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiagReader")
+            .field("fd", &self.fd)
+            .field("seq", &self.seq)
+            .field("unfinished", &self.unfinished)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiagReader {
+    /// A reader of the calling thread's current network namespace.
+    pub fn open() -> io::Result<Self> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkSockDiag,
+        )?;
+        setsockopt(
+            &fd,
+            sockopt::ReceiveTimeout,
+            &TimeVal::seconds(RECV_TIMEOUT_SECS),
+        )?;
+        Ok(Self {
+            fd,
+            buf: vec![0; RECV_BUF_LEN].into_boxed_slice(),
+            seq: 0,
+            unfinished: false,
+        })
+    }
+
+    /// A reader of the network namespace `netns` (an open `/proc/PID/ns/net` or `ip netns`
+    /// mount), created on a short-lived thread that enters it; the caller's namespace is
+    /// untouched. Needs CAP_SYS_ADMIN.
+    pub fn open_in(netns: &File) -> io::Result<Self> {
+        super::netns::run_in(netns, Self::open)?
+    }
+
+    /// Appends every TCP and UDP socket, IPv4 and IPv6, of the reader's namespace to `rows`, in
+    /// the order of [`Table::ALL`]. On error `rows` is as it was and the error (a
+    /// [`DiagError`] inside) names the failed table; [`read_table`](Self::read_table) reads
+    /// the others one by one.
+    pub fn read(&mut self, rows: &mut Vec<SocketRow>) -> io::Result<ReadStats> {
+        let start = rows.len();
+        let mut stats = ReadStats::default();
+        for table in Table::ALL {
+            match self.read_table(table, rows) {
+                Ok(one) => stats += one,
+                Err(err) => {
+                    rows.truncate(start);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Appends the rows of one table. On error `rows` is as it was.
+    pub fn read_table(&mut self, table: Table, rows: &mut Vec<SocketRow>) -> io::Result<ReadStats> {
+        let start = rows.len();
+        self.dump(table, rows).map_err(|err| {
+            rows.truncate(start);
+            io::Error::from(err)
+        })
+    }
+
+    fn dump(&mut self, table: Table, rows: &mut Vec<SocketRow>) -> Result<ReadStats, DiagError> {
+        let socket_err = |op, source: Errno| DiagError::Socket {
+            table,
+            op,
+            source: source.into(),
+        };
+        if self.unfinished {
+            self.drain()
+                .map_err(|e| socket_err("draining an abandoned dump", e))?;
+        }
+        self.seq = self.seq.wrapping_add(1);
+        let request = request(table, self.seq);
+        retry_eintr(|| send(self.fd.as_raw_fd(), &request, MsgFlags::empty()))
+            .map_err(|e| socket_err("send", e))?;
+        self.unfinished = true;
+        let mut stats = ReadStats::default();
+        loop {
+            // MSG_TRUNC: netlink then returns the datagram's full length, so truncation shows.
+            let len = retry_eintr(|| recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_TRUNC))
+                .map_err(|e| socket_err("recv", e))?;
+            let Some(datagram) = self.buf.get(..len) else {
+                return Err(DiagError::Truncated {
+                    table,
+                    len,
+                    cap: self.buf.len(),
+                });
+            };
+            stats.datagrams += 1;
+            stats.bytes += len;
+            let before = rows.len();
+            let parsed = parse_datagram(datagram, table, self.seq, rows);
+            stats.rows += rows.len() - before;
+            match parsed {
+                Ok(Progress::More) => {}
+                Ok(Progress::Done) => {
+                    self.unfinished = false;
+                    return Ok(stats);
+                }
+                // An error message ends the dump like NLMSG_DONE does.
+                Err(err @ DiagError::Kernel { .. }) => {
+                    self.unfinished = false;
+                    return Err(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Reads and drops what is left of an abandoned dump. The kernel builds the next datagram of
+    /// a dump inside the `recv` that takes the previous one, so an empty queue means it is over.
+    fn drain(&mut self) -> Result<(), Errno> {
+        loop {
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC;
+            match recv(self.fd.as_raw_fd(), &mut self.buf, flags) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => break,
+                Err(err) => return Err(err),
+            }
+        }
+        self.unfinished = false;
+        Ok(())
+    }
+}
+
+fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
+    loop {
+        match f() {
+            Err(Errno::EINTR) => {}
+            other => return other,
+        }
+    }
+}
+
+/// `nlmsghdr` + `inet_diag_req_v2` asking for every socket of `table` in the requested states.
+fn request(table: Table, seq: u32) -> [u8; NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN] {
+    let mut req = [0u8; NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN];
+    let len = (NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN) as u32;
+    req[0..4].copy_from_slice(&len.to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[8..12].copy_from_slice(&seq.to_ne_bytes());
+    // nlmsg_pid 0: the kernel fills in our port id.
+    req[16] = table.family();
+    req[17] = table.ip_protocol();
+    // idiag_ext 0: no attributes wanted; pad.
+    req[20..24].copy_from_slice(&table.states().to_ne_bytes());
+    // The all-zero inet_diag_sockid is no filter.
+    req
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    More,
+    Done,
+}
+
+/// Parses one datagram of the dump of `table` numbered `seq`, appending its sockets to `rows`.
+/// Messages of another sequence number (left from an abandoned dump) are skipped. On error,
+/// rows of the datagram before the bad message have been appended.
+fn parse_datagram(
+    data: &[u8],
+    table: Table,
+    seq: u32,
+    rows: &mut Vec<SocketRow>,
+) -> Result<Progress, DiagError> {
+    let mut offset = 0;
+    let malformed = |what, offset| DiagError::Malformed {
+        table,
+        what,
+        offset,
+        len: data.len(),
+    };
+    if data.is_empty() {
+        return Err(malformed("empty datagram", 0));
+    }
+    while let Some(rest) = data.get(offset..).filter(|rest| !rest.is_empty()) {
+        let Some(header) = rest.first_chunk::<NLMSG_HDRLEN>() else {
+            return Err(malformed("truncated netlink header", offset));
+        };
+        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = u16::from_ne_bytes([header[4], header[5]]);
+        let msg_seq = u32::from_ne_bytes([header[8], header[9], header[10], header[11]]);
+        let Some(payload) = rest.get(NLMSG_HDRLEN..len) else {
+            return Err(malformed("netlink message length out of bounds", offset));
+        };
+        if msg_seq == seq {
+            match kind {
+                SOCK_DIAG_BY_FAMILY => {
+                    let row = parse_row(payload, table).map_err(|what| malformed(what, offset))?;
+                    rows.push(row);
+                }
+                NLMSG_DONE | NLMSG_ERROR => {
+                    // NLMSG_DONE carries the dump's result (older kernels: nothing),
+                    // NLMSG_ERROR a negative errno first, 0 for an acknowledgement.
+                    let code = match payload.first_chunk::<4>() {
+                        Some(code) => i32::from_ne_bytes(*code),
+                        None if kind == NLMSG_DONE => 0,
+                        None => return Err(malformed("truncated NLMSG_ERROR", offset)),
+                    };
+                    if code == 0 {
+                        return Ok(Progress::Done);
+                    }
+                    let errno = if code < 0 {
+                        code.saturating_neg()
+                    } else {
+                        code
+                    };
+                    return Err(DiagError::Kernel {
+                        table,
+                        source: io::Error::from_raw_os_error(errno),
+                    });
+                }
+                NLMSG_NOOP => {}
+                kind => return Err(DiagError::UnexpectedMessage { table, kind }),
+            }
+        }
+        // Messages are 4-byte aligned; the last one may lack its padding.
+        offset += len.next_multiple_of(4);
+    }
+    Ok(Progress::More)
+}
+
+/// One `inet_diag_msg`; attributes after it are ignored.
+fn parse_row(payload: &[u8], table: Table) -> Result<SocketRow, &'static str> {
+    let Some(msg) = payload.first_chunk::<INET_DIAG_MSG_LEN>() else {
+        return Err("inet_diag_msg shorter than 72 bytes");
+    };
+    if msg[0] != table.family() {
+        return Err("socket of another address family");
+    }
+    // inet_diag_sockid at 4: sport, dport (network order), src[16], dst[16] (network order;
+    // an IPv4 address is the first 4 bytes), then if, cookie.
+    let endpoint = |port: usize, addr: usize| {
+        let port = u16::from_be_bytes([msg[port], msg[port + 1]]);
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&msg[addr..addr + 16]);
+        let ip = if table.v6 {
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+        };
+        SocketAddr::new(ip.to_canonical(), port)
+    };
+    Ok(SocketRow {
+        protocol: table.protocol,
+        local: endpoint(4, 8),
+        remote: endpoint(6, 24),
+        // UDP sockets carry sk_state too, as in /proc: ESTABLISHED when connected, CLOSE if not.
+        state: TcpState::from_code(msg[1]),
+        uid: u32::from_ne_bytes([msg[64], msg[65], msg[66], msg[67]]),
+        inode: u64::from(u32::from_ne_bytes([msg[68], msg[69], msg[70], msg[71]])),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::proc_net;
+    use nix::sched::CloneFlags;
+    use std::net::{TcpListener, TcpStream, UdpSocket};
+    use std::os::unix::fs::MetadataExt;
+
+    fn inode_of(fd: &impl AsRawFd) -> u64 {
+        std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .ino()
+    }
+
+    /// The four tables of `net_dir` through the `/proc` parser.
+    fn proc_rows(net_dir: &str) -> Vec<SocketRow> {
+        let mut rows = Vec::new();
+        for table in Table::ALL {
+            let path = format!("{net_dir}/{}", table.proc_name());
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if table.v6 && e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => panic!("{path}: {e}"),
+            };
+            let (parsed, bad) = proc_net::parse(&text, table.protocol, table.v6);
+            assert_eq!(bad, 0, "{path}");
+            rows.extend(parsed);
+        }
+        rows
+    }
+
+    fn only(rows: &[SocketRow], inodes: &[u64]) -> Vec<SocketRow> {
+        let mut kept: Vec<_> = rows
+            .iter()
+            .filter(|r| inodes.contains(&r.inode))
+            .copied()
+            .collect();
+        kept.sort();
+        kept
+    }
+
+    /// Retries `attempt` a few times before failing with its last complaint. Neither source is
+    /// atomic: both resume a table walk by position within a hash bucket, so sockets that other
+    /// tests open or close meanwhile can make one of ours show twice or not at all (seen in
+    /// `/proc/net/tcp` while `a_dump_abandoned_midway_is_drained` opened its listeners).
+    fn eventually(mut attempt: impl FnMut() -> Result<(), String>) {
+        let mut last = String::new();
+        for _ in 0..5 {
+            match attempt() {
+                Ok(()) => return,
+                Err(complaint) => last = complaint,
+            }
+        }
+        panic!("{last}");
+    }
+
+    fn sa(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn diag_rows_match_proc_rows_for_own_sockets() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let bound = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let connected = UdpSocket::bind("127.0.0.1:0").unwrap();
+        connected.connect(bound.local_addr().unwrap()).unwrap();
+        // Bound, never listened on: neither source lists it.
+        let inactive = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        nix::sys::socket::bind(
+            inactive.as_raw_fd(),
+            &nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, 0),
+        )
+        .unwrap();
+        let mut inodes = vec![
+            inode_of(&listener),
+            inode_of(&client),
+            inode_of(&server),
+            inode_of(&bound),
+            inode_of(&connected),
+            inode_of(&inactive),
+        ];
+        let mut expected_rows = 5;
+        // Dual-stack: an IPv4 peer accepted on `[::]` is an AF_INET6 socket with mapped
+        // addresses, which both readers turn into IPv4.
+        let mut v6 = Vec::new();
+        let mut mapped_server = None;
+        if let Ok(listener6) = TcpListener::bind("[::]:0") {
+            let port = listener6.local_addr().unwrap().port();
+            let client4 = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let (server4, _) = listener6.accept().unwrap();
+            mapped_server = Some(inode_of(&server4));
+            let client6 = TcpStream::connect(("::1", port)).unwrap();
+            let (server6, _) = listener6.accept().unwrap();
+            let udp6 = UdpSocket::bind("[::]:0").unwrap();
+            udp6.connect(bound.local_addr().unwrap()).unwrap();
+            inodes.extend([
+                inode_of(&listener6),
+                inode_of(&client6),
+                inode_of(&server6),
+                inode_of(&client4),
+                inode_of(&server4),
+                inode_of(&udp6),
+            ]);
+            expected_rows += 6;
+            v6.push((listener6, client4, server4, client6, server6, udp6));
+        } else {
+            eprintln!("no IPv6 here: comparing IPv4 sockets only");
+        }
+
+        let mut reader = DiagReader::open().unwrap();
+        let mut diag = vec![];
+        eventually(|| {
+            let mut rows = vec![];
+            let stats = reader.read(&mut rows).unwrap();
+            assert_eq!(stats.rows, rows.len());
+            diag = only(&rows, &inodes);
+            let from_proc = only(&proc_rows("/proc/thread-self/net"), &inodes);
+            if diag != from_proc {
+                return Err(format!("diag {diag:#?}\n/proc {from_proc:#?}"));
+            }
+            if diag.len() != expected_rows {
+                return Err(format!("expected {expected_rows} rows: {diag:#?}"));
+            }
+            Ok(())
+        });
+        let inactive = inode_of(&inactive);
+        assert!(diag.iter().all(|r| r.inode != inactive));
+
+        let by_inode = |inode| *diag.iter().find(|r| r.inode == inode).unwrap();
+        assert_eq!(
+            by_inode(inode_of(&server)),
+            SocketRow {
+                protocol: Protocol::Tcp,
+                local: listener.local_addr().unwrap(),
+                remote: client.local_addr().unwrap(),
+                state: TcpState::Established,
+                uid: nix::unistd::geteuid().as_raw(),
+                inode: inode_of(&server),
+            }
+        );
+        assert_eq!(by_inode(inode_of(&listener)).state, TcpState::Listen);
+        assert_eq!(by_inode(inode_of(&bound)).state, TcpState::Close);
+        assert_eq!(by_inode(inode_of(&connected)).state, TcpState::Established);
+        if let (Some(inode), Some((_, client4, ..))) = (mapped_server, v6.first()) {
+            let row = by_inode(inode);
+            assert_eq!(row.remote, client4.local_addr().unwrap());
+            assert!(row.local.is_ipv4());
+        }
+        // Reading again on the same reader gives the same rows: the buffer is reused cleanly.
+        eventually(|| {
+            let mut again = vec![];
+            reader.read(&mut again).unwrap();
+            let again = only(&again, &inodes);
+            (again == diag).then_some(()).ok_or(format!("{again:#?}"))
+        });
+    }
+
+    /// A reader opened into a fresh namespace sees exactly that namespace's sockets, the same as
+    /// its `/proc` tables, and none of ours.
+    #[test]
+    fn open_in_reads_the_other_namespace() {
+        let made = std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET)?;
+            let listener = TcpListener::bind("0.0.0.0:0")?;
+            let udp = UdpSocket::bind("[::]:0").or_else(|_| UdpSocket::bind("0.0.0.0:0"))?;
+            let ns = File::open("/proc/thread-self/ns/net")?;
+            let rows = proc_rows("/proc/thread-self/net");
+            io::Result::Ok((listener, udp, ns, rows))
+        })
+        .join()
+        .unwrap();
+        let (listener, udp, ns, mut from_proc) = match made {
+            Ok(made) => made,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                eprintln!("SKIPPED: needs root (unshare(CLONE_NEWNET): {e})");
+                return;
+            }
+            Err(e) => panic!("setting up a network namespace: {e}"),
+        };
+        let mut reader = DiagReader::open_in(&ns).unwrap();
+        let mut rows = vec![];
+        reader.read(&mut rows).unwrap();
+        rows.sort();
+        from_proc.sort();
+        assert_eq!(rows, from_proc);
+        let mut inodes = vec![inode_of(&listener), inode_of(&udp)];
+        inodes.sort();
+        assert_eq!(rows.iter().map(|r| r.inode).collect::<Vec<_>>(), inodes);
+
+        let mut own = vec![];
+        DiagReader::open().unwrap().read(&mut own).unwrap();
+        assert!(own.iter().all(|r| !inodes.contains(&r.inode)));
+    }
+
+    /// A dump left part-read (an error part-way) makes the kernel refuse the next one with
+    /// EBUSY, so the reader drains it first.
+    #[test]
+    fn a_dump_abandoned_midway_is_drained() {
+        // Enough sockets that a TCP dump takes several datagrams.
+        let listeners: Vec<_> = (0..400)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let inodes: Vec<u64> = listeners.iter().map(inode_of).collect();
+        let tcp = Table::new(Protocol::Tcp, false);
+        let mut reader = DiagReader::open().unwrap();
+        let mut expected = vec![];
+        eventually(|| {
+            let mut rows = vec![];
+            let stats = reader.read_table(tcp, &mut rows).unwrap();
+            assert!(stats.datagrams > 2, "{stats:?}");
+            expected = only(&rows, &inodes);
+            (expected.len() == listeners.len())
+                .then_some(())
+                .ok_or(format!("{expected:#?}"))
+        });
+
+        // Start a dump and take only its first datagram, as an error part-way would.
+        let abandon = |reader: &mut DiagReader| {
+            reader.seq += 1;
+            let fd = reader.fd.as_raw_fd();
+            send(fd, &request(tcp, reader.seq), MsgFlags::empty()).unwrap();
+            recv(fd, &mut reader.buf, MsgFlags::empty()).unwrap();
+        };
+        abandon(&mut reader);
+        reader.unfinished = false; // pretend it was not
+        let err = reader.read_table(tcp, &mut vec![]).unwrap_err();
+        match err.get_ref().and_then(|e| e.downcast_ref::<DiagError>()) {
+            Some(DiagError::Kernel { source, .. }) => {
+                assert_eq!(source.raw_os_error(), Some(Errno::EBUSY as i32), "{err}");
+            }
+            other => panic!("expected EBUSY, got {other:?}"),
+        }
+
+        // The old dump is still running: the first read of each round drains it; retries re-read.
+        for read_all in [false, true] {
+            if read_all {
+                abandon(&mut reader);
+            }
+            reader.unfinished = true;
+            eventually(|| {
+                let mut rows = vec![];
+                if read_all {
+                    reader.read(&mut rows).unwrap();
+                } else {
+                    reader.read_table(tcp, &mut rows).unwrap();
+                }
+                assert!(!reader.unfinished);
+                let got = only(&rows, &inodes);
+                (got == expected).then_some(()).ok_or(format!("{got:#?}"))
+            });
+        }
+    }
+
+    /// A netlink message: header, payload, padding to 4 bytes.
+    fn message(kind: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&((NLMSG_HDRLEN + payload.len()) as u32).to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&0x2u16.to_ne_bytes());
+        msg.extend_from_slice(&seq.to_ne_bytes());
+        msg.extend_from_slice(&4242u32.to_ne_bytes());
+        msg.extend_from_slice(payload);
+        msg.resize(msg.len().next_multiple_of(4), 0);
+        msg
+    }
+
+    /// An `inet_diag_msg` followed by one attribute, as the kernel sends it.
+    fn socket_message(family: u8, state: u8, local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+        let mut msg = vec![family, state, 0, 0];
+        msg.extend_from_slice(&local.port().to_be_bytes());
+        msg.extend_from_slice(&remote.port().to_be_bytes());
+        for ip in [local.ip(), remote.ip()] {
+            let mut bytes = [0u8; 16];
+            match ip {
+                IpAddr::V4(ip) => bytes[..4].copy_from_slice(&ip.octets()),
+                IpAddr::V6(ip) => bytes = ip.octets(),
+            }
+            msg.extend_from_slice(&bytes);
+        }
+        msg.extend_from_slice(&[0; 12]); // if, cookie
+        for value in [0u32, 0, 0, 1000, 777] {
+            // expires, rqueue, wqueue, uid, inode
+            msg.extend_from_slice(&value.to_ne_bytes());
+        }
+        // INET_DIAG_SHUTDOWN, padded.
+        msg.extend_from_slice(&[5, 0, 8, 0, 0, 0, 0, 0]);
+        msg
+    }
+
+    const TCP6: Table = Table::new(Protocol::Tcp, true);
+    const UDP: Table = Table::new(Protocol::Udp, false);
+
+    fn good_datagram() -> Vec<u8> {
+        let mut data = message(
+            SOCK_DIAG_BY_FAMILY,
+            7,
+            &socket_message(
+                AF_INET6,
+                1,
+                sa("[::ffff:127.0.0.1]:443"),
+                sa("[::ffff:10.1.2.3]:50000"),
+            ),
+        );
+        data.extend(message(
+            SOCK_DIAG_BY_FAMILY,
+            7,
+            &socket_message(AF_INET6, 10, sa("[2001:db8::1]:8080"), sa("[::]:0")),
+        ));
+        data.extend(message(NLMSG_DONE, 7, &0i32.to_ne_bytes()));
+        data
+    }
+
+    fn parse(data: &[u8], table: Table) -> (Result<Progress, DiagError>, Vec<SocketRow>) {
+        let mut rows = vec![];
+        let result = parse_datagram(data, table, 7, &mut rows);
+        (result, rows)
+    }
+
+    fn malformed(result: Result<Progress, DiagError>) -> &'static str {
+        match result {
+            Err(DiagError::Malformed { what, .. }) => what,
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_rows_ports_and_mapped_addresses() {
+        let (result, rows) = parse(&good_datagram(), TCP6);
+        assert_eq!(result.unwrap(), Progress::Done);
+        let row = |local, remote, state| SocketRow {
+            protocol: Protocol::Tcp,
+            local: sa(local),
+            remote: sa(remote),
+            state,
+            uid: 1000,
+            inode: 777,
+        };
+        assert_eq!(
+            rows,
+            [
+                row("127.0.0.1:443", "10.1.2.3:50000", TcpState::Established),
+                row("[2001:db8::1]:8080", "[::]:0", TcpState::Listen),
+            ]
+        );
+        // No NLMSG_DONE yet: more datagrams follow.
+        let mut data = good_datagram();
+        data.truncate(data.len() - 20);
+        assert_eq!(parse(&data, TCP6).0.unwrap(), Progress::More);
+        // Replies to an abandoned earlier request are skipped.
+        let mut data = message(
+            SOCK_DIAG_BY_FAMILY,
+            6,
+            &socket_message(AF_INET6, 1, sa("[::1]:1"), sa("[::1]:2")),
+        );
+        data.extend(message(NLMSG_DONE, 6, &0i32.to_ne_bytes()));
+        data.extend(good_datagram());
+        let (result, rows) = parse(&data, TCP6);
+        assert_eq!((result.unwrap(), rows.len()), (Progress::Done, 2));
+    }
+
+    #[test]
+    fn malformed_datagrams_are_errors() {
+        let good = good_datagram();
+        assert_eq!(malformed(parse(&[], TCP6).0), "empty datagram");
+        assert_eq!(
+            malformed(parse(&good[..10], TCP6).0),
+            "truncated netlink header"
+        );
+        // A message cut short of its nlmsg_len.
+        assert_eq!(
+            malformed(parse(&good[..40], TCP6).0),
+            "netlink message length out of bounds"
+        );
+        for bad_len in [0u32, 8, 15, 1 << 20, u32::MAX] {
+            let mut data = good.clone();
+            data[..4].copy_from_slice(&bad_len.to_ne_bytes());
+            assert_eq!(
+                malformed(parse(&data, TCP6).0),
+                "netlink message length out of bounds",
+                "nlmsg_len {bad_len}"
+            );
+        }
+        let short = message(SOCK_DIAG_BY_FAMILY, 7, &[AF_INET6; 40]);
+        assert_eq!(
+            malformed(parse(&short, TCP6).0),
+            "inet_diag_msg shorter than 72 bytes"
+        );
+        let v4 = message(
+            SOCK_DIAG_BY_FAMILY,
+            7,
+            &socket_message(AF_INET, 1, sa("1.2.3.4:1"), sa("5.6.7.8:2")),
+        );
+        assert_eq!(
+            malformed(parse(&v4, TCP6).0),
+            "socket of another address family"
+        );
+        let err = parse(&message(NLMSG_ERROR, 7, &[1, 2]), TCP6).0;
+        assert_eq!(malformed(err), "truncated NLMSG_ERROR");
+        match parse(&message(99, 7, &[]), TCP6).0 {
+            Err(DiagError::UnexpectedMessage { kind: 99, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        // The rows before a bad message were appended: callers truncate.
+        let mut data = good.clone();
+        data.truncate(good.len() - 20);
+        data.extend(&short);
+        let (result, rows) = parse(&data, TCP6);
+        assert!(result.is_err());
+        assert_eq!(rows.len(), 2);
+    }
+
+    /// A missing `udp_diag` ends the dump with ENOENT, in NLMSG_DONE or NLMSG_ERROR depending on
+    /// where the kernel noticed; either way the error names the table and keeps the errno's kind.
+    #[test]
+    fn kernel_errors_name_the_table() {
+        let enoent = (-(Errno::ENOENT as i32)).to_ne_bytes();
+        for kind in [NLMSG_DONE, NLMSG_ERROR] {
+            let (result, rows) = parse(&message(kind, 7, &enoent), UDP);
+            assert!(rows.is_empty());
+            let err = io::Error::from(result.unwrap_err());
+            assert_eq!(err.kind(), io::ErrorKind::NotFound);
+            let text = err.to_string();
+            assert!(text.contains("udp (AF_INET, IPPROTO_UDP)"), "{text}");
+            assert!(text.contains("no sock_diag handler"), "{text}");
+            let inner = err.get_ref().unwrap().downcast_ref::<DiagError>().unwrap();
+            assert_eq!(inner.table(), UDP);
+        }
+        // An acknowledgement, and an old kernel's empty NLMSG_DONE, end the dump cleanly.
+        assert_eq!(
+            parse(&message(NLMSG_ERROR, 7, &[0; 20]), UDP).0.unwrap(),
+            Progress::Done
+        );
+        assert_eq!(
+            parse(&message(NLMSG_DONE, 7, &[]), UDP).0.unwrap(),
+            Progress::Done
+        );
+    }
+
+    /// Every truncation and a deterministic spray of byte edits of a datagram parse without
+    /// panicking, and never yield more rows than the datagram holds messages.
+    #[test]
+    fn garbled_datagrams_never_panic() {
+        let good = good_datagram();
+        for cut in 0..=good.len() {
+            let (_, rows) = parse(&good[..cut], TCP6);
+            assert!(rows.len() <= 2);
+        }
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let mut data = good.clone();
+            for _ in 0..(next() % 6 + 1) {
+                let at = (next() % data.len() as u64) as usize;
+                data[at] = next() as u8;
+            }
+            for table in Table::ALL {
+                let (_, rows) = parse(&data, table);
+                assert!(rows.len() <= data.len() / NLMSG_HDRLEN);
+            }
+        }
+    }
+
+    #[test]
+    fn request_asks_for_every_state_proc_lists() {
+        let req = request(Table::new(Protocol::Tcp, true), 9);
+        assert_eq!(req.len(), 72);
+        assert_eq!(u32::from_ne_bytes(req[0..4].try_into().unwrap()), 72);
+        assert_eq!(u16::from_ne_bytes([req[4], req[5]]), SOCK_DIAG_BY_FAMILY);
+        assert_eq!(u32::from_ne_bytes(req[8..12].try_into().unwrap()), 9);
+        assert_eq!((req[16], req[17]), (AF_INET6, IPPROTO_TCP));
+        let states = u32::from_ne_bytes(req[20..24].try_into().unwrap());
+        assert_eq!(states, !(1 << 13));
+        let udp = request(UDP, 1);
+        assert_eq!(u32::from_ne_bytes(udp[20..24].try_into().unwrap()), !0);
+        assert!(req[24..].iter().all(|&b| b == 0));
+    }
+}

@@ -361,66 +361,16 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::Graph>, Status> {
         auth::operator(&request)?;
         let req = request.into_inner();
-        let mut graph = self
-            .topology
-            .graph(GraphQuery {
+        let graph = crate::topology::view::graph(
+            &self.topology,
+            &self.enrollment,
+            &self.naming,
+            GraphQuery {
                 include_control: req.include_control,
                 include_inactive: req.include_inactive,
-            })
-            .await;
-        // Labels sit on nodes, as `label.KEY` properties: a host's come from its enrollment token
-        // and operators, then hostname rules; an address's from CIDR rules.
-        let enrolled: BTreeMap<String, EnrolledAgent> = self
-            .enrollment
-            .list_agents()
-            .await
-            .into_iter()
-            .map(|a| (a.id.clone(), a))
-            .collect();
-        let rules = self
-            .naming
-            .config_rules
-            .then(&self.naming.operator_rules.get().1);
-        for node in graph.nodes.iter_mut() {
-            let labels = match node.kind.as_str() {
-                "host" => {
-                    let record = enrolled.get(&node.name);
-                    let hostname = record
-                        .map(|a| a.hostname.clone())
-                        .filter(|h| !h.is_empty())
-                        .unwrap_or_else(|| node.name.clone());
-                    node.properties.insert("hostname".into(), hostname.clone());
-                    let mut labels = rules.for_hostname(&hostname);
-                    labels.extend(record.map(|a| a.labels.clone()).unwrap_or_default());
-                    labels
-                }
-                "address" => match node.name.parse() {
-                    Ok(ip) => rules.for_address(&ip),
-                    Err(_) => BTreeMap::new(),
-                },
-                _ => BTreeMap::new(),
-            };
-            for (k, v) in labels {
-                node.properties.insert(format!("label.{k}"), v);
-            }
-        }
-        // External and agentless endpoints by name, when reverse DNS is on.
-        let external: Vec<std::net::IpAddr> = graph
-            .nodes
-            .iter()
-            .filter(|n| n.kind == "address")
-            .filter_map(|n| n.name.parse().ok())
-            .collect();
-        let names = self
-            .naming
-            .names
-            .lookup(&external, Duration::from_secs(2))
-            .await;
-        for node in graph.nodes.iter_mut().filter(|n| n.kind == "address") {
-            if let Some(name) = node.name.parse().ok().and_then(|ip| names.get(&ip)) {
-                node.properties.insert("dns".into(), name.clone());
-            }
-        }
+            },
+        )
+        .await;
         Ok(Response::new(graph))
     }
 

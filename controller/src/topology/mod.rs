@@ -5,6 +5,7 @@
 pub mod labels;
 pub mod model;
 pub mod names;
+pub mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

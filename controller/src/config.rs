@@ -36,6 +36,8 @@ pub struct ControllerConfig {
     pub reverse_dns: bool,
     /// The policy every agent gets until operators set others.
     pub default_policy: PolicySpec,
+    /// Mirror the map into Neo4j (or another Bolt server), when configured.
+    pub neo4j: Option<crate::sink::Neo4jSettings>,
 }
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -63,6 +65,14 @@ fn known_keys() -> Vec<String> {
         "topology.cidr_labels",
         "topology.hostname_labels",
         "topology.reverse_dns",
+        "graph.neo4j.uri",
+        "graph.neo4j.user",
+        "graph.neo4j.password",
+        "graph.neo4j.password_file",
+        "graph.neo4j.database",
+        "graph.neo4j.batch_size",
+        "graph.neo4j.interval",
+        "graph.neo4j.last_seen_step",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -158,6 +168,7 @@ impl ControllerConfig {
             }
         };
         let reverse_dns = c.bool("topology.reverse_dns", false);
+        let neo4j = neo4j_settings(&mut c);
         if topology.retention < topology.ttl {
             c.fail("topology.retention", "must be at least topology.ttl");
         }
@@ -189,8 +200,77 @@ impl ControllerConfig {
             label_rules,
             reverse_dns,
             default_policy,
+            neo4j,
         })
     }
+}
+
+/// `graph.neo4j.*`: `None` unless a URI is set.
+fn neo4j_settings(c: &mut Layered) -> Option<crate::sink::Neo4jSettings> {
+    let uri = c.opt_string("graph.neo4j.uri")?;
+    let address = match crate::sink::bolt_address(&uri) {
+        Ok(address) => address,
+        Err(e) => {
+            c.fail("graph.neo4j.uri", e);
+            String::new()
+        }
+    };
+    let user = c.string("graph.neo4j.user", "neo4j");
+    // The password from a file is how Kubernetes secrets arrive; from the environment
+    // (TAPGRAPH_GRAPH__NEO4J__PASSWORD) or the file, never a flag.
+    let password = match (
+        c.opt_string("graph.neo4j.password"),
+        c.path("graph.neo4j.password_file"),
+    ) {
+        (Some(_), Some(_)) => {
+            c.fail(
+                "graph.neo4j.password",
+                "set graph.neo4j.password or graph.neo4j.password_file, not both",
+            );
+            String::new()
+        }
+        (Some(p), None) => p,
+        (None, Some(path)) => match std::fs::read_to_string(&path) {
+            Ok(p) => p.trim_end_matches(['\n', '\r']).to_string(),
+            Err(e) => {
+                c.fail(
+                    "graph.neo4j.password_file",
+                    format!("{}: {e}", path.display()),
+                );
+                String::new()
+            }
+        },
+        (None, None) => String::new(),
+    };
+    let database = c.string("graph.neo4j.database", "");
+    let batch_size = c.value("graph.neo4j.batch_size", 1000usize);
+    if !(1..=50_000).contains(&batch_size) {
+        c.fail(
+            "graph.neo4j.batch_size",
+            format!("{batch_size} is out of range 1..=50000"),
+        );
+    }
+    let interval = c.duration(
+        "graph.neo4j.interval",
+        2 * SECOND,
+        SECOND / 10,
+        600 * SECOND,
+    );
+    let last_seen_step = c.duration(
+        "graph.neo4j.last_seen_step",
+        60 * SECOND,
+        SECOND,
+        86_400 * SECOND,
+    );
+    Some(crate::sink::Neo4jSettings {
+        address,
+        user,
+        password: crate::sink::Secret(password),
+        database,
+        batch_size,
+        interval,
+        last_seen_step,
+    })
 }
 
 fn hostname() -> String {

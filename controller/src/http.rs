@@ -19,6 +19,8 @@ pub struct HttpState {
     pub topology: Topology,
     /// Set once the gRPC listener is bound and state is loaded.
     pub ready: Arc<AtomicBool>,
+    /// The Neo4j sink, when one is configured.
+    pub sink: Option<crate::sink::SinkHandle>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -42,6 +44,14 @@ async fn agents(State(state): State<HttpState>) -> impl IntoResponse {
     Json(state.registry.list().await)
 }
 
+/// The map's counters, and the Neo4j sink's under `neo4j` when one is configured.
 async fn topology_stats(State(state): State<HttpState>) -> impl IntoResponse {
-    Json(state.topology.stats().await)
+    let mut stats = serde_json::to_value(state.topology.stats().await).unwrap_or_default();
+    if let (Some(sink), Some(map)) = (&state.sink, stats.as_object_mut()) {
+        map.insert(
+            "neo4j".into(),
+            serde_json::to_value(sink.stats()).unwrap_or_default(),
+        );
+    }
+    Json(stats)
 }

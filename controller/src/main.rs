@@ -11,6 +11,7 @@ mod operator;
 mod policies;
 mod registry;
 mod session;
+mod sink;
 mod store;
 mod topology;
 
@@ -241,21 +242,32 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     let enroll =
         EnrollmentServiceServer::new(enrollment::service::EnrollmentApi::new(enrollment.clone()))
             .max_decoding_message_size(64 * 1024);
+    let naming = topology::Naming {
+        config_rules: config.label_rules.clone(),
+        operator_rules: topology::labels::OperatorRules::load(rules_store)?,
+        names: if config.reverse_dns {
+            topology::names::Names::new(std::time::Duration::from_secs(3600))
+        } else {
+            topology::names::Names::disabled()
+        },
+    };
+    let sink = config.neo4j.clone().map(|settings| {
+        let (sink, handle) = sink::Sink::new(
+            settings,
+            topology.clone(),
+            enrollment.clone(),
+            naming.clone(),
+        );
+        tasks.spawn("neo4j-sink", sink.run(stop.clone()));
+        handle
+    });
     let admin = AdminServiceServer::new(admin::AdminApi::new(
         enrollment.clone(),
         registry.clone(),
         policies.clone(),
         topology.clone(),
         events,
-        topology::Naming {
-            config_rules: config.label_rules.clone(),
-            operator_rules: topology::labels::OperatorRules::load(rules_store)?,
-            names: if config.reverse_dns {
-                topology::names::Names::new(std::time::Duration::from_secs(3600))
-            } else {
-                topology::names::Names::disabled()
-            },
-        },
+        naming,
     ));
     let incoming = tapgraph::transport::tls_incoming(grpc_listener, tls, config.handshake_timeout);
     let grpc_stop = stop.clone();
@@ -279,6 +291,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         registry: registry.clone(),
         topology: topology.clone(),
         ready: ready.clone(),
+        sink,
     };
     let http_stop = stop.clone();
     tasks.spawn("http", async move {

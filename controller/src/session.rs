@@ -137,6 +137,7 @@ impl AgentService for AgentApi {
         );
         let (outbound, rx) = mpsc::channel(64);
         let labels = self.enrollment.labels(&agent_id).await;
+        let hostname = hello.hostname.clone();
         let registered = self
             .registry
             .register(agent_id.clone(), hello, labels, peer.remote_addr, outbound)
@@ -155,7 +156,7 @@ impl AgentService for AgentApi {
                     next = tokio::time::timeout(idle, inbound.message()) => match next {
                         Ok(Ok(Some(proto::AgentMessage { msg: Some(Msg::Snapshot(snapshot)) }))) => {
                             let sequence = snapshot.sequence;
-                            if let Err(refusal) = topology.snapshot(&agent_id, snapshot).await {
+                            if let Err(refusal) = topology.snapshot(&agent_id, &hostname, snapshot).await {
                                 // The map keeps what it had; the agent starts over with a full table.
                                 let resync = proto::ResyncRequest { reason: refusal.to_string() };
                                 registry

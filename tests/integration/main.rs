@@ -3,6 +3,7 @@
 
 mod enrollment;
 mod harness;
+mod neo4j;
 mod policy;
 mod session;
 mod topology;

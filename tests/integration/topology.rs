@@ -517,7 +517,7 @@ fn row(
     }
 }
 
-type Sender = Box<
+pub(crate) type Sender = Box<
     dyn Fn(tapgraph::proto::agent_message::Msg) -> futures::future::BoxFuture<'static, ()>
         + Send
         + Sync,
@@ -529,8 +529,18 @@ async fn raw_agent(
     world: &World,
     controller: &crate::harness::Controller,
 ) -> (Sender, tonic::Streaming<tapgraph::proto::ControllerMessage>) {
+    raw_agent_as(world, controller, "raw", "raw").await
+}
+
+/// [`raw_agent`] with a given agent id and the hostname its Hello claims.
+pub(crate) async fn raw_agent_as(
+    world: &World,
+    controller: &crate::harness::Controller,
+    id: &str,
+    hostname: &str,
+) -> (Sender, tonic::Streaming<tapgraph::proto::ControllerMessage>) {
     use tapgraph::proto::{self, agent_message::Msg};
-    let dir = world.issue_agent("raw");
+    let dir = world.issue_agent(id);
     let tls = tapgraph::tls::client_config_files(
         &dir.join("ca.pem"),
         Some((&dir.join("agent.pem"), &dir.join("agent.key"))),
@@ -554,7 +564,7 @@ async fn raw_agent(
         })
     });
     send(Msg::Hello(proto::Hello {
-        hostname: "raw".into(),
+        hostname: hostname.into(),
         ..Default::default()
     }))
     .await;

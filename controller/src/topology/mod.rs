@@ -91,6 +91,7 @@ pub struct GraphQuery {
 enum Command {
     Snapshot {
         agent: String,
+        hostname: String,
         snapshot: Box<proto::ConnectionSnapshot>,
         reply: oneshot::Sender<Result<(), Refusal>>,
     },
@@ -141,14 +142,17 @@ impl Topology {
     }
 
     /// Applies a snapshot from `agent` (the id of its verified certificate).
+    /// Applies an agent's snapshot; `hostname` is what its Hello said.
     pub async fn snapshot(
         &self,
         agent: &str,
+        hostname: &str,
         snapshot: proto::ConnectionSnapshot,
     ) -> Result<(), Refusal> {
         let (reply, rx) = oneshot::channel();
         let cmd = Command::Snapshot {
             agent: agent.to_string(),
+            hostname: hostname.to_string(),
             snapshot: Box::new(snapshot),
             reply,
         };
@@ -245,8 +249,8 @@ impl Task {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => return,
-                    Some(Command::Snapshot { agent, snapshot, reply }) => {
-                        let result = self.apply(&agent, &snapshot);
+                    Some(Command::Snapshot { agent, hostname, snapshot, reply }) => {
+                        let result = self.apply(&agent, &hostname, &snapshot);
                         if let Err(refusal) = &result {
                             tracing::warn!(%agent, sequence = snapshot.sequence, %refusal, "snapshot refused");
                         }
@@ -273,7 +277,12 @@ impl Task {
         }
     }
 
-    fn apply(&mut self, agent: &str, s: &proto::ConnectionSnapshot) -> Result<(), Refusal> {
+    fn apply(
+        &mut self,
+        agent: &str,
+        hostname: &str,
+        s: &proto::ConnectionSnapshot,
+    ) -> Result<(), Refusal> {
         let rows =
             s.entries.len() + s.removed.len() + s.listeners.len() + s.removed_listeners.len();
         if rows > self.settings.max_entries {
@@ -335,6 +344,7 @@ impl Task {
                 .collect::<BTreeSet<_>>();
         }
         table.last_snapshot_ms = now;
+        table.hostname = hostname.to_string();
         self.stats.rows_skipped += skipped;
         // Replacing re-attaches every row at `now`: each edge this agent still reports is marked
         // seen and listed in the changes, at a cost in this agent's rows, not the whole map's.

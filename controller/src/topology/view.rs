@@ -26,15 +26,16 @@ pub async fn graph(
         .into_iter()
         .map(|a| (a.id.clone(), a))
         .collect();
-    let rules = naming
-        .config_rules
-        .then(&naming.operator_rules.get().1);
+    let rules = naming.config_rules.then(&naming.operator_rules.get().1);
     for node in graph.nodes.iter_mut() {
         let labels = match node.kind.as_str() {
             "host" => {
                 let record = enrolled.get(&node.name);
+                // Enrolled under, else as its Hello said, else the agent id.
                 let hostname = record
                     .map(|a| a.hostname.clone())
+                    .filter(|h| !h.is_empty())
+                    .or_else(|| node.properties.get("hostname").cloned())
                     .filter(|h| !h.is_empty())
                     .unwrap_or_else(|| node.name.clone());
                 node.properties.insert("hostname".into(), hostname.clone());
@@ -59,10 +60,7 @@ pub async fn graph(
         .filter(|n| n.kind == "address")
         .filter_map(|n| n.name.parse().ok())
         .collect();
-    let names = naming
-        .names
-        .lookup(&external, Duration::from_secs(2))
-        .await;
+    let names = naming.names.lookup(&external, Duration::from_secs(2)).await;
     for node in graph.nodes.iter_mut().filter(|n| n.kind == "address") {
         if let Some(name) = node.name.parse().ok().and_then(|ip| names.get(&ip)) {
             node.properties.insert("dns".into(), name.clone());

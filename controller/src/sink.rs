@@ -1,0 +1,820 @@
+//! The Neo4j sink: the map, as operators see it ([`view::graph`]), mirrored into a Bolt graph
+//! database so that Cypher, Neo4j Browser and Bloom work on it.
+//!
+//! One writer task. Every `interval` it takes the view, diffs it against what it knows the
+//! database holds (a hash per node and relationship id), and writes only the difference:
+//! nodes upserted, then relationships upserted, then relationships deleted, then nodes deleted,
+//! each in `UNWIND` batches of `batch_size` rows inside an explicit transaction. Values travel as
+//! parameters only; labels and relationship types come from this file's constants, never from
+//! data. Nodes and relationships are `MERGE`d on a unique `id`, under uniqueness constraints
+//! created at start (`IF NOT EXISTS`).
+//!
+//! What the database holds is known only while the connection lasts: at start, and after any
+//! failed write, the sink reads every id back from the database before diffing. That one read is
+//! the reconciliation: whatever the model lacks is deleted, whatever differs or is missing is
+//! written. So after a restart of either side, or an outage during which the map changed,
+//! the database ends up equal to the model, without duplicates or stale edges.
+//!
+//! `last_seen` is written in steps of `last_seen_step` (1 min by default): every snapshot
+//! refreshes every live edge, and rewriting all of them every few seconds would make the
+//! "changes" the whole graph.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use neo4rs::{BoltType, ConfigBuilder, Graph, query};
+use serde::Serialize;
+use tapgraph::proto;
+use tokio_util::sync::CancellationToken;
+
+use crate::enrollment::Enrollment;
+use crate::topology::{GraphQuery, Naming, Topology, view};
+
+/// A password: kept out of logs and debug output.
+#[derive(Clone, Default)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Neo4jSettings {
+    /// What neo4rs connects to: `bolt://host:port` and the like, or `host:port`.
+    pub address: String,
+    pub user: String,
+    pub password: Secret,
+    /// Empty: the server's default database.
+    pub database: String,
+    pub batch_size: usize,
+    pub interval: Duration,
+    pub last_seen_step: Duration,
+}
+
+/// Checks `graph.neo4j.uri`: `bolt://`, `neo4j://` (with `+s` or `+ssc`), or a bare `host:port`.
+pub fn bolt_address(uri: &str) -> Result<String, String> {
+    const SCHEMES: [&str; 6] = [
+        "bolt://",
+        "neo4j://",
+        "bolt+s://",
+        "neo4j+s://",
+        "bolt+ssc://",
+        "neo4j+ssc://",
+    ];
+    let rest = SCHEMES
+        .iter()
+        .find_map(|s| uri.strip_prefix(s))
+        .unwrap_or(uri);
+    if rest.contains("://") {
+        return Err(format!(
+            "`{uri}`: unknown scheme; use bolt://HOST:PORT or neo4j://HOST:PORT (+s, +ssc for TLS)"
+        ));
+    }
+    let hostport = rest.trim_end_matches('/');
+    let ok = hostport
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !ok {
+        return Err(format!(
+            "`{uri}`: expected HOST:PORT, e.g. bolt://neo4j.db:7687"
+        ));
+    }
+    Ok(uri.trim_end_matches('/').to_string())
+}
+
+/// What the sink has done, for `/api/v1/topology/stats` and logs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SinkStats {
+    /// `connecting`, `in_sync`, `writing`, `unreachable`, `auth_failed` or `failing`.
+    pub state: String,
+    pub last_error: String,
+    /// Seconds since the database last equalled the model (0 when it does now).
+    pub lag_seconds: f64,
+    pub transactions: u64,
+    pub rows_written: u64,
+    pub rows_deleted: u64,
+    pub last_batch_rows: u64,
+    pub largest_batch_rows: u64,
+    pub errors: u64,
+    /// Full reads of the database's ids (at start and after failures).
+    pub reconciliations: u64,
+    pub nodes: u64,
+    pub relationships: u64,
+}
+
+#[derive(Clone, Default)]
+pub struct SinkHandle(Arc<Mutex<SinkStats>>);
+
+impl SinkHandle {
+    pub fn stats(&self) -> SinkStats {
+        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut SinkStats)) {
+        if let Ok(mut s) = self.0.lock() {
+            f(&mut s);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Label {
+    Host,
+    Address,
+    Service,
+}
+
+impl Label {
+    const ALL: [Label; 3] = [Label::Host, Label::Address, Label::Service];
+
+    fn name(self) -> &'static str {
+        match self {
+            Label::Host => "Host",
+            Label::Address => "Address",
+            Label::Service => "Service",
+        }
+    }
+
+    fn of_kind(kind: &str) -> Option<Label> {
+        match kind {
+            "host" => Some(Label::Host),
+            "address" => Some(Label::Address),
+            "service" => Some(Label::Service),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Kind {
+    HasAddress,
+    Listens,
+    ConnectsTo,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::HasAddress, Kind::Listens, Kind::ConnectsTo];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::HasAddress => "HAS_ADDRESS",
+            Kind::Listens => "LISTENS",
+            Kind::ConnectsTo => "CONNECTS_TO",
+        }
+    }
+
+    fn of_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Value {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+}
+
+impl From<&Value> for BoltType {
+    fn from(v: &Value) -> BoltType {
+        match v {
+            Value::Str(s) => s.as_str().into(),
+            Value::Int(i) => (*i).into(),
+            Value::Bool(b) => (*b).into(),
+        }
+    }
+}
+
+type Props = BTreeMap<String, Value>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct NodeRow {
+    label: Label,
+    id: String,
+    props: Props,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RelRow {
+    kind: Kind,
+    from: (Label, String),
+    to: (Label, String),
+    id: String,
+    props: Props,
+}
+
+/// The model as rows, by id.
+#[derive(Debug, Default)]
+struct Desired {
+    nodes: BTreeMap<String, NodeRow>,
+    rels: BTreeMap<String, RelRow>,
+}
+
+fn hash_of(value: &impl Hash) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    // 0 means "in the database, contents unknown".
+    h.finish() | 1
+}
+
+/// Properties whose values are numbers in the database.
+const INT_PROPERTIES: [&str; 1] = ["port"];
+
+fn desired(graph: &proto::Graph, last_seen_step: Duration) -> Desired {
+    let mut out = Desired::default();
+    for n in &graph.nodes {
+        let Some(label) = Label::of_kind(&n.kind) else {
+            continue;
+        };
+        let mut props = Props::new();
+        for (k, v) in &n.properties {
+            let value = match v.parse::<i64>() {
+                Ok(i) if INT_PROPERTIES.contains(&k.as_str()) => Value::Int(i),
+                _ => Value::Str(v.clone()),
+            };
+            props.insert(k.clone(), value);
+        }
+        props.insert("id".into(), Value::Str(n.id.clone()));
+        props.insert("name".into(), Value::Str(n.name.clone()));
+        out.nodes.insert(
+            n.id.clone(),
+            NodeRow {
+                label,
+                id: n.id.clone(),
+                props,
+            },
+        );
+    }
+    let step = last_seen_step.as_nanos().max(1) as u64;
+    for e in &graph.edges {
+        let Some(kind) = Kind::of_name(&e.kind) else {
+            continue;
+        };
+        let (Some(from), Some(to)) = (out.nodes.get(&e.from), out.nodes.get(&e.to)) else {
+            continue;
+        };
+        let protocol = match proto::Protocol::try_from(e.protocol) {
+            Ok(proto::Protocol::Tcp) => "tcp",
+            Ok(proto::Protocol::Udp) => "udp",
+            _ => "",
+        };
+        let id = format!("{}|{}|{}|{}/{protocol}", kind.name(), e.from, e.to, e.port);
+        let mut props = Props::new();
+        props.insert("id".into(), Value::Str(id.clone()));
+        if kind != Kind::HasAddress {
+            props.insert("port".into(), Value::Int(i64::from(e.port)));
+            props.insert("protocol".into(), Value::Str(protocol.into()));
+        }
+        if kind == Kind::ConnectsTo {
+            let ms = |nanos: u64| (nanos / 1_000_000) as i64;
+            props.insert("process".into(), Value::Str(e.process.clone()));
+            props.insert("sockets".into(), Value::Int(i64::from(e.sockets)));
+            props.insert("first_seen".into(), Value::Int(ms(e.first_seen_unix_nanos)));
+            props.insert(
+                "last_seen".into(),
+                Value::Int(ms(e.last_seen_unix_nanos / step * step)),
+            );
+            props.insert("active".into(), Value::Bool(e.active));
+            props.insert("control_plane".into(), Value::Bool(e.control_plane));
+        }
+        out.rels.insert(
+            id.clone(),
+            RelRow {
+                kind,
+                from: (from.label, from.id.clone()),
+                to: (to.label, to.id.clone()),
+                id,
+                props,
+            },
+        );
+    }
+    out
+}
+
+fn props_bolt(props: &Props) -> BoltType {
+    let map: HashMap<String, BoltType> = props
+        .iter()
+        .map(|(k, v)| (k.clone(), BoltType::from(v)))
+        .collect();
+    map.into()
+}
+
+/// What went wrong, as far as what to do next is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failure {
+    /// Wrong user or password: retried slowly, reported once.
+    Auth(String),
+    /// Connection refused, reset, timed out: retried with backoff.
+    Unreachable(String),
+    /// The server refused a statement or transaction.
+    Other(String),
+}
+
+impl Failure {
+    fn of(e: neo4rs::Error) -> Failure {
+        let text = e.to_string();
+        match e {
+            neo4rs::Error::AuthenticationError(_) => Failure::Auth(text),
+            neo4rs::Error::Neo4j(ref n) if n.code().contains("Security") => Failure::Auth(text),
+            neo4rs::Error::IOError { .. }
+            | neo4rs::Error::ConnectionError
+            | neo4rs::Error::IncompleteBoltExchange => Failure::Unreachable(text),
+            _ => Failure::Other(text),
+        }
+    }
+
+    fn text(&self) -> &str {
+        match self {
+            Failure::Auth(t) | Failure::Unreachable(t) | Failure::Other(t) => t,
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        match self {
+            Failure::Auth(_) => "auth_failed",
+            Failure::Unreachable(_) => "unreachable",
+            Failure::Other(_) => "failing",
+        }
+    }
+}
+
+/// Time limit of one database round trip; a server that hangs counts as unreachable.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn timed<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, neo4rs::Error>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(STATEMENT_TIMEOUT, f).await {
+        Ok(result) => result.map_err(Failure::of),
+        Err(_) => Err(Failure::Unreachable(format!(
+            "{what}: no answer in {}s",
+            STATEMENT_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+pub struct Sink {
+    settings: Neo4jSettings,
+    topology: Topology,
+    enrollment: Enrollment,
+    naming: Naming,
+    handle: SinkHandle,
+}
+
+/// The sink's session with the database: what it knows the database holds.
+struct Session {
+    graph: Graph,
+    nodes: HashMap<String, (Label, u64)>,
+    rels: HashMap<String, (Kind, u64)>,
+}
+
+impl Sink {
+    pub fn new(
+        settings: Neo4jSettings,
+        topology: Topology,
+        enrollment: Enrollment,
+        naming: Naming,
+    ) -> (Sink, SinkHandle) {
+        let handle = SinkHandle::default();
+        handle.update(|s| s.state = "connecting".into());
+        (
+            Sink {
+                settings,
+                topology,
+                enrollment,
+                naming,
+                handle: handle.clone(),
+            },
+            handle,
+        )
+    }
+
+    pub async fn run(self, stop: CancellationToken) {
+        let mut session: Option<Session> = None;
+        let mut backoff = Duration::ZERO;
+        let mut reported: Option<Failure> = None;
+        let mut in_sync_at = Instant::now();
+        let mut ticker = tokio::time::interval(self.settings.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            if !backoff.is_zero() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+            let result = match session.take() {
+                Some(s) => Ok(s),
+                None => self.open().await,
+            };
+            let outcome = match result {
+                Ok(mut s) => match self.sync(&mut s).await {
+                    Ok(()) => {
+                        session = Some(s);
+                        Ok(())
+                    }
+                    // The session is dropped: the next pass reconnects and reads the ids back.
+                    Err(f) => Err(f),
+                },
+                Err(f) => Err(f),
+            };
+            match outcome {
+                Ok(()) => {
+                    if reported.take().is_some() {
+                        tracing::info!(address = %self.settings.address, "neo4j sink recovered; the database is being reconciled with the model");
+                    }
+                    backoff = Duration::ZERO;
+                    in_sync_at = Instant::now();
+                    self.handle.update(|s| {
+                        s.state = "in_sync".into();
+                        s.lag_seconds = 0.0;
+                    });
+                }
+                Err(failure) => {
+                    // Reported once per kind of failure, not once per attempt.
+                    let same = reported.as_ref().is_some_and(|r| {
+                        std::mem::discriminant(r) == std::mem::discriminant(&failure)
+                    });
+                    if !same {
+                        match &failure {
+                            Failure::Auth(text) => tracing::error!(
+                                address = %self.settings.address,
+                                user = %self.settings.user,
+                                error = %text,
+                                "neo4j refused the credentials: fix graph.neo4j.user/password; the map stays in the embedded store and the sink retries once a minute"
+                            ),
+                            Failure::Unreachable(text) => tracing::warn!(
+                                address = %self.settings.address,
+                                error = %text,
+                                "neo4j unreachable; the map stays in the embedded store and the sink catches up when it is back"
+                            ),
+                            Failure::Other(text) => tracing::warn!(
+                                address = %self.settings.address,
+                                error = %text,
+                                "neo4j write failed; retrying with backoff"
+                            ),
+                        }
+                    }
+                    backoff = match failure {
+                        Failure::Auth(_) => Duration::from_secs(60),
+                        _ => {
+                            (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30))
+                        }
+                    };
+                    let lag = in_sync_at.elapsed().as_secs_f64();
+                    self.handle.update(|s| {
+                        s.state = failure.state().into();
+                        s.last_error = failure.text().to_string();
+                        s.errors += 1;
+                        s.lag_seconds = lag;
+                    });
+                    reported = Some(failure);
+                }
+            }
+        }
+    }
+
+    /// Connects, creates the constraints, and reads back every id the database holds.
+    async fn open(&self) -> Result<Session, Failure> {
+        let s = &self.settings;
+        let mut config = ConfigBuilder::default()
+            .uri(s.address.as_str())
+            .user(s.user.as_str())
+            .password(s.password.0.as_str())
+            .max_connections(2);
+        if !s.database.is_empty() {
+            config = config.db(s.database.as_str());
+        }
+        let config = config
+            .build()
+            .map_err(|e| Failure::Other(format!("neo4j configuration: {e}")))?;
+        let graph = Graph::connect(config).map_err(Failure::of)?;
+        for label in Label::ALL {
+            let name = label.name();
+            let cypher = format!(
+                "CREATE CONSTRAINT tapgraph_{}_id IF NOT EXISTS FOR (n:{name}) REQUIRE n.id IS UNIQUE",
+                name.to_lowercase()
+            );
+            timed("create constraint", graph.run(query(&cypher))).await?;
+        }
+        for kind in Kind::ALL {
+            let name = kind.name();
+            let cypher = format!(
+                "CREATE INDEX tapgraph_{}_id IF NOT EXISTS FOR ()-[r:{name}]-() ON (r.id)",
+                name.to_lowercase()
+            );
+            timed("create index", graph.run(query(&cypher))).await?;
+        }
+        let mut session = Session {
+            graph,
+            nodes: HashMap::new(),
+            rels: HashMap::new(),
+        };
+        for label in Label::ALL {
+            let cypher = format!("MATCH (n:{}) RETURN n.id AS id", label.name());
+            for id in read_ids(&session.graph, &cypher).await? {
+                session.nodes.insert(id, (label, 0));
+            }
+        }
+        for kind in Kind::ALL {
+            let cypher = format!("MATCH ()-[r:{}]->() RETURN r.id AS id", kind.name());
+            for id in read_ids(&session.graph, &cypher).await? {
+                session.rels.insert(id, (kind, 0));
+            }
+        }
+        self.handle.update(|st| st.reconciliations += 1);
+        tracing::info!(
+            address = %s.address,
+            nodes = session.nodes.len(),
+            relationships = session.rels.len(),
+            "neo4j sink connected; reconciling the database with the model"
+        );
+        Ok(session)
+    }
+
+    /// One pass: the difference between the model and what the database holds, written.
+    async fn sync(&self, session: &mut Session) -> Result<(), Failure> {
+        let graph = view::graph(
+            &self.topology,
+            &self.enrollment,
+            &self.naming,
+            GraphQuery {
+                include_control: true,
+                include_inactive: true,
+            },
+        )
+        .await;
+        let want = desired(&graph, self.settings.last_seen_step);
+        let batch = self.settings.batch_size;
+
+        let node_upserts: Vec<&NodeRow> = want
+            .nodes
+            .values()
+            .filter(|n| session.nodes.get(&n.id).map(|&(_, h)| h) != Some(hash_of(*n)))
+            .collect();
+        let rel_upserts: Vec<&RelRow> = want
+            .rels
+            .values()
+            .filter(|r| session.rels.get(&r.id).map(|&(_, h)| h) != Some(hash_of(*r)))
+            .collect();
+        let rel_deletes: Vec<(String, Kind)> = session
+            .rels
+            .iter()
+            .filter(|(id, _)| !want.rels.contains_key(*id))
+            .map(|(id, &(kind, _))| (id.clone(), kind))
+            .collect();
+        let node_deletes: Vec<(String, Label)> = session
+            .nodes
+            .iter()
+            .filter(|(id, _)| !want.nodes.contains_key(*id))
+            .map(|(id, &(label, _))| (id.clone(), label))
+            .collect();
+        let work = node_upserts.len() + rel_upserts.len() + rel_deletes.len() + node_deletes.len();
+        if work > 0 {
+            self.handle.update(|s| s.state = "writing".into());
+            tracing::debug!(
+                node_upserts = node_upserts.len(),
+                rel_upserts = rel_upserts.len(),
+                rel_deletes = rel_deletes.len(),
+                node_deletes = node_deletes.len(),
+                "neo4j sink writing changes"
+            );
+        }
+
+        for label in Label::ALL {
+            let rows: Vec<&NodeRow> = node_upserts
+                .iter()
+                .copied()
+                .filter(|n| n.label == label)
+                .collect();
+            let cypher = format!(
+                "UNWIND $rows AS row MERGE (n:{} {{id: row.id}}) SET n = row.props",
+                label.name()
+            );
+            for chunk in rows.chunks(batch) {
+                let params: Vec<BoltType> = chunk
+                    .iter()
+                    .map(|n| {
+                        let mut m: HashMap<String, BoltType> = HashMap::new();
+                        m.insert("id".into(), n.id.as_str().into());
+                        m.insert("props".into(), props_bolt(&n.props));
+                        m.into()
+                    })
+                    .collect();
+                self.write(&session.graph, &cypher, params, false).await?;
+                for n in chunk {
+                    session.nodes.insert(n.id.clone(), (n.label, hash_of(*n)));
+                }
+            }
+        }
+        // Grouped by type and end labels, which the statement names.
+        let mut groups: BTreeMap<(Kind, Label, Label), Vec<&RelRow>> = BTreeMap::new();
+        for r in &rel_upserts {
+            groups
+                .entry((r.kind, r.from.0, r.to.0))
+                .or_default()
+                .push(r);
+        }
+        for ((kind, from, to), rows) in groups {
+            let cypher = format!(
+                "UNWIND $rows AS row MATCH (a:{} {{id: row.from}}) MATCH (b:{} {{id: row.to}}) \
+                 MERGE (a)-[r:{} {{id: row.id}}]->(b) SET r = row.props",
+                from.name(),
+                to.name(),
+                kind.name()
+            );
+            for chunk in rows.chunks(batch) {
+                let params: Vec<BoltType> = chunk
+                    .iter()
+                    .map(|r| {
+                        let mut m: HashMap<String, BoltType> = HashMap::new();
+                        m.insert("id".into(), r.id.as_str().into());
+                        m.insert("from".into(), r.from.1.as_str().into());
+                        m.insert("to".into(), r.to.1.as_str().into());
+                        m.insert("props".into(), props_bolt(&r.props));
+                        m.into()
+                    })
+                    .collect();
+                self.write(&session.graph, &cypher, params, false).await?;
+                for r in chunk {
+                    session.rels.insert(r.id.clone(), (r.kind, hash_of(*r)));
+                }
+            }
+        }
+        for kind in Kind::ALL {
+            let ids: Vec<&String> = rel_deletes
+                .iter()
+                .filter(|(_, k)| *k == kind)
+                .map(|(id, _)| id)
+                .collect();
+            let cypher = format!(
+                "UNWIND $rows AS id MATCH ()-[r:{} {{id: id}}]->() DELETE r",
+                kind.name()
+            );
+            for chunk in ids.chunks(batch) {
+                let params: Vec<BoltType> = chunk.iter().map(|id| id.as_str().into()).collect();
+                self.write(&session.graph, &cypher, params, true).await?;
+                for id in chunk {
+                    session.rels.remove(*id);
+                }
+            }
+        }
+        for label in Label::ALL {
+            let ids: Vec<&String> = node_deletes
+                .iter()
+                .filter(|(_, l)| *l == label)
+                .map(|(id, _)| id)
+                .collect();
+            let cypher = format!(
+                "UNWIND $rows AS id MATCH (n:{} {{id: id}}) DETACH DELETE n",
+                label.name()
+            );
+            for chunk in ids.chunks(batch) {
+                let params: Vec<BoltType> = chunk.iter().map(|id| id.as_str().into()).collect();
+                self.write(&session.graph, &cypher, params, true).await?;
+                for id in chunk {
+                    session.nodes.remove(*id);
+                }
+            }
+        }
+        let (nodes, rels) = (session.nodes.len() as u64, session.rels.len() as u64);
+        self.handle.update(|s| {
+            s.nodes = nodes;
+            s.relationships = rels;
+        });
+        Ok(())
+    }
+
+    /// One batch in one explicit transaction. neo4rs does not retry explicit transactions; a
+    /// failed one is rolled back by the server, and the caller's next pass redoes it.
+    async fn write(
+        &self,
+        graph: &Graph,
+        cypher: &str,
+        rows: Vec<BoltType>,
+        delete: bool,
+    ) -> Result<(), Failure> {
+        let n = rows.len() as u64;
+        let mut txn = timed("begin", graph.start_txn()).await?;
+        timed("write", txn.run(query(cypher).param("rows", rows))).await?;
+        timed("commit", txn.commit()).await?;
+        self.handle.update(|s| {
+            s.transactions += 1;
+            if delete {
+                s.rows_deleted += n;
+            } else {
+                s.rows_written += n;
+            }
+            s.last_batch_rows = n;
+            s.largest_batch_rows = s.largest_batch_rows.max(n);
+        });
+        Ok(())
+    }
+}
+
+async fn read_ids(graph: &Graph, cypher: &str) -> Result<Vec<String>, Failure> {
+    let mut stream = timed("read ids", graph.execute(query(cypher))).await?;
+    let mut ids = Vec::new();
+    while let Some(row) = timed("read ids", stream.next()).await? {
+        // A node without an id is not ours (another writer's); it is left alone.
+        if let Ok(id) = row.get::<String>("id") {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_checked() {
+        assert_eq!(bolt_address("bolt://db:7687").unwrap(), "bolt://db:7687");
+        assert_eq!(bolt_address("127.0.0.1:7687/").unwrap(), "127.0.0.1:7687");
+        assert!(bolt_address("neo4j+s://graph.example:7687").is_ok());
+        assert!(
+            bolt_address("http://db:7474")
+                .unwrap_err()
+                .contains("scheme")
+        );
+        assert!(bolt_address("bolt://db").unwrap_err().contains("HOST:PORT"));
+        assert!(bolt_address("db:0").is_err());
+    }
+
+    fn node(id: &str, kind: &str, props: &[(&str, &str)]) -> proto::GraphNode {
+        proto::GraphNode {
+            id: id.into(),
+            kind: kind.into(),
+            name: id.into(),
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_view_becomes_rows_with_stable_hashes() {
+        let graph = proto::Graph {
+            nodes: vec![
+                node("host:a", "host", &[("hostname", "x'}) DETACH DELETE n //")]),
+                node(
+                    "svc:b/tcp/80",
+                    "service",
+                    &[("port", "80"), ("process", "nginx")],
+                ),
+                node("odd", "unknown-kind", &[]),
+            ],
+            edges: vec![
+                proto::GraphEdge {
+                    from: "host:a".into(),
+                    to: "svc:b/tcp/80".into(),
+                    kind: "CONNECTS_TO".into(),
+                    port: 80,
+                    protocol: proto::Protocol::Tcp as i32,
+                    process: "curl".into(),
+                    sockets: 2,
+                    last_seen_unix_nanos: 125_000_000_000,
+                    active: true,
+                    ..Default::default()
+                },
+                proto::GraphEdge {
+                    from: "host:a".into(),
+                    to: "nowhere".into(),
+                    kind: "CONNECTS_TO".into(),
+                    ..Default::default()
+                },
+            ],
+        };
+        let want = desired(&graph, Duration::from_secs(60));
+        assert_eq!(want.nodes.len(), 2, "unknown kinds are left out");
+        assert_eq!(
+            want.nodes["host:a"].props["hostname"],
+            Value::Str("x'}) DETACH DELETE n //".into())
+        );
+        assert_eq!(want.nodes["svc:b/tcp/80"].props["port"], Value::Int(80));
+        assert_eq!(want.rels.len(), 1, "edges to unknown nodes are left out");
+        let rel = want.rels.values().next().unwrap();
+        assert_eq!(rel.id, "CONNECTS_TO|host:a|svc:b/tcp/80|80/tcp");
+        assert_eq!(
+            rel.props["last_seen"],
+            Value::Int(120_000),
+            "in whole minutes"
+        );
+        // A later last_seen within the same minute changes nothing to write.
+        let mut later = graph.clone();
+        later.edges[0].last_seen_unix_nanos = 170_000_000_000;
+        let again = desired(&later, Duration::from_secs(60));
+        assert_eq!(hash_of(rel), hash_of(again.rels.values().next().unwrap()));
+    }
+}

@@ -243,7 +243,7 @@ fn neo4j_settings(c: &mut Layered) -> Option<crate::sink::Neo4jSettings> {
         (None, None) => String::new(),
     };
     let database = c.string("graph.neo4j.database", "");
-    let batch_size = c.value("graph.neo4j.batch_size", 1000usize);
+    let batch_size = c.value("graph.neo4j.batch_size", 5000usize);
     if !(1..=50_000).contains(&batch_size) {
         c.fail(
             "graph.neo4j.batch_size",
@@ -258,7 +258,7 @@ fn neo4j_settings(c: &mut Layered) -> Option<crate::sink::Neo4jSettings> {
     );
     let last_seen_step = c.duration(
         "graph.neo4j.last_seen_step",
-        60 * SECOND,
+        600 * SECOND,
         SECOND,
         86_400 * SECOND,
     );

@@ -6,8 +6,9 @@
 //! nodes upserted, then relationships upserted, then relationships deleted, then nodes deleted,
 //! each in `UNWIND` batches of `batch_size` rows inside an explicit transaction. Values travel as
 //! parameters only; labels and relationship types come from this file's constants, never from
-//! data. Nodes and relationships are `MERGE`d on a unique `id`, under uniqueness constraints
-//! created at start (`IF NOT EXISTS`).
+//! data. Nodes are `MERGE`d on a unique `id`, under uniqueness constraints created at start
+//! (`IF NOT EXISTS`); relationships, which Cypher cannot constrain portably, carry a unique `id`
+//! too, indexed, and are created only when the session knows the database lacks them.
 //!
 //! What the database holds is known only while the connection lasts: at start, and after any
 //! failed write, the sink reads every id back from the database before diffing. That one read is
@@ -15,9 +16,9 @@
 //! written. So after a restart of either side, or an outage during which the map changed,
 //! the database ends up equal to the model, without duplicates or stale edges.
 //!
-//! `last_seen` is written in steps of `last_seen_step` (1 min by default): every snapshot
+//! `last_seen` is written in steps of `last_seen_step` (10 min by default): every snapshot
 //! refreshes every live edge, and rewriting all of them every few seconds would make the
-//! "changes" the whole graph.
+//! "changes" the whole graph. `active` is exact.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -616,22 +617,33 @@ impl Sink {
                 }
             }
         }
-        // Grouped by type and end labels, which the statement names.
-        let mut groups: BTreeMap<(Kind, Label, Label), Vec<&RelRow>> = BTreeMap::new();
+        // Grouped by type and end labels, which the statement names, and by whether the database
+        // has the relationship: the session knows (it read every id back), so a new one is
+        // CREATEd rather than MERGEd, which would compare it with every relationship of its
+        // start node (a hub's thousands); a known one is found through the index on its id.
+        let mut groups: BTreeMap<(Kind, Label, Label, bool), Vec<&RelRow>> = BTreeMap::new();
         for r in &rel_upserts {
+            let known = session.rels.contains_key(&r.id);
             groups
-                .entry((r.kind, r.from.0, r.to.0))
+                .entry((r.kind, r.from.0, r.to.0, known))
                 .or_default()
                 .push(r);
         }
-        for ((kind, from, to), rows) in groups {
-            let cypher = format!(
-                "UNWIND $rows AS row MATCH (a:{} {{id: row.from}}) MATCH (b:{} {{id: row.to}}) \
-                 MERGE (a)-[r:{} {{id: row.id}}]->(b) SET r = row.props",
-                from.name(),
-                to.name(),
-                kind.name()
-            );
+        for ((kind, from, to, known), rows) in groups {
+            let cypher = if known {
+                format!(
+                    "UNWIND $rows AS row MATCH ()-[r:{} {{id: row.id}}]->() SET r = row.props",
+                    kind.name()
+                )
+            } else {
+                format!(
+                    "UNWIND $rows AS row MATCH (a:{} {{id: row.from}}) MATCH (b:{} {{id: row.to}}) \
+                     CREATE (a)-[r:{}]->(b) SET r = row.props",
+                    from.name(),
+                    to.name(),
+                    kind.name()
+                )
+            };
             for chunk in rows.chunks(batch) {
                 let params: Vec<BoltType> = chunk
                     .iter()

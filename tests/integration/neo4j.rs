@@ -510,3 +510,135 @@ fn bad_neo4j_settings_are_refused_with_the_reason() {
         assert!(err.contains(needle), "{needle} missing from: {err}");
     }
 }
+
+/// Issue 6's benchmark, not a test: `bench/neo4j-sink.sh` runs it. 100,000 CONNECTS_TO edges among
+/// 2,020 nodes (20 agents, 2,000 remote addresses, 50 ports each) written by the sink, timed from
+/// the snapshots' sending until the sink reports the database in sync; side by side, the naive way
+/// (one auto-committed MERGE statement per edge, as the seed project wrote them) into another
+/// database of the same server, with the same constraints, on a sample of the same edges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: bench/neo4j-sink.sh"]
+async fn bench_neo4j_sink_against_one_statement_per_edge() {
+    const AGENTS: u32 = 20;
+    const REMOTES: u32 = 100;
+    const PORTS: u32 = 50;
+    const NAIVE_SAMPLE: u32 = REMOTES * PORTS;
+    let edges = AGENTS * REMOTES * PORTS;
+    let world = World::new();
+    let bolt = Bolt::start(world.path());
+    let mut env = bolt.env();
+    env.retain(|(k, _)| !k.ends_with("BATCH_SIZE"));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let controller = Controller::start(
+        &world,
+        &[
+            env.as_slice(),
+            &[("TAPGRAPH_TOPOLOGY__MAX_ENTRIES", "200000")],
+        ]
+        .concat(),
+    );
+    let remote = |k: u32| format!("10.200.{}.{}", k / 250, k % 250 + 1);
+    let mut agents = Vec::new();
+    for a in 0..AGENTS {
+        agents.push(raw_agent_as(&world, &controller, &format!("bench-{a}"), "bench").await);
+    }
+    // Wait until the sink has written the (empty) hosts, so that the timing starts from a
+    // connected, reconciled sink.
+    wait_for("the sink connected", Duration::from_secs(60), || {
+        (sink_stats(&controller)["state"] == "in_sync").then_some(())
+    });
+    let started = std::time::Instant::now();
+    for (a, (send, _)) in agents.iter().enumerate() {
+        let a = a as u32;
+        let local = format!("10.100.0.{}", a + 1);
+        let entries = (0..REMOTES)
+            .flat_map(|j| (0..PORTS).map(move |p| (j, p)))
+            .map(|(j, p)| {
+                entry(
+                    proto::Direction::Client,
+                    &local,
+                    &remote(a * REMOTES + j),
+                    1000 + p,
+                    "client",
+                )
+            })
+            .collect();
+        send(Msg::Snapshot(proto::ConnectionSnapshot {
+            sequence: 1,
+            full: true,
+            addresses: vec![local.clone()],
+            entries,
+            ..Default::default()
+        }))
+        .await;
+    }
+    let total = u64::from(edges + AGENTS);
+    let stats = wait_for("the sink in sync", Duration::from_secs(1800), || {
+        let s = sink_stats(&controller);
+        (s["state"] == "in_sync" && s["relationships"].as_u64() == Some(total)).then_some(s)
+    });
+    let sink_secs = started.elapsed().as_secs_f64();
+    let sink_rate = f64::from(edges) / sink_secs;
+
+    // The naive way, in a database of its own with the same constraints.
+    let out = Command::new("curl")
+        .args(["-sf", "-u", &format!("root:{PASSWORD}"), "-X", "POST"])
+        .arg(format!("http://127.0.0.1:{}/api/v1/server", bolt.http))
+        .args(["-d", "{\"command\":\"create database naive\"}"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let naive = Graph::connect(
+        ConfigBuilder::default()
+            .uri(bolt.uri())
+            .user("root")
+            .password(PASSWORD)
+            .db("naive")
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    for cypher in [
+        "CREATE CONSTRAINT host_id IF NOT EXISTS FOR (n:Host) REQUIRE n.id IS UNIQUE",
+        "CREATE CONSTRAINT address_id IF NOT EXISTS FOR (n:Address) REQUIRE n.id IS UNIQUE",
+        "CREATE INDEX connects_id IF NOT EXISTS FOR ()-[r:CONNECTS_TO]-() ON (r.id)",
+    ] {
+        naive.run(query(cypher)).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    // The first agent's edges, in the order the sink got them: the same per-host degree.
+    for i in 0..NAIVE_SAMPLE {
+        let (a, j, p) = (0, i / PORTS, i % PORTS);
+        let (from, to) = (
+            format!("host:bench-{a}"),
+            format!("addr:{}", remote(a * REMOTES + j)),
+        );
+        naive
+            .run(
+                query(
+                    "MERGE (a:Host {id: $from}) MERGE (b:Address {id: $to}) \
+                     MERGE (a)-[r:CONNECTS_TO {id: $id}]->(b) \
+                     SET r.port = $port, r.protocol = 'tcp', r.process = 'client', r.sockets = 2",
+                )
+                .param("from", from.as_str())
+                .param("to", to.as_str())
+                .param("id", format!("{from}|{to}|{}", 1000 + p))
+                .param("port", i64::from(1000 + p)),
+            )
+            .await
+            .unwrap();
+    }
+    let naive_secs = started.elapsed().as_secs_f64();
+    let naive_rate = f64::from(NAIVE_SAMPLE) / naive_secs;
+    println!(
+        "\n| writer | edges | seconds | edges/s |\n|---|---|---|---|\n\
+         | sink: diff, UNWIND batches of 5,000 in transactions | {edges} | {sink_secs:.1} | {sink_rate:.0} |\n\
+         | naive: one auto-committed MERGE per edge | {NAIVE_SAMPLE} (one host's) | {naive_secs:.1} | {naive_rate:.0} |\n\
+         \nratio: {:.1}x; sink transactions {}, largest batch {} rows",
+        sink_rate / naive_rate,
+        stats["transactions"],
+        stats["largest_batch_rows"]
+    );
+    drop(agents);
+    drop(controller);
+}

@@ -21,7 +21,9 @@ ns=tgb-conn-$$
 work=$(mktemp -d)
 pids=()
 cleanup() {
+  # `ip netns exec` may fork, and a holder may ignore SIGTERM (inherited): kill them by script path.
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  pkill -KILL -f "$work/hold.py" 2>/dev/null || true
   wait 2>/dev/null || true
   ip netns del "$ns" 2>/dev/null || true
   rm -rf "$work"

@@ -9,6 +9,8 @@ pub mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redb::TableDefinition;
@@ -107,6 +109,8 @@ enum Command {
 #[derive(Clone)]
 pub struct Topology {
     tx: mpsc::Sender<Command>,
+    /// Bumped whenever the model changes: readers that mirror it can skip a pass when it did not.
+    generation: Arc<AtomicU64>,
 }
 
 fn now_ms() -> u64 {
@@ -131,18 +135,25 @@ impl Topology {
             sequences.insert(record.id, record.sequence);
         }
         let (tx, rx) = mpsc::channel(1024);
+        let generation = Arc::new(AtomicU64::new(1));
         let task = Task {
+            generation: generation.clone(),
             model,
             sequences,
             store,
             settings,
             stats: Stats::default(),
         };
-        Ok((Self { tx }, task.run(rx)))
+        Ok((Self { tx, generation }, task.run(rx)))
     }
 
-    /// Applies a snapshot from `agent` (the id of its verified certificate).
-    /// Applies an agent's snapshot; `hostname` is what its Hello said.
+    /// Changes when the model does (snapshots applied, edges expired).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Applies a snapshot from `agent` (the id of its verified certificate); `hostname` is what
+    /// its Hello said.
     pub async fn snapshot(
         &self,
         agent: &str,
@@ -177,6 +188,7 @@ impl Topology {
 }
 
 struct Task {
+    generation: Arc<AtomicU64>,
     model: Model,
     sequences: BTreeMap<String, u64>,
     store: Store,
@@ -251,6 +263,9 @@ impl Task {
                     None => return,
                     Some(Command::Snapshot { agent, hostname, snapshot, reply }) => {
                         let result = self.apply(&agent, &hostname, &snapshot);
+                        if result.is_ok() {
+                            self.generation.fetch_add(1, Ordering::AcqRel);
+                        }
                         if let Err(refusal) = &result {
                             tracing::warn!(%agent, sequence = snapshot.sequence, %refusal, "snapshot refused");
                         }
@@ -267,6 +282,7 @@ impl Task {
                     let retention = self.settings.retention.as_millis() as u64;
                     let changes = self.model.expire(now_ms(), retention);
                     if !changes.edges_removed.is_empty() {
+                        self.generation.fetch_add(1, Ordering::AcqRel);
                         tracing::info!(removed = changes.edges_removed.len(), "inactive edges past retention removed");
                         if let Err(error) = self.persist(None, &changes) {
                             tracing::error!(%error, "cannot persist expired edges");

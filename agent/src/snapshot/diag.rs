@@ -267,6 +267,7 @@ impl DiagReader {
     /// the order of [`Table::ALL`]. On error `rows` is as it was and the error (a
     /// [`DiagError`] inside) names the failed table; [`read_table`](Self::read_table) reads
     /// the others one by one.
+    #[cfg(test)]
     pub fn read(&mut self, rows: &mut Vec<SocketRow>) -> io::Result<ReadStats> {
         let start = rows.len();
         let mut stats = ReadStats::default();

@@ -27,9 +27,6 @@
 //! - **Aggregation.** One entry per [`EntryKey`]; the process is keyed by name and cmdline so a
 //!   restart does not churn, and `pid` is the lowest pid that holds a socket of the entry.
 
-// The session wires the Snapshotter into the agent next; until then only the tests call it.
-#![allow(dead_code)]
-
 mod diag;
 pub mod netns;
 mod proc_net;
@@ -126,6 +123,7 @@ pub struct Delta {
 }
 
 impl Delta {
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.upserts.is_empty()
             && self.removed.is_empty()
@@ -166,6 +164,7 @@ pub fn delta(prev: &Table, next: &Table) -> Delta {
 }
 
 /// Applies a delta: removals first, then upserts. Leaves `stats` as they were.
+#[cfg(test)]
 pub fn apply(table: &mut Table, delta: &Delta) {
     for key in &delta.removed {
         table.entries.remove(key);
@@ -278,6 +277,7 @@ impl Snapshotter {
     /// `proc_root` is normally "/proc" (tests may point it at a fixture tree).
     /// `control_plane`: the controller's address; rows whose remote endpoint is it get
     /// `control_plane = true`.
+    #[cfg(test)]
     pub fn new(proc_root: PathBuf, control_plane: Option<SocketAddr>) -> Self {
         Self::with_scope(proc_root, control_plane, Scope::Own)
     }

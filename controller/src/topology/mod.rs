@@ -412,8 +412,12 @@ impl Task {
         let ttl = self.settings.ttl.as_millis() as u64;
         let mut nodes: BTreeMap<String, proto::GraphNode> = BTreeMap::new();
         let mut edges = Vec::new();
-        let mut add_node = |node: &Node, model: &Model| {
-            let id = node.id();
+        // `id` is `node.id()`, made once by the caller: a large map has 100,000s of edge ends.
+        let mut add_node = |node: &Node, id: &str, model: &Model| {
+            if nodes.contains_key(id) {
+                return;
+            }
+            let id = id.to_string();
             nodes.entry(id.clone()).or_insert_with(|| {
                 let (kind, name, mut properties) = match node {
                     Node::Host(h) => ("host", h.clone(), BTreeMap::new()),
@@ -456,10 +460,10 @@ impl Task {
         };
         for (host, table) in &self.model.agents {
             let h = Node::Host(host.clone());
-            add_node(&h, &self.model);
+            add_node(&h, &h.id(), &self.model);
             for ip in table.addresses.iter().filter(|ip| !ip.is_loopback()) {
                 let a = Node::Address(*ip);
-                add_node(&a, &self.model);
+                add_node(&a, &a.id(), &self.model);
                 edges.push(proto::GraphEdge {
                     from: h.id(),
                     to: a.id(),
@@ -479,7 +483,7 @@ impl Task {
                 if !services.insert(s.id()) {
                     continue;
                 }
-                add_node(&s, &self.model);
+                add_node(&s, &s.id(), &self.model);
                 edges.push(proto::GraphEdge {
                     from: h.id(),
                     to: s.id(),
@@ -496,11 +500,12 @@ impl Task {
             if (e.control_plane && !q.include_control) || (!active && !q.include_inactive) {
                 continue;
             }
-            add_node(&e.key.from, &self.model);
-            add_node(&e.key.to, &self.model);
+            let (from, to) = (e.key.from.id(), e.key.to.id());
+            add_node(&e.key.from, &from, &self.model);
+            add_node(&e.key.to, &to, &self.model);
             edges.push(proto::GraphEdge {
-                from: e.key.from.id(),
-                to: e.key.to.id(),
+                from,
+                to,
                 kind: "CONNECTS_TO".into(),
                 port: u32::from(e.key.port),
                 protocol: proto_protocol(e.key.protocol) as i32,

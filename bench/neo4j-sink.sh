@@ -13,4 +13,4 @@ scripts/install-deps
 cargo build --release --locked --workspace --bins >/dev/null
 TAPGRAPH_BIN_DIR="$PWD/target/release" cargo test --release --locked --test integration \
   bench_neo4j_sink_against_one_statement_per_edge -- --ignored --nocapture 2>&1 \
-  | sed -n '/^| writer/,/^ratio/p'
+  | sed -n "/^| writer/,/^ratio/p"

@@ -109,8 +109,11 @@ pub struct SinkStats {
     pub reconciliations: u64,
     pub nodes: u64,
     pub relationships: u64,
-    /// Time the last pass took to find the difference (view and diff, before writing).
+    /// Time the last pass took to find the difference (view and diff, before writing; waits for
+    /// the topology task included).
     pub last_diff_seconds: f64,
+    /// Time spent in write transactions, in all.
+    pub write_seconds: f64,
 }
 
 #[derive(Clone, Default)]
@@ -823,11 +826,14 @@ impl Sink {
         delete: bool,
     ) -> Result<(), Failure> {
         let n = n as u64;
+        let started = Instant::now();
         let mut txn = timed("begin", graph.start_txn()).await?;
         timed("write", txn.run(query(cypher).param("rows", rows))).await?;
         timed("commit", txn.commit()).await?;
+        let took = started.elapsed().as_secs_f64();
         self.handle.update(|s| {
             s.transactions += 1;
+            s.write_seconds += took;
             if delete {
                 s.rows_deleted += n;
             } else {

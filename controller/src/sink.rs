@@ -10,8 +10,9 @@
 //! (`IF NOT EXISTS`); relationships, which Cypher cannot constrain portably, carry a unique `id`
 //! too, indexed, and are created only when the session knows the database lacks them.
 //!
-//! What the database holds is known only while the connection lasts: at start, and after any
-//! failed write, the sink reads every id back from the database before diffing. That one read is
+//! What the database holds is known only while the connection lasts: at start, after any failed
+//! write, and every 10 minutes, the sink reads every id back from the database before diffing
+//! (and removes copies of an id, should another writer have made any). That one read is
 //! the reconciliation: whatever the model lacks is deleted, whatever differs or is missing is
 //! written. So after a restart of either side, or an outage during which the map changed,
 //! the database ends up equal to the model, without duplicates or stale edges.
@@ -374,7 +375,14 @@ impl Failure {
         let text = e.to_string();
         match e {
             neo4rs::Error::AuthenticationError(_) => Failure::Auth(text),
-            neo4rs::Error::Neo4j(ref n) if n.code().contains("Security") => Failure::Auth(text),
+            // Unauthorized, CredentialsExpired, AuthenticationRateLimit; not Forbidden (a user
+            // without the rights to write or to create constraints), which is a refusal.
+            neo4rs::Error::Neo4j(ref n)
+                if n.code().starts_with("Neo.ClientError.Security.")
+                    && !n.code().ends_with(".Forbidden") =>
+            {
+                Failure::Auth(text)
+            }
             neo4rs::Error::IOError { .. }
             | neo4rs::Error::ConnectionError
             | neo4rs::Error::IncompleteBoltExchange => Failure::Unreachable(text),
@@ -397,8 +405,17 @@ impl Failure {
     }
 }
 
-/// The longest a pass is skipped because the model did not change.
+/// The longest a pass is skipped because the model did not change, or paced.
 const FULL_PASS_EVERY: Duration = Duration::from_secs(60);
+
+/// How often the sink reads every id back from the database even without a failure.
+const RECONCILE_EVERY: Duration = Duration::from_secs(600);
+
+/// A failure is logged when it is the first, or of another kind than the last one logged; the
+/// same failure again on every retry would be a storm.
+fn worth_reporting(last: Option<&Failure>, new: &Failure) -> bool {
+    last.is_none_or(|l| std::mem::discriminant(l) != std::mem::discriminant(new))
+}
 
 /// Time limit of one database round trip; a server that hangs counts as unreachable.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -427,6 +444,7 @@ pub struct Sink {
 /// The sink's session with the database: what it knows the database holds.
 struct Session {
     graph: Graph,
+    opened: Instant,
     nodes: HashMap<String, (Label, u64)>,
     rels: HashMap<String, (Kind, u64)>,
 }
@@ -473,9 +491,17 @@ impl Sink {
                 // (label rules, names and edges turning inactive change the view by themselves);
                 // and never diff more than a twentieth of the time, however large the map.
                 let unchanged = generation == synced_generation && at.elapsed() < FULL_PASS_EVERY;
-                if unchanged || at.elapsed() < cost * 20 {
+                if unchanged || at.elapsed() < (cost * 20).min(FULL_PASS_EVERY) {
                     continue;
                 }
+            }
+            // The database may have been restored, emptied or edited without the sink seeing an
+            // error (the driver replaces dead connections quietly): read it back now and then.
+            if session
+                .as_ref()
+                .is_some_and(|s| s.opened.elapsed() >= RECONCILE_EVERY)
+            {
+                session = None;
             }
 
             if !backoff.is_zero() {
@@ -514,11 +540,7 @@ impl Sink {
                     });
                 }
                 Err(failure) => {
-                    // Reported once per kind of failure, not once per attempt.
-                    let same = reported.as_ref().is_some_and(|r| {
-                        std::mem::discriminant(r) == std::mem::discriminant(&failure)
-                    });
-                    if !same {
+                    if worth_reporting(reported.as_ref(), &failure) {
                         match &failure {
                             Failure::Auth(text) => tracing::error!(
                                 address = %self.settings.address,
@@ -590,6 +612,7 @@ impl Sink {
         }
         let mut session = Session {
             graph,
+            opened: Instant::now(),
             nodes: HashMap::new(),
             rels: HashMap::new(),
         };
@@ -601,8 +624,25 @@ impl Sink {
         }
         for kind in Kind::ALL {
             let cypher = format!("MATCH ()-[r:{}]->() RETURN r.id AS id", kind.name());
+            let mut twice = Vec::new();
             for id in read_ids(&session.graph, &cypher).await? {
-                session.rels.insert(id, (kind, 0));
+                if session.rels.insert(id.clone(), (kind, 0)).is_some() {
+                    twice.push(id);
+                }
+            }
+            // Copies of one id (another writer, or a commit that landed after the sink gave up
+            // on it): all but one go.
+            twice.sort_unstable();
+            twice.dedup();
+            let cypher = format!(
+                "UNWIND $rows AS id MATCH ()-[r:{} {{id: id}}]->() WITH id, collect(r) AS copies \
+                 UNWIND copies[1..] AS extra DELETE extra",
+                kind.name()
+            );
+            for chunk in twice.chunks(self.settings.batch_size) {
+                let params: Vec<BoltType> = chunk.iter().map(|id| id.as_str().into()).collect();
+                let n = params.len();
+                self.write(&session.graph, &cypher, params, n, true).await?;
             }
         }
         self.handle.update(|st| st.reconciliations += 1);
@@ -861,6 +901,19 @@ async fn read_ids(graph: &Graph, cypher: &str) -> Result<Vec<String>, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_is_reported_once_until_another_kind_comes() {
+        let auth = Failure::Auth("Authentication failed".into());
+        let down = Failure::Unreachable("connection refused".into());
+        assert!(worth_reporting(None, &auth));
+        assert!(!worth_reporting(Some(&auth), &auth));
+        assert!(!worth_reporting(
+            Some(&down),
+            &Failure::Unreachable("connection reset".into())
+        ));
+        assert!(worth_reporting(Some(&auth), &down));
+    }
 
     #[test]
     fn addresses_are_checked() {

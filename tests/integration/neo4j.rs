@@ -473,6 +473,14 @@ async fn the_database_equals_the_model_through_outages_and_restarts() {
     bolt.up();
     let after_outage = wait_equal(&bolt, &ctl, "after the database came back").await;
     assert!(after_outage.iter().any(|l| l.contains("addr:10.9.0.77")));
+    // The sink retried all along the outage, and said so once.
+    let log = controller.proc.log_text();
+    let reported = log
+        .lines()
+        .filter(|l| l.contains("neo4j unreachable"))
+        .count();
+    assert_eq!(reported, 1, "{log}");
+    assert!(log.contains("neo4j sink recovered"), "{log}");
 
     // While the controller is down, someone leaves stale data in the database: a node and an
     // edge with ids of ours. The restarted controller reconciles them away.
@@ -483,6 +491,17 @@ async fn the_database_equals_the_model_through_outages_and_restarts() {
          WITH h MATCH (s:Service) CREATE (h)-[:CONNECTS_TO {id: 'CONNECTS_TO|host:ghost|x|1/tcp'}]->(s)",
     )
     .await;
+    // And a second copy of a real relationship, id and all.
+    bolt.cypher(
+        "MATCH (a:Host)-[r:CONNECTS_TO]->(b) WITH a, b, r LIMIT 1 \
+         CREATE (a)-[c:CONNECTS_TO]->(b) SET c = properties(r)",
+    )
+    .await;
+    let planted = bolt.contents().await;
+    assert!(
+        planted.windows(2).any(|w| w[0] == w[1]),
+        "a copy planted: {planted:#?}"
+    );
     let controller = Controller::start_at(&world, grpc, http, &env);
     let after_restart = wait_equal(&bolt, &ctl, "after a controller restart").await;
     assert!(!after_restart.iter().any(|l| l.contains("ghost")));

@@ -445,13 +445,26 @@ fn scope_all_covers_every_namespace_and_scope_own_only_its_own() {
     lab.agent("vm");
 
     // Through the real pipeline: the pod's loopback connection is the node host's own edge.
-    let pod_edge = "host:node -> svc:node/tcp/6380 6380/tcp redis-cli".to_string();
+    // (The process may carry a container tag, should the test itself run in a container.)
+    let pod_edge = "host:node -> svc:node/tcp/6380 6380/tcp redis-cli";
     wait_for(
         "the pod's edge on the node",
         Duration::from_secs(30),
-        || lab.edges(&[]).contains(&pod_edge).then_some(()),
+        || {
+            lab.edges(&[])
+                .iter()
+                .any(|e| e.starts_with(pod_edge))
+                .then_some(())
+        },
     );
-    // The vm agent, in scope own, reported nothing of it, and never will.
+    // The vm agent, in scope own, reported nothing of it, and never will: once it has reported
+    // (its link to the controller), nothing of the pod's follows.
+    wait_for("the vm agent's report", Duration::from_secs(30), || {
+        lab.edges(&["--include-control"])
+            .iter()
+            .any(|e| e.starts_with("host:vm "))
+            .then_some(())
+    });
     std::thread::sleep(Duration::from_secs(2));
     let vm: Vec<String> = lab
         .edges(&["--include-control", "--include-inactive"])

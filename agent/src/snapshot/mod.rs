@@ -384,24 +384,46 @@ impl Snapshotter {
         let mut spaces = Vec::with_capacity(list.len());
         let spaces_inodes: Vec<u64> = list.iter().map(|ns| ns.inode).collect();
         for ns in list {
-            let dir = netns::net_dir(&self.proc_root, ns.pid);
             let mine = ns.inode == own;
-            let key = (!mine).then_some((ns.inode, ns.pid));
-            match self.read_tables(&dir, bad_lines, key) {
-                Ok(rows) => spaces.push(Space {
+            // Through the lowest pid in it, or the next should that one exit meanwhile.
+            let mut read = None;
+            for pid in std::iter::once(ns.pid).chain(ns.others.iter().copied()) {
+                let dir = netns::net_dir(&self.proc_root, pid);
+                let key = (!mine).then_some((ns.inode, pid));
+                let ns_link = self.proc_root.join(pid.to_string()).join("ns/net");
+                match self.read_tables(&dir, bad_lines, key) {
+                    // Still there: a pid reused meanwhile would have shown another namespace.
+                    Ok(rows) if netns::inode_of(&ns_link).is_ok_and(|i| i == ns.inode) => {
+                        read = Some(Ok(rows));
+                        break;
+                    }
+                    Ok(_) => {
+                        read = Some(Err(SnapshotError::ReadTable {
+                            path: ns_link,
+                            source: io::Error::other("the process left the namespace"),
+                        }))
+                    }
+                    Err(e) => read = Some(Err(e)),
+                }
+            }
+            match read {
+                Some(Ok(rows)) => spaces.push(Space {
                     tag: if mine { String::new() } else { ns.name },
                     rows,
                 }),
-                Err(e) if mine => return Err(e),
-                Err(e) => {
+                Some(Err(e)) if mine => return Err(e),
+                Some(Err(e)) => {
                     tracing::debug!(namespace = %ns.name, error = %e, "namespace gone before its tables were read")
                 }
+                None => {}
             }
         }
         // Sockets of namespaces that are gone are closed.
         let live: HashSet<u64> = spaces_inodes.into_iter().collect();
         self.diag
             .retain(|inode, _| *inode == 0 || live.contains(inode));
+        self.diag_failed
+            .retain(|(inode, _)| *inode == 0 || live.contains(inode));
         Ok(spaces)
     }
 
@@ -415,8 +437,21 @@ impl Snapshotter {
         if !self.diag.contains_key(&inode) {
             let opened = match ns {
                 None => diag::DiagReader::open(),
-                Some((_, pid)) => File::open(self.proc_root.join(pid.to_string()).join("ns/net"))
-                    .and_then(|file| diag::DiagReader::open_in(&file)),
+                // The pid may have been reused since the namespaces were listed: the file opened
+                // must be the namespace asked for, or the reader would report another namespace's
+                // sockets under this one's name for as long as it lives.
+                Some((inode, pid)) => File::open(
+                    self.proc_root.join(pid.to_string()).join("ns/net"),
+                )
+                .and_then(|file| {
+                    use std::os::unix::fs::MetadataExt;
+                    if file.metadata()?.ino() != inode {
+                        return Err(io::Error::other(format!(
+                            "pid {pid} left network namespace {inode}"
+                        )));
+                    }
+                    diag::DiagReader::open_in(&file)
+                }),
             };
             match opened {
                 Ok(reader) => {

@@ -25,6 +25,8 @@ pub struct Namespace {
     pub inode: u64,
     /// Lowest pid in it.
     pub pid: u32,
+    /// A few more pids in it, in order, in case `pid` exits before its tables are read.
+    pub others: Vec<u32>,
     /// `ip netns` or docker name when pinned there, else `net:[INODE]`.
     pub name: String,
 }
@@ -37,7 +39,9 @@ pub fn inode_of(link: &Path) -> io::Result<u64> {
 /// Every network namespace some process is in, by inode. Processes that exit meanwhile, or whose
 /// namespace cannot be read (no privilege), are skipped.
 pub fn list(proc_root: &Path) -> io::Result<Vec<Namespace>> {
-    let mut by_inode: BTreeMap<u64, u32> = BTreeMap::new();
+    /// Pids kept per namespace: the lowest, and a few to fall back on.
+    const KEPT: usize = 4;
+    let mut by_inode: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
     for entry in std::fs::read_dir(proc_root)?.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -49,19 +53,28 @@ pub fn list(proc_root: &Path) -> io::Result<Vec<Namespace>> {
         let Ok(inode) = inode_of(&entry.path().join("ns/net")) else {
             continue;
         };
-        let lowest = by_inode.entry(inode).or_insert(pid);
-        *lowest = (*lowest).min(pid);
+        let pids = by_inode.entry(inode).or_default();
+        pids.push(pid);
+        if pids.len() > 2 * KEPT {
+            pids.sort_unstable();
+            pids.truncate(KEPT);
+        }
     }
     let names = pinned_names();
     Ok(by_inode
         .into_iter()
-        .map(|(inode, pid)| Namespace {
-            inode,
-            pid,
-            name: names
-                .get(&inode)
-                .cloned()
-                .unwrap_or_else(|| format!("net:[{inode}]")),
+        .map(|(inode, mut pids)| {
+            pids.sort_unstable();
+            pids.truncate(KEPT);
+            Namespace {
+                inode,
+                pid: pids[0],
+                others: pids[1..].to_vec(),
+                name: names
+                    .get(&inode)
+                    .cloned()
+                    .unwrap_or_else(|| format!("net:[{inode}]")),
+            }
         })
         .collect())
 }
@@ -232,6 +245,7 @@ mod tests {
         let me = std::process::id();
         let ours = spaces.iter().find(|n| n.inode == own).unwrap();
         assert!(ours.pid <= me);
+        assert!(ours.others.iter().all(|p| *p > ours.pid));
         assert!(ours.name == format!("net:[{own}]") || !ours.name.starts_with("net:["));
     }
 }

@@ -12,9 +12,9 @@
 //!    [`RECHECK_ROUNDS`] snapshots whatever the count says. Inode numbers are unique among live
 //!    sockets, so a process that passed the socket on (SCM_RIGHTS, or accept-fork-close) loses
 //!    it: letting a socket go changes the fd count unless another fd took its place; a new
-//!    socket in its place makes this snapshot read the process in full (and a socket taken on
-//!    trust that the read no longer shows is looked for again at once); anything else in its
-//!    place leaves the old owner on the map for at most [`RECHECK_ROUNDS`] snapshots. An fd
+//!    socket in its place is looked for (rule 3), and if that reads the process in full, a
+//!    socket taken on trust that the read no longer shows is looked for again at once;
+//!    otherwise the old owner stays on the map for at most [`RECHECK_ROUNDS`] snapshots. An fd
 //!    number is reused at once after a close, and the fd directory's mtime never changes, so
 //!    without the count (kernels before 6.2) every holder is re-read on every snapshot.
 //! 2. **A process is the one we cached only while its identity holds.** `/proc/PID/stat` is
@@ -37,9 +37,9 @@
 //!    remembered and never triggers a walk again while it exists; a later scan that meets it
 //!    still attributes it. No fd directory is read twice in one snapshot.
 //!
-//! Only inodes taken from this network namespace's tables are ever asked for, so processes in
-//! other namespaces, visible in a shared pid namespace, are scanned but never reported for
-//! sockets that are not ours. Process names are the `comm` field of `/proc/PID/stat`, which is
+//! Only inodes taken from the tables of the snapshot's scope are ever asked for, so in scope
+//! `own` processes of other namespaces, visible in a shared pid namespace, are scanned but never
+//! reported for sockets that are not ours. Process names are the `comm` field of `/proc/PID/stat`, which is
 //! the same kernel field `/proc/PID/comm` shows, read along with the start time in one read.
 //! Threads that unshared their fd table (`unshare(CLONE_FILES)`, rare) are not scanned.
 //!
@@ -150,8 +150,9 @@ struct Search<'a> {
 struct Proc {
     stat: Stat,
     key: ProcessKey,
-    /// `st_size` of `/proc/PID/fd` when scanned: the fd count on Linux ≥ 6.2, 0 before. Only
-    /// orders rescans; never trusted for correctness.
+    /// `st_size` of `/proc/PID/fd` when the table was last known (scanned, or every checked
+    /// socket held): the fd count on Linux ≥ 6.2, 0 before. Orders rescans, and vouches for the
+    /// cached sockets between rule 1's re-reads.
     fd_count: u64,
     /// `(fd, inode)` of every socket the last scan saw.
     sockets: Vec<(u32, u64)>,

@@ -246,6 +246,7 @@ fn listener(l: &proto::ListeningService) -> Option<(ListenerKey, String)> {
             ip: l.ip.parse().ok()?,
             port: u16::try_from(l.port).ok().filter(|p| *p > 0)?,
             protocol: protocol(l.protocol)?,
+            netns: l.netns.clone(),
         },
         l.process
             .as_ref()

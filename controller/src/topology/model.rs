@@ -63,6 +63,9 @@ pub struct ListenerKey {
     pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    /// As [`ObsKey::netns`]: pods of one host may all listen on `0.0.0.0:8080`.
+    #[serde(default)]
+    pub netns: String,
 }
 
 /// A graph node's identity.
@@ -447,6 +450,7 @@ mod tests {
                             ip: ip("0.0.0.0"),
                             port: *port,
                             protocol: Protocol::Tcp,
+                            netns: String::new(),
                         },
                         process.to_string(),
                     )

@@ -530,7 +530,7 @@ impl Sink {
                     synced_generation = generation;
                     last_pass = Some((Instant::now(), cost));
                     if reported.take().is_some() {
-                        tracing::info!(address = %self.settings.address, "neo4j sink recovered; the database is being reconciled with the model");
+                        tracing::info!(address = %self.settings.address, "neo4j sink recovered; the database is reconciled with the model");
                     }
                     backoff = Duration::ZERO;
                     in_sync_at = Instant::now();

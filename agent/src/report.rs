@@ -139,9 +139,9 @@ fn listener(l: &Listener, pid: u32) -> proto::ListeningService {
     }
 }
 
-/// Every address of every interface of this namespace; in scope `all`, of every namespace a
-/// process is in (a container's address is the host's too).
-fn addresses(scope: Scope) -> BTreeSet<IpAddr> {
+/// Every address of every interface of this namespace, and of the other namespaces the snapshot
+/// read (scope `all`: a container's address is the host's too).
+fn addresses(others: &[(snapshot::netns::Namespace, u32)]) -> BTreeSet<IpAddr> {
     let of = |interfaces: Vec<proto::Interface>| -> BTreeSet<IpAddr> {
         interfaces
             .iter()
@@ -150,21 +150,13 @@ fn addresses(scope: Scope) -> BTreeSet<IpAddr> {
             .collect()
     };
     let mut all = of(crate::host::interfaces());
-    if scope == Scope::All {
-        let root = std::path::Path::new("/proc");
-        let own = snapshot::netns::inode_of(&root.join("self/ns/net")).ok();
-        for ns in snapshot::netns::list(root).unwrap_or_default() {
-            if Some(ns.inode) == own {
-                continue;
-            }
-            let path = root.join(ns.pid.to_string()).join("ns/net");
-            match std::fs::File::open(&path)
-                .and_then(|file| snapshot::netns::run_in(&file, crate::host::interfaces))
-            {
-                Ok(interfaces) => all.extend(of(interfaces)),
-                Err(error) => {
-                    tracing::debug!(namespace = %ns.name, %error, "cannot read the namespace's addresses")
-                }
+    for (ns, pid) in others {
+        match snapshot::netns::open_checked(std::path::Path::new("/proc"), *pid, ns.inode)
+            .and_then(|file| snapshot::netns::run_in(&file, crate::host::interfaces))
+        {
+            Ok(interfaces) => all.extend(of(interfaces)),
+            Err(error) => {
+                tracing::debug!(namespace = %ns.name, %error, "cannot read the namespace's addresses")
             }
         }
     }
@@ -204,7 +196,7 @@ impl Reporter {
         full: bool,
     ) -> Result<proto::ConnectionSnapshot, snapshot::SnapshotError> {
         let mut table = self.snapshotter.take()?;
-        let local = addresses(self.snapshotter.scope());
+        let local = addresses(self.snapshotter.other_namespaces());
         if let Some(catcher) = &self.catcher {
             let catches = catcher.drain();
             let dropped = catcher

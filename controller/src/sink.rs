@@ -209,7 +209,7 @@ struct NodeRow {
     props: Props,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct RelRow {
     kind: Kind,
     from: (Label, String),

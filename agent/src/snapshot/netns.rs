@@ -114,6 +114,18 @@ pub fn run_in<T: Send>(ns: &File, f: impl FnOnce() -> T + Send) -> io::Result<T>
     })
 }
 
+/// `/proc/PID/ns/net`, opened, provided PID is still in the namespace `inode` (a pid reused since
+/// the namespaces were listed would lead into another one).
+pub fn open_checked(proc_root: &Path, pid: u32, inode: u64) -> io::Result<File> {
+    let file = File::open(proc_root.join(pid.to_string()).join("ns/net"))?;
+    if file.metadata()?.ino() != inode {
+        return Err(io::Error::other(format!(
+            "pid {pid} left network namespace {inode}"
+        )));
+    }
+    Ok(file)
+}
+
 /// The `/proc/PID/net` directory: the socket tables of PID's network namespace.
 pub fn net_dir(proc_root: &Path, pid: u32) -> PathBuf {
     proc_root.join(pid.to_string()).join("net")

@@ -189,8 +189,9 @@ pub mod bounds {
     pub const CHECK_INTERVAL: (Duration, Duration) =
         (Duration::from_millis(100), Duration::from_secs(3600));
     pub const BREACH_INTERVALS: u32 = 1000;
+    /// libpcap's read timeout has millisecond resolution.
     pub const BUFFER_TIMEOUT: (Duration, Duration) =
-        (Duration::from_micros(100), Duration::from_secs(1));
+        (Duration::from_millis(1), Duration::from_secs(1));
     pub const BATCH_PACKETS: (u32, u32) = (1, 8192);
     pub const BATCH_DELAY: (Duration, Duration) =
         (Duration::from_micros(50), Duration::from_secs(1));

@@ -99,6 +99,50 @@ pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
     Ok(Duration::from_nanos(nanos.round() as u64))
 }
 
+const SIZE_UNITS: &str =
+    "bytes with an optional unit: B, kB, MB, GB (powers of 1000) or KiB, MiB, GiB";
+
+/// Parses a size in bytes: a decimal number and an optional unit, `B`, `kB`/`MB`/`GB` (powers of
+/// 1000) or `KiB`/`MiB`/`GiB` (powers of 1024), any case.
+pub fn parse_size(input: &str) -> Result<u64, UnitError> {
+    if input.trim().is_empty() {
+        return Err(UnitError::Empty {
+            expected: SIZE_UNITS,
+        });
+    }
+    let (num, unit) = split_number(input);
+    if num.is_empty() {
+        return Err(UnitError::Malformed {
+            input: input.to_string(),
+            expected: SIZE_UNITS,
+        });
+    }
+    let value = parse_number(num, input, SIZE_UNITS)?;
+    let multiplier = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(UnitError::UnknownUnit {
+                input: input.to_string(),
+                unit: unit.to_string(),
+                expected: SIZE_UNITS,
+            });
+        }
+    };
+    let bytes = value * multiplier;
+    if bytes >= u64::MAX as f64 {
+        return Err(UnitError::Overflow {
+            input: input.to_string(),
+        });
+    }
+    Ok(bytes.round() as u64)
+}
+
 /// Parses a bit rate in bit/s: a decimal number, an optional SI prefix (`k`, `M`, `G`, `T`, any case)
 /// and an optional `bit`, `bit/s`, `bits` or `bps`.
 pub fn parse_bitrate(input: &str) -> Result<u64, UnitError> {
@@ -264,5 +308,20 @@ mod tests {
         for s in ["10s", "500ms", "250us", "5m", "1h"] {
             assert_eq!(format_duration(parse_duration(s).unwrap()), s);
         }
+    }
+
+    #[test]
+    fn sizes_parse_in_both_bases_and_refuse_the_rest() {
+        assert_eq!(parse_size("100MB").unwrap(), 100_000_000);
+        assert_eq!(parse_size("1.5 KiB").unwrap(), 1536);
+        assert_eq!(parse_size("42").unwrap(), 42);
+        assert!(
+            parse_size("10 parsecs")
+                .unwrap_err()
+                .to_string()
+                .contains("parsecs")
+        );
+        assert!(parse_size("").is_err());
+        assert!(parse_size("MB").is_err());
     }
 }

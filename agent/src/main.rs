@@ -107,6 +107,21 @@ enum Command {
         #[arg(long, value_name = "netlink|proc", default_value = "netlink")]
         reader: snapshot::Reader,
     },
+    /// List this namespace's interfaces with their offload flags and whether libpcap can capture
+    /// on each (like `tcpdump -D`).
+    ///
+    /// For each interface: index, state, MTU, MAC, addresses, offload flags (GRO, GSO, TSO, LRO:
+    /// frames they build exceed the MTU and cannot be reinjected) and capture; then libpcap's
+    /// other devices (`any`: every interface at once). Needs no controller and no privilege;
+    /// without privilege libpcap may list fewer devices.
+    #[command(
+        after_help = "CAPTURE column: yes (libpcap lists it and it is up), as root (the same, but this process lacks\nroot or CAP_NET_RAW), when up (listed but down), no (libpcap does not list it).\nOFFLOAD column: the offloads that are on, off, or unknown (the ethtool ioctl failed).\n\nExample:\n  tapgraph-agent interfaces --json | jq '.interfaces[] | select(.warning) | .warning'"
+    )]
+    Interfaces {
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 const AFTER_HELP: &str = "\
@@ -154,9 +169,27 @@ fn main() -> ExitCode {
         };
         return print_snapshot(scope, reader, repeat, json, quiet);
     }
+    if let Some(Command::Interfaces { json }) = cli.command {
+        let listing = host::Listing::read();
+        let text = if json {
+            format!("{:#}\n", listing.to_json())
+        } else {
+            listing.table()
+        };
+        // A reader that stops early (`| head`) is no error; `print!` would panic on it.
+        return match std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                eprintln!("{PROGRAM}: {e}");
+                ExitCode::FAILURE
+            }
+            _ => ExitCode::SUCCESS,
+        };
+    }
     let purpose = match cli.command {
         Some(Command::Enroll) => Purpose::Enroll,
-        Some(Command::Run | Command::Snapshot { .. }) | None => Purpose::Run,
+        Some(Command::Run | Command::Snapshot { .. } | Command::Interfaces { .. }) | None => {
+            Purpose::Run
+        }
     };
     let sources = Sources::from_process(cli.config.clone(), cli.overrides());
     let config = match config_or_exit(PROGRAM, AgentConfig::load(&sources, purpose)) {

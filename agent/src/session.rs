@@ -1,6 +1,8 @@
 //! The control session: connect, say Hello, apply policies, send heartbeats; on any failure,
 //! reconnect with backoff. It never gives up on a transient error.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tapgraph::policy::PolicySpec;
@@ -13,6 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::capture::{self, Tap};
 use crate::config::AgentConfig;
 use crate::host;
 use crate::report::Reporter;
@@ -28,6 +31,41 @@ struct State {
     /// The next snapshot must be full: a new session, or the controller asked.
     full_snapshot: bool,
     snapshot_entries: u64,
+    /// The virtual TAP: survives sessions, so a reconnect neither restarts nor loses a capture.
+    tap: Tap,
+    /// The policy version stamped on mirror batches.
+    mirror_version: Arc<AtomicU64>,
+    /// The session's mirror forwarder, holding the TAP's queue until it is stopped.
+    mirror: Option<(CancellationToken, tokio::task::JoinHandle<capture::QueueRx>)>,
+}
+
+impl State {
+    /// Takes the TAP's queue back from the last session's forwarder.
+    async fn reclaim_queue(&mut self) {
+        if let Some((stop, forwarder)) = self.mirror.take() {
+            stop.cancel();
+            match forwarder.await {
+                Ok(queue) => self.tap.outbound = Some(queue),
+                Err(e) => {
+                    tracing::error!(error = %e, "mirror forwarder failed; mirrored packets are dropped until restart")
+                }
+            }
+        }
+    }
+
+    fn control_record(&mut self) -> proto::ControlRecord {
+        self.control_sequence += 1;
+        proto::ControlRecord {
+            sequence: self.control_sequence,
+            sent_at_unix_nanos: tapgraph::time::unix_nanos(),
+            counters: Some(self.tap.counters()),
+            capture_state: self.tap.state() as i32,
+            last_error: self.tap.last_error().to_string(),
+            policy_version: self.policy_version,
+            snapshot_entries: self.snapshot_entries,
+            breach: self.tap.breach(),
+        }
+    }
 }
 
 /// How a session ended.
@@ -50,10 +88,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
         reporter: None,
         full_snapshot: true,
         snapshot_entries: 0,
+        tap: Tap::default(),
+        mirror_version: Arc::new(AtomicU64::new(0)),
+        mirror: None,
     };
     let mut backoff = config.backoff.start();
     loop {
-        let reason = match session(&config, &mut state, &shutdown).await {
+        let end = session(&config, &mut state, &shutdown).await;
+        state.reclaim_queue().await;
+        let reason = match end {
             End::Shutdown => return,
             End::Lost(reason) => {
                 backoff.reset();
@@ -101,6 +144,16 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
         Err(e) => return End::Failed(e.to_string()),
     };
     let mut client = AgentServiceClient::new(channel.clone());
+    if let Some(queue) = state.tap.outbound.take() {
+        let stop = CancellationToken::new();
+        let forwarder = tokio::spawn(capture::forward(
+            queue,
+            client.clone(),
+            state.mirror_version.clone(),
+            stop.clone(),
+        ));
+        state.mirror = Some((stop, forwarder));
+    }
     let (tx, rx) = mpsc::channel::<proto::AgentMessage>(64);
     let mut hello = host::hello();
     hello.started_at_unix_nanos = state.started_at;
@@ -155,17 +208,15 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
         tokio::select! {
             () = shutdown.cancelled() => return End::Shutdown,
             _ = heartbeat.tick() => {
-                state.control_sequence += 1;
-                let record = proto::ControlRecord {
-                    sequence: state.control_sequence,
-                    sent_at_unix_nanos: tapgraph::time::unix_nanos(),
-                    counters: Some(proto::Counters::default()),
-                    capture_state: proto::CaptureState::Disabled as i32,
-                    last_error: String::new(),
-                    policy_version: state.policy_version,
-                    snapshot_entries: state.snapshot_entries,
-                    breach: None,
-                };
+                let record = state.control_record();
+                if tx.send(message(Msg::Control(record))).await.is_err() {
+                    return lost(established, "control stream closed".into());
+                }
+            }
+            Some(event) = state.tap.events.recv() => {
+                // A breach or a failure is reported at once, not at the next heartbeat.
+                state.tap.on_event(&event);
+                let record = state.control_record();
                 if tx.send(message(Msg::Control(record))).await.is_err() {
                     return lost(established, "control stream closed".into());
                 }
@@ -182,6 +233,8 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
                     established = true;
                     let interval = state.policy.snapshot_interval;
                     let resync = matches!(msg, controller_message::Msg::Resync(_));
+                    let policy = matches!(msg, controller_message::Msg::Policy(_));
+                    let capture = state.tap.state();
                     let reply = handle(msg, state, &mut heartbeat);
                     if resync || state.policy.snapshot_interval != interval {
                         // A resync is answered at once; a new interval starts now.
@@ -190,6 +243,13 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
                     }
                     if let Some(reply) = reply
                         && tx.send(message(reply)).await.is_err()
+                    {
+                        return lost(established, "control stream closed".into());
+                    }
+                    // A policy that changed the capture's state is reported at once.
+                    if policy
+                        && state.tap.state() != capture
+                        && tx.send(message(Msg::Control(state.control_record()))).await.is_err()
                     {
                         return lost(established, "control stream closed".into());
                     }
@@ -205,8 +265,7 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
 }
 
 /// What only this host can judge: the interface exists here, and this host's libpcap compiles the
-/// filter. Capture itself arrives with the capture pipeline; until then a policy that enables it is
-/// refused rather than silently ignored.
+/// filter. Opening the capture checks the rest (permission, the filter on the real link type).
 fn check_on_host(spec: &PolicySpec) -> Result<(), String> {
     if spec.interface != "any" {
         let names: Vec<String> = host::interfaces().into_iter().map(|i| i.name).collect();
@@ -219,9 +278,6 @@ fn check_on_host(spec: &PolicySpec) -> Result<(), String> {
         }
     }
     tapgraph::bpf::check_filter(&spec.filter).map_err(|e| format!("filter: {}", e.reason))?;
-    if spec.capture {
-        return Err("capture: this agent version cannot capture packets yet".into());
-    }
     Ok(())
 }
 
@@ -317,6 +373,16 @@ fn apply(
     if let Err(e) = check_on_host(&spec) {
         return refuse(e);
     }
+    let new_version = p.version != state.policy_version;
+    if let Err(e) = state
+        .tap
+        .apply(capture::Settings::from_policy(&spec), new_version)
+    {
+        return refuse(e.to_string());
+    }
+    if spec.capture {
+        warn_offload(&spec.interface);
+    }
     if spec.heartbeat_interval != state.policy.heartbeat_interval {
         *heartbeat = new_ticker(spec.heartbeat_interval);
     }
@@ -332,9 +398,21 @@ fn apply(
     );
     state.policy = spec;
     state.policy_version = p.version;
+    state.mirror_version.store(p.version, Ordering::Relaxed);
     proto::PolicyStatus {
         version: p.version,
         applied: true,
         error: String::new(),
+    }
+}
+
+/// Offloaded super-frames exceed the MTU and cannot be reinjected: say so when capture starts.
+fn warn_offload(interface: &str) {
+    for iface in host::interfaces() {
+        if (interface == "any" || iface.name == interface)
+            && let Some(warning) = host::offload_warning(&iface)
+        {
+            tracing::warn!(interface = %iface.name, "{warning}");
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! Plain HTTP for probes and the read-only API: `/healthz`, `/readyz`, `/api/v1/agents`,
-//! `/api/v1/topology/stats`.
+//! `/api/v1/topology/stats`, `/api/v1/mirror`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +21,7 @@ pub struct HttpState {
     pub ready: Arc<AtomicBool>,
     /// The Neo4j sink, when one is configured.
     pub sink: Option<crate::sink::SinkHandle>,
+    pub mirrors: crate::mirror::Mirrors,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -29,6 +30,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/topology/stats", get(topology_stats))
+        .route("/api/v1/mirror", get(mirror_stats))
         .with_state(state)
 }
 
@@ -54,4 +56,9 @@ async fn topology_stats(State(state): State<HttpState>) -> impl IntoResponse {
         );
     }
     Json(stats)
+}
+
+/// Mirrored packets per agent and target: received, written, dropped by reason, delay.
+async fn mirror_stats(State(state): State<HttpState>) -> impl IntoResponse {
+    Json(state.mirrors.stats())
 }

@@ -7,6 +7,7 @@ mod config;
 mod enrollment;
 mod events;
 mod http;
+mod mirror;
 mod operator;
 mod policies;
 mod registry;
@@ -229,10 +230,12 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         .register_encoded_file_descriptor_set(tapgraph::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("gRPC reflection")?;
+    let mirrors = mirror::Mirrors::new(config.state_dir.clone());
     let agents = AgentServiceServer::new(AgentApi::new(
         registry.clone(),
         enrollment.clone(),
         topology.clone(),
+        mirrors.clone(),
         StreamLimits {
             hello_timeout: config.hello_timeout,
             idle_timeout: config.idle_timeout,
@@ -292,6 +295,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         topology: topology.clone(),
         ready: ready.clone(),
         sink,
+        mirrors,
     };
     let http_stop = stop.clone();
     tasks.spawn("http", async move {

@@ -83,6 +83,72 @@ enum Command {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    MirrorRoute {
+        agent_id: String,
+        reply: oneshot::Sender<Option<MirrorRoute>>,
+    },
+}
+
+/// Where an agent's mirrored packets go: the target of the policy that resolves for it now.
+#[derive(Debug, Clone)]
+pub struct MirrorRoute {
+    pub target: tapgraph::policy::Target,
+    pub hostname: String,
+}
+
+/// The agent's virtual TAP, from its latest control record.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CaptureView {
+    /// disabled, running, stopped_breach or failed.
+    pub state: String,
+    pub error: Option<String>,
+    pub packets_captured: u64,
+    pub bytes_captured: u64,
+    pub packets_sent: u64,
+    pub bytes_sent: u64,
+    pub packets_dropped_kernel: u64,
+    pub packets_dropped_limiter: u64,
+    pub packets_dropped_queue: u64,
+    pub packets_in_flight: u64,
+    pub breach: Option<BreachView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BreachView {
+    pub measured_bps: u64,
+    pub limit_bps: u64,
+    pub intervals: u32,
+    pub at_unix_ms: u64,
+}
+
+impl CaptureView {
+    fn from_record(r: &proto::ControlRecord) -> Self {
+        let c = r.counters.unwrap_or_default();
+        let state = match proto::CaptureState::try_from(r.capture_state) {
+            Ok(proto::CaptureState::Running) => "running",
+            Ok(proto::CaptureState::StoppedBreach) => "stopped_breach",
+            Ok(proto::CaptureState::Failed) => "failed",
+            _ => "disabled",
+        };
+        Self {
+            state: state.into(),
+            error: (!r.last_error.is_empty()).then(|| r.last_error.clone()),
+            packets_captured: c.packets_captured,
+            bytes_captured: c.bytes_captured,
+            packets_sent: c.packets_sent,
+            bytes_sent: c.bytes_sent,
+            packets_dropped_kernel: c.packets_dropped_kernel,
+            packets_dropped_limiter: c.packets_dropped_limiter,
+            packets_dropped_queue: c.packets_dropped_queue,
+            packets_in_flight: c.packets_in_flight,
+            breach: r.breach.map(|b| BreachView {
+                measured_bps: b.measured_bits_per_second,
+                limit_bps: b.limit_bits_per_second,
+                intervals: b.intervals,
+                at_unix_ms: b.at_unix_nanos / 1_000_000,
+            }),
+        }
+    }
 }
 
 /// A registered session: its number, and the signal that the registry ended it.
@@ -119,6 +185,7 @@ pub struct AgentView {
     pub policy_error: Option<String>,
     pub control_records: u64,
     pub last_control_sequence: u64,
+    pub capture: CaptureView,
 }
 
 struct Live {
@@ -165,6 +232,19 @@ impl Registry {
         }
         .run(rx);
         (Self { tx }, task)
+    }
+
+    /// The mirror target of agent `id` now; `None` for an unknown agent.
+    pub async fn mirror_route(&self, agent_id: &str) -> Option<MirrorRoute> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::MirrorRoute {
+                agent_id: agent_id.to_string(),
+                reply,
+            })
+            .await
+            .ok()?;
+        rx.await.ok()?
     }
 
     /// Replaces the stored policies; every live agent whose resolved policy changed gets it now.
@@ -413,6 +493,9 @@ impl RegistryTask {
                         }
                     }
                 }
+                Command::MirrorRoute { agent_id, reply } => {
+                    let _ = reply.send(self.mirror_route(&agent_id));
+                }
                 Command::Shutdown { reply } => {
                     for agent in self.agents.values_mut() {
                         if let Some(live) = agent.live.take() {
@@ -463,6 +546,10 @@ impl RegistryTask {
                     policy_error: None,
                     control_records: 0,
                     last_control_sequence: 0,
+                    capture: CaptureView {
+                        state: "disabled".into(),
+                        ..CaptureView::default()
+                    },
                 },
                 live: None,
             });
@@ -503,6 +590,16 @@ impl RegistryTask {
         );
         self.push_policy(&agent_id);
         Registered { session, closed }
+    }
+
+    fn mirror_route(&self, id: &str) -> Option<MirrorRoute> {
+        let agent = self.agents.get(id)?;
+        let wanted = policies::resolve(&self.policies, &self.default, id, &agent.view.labels);
+        let spec = tapgraph::policy::PolicySpec::from_proto(&wanted.message()).ok()?;
+        Some(MirrorRoute {
+            target: spec.target,
+            hostname: agent.view.hostname.clone(),
+        })
     }
 
     /// Sends agent `id` the policy that resolves for it, if it is live and that is not what it has.
@@ -591,6 +688,15 @@ impl RegistryTask {
             Msg::Control(record) => {
                 v.control_records += 1;
                 v.last_control_sequence = record.sequence;
+                let capture = CaptureView::from_record(&record);
+                if capture.state != v.capture.state {
+                    let what = match &capture.error {
+                        Some(e) => format!("{agent_id} capture {}: {e}", capture.state),
+                        None => format!("{agent_id} capture {}", capture.state),
+                    };
+                    self.events.emit("capture_state", agent_id, what);
+                }
+                v.capture = capture;
             }
             Msg::PolicyStatus(status) if status.version != v.policy_version_sent => {
                 tracing::debug!(agent = %agent_id, version = status.version, current = v.policy_version_sent, "status for a superseded policy ignored");

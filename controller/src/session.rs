@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth;
 use crate::enrollment::Enrollment;
+use crate::mirror::{Attachment, Mirrors};
 use crate::registry::Registry;
 use crate::topology::Topology;
 
@@ -33,6 +34,7 @@ pub struct AgentApi {
     registry: Registry,
     enrollment: Enrollment,
     topology: Topology,
+    mirrors: Mirrors,
     limits: StreamLimits,
 }
 
@@ -41,15 +43,53 @@ impl AgentApi {
         registry: Registry,
         enrollment: Enrollment,
         topology: Topology,
+        mirrors: Mirrors,
         limits: StreamLimits,
     ) -> Self {
         Self {
             registry,
             enrollment,
             topology,
+            mirrors,
             limits,
         }
     }
+}
+
+/// Largest packet a batch may carry: the largest snaplen a policy allows.
+const MAX_PACKET: usize = tapgraph::policy::bounds::SNAPLEN.1 as usize;
+/// How long a stream waits before trying an unavailable target again.
+const RETRY_TARGET: Duration = Duration::from_secs(5);
+
+/// Removes packets no target can take (empty, larger than any snaplen, or longer than their
+/// original length); returns how many, and why.
+fn drop_invalid(batch: &mut proto::MirrorBatch) -> Option<(u64, String)> {
+    let before = batch.packets.len();
+    let mut reason = None;
+    batch.packets.retain(|p| {
+        let bad = if p.data.is_empty() {
+            Some("an empty packet".to_string())
+        } else if p.data.len() > MAX_PACKET {
+            Some(format!(
+                "a packet of {} bytes (at most {MAX_PACKET})",
+                p.data.len()
+            ))
+        } else if (p.original_length as usize) < p.data.len() {
+            Some(format!(
+                "a packet of {} bytes claiming an original length of {}",
+                p.data.len(),
+                p.original_length
+            ))
+        } else {
+            None
+        };
+        if let Some(r) = bad {
+            reason.get_or_insert(r);
+            return false;
+        }
+        true
+    });
+    reason.map(|r| ((before - batch.packets.len()) as u64, r))
 }
 
 fn kind(msg: &Msg) -> &'static str {
@@ -190,13 +230,15 @@ impl AgentService for AgentApi {
         let mut summary = proto::MirrorSummary::default();
         let revocations = self.enrollment.revocations();
         let mut revoked = revocations.changed();
+        // The target follows the agent's policy: looked up again when the batches' policy version
+        // changes, and retried while it cannot be opened.
+        let mut route: Option<(u64, tokio::time::Instant, Attachment)> = None;
+        let mut last_sequence = 0u64;
+        let mut warned_invalid = false;
         loop {
-            tokio::select! {
+            let mut batch = tokio::select! {
                 batch = inbound.message() => match batch? {
-                    Some(batch) => {
-                        summary.batches_received += 1;
-                        summary.packets_received += batch.packets.len() as u64;
-                    }
+                    Some(batch) => batch,
                     None => break,
                 },
                 Ok(()) = revoked.changed() => {
@@ -205,8 +247,53 @@ impl AgentService for AgentApi {
                             "the certificate of agent {agent_id} was revoked"
                         )));
                     }
+                    continue;
+                }
+            };
+            summary.batches_received += 1;
+            summary.packets_received += batch.packets.len() as u64;
+            let stale = route.as_ref().is_none_or(|(version, at, a)| {
+                *version != batch.policy_version
+                    || (a.unavailable.is_some() && at.elapsed() >= RETRY_TARGET)
+            });
+            if stale {
+                let Some(r) = self.registry.mirror_route(&agent_id).await else {
+                    continue;
+                };
+                let attachment = self.mirrors.attach(&agent_id, &r.hostname, &r.target).await;
+                route = Some((
+                    batch.policy_version,
+                    tokio::time::Instant::now(),
+                    attachment,
+                ));
+            }
+            let Some((_, _, attachment)) = &route else {
+                continue;
+            };
+            let stats = &attachment.stats;
+            stats
+                .batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if last_sequence != 0 && batch.sequence > last_sequence + 1 {
+                stats.batches_lost.fetch_add(
+                    batch.sequence - last_sequence - 1,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            last_sequence = last_sequence.max(batch.sequence);
+            if let Some((n, reason)) = drop_invalid(&mut batch) {
+                stats
+                    .dropped_invalid
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                stats
+                    .received
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                if !warned_invalid {
+                    tracing::warn!(agent = %agent_id, dropped = n, %reason, "mirror batch carried invalid packets; they are dropped and counted");
+                    warned_invalid = true;
                 }
             }
+            attachment.submit(batch);
         }
         tracing::info!(agent = %agent_id, batches = summary.batches_received, packets = summary.packets_received, "mirror stream ended");
         Ok(Response::new(summary))

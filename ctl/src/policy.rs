@@ -97,6 +97,15 @@ pub struct SetArgs {
     /// VXLAN network identifier, with a vxlan target.
     #[arg(long, value_name = "VNI")]
     vni: Option<u32>,
+    /// With a pcap target: start a new file after this many bytes, e.g. 100MB (0: never).
+    #[arg(long, value_name = "SIZE", value_parser = tapgraph::units::parse_size)]
+    rotate_size: Option<u64>,
+    /// With a pcap target: start a new file this often, e.g. 1h (0s: never).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    rotate_interval: Option<Duration>,
+    /// Buffered mode: longest the kernel holds packets before handing them over (1ms..1s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    buffer_timeout: Option<Duration>,
     /// How often the agent sends connection-table changes.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     snapshot_interval: Option<Duration>,
@@ -142,9 +151,23 @@ impl SetArgs {
              limit_bps <- limit, check_interval <- check_interval,
              breach_intervals <- breach_intervals, target <- target,
              snapshot_interval <- snapshot_interval, heartbeat_interval <- heartbeat_interval,
-             batch_packets <- batch_packets, batch_delay <- batch_delay);
+             batch_packets <- batch_packets, batch_delay <- batch_delay,
+             buffer_timeout <- buffer_timeout);
         if let (Some(vni), Target::Vxlan { vni: v, .. }) = (self.vni, &mut spec.target) {
             *v = vni;
+        }
+        if let Target::Pcap {
+            rotate_bytes,
+            rotate_interval,
+            ..
+        } = &mut spec.target
+        {
+            if let Some(b) = self.rotate_size {
+                *rotate_bytes = b;
+            }
+            if let Some(d) = self.rotate_interval {
+                *rotate_interval = d;
+            }
         }
         spec
     }
@@ -190,6 +213,7 @@ fn policy_json(p: &proto::StoredPolicy) -> Result<serde_json::Value, Failure> {
         "heartbeat_interval": format_duration(s.heartbeat_interval),
         "batch_packets": s.batch_packets,
         "batch_delay": format_duration(s.batch_delay),
+        "buffer_timeout": format_duration(s.buffer_timeout),
     }))
 }
 

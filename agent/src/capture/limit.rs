@@ -15,8 +15,6 @@
 //!   An interval with nothing offered, including one skipped over by a silence, is under the limit.
 //!   `N = 0` turns the rule off.
 
-#![allow(dead_code)] // The capture pipeline that drives these comes next (issue 7).
-
 use std::time::Duration;
 
 /// How much traffic at the limit the bucket holds.
@@ -51,6 +49,7 @@ impl TokenBucket {
         }
     }
 
+    #[cfg(test)]
     pub fn burst_bytes(&self) -> u64 {
         self.burst
     }
@@ -162,6 +161,7 @@ impl BreachWatchdog {
         None
     }
 
+    #[cfg(test)]
     pub fn breached(&self) -> bool {
         self.breached
     }

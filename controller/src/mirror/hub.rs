@@ -1,0 +1,390 @@
+//! The mirror hub: routes each agent's batches to its policy's target, one writer thread per open
+//! target, and keeps the counters operators read per agent and per target.
+//!
+//! ```text
+//! Mirror stream (per agent) ──route by policy──▶ bounded job queue ──▶ writer thread (per target)
+//!   drops: invalid, target unavailable            drops: queue          drops: oversize, failed
+//! ```
+//!
+//! A target stays open while some stream uses it (streams hold it by `Arc`), so agents that share
+//! an interface or a pcapng file share one writer, and the last one to leave closes it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use serde::Serialize;
+use tapgraph::policy::Target;
+use tapgraph::proto;
+
+use super::targets::{self, Origin, Writer};
+
+/// Jobs (batches) queued per target at most, and their bytes.
+const QUEUE_JOBS: usize = 512;
+const QUEUE_BYTES: u64 = 64 << 20;
+/// A writer with nothing to do flushes after this.
+const IDLE_FLUSH: Duration = Duration::from_millis(200);
+
+/// Delay histogram: bucket `i` holds delays below 2^(i/4) µs, so quantiles are within 19%.
+const BUCKETS: usize = 128;
+
+#[derive(Debug)]
+pub struct Histogram([AtomicU64; BUCKETS]);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl Histogram {
+    fn bucket(micros: u64) -> usize {
+        // 4·log2(µs+1), rounded up: the first bucket whose bound is ≥ the delay.
+        let x = (micros + 1) as f64;
+        ((4.0 * x.log2()).ceil() as usize).min(BUCKETS - 1)
+    }
+
+    fn bound(i: usize) -> u64 {
+        (2f64.powf(i as f64 / 4.0) - 1.0).ceil() as u64
+    }
+
+    pub fn record(&self, micros: u64) {
+        self.0[Self::bucket(micros)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The upper bound of the bucket holding quantile `q`, in µs; `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Self::bound(i));
+            }
+        }
+        Some(Self::bound(BUCKETS - 1))
+    }
+}
+
+/// Counters of one agent's packets towards one target.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub batches: AtomicU64,
+    /// Batches the agent numbered but that never arrived.
+    pub batches_lost: AtomicU64,
+    pub received: AtomicU64,
+    pub received_bytes: AtomicU64,
+    pub written: AtomicU64,
+    pub written_bytes: AtomicU64,
+    pub dropped_queue: AtomicU64,
+    pub dropped_oversize: AtomicU64,
+    pub dropped_failed: AtomicU64,
+    pub dropped_invalid: AtomicU64,
+    pub dropped_unavailable: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    pub delay: Histogram,
+}
+
+impl Stats {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn set_error(&self, error: String) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(error);
+        }
+    }
+}
+
+/// One row of `GET /api/v1/mirror`.
+#[derive(Debug, Serialize)]
+pub struct StatsView {
+    pub agent: String,
+    pub target: String,
+    pub batches: u64,
+    pub batches_lost: u64,
+    pub packets_received: u64,
+    pub bytes_received: u64,
+    pub packets_written: u64,
+    pub bytes_written: u64,
+    pub dropped: BTreeMap<&'static str, u64>,
+    pub last_error: Option<String>,
+    /// Capture to write, on the controller's clock.
+    pub delay_p50_us: Option<u64>,
+    pub delay_p99_us: Option<u64>,
+}
+
+struct Job {
+    agent_id: Arc<str>,
+    hostname: Arc<str>,
+    interface: String,
+    linktype: u32,
+    snaplen: u32,
+    packets: Vec<proto::Packet>,
+    bytes: u64,
+    stats: Arc<Stats>,
+}
+
+/// An open target: its writer thread's queue.
+pub struct TargetHandle {
+    tx: SyncSender<Job>,
+    queued_bytes: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    targets: HashMap<String, Weak<TargetHandle>>,
+    stats: BTreeMap<(String, String), Arc<Stats>>,
+}
+
+#[derive(Clone)]
+pub struct Mirrors {
+    inner: Arc<Mutex<Inner>>,
+    state_dir: PathBuf,
+}
+
+/// A stream's attachment to its current target.
+pub struct Attachment {
+    agent_id: Arc<str>,
+    hostname: Arc<str>,
+    target: Option<Arc<TargetHandle>>,
+    pub stats: Arc<Stats>,
+    /// Why the target could not be opened.
+    pub unavailable: Option<String>,
+}
+
+/// A key that tells two targets apart by every setting, not only by their display form.
+fn key(target: &Target) -> String {
+    format!("{target:?}")
+}
+
+impl Mirrors {
+    pub fn new(state_dir: PathBuf) -> Self {
+        Self {
+            inner: Arc::default(),
+            state_dir,
+        }
+    }
+
+    fn stats_for(&self, agent_id: &str, target: &Target) -> Arc<Stats> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner
+            .stats
+            .entry((agent_id.to_string(), target.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// Attaches agent `agent_id` to `target`, opening it if no other stream has. Opening can
+    /// block (a device, a file, a name lookup), so it runs off the async threads.
+    pub async fn attach(&self, agent_id: &str, hostname: &str, target: &Target) -> Attachment {
+        let stats = self.stats_for(agent_id, target);
+        let k = key(target);
+        let existing = {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.targets.get(&k).and_then(Weak::upgrade)
+        };
+        let mut attachment = Attachment {
+            agent_id: agent_id.into(),
+            hostname: hostname.into(),
+            target: existing,
+            stats,
+            unavailable: None,
+        };
+        if attachment.target.is_some() {
+            return attachment;
+        }
+        let (t, dir) = (target.clone(), self.state_dir.clone());
+        let opened = tokio::task::spawn_blocking(move || targets::open(&t, &dir)).await;
+        match opened {
+            Ok(Ok(writer)) => {
+                let handle = Arc::new(spawn_writer(writer, target.to_string()));
+                let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                // Another stream may have opened it meanwhile: use theirs, close ours.
+                if let Some(theirs) = inner.targets.get(&k).and_then(Weak::upgrade) {
+                    attachment.target = Some(theirs);
+                } else {
+                    inner.targets.insert(k, Arc::downgrade(&handle));
+                    attachment.target = Some(handle);
+                }
+                tracing::info!(agent = %agent_id, target = %target, "mirror target attached");
+            }
+            Ok(Err(e)) => {
+                let reason = e.to_string();
+                tracing::warn!(agent = %agent_id, target = %target, error = %reason, "mirror target unavailable; packets are dropped and counted");
+                attachment.stats.set_error(reason.clone());
+                attachment.unavailable = Some(reason);
+            }
+            Err(e) => attachment.unavailable = Some(format!("opening {target} panicked: {e}")),
+        }
+        attachment
+    }
+
+    pub fn stats(&self) -> Vec<StatsView> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner
+            .stats
+            .iter()
+            .map(|((agent, target), s)| {
+                let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+                StatsView {
+                    agent: agent.clone(),
+                    target: target.clone(),
+                    batches: get(&s.batches),
+                    batches_lost: get(&s.batches_lost),
+                    packets_received: get(&s.received),
+                    bytes_received: get(&s.received_bytes),
+                    packets_written: get(&s.written),
+                    bytes_written: get(&s.written_bytes),
+                    dropped: BTreeMap::from([
+                        ("queue", get(&s.dropped_queue)),
+                        ("oversize", get(&s.dropped_oversize)),
+                        ("failed", get(&s.dropped_failed)),
+                        ("invalid", get(&s.dropped_invalid)),
+                        ("target_unavailable", get(&s.dropped_unavailable)),
+                    ]),
+                    last_error: s.last_error.lock().ok().and_then(|e| e.clone()),
+                    delay_p50_us: s.delay.quantile(0.5),
+                    delay_p99_us: s.delay.quantile(0.99),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Attachment {
+    /// Hands a batch's packets to the target's writer, or counts why it cannot.
+    pub fn submit(&self, batch: proto::MirrorBatch) {
+        let n = batch.packets.len() as u64;
+        let bytes: u64 = batch.packets.iter().map(|p| p.data.len() as u64).sum();
+        let s = &self.stats;
+        Stats::add(&s.received, n);
+        Stats::add(&s.received_bytes, bytes);
+        let Some(target) = &self.target else {
+            Stats::add(&s.dropped_unavailable, n);
+            return;
+        };
+        if target.queued_bytes.load(Ordering::Relaxed) + bytes > QUEUE_BYTES {
+            Stats::add(&s.dropped_queue, n);
+            return;
+        }
+        target.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let job = Job {
+            agent_id: self.agent_id.clone(),
+            hostname: self.hostname.clone(),
+            interface: batch.interface,
+            linktype: batch.linktype,
+            snaplen: batch.snaplen,
+            packets: batch.packets,
+            bytes,
+            stats: self.stats.clone(),
+        };
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) =
+            target.tx.try_send(job)
+        {
+            target.queued_bytes.fetch_sub(job.bytes, Ordering::Relaxed);
+            Stats::add(&s.dropped_queue, n);
+        }
+    }
+}
+
+fn spawn_writer(writer: Box<dyn Writer>, name: String) -> TargetHandle {
+    let (tx, rx) = sync_channel(QUEUE_JOBS);
+    let queued_bytes = Arc::new(AtomicU64::new(0));
+    let q = queued_bytes.clone();
+    let spawned = std::thread::Builder::new()
+        .name("mirror-writer".into())
+        .spawn(move || write_loop(writer, rx, q, name));
+    if let Err(e) = spawned {
+        // The receiver went with the closure: every job will count as a queue drop.
+        tracing::error!(error = %e, "cannot start a mirror writer thread");
+    }
+    TargetHandle { tx, queued_bytes }
+}
+
+fn write_loop(
+    mut writer: Box<dyn Writer>,
+    rx: Receiver<Job>,
+    queued: Arc<AtomicU64>,
+    name: String,
+) {
+    let mut dirty = false;
+    loop {
+        let job = match rx.recv_timeout(IDLE_FLUSH) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                if dirty {
+                    flush(&mut *writer, &name);
+                    dirty = false;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        queued.fetch_sub(job.bytes, Ordering::Relaxed);
+        let origin = Origin {
+            agent_id: &job.agent_id,
+            hostname: &job.hostname,
+            interface: &job.interface,
+            linktype: job.linktype,
+            snaplen: job.snaplen,
+        };
+        let w = writer.write(&origin, &job.packets);
+        let now = tapgraph::time::unix_nanos();
+        let s = &job.stats;
+        Stats::add(&s.written, w.packets);
+        Stats::add(&s.written_bytes, w.bytes);
+        Stats::add(&s.dropped_oversize, w.oversize);
+        Stats::add(&s.dropped_failed, w.failed);
+        if let Some(error) = w.error {
+            s.set_error(error);
+        }
+        for p in &job.packets {
+            s.delay
+                .record(now.saturating_sub(p.timestamp_unix_nanos) / 1_000);
+        }
+        dirty = true;
+    }
+    flush(&mut *writer, &name);
+    tracing::info!(target = %name, "mirror target closed");
+}
+
+fn flush(writer: &mut dyn Writer, name: &str) {
+    if let Err(e) = writer.flush() {
+        tracing::warn!(target = %name, error = %e, "mirror target flush failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_land_in_the_right_bucket() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile(0.99), None);
+        for _ in 0..990 {
+            h.record(100);
+        }
+        for _ in 0..10 {
+            h.record(5_000);
+        }
+        let p50 = h.quantile(0.5).unwrap();
+        assert!((100..=120).contains(&p50), "{p50}");
+        let p99 = h.quantile(0.99).unwrap();
+        assert!((100..=120).contains(&p99), "{p99}");
+        let p999 = h.quantile(0.999).unwrap();
+        assert!((5_000..=6_000).contains(&p999), "{p999}");
+        h.record(0);
+        assert_eq!(Histogram::bound(Histogram::bucket(0)), 0);
+    }
+}

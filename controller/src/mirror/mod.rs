@@ -1,0 +1,6 @@
+//! The virtual TAP's controller side: agents' mirrored packets, routed to their policy's target.
+
+mod hub;
+pub mod targets;
+
+pub use hub::{Attachment, Mirrors};

@@ -118,7 +118,8 @@ pub struct BreachView {
     pub measured_bps: u64,
     pub limit_bps: u64,
     pub intervals: u32,
-    pub at_unix_ms: u64,
+    /// End of the interval that completed the breach, on the agent's clock.
+    pub at_unix_ns: u64,
 }
 
 impl CaptureView {
@@ -145,7 +146,7 @@ impl CaptureView {
                 measured_bps: b.measured_bits_per_second,
                 limit_bps: b.limit_bits_per_second,
                 intervals: b.intervals,
-                at_unix_ms: b.at_unix_nanos / 1_000_000,
+                at_unix_ns: b.at_unix_nanos,
             }),
         }
     }

@@ -538,7 +538,7 @@ fn over_the_limit_capture_stops_after_exactly_n_intervals() {
     assert!(c["error"].as_str().unwrap().contains("limit"), "{c}");
     // Capture ended n intervals after the first packet: not n-1, not n+1.
     let first = sent[0].ts_ns;
-    let at = breach["at_unix_ms"].as_u64().unwrap() * 1_000_000;
+    let at = breach["at_unix_ns"].as_u64().unwrap();
     let expected = first + n * interval_ms * 1_000_000;
     assert!(
         at.abs_diff(expected) < interval_ms * 1_000_000 / 2,
@@ -603,4 +603,59 @@ fn the_token_bucket_holds_the_delivered_rate_to_the_limit() {
     let c = &lab.agent().unwrap()["capture"];
     assert!(c["packets_dropped_limiter"].as_u64().unwrap() > 2000, "{c}");
     assert_eq!(c["state"], "running");
+}
+
+/// Packets no target can take are dropped and counted with the reason; the stream goes on and
+/// the good packets of the same and later batches are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_mirrored_packets_are_counted_and_the_stream_goes_on() {
+    use tapgraph::proto;
+    let world = World::new();
+    let controller = crate::harness::Controller::start(&world, &[]);
+    // A session first, so the controller knows the agent and its policy (target none).
+    let (_send, _inbound) = crate::topology::raw_agent_as(&world, &controller, "raw", "raw").await;
+    let channel = crate::topology::raw_channel(&world, &controller, "raw").await;
+    let packet = |len: usize, original: u32| proto::Packet {
+        timestamp_unix_nanos: tapgraph::time::unix_nanos(),
+        original_length: original,
+        data: vec![0xab; len].into(),
+    };
+    let batches = vec![
+        proto::MirrorBatch {
+            sequence: 1,
+            policy_version: 1,
+            linktype: 1,
+            packets: vec![
+                packet(0, 0),
+                packet(300_000, 300_000),
+                packet(100, 60),
+                packet(100, 100),
+            ],
+            ..Default::default()
+        },
+        proto::MirrorBatch {
+            sequence: 2,
+            policy_version: 1,
+            linktype: 1,
+            packets: vec![packet(60, 60), packet(1500, 9000)],
+            ..Default::default()
+        },
+    ];
+    let summary = proto::agent_service_client::AgentServiceClient::new(channel)
+        .mirror(tokio_stream::iter(batches))
+        .await
+        .expect("the stream is not refused")
+        .into_inner();
+    assert_eq!(summary.batches_received, 2);
+    let stats = wait_for("mirror stats", Duration::from_secs(10), || {
+        let (_, body) = http_get(controller.http, "/api/v1/mirror").ok()?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        v.as_array()?
+            .iter()
+            .find(|m| m["agent"] == "raw" && m["packets_written"] == 3)
+            .cloned()
+    });
+    assert_eq!(stats["dropped"]["invalid"], 3, "{stats}");
+    assert_eq!(stats["packets_received"], 6, "{stats}");
+    assert!(controller.proc.log_text().contains("invalid packets"));
 }

@@ -545,6 +545,28 @@ async fn raw_agent(
     raw_agent_as(world, controller, "raw", "raw").await
 }
 
+/// An mTLS channel to the controller as agent `id`, with a freshly issued certificate.
+pub(crate) async fn raw_channel(
+    world: &World,
+    controller: &crate::harness::Controller,
+    id: &str,
+) -> tonic::transport::Channel {
+    let dir = world.issue_agent(id);
+    let tls = tapgraph::tls::client_config_files(
+        &dir.join("ca.pem"),
+        Some((&dir.join("agent.pem"), &dir.join("agent.key"))),
+    )
+    .unwrap();
+    tapgraph::transport::connect(
+        &controller.grpc.to_string(),
+        "127.0.0.1",
+        tls,
+        &Default::default(),
+    )
+    .await
+    .unwrap()
+}
+
 /// [`raw_agent`] with a given agent id and the hostname its Hello claims.
 pub(crate) async fn raw_agent_as(
     world: &World,
@@ -553,20 +575,7 @@ pub(crate) async fn raw_agent_as(
     hostname: &str,
 ) -> (Sender, tonic::Streaming<tapgraph::proto::ControllerMessage>) {
     use tapgraph::proto::{self, agent_message::Msg};
-    let dir = world.issue_agent(id);
-    let tls = tapgraph::tls::client_config_files(
-        &dir.join("ca.pem"),
-        Some((&dir.join("agent.pem"), &dir.join("agent.key"))),
-    )
-    .unwrap();
-    let channel = tapgraph::transport::connect(
-        &controller.grpc.to_string(),
-        "127.0.0.1",
-        tls,
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    let channel = raw_channel(world, controller, id).await;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let send: Sender = Box::new(move |msg: Msg| {
         let tx = tx.clone();

@@ -24,6 +24,7 @@ pub struct AdminApi {
     topology: Topology,
     events: Events,
     naming: Naming,
+    mirrors: crate::mirror::Mirrors,
 }
 
 type EventStream = std::pin::Pin<
@@ -38,6 +39,7 @@ impl AdminApi {
         topology: Topology,
         events: Events,
         naming: Naming,
+        mirrors: crate::mirror::Mirrors,
     ) -> Self {
         Self {
             enrollment,
@@ -46,6 +48,7 @@ impl AdminApi {
             topology,
             events,
             naming,
+            mirrors,
         }
     }
 
@@ -353,6 +356,70 @@ impl AdminService for AdminApi {
         }
         let agents = self.registry.policy_status(name).await;
         Ok(Response::new(proto::PolicyStatusResponse { agents }))
+    }
+
+    async fn get_mirror_stats(
+        &self,
+        request: Request<proto::GetMirrorStatsRequest>,
+    ) -> Result<Response<proto::MirrorStats>, Status> {
+        auth::operator(&request)?;
+        let only = request.into_inner().agent_id;
+        let mut targets = self.mirrors.stats();
+        targets.retain(|t| only.is_empty() || t.agent == only);
+        let mut agents: Vec<proto::AgentMirror> = self
+            .registry
+            .list()
+            .await
+            .into_iter()
+            .filter(|a| only.is_empty() || a.id == only)
+            .map(|a| {
+                let c = &a.capture;
+                proto::AgentMirror {
+                    agent_id: a.id.clone(),
+                    hostname: a.hostname.clone(),
+                    capture_state: c.state.clone(),
+                    capture_error: c.error.clone().unwrap_or_default(),
+                    counters: Some(proto::Counters {
+                        packets_captured: c.packets_captured,
+                        bytes_captured: c.bytes_captured,
+                        packets_sent: c.packets_sent,
+                        bytes_sent: c.bytes_sent,
+                        packets_dropped_kernel: c.packets_dropped_kernel,
+                        packets_dropped_limiter: c.packets_dropped_limiter,
+                        packets_dropped_queue: c.packets_dropped_queue,
+                        packets_in_flight: c.packets_in_flight,
+                        ..Default::default()
+                    }),
+                    targets: Vec::new(),
+                }
+            })
+            .collect();
+        if !only.is_empty() && agents.is_empty() {
+            return Err(Status::not_found(format!("no agent {only}")));
+        }
+        for t in targets {
+            let Some(agent) = agents.iter_mut().find(|a| a.agent_id == t.agent) else {
+                continue;
+            };
+            agent.targets.push(proto::MirrorTargetStats {
+                target: t.target,
+                batches: t.batches,
+                batches_lost: t.batches_lost,
+                packets_received: t.packets_received,
+                bytes_received: t.bytes_received,
+                packets_written: t.packets_written,
+                bytes_written: t.bytes_written,
+                dropped: t
+                    .dropped
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+                last_error: t.last_error.unwrap_or_default(),
+                delay_p50_us: t.delay_p50_us.unwrap_or(0),
+                delay_p99_us: t.delay_p99_us.unwrap_or(0),
+            });
+        }
+        Ok(Response::new(proto::MirrorStats { agents }))
     }
 
     async fn get_graph(

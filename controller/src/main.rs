@@ -271,6 +271,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         topology.clone(),
         events,
         naming,
+        mirrors.clone(),
     ));
     let incoming = tapgraph::transport::tls_incoming(grpc_listener, tls, config.handshake_timeout);
     let grpc_stop = stop.clone();
@@ -295,7 +296,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         topology: topology.clone(),
         ready: ready.clone(),
         sink,
-        mirrors,
+        mirrors: mirrors.clone(),
     };
     let http_stop = stop.clone();
     tasks.spawn("http", async move {

@@ -2,6 +2,7 @@
 
 mod client;
 mod graph;
+mod mirror;
 mod policy;
 mod table;
 
@@ -79,6 +80,8 @@ enum Command {
     /// One host of the map.
     #[command(subcommand)]
     Host(HostCommand),
+    /// The virtual TAP: each agent's capture and what became of its packets at each target.
+    Mirror(mirror::MirrorArgs),
     /// Follow live events: agent connects and disconnects, policy rollouts, acks and refusals,
     /// label changes, revocations. Runs until interrupted, or until --count events.
     Events {
@@ -425,6 +428,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Policy(command) => policy::run(&mut admin, command, json).await?,
         Command::Graph(args) => graph::run(&mut admin, args, json).await?,
+        Command::Mirror(args) => mirror::run(&mut admin, args, json).await?,
         Command::Host(HostCommand::Show { name }) => {
             graph::show_host(&mut admin, &name, json).await?
         }

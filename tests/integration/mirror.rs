@@ -336,6 +336,21 @@ fn mirrored_packets_arrive_byte_identical_in_order_on_every_target() {
     assert!(stats["delay_p99_us"].as_u64().is_some(), "{stats}");
     let agent = lab.agent().unwrap();
     assert_eq!(agent["capture"]["state"], "running", "{agent}");
+    // Operators read the same through tapgraphctl.
+    let (ok, table) = lab.ctl(&["mirror"]);
+    assert!(
+        ok && table.contains("interface:span0") && table.contains("running"),
+        "{table}"
+    );
+    // The agent's own counters come with its next control record (every 5 s).
+    let json = wait_for("the agent's counters", Duration::from_secs(10), || {
+        let (ok, json) = lab.ctl(&["-o", "json", "mirror", "--agent", "src"]);
+        assert!(ok, "{json}");
+        let json: Value = serde_json::from_str(&json).unwrap();
+        (json[0]["captured"] == 300).then_some(json)
+    });
+    assert_eq!(json[0]["targets"][0]["written"], 300, "{json}");
+    assert_eq!(json[0]["sent"], 300, "{json}");
 
     // pcapng: tshark opens it, and the timestamps are the capture's own, to the nanosecond.
     let file = lab.world.path().join("tap.pcapng");

@@ -374,14 +374,13 @@ fn apply(
         return refuse(e);
     }
     let new_version = p.version != state.policy_version;
-    if let Err(e) = state
+    match state
         .tap
         .apply(capture::Settings::from_policy(&spec), new_version)
     {
-        return refuse(e.to_string());
-    }
-    if spec.capture {
-        warn_offload(&spec.interface);
+        Ok(true) => warn_offload(&spec.interface),
+        Ok(false) => {}
+        Err(e) => return refuse(e.to_string()),
     }
     if spec.heartbeat_interval != state.policy.heartbeat_interval {
         *heartbeat = new_ticker(spec.heartbeat_interval);

@@ -570,6 +570,9 @@ pub struct Tap {
     events_tx: mpsc::Sender<Event>,
     pub events: mpsc::Receiver<Event>,
     running: Option<Running>,
+    /// Settings of the last capture started, kept after it stopped: the same policy sent again
+    /// (a reconnect) must not resume a capture the breach rule stopped.
+    settings: Option<Settings>,
     state: proto::CaptureState,
     last_error: String,
     breach: Option<Breach>,
@@ -587,6 +590,7 @@ impl Default for Tap {
             events_tx,
             events,
             running: None,
+            settings: None,
             state: proto::CaptureState::Disabled,
             last_error: String::new(),
             breach: None,
@@ -597,33 +601,36 @@ impl Default for Tap {
 impl Tap {
     /// Applies the capture part of a policy. `new_version` says the policy is new, not the same
     /// one sent again after a reconnect: only a new policy resumes a capture the breach rule
-    /// stopped. On error the running capture is untouched.
-    pub fn apply(&mut self, wanted: Option<Settings>, new_version: bool) -> Result<(), OpenError> {
+    /// stopped. On error the running capture is untouched. Returns whether a capture started.
+    pub fn apply(
+        &mut self,
+        wanted: Option<Settings>,
+        new_version: bool,
+    ) -> Result<bool, OpenError> {
         let Some(settings) = wanted else {
             if let Some(running) = self.running.take() {
                 running.stop();
                 tracing::info!("capture disabled");
             }
+            self.settings = None;
             self.state = proto::CaptureState::Disabled;
             self.breach = None;
             self.last_error.clear();
-            return Ok(());
+            return Ok(false);
         };
-        let same = self
-            .running
-            .as_ref()
-            .is_some_and(|r| r.settings() == &settings);
+        let same = self.settings.as_ref() == Some(&settings);
         let stopped = matches!(
             self.state,
             proto::CaptureState::StoppedBreach | proto::CaptureState::Failed
         );
         if same && !(stopped && new_version) {
-            return Ok(());
+            return Ok(false);
         }
         let prepared = Prepared::open(settings).inspect_err(|e| {
             tracing::warn!(error = %e, "capture not changed");
         })?;
         let after_ns = self.running.take().map_or(0, Running::stop);
+        let settings_started = prepared.settings().clone();
         let s = prepared.settings();
         tracing::info!(
             interface = %s.interface,
@@ -640,10 +647,11 @@ impl Tap {
             self.queue.clone(),
             self.events_tx.clone(),
         ));
+        self.settings = Some(settings_started);
         self.state = proto::CaptureState::Running;
         self.breach = None;
         self.last_error.clear();
-        Ok(())
+        Ok(true)
     }
 
     /// Records what the capture thread reported.
@@ -875,5 +883,31 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn after_a_breach_only_a_new_policy_version_resumes_capture() {
+        if !root() {
+            return;
+        }
+        let mut tap = Tap::default();
+        let s = settings("udp dst port 9");
+        assert!(tap.apply(Some(s.clone()), true).unwrap());
+        tap.on_event(&Event::Breach(Breach {
+            measured_bps: 9_000_000,
+            limit_bps: 1_000_000,
+            intervals: 3,
+            at_ns: 1,
+        }));
+        tap.running = None; // what on_event does once the thread has ended
+        assert_eq!(tap.state(), proto::CaptureState::StoppedBreach);
+        // The same policy again, as after a reconnect: stays stopped.
+        assert!(!tap.apply(Some(s.clone()), false).unwrap());
+        assert_eq!(tap.state(), proto::CaptureState::StoppedBreach);
+        assert!(tap.running.is_none() && tap.breach().is_some());
+        // A new version of it: capture resumes.
+        assert!(tap.apply(Some(s), true).unwrap());
+        assert_eq!(tap.state(), proto::CaptureState::Running);
+        assert!(tap.breach().is_none());
     }
 }

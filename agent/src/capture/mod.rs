@@ -281,7 +281,6 @@ impl Prepared {
         events: mpsc::Sender<Event>,
     ) -> Running {
         let stop = Arc::new(AtomicBool::new(false));
-        let settings = self.settings.clone();
         let wake = self.cap.breakloop_handle();
         let thread = {
             let stop = stop.clone();
@@ -294,7 +293,6 @@ impl Prepared {
                 stop,
                 wake,
                 thread: Some(thread),
-                settings,
             },
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the capture thread");
@@ -302,7 +300,6 @@ impl Prepared {
                     stop,
                     wake,
                     thread: None,
-                    settings,
                 }
             }
         }
@@ -316,21 +313,16 @@ pub struct Running {
     /// capture would otherwise sleep until the next packet.
     wake: pcap::BreakLoop,
     thread: Option<JoinHandle<u64>>,
-    settings: Settings,
 }
 
 impl Running {
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// Whether the thread has ended by itself (breach or failure).
     pub fn ended(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    /// Stops the thread and returns the timestamp of the
-    /// last packet it handled, after flushing its partial batch.
+    /// Stops the thread and returns the timestamp of the last packet it handled, after flushing
+    /// its partial batch.
     pub fn stop(mut self) -> u64 {
         self.halt()
     }

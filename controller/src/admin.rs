@@ -68,11 +68,16 @@ impl AdminApi {
             .into_iter()
             .map(|a| (a.id.clone(), a))
             .collect();
+        let mirror = self.mirrors.stats();
         let mut ids: Vec<String> = enrolled.keys().chain(live.keys()).cloned().collect();
         ids.sort();
         ids.dedup();
         ids.into_iter()
-            .map(|id| agent_info(&id, enrolled.get(&id), live.remove(&id)))
+            .map(|id| {
+                let mut info = agent_info(&id, enrolled.get(&id), live.remove(&id));
+                add_mirror(&mut info, &mirror);
+                info
+            })
             .collect()
     }
 }
@@ -87,8 +92,11 @@ fn agent_info(
     let revoked = enrolled.is_some_and(|a| a.revoked_at_ms.is_some());
     let state = match (&live, revoked) {
         (_, true) => proto::AgentState::Revoked,
-        (Some(v), _) if v.state == AgentState::Connected => proto::AgentState::Connected,
-        (Some(_), _) => proto::AgentState::Lost,
+        (Some(v), _) => match v.state {
+            AgentState::Connected => proto::AgentState::Connected,
+            AgentState::Degraded => proto::AgentState::Degraded,
+            AgentState::Lost => proto::AgentState::Lost,
+        },
         (None, _) => proto::AgentState::Unspecified,
     };
     let mut info = proto::AgentInfo {
@@ -110,8 +118,52 @@ fn agent_info(
         info.policy_error = v.policy_error.unwrap_or_default();
         info.agent_version = v.agent_version;
         info.remote_addr = v.remote_addr;
+        info.state_reason = v.state_reason.unwrap_or_default();
+        info.capture_state = v.capture.state.clone();
+        info.capture_packets_per_second = v.capture_pps;
+        info.send_packets_per_second = v.send_pps;
+        info.send_bits_per_second = v.send_bps;
+        info.snapshot_entries = v.snapshot_entries;
+        info.policy_version_sent = v.policy_version_sent;
+        info.clock_offset_known = v.clock_offset_ms.is_some();
+        info.clock_offset_ms = v.clock_offset_ms.unwrap_or(0.0);
+        let c = &v.capture;
+        info.counters = Some(proto::Counters {
+            packets_captured: c.packets_captured,
+            bytes_captured: c.bytes_captured,
+            packets_sent: c.packets_sent,
+            bytes_sent: c.bytes_sent,
+            packets_dropped_kernel: c.packets_dropped_kernel,
+            packets_dropped_limiter: c.packets_dropped_limiter,
+            packets_dropped_queue: c.packets_dropped_queue,
+            packets_in_flight: c.packets_in_flight,
+            ..Default::default()
+        });
     }
     info
+}
+
+/// Adds what the controller measured of an agent's mirrored packets: loss in transit, drops at the
+/// targets, and the delay at its busiest target.
+fn add_mirror(info: &mut proto::AgentInfo, stats: &[crate::mirror::StatsView]) {
+    let mine = stats.iter().filter(|s| s.agent == info.id);
+    let mut busiest: Option<&crate::mirror::StatsView> = None;
+    for s in mine {
+        info.packets_lost_in_transit += s.lost_in_transit;
+        for (reason, n) in &s.dropped {
+            *info
+                .dropped_at_targets
+                .entry(reason.to_string())
+                .or_default() += n;
+        }
+        if busiest.is_none_or(|b| s.packets_written > b.packets_written) {
+            busiest = Some(s);
+        }
+    }
+    if let Some(b) = busiest {
+        info.delay_p50_ms = b.delay_p50_us.unwrap_or(0) as f64 / 1e3;
+        info.delay_p99_ms = b.delay_p99_us.unwrap_or(0) as f64 / 1e3;
+    }
 }
 
 fn token_info(t: &Token) -> proto::TokenInfo {

@@ -6,6 +6,7 @@ mod auth;
 mod config;
 mod enrollment;
 mod events;
+mod health;
 mod http;
 mod mirror;
 mod operator;
@@ -200,7 +201,8 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     let ready = Arc::new(AtomicBool::new(false));
 
     let events = events::Events::new(1024);
-    let (registry, registry_task) = Registry::spawn(events.clone());
+    let agent_health = health::Health::default();
+    let (registry, registry_task) = Registry::spawn(events.clone(), agent_health.clone());
     tasks.spawn("registry", registry_task);
     let fingerprint = pki.fingerprint();
     let (enrollment, enrollment_task) = Enrollment::spawn(
@@ -230,7 +232,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         .register_encoded_file_descriptor_set(tapgraph::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("gRPC reflection")?;
-    let mirrors = mirror::Mirrors::new(config.state_dir.clone());
+    let mirrors = mirror::Mirrors::new(config.state_dir.clone(), agent_health.clone());
     let agents = AgentServiceServer::new(AgentApi::new(
         registry.clone(),
         enrollment.clone(),
@@ -253,6 +255,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         } else {
             topology::names::Names::disabled()
         },
+        agents: agent_health.clone(),
     };
     let sink = config.neo4j.clone().map(|settings| {
         let (sink, handle) = sink::Sink::new(

@@ -1,9 +1,9 @@
 //! The session registry: one task owns the table of agents and their live sessions. gRPC handlers
 //! talk to it by message and never hold a lock across an await.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tapgraph::proto::{self, agent_message::Msg, controller_message};
@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::events::Events;
+use crate::health::Health;
 use crate::policies::{self, StoredPolicy};
 
 /// What the registry pushes to an agent's `Connect` response stream.
@@ -162,8 +163,28 @@ pub struct Registered {
 #[serde(rename_all = "lowercase")]
 pub enum AgentState {
     Connected,
-    Disconnected,
+    /// Connected, but dropping packets, stopped by the breach rule, or refusing its policy.
+    Degraded,
+    /// No control record for 3 heartbeat intervals, or its stream is gone.
+    Lost,
 }
+
+impl AgentState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Connected => "connected",
+            Self::Degraded => "degraded",
+            Self::Lost => "lost",
+        }
+    }
+}
+
+/// A heartbeat interval missed this many times makes an agent lost.
+const LOST_AFTER: u32 = 3;
+/// Clock offset: the sample with the shortest round trip among the last few wins (NTP's filter).
+const PROBE_SAMPLES: usize = 8;
+const TICK: Duration = Duration::from_millis(250);
+const DEFAULT_HEARTBEAT_MS: u64 = 5_000;
 
 /// One agent as operators see it.
 #[derive(Debug, Clone, Serialize)]
@@ -187,6 +208,17 @@ pub struct AgentView {
     pub control_records: u64,
     pub last_control_sequence: u64,
     pub capture: CaptureView,
+    /// Why the agent is degraded or lost.
+    pub state_reason: Option<String>,
+    pub heartbeat_ms: u64,
+    /// The agent's clock minus the controller's, from TimeProbe round trips (NTP-style).
+    pub clock_offset_ms: Option<f64>,
+    pub probe_rtt_ms: Option<f64>,
+    /// Rates between the last two control records.
+    pub capture_pps: f64,
+    pub send_pps: f64,
+    pub send_bps: f64,
+    pub snapshot_entries: u64,
 }
 
 struct Live {
@@ -198,6 +230,15 @@ struct Live {
 struct Agent {
     view: AgentView,
     live: Option<Live>,
+    /// When the last control record (or the session) arrived.
+    last_control: Instant,
+    /// The previous control record's counters and time, for rates and new drops.
+    previous: Option<(Instant, proto::Counters)>,
+    /// Drops went up between the last two records.
+    dropping: bool,
+    probes: VecDeque<(i64, i64)>,
+    next_probe: Instant,
+    probe_id: u64,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -213,7 +254,7 @@ pub struct Registry {
 impl Registry {
     /// Starts the registry task. Agents receive the policy that resolves for them (see
     /// [`Registry::set_policies`], called before any agent can connect).
-    pub fn spawn(events: Events) -> (Self, impl std::future::Future<Output = ()>) {
+    pub fn spawn(events: Events, health: Health) -> (Self, impl std::future::Future<Output = ()>) {
         let (tx, rx) = mpsc::channel(1024);
         let placeholder = StoredPolicy {
             name: policies::DEFAULT_NAME.into(),
@@ -230,6 +271,7 @@ impl Registry {
             policies: Vec::new(),
             default: placeholder,
             events,
+            health,
         }
         .run(rx);
         (Self { tx }, task)
@@ -274,7 +316,7 @@ impl Registry {
         self.list()
             .await
             .iter()
-            .any(|a| a.id == id && a.state == AgentState::Connected)
+            .any(|a| a.id == id && a.state != AgentState::Lost)
     }
 
     /// Rollout status per agent, for one policy or all.
@@ -405,11 +447,24 @@ struct RegistryTask {
     policies: Vec<StoredPolicy>,
     default: StoredPolicy,
     events: Events,
+    health: Health,
 }
 
 impl RegistryTask {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(cmd) = rx.recv().await {
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let cmd = tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => cmd,
+                    None => break,
+                },
+                _ = ticks.tick() => {
+                    self.tick();
+                    continue;
+                }
+            };
             match cmd {
                 Command::Register {
                     agent_id,
@@ -473,7 +528,7 @@ impl RegistryTask {
                         let reason = status.message().to_string();
                         let _ = live.outbound.try_send(Err(status));
                         let _ = live.close.send(CloseReason::Closed(reason));
-                        agent.view.state = AgentState::Disconnected;
+                        agent.view.state = AgentState::Lost;
                     }
                     let _ = reply.send(());
                 }
@@ -504,7 +559,7 @@ impl RegistryTask {
                                 .outbound
                                 .try_send(Err(Status::unavailable("controller shutting down")));
                             let _ = live.close.send(CloseReason::Shutdown);
-                            agent.view.state = AgentState::Disconnected;
+                            agent.view.state = AgentState::Lost;
                         }
                     }
                     let _ = reply.send(());
@@ -531,7 +586,7 @@ impl RegistryTask {
                 view: AgentView {
                     id: agent_id.clone(),
                     hostname: String::new(),
-                    state: AgentState::Disconnected,
+                    state: AgentState::Lost,
                     remote_addr: String::new(),
                     agent_version: String::new(),
                     kernel: String::new(),
@@ -551,16 +606,34 @@ impl RegistryTask {
                         state: "disabled".into(),
                         ..CaptureView::default()
                     },
+                    state_reason: None,
+                    heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+                    clock_offset_ms: None,
+                    probe_rtt_ms: None,
+                    capture_pps: 0.0,
+                    send_pps: 0.0,
+                    send_bps: 0.0,
+                    snapshot_entries: 0,
                 },
                 live: None,
+                last_control: Instant::now(),
+                previous: None,
+                dropping: false,
+                probes: VecDeque::new(),
+                next_probe: Instant::now(),
+                probe_id: 0,
             });
         if let Some(old) = agent.live.take() {
             tracing::info!(agent = %agent_id, old_session = old.session, new_peer = %remote, "agent reconnected; closing its previous session");
             let _ = old.close.send(CloseReason::Replaced { by: remote });
         }
+        agent.last_control = Instant::now();
+        agent.previous = None;
+        agent.dropping = false;
+        // The first probe waits a moment: the agent is busy with its policy and first snapshot.
+        agent.next_probe = Instant::now() + Duration::from_secs(1);
         let v = &mut agent.view;
         v.hostname = hello.hostname;
-        v.state = AgentState::Connected;
         v.remote_addr = remote.to_string();
         v.agent_version = hello.agent_version;
         v.kernel = hello.kernel;
@@ -590,6 +663,7 @@ impl RegistryTask {
             format!("agent {agent_id} connected from {remote}"),
         );
         self.push_policy(&agent_id);
+        self.update_state(&agent_id, false);
         Registered { session, closed }
     }
 
@@ -626,6 +700,11 @@ impl RegistryTask {
                 v.policy_name = wanted.name.clone();
                 v.policy_version_sent = wanted.version;
                 v.policy_error = None;
+                // Lost is judged against the heartbeat interval of the policy sent.
+                v.heartbeat_ms = match wanted.spec.0.heartbeat_interval_ms {
+                    0 => DEFAULT_HEARTBEAT_MS,
+                    ms => ms,
+                };
                 self.events.emit(
                     "policy_sent",
                     id,
@@ -664,16 +743,152 @@ impl RegistryTask {
             return;
         };
         // A replaced session's late deregistration must not end its successor.
-        if agent.live.as_ref().is_some_and(|l| l.session == session) {
+        let ended = agent.live.as_ref().is_some_and(|l| l.session == session);
+        agent.view.last_disconnect_reason = Some(reason.clone());
+        if ended {
             agent.live = None;
-            agent.view.state = AgentState::Disconnected;
             self.events.emit(
                 "disconnected",
                 agent_id,
                 format!("agent {agent_id} disconnected: {reason}"),
             );
+            self.update_state(agent_id, false);
         }
-        agent.view.last_disconnect_reason = Some(reason);
+    }
+
+    /// Judges an agent's state from what is known now: lost without a session or without control
+    /// records for [`LOST_AFTER`] heartbeat intervals; degraded when it refuses its policy, its
+    /// capture stopped, or its last control record showed new drops.
+    fn judge(a: &Agent, now: Instant) -> (AgentState, Option<String>) {
+        let v = &a.view;
+        if a.live.is_none() {
+            let why = v.last_disconnect_reason.clone().unwrap_or_default();
+            return (AgentState::Lost, Some(format!("disconnected: {why}")));
+        }
+        let heartbeat = Duration::from_millis(v.heartbeat_ms.max(100));
+        let silent = now.saturating_duration_since(a.last_control);
+        if silent > heartbeat * LOST_AFTER {
+            return (
+                AgentState::Lost,
+                Some(format!(
+                    "no control record for {:.1} s ({LOST_AFTER} heartbeat intervals of {:.1} s)",
+                    silent.as_secs_f64(),
+                    heartbeat.as_secs_f64()
+                )),
+            );
+        }
+        if let Some(e) = &v.policy_error {
+            return (AgentState::Degraded, Some(format!("policy refused: {e}")));
+        }
+        if matches!(v.capture.state.as_str(), "stopped_breach" | "failed") {
+            let why = v
+                .capture
+                .error
+                .clone()
+                .unwrap_or_else(|| v.capture.state.clone());
+            return (AgentState::Degraded, Some(why));
+        }
+        if a.dropping {
+            let c = &v.capture;
+            return (
+                AgentState::Degraded,
+                Some(format!(
+                    "dropping packets (so far: kernel {}, limiter {}, queue {})",
+                    c.packets_dropped_kernel, c.packets_dropped_limiter, c.packets_dropped_queue
+                )),
+            );
+        }
+        (AgentState::Connected, None)
+    }
+
+    /// Re-judges agent `id`; a change is recorded, shared and, with `announce`, an event (connects
+    /// and disconnects have their own events).
+    fn update_state(&mut self, id: &str, announce: bool) {
+        let Some(agent) = self.agents.get_mut(id) else {
+            return;
+        };
+        let (state, reason) = Self::judge(agent, Instant::now());
+        let changed = state != agent.view.state;
+        agent.view.state_reason = reason.clone();
+        if !changed {
+            return;
+        }
+        agent.view.state = state;
+        self.health.set_state(id, state.name());
+        if announce {
+            let what = match &reason {
+                Some(r) => format!("agent {id} is {}: {r}", state.name()),
+                None => format!("agent {id} is {}", state.name()),
+            };
+            match state {
+                AgentState::Lost => tracing::warn!(agent = %id, reason = ?reason, "agent lost"),
+                _ => {
+                    tracing::info!(agent = %id, state = state.name(), reason = ?reason, "agent state")
+                }
+            }
+            self.events.emit("state", id, what);
+        }
+    }
+
+    /// Every tick: agents whose control records stopped become lost, and live agents due a clock
+    /// probe get one.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.live.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.update_state(&id, true);
+            let Some(agent) = self.agents.get_mut(&id) else {
+                continue;
+            };
+            let Some(live) = &agent.live else {
+                continue;
+            };
+            if now < agent.next_probe {
+                continue;
+            }
+            agent.probe_id += 1;
+            agent.next_probe = now + Duration::from_millis(agent.view.heartbeat_ms.max(100));
+            let probe = proto::ControllerMessage {
+                msg: Some(controller_message::Msg::TimeProbe(proto::TimeProbe {
+                    id: agent.probe_id,
+                    sent_at_unix_nanos: tapgraph::time::unix_nanos(),
+                })),
+            };
+            // A full control channel skips a probe; the next one comes a heartbeat later.
+            let _ = live.outbound.try_send(Ok(probe));
+        }
+    }
+
+    /// One probe's answer: t1 sent here, t2 received there, t3 answered there, t4 received here.
+    fn probe_reply(&mut self, id: &str, reply: &proto::TimeProbeReply) {
+        let t4 = tapgraph::time::unix_nanos() as i128;
+        let Some(agent) = self.agents.get_mut(id) else {
+            return;
+        };
+        let (t1, t2, t3) = (
+            reply.probe_sent_at_unix_nanos as i128,
+            reply.received_at_unix_nanos as i128,
+            reply.sent_at_unix_nanos as i128,
+        );
+        let rtt = (t4 - t1) - (t3 - t2);
+        if t1 == 0 || rtt < 0 || t4 - t1 > 60_000_000_000 {
+            return; // not an answer to a probe of ours, or a nonsensical one
+        }
+        let offset = ((t2 - t1) + (t3 - t4)) / 2;
+        agent.probes.push_back((rtt as i64, offset as i64));
+        while agent.probes.len() > PROBE_SAMPLES {
+            agent.probes.pop_front();
+        }
+        if let Some(&(rtt, offset)) = agent.probes.iter().min_by_key(|(rtt, _)| *rtt) {
+            agent.view.clock_offset_ms = Some(offset as f64 / 1e6);
+            agent.view.probe_rtt_ms = Some(rtt as f64 / 1e6);
+            self.health.set_offset(id, offset);
+        }
     }
 
     fn message(&mut self, agent_id: &str, session: u64, msg: Msg) {
@@ -689,6 +904,22 @@ impl RegistryTask {
             Msg::Control(record) => {
                 v.control_records += 1;
                 v.last_control_sequence = record.sequence;
+                let now = Instant::now();
+                agent.last_control = now;
+                let c = record.counters.unwrap_or_default();
+                let drops = |c: &proto::Counters| {
+                    c.packets_dropped_kernel + c.packets_dropped_limiter + c.packets_dropped_queue
+                };
+                if let Some((then, before)) = &agent.previous {
+                    let dt = now.saturating_duration_since(*then).as_secs_f64().max(1e-3);
+                    let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
+                    v.capture_pps = rate(c.packets_captured, before.packets_captured);
+                    v.send_pps = rate(c.packets_sent, before.packets_sent);
+                    v.send_bps = rate(c.bytes_sent, before.bytes_sent) * 8.0;
+                    agent.dropping = drops(&c) > drops(before);
+                }
+                agent.previous = Some((now, c));
+                v.snapshot_entries = record.snapshot_entries;
                 let capture = CaptureView::from_record(&record);
                 if capture.state != v.capture.state {
                     let what = match &capture.error {
@@ -731,7 +962,9 @@ impl RegistryTask {
             Msg::Hello(_) => {
                 tracing::warn!(agent = %agent_id, "second Hello on one stream ignored");
             }
-            Msg::Snapshot(_) | Msg::TimeProbeReply(_) => {}
+            Msg::TimeProbeReply(reply) => self.probe_reply(agent_id, &reply),
+            Msg::Snapshot(_) => {}
         }
+        self.update_state(agent_id, true);
     }
 }

@@ -234,6 +234,10 @@ impl AgentService for AgentApi {
         // changes, and retried while it cannot be opened.
         let mut route: Option<(u64, tokio::time::Instant, Attachment)> = None;
         let mut last_sequence = 0u64;
+        // In-band accounting: what the agent says it sent on this stream, against what came.
+        let mut sent_base: Option<u64> = None;
+        let mut received = 0u64;
+        let mut lost = 0u64;
         let mut warned_invalid = false;
         loop {
             let mut batch = tokio::select! {
@@ -281,6 +285,20 @@ impl AgentService for AgentApi {
                 );
             }
             last_sequence = last_sequence.max(batch.sequence);
+            received += batch.packets.len() as u64;
+            if let Some(c) = &batch.counters {
+                // The first batch's counter includes itself: everything before it was sent on
+                // earlier streams.
+                let base = *sent_base
+                    .get_or_insert(c.packets_sent.saturating_sub(batch.packets.len() as u64));
+                let missing = c.packets_sent.saturating_sub(base).saturating_sub(received);
+                if missing > lost {
+                    stats
+                        .lost_in_transit
+                        .fetch_add(missing - lost, std::sync::atomic::Ordering::Relaxed);
+                    lost = missing;
+                }
+            }
             if let Some((n, reason)) = drop_invalid(&mut batch) {
                 stats
                     .dropped_invalid

@@ -240,10 +240,53 @@ fn agent_json(a: &proto::AgentInfo) -> serde_json::Value {
         "last_seen": ns_time(a.last_seen_unix_nanos),
         "cert_not_after": ns_time(a.cert_not_after_unix_nanos),
         "policy_version_applied": a.policy_version_applied,
+        "policy_version_sent": a.policy_version_sent,
         "policy_error": a.policy_error,
         "agent_version": a.agent_version,
         "remote_addr": a.remote_addr,
+        "state_reason": a.state_reason,
+        "capture": a.capture_state,
+        "capture_pps": a.capture_packets_per_second,
+        "send_pps": a.send_packets_per_second,
+        "send_bps": a.send_bits_per_second,
+        "counters": a.counters.map(|c| json!({
+            "captured": c.packets_captured, "sent": c.packets_sent, "in_flight": c.packets_in_flight,
+            "dropped": {"kernel": c.packets_dropped_kernel, "limiter": c.packets_dropped_limiter,
+                        "queue": c.packets_dropped_queue},
+        })),
+        "dropped_at_targets": a.dropped_at_targets,
+        "lost_in_transit": a.packets_lost_in_transit,
+        "delay_p50_ms": a.delay_p50_ms,
+        "delay_p99_ms": a.delay_p99_ms,
+        "clock_offset_ms": a.clock_offset_known.then_some(a.clock_offset_ms),
+        "snapshot_entries": a.snapshot_entries,
     })
+}
+
+/// Drops by stage, e.g. `k0 l12 q0 | t3`: kernel, limiter, queue on the agent; at the targets.
+fn drops_text(a: &proto::AgentInfo) -> String {
+    let c = a.counters.unwrap_or_default();
+    let at_targets: u64 = a.dropped_at_targets.values().sum();
+    format!(
+        "k{} l{} q{} | t{}",
+        c.packets_dropped_kernel, c.packets_dropped_limiter, c.packets_dropped_queue, at_targets
+    )
+}
+
+fn offset_text(a: &proto::AgentInfo) -> String {
+    if a.clock_offset_known {
+        format!("{:+.2} ms", a.clock_offset_ms)
+    } else {
+        "-".into()
+    }
+}
+
+fn delay_text(a: &proto::AgentInfo) -> String {
+    if a.delay_p99_ms > 0.0 {
+        format!("{:.2}/{:.2} ms", a.delay_p50_ms, a.delay_p99_ms)
+    } else {
+        "-".into()
+    }
 }
 
 pub(crate) fn print_json(v: &serde_json::Value) {
@@ -376,8 +419,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             state_name(a.state).into(),
                             labels_text(&a.labels),
                             ns_time(a.last_seen_unix_nanos),
-                            ns_time(a.cert_not_after_unix_nanos),
                             a.policy_version_applied.to_string(),
+                            format!(
+                                "{:.0}/{:.0}",
+                                a.capture_packets_per_second, a.send_packets_per_second
+                            ),
+                            drops_text(a),
+                            a.packets_lost_in_transit.to_string(),
+                            delay_text(a),
+                            offset_text(a),
                         ]
                     })
                     .collect();
@@ -388,8 +438,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         "STATE",
                         "LABELS",
                         "LAST SEEN",
-                        "CERT EXPIRES",
                         "POLICY",
+                        "PPS CAP/SENT",
+                        "DROPS",
+                        "LOST",
+                        "DELAY P50/P99",
+                        "CLOCK",
                     ],
                     &rows,
                 );
@@ -421,6 +475,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     ),
                     ("agent version", a.agent_version.clone()),
                     ("remote address", a.remote_addr.clone()),
+                    (
+                        "state reason",
+                        if a.state_reason.is_empty() {
+                            "-".into()
+                        } else {
+                            a.state_reason.clone()
+                        },
+                    ),
+                    ("policy sent", a.policy_version_sent.to_string()),
+                    ("capture", a.capture_state.clone()),
+                    (
+                        "rates",
+                        format!(
+                            "captured {:.0} pps, sent {:.0} pps ({})",
+                            a.capture_packets_per_second,
+                            a.send_packets_per_second,
+                            tapgraph::units::format_bitrate(a.send_bits_per_second as u64)
+                        ),
+                    ),
+                    ("drops", drops_text(&a)),
+                    ("lost in transit", a.packets_lost_in_transit.to_string()),
+                    ("delay p50/p99", delay_text(&a)),
+                    ("clock offset", offset_text(&a)),
+                    ("snapshot entries", a.snapshot_entries.to_string()),
                 ] {
                     println!("{k:<20} {v}");
                 }

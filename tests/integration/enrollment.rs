@@ -513,7 +513,7 @@ async fn revocation_drops_live_streams_within_a_second_and_survives_restarts() {
     let (code, _, err) = ctl(&s.ctl, &["agent", "revoke", &id]);
     assert_eq!(code, 0, "{err}");
     wait_for("the agent's stream to drop", Duration::from_secs(5), || {
-        (s.controller.agent(&id).unwrap()["state"] == "disconnected").then_some(())
+        (s.controller.agent(&id).unwrap()["state"] == "lost").then_some(())
     });
     let elapsed = started.elapsed();
     eprintln!("revocation: ctl command to stream drop took {elapsed:?}");

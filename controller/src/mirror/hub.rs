@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -89,6 +89,8 @@ pub struct Stats {
     pub dropped_failed: AtomicU64,
     pub dropped_invalid: AtomicU64,
     pub dropped_unavailable: AtomicU64,
+    /// Packets the agent counted as sent (in-band, in its batches) that never arrived.
+    pub lost_in_transit: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     pub delay: Histogram,
 }
@@ -117,8 +119,9 @@ pub struct StatsView {
     pub packets_written: u64,
     pub bytes_written: u64,
     pub dropped: BTreeMap<&'static str, u64>,
+    pub lost_in_transit: u64,
     pub last_error: Option<String>,
-    /// Capture to write, on the controller's clock.
+    /// Capture to write, corrected for the agent's clock offset.
     pub delay_p50_us: Option<u64>,
     pub delay_p99_us: Option<u64>,
 }
@@ -132,6 +135,8 @@ struct Job {
     packets: Vec<proto::Packet>,
     bytes: u64,
     stats: Arc<Stats>,
+    /// The agent's clock minus ours, in ns, when the batch arrived.
+    offset_ns: i64,
 }
 
 /// An open target: its writer thread's queue.
@@ -150,6 +155,7 @@ struct Inner {
 pub struct Mirrors {
     inner: Arc<Mutex<Inner>>,
     state_dir: PathBuf,
+    health: crate::health::Health,
 }
 
 /// A stream's attachment to its current target.
@@ -158,6 +164,7 @@ pub struct Attachment {
     hostname: Arc<str>,
     target: Option<Arc<TargetHandle>>,
     pub stats: Arc<Stats>,
+    offset_ns: Arc<AtomicI64>,
     /// Why the target could not be opened.
     pub unavailable: Option<String>,
 }
@@ -168,10 +175,11 @@ fn key(target: &Target) -> String {
 }
 
 impl Mirrors {
-    pub fn new(state_dir: PathBuf) -> Self {
+    pub fn new(state_dir: PathBuf, health: crate::health::Health) -> Self {
         Self {
             inner: Arc::default(),
             state_dir,
+            health,
         }
     }
 
@@ -198,6 +206,7 @@ impl Mirrors {
             hostname: hostname.into(),
             target: existing,
             stats,
+            offset_ns: self.health.offset(agent_id),
             unavailable: None,
         };
         if attachment.target.is_some() {
@@ -252,6 +261,7 @@ impl Mirrors {
                         ("invalid", get(&s.dropped_invalid)),
                         ("target_unavailable", get(&s.dropped_unavailable)),
                     ]),
+                    lost_in_transit: get(&s.lost_in_transit),
                     last_error: s.last_error.lock().ok().and_then(|e| e.clone()),
                     delay_p50_us: s.delay.quantile(0.5),
                     delay_p99_us: s.delay.quantile(0.99),
@@ -287,6 +297,7 @@ impl Attachment {
             packets: batch.packets,
             bytes,
             stats: self.stats.clone(),
+            offset_ns: self.offset_ns.load(Ordering::Relaxed),
         };
         if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) =
             target.tx.try_send(job)
@@ -348,9 +359,11 @@ fn write_loop(
         if let Some(error) = w.error {
             s.set_error(error);
         }
+        // Our clock at write minus the capture time moved to our clock (agent − offset).
+        let now = i128::from(now) + i128::from(job.offset_ns);
         for p in &job.packets {
-            s.delay
-                .record(now.saturating_sub(p.timestamp_unix_nanos) / 1_000);
+            let delay = (now - i128::from(p.timestamp_unix_nanos)).max(0) / 1_000;
+            s.delay.record(delay as u64);
         }
         dirty = true;
     }

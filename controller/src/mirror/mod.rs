@@ -3,4 +3,4 @@
 mod hub;
 pub mod targets;
 
-pub use hub::{Attachment, Mirrors};
+pub use hub::{Attachment, Mirrors, StatsView};

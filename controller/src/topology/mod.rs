@@ -27,12 +27,13 @@ const AGENTS: Table = TableDefinition::new("topology_agents");
 const EDGES: Table = TableDefinition::new("topology_edges");
 
 /// What names and labels the map's nodes at query time: rules from configuration, rules from
-/// operators (they win a tie), and reverse-DNS names.
+/// operators (they win a tie), reverse-DNS names, and each agent's state on its Host node.
 #[derive(Clone)]
 pub struct Naming {
     pub config_rules: labels::LabelRules,
     pub operator_rules: labels::OperatorRules,
     pub names: names::Names,
+    pub agents: crate::health::Health,
 }
 
 /// Limits and timings of the map.

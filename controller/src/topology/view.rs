@@ -39,6 +39,11 @@ pub async fn graph(
                     .filter(|h| !h.is_empty())
                     .unwrap_or_else(|| node.name.clone());
                 node.properties.insert("hostname".into(), hostname.clone());
+                // connected, degraded or lost: a lost agent is flagged on its Host node, and the
+                // flag clears by itself when it comes back.
+                if let Some(state) = naming.agents.state(&node.name) {
+                    node.properties.insert("agent_state".into(), state.into());
+                }
                 let mut labels = rules.for_hostname(&hostname);
                 labels.extend(record.map(|a| a.labels.clone()).unwrap_or_default());
                 labels

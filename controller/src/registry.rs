@@ -826,7 +826,8 @@ impl RegistryTask {
                     tracing::info!(agent = %id, state = state.name(), reason = ?reason, "agent state")
                 }
             }
-            self.events.emit("state", id, what);
+            let fields = BTreeMap::from([("state".to_string(), state.name().to_string())]);
+            self.events.emit_with("state", id, what, fields);
         }
     }
 

@@ -3,6 +3,7 @@
 
 mod enrollment;
 mod harness;
+mod health;
 mod mirror;
 mod neo4j;
 mod policy;

@@ -1,5 +1,6 @@
 //! The agent's configuration, read through the shared layered loader.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -43,6 +44,8 @@ pub struct AgentConfig {
     pub shutdown_timeout: Duration,
     /// Which network namespaces connection snapshots cover.
     pub scope: Scope,
+    /// Where `/metrics` is served; `None`: not at all.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What the configuration is loaded for.
@@ -73,7 +76,22 @@ const KNOWN: &[&str] = &[
     "log.level",
     "shutdown_timeout",
     "snapshot.scope",
+    "metrics.listen",
 ];
+
+/// Prometheus' port for exporters that have none of their own, on loopback.
+const METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
+/// `metrics.listen`: `IP:PORT`, or empty or `off` for no endpoint.
+fn parse_metrics_listen(text: &str) -> Result<Option<SocketAddr>, String> {
+    match text {
+        "" | "off" => Ok(None),
+        addr => addr.parse().map(Some).map_err(|_| {
+            format!("`{addr}` is not IP:PORT (e.g. 127.0.0.1:9464, [::]:9464), nor off")
+        }),
+    }
+}
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -233,6 +251,7 @@ impl AgentConfig {
         let shutdown_timeout =
             c.duration("shutdown_timeout", 5 * SECOND, SECOND / 10, 600 * SECOND);
         let scope = c.value("snapshot.scope", Scope::Own);
+        let metrics_listen = c.parse("metrics.listen", Some(METRICS_LISTEN), parse_metrics_listen);
 
         // A renewal interrupted by a crash is completed before the files are judged.
         if let Err(e) = crate::enroll::finish_pending_install(&tls) {
@@ -265,6 +284,7 @@ impl AgentConfig {
             log_filter,
             shutdown_timeout,
             scope,
+            metrics_listen,
         })
     }
 }
@@ -312,6 +332,32 @@ mod tests {
             assert!(e.mentions(key), "{key} missing from {e}");
         }
         assert!(e.to_string().contains("tapgraph-agent enroll"), "{e}");
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_or_off() {
+        assert_eq!(parse_metrics_listen("off"), Ok(None));
+        assert_eq!(parse_metrics_listen(""), Ok(None));
+        assert_eq!(
+            parse_metrics_listen("[::1]:9100"),
+            Ok(Some("[::1]:9100".parse().unwrap()))
+        );
+        assert!(parse_metrics_listen("localhost:9464").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let fp = "ab".repeat(32);
+        let base = [
+            ("TAPGRAPH_STATE_DIR", dir.path().to_str().unwrap()),
+            ("TAPGRAPH_ENROLL__TOKEN", "tgj.x.y"),
+            ("TAPGRAPH_ENROLL__CA_FINGERPRINT", fp.as_str()),
+        ];
+        let c = AgentConfig::load(&env(&base), Purpose::Run).unwrap();
+        assert_eq!(c.metrics_listen, Some(METRICS_LISTEN));
+        let off = [base.as_slice(), &[("TAPGRAPH_METRICS__LISTEN", "off")]].concat();
+        let c = AgentConfig::load(&env(&off), Purpose::Run).unwrap();
+        assert_eq!(c.metrics_listen, None);
+        let bad = [base.as_slice(), &[("TAPGRAPH_METRICS__LISTEN", "9464")]].concat();
+        let e = AgentConfig::load(&env(&bad), Purpose::Run).unwrap_err();
+        assert!(e.mentions("metrics.listen"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod capture;
 mod config;
 mod enroll;
 mod host;
+mod metrics;
 mod report;
 mod session;
 mod shortlived;
@@ -12,6 +13,7 @@ mod snapshot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tapgraph::config::{EX_CONFIG, Sources};
@@ -126,7 +128,8 @@ enum Command {
 
 const AFTER_HELP: &str = "\
 Other keys (file or environment only): backoff.min (200ms), backoff.max (5s), backoff.jitter
-(0.2), connect_timeout (5s), shutdown_timeout (5s).
+(0.2), connect_timeout (5s), shutdown_timeout (5s), metrics.listen (where Prometheus /metrics is
+served: 127.0.0.1:9464; off disables it).
 
 Exit status: 0 after a clean shutdown, 1 when enrollment was refused, 78 on invalid
 configuration or unusable credentials. Lost connections are never fatal: the agent reconnects
@@ -428,7 +431,14 @@ async fn run(config: AgentConfig) -> ExitCode {
     let mut tasks = Tasks::default();
     let deadline = config.shutdown_timeout;
     tracing::info!(controller = %config.controller, version = tapgraph::VERSION, "agent starting");
-    tasks.spawn("session", session::run(config, stop.clone()));
+    let metrics = Arc::new(metrics::Metrics::default());
+    if let Some(addr) = config.metrics_listen {
+        tasks.spawn(
+            "metrics",
+            metrics::serve(addr, metrics.clone(), stop.clone()),
+        );
+    }
+    tasks.spawn("session", session::run(config, metrics, stop.clone()));
     stop.cancelled().await;
     tasks.drain(deadline).await;
     tracing::info!("agent stopped");

@@ -37,6 +37,7 @@ struct State {
     mirror_version: Arc<AtomicU64>,
     /// The session's mirror forwarder, holding the TAP's queue until it is stopped.
     mirror: Option<(CancellationToken, tokio::task::JoinHandle<capture::QueueRx>)>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl State {
@@ -55,7 +56,7 @@ impl State {
 
     fn control_record(&mut self) -> proto::ControlRecord {
         self.control_sequence += 1;
-        proto::ControlRecord {
+        let record = proto::ControlRecord {
             sequence: self.control_sequence,
             sent_at_unix_nanos: tapgraph::time::unix_nanos(),
             counters: Some(self.tap.counters()),
@@ -64,7 +65,9 @@ impl State {
             policy_version: self.policy_version,
             snapshot_entries: self.snapshot_entries,
             breach: self.tap.breach(),
-        }
+        };
+        self.metrics.observe(&record);
+        record
     }
 }
 
@@ -78,8 +81,12 @@ enum End {
     Failed(String),
 }
 
-/// Runs sessions until `shutdown` is cancelled.
-pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
+/// Runs sessions until `shutdown` is cancelled; every control record is also shown on `metrics`.
+pub async fn run(
+    config: AgentConfig,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: CancellationToken,
+) {
     let mut state = State {
         policy: PolicySpec::default(),
         policy_version: 0,
@@ -91,6 +98,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
         tap: Tap::default(),
         mirror_version: Arc::new(AtomicU64::new(0)),
         mirror: None,
+        metrics,
     };
     let mut backoff = config.backoff.start();
     loop {

@@ -1,5 +1,5 @@
-//! Plain HTTP for probes and the read-only API: `/healthz`, `/readyz`, `/api/v1/agents`,
-//! `/api/v1/topology/stats`, `/api/v1/mirror`.
+//! Plain HTTP for probes, the read-only API and Prometheus: `/healthz`, `/readyz`,
+//! `/api/v1/agents`, `/api/v1/topology/stats`, `/api/v1/mirror`, `/metrics`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +31,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/topology/stats", get(topology_stats))
         .route("/api/v1/mirror", get(mirror_stats))
+        .route("/metrics", get(crate::metrics::serve))
         .with_state(state)
 }
 

@@ -8,6 +8,7 @@ mod enrollment;
 mod events;
 mod health;
 mod http;
+mod metrics;
 mod mirror;
 mod operator;
 mod policies;

@@ -279,7 +279,9 @@ impl World {
         cmd.arg("--controller")
             .arg(controller.to_string())
             .arg("--state-dir")
-            .arg(self.agent_dir(id));
+            .arg(self.agent_dir(id))
+            // Many agents share a namespace in tests: each takes a free port for /metrics.
+            .env("TAPGRAPH_METRICS__LISTEN", "127.0.0.1:0");
         cmd
     }
 

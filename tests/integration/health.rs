@@ -250,3 +250,78 @@ fn a_delayed_path_shows_in_the_delivery_delay() {
         "delivery delay p50 {p50_ms} ms with 40 ms added: {m}"
     );
 }
+
+/// Both /metrics endpoints parse with Prometheus' own OpenMetrics parser (scripts/check-metrics)
+/// and carry the names dashboards are built on.
+#[test]
+fn metrics_parse_and_their_names_are_stable() {
+    let world = World::new();
+    let (controller, _) = controller_with_policy(&world, &[]);
+    world.issue_agent("m1");
+    let agent = Proc::spawn(
+        "agent",
+        world.agent_cmd("m1", controller.grpc),
+        world.path(),
+    );
+    wait_policy(&controller, "m1");
+    let agent_addr: SocketAddr = wait_for("agent /metrics", Duration::from_secs(10), || {
+        let log = agent.log_text();
+        let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))?
+            .parse()
+            .ok()
+    });
+    let check = |addr: SocketAddr, expected: &[&str]| {
+        let (status, body) = crate::harness::http_get(addr, "/metrics").unwrap();
+        assert_eq!(status, 200, "{body}");
+        let mut child = Command::new("scripts/check-metrics")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("scripts/check-metrics");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "check-metrics refused {addr}/metrics: {}\n{body}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let names = String::from_utf8_lossy(&out.stdout).to_string();
+        for name in expected {
+            assert!(
+                names.lines().any(|n| n == *name),
+                "{name} missing from {names}"
+            );
+        }
+    };
+    check(
+        controller.http,
+        &[
+            "tapgraph_agents",
+            "tapgraph_agent_dropped_packets",
+            "tapgraph_agent_snapshot_entries",
+            "tapgraph_mirror_received_packets",
+            "tapgraph_mirror_written_packets",
+            "tapgraph_mirror_dropped_packets",
+            "tapgraph_mirror_delay_seconds",
+            "tapgraph_neo4j_lag_seconds",
+        ],
+    );
+    check(
+        agent_addr,
+        &[
+            "tapgraph_capture_packets",
+            "tapgraph_capture_dropped_packets",
+            "tapgraph_control_records",
+            "process_resident_memory_bytes",
+        ],
+    );
+}

@@ -1,0 +1,707 @@
+//! `GET /metrics` on the agent, in the OpenMetrics text format Prometheus scrapes.
+//!
+//! The numbers are the ones the controller gets: the session hands every control record it builds
+//! to [`Metrics::observe`], and a scrape writes out the latest one, so the two views never
+//! disagree. Only this process's memory and CPU are read at scrape time, from `/proc/self`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use tapgraph::proto;
+use tokio_util::sync::CancellationToken;
+
+/// `prometheus-client` writes OpenMetrics 1.0 text only, which Prometheus asks for first.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The capture states, as label values, in `proto::CaptureState` order.
+const CAPTURE_STATES: [(proto::CaptureState, &str); 4] = [
+    (proto::CaptureState::Disabled, "disabled"),
+    (proto::CaptureState::Running, "running"),
+    (proto::CaptureState::StoppedBreach, "stopped_breach"),
+    (proto::CaptureState::Failed, "failed"),
+];
+
+/// What the agent's `/metrics` shows; shared as `Arc<Metrics>` between the session (writer) and
+/// the HTTP server (reader).
+#[derive(Debug)]
+pub struct Metrics {
+    latest: Mutex<Option<proto::ControlRecord>>,
+    records: AtomicU64,
+    /// `/proc`, or a fixture in tests.
+    proc: PathBuf,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            latest: Mutex::default(),
+            records: AtomicU64::new(0),
+            proc: PathBuf::from("/proc"),
+        }
+    }
+}
+
+impl Metrics {
+    /// Keeps `record` as what the next scrape shows. Called for every control record built.
+    pub fn observe(&self, record: &proto::ControlRecord) {
+        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        *latest = Some(record.clone());
+        self.records.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn latest(&self) -> Option<proto::ControlRecord> {
+        self.latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The exposition, `# EOF` included.
+    pub fn render(self: &Arc<Self>) -> Result<String, fmt::Error> {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self.clone()));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)?;
+        Ok(text)
+    }
+}
+
+/// Serves `/metrics` on `addr` until `stop`. A listener that cannot be bound is logged as an
+/// error and the agent goes on without it: metrics are never a reason to stop capturing.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, stop: CancellationToken) {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => serve_on(listener, metrics, stop).await,
+        Err(error) => {
+            tracing::error!(%addr, %error, "cannot listen for /metrics (key metrics.listen); running without it");
+        }
+    }
+}
+
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    // The bound address, which differs from the configured one when the port is 0.
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics");
+    }
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(metrics);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+    if let Err(error) = served {
+        tracing::error!(%error, "/metrics server failed");
+    }
+}
+
+async fn scrape(State(metrics): State<Arc<Metrics>>) -> Response {
+    match metrics.render() {
+        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(fmt::Error) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let e = &mut encoder;
+        let record = self.latest();
+        let c = record.as_ref().and_then(|r| r.counters).unwrap_or_default();
+        // Families stay when no record was built yet (no session so far): the names are stable,
+        // the series appear with the first heartbeat.
+        let known = record.is_some();
+        let value = |v: u64| {
+            if known {
+                vec![(None, Value::Int(v))]
+            } else {
+                Vec::new()
+            }
+        };
+        let by = |label: &'static str,
+                  values: &[(&'static str, u64)]|
+         -> Vec<(Option<(&'static str, &'static str)>, Value)> {
+            if !known {
+                return Vec::new();
+            }
+            values
+                .iter()
+                .map(|(v, n)| (Some((label, *v)), Value::Int(*n)))
+                .collect()
+        };
+        let counter = MetricType::Counter;
+        let gauge = MetricType::Gauge;
+
+        family(
+            e,
+            "tapgraph_capture_packets",
+            "Packets captured (matching the policy's filter), before the speed limit.",
+            counter,
+            value(c.packets_captured),
+        )?;
+        family(
+            e,
+            "tapgraph_capture_bytes",
+            "Bytes captured, before the speed limit.",
+            counter,
+            value(c.bytes_captured),
+        )?;
+        family(
+            e,
+            "tapgraph_capture_sent_packets",
+            "Captured packets sent to the controller on the mirror stream.",
+            counter,
+            value(c.packets_sent),
+        )?;
+        family(
+            e,
+            "tapgraph_capture_sent_bytes",
+            "Captured bytes sent to the controller on the mirror stream.",
+            counter,
+            value(c.bytes_sent),
+        )?;
+        family(
+            e,
+            "tapgraph_capture_sent_batches",
+            "Mirror batches sent to the controller.",
+            counter,
+            value(c.batches_sent),
+        )?;
+        family(
+            e,
+            "tapgraph_capture_dropped_packets",
+            "Captured packets dropped, by stage: kernel (the capture ring overflowed), limiter (over the speed limit), queue (the mirror stream fell behind). Captured = sent + dropped + in flight.",
+            counter,
+            by(
+                "reason",
+                &[
+                    ("kernel", c.packets_dropped_kernel),
+                    ("limiter", c.packets_dropped_limiter),
+                    ("queue", c.packets_dropped_queue),
+                ],
+            ),
+        )?;
+        family(
+            e,
+            "tapgraph_capture_dropped_bytes",
+            "Captured bytes dropped, by stage: limiter, queue (the kernel reports packets only).",
+            counter,
+            by(
+                "reason",
+                &[
+                    ("limiter", c.bytes_dropped_limiter),
+                    ("queue", c.bytes_dropped_queue),
+                ],
+            ),
+        )?;
+        family(
+            e,
+            "tapgraph_capture_in_flight_packets",
+            "Captured packets neither sent nor dropped yet.",
+            gauge,
+            value(c.packets_in_flight),
+        )?;
+        let state = record.as_ref().map(|r| r.capture_state).unwrap_or_default();
+        let states: Vec<_> = CAPTURE_STATES
+            .iter()
+            .map(|(s, name)| (*name, u64::from(*s as i32 == state)))
+            .collect();
+        family(
+            e,
+            "tapgraph_capture_state",
+            "The capture state: 1 for the current one (stopped_breach: stopped by the breach rule until a new policy).",
+            gauge,
+            by("state", &states),
+        )?;
+        family(
+            e,
+            "tapgraph_control_records",
+            "Control records built for the controller (one per heartbeat while connected); the other tapgraph_ metrics are the latest one's.",
+            counter,
+            vec![(None, Value::Int(self.records.load(Ordering::Relaxed)))],
+        )?;
+        let sent_at = record.as_ref().map_or(0, |r| r.sent_at_unix_nanos);
+        family(
+            e,
+            "tapgraph_control_record_timestamp_seconds",
+            "When the latest control record was built, in Unix time: how fresh the other tapgraph_ metrics are.",
+            gauge,
+            if known {
+                vec![(None, Value::Float(sent_at as f64 / 1e9))]
+            } else {
+                Vec::new()
+            },
+        )?;
+        family(
+            e,
+            "tapgraph_snapshot_entries",
+            "Rows in the connection table last reported to the controller.",
+            gauge,
+            value(record.as_ref().map_or(0, |r| r.snapshot_entries)),
+        )?;
+        family(
+            e,
+            "tapgraph_policy_version_applied",
+            "Version of the policy the agent has applied.",
+            gauge,
+            value(record.as_ref().map_or(0, |r| r.policy_version)),
+        )?;
+
+        let p = process(&self.proc);
+        let one = |v: Option<Value>| v.map(|v| vec![(None, v)]).unwrap_or_default();
+        family(
+            e,
+            "process_cpu_seconds",
+            "User and system CPU time spent by the agent.",
+            counter,
+            one(p.cpu_seconds.map(Value::Float)),
+        )?;
+        family(
+            e,
+            "process_resident_memory_bytes",
+            "Resident memory of the agent.",
+            gauge,
+            one(p.resident_bytes.map(Value::Int)),
+        )?;
+        family(
+            e,
+            "process_virtual_memory_bytes",
+            "Virtual memory of the agent.",
+            gauge,
+            one(p.virtual_bytes.map(Value::Int)),
+        )?;
+        family(
+            e,
+            "process_start_time_seconds",
+            "When the agent started, in Unix time.",
+            gauge,
+            one(p.start_time_seconds.map(Value::Float)),
+        )?;
+        family(
+            e,
+            "process_open_fds",
+            "File descriptors the agent has open.",
+            gauge,
+            one(p.open_fds.map(Value::Int)),
+        )?;
+        family(
+            e,
+            "process_max_fds",
+            "The agent's limit on open file descriptors.",
+            gauge,
+            one(p.max_fds.map(Value::Int)),
+        )?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Value {
+    Int(u64),
+    Float(f64),
+}
+
+/// Writes one family. `name` is written in full: a `_seconds` or `_bytes` ending becomes its
+/// declared unit, and counters get `_total` on their samples from the encoder.
+fn family(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &'static str,
+    help: &str,
+    kind: MetricType,
+    samples: Vec<(Option<(&'static str, &'static str)>, Value)>,
+) -> fmt::Result {
+    let (base, unit) = if let Some(base) = name.strip_suffix("_seconds") {
+        (base, Some(Unit::Seconds))
+    } else if let Some(base) = name.strip_suffix("_bytes") {
+        (base, Some(Unit::Bytes))
+    } else {
+        (name, None)
+    };
+    let mut metric = encoder.encode_descriptor(base, help, unit.as_ref(), kind)?;
+    for (label, value) in samples {
+        match label {
+            Some(label) => encode_value(&mut metric.encode_family(&[label])?, kind, value)?,
+            None => encode_value(&mut metric, kind, value)?,
+        }
+    }
+    Ok(())
+}
+
+fn encode_value(metric: &mut MetricEncoder<'_>, kind: MetricType, value: Value) -> fmt::Result {
+    match (kind, value) {
+        (MetricType::Counter, Value::Int(v)) => {
+            metric.encode_counter::<NoLabelSet, _, u64>(&v, None)
+        }
+        (MetricType::Counter, Value::Float(v)) => {
+            metric.encode_counter::<NoLabelSet, _, f64>(&v, None)
+        }
+        (_, Value::Int(v)) => metric.encode_gauge(&v),
+        (_, Value::Float(v)) => metric.encode_gauge(&v),
+    }
+}
+
+/// This process as the kernel accounts it; `None` where it cannot be read.
+#[derive(Debug, Default, PartialEq)]
+struct Process {
+    cpu_seconds: Option<f64>,
+    resident_bytes: Option<u64>,
+    virtual_bytes: Option<u64>,
+    start_time_seconds: Option<f64>,
+    open_fds: Option<u64>,
+    max_fds: Option<u64>,
+}
+
+/// Fields of `/proc/PID/stat`, in clock ticks and pages.
+#[derive(Debug, PartialEq)]
+struct Stat {
+    utime_ticks: u64,
+    stime_ticks: u64,
+    start_ticks: u64,
+    virtual_bytes: u64,
+    resident_pages: u64,
+}
+
+/// Parses `/proc/PID/stat`. The command name is in parentheses and may hold spaces and
+/// parentheses itself, so the fields are counted from the last `)`.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 3.. of proc(5), so field n is at n - 3.
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some(Stat {
+        utime_ticks: field(14)?,
+        stime_ticks: field(15)?,
+        start_ticks: field(22)?,
+        virtual_bytes: field(23)?,
+        resident_pages: field(24)?,
+    })
+}
+
+/// The boot time from `/proc/stat`, in Unix seconds.
+fn parse_btime(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn process(proc: &Path) -> Process {
+    use nix::unistd::{SysconfVar, sysconf};
+    let ticks = sysconf(SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)
+        .map(|t| t as f64);
+    let page = sysconf(SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .filter(|p| *p > 0)
+        .map(|p| p as u64);
+    let stat = std::fs::read_to_string(proc.join("self/stat"))
+        .ok()
+        .and_then(|t| parse_stat(&t));
+    let btime = std::fs::read_to_string(proc.join("stat"))
+        .ok()
+        .and_then(|t| parse_btime(&t));
+    let open_fds = std::fs::read_dir(proc.join("self/fd"))
+        .ok()
+        .map(|d| d.count() as u64);
+    let max_fds = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft);
+    Process {
+        cpu_seconds: stat
+            .as_ref()
+            .zip(ticks)
+            .map(|(s, t)| (s.utime_ticks + s.stime_ticks) as f64 / t),
+        resident_bytes: stat.as_ref().zip(page).map(|(s, p)| s.resident_pages * p),
+        virtual_bytes: stat.as_ref().map(|s| s.virtual_bytes),
+        start_time_seconds: stat
+            .as_ref()
+            .zip(ticks)
+            .zip(btime)
+            .map(|((s, t), b)| b as f64 + s.start_ticks as f64 / t),
+        open_fds,
+        max_fds,
+    }
+}
+
+/// The strict OpenMetrics reader the controller's tests use too.
+#[cfg(test)]
+#[path = "../../tests/support/openmetrics.rs"]
+mod openmetrics;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real line (from `cat`), and the same with a command name made to confuse a parser.
+    const STAT: &str = "27059 (cat) R 27057 27057 13537 0 -1 4194304 99 0 0 0 7 3 0 0 20 0 1 0 1976996 3133440 363 18446744073709551615 94222223151104 94222223170985 140727836315312 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 94222223186992 94222223188608 94223097499648 140727836322528 140727836322548 140727836322548 140727836323819 0\n";
+
+    #[test]
+    fn stat_fields_are_counted_from_the_last_parenthesis() {
+        let want = Stat {
+            utime_ticks: 7,
+            stime_ticks: 3,
+            start_ticks: 1976996,
+            virtual_bytes: 3133440,
+            resident_pages: 363,
+        };
+        assert_eq!(parse_stat(STAT), Some(want));
+        let odd = STAT.replace("(cat)", "(a) b (c 1 2)");
+        assert_eq!(parse_stat(&odd).map(|s| s.resident_pages), Some(363));
+        assert_eq!(parse_stat("27059 (cat) R 1 2"), None);
+        assert_eq!(
+            parse_btime("cpu  1 2 3\nbtime 1795322010\nprocesses 9\n"),
+            Some(1795322010)
+        );
+    }
+
+    #[test]
+    fn this_process_is_read_from_proc() {
+        let p = process(Path::new("/proc"));
+        assert!(p.resident_bytes.is_some_and(|b| b > 1 << 20), "{p:?}");
+        assert!(p.cpu_seconds.is_some_and(|s| s >= 0.0), "{p:?}");
+        assert!(p.open_fds.is_some_and(|n| n >= 3), "{p:?}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            p.start_time_seconds
+                .is_some_and(|t| t <= now + 1.0 && t > now - 86400.0 * 365.0),
+            "{p:?}"
+        );
+    }
+
+    fn family<'a>(families: &'a [openmetrics::Family], name: &str) -> &'a openmetrics::Family {
+        families
+            .iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| panic!("no family {name}"))
+    }
+
+    #[test]
+    fn names_are_stable_and_parse_before_any_record() {
+        let text = Arc::new(Metrics::default()).render().unwrap();
+        let families = openmetrics::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let names: Vec<&str> = families.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names, EXPECTED,
+            "renaming a metric breaks dashboards: on purpose?"
+        );
+        assert!(
+            family(&families, "tapgraph_capture_packets")
+                .samples
+                .is_empty()
+        );
+        assert_eq!(
+            family(&families, "tapgraph_control_records")
+                .value("tapgraph_control_records_total", &[]),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn the_latest_record_is_what_a_scrape_shows() {
+        let metrics = Arc::new(Metrics::default());
+        let record = |sequence: u64, captured: u64| proto::ControlRecord {
+            sequence,
+            sent_at_unix_nanos: 1_800_000_000_500_000_000,
+            counters: Some(proto::Counters {
+                packets_captured: captured,
+                bytes_captured: captured * 100,
+                packets_sent: captured - 6,
+                bytes_sent: (captured - 6) * 100,
+                packets_dropped_kernel: 1,
+                packets_dropped_limiter: 2,
+                bytes_dropped_limiter: 200,
+                packets_dropped_queue: 3,
+                bytes_dropped_queue: 300,
+                batches_sent: 2,
+                packets_in_flight: 0,
+            }),
+            capture_state: proto::CaptureState::StoppedBreach as i32,
+            policy_version: 7,
+            snapshot_entries: 42,
+            ..Default::default()
+        };
+        metrics.observe(&record(1, 10));
+        metrics.observe(&record(2, 20));
+        let text = metrics.render().unwrap();
+        let families = openmetrics::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let get = |name: &str, sample: &str, labels: &[(&str, &str)]| {
+            family(&families, name)
+                .value(sample, labels)
+                .unwrap_or_else(|| panic!("no {sample} {labels:?} in\n{text}"))
+        };
+        assert_eq!(
+            get(
+                "tapgraph_capture_packets",
+                "tapgraph_capture_packets_total",
+                &[]
+            ),
+            20.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_capture_sent_bytes",
+                "tapgraph_capture_sent_bytes_total",
+                &[]
+            ),
+            1400.0
+        );
+        // Captured = sent + dropped + in flight, as the controller checks it.
+        let dropped: f64 = family(&families, "tapgraph_capture_dropped_packets")
+            .samples
+            .iter()
+            .map(|s| s.value)
+            .sum();
+        assert_eq!(
+            get(
+                "tapgraph_capture_sent_packets",
+                "tapgraph_capture_sent_packets_total",
+                &[]
+            ) + dropped,
+            20.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_capture_dropped_packets",
+                "tapgraph_capture_dropped_packets_total",
+                &[("reason", "queue")]
+            ),
+            3.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_capture_dropped_bytes",
+                "tapgraph_capture_dropped_bytes_total",
+                &[("reason", "limiter")]
+            ),
+            200.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_capture_state",
+                "tapgraph_capture_state",
+                &[("state", "stopped_breach")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_capture_state",
+                "tapgraph_capture_state",
+                &[("state", "running")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_control_records",
+                "tapgraph_control_records_total",
+                &[]
+            ),
+            2.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_control_record_timestamp_seconds",
+                "tapgraph_control_record_timestamp_seconds",
+                &[]
+            ),
+            1_800_000_000.5
+        );
+        assert_eq!(
+            get(
+                "tapgraph_snapshot_entries",
+                "tapgraph_snapshot_entries",
+                &[]
+            ),
+            42.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_policy_version_applied",
+                "tapgraph_policy_version_applied",
+                &[]
+            ),
+            7.0
+        );
+        assert!(
+            get(
+                "process_resident_memory_bytes",
+                "process_resident_memory_bytes",
+                &[]
+            ) > 0.0
+        );
+        // In clock ticks (10 ms): a young process may show 0.
+        assert!(get("process_cpu_seconds", "process_cpu_seconds_total", &[]) >= 0.0);
+    }
+
+    #[tokio::test]
+    async fn the_server_answers_with_the_openmetrics_type() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve_on(
+            listener,
+            Arc::new(Metrics::default()),
+            stop.clone(),
+        ));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).await.unwrap();
+        stop.cancel();
+        server.await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("content-type: {CONTENT_TYPE}")),
+            "{head}"
+        );
+        openmetrics::parse(body).unwrap();
+    }
+
+    const EXPECTED: &[&str] = &[
+        "tapgraph_capture_packets",
+        "tapgraph_capture_bytes",
+        "tapgraph_capture_sent_packets",
+        "tapgraph_capture_sent_bytes",
+        "tapgraph_capture_sent_batches",
+        "tapgraph_capture_dropped_packets",
+        "tapgraph_capture_dropped_bytes",
+        "tapgraph_capture_in_flight_packets",
+        "tapgraph_capture_state",
+        "tapgraph_control_records",
+        "tapgraph_control_record_timestamp_seconds",
+        "tapgraph_snapshot_entries",
+        "tapgraph_policy_version_applied",
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_start_time_seconds",
+        "process_open_fds",
+        "process_max_fds",
+    ];
+}

@@ -1,0 +1,886 @@
+//! `GET /metrics`: the controller's state in the OpenMetrics text format Prometheus scrapes.
+//!
+//! Nothing is counted twice: every scrape asks the owners (the registry task, the topology task,
+//! the mirror hub, the Neo4j sink) for what the JSON API shows, and a `prometheus-client`
+//! [`Collector`] writes it out. Names follow Prometheus' conventions: base units (`_seconds`,
+//! `_bytes`) declared as the family's unit, `_total` on counters (the encoder adds it), and what
+//! varies within one family (a reason, a state) in a label. Label values are bounded: agent ids,
+//! mirror targets, and fixed lists of reasons and states.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::http::HttpState;
+use crate::mirror::{Mirrors, StatsView};
+use crate::registry::{AgentState, AgentView};
+use crate::sink::SinkStats;
+use crate::topology;
+
+/// What the endpoint answers with: `prometheus-client` writes OpenMetrics 1.0 text only (which
+/// Prometheus asks for first), not the older 0.0.4 format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Every agent state, so each shows as a series even when no agent is in it.
+const AGENT_STATES: [AgentState; 3] = [
+    AgentState::Connected,
+    AgentState::Degraded,
+    AgentState::Lost,
+];
+/// `CaptureView::state`'s values.
+const CAPTURE_STATES: [&str; 4] = ["disabled", "running", "stopped_breach", "failed"];
+/// The delay histogram's `le` bounds: 2^k µs, 64 µs to 16.8 s. Each is one of the hub's own bucket
+/// bounds, so the counts are exact, not interpolated.
+const DELAY_BOUNDS_LOG2_MICROS: std::ops::RangeInclusive<u32> = 6..=24;
+
+/// The response to one scrape.
+pub async fn serve(State(state): State<HttpState>) -> Response {
+    let scrape = Scrape::gather(&state).await;
+    match scrape.render() {
+        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(fmt::Error) => {
+            tracing::warn!("cannot encode /metrics");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// What one scrape shows, read from the owners of the state.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    pub agents: Vec<AgentView>,
+    pub mirrors: Vec<StatsView>,
+    /// Keyed by (agent, target), like `mirrors`.
+    pub delays: BTreeMap<(String, String), Delays>,
+    pub topology: topology::Stats,
+    /// `None` when no Neo4j sink is configured.
+    pub sink: Option<SinkStats>,
+}
+
+/// One delay histogram: per bucket, (every delay in it is below this many µs, count), ascending,
+/// the last bound `None` for "longer"; and the sum of all delays.
+#[derive(Debug, Default, Clone)]
+pub struct Delays {
+    pub buckets: Vec<(Option<u64>, u64)>,
+    pub sum_micros: u64,
+}
+
+impl Scrape {
+    pub async fn gather(state: &HttpState) -> Self {
+        Self {
+            agents: state.registry.list().await,
+            topology: state.topology.stats().await,
+            sink: state.sink.as_ref().map(|s| s.stats()),
+            ..Self::default()
+        }
+        .with_mirrors(&state.mirrors)
+    }
+
+    fn with_mirrors(mut self, mirrors: &Mirrors) -> Self {
+        self.mirrors = mirrors.stats();
+        self.delays = mirrors
+            .delays()
+            .into_iter()
+            .map(|(key, h)| {
+                let delays = Delays {
+                    buckets: h.buckets,
+                    sum_micros: h.sum_micros,
+                };
+                (key, delays)
+            })
+            .collect();
+        self
+    }
+
+    /// The exposition, `# EOF` included.
+    pub fn render(self) -> Result<String, fmt::Error> {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)?;
+        Ok(text)
+    }
+}
+
+// The tables: a metric for a new field is one line in one of them. A family's name is written in
+// full; a `_seconds` or `_bytes` ending becomes its declared unit, and counters get `_total` on
+// their samples from the encoder.
+
+/// Read once per scrape; no labels but the split's.
+const FLEET: &[Field<Scrape>] = &[
+    gauge_by(
+        "tapgraph_agents",
+        "Agents known to the controller, by state (connected, degraded: dropping, stopped by the breach rule or refusing its policy; lost: silent for 3 heartbeats, or its stream gone).",
+        "state",
+        |s| {
+            let mut n: BTreeMap<&'static str, u64> =
+                AGENT_STATES.iter().map(|st| (st.name(), 0)).collect();
+            for a in &s.agents {
+                *n.entry(a.state.name()).or_default() += 1;
+            }
+            n.into_iter().map(|(st, n)| (st, Value::from(n))).collect()
+        },
+    ),
+    counter(
+        "tapgraph_topology_snapshots_applied",
+        "Connection snapshots applied to the map.",
+        |s| one(s.topology.snapshots_applied),
+    ),
+    counter_by(
+        "tapgraph_topology_snapshots_refused",
+        "Connection snapshots refused (gap: a delta whose base is not the last one applied; size: too many rows); the agent is asked for a full one.",
+        "reason",
+        |s| {
+            vec![
+                ("gap", s.topology.snapshots_refused_gap.into()),
+                ("size", s.topology.snapshots_refused_size.into()),
+            ]
+        },
+    ),
+    counter(
+        "tapgraph_topology_rows_skipped",
+        "Snapshot rows that made no sense and were skipped.",
+        |s| one(s.topology.rows_skipped),
+    ),
+    counter(
+        "tapgraph_topology_store_errors",
+        "Failed writes of the map to the embedded store.",
+        |s| one(s.topology.store_errors),
+    ),
+    gauge(
+        "tapgraph_neo4j_lag_seconds",
+        "Seconds since the Neo4j database last equalled the map (0 when it does now). Only with a sink configured.",
+        |s| opt(s.sink.as_ref().map(|k| k.lag_seconds)),
+    ),
+    gauge_by(
+        "tapgraph_neo4j_state",
+        "The Neo4j sink's state: 1 for the current one.",
+        "state",
+        |s| match &s.sink {
+            Some(k) => [
+                "connecting",
+                "in_sync",
+                "writing",
+                "unreachable",
+                "auth_failed",
+                "failing",
+            ]
+            .into_iter()
+            .map(|st| (st, Value::from(u64::from(k.state == st))))
+            .collect(),
+            None => Vec::new(),
+        },
+    ),
+    counter(
+        "tapgraph_neo4j_transactions",
+        "Write transactions committed to Neo4j.",
+        |s| opt(s.sink.as_ref().map(|k| k.transactions)),
+    ),
+    counter(
+        "tapgraph_neo4j_rows_written",
+        "Nodes and relationships created or updated in Neo4j.",
+        |s| opt(s.sink.as_ref().map(|k| k.rows_written)),
+    ),
+    counter(
+        "tapgraph_neo4j_rows_deleted",
+        "Nodes and relationships deleted from Neo4j.",
+        |s| opt(s.sink.as_ref().map(|k| k.rows_deleted)),
+    ),
+    counter("tapgraph_neo4j_errors", "Failed Neo4j passes.", |s| {
+        opt(s.sink.as_ref().map(|k| k.errors))
+    }),
+    counter(
+        "tapgraph_neo4j_reconciliations",
+        "Full reads of what Neo4j holds (at start, after failures, every 10 minutes).",
+        |s| opt(s.sink.as_ref().map(|k| k.reconciliations)),
+    ),
+    counter(
+        "tapgraph_neo4j_write_seconds",
+        "Time spent in Neo4j write transactions.",
+        |s| opt(s.sink.as_ref().map(|k| k.write_seconds)),
+    ),
+    gauge(
+        "tapgraph_neo4j_nodes",
+        "Nodes the sink holds in Neo4j.",
+        |s| opt(s.sink.as_ref().map(|k| k.nodes)),
+    ),
+    gauge(
+        "tapgraph_neo4j_relationships",
+        "Relationships the sink holds in Neo4j.",
+        |s| opt(s.sink.as_ref().map(|k| k.relationships)),
+    ),
+];
+
+/// Per agent, label `agent`. Capture counters are the agent's own, as its last control record
+/// reported them (cumulative since the agent started).
+const AGENT: &[Field<AgentView>] = &[
+    gauge_by(
+        "tapgraph_agent_state",
+        "The agent's state: 1 for the current one.",
+        "state",
+        |a| {
+            AGENT_STATES
+                .iter()
+                .map(|st| (st.name(), Value::from(u64::from(a.state == *st))))
+                .collect()
+        },
+    ),
+    counter(
+        "tapgraph_agent_sessions",
+        "Sessions the agent has opened since the controller started.",
+        |a| one(a.sessions),
+    ),
+    gauge(
+        "tapgraph_agent_last_seen_timestamp_seconds",
+        "When the controller last heard from the agent, in Unix time.",
+        |a| one(a.last_seen_unix_ms as f64 / 1e3),
+    ),
+    gauge(
+        "tapgraph_agent_heartbeat_interval_seconds",
+        "The heartbeat (control record) interval of the agent's policy.",
+        |a| one(a.heartbeat_ms as f64 / 1e3),
+    ),
+    counter(
+        "tapgraph_agent_control_records",
+        "Control records (heartbeats) received from the agent since the controller started.",
+        |a| one(a.control_records),
+    ),
+    gauge(
+        "tapgraph_agent_clock_offset_seconds",
+        "The agent's clock minus the controller's, estimated from time probes (absent until measured).",
+        |a| opt(a.clock_offset_ms.map(|ms| ms / 1e3)),
+    ),
+    gauge(
+        "tapgraph_agent_probe_round_trip_seconds",
+        "Round trip of the time probe the clock offset comes from.",
+        |a| opt(a.probe_rtt_ms.map(|ms| ms / 1e3)),
+    ),
+    gauge(
+        "tapgraph_agent_policy_version_sent",
+        "Version of the policy last sent to the agent.",
+        |a| one(a.policy_version_sent),
+    ),
+    gauge(
+        "tapgraph_agent_policy_version_applied",
+        "Version of the policy the agent reports applied.",
+        |a| one(a.policy_version_applied),
+    ),
+    gauge(
+        "tapgraph_agent_snapshot_entries",
+        "Rows in the agent's connection table, as it last reported.",
+        |a| one(a.snapshot_entries),
+    ),
+    counter(
+        "tapgraph_agent_captured_packets",
+        "Packets the agent captured, as it reported.",
+        |a| one(a.capture.packets_captured),
+    ),
+    counter(
+        "tapgraph_agent_captured_bytes",
+        "Bytes the agent captured, as it reported.",
+        |a| one(a.capture.bytes_captured),
+    ),
+    counter(
+        "tapgraph_agent_sent_packets",
+        "Packets the agent sent on its mirror stream, as it reported.",
+        |a| one(a.capture.packets_sent),
+    ),
+    counter(
+        "tapgraph_agent_sent_bytes",
+        "Bytes the agent sent on its mirror stream, as it reported.",
+        |a| one(a.capture.bytes_sent),
+    ),
+    counter_by(
+        "tapgraph_agent_dropped_packets",
+        "Packets the agent dropped, as it reported, by stage: kernel (the capture ring overflowed), limiter (over the speed limit), queue (the mirror stream fell behind).",
+        "reason",
+        |a| {
+            let c = &a.capture;
+            vec![
+                ("kernel", c.packets_dropped_kernel.into()),
+                ("limiter", c.packets_dropped_limiter.into()),
+                ("queue", c.packets_dropped_queue.into()),
+            ]
+        },
+    ),
+    gauge(
+        "tapgraph_agent_in_flight_packets",
+        "Packets captured but neither sent nor dropped yet, as the agent reported.",
+        |a| one(a.capture.packets_in_flight),
+    ),
+    gauge_by(
+        "tapgraph_agent_capture_state",
+        "The agent's capture state: 1 for the current one.",
+        "state",
+        |a| {
+            CAPTURE_STATES
+                .iter()
+                .map(|st| (*st, Value::from(u64::from(a.capture.state == *st))))
+                .collect()
+        },
+    ),
+];
+
+/// Per agent and mirror target, labels `agent` and `target`: what the controller received and did.
+const MIRROR: &[Field<StatsView>] = &[
+    counter("tapgraph_mirror_batches", "Mirror batches received.", |m| {
+        one(m.batches)
+    }),
+    counter(
+        "tapgraph_mirror_lost_batches",
+        "Mirror batches the agent numbered that never arrived.",
+        |m| one(m.batches_lost),
+    ),
+    counter(
+        "tapgraph_mirror_lost_packets",
+        "Packets the agent counted as sent (in-band, in its batches) that never arrived.",
+        |m| one(m.lost_in_transit),
+    ),
+    counter(
+        "tapgraph_mirror_received_packets",
+        "Mirrored packets received.",
+        |m| one(m.packets_received),
+    ),
+    counter(
+        "tapgraph_mirror_received_bytes",
+        "Mirrored bytes received.",
+        |m| one(m.bytes_received),
+    ),
+    counter(
+        "tapgraph_mirror_written_packets",
+        "Mirrored packets written to the target.",
+        |m| one(m.packets_written),
+    ),
+    counter(
+        "tapgraph_mirror_written_bytes",
+        "Mirrored bytes written to the target.",
+        |m| one(m.bytes_written),
+    ),
+    counter_by(
+        "tapgraph_mirror_dropped_packets",
+        "Mirrored packets dropped at the controller, by reason: invalid (malformed), target_unavailable (the target could not be opened), queue (the writer fell behind), oversize (larger than the target's MTU), failed (the write failed).",
+        "reason",
+        |m| {
+            m.dropped
+                .iter()
+                .map(|(reason, n)| (*reason, Value::from(*n)))
+                .collect()
+        },
+    ),
+];
+
+const DELAY_NAME: &str = "tapgraph_mirror_delay_seconds";
+const DELAY_HELP: &str = "Capture (on the agent's clock, corrected by its offset) to write at the target, per mirrored packet.";
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        encode_table(&mut encoder, FLEET, [(Vec::new(), self)])?;
+        let agents = self
+            .agents
+            .iter()
+            .map(|a| (vec![("agent", a.id.as_str())], a));
+        encode_table(&mut encoder, AGENT, agents)?;
+        let mirrors = self.mirrors.iter().map(|m| {
+            let labels = vec![("agent", m.agent.as_str()), ("target", m.target.as_str())];
+            (labels, m)
+        });
+        encode_table(&mut encoder, MIRROR, mirrors)?;
+        self.encode_delays(&mut encoder)
+    }
+}
+
+impl Scrape {
+    fn encode_delays(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let (base, unit) = split_unit(DELAY_NAME);
+        let mut family =
+            encoder.encode_descriptor(base, DELAY_HELP, unit.as_ref(), MetricType::Histogram)?;
+        let bounds: Vec<u64> = DELAY_BOUNDS_LOG2_MICROS.map(|k| 1u64 << k).collect();
+        for ((agent, target), delays) in &self.delays {
+            // Per `le` bound, then +Inf: the hub's buckets whose every delay is below that bound
+            // and not below the one before (the encoder accumulates).
+            let mut counts = vec![0u64; bounds.len() + 1];
+            for (below, n) in &delays.buckets {
+                let slot = below
+                    .and_then(|b| bounds.iter().position(|le| b <= *le))
+                    .unwrap_or(bounds.len());
+                counts[slot] += n;
+            }
+            let buckets: Vec<(f64, u64)> = bounds
+                .iter()
+                .map(|le| *le as f64 / 1e6)
+                .chain([f64::INFINITY])
+                .zip(counts.iter().copied())
+                .collect();
+            let total = counts.iter().sum();
+            let labels = [("agent", agent.as_str()), ("target", target.as_str())];
+            family
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(
+                    delays.sum_micros as f64 / 1e6,
+                    total,
+                    &buckets,
+                    None,
+                )?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Value {
+    Int(u64),
+    Float(f64),
+}
+
+impl From<u64> for Value {
+    fn from(v: u64) -> Self {
+        Self::Int(v)
+    }
+}
+
+impl From<f64> for Value {
+    fn from(v: f64) -> Self {
+        Self::Float(v)
+    }
+}
+
+/// One metric family read from each row of type `T`.
+struct Field<T> {
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    /// The label that tells this family's series of one row apart (`reason`, `state`), if any.
+    split: Option<&'static str>,
+    /// (value of `split`, or "" without one; the number). Nothing: the row has no value now.
+    read: fn(&T) -> Vec<(&'static str, Value)>,
+}
+
+const fn counter<T>(
+    name: &'static str,
+    help: &'static str,
+    read: fn(&T) -> Vec<(&'static str, Value)>,
+) -> Field<T> {
+    Field {
+        name,
+        help,
+        kind: Kind::Counter,
+        split: None,
+        read,
+    }
+}
+
+const fn gauge<T>(
+    name: &'static str,
+    help: &'static str,
+    read: fn(&T) -> Vec<(&'static str, Value)>,
+) -> Field<T> {
+    Field {
+        name,
+        help,
+        kind: Kind::Gauge,
+        split: None,
+        read,
+    }
+}
+
+const fn counter_by<T>(
+    name: &'static str,
+    help: &'static str,
+    split: &'static str,
+    read: fn(&T) -> Vec<(&'static str, Value)>,
+) -> Field<T> {
+    Field {
+        name,
+        help,
+        kind: Kind::Counter,
+        split: Some(split),
+        read,
+    }
+}
+
+const fn gauge_by<T>(
+    name: &'static str,
+    help: &'static str,
+    split: &'static str,
+    read: fn(&T) -> Vec<(&'static str, Value)>,
+) -> Field<T> {
+    Field {
+        name,
+        help,
+        kind: Kind::Gauge,
+        split: Some(split),
+        read,
+    }
+}
+
+fn one(v: impl Into<Value>) -> Vec<(&'static str, Value)> {
+    vec![("", v.into())]
+}
+
+fn opt(v: Option<impl Into<Value>>) -> Vec<(&'static str, Value)> {
+    v.map(one).unwrap_or_default()
+}
+
+/// `tapgraph_x_seconds` → (`tapgraph_x`, seconds): the encoder writes the unit back, and declares it.
+fn split_unit(name: &'static str) -> (&'static str, Option<Unit>) {
+    if let Some(base) = name.strip_suffix("_seconds") {
+        (base, Some(Unit::Seconds))
+    } else if let Some(base) = name.strip_suffix("_bytes") {
+        (base, Some(Unit::Bytes))
+    } else {
+        (name, None)
+    }
+}
+
+/// Writes every field of `table` as one family, with one series per row (and split value).
+fn encode_table<'r, T: 'r>(
+    encoder: &mut DescriptorEncoder<'_>,
+    table: &[Field<T>],
+    rows: impl IntoIterator<Item = (Vec<(&'static str, &'r str)>, &'r T)> + Clone,
+) -> fmt::Result {
+    for field in table {
+        let (base, unit) = split_unit(field.name);
+        let kind = match field.kind {
+            Kind::Counter => MetricType::Counter,
+            Kind::Gauge => MetricType::Gauge,
+        };
+        let mut family = encoder.encode_descriptor(base, field.help, unit.as_ref(), kind)?;
+        for (labels, row) in rows.clone() {
+            for (split_value, value) in (field.read)(row) {
+                let mut labels = labels.clone();
+                if let Some(split) = field.split {
+                    labels.push((split, split_value));
+                }
+                if labels.is_empty() {
+                    encode_value(&mut family, field.kind, value)?;
+                } else {
+                    encode_value(&mut family.encode_family(&labels)?, field.kind, value)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn encode_value(metric: &mut MetricEncoder<'_>, kind: Kind, value: Value) -> fmt::Result {
+    match (kind, value) {
+        (Kind::Counter, Value::Int(v)) => metric.encode_counter::<NoLabelSet, _, u64>(&v, None),
+        (Kind::Counter, Value::Float(v)) => metric.encode_counter::<NoLabelSet, _, f64>(&v, None),
+        (Kind::Gauge, Value::Int(v)) => metric.encode_gauge(&v),
+        (Kind::Gauge, Value::Float(v)) => metric.encode_gauge(&v),
+    }
+}
+
+/// The strict OpenMetrics reader the agent's tests use too.
+#[cfg(test)]
+#[path = "../../tests/support/openmetrics.rs"]
+mod openmetrics;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tapgraph::policy::Target;
+    use tapgraph::proto::{self, agent_message::Msg};
+
+    use super::openmetrics::{self, Family};
+    use super::*;
+    use crate::registry::Registry;
+
+    fn family<'a>(families: &'a [Family], name: &str) -> &'a Family {
+        families
+            .iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| panic!("no family {name}"))
+    }
+
+    #[test]
+    fn names_are_stable_and_parse() {
+        let text = Scrape::default().render().unwrap();
+        let families = openmetrics::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let names: Vec<&str> = families.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names, EXPECTED,
+            "renaming a metric breaks dashboards: on purpose?"
+        );
+    }
+
+    /// One agent with a control record, one mirrored packet written to a pcapng file whose name
+    /// needs escaping, a Neo4j sink: the numbers come out where an operator looks for them.
+    #[tokio::test]
+    async fn a_scrape_shows_what_the_owners_hold() {
+        let health = crate::health::Health::default();
+        let (registry, task) = Registry::spawn(crate::events::Events::new(16), health.clone());
+        tokio::spawn(task);
+        let (outbound, _pushed) = tokio::sync::mpsc::channel(16);
+        let hello = proto::Hello {
+            hostname: "web-1".into(),
+            ..Default::default()
+        };
+        let addr = "127.0.0.1:40000".parse().unwrap();
+        let registered = registry
+            .register("web-1".into(), hello, BTreeMap::new(), addr, outbound)
+            .await
+            .unwrap();
+        let record = proto::ControlRecord {
+            sequence: 1,
+            counters: Some(proto::Counters {
+                packets_captured: 10,
+                bytes_captured: 1000,
+                packets_sent: 4,
+                bytes_sent: 400,
+                packets_dropped_kernel: 1,
+                packets_dropped_limiter: 2,
+                packets_dropped_queue: 3,
+                ..Default::default()
+            }),
+            capture_state: proto::CaptureState::Running as i32,
+            snapshot_entries: 42,
+            ..Default::default()
+        };
+        registry
+            .message("web-1", registered.session, Msg::Control(record))
+            .await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let mirrors = Mirrors::new(dir.path().to_path_buf(), health);
+        let target = Target::Pcap {
+            path: "odd \"name\" \\ here.pcapng".into(),
+            rotate_bytes: 0,
+            rotate_interval: Duration::ZERO,
+        };
+        let attachment = mirrors.attach("web-1", "web-1", &target).await;
+        assert!(
+            attachment.unavailable.is_none(),
+            "{:?}",
+            attachment.unavailable
+        );
+        let frame = [[0xffu8; 12].as_slice(), &[0x08, 0x00], &[0u8; 46]].concat();
+        attachment.submit(proto::MirrorBatch {
+            sequence: 1,
+            packets: vec![proto::Packet {
+                timestamp_unix_nanos: tapgraph::time::unix_nanos() - 40_000_000,
+                original_length: frame.len() as u32,
+                data: frame.into(),
+            }],
+            linktype: 1,
+            interface: "eth0".into(),
+            snaplen: 65535,
+            ..Default::default()
+        });
+        for _ in 0..500 {
+            if mirrors.stats().iter().any(|m| m.packets_written == 1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let scrape = Scrape {
+            agents: registry.list().await,
+            sink: Some(SinkStats {
+                state: "in_sync".into(),
+                lag_seconds: 1.5,
+                nodes: 3,
+                ..Default::default()
+            }),
+            ..Scrape::default()
+        }
+        .with_mirrors(&mirrors);
+        let text = scrape.render().unwrap();
+        let families = openmetrics::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let get = |name: &str, sample: &str, labels: &[(&str, &str)]| {
+            family(&families, name)
+                .value(sample, labels)
+                .unwrap_or_else(|| panic!("no {sample} {labels:?} in\n{text}"))
+        };
+
+        let agents: f64 = family(&families, "tapgraph_agents")
+            .samples
+            .iter()
+            .map(|s| s.value)
+            .sum();
+        assert_eq!(agents, 1.0);
+        let web = ("agent", "web-1");
+        let states = &family(&families, "tapgraph_agent_state").samples;
+        assert_eq!(states.len(), AGENT_STATES.len());
+        assert_eq!(states.iter().map(|s| s.value).sum::<f64>(), 1.0);
+        for (reason, n) in [("kernel", 1.0), ("limiter", 2.0), ("queue", 3.0)] {
+            let labels = [web, ("reason", reason)];
+            assert_eq!(
+                get(
+                    "tapgraph_agent_dropped_packets",
+                    "tapgraph_agent_dropped_packets_total",
+                    &labels
+                ),
+                n
+            );
+        }
+        assert_eq!(
+            get(
+                "tapgraph_agent_captured_bytes",
+                "tapgraph_agent_captured_bytes_total",
+                &[web]
+            ),
+            1000.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_agent_snapshot_entries",
+                "tapgraph_agent_snapshot_entries",
+                &[web]
+            ),
+            42.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_agent_capture_state",
+                "tapgraph_agent_capture_state",
+                &[web, ("state", "running")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_agent_capture_state",
+                "tapgraph_agent_capture_state",
+                &[web, ("state", "failed")]
+            ),
+            0.0
+        );
+
+        // The label value comes back byte for byte after the reader unescapes it.
+        let at = [web, ("target", "pcap:odd \"name\" \\ here.pcapng")];
+        assert_eq!(
+            get(
+                "tapgraph_mirror_received_packets",
+                "tapgraph_mirror_received_packets_total",
+                &at
+            ),
+            1.0
+        );
+        assert_eq!(
+            get(
+                "tapgraph_mirror_written_bytes",
+                "tapgraph_mirror_written_bytes_total",
+                &at
+            ),
+            60.0
+        );
+        let dropped = family(&families, "tapgraph_mirror_dropped_packets");
+        let reasons: Vec<&str> = dropped
+            .samples
+            .iter()
+            .map(|s| s.labels["reason"].as_str())
+            .collect();
+        for reason in [
+            "queue",
+            "oversize",
+            "failed",
+            "invalid",
+            "target_unavailable",
+        ] {
+            assert!(reasons.contains(&reason), "{reasons:?}");
+        }
+        let delay = "tapgraph_mirror_delay_seconds";
+        assert_eq!(get(delay, "tapgraph_mirror_delay_seconds_count", &at), 1.0);
+        assert!(get(delay, "tapgraph_mirror_delay_seconds_sum", &at) >= 0.04);
+        let bucket = |le: &str| {
+            get(
+                delay,
+                "tapgraph_mirror_delay_seconds_bucket",
+                &[at[0], at[1], ("le", le)],
+            )
+        };
+        assert_eq!(bucket("0.032768"), 0.0, "{text}");
+        assert_eq!(bucket("+Inf"), 1.0);
+
+        assert_eq!(
+            get(
+                "tapgraph_neo4j_lag_seconds",
+                "tapgraph_neo4j_lag_seconds",
+                &[]
+            ),
+            1.5
+        );
+        assert_eq!(
+            get(
+                "tapgraph_neo4j_state",
+                "tapgraph_neo4j_state",
+                &[("state", "in_sync")]
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn without_a_sink_its_families_stay_but_hold_nothing() {
+        let text = Scrape::default().render().unwrap();
+        let families = openmetrics::parse(&text).unwrap();
+        assert!(
+            family(&families, "tapgraph_neo4j_lag_seconds")
+                .samples
+                .is_empty()
+        );
+        assert_eq!(
+            family(&families, "tapgraph_agents").value("tapgraph_agents", &[("state", "lost")]),
+            Some(0.0)
+        );
+    }
+
+    const EXPECTED: &[&str] = &[
+        "tapgraph_agents",
+        "tapgraph_topology_snapshots_applied",
+        "tapgraph_topology_snapshots_refused",
+        "tapgraph_topology_rows_skipped",
+        "tapgraph_topology_store_errors",
+        "tapgraph_neo4j_lag_seconds",
+        "tapgraph_neo4j_state",
+        "tapgraph_neo4j_transactions",
+        "tapgraph_neo4j_rows_written",
+        "tapgraph_neo4j_rows_deleted",
+        "tapgraph_neo4j_errors",
+        "tapgraph_neo4j_reconciliations",
+        "tapgraph_neo4j_write_seconds",
+        "tapgraph_neo4j_nodes",
+        "tapgraph_neo4j_relationships",
+        "tapgraph_agent_state",
+        "tapgraph_agent_sessions",
+        "tapgraph_agent_last_seen_timestamp_seconds",
+        "tapgraph_agent_heartbeat_interval_seconds",
+        "tapgraph_agent_control_records",
+        "tapgraph_agent_clock_offset_seconds",
+        "tapgraph_agent_probe_round_trip_seconds",
+        "tapgraph_agent_policy_version_sent",
+        "tapgraph_agent_policy_version_applied",
+        "tapgraph_agent_snapshot_entries",
+        "tapgraph_agent_captured_packets",
+        "tapgraph_agent_captured_bytes",
+        "tapgraph_agent_sent_packets",
+        "tapgraph_agent_sent_bytes",
+        "tapgraph_agent_dropped_packets",
+        "tapgraph_agent_in_flight_packets",
+        "tapgraph_agent_capture_state",
+        "tapgraph_mirror_batches",
+        "tapgraph_mirror_lost_batches",
+        "tapgraph_mirror_lost_packets",
+        "tapgraph_mirror_received_packets",
+        "tapgraph_mirror_received_bytes",
+        "tapgraph_mirror_written_packets",
+        "tapgraph_mirror_written_bytes",
+        "tapgraph_mirror_dropped_packets",
+        "tapgraph_mirror_delay_seconds",
+    ];
+}

@@ -615,9 +615,39 @@ fn the_token_bucket_holds_the_delivered_rate_to_the_limit() {
         (0.95..=1.05).contains(&ratio),
         "delivered {delivered_bits} bits in {span_s:.3} s, expected {expected:.0}: ratio {ratio:.3}"
     );
-    let c = &lab.agent().unwrap()["capture"];
-    assert!(c["packets_dropped_limiter"].as_u64().unwrap() > 2000, "{c}");
+    // The counters balance exactly over the limit too, once the next control record is in: every
+    // packet on the wire was captured, and is sent, dropped by the limiter or the queue; what the
+    // agent sent is what the controller received, with nothing lost in transit.
+    let agent = wait_for("the agent's counters", Duration::from_secs(15), || {
+        lab.agent()
+            .filter(|a| a["capture"]["packets_captured"] == sent.len() as u64)
+    });
+    let c = &agent["capture"];
+    let get = |k: &str| c[k].as_u64().unwrap();
+    assert!(get("packets_dropped_limiter") > 2000, "{c}");
+    assert_eq!(
+        get("packets_captured"),
+        get("packets_sent")
+            + get("packets_dropped_limiter")
+            + get("packets_dropped_queue")
+            + get("packets_in_flight"),
+        "{c}"
+    );
     assert_eq!(c["state"], "running");
+    let m = lab.mirror("interface:span0").unwrap();
+    assert_eq!(m["packets_received"], get("packets_sent"), "{m} vs {c}");
+    assert_eq!(m["lost_in_transit"], 0, "{m}");
+    assert_eq!(
+        m["packets_written"].as_u64().unwrap(),
+        seen.len() as u64,
+        "{m}"
+    );
+    // Degraded while it drops, with the reason.
+    let state = lab.agent().unwrap();
+    assert!(
+        state["state"] == "degraded" || state["state"] == "connected",
+        "{state}"
+    );
 }
 
 /// Packets no target can take are dropped and counted with the reason; the stream goes on and

@@ -281,6 +281,10 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     let grpc_stop = stop.clone();
     tasks.spawn("grpc", async move {
         let served = tonic::transport::Server::builder()
+            // Mirror streams are bulk: HTTP/2's default 64 KiB window would stall each one
+            // every 64 KiB for a WINDOW_UPDATE round trip. Credit, not memory.
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(8 << 20))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
             .add_service(health_service)

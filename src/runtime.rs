@@ -35,7 +35,7 @@ pub fn config_or_exit<T>(
 }
 
 /// The multi-threaded runtime of a daemon, its threads named `program`; `workers` caps the worker
-/// threads (the agent keeps to two on the host it watches).
+/// threads (the agent keeps to one on the host it watches: its capture has its own thread).
 pub fn daemon_runtime(
     program: &str,
     workers: Option<usize>,

@@ -262,6 +262,28 @@ pub async fn run(
                 None => PolicySpec::default(),
             };
             let spec = args.apply(base);
+            // Flags for a target the policy does not have would be ignored silently: refuse them.
+            let target_flag = match &spec.target {
+                Target::Vxlan { .. } => None,
+                _ if args.vni.is_some() => Some("--vni needs a vxlan target"),
+                _ => None,
+            }
+            .or(match &spec.target {
+                Target::Pcap { .. } => None,
+                _ if args.rotate_size.is_some() || args.rotate_interval.is_some() => {
+                    Some("--rotate-size and --rotate-interval need a pcap target")
+                }
+                _ => None,
+            });
+            if let Some(reason) = target_flag {
+                return Err(Failure(
+                    2,
+                    anyhow!(
+                        "{reason} (the policy's target is {}); nothing was changed",
+                        spec.target
+                    ),
+                ));
+            }
             // Refused here, with the reason, before anything is sent.
             spec.validate(true)
                 .map_err(|e| Failure(2, anyhow!("{e}; nothing was changed")))?;

@@ -208,6 +208,12 @@ fn bad_values_are_refused_at_ctl_time_and_nothing_is_pushed() {
         ),
         (vec!["--snaplen", "10"], "snaplen: 10 is out of range"),
         (vec!["--limit", "1bit"], "limit: 1bit is out of range"),
+        (vec!["--vni", "42"], "--vni needs a vxlan target"),
+        (vec!["--rotate-size", "100MB"], "need a pcap target"),
+        (
+            vec!["--rotate-size", "lots"],
+            "not a number followed by a unit",
+        ),
     ] {
         let mut all = vec!["policy", "set", "web"];
         all.extend_from_slice(&args);

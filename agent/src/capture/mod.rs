@@ -208,22 +208,24 @@ impl QueueRx {
 
 impl QueueTx {
     /// Queues a batch without waiting; when the queue is full or over its byte budget the batch
-    /// is dropped and counted.
+    /// is dropped and counted. Its packets are in flight already (since they were admitted).
     fn offer(&self, batch: Batch, counters: &Counters) {
         let n = batch.packets.len() as u64;
+        let drop = |batch: &Batch| {
+            counters.in_flight.fetch_sub(n, Ordering::Relaxed);
+            counters.dropped_in_queue(batch);
+        };
         if self.bytes.load(Ordering::Relaxed) + batch.bytes > QUEUE_MAX_BYTES {
-            counters.dropped_in_queue(&batch);
+            drop(&batch);
             return;
         }
         self.bytes.fetch_add(batch.bytes, Ordering::Relaxed);
-        Counters::add(&counters.in_flight, n);
         if let Err(e) = self.tx.try_send(batch) {
             let batch = match e {
                 mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
             };
             self.bytes.fetch_sub(batch.bytes, Ordering::Relaxed);
-            counters.in_flight.fetch_sub(n, Ordering::Relaxed);
-            counters.dropped_in_queue(&batch);
+            drop(&batch);
         }
     }
 }
@@ -431,18 +433,12 @@ impl Reader {
             if st.breach.is_some() {
                 break;
             }
-            // Buffered: a read returns a kernel block, already up to buffer_timeout old, and the
-            // next read may sleep until more traffic comes: send what we have now. Immediate: a
-            // read returns what just arrived; wait up to batch_delay to fill the batch, and send
-            // it when a read times out empty.
-            if st.settings.mode == CaptureMode::Buffered
-                || matches!(read, Ok(0))
-                || st.pending.first().is_some_and(|&(first, _, _)| {
-                    now.saturating_sub(first) >= st.settings.batch_delay.as_nanos() as u64
-                })
-            {
-                st.flush();
-            }
+            // A read returns everything the ring holds (a kernel block in buffered mode, what
+            // arrived meanwhile in immediate mode), and the next read may sleep until more traffic
+            // comes (libpcap's TPACKET_V3 poll does not time out on an idle ring): send what we
+            // have now. Under load reads return more at a time, so batches grow by themselves;
+            // batch_packets and the byte cap split them.
+            st.flush();
             if Instant::now() >= next_stats {
                 st.kernel_drops(&mut cap);
                 next_stats = Instant::now() + STATS_EVERY;
@@ -504,6 +500,9 @@ impl ReaderState {
                 .clamp(packet.data.len(), BATCH_MAX_BYTES);
             self.arena.reserve(want);
         }
+        // In flight from here until it is sent or dropped: the counters balance at every moment,
+        // a batch still being filled included.
+        Counters::add(&self.counters.in_flight, 1);
         self.arena.extend_from_slice(packet.data);
         self.pending.push((ts, packet.header.len, self.arena.len()));
         if self.pending.len() >= self.settings.batch_packets as usize {
@@ -901,5 +900,36 @@ mod tests {
         assert!(tap.apply(Some(s), true).unwrap());
         assert_eq!(tap.state(), proto::CaptureState::Running);
         assert!(tap.breach().is_none());
+    }
+
+    /// The last packet before a silence goes out at once, in both modes, and is in flight (never
+    /// uncounted) while it waits.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_lone_packet_is_not_held_for_a_batch() {
+        if !root() {
+            return;
+        }
+        for mode in [CaptureMode::Immediate, CaptureMode::Buffered] {
+            let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let port = sink.local_addr().unwrap().port();
+            let mut tap = Tap::default();
+            let mut rx = tap.outbound.take().unwrap();
+            let mut s = settings(&format!("udp dst port {port}"));
+            s.mode = mode;
+            s.batch_delay = Duration::from_secs(1);
+            tap.apply(Some(s), true).unwrap();
+            UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .send_to(b"lone", ("127.0.0.1", port))
+                .unwrap();
+            let batch = tokio::time::timeout(Duration::from_millis(500), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{mode:?}: the packet waited for a batch"))
+                .unwrap();
+            assert_eq!(batch.packets.len(), 1);
+            let c = tap.counters();
+            assert_eq!(c.packets_captured, 1, "{mode:?}");
+            assert_eq!(c.packets_in_flight, 1, "{mode:?}: queued, not yet sent");
+        }
     }
 }

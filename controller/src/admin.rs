@@ -127,18 +127,7 @@ fn agent_info(
         info.policy_version_sent = v.policy_version_sent;
         info.clock_offset_known = v.clock_offset_ms.is_some();
         info.clock_offset_ms = v.clock_offset_ms.unwrap_or(0.0);
-        let c = &v.capture;
-        info.counters = Some(proto::Counters {
-            packets_captured: c.packets_captured,
-            bytes_captured: c.bytes_captured,
-            packets_sent: c.packets_sent,
-            bytes_sent: c.bytes_sent,
-            packets_dropped_kernel: c.packets_dropped_kernel,
-            packets_dropped_limiter: c.packets_dropped_limiter,
-            packets_dropped_queue: c.packets_dropped_queue,
-            packets_in_flight: c.packets_in_flight,
-            ..Default::default()
-        });
+        info.counters = Some(v.capture.counters());
     }
     info
 }
@@ -431,17 +420,7 @@ impl AdminService for AdminApi {
                     hostname: a.hostname.clone(),
                     capture_state: c.state.clone(),
                     capture_error: c.error.clone().unwrap_or_default(),
-                    counters: Some(proto::Counters {
-                        packets_captured: c.packets_captured,
-                        bytes_captured: c.bytes_captured,
-                        packets_sent: c.packets_sent,
-                        bytes_sent: c.bytes_sent,
-                        packets_dropped_kernel: c.packets_dropped_kernel,
-                        packets_dropped_limiter: c.packets_dropped_limiter,
-                        packets_dropped_queue: c.packets_dropped_queue,
-                        packets_in_flight: c.packets_in_flight,
-                        ..Default::default()
-                    }),
+                    counters: Some(c.counters()),
                     targets: Vec::new(),
                 }
             })

@@ -124,6 +124,21 @@ pub struct BreachView {
 }
 
 impl CaptureView {
+    /// The agent's counters as the wire carries them (bytes dropped and batches are not kept).
+    pub fn counters(&self) -> proto::Counters {
+        proto::Counters {
+            packets_captured: self.packets_captured,
+            bytes_captured: self.bytes_captured,
+            packets_sent: self.packets_sent,
+            bytes_sent: self.bytes_sent,
+            packets_dropped_kernel: self.packets_dropped_kernel,
+            packets_dropped_limiter: self.packets_dropped_limiter,
+            packets_dropped_queue: self.packets_dropped_queue,
+            packets_in_flight: self.packets_in_flight,
+            ..Default::default()
+        }
+    }
+
     fn from_record(r: &proto::ControlRecord) -> Self {
         let c = r.counters.unwrap_or_default();
         let state = match proto::CaptureState::try_from(r.capture_state) {

@@ -28,7 +28,7 @@ pub enum UnitError {
     Overflow { input: String },
 }
 
-const DURATION_UNITS: &str = "a duration such as 250us, 500ms, 10s, 5m or 1h";
+const DURATION_UNITS: &str = "a duration such as 250us, 500ms, 10s, 5m, 1h or 7d";
 const RATE_UNITS: &str = "a bit rate such as 500kbit, 2Mbit, 1G or 1000000 (bit/s)";
 
 /// Splits `12.5Mbit` into (`12.5`, `Mbit`) after trimming white space.
@@ -82,6 +82,7 @@ pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
         "s" | "sec" => 1e9,
         "m" | "min" => 60e9,
         "h" => 3600e9,
+        "d" => 86_400e9,
         other => {
             return Err(UnitError::UnknownUnit {
                 input: input.to_string(),
@@ -241,6 +242,7 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
     }
 

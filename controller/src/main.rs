@@ -99,7 +99,7 @@ enum OperatorCommand {
     Issue {
         /// Operator name (1–64 of a-z, A-Z, 0-9, '.', '_', '-').
         name: String,
-        /// Where to write the tapgraphctl config [default: ./tapgraphctl-NAME.toml].
+        /// Where to write the tapgraphctl config, or `-` for stdout [default: ./tapgraphctl-NAME.toml].
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
         /// Controller address tapgraphctl should dial [default: from `listen`].

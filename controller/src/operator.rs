@@ -64,6 +64,12 @@ pub fn issue(
         key = cert.key_pem,
     );
     let out = out.unwrap_or_else(|| PathBuf::from(format!("tapgraphctl-{name}.toml")));
+    // `-`: the config on stdout, for `kubectl exec … > alice.toml` from a pod without a shell.
+    if out.as_os_str() == "-" {
+        print!("{text}");
+        eprintln!("Operator {name}: tapgraphctl config written to stdout (it holds a private key)");
+        return Ok(());
+    }
     tapgraph::fsutil::write_private(&out, text.as_bytes())
         .with_context(|| format!("cannot write {}", out.display()))?;
     println!(

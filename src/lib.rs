@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod bpf;
 pub mod config;
 pub mod fsutil;
+pub mod graph;
 pub mod identity;
 pub mod labels;
 pub mod logging;

@@ -384,6 +384,27 @@ impl PolicySpec {
         .collect()
     }
 
+    /// The settings as operators write them (`10Mbit`, `15s`, `vxlan:HOST:PORT`), for
+    /// `tapgraphctl policy … -o json` and the web console.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "capture": self.capture,
+            "interface": self.interface,
+            "filter": self.filter,
+            "snaplen": self.snaplen,
+            "mode": format!("{:?}", self.mode).to_lowercase(),
+            "limit": format_bitrate(self.limit_bps),
+            "check_interval": format_duration(self.check_interval),
+            "breach_intervals": self.breach_intervals,
+            "target": self.target.to_string(),
+            "snapshot_interval": format_duration(self.snapshot_interval),
+            "heartbeat_interval": format_duration(self.heartbeat_interval),
+            "batch_packets": self.batch_packets,
+            "batch_delay": format_duration(self.batch_delay),
+            "buffer_timeout": format_duration(self.buffer_timeout),
+        })
+    }
+
     pub fn to_proto(&self, version: u64, name: &str) -> proto::Policy {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);

@@ -18,13 +18,30 @@ use crate::topology::labels::RuleText;
 use crate::topology::{GraphQuery, Naming, Topology};
 
 pub struct AdminApi {
-    enrollment: Enrollment,
-    registry: Registry,
-    policies: Policies,
-    topology: Topology,
-    events: Events,
-    naming: Naming,
-    mirrors: crate::mirror::Mirrors,
+    pub enrollment: Enrollment,
+    pub registry: Registry,
+    pub policies: Policies,
+    pub topology: Topology,
+    pub events: Events,
+    pub naming: Naming,
+    pub mirrors: crate::mirror::Mirrors,
+    pub console: crate::console::Access,
+    /// `http://HOST:PORT/`, where operators open the console.
+    pub console_url: String,
+}
+
+/// Console tokens live from a minute to a month.
+const CONSOLE_TTL: (Duration, Duration) =
+    (Duration::from_secs(60), Duration::from_secs(30 * 86_400));
+
+fn console_token(t: crate::console::ConsoleToken) -> proto::ConsoleToken {
+    proto::ConsoleToken {
+        id: t.id,
+        created_by: t.created_by,
+        created_at_unix_nanos: t.created_at_ms.saturating_mul(1_000_000),
+        expires_at_unix_nanos: t.expires_at_ms.saturating_mul(1_000_000),
+        description: t.description,
+    }
 }
 
 type EventStream = std::pin::Pin<
@@ -32,26 +49,6 @@ type EventStream = std::pin::Pin<
 >;
 
 impl AdminApi {
-    pub fn new(
-        enrollment: Enrollment,
-        registry: Registry,
-        policies: Policies,
-        topology: Topology,
-        events: Events,
-        naming: Naming,
-        mirrors: crate::mirror::Mirrors,
-    ) -> Self {
-        Self {
-            enrollment,
-            registry,
-            policies,
-            topology,
-            events,
-            naming,
-            mirrors,
-        }
-    }
-
     /// Every agent known by enrollment or by a session, joined by id.
     async fn agents(&self) -> Vec<proto::AgentInfo> {
         let enrolled: BTreeMap<String, EnrolledAgent> = self
@@ -470,6 +467,70 @@ impl AdminService for AdminApi {
         )
         .await;
         Ok(Response::new(graph))
+    }
+
+    async fn create_console_token(
+        &self,
+        request: Request<proto::CreateConsoleTokenRequest>,
+    ) -> Result<Response<proto::CreateConsoleTokenResponse>, Status> {
+        let operator = auth::operator(&request)?;
+        let req = request.into_inner();
+        let ttl = Duration::from_millis(req.ttl_ms);
+        if ttl < CONSOLE_TTL.0 || ttl > CONSOLE_TTL.1 {
+            return Err(Status::invalid_argument(format!(
+                "ttl {} is out of range 1m..=30d",
+                tapgraph::units::format_duration(ttl)
+            )));
+        }
+        if req.description.len() > 256 {
+            return Err(Status::invalid_argument(
+                "description is longer than 256 bytes",
+            ));
+        }
+        let (text, token) = self
+            .console
+            .tokens
+            .create(ttl, req.description, operator.clone())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(%operator, token = %token.id, ttl = ?ttl, "console token created");
+        Ok(Response::new(proto::CreateConsoleTokenResponse {
+            id: token.id.clone(),
+            url: format!("{}?token={text}", self.console_url),
+            token: text,
+            expires_at_unix_nanos: token.expires_at_ms.saturating_mul(1_000_000),
+            required: self.console.required,
+        }))
+    }
+
+    async fn list_console_tokens(
+        &self,
+        request: Request<proto::ListConsoleTokensRequest>,
+    ) -> Result<Response<proto::ListConsoleTokensResponse>, Status> {
+        auth::operator(&request)?;
+        let tokens = self
+            .console
+            .tokens
+            .list()
+            .into_iter()
+            .map(console_token)
+            .collect();
+        Ok(Response::new(proto::ListConsoleTokensResponse { tokens }))
+    }
+
+    async fn revoke_console_token(
+        &self,
+        request: Request<proto::RevokeConsoleTokenRequest>,
+    ) -> Result<Response<proto::RevokeConsoleTokenResponse>, Status> {
+        let operator = auth::operator(&request)?;
+        let id = request.into_inner().id;
+        match self.console.tokens.revoke(&id) {
+            Ok(true) => {
+                tracing::info!(%operator, token = %id, "console token revoked");
+                Ok(Response::new(proto::RevokeConsoleTokenResponse {}))
+            }
+            Ok(false) => Err(Status::not_found(format!("no console token {id}"))),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
     }
 
     async fn get_label_rules(

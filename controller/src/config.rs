@@ -38,6 +38,9 @@ pub struct ControllerConfig {
     pub default_policy: PolicySpec,
     /// Mirror the map into Neo4j (or another Bolt server), when configured.
     pub neo4j: Option<crate::sink::Neo4jSettings>,
+    /// The web console and the HTTP API ask for an access token even on loopback
+    /// (`console.auth = "token"`); beyond loopback they always do.
+    pub console_token_always: bool,
 }
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -73,6 +76,7 @@ fn known_keys() -> Vec<String> {
         "graph.neo4j.batch_size",
         "graph.neo4j.interval",
         "graph.neo4j.last_seen_step",
+        "console.auth",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -169,6 +173,13 @@ impl ControllerConfig {
         };
         let reverse_dns = c.bool("topology.reverse_dns", false);
         let neo4j = neo4j_settings(&mut c);
+        let console_token_always = c.parse("console.auth", false, |s: &str| match s {
+            "auto" => Ok(false),
+            "token" => Ok(true),
+            other => Err(format!(
+                "`{other}`: auto (a token beyond loopback) or token (always)"
+            )),
+        });
         if topology.retention < topology.ttl {
             c.fail("topology.retention", "must be at least topology.ttl");
         }
@@ -201,6 +212,7 @@ impl ControllerConfig {
             reverse_dns,
             default_policy,
             neo4j,
+            console_token_always,
         })
     }
 }

@@ -1,37 +1,67 @@
-//! Plain HTTP for probes, the read-only API and Prometheus: `/healthz`, `/readyz`,
-//! `/api/v1/agents`, `/api/v1/topology/stats`, `/api/v1/mirror`, `/metrics`.
+//! Plain HTTP for probes, the web console, the read-only API and Prometheus: `/healthz`, `/readyz`,
+//! `/metrics`; `/` (the console, see [`crate::console`]); `/api/v1/agents`, `/api/v1/graph`,
+//! `/api/v1/graph/export`, `/api/v1/policies`, `/api/v1/topology/stats`, `/api/v1/mirror` and
+//! `/api/v1/events` (server-sent events the console follows).
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::json;
+use tapgraph::policy::PolicySpec;
+use tokio_util::sync::CancellationToken;
 
+use crate::enrollment::Enrollment;
+use crate::events::Events;
+use crate::policies::Policies;
 use crate::registry::Registry;
-use crate::topology::Topology;
+use crate::topology::{GraphQuery, Naming, Topology};
 
 #[derive(Clone)]
 pub struct HttpState {
     pub registry: Registry,
     pub topology: Topology,
+    pub enrollment: Enrollment,
+    pub naming: Naming,
+    pub policies: Policies,
+    pub events: Events,
     /// Set once the gRPC listener is bound and state is loaded.
     pub ready: Arc<AtomicBool>,
     /// The Neo4j sink, when one is configured.
     pub sink: Option<crate::sink::SinkHandle>,
     pub mirrors: crate::mirror::Mirrors,
+    pub access: crate::console::Access,
+    /// Ends the event streams at shutdown, which would otherwise hold it up.
+    pub stop: CancellationToken,
 }
 
 pub fn router(state: HttpState) -> Router {
+    let access = state.access.clone();
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/agents", get(agents))
+        .route("/api/v1/graph", get(graph))
+        .route("/api/v1/graph/export", get(graph_export))
+        .route("/api/v1/policies", get(policies))
         .route("/api/v1/topology/stats", get(topology_stats))
         .route("/api/v1/mirror", get(mirror_stats))
+        .route("/api/v1/events", get(events))
         .route("/metrics", get(crate::metrics::serve))
+        .fallback(crate::console::asset)
+        .layer(axum::middleware::from_fn_with_state(
+            access,
+            crate::console::guard,
+        ))
         .with_state(state)
 }
 
@@ -45,6 +75,113 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
 
 async fn agents(State(state): State<HttpState>) -> impl IntoResponse {
     Json(state.registry.list().await)
+}
+
+#[derive(Deserialize, Default)]
+struct GraphParams {
+    /// Include edges not seen within the TTL.
+    #[serde(default)]
+    inactive: bool,
+    /// Include the agents' own connections to the controller (exports leave them out unless asked).
+    control: Option<bool>,
+    format: Option<String>,
+}
+
+async fn decorated(
+    state: &HttpState,
+    include_control: bool,
+    include_inactive: bool,
+) -> tapgraph::proto::Graph {
+    crate::topology::view::graph(
+        &state.topology,
+        &state.enrollment,
+        &state.naming,
+        GraphQuery {
+            include_control,
+            include_inactive,
+        },
+    )
+    .await
+}
+
+/// The decorated map with the control plane (the console hides it by default), and the
+/// generation it was read at.
+async fn graph(State(state): State<HttpState>, Query(p): Query<GraphParams>) -> impl IntoResponse {
+    // Read before the graph: a change while it is built bumps it again and the console refetches.
+    let generation = state.topology.generation();
+    let g = decorated(&state, p.control.unwrap_or(true), p.inactive).await;
+    let mut v = tapgraph::graph::to_json(&g);
+    v["generation"] = json!(generation);
+    Json(v)
+}
+
+/// The whole map as a download: `format=json|graphml|dot`.
+async fn graph_export(State(state): State<HttpState>, Query(p): Query<GraphParams>) -> Response {
+    let format = match tapgraph::graph::Format::parse(p.format.as_deref().unwrap_or("json")) {
+        Ok(f) => f,
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({ "error": e }))).into_response(),
+    };
+    let g = decorated(&state, p.control.unwrap_or(false), p.inactive).await;
+    let (extension, media) = format.file();
+    (
+        [
+            (header::CONTENT_TYPE, media.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"tapgraph-map.{extension}\""),
+            ),
+        ],
+        tapgraph::graph::export(&g, format),
+    )
+        .into_response()
+}
+
+/// Policies with their selectors and settings, and the rollout: which agent runs which version.
+async fn policies(State(state): State<HttpState>) -> impl IntoResponse {
+    let policies: Vec<_> = state
+        .policies
+        .list()
+        .await
+        .into_iter()
+        .map(|p| {
+            let spec = PolicySpec::from_proto(&p.spec.0)
+                .map(|s| s.to_json())
+                .unwrap_or_else(|e| json!({ "error": e.to_string() }));
+            json!({
+                "name": p.name,
+                "selector": p.selector.to_string(),
+                "version": p.version,
+                "spec": spec,
+                "updated_at": tapgraph::time::rfc3339(tapgraph::time::from_unix_nanos(
+                    p.updated_at_ms.saturating_mul(1_000_000),
+                )),
+            })
+        })
+        .collect();
+    let rollout: Vec<_> = state
+        .registry
+        .policy_status(None)
+        .await
+        .into_iter()
+        .map(|s| {
+            let status = if !s.error.is_empty() {
+                "refused"
+            } else if s.pending {
+                "pending"
+            } else {
+                "applied"
+            };
+            json!({
+                "agent_id": s.agent_id,
+                "policy": s.policy_name,
+                "version_wanted": s.version_wanted,
+                "version_applied": s.version_applied,
+                "state": status,
+                "error": (!s.error.is_empty()).then_some(s.error),
+            })
+        })
+        .collect();
+    Json(json!({ "policies": policies, "rollout": rollout }))
 }
 
 /// The map's counters, and the Neo4j sink's under `neo4j` when one is configured.
@@ -62,4 +199,81 @@ async fn topology_stats(State(state): State<HttpState>) -> impl IntoResponse {
 /// Mirrored packets per agent and target: received, written, dropped by reason, delay.
 async fn mirror_stats(State(state): State<HttpState>) -> impl IntoResponse {
     Json(state.mirrors.stats())
+}
+
+/// How often the stream looks at the map's generation.
+const GRAPH_POLL: Duration = Duration::from_millis(250);
+/// The fleet is announced at least this often, for its rates and last-seen times.
+const FLEET_EVERY: Duration = Duration::from_secs(5);
+
+struct Watch {
+    events: tokio::sync::broadcast::Receiver<tapgraph::proto::Event>,
+    topology: Topology,
+    ticker: tokio::time::Interval,
+    /// Generation last announced; 0 announces the current one first.
+    generation: u64,
+    graph_due: bool,
+    fleet_due: bool,
+    fleet_at: Instant,
+    stop: CancellationToken,
+}
+
+/// Server-sent events: `graph` when the map changed (or an agent's state, which the map shows),
+/// `fleet` when agents did and every 5 s, `event` for each live event (as `tapgraphctl events`).
+async fn events(
+    State(state): State<HttpState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let mut ticker = tokio::time::interval(GRAPH_POLL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let watch = Watch {
+        events: state.events.subscribe(),
+        topology: state.topology.clone(),
+        ticker,
+        generation: 0,
+        graph_due: false,
+        fleet_due: true,
+        fleet_at: Instant::now(),
+        stop: state.stop.clone(),
+    };
+    let stream = futures::stream::unfold(watch, |mut w| async move {
+        loop {
+            if w.graph_due || w.topology.generation() != w.generation {
+                w.graph_due = false;
+                w.generation = w.topology.generation();
+                let e = Event::default()
+                    .event("graph")
+                    .data(json!({ "generation": w.generation }).to_string());
+                return Some((Ok(e), w));
+            }
+            if w.fleet_due || w.fleet_at.elapsed() >= FLEET_EVERY {
+                w.fleet_due = false;
+                w.fleet_at = Instant::now();
+                return Some((Ok(Event::default().event("fleet").data("{}")), w));
+            }
+            tokio::select! {
+                _ = w.stop.cancelled() => return None,
+                received = w.events.recv() => match received {
+                    Ok(ev) => {
+                        w.graph_due = true;
+                        w.fleet_due = true;
+                        let data = json!({
+                            "at": tapgraph::time::rfc3339(tapgraph::time::from_unix_nanos(ev.at_unix_nanos)),
+                            "agent_id": ev.agent_id,
+                            "kind": ev.kind,
+                            "message": ev.message,
+                            "fields": ev.fields,
+                        });
+                        return Some((Ok(Event::default().event("event").data(data.to_string())), w));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        w.graph_due = true;
+                        w.fleet_due = true;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                },
+                _ = w.ticker.tick() => {}
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }

@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod config;
+mod console;
 mod enrollment;
 mod events;
 mod health;
@@ -216,6 +217,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     // Loaded before the listener serves, so the first agent already gets its stored policy.
     let store_for_topology = store.clone();
     let rules_store = store.clone();
+    let console_store = store.clone();
     let (policies, policies_task) = policies::Policies::spawn(
         store,
         &config.default_policy,
@@ -268,15 +270,22 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         tasks.spawn("neo4j-sink", sink.run(stop.clone()));
         handle
     });
-    let admin = AdminServiceServer::new(admin::AdminApi::new(
-        enrollment.clone(),
-        registry.clone(),
-        policies.clone(),
-        topology.clone(),
-        events,
-        naming,
-        mirrors.clone(),
-    ));
+    let access = console::Access {
+        tokens: console::ConsoleTokens::load(console_store)?,
+        required: config.console_token_always || !config.http_listen.ip().is_loopback(),
+    };
+    let console_url = console_url(&config, http_addr);
+    let admin = AdminServiceServer::new(admin::AdminApi {
+        enrollment: enrollment.clone(),
+        registry: registry.clone(),
+        policies: policies.clone(),
+        topology: topology.clone(),
+        events: events.clone(),
+        naming: naming.clone(),
+        mirrors: mirrors.clone(),
+        console: access.clone(),
+        console_url: console_url.clone(),
+    });
     let incoming = tapgraph::transport::tls_incoming(grpc_listener, tls, config.handshake_timeout);
     let grpc_stop = stop.clone();
     tasks.spawn("grpc", async move {
@@ -302,9 +311,15 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     let http_state = http::HttpState {
         registry: registry.clone(),
         topology: topology.clone(),
+        enrollment: enrollment.clone(),
+        naming,
+        policies: policies.clone(),
+        events,
         ready: ready.clone(),
         sink,
         mirrors: mirrors.clone(),
+        access: access.clone(),
+        stop: stop.clone(),
     };
     let http_stop = stop.clone();
     tasks.spawn("http", async move {
@@ -323,6 +338,9 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         http = %http_addr,
         state_dir = %config.state_dir.display(),
         ca_fingerprint = %fingerprint,
+        console = %console_url,
+        console_token = access.required,
+        console_built = console::built(),
         version = tapgraph::VERSION,
         "controller ready"
     );
@@ -337,4 +355,24 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     tasks.drain(config.shutdown_timeout).await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// Where operators open the console: the HTTP listener's address, or the first server name when
+/// it listens on every address.
+fn console_url(config: &ControllerConfig, bound: std::net::SocketAddr) -> String {
+    let host = if bound.ip().is_unspecified() {
+        config
+            .pki
+            .server_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into())
+    } else {
+        bound.ip().to_string()
+    };
+    if host.contains(':') {
+        format!("http://[{host}]:{}/", bound.port())
+    } else {
+        format!("http://{host}:{}/", bound.port())
+    }
 }

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::anyhow;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
+use tapgraph::graph::{edge_json, protocol_name};
 use tapgraph::proto::{self, admin_service_client::AdminServiceClient};
 use tonic::transport::Channel;
 
@@ -109,6 +110,20 @@ enum Format {
     Graphml,
 }
 
+impl From<Format> for tapgraph::graph::Format {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Json => Self::Json,
+            Format::Dot => Self::Dot,
+            Format::Graphml => Self::Graphml,
+        }
+    }
+}
+
+fn export(g: &proto::Graph, format: Format) -> String {
+    tapgraph::graph::export(g, format.into())
+}
+
 async fn fetch(
     admin: &mut AdminServiceClient<Channel>,
     f: &Filter,
@@ -149,14 +164,6 @@ fn display(node_id: &str, nodes: &BTreeMap<&str, &proto::GraphNode>) -> String {
             None => n.name.clone(),
         },
         None => node_id.to_string(),
-    }
-}
-
-fn protocol_name(p: i32) -> &'static str {
-    match proto::Protocol::try_from(p) {
-        Ok(proto::Protocol::Tcp) => "tcp",
-        Ok(proto::Protocol::Udp) => "udp",
-        _ => "?",
     }
 }
 
@@ -208,14 +215,6 @@ fn node_labels(g: &proto::Graph) -> BTreeMap<&str, BTreeMap<String, String>> {
             (n.id.as_str(), l)
         })
         .collect()
-}
-
-fn edge_json(e: &proto::GraphEdge) -> serde_json::Value {
-    json!({
-        "from": e.from, "to": e.to, "port": e.port, "protocol": protocol_name(e.protocol),
-        "process": e.process, "sockets": e.sockets, "active": e.active, "control_plane": e.control_plane,
-        "first_seen": ns_time(e.first_seen_unix_nanos), "last_seen": ns_time(e.last_seen_unix_nanos),
-    })
 }
 
 fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
@@ -388,87 +387,6 @@ fn clusters(g: &proto::Graph, hide: &[String], hub_degree: Option<usize>) -> Vec
     }
     out.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
     out
-}
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-fn export(g: &proto::Graph, format: Format) -> String {
-    match format {
-        Format::Json => {
-            let v = json!({
-                "nodes": g.nodes.iter().map(|n| json!({"id": n.id, "kind": n.kind, "name": n.name, "properties": n.properties})).collect::<Vec<_>>(),
-                "edges": g.edges.iter().map(|e| { let mut v = edge_json(e); v["kind"] = json!(e.kind); v }).collect::<Vec<_>>(),
-            });
-            format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
-        }
-        Format::Dot => {
-            let mut out = String::from("digraph tapgraph {\n  rankdir=LR;\n");
-            for n in &g.nodes {
-                let shape = match n.kind.as_str() {
-                    "host" => "box",
-                    "service" => "ellipse",
-                    _ => "diamond",
-                };
-                out.push_str(&format!(
-                    "  \"{}\" [label=\"{}\", shape={shape}];\n",
-                    n.id,
-                    n.name.replace('"', "'")
-                ));
-            }
-            for e in &g.edges {
-                let label = if e.kind == "CONNECTS_TO" {
-                    format!("{}/{} {}", e.port, protocol_name(e.protocol), e.process)
-                } else {
-                    e.kind.to_lowercase()
-                };
-                let style = if e.kind == "CONNECTS_TO" {
-                    "solid"
-                } else {
-                    "dotted"
-                };
-                out.push_str(&format!(
-                    "  \"{}\" -> \"{}\" [label=\"{}\", style={style}];\n",
-                    e.from,
-                    e.to,
-                    label.trim().replace('"', "'")
-                ));
-            }
-            out.push_str("}\n");
-            out
-        }
-        Format::Graphml => {
-            let mut out = String::from(
-                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<graphml xmlns=\"http://graphml.graphdrawing.org/xmlns\">\n\
-                 <key id=\"kind\" for=\"all\" attr.name=\"kind\" attr.type=\"string\"/>\n\
-                 <key id=\"name\" for=\"node\" attr.name=\"name\" attr.type=\"string\"/>\n\
-                 <key id=\"port\" for=\"edge\" attr.name=\"port\" attr.type=\"int\"/>\n\
-                 <key id=\"protocol\" for=\"edge\" attr.name=\"protocol\" attr.type=\"string\"/>\n\
-                 <key id=\"process\" for=\"edge\" attr.name=\"process\" attr.type=\"string\"/>\n\
-                 <key id=\"sockets\" for=\"edge\" attr.name=\"sockets\" attr.type=\"int\"/>\n\
-                 <key id=\"active\" for=\"edge\" attr.name=\"active\" attr.type=\"boolean\"/>\n\
-                 <graph id=\"tapgraph\" edgedefault=\"directed\">\n",
-            );
-            for n in &g.nodes {
-                out.push_str(&format!(
-                    "  <node id=\"{}\"><data key=\"kind\">{}</data><data key=\"name\">{}</data></node>\n",
-                    xml(&n.id), xml(&n.kind), xml(&n.name)
-                ));
-            }
-            for e in &g.edges {
-                out.push_str(&format!(
-                    "  <edge source=\"{}\" target=\"{}\"><data key=\"kind\">{}</data><data key=\"port\">{}</data><data key=\"protocol\">{}</data><data key=\"process\">{}</data><data key=\"sockets\">{}</data><data key=\"active\">{}</data></edge>\n",
-                    xml(&e.from), xml(&e.to), xml(&e.kind), e.port, protocol_name(e.protocol), xml(&e.process), e.sockets, e.active
-                ));
-            }
-            out.push_str("</graph>\n</graphml>\n");
-            out
-        }
-    }
 }
 
 /// `tapgraphctl host show NAME`: what a host depends on, and what depends on it.

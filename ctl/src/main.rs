@@ -1,6 +1,7 @@
 //! tapgraphctl: the operator's command line.
 
 mod client;
+mod console;
 mod graph;
 mod mirror;
 mod policy;
@@ -82,6 +83,9 @@ enum Command {
     Host(HostCommand),
     /// The virtual TAP: each agent's capture and what became of its packets at each target.
     Mirror(mirror::MirrorArgs),
+    /// The web console's access tokens.
+    #[command(subcommand)]
+    Console(console::ConsoleCommand),
     /// Follow live events: agent connects and disconnects, policy rollouts, acks and refusals,
     /// label changes, revocations. Runs until interrupted, or until --count events.
     Events {
@@ -507,6 +511,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Policy(command) => policy::run(&mut admin, command, json).await?,
         Command::Graph(args) => graph::run(&mut admin, args, json).await?,
         Command::Mirror(args) => mirror::run(&mut admin, args, json).await?,
+        Command::Console(command) => console::run(&mut admin, command, json).await?,
         Command::Host(HostCommand::Show { name }) => {
             graph::show_host(&mut admin, &name, json).await?
         }

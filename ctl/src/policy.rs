@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use tapgraph::policy::{CaptureMode, PolicySpec, Target};
 use tapgraph::proto::{self, admin_service_client::AdminServiceClient};
-use tapgraph::units::{format_bitrate, format_duration, parse_bitrate, parse_duration};
+use tapgraph::units::{format_duration, parse_bitrate, parse_duration};
 use tonic::transport::Channel;
 
 use crate::{Failure, print_json, table};
@@ -195,26 +195,16 @@ fn spec_of(p: &proto::StoredPolicy) -> Result<PolicySpec, Failure> {
 }
 
 fn policy_json(p: &proto::StoredPolicy) -> Result<serde_json::Value, Failure> {
-    let s = spec_of(p)?;
-    Ok(json!({
+    let mut v = json!({
         "name": p.name,
         "selector": selector_text(p.selector.as_ref()),
         "version": p.policy.as_ref().map_or(0, |x| x.version),
-        "capture": s.capture,
-        "interface": s.interface,
-        "filter": s.filter,
-        "snaplen": s.snaplen,
-        "mode": format!("{:?}", s.mode).to_lowercase(),
-        "limit": format_bitrate(s.limit_bps),
-        "check_interval": format_duration(s.check_interval),
-        "breach_intervals": s.breach_intervals,
-        "target": s.target.to_string(),
-        "snapshot_interval": format_duration(s.snapshot_interval),
-        "heartbeat_interval": format_duration(s.heartbeat_interval),
-        "batch_packets": s.batch_packets,
-        "batch_delay": format_duration(s.batch_delay),
-        "buffer_timeout": format_duration(s.buffer_timeout),
-    }))
+    });
+    if let (Some(out), serde_json::Value::Object(spec)) = (v.as_object_mut(), spec_of(p)?.to_json())
+    {
+        out.extend(spec);
+    }
+    Ok(v)
 }
 
 fn state_of(s: &proto::AgentPolicyStatus) -> &'static str {

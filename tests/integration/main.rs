@@ -1,6 +1,7 @@
 //! End-to-end tests with the real binaries. Build them first: `cargo build --workspace --bins`
 //! (`scripts/test` does it).
 
+mod console;
 mod enrollment;
 mod harness;
 mod health;

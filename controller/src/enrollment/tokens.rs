@@ -37,11 +37,11 @@ pub struct Token {
     pub revoked: bool,
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn hash(secret: &str) -> String {
+pub(crate) fn hash(secret: &str) -> String {
     hex(&Sha256::digest(secret.as_bytes()))
 }
 
@@ -100,17 +100,19 @@ impl Token {
 
 /// Splits a token text into (id, secret).
 pub fn parse(text: &str) -> Result<(&str, &str), TokenError> {
+    split(PREFIX, text).ok_or(TokenError::Malformed)
+}
+
+/// `PREFIX.<16 hex>.<32 hex>` into (id, secret); `None` for anything else.
+pub(crate) fn split<'a>(prefix: &str, text: &'a str) -> Option<(&'a str, &'a str)> {
     let mut parts = text.trim().split('.');
-    let (Some(PREFIX), Some(id), Some(secret), None) =
+    let (Some(p), Some(id), Some(secret), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(TokenError::Malformed);
+        return None;
     };
     let is_hex = |s: &str, n: usize| s.len() == n && s.chars().all(|c| c.is_ascii_hexdigit());
-    if !is_hex(id, 16) || !is_hex(secret, 32) {
-        return Err(TokenError::Malformed);
-    }
-    Ok((id, secret))
+    (p == prefix && is_hex(id, 16) && is_hex(secret, 32)).then_some((id, secret))
 }
 
 #[cfg(test)]

@@ -1,0 +1,361 @@
+//! The web console: its static files, embedded at build time from `console/dist` (a build without
+//! Node embeds none and serves a page that says how to build them); the access tokens that guard
+//! it and the read-only API when the HTTP listener is reachable beyond loopback; and the security
+//! headers every console and API response carries.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use crate::enrollment::tokens::{hash, hex, split};
+use crate::store::{Batch, Store, StoreError, Table};
+
+const TOKENS: Table = redb::TableDefinition::new("console_tokens");
+const PREFIX: &str = "tgc";
+const COOKIE: &str = "tapgraph_console";
+
+/// What the console may load: its own scripts, styles and API, nothing inline, no framing.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; \
+     connect-src 'self'; font-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+/// The built console (`npm run build` in console/); empty when it was not built.
+#[derive(rust_embed::Embed)]
+#[folder = "../console/dist/"]
+#[allow_missing = true]
+struct Assets;
+
+/// A console access token as stored: only a hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleToken {
+    pub id: String,
+    pub secret_sha256: String,
+    pub created_by: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub description: String,
+}
+
+/// The console's tokens, persisted; cheap to clone.
+#[derive(Clone)]
+pub struct ConsoleTokens {
+    store: Store,
+    tokens: Arc<Mutex<BTreeMap<String, ConsoleToken>>>,
+}
+
+fn now_ms() -> u64 {
+    tapgraph::time::unix_nanos() / 1_000_000
+}
+
+impl ConsoleTokens {
+    pub fn load(store: Store) -> Result<Self, StoreError> {
+        let tokens = store
+            .load::<ConsoleToken>(TOKENS)?
+            .into_iter()
+            .map(|t| (t.id.clone(), t))
+            .collect();
+        Ok(Self {
+            store,
+            tokens: Arc::new(Mutex::new(tokens)),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ConsoleToken>> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new token valid for `ttl`, and its text (shown once). Expired ones are forgotten here.
+    pub fn create(
+        &self,
+        ttl: Duration,
+        description: String,
+        created_by: String,
+    ) -> Result<(String, ConsoleToken), StoreError> {
+        let now = now_ms();
+        let id = hex(&rand::random::<[u8; 8]>());
+        let secret = hex(&rand::random::<[u8; 16]>());
+        let token = ConsoleToken {
+            id: id.clone(),
+            secret_sha256: hash(&secret),
+            created_by,
+            created_at_ms: now,
+            expires_at_ms: now.saturating_add(ttl.as_millis() as u64),
+            description,
+        };
+        let mut batch = Batch::default();
+        batch.put(TOKENS, &id, &token)?;
+        let expired: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|t| t.expires_at_ms <= now)
+            .map(|t| t.id.clone())
+            .collect();
+        for old in &expired {
+            batch.delete(TOKENS, old);
+        }
+        self.store.commit(batch)?;
+        let mut tokens = self.lock();
+        for old in &expired {
+            tokens.remove(old);
+        }
+        tokens.insert(id.clone(), token.clone());
+        Ok((format!("{PREFIX}.{id}.{secret}"), token))
+    }
+
+    /// Unexpired tokens, by id.
+    pub fn list(&self) -> Vec<ConsoleToken> {
+        let now = now_ms();
+        self.lock()
+            .values()
+            .filter(|t| t.expires_at_ms > now)
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets token `id`; false when there is none.
+    pub fn revoke(&self, id: &str) -> Result<bool, StoreError> {
+        if !self.lock().contains_key(id) {
+            return Ok(false);
+        }
+        let mut batch = Batch::default();
+        batch.delete(TOKENS, id);
+        self.store.commit(batch)?;
+        Ok(self.lock().remove(id).is_some())
+    }
+
+    /// The token `text` is, if it is known and unexpired.
+    fn check(&self, text: &str) -> Option<ConsoleToken> {
+        let (id, secret) = split(PREFIX, text)?;
+        let tokens = self.lock();
+        let token = tokens.get(id)?;
+        // Hashes of a 128-bit secret are compared: timing reveals nothing usable.
+        (token.secret_sha256 == hash(secret) && token.expires_at_ms > now_ms())
+            .then(|| token.clone())
+    }
+}
+
+/// Who may see the console and the read-only API.
+#[derive(Clone)]
+pub struct Access {
+    pub tokens: ConsoleTokens,
+    /// A token is required: the listener is reachable beyond loopback, or configuration says so.
+    pub required: bool,
+}
+
+/// Paths any client may read: probes and Prometheus.
+fn open_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+}
+
+fn presented_token(headers: &HeaderMap) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    bearer.or_else(|| {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(name, _)| *name == COOKIE)
+            .map(|(_, value)| value.to_string())
+    })
+}
+
+fn query_token(uri: &Uri) -> Option<&str> {
+    uri.query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token="))
+}
+
+/// Guards everything but the probes and /metrics when a token is required, and puts the security
+/// headers on every response. `/?token=T` with a valid T sets the console's cookie and sends the
+/// browser on to `/`, so the token leaves the address bar and the history.
+pub async fn guard(State(access): State<Access>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
+    if open_path(&path) {
+        return next.run(request).await;
+    }
+    let mut response = if !access.required
+        || presented_token(request.headers()).is_some_and(|t| access.tokens.check(&t).is_some())
+    {
+        next.run(request).await
+    } else if let Some(token) = query_token(request.uri()).and_then(|t| access.tokens.check(t)) {
+        let text = query_token(request.uri()).unwrap_or_default();
+        let max_age = token.expires_at_ms.saturating_sub(now_ms()) / 1000;
+        let cookie =
+            format!("{COOKIE}={text}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}");
+        let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            r.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        r
+    } else {
+        unauthorized(&path)
+    };
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    if path.starts_with("/api/") {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// 401 that says how to get in and nothing else.
+fn unauthorized(path: &str) -> Response {
+    const HOW: &str = "a console access token is required: run `tapgraphctl console token` and open the address it prints";
+    if path.starts_with("/api/") {
+        let body = serde_json::json!({ "error": HOW });
+        return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+    }
+    let page = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>tapgraph</title></head>\
+         <body><h1>tapgraph</h1><p>{}.</p></body></html>\n",
+        HOW.replace('`', "")
+    );
+    html(StatusCode::UNAUTHORIZED, page)
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// Whether the console's files were built into this binary.
+pub fn built() -> bool {
+    Assets::get("index.html").is_some()
+}
+
+/// The console's files: `/` is index.html; hashed assets are cached for good.
+pub async fn asset(uri: Uri) -> Response {
+    let path = uri.path().trim_start_matches('/');
+    if path.starts_with("api/") {
+        let body = serde_json::json!({ "error": format!("no such endpoint: {}", uri.path()) });
+        return (StatusCode::NOT_FOUND, axum::Json(body)).into_response();
+    }
+    let path = if path.is_empty() { "index.html" } else { path };
+    match Assets::get(path) {
+        Some(file) => {
+            let cache = if path.starts_with("assets/") {
+                "public, max-age=31536000, immutable"
+            } else {
+                "no-cache"
+            };
+            let mime = file.metadata.mimetype().to_string();
+            Response::builder()
+                .header(header::CONTENT_TYPE, mime)
+                .header(header::CACHE_CONTROL, cache)
+                .body(Body::from(file.data.into_owned()))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+        None if !built() && path == "index.html" => html(StatusCode::OK, not_built_page()),
+        None => html(
+            StatusCode::NOT_FOUND,
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>tapgraph</title></head>\
+             <body><p>Not found.</p></body></html>\n"
+                .into(),
+        ),
+    }
+}
+
+/// What a controller built without the console shows at `/`.
+fn not_built_page() -> String {
+    "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>tapgraph console</title></head><body>\
+     <h1>tapgraph</h1>\
+     <p>The web console was not built into this controller: it was compiled without <code>console/dist</code>.</p>\
+     <p>Build it with Node.js and npm, then rebuild the controller:</p>\
+     <pre>npm --prefix console ci\nnpm --prefix console run build\ncargo build --workspace --bins</pre>\
+     <p><code>scripts/quickstart</code> and <code>scripts/test</code> do both. The read-only API works without it: \
+     <a href=\"/api/v1/graph\">/api/v1/graph</a>, <a href=\"/api/v1/agents\">/api/v1/agents</a>, \
+     <a href=\"/api/v1/policies\">/api/v1/policies</a>, <a href=\"/api/v1/mirror\">/api/v1/mirror</a>, \
+     <a href=\"/metrics\">/metrics</a>.</p></body></html>\n"
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens() -> (tempfile::TempDir, ConsoleTokens) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store.redb")).unwrap();
+        (dir, ConsoleTokens::load(store).unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_token_checks_until_revoked_and_survives_a_restart() {
+        let (dir, t) = tokens();
+        let (text, token) = t
+            .create(Duration::from_secs(60), "laptop".into(), "alice".into())
+            .unwrap();
+        assert!(text.starts_with("tgc."));
+        assert_eq!(t.check(&text).map(|x| x.id), Some(token.id.clone()));
+        assert!(
+            !serde_json::to_string(&token)
+                .unwrap()
+                .contains(text.rsplit('.').next().unwrap())
+        );
+        drop(t);
+        let again =
+            ConsoleTokens::load(Store::open(&dir.path().join("store.redb")).unwrap()).unwrap();
+        assert!(again.check(&text).is_some(), "tokens persist");
+        assert!(again.revoke(&token.id).unwrap());
+        assert!(again.check(&text).is_none());
+        assert!(!again.revoke(&token.id).unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn wrong_expired_and_malformed_tokens_fail() {
+        let (_dir, t) = tokens();
+        let (text, _) = t
+            .create(Duration::from_secs(60), String::new(), "alice".into())
+            .unwrap();
+        let (id, _) = split(PREFIX, &text).unwrap();
+        assert!(t.check(&format!("tgc.{id}.{}", "0".repeat(32))).is_none());
+        assert!(t.check(&text.replace("tgc.", "tgj.")).is_none());
+        assert!(t.check("tgc.nothex.x").is_none());
+        assert!(t.check("").is_none());
+        let (gone, _) = t
+            .create(Duration::ZERO, String::new(), "alice".into())
+            .unwrap();
+        assert!(t.check(&gone).is_none(), "expired");
+        assert_eq!(t.list().len(), 1, "expired ones are not listed");
+    }
+
+    #[test]
+    fn tokens_are_read_from_bearer_or_cookie() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=b; tapgraph_console=tgc.x.y"),
+        );
+        assert_eq!(presented_token(&h).as_deref(), Some("tgc.x.y"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer tgc.z.w"),
+        );
+        assert_eq!(presented_token(&h).as_deref(), Some("tgc.z.w"));
+        let uri: Uri = "/?x=1&token=tgc.a.b".parse().unwrap();
+        assert_eq!(query_token(&uri), Some("tgc.a.b"));
+    }
+}

@@ -219,7 +219,7 @@ pub async fn guard(State(access): State<Access>, request: Request, next: Next) -
 
 /// 401 that says how to get in and nothing else.
 fn unauthorized(path: &str) -> Response {
-    const HOW: &str = "a console access token is required: run `tapgraphctl console token` and open the address it prints";
+    const HOW: &str = "A console access token is required: run `tapgraphctl console token` and open the address it prints";
     if path.starts_with("/api/") {
         let body = serde_json::json!({ "error": HOW });
         return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();

@@ -214,6 +214,7 @@ class Promises(unittest.TestCase):
         self.assertIn("--out - > tapgraphctl.toml", notes)
         self.assertIn("kubectl -n obs port-forward svc/tg-tapgraph", notes)
         self.assertIn("agent.joinToken.existingSecret", notes)
+        self.assertIn("tapgraphctl -o json console token", notes)
 
 
 def free_port():

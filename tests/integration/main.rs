@@ -3,6 +3,7 @@
 
 mod console;
 mod enrollment;
+mod fleet;
 mod harness;
 mod health;
 mod mirror;

@@ -13,18 +13,18 @@ use crate::harness::{Netns, Proc, World, bin, http_get, require_root, veth, wait
 /// A router namespace `hub` (the controller) with one /30 link per host; hosts route through it.
 /// Fields drop in order: processes first (their logs are printed on failure), then the hosts and the
 /// hub, then the directory holding the logs.
-struct Lab {
-    procs: Vec<Proc>,
-    hosts: Vec<(String, Netns, String)>,
-    hub: Netns,
-    ctl: std::path::PathBuf,
-    world: World,
+pub(crate) struct Lab {
+    pub(crate) procs: Vec<Proc>,
+    pub(crate) hosts: Vec<(String, Netns, String)>,
+    pub(crate) hub: Netns,
+    pub(crate) ctl: std::path::PathBuf,
+    pub(crate) world: World,
 }
 
-const HTTP: &str = "127.0.0.1:7080";
+pub(crate) const HTTP: &str = "127.0.0.1:7080";
 
 impl Lab {
-    fn new(names: &[&str], env: &[(&str, &str)]) -> Lab {
+    pub(crate) fn new(names: &[&str], env: &[(&str, &str)]) -> Lab {
         let world = World::new();
         let hub = Netns::new("hub");
         let out = hub
@@ -73,7 +73,7 @@ impl Lab {
         lab
     }
 
-    fn wait_ready(&self) {
+    pub(crate) fn wait_ready(&self) {
         let http: SocketAddr = HTTP.parse().unwrap();
         wait_for("controller ready", Duration::from_secs(20), || {
             self.hub
@@ -81,13 +81,13 @@ impl Lab {
         });
     }
 
-    fn host(&self, name: &str) -> (&Netns, &str, usize) {
+    pub(crate) fn host(&self, name: &str) -> (&Netns, &str, usize) {
         let i = self.hosts.iter().position(|(n, _, _)| n == name).unwrap();
         (&self.hosts[i].1, &self.hosts[i].2, i + 1)
     }
 
     /// Runs `program args` inside host `name`, kept running until the lab is dropped.
-    fn run(
+    pub(crate) fn run(
         &mut self,
         name: &str,
         label: &str,
@@ -101,11 +101,11 @@ impl Lab {
         self.procs.push(p);
     }
 
-    fn agent(&mut self, name: &str) {
+    pub(crate) fn agent(&mut self, name: &str) {
         self.agent_with(name, &[]);
     }
 
-    fn agent_with(&mut self, name: &str, args: &[&str]) {
+    pub(crate) fn agent_with(&mut self, name: &str, args: &[&str]) {
         self.world.issue_agent(name);
         let (ns, _, net) = self.host(name);
         let mut cmd = self
@@ -118,7 +118,7 @@ impl Lab {
     }
 
     /// tapgraphctl inside the hub, `-o json`.
-    fn ctl(&self, args: &[&str]) -> Value {
+    pub(crate) fn ctl(&self, args: &[&str]) -> Value {
         let out = self
             .hub
             .command(bin("tapgraphctl"))
@@ -137,7 +137,7 @@ impl Lab {
     }
 
     /// The map's CONNECTS_TO edges as `from -> to port/proto process`.
-    fn edges(&self, extra: &[&str]) -> BTreeSet<String> {
+    pub(crate) fn edges(&self, extra: &[&str]) -> BTreeSet<String> {
         let mut args = vec!["graph"];
         args.extend_from_slice(extra);
         self.ctl(&args)
@@ -158,7 +158,7 @@ impl Lab {
     }
 }
 
-fn nginx_conf(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn nginx_conf(dir: &Path) -> std::path::PathBuf {
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
@@ -176,7 +176,7 @@ fn nginx_conf(dir: &Path) -> std::path::PathBuf {
 }
 
 /// A keep-alive HTTP client: one connection, a request every 200 ms.
-const HTTP_CLIENT: &str = "import http.client,sys,time\n\
+pub(crate) const HTTP_CLIENT: &str = "import http.client,sys,time\n\
 c=http.client.HTTPConnection(sys.argv[1],80)\n\
 while True:\n    c.request('GET','/'); c.getresponse().read(); time.sleep(0.2)\n";
 

@@ -139,9 +139,11 @@ pub async fn enroll(params: &EnrollParams, files: &TlsFiles) -> Result<Enrolled,
         .map_err(|status| {
             let message = format!("enrollment refused: {}", status.message());
             match status.code() {
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
-                    EnrollError::transient(message)
-                }
+                // ResourceExhausted: the controller's enrollment rate limit; it says when to retry.
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::ResourceExhausted => EnrollError::transient(message),
                 _ => EnrollError::permanent(message),
             }
         })?

@@ -30,6 +30,13 @@ pub struct ControllerConfig {
     pub idle_timeout: Duration,
     /// Largest gRPC message accepted.
     pub max_message_bytes: usize,
+    /// Live agent sessions at most; more are refused with RESOURCE_EXHAUSTED.
+    pub max_agents: usize,
+    /// Concurrent HTTP/2 streams per connection (an agent uses two: Connect and Mirror).
+    pub max_streams: u32,
+    /// Enrollments per second (token bucket), and the burst above it.
+    pub enroll_rate: f64,
+    pub enroll_burst: u32,
     pub topology: crate::topology::TopologySettings,
     pub label_rules: crate::topology::labels::LabelRules,
     /// Name external addresses by reverse DNS.
@@ -62,6 +69,11 @@ fn known_keys() -> Vec<String> {
         "session.hello_timeout",
         "session.idle_timeout",
         "session.max_message_bytes",
+        "session.max_agents",
+        "session.max_streams",
+        "enrollment.rate",
+        "enrollment.burst",
+        "topology.queue",
         "topology.ttl",
         "topology.retention",
         "topology.max_entries",
@@ -151,6 +163,35 @@ impl ControllerConfig {
                 format!("{max_message_bytes} is out of range 65536..=268435456"),
             );
         }
+        let max_agents = c.value("session.max_agents", 20_000usize);
+        if max_agents == 0 {
+            c.fail("session.max_agents", "must be at least 1");
+        }
+        let max_streams = c.value("session.max_streams", 16u32);
+        if !(2..=1024).contains(&max_streams) {
+            c.fail(
+                "session.max_streams",
+                format!("{max_streams} is out of range 2..=1024"),
+            );
+        }
+        let enroll_rate = c.value("enrollment.rate", 100f64);
+        if !(enroll_rate > 0.0 && enroll_rate <= 100_000.0) {
+            c.fail(
+                "enrollment.rate",
+                format!("{enroll_rate} is out of range (0, 100000] per second"),
+            );
+        }
+        let enroll_burst = c.value("enrollment.burst", 200u32);
+        if enroll_burst == 0 {
+            c.fail("enrollment.burst", "must be at least 1");
+        }
+        let topology_queue = c.value("topology.queue", 4096usize);
+        if !(1..=1_000_000).contains(&topology_queue) {
+            c.fail(
+                "topology.queue",
+                format!("{topology_queue} is out of range 1..=1000000"),
+            );
+        }
         let default_policy = PolicySpec::from_config(&mut c, "policy");
         let topology = crate::topology::TopologySettings {
             ttl: c.duration("topology.ttl", 120 * SECOND, SECOND, 86_400 * SECOND),
@@ -161,6 +202,7 @@ impl ControllerConfig {
                 3650 * 86_400 * SECOND,
             ),
             max_entries: c.value("topology.max_entries", 100_000usize),
+            queue: topology_queue,
         };
         let cidr = c.string("topology.cidr_labels", "");
         let hostname = c.string("topology.hostname_labels", "");
@@ -207,6 +249,10 @@ impl ControllerConfig {
             hello_timeout,
             idle_timeout,
             max_message_bytes,
+            max_agents,
+            max_streams,
+            enroll_rate,
+            enroll_burst,
             topology,
             label_rules,
             reverse_dns,

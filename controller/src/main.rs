@@ -116,7 +116,10 @@ const AFTER_HELP: &str = "\
 Other keys (file or environment only): pki.ca_cert and pki.ca_key (an existing CA),
 pki.server_cert_lifetime (365d), pki.agent_cert_lifetime (24h; agents renew at 70%),
 shutdown_timeout, session.handshake_timeout, session.hello_timeout, session.idle_timeout,
-session.max_message_bytes, and the default policy under policy.* (capture, interface, filter,
+session.max_message_bytes, limits (session.max_agents 20000, session.max_streams 16 per
+connection, enrollment.rate 100/s with enrollment.burst 200, topology.queue 4096 snapshots;
+beyond them requests are refused with RESOURCE_EXHAUSTED and the limit named), console.auth
+(auto: a token beyond loopback; token: always), and the default policy under policy.* (capture, interface, filter,
 snaplen, mode, limit, check_interval, breach_intervals, target, vni, snapshot_interval,
 heartbeat_interval, ...).
 
@@ -204,7 +207,8 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
 
     let events = events::Events::new(1024);
     let agent_health = health::Health::default();
-    let (registry, registry_task) = Registry::spawn(events.clone(), agent_health.clone());
+    let (registry, registry_task) =
+        Registry::spawn(events.clone(), agent_health.clone(), config.max_agents);
     tasks.spawn("registry", registry_task);
     let fingerprint = pki.fingerprint();
     let (enrollment, enrollment_task) = Enrollment::spawn(
@@ -247,9 +251,12 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         },
     ))
     .max_decoding_message_size(config.max_message_bytes);
-    let enroll =
-        EnrollmentServiceServer::new(enrollment::service::EnrollmentApi::new(enrollment.clone()))
-            .max_decoding_message_size(64 * 1024);
+    let enroll = EnrollmentServiceServer::new(enrollment::service::EnrollmentApi::new(
+        enrollment.clone(),
+        config.enroll_rate,
+        config.enroll_burst,
+    ))
+    .max_decoding_message_size(64 * 1024);
     let naming = topology::Naming {
         config_rules: config.label_rules.clone(),
         operator_rules: topology::labels::OperatorRules::load(rules_store)?,
@@ -294,6 +301,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
             // every 64 KiB for a WINDOW_UPDATE round trip. Credit, not memory.
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(8 << 20))
+            .max_concurrent_streams(Some(config.max_streams))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
             .add_service(health_service)

@@ -623,7 +623,7 @@ mod tests {
     #[tokio::test]
     async fn a_scrape_shows_what_the_owners_hold() {
         let health = crate::health::Health::default();
-        let (registry, task) = Registry::spawn(crate::events::Events::new(16), health.clone());
+        let (registry, task) = Registry::spawn(crate::events::Events::new(16), health.clone(), 10);
         tokio::spawn(task);
         let (outbound, _pushed) = tokio::sync::mpsc::channel(16);
         let hello = proto::Hello {

@@ -42,7 +42,7 @@ enum Command {
         labels: BTreeMap<String, String>,
         remote: SocketAddr,
         outbound: Outbound,
-        reply: oneshot::Sender<Registered>,
+        reply: oneshot::Sender<Result<Registered, Status>>,
     },
     SetPolicies {
         policies: Vec<StoredPolicy>,
@@ -269,7 +269,12 @@ pub struct Registry {
 impl Registry {
     /// Starts the registry task. Agents receive the policy that resolves for them (see
     /// [`Registry::set_policies`], called before any agent can connect).
-    pub fn spawn(events: Events, health: Health) -> (Self, impl std::future::Future<Output = ()>) {
+    /// The registry task, holding at most `max_sessions` live agent sessions.
+    pub fn spawn(
+        events: Events,
+        health: Health,
+        max_sessions: usize,
+    ) -> (Self, impl std::future::Future<Output = ()>) {
         let (tx, rx) = mpsc::channel(1024);
         let placeholder = StoredPolicy {
             name: policies::DEFAULT_NAME.into(),
@@ -283,6 +288,7 @@ impl Registry {
         let task = RegistryTask {
             agents: BTreeMap::new(),
             next_session: 1,
+            max_sessions,
             policies: Vec::new(),
             default: placeholder,
             events,
@@ -366,7 +372,7 @@ impl Registry {
             reply,
         })
         .await
-        .ok_or_else(|| Status::unavailable("controller shutting down"))
+        .unwrap_or_else(|| Err(Status::unavailable("controller shutting down")))
     }
 
     pub async fn message(&self, agent_id: &str, session: u64, msg: Msg) {
@@ -459,6 +465,8 @@ impl Drop for SessionGuard {
 struct RegistryTask {
     agents: BTreeMap<String, Agent>,
     next_session: u64,
+    /// Live sessions at most (`session.max_agents`); a new agent beyond is refused.
+    max_sessions: usize,
     policies: Vec<StoredPolicy>,
     default: StoredPolicy,
     events: Events,
@@ -590,7 +598,15 @@ impl RegistryTask {
         labels: BTreeMap<String, String>,
         remote: SocketAddr,
         outbound: Outbound,
-    ) -> Registered {
+    ) -> Result<Registered, Status> {
+        let reconnecting = self.agents.get(&agent_id).is_some_and(|a| a.live.is_some());
+        let live = || self.agents.values().filter(|a| a.live.is_some()).count();
+        if !reconnecting && live() >= self.max_sessions {
+            return Err(Status::resource_exhausted(format!(
+                "controller at its session limit ({} agents, session.max_agents): retry later",
+                self.max_sessions
+            )));
+        }
         let session = self.next_session;
         self.next_session += 1;
         let now = unix_ms(SystemTime::now());
@@ -679,7 +695,7 @@ impl RegistryTask {
         );
         self.push_policy(&agent_id);
         self.update_state(&agent_id, false);
-        Registered { session, closed }
+        Ok(Registered { session, closed })
     }
 
     fn mirror_route(&self, id: &str) -> Option<MirrorRoute> {

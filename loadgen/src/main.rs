@@ -90,6 +90,8 @@ struct Cli {
 #[derive(Default)]
 struct Stats {
     enrolled: AtomicU64,
+    /// Enrollments told to retry later (the controller's rate limit).
+    enroll_retries: AtomicU64,
     connected: AtomicU64,
     snapshots: AtomicU64,
     entries_sent: AtomicU64,
@@ -164,17 +166,27 @@ async fn identity(
     )
     .await?;
     let (key_pem, csr_pem) = tapgraph::pki::new_key_and_csr(id)?;
-    let response = EnrollmentServiceClient::new(channel)
-        .enroll(proto::EnrollRequest {
-            token: settings.token.clone(),
-            csr_pem,
-            hostname: id.to_string(),
-            machine_id: String::new(),
-            requested_id: id.to_string(),
-        })
-        .await
-        .map_err(|s| anyhow!("enrollment refused: {}", s.message()))?
-        .into_inner();
+    let request = proto::EnrollRequest {
+        token: settings.token.clone(),
+        csr_pem,
+        hostname: id.to_string(),
+        machine_id: String::new(),
+        requested_id: id.to_string(),
+    };
+    let mut client = EnrollmentServiceClient::new(channel);
+    // The controller's enrollment rate limit says when to retry, as a real agent's backoff would.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let response = loop {
+        match client.enroll(request.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && Instant::now() < deadline => {
+                stats.enroll_retries.fetch_add(1, Ordering::Relaxed);
+                let wait = rand::random_range(50..250);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            Err(s) => bail!("enrollment refused: {}", s.message()),
+        }
+    };
     stats.enrolled.fetch_add(1, Ordering::Relaxed);
     if let Some((cert, key, ca)) = &files {
         tapgraph::fsutil::write_private(key, key_pem.as_bytes())?;
@@ -567,6 +579,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "agents": cli.agents,
         "connected": connected_after_ramp,
         "enrolled_now": stats.enrolled.load(Ordering::Relaxed),
+        "enroll_retries": stats.enroll_retries.load(Ordering::Relaxed),
         "ramp_seconds": ramp.as_secs_f64(),
         "connect_ms": { "p50": percentile(&connect, 0.5), "p99": percentile(&connect, 0.99), "max": connect.last().copied().unwrap_or(f64::NAN) },
         "snapshots": stats.snapshots.load(Ordering::Relaxed),

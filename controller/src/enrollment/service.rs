@@ -9,11 +9,51 @@ use crate::auth;
 
 pub struct EnrollmentApi {
     enrollment: Enrollment,
+    limit: RateLimit,
 }
 
 impl EnrollmentApi {
-    pub fn new(enrollment: Enrollment) -> Self {
-        Self { enrollment }
+    /// At most `rate` enrollments per second, `burst` at once.
+    pub fn new(enrollment: Enrollment, rate: f64, burst: u32) -> Self {
+        Self {
+            enrollment,
+            limit: RateLimit::new(rate, burst),
+        }
+    }
+}
+
+/// A token bucket for enrollments: a fleet starting at once (thousands of CSRs to sign, each a
+/// redb commit) is admitted at a steady rate, and the rest are told when to retry.
+struct RateLimit {
+    rate: f64,
+    burst: f64,
+    state: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl RateLimit {
+    fn new(rate: f64, burst: u32) -> Self {
+        Self {
+            rate,
+            burst: f64::from(burst),
+            state: std::sync::Mutex::new((f64::from(burst), std::time::Instant::now())),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&self) -> Result<(), std::time::Duration> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, at) = &mut *state;
+        let now = std::time::Instant::now();
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64(
+                (1.0 - *tokens) / self.rate,
+            ))
+        }
     }
 }
 
@@ -28,6 +68,13 @@ impl EnrollmentService for EnrollmentApi {
         request: Request<proto::EnrollRequest>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
         let peer = auth::peer(&request)?;
+        if let Err(wait) = self.limit.take() {
+            return Err(Status::resource_exhausted(format!(
+                "enrollment rate limit ({}/s, enrollment.rate): retry in {} ms",
+                self.limit.rate,
+                wait.as_millis().max(1)
+            )));
+        }
         let req = request.into_inner();
         if req.hostname.is_empty() || req.hostname.len() > 255 {
             return Err(Status::invalid_argument("hostname must be 1 to 255 bytes"));
@@ -77,5 +124,22 @@ impl EnrollmentService for EnrollmentApi {
             ca_bundle_pem: renewed.ca_pem,
             not_after_unix_nanos: nanos(renewed.not_after_ms),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_admits_the_burst_then_the_rate() {
+        let limit = RateLimit::new(10.0, 3);
+        for _ in 0..3 {
+            assert!(limit.take().is_ok());
+        }
+        let wait = limit.take().unwrap_err();
+        assert!(wait <= std::time::Duration::from_millis(100), "{wait:?}");
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        assert!(limit.take().is_ok(), "a tenth of a second later, one more");
     }
 }

@@ -45,6 +45,9 @@ pub struct TopologySettings {
     pub retention: Duration,
     /// Largest number of rows in one snapshot; a larger one is refused.
     pub max_entries: usize,
+    /// Snapshots waiting to be applied at most. Beyond, the controller is overloaded: a snapshot
+    /// is shed at once (the agent is asked for a full resync later) instead of piling up.
+    pub queue: usize,
 }
 
 /// Why a snapshot was not applied. The session asks the agent for a full resync after any of them.
@@ -58,6 +61,10 @@ pub enum Refusal {
     TooLarge { rows: usize, max: usize },
     #[error("{0}")]
     Store(String),
+    #[error(
+        "controller busy: {queued} snapshots are waiting (topology.queue); this one was shed, send a full one later"
+    )]
+    Busy { queued: usize },
 }
 
 /// Counters of what arrived and what was refused or skipped.
@@ -66,6 +73,8 @@ pub struct Stats {
     pub snapshots_applied: u64,
     pub snapshots_refused_gap: u64,
     pub snapshots_refused_size: u64,
+    /// Shed because the controller was overloaded (the queue was full).
+    pub snapshots_shed_busy: u64,
     pub rows_skipped: u64,
     pub store_errors: u64,
 }
@@ -112,6 +121,8 @@ pub struct Topology {
     tx: mpsc::Sender<Command>,
     /// Bumped whenever the model changes: readers that mirror it can skip a pass when it did not.
     generation: Arc<AtomicU64>,
+    /// Snapshots shed because the queue was full.
+    shed: Arc<AtomicU64>,
 }
 
 fn now_ms() -> u64 {
@@ -135,7 +146,7 @@ impl Topology {
             model.replace(&record.id, record.table, last.min(now));
             sequences.insert(record.id, record.sequence);
         }
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let generation = Arc::new(AtomicU64::new(1));
         let task = Task {
             generation: generation.clone(),
@@ -145,7 +156,15 @@ impl Topology {
             settings,
             stats: Stats::default(),
         };
-        Ok((Self { tx, generation }, task.run(rx)))
+        let shed = Arc::new(AtomicU64::new(0));
+        Ok((
+            Self {
+                tx,
+                generation,
+                shed,
+            },
+            task.run(rx),
+        ))
     }
 
     /// Changes when the model does (snapshots applied, edges expired).
@@ -168,8 +187,17 @@ impl Topology {
             snapshot: Box::new(snapshot),
             reply,
         };
-        if self.tx.send(cmd).await.is_err() {
-            return Err(Refusal::Store("topology task stopped".into()));
+        match self.tx.try_send(cmd) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.shed.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::Busy {
+                    queued: self.tx.max_capacity(),
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(Refusal::Store("topology task stopped".into()));
+            }
         }
         rx.await
             .unwrap_or_else(|_| Err(Refusal::Store("topology task stopped".into())))
@@ -184,7 +212,9 @@ impl Topology {
     pub async fn stats(&self) -> Stats {
         let (reply, rx) = oneshot::channel();
         let _ = self.tx.send(Command::Stats { reply }).await;
-        rx.await.unwrap_or_default()
+        let mut stats = rx.await.unwrap_or_default();
+        stats.snapshots_shed_busy = self.shed.load(Ordering::Relaxed);
+        stats
     }
 }
 

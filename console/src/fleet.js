@@ -83,7 +83,9 @@ export function createFleet(root) {
 
   function render() {
     const now = Date.now();
-    const sorted = [...agents].sort((a, b) => (a.hostname || a.id).localeCompare(b.hostname || b.id));
+    // Lost first, then degraded: what needs a look is at the top of a long table.
+    const rank = (a) => (a.state === 'lost' ? 0 : a.state === 'degraded' ? 1 : a.state === 'connected' ? 3 : 2);
+    const sorted = [...agents].sort((a, b) => rank(a) - rank(b) || (a.hostname || a.id).localeCompare(b.hostname || b.id));
     tbody.replaceChildren(...(sorted.length ? sorted.map((a) => row(a, now)) : [el('tr', {}, el('td', { colspan: '12', class: 'muted' }, 'No agent has connected yet.'))]));
     const by = (s) => agents.filter((a) => a.state === s).length;
     summary.textContent = `${agents.length} agents · ${by('connected')} connected · ${by('degraded')} degraded · ${by('lost')} lost`;

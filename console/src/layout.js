@@ -41,5 +41,69 @@ export function layout(view, start = new Map()) {
   const k = median > 0 ? 100 / median : 10;
   const out = new Map();
   g.forEachNode((id, a) => out.set(id, { x: a.x * k, y: a.y * k }));
-  return out;
+  return separate(out, MIN_GAP);
+}
+
+/** Centres closer than this are pushed apart: a node is drawn 22-24 px wide, with its label below. */
+export const MIN_GAP = 45;
+
+/**
+ * Pushes apart nodes whose centres are closer than `gap` (ForceAtlas2 lets a leaf sit on its only
+ * neighbour), a few rounds over a grid of `gap`-sized cells so it stays linear in the node count.
+ */
+export function separate(positions, gap, rounds = 8) {
+  const ids = [...positions.keys()];
+  const p = new Map(ids.map((id) => [id, { ...positions.get(id) }]));
+  for (let round = 0; round < rounds; round++) {
+    const grid = new Map();
+    const cell = (v) => Math.floor(v / gap);
+    for (const id of ids) {
+      const q = p.get(id);
+      const key = `${cell(q.x)},${cell(q.y)}`;
+      if (!grid.has(key)) grid.set(key, []);
+      grid.get(key).push(id);
+    }
+    let moved = false;
+    for (const id of ids) {
+      const a = p.get(id);
+      const cx = cell(a.x);
+      const cy = cell(a.y);
+      for (let dx = -1; dx <= 1; dx++) {
+        for (let dy = -1; dy <= 1; dy++) {
+          for (const other of grid.get(`${cx + dx},${cy + dy}`) || []) {
+            if (other <= id) continue;
+            const b = p.get(other);
+            let vx = b.x - a.x;
+            let vy = b.y - a.y;
+            let d = Math.hypot(vx, vy);
+            if (d >= gap) continue;
+            if (d < 1e-6) {
+              // Same spot: split along a direction derived from the ids, so the result is stable.
+              const angle = (hash(id + other) % 360) * (Math.PI / 180);
+              vx = Math.cos(angle);
+              vy = Math.sin(angle);
+              d = 1;
+            } else {
+              vx /= d;
+              vy /= d;
+            }
+            const push = (gap - Math.min(d, gap)) / 2;
+            a.x -= vx * push;
+            a.y -= vy * push;
+            b.x += vx * push;
+            b.y += vy * push;
+            moved = true;
+          }
+        }
+      }
+    }
+    if (!moved) break;
+  }
+  return p;
+}
+
+function hash(s) {
+  let h = 0;
+  for (let i = 0; i < s.length; i++) h = (Math.imul(h, 31) + s.charCodeAt(i)) >>> 0;
+  return h;
 }

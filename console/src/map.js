@@ -389,7 +389,11 @@ export function createMap(root) {
     }
     $('#search-status').textContent = '';
     select(id);
-    cy.animate({ center: { eles: n }, zoom: Math.max(cy.zoom(), 1.2) }, { duration: 250 });
+    // Centre it in the part of the map the details panel leaves free.
+    const zoom = Math.max(cy.zoom(), 1.2);
+    const free = container.clientWidth - (details.hidden ? 0 : details.offsetWidth);
+    const p = n.position();
+    cy.animate({ zoom, pan: { x: free / 2 - zoom * p.x, y: container.clientHeight / 2 - zoom * p.y } }, { duration: 250 });
     return true;
   }
 

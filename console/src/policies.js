@@ -25,7 +25,8 @@ export function createPolicies(root) {
                 el('td', {}, el('code', {}, p.selector ?? '')),
                 el('td', { class: 'r' }, `v${p.version}`),
                 el('td', {}, spec(p.spec)),
-                el('td', { class: 'muted' }, [p.updated_by, p.updated_at].filter(Boolean).join(' · ')),
+                // The built-in default policy was never updated: its time is the epoch.
+                el('td', { class: 'muted' }, [p.updated_by, p.updated_at && !String(p.updated_at).startsWith('1970-') ? p.updated_at : null].filter(Boolean).join(' · ') || 'built in'),
               ),
             )
           : [el('tr', {}, el('td', { colspan: '5', class: 'muted' }, 'No policy is set.'))]),

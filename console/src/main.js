@@ -29,10 +29,14 @@ const map = createMap(document.getElementById('page-map'));
 const fleet = createFleet(document.getElementById('page-fleet'));
 const policies = createPolicies(document.getElementById('page-policies'));
 
-/** Fetches coalesced: one request in flight per resource, and one more after it if asked meanwhile. */
-function coalesced(fn) {
+/**
+ * Fetches coalesced: one request in flight per resource, one more after it if asked meanwhile, and at
+ * least `gapMs` between two (a busy fleet changes the map several times a second).
+ */
+function coalesced(fn, gapMs = 0) {
   let running = null;
   let again = false;
+  const pause = () => new Promise((resolve) => setTimeout(resolve, gapMs));
   const run = async () => {
     if (running) {
       again = true;
@@ -43,6 +47,7 @@ function coalesced(fn) {
         do {
           again = false;
           await fn();
+          if (again && gapMs) await pause();
         } while (again);
       } finally {
         running = null;
@@ -53,6 +58,8 @@ function coalesced(fn) {
   return run;
 }
 
+const GRAPH_REFETCH_GAP_MS = 1000;
+
 const loadGraph = coalesced(async () => {
   try {
     map.setGraph(await api.graph());
@@ -61,7 +68,7 @@ const loadGraph = coalesced(async () => {
   } catch (e) {
     showError('graph', e);
   }
-});
+}, GRAPH_REFETCH_GAP_MS);
 
 const loadFleet = coalesced(async () => {
   try {

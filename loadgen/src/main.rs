@@ -54,7 +54,7 @@ struct Cli {
     /// Agent ids are PREFIX-00001 and so on.
     #[arg(long, default_value = "sim")]
     prefix: String,
-    /// Connection-table rows per agent.
+    /// Connection-table rows per agent; 0: idle agents (Hello and control records, no snapshots).
     #[arg(long, default_value_t = 200)]
     entries: usize,
     /// Share of rows that change between two snapshots.
@@ -345,7 +345,7 @@ async fn agent(
                     stats.control_records.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            _ = snapshots.tick(), if !first_policy => {
+            _ = snapshots.tick(), if !first_policy && settings.entries > 0 => {
                 sequence += 1;
                 let snapshot = if full_due {
                     full_due = false;
@@ -446,8 +446,8 @@ fn rollout(selector: &str, n: u32) -> anyhow::Result<Instant> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let hold =
         tapgraph::units::parse_duration(&cli.duration).map_err(|e| anyhow!("--duration: {e}"))?;
-    if cli.agents == 0 || cli.entries == 0 || cli.rate == 0 || cli.concurrency == 0 {
-        bail!("--agents, --entries, --rate and --concurrency must be at least 1");
+    if cli.agents == 0 || cli.rate == 0 || cli.concurrency == 0 {
+        bail!("--agents, --rate and --concurrency must be at least 1");
     }
     if !(0.0..=1.0).contains(&cli.churn) {
         bail!("--churn {} is not a share between 0 and 1", cli.churn);

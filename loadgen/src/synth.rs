@@ -12,6 +12,8 @@ const CLUSTER: usize = 20;
 const HUBS: usize = 4;
 const HUB_PORTS: [u32; HUBS] = [53, 5432, 6379, 9092];
 const CLUSTER_PORTS: [u32; 4] = [80, 443, 8080, 9000];
+/// External endpoints (203.0.113.1 and up) the whole fleet shares.
+const EXTERNALS: u32 = 64;
 
 /// The address of agent `i`: 10.C.C.H, C the cluster, H the host in it.
 pub fn address(i: usize) -> String {
@@ -107,7 +109,8 @@ impl Table {
             // Distinct rows: the peer's port is the same, the client process differs.
             outbound(&local, address(peer), port, &format!("worker-{n}"))
         } else {
-            let ext = format!("203.0.{}.{}", (n / 250) % 250, n % 250 + 1);
+            // The outside world is a fixed set of services the fleet keeps calling.
+            let ext = format!("203.0.113.{}", rng.random_range(1..=EXTERNALS));
             outbound(&local, ext, 443, &format!("fetch-{n}"))
         }
     }

@@ -358,7 +358,11 @@ export function createMap(root) {
         'p',
         { class: 'muted' },
         n.kind === 'host' ? `host · agent ${n.name}` : 'external endpoint (no agent owns this address)',
-        n.state ? el('span', { class: `badge state-${n.state}` }, n.state) : null,
+        n.state
+          ? el('span', { class: `badge state-${n.state}` }, n.state)
+          : n.kind === 'host'
+            ? el('span', { class: 'badge', title: 'the controller has not heard from this agent since it started' }, 'state unknown')
+            : null,
       ),
       el('div', { class: 'actions' }, el('button', { type: 'button', id: 'hide-node', onclick: () => hide(id) }, 'Hide this node')),
       labels.length
@@ -426,7 +430,7 @@ export function createMap(root) {
     const n = state.folded.nodes.get(evt.target.id());
     if (!n) return;
     const lines = [n.label];
-    if (n.kind === 'host') lines.push(`agent ${n.name}${n.state ? ` · ${n.state}` : ''}`);
+    if (n.kind === 'host') lines.push(`agent ${n.name} · ${n.state || 'state unknown'}`);
     else lines.push('external endpoint');
     showTooltip(evt, lines);
   });

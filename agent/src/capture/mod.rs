@@ -38,6 +38,10 @@ pub const QUEUE_MAX_BYTES: u64 = 8 << 20;
 const QUEUE_MAX_BATCHES: usize = 256;
 /// How often kernel drop counters are read.
 const STATS_EVERY: Duration = Duration::from_secs(1);
+/// A backlog above this is a burst; once the queue is back below [`BURST_OVER`], the memory it
+/// held is handed back to the system (see [`release_memory`]).
+const BURST_BYTES: u64 = 1 << 20;
+const BURST_OVER: u64 = 64 << 10;
 
 /// What a capture needs from the policy; two policies with equal settings share a capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +211,11 @@ impl QueueRx {
 }
 
 impl QueueTx {
+    /// Bytes of the batches queued now.
+    fn queued_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
     /// Queues a batch without waiting; when the queue is full or over its byte budget the batch
     /// is dropped and counted. Its packets are in flight already (since they were admitted).
     fn offer(&self, batch: Batch, counters: &Counters) {
@@ -364,6 +373,8 @@ struct ReaderState {
     last_ns: u64,
     breach: Option<Breach>,
     kernel_seen: u64,
+    /// The queue held more than [`BURST_BYTES`] since memory was last released.
+    burst: bool,
 }
 
 /// A capture timestamp in Unix nanoseconds: with nanosecond precision requested, libpcap puts
@@ -401,6 +412,7 @@ impl Reader {
             last_ns: after_ns,
             breach: None,
             kernel_seen: 0,
+            burst: false,
         };
         Self {
             cap: prepared.cap,
@@ -441,6 +453,7 @@ impl Reader {
             st.flush();
             if Instant::now() >= next_stats {
                 st.kernel_drops(&mut cap);
+                st.release_after_burst();
                 next_stats = Instant::now() + STATS_EVERY;
             }
         }
@@ -537,6 +550,15 @@ impl ReaderState {
             bytes: buf.len() as u64,
         };
         self.queue.offer(batch, &self.counters);
+        self.burst |= self.queue.queued_bytes() > BURST_BYTES;
+    }
+
+    /// After a burst has drained, gives the memory its batches held back to the system.
+    fn release_after_burst(&mut self) {
+        if self.burst && self.queue.queued_bytes() < BURST_OVER {
+            self.burst = false;
+            release_memory();
+        }
     }
 
     /// Adds the kernel's drops since the last read to the counters.
@@ -550,6 +572,22 @@ impl ReaderState {
         }
     }
 }
+
+/// Returns the heap's free pages to the system. A burst leaves megabytes of batches freed in
+/// glibc's arenas, which glibc keeps (it only trims an arena's top, and the capture thread's
+/// arena is fragmented by batches freed out of order on the stream's thread); without this the
+/// agent's RSS stays at a burst's high-water mark for good.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_memory() {
+    // SAFETY: malloc_trim takes no pointer and has no precondition; it locks each arena itself,
+    // so it is safe to call while other threads allocate.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_memory() {}
 
 /// The agent's virtual TAP across policies and sessions: at most one running capture, the
 /// counters, the queue, and the state reported in control records.

@@ -139,6 +139,10 @@ impl Writer for InterfaceWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+
+    fn quick(&self) -> bool {
+        true
+    }
 }
 
 /// A packet socket that sends on interface `name` and receives nothing.

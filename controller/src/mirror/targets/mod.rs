@@ -74,6 +74,11 @@ impl Written {
 pub trait Writer: Send {
     fn write(&mut self, origin: &Origin<'_>, packets: &[Packet]) -> Written;
     fn flush(&mut self) -> io::Result<()>;
+    /// Whether a write only hands frames to the kernel's network stack, never waiting on a disk
+    /// or a name lookup: a small one may then run on an async thread.
+    fn quick(&self) -> bool {
+        false
+    }
 }
 
 /// Why a target could not be opened: which target, and what to do about it.
@@ -164,6 +169,10 @@ impl Writer for Discard {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    fn quick(&self) -> bool {
+        true
     }
 }
 

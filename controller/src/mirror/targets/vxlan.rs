@@ -115,6 +115,10 @@ impl Writer for VxlanWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+
+    fn quick(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -6,9 +6,11 @@
 #             interface by tc on the far side: the kernel path;
 #   naive     `tcpdump -U -w - | socat - TCP:hub` on the monitored host, `socat TCP-LISTEN - |
 #             tcpreplay -t -i IF -` on the far side: what a sysadmin would script;
-#   tapgraph  the agent and the controller: capture, mTLS gRPC, reinjection (MODE=buffered|immediate).
+#   tapgraph  the agent and the controller: capture, mTLS gRPC, reinjection (MODE=buffered|immediate);
+#   floor     no mirror: what the kernel alone costs per packet to reinject a frame (sendmmsg, or one
+#             send per frame as tcpreplay) and to carry it over plain TCP (C programs, bench/floor/).
 #
-#   sudo bench/mirror.sh                                  # all of it: 6½ minutes, 9½ with tapgraph
+#   sudo bench/mirror.sh                                  # all of it: 10½ minutes
 #   sudo ONLY="kernel naive" SIZES=1400 bench/mirror.sh   # some of it; other knobs below
 #
 # Hosts are network namespaces made here and deleted on exit, with every process started in them:
@@ -52,12 +54,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 [ "$(id -u)" -eq 0 ] || { echo "bench/mirror.sh: needs root (network namespaces)" >&2; exit 1; }
-for tool in ip tc taskset tcpdump tcpreplay socat ethtool ss python3; do
+for tool in ip tc taskset tcpdump tcpreplay socat ethtool ss python3 cc; do
   command -v "$tool" >/dev/null || { echo "bench/mirror.sh: $tool is missing (scripts/install-deps)" >&2; exit 1; }
 done
 
 SIZES=${SIZES:-"64 1400"}
-ONLY=${ONLY:-"capture kernel naive tapgraph"}
+ONLY=${ONLY:-"capture kernel naive tapgraph floor"}
 FLOOD_S=${FLOOD_S:-5}
 TRIAL_S=${TRIAL_S:-3}
 SEARCH_STEPS=${SEARCH_STEPS:-6}
@@ -480,6 +482,31 @@ measure() {
   stop_pipeline
 }
 
+# (e) Floors: what the kernel alone costs, on the same veths and core, for the two things any of
+# these mirrors does per packet beyond capturing it: reinjecting it into hub1 over AF_PACKET
+# (sendmmsg of up to 64 frames, as tapgraph's writer; one send per frame, as tcpreplay), and
+# carrying it over a plain TCP connection from src to hub (no TLS, no HTTP/2), at 50 kpps in 1 ms
+# bursts for CPU_S. Small C programs (bench/floor/), so nothing else is counted.
+FLOOR_ROWS=()
+floors() {
+  local size r64 r1 snd rp
+  cc -O2 -o "$work/bin/reinject" bench/floor/reinject.c || return 1
+  cc -O2 -o "$work/bin/tcpfloor" bench/floor/tcp.c || return 1
+  floor_us() { sed -n 's/.*cpu_per_[a-z]*_us=\([0-9.]*\).*/\1/p' <<<"$1"; }
+  for size in $SIZES; do
+    log "floors, $size B"
+    others save floor
+    r64=$(on1 "$NS_HUB" "$work/bin/reinject" hub1 "$size" 50000 "$CPU_S" 64) || return 1
+    r1=$(on1 "$NS_HUB" "$work/bin/reinject" hub1 "$size" 50000 "$CPU_S" 0) || return 1
+    on1 "$NS_HUB" "$work/bin/tcpfloor" recv 6000 "$size" >"$work/log/tcpfloor-recv.out" &
+    rp=$!; started+=($rp)
+    wait_for "floor receiver" sh -c "ip netns exec $NS_HUB ss -ltn | grep -q ':6000 '"
+    snd=$(on1 "$NS_SRC" "$work/bin/tcpfloor" send 198.18.2.2 6000 "$size" 50000 "$CPU_S") || return 1
+    wait "$rp"
+    FLOOR_ROWS+=("| $size B | $(floor_us "$r64") | $(floor_us "$r1") | $(floor_us "$snd") | $(floor_us "$(cat "$work/log/tcpfloor-recv.out")") | $(others since floor) |")
+  done
+}
+
 for size in $SIZES; do log "no mirror, $size B"; reference "$size"; done
 for what in $ONLY; do
   case $what in
@@ -487,7 +514,8 @@ for what in $ONLY; do
     kernel) measure kernel kernel_mirror 1 ;;
     naive) measure naive naive_pipeline 1 ;;
     tapgraph) tapgraph_build; measure tapgraph tapgraph_pipeline 1 ;;
-    *) echo "bench/mirror.sh: unknown pipeline $what (capture kernel naive tapgraph)" >&2; exit 2 ;;
+    floor) floors || log "floors: not run" ;;
+    *) echo "bench/mirror.sh: unknown pipeline $what (capture kernel naive tapgraph floor)" >&2; exit 2 ;;
   esac
 done
 
@@ -501,3 +529,11 @@ echo
 echo "| pipeline | frame | max rate offered (pps) | delivered at max rate (pps) | zero-loss rate (pps) | process CPU per packet at 50 kpps (µs) | machine CPU per packet at 50 kpps, above no mirror (µs) | delay p50 / p99 / max at 10 kpps, µs (share delivered) | src processes at 10 kpps: CPU / RSS | src idle: CPU / RSS | hub processes at 10 kpps: CPU / RSS | others' load |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
+if [ ${#FLOOR_ROWS[@]} -gt 0 ]; then
+  echo
+  echo "Floors at 50 kpps: CPU per packet (µs) of C programs doing only that, on the same veths and core."
+  echo
+  echo "| frame | reinjection into hub1, sendmmsg of ≤ 64 | reinjection, one send per frame | TCP src → hub, sender | TCP, receiver | others' load |"
+  echo "|---|---|---|---|---|---|"
+  printf '%s\n' "${FLOOR_ROWS[@]}"
+fi

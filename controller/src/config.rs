@@ -32,6 +32,8 @@ pub struct ControllerConfig {
     pub max_message_bytes: usize,
     /// Live agent sessions at most; more are refused with RESOURCE_EXHAUSTED.
     pub max_agents: usize,
+    /// The embedded store's page cache, in bytes.
+    pub store_cache: usize,
     /// Concurrent HTTP/2 streams per connection (an agent uses two: Connect and Mirror).
     pub max_streams: u32,
     /// Enrollments per second (token bucket), and the burst above it.
@@ -71,6 +73,7 @@ fn known_keys() -> Vec<String> {
         "session.max_message_bytes",
         "session.max_agents",
         "session.max_streams",
+        "store.cache_size",
         "enrollment.rate",
         "enrollment.burst",
         "topology.queue",
@@ -163,6 +166,15 @@ impl ControllerConfig {
                 format!("{max_message_bytes} is out of range 65536..=268435456"),
             );
         }
+        let store_cache = c.parse(
+            "store.cache_size",
+            crate::store::DEFAULT_CACHE,
+            |s: &str| match tapgraph::units::parse_size(s) {
+                Ok(n) if (1 << 20..=64 << 30).contains(&n) => Ok(n as usize),
+                Ok(n) => Err(format!("{n} bytes is out of range 1MiB..=64GiB")),
+                Err(e) => Err(e.to_string()),
+            },
+        );
         let max_agents = c.value("session.max_agents", 20_000usize);
         if max_agents == 0 {
             c.fail("session.max_agents", "must be at least 1");
@@ -250,6 +262,7 @@ impl ControllerConfig {
             idle_timeout,
             max_message_bytes,
             max_agents,
+            store_cache,
             max_streams,
             enroll_rate,
             enroll_burst,

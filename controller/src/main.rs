@@ -191,7 +191,10 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         .server_config()
         .map_err(anyhow::Error::msg)
         .context("serving certificate")?;
-    let store = store::Store::open(&config.state_dir.join("controller.redb"))?;
+    let store = store::Store::open_with_cache(
+        &config.state_dir.join("controller.redb"),
+        config.store_cache,
+    )?;
     let grpc_listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", config.listen))?;

@@ -25,14 +25,26 @@ fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
+/// The page cache unless configured (`store.cache_size`).
+pub const DEFAULT_CACHE: usize = 64 << 20;
+
 #[derive(Clone)]
 pub struct Store {
     db: std::sync::Arc<redb::Database>,
 }
 
 impl Store {
+    #[cfg(test)]
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = redb::Database::create(path)
+        Self::open_with_cache(path, DEFAULT_CACHE)
+    }
+
+    /// Opens (or creates) the store with a page cache of at most `cache_bytes`. redb's own
+    /// default is 1 GiB, a ceiling that a large map fills and then keeps resident.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
             .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         // It holds token hashes and the agent list: owner only.
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))

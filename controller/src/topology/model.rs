@@ -228,8 +228,14 @@ impl Model {
         let far = |ip: &IpAddr| self.owner(agent, ip);
         let (from, to) = match obs.direction {
             Direction::Client => {
+                // A loopback or link-local server is this host's own, listener seen or not: as an
+                // Address node it would be one node shared by every host, joining them all.
+                let local = is_local_only(&obs.remote_ip);
                 let to = match far(&obs.remote_ip) {
-                    Some(h) if self.listens(&h, &obs.remote_ip, obs.server_port, obs.protocol) => {
+                    Some(h)
+                        if local
+                            || self.listens(&h, &obs.remote_ip, obs.server_port, obs.protocol) =>
+                    {
                         Node::Service {
                             host: h,
                             protocol: obs.protocol,
@@ -571,16 +577,21 @@ mod tests {
     }
 
     #[test]
-    fn a_listener_seen_one_read_late_leaves_no_phantom_edge() {
+    fn loopback_servers_are_the_hosts_own_even_before_their_listener_is_seen() {
         let mut m = Model::default();
         let row = (Direction::Client, "127.0.0.1", "127.0.0.1", 8080, "app", 1);
         m.replace("a", table(&["10.0.0.1"], &[], &[row]), 1);
-        assert_eq!(
-            m.edges.keys().next().unwrap().to,
-            Node::Address(ip("127.0.0.1"))
+        m.replace("b", table(&["10.0.0.2"], &[], &[row]), 1);
+        assert_eq!(m.edges.len(), 2, "{:#?}", m.edges.keys());
+        assert!(
+            m.edges.keys().all(|k| !matches!(k.to, Node::Address(_))),
+            "no 127.0.0.1 node shared by a and b: {:#?}",
+            m.edges.keys()
         );
+        assert_eq!(m.edges.keys().next().unwrap().to, svc("a", 8080));
+        // The listener appearing later changes nothing: no second edge.
         m.replace("a", table(&["10.0.0.1"], &[(8080, "server")], &[row]), 2);
-        assert_eq!(m.edges.len(), 1, "{:#?}", m.edges.keys());
+        assert_eq!(m.edges.len(), 2, "{:#?}", m.edges.keys());
         assert_eq!(m.edges.keys().next().unwrap().to, svc("a", 8080));
     }
 

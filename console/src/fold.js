@@ -21,7 +21,7 @@ export function labelsOf(properties) {
 
 /**
  * The folded graph.
- * nodes: Map id → {id, kind: 'host'|'external', name (agent id or IP), label (hostname or IP/DNS),
+ * nodes: Map id → {id, kind: 'host'|'external', name (agent id or IP), label (agent id or IP/DNS),
  *   state (agent_state or null), labels, addresses: [{ip, dns}], services: [{name, port, protocol, process}]}
  * edges: Map `FROM->TO` → {id, from, to, conns: [{port, protocol, process, sockets, active, control_plane}]}
  */
@@ -48,7 +48,9 @@ export function fold(raw) {
       id: n.id,
       kind: 'host',
       name: n.name,
-      label: p.hostname || n.name,
+      // The agent id: unique, where hostnames may repeat (cloned VMs, containers).
+      label: n.name,
+      hostname: p.hostname || '',
       state: p.agent_state || null,
       labels: labelsOf(p),
       properties: p,

@@ -357,7 +357,9 @@ export function createMap(root) {
       el(
         'p',
         { class: 'muted' },
-        n.kind === 'host' ? `host · agent ${n.name}` : 'external endpoint (no agent owns this address)',
+        n.kind === 'host'
+          ? `host ${n.hostname && n.hostname !== n.name ? n.hostname : ''} · agent ${n.name}`.replace('host  ·', 'host ·')
+          : 'external endpoint (no agent owns this address)',
         n.state
           ? el('span', { class: `badge state-${n.state}` }, n.state)
           : n.kind === 'host'

@@ -2,6 +2,7 @@
 //! (`scripts/test` does it).
 
 mod console;
+mod console_browser;
 mod enrollment;
 mod fleet;
 mod harness;

@@ -158,7 +158,7 @@ impl Lab {
     }
 }
 
-pub(crate) fn nginx_conf(dir: &Path) -> std::path::PathBuf {
+fn nginx_conf(dir: &Path) -> std::path::PathBuf {
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
@@ -173,6 +173,40 @@ pub(crate) fn nginx_conf(dir: &Path) -> std::path::PathBuf {
     )
     .unwrap();
     conf
+}
+
+/// redis on each of `redis_hosts` (port 6379, no persistence) and nginx on `nginx_host` (port 80),
+/// given half a second to listen.
+pub(crate) fn start_servers(lab: &mut Lab, redis_hosts: &[&str], nginx_host: &str) {
+    let redis = [
+        "--port",
+        "6379",
+        "--bind",
+        "0.0.0.0",
+        "--protected-mode",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ];
+    for host in redis_hosts {
+        lab.run(host, &format!("redis-{host}"), "redis-server", &redis);
+    }
+    let conf = nginx_conf(lab.world.path());
+    let nginx_log = lab.world.path().join("nginx-startup.log");
+    lab.run(
+        nginx_host,
+        "nginx",
+        "nginx",
+        &[
+            "-c",
+            conf.to_str().unwrap(),
+            "-e",
+            nginx_log.to_str().unwrap(),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
 }
 
 /// A keep-alive HTTP client: one connection, a request every 200 ms.
@@ -199,34 +233,7 @@ fn the_map_shows_exactly_who_connects_to_whom() {
             ("TAPGRAPH_TOPOLOGY__REVERSE_DNS", "true"),
         ],
     );
-    let redis = [
-        "--port",
-        "6379",
-        "--bind",
-        "0.0.0.0",
-        "--protected-mode",
-        "no",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ];
-    lab.run("db", "redis-db", "redis-server", &redis);
-    lab.run("ext", "redis-ext", "redis-server", &redis);
-    let conf = nginx_conf(lab.world.path());
-    let nginx_log = lab.world.path().join("nginx-startup.log");
-    lab.run(
-        "front",
-        "nginx",
-        "nginx",
-        &[
-            "-c",
-            conf.to_str().unwrap(),
-            "-e",
-            nginx_log.to_str().unwrap(),
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(500));
+    start_servers(&mut lab, &["db", "ext"], "front");
     // Real clients holding connections: redis-cli repeating PING on one connection, a keep-alive
     // HTTP client.
     let ping = ["-r", "-1", "-i", "0.2", "ping"];

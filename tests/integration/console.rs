@@ -298,3 +298,30 @@ fn the_event_stream_announces_the_map_the_fleet_and_live_events() {
         "the controller did not stop with an event stream open"
     );
 }
+
+#[test]
+fn bound_beyond_loopback_the_console_asks_for_a_token_without_being_told() {
+    if !require_root("bound_beyond_loopback_the_console_asks_for_a_token_without_being_told") {
+        return;
+    }
+    // A namespace of the test's own, holding only its loopback: the controller listens on every
+    // address there, as in a pod, and the probes reach it on 127.0.0.1.
+    let ns = Netns::new("console");
+    let world = World::new();
+    let cmd = ns.wrap(world.controller_cmd(
+        "127.0.0.1:7443".parse().unwrap(),
+        "0.0.0.0:7080".parse().unwrap(),
+    ));
+    let _controller = Proc::spawn("controller", cmd, world.path());
+    let http = "127.0.0.1:7080".parse().unwrap();
+    wait_for("controller ready", Duration::from_secs(20), || {
+        ns.run(|| matches!(http_get(http, "/readyz"), Ok((200, _))).then_some(()))
+    });
+    let page = ns.run(|| http_request(http, "/", &[])).unwrap();
+    assert_eq!(page.status, 401, "{}", page.body);
+    let api = ns
+        .run(|| http_request(http, "/api/v1/agents", &[]))
+        .unwrap();
+    assert_eq!(api.status, 401, "{}", api.body);
+    assert_eq!(ns.run(|| http_get(http, "/metrics")).unwrap().0, 200);
+}

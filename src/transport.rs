@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
@@ -32,13 +32,112 @@ pub struct PeerInfo {
     pub identity: Result<Identity, IdentityError>,
 }
 
-/// Bytes read from a connection's socket at a time. rustls reads at most 4 KiB per call: 16
-/// `recv` calls per 64 KiB of mirrored packets, 2 with this buffer (32 KiB per connection).
+/// Bytes read from a busy connection's socket at a time. rustls reads at most 4 KiB per call: 16
+/// `recv` calls per 64 KiB of mirrored packets, 2 with this buffer.
 const READ_AHEAD: usize = 32 << 10;
+
+/// Reads its socket up to [`READ_AHEAD`] bytes at a time while data streams in (a mirror stream),
+/// and holds no buffer while the connection is quiet, which is what most of thousands of agent
+/// connections are most of the time: a fixed buffer would cost 32 KiB per agent.
+pub struct ReadAhead<S> {
+    inner: S,
+    /// Empty while the connection is quiet.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The last fill was at least half the buffer: keep it for the next one.
+    busy: bool,
+}
+
+impl<S> ReadAhead<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            busy: false,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Bytes held for reading: 0 while quiet.
+    pub fn buffered_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        dst: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.start == this.end {
+            if this.buf.is_empty() || dst.remaining() >= READ_AHEAD {
+                // Quiet, or a large read anyway: straight into the caller's buffer. A read that
+                // fills it says data is streaming in: read ahead from now on.
+                let (before, wanted) = (dst.filled().len(), dst.remaining());
+                std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, dst))?;
+                if wanted > 0 && dst.filled().len() - before == wanted && this.buf.is_empty() {
+                    this.buf = vec![0; READ_AHEAD];
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut fill = ReadBuf::new(&mut this.buf);
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut fill))?;
+            let n = fill.filled().len();
+            (this.start, this.end, this.busy) = (0, n, n >= READ_AHEAD / 2);
+        }
+        let n = (this.end - this.start).min(dst.remaining());
+        dst.put_slice(&this.buf[this.start..this.start + n]);
+        this.start += n;
+        if this.start == this.end && !this.busy {
+            // Drained and slowing down: give the buffer back until data streams again.
+            this.buf = Vec::new();
+            (this.start, this.end) = (0, 0);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
 
 /// A server-side TLS connection, as tonic serves it.
 pub struct TlsIo {
-    stream: server::TlsStream<BufReader<TcpStream>>,
+    stream: server::TlsStream<ReadAhead<TcpStream>>,
     info: PeerInfo,
 }
 
@@ -119,11 +218,8 @@ pub fn tls_incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(
-                    handshake_timeout,
-                    acceptor.accept(BufReader::with_capacity(READ_AHEAD, tcp)),
-                )
-                .await
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(ReadAhead::new(tcp)))
+                    .await
                 {
                     Ok(Ok(stream)) => {
                         let identity = stream
@@ -214,4 +310,57 @@ pub enum ConnectError {
     Address(String, String),
     #[error("{0}")]
     Transport(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_is_read_whole_and_in_order_in_small_reads() {
+        let (mut tx, rx) = tokio::io::duplex(256 << 10);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            tx.write_all(&sent).await.unwrap();
+        });
+        let mut reader = ReadAhead::new(rx);
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let mut buffered = false;
+        while got.len() < data.len() {
+            let n = reader.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&chunk[..n]);
+            buffered |= reader.buffered_capacity() > 0;
+        }
+        writer.await.unwrap();
+        assert_eq!(got, data);
+        assert!(buffered, "a streaming connection reads ahead");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_holds_no_buffer() {
+        let (mut tx, rx) = tokio::io::duplex(64 << 10);
+        let mut reader = ReadAhead::new(rx);
+        let mut chunk = [0u8; 4096];
+        for _ in 0..5 {
+            tx.write_all(b"heartbeat").await.unwrap();
+            let n = reader.read(&mut chunk).await.unwrap();
+            assert_eq!(&chunk[..n], b"heartbeat");
+            assert_eq!(reader.buffered_capacity(), 0);
+        }
+        // A burst fills reads: the buffer comes; once it is drained and data trickles, it goes.
+        tx.write_all(&[7u8; 40_000]).await.unwrap();
+        let mut total = 0;
+        while total < 40_000 {
+            total += reader.read(&mut chunk).await.unwrap();
+        }
+        tx.write_all(b"quiet again").await.unwrap();
+        let n = reader.read(&mut chunk).await.unwrap();
+        assert_eq!(&chunk[..n], b"quiet again");
+        assert_eq!(reader.buffered_capacity(), 0, "released after the burst");
+    }
 }

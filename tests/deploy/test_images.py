@@ -90,6 +90,15 @@ class Dockerfile(unittest.TestCase):
         for binary in ("tapgraph-controller", "tapgraph-agent", "tapgraphctl"):
             self.assertIn(f"target/release/{binary}", build)
 
+    def test_the_controller_is_built_with_the_web_console(self):
+        text = dockerfile()
+        console = stage(text, "console")
+        self.assertIn("npm ci", console)
+        self.assertIn("npm run build", console)
+        build = stage(text, "build")
+        copy = build.index("COPY --from=console /console/dist/ console/dist/")
+        self.assertLess(copy, build.index("cargo build"), "the console is in place before cargo embeds it")
+
     def test_controller_image_runs_unprivileged(self):
         controller = stage(dockerfile(), "controller")
         users = re.findall(r"^USER (\S+)", controller, re.M)

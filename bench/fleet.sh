@@ -104,7 +104,7 @@ for n in $SIZES; do
   if [ "$NEO4J" = 1 ]; then
     ( while kill -0 "$ctl_pid" 2>/dev/null; do
         curl -fs "http://127.0.0.1:$http/api/v1/topology/stats" | python3 -c \
-          'import json,sys; n=json.load(sys.stdin).get("neo4j") or {}; print(n.get("lag_seconds", 0))' || true
+          'import json,sys; n=json.load(sys.stdin).get("neo4j") or {}; print(n.get("lag_seconds", 0), n.get("state", "?"), n.get("rows_written", 0), n.get("errors", 0))' || true
         sleep 1
       done ) >"$neo_log" 2>/dev/null &
     pids+=($!)
@@ -136,8 +136,13 @@ p50 = sorted(x["p50_ms"] for x in ro)[len(ro) // 2] if ro else float("nan")
 p99 = max((x["p99_ms"] for x in ro), default=float("nan"))
 lag = "—"
 if neo:
-    lags = [float(l) for l in open(f"{d}/neo4j") if l.strip()]
-    lag = f"{max(lags):.1f}" if lags else "?"
+    samples = [l.split() for l in open(f"{d}/neo4j") if l.strip()]
+    if samples:
+        writing = sum(1 for x in samples if x[1] == "writing")
+        lag = (f"{max(float(x[0]) for x in samples):.1f} ({samples[-1][2]} rows written, "
+               f"{writing} of {len(samples)} samples writing, {samples[-1][3]} errors)")
+    else:
+        lag = "?"
 print(f"| {n:,} | {r['ramp_seconds']:.1f} ({r['connected']:,} connected) | {r['connect_ms']['p99']:.0f} | {cpu:.1f} | {rss/1024:.1f} | {(rss - idle)/n:.1f} | {p50:.0f} / {p99:.0f} | {rows_per_s:,.0f} ({applied:,} snapshots) | {after.get('snapshots_shed_busy', 0)} | {lag} |")
 if r.get("errors"):
     print(f"<!-- {n} agents: errors {r['errors']} -->")

@@ -189,8 +189,9 @@ pub async fn guard(State(access): State<Access>, request: Request, next: Next) -
         || presented_token(request.headers()).is_some_and(|t| access.tokens.check(&t).is_some())
     {
         next.run(request).await
-    } else if let Some(token) = query_token(request.uri()).and_then(|t| access.tokens.check(t)) {
-        let text = query_token(request.uri()).unwrap_or_default();
+    } else if let Some((text, token)) = query_token(request.uri())
+        .and_then(|text| Some((text.to_string(), access.tokens.check(text)?)))
+    {
         let max_age = token.expires_at_ms.saturating_sub(now_ms()) / 1000;
         let cookie =
             format!("{COOKIE}={text}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}");

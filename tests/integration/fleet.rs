@@ -23,22 +23,22 @@ fn simulated_agents_enroll_connect_report_and_take_policies() {
         &ops,
         &["token", "create", "--uses", "30", "--label", "env=loadgen"],
     );
-    let out = Command::new(bin("tapgraph-loadgen"))
-        .args(["--controller", &controller.grpc.to_string()])
-        .args(["--server-name", "127.0.0.1"])
-        .args(["--token", token["token"].as_str().unwrap()])
-        .args([
-            "--ca-fingerprint",
-            token["ca_fingerprint"].as_str().unwrap(),
-        ])
-        .args(["--agents", "30", "--entries", "200", "--duration", "4s"])
-        .args(["--rollouts", "2", "--json"])
-        .env("TAPGRAPHCTL_CONFIG", &ops)
-        .output()
-        .expect("tapgraph-loadgen");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let (ok, report, stderr) = loadgen(
+        &controller,
+        &token,
+        &ops,
+        &[
+            "--agents",
+            "30",
+            "--entries",
+            "200",
+            "--duration",
+            "4s",
+            "--rollouts",
+            "2",
+        ],
+    );
+    assert!(ok, "{stderr}");
     assert_eq!(report["connected"], 30, "{report}");
     assert_eq!(report["enrolled_now"], 30, "{report}");
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
@@ -70,27 +70,24 @@ fn simulated_agents_enroll_connect_report_and_take_policies() {
         30
     );
     // The token is used up: a second run cannot enroll more.
-    let again = Command::new(bin("tapgraph-loadgen"))
-        .args(["--controller", &controller.grpc.to_string()])
-        .args(["--server-name", "127.0.0.1"])
-        .args(["--token", token["token"].as_str().unwrap()])
-        .args([
-            "--ca-fingerprint",
-            token["ca_fingerprint"].as_str().unwrap(),
-        ])
-        .args(["--agents", "1", "--duration", "0s", "--prefix", "more"])
-        .output()
-        .unwrap();
-    assert!(!again.status.success());
-    assert!(
-        String::from_utf8_lossy(&again.stderr).contains("no uses left"),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
+    let (ok, _, again) = loadgen(
+        &controller,
+        &token,
+        &ops,
+        &["--agents", "1", "--duration", "0s", "--prefix", "more"],
     );
+    assert!(!ok);
+    assert!(again.contains("no uses left"), "{again}");
 }
 
-/// Runs the simulator with `args` against `controller`; returns (success, JSON report, stderr).
-fn loadgen(controller: &Controller, token: &Value, args: &[&str]) -> (bool, Value, String) {
+/// Runs the simulator with `args` against `controller`, as operator `ops` for its rollouts;
+/// returns (success, JSON report, stderr).
+fn loadgen(
+    controller: &Controller,
+    token: &Value,
+    ops: &std::path::Path,
+    args: &[&str],
+) -> (bool, Value, String) {
     let out = Command::new(bin("tapgraph-loadgen"))
         .args(["--controller", &controller.grpc.to_string()])
         .args(["--server-name", "127.0.0.1"])
@@ -101,6 +98,7 @@ fn loadgen(controller: &Controller, token: &Value, args: &[&str]) -> (bool, Valu
         ])
         .arg("--json")
         .args(args)
+        .env("TAPGRAPHCTL_CONFIG", ops)
         .output()
         .expect("tapgraph-loadgen");
     let report = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
@@ -147,6 +145,7 @@ fn an_overloaded_controller_sheds_with_clear_statuses_and_recovers_losing_nothin
     let (ok, report, stderr) = loadgen(
         &controller,
         &token,
+        &ops,
         &[
             "--agents",
             "15",

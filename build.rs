@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The generated `connect()` constructor would clash with the `Connect` rpc; we build channels
         // ourselves (mTLS connector), so it is not needed.
         .build_transport(false)
+        // Small first buffers per call: see src/codec.rs.
+        .codec_path("crate::codec::LeanCodec")
         // RPCs a later issue implements answer UNIMPLEMENTED until then.
         .generate_default_stubs(true)
         .compile_fds(fds)?;

@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod bpf;
+pub mod codec;
 pub mod config;
 pub mod fsutil;
 pub mod graph;

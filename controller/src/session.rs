@@ -7,6 +7,7 @@ use tapgraph::proto::agent_service_server::AgentService;
 use tapgraph::proto::{self, agent_message::Msg, controller_message};
 use tapgraph::transport::PeerInfo;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -196,17 +197,18 @@ impl AgentService for AgentApi {
                     next = tokio::time::timeout(idle, inbound.message()) => match next {
                         Ok(Ok(Some(proto::AgentMessage { msg: Some(Msg::Snapshot(snapshot)) }))) => {
                             let sequence = snapshot.sequence;
-                            if let Err(refusal) = topology.snapshot(&agent_id, &hostname, snapshot).await {
+                            // Boxed, here and below: the task lives as long as the session, and these rare
+                            // awaits would otherwise make every idle session's task larger.
+                            if let Err(refusal) = Box::pin(topology.snapshot(&agent_id, &hostname, snapshot)).await {
                                 // The map keeps what it had; the agent starts over with a full table.
                                 let resync = proto::ResyncRequest { reason: refusal.to_string() };
-                                registry
-                                    .send(&agent_id, registered.session, controller_message::Msg::Resync(resync))
+                                Box::pin(registry.send(&agent_id, registered.session, controller_message::Msg::Resync(resync)))
                                     .await;
                                 tracing::info!(agent = %agent_id, sequence, %refusal, "asked the agent for a full snapshot");
                             }
                         }
                         Ok(Ok(Some(proto::AgentMessage { msg: Some(msg) }))) => {
-                            registry.message(&agent_id, registered.session, msg).await;
+                            Box::pin(registry.message(&agent_id, registered.session, msg)).await;
                         }
                         Ok(Ok(Some(proto::AgentMessage { msg: None }))) => {}
                         Ok(Ok(None)) => break "agent closed the stream".to_string(),
@@ -218,7 +220,7 @@ impl AgentService for AgentApi {
             tracing::info!(agent = %agent_id, peer = %peer.remote_addr, %reason, "agent disconnected");
             guard.set_reason(reason);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
     }
 
     async fn mirror(

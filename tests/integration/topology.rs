@@ -391,14 +391,32 @@ fn the_map_shows_exactly_who_connects_to_whom() {
         "app2 still connected within the retention window"
     );
 
-    // The map survives a controller restart: before any agent reports again, it is all there.
-    let before = lab.edges(&["--include-inactive"]);
-    let controller = lab.procs.remove(0);
-    drop(controller);
-    // Agents are frozen so that nothing reports again: what the new controller shows, it loaded.
+    // The map survives a controller restart: before any agent reports again, it is all there,
+    // each edge seen last when it was. (A refreshed last_seen is not written while an agent
+    // still reports the edge: it comes back from that agent's stored table.)
+    let history = |lab: &Lab| -> BTreeSet<String> {
+        lab.ctl(&["graph", "--include-inactive"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} -> {} {} sockets {} first {} last {}",
+                    e["from"], e["to"], e["port"], e["sockets"], e["first_seen"], e["last_seen"]
+                )
+            })
+            .collect()
+    };
+    // Agents are frozen first so that nothing reports again: what the new controller shows, it
+    // loaded. A snapshot already sent is given a moment to be applied.
     for p in lab.procs.iter().filter(|p| p.name.starts_with("agent-")) {
         p.signal(nix::sys::signal::Signal::SIGSTOP);
     }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = lab.edges(&["--include-inactive"]);
+    let seen_before = history(&lab);
+    let controller = lab.procs.remove(0);
+    drop(controller);
     let mut cmd = lab.hub.wrap(
         lab.world
             .controller_cmd("0.0.0.0:7443".parse().unwrap(), HTTP.parse().unwrap()),
@@ -408,6 +426,7 @@ fn the_map_shows_exactly_who_connects_to_whom() {
         .insert(0, Proc::spawn("controller-2", cmd, lab.world.path()));
     lab.wait_ready();
     assert_eq!(lab.edges(&["--include-inactive"]), before);
+    assert_eq!(history(&lab), seen_before);
     for p in lab.procs.iter().filter(|p| p.name.starts_with("agent-")) {
         p.signal(nix::sys::signal::Signal::SIGCONT);
     }

@@ -286,6 +286,28 @@ fn listener(l: &proto::ListeningService) -> Option<(ListenerKey, String)> {
     ))
 }
 
+/// Snapshots applied in one store transaction at most. When they arrive faster than one commit
+/// each can keep up with, those already waiting are applied together and written by one commit.
+const GROUP: usize = 64;
+
+/// Where a snapshot's outcome goes, and the outcome.
+type Reply = (oneshot::Sender<Result<(), Refusal>>, Result<(), Refusal>);
+
+/// Snapshots applied and not yet written: the agents whose tables and the edges that changed.
+#[derive(Default)]
+struct Pending {
+    agents: BTreeSet<String>,
+    edges: BTreeSet<model::EdgeKey>,
+    replies: Vec<Reply>,
+}
+
+impl Pending {
+    fn add(&mut self, changes: Changes) {
+        self.edges.extend(changes.edges_upserted);
+        self.edges.extend(changes.edges_removed);
+    }
+}
+
 impl Task {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut expiry = tokio::time::interval(Duration::from_secs(60));
@@ -294,21 +316,28 @@ impl Task {
                 cmd = rx.recv() => match cmd {
                     None => return,
                     Some(Command::Snapshot { agent, hostname, snapshot, reply }) => {
-                        let result = self.apply(&agent, &hostname, &snapshot);
-                        if result.is_ok() {
-                            self.generation.fetch_add(1, Ordering::AcqRel);
+                        let mut pending = Pending::default();
+                        self.take(&mut pending, &agent, &hostname, &snapshot, reply);
+                        // Whatever else waits joins this commit; another command ends the group.
+                        let mut next = None;
+                        while pending.replies.len() < GROUP {
+                            match rx.try_recv() {
+                                Ok(Command::Snapshot { agent, hostname, snapshot, reply }) => {
+                                    self.take(&mut pending, &agent, &hostname, &snapshot, reply);
+                                }
+                                Ok(other) => {
+                                    next = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
                         }
-                        if let Err(refusal) = &result {
-                            tracing::warn!(%agent, sequence = snapshot.sequence, %refusal, "snapshot refused");
+                        self.flush(pending);
+                        if let Some(cmd) = next {
+                            self.answer(cmd);
                         }
-                        let _ = reply.send(result);
                     }
-                    Some(Command::Graph { query, reply }) => {
-                        let _ = reply.send(self.graph(&query));
-                    }
-                    Some(Command::Stats { reply }) => {
-                        let _ = reply.send(self.stats.clone());
-                    }
+                    Some(cmd) => self.answer(cmd),
                 },
                 _ = expiry.tick() => {
                     let retention = self.settings.retention.as_millis() as u64;
@@ -316,7 +345,9 @@ impl Task {
                     if !changes.edges_removed.is_empty() {
                         self.generation.fetch_add(1, Ordering::AcqRel);
                         tracing::info!(removed = changes.edges_removed.len(), "inactive edges past retention removed");
-                        if let Err(error) = self.persist(None, &changes) {
+                        let mut pending = Pending::default();
+                        pending.add(changes);
+                        if let Err(error) = self.persist(&pending) {
                             tracing::error!(%error, "cannot persist expired edges");
                         }
                     }
@@ -325,11 +356,68 @@ impl Task {
         }
     }
 
+    /// Answers a query (a snapshot here is applied and written on its own).
+    fn answer(&mut self, cmd: Command) {
+        match cmd {
+            Command::Graph { query, reply } => {
+                let _ = reply.send(self.graph(&query));
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(self.stats.clone());
+            }
+            Command::Snapshot {
+                agent,
+                hostname,
+                snapshot,
+                reply,
+            } => {
+                let mut pending = Pending::default();
+                self.take(&mut pending, &agent, &hostname, &snapshot, reply);
+                self.flush(pending);
+            }
+        }
+    }
+
+    /// Applies one snapshot to the model; it is written, and answered, by the next
+    /// [`Task::flush`].
+    fn take(
+        &mut self,
+        pending: &mut Pending,
+        agent: &str,
+        hostname: &str,
+        snapshot: &proto::ConnectionSnapshot,
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    ) {
+        let result = self.apply(agent, hostname, snapshot, pending);
+        if let Err(refusal) = &result {
+            tracing::warn!(%agent, sequence = snapshot.sequence, %refusal, "snapshot refused");
+        }
+        pending.replies.push((reply, result));
+    }
+
+    /// Writes what the pending snapshots changed in one transaction, then answers them.
+    fn flush(&mut self, pending: Pending) {
+        if pending.replies.iter().any(|(_, r)| r.is_ok()) {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            // The model has the snapshots. A failed write is not the agents' fault: a resync
+            // would fail the same way, so it is logged for the operator and retried with the
+            // next snapshots.
+            if let Err(error) = self.persist(&pending) {
+                self.stats.store_errors += 1;
+                tracing::error!(agents = pending.agents.len(), %error, "cannot persist the map; a restart now would lose recent changes");
+            }
+        }
+        for (reply, result) in pending.replies {
+            let _ = reply.send(result);
+        }
+    }
+
     fn apply(
         &mut self,
         agent: &str,
         hostname: &str,
         s: &proto::ConnectionSnapshot,
+        pending: &mut Pending,
     ) -> Result<(), Refusal> {
         let rows =
             s.entries.len() + s.removed.len() + s.listeners.len() + s.removed_listeners.len();
@@ -399,42 +487,38 @@ impl Task {
         let changes = self.model.replace(agent, table, now);
         self.sequences.insert(agent.to_string(), s.sequence);
         self.stats.snapshots_applied += 1;
-        // The model has the snapshot. A failed write is not the agent's fault: a resync would
-        // fail the same way, so it is logged for the operator and retried with the next snapshot.
-        if let Err(error) = self.persist(Some(agent), &changes) {
-            self.stats.store_errors += 1;
-            tracing::error!(%agent, %error, "cannot persist the map; a restart now would lose recent changes");
-        }
+        pending.agents.insert(agent.to_string());
+        pending.add(changes);
         Ok(())
     }
 
-    fn persist(&self, agent: Option<&str>, changes: &Changes) -> Result<(), StoreError> {
+    /// Writes the pending agents' tables and the pending edges as the model has them now: an
+    /// edge the model no longer has is deleted.
+    fn persist(&self, pending: &Pending) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        if let Some(agent) = agent
-            && let Some(table) = self.model.agents.get(agent)
-        {
-            let record = AgentRecord {
-                id: agent.to_string(),
-                sequence: self.sequences.get(agent).copied().unwrap_or(0),
-                table: table.clone(),
-            };
-            batch.put(AGENTS, agent, &record)?;
+        for agent in &pending.agents {
+            if let Some(table) = self.model.agents.get(agent) {
+                let record = AgentRecord {
+                    id: agent.to_string(),
+                    sequence: self.sequences.get(agent).copied().unwrap_or(0),
+                    table: table.clone(),
+                };
+                batch.put(AGENTS, agent, &record)?;
+            }
         }
-        for key in &changes.edges_upserted {
-            if let Some(edge) = self.model.edges.get(key) {
-                let id = key.id();
-                batch.put(
+        for key in &pending.edges {
+            let id = key.id();
+            match self.model.edges.get(key) {
+                Some(edge) => batch.put(
                     EDGES,
                     &id,
                     &EdgeRecord {
                         id: id.clone(),
                         edge: edge.clone(),
                     },
-                )?;
+                )?,
+                None => batch.delete(EDGES, &id),
             }
-        }
-        for key in &changes.edges_removed {
-            batch.delete(EDGES, &key.id());
         }
         self.store.commit(batch)
     }

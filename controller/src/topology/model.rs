@@ -185,6 +185,31 @@ fn is_local_only(ip: &IpAddr) -> bool {
     }
 }
 
+/// Marks `edge` seen at `now_ms` through one of its rows; true when its stored form changed (see
+/// [`Changes::edges_upserted`]), not only `last_seen`. The result depends on the edge's reporters,
+/// not on the order rows arrive in: several client processes of one host on one edge name it
+/// after the last in key order.
+fn refresh(edge: &mut Edge, value: &ObsValue, now_ms: u64) -> bool {
+    edge.last_seen_ms = edge.last_seen_ms.max(now_ms);
+    let short_lived = value.short_lived && edge.reporters.len() == 1;
+    let mut changed = short_lived != edge.short_lived;
+    edge.short_lived = short_lived;
+    let process = edge
+        .reporters
+        .keys()
+        .rev()
+        .map(|(_, obs)| obs)
+        .find(|obs| obs.direction == Direction::Client && !obs.process.is_empty())
+        .map(|obs| &obs.process);
+    if let Some(process) = process
+        && *process != edge.process
+    {
+        edge.process = process.clone();
+        changed = true;
+    }
+    changed
+}
+
 /// The whole map.
 #[derive(Debug, Default)]
 pub struct Model {
@@ -192,8 +217,8 @@ pub struct Model {
     pub edges: BTreeMap<EdgeKey, Edge>,
     /// Which host owns an address (routable addresses only).
     owners: HashMap<IpAddr, AgentId>,
-    /// The edge each current observation belongs to.
-    keyed: HashMap<(AgentId, ObsKey), EdgeKey>,
+    /// The edge each current observation belongs to, by agent: looked up without cloning keys.
+    keyed: HashMap<AgentId, HashMap<ObsKey, EdgeKey>>,
     /// Observations by the address of their far end, to re-key them when ownership changes.
     by_remote: HashMap<IpAddr, HashSet<(AgentId, ObsKey)>>,
 }
@@ -201,6 +226,10 @@ pub struct Model {
 /// What a change did, for the store and the sinks.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
+    /// Edges whose stored form changed: new ones, and those whose process, sockets or flags
+    /// changed or that lost their last reporter (their `last_seen` is history from then on). A
+    /// `last_seen` refreshed while an agent still reports the edge is not stored: a restart
+    /// restores it from that agent's table (its `last_snapshot_ms`), see [`Model::replace`].
     pub edges_upserted: BTreeSet<EdgeKey>,
     pub edges_removed: BTreeSet<EdgeKey>,
 }
@@ -277,43 +306,77 @@ impl Model {
     ) {
         let key = self.edge_key(agent, obs);
         let id = (agent.to_string(), obs.clone());
-        let edge = self.edges.entry(key.clone()).or_insert_with(|| Edge {
-            key: key.clone(),
-            process: String::new(),
-            sockets: 0,
-            first_seen_ms: now_ms,
-            last_seen_ms: now_ms,
-            control_plane: false,
-            short_lived: false,
-            reporters: BTreeMap::new(),
+        let mut changed = false;
+        let edge = self.edges.entry(key.clone()).or_insert_with(|| {
+            changed = true;
+            Edge {
+                key: key.clone(),
+                process: String::new(),
+                sockets: 0,
+                first_seen_ms: now_ms,
+                last_seen_ms: now_ms,
+                control_plane: false,
+                short_lived: false,
+                reporters: BTreeMap::new(),
+            }
         });
+        let before = (edge.sockets, edge.control_plane, edge.short_lived);
+        changed |= edge.reporters.is_empty();
         edge.reporters.insert(id.clone(), value.sockets);
-        edge.last_seen_ms = edge.last_seen_ms.max(now_ms);
         edge.control_plane |= value.control_plane;
-        edge.short_lived = value.short_lived && edge.reporters.len() == 1;
-        if obs.direction == Direction::Client && !obs.process.is_empty() {
-            edge.process = obs.process.clone();
-        }
         // Both ends see the same sockets: the larger count, never the sum.
         edge.sockets = edge.reporters.values().copied().max().unwrap_or(0);
-        ch.edges_upserted.insert(key.clone());
-        self.keyed.insert(id.clone(), key);
+        changed |= refresh(edge, value, now_ms);
+        if changed || before != (edge.sockets, edge.control_plane, edge.short_lived) {
+            ch.edges_upserted.insert(key.clone());
+        }
+        match self.keyed.get_mut(agent) {
+            Some(rows) => {
+                rows.insert(obs.clone(), key);
+            }
+            None => {
+                self.keyed
+                    .insert(agent.to_string(), HashMap::from([(obs.clone(), key)]));
+            }
+        }
         self.by_remote.entry(obs.remote_ip).or_default().insert(id);
+    }
+
+    /// Marks the edge of a row `agent` reports again, unchanged, as seen at `now_ms`.
+    fn touch(
+        &mut self,
+        agent: &str,
+        obs: &ObsKey,
+        value: &ObsValue,
+        now_ms: u64,
+        ch: &mut Changes,
+    ) {
+        let Some(key) = self.keyed.get(agent).and_then(|rows| rows.get(obs)) else {
+            return;
+        };
+        if let Some(edge) = self.edges.get_mut(key)
+            && refresh(edge, value, now_ms)
+        {
+            ch.edges_upserted.insert(key.clone());
+        }
     }
 
     fn detach(&mut self, agent: &str, obs: &ObsKey, ch: &mut Changes) {
         let id = (agent.to_string(), obs.clone());
-        if let Some(key) = self.keyed.remove(&id)
+        if let Some(key) = self.keyed.get_mut(agent).and_then(|rows| rows.remove(obs))
             && let Some(edge) = self.edges.get_mut(&key)
         {
             edge.reporters.remove(&id);
-            edge.sockets = edge
+            let sockets = edge
                 .reporters
                 .values()
                 .copied()
                 .max()
                 .unwrap_or(edge.sockets);
-            ch.edges_upserted.insert(key);
+            if sockets != edge.sockets || edge.reporters.is_empty() {
+                edge.sockets = sockets;
+                ch.edges_upserted.insert(key);
+            }
         }
         if let Some(set) = self.by_remote.get_mut(&obs.remote_ip) {
             set.remove(&id);
@@ -321,22 +384,26 @@ impl Model {
     }
 
     /// Re-keys every observation whose far end is one of `ips` (their owner or listeners changed).
-    fn rekey(&mut self, ips: &BTreeSet<IpAddr>, now_ms: u64, ch: &mut Changes) {
+    fn rekey(&mut self, ips: &BTreeSet<IpAddr>, ch: &mut Changes) {
         let ids: Vec<(AgentId, ObsKey)> = ips
             .iter()
             .filter_map(|ip| self.by_remote.get(ip))
             .flat_map(|s| s.iter().cloned())
             .collect();
         for (agent, obs) in ids {
-            let Some(value) = self
-                .agents
-                .get(&agent)
-                .and_then(|t| t.entries.get(&obs))
-                .cloned()
-            else {
+            // The row was last seen when its own agent last reported it, not now: after a
+            // restart the tables come back one by one, and the edge keeps the later time.
+            let Some((value, seen)) = self.agents.get(&agent).and_then(|t| {
+                let value = t.entries.get(&obs)?.clone();
+                Some((value, t.last_snapshot_ms))
+            }) else {
                 continue;
             };
-            let old = self.keyed.get(&(agent.clone(), obs.clone())).cloned();
+            let old = self
+                .keyed
+                .get(&agent)
+                .and_then(|rows| rows.get(&obs))
+                .cloned();
             if old.as_ref() != Some(&self.edge_key(&agent, &obs)) {
                 self.detach(&agent, &obs, ch);
                 // An edge that existed only under the old ownership was never a dependency of its
@@ -348,23 +415,43 @@ impl Model {
                     ch.edges_upserted.remove(&old);
                     ch.edges_removed.insert(old);
                 }
-                self.attach(&agent, &obs, &value, now_ms, ch);
+                self.attach(&agent, &obs, &value, seen, ch);
             }
         }
     }
 
     /// Replaces everything `agent` reports (a full snapshot, or the agent's first).
     pub fn replace(&mut self, agent: &str, table: AgentTable, now_ms: u64) -> Changes {
+        self.replace_with(agent, table, now_ms, true)
+    }
+
+    /// `replace`; `incremental: false` re-attaches every row (tests compare the two ways).
+    fn replace_with(
+        &mut self,
+        agent: &str,
+        table: AgentTable,
+        now_ms: u64,
+        incremental: bool,
+    ) -> Changes {
+        let mut table = table;
+        table.last_snapshot_ms = now_ms;
         let mut ch = Changes::default();
         let old = self.agents.remove(agent).unwrap_or_default();
-        let old_keys: Vec<(ObsKey, EdgeKey)> = old
-            .entries
-            .keys()
-            .filter_map(|obs| {
-                let key = self.keyed.get(&(agent.to_string(), obs.clone()))?;
-                Some((obs.clone(), key.clone()))
-            })
-            .collect();
+        if incremental
+            && old.addresses == table.addresses
+            && old.listeners.keys().eq(table.listeners.keys())
+        {
+            self.replace_rows(agent, old, table, now_ms, &mut ch);
+            return ch;
+        }
+        let old_keys: Vec<(ObsKey, EdgeKey)> = match self.keyed.get(agent) {
+            Some(rows) => old
+                .entries
+                .keys()
+                .filter_map(|obs| Some((obs.clone(), rows.get(obs)?.clone())))
+                .collect(),
+            None => Vec::new(),
+        };
         for obs in old.entries.keys() {
             self.detach(agent, obs, &mut ch);
         }
@@ -392,7 +479,7 @@ impl Model {
         // A row still reported under a new key (its far end's owner or listener became known)
         // leaves no phantom behind: the old edge existed only under the old ownership.
         for (obs, old_key) in old_keys {
-            let now_key = self.keyed.get(&(agent.to_string(), obs));
+            let now_key = self.keyed.get(agent).and_then(|rows| rows.get(&obs));
             if now_key.is_some_and(|k| *k != old_key)
                 && self
                     .edges
@@ -408,9 +495,40 @@ impl Model {
             || old.listeners.keys().ne(self.agents[agent].listeners.keys())
         {
             touched.extend(self.agents[agent].addresses.iter().copied());
-            self.rekey(&touched, now_ms, &mut ch);
+            self.rekey(&touched, &mut ch);
         }
         ch
+    }
+
+    /// `replace` when the agent's addresses and listeners stay as they were, as in most deltas:
+    /// every edge key stays as it was, so only the rows that changed are detached and attached,
+    /// and the rows reported again unchanged only mark their edges seen.
+    fn replace_rows(
+        &mut self,
+        agent: &str,
+        old: AgentTable,
+        table: AgentTable,
+        now_ms: u64,
+        ch: &mut Changes,
+    ) {
+        for (obs, value) in &old.entries {
+            if table.entries.get(obs) != Some(value) {
+                self.detach(agent, obs, ch);
+            }
+        }
+        let mut fresh = Vec::new();
+        for (obs, value) in &table.entries {
+            if old.entries.get(obs) == Some(value) {
+                self.touch(agent, obs, value, now_ms, ch);
+            } else {
+                fresh.push((obs.clone(), value.clone()));
+            }
+        }
+        // A new row's key may name this agent's own services: its table must be in place first.
+        self.agents.insert(agent.to_string(), table);
+        for (obs, value) in &fresh {
+            self.attach(agent, obs, value, now_ms, ch);
+        }
     }
 
     /// Removes edges last seen more than `retention_ms` ago.
@@ -612,11 +730,144 @@ mod tests {
         let row = (Direction::Client, "10.0.0.1", "203.0.113.7", 443, "curl", 1);
         m.replace("web", table(&["10.0.0.1"], &[], &[row]), 1_000);
         let ch = m.replace("web", table(&["10.0.0.1"], &[], &[row]), 5_000);
-        let e = m.edges.values().next().unwrap();
+        let e = m.edges.values().next().unwrap().clone();
         assert_eq!((e.first_seen_ms, e.last_seen_ms), (1_000, 5_000));
         assert!(
-            ch.edges_upserted.contains(&e.key),
-            "so the store writes the new last_seen"
+            ch.edges_upserted.is_empty(),
+            "a refreshed last_seen alone is not written: {ch:?}"
+        );
+        // After a restart the edge comes back as last stored (seen at 1,000) and the agent's
+        // table, stored with each snapshot, brings last_seen back to its last snapshot.
+        let mut restarted = restored(&e, 1_000);
+        restarted.replace("web", table(&["10.0.0.1"], &[], &[row]), 5_000);
+        assert_eq!(restarted.edges[&e.key], e);
+        // Its last reporter gone, the edge is written: its last_seen is history from now on.
+        let ch = m.replace("web", table(&["10.0.0.1"], &[], &[]), 9_000);
+        assert!(ch.edges_upserted.contains(&e.key), "{ch:?}");
+        assert_eq!(m.edges[&e.key].last_seen_ms, 5_000);
+    }
+
+    /// A model after a restart, before any table is loaded: `edge` as stored, seen last at
+    /// `last_seen_ms`.
+    fn restored(edge: &Edge, last_seen_ms: u64) -> Model {
+        let mut m = Model::default();
+        m.restore_edge(Edge {
+            last_seen_ms,
+            reporters: BTreeMap::new(),
+            ..edge.clone()
+        });
+        m
+    }
+
+    #[test]
+    fn an_edge_two_agents_report_is_seen_at_the_later_report() {
+        let mut m = Model::default();
+        let client = (Direction::Client, "10.0.0.1", "10.0.0.2", 6379, "app", 1);
+        let server = (Direction::Server, "10.0.0.2", "10.0.0.1", 6379, "redis", 1);
+        // The client reports first: its row is keyed to `Address(10.0.0.2)` until db reports,
+        // then re-keyed to db's service.
+        m.replace("app", table(&["10.0.0.1"], &[], &[client]), 1_000);
+        m.replace(
+            "db",
+            table(&["10.0.0.2"], &[(6379, "redis")], &[server]),
+            2_000,
+        );
+        m.replace("app", table(&["10.0.0.1"], &[], &[client]), 3_000);
+        m.replace(
+            "db",
+            table(&["10.0.0.2"], &[(6379, "redis")], &[server]),
+            4_000,
+        );
+        m.replace("app", table(&["10.0.0.1"], &[], &[client]), 5_000);
+        assert_eq!(m.edges.len(), 1, "{:#?}", m.edges);
+        let edge = m.edges.values().next().unwrap().clone();
+        assert_eq!(edge.last_seen_ms, 5_000, "{:#?}", m.edges);
+        // A restart loads the stored edge (last written when it was new) and then the tables,
+        // the client's first: its row waits as an Address edge until db's table re-keys it, and
+        // the edge keeps the client's later time, not db's.
+        let mut restarted = restored(&edge, 2_000);
+        restarted.replace("app", table(&["10.0.0.1"], &[], &[client]), 5_000);
+        restarted.replace(
+            "db",
+            table(&["10.0.0.2"], &[(6379, "redis")], &[server]),
+            4_000,
+        );
+        assert_eq!(restarted.edges.len(), 1, "{:#?}", restarted.edges);
+        assert_eq!(restarted.edges[&edge.key], edge);
+    }
+
+    #[test]
+    fn deltas_applied_row_by_row_make_the_same_map_as_full_replacement() {
+        // Four agents report rows from a small pool, sometimes moving an address or a listener;
+        // one model takes each table incrementally, the other re-attaches every row.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let hosts = ["a", "b", "c", "d"];
+        let mut fast = Model::default();
+        let mut full = Model::default();
+        for step in 0..400u64 {
+            let h = next(4) as usize;
+            let own = format!("10.0.0.{}", h + 1);
+            let moved = format!("10.0.1.{}", h + 1);
+            let addr = if next(10) == 0 { &moved } else { &own };
+            let listeners: &[(u16, &str)] = if next(8) == 0 {
+                &[]
+            } else {
+                &[(6379, "redis")]
+            };
+            let mut rows = Vec::new();
+            for _ in 0..next(6) {
+                let peer = format!("10.0.{}.{}", next(2), next(5) + 1);
+                let direction = if next(2) == 0 {
+                    Direction::Client
+                } else {
+                    Direction::Server
+                };
+                let process = ["app", "curl", ""][next(3) as usize];
+                rows.push((
+                    direction,
+                    peer,
+                    [6379, 443][next(2) as usize],
+                    process,
+                    next(3) as u32 + 1,
+                ));
+            }
+            let rows: Vec<_> = rows
+                .iter()
+                .map(|(d, peer, port, process, sockets)| {
+                    (*d, addr.as_str(), peer.as_str(), *port, *process, *sockets)
+                })
+                .collect();
+            let t = table(&[addr], listeners, &rows);
+            let now = 1_000 + step * 10;
+            fast.replace_with(hosts[h], t.clone(), now, true);
+            full.replace_with(hosts[h], t, now, false);
+            let differ: Vec<_> = fast
+                .edges
+                .iter()
+                .filter(|(k, e)| full.edges.get(*k) != Some(*e))
+                .map(|(k, e)| (e, full.edges.get(k)))
+                .collect();
+            let missing: Vec<_> = full
+                .edges
+                .keys()
+                .filter(|k| !fast.edges.contains_key(*k))
+                .collect();
+            assert!(
+                differ.is_empty() && missing.is_empty(),
+                "step {step}: differ {differ:#?}, only in full {missing:#?}"
+            );
+            assert_eq!(fast.keyed, full.keyed, "step {step}");
+        }
+        assert!(
+            fast.edges.len() > 10,
+            "the walk made a map: {}",
+            fast.edges.len()
         );
     }
 

@@ -1,6 +1,7 @@
 //! The controller's embedded store: one redb file in the state directory. Each table maps a string
-//! key to a JSON value; every change is one durable transaction. Tasks that own state load it at
-//! start and write through on change.
+//! key to a JSON value; every change is one transaction, durable when it returns, except the map's
+//! (`commit_deferred`), which a durable commit within a second makes durable. Tasks that own state
+//! load it at start and write through on change.
 
 use std::path::Path;
 
@@ -74,9 +75,26 @@ impl Store {
 
     /// Applies every change of `batch` in one durable transaction: all of them, or none.
     pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.commit_with(batch, redb::Durability::Immediate)
+    }
+
+    /// As [`Store::commit`], without waiting for the disk: the changes are durable after the next
+    /// durable commit (any task's, or [`Store::sync`]). A crash before it loses them, and the
+    /// store comes back as it was at the last durable commit, never half-written.
+    pub fn commit_deferred(&self, batch: Batch) -> Result<(), StoreError> {
+        self.commit_with(batch, redb::Durability::None)
+    }
+
+    /// Makes every deferred commit durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.commit(Batch::default())
+    }
+
+    fn commit_with(&self, batch: Batch, durability: redb::Durability) -> Result<(), StoreError> {
         // A commit waits for fsync: keep it off the async workers' hot loop.
         tokio::task::block_in_place(|| {
-            let txn = self.db.begin_write().map_err(err)?;
+            let mut txn = self.db.begin_write().map_err(err)?;
+            txn.set_durability(durability).map_err(err)?;
             for (table, key, value) in &batch.changes {
                 let mut t = txn.open_table(*table).map_err(err)?;
                 match value {
@@ -144,5 +162,23 @@ mod tests {
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.load::<u32>(T).unwrap(), [2]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn deferred_commits_are_read_at_once_and_kept_once_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            for (key, value) in [("a", 1u32), ("b", 2)] {
+                let mut b = Batch::default();
+                b.put(T, key, &value).unwrap();
+                s.commit_deferred(b).unwrap();
+            }
+            assert_eq!(s.load::<u32>(T).unwrap(), [1, 2], "visible before the sync");
+            s.sync().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.load::<u32>(T).unwrap(), [1, 2]);
     }
 }

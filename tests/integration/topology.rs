@@ -408,11 +408,12 @@ fn the_map_shows_exactly_who_connects_to_whom() {
             .collect()
     };
     // Agents are frozen first so that nothing reports again: what the new controller shows, it
-    // loaded. A snapshot already sent is given a moment to be applied.
+    // loaded. A snapshot already sent is given a moment to be applied and synced to disk (the
+    // map's commits wait for the disk once a second).
     for p in lab.procs.iter().filter(|p| p.name.starts_with("agent-")) {
         p.signal(nix::sys::signal::Signal::SIGSTOP);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1500));
     let before = lab.edges(&["--include-inactive"]);
     let seen_before = history(&lab);
     let controller = lab.procs.remove(0);

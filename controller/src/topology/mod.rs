@@ -149,6 +149,8 @@ impl Topology {
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let generation = Arc::new(AtomicU64::new(1));
         let task = Task {
+            synced: std::time::Instant::now(),
+            deferred: false,
             generation: generation.clone(),
             model,
             sequences,
@@ -219,6 +221,9 @@ impl Topology {
 }
 
 struct Task {
+    /// The last durable commit of the map, and whether deferred commits came after it.
+    synced: std::time::Instant,
+    deferred: bool,
     generation: Arc<AtomicU64>,
     model: Model,
     sequences: BTreeMap<String, u64>,
@@ -290,6 +295,12 @@ fn listener(l: &proto::ListeningService) -> Option<(ListenerKey, String)> {
 /// each can keep up with, those already waiting are applied together and written by one commit.
 const GROUP: usize = 64;
 
+/// The map's writes wait for the disk at most this often: in between, commits are deferred
+/// (`Store::commit_deferred`). A crash loses at most this much of the map, which the agents send
+/// again in full when they reconnect; a disk that takes 20 ms to sync no longer limits ingest to
+/// a few dozen commits a second.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
 /// Where a snapshot's outcome goes, and the outcome.
 type Reply = (oneshot::Sender<Result<(), Refusal>>, Result<(), Refusal>);
 
@@ -311,10 +322,15 @@ impl Pending {
 impl Task {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut expiry = tokio::time::interval(Duration::from_secs(60));
+        let mut sync = tokio::time::interval(SYNC_EVERY);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    None => return,
+                    None => {
+                        self.sync();
+                        return;
+                    }
                     Some(Command::Snapshot { agent, hostname, snapshot, reply }) => {
                         let mut pending = Pending::default();
                         self.take(&mut pending, &agent, &hostname, &snapshot, reply);
@@ -339,6 +355,11 @@ impl Task {
                     }
                     Some(cmd) => self.answer(cmd),
                 },
+                _ = sync.tick() => {
+                    if self.synced.elapsed() >= SYNC_EVERY {
+                        self.sync();
+                    }
+                }
                 _ = expiry.tick() => {
                     let retention = self.settings.retention.as_millis() as u64;
                     let changes = self.model.expire(now_ms(), retention);
@@ -492,9 +513,27 @@ impl Task {
         Ok(())
     }
 
+    /// Makes the deferred commits durable.
+    fn sync(&mut self) {
+        if !self.deferred {
+            return;
+        }
+        match self.store.sync() {
+            Ok(()) => {
+                self.deferred = false;
+                self.synced = std::time::Instant::now();
+            }
+            Err(error) => {
+                self.stats.store_errors += 1;
+                tracing::error!(%error, "cannot sync the map to disk; a crash now would lose recent changes");
+            }
+        }
+    }
+
     /// Writes the pending agents' tables and the pending edges as the model has them now: an
-    /// edge the model no longer has is deleted.
-    fn persist(&self, pending: &Pending) -> Result<(), StoreError> {
+    /// edge the model no longer has is deleted. Durable at once when the last durable commit is
+    /// [`SYNC_EVERY`] old, deferred otherwise.
+    fn persist(&mut self, pending: &Pending) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         for agent in &pending.agents {
             if let Some(table) = self.model.agents.get(agent) {
@@ -520,7 +559,15 @@ impl Task {
                 None => batch.delete(EDGES, &id),
             }
         }
-        self.store.commit(batch)
+        if self.synced.elapsed() >= SYNC_EVERY {
+            self.store.commit(batch)?;
+            self.synced = std::time::Instant::now();
+            self.deferred = false;
+        } else {
+            self.store.commit_deferred(batch)?;
+            self.deferred = true;
+        }
+        Ok(())
     }
 
     fn graph(&self, q: &GraphQuery) -> proto::Graph {

@@ -159,6 +159,11 @@ const FLEET: &[Field<Scrape>] = &[
         "Seconds since the Neo4j database last equalled the map (0 when it does now). Only with a sink configured.",
         |s| opt(s.sink.as_ref().map(|k| k.lag_seconds)),
     ),
+    gauge(
+        "tapgraph_neo4j_delay_seconds",
+        "How long, at most, a change to the map waited for Neo4j in the last pass that wrote changes. Only with a sink configured.",
+        |s| opt(s.sink.as_ref().map(|k| k.delay_seconds)),
+    ),
     gauge_by(
         "tapgraph_neo4j_state",
         "The Neo4j sink's state: 1 for the current one.",
@@ -693,6 +698,7 @@ mod tests {
             sink: Some(SinkStats {
                 state: "in_sync".into(),
                 lag_seconds: 1.5,
+                delay_seconds: 2.25,
                 nodes: 3,
                 ..Default::default()
             }),
@@ -817,6 +823,14 @@ mod tests {
         );
         assert_eq!(
             get(
+                "tapgraph_neo4j_delay_seconds",
+                "tapgraph_neo4j_delay_seconds",
+                &[]
+            ),
+            2.25
+        );
+        assert_eq!(
+            get(
                 "tapgraph_neo4j_state",
                 "tapgraph_neo4j_state",
                 &[("state", "in_sync")]
@@ -847,6 +861,7 @@ mod tests {
         "tapgraph_topology_rows_skipped",
         "tapgraph_topology_store_errors",
         "tapgraph_neo4j_lag_seconds",
+        "tapgraph_neo4j_delay_seconds",
         "tapgraph_neo4j_state",
         "tapgraph_neo4j_transactions",
         "tapgraph_neo4j_rows_written",

@@ -100,6 +100,9 @@ pub struct SinkStats {
     pub last_error: String,
     /// Seconds since the database last equalled the model (0 when it does now).
     pub lag_seconds: f64,
+    /// How long, at most, a change to the map waited for the database in the last pass that
+    /// wrote changes: from just after the pass before read the map until this one committed.
+    pub delay_seconds: f64,
     pub transactions: u64,
     pub rows_written: u64,
     pub rows_deleted: u64,
@@ -478,6 +481,8 @@ impl Sink {
         // What the last successful pass saw, when it ran, and what it cost.
         let mut synced_generation = 0;
         let mut last_pass: Option<(Instant, Duration)> = None;
+        // When the last successful pass read the map: changes after it wait for the next pass.
+        let mut last_read: Option<Instant> = None;
         let mut ticker = tokio::time::interval(self.settings.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -510,6 +515,7 @@ impl Sink {
                     _ = tokio::time::sleep(backoff) => {}
                 }
             }
+            let read_at = Instant::now();
             let result = match session.take() {
                 Some(s) => Ok(s),
                 None => self.open().await,
@@ -527,6 +533,10 @@ impl Sink {
             };
             match outcome {
                 Ok(cost) => {
+                    let delay = last_read
+                        .filter(|_| generation != synced_generation)
+                        .map(|at| at.elapsed().as_secs_f64());
+                    last_read = Some(read_at);
                     synced_generation = generation;
                     last_pass = Some((Instant::now(), cost));
                     if reported.take().is_some() {
@@ -537,6 +547,9 @@ impl Sink {
                     self.handle.update(|s| {
                         s.state = "in_sync".into();
                         s.lag_seconds = 0.0;
+                        if let Some(delay) = delay {
+                            s.delay_seconds = delay;
+                        }
                     });
                 }
                 Err(failure) => {

@@ -464,15 +464,26 @@ async fn the_database_equals_the_model_through_outages_and_restarts() {
             (s["state"] == "unreachable").then_some(s)
         },
     );
+    let noticed = std::time::Instant::now();
     assert!(!down["last_error"].as_str().unwrap().is_empty(), "{down}");
     assert_eq!(
         http_get(controller.http, "/readyz").unwrap().0,
         200,
         "the controller stays ready without its database"
     );
+    let outage = noticed.elapsed().as_secs_f64();
     bolt.up();
     let after_outage = wait_equal(&bolt, &ctl, "after the database came back").await;
     assert!(after_outage.iter().any(|l| l.contains("addr:10.9.0.77")));
+    // The new edge waited out the outage, and the sink says so.
+    wait_for(
+        "the delay to cover the outage",
+        Duration::from_secs(20),
+        || {
+            let s = sink_stats(&controller);
+            (s["delay_seconds"].as_f64()? >= outage).then_some(())
+        },
+    );
     // The sink retried all along the outage, and said so once.
     let log = controller.proc.log_text();
     let reported = log

@@ -10,8 +10,9 @@
 # For each N it reports: time for the whole fleet to enroll and connect (and connect p99), controller
 # CPU (share of one core) and RSS in steady state (the last STEADY_S of the hold), RSS per agent
 # above the idle controller, policy rollouts (tapgraphctl policy set → each agent has the version)
-# p50/p99 over ROLLOUTS, snapshot rows the controller applied per second, snapshots shed, and with
-# NEO4J=1 the sink's largest lag. Enrollment is limited to ENROLL_RATE/s here (the default 100/s
+# p50/p99 over ROLLOUTS, snapshots applied per second and the rows they carried, snapshots shed, the
+# simulator's own CPU (when it nears 100% it, not the controller, is the limit), and with NEO4J=1
+# the sink's largest delay (how long a change waited for the database) and its rows and errors. Enrollment is limited to ENROLL_RATE/s here (the default 100/s
 # paces a fleet on purpose; this measures the controller, not the limit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,8 +80,8 @@ PY
   pids+=($!)
 }
 
-echo "| agents | enroll + connect (s) | connect p99 (ms) | controller CPU, steady (% of a core) | controller RSS (MB) | RSS per agent (KB) | rollout p50 / p99 (ms) | snapshot rows applied/s | shed | neo4j lag max (s) |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| agents | snapshot every | enroll + connect (s) | connect p99 (ms) | controller CPU, steady (% of a core) | controller RSS (MB) | RSS per agent (KB) | rollout p50 / p99 (ms) | snapshots applied/s (rows carried/s) | shed | simulator CPU (% of a core) | neo4j delay max (s) |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 for n in $SIZES; do
   dir="$work/n$n"; mkdir -p "$dir"
   grpc=$(free_port); http=$(free_port)
@@ -104,7 +105,7 @@ for n in $SIZES; do
   if [ "$NEO4J" = 1 ]; then
     ( while kill -0 "$ctl_pid" 2>/dev/null; do
         curl -fs "http://127.0.0.1:$http/api/v1/topology/stats" | python3 -c \
-          'import json,sys; n=json.load(sys.stdin).get("neo4j") or {}; print(n.get("lag_seconds", 0), n.get("state", "?"), n.get("rows_written", 0), n.get("errors", 0))' || true
+          'import json,sys; n=json.load(sys.stdin).get("neo4j") or {}; print(n.get("delay_seconds", 0), n.get("state", "?"), n.get("rows_written", 0), n.get("errors", 0), n.get("lag_seconds", 0))' || true
         sleep 1
       done ) >"$neo_log" 2>/dev/null &
     pids+=($!)
@@ -114,19 +115,25 @@ for n in $SIZES; do
   taskset -c 0 "$bin/tapgraph-loadgen" --controller "127.0.0.1:$grpc" --server-name 127.0.0.1 \
     --token "$tok" --ca-fingerprint "$fp" --agents "$n" --entries "$ENTRIES" --rate "$RATE" \
     --concurrency 256 --duration "$HOLD" --rollouts "$ROLLOUTS" --json \
-    >"$dir/report.json" 2>"$dir/loadgen.err" || echo "bench/fleet.sh: loadgen failed for $n agents: $(tail -c 300 "$dir/loadgen.err")" >&2
+    >"$dir/report.json" 2>"$dir/loadgen.err" &
+  gen_pid=$!
+  sample "$gen_pid" "$dir/gen-samples"
+  wait "$gen_pid" || echo "bench/fleet.sh: loadgen failed for $n agents: $(tail -c 300 "$dir/loadgen.err")" >&2
   end=$(date +%s.%N)
   curl -fs "http://127.0.0.1:$http/api/v1/topology/stats" >"$dir/stats-after.json"
   kill "$ctl_pid" 2>/dev/null || true
   wait "$ctl_pid" 2>/dev/null || true
-  python3 - "$dir" "$n" "$idle_rss" "$start" "$end" "$STEADY_S" "$NEO4J" <<'PY'
+  python3 - "$dir" "$n" "$idle_rss" "$start" "$end" "$STEADY_S" "$NEO4J" "$INTERVAL" <<'PY'
 import json, sys
-d, n, idle, start, end, steady, neo = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), sys.argv[7] == "1"
+d, n, idle, start, end, steady, neo, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), sys.argv[7] == "1", sys.argv[8]
 r = json.load(open(f"{d}/report.json"))
-rows = [tuple(map(float, l.split())) for l in open(f"{d}/samples") if l.strip()]
-# Steady state: the last `steady` seconds before the simulator stopped.
-win = [x for x in rows if end - steady - 1 <= x[0] <= end - 1] or rows[-steady:]
-cpu = (win[-1][1] - win[0][1]) / max(win[-1][0] - win[0][0], 1e-9) * 100
+def steady_cpu(path):
+    rows = [tuple(map(float, l.split())) for l in open(path) if l.strip()]
+    # Steady state: the last `steady` seconds before the simulator stopped.
+    win = [x for x in rows if end - steady - 1 <= x[0] <= end - 1] or rows[-steady:]
+    return (win[-1][1] - win[0][1]) / max(win[-1][0] - win[0][0], 1e-9) * 100, win
+cpu, win = steady_cpu(f"{d}/samples")
+gen_cpu, _ = steady_cpu(f"{d}/gen-samples")
 rss = sum(x[2] for x in win) / len(win)
 before, after = json.load(open(f"{d}/stats-before.json")), json.load(open(f"{d}/stats-after.json"))
 applied = after["snapshots_applied"] - before["snapshots_applied"]
@@ -140,10 +147,11 @@ if neo:
     if samples:
         writing = sum(1 for x in samples if x[1] == "writing")
         lag = (f"{max(float(x[0]) for x in samples):.1f} ({samples[-1][2]} rows written, "
-               f"{writing} of {len(samples)} samples writing, {samples[-1][3]} errors)")
+               f"{writing} of {len(samples)} samples writing, {samples[-1][3]} errors, "
+               f"lag from failures {max(float(x[4]) for x in samples):.1f} s)")
     else:
         lag = "?"
-print(f"| {n:,} | {r['ramp_seconds']:.1f} ({r['connected']:,} connected) | {r['connect_ms']['p99']:.0f} | {cpu:.1f} | {rss/1024:.1f} | {(rss - idle)/n:.1f} | {p50:.0f} / {p99:.0f} | {rows_per_s:,.0f} ({applied:,} snapshots) | {after.get('snapshots_shed_busy', 0)} | {lag} |")
+print(f"| {n:,} | {every} | {r['ramp_seconds']:.1f} ({r['connected']:,} connected) | {r['connect_ms']['p99']:.0f} | {cpu:.1f} | {rss/1024:.1f} | {(rss - idle)/n:.1f} | {p50:.0f} / {p99:.0f} | {applied / max(end - start, 1e-9):,.0f} ({rows_per_s:,.0f}) | {after.get('snapshots_shed_busy', 0)} | {gen_cpu:.0f} | {lag} |")
 if r.get("errors"):
     print(f"<!-- {n} agents: errors {r['errors']} -->")
 PY

@@ -297,11 +297,16 @@ async fn agent(
                         }
                         stats.policy_seen.lock().await.entry(p.version).or_default().push(seen);
                         policy_version = p.version;
-                        if p.heartbeat_interval_ms > 0 {
-                            heartbeat = tokio::time::interval(Duration::from_millis(p.heartbeat_interval_ms));
+                        // As the agent does: a timer restarts only when its interval changes. A
+                        // new heartbeat interval starts a period from now; a new snapshot interval
+                        // sends a snapshot at once.
+                        let every = Duration::from_millis(p.heartbeat_interval_ms);
+                        if p.heartbeat_interval_ms > 0 && every != heartbeat.period() {
+                            heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                         }
-                        if p.snapshot_interval_ms > 0 {
-                            snapshots = tokio::time::interval(Duration::from_millis(p.snapshot_interval_ms));
+                        let every = Duration::from_millis(p.snapshot_interval_ms);
+                        if p.snapshot_interval_ms > 0 && every != snapshots.period() {
+                            snapshots = tokio::time::interval(every);
                         }
                         let ack = proto::PolicyStatus { version: p.version, applied: true, error: String::new() };
                         let _ = tx.send(send(agent_message::Msg::PolicyStatus(ack))).await;

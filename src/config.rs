@@ -246,6 +246,22 @@ impl Layered {
         })
     }
 
+    /// A number (or any ordered `FromStr` value) within `range`.
+    pub fn ranged<T>(&mut self, key: &str, default: T, range: std::ops::RangeInclusive<T>) -> T
+    where
+        T: FromStr + PartialOrd + fmt::Display,
+        T::Err: fmt::Display,
+    {
+        let v = self.value(key, default);
+        if !range.contains(&v) {
+            self.fail(
+                key,
+                format!("{v} is out of range {}..={}", range.start(), range.end()),
+            );
+        }
+        v
+    }
+
     pub fn bool(&mut self, key: &str, default: bool) -> bool {
         self.parse(key, default, |s| match s.to_ascii_lowercase().as_str() {
             "true" | "yes" | "on" | "1" => Ok(true),
@@ -416,6 +432,18 @@ mod tests {
         assert_eq!(d, Duration::from_secs(1));
         let e = l.finish(()).unwrap_err();
         assert!(e.to_string().contains("2h is out of range 1s..=1m"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_refused() {
+        let s = sources(None, &[("TAPGRAPH_INTERVAL", "70000")], &[]);
+        let mut l = Layered::load(&s, KNOWN).unwrap();
+        assert_eq!(l.ranged("interval", 10u32, 1..=65_536), 70_000);
+        let e = l.finish(()).unwrap_err();
+        assert!(
+            e.to_string().contains("70000 is out of range 1..=65536"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -159,13 +159,11 @@ impl ControllerConfig {
             300 * SECOND,
         );
         let idle_timeout = c.duration("session.idle_timeout", 60 * SECOND, SECOND, 3600 * SECOND);
-        let max_message_bytes = c.value("session.max_message_bytes", 16usize << 20);
-        if !(64 << 10..=256 << 20).contains(&max_message_bytes) {
-            c.fail(
-                "session.max_message_bytes",
-                format!("{max_message_bytes} is out of range 65536..=268435456"),
-            );
-        }
+        let max_message_bytes = c.ranged(
+            "session.max_message_bytes",
+            16usize << 20,
+            64 << 10..=256 << 20,
+        );
         let store_cache = c.parse(
             "store.cache_size",
             crate::store::DEFAULT_CACHE,
@@ -179,13 +177,7 @@ impl ControllerConfig {
         if max_agents == 0 {
             c.fail("session.max_agents", "must be at least 1");
         }
-        let max_streams = c.value("session.max_streams", 16u32);
-        if !(2..=1024).contains(&max_streams) {
-            c.fail(
-                "session.max_streams",
-                format!("{max_streams} is out of range 2..=1024"),
-            );
-        }
+        let max_streams = c.ranged("session.max_streams", 16u32, 2..=1024);
         let enroll_rate = c.value("enrollment.rate", 100f64);
         if !(enroll_rate > 0.0 && enroll_rate <= 100_000.0) {
             c.fail(
@@ -197,13 +189,7 @@ impl ControllerConfig {
         if enroll_burst == 0 {
             c.fail("enrollment.burst", "must be at least 1");
         }
-        let topology_queue = c.value("topology.queue", 4096usize);
-        if !(1..=1_000_000).contains(&topology_queue) {
-            c.fail(
-                "topology.queue",
-                format!("{topology_queue} is out of range 1..=1000000"),
-            );
-        }
+        let topology_queue = c.ranged("topology.queue", 4096usize, 1..=1_000_000);
         let default_policy = PolicySpec::from_config(&mut c, "policy");
         let topology = crate::topology::TopologySettings {
             ttl: c.duration("topology.ttl", 120 * SECOND, SECOND, 86_400 * SECOND),
@@ -314,13 +300,7 @@ fn neo4j_settings(c: &mut Layered) -> Option<crate::sink::Neo4jSettings> {
         (None, None) => String::new(),
     };
     let database = c.string("graph.neo4j.database", "");
-    let batch_size = c.value("graph.neo4j.batch_size", 5000usize);
-    if !(1..=50_000).contains(&batch_size) {
-        c.fail(
-            "graph.neo4j.batch_size",
-            format!("{batch_size} is out of range 1..=50000"),
-        );
-    }
+    let batch_size = c.ranged("graph.neo4j.batch_size", 5000usize, 1..=50_000);
     let interval = c.duration(
         "graph.neo4j.interval",
         2 * SECOND,

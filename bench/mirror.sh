@@ -12,6 +12,10 @@
 #
 #   sudo bench/mirror.sh                                  # all of it: 10½ minutes
 #   sudo ONLY="kernel naive" SIZES=1400 bench/mirror.sh   # some of it; other knobs below
+#   sudo ONLY=tapgraph CPU_ONLY=1 PERF=/tmp/mirror bench/mirror.sh   # only the CPU trial, with a
+#       per-thread split in the log (every run logs it) and `perf record -C 1 -g` of CPU 1 saved
+#       as /tmp/mirror-SIZE-TRY.data; TAPGRAPH_BIN=DIR takes the binaries from DIR (a build with
+#       line tables, with PERF_ARGS="-F 499 --call-graph dwarf") instead of building them
 #
 # Hosts are network namespaces made here and deleted on exit, with every process started in them:
 #
@@ -317,9 +321,10 @@ naive_pipeline() {
 # The agent captures src0 and streams over mTLS gRPC to the controller in hub, which reinjects into
 # hub1. MODE=immediate|buffered (default buffered) is the agent's capture mode. Each step that can
 # fail says `|| return 1`: this runs in an `||` list, where errexit is off.
-tapgraph_build() {
-  cargo build --release --locked -p tapgraph-agent -p tapgraph-controller -p tapgraph-ctl >/dev/null
-  cp target/release/{tapgraph-agent,tapgraph-controller,tapgraphctl} "$work/bin/"
+tapgraph_build() {  # TAPGRAPH_BIN=DIR: binaries built elsewhere (a profiling build, say)
+  [ -n "${TAPGRAPH_BIN:-}" ] ||
+    cargo build --release --locked -p tapgraph-agent -p tapgraph-controller -p tapgraph-ctl >/dev/null
+  cp "${TAPGRAPH_BIN:-target/release}"/{tapgraph-agent,tapgraph-controller,tapgraphctl} "$work/bin/"
 }
 tapgraph_pipeline() {
   local st=$work/tapgraph B=$work/bin grpc=198.18.2.2:7443 tok
@@ -391,18 +396,53 @@ delay_run() {
   DELAY="$(field p50_us) $(field p99_us) $(field max_us) $(field received) $SENT"
 }
 
+# Per-thread CPU of the pipeline's processes: "TID NAME TICKS" lines, then the split per delivered
+# packet in the log, so that where a pipeline's time goes shows in every run.
+thread_ticks() {
+  local p t
+  for p in "${PIPE_PIDS[@]}"; do
+    for t in /proc/"$p"/task/*; do
+      awk -v tid="${t##*/}" '{n = $0; sub(/^[^(]*\(/, "", n); sub(/\).*$/, "", n); sub(/^.*\) /, ""); print tid, n, $12 + $13}' "$t/stat" 2>/dev/null || true
+    done
+  done
+}
+thread_split() {  # DELIVERED: logs "name µs" per thread that ran, busiest first
+  python3 - "$work/threads-0" "$work/threads-1" "$1" "$HZ" <<'PY' | while read -r l; do log "  $l"; done
+import sys
+def load(p):
+    r = {}
+    for line in open(p):
+        tid, *name, t = line.split()
+        r[tid] = (" ".join(name), int(t))
+    return r
+a, b, n, hz = load(sys.argv[1]), load(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rows = sorted(((t - a.get(tid, (0, 0))[1], name, tid) for tid, (name, t) in b.items()), reverse=True)
+for d, name, tid in rows:
+    if d > 0:
+        print(f"thread {name} ({tid}): {d * 1e6 / hz / max(n, 1):.2f} µs per packet")
+PY
+}
+
 # cpu_trial SIZE: the traffic at 50 kpps for CPU_S, paced by sleeping. Sets PROC_US (CPU of the
 # pipeline's processes per delivered packet, µs), BUSY_US (the machine's busy time per delivered
 # packet, µs), CPU_OTHERS, CPU_SENT and CPU_DELIVERED. Others' load only adds busy time: while it is
 # above 2%, the trial is run again (3 tries at most) and the least busy one kept.
 cpu_trial() {
-  local size=$1 try c0 m busy o us pu
+  local size=$1 try c0 m busy o us pu perf
   BUSY_US=""
   for try in 1 2 3; do
     others save cpu
+    thread_ticks >"$work/threads-0"
+    if [ -n "${PERF:-}" ] && [ "${#PIPE_PIDS[@]}" -gt 0 ]; then
+      perf record -q -C 1 ${PERF_ARGS:--g} -o "$work/perf-$size-$try.data" -- sleep "$CPU_S" 2>/dev/null &
+      perf=$!
+    fi
     c0=$(cpu_ticks "${PIPE_PIDS[@]}"); m=$(machine_mark)
     PACE="sleep" trial "$size" 50000 "$CPU_S"
     busy=$(machine_busy_since "$m"); o=$(others since cpu)
+    [ -z "${perf:-}" ] || { wait "$perf" || true; cp "$work/perf-$size-$try.data" "$PERF-$size-$try.data"; log "perf: $PERF-$size-$try.data"; perf=""; }
+    thread_ticks >"$work/threads-1"
+    [ "${#PIPE_PIDS[@]}" -eq 0 ] || thread_split "$DELIVERED"
     us=$(div "${busy}e6" "$DELIVERED" 3)
     pu=$(div "$(( $(cpu_ticks "${PIPE_PIDS[@]}") - c0 ))e6" "$((DELIVERED * HZ))" 2)
     if [ -z "$BUSY_US" ] || python3 -c "import sys; sys.exit(float(sys.argv[1]) >= float(sys.argv[2]))" "$us" "$BUSY_US"; then
@@ -444,6 +484,11 @@ measure() {
   idle=$(side "$NS_SRC" "$(( $(cpu_ticks $(ip netns pids "$NS_SRC")) - t0 ))" "$IDLE_S")
   for size in $SIZES; do
     others save "$name"
+    if [ -n "${CPU_ONLY:-}" ]; then
+      cpu_trial "$size"
+      log "$name, $size B: $PROC_US µs per packet (processes), $BUSY_US µs (machine), others $CPU_OTHERS"
+      continue
+    fi
     log "$name, $size B: max rate"
     trial "$size" 0 "$FLOOD_S"; flood_sent=$SENT; flood_pps=$SENT_PPS; flood_del=$DELIVERED
     log "$name, $size B: $flood_pps pps offered, $flood_sent sent, $flood_del delivered"

@@ -43,7 +43,7 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<T, U>::raw_decoder(settings())
+        ProstCodec::<T, U>::raw_decoder(buffer_settings())
     }
 }
 
@@ -64,11 +64,12 @@ impl<T: Message> Encoder for LeanEncoder<T> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        settings()
+        buffer_settings()
     }
 }
 
-fn settings() -> BufferSettings {
+/// [`BUFFER_SIZE`] first, and tonic's yield threshold.
+pub fn buffer_settings() -> BufferSettings {
     BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD)
 }
 

@@ -156,7 +156,7 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
         let stop = CancellationToken::new();
         let forwarder = tokio::spawn(capture::forward(
             queue,
-            client.clone(),
+            channel.clone(),
             state.mirror_version.clone(),
             stop.clone(),
         ));

@@ -8,13 +8,14 @@
 //! ```
 //!
 //! The capture thread never blocks on anything but the kernel: a batch that finds the queue full,
-//! or over its byte budget, is dropped and counted. Each batch's payloads share one buffer, filled
-//! by the only copy out of the capture ring; every packet is a `Bytes` slice of it.
+//! or over its byte budget, is dropped and counted. Each batch is one buffer, filled by the only
+//! copy out of the capture ring, which writes the packets in their wire form ([`wire`]).
 //!
 //! Counters are cumulative since the agent started, across captures and sessions, and balance:
 //! captured = sent + dropped by the limiter + dropped by the queue + in flight.
 
 pub mod limit;
+pub mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -127,7 +128,7 @@ impl Counters {
 
     /// A queued batch could not be delivered (queue full, or the stream is gone).
     pub fn dropped_in_queue(&self, batch: &Batch) {
-        Self::add(&self.dropped_queue, batch.packets.len() as u64);
+        Self::add(&self.dropped_queue, batch.count);
         Self::add(&self.bytes_dropped_queue, batch.bytes);
     }
 }
@@ -138,9 +139,23 @@ pub struct Batch {
     pub linktype: u32,
     pub interface: String,
     pub snaplen: u32,
-    pub packets: Vec<proto::Packet>,
+    /// The packets as `MirrorBatch.packets` entries ([`wire::put_packet`]).
+    pub encoded: Bytes,
+    /// How many packets `encoded` holds.
+    pub count: u64,
     /// Sum of the packets' captured lengths.
     pub bytes: u64,
+}
+
+impl Batch {
+    /// The packets, decoded.
+    #[cfg(test)]
+    pub fn packets(&self) -> Vec<proto::Packet> {
+        use prost::Message;
+        proto::MirrorBatch::decode(self.encoded.clone())
+            .expect("a batch decodes")
+            .packets
+    }
 }
 
 /// Something the session must report at once.
@@ -206,7 +221,7 @@ impl QueueRx {
         self.counters.dropped_in_queue(batch);
         self.counters
             .in_flight
-            .fetch_sub(batch.packets.len() as u64, Ordering::Relaxed);
+            .fetch_sub(batch.count, Ordering::Relaxed);
     }
 }
 
@@ -219,7 +234,7 @@ impl QueueTx {
     /// Queues a batch without waiting; when the queue is full or over its byte budget the batch
     /// is dropped and counted. Its packets are in flight already (since they were admitted).
     fn offer(&self, batch: Batch, counters: &Counters) {
-        let n = batch.packets.len() as u64;
+        let n = batch.count;
         let drop = |batch: &Batch| {
             counters.in_flight.fetch_sub(n, Ordering::Relaxed);
             counters.dropped_in_queue(batch);
@@ -367,9 +382,10 @@ struct ReaderState {
     stop: Arc<AtomicBool>,
     bucket: Option<TokenBucket>,
     watchdog: BreachWatchdog,
+    /// The batch being filled, in its wire form, and how many packets and payload bytes it holds.
     arena: BytesMut,
-    /// (timestamp, original length, end offset in the arena) of each packet of the batch.
-    pending: Vec<(u64, u32, usize)>,
+    pending: u64,
+    pending_bytes: u64,
     last_ns: u64,
     breach: Option<Breach>,
     kernel_seen: u64,
@@ -396,12 +412,12 @@ impl Reader {
     ) -> Self {
         let s = &prepared.settings;
         let linktype = prepared.cap.get_datalink().0 as u32;
-        let batch = s.batch_packets as usize;
         let state = ReaderState {
             bucket: (s.limit_bps > 0).then(|| TokenBucket::new(s.limit_bps)),
             watchdog: BreachWatchdog::new(s.limit_bps, s.check_interval, s.breach_intervals),
             arena: BytesMut::new(),
-            pending: Vec::with_capacity(batch),
+            pending: 0,
+            pending_bytes: 0,
             settings: prepared.settings,
             linktype,
             after_ns,
@@ -505,49 +521,38 @@ impl ReaderState {
             Counters::add(&self.counters.bytes_dropped_limiter, u64::from(len));
             return;
         }
-        if self.arena.len() + packet.data.len() > BATCH_MAX_BYTES {
+        let need = packet.data.len() + wire::PACKET_OVERHEAD;
+        if self.arena.len() + need > BATCH_MAX_BYTES {
             self.flush();
         }
-        if self.pending.is_empty() {
-            let want = (self.settings.batch_packets as usize * packet.data.len().max(64))
-                .clamp(packet.data.len(), BATCH_MAX_BYTES);
+        if self.pending == 0 {
+            let want = (self.settings.batch_packets as usize
+                * need.max(64 + wire::PACKET_OVERHEAD))
+            .clamp(need, BATCH_MAX_BYTES);
             self.arena.reserve(want);
         }
         // In flight from here until it is sent or dropped: the counters balance at every moment,
         // a batch still being filled included.
         Counters::add(&self.counters.in_flight, 1);
-        self.arena.extend_from_slice(packet.data);
-        self.pending.push((ts, packet.header.len, self.arena.len()));
-        if self.pending.len() >= self.settings.batch_packets as usize {
+        wire::put_packet(&mut self.arena, ts, packet.header.len, packet.data);
+        self.pending += 1;
+        self.pending_bytes += u64::from(len);
+        if self.pending >= u64::from(self.settings.batch_packets) {
             self.flush();
         }
     }
 
     fn flush(&mut self) {
-        if self.pending.is_empty() {
+        if self.pending == 0 {
             return;
         }
-        let buf: Bytes = self.arena.split().freeze();
-        let mut start = 0;
-        let packets = self
-            .pending
-            .drain(..)
-            .map(|(ts, original_length, end)| {
-                let data = buf.slice(start..end);
-                start = end;
-                proto::Packet {
-                    timestamp_unix_nanos: ts,
-                    original_length,
-                    data,
-                }
-            })
-            .collect();
         let batch = Batch {
             linktype: self.linktype,
             interface: self.settings.interface.clone(),
             snaplen: self.settings.snaplen,
-            packets,
-            bytes: buf.len() as u64,
+            encoded: self.arena.split().freeze(),
+            count: std::mem::take(&mut self.pending),
+            bytes: std::mem::take(&mut self.pending_bytes),
         };
         self.queue.offer(batch, &self.counters);
         self.burst |= self.queue.queued_bytes() > BURST_BYTES;
@@ -734,11 +739,11 @@ impl Tap {
 /// Batches that find the stream gone are dropped and counted.
 pub async fn forward(
     mut queue: QueueRx,
-    client: proto::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+    channel: tonic::transport::Channel,
     policy_version: Arc<AtomicU64>,
     stop: tokio_util::sync::CancellationToken,
 ) -> QueueRx {
-    let mut stream: Option<mpsc::Sender<proto::MirrorBatch>> = None;
+    let mut stream: Option<mpsc::Sender<wire::Outbound>> = None;
     loop {
         let batch = tokio::select! {
             () = stop.cancelled() => break,
@@ -749,12 +754,9 @@ pub async fn forward(
         };
         let tx = stream.get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(4);
-            let mut client = client.clone();
+            let channel = channel.clone();
             tokio::spawn(async move {
-                match client
-                    .mirror(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await
-                {
+                match wire::mirror(channel, tokio_stream::wrappers::ReceiverStream::new(rx)).await {
                     Ok(summary) => tracing::debug!(summary = ?summary.into_inner(), "mirror stream ended"),
                     Err(status) => tracing::warn!(code = ?status.code(), error = %status.message(), "mirror stream failed"),
                 }
@@ -762,9 +764,9 @@ pub async fn forward(
             tx
         });
         let tx = tx.clone();
-        let (packets, bytes) = (batch.packets.len() as u64, batch.bytes);
+        let (packets, bytes) = (batch.count, batch.bytes);
         // Numbered only once it is certain to be sent: a gap in sequence numbers is loss in transit.
-        let mut message = proto::MirrorBatch {
+        let mut head = proto::MirrorBatch {
             sequence: 0,
             sent_at_unix_nanos: 0,
             policy_version: policy_version.load(Ordering::Relaxed),
@@ -784,12 +786,14 @@ pub async fn forward(
             continue;
         };
         queue.sequence += 1;
-        message.sequence = queue.sequence;
+        head.sequence = queue.sequence;
         queue.settle_sent(packets, bytes);
-        message.counters = Some(queue.counters.snapshot());
-        message.sent_at_unix_nanos = tapgraph::time::unix_nanos();
-        message.packets = batch.packets;
-        permit.send(message);
+        head.counters = Some(queue.counters.snapshot());
+        head.sent_at_unix_nanos = tapgraph::time::unix_nanos();
+        permit.send(wire::Outbound {
+            head,
+            packets: batch.encoded,
+        });
     }
     queue
 }
@@ -858,9 +862,15 @@ mod tests {
                 .expect("a batch within 5 s")
                 .unwrap();
             assert_eq!(batch.linktype, 1, "loopback is Ethernet-framed");
-            assert!(batch.packets.len() <= 16);
-            rx.settle_sent(batch.packets.len() as u64, batch.bytes);
-            got.extend(batch.packets);
+            let packets = batch.packets();
+            assert_eq!(packets.len() as u64, batch.count);
+            assert!(packets.len() <= 16);
+            assert_eq!(
+                batch.bytes,
+                packets.iter().map(|p| p.data.len() as u64).sum::<u64>()
+            );
+            rx.settle_sent(batch.count, batch.bytes);
+            got.extend(packets);
         }
         for (packet, payload) in got.iter().zip(&payloads) {
             // Ethernet 14 + IPv4 20 + UDP 8 bytes of headers.
@@ -964,7 +974,7 @@ mod tests {
                 .await
                 .unwrap_or_else(|_| panic!("{mode:?}: the packet waited for a batch"))
                 .unwrap();
-            assert_eq!(batch.packets.len(), 1);
+            assert_eq!(batch.count, 1);
             let c = tap.counters();
             assert_eq!(c.packets_captured, 1, "{mode:?}");
             assert_eq!(c.packets_in_flight, 1, "{mode:?}: queued, not yet sent");

@@ -1,0 +1,216 @@
+//! Mirror batches in their wire form. The capture thread writes each packet straight out of the
+//! capture ring as an entry of `MirrorBatch.packets`: protobuf lets a message's fields come in any
+//! order and a repeated field's entries anywhere, so a batch on the wire is its few other fields
+//! followed by those bytes. No per-packet object exists between the ring and the socket, and
+//! sending a batch encodes only its header (the generated client encoded every packet again).
+//!
+//! The controller decodes the same `MirrorBatch` either way; a test holds the two encodings equal.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use tapgraph::codec::LeanCodec;
+use tapgraph::proto;
+use tonic::Status;
+use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Channel;
+
+/// Field numbers in `proto/tapgraph/v1/agent.proto`.
+const BATCH_PACKETS: u32 = 5;
+const PACKET_TIMESTAMP: u32 = 1;
+const PACKET_ORIGINAL_LENGTH: u32 = 2;
+const PACKET_DATA: u32 = 3;
+
+/// The most bytes [`put_packet`] adds besides the payload: the entry's key and length, and the
+/// packet's three keys, its timestamp and two lengths.
+pub const PACKET_OVERHEAD: usize = 1 + 5 + (1 + 8) + (1 + 5) + (1 + 5);
+
+/// Appends a packet to `buf` as one `MirrorBatch.packets` entry, byte for byte as prost encodes it.
+pub fn put_packet(
+    buf: &mut BytesMut,
+    timestamp_unix_nanos: u64,
+    original_length: u32,
+    data: &[u8],
+) {
+    let ts_len = if timestamp_unix_nanos != 0 { 1 + 8 } else { 0 };
+    let original_len = if original_length != 0 {
+        1 + encoded_len_varint(u64::from(original_length))
+    } else {
+        0
+    };
+    let data_len = if data.is_empty() {
+        0
+    } else {
+        1 + encoded_len_varint(data.len() as u64) + data.len()
+    };
+    let len = ts_len + original_len + data_len;
+    buf.reserve(1 + encoded_len_varint(len as u64) + len);
+    encode_key(BATCH_PACKETS, WireType::LengthDelimited, buf);
+    encode_varint(len as u64, buf);
+    if timestamp_unix_nanos != 0 {
+        encode_key(PACKET_TIMESTAMP, WireType::SixtyFourBit, buf);
+        buf.put_u64_le(timestamp_unix_nanos);
+    }
+    if original_length != 0 {
+        encode_key(PACKET_ORIGINAL_LENGTH, WireType::Varint, buf);
+        encode_varint(u64::from(original_length), buf);
+    }
+    if !data.is_empty() {
+        encode_key(PACKET_DATA, WireType::LengthDelimited, buf);
+        encode_varint(data.len() as u64, buf);
+        buf.put_slice(data);
+    }
+}
+
+/// A batch on its way out: every field but the packets in `head`, the packets as [`put_packet`]
+/// wrote them.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub head: proto::MirrorBatch,
+    pub packets: Bytes,
+}
+
+impl Outbound {
+    fn encoded_len(&self) -> usize {
+        self.head.encoded_len() + self.packets.len()
+    }
+
+    fn encode(&self, buf: &mut impl BufMut) -> Result<(), prost::EncodeError> {
+        debug_assert!(self.head.packets.is_empty(), "packets travel pre-encoded");
+        self.head.encode(buf)?;
+        buf.put_slice(&self.packets);
+        Ok(())
+    }
+}
+
+/// The `Mirror` call's codec: [`Outbound`] batches out, the controller's summary back in.
+#[derive(Debug, Clone, Default)]
+pub struct MirrorCodec;
+
+type SummaryCodec = LeanCodec<proto::MirrorSummary, proto::MirrorSummary>;
+
+impl Codec for MirrorCodec {
+    type Encode = Outbound;
+    type Decode = proto::MirrorSummary;
+    type Encoder = OutboundEncoder;
+    type Decoder = <SummaryCodec as Codec>::Decoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        OutboundEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        SummaryCodec::default().decoder()
+    }
+}
+
+#[derive(Debug)]
+pub struct OutboundEncoder;
+
+impl Encoder for OutboundEncoder {
+    type Item = Outbound;
+    type Error = Status;
+
+    fn encode(&mut self, item: Outbound, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.reserve(item.encoded_len());
+        item.encode(buf)
+            .map_err(|e| Status::internal(format!("encoding a mirror batch: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        tapgraph::codec::buffer_settings()
+    }
+}
+
+/// The `Mirror` RPC, as the generated client makes it but with [`MirrorCodec`].
+pub async fn mirror(
+    channel: Channel,
+    batches: impl tonic::IntoStreamingRequest<Message = Outbound>,
+) -> Result<tonic::Response<proto::MirrorSummary>, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("the connection is not ready: {e}")))?;
+    let mut request = batches.into_streaming_request();
+    request
+        .extensions_mut()
+        .insert(tonic::GrpcMethod::new("tapgraph.v1.AgentService", "Mirror"));
+    let path = PathAndQuery::from_static("/tapgraph.v1.AgentService/Mirror");
+    grpc.client_streaming(request, path, MirrorCodec).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn packet(rng: &mut impl Rng) -> proto::Packet {
+        let len = *[0usize, 1, 60, 127, 128, 1400, 16_384, 70_000]
+            .get(rng.random_range(0..8))
+            .unwrap();
+        proto::Packet {
+            timestamp_unix_nanos: if rng.random_bool(0.1) {
+                0
+            } else {
+                rng.random()
+            },
+            original_length: *[0u32, 1, 127, 128, 65_535, u32::MAX]
+                .get(rng.random_range(0..6))
+                .unwrap(),
+            data: (0..len).map(|_| rng.random()).collect::<Vec<u8>>().into(),
+        }
+    }
+
+    #[test]
+    fn a_pre_encoded_batch_is_byte_for_byte_what_prost_would_send() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let packets: Vec<proto::Packet> = (0..rng.random_range(0..20))
+                .map(|_| packet(&mut rng))
+                .collect();
+            let mut arena = BytesMut::new();
+            for p in &packets {
+                let before = arena.len();
+                put_packet(
+                    &mut arena,
+                    p.timestamp_unix_nanos,
+                    p.original_length,
+                    &p.data,
+                );
+                assert!(arena.len() - before <= PACKET_OVERHEAD + p.data.len());
+            }
+            let head = proto::MirrorBatch {
+                sequence: rng.random(),
+                sent_at_unix_nanos: rng.random(),
+                policy_version: rng.random(),
+                counters: Some(proto::Counters {
+                    packets_captured: rng.random(),
+                    ..Default::default()
+                }),
+                packets: Vec::new(),
+                linktype: 1,
+                interface: "eth0".into(),
+                snaplen: 65_535,
+            };
+            let whole = proto::MirrorBatch {
+                packets: packets.clone(),
+                ..head.clone()
+            };
+            let outbound = Outbound {
+                head,
+                packets: arena.freeze(),
+            };
+            let mut wire = Vec::new();
+            outbound.encode(&mut wire).unwrap();
+            assert_eq!(wire.len(), outbound.encoded_len());
+            assert_eq!(proto::MirrorBatch::decode(&wire[..]).unwrap(), whole);
+            // The packets alone are exactly prost's encoding of the repeated field.
+            let only_packets = proto::MirrorBatch {
+                packets,
+                ..Default::default()
+            };
+            assert_eq!(outbound.packets, only_packets.encode_to_vec());
+        }
+    }
+}

@@ -34,7 +34,7 @@ use limit::{Breach, BreachWatchdog, TokenBucket};
 const RING_BYTES: i32 = 4 << 20;
 /// A batch never exceeds this, far below gRPC's message limit.
 const BATCH_MAX_BYTES: usize = 1 << 20;
-/// Bytes of queued batches at most; more is dropped and counted.
+/// Bytes the queued batches hold at most (payloads and their framing); more is dropped and counted.
 pub const QUEUE_MAX_BYTES: u64 = 8 << 20;
 const QUEUE_MAX_BATCHES: usize = 256;
 /// How often kernel drop counters are read.
@@ -148,6 +148,11 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Memory the batch holds, which the queue's byte budget counts: the payloads and their framing.
+    fn held(&self) -> u64 {
+        self.encoded.len() as u64
+    }
+
     /// The packets, decoded.
     #[cfg(test)]
     pub fn packets(&self) -> Vec<proto::Packet> {
@@ -205,7 +210,7 @@ impl QueueRx {
     /// [`Counters::dropped_in_queue`] settles them.
     pub async fn recv(&mut self) -> Option<Batch> {
         let batch = self.rx.recv().await?;
-        self.bytes.fetch_sub(batch.bytes, Ordering::Relaxed);
+        self.bytes.fetch_sub(batch.held(), Ordering::Relaxed);
         Some(batch)
     }
 
@@ -239,16 +244,16 @@ impl QueueTx {
             counters.in_flight.fetch_sub(n, Ordering::Relaxed);
             counters.dropped_in_queue(batch);
         };
-        if self.bytes.load(Ordering::Relaxed) + batch.bytes > QUEUE_MAX_BYTES {
+        if self.bytes.load(Ordering::Relaxed) + batch.held() > QUEUE_MAX_BYTES {
             drop(&batch);
             return;
         }
-        self.bytes.fetch_add(batch.bytes, Ordering::Relaxed);
+        self.bytes.fetch_add(batch.held(), Ordering::Relaxed);
         if let Err(e) = self.tx.try_send(batch) {
             let batch = match e {
                 mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
             };
-            self.bytes.fetch_sub(batch.bytes, Ordering::Relaxed);
+            self.bytes.fetch_sub(batch.held(), Ordering::Relaxed);
             drop(&batch);
         }
     }

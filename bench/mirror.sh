@@ -71,6 +71,11 @@ CPU_S=${CPU_S:-10}
 DELAY_S=${DELAY_S:-10}
 IDLE_S=${IDLE_S:-5}
 RPS=${RPS:-0}
+# The link between src and hub carries only the pipelines' own traffic (TCP, gRPC, the kernel
+# path's tunnel). With TRANSPORT_OFFLOADS=on its veths keep segmentation and receive offloads on, as
+# a host's NIC has them: large TCP writes cross it as large segments. The capture and SPAN links
+# stay without offloads either way (every frame there is a real frame no larger than the MTU).
+TRANSPORT_OFFLOADS=${TRANSPORT_OFFLOADS:-off}
 SETTLE_S=${SETTLE_S:-2}   # delivered count unchanged this long = pipeline drained (tcpdump's
                           # libpcap hands over a partly filled buffer block after 1 s)
 
@@ -145,6 +150,11 @@ GEN_GSO=1
 features=$(in_ns "$NS_GEN" ethtool -k gen0)
 ! grep -qE '^(generic-segmentation-offload|tx-udp-segmentation): on' <<<"$features" || GEN_GSO=0
 veth "$NS_SRC" src1 "$NS_HUB" hub0
+offloads_on() {  # NS IF
+  local f
+  for f in gro gso tso; do in_ns "$1" ethtool -K "$2" "$f" on >/dev/null 2>&1 || true; done
+}
+[ "$TRANSPORT_OFFLOADS" != on ] || { offloads_on "$NS_SRC" src1; offloads_on "$NS_HUB" hub0; }
 veth "$NS_HUB" hub1 "$NS_SPAN" span0
 ip -n "$NS_GEN" addr add 198.18.1.1/24 dev gen0
 ip -n "$NS_SRC" addr add 198.18.1.2/24 dev src0
@@ -440,11 +450,11 @@ cpu_trial() {
     c0=$(cpu_ticks "${PIPE_PIDS[@]}"); m=$(machine_mark)
     PACE="sleep" trial "$size" 50000 "$CPU_S"
     busy=$(machine_busy_since "$m"); o=$(others since cpu)
-    [ -z "${perf:-}" ] || { wait "$perf" || true; cp "$work/perf-$size-$try.data" "$PERF-$size-$try.data"; log "perf: $PERF-$size-$try.data"; perf=""; }
-    thread_ticks >"$work/threads-1"
-    [ "${#PIPE_PIDS[@]}" -eq 0 ] || thread_split "$DELIVERED"
-    us=$(div "${busy}e6" "$DELIVERED" 3)
     pu=$(div "$(( $(cpu_ticks "${PIPE_PIDS[@]}") - c0 ))e6" "$((DELIVERED * HZ))" 2)
+    thread_ticks >"$work/threads-1"
+    us=$(div "${busy}e6" "$DELIVERED" 3)
+    [ "${#PIPE_PIDS[@]}" -eq 0 ] || thread_split "$DELIVERED"
+    [ -z "${perf:-}" ] || { wait "$perf" || true; cp "$work/perf-$size-$try.data" "$PERF-$size-$try.data"; log "perf: $PERF-$size-$try.data"; perf=""; }
     if [ -z "$BUSY_US" ] || python3 -c "import sys; sys.exit(float(sys.argv[1]) >= float(sys.argv[2]))" "$us" "$BUSY_US"; then
       BUSY_US=$us PROC_US=$pu CPU_OTHERS=$o CPU_SENT=$SENT CPU_DELIVERED=$DELIVERED
     fi
@@ -566,6 +576,7 @@ done
 
 echo
 echo "RPS=$RPS: the monitored host's receive path runs on CPU $([ "$RPS" = 0 ] && echo "0, in the generator's send call" || echo "1, with the pipeline")."
+echo "TRANSPORT_OFFLOADS=$TRANSPORT_OFFLOADS: src1/hub0 (src ↔ hub) $(in_ns "$NS_SRC" ethtool -k src1 | grep -E '^(tcp-segmentation-offload|generic-receive-offload):' | tr -s ' \n' ' ')"
 for size in $SIZES; do
   r=(${REF_DELAY[$size]})
   echo "No mirror, $size B: the machine busy ${REF_CPU[$size]} µs per packet at 50 kpps (others' load ${REF_OTHERS[$size]}); delay gen → src0 (the capture point) p50 / p99 / max ${r[0]} / ${r[1]} / ${r[2]} µs."

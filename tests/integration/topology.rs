@@ -408,14 +408,20 @@ fn the_map_shows_exactly_who_connects_to_whom() {
             .collect()
     };
     // Agents are frozen first so that nothing reports again: what the new controller shows, it
-    // loaded. A snapshot already sent is given a moment to be applied and synced to disk (the
-    // map's commits wait for the disk once a second).
+    // loaded. A snapshot already sent may still be applied: the map is read once it reads the
+    // same twice in a row (the controller syncs the map to disk as it stops).
     for p in lab.procs.iter().filter(|p| p.name.starts_with("agent-")) {
         p.signal(nix::sys::signal::Signal::SIGSTOP);
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut last = history(&lab);
+    let seen_before = wait_for("the map to settle", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = history(&lab);
+        let settled = now == last;
+        last = now;
+        settled.then(|| last.clone())
+    });
     let before = lab.edges(&["--include-inactive"]);
-    let seen_before = history(&lab);
     let controller = lab.procs.remove(0);
     drop(controller);
     let mut cmd = lab.hub.wrap(

@@ -164,21 +164,54 @@ mod tests {
         assert_eq!(s.load::<u32>(T).unwrap(), [2]);
     }
 
+    /// Set in a child test process: the store path, and whether to sync before crashing.
+    const CRASH_CHILD: &str = "TAPGRAPH_STORE_CRASH_CHILD";
+
+    /// In a child process only: commits "a" durably and "b" deferred, syncs or not, and aborts
+    /// without any destructor running (a crash, as far as the store can tell).
     #[tokio::test(flavor = "multi_thread")]
-    async fn deferred_commits_are_read_at_once_and_kept_once_synced() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        {
-            let s = Store::open(&path).unwrap();
-            for (key, value) in [("a", 1u32), ("b", 2)] {
-                let mut b = Batch::default();
-                b.put(T, key, &value).unwrap();
-                s.commit_deferred(b).unwrap();
-            }
-            assert_eq!(s.load::<u32>(T).unwrap(), [1, 2], "visible before the sync");
+    async fn crash_child() {
+        let Ok(spec) = std::env::var(CRASH_CHILD) else {
+            return;
+        };
+        let (path, sync) = spec.rsplit_once(',').unwrap();
+        let s = Store::open(Path::new(path)).unwrap();
+        let mut b = Batch::default();
+        b.put(T, "a", &1u32).unwrap();
+        s.commit(b).unwrap();
+        let mut b = Batch::default();
+        b.put(T, "b", &2u32).unwrap();
+        s.commit_deferred(b).unwrap();
+        assert_eq!(s.load::<u32>(T).unwrap(), [1, 2], "visible before the sync");
+        if sync == "sync" {
             s.sync().unwrap();
         }
-        let s = Store::open(&path).unwrap();
-        assert_eq!(s.load::<u32>(T).unwrap(), [1, 2]);
+        std::process::abort();
+    }
+
+    /// What a crash leaves of a store, with or without a sync after its deferred commit.
+    fn after_crash(sync: &str) -> Vec<u32> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "store::tests::crash_child", "--test-threads=1"])
+            .env(CRASH_CHILD, format!("{},{sync}", path.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        // Killed by SIGABRT, not failed: a failed assertion in the child exits with a code.
+        assert_eq!(status.code(), None, "the child aborts on purpose: {status}");
+        Store::open(&path).unwrap().load::<u32>(T).unwrap()
+    }
+
+    #[test]
+    fn a_crash_keeps_deferred_commits_only_once_synced() {
+        assert_eq!(
+            after_crash("no-sync"),
+            [1],
+            "a deferred commit is lost in a crash"
+        );
+        assert_eq!(after_crash("sync"), [1, 2], "a sync makes it durable");
     }
 }

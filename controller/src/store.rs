@@ -166,9 +166,12 @@ mod tests {
 
     /// Set in a child test process: the store path, and whether to sync before crashing.
     const CRASH_CHILD: &str = "TAPGRAPH_STORE_CRASH_CHILD";
+    /// The child's exit code where it "crashes" (a failed assertion there exits with 101).
+    const CRASHED: i32 = 86;
 
-    /// In a child process only: commits "a" durably and "b" deferred, syncs or not, and aborts
-    /// without any destructor running (a crash, as far as the store can tell).
+    /// In a child process only: commits "a" durably and "b" deferred, syncs or not, and exits
+    /// with [`CRASHED`] without any destructor running (a crash, as far as the store can tell,
+    /// and no core file).
     #[tokio::test(flavor = "multi_thread")]
     async fn crash_child() {
         let Ok(spec) = std::env::var(CRASH_CHILD) else {
@@ -186,7 +189,7 @@ mod tests {
         if sync == "sync" {
             s.sync().unwrap();
         }
-        std::process::abort();
+        std::process::exit(CRASHED);
     }
 
     /// What a crash leaves of a store, with or without a sync after its deferred commit.
@@ -200,8 +203,11 @@ mod tests {
             .stderr(std::process::Stdio::null())
             .status()
             .unwrap();
-        // Killed by SIGABRT, not failed: a failed assertion in the child exits with a code.
-        assert_eq!(status.code(), None, "the child aborts on purpose: {status}");
+        assert_eq!(
+            status.code(),
+            Some(CRASHED),
+            "the child stops on purpose: {status}"
+        );
         Store::open(&path).unwrap().load::<u32>(T).unwrap()
     }
 

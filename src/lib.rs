@@ -14,6 +14,7 @@ pub mod pki;
 pub mod policy;
 pub mod proto;
 pub mod runtime;
+pub mod text;
 pub mod time;
 pub mod tls;
 pub mod transport;

@@ -9,6 +9,7 @@ import { diff, placeNew } from './diff.js';
 import { colourScale, colourOf, NO_VALUE } from './colours.js';
 import { layout } from './layout.js';
 import { el } from './format.js';
+import { detailsChildren } from './details.js';
 
 cytoscape.use(cytoscapeSvg);
 
@@ -311,79 +312,14 @@ export function createMap(root) {
     );
   }
 
-  function depTable(rows, heading) {
-    if (!rows.length) return el('p', { class: 'muted' }, `${heading}: none`);
-    return el(
-      'div',
-      {},
-      el('h3', {}, `${heading} (${rows.length})`),
-      el(
-        'table',
-        { class: 'grid compact' },
-        el('thead', {}, el('tr', {}, el('th', {}, 'peer'), el('th', {}, 'port'), el('th', {}, 'process'), el('th', { class: 'r' }, 'sockets'))),
-        el(
-          'tbody',
-          {},
-          rows.map((r) =>
-            el(
-              'tr',
-              { class: r.active ? '' : 'inactive', title: r.active ? null : 'inactive' },
-              el('td', {}, peerButton(r.peer)),
-              el('td', {}, `${r.port}/${protocolName(r.protocol)}`),
-              el('td', {}, r.process || '?'),
-              el('td', { class: 'r' }, String(r.sockets)),
-            ),
-          ),
-        ),
-      ),
-    );
-  }
-
   function renderDetails(id) {
     const n = state.folded.nodes.get(id);
     if (!n) return select(null);
     // Every dependency, also through nodes the filters hide (those are marked); control plane as shown.
     const deps = dependencies(visibleGraph(state.folded, { showControlPlane: controls.cp.checked }), id);
-    const labels = Object.entries(n.labels).sort();
     details.hidden = false;
     details.dataset.node = id;
-    details.replaceChildren(
-      el(
-        'div',
-        { class: 'details-head' },
-        el('h2', {}, n.label),
-        el('button', { type: 'button', class: 'close', title: 'Close', onclick: () => select(null) }, '×'),
-      ),
-      el(
-        'p',
-        { class: 'muted' },
-        n.kind === 'host'
-          ? `host ${n.hostname && n.hostname !== n.name ? n.hostname : ''} · agent ${n.name}`.replace('host  ·', 'host ·')
-          : 'external endpoint (no agent owns this address)',
-        n.state
-          ? el('span', { class: `badge state-${n.state}` }, n.state)
-          : n.kind === 'host'
-            ? el('span', { class: 'badge', title: 'the controller has not heard from this agent since it started' }, 'state unknown')
-            : null,
-      ),
-      el('div', { class: 'actions' }, el('button', { type: 'button', id: 'hide-node', onclick: () => hide(id) }, 'Hide this node')),
-      labels.length
-        ? el('div', {}, el('h3', {}, 'Labels'), el('ul', { class: 'kv' }, labels.map(([k, v]) => el('li', {}, el('code', {}, `${k}=${v}`)))))
-        : null,
-      n.addresses.length
-        ? el('div', {}, el('h3', {}, 'Addresses'), el('ul', { class: 'kv' }, n.addresses.map((a) => el('li', {}, a.ip, a.dns ? ` (${a.dns})` : ''))))
-        : null,
-      n.services.length
-        ? el(
-            'div',
-            {},
-            el('h3', {}, 'Services'),
-            el('ul', { class: 'kv' }, n.services.map((s) => el('li', {}, `${s.port}/${s.protocol}`, s.process ? ` ${s.process}` : ''))),
-          )
-        : null,
-      depTable(deps.outbound, 'Depends on'),
-      depTable(deps.inbound, 'Used by'),
-    );
+    details.replaceChildren(...detailsChildren(n, deps, { peer: peerButton, close: () => select(null), hide: () => hide(id) }));
   }
 
   /** Selects a node and brings it into view. */

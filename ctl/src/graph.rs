@@ -8,6 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 use tapgraph::graph::{edge_json, protocol_name};
 use tapgraph::proto::{self, admin_service_client::AdminServiceClient};
+use tapgraph::text::Escaped;
 use tonic::transport::Channel;
 
 use crate::{Failure, ns_time, print_json, table};
@@ -293,7 +294,7 @@ pub async fn run(
                 );
             } else {
                 for o in orphans {
-                    println!("{o}");
+                    println!("{}", Escaped(o));
                 }
             }
         }
@@ -304,7 +305,12 @@ pub async fn run(
                 print_json(&json!(clusters));
             } else {
                 for (i, c) in clusters.iter().enumerate() {
-                    println!("cluster {} ({} hosts): {}", i + 1, c.len(), c.join(", "));
+                    println!(
+                        "cluster {} ({} hosts): {}",
+                        i + 1,
+                        c.len(),
+                        Escaped(&c.join(", "))
+                    );
                 }
             }
         }
@@ -329,7 +335,7 @@ pub async fn run(
                     if r.is_empty() {
                         "-".to_string()
                     } else {
-                        r.to_string()
+                        tapgraph::text::escape(r).into_owned()
                     }
                 };
                 println!("cidr      {}", show(&rules.cidr));
@@ -416,6 +422,7 @@ pub async fn show_host(
         }));
         return Ok(());
     }
+    let name = Escaped(name);
     println!("{name} depends on ({}):", outbound.len());
     print_edges(&outbound, &g, false);
     println!("\ndepends on {name} ({}):", inbound.len());

@@ -125,19 +125,34 @@ fn export(g: &proto::Graph, format: Format) -> String {
     tapgraph::graph::export(g, format.into())
 }
 
+/// The whole map, streamed in parts so that no size of map outgrows a message limit; from a
+/// controller without StreamGraph, in one GetGraph answer.
 async fn fetch(
     admin: &mut AdminServiceClient<Channel>,
     f: &Filter,
     all_history: bool,
 ) -> Result<proto::Graph, Failure> {
-    Ok(admin
-        .get_graph(proto::GetGraphRequest {
-            include_control: f.include_control,
-            include_inactive: f.include_inactive || all_history,
-            ..Default::default()
-        })
-        .await?
-        .into_inner())
+    let request = proto::GetGraphRequest {
+        include_control: f.include_control,
+        include_inactive: f.include_inactive || all_history,
+        ..Default::default()
+    };
+    let mut parts = match admin.stream_graph(request.clone()).await {
+        Ok(parts) => parts.into_inner(),
+        Err(status) if status.code() == tonic::Code::Unimplemented => {
+            return Ok(admin.get_graph(request).await?.into_inner());
+        }
+        Err(status) => return Err(status.into()),
+    };
+    // Every field but the nodes and edges comes in the first part.
+    let Some(mut graph) = parts.message().await? else {
+        return Ok(proto::Graph::default());
+    };
+    while let Some(part) = parts.message().await? {
+        graph.nodes.extend(part.nodes);
+        graph.edges.extend(part.edges);
+    }
+    Ok(graph)
 }
 
 /// The host a node belongs to: itself, or a service's host; addresses belong to none.

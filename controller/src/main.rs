@@ -269,6 +269,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         config.enroll_burst,
     ))
     .max_decoding_message_size(64 * 1024);
+            max_mirror_streams: config.max_streams as usize,
     let naming = topology::Naming {
         config_rules: config.label_rules.clone(),
         operator_rules: topology::labels::OperatorRules::load(rules_store)?,
@@ -317,7 +318,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
             // HTTP/2's per-frame work on both ends (flow control, stream wake-ups) then comes
             // once per batch.
             .max_frame_size(Some(MAX_FRAME_SIZE))
-            .max_concurrent_streams(Some(config.max_streams))
+            .max_concurrent_streams(Some(config.max_streams + session::STREAM_HEADROOM))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
             .add_service(health_service)

@@ -11,5 +11,6 @@ mod health;
 mod mirror;
 mod neo4j;
 mod policy;
+mod mirror_limits;
 mod session;
 mod topology;

@@ -125,8 +125,8 @@ const AFTER_HELP: &str = "\
 Other keys (file or environment only): pki.ca_cert and pki.ca_key (an existing CA),
 pki.server_cert_lifetime (365d), pki.agent_cert_lifetime (24h; agents renew at 70%),
 shutdown_timeout, session.handshake_timeout, session.hello_timeout, session.idle_timeout,
-session.max_message_bytes, limits (session.max_agents 20000, session.max_streams 16 per
-connection, enrollment.rate 100/s with enrollment.burst 200, topology.queue 4096 snapshots;
+session.max_message_bytes, limits (session.max_agents 20000, session.max_streams 16 Mirror
+streams per agent, enrollment.rate 100/s with enrollment.burst 200, topology.queue 4096 snapshots;
 beyond them requests are refused with RESOURCE_EXHAUSTED and the limit named), console.auth
 (auto: a token beyond loopback; token: always), and the default policy under policy.* (capture, interface, filter,
 snaplen, mode, limit, check_interval, breach_intervals, target, vni, snapshot_interval,

@@ -206,6 +206,30 @@ pub fn new_key_and_csr(common_name: &str) -> Result<(String, String), PkiError> 
     Ok((key.serialize_pem(), csr.pem()?))
 }
 
+/// A CSR for a key the caller already holds (PEM): re-enrolling with it proves the caller is the
+/// holder of the certificates issued for that key.
+pub fn csr_for_key(key_pem: &str, common_name: &str) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(common_name);
+    Ok(params.serialize_request(&key)?.pem()?)
+}
+
+/// SHA-256 (hex) of the public key (SubjectPublicKeyInfo, DER) of a CSR whose signature verifies:
+/// the sender of the CSR holds the private key of that public key.
+pub fn csr_key_sha256(csr_pem: &str) -> Result<String, PkiError> {
+    if csr_pem.len() > MAX_CSR_BYTES {
+        return Err(PkiError::BadCsr(format!(
+            "{} bytes; at most {MAX_CSR_BYTES} are accepted",
+            csr_pem.len()
+        )));
+    }
+    // `from_pem` verifies the CSR's signature with its own public key.
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    Ok(tls::fingerprint(&rcgen::PublicKeyData::subject_public_key_info(&csr.public_key)))
+}
+
 /// What a certificate says about itself.
 #[derive(Debug, Clone)]
 pub struct CertInfo {
@@ -306,6 +330,17 @@ mod tests {
         // A reloaded CA signs certificates that chain to the same root.
         let again = CertAuthority::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
         assert_eq!(again.fingerprint(), ca.fingerprint());
+    }
+
+    #[test]
+    fn a_csr_names_its_key_and_a_kept_key_makes_the_same_name() {
+        let (key, csr) = new_key_and_csr("host").unwrap();
+        let again = csr_for_key(&key, "host").unwrap();
+        assert_ne!(csr, again, "a new signature");
+        assert_eq!(csr_key_sha256(&csr).unwrap(), csr_key_sha256(&again).unwrap());
+        let (_, other) = new_key_and_csr("host").unwrap();
+        assert_ne!(csr_key_sha256(&csr).unwrap(), csr_key_sha256(&other).unwrap());
+        assert!(matches!(csr_key_sha256("garbage"), Err(PkiError::BadCsr(_))));
     }
 
     #[test]

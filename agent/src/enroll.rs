@@ -1,5 +1,9 @@
 //! Enrollment and renewal. The private key is made here and never leaves the host; the controller
 //! is trusted only if it presents the CA pinned by fingerprint.
+//!
+//! Enrolling again (an expired certificate, `tapgraph-agent enroll` run twice) reuses the key the
+//! agent already holds: the controller gives a host its previous id only if the CSR is signed by
+//! that id's key, so a new key would get a new id (`vm-2`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -103,6 +107,27 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The key at `key_path` and a CSR signed by it, or, when there is none (a first enrollment) or
+/// it is unusable, a new key.
+fn key_and_csr(key_path: &Path, host: &str) -> Result<(String, String), EnrollError> {
+    match std::fs::read_to_string(key_path) {
+        Ok(key_pem) => match pki::csr_for_key(&key_pem, host) {
+            Ok(csr_pem) => {
+                tracing::info!(path = %key_path.display(), "enrolling with the key this agent already holds, to keep its id");
+                return Ok((key_pem, csr_pem));
+            }
+            Err(error) => {
+                tracing::warn!(path = %key_path.display(), %error, "the agent key is unusable; enrolling with a new key (the controller will give a new id)");
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::warn!(path = %key_path.display(), %error, "cannot read the agent key; enrolling with a new key (the controller will give a new id)");
+        }
+    }
+    pki::new_key_and_csr(host).map_err(|e| EnrollError::permanent(e.to_string()))
+}
+
 /// Enrolls with `params` and installs the identity at `files`.
 pub async fn enroll(params: &EnrollParams, files: &TlsFiles) -> Result<Enrolled, EnrollError> {
     let fingerprint = tapgraph::tls::normalize_fingerprint(&params.fingerprint)
@@ -124,8 +149,7 @@ pub async fn enroll(params: &EnrollParams, files: &TlsFiles) -> Result<Enrolled,
             }
         })?;
     let host = hostname();
-    let (key_pem, csr_pem) =
-        pki::new_key_and_csr(&host).map_err(|e| EnrollError::permanent(e.to_string()))?;
+    let (key_pem, csr_pem) = key_and_csr(&files.key, &host)?;
     let request = proto::EnrollRequest {
         token: params.token.trim().to_string(),
         csr_pem,

@@ -1,5 +1,6 @@
-//! Live events for operators (`tapgraphctl events`): agent connects and disconnects, policy
-//! rollouts, acks and refusals, revocations. A bounded broadcast: a watcher that falls behind is
+//! Live events for operators (`tapgraphctl events`): enrollments (with the rule that gave the id),
+//! agent connects and disconnects, one identity held by two processes, policy rollouts, acks and
+//! refusals, revocations. A bounded broadcast: a watcher that falls behind is
 //! told how many events it missed instead of slowing anyone down.
 
 use std::collections::BTreeMap;

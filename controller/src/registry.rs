@@ -203,6 +203,10 @@ const LOST_AFTER: u32 = 3;
 const PROBE_SAMPLES: usize = 8;
 const TICK: Duration = Duration::from_millis(250);
 const DEFAULT_HEARTBEAT_MS: u64 = 5_000;
+/// A session replaced this many times within [`SHARED_WINDOW`] means two processes hold one
+/// identity and knock each other off: reported once, instead of a connect event per replacement.
+const SHARED_AFTER: usize = 3;
+const SHARED_WINDOW: Duration = Duration::from_secs(60);
 
 /// One agent as operators see it.
 #[derive(Debug, Clone, Serialize)]
@@ -257,6 +261,61 @@ struct Agent {
     probes: VecDeque<(i64, i64)>,
     next_probe: Instant,
     probe_id: u64,
+    /// When its session was replaced by another, within the last [`SHARED_WINDOW`].
+    replaced: VecDeque<Instant>,
+    /// Set once "two processes share this identity" is reported, until replacements stop.
+    shared_reported: bool,
+}
+
+/// What a session replacement means, from how often the agent's sessions were replaced lately.
+#[derive(Debug, PartialEq, Eq)]
+enum Replacement {
+    /// A reconnect before the old stream was seen to end: normal.
+    Reconnect,
+    /// The replacement that shows two processes share the identity: report it.
+    Shared { times: usize },
+    /// Another one of those, already reported.
+    StillShared,
+}
+
+impl Agent {
+    /// Whether two processes sharing this identity were reported and still replace each other.
+    fn is_shared(&self, now: Instant) -> bool {
+        self.shared_reported
+            && self
+                .replaced
+                .back()
+                .is_some_and(|t| now.saturating_duration_since(*t) <= SHARED_WINDOW)
+    }
+
+    /// Counts a replacement of the live session at `now`.
+    fn replaced_at(&mut self, now: Instant) -> Replacement {
+        while self
+            .replaced
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > SHARED_WINDOW)
+        {
+            self.replaced.pop_front();
+        }
+        if self.replaced.is_empty() {
+            self.shared_reported = false;
+        }
+        self.replaced.push_back(now);
+        // Bounded: past the threshold only the count matters, and the window drops the rest.
+        if self.replaced.len() > 1024 {
+            self.replaced.pop_front();
+        }
+        match (self.replaced.len() >= SHARED_AFTER, self.shared_reported) {
+            (false, _) => Replacement::Reconnect,
+            (true, false) => {
+                self.shared_reported = true;
+                Replacement::Shared {
+                    times: self.replaced.len(),
+                }
+            }
+            (true, true) => Replacement::StillShared,
+        }
+    }
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -513,7 +572,7 @@ impl RegistryTask {
                     self.default = default;
                     let ids: Vec<String> = self.agents.keys().cloned().collect();
                     for id in ids {
-                        self.push_policy(&id);
+                        self.push_policy(&id, true);
                     }
                     let _ = reply.send(());
                 }
@@ -524,7 +583,7 @@ impl RegistryTask {
                 } => {
                     if let Some(agent) = self.agents.get_mut(&agent_id) {
                         agent.view.labels = labels;
-                        self.push_policy(&agent_id);
+                        self.push_policy(&agent_id, true);
                     }
                     let _ = reply.send(());
                 }
@@ -655,10 +714,34 @@ impl RegistryTask {
                 probes: VecDeque::new(),
                 next_probe: Instant::now(),
                 probe_id: 0,
+                replaced: VecDeque::new(),
+                shared_reported: false,
             })
         });
+        let mut replacement = None;
         if let Some(old) = agent.live.take() {
-            tracing::info!(agent = %agent_id, old_session = old.session, new_peer = %remote, "agent reconnected; closing its previous session");
+            let was = agent.view.remote_addr.clone();
+            let r = agent.replaced_at(Instant::now());
+            match &r {
+                Replacement::Reconnect => {
+                    tracing::info!(agent = %agent_id, old_session = old.session, new_peer = %remote, "agent reconnected; closing its previous session")
+                }
+                Replacement::Shared { times } => {
+                    let what = format!(
+                        "agent {agent_id}: session replaced {times} times in the last minute: two \
+                         processes share this identity (connections from {was} and {remote}); \
+                         stop one, or enroll it again to give it its own id"
+                    );
+                    tracing::warn!(agent = %agent_id, times, peer = %remote, previous_peer = %was, "two processes share one agent identity; their sessions keep replacing each other");
+                    let fields = BTreeMap::from([("times".to_string(), times.to_string())]);
+                    self.events
+                        .emit_with("identity_shared", &agent_id, what, fields);
+                }
+                Replacement::StillShared => {
+                    tracing::debug!(agent = %agent_id, old_session = old.session, new_peer = %remote, "session replaced again by a process sharing this identity")
+                }
+            }
+            replacement = Some(r);
             let _ = old.close.send(CloseReason::Replaced { by: remote });
         }
         agent.last_control = Instant::now();
@@ -691,12 +774,20 @@ impl RegistryTask {
             outbound,
             close,
         });
-        self.events.emit(
-            "connected",
-            &agent_id,
-            format!("agent {agent_id} connected from {remote}"),
+        // Two processes knocking each other off would make a connect event (and a policy push)
+        // per replacement: the one `identity_shared` event stands for them.
+        let quiet = matches!(
+            replacement,
+            Some(Replacement::Shared { .. } | Replacement::StillShared)
         );
-        self.push_policy(&agent_id);
+        if !quiet {
+            self.events.emit(
+                "connected",
+                &agent_id,
+                format!("agent {agent_id} connected from {remote}"),
+            );
+        }
+        self.push_policy(&agent_id, !quiet);
         self.update_state(&agent_id, false);
         Ok(Registered { session, closed })
     }
@@ -711,8 +802,9 @@ impl RegistryTask {
         })
     }
 
-    /// Sends agent `id` the policy that resolves for it, if it is live and that is not what it has.
-    fn push_policy(&mut self, id: &str) {
+    /// Sends agent `id` the policy that resolves for it, if it is live and that is not what it has;
+    /// with `announce`, as an event too.
+    fn push_policy(&mut self, id: &str, announce: bool) {
         let Some(agent) = self.agents.get_mut(id) else {
             return;
         };
@@ -739,11 +831,13 @@ impl RegistryTask {
                     0 => DEFAULT_HEARTBEAT_MS,
                     ms => ms,
                 };
-                self.events.emit(
-                    "policy_sent",
-                    id,
-                    format!("policy {} v{} sent to {id}", wanted.name, wanted.version),
-                );
+                if announce {
+                    self.events.emit(
+                        "policy_sent",
+                        id,
+                        format!("policy {} v{} sent to {id}", wanted.name, wanted.version),
+                    );
+                }
             }
             Err(_) => {
                 tracing::warn!(agent = %id, policy = %wanted.name, "control channel full; policy not sent");
@@ -933,6 +1027,7 @@ impl RegistryTask {
         if agent.live.as_ref().is_none_or(|l| l.session != session) {
             return;
         }
+        let shared = agent.is_shared(Instant::now());
         let v = &mut agent.view;
         v.last_seen_unix_ms = unix_ms(SystemTime::now());
         match msg {
@@ -973,14 +1068,17 @@ impl RegistryTask {
                     v.policy_version_applied = status.version;
                     v.policy_error = None;
                     tracing::info!(agent = %agent_id, version = status.version, "policy applied");
-                    self.events.emit(
-                        "policy_applied",
-                        agent_id,
-                        format!(
-                            "{agent_id} applied policy {} v{}",
-                            v.policy_name, status.version
-                        ),
-                    );
+                    // Each of two processes sharing an identity applies it per session.
+                    if !shared {
+                        self.events.emit(
+                            "policy_applied",
+                            agent_id,
+                            format!(
+                                "{agent_id} applied policy {} v{}",
+                                v.policy_name, status.version
+                            ),
+                        );
+                    }
                 } else {
                     tracing::warn!(agent = %agent_id, version = status.version, error = %status.error, "agent refused policy; its previous policy keeps running");
                     self.events.emit(

@@ -15,7 +15,6 @@ use anyhow::anyhow;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tapgraph::proto;
-use tapgraph::text::Escaped;
 
 use crate::client::CtlConfig;
 
@@ -126,6 +125,10 @@ enum TokenCommand {
         /// A note for `token list`.
         #[arg(long, default_value = "")]
         description: String,
+        /// Let the host that enrolls with this token (one use) take over this agent id with its new
+        /// key, e.g. after a reinstall lost the agent's key. Without it, such a host gets a new id.
+        #[arg(long, value_name = "AGENT_ID")]
+        replaces: Option<String>,
     },
     /// List tokens: id, expiry, uses left, labels, state. Secrets are never shown again.
     List,
@@ -188,9 +191,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, error)) => {
-            // The controller's message may quote what an agent sent.
-            let text = format!("{error:#}");
-            eprintln!("tapgraphctl: {}", tapgraph::text::escape(&text));
+            eprintln!("tapgraphctl: {error:#}");
             ExitCode::from(code)
         }
     }
@@ -320,6 +321,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             uses,
             labels,
             description,
+            replaces,
         }) => {
             let ttl = tapgraph::units::parse_duration(&ttl)
                 .map_err(|e| Failure(2, anyhow!("--ttl: {e}")))?;
@@ -329,6 +331,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     uses,
                     labels: labels.into_iter().collect(),
                     description,
+                    replaces: replaces.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -341,6 +344,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "expires_at": ns_time(info.expires_at_unix_nanos),
                     "uses": info.uses_left,
                     "labels": info.labels,
+                    "replaces": info.replaces,
                 }));
             } else {
                 println!(
@@ -354,6 +358,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     info.uses_left,
                     labels_text(&info.labels)
                 );
+                if !info.replaces.is_empty() {
+                    println!(
+                        "The host enrolling with it becomes agent {} (its previous key no longer claims the id)",
+                        info.replaces
+                    );
+                }
                 println!(
                     "Enroll an agent:\n  tapgraph-agent enroll --controller {} --token {} --ca-fingerprint {}",
                     config.controller, created.token, created.ca_fingerprint
@@ -370,6 +380,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_json(&json!(tokens.iter().map(|t| json!({
                     "id": t.id, "expires_at": ns_time(t.expires_at_unix_nanos), "uses_left": t.uses_left,
                     "labels": t.labels, "state": token_state(t), "description": t.description,
+                    "replaces": t.replaces,
                 })).collect::<Vec<_>>()));
             } else {
                 let rows: Vec<Vec<String>> = tokens
@@ -381,6 +392,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             ns_time(t.expires_at_unix_nanos),
                             t.uses_left.to_string(),
                             labels_text(&t.labels),
+                            t.replaces.clone(),
                             t.description.clone(),
                         ]
                     })
@@ -392,6 +404,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         "EXPIRES",
                         "USES LEFT",
                         "LABELS",
+                        "REPLACES",
                         "DESCRIPTION",
                     ],
                     &rows,
@@ -464,7 +477,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 print_json(&agent_json(&a));
             } else {
-                table::fields(&[
+                for (k, v) in [
                     ("id", a.id.clone()),
                     ("hostname", a.hostname.clone()),
                     ("state", state_name(a.state).into()),
@@ -506,7 +519,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     ("delay p50/p99", delay_text(&a)),
                     ("clock offset", offset_text(&a)),
                     ("snapshot entries", a.snapshot_entries.to_string()),
-                ]);
+                ] {
+                    println!("{k:<20} {v}");
+                }
             }
         }
         Command::Policy(command) => policy::run(&mut admin, command, json).await?,
@@ -536,12 +551,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         json!({"at": ns_time(e.at_unix_nanos), "kind": e.kind, "agent": e.agent_id, "message": e.message, "fields": e.fields})
                     );
                 } else {
-                    println!(
-                        "{}  {:<15} {}",
-                        ns_time(e.at_unix_nanos),
-                        Escaped(&e.kind),
-                        Escaped(&e.message)
-                    );
+                    println!("{}  {:<15} {}", ns_time(e.at_unix_nanos), e.kind, e.message);
                 }
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
@@ -560,11 +570,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 print_json(&agent_json(&a));
             } else {
-                println!(
-                    "agent {} labels: {}",
-                    Escaped(&a.id),
-                    Escaped(&labels_text(&a.labels))
-                );
+                println!("agent {} labels: {}", a.id, labels_text(&a.labels));
             }
         }
         Command::Agent(AgentCommand::Revoke { id }) => {

@@ -1,5 +1,10 @@
 //! Enrollment: one task owns the join tokens, the enrolled agents, the revocation list and the CA
 //! key. It signs certificates, and writes every change through to the state store before it answers.
+//!
+//! An agent id is an identity: a host keeps one only by proving it holds the key of a certificate
+//! issued for it (its CSR is signed by that key), or with a join token an operator made for that id
+//! (`token create --replaces`). Knowing a hostname and a machine id proves nothing: anyone else gets
+//! the next free id (`vm-2`). Ids are decided in this one task, so racing enrollments are ordered.
 
 pub mod ca;
 pub mod service;
@@ -16,6 +21,7 @@ use tapgraph::pki::{CertAuthority, PkiError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
+use crate::events::Events;
 use crate::registry::Registry;
 use crate::store::{Batch, Store, StoreError, Table};
 use tokens::{Token, TokenError};
@@ -35,6 +41,68 @@ pub struct EnrolledAgent {
     pub cert_serial: String,
     pub cert_not_after_ms: u64,
     pub revoked_at_ms: Option<u64>,
+    /// SHA-256 of the public key of the certificate issued last, and of the one issued before it
+    /// (a renewal whose certificate the agent may never have installed). A host enrolling again
+    /// keeps this id only with a CSR signed by one of them. Empty for records made before keys
+    /// were recorded: the next renewal fills them in.
+    #[serde(default)]
+    pub key_sha256: String,
+    #[serde(default)]
+    pub previous_key_sha256: String,
+}
+
+impl EnrolledAgent {
+    /// Whether the key `key_sha256` was issued a certificate for this id.
+    fn holds(&self, key_sha256: &str) -> bool {
+        !key_sha256.is_empty()
+            && (self.key_sha256 == key_sha256 || self.previous_key_sha256 == key_sha256)
+    }
+
+    /// Records that the certificate issued now is for `key_sha256`.
+    fn rotate_key(&mut self, key_sha256: String) {
+        if self.key_sha256 != key_sha256 {
+            self.previous_key_sha256 = std::mem::replace(&mut self.key_sha256, key_sha256);
+        }
+    }
+}
+
+/// How an enrollment came by its agent id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Claim {
+    /// No agent had the id asked for (from the hostname or `--name`).
+    Fresh,
+    /// The host proved it holds the key of a certificate issued for the id: it keeps it.
+    ProvedKey,
+    /// A join token made for this id (`token create --replaces`): an operator approved it.
+    Approved,
+    /// The id asked for is another host's (or revoked): the next free one was given.
+    Taken { asked: String, why: &'static str },
+}
+
+impl Claim {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Fresh => "new",
+            Self::ProvedKey => "kept_key",
+            Self::Approved => "approved",
+            Self::Taken { .. } => "new_id_taken",
+        }
+    }
+
+    /// Why the host got `id`, for the log and the event.
+    fn explain(&self, id: &str, token: &str) -> String {
+        match self {
+            Self::Fresh => format!("{id} was free"),
+            Self::ProvedKey => {
+                format!("the host proved it holds the key of a certificate issued for {id}")
+            }
+            Self::Approved => format!("join token {token} was created to replace agent {id}"),
+            Self::Taken { asked, why } => format!(
+                "{asked} {why}, so this host got a new id; if it is {asked} reinstalled, let it take \
+                 the id back with a token from `tapgraphctl token create --replaces {asked}`"
+            ),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +119,8 @@ pub enum EnrollError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Precondition(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -64,7 +134,9 @@ impl From<EnrollError> for Status {
             }
             EnrollError::Token(_) | EnrollError::Revoked(_) => Status::permission_denied(msg),
             EnrollError::Pki(_) => Status::invalid_argument(msg),
-            EnrollError::NotEnrolled(_) => Status::failed_precondition(msg),
+            EnrollError::NotEnrolled(_) | EnrollError::Precondition(_) => {
+                Status::failed_precondition(msg)
+            }
             EnrollError::NotFound(_) => Status::not_found(msg),
             EnrollError::Store(_) => Status::unavailable(msg),
         }
@@ -139,6 +211,7 @@ enum Command {
         uses: u32,
         labels: BTreeMap<String, String>,
         description: String,
+        replaces: Option<String>,
         reply: Reply<NewToken>,
     },
     ListTokens {
@@ -215,6 +288,7 @@ impl Enrollment {
         ca: CertAuthority,
         agent_lifetime: Duration,
         registry: Registry,
+        events: Events,
     ) -> Result<(Self, impl std::future::Future<Output = ()>), StoreError> {
         let tokens: BTreeMap<String, Token> = store
             .load::<Token>(TOKENS)?
@@ -241,6 +315,7 @@ impl Enrollment {
             agents,
             revocations: revocations.clone(),
             registry,
+            events,
             agent_lifetime,
         };
         Ok((
@@ -268,18 +343,21 @@ impl Enrollment {
         rx.await.map_err(|_| gone())?
     }
 
+    /// A join token; with `replaces`, one use that gives the enrolling host that agent id.
     pub async fn create_token(
         &self,
         ttl: Duration,
         uses: u32,
         labels: BTreeMap<String, String>,
         description: String,
+        replaces: Option<String>,
     ) -> Result<NewToken, EnrollError> {
         self.call(|reply| Command::CreateToken {
             ttl,
             uses,
             labels,
             description,
+            replaces,
             reply,
         })
         .await
@@ -355,6 +433,7 @@ struct Task {
     agents: BTreeMap<String, EnrolledAgent>,
     revocations: Revocations,
     registry: Registry,
+    events: Events,
     agent_lifetime: Duration,
 }
 
@@ -369,24 +448,12 @@ impl Task {
                     uses,
                     labels,
                     description,
+                    replaces,
                     reply,
                 } => {
-                    let (text, token) = Token::generate(
-                        now_ms(),
-                        ttl.as_millis() as u64,
-                        uses,
-                        labels,
-                        description,
-                    );
                     let result = self
-                        .store
-                        .put(TOKENS, &token.id, &token)
-                        .map(|()| {
-                            self.tokens.insert(token.id.clone(), token.clone());
-                            tracing::info!(token = %token.id, uses, ttl = ?ttl, "join token created");
-                            NewToken { text, token }
-                        })
-                        .map_err(EnrollError::from);
+                        .create_token(ttl, uses, labels, description, replaces)
+                        .await;
                     let _ = reply.send(result);
                 }
                 Command::ListTokens { reply } => {
@@ -437,6 +504,39 @@ impl Task {
         }
     }
 
+    async fn create_token(
+        &mut self,
+        ttl: Duration,
+        uses: u32,
+        labels: BTreeMap<String, String>,
+        description: String,
+        replaces: Option<String>,
+    ) -> Result<NewToken, EnrollError> {
+        if let Some(id) = &replaces {
+            if uses != 1 {
+                return Err(EnrollError::Invalid(format!(
+                    "a token that replaces agent {id} has exactly one use, not {uses}"
+                )));
+            }
+            let agent = self.record(id).await?;
+            if agent.revoked_at_ms.is_some() || self.revocations.is_revoked(id) {
+                return Err(EnrollError::Revoked(id.clone()));
+            }
+        }
+        let (text, token) = Token::generate(
+            now_ms(),
+            ttl.as_millis() as u64,
+            uses,
+            labels,
+            description,
+            replaces,
+        );
+        self.store.put(TOKENS, &token.id, &token)?;
+        self.tokens.insert(token.id.clone(), token.clone());
+        tracing::info!(token = %token.id, uses, ttl = ?ttl, replaces = ?token.replaces, "join token created");
+        Ok(NewToken { text, token })
+    }
+
     fn revoke_token(&mut self, id: &str) -> Result<(), EnrollError> {
         let mut token = self
             .tokens
@@ -450,30 +550,65 @@ impl Task {
         Ok(())
     }
 
-    /// A free id from `base`, or the id this machine had: same machine id, not revoked, and not
-    /// connected now (cloned VMs share machine ids; a live clone must not take over an identity).
-    async fn allocate_id(&self, base: &str, machine_id: &str) -> String {
-        let base = id_base(base);
-        for n in 1.. {
+    /// The id for a host holding key `key_sha256` that asks for `base`: the first of `base`,
+    /// `base-2`, `base-3`… that is free or was issued to that key. A revoked id is never reused.
+    fn allocate_id(&self, base: &str, key_sha256: &str) -> (String, Claim) {
+        let mut taken: Option<&'static str> = None;
+        for n in 1u64.. {
             let candidate = if n == 1 {
-                base.clone()
+                base.to_string()
             } else {
                 format!("{base}-{n}")
             };
-            match self.agents.get(&candidate) {
-                None if !self.revocations.is_revoked(&candidate) => return candidate,
-                Some(a)
-                    if a.revoked_at_ms.is_none()
-                        && !machine_id.is_empty()
-                        && a.machine_id == machine_id
-                        && !self.registry.is_connected(&candidate).await =>
-                {
-                    return candidate;
+            let revoked = self.revocations.is_revoked(&candidate);
+            let claim = match self.agents.get(&candidate) {
+                _ if revoked => None,
+                Some(a) if a.revoked_at_ms.is_some() => None,
+                Some(a) if a.holds(key_sha256) => Some(Claim::ProvedKey),
+                Some(_) => None,
+                None => Some(match taken {
+                    None => Claim::Fresh,
+                    Some(why) => Claim::Taken {
+                        asked: base.to_string(),
+                        why,
+                    },
+                }),
+            };
+            match claim {
+                Some(claim) => return (candidate, claim),
+                None if n == 1 => {
+                    taken = Some(
+                        if revoked
+                            || self
+                                .agents
+                                .get(base)
+                                .is_some_and(|a| a.revoked_at_ms.is_some())
+                        {
+                            "was revoked"
+                        } else {
+                            "belongs to another host (its enrollment was not signed by that agent's key)"
+                        },
+                    );
                 }
-                _ => {}
+                None => {}
             }
         }
         unreachable!("the id space is unbounded")
+    }
+
+    /// The id a token made by `token create --replaces` gives: its agent's, unless that agent is
+    /// connected now (stop it first) or was revoked since.
+    async fn approved_id(&self, id: &str, token: &str) -> Result<String, EnrollError> {
+        if self.revocations.is_revoked(id) {
+            return Err(EnrollError::Revoked(id.to_string()));
+        }
+        if self.registry.is_connected(id).await {
+            return Err(EnrollError::Precondition(format!(
+                "join token {token} replaces agent {id}, which is connected now: stop that agent \
+                 first, or enroll this host with another token to give it a new id"
+            )));
+        }
+        Ok(id.to_string())
     }
 
     async fn enroll(&mut self, request: &EnrollRequest) -> Result<Enrolled, EnrollError> {
@@ -485,18 +620,33 @@ impl Task {
             .ok_or_else(|| TokenError::Unknown(token_id.to_string()))?;
         let now = now_ms();
         token.check(secret, now)?;
-        let base = if request.requested_id.is_empty() {
+        // The CSR's signature proves the sender holds this key.
+        let key = tapgraph::pki::csr_key_sha256(&request.csr_pem)?;
+        let asked = id_base(if request.requested_id.is_empty() {
             &request.hostname
         } else {
             &request.requested_id
+        });
+        let (id, claim) = match &token.replaces {
+            Some(id) => (self.approved_id(id, &token.id).await?, Claim::Approved),
+            None => self.allocate_id(&asked, &key),
         };
-        let id = self.allocate_id(base, &request.machine_id).await;
         let identity = Identity::agent(&id).map_err(|e| EnrollError::Invalid(e.to_string()))?;
         let cert = self
             .ca
             .sign_csr(&request.csr_pem, &identity, self.agent_lifetime)?;
         let info = tapgraph::pki::cert_info(&cert.cert_pem).map_err(EnrollError::Invalid)?;
         token.uses_left -= 1;
+        // A kept id keeps its keys' history; an approved replacement starts a new one, so the
+        // replaced host's key no longer claims the id.
+        let (key_sha256, previous_key_sha256) = match (&claim, self.agents.get(&id)) {
+            (Claim::ProvedKey, Some(old)) => {
+                let mut old = old.clone();
+                old.rotate_key(key);
+                (old.key_sha256, old.previous_key_sha256)
+            }
+            _ => (key, String::new()),
+        };
         let agent = EnrolledAgent {
             id: id.clone(),
             hostname: request.hostname.clone(),
@@ -507,13 +657,35 @@ impl Task {
             cert_serial: info.serial,
             cert_not_after_ms: tapgraph::time::to_unix_nanos(info.not_after) / 1_000_000,
             revoked_at_ms: None,
+            key_sha256,
+            previous_key_sha256,
         };
         // Both records, or neither: the token's use and the agent are committed together.
         let mut batch = Batch::default();
         batch.put(TOKENS, &token.id, &token)?;
         batch.put(AGENTS, &id, &agent)?;
         self.store.commit(batch)?;
-        tracing::info!(agent = %id, hostname = %request.hostname, token = %token.id, uses_left = token.uses_left, "agent enrolled");
+        let why = claim.explain(&id, &token.id);
+        match claim {
+            Claim::Taken { .. } => {
+                tracing::warn!(agent = %id, hostname = %request.hostname, token = %token.id, uses_left = token.uses_left, decision = claim.name(), reason = %why, "agent enrolled under a new id")
+            }
+            _ => {
+                tracing::info!(agent = %id, hostname = %request.hostname, token = %token.id, uses_left = token.uses_left, decision = claim.name(), reason = %why, "agent enrolled")
+            }
+        }
+        let fields = BTreeMap::from([
+            ("decision".to_string(), claim.name().to_string()),
+            ("hostname".to_string(), request.hostname.clone()),
+            ("token".to_string(), token.id.clone()),
+            ("asked".to_string(), asked.clone()),
+        ]);
+        self.events.emit_with(
+            "enrolled",
+            &id,
+            format!("agent {id} enrolled from host {}: {why}", request.hostname),
+            fields,
+        );
         let enrolled = Enrolled {
             agent_id: id.clone(),
             cert_pem: cert.cert_pem,
@@ -536,8 +708,10 @@ impl Task {
             .cloned()
             .ok_or_else(|| EnrollError::NotEnrolled(id.to_string()))?;
         let identity = Identity::agent(id).map_err(|e| EnrollError::Invalid(e.to_string()))?;
+        let key = tapgraph::pki::csr_key_sha256(csr_pem)?;
         let cert = self.ca.sign_csr(csr_pem, &identity, self.agent_lifetime)?;
         let info = tapgraph::pki::cert_info(&cert.cert_pem).map_err(EnrollError::Invalid)?;
+        agent.rotate_key(key);
         agent.cert_serial = info.serial;
         agent.cert_not_after_ms = tapgraph::time::to_unix_nanos(info.not_after) / 1_000_000;
         self.store.put(AGENTS, id, &agent)?;
@@ -568,6 +742,8 @@ impl Task {
                 cert_serial: String::new(),
                 cert_not_after_ms: 0,
                 revoked_at_ms: None,
+                key_sha256: String::new(),
+                previous_key_sha256: String::new(),
             }),
             None => Err(EnrollError::NotFound(id.to_string())),
         }

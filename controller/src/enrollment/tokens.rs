@@ -35,6 +35,10 @@ pub struct Token {
     pub labels: BTreeMap<String, String>,
     pub description: String,
     pub revoked: bool,
+    /// The agent id this token was made for (`token create --replaces`): the host enrolling with it
+    /// takes that id over, with its new key, as an operator approved.
+    #[serde(default)]
+    pub replaces: Option<String>,
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
@@ -60,6 +64,7 @@ impl Token {
         uses: u32,
         labels: BTreeMap<String, String>,
         description: String,
+        replaces: Option<String>,
     ) -> (String, Token) {
         let id = hex(&rand::random::<[u8; 8]>());
         let secret = hex(&rand::random::<[u8; 16]>());
@@ -72,6 +77,7 @@ impl Token {
             labels,
             description,
             revoked: false,
+            replaces,
         };
         (format!("{PREFIX}.{id}.{secret}"), token)
     }
@@ -120,7 +126,7 @@ mod tests {
     use super::*;
 
     fn token(uses: u32) -> (String, Token) {
-        Token::generate(1_000, 60_000, uses, BTreeMap::new(), String::new())
+        Token::generate(1_000, 60_000, uses, BTreeMap::new(), String::new(), None)
     }
 
     #[test]

@@ -243,6 +243,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     )
     .await?;
     tasks.spawn("policies", policies_task);
+    let topology_ttl = config.topology.ttl;
     let (topology, topology_task) = topology::Topology::spawn(store_for_topology, config.topology)?;
     tasks.spawn("topology", topology_task);
 
@@ -286,6 +287,8 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
             topology.clone(),
             enrollment.clone(),
             naming.clone(),
+            events.clone(),
+            topology_ttl,
         );
         tasks.spawn("neo4j-sink", sink.run(stop.clone()));
         handle

@@ -17,13 +17,19 @@
 //! written. So after a restart of either side, or an outage during which the map changed,
 //! the database ends up equal to the model, without duplicates or stale edges.
 //!
-//! `last_seen` is written in steps of `last_seen_step` (10 min by default): every snapshot
-//! refreshes every live edge, and rewriting all of them every few seconds would make the
-//! "changes" the whole graph. `active` is exact, written within a minute of the flip.
+//! Every snapshot refreshes the `last_seen` of every live edge, and rewriting all of them every
+//! few seconds would make the "changes" the whole graph. So a change of `last_seen` alone is
+//! written only when it enters a new `last_seen_step` (10 min by default); whatever is written is
+//! the model's real `last_seen` at that pass, never before `first_seen`. An edge is rewritten,
+//! with its exact `last_seen`, whenever anything else of it changes, `active` included: so an
+//! inactive edge's `last_seen` is exact, and an active edge's trails the truth by less than a
+//! step. `active` is exact: the sink wakes when the next active edge turns inactive (`ttl` after
+//! its `last_seen`), the model's generation being unchanged by that.
 //!
 //! A pass costs a diff of the whole map (0.18 s for 100,000 edges), so it is skipped while the
-//! model's generation is unchanged, for up to a minute, and diffing never takes more than a
-//! twentieth of the time.
+//! model's generation is unchanged, no edge turned inactive and no event came (labels set, rules
+//! changed, an agent connected or lost: they change the view without changing the model), for up
+//! to a minute (reverse-DNS names), and diffing never takes more than a twentieth of the time.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -33,9 +39,11 @@ use std::time::{Duration, Instant};
 use neo4rs::{BoltType, ConfigBuilder, Graph, query};
 use serde::Serialize;
 use tapgraph::proto;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::enrollment::Enrollment;
+use crate::events::Events;
 use crate::topology::{GraphQuery, Naming, Topology, view};
 
 /// A password: kept out of logs and debug output.
@@ -254,6 +262,20 @@ fn ms(nanos: u64) -> i64 {
     (nanos / 1_000_000) as i64
 }
 
+/// The `last_seen` written for `e`: the model's, in ms, never before its `first_seen`.
+fn last_seen_ms(e: &proto::GraphEdge) -> i64 {
+    ms(e.last_seen_unix_nanos.max(e.first_seen_unix_nanos))
+}
+
+/// Which `last_seen_step` an edge's `last_seen` falls in: a change of step is written, a change
+/// within one is not.
+fn last_seen_bucket(e: &proto::GraphEdge, last_seen_step: Duration) -> i64 {
+    let step = i64::try_from(last_seen_step.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    last_seen_ms(e) / step
+}
+
 fn desired(graph: &proto::Graph, last_seen_step: Duration) -> Desired<'_> {
     let mut out = Desired::default();
     for n in &graph.nodes {
@@ -277,7 +299,6 @@ fn desired(graph: &proto::Graph, last_seen_step: Duration) -> Desired<'_> {
         };
         out.nodes.insert(n.id.as_str(), (hash_of(&row), row));
     }
-    let step = last_seen_step.as_nanos().max(1) as u64;
     out.rels.reserve(graph.edges.len());
     for e in &graph.edges {
         let Some(kind) = Kind::of_name(&e.kind) else {
@@ -294,7 +315,8 @@ fn desired(graph: &proto::Graph, last_seen_step: Duration) -> Desired<'_> {
             e.port,
             protocol_name(e.protocol)
         );
-        // Exactly what rel_row writes, without building it.
+        // What rel_row writes, without building it, except that `last_seen` counts only by its
+        // step: a later `last_seen` in the same step alone is not worth a write.
         let hash = hash_of(&(
             kind,
             &e.from,
@@ -304,7 +326,7 @@ fn desired(graph: &proto::Graph, last_seen_step: Duration) -> Desired<'_> {
             &e.process,
             e.sockets,
             ms(e.first_seen_unix_nanos),
-            ms(e.last_seen_unix_nanos / step * step),
+            last_seen_bucket(e, last_seen_step),
             e.active,
             e.control_plane,
         ));
@@ -314,15 +336,7 @@ fn desired(graph: &proto::Graph, last_seen_step: Duration) -> Desired<'_> {
 }
 
 /// The row of a relationship [`desired`] found changed.
-fn rel_row(
-    want: &Desired<'_>,
-    id: &str,
-    hash: u64,
-    kind: Kind,
-    e: &proto::GraphEdge,
-    last_seen_step: Duration,
-) -> RelRow {
-    let step = last_seen_step.as_nanos().max(1) as u64;
+fn rel_row(want: &Desired<'_>, id: &str, hash: u64, kind: Kind, e: &proto::GraphEdge) -> RelRow {
     let label = |node: &str| want.nodes.get(node).map_or(Label::Host, |(_, n)| n.label);
     let mut props = Props::new();
     props.insert("id".into(), Value::Str(id.to_string()));
@@ -337,10 +351,7 @@ fn rel_row(
         props.insert("process".into(), Value::Str(e.process.clone()));
         props.insert("sockets".into(), Value::Int(i64::from(e.sockets)));
         props.insert("first_seen".into(), Value::Int(ms(e.first_seen_unix_nanos)));
-        props.insert(
-            "last_seen".into(),
-            Value::Int(ms(e.last_seen_unix_nanos / step * step)),
-        );
+        props.insert("last_seen".into(), Value::Int(last_seen_ms(e)));
         props.insert("active".into(), Value::Bool(e.active));
         props.insert("control_plane".into(), Value::Bool(e.control_plane));
     }
@@ -441,7 +452,20 @@ pub struct Sink {
     topology: Topology,
     enrollment: Enrollment,
     naming: Naming,
+    /// Anything operators are told of may have changed the view's decorations (labels, rules, an
+    /// agent's state): each event makes the next tick a pass.
+    events: Events,
+    /// `topology.ttl`: an edge turns inactive this long after its `last_seen`.
+    ttl: Duration,
     handle: SinkHandle,
+}
+
+/// What a successful pass leaves for the next ones.
+struct Pass {
+    /// Time spent finding the difference.
+    cost: Duration,
+    /// When (ms since 1970) the first edge still active turns inactive.
+    next_flip_ms: Option<u64>,
 }
 
 /// The sink's session with the database: what it knows the database holds.
@@ -458,6 +482,8 @@ impl Sink {
         topology: Topology,
         enrollment: Enrollment,
         naming: Naming,
+        events: Events,
+        ttl: Duration,
     ) -> (Sink, SinkHandle) {
         let handle = SinkHandle::default();
         handle.update(|s| s.state = "connecting".into());
@@ -467,6 +493,8 @@ impl Sink {
                 topology,
                 enrollment,
                 naming,
+                events,
+                ttl,
                 handle: handle.clone(),
             },
             handle,
@@ -483,19 +511,32 @@ impl Sink {
         let mut last_pass: Option<(Instant, Duration)> = None;
         // When the last successful pass read the map: changes after it wait for the next pass.
         let mut last_read: Option<Instant> = None;
+        // Whether an event came since the last pass read the view, and when the next edge turns
+        // inactive: both change the view without changing the model's generation.
+        let mut poked = false;
+        let mut next_flip_ms: Option<u64> = None;
+        let mut events = Some(self.events.subscribe());
         let mut ticker = tokio::time::interval(self.settings.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = ticker.tick() => {}
+                event = next_event(&mut events) => {
+                    poked |= event;
+                    continue;
+                }
             }
             let generation = self.topology.generation();
             if let (Some(_), Some((at, cost))) = (&session, last_pass) {
                 // A pass diffs the whole map: skipped when nothing changed, except once a minute
-                // (label rules, names and edges turning inactive change the view by themselves);
-                // and never diff more than a twentieth of the time, however large the map.
-                let unchanged = generation == synced_generation && at.elapsed() < FULL_PASS_EVERY;
+                // (reverse-DNS names change the view by themselves); and never diff more than a
+                // twentieth of the time, however large the map.
+                let flipped = next_flip_ms.is_some_and(|t| now_ms() >= t);
+                let unchanged = generation == synced_generation
+                    && !poked
+                    && !flipped
+                    && at.elapsed() < FULL_PASS_EVERY;
                 if unchanged || at.elapsed() < (cost * 20).min(FULL_PASS_EVERY) {
                     continue;
                 }
@@ -516,15 +557,17 @@ impl Sink {
                 }
             }
             let read_at = Instant::now();
+            // Events from now on are for the next pass: this one reads the view after them.
+            poked = false;
             let result = match session.take() {
                 Some(s) => Ok(s),
                 None => self.open().await,
             };
             let outcome = match result {
                 Ok(mut s) => match self.sync(&mut s).await {
-                    Ok(cost) => {
+                    Ok(pass) => {
                         session = Some(s);
-                        Ok(cost)
+                        Ok(pass)
                     }
                     // The session is dropped: the next pass reconnects and reads the ids back.
                     Err(f) => Err(f),
@@ -532,7 +575,11 @@ impl Sink {
                 Err(f) => Err(f),
             };
             match outcome {
-                Ok(cost) => {
+                Ok(Pass {
+                    cost,
+                    next_flip_ms: flip,
+                }) => {
+                    next_flip_ms = flip;
                     let delay = last_read
                         .filter(|_| generation != synced_generation)
                         .map(|at| at.elapsed().as_secs_f64());
@@ -669,8 +716,9 @@ impl Sink {
     }
 
     /// One pass: the difference between the model and what the database holds, written. Returns
-    /// the time spent finding the difference (the controller's own work, not the database's).
-    async fn sync(&self, session: &mut Session) -> Result<Duration, Failure> {
+    /// the time spent finding the difference (the controller's own work, not the database's) and
+    /// when the view will next change by itself.
+    async fn sync(&self, session: &mut Session) -> Result<Pass, Failure> {
         let started = Instant::now();
         let graph = view::graph(
             &self.topology,
@@ -682,8 +730,8 @@ impl Sink {
             },
         )
         .await;
-        let step = self.settings.last_seen_step;
-        let want = desired(&graph, step);
+        let want = desired(&graph, self.settings.last_seen_step);
+        let next_flip_ms = next_flip_ms(&graph, self.ttl);
         let batch = self.settings.batch_size;
 
         let node_upserts: Vec<(u64, &NodeRow)> = want
@@ -696,7 +744,7 @@ impl Sink {
             .rels
             .iter()
             .filter(|(id, (h, ..))| session.rels.get(*id).map(|&(_, have)| have) != Some(*h))
-            .map(|(id, &(h, kind, e))| rel_row(&want, id, h, kind, e, step))
+            .map(|(id, &(h, kind, e))| rel_row(&want, id, h, kind, e))
             .collect();
         // In id order, which groups a start node's relationships together for the database.
         let mut rel_rows = rel_rows;
@@ -865,7 +913,7 @@ impl Sink {
             s.relationships = rels;
             s.last_diff_seconds = cost.as_secs_f64();
         });
-        Ok(cost)
+        Ok(Pass { cost, next_flip_ms })
     }
 
     /// One batch in one explicit transaction. neo4rs does not retry explicit transactions; a
@@ -896,6 +944,37 @@ impl Sink {
             s.largest_batch_rows = s.largest_batch_rows.max(n);
         });
         Ok(())
+    }
+}
+
+fn now_ms() -> u64 {
+    tapgraph::time::unix_nanos() / 1_000_000
+}
+
+/// When (ms since 1970) the first active edge of `graph` turns inactive, as the topology decides
+/// it: `ttl` after its `last_seen`.
+fn next_flip_ms(graph: &proto::Graph, ttl: Duration) -> Option<u64> {
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    graph
+        .edges
+        .iter()
+        .filter(|e| e.active && e.kind == Kind::ConnectsTo.name())
+        .map(|e| (e.last_seen_unix_nanos / 1_000_000).saturating_add(ttl_ms))
+        .min()
+}
+
+/// Whether an event came (true), or the channel closed (false, and it is listened to no more).
+/// A watcher that fell behind missed events, which counts as one.
+async fn next_event(events: &mut Option<broadcast::Receiver<proto::Event>>) -> bool {
+    let Some(rx) = events else {
+        return std::future::pending().await;
+    };
+    match rx.recv().await {
+        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => true,
+        Err(broadcast::error::RecvError::Closed) => {
+            *events = None;
+            false
+        }
     }
 }
 
@@ -997,22 +1076,60 @@ mod tests {
         assert_eq!(want.nodes["svc:b/tcp/80"].1.props["port"], Value::Int(80));
         assert_eq!(want.rels.len(), 1, "edges to unknown nodes are left out");
         let (id, &(hash, kind, e)) = want.rels.iter().next().unwrap();
-        let rel = rel_row(&want, id, hash, kind, e, step);
+        let rel = rel_row(&want, id, hash, kind, e);
         assert_eq!(rel.id, "CONNECTS_TO|host:a|svc:b/tcp/80|80/tcp");
         assert_eq!(rel.to.0, Label::Service);
         assert_eq!(
             rel.props["last_seen"],
-            Value::Int(120_000),
-            "in whole minutes"
+            Value::Int(125_000),
+            "what is written is exact"
         );
-        // A later last_seen within the same minute changes nothing to write.
+        let hash_of_edge = |g: &proto::Graph| desired(g, step).rels.values().next().unwrap().0;
+        // A later last_seen within the same minute alone is not worth a write; in the next one,
+        // it is.
         let mut later = graph.clone();
         later.edges[0].last_seen_unix_nanos = 170_000_000_000;
-        let again = desired(&later, step);
-        assert_eq!(hash, again.rels.values().next().unwrap().0);
-        // Anything else that is written changes the hash.
+        assert_eq!(hash, hash_of_edge(&later));
+        later.edges[0].last_seen_unix_nanos = 180_000_000_000;
+        assert_ne!(hash, hash_of_edge(&later));
+        // Anything else that is written changes the hash, `active` included.
         let mut busier = graph.clone();
         busier.edges[0].sockets = 3;
-        assert_ne!(hash, desired(&busier, step).rels.values().next().unwrap().0);
+        assert_ne!(hash, hash_of_edge(&busier));
+        let mut gone = graph.clone();
+        gone.edges[0].active = false;
+        assert_ne!(hash, hash_of_edge(&gone));
+    }
+
+    #[test]
+    fn last_seen_is_never_before_first_seen() {
+        let e = proto::GraphEdge {
+            first_seen_unix_nanos: 130_000_000_000,
+            last_seen_unix_nanos: 125_000_000_000,
+            ..Default::default()
+        };
+        assert_eq!(last_seen_ms(&e), 130_000);
+    }
+
+    #[test]
+    fn the_sink_wakes_when_the_first_active_edge_turns_inactive() {
+        let edge = |kind: &str, last_seen_s: u64, active: bool| proto::GraphEdge {
+            kind: kind.into(),
+            last_seen_unix_nanos: last_seen_s * 1_000_000_000,
+            active,
+            ..Default::default()
+        };
+        let graph = proto::Graph {
+            nodes: vec![],
+            edges: vec![
+                edge("CONNECTS_TO", 100, true),
+                edge("CONNECTS_TO", 90, true),
+                edge("CONNECTS_TO", 10, false),
+                edge("HAS_ADDRESS", 0, true),
+            ],
+        };
+        let ttl = Duration::from_secs(120);
+        assert_eq!(next_flip_ms(&graph, ttl), Some(210_000));
+        assert_eq!(next_flip_ms(&proto::Graph::default(), ttl), None);
     }
 }

@@ -248,11 +248,8 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     tasks.spawn("topology", topology_task);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AgentServiceServer<AgentApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tapgraph::proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("gRPC reflection")?;
+    set_grpc_health(&health, tonic_health::ServingStatus::Serving).await;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
     let mirrors = mirror::Mirrors::new(config.state_dir.clone(), agent_health.clone());
     let agents = AgentServiceServer::new(AgentApi::new(
         registry.clone(),
@@ -325,7 +322,8 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(agents)
             .add_service(enroll)
             .add_service(admin)
@@ -376,6 +374,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     let signal = shutdown_signal().await;
     tracing::info!(signal, deadline = ?config.shutdown_timeout, "shutting down");
     ready.store(false, Ordering::Release);
+    set_grpc_health(&health, tonic_health::ServingStatus::NotServing).await;
     // Sessions end first, so the gRPC server's graceful shutdown is not held up by open streams.
     registry.shutdown().await;
     stop.cancel();
@@ -383,6 +382,50 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     tasks.drain(config.shutdown_timeout).await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// The services gRPC health reports: the server as a whole ("") and each of tapgraph's.
+const GRPC_SERVICES: [&str; 4] = [
+    "",
+    tapgraph::proto::agent_service_server::SERVICE_NAME,
+    tapgraph::proto::enrollment_service_server::SERVICE_NAME,
+    tapgraph::proto::admin_service_server::SERVICE_NAME,
+];
+
+async fn set_grpc_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    for service in GRPC_SERVICES {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// gRPC reflection in both versions, v1 and the v1alpha that many tools still speak (grpcio's
+/// Python client among them), each listing tapgraph's services, grpc.health.v1.Health and both
+/// reflection services: a generic client needs no local .proto file.
+fn reflection() -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tapgraph::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = builder()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("gRPC reflection v1")?;
+    let v1alpha = builder()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("gRPC reflection v1alpha")?;
+    Ok((v1, v1alpha))
 }
 
 /// Where operators open the console: the HTTP listener's address, or the first server name when

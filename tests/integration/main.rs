@@ -11,6 +11,7 @@ mod health;
 mod identity;
 mod mirror;
 mod neo4j;
+mod operator_tools;
 mod policy;
 mod session;
 mod topology;

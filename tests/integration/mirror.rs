@@ -637,6 +637,12 @@ fn the_token_bucket_holds_the_delivered_rate_to_the_limit() {
     let m = lab.mirror("interface:span0").unwrap();
     assert_eq!(m["packets_received"], get("packets_sent"), "{m} vs {c}");
     assert_eq!(m["lost_in_transit"], 0, "{m}");
+    // A real agent's headers are all believed: nothing refused, every delay observed.
+    assert_eq!(
+        m["invalid_batches"],
+        serde_json::json!({"sequence": 0, "time": 0, "counters": 0}),
+        "{m}"
+    );
     assert_eq!(
         m["packets_written"].as_u64().unwrap(),
         seen.len() as u64,

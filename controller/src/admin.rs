@@ -48,6 +48,47 @@ type EventStream = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = Result<proto::Event, Status>> + Send + 'static>,
 >;
 
+type GraphStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<proto::Graph, Status>> + Send + 'static>,
+>;
+
+/// The size StreamGraph's parts stay under: far below any client's message limit. A single node
+/// or edge larger than this still goes, alone in its part.
+const GRAPH_PART_BYTES: usize = 1 << 20;
+
+/// `graph` cut into parts of at most `max_bytes` encoded: its nodes, then its edges, in order,
+/// and every other field of the graph in the first part. There is always at least one part.
+fn graph_parts(mut graph: proto::Graph, max_bytes: usize) -> Vec<proto::Graph> {
+    use prost::Message;
+    /// What one element of a repeated message field adds: tag, length, body.
+    fn field_len(body: usize) -> usize {
+        1 + prost::encoding::encoded_len_varint(body as u64) + body
+    }
+    let nodes = std::mem::take(&mut graph.nodes);
+    let edges = std::mem::take(&mut graph.edges);
+    let mut size = graph.encoded_len();
+    let mut part = graph;
+    let mut parts = Vec::new();
+    let mut start_new = |part: &mut proto::Graph, size: &mut usize, adding: usize| {
+        let empty = part.nodes.is_empty() && part.edges.is_empty();
+        if !empty && *size + adding > max_bytes {
+            parts.push(std::mem::take(part));
+            *size = 0;
+        }
+        *size += adding;
+    };
+    for node in nodes {
+        start_new(&mut part, &mut size, field_len(node.encoded_len()));
+        part.nodes.push(node);
+    }
+    for edge in edges {
+        start_new(&mut part, &mut size, field_len(edge.encoded_len()));
+        part.edges.push(edge);
+    }
+    parts.push(part);
+    parts
+}
+
 impl AdminApi {
     /// Every agent known by enrollment or by a session, joined by id.
     async fn agents(&self) -> Vec<proto::AgentInfo> {
@@ -471,6 +512,17 @@ impl AdminService for AdminApi {
         Ok(Response::new(graph))
     }
 
+    async fn stream_graph(
+        &self,
+        request: Request<proto::GetGraphRequest>,
+    ) -> Result<Response<GraphStream>, Status> {
+        let response = self.get_graph(request).await?;
+        let parts = graph_parts(response.into_inner(), GRAPH_PART_BYTES);
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            parts.into_iter().map(Ok),
+        ))))
+    }
+
     async fn create_console_token(
         &self,
         request: Request<proto::CreateConsoleTokenRequest>,
@@ -587,5 +639,65 @@ impl AdminService for AdminApi {
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    fn graph(nodes: usize, edges: usize) -> proto::Graph {
+        proto::Graph {
+            nodes: (0..nodes)
+                .map(|i| proto::GraphNode {
+                    id: format!("addr:10.0.{}.{}", i / 256, i % 256),
+                    kind: "address".into(),
+                    name: format!("10.0.{}.{}", i / 256, i % 256),
+                    ..Default::default()
+                })
+                .collect(),
+            edges: (0..edges)
+                .map(|i| proto::GraphEdge {
+                    from: "host:web".into(),
+                    to: format!("addr:10.0.{}.{}", i / 256, i % 256),
+                    kind: "CONNECTS_TO".into(),
+                    port: 443,
+                    process: "x".repeat(i % 100),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn graph_parts_stay_under_the_size_and_add_up_to_the_graph() {
+        let whole = graph(5_000, 7_000);
+        let max = 16 << 10;
+        let parts = graph_parts(whole.clone(), max);
+        assert!(parts.len() > 10, "{} parts", parts.len());
+        let mut joined = proto::Graph::default();
+        for part in &parts {
+            assert!(part.encoded_len() <= max, "{}", part.encoded_len());
+            assert!(!part.nodes.is_empty() || !part.edges.is_empty());
+            joined.nodes.extend(part.nodes.iter().cloned());
+            joined.edges.extend(part.edges.iter().cloned());
+        }
+        assert_eq!(joined, whole);
+    }
+
+    #[test]
+    fn an_empty_graph_is_one_part_and_a_huge_element_goes_alone() {
+        assert_eq!(
+            graph_parts(proto::Graph::default(), 1024),
+            [proto::Graph::default()]
+        );
+        let mut g = graph(2, 0);
+        g.nodes[0].name = "n".repeat(4096);
+        let parts = graph_parts(g.clone(), 1024);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].nodes, g.nodes[..1]);
+        assert_eq!(parts[1].nodes, g.nodes[1..]);
     }
 }

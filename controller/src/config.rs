@@ -34,7 +34,8 @@ pub struct ControllerConfig {
     pub max_agents: usize,
     /// The embedded store's page cache, in bytes.
     pub store_cache: usize,
-    /// Concurrent HTTP/2 streams per connection (an agent uses two: Connect and Mirror).
+    /// Mirror streams one agent may hold open (it uses one); HTTP/2 allows
+    /// `session::STREAM_HEADROOM` more per connection, so the ones over are refused, not queued.
     pub max_streams: u32,
     /// Enrollments per second (token bucket), and the burst above it.
     pub enroll_rate: f64,

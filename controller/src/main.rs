@@ -125,8 +125,8 @@ const AFTER_HELP: &str = "\
 Other keys (file or environment only): pki.ca_cert and pki.ca_key (an existing CA),
 pki.server_cert_lifetime (365d), pki.agent_cert_lifetime (24h; agents renew at 70%),
 shutdown_timeout, session.handshake_timeout, session.hello_timeout, session.idle_timeout,
-session.max_message_bytes, limits (session.max_agents 20000, session.max_streams 16 per
-connection, enrollment.rate 100/s with enrollment.burst 200, topology.queue 4096 snapshots;
+session.max_message_bytes, limits (session.max_agents 20000, session.max_streams 16 Mirror
+streams per agent, enrollment.rate 100/s with enrollment.burst 200, topology.queue 4096 snapshots;
 beyond them requests are refused with RESOURCE_EXHAUSTED and the limit named), console.auth
 (auto: a token beyond loopback; token: always), and the default policy under policy.* (capture, interface, filter,
 snaplen, mode, limit, check_interval, breach_intervals, target, vni, snapshot_interval,
@@ -268,6 +268,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         config.enroll_burst,
     ))
     .max_decoding_message_size(64 * 1024);
+            max_mirror_streams: config.max_streams as usize,
     let naming = topology::Naming {
         config_rules: config.label_rules.clone(),
         operator_rules: topology::labels::OperatorRules::load(rules_store)?,
@@ -318,7 +319,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
             // HTTP/2's per-frame work on both ends (flow control, stream wake-ups) then comes
             // once per batch.
             .max_frame_size(Some(MAX_FRAME_SIZE))
-            .max_concurrent_streams(Some(config.max_streams))
+            .max_concurrent_streams(Some(config.max_streams + session::STREAM_HEADROOM))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
             .add_service(health_service)

@@ -450,6 +450,17 @@ enum Value {
     Float(f64),
 }
 
+    counter_by(
+        "tapgraph_mirror_invalid_batches",
+        "Mirror batches whose header was not believed, by field: sequence (a replay or a jump of more than 1024; the batch is dropped, its packets counted as dropped for reason invalid), time (sent_at or a capture time implausibly old or ahead; delivered, its delay not observed), counters (in-band counters claiming more loss than the lost batches held; delivered, the loss not counted).",
+        "field",
+        |m| {
+            m.invalid_batches
+                .iter()
+                .map(|(field, n)| (*field, Value::from(*n)))
+                .collect()
+        },
+    ),
 impl From<u64> for Value {
     fn from(v: u64) -> Self {
         Self::Int(v)
@@ -674,18 +685,21 @@ mod tests {
             attachment.unavailable
         );
         let frame = [[0xffu8; 12].as_slice(), &[0x08, 0x00], &[0u8; 46]].concat();
-        attachment.submit(proto::MirrorBatch {
-            sequence: 1,
-            packets: vec![proto::Packet {
-                timestamp_unix_nanos: tapgraph::time::unix_nanos() - 40_000_000,
-                original_length: frame.len() as u32,
-                data: frame.into(),
-            }],
-            linktype: 1,
-            interface: "eth0".into(),
-            snaplen: 65535,
-            ..Default::default()
-        });
+        attachment.submit(
+            proto::MirrorBatch {
+                sequence: 1,
+                packets: vec![proto::Packet {
+                    timestamp_unix_nanos: tapgraph::time::unix_nanos() - 40_000_000,
+                    original_length: frame.len() as u32,
+                    data: frame.into(),
+                }],
+                linktype: 1,
+                interface: "eth0".into(),
+                snaplen: 65535,
+                ..Default::default()
+            },
+            true,
+        );
         for _ in 0..500 {
             if mirrors.stats().iter().any(|m| m.packets_written == 1) {
                 break;
@@ -899,3 +913,4 @@ mod tests {
         "tapgraph_mirror_delay_seconds",
     ];
 }
+        "tapgraph_mirror_invalid_batches",

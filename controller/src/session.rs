@@ -13,7 +13,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth;
 use crate::enrollment::Enrollment;
-use crate::mirror::{Attachment, Mirrors};
+use crate::mirror::check::{Field, StreamCheck};
+use crate::mirror::{Attachment, Mirrors, Stats};
 use crate::registry::Registry;
 use crate::topology::Topology;
 
@@ -29,7 +30,15 @@ pub struct StreamLimits {
     pub hello_timeout: Duration,
     /// A session with no message for this long is closed.
     pub idle_timeout: Duration,
+    /// Mirror streams one agent may hold open (`session.max_streams`); more are refused with
+    /// RESOURCE_EXHAUSTED. HTTP/2 must allow [`STREAM_HEADROOM`] more per connection, or the
+    /// client would queue the extra streams until it times out instead of hearing why.
+    pub max_mirror_streams: usize,
 }
+
+/// HTTP/2 streams a connection may open beyond `session.max_streams`: the agent's Connect stream
+/// and a few Mirror streams over the limit, which reach the handler to be refused at once.
+pub const STREAM_HEADROOM: u32 = 8;
 
 pub struct AgentApi {
     registry: Registry,
@@ -91,6 +100,29 @@ fn drop_invalid(batch: &mut proto::MirrorBatch) -> Option<(u64, String)> {
         true
     });
     reason.map(|r| ((before - batch.packets.len()) as u64, r))
+}
+
+/// What a Mirror stream has already warned about: one warning per kind and stream, as a bad
+/// agent repeats itself with every batch.
+#[derive(Default)]
+struct Warned {
+    packets: bool,
+    fields: Vec<Field>,
+}
+
+impl Warned {
+    fn once(&mut self, agent_id: &str, field: Field, error: &dyn std::error::Error) {
+        if self.fields.contains(&field) {
+            return;
+        }
+        self.fields.push(field);
+        let action = match field {
+            Field::Sequence => "the batch is dropped",
+            Field::Time => "its delay is not observed",
+            Field::Counters => "its loss is not counted",
+        };
+        tracing::warn!(agent = %agent_id, field = field.label(), %error, "mirror batch header not believed; {action}, and it is counted as invalid");
+    }
 }
 
 fn kind(msg: &Msg) -> &'static str {
@@ -196,10 +228,12 @@ impl AgentService for AgentApi {
                     }
                     next = tokio::time::timeout(idle, inbound.message()) => match next {
                         Ok(Ok(Some(proto::AgentMessage { msg: Some(Msg::Snapshot(snapshot)) }))) => {
-                            let sequence = snapshot.sequence;
+                            let (sequence, full) = (snapshot.sequence, snapshot.full);
                             // Boxed, here and below: the task lives as long as the session, and these rare
                             // awaits would otherwise make every idle session's task larger.
-                            if let Err(refusal) = Box::pin(topology.snapshot(&agent_id, &hostname, snapshot)).await {
+                            if let Err(refusal) = Box::pin(topology.snapshot(&agent_id, &hostname, snapshot)).await
+                                && refusal.asks_resync(full)
+                            {
                                 // The map keeps what it had; the agent starts over with a full table.
                                 let resync = proto::ResyncRequest { reason: refusal.to_string() };
                                 Box::pin(registry.send(&agent_id, registered.session, controller_message::Msg::Resync(resync)))
@@ -227,7 +261,14 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<proto::MirrorBatch>>,
     ) -> Result<Response<proto::MirrorSummary>, Status> {
-        let (agent_id, _) = auth::agent(&request, self.enrollment.revocations())?;
+        let (agent_id, peer) = auth::agent(&request, self.enrollment.revocations())?;
+        let limit = self.limits.max_mirror_streams;
+        let _slot = self.mirrors.open_stream(&agent_id, limit).map_err(|open| {
+            tracing::warn!(agent = %agent_id, peer = %peer.remote_addr, open, limit, "mirror stream refused: too many open");
+            Status::resource_exhausted(format!(
+                "agent {agent_id} already has {open} Mirror streams open; the limit (session.max_streams) is {limit}"
+            ))
+        })?;
         let mut inbound = request.into_inner();
         let mut summary = proto::MirrorSummary::default();
         let revocations = self.enrollment.revocations();
@@ -235,12 +276,9 @@ impl AgentService for AgentApi {
         // The target follows the agent's policy: looked up again when the batches' policy version
         // changes, and retried while it cannot be opened.
         let mut route: Option<(u64, tokio::time::Instant, Attachment)> = None;
-        let mut last_sequence = 0u64;
-        // In-band accounting: what the agent says it sent on this stream, against what came.
-        let mut sent_base: Option<u64> = None;
-        let mut received = 0u64;
-        let mut lost = 0u64;
-        let mut warned_invalid = false;
+        // Sequences, in-band counters and times, judged against the stream's history.
+        let mut check = StreamCheck::default();
+        let mut warned = Warned::default();
         loop {
             let mut batch = tokio::select! {
                 batch = inbound.message() => match batch? {
@@ -277,43 +315,39 @@ impl AgentService for AgentApi {
                 continue;
             };
             let stats = &attachment.stats;
-            stats
-                .batches
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if last_sequence != 0 && batch.sequence > last_sequence + 1 {
-                stats.batches_lost.fetch_add(
-                    batch.sequence - last_sequence - 1,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-            }
-            last_sequence = last_sequence.max(batch.sequence);
-            received += batch.packets.len() as u64;
-            if let Some(c) = &batch.counters {
-                // The first batch's counter includes itself: everything before it was sent on
-                // earlier streams.
-                let base = *sent_base
-                    .get_or_insert(c.packets_sent.saturating_sub(batch.packets.len() as u64));
-                let missing = c.packets_sent.saturating_sub(base).saturating_sub(received);
-                if missing > lost {
-                    stats
-                        .lost_in_transit
-                        .fetch_add(missing - lost, std::sync::atomic::Ordering::Relaxed);
-                    lost = missing;
+            Stats::add(&stats.batches, 1);
+            let now = tapgraph::time::unix_nanos();
+            let checked = match check.check(&batch, now, attachment.offset_ns()) {
+                Ok(checked) => checked,
+                Err(refusal) => {
+                    // The whole batch is dropped: its packets may be a replay.
+                    let n = batch.packets.len() as u64;
+                    Stats::add(&stats.received, n);
+                    Stats::add(&stats.dropped_invalid, n);
+                    stats.invalid(Field::Sequence);
+                    warned.once(&agent_id, Field::Sequence, &refusal);
+                    continue;
                 }
+            };
+            Stats::add(&stats.batches_lost, checked.lost_batches);
+            Stats::add(&stats.lost_in_transit, checked.lost_packets);
+            if let Some(bad) = &checked.bad_time {
+                stats.invalid(Field::Time);
+                warned.once(&agent_id, Field::Time, bad);
+            }
+            if let Some(bad) = &checked.bad_counters {
+                stats.invalid(Field::Counters);
+                warned.once(&agent_id, Field::Counters, bad);
             }
             if let Some((n, reason)) = drop_invalid(&mut batch) {
-                stats
-                    .dropped_invalid
-                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                stats
-                    .received
-                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                if !warned_invalid {
+                Stats::add(&stats.dropped_invalid, n);
+                Stats::add(&stats.received, n);
+                if !warned.packets {
                     tracing::warn!(agent = %agent_id, dropped = n, %reason, "mirror batch carried invalid packets; they are dropped and counted");
-                    warned_invalid = true;
+                    warned.packets = true;
                 }
             }
-            attachment.submit(batch);
+            attachment.submit(batch, checked.bad_time.is_none());
         }
         tracing::info!(agent = %agent_id, batches = summary.batches_received, packets = summary.packets_received, "mirror stream ended");
         Ok(Response::new(summary))

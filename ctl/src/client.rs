@@ -98,6 +98,9 @@ impl CtlConfig {
         let channel = transport::connect(&self.controller, &self.server_name, tls, &options)
             .await
             .with_context(|| format!("cannot reach the controller at {}", self.controller))?;
-        Ok(AdminServiceClient::new(channel))
+        // The controller's answers have no size bound (an agent list of a large fleet, a map
+        // from an old controller without StreamGraph): tonic's 4 MiB default would refuse them.
+        // The controller is the operator's own, reached over mTLS.
+        Ok(AdminServiceClient::new(channel).max_decoding_message_size(usize::MAX))
     }
 }

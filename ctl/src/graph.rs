@@ -8,6 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 use tapgraph::graph::{edge_json, protocol_name};
 use tapgraph::proto::{self, admin_service_client::AdminServiceClient};
+use tapgraph::text::Escaped;
 use tonic::transport::Channel;
 
 use crate::{Failure, ns_time, print_json, table};
@@ -124,19 +125,34 @@ fn export(g: &proto::Graph, format: Format) -> String {
     tapgraph::graph::export(g, format.into())
 }
 
+/// The whole map, streamed in parts so that no size of map outgrows a message limit; from a
+/// controller without StreamGraph, in one GetGraph answer.
 async fn fetch(
     admin: &mut AdminServiceClient<Channel>,
     f: &Filter,
     all_history: bool,
 ) -> Result<proto::Graph, Failure> {
-    Ok(admin
-        .get_graph(proto::GetGraphRequest {
-            include_control: f.include_control,
-            include_inactive: f.include_inactive || all_history,
-            ..Default::default()
-        })
-        .await?
-        .into_inner())
+    let request = proto::GetGraphRequest {
+        include_control: f.include_control,
+        include_inactive: f.include_inactive || all_history,
+        ..Default::default()
+    };
+    let mut parts = match admin.stream_graph(request.clone()).await {
+        Ok(parts) => parts.into_inner(),
+        Err(status) if status.code() == tonic::Code::Unimplemented => {
+            return Ok(admin.get_graph(request).await?.into_inner());
+        }
+        Err(status) => return Err(status.into()),
+    };
+    // Every field but the nodes and edges comes in the first part.
+    let Some(mut graph) = parts.message().await? else {
+        return Ok(proto::Graph::default());
+    };
+    while let Some(part) = parts.message().await? {
+        graph.nodes.extend(part.nodes);
+        graph.edges.extend(part.edges);
+    }
+    Ok(graph)
 }
 
 /// The host a node belongs to: itself, or a service's host; addresses belong to none.
@@ -293,7 +309,7 @@ pub async fn run(
                 );
             } else {
                 for o in orphans {
-                    println!("{o}");
+                    println!("{}", Escaped(o));
                 }
             }
         }
@@ -304,7 +320,12 @@ pub async fn run(
                 print_json(&json!(clusters));
             } else {
                 for (i, c) in clusters.iter().enumerate() {
-                    println!("cluster {} ({} hosts): {}", i + 1, c.len(), c.join(", "));
+                    println!(
+                        "cluster {} ({} hosts): {}",
+                        i + 1,
+                        c.len(),
+                        Escaped(&c.join(", "))
+                    );
                 }
             }
         }
@@ -329,7 +350,7 @@ pub async fn run(
                     if r.is_empty() {
                         "-".to_string()
                     } else {
-                        r.to_string()
+                        tapgraph::text::escape(r).into_owned()
                     }
                 };
                 println!("cidr      {}", show(&rules.cidr));
@@ -416,6 +437,7 @@ pub async fn show_host(
         }));
         return Ok(());
     }
+    let name = Escaped(name);
     println!("{name} depends on ({}):", outbound.len());
     print_edges(&outbound, &g, false);
     println!("\ndepends on {name} ({}):", inbound.len());

@@ -15,6 +15,7 @@ use anyhow::anyhow;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tapgraph::proto;
+use tapgraph::text::Escaped;
 
 use crate::client::CtlConfig;
 
@@ -191,7 +192,9 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, error)) => {
-            eprintln!("tapgraphctl: {error:#}");
+            // The controller's message may quote what an agent sent.
+            let text = format!("{error:#}");
+            eprintln!("tapgraphctl: {}", tapgraph::text::escape(&text));
             ExitCode::from(code)
         }
     }
@@ -477,7 +480,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 print_json(&agent_json(&a));
             } else {
-                for (k, v) in [
+                table::fields(&[
                     ("id", a.id.clone()),
                     ("hostname", a.hostname.clone()),
                     ("state", state_name(a.state).into()),
@@ -519,9 +522,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     ("delay p50/p99", delay_text(&a)),
                     ("clock offset", offset_text(&a)),
                     ("snapshot entries", a.snapshot_entries.to_string()),
-                ] {
-                    println!("{k:<20} {v}");
-                }
+                ]);
             }
         }
         Command::Policy(command) => policy::run(&mut admin, command, json).await?,
@@ -551,7 +552,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         json!({"at": ns_time(e.at_unix_nanos), "kind": e.kind, "agent": e.agent_id, "message": e.message, "fields": e.fields})
                     );
                 } else {
-                    println!("{}  {:<15} {}", ns_time(e.at_unix_nanos), e.kind, e.message);
+                    println!(
+                        "{}  {:<15} {}",
+                        ns_time(e.at_unix_nanos),
+                        Escaped(&e.kind),
+                        Escaped(&e.message)
+                    );
                 }
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
@@ -570,7 +576,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 print_json(&agent_json(&a));
             } else {
-                println!("agent {} labels: {}", a.id, labels_text(&a.labels));
+                println!(
+                    "agent {} labels: {}",
+                    Escaped(&a.id),
+                    Escaped(&labels_text(&a.labels))
+                );
             }
         }
         Command::Agent(AgentCommand::Revoke { id }) => {

@@ -309,14 +309,15 @@ pub async fn run(
             if json_out {
                 print_json(&v);
             } else if let Some(map) = v.as_object() {
-                for (k, val) in map {
-                    let text = val.as_str().map_or_else(|| val.to_string(), str::to_string);
-                    println!(
-                        "{:<20} {}",
-                        k.replace('_', " "),
-                        if text.is_empty() { "''".into() } else { text }
-                    );
-                }
+                let pairs: Vec<(String, String)> = map
+                    .iter()
+                    .map(|(k, val)| {
+                        let text = val.as_str().map_or_else(|| val.to_string(), str::to_string);
+                        let text = if text.is_empty() { "''".into() } else { text };
+                        (k.replace('_', " "), text)
+                    })
+                    .collect();
+                table::fields(&pairs);
             }
         }
         PolicyCommand::List => {

@@ -156,28 +156,12 @@ fn the_demo_draws_a_map_of_real_servers_and_clients_and_leaves_nothing_behind() 
         .to_string();
 
     // Five enrolled agents, each with its own hostname and the role its token gave it.
-    let agents = ctl_json(&ctl, &["agent", "list"]);
-    let mut seen: Vec<(String, String, String)> = agents
-        .as_array()
-        .unwrap()
+    let roles: Vec<(String, String, String)> = HOSTS
         .iter()
-        .filter(|a| a["state"] == "connected")
-        .map(|a| {
-            (
-                a["id"].as_str().unwrap().to_string(),
-                a["hostname"].as_str().unwrap_or_default().to_string(),
-                a["labels"]["role"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
-    seen.sort();
-    let roles = ["cache", "client", "database", "legacy", "web"];
-    let expected: Vec<(String, String, String)> = HOSTS
-        .iter()
-        .zip(roles)
+        .zip(["cache", "client", "database", "legacy", "web"])
         .map(|(h, r)| (h.to_string(), h.to_string(), r.to_string()))
         .collect();
-    assert_eq!(seen, expected, "{agents}");
+    assert_eq!(connected(&ctl), roles);
 
     // Exactly who talks to whom: the client to the web server, the web server to the cache, the
     // database and the partner's server (an address no agent owns); nobody to the orphan.
@@ -240,6 +224,45 @@ fn the_demo_draws_a_map_of_real_servers_and_clients_and_leaves_nothing_behind() 
     }
     // Safe to run twice.
     assert!(demo.run("down").status.success(), "a second down failed");
+
+    // A second demo on the same controller: its hosts get their ids back (no web-2), and it
+    // goes as cleanly.
+    wait_for(
+        "the first demo's agents gone",
+        Duration::from_secs(20),
+        || connected(&ctl).is_empty().then_some(()),
+    );
+    assert!(
+        demo.run("up").status.success(),
+        "the second scripts/demo failed"
+    );
+    assert_eq!(connected(&ctl), roles, "the second demo's agents");
+    let processes = demo.processes();
+    assert!(demo.run("down").status.success());
+    assert_eq!(demo.namespaces(), Vec::<String>::new(), "namespaces left");
+    let left: Vec<i32> = processes.into_iter().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "processes left running: {left:?}");
+}
+
+/// The connected agents as (id, hostname, role label), sorted.
+fn connected(ctl: &Path) -> Vec<(String, String, String)> {
+    let agents = ctl_json(ctl, &["agent", "list"]);
+    let mut seen: Vec<(String, String, String)> = agents
+        .as_array()
+        .unwrap_or_else(|| panic!("agents: {agents}"))
+        .iter()
+        .filter(|a| a["state"] == "connected")
+        .map(|a| {
+            let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (
+                text(&a["id"]),
+                text(&a["hostname"]),
+                text(&a["labels"]["role"]),
+            )
+        })
+        .collect();
+    seen.sort();
+    seen
 }
 
 fn chromium_here() -> bool {

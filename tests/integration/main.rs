@@ -13,5 +13,6 @@ mod mirror;
 mod neo4j;
 mod operator_tools;
 mod policy;
+mod mirror_limits;
 mod session;
 mod topology;

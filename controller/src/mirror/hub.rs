@@ -24,6 +24,7 @@ use serde::Serialize;
 use tapgraph::policy::Target;
 use tapgraph::proto;
 
+use super::check::Field;
 use super::targets::{self, Origin, Writer};
 
 /// Jobs (batches) queued per target at most, and their bytes.
@@ -146,13 +147,27 @@ pub struct Stats {
     pub dropped_unavailable: AtomicU64,
     /// Packets the agent counted as sent (in-band, in its batches) that never arrived.
     pub lost_in_transit: AtomicU64,
+    /// Batches with a header not believed, by the field at fault (see `check`).
+    pub invalid_sequence: AtomicU64,
+    pub invalid_time: AtomicU64,
+    pub invalid_counters: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     pub delay: Histogram,
 }
 
 impl Stats {
-    fn add(c: &AtomicU64, n: u64) {
+    pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one batch refused or partly disbelieved for `field`.
+    pub fn invalid(&self, field: Field) {
+        let c = match field {
+            Field::Sequence => &self.invalid_sequence,
+            Field::Time => &self.invalid_time,
+            Field::Counters => &self.invalid_counters,
+        };
+        Self::add(c, 1);
     }
 
     fn set_error(&self, error: String) {
@@ -175,6 +190,9 @@ pub struct StatsView {
     pub bytes_written: u64,
     pub dropped: BTreeMap<&'static str, u64>,
     pub lost_in_transit: u64,
+    /// Batches with a header not believed, by field: `sequence` (dropped), `time` (delay not
+    /// observed), `counters` (loss not counted).
+    pub invalid_batches: BTreeMap<&'static str, u64>,
     pub last_error: Option<String>,
     /// Capture to write, corrected for the agent's clock offset.
     pub delay_p50_us: Option<u64>,
@@ -192,6 +210,8 @@ struct Job {
     stats: Arc<Stats>,
     /// The agent's clock minus ours, in ns, when the batch arrived.
     offset_ns: i64,
+    /// Whether the batch's times were believed, so its packets' delay is recorded.
+    observe_delay: bool,
 }
 
 /// An open target: its writer thread's queue.
@@ -216,6 +236,26 @@ struct Shared {
 struct Inner {
     targets: HashMap<String, Weak<TargetHandle>>,
     stats: BTreeMap<(String, String), Arc<Stats>>,
+    /// Open Mirror streams per agent.
+    streams: HashMap<String, usize>,
+}
+
+/// An agent's open Mirror stream, counted until dropped.
+pub struct StreamSlot {
+    inner: Arc<Mutex<Inner>>,
+    agent_id: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = inner.streams.get_mut(&self.agent_id) {
+            *open -= 1;
+            if *open == 0 {
+                inner.streams.remove(&self.agent_id);
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -248,6 +288,21 @@ impl Mirrors {
             state_dir,
             health,
         }
+    }
+
+    /// Counts a new Mirror stream of `agent_id`, unless it already has `limit` open: then `Err`
+    /// with how many it has.
+    pub fn open_stream(&self, agent_id: &str, limit: usize) -> Result<StreamSlot, usize> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let open = inner.streams.entry(agent_id.to_string()).or_default();
+        if *open >= limit {
+            return Err(*open);
+        }
+        *open += 1;
+        Ok(StreamSlot {
+            inner: self.inner.clone(),
+            agent_id: agent_id.to_string(),
+        })
     }
 
     fn stats_for(&self, agent_id: &str, target: &Target) -> Arc<Stats> {
@@ -339,6 +394,14 @@ impl Mirrors {
                         ("target_unavailable", get(&s.dropped_unavailable)),
                     ]),
                     lost_in_transit: get(&s.lost_in_transit),
+                    invalid_batches: [
+                        (Field::Sequence, &s.invalid_sequence),
+                        (Field::Time, &s.invalid_time),
+                        (Field::Counters, &s.invalid_counters),
+                    ]
+                    .into_iter()
+                    .map(|(field, c)| (field.label(), get(c)))
+                    .collect(),
                     last_error: s.last_error.lock().ok().and_then(|e| e.clone()),
                     delay_p50_us: s.delay.quantile(0.5),
                     delay_p99_us: s.delay.quantile(0.99),
@@ -349,8 +412,15 @@ impl Mirrors {
 }
 
 impl Attachment {
-    /// Hands a batch's packets to the target's writer, or counts why it cannot.
-    pub fn submit(&self, batch: proto::MirrorBatch) {
+    /// The agent's clock minus ours, in ns, as last measured.
+    pub fn offset_ns(&self) -> i64 {
+        self.offset_ns.load(Ordering::Relaxed)
+    }
+
+    /// Hands a batch's packets to the target's writer, or counts why it cannot. Their delay is
+    /// recorded once written if `observe_delay`: a batch whose times are not believed is still
+    /// delivered.
+    pub fn submit(&self, batch: proto::MirrorBatch, observe_delay: bool) {
         let n = batch.packets.len() as u64;
         let bytes: u64 = batch.packets.iter().map(|p| p.data.len() as u64).sum();
         let s = &self.stats;
@@ -370,6 +440,7 @@ impl Attachment {
             bytes,
             stats: self.stats.clone(),
             offset_ns: self.offset_ns.load(Ordering::Relaxed),
+            observe_delay,
         };
         let shared = &target.shared;
         if shared.inline
@@ -438,6 +509,9 @@ fn write_job(writer: &mut dyn Writer, job: &Job) {
     Stats::add(&s.dropped_failed, w.failed);
     if let Some(error) = w.error {
         s.set_error(error);
+    }
+    if !job.observe_delay {
+        return;
     }
     // Our clock at write minus the capture time moved to our clock (agent − offset).
     let now = i128::from(now) + i128::from(job.offset_ns);
@@ -545,9 +619,9 @@ mod tests {
             unavailable: None,
         };
         // Too large to write inline: queued, and its write waits at the gate.
-        attachment.submit(batch(1, INLINE_PACKETS + 1));
+        attachment.submit(batch(1, INLINE_PACKETS + 1), true);
         // Small, but a batch is pending: it must queue behind it, not overtake it.
-        attachment.submit(batch(2, 1));
+        attachment.submit(batch(2, 1), true);
         assert!(seen.lock().unwrap().is_empty());
         open.send(()).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -559,7 +633,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         // Nothing pending now: a small batch is written before `submit` returns.
-        attachment.submit(batch(3, 2));
+        attachment.submit(batch(3, 2), true);
         let seen = seen.lock().unwrap().clone();
         let mut want = vec![1; INLINE_PACKETS + 1];
         want.extend([2, 3, 3]);

@@ -1,6 +1,7 @@
 //! The virtual TAP's controller side: agents' mirrored packets, routed to their policy's target.
 
+pub mod check;
 mod hub;
 pub mod targets;
 
-pub use hub::{Attachment, Mirrors, StatsView};
+pub use hub::{Attachment, Mirrors, Stats, StatsView};

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod bpf;
 pub mod codec;
 pub mod config;
+pub mod exposition;
 pub mod fsutil;
 pub mod graph;
 pub mod identity;

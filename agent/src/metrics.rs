@@ -1,4 +1,5 @@
-//! `GET /metrics` on the agent, in the OpenMetrics text format Prometheus scrapes.
+//! `GET /metrics` on the agent: OpenMetrics when the scraper asks for it (Prometheus does), else
+//! the Prometheus text format 0.0.4 (`curl`, `promtool check metrics`); see [`tapgraph::exposition`].
 //!
 //! The numbers are the ones the controller gets: the session hands every control record it builds
 //! to [`Metrics::observe`], and a scrape writes out the latest one, so the two views never
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::collector::Collector;
@@ -22,8 +23,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tapgraph::proto;
 use tokio_util::sync::CancellationToken;
 
-/// `prometheus-client` writes OpenMetrics 1.0 text only, which Prometheus asks for first.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use tapgraph::exposition::Format;
 
 /// The capture states, as label values, in `proto::CaptureState` order.
 const CAPTURE_STATES: [(proto::CaptureState, &str); 4] = [
@@ -109,9 +109,14 @@ async fn serve_on(
     }
 }
 
-async fn scrape(State(metrics): State<Arc<Metrics>>) -> Response {
+async fn scrape(State(metrics): State<Arc<Metrics>>, headers: HeaderMap) -> Response {
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     match metrics.render() {
-        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Ok(text) => (
+            [(header::CONTENT_TYPE, format.content_type())],
+            format.render(text),
+        )
+            .into_response(),
         Err(fmt::Error) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
@@ -654,8 +659,8 @@ mod tests {
         assert!(get("process_cpu_seconds", "process_cpu_seconds_total", &[]) >= 0.0);
     }
 
-    #[tokio::test]
-    async fn the_server_answers_with_the_openmetrics_type() {
+    /// One scrape of a fresh server: its head and body.
+    async fn scrape_with(accept: Option<&str>) -> (String, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -666,21 +671,56 @@ mod tests {
             stop.clone(),
         ));
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
+        let accept = accept
+            .map(|a| format!("Accept: {a}\r\n"))
+            .unwrap_or_default();
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{accept}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut response = String::new();
         s.read_to_string(&mut response).await.unwrap();
         stop.cancel();
         server.await.unwrap();
         let (head, body) = response.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        (head.to_ascii_lowercase(), body.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_server_answers_openmetrics_to_whoever_asks_for_it() {
+        let (head, body) = scrape_with(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        ))
+        .await;
+        let expected = tapgraph::exposition::OPENMETRICS;
         assert!(
-            head.to_ascii_lowercase()
-                .contains(&format!("content-type: {CONTENT_TYPE}")),
+            head.contains(&format!("content-type: {expected}")),
             "{head}"
         );
-        openmetrics::parse(body).unwrap();
+        openmetrics::parse(&body).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_server_answers_prometheus_text_to_everyone_else() {
+        for accept in [None, Some("text/plain;version=0.0.4"), Some("*/*")] {
+            let (head, body) = scrape_with(accept).await;
+            let expected = tapgraph::exposition::PROMETHEUS_TEXT;
+            assert!(
+                head.contains(&format!("content-type: {expected}")),
+                "{head}"
+            );
+            assert!(
+                !body.contains("# EOF") && !body.contains("# UNIT"),
+                "{body}"
+            );
+            assert!(
+                body.contains("# TYPE tapgraph_control_records_total counter\n"),
+                "{body}"
+            );
+        }
     }
 
     const EXPECTED: &[&str] = &[

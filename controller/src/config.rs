@@ -14,8 +14,10 @@ use crate::enrollment::ca::PkiSettings;
 pub struct ControllerConfig {
     /// gRPC (agents, operators) over mTLS.
     pub listen: SocketAddr,
-    /// Plain HTTP: /healthz, /readyz, /api/v1/*.
+    /// HTTP (or HTTPS): /healthz, /readyz, /metrics, the console, /api/v1/*.
     pub http_listen: SocketAddr,
+    /// `http.*`: timeouts, connection caps, tokens, TLS.
+    pub http: crate::http::HttpSettings,
     /// Holds the CA, the serving certificate, tokens, agents and (later) policies and topology.
     pub state_dir: PathBuf,
     pub pki: PkiSettings,
@@ -59,6 +61,14 @@ fn known_keys() -> Vec<String> {
     let mut keys: Vec<String> = [
         "listen",
         "http.listen",
+        "http.header_read_timeout",
+        "http.idle_timeout",
+        "http.max_connections",
+        "http.max_connections_per_source",
+        "http.auth_failures_per_minute",
+        "http.metrics_token_file",
+        "http.tls_cert",
+        "http.tls_key",
         "state_dir",
         "pki.ca_cert",
         "pki.ca_key",
@@ -108,6 +118,7 @@ impl ControllerConfig {
         let mut c = Layered::load(sources, &known)?;
         let listen = c.value("listen", SocketAddr::from(([127, 0, 0, 1], 7443)));
         let http_listen = c.value("http.listen", SocketAddr::from(([127, 0, 0, 1], 7080)));
+        let http = http_settings(&mut c);
         let state_dir = PathBuf::from(c.string("state_dir", "/var/lib/tapgraph"));
         let ca_files = match (
             c.existing_file("pki.ca_cert"),
@@ -233,6 +244,7 @@ impl ControllerConfig {
         c.finish(Self {
             listen,
             http_listen,
+            http,
             pki: PkiSettings {
                 dir: state_dir.join("pki"),
                 ca_files,
@@ -260,6 +272,106 @@ impl ControllerConfig {
             neo4j,
             console_token_always,
         })
+    }
+}
+
+/// `http.*`.
+fn http_settings(c: &mut Layered) -> crate::http::HttpSettings {
+    let defaults = crate::http::HttpSettings::default();
+    let header_read_timeout = c.duration(
+        "http.header_read_timeout",
+        defaults.header_read_timeout,
+        SECOND / 10,
+        300 * SECOND,
+    );
+    let idle_timeout = c.duration(
+        "http.idle_timeout",
+        defaults.idle_timeout,
+        SECOND,
+        3600 * SECOND,
+    );
+    let max_connections = c.parse("http.max_connections", None, |s: &str| match s {
+        "auto" => Ok(None),
+        n => match n.parse::<usize>() {
+            Ok(n) if (1..=1_000_000).contains(&n) => Ok(Some(n)),
+            _ => Err(format!(
+                "`{n}`: auto, or a number of connections in 1..=1000000"
+            )),
+        },
+    });
+    let max_connections_per_source = c.ranged(
+        "http.max_connections_per_source",
+        defaults.max_connections_per_source,
+        1..=1_000_000,
+    );
+    let auth_failures_per_minute = c.ranged(
+        "http.auth_failures_per_minute",
+        defaults.auth_failures_per_minute,
+        1..=100_000,
+    );
+    let metrics_token =
+        c.path("http.metrics_token_file")
+            .and_then(|path| match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let token = text.trim().to_string();
+                    if token.len() < 16
+                        || token
+                            .chars()
+                            .any(|ch| ch.is_whitespace() || ch.is_control())
+                    {
+                        c.fail(
+                            "http.metrics_token_file",
+                            format!(
+                                "{}: the token must be at least 16 characters, without spaces",
+                                path.display()
+                            ),
+                        );
+                        return None;
+                    }
+                    Some(crate::sink::Secret(token))
+                }
+                Err(e) => {
+                    c.fail(
+                        "http.metrics_token_file",
+                        format!("{}: {e}", path.display()),
+                    );
+                    None
+                }
+            });
+    let tls = match (
+        c.existing_file("http.tls_cert"),
+        c.existing_file("http.tls_key"),
+    ) {
+        (Some(cert), Some(key)) => match crate::http::tls_config(&cert, &key) {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                c.fail("http.tls_cert", e);
+                None
+            }
+        },
+        (None, None) => None,
+        _ => {
+            c.fail(
+                "http.tls_cert",
+                "http.tls_cert and http.tls_key go together: set both or neither",
+            );
+            None
+        }
+    };
+    if header_read_timeout > idle_timeout {
+        c.fail(
+            "http.header_read_timeout",
+            "must not exceed http.idle_timeout",
+        );
+    }
+    crate::http::HttpSettings {
+        header_read_timeout,
+        idle_timeout,
+        max_connections,
+        max_connections_per_source,
+        auth_failures_per_minute,
+        metrics_token,
+        tls,
     }
 }
 

@@ -1,14 +1,17 @@
 //! The web console: its static files, embedded at build time from `console/dist` (a build without
 //! Node embeds none and serves a page that says how to build them); the access tokens that guard
-//! it and the read-only API when the HTTP listener is reachable beyond loopback; and the security
+//! it and the read-only API when the HTTP listener is reachable beyond loopback, and the bearer
+//! token `/metrics` may require; the rate limit on bad tokens, per source; and the security
 //! headers every console and API response carries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -140,25 +143,118 @@ impl ConsoleTokens {
     }
 }
 
-/// Who may see the console and the read-only API.
+/// Who may see the console, the read-only API and `/metrics`.
 #[derive(Clone)]
 pub struct Access {
     pub tokens: ConsoleTokens,
     /// A token is required: the listener is reachable beyond loopback, or configuration says so.
     pub required: bool,
+    /// The SHA-256 of the bearer token `/metrics` requires (`http.metrics_token_file`), if any.
+    pub metrics_token: Option<String>,
+    /// Served over HTTPS: the token cookie is marked `Secure`.
+    pub secure: bool,
+    pub guesses: Guesses,
+    pub stats: Arc<crate::http::HttpStats>,
 }
 
-/// Paths any client may read: probes and Prometheus.
+impl Access {
+    pub fn new(
+        tokens: ConsoleTokens,
+        required: bool,
+        settings: &crate::http::HttpSettings,
+        stats: Arc<crate::http::HttpStats>,
+    ) -> Self {
+        Self {
+            tokens,
+            required,
+            metrics_token: settings.metrics_token.as_ref().map(|t| hash(&t.0)),
+            secure: settings.tls.is_some(),
+            guesses: Guesses::new(settings.auth_failures_per_minute),
+            stats,
+        }
+    }
+}
+
+/// Paths any client may read: probes, and Prometheus unless `/metrics` has its own token.
 fn open_path(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics")
 }
 
-fn presented_token(headers: &HeaderMap) -> Option<String> {
-    let bearer = headers
+/// Sources tracked at most; past it, a new source with a bad token is refused outright.
+const MAX_SOURCES: usize = 4096;
+
+/// Bad tokens per source (an IPv4 address, an IPv6 /64): a bucket of `per_minute` failures that
+/// refills at that rate. An empty bucket is answered 429 before any token is looked at.
+#[derive(Clone)]
+pub struct Guesses {
+    per_minute: u32,
+    buckets: Arc<Mutex<HashMap<IpAddr, (f64, Instant)>>>,
+}
+
+impl Guesses {
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute: per_minute.max(1),
+            buckets: Arc::default(),
+        }
+    }
+
+    fn level(&self, (tokens, at): (f64, Instant), now: Instant) -> f64 {
+        let refill = now.duration_since(at).as_secs_f64() * f64::from(self.per_minute) / 60.0;
+        (tokens + refill).min(f64::from(self.per_minute))
+    }
+
+    /// `Err(wait)` while `source` may present no token: its bucket is empty for `wait` more.
+    pub fn check(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
+        let source = crate::http::source_of(source);
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(bucket) = buckets.get(&source) else {
+            return if buckets.len() >= MAX_SOURCES {
+                Err(Duration::from_secs(60))
+            } else {
+                Ok(())
+            };
+        };
+        let level = self.level(*bucket, now);
+        if level >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - level) * 60.0 / f64::from(self.per_minute),
+            ))
+        }
+    }
+
+    /// Counts one bad token from `source`; true when its bucket is now empty.
+    pub fn failed(&self, source: IpAddr, now: Instant) -> bool {
+        let source = crate::http::source_of(source);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if !buckets.contains_key(&source) && buckets.len() >= MAX_SOURCES {
+            let full = f64::from(self.per_minute);
+            buckets.retain(|_, b| self.level(*b, now) < full);
+            if buckets.len() >= MAX_SOURCES {
+                return true;
+            }
+        }
+        let full = (f64::from(self.per_minute), now);
+        let level = self.level(*buckets.get(&source).unwrap_or(&full), now);
+        let left = (level - 1.0).max(0.0);
+        buckets.insert(source, (left, now));
+        left < 1.0
+    }
+}
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
+        .map(str::trim)
+}
+
+fn presented_token(headers: &HeaderMap) -> Option<String> {
+    let bearer = bearer(headers).map(str::to_string);
     bearer.or_else(|| {
         headers
             .get_all(header::COOKIE)
@@ -177,31 +273,76 @@ fn query_token(uri: &Uri) -> Option<&str> {
         .find_map(|pair| pair.strip_prefix("token="))
 }
 
-/// Guards everything but the probes and /metrics when a token is required, and puts the security
-/// headers on every response. `/?token=T` with a valid T sets the console's cookie and sends the
-/// browser on to `/`, so the token leaves the address bar and the history.
+/// Guards `/metrics` when it has a token, and everything but the probes and `/metrics` when a
+/// console token is required; answers 429 to a source that presented too many bad tokens; puts
+/// the security headers on every response. `/?token=T` with a valid T sets the console's cookie
+/// and sends the browser on to `/`, so the token leaves the address bar and the history.
 pub async fn guard(State(access): State<Access>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_string();
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    if let (true, Some(wanted)) = (path == "/metrics", &access.metrics_token) {
+        let matches = bearer(request.headers()).map(|t| hash(t) == *wanted);
+        if matches.is_some() && access.guesses.check(peer, Instant::now()).is_err() {
+            return too_many(&access);
+        }
+        if matches == Some(true) {
+            return next.run(request).await;
+        }
+        if matches.is_some() {
+            bad_token(&access, peer, &path);
+        }
+        let mut r = (StatusCode::UNAUTHORIZED, "a bearer token is required\n").into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"tapgraph metrics\""),
+        );
+        return r;
+    }
     if open_path(&path) {
         return next.run(request).await;
     }
-    let mut response = if !access.required
-        || presented_token(request.headers()).is_some_and(|t| access.tokens.check(&t).is_some())
-    {
+    let mut response = if !access.required {
         next.run(request).await
-    } else if let Some((text, token)) = query_token(request.uri())
-        .and_then(|text| Some((text.to_string(), access.tokens.check(text)?)))
-    {
-        let max_age = token.expires_at_ms.saturating_sub(now_ms()) / 1000;
-        let cookie =
-            format!("{COOKIE}={text}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}");
-        let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
-        if let Ok(v) = HeaderValue::from_str(&cookie) {
-            r.headers_mut().insert(header::SET_COOKIE, v);
-        }
-        r
     } else {
-        unauthorized(&path)
+        let presented = presented_token(request.headers());
+        let query = query_token(request.uri()).map(str::to_string);
+        if presented.is_none() && query.is_none() {
+            unauthorized(&path)
+        } else if access.guesses.check(peer, Instant::now()).is_err() {
+            too_many(&access)
+        } else if presented
+            .as_deref()
+            .is_some_and(|t| access.tokens.check(t).is_some())
+        {
+            next.run(request).await
+        } else if let Some((text, token)) =
+            query.and_then(|text| Some((text.clone(), access.tokens.check(&text)?)))
+        {
+            let max_age = token.expires_at_ms.saturating_sub(now_ms()) / 1000;
+            let secure = if access.secure { "; Secure" } else { "" };
+            let cookie = format!(
+                "{COOKIE}={text}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+            );
+            let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        } else {
+            bad_token(&access, peer, &path);
+            let mut r = unauthorized(&path);
+            // A stale cookie is sent with every request: forget it, so one page load is one failure.
+            let secure = if access.secure { "; Secure" } else { "" };
+            let clear = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}");
+            if let Ok(v) = HeaderValue::from_str(&clear) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
     };
     let headers = response.headers_mut();
     for (name, value) in [
@@ -216,6 +357,33 @@ pub async fn guard(State(access): State<Access>, request: Request, next: Next) -
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     response
+}
+
+/// Counts and logs a bad token, naming the source and the path, never the token.
+fn bad_token(access: &Access, peer: IpAddr, path: &str) {
+    access.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+    let blocked = access.guesses.failed(peer, Instant::now());
+    tracing::warn!(
+        source = %peer,
+        path,
+        limited = blocked,
+        "bad access token refused"
+    );
+}
+
+/// 429 to a source that presented too many bad tokens.
+fn too_many(access: &Access) -> Response {
+    access.stats.auth_limited.fetch_add(1, Ordering::Relaxed);
+    let wait = 60 / access.guesses.per_minute.max(1);
+    let mut r = (
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many bad access tokens from this address; try again later\n",
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&wait.max(1).to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
 }
 
 /// 401 that says how to get in and nothing else.

@@ -1,7 +1,12 @@
 //! Plain HTTP for probes, the web console, the read-only API and Prometheus: `/healthz`, `/readyz`,
 //! `/metrics`; `/` (the console, see [`crate::console`]); `/api/v1/agents`, `/api/v1/graph`,
 //! `/api/v1/graph/export`, `/api/v1/policies`, `/api/v1/topology/stats`, `/api/v1/mirror` and
-//! `/api/v1/events` (server-sent events the console follows).
+//! `/api/v1/events` (server-sent events the console follows). How connections are accepted and
+//! bounded: [`listener`].
+
+mod listener;
+
+pub use listener::{HttpCounts, HttpSettings, HttpStats, source_of};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -40,9 +45,24 @@ pub struct HttpState {
     pub sink: Option<crate::sink::SinkHandle>,
     pub mirrors: crate::mirror::Mirrors,
     pub access: crate::console::Access,
+    /// What the listener and the access guard counted.
+    pub http_stats: Arc<HttpStats>,
     /// Ends the event streams at shutdown, which would otherwise hold it up.
     pub stop: CancellationToken,
 }
+
+/// Serves the router on `listener` until `stop`; see [`listener`].
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: HttpState,
+    settings: &HttpSettings,
+    stop: CancellationToken,
+) {
+    let stats = state.http_stats.clone();
+    listener::serve(listener, router(state), settings, stats, stop).await;
+}
+
+pub use listener::tls_config;
 
 pub fn router(state: HttpState) -> Router {
     let access = state.access.clone();

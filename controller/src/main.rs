@@ -132,6 +132,14 @@ beyond them requests are refused with RESOURCE_EXHAUSTED and the limit named), c
 snaplen, mode, limit, check_interval, breach_intervals, target, vni, snapshot_interval,
 heartbeat_interval, ...).
 
+The HTTP listener (http.*): header_read_timeout (10s for a request's head, and the longest a
+kept-alive connection waits for the next one), idle_timeout (60s without a byte moving),
+max_connections (auto: 1024, but at most half the descriptors left after 256 reserved; the rest
+stay gRPC's), max_connections_per_source (64 per IPv4 address or IPv6 /64; a connection past a cap
+is closed at once), auth_failures_per_minute (10 bad tokens from one source, then 429),
+metrics_token_file (a file holding the bearer token /metrics then requires), tls_cert and
+tls_key (serve HTTPS; the console's cookie is then Secure).
+
 Exit status: 0 after a clean shutdown, 1 on a runtime failure (e.g. address in use),
 78 on invalid configuration or an unusable CA.";
 
@@ -291,10 +299,13 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         tasks.spawn("neo4j-sink", sink.run(stop.clone()));
         handle
     });
-    let access = console::Access {
-        tokens: console::ConsoleTokens::load(console_store)?,
-        required: config.console_token_always || !config.http_listen.ip().is_loopback(),
-    };
+    let http_stats = Arc::new(http::HttpStats::default());
+    let access = console::Access::new(
+        console::ConsoleTokens::load(console_store)?,
+        config.console_token_always || !config.http_listen.ip().is_loopback(),
+        &config.http,
+        http_stats.clone(),
+    );
     let console_url = console_url(&config, http_addr);
     let admin = AdminServiceServer::new(admin::AdminApi {
         enrollment: enrollment.clone(),
@@ -346,16 +357,13 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         sink,
         mirrors: mirrors.clone(),
         access: access.clone(),
+        http_stats,
         stop: stop.clone(),
     };
     let http_stop = stop.clone();
+    let http_settings = config.http.clone();
     tasks.spawn("http", async move {
-        let served = axum::serve(http_listener, http::router(http_state))
-            .with_graceful_shutdown(http_stop.cancelled_owned())
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "HTTP server failed");
-        }
+        http::serve(http_listener, http_state, &http_settings, http_stop).await;
     });
 
     ready.store(true, Ordering::Release);
@@ -442,9 +450,14 @@ fn console_url(config: &ControllerConfig, bound: std::net::SocketAddr) -> String
     } else {
         bound.ip().to_string()
     };
-    if host.contains(':') {
-        format!("http://[{host}]:{}/", bound.port())
+    let scheme = if config.http.tls.is_some() {
+        "https"
     } else {
-        format!("http://{host}:{}/", bound.port())
+        "http"
+    };
+    if host.contains(':') {
+        format!("{scheme}://[{host}]:{}/", bound.port())
+    } else {
+        format!("{scheme}://{host}:{}/", bound.port())
     }
 }

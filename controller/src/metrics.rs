@@ -1,4 +1,5 @@
-//! `GET /metrics`: the controller's state in the OpenMetrics text format Prometheus scrapes.
+//! `GET /metrics`: the controller's state for Prometheus, in OpenMetrics when the scraper asks for
+//! it and otherwise in the text format 0.0.4 (see [`tapgraph::exposition`]).
 //!
 //! Nothing is counted twice: every scrape asks the owners (the registry task, the topology task,
 //! the mirror hub, the Neo4j sink) for what the JSON API shows, and a `prometheus-client`
@@ -11,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
@@ -24,9 +25,7 @@ use crate::registry::{AgentState, AgentView};
 use crate::sink::SinkStats;
 use crate::topology;
 
-/// What the endpoint answers with: `prometheus-client` writes OpenMetrics 1.0 text only (which
-/// Prometheus asks for first), not the older 0.0.4 format.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use tapgraph::exposition::Format;
 
 /// Every agent state, so each shows as a series even when no agent is in it.
 const AGENT_STATES: [AgentState; 3] = [
@@ -41,10 +40,15 @@ const CAPTURE_STATES: [&str; 4] = ["disabled", "running", "stopped_breach", "fai
 const DELAY_BOUNDS_LOG2_MICROS: std::ops::RangeInclusive<u32> = 6..=24;
 
 /// The response to one scrape.
-pub async fn serve(State(state): State<HttpState>) -> Response {
+pub async fn serve(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     let scrape = Scrape::gather(&state).await;
     match scrape.render() {
-        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Ok(text) => (
+            [(header::CONTENT_TYPE, format.content_type())],
+            format.render(text),
+        )
+            .into_response(),
         Err(fmt::Error) => {
             tracing::warn!("cannot encode /metrics");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
@@ -62,6 +66,8 @@ pub struct Scrape {
     pub topology: topology::Stats,
     /// `None` when no Neo4j sink is configured.
     pub sink: Option<SinkStats>,
+    /// The HTTP listener's and the access guard's counters.
+    pub http: crate::http::HttpCounts,
 }
 
 /// One delay histogram: per bucket, (every delay in it is below this many µs, count), ascending,
@@ -78,6 +84,7 @@ impl Scrape {
             agents: state.registry.list().await,
             topology: state.topology.stats().await,
             sink: state.sink.as_ref().map(|s| s.stats()),
+            http: state.http_stats.read(),
             ..Self::default()
         }
         .with_mirrors(&state.mirrors)
@@ -220,6 +227,50 @@ const FLEET: &[Field<Scrape>] = &[
         "tapgraph_neo4j_relationships",
         "Relationships the sink holds in Neo4j.",
         |s| opt(s.sink.as_ref().map(|k| k.relationships)),
+    ),
+    gauge(
+        "tapgraph_http_connections",
+        "Open HTTP connections (console, API, probes, scrapes).",
+        |s| one(s.http.open),
+    ),
+    gauge(
+        "tapgraph_http_connection_limit",
+        "HTTP connections allowed at once (http.max_connections, or derived from the descriptor limit).",
+        |s| one(s.http.limit),
+    ),
+    counter_by(
+        "tapgraph_http_refused_connections",
+        "HTTP connections closed at once (capacity: http.max_connections reached; per_source: http.max_connections_per_source reached; accept_error: accept failed, e.g. no descriptor left).",
+        "reason",
+        |s| {
+            vec![
+                ("capacity", Value::from(s.http.refused_capacity)),
+                ("per_source", Value::from(s.http.refused_per_source)),
+                ("accept_error", Value::from(s.http.accept_errors)),
+            ]
+        },
+    ),
+    counter_by(
+        "tapgraph_http_closed_connections",
+        "HTTP connections closed by the server (header_timeout: no whole request head or TLS handshake within http.header_read_timeout; idle_timeout: nothing moved for http.idle_timeout; tls_handshake: the handshake failed).",
+        "reason",
+        |s| {
+            vec![
+                ("header_timeout", Value::from(s.http.header_timeouts)),
+                ("idle_timeout", Value::from(s.http.idle_timeouts)),
+                ("tls_handshake", Value::from(s.http.tls_failures)),
+            ]
+        },
+    ),
+    counter(
+        "tapgraph_http_auth_failures",
+        "Requests that presented a wrong, expired or malformed console or /metrics token.",
+        |s| one(s.http.auth_failures),
+    ),
+    counter(
+        "tapgraph_http_auth_limited_requests",
+        "Requests answered 429: their source presented more than http.auth_failures_per_minute bad tokens.",
+        |s| one(s.http.auth_limited),
     ),
 ];
 
@@ -885,6 +936,12 @@ mod tests {
         "tapgraph_neo4j_write_seconds",
         "tapgraph_neo4j_nodes",
         "tapgraph_neo4j_relationships",
+        "tapgraph_http_connections",
+        "tapgraph_http_connection_limit",
+        "tapgraph_http_refused_connections",
+        "tapgraph_http_closed_connections",
+        "tapgraph_http_auth_failures",
+        "tapgraph_http_auth_limited_requests",
         "tapgraph_agent_state",
         "tapgraph_agent_sessions",
         "tapgraph_agent_last_seen_timestamp_seconds",

@@ -8,6 +8,7 @@ mod enrollment;
 mod fleet;
 mod harness;
 mod health;
+mod http_hardening;
 mod identity;
 mod mirror;
 mod neo4j;

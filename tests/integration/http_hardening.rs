@@ -1,0 +1,615 @@
+//! Issue 19: the HTTP listener beyond loopback. A slow-header flood from a namespace host is
+//! bounded and leaves gRPC, `tapgraphctl` and `/healthz` working; `/metrics` can require a bearer
+//! token; bad console tokens are limited per source and logged; the console is served over HTTPS
+//! with a `Secure` cookie; both `/metrics` endpoints answer the Prometheus text format that
+//! `promtool check metrics` accepts, and OpenMetrics to whoever asks for it.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+/// What Prometheus 2.x sends.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// `scripts/check-metrics` on `body`: Ok(family names) or Err(its complaints).
+fn check_metrics(body: &str) -> Result<String, String> {
+    let mut child = Command::new("scripts/check-metrics")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("scripts/check-metrics");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_ne!(
+        out.status.code(),
+        Some(2),
+        "check-metrics lacks a tool (run scripts/install-deps): {stderr}"
+    );
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(stderr)
+    }
+}
+
+/// `promtool check metrics` on `body`: every line it prints is a complaint.
+fn promtool(body: &str) -> Vec<String> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/install-deps installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let mut said: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    if !out.status.success() && said.is_empty() {
+        said.push(format!("promtool exited with {}", out.status));
+    }
+    said
+}
+
+#[test]
+fn both_metrics_endpoints_negotiate_and_pass_promtool() {
+    let world = World::new();
+    let controller = Controller::start(&world, &[]);
+    world.issue_agent("m1");
+    let agent = Proc::spawn(
+        "agent",
+        world.agent_cmd("m1", controller.grpc),
+        world.path(),
+    );
+    controller.wait_agent("m1", "connected", Duration::from_secs(20), |_| true);
+    let agent_addr: SocketAddr = wait_for("agent /metrics", Duration::from_secs(10), || {
+        let log = agent.log_text();
+        let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))?
+            .parse()
+            .ok()
+    });
+    for (name, addr) in [("controller", controller.http), ("agent", agent_addr)] {
+        // What promtool, curl and older scrapers ask for: the 0.0.4 text format, lint-free.
+        for accept in [Some("text/plain;version=0.0.4"), None] {
+            let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
+            let r = http_request(addr, "/metrics", &headers).unwrap();
+            assert_eq!(r.status, 200, "{name}: {}", r.body);
+            assert_eq!(
+                r.header("content-type"),
+                Some("text/plain; version=0.0.4; charset=utf-8"),
+                "{name} /metrics with Accept {accept:?}"
+            );
+            let complaints = promtool(&r.body);
+            assert!(
+                complaints.is_empty(),
+                "promtool check metrics on the {name}'s /metrics:\n{}\n{}",
+                complaints.join("\n"),
+                r.body
+            );
+            let names = check_metrics(&r.body).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(names.lines().count() > 5, "{name}: {names}");
+        }
+        // What Prometheus asks for first: OpenMetrics, which its strict parser accepts.
+        let r = http_request(addr, "/metrics", &[("Accept", PROMETHEUS_ACCEPT)]).unwrap();
+        assert_eq!(r.status, 200, "{name}: {}", r.body);
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            "{name}"
+        );
+        assert!(r.body.ends_with("# EOF\n"), "{name}");
+        check_metrics(&r.body).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+/// A file holding `text`, readable by its owner only.
+fn private_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+#[test]
+fn metrics_can_require_a_bearer_token() {
+    let world = World::new();
+    let token = "scrape-7f3a9c21d4e8b650";
+    let file = private_file(world.path(), "metrics.token", &format!("{token}\n"));
+    let controller = Controller::start(
+        &world,
+        &[("TAPGRAPH_HTTP__METRICS_TOKEN_FILE", file.to_str().unwrap())],
+    );
+    let r = http_request(controller.http, "/metrics", &[]).unwrap();
+    assert_eq!(r.status, 401, "no token: {}", r.body);
+    assert!(
+        r.header("www-authenticate")
+            .is_some_and(|v| v.starts_with("Bearer")),
+        "{:?}",
+        r.headers
+    );
+    assert!(!r.body.contains("tapgraph_"), "nothing leaks: {}", r.body);
+    let wrong = "Bearer scrape-00000000000000000";
+    let r = http_request(controller.http, "/metrics", &[("Authorization", wrong)]).unwrap();
+    assert_eq!(r.status, 401, "a wrong token");
+    let good = format!("Bearer {token}");
+    let r = http_request(controller.http, "/metrics", &[("Authorization", &good)]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("tapgraph_agents"), "{}", r.body);
+    // The probes stay open.
+    assert_eq!(http_get(controller.http, "/healthz").unwrap().0, 200);
+
+    // A token too short to be a secret is refused at start, naming the key.
+    let short = private_file(world.path(), "short.token", "abc\n");
+    let mut cmd = world.controller_cmd(
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    cmd.env("TAPGRAPH_HTTP__METRICS_TOKEN_FILE", &short);
+    let err = refused_config(&mut cmd);
+    assert!(err.contains("http.metrics_token_file"), "{err}");
+}
+
+/// A TCP connection to `to` from local address `from` (another loopback address: another source).
+fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    let (IpAddr::V4(from), SocketAddr::V4(to)) = (from, to) else {
+        panic!("IPv4 only");
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+    )
+    .expect("bind");
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)).expect("connect");
+    TcpStream::from(fd)
+}
+
+/// `GET path` on `stream` with `headers`; the status and the whole response.
+fn get_on(mut stream: TcpStream, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, response)
+}
+
+#[test]
+fn bad_console_tokens_are_limited_per_source_and_logged_without_the_token() {
+    let world = World::new();
+    let controller = Controller::start(
+        &world,
+        &[
+            ("TAPGRAPH_CONSOLE__AUTH", "token"),
+            ("TAPGRAPH_HTTP__AUTH_FAILURES_PER_MINUTE", "5"),
+        ],
+    );
+    let ops = world.operator("ops", controller.grpc);
+    let secret = "5ec7e75ec7e75ec7e75ec7e75ec7e7aa";
+    let guess = format!("Bearer tgc.0123456789abcdef.{secret}");
+    let from = |a: [u8; 4]| IpAddr::from(a);
+    let attacker = from([127, 0, 0, 7]);
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let stream = connect_from(attacker, controller.http);
+        statuses.push(get_on(stream, "/api/v1/graph", &[("Authorization", &guess)]).0);
+    }
+    assert_eq!(statuses[..5], [401; 5], "{statuses:?}");
+    assert_eq!(
+        statuses[5..],
+        [429; 3],
+        "past 5 bad tokens a minute: {statuses:?}"
+    );
+    let (_, response) = get_on(
+        connect_from(attacker, controller.http),
+        "/?token=tgc.0123456789abcdef.0123",
+        &[],
+    );
+    assert!(
+        response.to_ascii_lowercase().contains("retry-after:"),
+        "{response}"
+    );
+
+    // Another source is not held up, and a real token from it still works.
+    let created = ctl_json(&ops, &["console", "token", "--ttl", "10m"]);
+    let good = format!("Bearer {}", created["token"].as_str().unwrap());
+    let other = from([127, 0, 0, 8]);
+    let (status, _) = get_on(
+        connect_from(other, controller.http),
+        "/api/v1/graph",
+        &[("Authorization", &good)],
+    );
+    assert_eq!(status, 200);
+
+    // Logged with the source, never the token; the limit shows in /metrics.
+    let log = controller.proc.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("bad access token refused"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        5,
+        "one line per bad token until limited: {lines:?}"
+    );
+    assert!(
+        lines.iter().all(|l| l.contains("source=127.0.0.7")),
+        "{lines:?}"
+    );
+    assert!(
+        !log.contains(secret),
+        "the guessed token must not be logged"
+    );
+    let (_, metrics) = http_get(controller.http, "/metrics").unwrap();
+    assert!(
+        metrics.contains("tapgraph_http_auth_failures_total 5\n")
+            && metrics.contains("tapgraph_http_auth_limited_requests_total 4\n"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn the_console_is_served_over_https_with_a_secure_cookie() {
+    let world = World::new();
+    let dir = world.path();
+    let (cert, key) = (dir.join("console.pem"), dir.join("console.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let controller = Controller::start(
+        &world,
+        &[
+            ("TAPGRAPH_CONSOLE__AUTH", "token"),
+            ("TAPGRAPH_HTTP__TLS_CERT", cert.to_str().unwrap()),
+            ("TAPGRAPH_HTTP__TLS_KEY", key.to_str().unwrap()),
+        ],
+    );
+    let ops = world.operator("ops", controller.grpc);
+    let created = ctl_json(&ops, &["console", "token", "--ttl", "10m"]);
+    let text = created["token"].as_str().unwrap();
+    let url = created["url"].as_str().unwrap();
+    assert!(url.starts_with("https://"), "{url}");
+
+    let curl = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "-i", "--max-time", "20", "--cacert"])
+            .arg(&cert)
+            .arg(format!(
+                "https://127.0.0.1:{}{path}",
+                controller.http.port()
+            ))
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(curl("/healthz").starts_with("HTTP/1.1 200"));
+    let login = curl(&format!("/?token={text}"));
+    assert!(login.starts_with("HTTP/1.1 303"), "{login}");
+    let cookie = login
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {login}"));
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    // Plain HTTP on the HTTPS port gets no page.
+    let plain = http_get(controller.http, "/healthz");
+    assert!(
+        !matches!(plain, Ok((200, _))),
+        "plain HTTP answered: {plain:?}"
+    );
+}
+
+/// Runs `f` on a new thread inside namespace `ns` (its sockets live there).
+fn spawn_in<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        let file = File::open(&path).expect("netns handle");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+/// What the flood saw.
+#[derive(Debug)]
+struct Flooded {
+    opened: usize,
+    /// Connections the server had not closed when the flood gave up on them.
+    still_open: usize,
+}
+
+/// A slow-header flood on `target`: `count` connections, each sending a request head one byte
+/// per `every`; closed ones are opened again while `pressure` holds (at most `count * 4` in all),
+/// then the flood waits (at most `give_up`) for the server to close the rest.
+fn flood(
+    target: SocketAddr,
+    count: usize,
+    every: Duration,
+    pressure: Arc<AtomicBool>,
+    held: Arc<AtomicUsize>,
+    give_up: Duration,
+) -> Flooded {
+    let open = |opened: &mut usize| -> Option<TcpStream> {
+        *opened += 1;
+        let s = TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok()?;
+        s.set_nonblocking(true).ok()?;
+        let mut s = s;
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nX-Slow: ");
+        Some(s)
+    };
+    let mut opened = 0;
+    let mut socks: Vec<Option<TcpStream>> = (0..count).map(|_| open(&mut opened)).collect();
+    let mut ended_at: Option<Instant> = None;
+    loop {
+        let pressing = pressure.load(Ordering::Relaxed);
+        for slot in socks.iter_mut() {
+            if let Some(s) = slot {
+                let mut buf = [0u8; 512];
+                let closed = match s.read(&mut buf) {
+                    Ok(_) => true, // EOF, or the server's answer before closing
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => s
+                        .write_all(b"a")
+                        .is_err_and(|e| e.kind() != ErrorKind::WouldBlock),
+                    Err(_) => true,
+                };
+                if closed {
+                    *slot = None;
+                }
+            }
+            if slot.is_none() && pressing && opened < count * 4 {
+                *slot = open(&mut opened);
+            }
+        }
+        let still_open = socks.iter().flatten().count();
+        held.store(still_open, Ordering::Relaxed);
+        if !pressure.load(Ordering::Relaxed) {
+            let since = *ended_at.get_or_insert_with(Instant::now);
+            if still_open == 0 || since.elapsed() > give_up {
+                return Flooded { opened, still_open };
+            }
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// The value of the series `series` (name with labels, as written) in a text exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn a_slow_header_flood_is_bounded_and_grpc_ctl_and_healthz_keep_working() {
+    if !require_root("a_slow_header_flood_is_bounded_and_grpc_ctl_and_healthz_keep_working") {
+        return;
+    }
+    // Declared first, dropped last: after every process in them.
+    let srv = Netns::new("srv");
+    let attacker = Netns::new("flood");
+    veth(
+        &srv,
+        "srv0",
+        "198.18.0.1/30",
+        &attacker,
+        "flood0",
+        "198.18.0.2/30",
+    );
+    let world = World::new();
+    let grpc: SocketAddr = "198.18.0.1:7443".parse().unwrap();
+    let http: SocketAddr = "198.18.0.1:7080".parse().unwrap();
+
+    // The controller with 512 descriptors: the flood below opens more connections than that,
+    // which used to take every descriptor, gRPC's accept included.
+    let mut controller_cmd = Command::new("prlimit");
+    controller_cmd.arg("--nofile=512:512").arg("--");
+    let inner = world.controller_cmd(grpc, http);
+    controller_cmd
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        if let Some(v) = v {
+            controller_cmd.env(k, v);
+        }
+    }
+    controller_cmd.env("TAPGRAPH_HTTP__HEADER_READ_TIMEOUT", "3s");
+    let controller = Proc::spawn("controller", srv.wrap(controller_cmd), world.path());
+    wait_for("controller ready", Duration::from_secs(20), || {
+        controller
+            .log_text()
+            .contains("controller ready")
+            .then_some(())
+    });
+    let ops = world.operator("ops", grpc);
+    let ctl_in_srv = |args: &[&str]| {
+        let mut cmd = Command::new(bin("tapgraphctl"));
+        cmd.arg("--config").arg(&ops).args(args);
+        let out = srv.wrap(cmd).output().expect("tapgraphctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let agent_connected = || -> Result<(), String> {
+        let (code, out, err) = ctl_in_srv(&["-o", "json", "agent", "list"]);
+        if code != 0 {
+            return Err(format!("tapgraphctl agent list: exit {code}: {err}"));
+        }
+        let agents: Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+        let a1 = agents
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["id"] == "a1"))
+            .ok_or_else(|| format!("no agent a1: {out}"))?;
+        (a1["state"] == "connected")
+            .then_some(())
+            .ok_or_else(|| format!("a1 is not connected: {a1}"))
+    };
+    world.issue_agent("a1");
+    let _agent = Proc::spawn("agent", srv.wrap(world.agent_cmd("a1", grpc)), world.path());
+    wait_for("agent a1 connected", Duration::from_secs(30), || {
+        agent_connected().ok()
+    });
+    let healthz = || srv.run(|| http_get(http, "/healthz"));
+    assert!(matches!(healthz(), Ok((200, _))));
+
+    // The flood: 700 connections from the namespace host, each trickling a header byte a second,
+    // reopened when closed for 8 s (at most 2,800 connections), then left to the server.
+    let pressure = Arc::new(AtomicBool::new(true));
+    let held = Arc::new(AtomicUsize::new(0));
+    let flooding = spawn_in(&attacker, {
+        let (pressure, held) = (pressure.clone(), held.clone());
+        move || {
+            flood(
+                http,
+                700,
+                Duration::from_secs(1),
+                pressure,
+                held,
+                Duration::from_secs(30),
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let mut checks = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        // A new gRPC connection each time: tapgraphctl dials anew.
+        agent_connected().unwrap_or_else(|e| panic!("during the flood: {e}"));
+        let h = healthz();
+        assert!(
+            matches!(h, Ok((200, _))),
+            "/healthz during the flood: {h:?}"
+        );
+        checks += 1;
+    }
+    assert!(checks >= 2);
+    pressure.store(false, Ordering::Relaxed);
+    let flooded = flooding.join().expect("flood thread");
+    assert!(flooded.opened >= 700, "{flooded:?}");
+    assert_eq!(
+        flooded.still_open, 0,
+        "the server closes every slow connection (header read timeout): {flooded:?}"
+    );
+
+    // Counted by reason, logged a few times rather than per connection, no descriptor ran out.
+    let (status, metrics) = srv.run(|| http_get(http, "/metrics")).unwrap();
+    assert_eq!(status, 200);
+    let per_source = sample(
+        &metrics,
+        "tapgraph_http_refused_connections_total{reason=\"per_source\"}",
+    )
+    .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(per_source > 0.0, "{metrics}");
+    let timed_out = sample(
+        &metrics,
+        "tapgraph_http_closed_connections_total{reason=\"header_timeout\"}",
+    )
+    .unwrap_or_default();
+    assert!(timed_out > 0.0, "{metrics}");
+    eprintln!(
+        "flood: {flooded:?}; refused per source {per_source}, closed by the header timeout {timed_out}, {checks} rounds of checks"
+    );
+    let log = controller.log_text();
+    let refusals = log
+        .lines()
+        .filter(|l| l.contains("HTTP connections refused past a cap"))
+        .count();
+    assert!(
+        (1..=5).contains(&refusals),
+        "{refusals} refusal lines for {per_source} refusals"
+    );
+    assert!(
+        !log.contains("Too many open files"),
+        "descriptors ran out:\n{log}"
+    );
+    agent_connected().unwrap_or_else(|e| panic!("after the flood: {e}"));
+}

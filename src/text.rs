@@ -70,6 +70,10 @@ pub struct Escaped<'a>(pub &'a str);
 
 impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.width().is_some() || f.precision().is_some() {
+            // `{:<15}` and the like pad the escaped text.
+            return f.pad(&escape(self.0));
+        }
         write_escaped(f, self.0)
     }
 }
@@ -125,6 +129,7 @@ mod tests {
     fn the_display_and_writer_forms_agree_with_escape() {
         let s = "a\nb\x1b[0m\u{202e}c";
         assert_eq!(Escaped(s).to_string(), escape(s));
+        assert_eq!(format!("[{:<6}]", Escaped("a\n")), "[a\\n   ]");
         let mut out = String::new();
         let mut w = EscapingWriter(&mut out);
         let tail = "x\0";

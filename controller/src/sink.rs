@@ -119,6 +119,8 @@ pub struct SinkStats {
     pub errors: u64,
     /// Full reads of the database's ids (at start and after failures).
     pub reconciliations: u64,
+    /// Passes that read the map and wrote its difference to the database (often none).
+    pub passes: u64,
     pub nodes: u64,
     pub relationships: u64,
     /// Time the last pass took to find the difference (view and diff, before writing; waits for
@@ -593,6 +595,7 @@ impl Sink {
                     in_sync_at = Instant::now();
                     self.handle.update(|s| {
                         s.state = "in_sync".into();
+                        s.passes += 1;
                         s.lag_seconds = 0.0;
                         if let Some(delay) = delay {
                             s.delay_seconds = delay;

@@ -1158,6 +1158,46 @@ async fn last_seen_and_active_are_exact_in_the_database() {
         );
     }
 
+    // What the step is for: snapshots that move nothing but last_seen make passes that write
+    // nothing (unless a step boundary passed meanwhile: then each edge once).
+    let written_ms = written
+        .iter()
+        .map(|e| e["last_seen"].as_i64().unwrap())
+        .max()
+        .unwrap();
+    let before = sink_stats(&controller);
+    let bucket = now_ms() / 600_000;
+    for sequence in 2..=3 {
+        agent(Msg::Snapshot(proto::ConnectionSnapshot {
+            sequence,
+            full: false,
+            base_sequence: sequence - 1,
+            ..Default::default()
+        }))
+        .await;
+    }
+    wait_for(
+        "last_seen refreshed on the map",
+        Duration::from_secs(10),
+        || {
+            model()
+                .values()
+                .all(|&(_, last_seen, _)| last_seen > written_ms)
+                .then_some(())
+        },
+    );
+    let passes = sink_stats(&controller)["passes"].as_u64().unwrap();
+    let after = wait_for("a pass after the refresh", Duration::from_secs(10), || {
+        let s = sink_stats(&controller);
+        (s["passes"].as_u64()? > passes).then_some(s)
+    });
+    let crossed = now_ms() / 600_000 != bucket;
+    let rows = |s: &Value| s["rows_written"].as_u64().unwrap();
+    assert!(
+        rows(&after) == rows(&before) || crossed && rows(&after) <= rows(&before) + 2,
+        "a refreshed last_seen alone was written: before {before}, after {after}"
+    );
+
     // The agent says nothing more: its edges turn inactive on the map after the TTL, without a
     // change to the model; the database follows without waiting for the next snapshot, and
     // holds the exact last_seen.

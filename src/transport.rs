@@ -189,6 +189,37 @@ impl AsyncWrite for TlsIo {
     }
 }
 
+/// How the accept loop waits after a failed `accept` (no descriptor left, most often): 10 ms
+/// doubling to 1 s, so it neither spins nor stays away long once descriptors are free.
+fn accept_backoff() -> crate::backoff::BackoffPolicy {
+    crate::backoff::BackoffPolicy::new(Duration::from_millis(10), Duration::from_secs(1), 0.2)
+        .unwrap_or_default()
+}
+
+/// Failed accepts are logged at most this often, with how many there were.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct AcceptFailures {
+    logged_at: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl AcceptFailures {
+    fn note(&mut self, error: &io::Error, retry_in: Duration) {
+        self.since += 1;
+        if self
+            .logged_at
+            .is_some_and(|at| at.elapsed() < ACCEPT_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(%error, failures = self.since, ?retry_in, "gRPC accept failed; backing off");
+        self.logged_at = Some(std::time::Instant::now());
+        self.since = 0;
+    }
+}
+
 /// Accepts TCP connections on `listener` and yields those whose TLS handshake (including client
 /// certificate verification) succeeds within `handshake_timeout`. Refused handshakes are logged with
 /// the peer address and the reason. Accepting stops when the returned stream is dropped.
@@ -200,17 +231,24 @@ pub fn tls_incoming(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
+        let mut backoff = accept_backoff().start();
+        let mut failures = AcceptFailures::default();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = tx.closed() => return,
             };
             let (tcp, remote_addr) = match accepted {
-                Ok(pair) => pair,
+                Ok(pair) => {
+                    backoff.reset();
+                    pair
+                }
                 Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // EMFILE and friends: back off instead of spinning, and keep accepting once
+                    // descriptors are free again; the log says so once per interval, not per try.
+                    let delay = backoff.next_delay();
+                    failures.note(&error, delay);
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             };

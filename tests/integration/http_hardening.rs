@@ -489,17 +489,7 @@ fn a_slow_header_flood_is_bounded_and_grpc_ctl_and_healthz_keep_working() {
 
     // The controller with 512 descriptors: the flood below opens more connections than that,
     // which used to take every descriptor, gRPC's accept included.
-    let mut controller_cmd = Command::new("prlimit");
-    controller_cmd.arg("--nofile=512:512").arg("--");
-    let inner = world.controller_cmd(grpc, http);
-    controller_cmd
-        .arg(inner.get_program())
-        .args(inner.get_args());
-    for (k, v) in inner.get_envs() {
-        if let Some(v) = v {
-            controller_cmd.env(k, v);
-        }
-    }
+    let mut controller_cmd = with_nofile(world.controller_cmd(grpc, http), 512);
     controller_cmd.env("TAPGRAPH_HTTP__HEADER_READ_TIMEOUT", "3s");
     let controller = Proc::spawn("controller", srv.wrap(controller_cmd), world.path());
     wait_for("controller ready", Duration::from_secs(20), || {
@@ -612,4 +602,77 @@ fn a_slow_header_flood_is_bounded_and_grpc_ctl_and_healthz_keep_working() {
         "descriptors ran out:\n{log}"
     );
     agent_connected().unwrap_or_else(|e| panic!("after the flood: {e}"));
+}
+
+/// `cmd` run with at most `nofile` descriptors (prlimit), keeping its arguments and environment.
+fn with_nofile(cmd: Command, nofile: u32) -> Command {
+    let mut limited = Command::new("prlimit");
+    limited
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            limited.env(k, v);
+        }
+    }
+    limited
+}
+
+#[test]
+fn grpc_accept_backs_off_when_descriptors_run_out_and_accepts_again() {
+    let world = World::new();
+    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let mut cmd = with_nofile(world.controller_cmd(any, any), 96);
+    cmd.env("TAPGRAPH_SESSION__HANDSHAKE_TIMEOUT", "2s");
+    let controller = Proc::spawn("controller", cmd, world.path());
+    let grpc: SocketAddr = wait_for("controller ready", Duration::from_secs(20), || {
+        let log = controller.log_text();
+        let line = log.lines().find(|l| l.contains("controller ready"))?;
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("grpc="))?
+            .parse()
+            .ok()
+    });
+    let ops = world.operator("ops", grpc);
+    // More silent TCP connections than the controller has descriptors: accept fails (EMFILE)
+    // until the handshake timeout closes the first ones, and so on through the backlog.
+    let silent: Vec<TcpStream> = (0..160)
+        .filter_map(|_| TcpStream::connect_timeout(&grpc, Duration::from_secs(2)).ok())
+        .collect();
+    assert!(silent.len() > 96, "{} connections", silent.len());
+    wait_for("accept to fail", Duration::from_secs(20), || {
+        controller
+            .log_text()
+            .contains("gRPC accept failed")
+            .then_some(())
+    });
+    // Every silent connection is closed by the server in the end.
+    wait_for(
+        "the silent connections closed",
+        Duration::from_secs(60),
+        || {
+            silent
+                .iter()
+                .all(|s| {
+                    s.set_nonblocking(true).unwrap();
+                    let mut buf = [0u8; 64];
+                    !matches!((&*s).read(&mut buf), Err(e) if e.kind() == ErrorKind::WouldBlock)
+                })
+                .then_some(())
+        },
+    );
+    drop(silent);
+    let (code, _, err) = ctl(&ops, &["agent", "list"]);
+    assert_eq!(code, 0, "gRPC accepts again: {err}");
+    let log = controller.log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("gRPC accept failed"))
+        .count();
+    assert!(
+        (1..=6).contains(&lines),
+        "accept failures are logged once per interval, not per try: {lines} lines"
+    );
 }

@@ -68,11 +68,22 @@ pub fn edge_json(e: &proto::GraphEdge) -> serde_json::Value {
     })
 }
 
+/// Text for XML. Control characters, which XML 1.0 cannot hold even as references, are shown as
+/// escapes (`crate::text`): a process name an agent sent cannot make the document unreadable.
 fn xml(s: &str) -> String {
-    s.replace('&', "&amp;")
+    crate::text::escape(s)
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+/// Text for a quoted Graphviz string: control characters shown as escapes, backslashes doubled
+/// (Graphviz would read `\n` or a trailing `\` itself), double quotes made single.
+fn dot(s: &str) -> String {
+    crate::text::escape(s)
+        .replace('\\', "\\\\")
+        .replace('"', "'")
 }
 
 /// The whole graph in `format`.
@@ -92,8 +103,8 @@ pub fn export(g: &proto::Graph, format: Format) -> String {
                 };
                 out.push_str(&format!(
                     "  \"{}\" [label=\"{}\", shape={shape}];\n",
-                    n.id,
-                    n.name.replace('"', "'")
+                    dot(&n.id),
+                    dot(&n.name)
                 ));
             }
             for e in &g.edges {
@@ -109,9 +120,9 @@ pub fn export(g: &proto::Graph, format: Format) -> String {
                 };
                 out.push_str(&format!(
                     "  \"{}\" -> \"{}\" [label=\"{}\", style={style}];\n",
-                    e.from,
-                    e.to,
-                    label.trim().replace('"', "'")
+                    dot(&e.from),
+                    dot(&e.to),
+                    dot(label.trim())
                 ));
             }
             out.push_str("}\n");
@@ -143,6 +154,43 @@ pub fn export(g: &proto::Graph, format: Format) -> String {
             }
             out.push_str("</graph>\n</graphml>\n");
             out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_show_peer_control_characters_as_escapes() {
+        let g = proto::Graph {
+            nodes: vec![],
+            edges: vec![proto::GraphEdge {
+                from: "host:a".into(),
+                to: "svc:b/tcp/80".into(),
+                kind: "CONNECTS_TO".into(),
+                port: 80,
+                protocol: proto::Protocol::Tcp as i32,
+                process: "p\x1b[2J\n\0\"x\\".into(),
+                ..Default::default()
+            }],
+        };
+        let graphml = export(&g, Format::Graphml);
+        assert!(
+            graphml.contains("<data key=\"process\">p\\x1b[2J\\n\\0&quot;x\\</data>"),
+            "{graphml}"
+        );
+        let dot = export(&g, Format::Dot);
+        assert!(
+            dot.contains("[label=\"80/tcp p\\\\x1b[2J\\\\n\\\\0'x\\\\\", style=solid]"),
+            "{dot}"
+        );
+        for text in [&graphml, &dot] {
+            assert!(
+                text.lines().all(|l| !l.contains(crate::text::is_unsafe)),
+                "{text}"
+            );
         }
     }
 }

@@ -252,12 +252,13 @@ const FLEET: &[Field<Scrape>] = &[
     ),
     counter_by(
         "tapgraph_http_closed_connections",
-        "HTTP connections closed by the server (header_timeout: no whole request head or TLS handshake within http.header_read_timeout; idle_timeout: nothing moved for http.idle_timeout; tls_handshake: the handshake failed).",
+        "HTTP connections closed by the server (header_timeout: no whole request head or TLS handshake within http.header_read_timeout; idle_timeout: nothing moved for http.idle_timeout; evicted: at capacity, closed before sending a whole request head to make room for a newer connection; tls_handshake: the handshake failed).",
         "reason",
         |s| {
             vec![
                 ("header_timeout", Value::from(s.http.header_timeouts)),
                 ("idle_timeout", Value::from(s.http.idle_timeouts)),
+                ("evicted", Value::from(s.http.evicted)),
                 ("tls_handshake", Value::from(s.http.tls_failures)),
             ]
         },

@@ -180,7 +180,7 @@ fn metrics_can_require_a_bearer_token() {
 }
 
 /// A TCP connection to `to` from local address `from` (another loopback address: another source).
-fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
     let (IpAddr::V4(from), SocketAddr::V4(to)) = (from, to) else {
         panic!("IPv4 only");
@@ -190,15 +190,11 @@ fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )
-    .expect("socket");
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
-    )
-    .expect("bind");
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)).expect("connect");
-    TcpStream::from(fd)
+    )?;
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    bind(raw, &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)))?;
+    connect(raw, &SockaddrIn::from(to))?;
+    Ok(TcpStream::from(fd))
 }
 
 /// `GET path` on `stream` with `headers`; the status and the whole response.
@@ -242,7 +238,7 @@ fn bad_console_tokens_are_limited_per_source_and_logged_without_the_token() {
     let attacker = from([127, 0, 0, 7]);
     let mut statuses = Vec::new();
     for _ in 0..8 {
-        let stream = connect_from(attacker, controller.http);
+        let stream = connect_from(attacker, controller.http).unwrap();
         statuses.push(get_on(stream, "/api/v1/graph", &[("Authorization", &guess)]).0);
     }
     assert_eq!(statuses[..5], [401; 5], "{statuses:?}");
@@ -252,7 +248,7 @@ fn bad_console_tokens_are_limited_per_source_and_logged_without_the_token() {
         "past 5 bad tokens a minute: {statuses:?}"
     );
     let (_, response) = get_on(
-        connect_from(attacker, controller.http),
+        connect_from(attacker, controller.http).unwrap(),
         "/?token=tgc.0123456789abcdef.0123",
         &[],
     );
@@ -266,7 +262,7 @@ fn bad_console_tokens_are_limited_per_source_and_logged_without_the_token() {
     let good = format!("Bearer {}", created["token"].as_str().unwrap());
     let other = from([127, 0, 0, 8]);
     let (status, _) = get_on(
-        connect_from(other, controller.http),
+        connect_from(other, controller.http).unwrap(),
         "/api/v1/graph",
         &[("Authorization", &good)],
     );
@@ -410,6 +406,7 @@ struct Flooded {
 /// per `every`; closed ones are opened again while `pressure` holds (at most `count * 4` in all),
 /// then the flood waits (at most `give_up`) for the server to close the rest.
 fn flood(
+    sources: &[IpAddr],
     target: SocketAddr,
     count: usize,
     every: Duration,
@@ -418,8 +415,13 @@ fn flood(
     give_up: Duration,
 ) -> Flooded {
     let open = |opened: &mut usize| -> Option<TcpStream> {
+        // Three in four from the first source (past its cap), the rest spread over the others.
+        let from = match *opened % 4 {
+            0 => sources[1 + (*opened / 4) % (sources.len() - 1)],
+            _ => sources[0],
+        };
         *opened += 1;
-        let s = TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok()?;
+        let s = connect_from(from, target).ok()?;
         s.set_nonblocking(true).ok()?;
         let mut s = s;
         let _ = s.write_all(b"GET / HTTP/1.1\r\nX-Slow: ");
@@ -478,11 +480,27 @@ fn a_slow_header_flood_is_bounded_and_grpc_ctl_and_healthz_keep_working() {
     veth(
         &srv,
         "srv0",
-        "198.18.0.1/30",
+        "198.18.0.1/24",
         &attacker,
         "flood0",
-        "198.18.0.2/30",
+        "198.18.0.2/24",
     );
+    // Ten source addresses on the namespace host: together they can fill the connection cap,
+    // which the per-source cap alone would not prevent.
+    let sources: Vec<IpAddr> = (2..12).map(|n| IpAddr::from([198, 18, 0, n])).collect();
+    for source in &sources[1..] {
+        let out = Command::new("ip")
+            .args(["-n", &attacker.name, "addr", "add"])
+            .arg(format!("{source}/24"))
+            .args(["dev", "flood0"])
+            .output()
+            .expect("ip");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let world = World::new();
     let grpc: SocketAddr = "198.18.0.1:7443".parse().unwrap();
     let http: SocketAddr = "198.18.0.1:7080".parse().unwrap();
@@ -531,14 +549,16 @@ fn a_slow_header_flood_is_bounded_and_grpc_ctl_and_healthz_keep_working() {
     let healthz = || srv.run(|| http_get(http, "/healthz"));
     assert!(matches!(healthz(), Ok((200, _))));
 
-    // The flood: 700 connections from the namespace host, each trickling a header byte a second,
-    // reopened when closed for 8 s (at most 2,800 connections), then left to the server.
+    // The flood: 700 connections from ten addresses of the namespace host, each trickling a header
+    // byte a second, reopened when closed for 8 s (at most 2,800 connections), then left to the
+    // server. The controller's cap is 128 connections (512 descriptors), 64 per source.
     let pressure = Arc::new(AtomicBool::new(true));
     let held = Arc::new(AtomicUsize::new(0));
     let flooding = spawn_in(&attacker, {
-        let (pressure, held) = (pressure.clone(), held.clone());
+        let (pressure, held, sources) = (pressure.clone(), held.clone(), sources.clone());
         move || {
             flood(
+                &sources,
                 http,
                 700,
                 Duration::from_secs(1),
@@ -585,8 +605,15 @@ fn a_slow_header_flood_is_bounded_and_grpc_ctl_and_healthz_keep_working() {
     )
     .unwrap_or_default();
     assert!(timed_out > 0.0, "{metrics}");
+    // At capacity, the oldest connections without a request made room for /healthz's.
+    let evicted = sample(
+        &metrics,
+        "tapgraph_http_closed_connections_total{reason=\"evicted\"}",
+    )
+    .unwrap_or_default();
+    assert!(evicted > 0.0, "{metrics}");
     eprintln!(
-        "flood: {flooded:?}; refused per source {per_source}, closed by the header timeout {timed_out}, {checks} rounds of checks"
+        "flood: {flooded:?}; refused per source {per_source}, closed by the header timeout {timed_out}, evicted {evicted}, {checks} rounds of checks"
     );
     let log = controller.log_text();
     let refusals = log

@@ -10,7 +10,7 @@
 //!
 //! Every request carries its peer's address as [`ConnectInfo`], for the access guard.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +79,8 @@ pub struct HttpStats {
     pub header_timeouts: AtomicU64,
     /// Closed: nothing moved for the idle timeout.
     pub idle_timeouts: AtomicU64,
+    /// Closed at capacity, before sending a whole request head, to make room for a newer one.
+    pub evicted: AtomicU64,
     pub tls_failures: AtomicU64,
     /// Requests that presented a wrong, expired or malformed token.
     pub auth_failures: AtomicU64,
@@ -96,6 +98,7 @@ pub struct HttpCounts {
     pub accept_errors: u64,
     pub header_timeouts: u64,
     pub idle_timeouts: u64,
+    pub evicted: u64,
     pub tls_failures: u64,
     pub auth_failures: u64,
     pub auth_limited: u64,
@@ -112,6 +115,7 @@ impl HttpStats {
             accept_errors: get(&self.accept_errors),
             header_timeouts: get(&self.header_timeouts),
             idle_timeouts: get(&self.idle_timeouts),
+            evicted: get(&self.evicted),
             tls_failures: get(&self.tls_failures),
             auth_failures: get(&self.auth_failures),
             auth_limited: get(&self.auth_limited),
@@ -201,6 +205,12 @@ impl Refusal {
 struct Table {
     open: usize,
     by_source: HashMap<IpAddr, usize>,
+    /// Connections that have not yet sent a whole request head, oldest first, with what closes
+    /// them: at capacity the oldest is closed to make room (see [`Slots::take`]).
+    fresh: BTreeMap<u64, CancellationToken>,
+    next: u64,
+    /// Closed to make room, not yet gone.
+    evicting: usize,
 }
 
 /// The open connections, in all and by source.
@@ -215,6 +225,19 @@ pub struct Slots {
 pub struct Slot {
     slots: Arc<Slots>,
     source: IpAddr,
+    seq: u64,
+    /// Cancelled when the connection is closed to make room for a newer one.
+    evict: CancellationToken,
+}
+
+impl Slot {
+    /// The connection sent a whole request head: it is no longer the first to be closed at
+    /// capacity.
+    fn proven(&self) {
+        self.slots.table.send_modify(|t| {
+            t.fresh.remove(&self.seq);
+        });
+    }
 }
 
 impl Slots {
@@ -228,30 +251,51 @@ impl Slots {
         })
     }
 
-    /// A place for a connection from `ip`, or why there is none (counted).
+    /// A place for a connection from `ip`, or why there is none (counted). At capacity the
+    /// oldest connection that has not yet sent a whole request head (a slow or silent client,
+    /// most likely) is closed to make room, so many slow sources cannot keep a prompt client out;
+    /// with none such, or with twice the limit still open, the newcomer is refused.
     pub fn take(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
         let source = source_of(ip);
         let mut outcome = Err(Refusal::Capacity);
+        let mut evicted = false;
         self.table.send_if_modified(|t| {
             let from_source = t.by_source.get(&source).copied().unwrap_or(0);
-            if t.open >= self.limit {
-                return false;
-            }
             if from_source >= self.per_source {
                 outcome = Err(Refusal::PerSource);
                 return false;
             }
+            if t.open - t.evicting >= self.limit {
+                if t.open >= self.limit.saturating_mul(2) {
+                    return false;
+                }
+                let Some((_, oldest)) = t.fresh.pop_first() else {
+                    return false;
+                };
+                oldest.cancel();
+                t.evicting += 1;
+                evicted = true;
+            }
+            let seq = t.next;
+            t.next += 1;
+            let evict = CancellationToken::new();
+            t.fresh.insert(seq, evict.clone());
             t.open += 1;
             t.by_source.insert(source, from_source + 1);
-            outcome = Ok(());
+            outcome = Ok((seq, evict));
             true
         });
+        if evicted {
+            bump(&self.stats.evicted);
+        }
         match outcome {
-            Ok(()) => {
+            Ok((seq, evict)) => {
                 self.stats.open.fetch_add(1, Ordering::Relaxed);
                 Ok(Slot {
                     slots: self.clone(),
                     source,
+                    seq,
+                    evict,
                 })
             }
             Err(refusal) => {
@@ -273,8 +317,13 @@ impl Slots {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        let evicted = self.evict.is_cancelled();
         self.slots.table.send_modify(|t| {
             t.open = t.open.saturating_sub(1);
+            t.fresh.remove(&self.seq);
+            if evicted {
+                t.evicting = t.evicting.saturating_sub(1);
+            }
             if let Some(n) = t.by_source.get_mut(&self.source) {
                 *n -= 1;
                 if *n == 0 {
@@ -319,6 +368,7 @@ pub async fn serve(
     let tls = settings.tls.clone().map(TlsAcceptor::from);
     let refused = Throttle::new(LOG_EVERY);
     let failed = Throttle::new(LOG_EVERY);
+    let evictions = Throttle::new(LOG_EVERY);
     let policy = tapgraph::backoff::BackoffPolicy::new(
         Duration::from_millis(10),
         Duration::from_secs(1),
@@ -348,8 +398,20 @@ pub async fn serve(
                 continue;
             }
         };
+        let evicted_before = stats.evicted.load(Ordering::Relaxed);
         let slot = match slots.take(peer.ip()) {
-            Ok(slot) => slot,
+            Ok(slot) => {
+                let made_room = stats.evicted.load(Ordering::Relaxed) > evicted_before;
+                if let Some(n) = made_room.then(|| evictions.due()).flatten() {
+                    tracing::warn!(
+                        %peer,
+                        limit,
+                        evicted = n,
+                        "HTTP connections without a request closed to make room at capacity"
+                    );
+                }
+                slot
+            }
             Err(refusal) => {
                 drop(tcp);
                 if let Some(n) = refused.due() {
@@ -367,7 +429,7 @@ pub async fn serve(
         };
         let connection = Connection {
             peer,
-            _slot: slot,
+            slot: Arc::new(slot),
             router: router.clone(),
             limits,
             stats: stats.clone(),
@@ -388,7 +450,7 @@ struct Limits {
 
 struct Connection {
     peer: SocketAddr,
-    _slot: Slot,
+    slot: Arc<Slot>,
     router: Router,
     limits: Limits,
     stats: Arc<HttpStats>,
@@ -401,8 +463,13 @@ impl Connection {
         let Some(acceptor) = tls else {
             return self.serve(tcp).await;
         };
-        let handshake = acceptor.accept(tcp);
-        match tokio::time::timeout(self.limits.header_read_timeout, handshake).await {
+        let handshake = tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(tcp));
+        let evict = self.slot.evict.clone();
+        let handshaken = tokio::select! {
+            handshaken = handshake => handshaken,
+            () = evict.cancelled() => return,
+        };
+        match handshaken {
             Ok(Ok(stream)) => self.serve(stream).await,
             Ok(Err(error)) => {
                 bump(&self.stats.tls_failures);
@@ -423,7 +490,12 @@ impl Connection {
         };
         let peer = self.peer;
         let router = self.router;
+        let slot = self.slot.clone();
+        let proven = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            if !proven.swap(true, Ordering::Relaxed) {
+                slot.proven();
+            }
             request.extensions_mut().insert(ConnectInfo(peer));
             tower::ServiceExt::oneshot(router.clone(), request)
         });
@@ -449,6 +521,7 @@ impl Connection {
                     }
                     return;
                 }
+                () = self.slot.evict.cancelled() => return,
                 () = self.stop.cancelled(), if !draining => {
                     conn.as_mut().graceful_shutdown();
                     draining = true;
@@ -588,12 +661,35 @@ mod tests {
         let a1 = slots.take(a).unwrap();
         let _a2 = slots.take(a).unwrap();
         assert_eq!(slots.take(a).err(), Some(Refusal::PerSource));
-        let _b1 = slots.take(b).unwrap();
+        let b1 = slots.take(b).unwrap();
+        for slot in [&a1, &_a2, &b1] {
+            slot.proven();
+        }
         assert_eq!(slots.take(b).err(), Some(Refusal::Capacity));
         drop(a1);
         assert!(slots.take(b).is_ok(), "a place given back is taken again");
         assert_eq!(stats.refused_per_source.load(Ordering::Relaxed), 1);
         assert_eq!(stats.refused_capacity.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn at_capacity_the_oldest_connection_without_a_request_makes_room() {
+        let stats = Arc::new(HttpStats::default());
+        let slots = Slots::new(2, 10, stats.clone());
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        let first = slots.take(ip(1)).unwrap();
+        let second = slots.take(ip(2)).unwrap();
+        second.proven();
+        let third = slots.take(ip(3)).unwrap();
+        assert!(first.evict.is_cancelled(), "the oldest silent one goes");
+        assert!(!second.evict.is_cancelled() && !third.evict.is_cancelled());
+        third.proven();
+        // Nothing left to evict: both open ones have sent a request.
+        drop(first);
+        assert_eq!(slots.take(ip(4)).err(), Some(Refusal::Capacity));
+        assert_eq!(stats.evicted.load(Ordering::Relaxed), 1);
+        drop((second, third));
+        assert!(slots.take(ip(4)).is_ok());
     }
 
     #[test]

@@ -180,7 +180,9 @@ fn open_path(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics")
 }
 
-/// Sources tracked at most; past it, a new source with a bad token is refused outright.
+/// Sources tracked at most. Past it (many sources guessing at once) a new source's bad tokens are
+/// not limited, only counted and logged once per interval: refusing every new source would lock
+/// out operators with good tokens too.
 const MAX_SOURCES: usize = 4096;
 
 /// Bad tokens per source (an IPv4 address, an IPv6 /64): a bucket of `per_minute` failures that
@@ -189,6 +191,7 @@ const MAX_SOURCES: usize = 4096;
 pub struct Guesses {
     per_minute: u32,
     buckets: Arc<Mutex<HashMap<IpAddr, (f64, Instant)>>>,
+    untracked: Arc<crate::http::Throttle>,
 }
 
 impl Guesses {
@@ -196,6 +199,7 @@ impl Guesses {
         Self {
             per_minute: per_minute.max(1),
             buckets: Arc::default(),
+            untracked: Arc::new(crate::http::Throttle::new(crate::http::LOG_EVERY)),
         }
     }
 
@@ -209,11 +213,7 @@ impl Guesses {
         let source = crate::http::source_of(source);
         let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         let Some(bucket) = buckets.get(&source) else {
-            return if buckets.len() >= MAX_SOURCES {
-                Err(Duration::from_secs(60))
-            } else {
-                Ok(())
-            };
+            return Ok(());
         };
         let level = self.level(*bucket, now);
         if level >= 1.0 {
@@ -225,22 +225,23 @@ impl Guesses {
         }
     }
 
-    /// Counts one bad token from `source`; true when its bucket is now empty.
-    pub fn failed(&self, source: IpAddr, now: Instant) -> bool {
+    /// Counts one bad token from `source`: whether its bucket is now empty, or `None` when too
+    /// many sources are limited to track one more.
+    pub fn failed(&self, source: IpAddr, now: Instant) -> Option<bool> {
         let source = crate::http::source_of(source);
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if !buckets.contains_key(&source) && buckets.len() >= MAX_SOURCES {
             let full = f64::from(self.per_minute);
             buckets.retain(|_, b| self.level(*b, now) < full);
             if buckets.len() >= MAX_SOURCES {
-                return true;
+                return None;
             }
         }
         let full = (f64::from(self.per_minute), now);
         let level = self.level(*buckets.get(&source).unwrap_or(&full), now);
         let left = (level - 1.0).max(0.0);
         buckets.insert(source, (left, now));
-        left < 1.0
+        Some(left < 1.0)
     }
 }
 
@@ -362,13 +363,24 @@ pub async fn guard(State(access): State<Access>, request: Request, next: Next) -
 /// Counts and logs a bad token, naming the source and the path, never the token.
 fn bad_token(access: &Access, peer: IpAddr, path: &str) {
     access.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-    let blocked = access.guesses.failed(peer, Instant::now());
-    tracing::warn!(
-        source = %peer,
-        path,
-        limited = blocked,
-        "bad access token refused"
-    );
+    match access.guesses.failed(peer, Instant::now()) {
+        Some(limited) => tracing::warn!(
+            source = %peer,
+            path,
+            limited,
+            "bad access token refused"
+        ),
+        None => {
+            if let Some(n) = access.guesses.untracked.due() {
+                tracing::warn!(
+                    source = %peer,
+                    path,
+                    failures = n,
+                    "bad access tokens refused from more sources than are tracked"
+                );
+            }
+        }
+    }
 }
 
 /// 429 to a source that presented too many bad tokens.
@@ -509,6 +521,50 @@ mod tests {
             .unwrap();
         assert!(t.check(&gone).is_none(), "expired");
         assert_eq!(t.list().len(), 1, "expired ones are not listed");
+    }
+
+    #[test]
+    fn bad_tokens_are_limited_per_source_and_refill() {
+        let g = Guesses::new(3);
+        let t0 = Instant::now();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        assert_eq!(g.failed(a, t0), Some(false));
+        assert_eq!(g.failed(a, t0), Some(false));
+        assert!(g.check(a, t0).is_ok());
+        assert_eq!(g.failed(a, t0), Some(true), "the third empties the bucket");
+        let wait = g.check(a, t0).unwrap_err();
+        assert!(wait <= Duration::from_secs(20), "{wait:?}");
+        assert!(g.check(b, t0).is_ok(), "another source is not held up");
+        assert!(
+            g.check(a, t0 + Duration::from_secs(20)).is_ok(),
+            "one refills in 20 s"
+        );
+        // One IPv6 /64 is one source.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        for _ in 0..3 {
+            g.failed(v6("2001:db8::1"), t0);
+        }
+        assert!(g.check(v6("2001:db8::ffff"), t0).is_err());
+    }
+
+    #[test]
+    fn past_the_tracked_sources_new_ones_are_not_locked_out() {
+        let g = Guesses::new(1);
+        let t0 = Instant::now();
+        for n in 0..MAX_SOURCES as u32 {
+            assert_eq!(
+                g.failed(IpAddr::from((0x0a00_0000 + n).to_be_bytes()), t0),
+                Some(true)
+            );
+        }
+        let newcomer: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(
+            g.check(newcomer, t0).is_ok(),
+            "a good token may still be presented"
+        );
+        assert_eq!(g.failed(newcomer, t0), None, "not tracked");
+        // Once the others refill they are forgotten, and the newcomer is tracked.
+        assert_eq!(g.failed(newcomer, t0 + Duration::from_secs(61)), Some(true));
     }
 
     #[test]

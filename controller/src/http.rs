@@ -6,7 +6,7 @@
 
 mod listener;
 
-pub use listener::{HttpCounts, HttpSettings, HttpStats, source_of};
+pub use listener::{HttpCounts, HttpSettings, HttpStats, LOG_EVERY, Throttle, source_of};
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -279,6 +279,53 @@ enum Replacement {
 }
 
 impl Agent {
+    /// An agent seen for the first time, not yet connected.
+    fn new(id: &str) -> Self {
+        Agent {
+            view: AgentView {
+                id: id.to_string(),
+                hostname: String::new(),
+                state: AgentState::Lost,
+                remote_addr: String::new(),
+                agent_version: String::new(),
+                kernel: String::new(),
+                interfaces: Vec::new(),
+                connected_at_unix_ms: 0,
+                last_seen_unix_ms: 0,
+                sessions: 0,
+                last_disconnect_reason: None,
+                labels: BTreeMap::new(),
+                policy_name: String::new(),
+                policy_version_sent: 0,
+                policy_version_applied: 0,
+                policy_error: None,
+                control_records: 0,
+                last_control_sequence: 0,
+                capture: CaptureView {
+                    state: "disabled".into(),
+                    ..CaptureView::default()
+                },
+                state_reason: None,
+                heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+                clock_offset_ms: None,
+                probe_rtt_ms: None,
+                capture_pps: 0.0,
+                send_pps: 0.0,
+                send_bps: 0.0,
+                snapshot_entries: 0,
+            },
+            live: None,
+            last_control: Instant::now(),
+            previous: None,
+            dropping: false,
+            probes: VecDeque::new(),
+            next_probe: Instant::now(),
+            probe_id: 0,
+            replaced: VecDeque::new(),
+            shared_reported: false,
+        }
+    }
+
     /// Whether two processes sharing this identity were reported and still replace each other.
     fn is_shared(&self, now: Instant) -> bool {
         self.shared_reported
@@ -673,51 +720,10 @@ impl RegistryTask {
         let session = self.next_session;
         self.next_session += 1;
         let now = unix_ms(SystemTime::now());
-        let agent = self.agents.entry(agent_id.clone()).or_insert_with(|| {
-            Box::new(Agent {
-                view: AgentView {
-                    id: agent_id.clone(),
-                    hostname: String::new(),
-                    state: AgentState::Lost,
-                    remote_addr: String::new(),
-                    agent_version: String::new(),
-                    kernel: String::new(),
-                    interfaces: Vec::new(),
-                    connected_at_unix_ms: 0,
-                    last_seen_unix_ms: 0,
-                    sessions: 0,
-                    last_disconnect_reason: None,
-                    labels: BTreeMap::new(),
-                    policy_name: String::new(),
-                    policy_version_sent: 0,
-                    policy_version_applied: 0,
-                    policy_error: None,
-                    control_records: 0,
-                    last_control_sequence: 0,
-                    capture: CaptureView {
-                        state: "disabled".into(),
-                        ..CaptureView::default()
-                    },
-                    state_reason: None,
-                    heartbeat_ms: DEFAULT_HEARTBEAT_MS,
-                    clock_offset_ms: None,
-                    probe_rtt_ms: None,
-                    capture_pps: 0.0,
-                    send_pps: 0.0,
-                    send_bps: 0.0,
-                    snapshot_entries: 0,
-                },
-                live: None,
-                last_control: Instant::now(),
-                previous: None,
-                dropping: false,
-                probes: VecDeque::new(),
-                next_probe: Instant::now(),
-                probe_id: 0,
-                replaced: VecDeque::new(),
-                shared_reported: false,
-            })
-        });
+        let agent = self
+            .agents
+            .entry(agent_id.clone())
+            .or_insert_with(|| Box::new(Agent::new(&agent_id)));
         let mut replacement = None;
         if let Some(old) = agent.live.take() {
             let was = agent.view.remote_addr.clone();
@@ -1099,5 +1105,49 @@ impl RegistryTask {
             Msg::Snapshot(_) => {}
         }
         self.update_state(agent_id, true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_few_reconnects_are_normal_and_a_third_replacement_in_a_minute_is_reported_once() {
+        let mut agent = Agent::new("vm");
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(agent.replaced_at(at(0)), Replacement::Reconnect);
+        assert_eq!(agent.replaced_at(at(1)), Replacement::Reconnect);
+        assert_eq!(
+            agent.replaced_at(at(2)),
+            Replacement::Shared {
+                times: SHARED_AFTER
+            }
+        );
+        for s in 3..50 {
+            assert_eq!(agent.replaced_at(at(s)), Replacement::StillShared);
+        }
+        assert!(agent.is_shared(at(50)));
+        // A quiet minute ends the episode; the next one is reported again.
+        assert!(!agent.is_shared(at(200)));
+        assert_eq!(agent.replaced_at(at(200)), Replacement::Reconnect);
+        assert_eq!(agent.replaced_at(at(201)), Replacement::Reconnect);
+        assert_eq!(
+            agent.replaced_at(at(202)),
+            Replacement::Shared {
+                times: SHARED_AFTER
+            }
+        );
+    }
+
+    #[test]
+    fn replacements_spread_over_more_than_a_minute_are_reconnects() {
+        let mut agent = Agent::new("vm");
+        let t0 = Instant::now();
+        for n in 0..10 {
+            let r = agent.replaced_at(t0 + Duration::from_secs(40 * n));
+            assert_eq!(r, Replacement::Reconnect, "replacement {n}");
+        }
     }
 }

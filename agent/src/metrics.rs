@@ -82,9 +82,27 @@ impl Metrics {
 /// error and the agent goes on without it: metrics are never a reason to stop capturing.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, stop: CancellationToken) {
     match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => serve_on(listener, metrics, stop).await,
+        Ok(listener) => serve_on(listener, metrics, Limits::default(), stop).await,
         Err(error) => {
             tracing::error!(%addr, %error, "cannot listen for /metrics (key metrics.listen); running without it");
+        }
+    }
+}
+
+/// What a scraper gets, so that an endpoint reachable beyond loopback cannot be held by slow or
+/// many clients: a request head within `header_read_timeout` (also the longest a kept-alive
+/// connection waits for the next one), at most `max_connections` at once (more are closed at once).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    header_read_timeout: std::time::Duration,
+    max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: std::time::Duration::from_secs(10),
+            max_connections: 32,
         }
     }
 }
@@ -92,6 +110,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, stop: CancellationTo
 async fn serve_on(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    limits: Limits,
     stop: CancellationToken,
 ) {
     // The bound address, which differs from the configured one when the port is 0.
@@ -101,12 +120,56 @@ async fn serve_on(
     let app = Router::new()
         .route("/metrics", get(scrape))
         .with_state(metrics);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await;
-    if let Err(error) = served {
-        tracing::error!(%error, "/metrics server failed");
+    let places = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut refused_logged: Option<std::time::Instant> = None;
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                // No descriptor left, most likely: wait for connections to end.
+                tracing::debug!(%error, "/metrics accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            drop(tcp);
+            if refused_logged.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(10)) {
+                tracing::warn!(%peer, limit = limits.max_connections, "/metrics connections refused past the cap");
+                refused_logged = Some(std::time::Instant::now());
+            }
+            continue;
+        };
+        let app = app.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _place = place;
+            let service = hyper::service::service_fn(move |request| {
+                tower::ServiceExt::oneshot(app.clone(), request)
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        // Reap finished connections as we go, so the set stays as small as the open ones.
+        while connections.try_join_next().is_some() {}
     }
+    while connections.join_next().await.is_some() {}
 }
 
 async fn scrape(State(metrics): State<Arc<Metrics>>, headers: HeaderMap) -> Response {
@@ -668,6 +731,7 @@ mod tests {
         let server = tokio::spawn(serve_on(
             listener,
             Arc::new(Metrics::default()),
+            Limits::default(),
             stop.clone(),
         ));
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -687,6 +751,57 @@ mod tests {
         let (head, body) = response.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         (head.to_ascii_lowercase(), body.to_string())
+    }
+
+    #[tokio::test]
+    async fn slow_and_surplus_connections_are_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let limits = Limits {
+            header_read_timeout: std::time::Duration::from_millis(300),
+            max_connections: 2,
+        };
+        let server = tokio::spawn(serve_on(
+            listener,
+            Arc::new(Metrics::default()),
+            limits,
+            stop.clone(),
+        ));
+        let mut slow = Vec::new();
+        for _ in 0..2 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+                .await
+                .unwrap();
+            slow.push(s);
+        }
+        // Past the cap: closed at once, before any timeout.
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_millis(250), third.read(&mut buf))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        // The slow ones are closed by the header timeout, and their places free again.
+        for mut s in slow {
+            let mut rest = Vec::new();
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest))
+                    .await;
+            assert!(read.is_ok(), "a slow connection stayed open");
+        }
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        stop.cancel();
+        server.await.unwrap();
     }
 
     #[tokio::test]

@@ -63,7 +63,16 @@ export function detailsChildren(n, deps, { peer, close, hide }) {
       ? el('div', {}, el('h3', {}, 'Labels'), el('ul', { class: 'kv' }, labels.map(([k, v]) => el('li', {}, el('code', {}, `${k}=${v}`)))))
       : null,
     n.addresses.length
-      ? el('div', {}, el('h3', {}, 'Addresses'), el('ul', { class: 'kv' }, n.addresses.map((a) => el('li', {}, a.ip, a.dns ? ` (${a.dns})` : ''))))
+      ? el('div', {}, el('h3', {}, 'Addresses'), el('ul', { class: 'kv' }, n.addresses.map((a) =>
+              el(
+                'li',
+                {},
+                a.ip,
+                a.dns ? ` (${a.dns})` : '',
+                // Another agent claims this address too: the controller names both.
+                a.conflict ? el('span', { class: 'badge state-degraded', title: a.conflict }, `conflict: ${a.conflict}`) : '',
+              ),
+            )))
       : null,
     n.services.length
       ? el(

@@ -22,7 +22,7 @@ export function labelsOf(properties) {
 /**
  * The folded graph.
  * nodes: Map id → {id, kind: 'host'|'external', name (agent id or IP), label (agent id or IP/DNS),
- *   state (agent_state or null), labels, addresses: [{ip, dns}], services: [{name, port, protocol, process}]}
+ *   state (agent_state or null), labels, addresses: [{ip, dns, conflict?}], services: [{name, port, protocol, process}]}
  * edges: Map `FROM->TO` → {id, from, to, conns: [{port, protocol, process, sockets, active, control_plane}]}
  */
 export function fold(raw) {
@@ -65,7 +65,9 @@ export function fold(raw) {
       owner.set(e.to, h.id);
       const a = rawById.get(e.to);
       const ip = a ? a.name : e.to.slice('addr:'.length);
-      if (!h.addresses.some((x) => x.ip === ip)) h.addresses.push({ ip, dns: (a && a.properties && a.properties.dns) || null });
+      const p = (a && a.properties) || {};
+      // `conflict`: another agent claims this address too (the controller names them).
+      if (!h.addresses.some((x) => x.ip === ip)) h.addresses.push({ ip, dns: p.dns || null, ...(p.conflict ? { conflict: p.conflict } : {}) });
     }
   }
   for (const n of raw.nodes || []) {

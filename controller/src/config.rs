@@ -91,6 +91,7 @@ fn known_keys() -> Vec<String> {
         "topology.ttl",
         "topology.retention",
         "topology.max_entries",
+        "topology.max_rows",
         "topology.cidr_labels",
         "topology.hostname_labels",
         "topology.reverse_dns",
@@ -212,6 +213,7 @@ impl ControllerConfig {
                 3650 * 86_400 * SECOND,
             ),
             max_entries: c.value("topology.max_entries", 100_000usize),
+            max_rows: c.ranged("topology.max_rows", 2_000_000usize, 1..=100_000_000),
             queue: topology_queue,
         };
         let cidr = c.string("topology.cidr_labels", "");

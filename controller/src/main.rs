@@ -45,6 +45,19 @@ use crate::config::ControllerConfig;
 /// its CPU under glibc) — see BENCHMARKS.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Freed pages go back to the system 100 ms after they empty, not mimalloc's 1 s: a purge comes
+/// due only while the thread that freed them keeps allocating, and after a burst of large
+/// snapshots the threads that held them go idle, keeping the burst as RSS (BENCHMARKS.md, "The
+/// map's memory"). `MIMALLOC_PURGE_DELAY` in the environment still wins.
+fn tune_allocator() {
+    /// `mi_option_purge_delay` in mimalloc.h, which the bindings do not name.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets an integer option; mimalloc reads options atomically from any thread.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 100) }
+    }
+}
 use crate::enrollment::Enrollment;
 use crate::enrollment::ca::ControllerPki;
 use crate::registry::Registry;
@@ -127,7 +140,8 @@ pki.server_cert_lifetime (365d), pki.agent_cert_lifetime (24h; agents renew at 7
 shutdown_timeout, session.handshake_timeout, session.hello_timeout, session.idle_timeout,
 session.max_message_bytes, limits (session.max_agents 20000, session.max_streams 16 Mirror
 streams per agent, enrollment.rate 100/s with enrollment.burst 200, topology.queue 4096 snapshots;
-beyond them requests are refused with RESOURCE_EXHAUSTED and the limit named), console.auth
+beyond them requests are refused with RESOURCE_EXHAUSTED and the limit named),
+topology.max_rows (2000000 rows in the whole map; a snapshot past it is refused, naming it), console.auth
 (auto: a token beyond loopback; token: always), and the default policy under policy.* (capture, interface, filter,
 snaplen, mode, limit, check_interval, breach_intervals, target, vni, snapshot_interval,
 heartbeat_interval, ...).
@@ -157,6 +171,7 @@ impl Cli {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let sources = Sources::from_process(cli.config.clone(), cli.overrides());
     let config = match config_or_exit(PROGRAM, ControllerConfig::load(&sources)) {
@@ -252,7 +267,8 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
     .await?;
     tasks.spawn("policies", policies_task);
     let topology_ttl = config.topology.ttl;
-    let (topology, topology_task) = topology::Topology::spawn(store_for_topology, config.topology)?;
+    let (topology, topology_task) =
+        topology::Topology::spawn(store_for_topology, config.topology, events.clone())?;
     tasks.spawn("topology", topology_task);
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -142,19 +142,39 @@ const FLEET: &[Field<Scrape>] = &[
     ),
     counter_by(
         "tapgraph_topology_snapshots_refused",
-        "Connection snapshots refused (gap: a delta whose base is not the last one applied; size: too many rows); the agent is asked for a full one.",
+        "Connection snapshots refused (gap: a delta whose base is not the last one applied; size: too many rows; budget: the fleet's map would pass topology.max_rows); the map keeps what it had.",
         "reason",
         |s| {
             vec![
                 ("gap", s.topology.snapshots_refused_gap.into()),
                 ("size", s.topology.snapshots_refused_size.into()),
+                ("budget", s.topology.snapshots_refused_budget.into()),
             ]
         },
     ),
-    counter(
+    counter_by(
         "tapgraph_topology_rows_skipped",
-        "Snapshot rows that made no sense and were skipped.",
-        |s| one(s.topology.rows_skipped),
+        "Snapshot rows, listeners and addresses refused and skipped, by reason (malformed: cannot be parsed; address: broadcast, unspecified or multicast where no host has one; port: 0; sockets: more than 65535 in a row; name: longer than 255 bytes).",
+        "reason",
+        |s| {
+            topology::model::REASONS
+                .iter()
+                .map(|r| {
+                    let n = s.topology.rows_skipped_by_reason.get(r).copied();
+                    (*r, Value::from(n.unwrap_or(0)))
+                })
+                .collect()
+        },
+    ),
+    gauge(
+        "tapgraph_topology_rows",
+        "Rows the map holds: every agent's entries, listeners and addresses (topology.max_rows bounds it).",
+        |s| one(s.topology.rows),
+    ),
+    gauge(
+        "tapgraph_topology_address_conflicts",
+        "Addresses claimed by more than one agent.",
+        |s| one(s.topology.address_conflicts),
     ),
     counter(
         "tapgraph_topology_store_errors",
@@ -925,6 +945,8 @@ mod tests {
         "tapgraph_topology_snapshots_applied",
         "tapgraph_topology_snapshots_refused",
         "tapgraph_topology_rows_skipped",
+        "tapgraph_topology_rows",
+        "tapgraph_topology_address_conflicts",
         "tapgraph_topology_store_errors",
         "tapgraph_neo4j_lag_seconds",
         "tapgraph_neo4j_delay_seconds",

@@ -233,6 +233,16 @@ fn node_labels(g: &proto::Graph) -> BTreeMap<&str, BTreeMap<String, String>> {
         .collect()
 }
 
+/// Addresses that more than one agent claims, one warning each on stderr (the table or JSON on
+/// stdout stays as it is): the map shows such an address on its first claimant only.
+fn warn_conflicts(g: &proto::Graph) {
+    for n in g.nodes.iter().filter(|n| n.kind == "address") {
+        if let Some(conflict) = n.properties.get("conflict") {
+            eprintln!("warning: address {}: {conflict}", n.name);
+        }
+    }
+}
+
 fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
     if json_out {
         print_json(&json!(
@@ -282,6 +292,7 @@ pub async fn run(
     match args.command {
         None => {
             let g = fetch(admin, &args.filter, false).await?;
+            warn_conflicts(&g);
             let labels = node_labels(&g);
             let edges: Vec<&proto::GraphEdge> = connects(&g)
                 .filter(|e| keep(e, &args.filter, &labels))

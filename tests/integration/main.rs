@@ -10,6 +10,7 @@ mod harness;
 mod health;
 mod http_hardening;
 mod identity;
+mod map_guard;
 mod mirror;
 mod neo4j;
 mod operator_tools;

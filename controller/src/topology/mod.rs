@@ -18,9 +18,11 @@ use serde::{Deserialize, Serialize};
 use tapgraph::proto;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::events::Events;
 use crate::store::{Batch, Store, StoreError, Table};
 use model::{
-    AgentTable, Changes, Direction, Edge, ListenerKey, Model, Node, ObsKey, ObsValue, Protocol,
+    AgentTable, Changes, Direction, Edge, Invalid, ListenerKey, Model, Node, ObsKey, ObsValue,
+    Protocol,
 };
 
 const AGENTS: Table = TableDefinition::new("topology_agents");
@@ -45,6 +47,10 @@ pub struct TopologySettings {
     pub retention: Duration,
     /// Largest number of rows in one snapshot; a larger one is refused.
     pub max_entries: usize,
+    /// Rows the whole fleet's map may hold (entries, listeners and addresses of every agent's
+    /// table). A snapshot that would grow the map past it is refused; one that keeps or shrinks
+    /// its agent's table is always taken.
+    pub max_rows: usize,
     /// Snapshots waiting to be applied at most. Beyond, the controller is overloaded: a snapshot
     /// is shed at once (the agent is asked for a full resync later) instead of piling up.
     pub queue: usize,
@@ -65,6 +71,19 @@ pub enum Refusal {
         "controller busy: {queued} snapshots are waiting (topology.queue); this one was shed, send a full one later"
     )]
     Busy { queued: usize },
+    #[error(
+        "the fleet's map would hold {rows} rows, over its budget of {max} (topology.max_rows): snapshot refused, the map keeps this agent's previous table"
+    )]
+    OverBudget { rows: usize, max: usize },
+}
+
+impl Refusal {
+    /// Whether the agent should be asked for a full snapshot after this refusal. A full snapshot
+    /// refused for the budget is not: the agent would send it again at once, and again be
+    /// refused. Its next delta is refused with the budget named, and that asks for a full one.
+    pub fn asks_resync(&self, full: bool) -> bool {
+        !(full && matches!(self, Refusal::OverBudget { .. }))
+    }
 }
 
 /// Counters of what arrived and what was refused or skipped.
@@ -73,10 +92,19 @@ pub struct Stats {
     pub snapshots_applied: u64,
     pub snapshots_refused_gap: u64,
     pub snapshots_refused_size: u64,
+    /// Refused because the fleet's map would pass `topology.max_rows`.
+    pub snapshots_refused_budget: u64,
     /// Shed because the controller was overloaded (the queue was full).
     pub snapshots_shed_busy: u64,
     pub rows_skipped: u64,
+    /// `rows_skipped` by [`Invalid::reason`].
+    pub rows_skipped_by_reason: BTreeMap<&'static str, u64>,
     pub store_errors: u64,
+    /// Rows the map holds now, and its budget (`topology.max_rows`).
+    pub rows: u64,
+    pub max_rows: u64,
+    /// Addresses claimed by more than one host now.
+    pub address_conflicts: u64,
 }
 
 /// Persisted per agent: its table and the last sequence applied.
@@ -85,6 +113,14 @@ struct AgentRecord {
     id: String,
     sequence: u64,
     table: AgentTable,
+}
+
+/// An [`AgentRecord`] as written: the table is serialized where the model holds it, not copied.
+#[derive(Serialize)]
+struct AgentRecordRef<'a> {
+    id: &'a str,
+    sequence: u64,
+    table: &'a AgentTable,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,10 +166,12 @@ fn now_ms() -> u64 {
 }
 
 impl Topology {
-    /// Loads the persisted map and starts the task.
+    /// Loads the persisted map and starts the task. Address conflicts and refusals for the
+    /// budget go to `events`.
     pub fn spawn(
         store: Store,
         settings: TopologySettings,
+        events: Events,
     ) -> Result<(Self, impl std::future::Future<Output = ()>), StoreError> {
         let mut model = Model::default();
         for record in store.load::<EdgeRecord>(EDGES)? {
@@ -149,6 +187,9 @@ impl Topology {
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let generation = Arc::new(AtomicU64::new(1));
         let task = Task {
+            events,
+            over_budget: BTreeMap::new(),
+            collect_due: false,
             synced: std::time::Instant::now(),
             deferred: false,
             generation: generation.clone(),
@@ -221,6 +262,12 @@ impl Topology {
 }
 
 struct Task {
+    events: Events,
+    /// Agents whose last snapshot was refused for the budget, and the rows the map would have
+    /// held: their deltas are refused naming the budget until a full snapshot fits.
+    over_budget: BTreeMap<String, usize>,
+    /// A large snapshot was applied: hand the memory it freed back to the system when idle.
+    collect_due: bool,
     /// The last durable commit of the map, and whether deferred commits came after it.
     synced: std::time::Instant,
     deferred: bool,
@@ -232,63 +279,116 @@ struct Task {
     stats: Stats,
 }
 
-/// Converts one wire row; `None` for a row that makes no sense (counted, skipped).
-fn row(e: &proto::ConnectionEntry) -> Option<(ObsKey, ObsValue)> {
-    let direction = match proto::Direction::try_from(e.direction).ok()? {
-        proto::Direction::Client => Direction::Client,
-        proto::Direction::Server => Direction::Server,
-        proto::Direction::Unspecified => return None,
+fn malformed(field: &'static str, value: impl ToString) -> Invalid {
+    Invalid::Malformed {
+        field,
+        value: value.to_string(),
+    }
+}
+
+fn ip(field: &'static str, text: &str) -> Result<IpAddr, Invalid> {
+    text.parse().map_err(|_| malformed(field, text))
+}
+
+fn port(field: &'static str, value: u32) -> Result<u16, Invalid> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or(Invalid::Port { field, value })
+}
+
+/// Converts one wire row; a row carrying a value no host reports is refused (counted, skipped).
+/// A removed row only needs to parse: it can only remove what was accepted.
+fn row(e: &proto::ConnectionEntry, removed: bool) -> Result<(ObsKey, ObsValue), Invalid> {
+    let direction = match proto::Direction::try_from(e.direction) {
+        Ok(proto::Direction::Client) => Direction::Client,
+        Ok(proto::Direction::Server) => Direction::Server,
+        _ => return Err(malformed("direction", e.direction)),
     };
     let protocol = protocol(e.protocol)?;
-    let port = u16::try_from(e.server_port).ok().filter(|p| *p > 0)?;
-    let mut process = e
+    let name = e.process.as_ref().map(|p| p.name.as_str()).unwrap_or("");
+    model::check_name("process name", name)?;
+    model::check_name("container", &e.container)?;
+    // In scope `all` the container says more than the program: `redis-server (docker:4f1c2e9a7b3d)`.
+    let process = if e.container.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name} ({})", e.container)
+    };
+    let key = ObsKey {
+        netns: e.netns.clone(),
+        direction,
+        local_ip: ip("local_ip", &e.local_ip)?,
+        remote_ip: ip("remote_ip", &e.remote_ip)?,
+        server_port: port("server_port", e.server_port)?,
+        protocol,
+        process,
+    };
+    let value = ObsValue {
+        sockets: e.sockets.max(1),
+        control_plane: e.control_plane,
+        short_lived: e.short_lived,
+    };
+    if !removed {
+        model::check_row(&key, &value)?;
+    }
+    Ok((key, value))
+}
+
+fn protocol(p: i32) -> Result<Protocol, Invalid> {
+    match proto::Protocol::try_from(p) {
+        Ok(proto::Protocol::Tcp) => Ok(Protocol::Tcp),
+        Ok(proto::Protocol::Udp) => Ok(Protocol::Udp),
+        _ => Err(malformed("protocol", p)),
+    }
+}
+
+fn listener(l: &proto::ListeningService) -> Result<(ListenerKey, String), Invalid> {
+    let key = ListenerKey {
+        ip: ip("listener ip", &l.ip)?,
+        port: port("port", l.port)?,
+        protocol: protocol(l.protocol)?,
+        netns: l.netns.clone(),
+    };
+    let process = l
         .process
         .as_ref()
         .map(|p| p.name.clone())
         .unwrap_or_default();
-    // In scope `all` the container says more than the program: `redis-server (docker:4f1c2e9a7b3d)`.
-    if !e.container.is_empty() {
-        process = format!("{process} ({})", e.container);
-    }
-    Some((
-        ObsKey {
-            netns: e.netns.clone(),
-            direction,
-            local_ip: e.local_ip.parse().ok()?,
-            remote_ip: e.remote_ip.parse().ok()?,
-            server_port: port,
-            protocol,
-            process,
-        },
-        ObsValue {
-            sockets: e.sockets.max(1),
-            control_plane: e.control_plane,
-            short_lived: e.short_lived,
-        },
-    ))
+    model::check_listener(&key, &process)?;
+    Ok((key, process))
 }
 
-fn protocol(p: i32) -> Option<Protocol> {
-    match proto::Protocol::try_from(p).ok()? {
-        proto::Protocol::Tcp => Some(Protocol::Tcp),
-        proto::Protocol::Udp => Some(Protocol::Udp),
-        proto::Protocol::Unspecified => None,
+/// Rows refused in one snapshot: how many, and the first one's reason.
+#[derive(Default)]
+struct Skipped {
+    count: u64,
+    first: Option<Invalid>,
+}
+
+impl Skipped {
+    fn add(&mut self, stats: &mut Stats, invalid: Invalid) {
+        self.count += 1;
+        *stats
+            .rows_skipped_by_reason
+            .entry(invalid.reason())
+            .or_default() += 1;
+        self.first.get_or_insert(invalid);
     }
 }
 
-fn listener(l: &proto::ListeningService) -> Option<(ListenerKey, String)> {
-    Some((
-        ListenerKey {
-            ip: l.ip.parse().ok()?,
-            port: u16::try_from(l.port).ok().filter(|p| *p > 0)?,
-            protocol: protocol(l.protocol)?,
-            netns: l.netns.clone(),
-        },
-        l.process
-            .as_ref()
-            .map(|p| p.name.clone())
-            .unwrap_or_default(),
-    ))
+/// After applying snapshots that carried at least this many rows, the task hands the memory they
+/// freed back to the system once it is idle.
+const LARGE: usize = 10_000;
+
+/// Hands the memory the allocator holds free back to the system. mimalloc keeps freed pages for
+/// reuse and returns them only as the thread that owns them goes on allocating; after a burst of
+/// large snapshots the threads that decoded and applied them may stay idle, and the controller
+/// would keep the burst's high-water mark as RSS.
+fn release_memory() {
+    // SAFETY: `mi_collect` takes no pointer and may be called from any thread at any time; it
+    // only frees what the allocator itself holds unused.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// Snapshots applied in one store transaction at most. When they arrive faster than one commit
@@ -359,6 +459,10 @@ impl Task {
                     if self.synced.elapsed() >= SYNC_EVERY {
                         self.sync();
                     }
+                    if self.collect_due && rx.is_empty() {
+                        self.collect_due = false;
+                        release_memory();
+                    }
                 }
                 _ = expiry.tick() => {
                     let retention = self.settings.retention.as_millis() as u64;
@@ -384,7 +488,11 @@ impl Task {
                 let _ = reply.send(self.graph(&query));
             }
             Command::Stats { reply } => {
-                let _ = reply.send(self.stats.clone());
+                let mut stats = self.stats.clone();
+                stats.rows = self.model.rows() as u64;
+                stats.max_rows = self.settings.max_rows as u64;
+                stats.address_conflicts = self.model.conflicts() as u64;
+                let _ = reply.send(stats);
             }
             Command::Snapshot {
                 agent,
@@ -451,6 +559,14 @@ impl Task {
         }
         let have = self.sequences.get(agent).copied();
         if !s.full && have != Some(s.base_sequence) {
+            // An agent whose full snapshot did not fit hears why, and sends another.
+            if let Some(&rows) = self.over_budget.get(agent) {
+                self.stats.snapshots_refused_budget += 1;
+                return Err(Refusal::OverBudget {
+                    rows,
+                    max: self.settings.max_rows,
+                });
+            }
             self.stats.snapshots_refused_gap += 1;
             return Err(Refusal::SequenceGap {
                 base: s.base_sequence,
@@ -463,54 +579,106 @@ impl Task {
         } else {
             self.model.agents.get(agent).cloned().unwrap_or_default()
         };
-        let mut skipped = 0u64;
+        let mut skipped = Skipped::default();
         for e in &s.removed {
-            match row(e) {
-                Some((k, _)) => {
+            match row(e, true) {
+                Ok((k, _)) => {
                     table.entries.remove(&k);
                 }
-                None => skipped += 1,
+                Err(invalid) => skipped.add(&mut self.stats, invalid),
             }
         }
         for e in &s.entries {
-            match row(e) {
-                Some((k, v)) => {
+            match row(e, false) {
+                Ok((k, v)) => {
                     table.entries.insert(k, v);
                 }
-                None => skipped += 1,
+                Err(invalid) => skipped.add(&mut self.stats, invalid),
             }
         }
         for l in &s.removed_listeners {
-            if let Some((k, _)) = listener(l) {
+            if let Ok((k, _)) = listener(l) {
                 table.listeners.remove(&k);
             }
         }
         for l in &s.listeners {
             match listener(l) {
-                Some((k, p)) => {
+                Ok((k, p)) => {
                     table.listeners.insert(k, p);
                 }
-                None => skipped += 1,
+                Err(invalid) => skipped.add(&mut self.stats, invalid),
             }
         }
         if s.full || !s.addresses.is_empty() {
-            table.addresses = s
-                .addresses
-                .iter()
-                .filter_map(|a| a.parse::<IpAddr>().ok())
-                .collect::<BTreeSet<_>>();
+            table.addresses.clear();
+            for a in &s.addresses {
+                match ip("address", a).and_then(|ip| model::check_host_address(&ip).map(|()| ip)) {
+                    Ok(ip) => {
+                        table.addresses.insert(ip);
+                    }
+                    Err(invalid) => skipped.add(&mut self.stats, invalid),
+                }
+            }
         }
+        self.stats.rows_skipped += skipped.count;
+        if let Some(first) = &skipped.first {
+            tracing::warn!(%agent, sequence = s.sequence, refused = skipped.count, %first, "snapshot rows refused");
+        }
+        self.check_budget(agent, &table)?;
         table.last_snapshot_ms = now;
         table.hostname = hostname.to_string();
-        self.stats.rows_skipped += skipped;
+        self.collect_due |= rows >= LARGE;
         // Replacing re-attaches every row at `now`: each edge this agent still reports is marked
         // seen and listed in the changes, at a cost in this agent's rows, not the whole map's.
         let changes = self.model.replace(agent, table, now);
+        for c in &changes.conflicts {
+            self.events.emit_with(
+                "address_conflict",
+                &c.claimant,
+                format!(
+                    "agents {} and {} both claim address {}; the map keeps it on {}",
+                    c.owner, c.claimant, c.address, c.owner
+                ),
+                BTreeMap::from([
+                    ("address".to_string(), c.address.to_string()),
+                    ("owner".to_string(), c.owner.clone()),
+                    ("claimant".to_string(), c.claimant.clone()),
+                ]),
+            );
+        }
         self.sequences.insert(agent.to_string(), s.sequence);
         self.stats.snapshots_applied += 1;
         pending.agents.insert(agent.to_string());
         pending.add(changes);
         Ok(())
+    }
+
+    /// Refuses `table` for `agent` when it would grow the fleet's map past `topology.max_rows`.
+    /// A table no larger than the agent's current one always fits: an agent can always shrink.
+    fn check_budget(&mut self, agent: &str, table: &AgentTable) -> Result<(), Refusal> {
+        let old = self.model.agents.get(agent).map_or(0, model::rows);
+        let new = model::rows(table);
+        let total = self.model.rows() - old + new;
+        if new <= old || total <= self.settings.max_rows {
+            self.over_budget.remove(agent);
+            return Ok(());
+        }
+        self.stats.snapshots_refused_budget += 1;
+        // Once per agent until one of its snapshots fits again, not at every retry.
+        if self.over_budget.insert(agent.to_string(), total).is_none() {
+            self.events.emit(
+                "snapshot_refused",
+                agent,
+                format!(
+                    "a snapshot of agent {agent} would take the map to {total} rows, over the fleet's budget of {} (topology.max_rows); refused, the map keeps what it had",
+                    self.settings.max_rows
+                ),
+            );
+        }
+        Err(Refusal::OverBudget {
+            rows: total,
+            max: self.settings.max_rows,
+        })
     }
 
     /// Makes the deferred commits durable.
@@ -537,10 +705,10 @@ impl Task {
         let mut batch = Batch::default();
         for agent in &pending.agents {
             if let Some(table) = self.model.agents.get(agent) {
-                let record = AgentRecord {
-                    id: agent.to_string(),
+                let record = AgentRecordRef {
+                    id: agent,
                     sequence: self.sequences.get(agent).copied().unwrap_or(0),
-                    table: table.clone(),
+                    table,
                 };
                 batch.put(AGENTS, agent, &record)?;
             }
@@ -584,7 +752,22 @@ impl Task {
             nodes.entry(id.clone()).or_insert_with(|| {
                 let (kind, name, mut properties) = match node {
                     Node::Host(h) => ("host", h.clone(), BTreeMap::new()),
-                    Node::Address(ip) => ("address", ip.to_string(), BTreeMap::new()),
+                    Node::Address(ip) => {
+                        let mut p = BTreeMap::new();
+                        // Two hosts claim it: shown where the address is, naming them all.
+                        if let [owner, others @ ..] = model.claimants(ip)
+                            && !others.is_empty()
+                        {
+                            p.insert(
+                                "conflict".to_string(),
+                                format!(
+                                    "claimed by agents {owner}, {}; the map keeps it on {owner}",
+                                    others.join(", ")
+                                ),
+                            );
+                        }
+                        ("address", ip.to_string(), p)
+                    }
                     Node::Service {
                         host,
                         protocol,
@@ -691,5 +874,128 @@ fn proto_protocol(p: Protocol) -> proto::Protocol {
     match p {
         Protocol::Tcp => proto::Protocol::Tcp,
         Protocol::Udp => proto::Protocol::Udp,
+    }
+}
+
+#[cfg(test)]
+mod memory_probe {
+    //! Where a large snapshot's memory goes, stage by stage (BENCHMARKS.md, "The map's memory"):
+    //! `PROBE_COLLECT=1 cargo test --release -p tapgraph-controller memory_probe -- --ignored
+    //! --nocapture`. With PROBE_COLLECT the allocator returns what is free before each reading,
+    //! so RSS follows live memory; PROBE_ROWS (90,000) and PROBE_AGENTS (1) size the tables.
+    use super::*;
+    use prost::Message;
+
+    fn rss_mb() -> f64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: f64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096.0 / 1e6
+    }
+
+    fn snapshot(agent: usize, rows: usize) -> proto::ConnectionSnapshot {
+        let local = format!("10.0.{}.{}", agent / 200, agent % 200 + 1);
+        let entries = (0..rows)
+            .map(|n| proto::ConnectionEntry {
+                direction: proto::Direction::Client as i32,
+                local_ip: local.clone(),
+                remote_ip: if n % 5 == 0 {
+                    format!("203.0.113.{}", n % 64 + 1)
+                } else {
+                    format!("10.0.0.{}", n % 20 + 1)
+                },
+                server_port: [80, 443, 8080, 9000][n % 4],
+                protocol: proto::Protocol::Tcp as i32,
+                process: Some(proto::ProcessInfo {
+                    pid: 1000,
+                    name: format!("worker-{n}"),
+                    cmdline: String::new(),
+                }),
+                sockets: 1,
+                ..Default::default()
+            })
+            .collect();
+        proto::ConnectionSnapshot {
+            sequence: 1,
+            full: true,
+            addresses: vec![local],
+            entries,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn memory_probe() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("s.redb")).unwrap();
+            let settings = TopologySettings {
+                ttl: Duration::from_secs(120),
+                retention: Duration::from_secs(3600),
+                max_entries: 100_000,
+                max_rows: 10_000_000,
+                queue: 64,
+            };
+            let mut task = Task {
+                events: Events::new(16),
+                over_budget: BTreeMap::new(),
+                collect_due: false,
+                synced: std::time::Instant::now(),
+                deferred: false,
+                generation: Arc::new(AtomicU64::new(1)),
+                model: Model::default(),
+                sequences: BTreeMap::new(),
+                store,
+                settings,
+                stats: Stats::default(),
+            };
+            let rows: usize = std::env::var("PROBE_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(90_000);
+            let agents: usize = std::env::var("PROBE_AGENTS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            let mut last = rss_mb();
+            let collect = std::env::var_os("PROBE_COLLECT").is_some();
+            let mut report = |stage: &str| {
+                if collect {
+                    release_memory();
+                }
+                let now = rss_mb();
+                eprintln!("{stage:<34} RSS {now:7.1} MB  (+{:6.1})", now - last);
+                last = now;
+            };
+            report("start");
+            for a in 0..agents {
+                let wire = snapshot(a, rows).encode_to_vec();
+                report(&format!(
+                    "agent {a}: encoded ({} MB)",
+                    wire.len() / 1_000_000
+                ));
+                let s = proto::ConnectionSnapshot::decode(wire.as_slice()).unwrap();
+                drop(wire);
+                report("decoded");
+                let mut pending = Pending::default();
+                let (tx, _rx) = oneshot::channel();
+                task.take(&mut pending, &format!("agent-{a}"), "h", &s, tx);
+                report("applied to the model");
+                task.flush(pending);
+                report("written to redb");
+                drop(s);
+                report("snapshot dropped");
+                let g = task.graph(&GraphQuery::default());
+                report(&format!("graph built ({} edges)", g.edges.len()));
+                drop(g);
+                report("graph dropped");
+            }
+            release_memory();
+            report("after mi_collect");
+        });
     }
 }

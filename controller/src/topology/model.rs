@@ -7,8 +7,13 @@
 //!
 //! Edges are derived incrementally: each observation knows its edge key, and only observations
 //! whose endpoints' ownership changes (a host's addresses or listeners) are re-keyed.
+//!
+//! An address two hosts claim is owned by the first claimant; the others are recorded, so the map
+//! can show the conflict, and the next claimant takes over when the owner lets the address go.
+//! Values no real host reports (a broadcast endpoint, port 0, more sockets in a row than there are
+//! ports) are refused by the `check_*` functions before they reach the model.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -175,6 +180,150 @@ mod pairs {
     }
 }
 
+/// Longest process, namespace or container name a row may carry (Linux's NAME_MAX): a file name
+/// is the longest thing an agent puts there.
+pub const MAX_NAME: usize = 255;
+
+/// Most sockets one row can count. A row fixes both addresses and the server's port, so its
+/// sockets differ by the other port alone: there are 65,535 of those.
+pub const MAX_SOCKETS: u32 = 65_535;
+
+/// A value in a snapshot that no real host reports: the row, listener or address carrying it is
+/// refused, and counted by [`Invalid::reason`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("{field} `{value}` cannot be parsed")]
+    Malformed { field: &'static str, value: String },
+    #[error("{field} {ip} is {what}, never a {role}")]
+    Address {
+        field: &'static str,
+        ip: IpAddr,
+        what: &'static str,
+        role: &'static str,
+    },
+    #[error("{field} {value} is not a port a connection can use (1 to 65535)")]
+    Port { field: &'static str, value: u32 },
+    #[error("{sockets} sockets in one row; at most {MAX_SOCKETS} can share its addresses and port")]
+    Sockets { sockets: u32 },
+    #[error("a {field} of {len} bytes; at most {MAX_NAME} are accepted")]
+    Name { field: &'static str, len: usize },
+}
+
+/// Every [`Invalid::reason`].
+pub const REASONS: [&str; 5] = ["malformed", "address", "port", "sockets", "name"];
+
+impl Invalid {
+    /// The metric label: `malformed`, `address`, `port`, `sockets` or `name`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Invalid::Malformed { .. } => "malformed",
+            Invalid::Address { .. } => "address",
+            Invalid::Port { .. } => "port",
+            Invalid::Sockets { .. } => "sockets",
+            Invalid::Name { .. } => "name",
+        }
+    }
+}
+
+/// What makes `ip` impossible as the endpoint of a `protocol` socket: the unspecified address,
+/// the limited broadcast, or for TCP a multicast group.
+fn not_an_endpoint(ip: &IpAddr, protocol: Protocol) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if *ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else if ip.is_multicast() && protocol == Protocol::Tcp {
+        Some("a multicast group")
+    } else {
+        None
+    }
+}
+
+/// A name (`field`) longer than [`MAX_NAME`] is refused.
+pub fn check_name(field: &'static str, name: &str) -> Result<(), Invalid> {
+    if name.len() > MAX_NAME {
+        return Err(Invalid::Name {
+            field,
+            len: name.len(),
+        });
+    }
+    Ok(())
+}
+
+/// A row is refused when either end is no endpoint, or it counts more sockets than ports exist.
+pub fn check_row(key: &ObsKey, value: &ObsValue) -> Result<(), Invalid> {
+    for (field, ip) in [("local_ip", &key.local_ip), ("remote_ip", &key.remote_ip)] {
+        if let Some(what) = not_an_endpoint(ip, key.protocol) {
+            return Err(Invalid::Address {
+                field,
+                ip: *ip,
+                what,
+                role: "connection's endpoint",
+            });
+        }
+    }
+    if key.server_port == 0 {
+        return Err(Invalid::Port {
+            field: "server_port",
+            value: 0,
+        });
+    }
+    if value.sockets > MAX_SOCKETS {
+        return Err(Invalid::Sockets {
+            sockets: value.sockets,
+        });
+    }
+    check_name("netns", &key.netns)
+}
+
+/// A listener may be bound to the unspecified address (every address), not to the broadcast
+/// address, nor for TCP to a multicast group.
+pub fn check_listener(key: &ListenerKey, process: &str) -> Result<(), Invalid> {
+    if key.port == 0 {
+        return Err(Invalid::Port {
+            field: "port",
+            value: 0,
+        });
+    }
+    if !key.ip.is_unspecified()
+        && let Some(what) = not_an_endpoint(&key.ip, key.protocol)
+    {
+        return Err(Invalid::Address {
+            field: "listener ip",
+            ip: key.ip,
+            what,
+            role: "listening address",
+        });
+    }
+    check_name("netns", &key.netns)?;
+    check_name("process name", process)
+}
+
+/// A host's own address is never unspecified, a broadcast address or a multicast group.
+pub fn check_host_address(ip: &IpAddr) -> Result<(), Invalid> {
+    let what = if ip.is_multicast() {
+        Some("a multicast group")
+    } else {
+        not_an_endpoint(ip, Protocol::Udp)
+    };
+    match what {
+        Some(what) => Err(Invalid::Address {
+            field: "address",
+            ip: *ip,
+            what,
+            role: "host's address",
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A hash table this much larger than what it holds gives the memory back: after a burst (one
+/// huge table, since replaced by a small one) it would otherwise stay at its largest for good.
+/// Shrinking at a quarter keeps the cost amortised.
+fn sparse(capacity: usize, len: usize) -> bool {
+    capacity > 4 * len + 64
+}
+
 /// Addresses that never identify a host across the network.
 fn is_local_only(ip: &IpAddr) -> bool {
     match ip {
@@ -215,12 +364,17 @@ fn refresh(edge: &mut Edge, value: &ObsValue, now_ms: u64) -> bool {
 pub struct Model {
     pub agents: BTreeMap<AgentId, AgentTable>,
     pub edges: BTreeMap<EdgeKey, Edge>,
-    /// Which host owns an address (routable addresses only).
-    owners: HashMap<IpAddr, AgentId>,
+    /// The hosts claiming each routable address, first claimant first: it owns the address on
+    /// the map, and any other makes a conflict.
+    claims: HashMap<IpAddr, Vec<AgentId>>,
+    /// Rows held in every agent's table: entries, listeners and addresses.
+    rows: usize,
     /// The edge each current observation belongs to, by agent: looked up without cloning keys.
     keyed: HashMap<AgentId, HashMap<ObsKey, EdgeKey>>,
-    /// Observations by the address of their far end, to re-key them when ownership changes.
-    by_remote: HashMap<IpAddr, HashSet<(AgentId, ObsKey)>>,
+    /// The agents with rows whose far end is an address, and how many: to re-key those rows when
+    /// the address's owner or listeners change. Counts, not the rows: the agents' tables have
+    /// those, and a copy of every row here cost a quarter of the map's memory.
+    by_remote: HashMap<IpAddr, HashMap<AgentId, u32>>,
 }
 
 /// What a change did, for the store and the sinks.
@@ -232,6 +386,23 @@ pub struct Changes {
     /// restores it from that agent's table (its `last_snapshot_ms`), see [`Model::replace`].
     pub edges_upserted: BTreeSet<EdgeKey>,
     pub edges_removed: BTreeSet<EdgeKey>,
+    /// Addresses this change claimed that another host already owns: one per new claim, not
+    /// per snapshot that repeats it.
+    pub conflicts: Vec<Conflict>,
+}
+
+/// A host claimed an address another host already owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub address: IpAddr,
+    /// The host the map attributes the address to.
+    pub owner: AgentId,
+    pub claimant: AgentId,
+}
+
+/// The rows a table holds, as the fleet's budget counts them.
+pub fn rows(table: &AgentTable) -> usize {
+    table.entries.len() + table.listeners.len() + table.addresses.len()
 }
 
 impl Model {
@@ -240,7 +411,48 @@ impl Model {
         if is_local_only(ip) {
             return Some(agent.to_string());
         }
-        self.owners.get(ip).cloned()
+        self.claims.get(ip).and_then(|c| c.first()).cloned()
+    }
+
+    /// Rows held in every agent's table (see [`rows`]).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Addresses claimed by more than one host.
+    pub fn conflicts(&self) -> usize {
+        self.claims.values().filter(|c| c.len() > 1).count()
+    }
+
+    /// The hosts claiming `ip`, the owner first; empty for an address no host claims.
+    pub fn claimants(&self, ip: &IpAddr) -> &[AgentId] {
+        self.claims.get(ip).map_or(&[], Vec::as_slice)
+    }
+
+    /// `agent` claims `ip`; the conflict when another host owns it already.
+    fn claim(&mut self, ip: IpAddr, agent: &str) -> Option<Conflict> {
+        let claimants = self.claims.entry(ip).or_default();
+        if claimants.iter().any(|c| c == agent) {
+            return None;
+        }
+        claimants.push(agent.to_string());
+        let owner = claimants.first().filter(|o| o.as_str() != agent)?;
+        tracing::warn!(%ip, claimant = agent, %owner, "address claimed by two hosts; the map keeps it on the first");
+        Some(Conflict {
+            address: ip,
+            owner: owner.clone(),
+            claimant: agent.to_string(),
+        })
+    }
+
+    /// `agent` no longer claims `ip`: the next claimant, if any, owns it now.
+    fn unclaim(&mut self, ip: &IpAddr, agent: &str) {
+        if let Some(claimants) = self.claims.get_mut(ip) {
+            claimants.retain(|c| c != agent);
+            if claimants.is_empty() {
+                self.claims.remove(ip);
+            }
+        }
     }
 
     fn listens(&self, host: &str, ip: &IpAddr, port: u16, protocol: Protocol) -> bool {
@@ -330,16 +542,19 @@ impl Model {
         if changed || before != (edge.sockets, edge.control_plane, edge.short_lived) {
             ch.edges_upserted.insert(key.clone());
         }
-        match self.keyed.get_mut(agent) {
-            Some(rows) => {
-                rows.insert(obs.clone(), key);
-            }
-            None => {
-                self.keyed
-                    .insert(agent.to_string(), HashMap::from([(obs.clone(), key)]));
+        let rows = match self.keyed.get_mut(agent) {
+            Some(rows) => rows,
+            None => self.keyed.entry(agent.to_string()).or_default(),
+        };
+        if rows.insert(obs.clone(), key).is_none() {
+            let agents = self.by_remote.entry(obs.remote_ip).or_default();
+            match agents.get_mut(agent) {
+                Some(n) => *n += 1,
+                None => {
+                    agents.insert(agent.to_string(), 1);
+                }
             }
         }
-        self.by_remote.entry(obs.remote_ip).or_default().insert(id);
     }
 
     /// Marks the edge of a row `agent` reports again, unchanged, as seen at `now_ms`.
@@ -363,9 +578,21 @@ impl Model {
 
     fn detach(&mut self, agent: &str, obs: &ObsKey, ch: &mut Changes) {
         let id = (agent.to_string(), obs.clone());
-        if let Some(key) = self.keyed.get_mut(agent).and_then(|rows| rows.remove(obs))
-            && let Some(edge) = self.edges.get_mut(&key)
+        let Some(key) = self.keyed.get_mut(agent).and_then(|rows| rows.remove(obs)) else {
+            return;
+        };
+        if let Some(agents) = self.by_remote.get_mut(&obs.remote_ip)
+            && let Some(n) = agents.get_mut(agent)
         {
+            *n -= 1;
+            if *n == 0 {
+                agents.remove(agent);
+                if agents.is_empty() {
+                    self.by_remote.remove(&obs.remote_ip);
+                }
+            }
+        }
+        if let Some(edge) = self.edges.get_mut(&key) {
             edge.reporters.remove(&id);
             let sockets = edge
                 .reporters
@@ -378,18 +605,20 @@ impl Model {
                 ch.edges_upserted.insert(key);
             }
         }
-        if let Some(set) = self.by_remote.get_mut(&obs.remote_ip) {
-            set.remove(&id);
-        }
     }
 
     /// Re-keys every observation whose far end is one of `ips` (their owner or listeners changed).
     fn rekey(&mut self, ips: &BTreeSet<IpAddr>, ch: &mut Changes) {
-        let ids: Vec<(AgentId, ObsKey)> = ips
-            .iter()
-            .filter_map(|ip| self.by_remote.get(ip))
-            .flat_map(|s| s.iter().cloned())
-            .collect();
+        let mut ids: Vec<(AgentId, ObsKey)> = Vec::new();
+        for ip in ips {
+            for agent in self.by_remote.get(ip).into_iter().flat_map(|a| a.keys()) {
+                let Some(t) = self.agents.get(agent) else {
+                    continue;
+                };
+                let rows = t.entries.keys().filter(|obs| obs.remote_ip == *ip);
+                ids.extend(rows.map(|obs| (agent.clone(), obs.clone())));
+            }
+        }
         for (agent, obs) in ids {
             // The row was last seen when its own agent last reported it, not now: after a
             // restart the tables come back one by one, and the edge keeps the later time.
@@ -437,11 +666,13 @@ impl Model {
         table.last_snapshot_ms = now_ms;
         let mut ch = Changes::default();
         let old = self.agents.remove(agent).unwrap_or_default();
+        self.rows = self.rows - rows(&old) + rows(&table);
         if incremental
             && old.addresses == table.addresses
             && old.listeners.keys().eq(table.listeners.keys())
         {
             self.replace_rows(agent, old, table, now_ms, &mut ch);
+            self.shrink_rows(agent);
             return ch;
         }
         let old_keys: Vec<(ObsKey, EdgeKey)> = match self.keyed.get(agent) {
@@ -455,26 +686,30 @@ impl Model {
         for obs in old.entries.keys() {
             self.detach(agent, obs, &mut ch);
         }
-        // Ownership of addresses.
-        for ip in &old.addresses {
-            if self.owners.get(ip).is_some_and(|o| o == agent) {
-                self.owners.remove(ip);
+        // Ownership of addresses: an address let go passes to its next claimant (it is among
+        // the `touched`, so its rows are re-keyed below).
+        for ip in old.addresses.difference(&table.addresses) {
+            self.unclaim(ip, agent);
+        }
+        for ip in table.addresses.difference(&old.addresses) {
+            if !is_local_only(ip)
+                && let Some(conflict) = self.claim(*ip, agent)
+            {
+                ch.conflicts.push(conflict);
             }
         }
-        for ip in table.addresses.iter().filter(|ip| !is_local_only(ip)) {
-            if let Some(other) = self.owners.get(ip).filter(|o| o.as_str() != agent) {
-                tracing::warn!(%ip, agent, other = %other, "address reported by two hosts; keeping the first");
-                continue;
-            }
-            self.owners.insert(*ip, agent.to_string());
-        }
-        let entries = table.entries.clone();
         let mut touched: BTreeSet<IpAddr> =
             old.addresses.union(&table.addresses).copied().collect();
         touched.extend(old.listeners.keys().map(|l| l.ip));
+        // The rows are attached while the table, without them, is in place (attaching reads its
+        // listeners, never its rows): no copy of a large table.
+        let entries = std::mem::take(&mut table.entries);
         self.agents.insert(agent.to_string(), table);
         for (obs, value) in &entries {
             self.attach(agent, obs, value, now_ms, &mut ch);
+        }
+        if let Some(t) = self.agents.get_mut(agent) {
+            t.entries = entries;
         }
         // A row still reported under a new key (its far end's owner or listener became known)
         // leaves no phantom behind: the old edge existed only under the old ownership.
@@ -497,7 +732,17 @@ impl Model {
             touched.extend(self.agents[agent].addresses.iter().copied());
             self.rekey(&touched, &mut ch);
         }
+        self.shrink_rows(agent);
         ch
+    }
+
+    /// Gives back the memory of `agent`'s row index when its table shrank to a fraction of it.
+    fn shrink_rows(&mut self, agent: &str) {
+        if let Some(rows) = self.keyed.get_mut(agent)
+            && sparse(rows.capacity(), rows.len())
+        {
+            rows.shrink_to_fit();
+        }
     }
 
     /// `replace` when the agent's addresses and listeners stay as they were, as in most deltas:
@@ -929,5 +1174,166 @@ mod tests {
         let e = m.edges.values().next().unwrap();
         assert_eq!(e.key.from, Node::Host("a".into()));
         assert_eq!(e.key.to, svc("a", 5432));
+    }
+
+    fn obs(remote: &str, port: u16, protocol: Protocol) -> ObsKey {
+        ObsKey {
+            netns: String::new(),
+            direction: Direction::Client,
+            local_ip: ip("10.0.0.1"),
+            remote_ip: ip(remote),
+            server_port: port,
+            protocol,
+            process: "app".into(),
+        }
+    }
+
+    fn sockets(n: u32) -> ObsValue {
+        ObsValue {
+            sockets: n,
+            control_plane: false,
+            short_lived: false,
+        }
+    }
+
+    #[test]
+    fn values_no_host_reports_are_refused_naming_the_value() {
+        let tcp = Protocol::Tcp;
+        let refused = |key: ObsKey, value: ObsValue| check_row(&key, &value).unwrap_err();
+        let e = refused(obs("255.255.255.255", 443, tcp), sockets(1));
+        assert_eq!(e.reason(), "address");
+        assert!(
+            e.to_string()
+                .contains("remote_ip 255.255.255.255 is the broadcast address"),
+            "{e}"
+        );
+        assert_eq!(
+            refused(obs("0.0.0.0", 443, tcp), sockets(1)).reason(),
+            "address"
+        );
+        assert_eq!(refused(obs("::", 443, tcp), sockets(1)).reason(), "address");
+        assert_eq!(
+            refused(obs("224.0.0.251", 5353, tcp), sockets(1)).reason(),
+            "address"
+        );
+        let mut local = obs("10.0.0.2", 443, tcp);
+        local.local_ip = ip("255.255.255.255");
+        assert!(
+            refused(local, sockets(1))
+                .to_string()
+                .starts_with("local_ip")
+        );
+        let e = refused(obs("10.0.0.2", 443, tcp), sockets(u32::MAX));
+        assert_eq!(e.reason(), "sockets");
+        assert!(e.to_string().contains("4294967295"), "{e}");
+        assert_eq!(
+            refused(obs("10.0.0.2", 0, tcp), sockets(1)).reason(),
+            "port"
+        );
+        let mut long = obs("10.0.0.2", 443, tcp);
+        long.netns = "n".repeat(MAX_NAME + 1);
+        assert_eq!(refused(long, sockets(1)).reason(), "name");
+        // What real hosts do report passes.
+        for key in [
+            obs("10.0.0.2", 443, tcp),
+            obs("203.0.113.7", 65535, tcp),
+            obs("224.0.0.251", 5353, Protocol::Udp),
+            obs("::1", 8080, tcp),
+        ] {
+            check_row(&key, &sockets(MAX_SOCKETS)).unwrap();
+        }
+
+        let listener = |addr: &str, port: u16| ListenerKey {
+            ip: ip(addr),
+            port,
+            protocol: tcp,
+            netns: String::new(),
+        };
+        check_listener(&listener("0.0.0.0", 80), "nginx").unwrap();
+        check_listener(&listener("::", 80), "nginx").unwrap();
+        assert_eq!(
+            check_listener(&listener("255.255.255.255", 80), "x")
+                .unwrap_err()
+                .reason(),
+            "address"
+        );
+        assert_eq!(
+            check_listener(&listener("0.0.0.0", 0), "x")
+                .unwrap_err()
+                .reason(),
+            "port"
+        );
+        assert_eq!(
+            check_listener(&listener("0.0.0.0", 80), &"p".repeat(256))
+                .unwrap_err()
+                .reason(),
+            "name"
+        );
+
+        for bad in ["255.255.255.255", "0.0.0.0", "::", "239.1.1.1", "ff02::1"] {
+            let e = check_host_address(&ip(bad)).unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        for good in ["10.0.0.1", "127.0.0.1", "fe80::1", "2001:db8::1"] {
+            check_host_address(&ip(good)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_second_claim_on_an_address_is_one_conflict_and_the_owner_keeps_it() {
+        let mut m = Model::default();
+        let client = (Direction::Client, "10.0.0.1", "10.0.0.5", 6379, "app", 1);
+        m.replace("web", table(&["10.0.0.1"], &[], &[client]), 1);
+        let db = table(&["10.0.0.5"], &[(6379, "redis")], &[]);
+        assert!(m.replace("db", db.clone(), 2).conflicts.is_empty());
+        let rogue = table(&["10.0.0.5", "10.0.0.66"], &[(6379, "fake")], &[]);
+        let ch = m.replace("rogue", rogue.clone(), 3);
+        assert_eq!(
+            ch.conflicts,
+            [Conflict {
+                address: ip("10.0.0.5"),
+                owner: "db".into(),
+                claimant: "rogue".into(),
+            }]
+        );
+        assert_eq!(m.claimants(&ip("10.0.0.5")), ["db", "rogue"]);
+        assert_eq!(m.conflicts(), 1);
+        // Reported once, not at every snapshot that repeats the claim, from either side.
+        assert!(m.replace("rogue", rogue.clone(), 4).conflicts.is_empty());
+        assert!(m.replace("db", db, 5).conflicts.is_empty());
+        // The first claimant keeps the address: web's connection goes to db, not to the rogue.
+        let to: Vec<_> = m.edges.keys().map(|k| k.to.clone()).collect();
+        assert_eq!(to, [svc("db", 6379)]);
+        // When db lets the address go, the rogue owns it and the conflict is over.
+        m.replace("db", table(&["10.0.0.9"], &[(6379, "redis")], &[]), 6);
+        assert_eq!(m.conflicts(), 0);
+        assert_eq!(m.claimants(&ip("10.0.0.5")), ["rogue"]);
+        let to: Vec<_> = m
+            .edges
+            .values()
+            .filter(|e| !e.reporters.is_empty())
+            .map(|e| e.key.to.clone())
+            .collect();
+        assert_eq!(to, [svc("rogue", 6379)]);
+    }
+
+    #[test]
+    fn the_map_counts_its_rows_and_gives_back_a_burst_s_index() {
+        let mut m = Model::default();
+        let many: Vec<_> = (1..=5_000u16)
+            .map(|p| (Direction::Client, "10.0.0.1", "203.0.113.7", p, "app", 1))
+            .collect();
+        m.replace("a", table(&["10.0.0.1"], &[(80, "nginx")], &many), 1);
+        m.replace("b", table(&["10.0.0.2"], &[], &many[..10]), 1);
+        assert_eq!(m.rows(), (5_000 + 1 + 1) + (10 + 1));
+        let capacity = m.keyed["a"].capacity();
+        m.replace("a", table(&["10.0.0.1"], &[(80, "nginx")], &many[..3]), 2);
+        assert_eq!(m.rows(), (3 + 1 + 1) + (10 + 1));
+        assert!(
+            m.keyed["a"].capacity() < capacity / 4,
+            "{} of {capacity}",
+            m.keyed["a"].capacity()
+        );
+        assert_eq!(m.by_remote[&ip("203.0.113.7")]["a"], 3);
     }
 }

@@ -289,7 +289,8 @@ fn http_settings(c: &mut Layered) -> crate::http::HttpSettings {
     let idle_timeout = c.duration(
         "http.idle_timeout",
         defaults.idle_timeout,
-        SECOND,
+        // The console's event stream sends a keep-alive every 15 s: shorter would cut it.
+        20 * SECOND,
         3600 * SECOND,
     );
     let max_connections = c.parse("http.max_connections", None, |s: &str| match s {

@@ -147,7 +147,7 @@ snaplen, mode, limit, check_interval, breach_intervals, target, vni, snapshot_in
 heartbeat_interval, ...).
 
 The HTTP listener (http.*): header_read_timeout (10s for a request's head, and the longest a
-kept-alive connection waits for the next one), idle_timeout (60s without a byte moving),
+kept-alive connection waits for the next one), idle_timeout (60s, at least 20s, without a byte moving),
 max_connections (auto: 1024, but at most half the descriptors left after 256 reserved; the rest
 stay gRPC's), max_connections_per_source (64 per IPv4 address or IPv6 /64; a connection past a cap
 is closed at once), auth_failures_per_minute (10 bad tokens from one source, then 429),

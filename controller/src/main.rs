@@ -283,6 +283,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         StreamLimits {
             hello_timeout: config.hello_timeout,
             idle_timeout: config.idle_timeout,
+            max_mirror_streams: config.max_streams as usize,
         },
     ))
     .max_decoding_message_size(config.max_message_bytes);
@@ -292,7 +293,6 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         config.enroll_burst,
     ))
     .max_decoding_message_size(64 * 1024);
-            max_mirror_streams: config.max_streams as usize,
     let naming = topology::Naming {
         config_rules: config.label_rules.clone(),
         operator_rules: topology::labels::OperatorRules::load(rules_store)?,

@@ -451,6 +451,17 @@ const MIRROR: &[Field<StatsView>] = &[
                 .collect()
         },
     ),
+    counter_by(
+        "tapgraph_mirror_invalid_batches",
+        "Mirror batches whose header was not believed, by field: sequence (a replay or a jump of more than 1024; the batch is dropped, its packets counted as dropped for reason invalid), time (sent_at or a capture time implausibly old or ahead; delivered, its delay not observed), counters (in-band counters claiming more loss than the lost batches held; delivered, the loss not counted).",
+        "field",
+        |m| {
+            m.invalid_batches
+                .iter()
+                .map(|(field, n)| (*field, Value::from(*n)))
+                .collect()
+        },
+    ),
 ];
 
 const DELAY_NAME: &str = "tapgraph_mirror_delay_seconds";
@@ -522,17 +533,6 @@ enum Value {
     Float(f64),
 }
 
-    counter_by(
-        "tapgraph_mirror_invalid_batches",
-        "Mirror batches whose header was not believed, by field: sequence (a replay or a jump of more than 1024; the batch is dropped, its packets counted as dropped for reason invalid), time (sent_at or a capture time implausibly old or ahead; delivered, its delay not observed), counters (in-band counters claiming more loss than the lost batches held; delivered, the loss not counted).",
-        "field",
-        |m| {
-            m.invalid_batches
-                .iter()
-                .map(|(field, n)| (*field, Value::from(*n)))
-                .collect()
-        },
-    ),
 impl From<u64> for Value {
     fn from(v: u64) -> Self {
         Self::Int(v)
@@ -990,7 +990,7 @@ mod tests {
         "tapgraph_mirror_written_packets",
         "tapgraph_mirror_written_bytes",
         "tapgraph_mirror_dropped_packets",
+        "tapgraph_mirror_invalid_batches",
         "tapgraph_mirror_delay_seconds",
     ];
 }
-        "tapgraph_mirror_invalid_batches",

@@ -252,6 +252,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         config.agent_cert_lifetime,
         registry.clone(),
         events.clone(),
+        enrollment::limits::EnrollLimits::new(config.enroll_rate, config.enroll_burst),
     )?;
     tasks.spawn("enrollment", enrollment_task);
     // Loaded before the listener serves, so the first agent already gets its stored policy.
@@ -287,12 +288,9 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         },
     ))
     .max_decoding_message_size(config.max_message_bytes);
-    let enroll = EnrollmentServiceServer::new(enrollment::service::EnrollmentApi::new(
-        enrollment.clone(),
-        config.enroll_rate,
-        config.enroll_burst,
-    ))
-    .max_decoding_message_size(64 * 1024);
+    let enroll =
+        EnrollmentServiceServer::new(enrollment::service::EnrollmentApi::new(enrollment.clone()))
+            .max_decoding_message_size(64 * 1024);
     let naming = topology::Naming {
         config_rules: config.label_rules.clone(),
         operator_rules: topology::labels::OperatorRules::load(rules_store)?,

@@ -464,6 +464,37 @@ async fn a_bad_token_flood_from_one_source_does_not_block_enrollment_from_anothe
     let (code, out) = s.enroll("good", &token, &fp);
     assert_eq!(code, 0, "{out}");
     assert_eq!(enrolled_as(&out), host());
+
+    // Successes do not count against their source: 15 hosts behind one address (a NAT) enrolling
+    // at once, more than a source's failure allowance, all get in.
+    let (fleet_token, _, _) = s.token(&["--uses", "15"]);
+    let nat = channel_from(IpAddr::from([127, 0, 0, 3]), s.controller.grpc, &fp).await;
+    let fleet = (0..15).map(|_| {
+        let mut client =
+            proto::enrollment_service_client::EnrollmentServiceClient::new(nat.clone());
+        let (_, csr_pem) = tapgraph::pki::new_key_and_csr("fleet").unwrap();
+        let token = fleet_token.clone();
+        async move {
+            client
+                .enroll(proto::EnrollRequest {
+                    token,
+                    csr_pem,
+                    hostname: "fleet".into(),
+                    machine_id: String::new(),
+                    requested_id: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().agent_id)
+        }
+    });
+    let mut ids: Vec<String> = futures::future::join_all(fleet)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|st| panic!("a fleet enrollment was refused: {st:?}")))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 15, "{ids:?}");
     assert!(
         s.controller
             .proc

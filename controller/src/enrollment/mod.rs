@@ -7,12 +7,14 @@
 //! the next free id (`vm-2`). Ids are decided in this one task, so racing enrollments are ordered.
 
 pub mod ca;
+pub mod limits;
 pub mod service;
 pub mod tokens;
 
 use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
@@ -24,6 +26,7 @@ use tonic::Status;
 use crate::events::Events;
 use crate::registry::Registry;
 use crate::store::{Batch, Store, StoreError, Table};
+use limits::EnrollLimits;
 use tokens::{Token, TokenError};
 
 const TOKENS: Table = TableDefinition::new("tokens");
@@ -121,8 +124,19 @@ pub enum EnrollError {
     Invalid(String),
     #[error("{0}")]
     Precondition(String),
+    /// A limit of `limits.rs`; the message names it and says when to retry.
+    #[error("{0}")]
+    Limited(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl EnrollError {
+    /// A refusal the caller caused (a bad token, CSR or request), which counts against its source;
+    /// a limit or the controller's own trouble does not.
+    fn is_callers_fault(&self) -> bool {
+        !matches!(self, Self::Limited(_) | Self::Store(_))
+    }
 }
 
 impl From<EnrollError> for Status {
@@ -138,6 +152,7 @@ impl From<EnrollError> for Status {
                 Status::failed_precondition(msg)
             }
             EnrollError::NotFound(_) => Status::not_found(msg),
+            EnrollError::Limited(_) => Status::resource_exhausted(msg),
             EnrollError::Store(_) => Status::unavailable(msg),
         }
     }
@@ -179,8 +194,9 @@ impl Revocations {
     }
 }
 
-/// What an agent sends to enroll.
+/// What an agent sends to enroll, and where from.
 pub struct EnrollRequest {
+    pub peer: SocketAddr,
     pub token: String,
     pub csr_pem: String,
     pub hostname: String,
@@ -289,6 +305,7 @@ impl Enrollment {
         agent_lifetime: Duration,
         registry: Registry,
         events: Events,
+        limits: EnrollLimits,
     ) -> Result<(Self, impl std::future::Future<Output = ()>), StoreError> {
         let tokens: BTreeMap<String, Token> = store
             .load::<Token>(TOKENS)?
@@ -316,6 +333,7 @@ impl Enrollment {
             revocations: revocations.clone(),
             registry,
             events,
+            limits,
             agent_lifetime,
         };
         Ok((
@@ -434,6 +452,7 @@ struct Task {
     revocations: Revocations,
     registry: Registry,
     events: Events,
+    limits: EnrollLimits,
     agent_lifetime: Duration,
 }
 
@@ -463,11 +482,7 @@ impl Task {
                     let _ = reply.send(self.revoke_token(&id));
                 }
                 Command::Enroll { request, reply } => {
-                    let result = self.enroll(&request).await;
-                    if let Err(error) = &result {
-                        tracing::warn!(hostname = %request.hostname, %error, "enrollment refused");
-                    }
-                    let _ = reply.send(result);
+                    let _ = reply.send(self.enroll_limited(&request).await);
                 }
                 Command::Renew {
                     agent_id,
@@ -611,7 +626,34 @@ impl Task {
         Ok(id.to_string())
     }
 
+    /// An enrollment within the limits; a refusal the caller caused counts against its source.
+    async fn enroll_limited(&mut self, request: &EnrollRequest) -> Result<Enrolled, EnrollError> {
+        // A refused flood is not logged per attempt: its source is, once, below.
+        self.limits
+            .admit(request.peer, Instant::now())
+            .map_err(EnrollError::Limited)?;
+        tracing::info!(peer = %request.peer, hostname = %request.hostname, "enrollment request");
+        let result = self.enroll(request).await;
+        if let Err(error) = &result {
+            tracing::warn!(peer = %request.peer, hostname = %request.hostname, %error, "enrollment refused");
+            if error.is_callers_fault() && self.limits.failed(request.peer, Instant::now()) {
+                tracing::warn!(source = %limits::source(request.peer), limit = limits::FAILURE_BURST, "enrollment source used up its failed attempts; its attempts are refused until it waits");
+            }
+        }
+        result
+    }
+
     async fn enroll(&mut self, request: &EnrollRequest) -> Result<Enrolled, EnrollError> {
+        if request.hostname.is_empty() || request.hostname.len() > 255 {
+            return Err(EnrollError::Invalid(
+                "hostname must be 1 to 255 bytes".into(),
+            ));
+        }
+        if request.machine_id.len() > 128 {
+            return Err(EnrollError::Invalid(
+                "machine_id is longer than 128 bytes".into(),
+            ));
+        }
         let (token_id, secret) = tokens::parse(&request.token)?;
         let mut token = self
             .tokens

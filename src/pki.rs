@@ -227,7 +227,9 @@ pub fn csr_key_sha256(csr_pem: &str) -> Result<String, PkiError> {
     // `from_pem` verifies the CSR's signature with its own public key.
     let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
         .map_err(|e| PkiError::BadCsr(e.to_string()))?;
-    Ok(tls::fingerprint(&rcgen::PublicKeyData::subject_public_key_info(&csr.public_key)))
+    Ok(tls::fingerprint(
+        &rcgen::PublicKeyData::subject_public_key_info(&csr.public_key),
+    ))
 }
 
 /// What a certificate says about itself.
@@ -337,10 +339,19 @@ mod tests {
         let (key, csr) = new_key_and_csr("host").unwrap();
         let again = csr_for_key(&key, "host").unwrap();
         assert_ne!(csr, again, "a new signature");
-        assert_eq!(csr_key_sha256(&csr).unwrap(), csr_key_sha256(&again).unwrap());
+        assert_eq!(
+            csr_key_sha256(&csr).unwrap(),
+            csr_key_sha256(&again).unwrap()
+        );
         let (_, other) = new_key_and_csr("host").unwrap();
-        assert_ne!(csr_key_sha256(&csr).unwrap(), csr_key_sha256(&other).unwrap());
-        assert!(matches!(csr_key_sha256("garbage"), Err(PkiError::BadCsr(_))));
+        assert_ne!(
+            csr_key_sha256(&csr).unwrap(),
+            csr_key_sha256(&other).unwrap()
+        );
+        assert!(matches!(
+            csr_key_sha256("garbage"),
+            Err(PkiError::BadCsr(_))
+        ));
     }
 
     #[test]

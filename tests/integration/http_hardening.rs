@@ -699,7 +699,7 @@ fn grpc_accept_backs_off_when_descriptors_run_out_and_accepts_again() {
         .filter(|l| l.contains("gRPC accept failed"))
         .count();
     assert!(
-        (1..=6).contains(&lines),
+        (1..=10).contains(&lines),
         "accept failures are logged once per interval, not per try: {lines} lines"
     );
 }

@@ -311,12 +311,12 @@ fn row(e: &proto::ConnectionEntry, removed: bool) -> Result<(ObsKey, ObsValue), 
     model::check_name("container", &e.container)?;
     // In scope `all` the container says more than the program: `redis-server (docker:4f1c2e9a7b3d)`.
     let process = if e.container.is_empty() {
-        name.to_string()
+        name.into()
     } else {
-        format!("{name} ({})", e.container)
+        format!("{name} ({})", e.container).into()
     };
     let key = ObsKey {
-        netns: e.netns.clone(),
+        netns: e.netns.as_str().into(),
         direction,
         local_ip: ip("local_ip", &e.local_ip)?,
         remote_ip: ip("remote_ip", &e.remote_ip)?,

@@ -41,19 +41,20 @@ pub enum Direction {
     Server,
 }
 
-/// One aggregated row as an agent reported it.
+/// One aggregated row as an agent reported it. Its names are boxed `str`s, not `String`s: the
+/// model holds each row three times (its table, the row → edge index, its edge's reporters).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObsKey {
     /// The agent's network namespace for the row, in snapshot scope `all`; empty for its own.
     /// Rows of two namespaces never merge: `127.0.0.1` in each is a different place.
     #[serde(default)]
-    pub netns: String,
+    pub netns: Box<str>,
     pub direction: Direction,
     pub local_ip: IpAddr,
     pub remote_ip: IpAddr,
     pub server_port: u16,
     pub protocol: Protocol,
-    pub process: String,
+    pub process: Box<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -351,9 +352,9 @@ fn refresh(edge: &mut Edge, value: &ObsValue, now_ms: u64) -> bool {
         .find(|obs| obs.direction == Direction::Client && !obs.process.is_empty())
         .map(|obs| &obs.process);
     if let Some(process) = process
-        && *process != edge.process
+        && **process != *edge.process
     {
-        edge.process = process.clone();
+        edge.process = process.to_string();
         changed = true;
     }
     changed
@@ -830,13 +831,13 @@ mod tests {
                 .map(|(d, local, remote, port, process, sockets)| {
                     (
                         ObsKey {
-                            netns: String::new(),
+                            netns: Box::default(),
                             direction: *d,
                             local_ip: ip(local),
                             remote_ip: ip(remote),
                             server_port: *port,
                             protocol: Protocol::Tcp,
-                            process: process.to_string(),
+                            process: (*process).into(),
                         },
                         ObsValue {
                             sockets: *sockets,
@@ -1178,7 +1179,7 @@ mod tests {
 
     fn obs(remote: &str, port: u16, protocol: Protocol) -> ObsKey {
         ObsKey {
-            netns: String::new(),
+            netns: Box::default(),
             direction: Direction::Client,
             local_ip: ip("10.0.0.1"),
             remote_ip: ip(remote),
@@ -1231,7 +1232,7 @@ mod tests {
             "port"
         );
         let mut long = obs("10.0.0.2", 443, tcp);
-        long.netns = "n".repeat(MAX_NAME + 1);
+        long.netns = "n".repeat(MAX_NAME + 1).into();
         assert_eq!(refused(long, sockets(1)).reason(), "name");
         // What real hosts do report passes.
         for key in [

@@ -56,8 +56,8 @@ const raw = {
   ],
 };
 
-function panel(id) {
-  const folded = fold(raw);
+function panel(id, graph = raw) {
+  const folded = fold(graph);
   const deps = dependencies(visibleGraph(folded), id);
   const p = new FakeNode('aside');
   const peer = (peerId) => {
@@ -84,5 +84,17 @@ describe('the side panel', () => {
     expect(text).toContain('Addresses 198.18.1.2');
     expect(text).toContain('Depends on (1)');
     expect(text).not.toMatch(/null/);
+  });
+
+  it('shows an address another agent claims too, naming both', () => {
+    const conflict = 'claimed by agents web, rogue; the map keeps it on web';
+    const claimed = structuredClone(raw);
+    claimed.nodes[1].properties.conflict = conflict;
+    claimed.nodes.push({ id: 'host:rogue', kind: 'host', name: 'rogue', properties: {} });
+    claimed.edges.push({ from: 'host:rogue', to: 'addr:198.18.1.2', kind: 'HAS_ADDRESS' });
+    for (const id of ['host:web', 'host:rogue']) {
+      expect(panel(id, claimed)).toContain(`Addresses 198.18.1.2 conflict: ${conflict}`);
+    }
+    expect(panel('host:web')).not.toContain('conflict');
   });
 });

@@ -6,6 +6,7 @@
 #   bench/map-memory.sh                       # ROWS=90000, FIVE=5, HOLD=25s, IDLE_S=30
 #   BIN=/tmp/old/bin bench/map-memory.sh      # another build's binaries (e.g. before a change)
 #   MAX_ROWS=300000 bench/map-memory.sh       # with a smaller fleet budget (topology.max_rows)
+#   SPREAD=1 bench/map-memory.sh              # every row to a far end of its own: an edge per row
 #
 # Prints one line per step: RSS idle; the highest RSS while one agent sends its table, and once it
 # has gone; the highest while FIVE agents send theirs; RSS IDLE_S seconds after they stopped; and
@@ -19,6 +20,7 @@ FIVE=${FIVE:-5}
 HOLD=${HOLD:-25s}
 IDLE_S=${IDLE_S:-30}
 MAX_ROWS=${MAX_ROWS:-}
+SPREAD=${SPREAD:-0}
 
 for tool in python3 curl; do
   command -v "$tool" >/dev/null || { echo "bench/map-memory.sh: $tool is missing" >&2; exit 1; }
@@ -52,6 +54,8 @@ peak_while() {
 
 grpc=$(free_port); http=$(free_port)
 budget=()
+spread=()
+[ "$SPREAD" = 1 ] && spread=(--spread)
 [ -n "$MAX_ROWS" ] && budget=(TAPGRAPH_TOPOLOGY__MAX_ROWS="$MAX_ROWS")
 env TAPGRAPH_ENROLLMENT__RATE=1000 TAPGRAPH_ENROLLMENT__BURST=1000 TAPGRAPH_LOG__LEVEL=warn \
   "${budget[@]}" "$BIN/tapgraph-controller" --state-dir "$work/controller" \
@@ -69,7 +73,7 @@ sleep 3
 fleet() { # PREFIX AGENTS
   "$BIN/tapgraph-loadgen" --controller "127.0.0.1:$grpc" --server-name 127.0.0.1 --token "$tok" \
     --ca-fingerprint "$fp" --prefix "$1" --agents "$2" --entries "$ROWS" --duration "$HOLD" \
-    --json >"$work/report-$1.json" 2>"$work/loadgen-$1.err" &
+    "${spread[@]}" --json >"$work/report-$1.json" 2>"$work/loadgen-$1.err" &
   local gen=$!
   peak_while "$ctl_pid" "$gen"
   wait "$gen" || echo "bench/map-memory.sh: loadgen failed: $(tail -c 300 "$work/loadgen-$1.err")" >&2

@@ -57,6 +57,10 @@ struct Cli {
     /// Connection-table rows per agent; 0: idle agents (Hello and control records, no snapshots).
     #[arg(long, default_value_t = 200)]
     entries: usize,
+    /// Every row to an address of its own outside the fleet, so each row is an edge of its own:
+    /// the heaviest map a table of --entries rows can make.
+    #[arg(long)]
+    spread: bool,
     /// Share of rows that change between two snapshots.
     #[arg(long, default_value_t = 0.05)]
     churn: f64,
@@ -125,6 +129,7 @@ struct Settings {
     fingerprint: String,
     agents: usize,
     entries: usize,
+    spread: bool,
     churn: f64,
     mirror_batches: u32,
     state_dir: Option<PathBuf>,
@@ -267,7 +272,13 @@ async fn agent(
         }
     };
     let mut rng = SmallRng::seed_from_u64(index as u64);
-    let mut table = synth::Table::new(index, settings.agents, settings.entries, &mut rng);
+    let mut table = synth::Table::new(
+        index,
+        settings.agents,
+        settings.entries,
+        settings.spread,
+        &mut rng,
+    );
     let mut sequence = 0u64;
     let mut control_sequence = 0u64;
     let mut policy_version = 0u64;
@@ -480,6 +491,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         fingerprint,
         agents: cli.agents,
         entries: cli.entries,
+        spread: cli.spread,
         churn: cli.churn,
         mirror_batches: cli.mirror_batches,
         state_dir: cli.state_dir.clone(),

@@ -28,6 +28,8 @@ pub struct Table {
     pub entries: Vec<proto::ConnectionEntry>,
     pub listeners: Vec<proto::ListeningService>,
     next_ephemeral: u32,
+    /// Every row to a far end of its own: an edge per row, the heaviest map a table can make.
+    spread: bool,
 }
 
 fn process(name: &str, pid: u32) -> Option<proto::ProcessInfo> {
@@ -52,8 +54,14 @@ fn outbound(local: &str, remote: String, port: u32, name: &str) -> proto::Connec
 }
 
 impl Table {
-    /// Agent `me` of `agents`, with `entries` rows.
-    pub fn new(me: usize, agents: usize, entries: usize, rng: &mut SmallRng) -> Table {
+    /// Agent `me` of `agents`, with `entries` rows; with `spread` each to a far end of its own.
+    pub fn new(
+        me: usize,
+        agents: usize,
+        entries: usize,
+        spread: bool,
+        rng: &mut SmallRng,
+    ) -> Table {
         let local = address(me);
         let mut listeners: Vec<proto::ListeningService> = CLUSTER_PORTS
             .iter()
@@ -80,6 +88,7 @@ impl Table {
             entries: Vec::with_capacity(entries),
             listeners,
             next_ephemeral: 0,
+            spread,
         };
         // Every host uses every hub (one row each), then its cluster, then the outside world.
         for (h, port) in HUB_PORTS.iter().enumerate().take(agents.min(HUBS)) {
@@ -101,6 +110,11 @@ impl Table {
         let local = address(self.me);
         self.next_ephemeral += 1;
         let n = self.next_ephemeral;
+        if self.spread {
+            // 100.64.0.0/10: addresses no agent of the fleet has.
+            let far = format!("100.{}.{}.{}", 64 + (n >> 16) % 64, (n >> 8) % 256, n % 256);
+            return outbound(&local, far, 443, &format!("fetch-{n}"));
+        }
         if rng.random_bool(0.8) {
             let base = self.me / CLUSTER * CLUSTER;
             let size = CLUSTER.min(self.agents - base);
@@ -146,7 +160,7 @@ mod tests {
     #[test]
     fn tables_have_the_size_asked_and_use_the_hubs() {
         let mut rng = SmallRng::seed_from_u64(1);
-        let t = Table::new(25, 100, 200, &mut rng);
+        let t = Table::new(25, 100, 200, false, &mut rng);
         assert_eq!(t.entries.len(), 200);
         assert_eq!(address(25), "10.0.1.6");
         for (h, port) in HUB_PORTS.iter().enumerate() {
@@ -167,7 +181,7 @@ mod tests {
     #[test]
     fn churn_keeps_the_size_and_reports_both_sides() {
         let mut rng = SmallRng::seed_from_u64(2);
-        let mut t = Table::new(3, 50, 200, &mut rng);
+        let mut t = Table::new(3, 50, 200, false, &mut rng);
         let (added, removed) = t.churn(0.05, &mut rng);
         assert_eq!((added.len(), removed.len()), (10, 10));
         assert_eq!(t.entries.len(), 200);

@@ -882,7 +882,8 @@ mod memory_probe {
     //! Where a large snapshot's memory goes, stage by stage (BENCHMARKS.md, "The map's memory"):
     //! `PROBE_COLLECT=1 cargo test --release -p tapgraph-controller memory_probe -- --ignored
     //! --nocapture`. With PROBE_COLLECT the allocator returns what is free before each reading,
-    //! so RSS follows live memory; PROBE_ROWS (90,000) and PROBE_AGENTS (1) size the tables.
+    //! so RSS follows live memory; PROBE_ROWS (90,000) and PROBE_AGENTS (1) size the tables, and
+    //! PROBE_DISTINCT gives every row its own far end (an edge each).
     use super::*;
     use prost::Message;
 
@@ -892,13 +893,17 @@ mod memory_probe {
         pages * 4096.0 / 1e6
     }
 
+    /// Rows like the loadgen's (few far ends: 81 edges), or with PROBE_DISTINCT one edge each.
     fn snapshot(agent: usize, rows: usize) -> proto::ConnectionSnapshot {
+        let distinct = std::env::var_os("PROBE_DISTINCT").is_some();
         let local = format!("10.0.{}.{}", agent / 200, agent % 200 + 1);
         let entries = (0..rows)
             .map(|n| proto::ConnectionEntry {
                 direction: proto::Direction::Client as i32,
                 local_ip: local.clone(),
-                remote_ip: if n % 5 == 0 {
+                remote_ip: if distinct {
+                    format!("10.{}.{}.{}", 100 + n / 62_500, n / 250 % 250, n % 250 + 1)
+                } else if n % 5 == 0 {
                     format!("203.0.113.{}", n % 64 + 1)
                 } else {
                     format!("10.0.0.{}", n % 20 + 1)

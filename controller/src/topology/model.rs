@@ -135,7 +135,96 @@ pub struct Edge {
     pub short_lived: bool,
     /// Current observations (agent, row) backing this edge; empty once they are gone.
     #[serde(skip)]
-    pub reporters: BTreeMap<(AgentId, ObsKey), u32>,
+    pub reporters: Reporters,
+}
+
+/// An observation backing an edge: the agent and its row.
+pub type Reporter = (AgentId, ObsKey);
+
+/// Up to this many reporters an edge keeps them in a sorted vector.
+const FEW: usize = 8;
+
+/// The observations backing an edge, with their socket counts, in key order. Most edges have one
+/// or two (a client row and a server row) and a B-tree allocates room for eleven at its first
+/// insert, 1.3 KB with these keys: a map of one row per edge cost three times more than its
+/// rows. A few live in a sorted vector; a hub's thousands in a B-tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reporters {
+    Few(Vec<(Reporter, u32)>),
+    Many(BTreeMap<Reporter, u32>),
+}
+
+impl Default for Reporters {
+    fn default() -> Self {
+        Reporters::Few(Vec::new())
+    }
+}
+
+impl Reporters {
+    pub fn len(&self) -> usize {
+        match self {
+            Reporters::Few(v) => v.len(),
+            Reporters::Many(m) => m.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn insert(&mut self, reporter: Reporter, sockets: u32) {
+        match self {
+            Reporters::Few(v) => match v.binary_search_by(|(r, _)| r.cmp(&reporter)) {
+                Ok(i) => v[i].1 = sockets,
+                Err(i) if v.len() < FEW => v.insert(i, (reporter, sockets)),
+                Err(_) => {
+                    let mut m: BTreeMap<Reporter, u32> = std::mem::take(v).into_iter().collect();
+                    m.insert(reporter, sockets);
+                    *self = Reporters::Many(m);
+                }
+            },
+            Reporters::Many(m) => {
+                m.insert(reporter, sockets);
+            }
+        }
+    }
+
+    pub fn remove(&mut self, reporter: &Reporter) {
+        match self {
+            Reporters::Few(v) => {
+                if let Ok(i) = v.binary_search_by(|(r, _)| r.cmp(reporter)) {
+                    v.remove(i);
+                }
+            }
+            Reporters::Many(m) => {
+                m.remove(reporter);
+                // Back to a vector well below the switch, so an edge at the boundary does not
+                // go back and forth.
+                if m.len() <= FEW / 2 {
+                    *self = Reporters::Few(std::mem::take(m).into_iter().collect());
+                }
+            }
+        }
+    }
+
+    /// The largest socket count reported.
+    pub fn max_sockets(&self) -> Option<u32> {
+        match self {
+            Reporters::Few(v) => v.iter().map(|(_, n)| *n).max(),
+            Reporters::Many(m) => m.values().copied().max(),
+        }
+    }
+
+    /// The process of the last client row, in key order, that names one.
+    fn last_client_process(&self) -> Option<&str> {
+        let client =
+            |(_, obs): &&Reporter| obs.direction == Direction::Client && !obs.process.is_empty();
+        let found = match self {
+            Reporters::Few(v) => v.iter().rev().map(|(r, _)| r).find(client),
+            Reporters::Many(m) => m.keys().rev().find(client),
+        };
+        found.map(|(_, obs)| &*obs.process)
+    }
 }
 
 impl Edge {
@@ -344,15 +433,8 @@ fn refresh(edge: &mut Edge, value: &ObsValue, now_ms: u64) -> bool {
     let short_lived = value.short_lived && edge.reporters.len() == 1;
     let mut changed = short_lived != edge.short_lived;
     edge.short_lived = short_lived;
-    let process = edge
-        .reporters
-        .keys()
-        .rev()
-        .map(|(_, obs)| obs)
-        .find(|obs| obs.direction == Direction::Client && !obs.process.is_empty())
-        .map(|obs| &obs.process);
-    if let Some(process) = process
-        && **process != *edge.process
+    if let Some(process) = edge.reporters.last_client_process()
+        && *process != *edge.process
     {
         edge.process = process.to_string();
         changed = true;
@@ -530,7 +612,7 @@ impl Model {
                 last_seen_ms: now_ms,
                 control_plane: false,
                 short_lived: false,
-                reporters: BTreeMap::new(),
+                reporters: Reporters::default(),
             }
         });
         let before = (edge.sockets, edge.control_plane, edge.short_lived);
@@ -538,7 +620,7 @@ impl Model {
         edge.reporters.insert(id.clone(), value.sockets);
         edge.control_plane |= value.control_plane;
         // Both ends see the same sockets: the larger count, never the sum.
-        edge.sockets = edge.reporters.values().copied().max().unwrap_or(0);
+        edge.sockets = edge.reporters.max_sockets().unwrap_or(0);
         changed |= refresh(edge, value, now_ms);
         if changed || before != (edge.sockets, edge.control_plane, edge.short_lived) {
             ch.edges_upserted.insert(key.clone());
@@ -595,12 +677,7 @@ impl Model {
         }
         if let Some(edge) = self.edges.get_mut(&key) {
             edge.reporters.remove(&id);
-            let sockets = edge
-                .reporters
-                .values()
-                .copied()
-                .max()
-                .unwrap_or(edge.sockets);
+            let sockets = edge.reporters.max_sockets().unwrap_or(edge.sockets);
             if sockets != edge.sockets || edge.reporters.is_empty() {
                 edge.sockets = sockets;
                 ch.edges_upserted.insert(key);
@@ -999,7 +1076,7 @@ mod tests {
         let mut m = Model::default();
         m.restore_edge(Edge {
             last_seen_ms,
-            reporters: BTreeMap::new(),
+            reporters: Reporters::default(),
             ..edge.clone()
         });
         m
@@ -1336,5 +1413,42 @@ mod tests {
             m.keyed["a"].capacity()
         );
         assert_eq!(m.by_remote[&ip("203.0.113.7")]["a"], 3);
+    }
+
+    #[test]
+    fn reporters_keep_key_order_whether_few_or_many() {
+        let reporter = |n: u16, direction: Direction| {
+            let mut o = obs("10.0.0.2", 443, Protocol::Tcp);
+            o.direction = direction;
+            o.process = format!("p{n:02}").into();
+            (format!("a{}", n % 3), o)
+        };
+        let mut r = Reporters::default();
+        let mut truth = BTreeMap::new();
+        for n in [5u16, 1, 19, 3, 12, 7, 0, 15, 9, 2, 18, 11, 4, 16] {
+            let direction = if n % 4 == 0 {
+                Direction::Server
+            } else {
+                Direction::Client
+            };
+            r.insert(reporter(n, direction), u32::from(n));
+            truth.insert(reporter(n, direction), u32::from(n));
+            let last = truth
+                .keys()
+                .rev()
+                .find(|(_, o)| o.direction == Direction::Client)
+                .map(|(_, o)| &*o.process);
+            assert_eq!(r.last_client_process(), last, "after {n}");
+            assert_eq!(r.max_sockets(), truth.values().copied().max());
+            assert_eq!(r.len(), truth.len());
+        }
+        assert!(matches!(r, Reporters::Many(_)));
+        for k in truth.keys().cloned().collect::<Vec<_>>() {
+            r.remove(&k);
+            truth.remove(&k);
+            assert_eq!(r.len(), truth.len());
+            assert_eq!(r.max_sockets(), truth.values().copied().max());
+        }
+        assert_eq!(r, Reporters::Few(Vec::new()));
     }
 }

@@ -149,17 +149,31 @@ impl Browser {
     fn text(&self, css: &str) -> String {
         let (c, sel) = (self.client(), css.to_string());
         self.run(async move {
-            let e = find(&c, &sel).await?;
-            e.text().await
+            let mut tries = 0;
+            loop {
+                let e = find(&c, &sel).await?;
+                match e.text().await {
+                    Err(err) if err.is_stale_element_reference() && tries < 5 => tries += 1,
+                    done => return done,
+                }
+            }
         })
         .unwrap_or_else(|e| panic!("text of {css}: {e}"))
     }
 
+    /// Clicks what `css` selects. The console re-renders a panel on every live refresh, so an
+    /// element found a moment ago can be gone by the click: then it is found again.
     fn click(&self, css: &str) {
         let (c, sel) = (self.client(), css.to_string());
         self.run(async move {
-            let e = find(&c, &sel).await?;
-            e.click().await
+            let mut tries = 0;
+            loop {
+                let e = find(&c, &sel).await?;
+                match e.click().await {
+                    Err(err) if err.is_stale_element_reference() && tries < 5 => tries += 1,
+                    done => return done,
+                }
+            }
         })
         .unwrap_or_else(|e| panic!("click {css}: {e}"));
     }

@@ -220,9 +220,45 @@ impl AcceptFailures {
     }
 }
 
+/// At most this many TLS handshakes are in progress at once; a connection past it is closed at
+/// once. A slow-handshake flood on the gRPC port then holds a bounded number of descriptors (each
+/// for at most the handshake timeout), and a healthy fleet's handshakes take milliseconds, so even
+/// thousands of agents reconnecting together stay far below it.
+pub const MAX_HANDSHAKES: usize = 1024;
+
+/// Refused, timed-out and over-the-cap handshakes, logged at most once per [`ACCEPT_LOG_EVERY`]
+/// per kind with how many the line stands for: a handshake flood must not become a log flood.
+#[derive(Default)]
+struct HandshakeFailures {
+    kinds: std::sync::Mutex<[(Option<std::time::Instant>, u64); 3]>,
+}
+
+#[derive(Clone, Copy)]
+enum HandshakeFailure {
+    Refused = 0,
+    TimedOut = 1,
+    OverCap = 2,
+}
+
+impl HandshakeFailures {
+    /// `Some(n)`: log this one, standing for `n` failures of its kind (itself included).
+    fn admit(&self, kind: HandshakeFailure) -> Option<u64> {
+        // A poisoned lock only means a panic elsewhere mid-update of two counters: still usable.
+        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let (logged_at, since) = &mut kinds[kind as usize];
+        *since += 1;
+        if logged_at.is_some_and(|at| at.elapsed() < ACCEPT_LOG_EVERY) {
+            return None;
+        }
+        *logged_at = Some(std::time::Instant::now());
+        Some(std::mem::take(since))
+    }
+}
+
 /// Accepts TCP connections on `listener` and yields those whose TLS handshake (including client
 /// certificate verification) succeeds within `handshake_timeout`. Refused handshakes are logged with
-/// the peer address and the reason. Accepting stops when the returned stream is dropped.
+/// the peer address and the reason (at most once per 10 s per kind, with how many there were).
+/// Accepting stops when the returned stream is dropped.
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
@@ -233,6 +269,8 @@ pub fn tls_incoming(
     tokio::spawn(async move {
         let mut backoff = accept_backoff().start();
         let mut failures = AcceptFailures::default();
+        let handshake_failures = Arc::new(HandshakeFailures::default());
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -252,10 +290,18 @@ pub fn tls_incoming(
                     continue;
                 }
             };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                if let Some(count) = handshake_failures.admit(HandshakeFailure::OverCap) {
+                    tracing::warn!(peer = %remote_addr, count, limit = MAX_HANDSHAKES, "TLS handshakes at the cap; connection closed");
+                }
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let log = handshake_failures.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(ReadAhead::new(tcp)))
                     .await
                 {
@@ -274,10 +320,14 @@ pub fn tls_incoming(
                         let _ = tx.send(Ok(TlsIo { stream, info })).await;
                     }
                     Ok(Err(error)) => {
-                        tracing::warn!(peer = %remote_addr, %error, "TLS handshake refused");
+                        if let Some(count) = log.admit(HandshakeFailure::Refused) {
+                            tracing::warn!(peer = %remote_addr, %error, count, "TLS handshake refused");
+                        }
                     }
                     Err(_) => {
-                        tracing::warn!(peer = %remote_addr, timeout = ?handshake_timeout, "TLS handshake timed out");
+                        if let Some(count) = log.admit(HandshakeFailure::TimedOut) {
+                            tracing::warn!(peer = %remote_addr, timeout = ?handshake_timeout, count, "TLS handshake timed out");
+                        }
                     }
                 }
             });
@@ -355,6 +405,86 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[test]
+    fn a_handshake_flood_is_one_log_line_per_kind_and_interval() {
+        let log = HandshakeFailures::default();
+        assert_eq!(
+            log.admit(HandshakeFailure::TimedOut),
+            Some(1),
+            "the first is logged"
+        );
+        for _ in 0..500 {
+            assert_eq!(log.admit(HandshakeFailure::TimedOut), None);
+        }
+        // Another kind has its own interval.
+        assert_eq!(log.admit(HandshakeFailure::Refused), Some(1));
+        // Once the interval has passed, the next line stands for everything since the last one.
+        log.kinds.lock().unwrap()[HandshakeFailure::TimedOut as usize].0 =
+            std::time::Instant::now().checked_sub(ACCEPT_LOG_EVERY);
+        assert_eq!(log.admit(HandshakeFailure::TimedOut), Some(501));
+        assert_eq!(log.admit(HandshakeFailure::TimedOut), None);
+    }
+
+    #[tokio::test]
+    async fn handshakes_past_the_cap_are_closed_and_the_rest_go_on() {
+        // Both ends of MAX_HANDSHAKES + 1 connections live in this process.
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let need = 3 * MAX_HANDSHAKES as u64;
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        if soft < need && setrlimit(Resource::RLIMIT_NOFILE, need.min(hard), hard).is_err()
+            || need > hard
+        {
+            eprintln!(
+                "SKIPPED handshakes_past_the_cap_are_closed_and_the_rest_go_on: needs {need} file \
+                 descriptors, the hard limit is {hard}"
+            );
+            return;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ca = crate::pki::CertAuthority::generate("test CA", Duration::from_secs(3600)).unwrap();
+        let leaf = ca
+            .issue(
+                &Identity::operator("test").unwrap(),
+                &["127.0.0.1".into()],
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let chain = crate::tls::parse_certs(leaf.cert_pem.as_bytes()).unwrap();
+        let key = crate::tls::parse_key(leaf.key_pem.as_bytes()).unwrap();
+        let roots = crate::tls::roots_from_pem(ca.cert_pem().as_bytes()).unwrap();
+        let config = crate::tls::server_config(chain, key, roots).unwrap();
+        let _incoming = tls_incoming(listener, config, Duration::from_secs(30));
+        // MAX_HANDSHAKES silent clients hold every handshake slot...
+        let mut silent = Vec::new();
+        for _ in 0..MAX_HANDSHAKES {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // ... so the next connection is closed at once, without waiting for the timeout.
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(20), extra.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a connection past the cap must be closed: {read:?}"
+        );
+        // Freeing slots lets new connections wait for their handshake again.
+        silent.clear();
+        let mut later = None;
+        for _ in 0..100 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let r = tokio::time::timeout(Duration::from_millis(200), c.read(&mut buf)).await;
+            if r.is_err() {
+                later = Some(c);
+                break;
+            }
+        }
+        assert!(
+            later.is_some(),
+            "after the flood, a connection waits for its handshake"
+        );
+    }
 
     #[tokio::test]
     async fn a_stream_is_read_whole_and_in_order_in_small_reads() {

@@ -379,12 +379,19 @@ async fn enroll_once(config: &AgentConfig) -> ExitCode {
                     .iter()
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect();
-                println!("  labels:      {}", labels.join(","));
+                println!(
+                    "  labels:      {}",
+                    tapgraph::text::escape(&labels.join(","))
+                );
             }
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("tapgraph-agent: {error}");
+            // The error may quote the controller's words: no control character reaches the terminal.
+            eprintln!(
+                "tapgraph-agent: {}",
+                tapgraph::text::escape(&error.to_string())
+            );
             ExitCode::FAILURE
         }
     }

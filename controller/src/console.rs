@@ -208,41 +208,73 @@ impl Guesses {
         (tokens + refill).min(f64::from(self.per_minute))
     }
 
-    /// `Err(wait)` while `source` may present no token: its bucket is empty for `wait` more.
-    pub fn check(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
+    /// Verifies a token `source` presents with `verify` (synchronous: a hash and a lookup). One
+    /// of the source's bad-token allowance is taken before, under the same lock as the look at
+    /// its bucket, and given back when the token verifies: however many requests a source sends
+    /// at once, no more of its guesses are verified than its bucket holds. An empty bucket is
+    /// [`Verdict::Held`] and nothing is verified.
+    pub fn attempt<T>(
+        &self,
+        source: IpAddr,
+        now: Instant,
+        verify: impl FnOnce() -> Option<T>,
+    ) -> Verdict<T> {
         let source = crate::http::source_of(source);
-        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(bucket) = buckets.get(&source) else {
-            return Ok(());
+        let full = f64::from(self.per_minute);
+        // `Some(limited)`: taken from a tracked bucket, which a failure leaves empty or not.
+        let taken = {
+            let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+            let level = buckets
+                .get(&source)
+                .map_or(full, |bucket| self.level(*bucket, now));
+            if level < 1.0 {
+                return Verdict::Held(Duration::from_secs_f64(
+                    (1.0 - level) * 60.0 / f64::from(self.per_minute),
+                ));
+            }
+            if !buckets.contains_key(&source) && buckets.len() >= MAX_SOURCES {
+                buckets.retain(|_, b| self.level(*b, now) < full);
+            }
+            (buckets.contains_key(&source) || buckets.len() < MAX_SOURCES).then(|| {
+                buckets.insert(source, (level - 1.0, now));
+                level - 1.0 < 1.0
+            })
         };
-        let level = self.level(*bucket, now);
-        if level >= 1.0 {
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - level) * 60.0 / f64::from(self.per_minute),
-            ))
+        match verify() {
+            Some(good) => {
+                if taken.is_some() {
+                    self.give_back(source, now);
+                }
+                Verdict::Good(good)
+            }
+            None => Verdict::Bad { limited: taken },
         }
     }
 
-    /// Counts one bad token from `source`: whether its bucket is now empty, or `None` when too
-    /// many sources are limited to track one more.
-    pub fn failed(&self, source: IpAddr, now: Instant) -> Option<bool> {
-        let source = crate::http::source_of(source);
+    /// Returns the allowance a good token took; a full bucket is forgotten.
+    fn give_back(&self, source: IpAddr, now: Instant) {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if !buckets.contains_key(&source) && buckets.len() >= MAX_SOURCES {
-            let full = f64::from(self.per_minute);
-            buckets.retain(|_, b| self.level(*b, now) < full);
-            if buckets.len() >= MAX_SOURCES {
-                return None;
+        if let Some(bucket) = buckets.get_mut(&source) {
+            let level = self.level(*bucket, now) + 1.0;
+            if level >= f64::from(self.per_minute) {
+                buckets.remove(&source);
+            } else {
+                *bucket = (level, now);
             }
         }
-        let full = (f64::from(self.per_minute), now);
-        let level = self.level(*buckets.get(&source).unwrap_or(&full), now);
-        let left = (level - 1.0).max(0.0);
-        buckets.insert(source, (left, now));
-        Some(left < 1.0)
     }
+}
+
+/// What [`Guesses::attempt`] came to.
+#[derive(Debug, PartialEq)]
+pub enum Verdict<T> {
+    /// The token verified; what it took from the source's allowance was given back.
+    Good(T),
+    /// It did not, and was charged: `limited` says whether the source's bucket is now empty, or
+    /// is `None` when too many sources are limited to track one more.
+    Bad { limited: Option<bool> },
+    /// The source's bucket is empty for this long: nothing was verified.
+    Held(Duration),
 }
 
 /// The token of an `Authorization: Bearer` header.
@@ -286,15 +318,13 @@ pub async fn guard(State(access): State<Access>, request: Request, next: Next) -
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     if let (true, Some(wanted)) = (path == "/metrics", &access.metrics_token) {
-        let matches = bearer(request.headers()).map(|t| hash(t) == *wanted);
-        if matches.is_some() && access.guesses.check(peer, Instant::now()).is_err() {
-            return too_many(&access);
-        }
-        if matches == Some(true) {
-            return next.run(request).await;
-        }
-        if matches.is_some() {
-            bad_token(&access, peer, &path);
+        if let Some(presented) = bearer(request.headers()) {
+            let verify = || (hash(presented) == *wanted).then_some(());
+            match access.guesses.attempt(peer, Instant::now(), verify) {
+                Verdict::Good(()) => return next.run(request).await,
+                Verdict::Held(wait) => return too_many(&access, wait),
+                Verdict::Bad { limited } => bad_token(&access, peer, &path, limited),
+            }
         }
         let mut r = (StatusCode::UNAUTHORIZED, "a bearer token is required\n").into_response();
         r.headers_mut().insert(
@@ -313,36 +343,46 @@ pub async fn guard(State(access): State<Access>, request: Request, next: Next) -
         let query = query_token(request.uri()).map(str::to_string);
         if presented.is_none() && query.is_none() {
             unauthorized(&path)
-        } else if access.guesses.check(peer, Instant::now()).is_err() {
-            too_many(&access)
-        } else if presented
-            .as_deref()
-            .is_some_and(|t| access.tokens.check(t).is_some())
-        {
-            next.run(request).await
-        } else if let Some((text, token)) =
-            query.and_then(|text| Some((text.clone(), access.tokens.check(&text)?)))
-        {
-            let max_age = token.expires_at_ms.saturating_sub(now_ms()) / 1000;
-            let secure = if access.secure { "; Secure" } else { "" };
-            let cookie = format!(
-                "{COOKIE}={text}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
-            );
-            let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
-            if let Ok(v) = HeaderValue::from_str(&cookie) {
-                r.headers_mut().insert(header::SET_COOKIE, v);
-            }
-            r
         } else {
-            bad_token(&access, peer, &path);
-            let mut r = unauthorized(&path);
-            // A stale cookie is sent with every request: forget it, so one page load is one failure.
-            let secure = if access.secure { "; Secure" } else { "" };
-            let clear = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}");
-            if let Ok(v) = HeaderValue::from_str(&clear) {
-                r.headers_mut().insert(header::SET_COOKIE, v);
+            let verify = || {
+                if presented
+                    .as_deref()
+                    .is_some_and(|t| access.tokens.check(t).is_some())
+                {
+                    return Some(Pass::Presented);
+                }
+                let text = query?;
+                let token = access.tokens.check(&text)?;
+                Some(Pass::Query(text, token))
+            };
+            match access.guesses.attempt(peer, Instant::now(), verify) {
+                Verdict::Held(wait) => too_many(&access, wait),
+                Verdict::Good(Pass::Presented) => next.run(request).await,
+                Verdict::Good(Pass::Query(text, token)) => {
+                    let max_age = token.expires_at_ms.saturating_sub(now_ms()) / 1000;
+                    let secure = if access.secure { "; Secure" } else { "" };
+                    let cookie = format!(
+                        "{COOKIE}={text}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+                    );
+                    let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
+                    if let Ok(v) = HeaderValue::from_str(&cookie) {
+                        r.headers_mut().insert(header::SET_COOKIE, v);
+                    }
+                    r
+                }
+                Verdict::Bad { limited } => {
+                    bad_token(&access, peer, &path, limited);
+                    let mut r = unauthorized(&path);
+                    // A stale cookie is sent with every request: forget it, so one page load is one failure.
+                    let secure = if access.secure { "; Secure" } else { "" };
+                    let clear =
+                        format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}");
+                    if let Ok(v) = HeaderValue::from_str(&clear) {
+                        r.headers_mut().insert(header::SET_COOKIE, v);
+                    }
+                    r
+                }
             }
-            r
         }
     };
     let headers = response.headers_mut();
@@ -360,10 +400,17 @@ pub async fn guard(State(access): State<Access>, request: Request, next: Next) -
     response
 }
 
-/// Counts and logs a bad token, naming the source and the path, never the token.
-fn bad_token(access: &Access, peer: IpAddr, path: &str) {
+/// A console token that verified: the one the request carries, or `?token=` (a cookie is set).
+enum Pass {
+    Presented,
+    Query(String, ConsoleToken),
+}
+
+/// Counts and logs a bad token, naming the source and the path, never the token; `limited` as
+/// [`Verdict::Bad`] has it.
+fn bad_token(access: &Access, peer: IpAddr, path: &str, limited: Option<bool>) {
     access.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-    match access.guesses.failed(peer, Instant::now()) {
+    match limited {
         Some(limited) => tracing::warn!(
             source = %peer,
             path,
@@ -383,10 +430,10 @@ fn bad_token(access: &Access, peer: IpAddr, path: &str) {
     }
 }
 
-/// 429 to a source that presented too many bad tokens.
-fn too_many(access: &Access) -> Response {
+/// 429 to a source that presented too many bad tokens; it may try again after `wait`.
+fn too_many(access: &Access, wait: Duration) -> Response {
     access.stats.auth_limited.fetch_add(1, Ordering::Relaxed);
-    let wait = 60 / access.guesses.per_minute.max(1);
+    let wait = wait.as_secs_f64().ceil() as u64;
     let mut r = (
         StatusCode::TOO_MANY_REQUESTS,
         "too many bad access tokens from this address; try again later\n",
@@ -523,28 +570,115 @@ mod tests {
         assert_eq!(t.list().len(), 1, "expired ones are not listed");
     }
 
+    /// A bad token from `source` at `now`.
+    fn guess(g: &Guesses, source: IpAddr, now: Instant) -> Verdict<()> {
+        g.attempt(source, now, || None)
+    }
+
     #[test]
     fn bad_tokens_are_limited_per_source_and_refill() {
         let g = Guesses::new(3);
         let t0 = Instant::now();
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        assert_eq!(g.failed(a, t0), Some(false));
-        assert_eq!(g.failed(a, t0), Some(false));
-        assert!(g.check(a, t0).is_ok());
-        assert_eq!(g.failed(a, t0), Some(true), "the third empties the bucket");
-        let wait = g.check(a, t0).unwrap_err();
+        let bad = |limited| Verdict::Bad {
+            limited: Some(limited),
+        };
+        assert_eq!(guess(&g, a, t0), bad(false));
+        assert_eq!(guess(&g, a, t0), bad(false));
+        assert_eq!(guess(&g, a, t0), bad(true), "the third empties the bucket");
+        let Verdict::Held(wait) = guess(&g, a, t0) else {
+            panic!("an empty bucket verifies nothing");
+        };
         assert!(wait <= Duration::from_secs(20), "{wait:?}");
-        assert!(g.check(b, t0).is_ok(), "another source is not held up");
-        assert!(
-            g.check(a, t0 + Duration::from_secs(20)).is_ok(),
+        assert_eq!(
+            g.attempt(a, t0, || Some(())),
+            Verdict::Held(wait),
+            "not even a good token"
+        );
+        assert_eq!(
+            guess(&g, b, t0),
+            bad(false),
+            "another source is not held up"
+        );
+        assert_eq!(
+            guess(&g, a, t0 + Duration::from_secs(20)),
+            bad(true),
             "one refills in 20 s"
         );
         // One IPv6 /64 is one source.
         let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
         for _ in 0..3 {
-            g.failed(v6("2001:db8::1"), t0);
+            guess(&g, v6("2001:db8::1"), t0);
         }
-        assert!(g.check(v6("2001:db8::ffff"), t0).is_err());
+        assert!(matches!(
+            guess(&g, v6("2001:db8::ffff"), t0),
+            Verdict::Held(_)
+        ));
+    }
+
+    #[test]
+    fn good_tokens_give_back_what_they_took() {
+        let g = Guesses::new(3);
+        let t0 = Instant::now();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        for n in 0..100 {
+            assert_eq!(g.attempt(a, t0, || Some(n)), Verdict::Good(n));
+        }
+        assert_eq!(
+            guess(&g, a, t0),
+            Verdict::Bad {
+                limited: Some(false)
+            }
+        );
+        assert_eq!(g.attempt(a, t0, || Some(1)), Verdict::Good(1));
+        assert_eq!(
+            guess(&g, a, t0),
+            Verdict::Bad {
+                limited: Some(false)
+            }
+        );
+        assert_eq!(
+            guess(&g, a, t0),
+            Verdict::Bad {
+                limited: Some(true)
+            }
+        );
+    }
+
+    /// Many requests from one source at once, each with a bad token that takes a while to
+    /// verify: no more are verified than the bucket holds. Checking the bucket and charging it
+    /// in two steps let every request in flight through the check first.
+    #[test]
+    fn concurrent_guesses_verify_no_more_than_the_budget() {
+        const PER_MINUTE: usize = 10;
+        const AT_ONCE: usize = 64;
+        let g = Guesses::new(PER_MINUTE as u32);
+        let t0 = Instant::now();
+        let source: IpAddr = "10.0.0.1".parse().unwrap();
+        let verified = std::sync::atomic::AtomicUsize::new(0);
+        let start = std::sync::Barrier::new(AT_ONCE);
+        let verdicts: Vec<Verdict<()>> = std::thread::scope(|s| {
+            let guessing: Vec<_> = (0..AT_ONCE)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        g.attempt(source, t0, || {
+                            verified.fetch_add(1, Ordering::SeqCst);
+                            // A slow check: the other requests arrive meanwhile.
+                            std::thread::sleep(Duration::from_millis(20));
+                            None
+                        })
+                    })
+                })
+                .collect();
+            guessing.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert_eq!(verified.load(Ordering::SeqCst), PER_MINUTE);
+        let held = verdicts
+            .iter()
+            .filter(|v| matches!(v, Verdict::Held(_)))
+            .count();
+        assert_eq!(held, AT_ONCE - PER_MINUTE);
     }
 
     #[test]
@@ -553,18 +687,30 @@ mod tests {
         let t0 = Instant::now();
         for n in 0..MAX_SOURCES as u32 {
             assert_eq!(
-                g.failed(IpAddr::from((0x0a00_0000 + n).to_be_bytes()), t0),
-                Some(true)
+                guess(&g, IpAddr::from((0x0a00_0000 + n).to_be_bytes()), t0),
+                Verdict::Bad {
+                    limited: Some(true)
+                }
             );
         }
         let newcomer: IpAddr = "192.0.2.1".parse().unwrap();
-        assert!(
-            g.check(newcomer, t0).is_ok(),
+        assert_eq!(
+            g.attempt(newcomer, t0, || Some(())),
+            Verdict::Good(()),
             "a good token may still be presented"
         );
-        assert_eq!(g.failed(newcomer, t0), None, "not tracked");
+        assert_eq!(
+            guess(&g, newcomer, t0),
+            Verdict::Bad { limited: None },
+            "not tracked"
+        );
         // Once the others refill they are forgotten, and the newcomer is tracked.
-        assert_eq!(g.failed(newcomer, t0 + Duration::from_secs(61)), Some(true));
+        assert_eq!(
+            guess(&g, newcomer, t0 + Duration::from_secs(61)),
+            Verdict::Bad {
+                limited: Some(true)
+            }
+        );
     }
 
     #[test]

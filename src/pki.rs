@@ -232,6 +232,15 @@ pub fn csr_key_sha256(csr_pem: &str) -> Result<String, PkiError> {
     ))
 }
 
+/// SHA-256 (hex) of the public key (SubjectPublicKeyInfo, DER) of a DER certificate: the same
+/// value [`csr_key_sha256`] gives for the CSR the certificate was signed from.
+pub fn cert_key_sha256(der: &[u8]) -> Result<String, PkiError> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| PkiError::BadCsr(format!("certificate: {e}")))?;
+    Ok(tls::fingerprint(cert.tbs_certificate.subject_pki.raw))
+}
+
 /// What a certificate says about itself.
 #[derive(Debug, Clone)]
 pub struct CertInfo {
@@ -352,6 +361,36 @@ mod tests {
             csr_key_sha256("garbage"),
             Err(PkiError::BadCsr(_))
         ));
+    }
+
+    #[test]
+    fn a_certificate_s_key_hash_is_its_csr_s() {
+        let ca = CertAuthority::generate("test CA", Duration::from_secs(3600)).unwrap();
+        let (_key, csr) = new_key_and_csr("host").unwrap();
+        let cert = ca
+            .sign_csr(
+                &csr,
+                &Identity::agent("a1").unwrap(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let der = tls::parse_certs(cert.cert_pem.as_bytes()).unwrap();
+        assert_eq!(
+            cert_key_sha256(&der[0]).unwrap(),
+            csr_key_sha256(&csr).unwrap()
+        );
+        let other = ca
+            .issue(
+                &Identity::agent("a2").unwrap(),
+                &[],
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let der = tls::parse_certs(other.cert_pem.as_bytes()).unwrap();
+        assert_ne!(
+            cert_key_sha256(&der[0]).unwrap(),
+            csr_key_sha256(&csr).unwrap()
+        );
     }
 
     #[test]

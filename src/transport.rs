@@ -30,6 +30,9 @@ pub struct PeerInfo {
     /// `Err` when no certificate was presented (allowed only for enrollment), or when it verified
     /// against the CA but carries no usable tapgraph identity.
     pub identity: Result<Identity, IdentityError>,
+    /// SHA-256 (hex) of the presented certificate's public key, when one was presented: which key
+    /// of an identity's history this connection holds ([`crate::pki::cert_key_sha256`]).
+    pub key_sha256: Option<String>,
 }
 
 /// Bytes read from a busy connection's socket at a time. rustls reads at most 4 KiB per call: 16
@@ -306,16 +309,20 @@ pub fn tls_incoming(
                     .await
                 {
                     Ok(Ok(stream)) => {
-                        let identity = stream
+                        let leaf = stream
                             .get_ref()
                             .1
                             .peer_certificates()
-                            .and_then(|certs| certs.first())
+                            .and_then(|certs| certs.first());
+                        let identity = leaf
                             .ok_or(IdentityError::NoCertificate)
                             .and_then(|leaf| Identity::from_cert_der(leaf));
+                        let key_sha256 =
+                            leaf.and_then(|leaf| crate::pki::cert_key_sha256(leaf).ok());
                         let info = PeerInfo {
                             remote_addr,
                             identity,
+                            key_sha256,
                         };
                         let _ = tx.send(Ok(TlsIo { stream, info })).await;
                     }

@@ -1,5 +1,6 @@
 //! Who may call what. The TLS layer has verified any certificate presented; here each RPC checks
-//! that the caller holds the right kind of identity, and that an agent is not revoked.
+//! that the caller holds the right kind of identity, and that an agent is not revoked and its
+//! certificate's key still holds the id.
 
 use tapgraph::identity::{Identity, IdentityError};
 use tapgraph::transport::PeerInfo;
@@ -34,6 +35,12 @@ pub fn agent<T>(
         Ok(Identity::Agent(id)) if revocations.is_revoked(id) => Err(Status::permission_denied(
             format!("the certificate of agent {id} was revoked"),
         )),
+        Ok(Identity::Agent(id)) if !revocations.key_is_current(id, peer.key_sha256.as_deref()) => {
+            Err(Status::permission_denied(format!(
+                "this certificate's key no longer holds agent id {id}: an operator gave the id to \
+                 another host (token create --replaces); enroll this host again"
+            )))
+        }
         Ok(Identity::Agent(id)) => Ok((id.clone(), peer)),
         Ok(other) => Err(Status::permission_denied(format!(
             "{other} may not open agent streams: an agent certificate is required"

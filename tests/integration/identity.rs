@@ -277,6 +277,8 @@ fn an_operator_token_lets_a_reinstalled_host_take_its_id_back() {
     let (code, out) = s.enroll("old", &plain, &fp);
     assert_eq!(code, 0, "{out}");
     assert_eq!(enrolled_as(&out), id);
+    // What the replaced host still holds after the replacement: its certificate and key.
+    copy_dir(&s.world.agent_dir("old"), &s.world.agent_dir("stale"));
 
     // Bad requests are refused naming what is wrong.
     let (code, _, err) = ctl(
@@ -308,6 +310,29 @@ fn an_operator_token_lets_a_reinstalled_host_take_its_id_back() {
             .log_text()
             .contains(&format!("was created to replace agent {id}")),
     );
+
+    // The replaced host's certificate, still valid, no longer acts as the id: its streams (and
+    // renewals) are refused, so the two hosts cannot knock each other off.
+    {
+        let _stale = s.agent("stale");
+        wait_for(
+            "the replaced certificate's stream refused",
+            Duration::from_secs(30),
+            || {
+                s.controller
+                    .proc
+                    .log_text()
+                    .contains(&format!("no longer holds agent id {id}"))
+                    .then_some(())
+            },
+        );
+        assert!(
+            s.enrolled()
+                .iter()
+                .all(|a| a["id"] != id.as_str() || a["state"] != "connected"),
+            "the replaced certificate must not connect"
+        );
+    }
 
     // The replaced key no longer claims the id.
     let (code, out) = s.enroll("old", &plain, &fp);

@@ -11,7 +11,7 @@ pub mod limits;
 pub mod service;
 pub mod tokens;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -158,18 +158,56 @@ impl From<EnrollError> for Status {
     }
 }
 
-/// The revoked agent ids, readable without asking the task; `changed()` fires on every revocation.
+/// The revoked agent ids, and the keys each id's certificates may hold, readable without asking
+/// the task; `changed()` fires on every revocation.
 #[derive(Clone)]
 pub struct Revocations {
     set: Arc<RwLock<HashSet<String>>>,
+    /// Per agent id, the keys (current, previous) its certificates were issued for. After an
+    /// operator's `--replaces`, the replaced host's certificate holds neither and is refused.
+    keys: Arc<RwLock<HashMap<String, (String, String)>>>,
     tx: Arc<watch::Sender<u64>>,
 }
 
 impl Revocations {
-    fn new(ids: impl IntoIterator<Item = String>) -> Self {
-        Self {
-            set: Arc::new(RwLock::new(ids.into_iter().collect())),
+    fn new<'a>(agents: impl IntoIterator<Item = &'a EnrolledAgent>) -> Self {
+        let this = Self {
+            set: Arc::default(),
+            keys: Arc::default(),
             tx: Arc::new(watch::channel(0).0),
+        };
+        for agent in agents {
+            if agent.revoked_at_ms.is_some() {
+                this.revoke(&agent.id);
+            }
+            this.remember_keys(agent);
+        }
+        this
+    }
+
+    /// Whether a certificate of agent `id` with public key `key_sha256` may act as that agent:
+    /// it holds one of the id's recorded keys. An id enrolled before keys were recorded (or issued
+    /// by hand) has none, and then any certificate for it is accepted, as before.
+    pub fn key_is_current(&self, id: &str, key_sha256: Option<&str>) -> bool {
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        match keys.get(id) {
+            None => true,
+            Some((current, previous)) => {
+                key_sha256.is_some_and(|k| !k.is_empty() && (k == current || k == previous))
+            }
+        }
+    }
+
+    fn remember_keys(&self, agent: &EnrolledAgent) {
+        // A poisoned lock only means a writer panicked mid-insert; the map is still usable.
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        if agent.key_sha256.is_empty() {
+            keys.remove(&agent.id);
+        } else {
+            keys.insert(
+                agent.id.clone(),
+                (agent.key_sha256.clone(), agent.previous_key_sha256.clone()),
+            );
         }
     }
 
@@ -317,12 +355,7 @@ impl Enrollment {
             .into_iter()
             .map(|a| (a.id.clone(), a))
             .collect();
-        let revocations = Revocations::new(
-            agents
-                .values()
-                .filter(|a| a.revoked_at_ms.is_some())
-                .map(|a| a.id.clone()),
-        );
+        let revocations = Revocations::new(agents.values());
         let (tx, rx) = mpsc::channel(256);
         let fingerprint = ca.fingerprint();
         let task = Task {
@@ -736,6 +769,7 @@ impl Task {
             not_after_ms: agent.cert_not_after_ms,
         };
         self.tokens.insert(token.id.clone(), token);
+        self.revocations.remember_keys(&agent);
         self.agents.insert(id, agent);
         Ok(enrolled)
     }
@@ -765,6 +799,7 @@ impl Task {
             labels: agent.labels.clone(),
             not_after_ms: agent.cert_not_after_ms,
         };
+        self.revocations.remember_keys(&agent);
         self.agents.insert(id.to_string(), agent);
         Ok(renewed)
     }

@@ -39,6 +39,8 @@ const CAPTURE_STATES: [(proto::CaptureState, &str); 4] = [
 pub struct Metrics {
     latest: Mutex<Option<proto::ControlRecord>>,
     records: AtomicU64,
+    /// Connections to `/metrics` closed at once: [`Limits::max_connections`] were open.
+    refused_connections: AtomicU64,
     /// `/proc`, or a fixture in tests.
     proc: PathBuf,
 }
@@ -48,6 +50,7 @@ impl Default for Metrics {
         Self {
             latest: Mutex::default(),
             records: AtomicU64::new(0),
+            refused_connections: AtomicU64::new(0),
             proc: PathBuf::from("/proc"),
         }
     }
@@ -119,7 +122,7 @@ async fn serve_on(
     }
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .with_state(metrics);
+        .with_state(metrics.clone());
     let places = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut refused_logged: Option<std::time::Instant> = None;
     let mut connections = tokio::task::JoinSet::new();
@@ -138,6 +141,7 @@ async fn serve_on(
             }
         };
         let Ok(place) = places.clone().try_acquire_owned() else {
+            metrics.refused_connections.fetch_add(1, Ordering::Relaxed);
             drop(tcp);
             if refused_logged.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(10)) {
                 tracing::warn!(%peer, limit = limits.max_connections, "/metrics connections refused past the cap");
@@ -326,6 +330,14 @@ impl Collector for Metrics {
             "Version of the policy the agent has applied.",
             gauge,
             value(record.as_ref().map_or(0, |r| r.policy_version)),
+        )?;
+        let refused = self.refused_connections.load(Ordering::Relaxed);
+        family(
+            e,
+            "tapgraph_http_refused_connections",
+            "Connections to this /metrics endpoint closed at once, by reason (capacity: as many as it serves at once were open).",
+            counter,
+            vec![(Some(("reason", "capacity")), Value::Int(refused))],
         )?;
 
         let p = process(&self.proc);
@@ -753,27 +765,28 @@ mod tests {
         (head.to_ascii_lowercase(), body.to_string())
     }
 
-    /// A server with `limits`, its address and what stops it.
+    /// A server with `limits`: its address, what it shows, what stops it.
     async fn server_with(
         limits: Limits,
-    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+    ) -> (
+        SocketAddr,
+        Arc<Metrics>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve_on(
-            listener,
-            Arc::new(Metrics::default()),
-            limits,
-            stop.clone(),
-        ));
-        (addr, stop, server)
+        let metrics = Arc::new(Metrics::default());
+        let server = tokio::spawn(serve_on(listener, metrics.clone(), limits, stop.clone()));
+        (addr, metrics, stop, server)
     }
 
     #[tokio::test]
-    async fn connections_past_the_cap_are_closed_at_once() {
+    async fn connections_past_the_cap_are_closed_at_once_and_counted() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         // A header timeout far longer than the test: only the cap can close a connection.
-        let (addr, stop, server) = server_with(Limits {
+        let (addr, metrics, stop, server) = server_with(Limits {
             header_read_timeout: std::time::Duration::from_secs(600),
             max_connections: 2,
         })
@@ -794,6 +807,16 @@ mod tests {
             .expect("the connection past the cap stayed open")
             .unwrap();
         assert!(rest.is_empty(), "closed without an answer");
+        let text = metrics.render().unwrap();
+        let families = openmetrics::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(
+            family(&families, "tapgraph_http_refused_connections").value(
+                "tapgraph_http_refused_connections_total",
+                &[("reason", "capacity")]
+            ),
+            Some(1.0),
+            "{text}"
+        );
         drop(held);
         stop.cancel();
         server.await.unwrap();
@@ -802,7 +825,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_request_head_is_cut_off_and_its_place_freed() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (addr, stop, server) = server_with(Limits {
+        let (addr, _, stop, server) = server_with(Limits {
             header_read_timeout: std::time::Duration::from_millis(300),
             max_connections: 1,
         })
@@ -890,6 +913,7 @@ mod tests {
         "tapgraph_control_record_timestamp_seconds",
         "tapgraph_snapshot_entries",
         "tapgraph_policy_version_applied",
+        "tapgraph_http_refused_connections",
         "process_cpu_seconds",
         "process_resident_memory_bytes",
         "process_virtual_memory_bytes",

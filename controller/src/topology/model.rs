@@ -458,6 +458,9 @@ pub struct Model {
     /// the address's owner or listeners change. Counts, not the rows: the agents' tables have
     /// those, and a copy of every row here cost a quarter of the map's memory.
     by_remote: HashMap<IpAddr, HashMap<AgentId, u32>>,
+    /// Rows `rekey` read, for tests that pin its cost.
+    #[cfg(test)]
+    scanned: usize,
 }
 
 /// What a change did, for the store and the sinks.
@@ -686,16 +689,26 @@ impl Model {
     }
 
     /// Re-keys every observation whose far end is one of `ips` (their owner or listeners changed).
+    /// Each agent with rows towards any of `ips` has its table scanned once, however many of
+    /// `ips` it talks to: a host claiming many addresses a hub talks to costs one pass over the
+    /// hub's table, not one per address.
     fn rekey(&mut self, ips: &BTreeSet<IpAddr>, ch: &mut Changes) {
+        let agents: BTreeSet<&AgentId> = ips
+            .iter()
+            .filter_map(|ip| self.by_remote.get(ip))
+            .flat_map(|a| a.keys())
+            .collect();
         let mut ids: Vec<(AgentId, ObsKey)> = Vec::new();
-        for ip in ips {
-            for agent in self.by_remote.get(ip).into_iter().flat_map(|a| a.keys()) {
-                let Some(t) = self.agents.get(agent) else {
-                    continue;
-                };
-                let rows = t.entries.keys().filter(|obs| obs.remote_ip == *ip);
-                ids.extend(rows.map(|obs| (agent.clone(), obs.clone())));
+        for agent in agents {
+            let Some(t) = self.agents.get(agent) else {
+                continue;
+            };
+            #[cfg(test)]
+            {
+                self.scanned += t.entries.len();
             }
+            let rows = t.entries.keys().filter(|obs| ips.contains(&obs.remote_ip));
+            ids.extend(rows.map(|obs| (agent.clone(), obs.clone())));
         }
         for (agent, obs) in ids {
             // The row was last seen when its own agent last reported it, not now: after a
@@ -1393,6 +1406,89 @@ mod tests {
             .map(|e| e.key.to.clone())
             .collect();
         assert_eq!(to, [svc("rogue", 6379)]);
+    }
+
+    /// A hub's rows to `k` addresses (10.0.9.1…), `per` each, to ports 6379, 6378…
+    fn hub_rows(k: u8, per: u16) -> Vec<(Direction, String, u16)> {
+        (1..=k)
+            .flat_map(|a| {
+                (0..per).map(move |n| (Direction::Client, format!("10.0.9.{a}"), 6379 - n))
+            })
+            .collect()
+    }
+
+    fn hub_table(rows: &[(Direction, String, u16)]) -> AgentTable {
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|(d, remote, port)| (*d, "10.0.0.1", remote.as_str(), *port, "app", 1))
+            .collect();
+        table(&["10.0.0.1"], &[], &rows)
+    }
+
+    #[test]
+    fn a_host_taking_and_dropping_many_addresses_re_keys_each_row_to_it_and_back() {
+        let mut m = Model::default();
+        let rows = hub_rows(3, 2);
+        m.replace("hub", hub_table(&rows), 1);
+        let other = (Direction::Client, "10.0.0.2", "10.0.9.2", 6379, "app", 1);
+        m.replace("other", table(&["10.0.0.2"], &[], &[other]), 1);
+        let live = |m: &Model| -> BTreeSet<(Node, Node, u16)> {
+            m.edges
+                .values()
+                .filter(|e| !e.reporters.is_empty())
+                .map(|e| (e.key.from.clone(), e.key.to.clone(), e.key.port))
+                .collect()
+        };
+        let hub = || Node::Host("hub".into());
+        let before: BTreeSet<_> = (1..=3u8)
+            .flat_map(|a| {
+                [6379, 6378].map(|p| (hub(), Node::Address(ip(&format!("10.0.9.{a}"))), p))
+            })
+            .chain([(
+                Node::Host("other".into()),
+                Node::Address(ip("10.0.9.2")),
+                6379,
+            )])
+            .collect();
+        assert_eq!(live(&m), before);
+        // One host takes all three addresses, listening on 6379 only.
+        let db = table(
+            &["10.0.9.1", "10.0.9.2", "10.0.9.3"],
+            &[(6379, "redis")],
+            &[],
+        );
+        m.replace("db", db, 2);
+        let taken: BTreeSet<_> = (1..=3u8)
+            .flat_map(|a| {
+                [
+                    (hub(), svc("db", 6379), 6379),
+                    (hub(), Node::Address(ip(&format!("10.0.9.{a}"))), 6378),
+                ]
+            })
+            .chain([(Node::Host("other".into()), svc("db", 6379), 6379)])
+            .collect();
+        assert_eq!(live(&m), taken);
+        // And lets them all go: every row is back on its address, no phantom left.
+        m.replace("db", table(&["10.0.0.3"], &[(6379, "redis")], &[]), 3);
+        assert_eq!(live(&m), before);
+        assert_eq!(m.edges.len(), before.len(), "{:#?}", m.edges.keys());
+    }
+
+    #[test]
+    fn re_keying_many_addresses_reads_each_talking_agent_s_table_once() {
+        let mut m = Model::default();
+        // A hub with 8 rows to each of 50 addresses: 400 rows.
+        let rows = hub_rows(50, 8);
+        m.replace("hub", hub_table(&rows), 1);
+        let addrs: Vec<String> = (1..=50).map(|a| format!("10.0.9.{a}")).collect();
+        let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        // A rogue claims all 50 and drops them again: each change reads the hub's table once,
+        // not once per address (50 × 400).
+        m.scanned = 0;
+        m.replace("rogue", table(&addrs, &[(6379, "fake")], &[]), 2);
+        assert_eq!(m.scanned, 400);
+        m.replace("rogue", table(&["10.0.0.66"], &[], &[]), 3);
+        assert_eq!(m.scanned, 800);
     }
 
     #[test]

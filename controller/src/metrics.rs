@@ -68,6 +68,8 @@ pub struct Scrape {
     pub sink: Option<SinkStats>,
     /// The HTTP listener's and the access guard's counters.
     pub http: crate::http::HttpCounts,
+    /// Mirror streams refused: their agent had `session.max_streams` open.
+    pub mirror_streams_refused: u64,
 }
 
 /// One delay histogram: per bucket, (every delay in it is below this many µs, count), ascending,
@@ -92,6 +94,7 @@ impl Scrape {
 
     fn with_mirrors(mut self, mirrors: &Mirrors) -> Self {
         self.mirrors = mirrors.stats();
+        self.mirror_streams_refused = mirrors.streams_refused();
         self.delays = mirrors
             .delays()
             .into_iter()
@@ -292,6 +295,12 @@ const FLEET: &[Field<Scrape>] = &[
         "tapgraph_http_auth_limited_requests",
         "Requests answered 429: their source presented more than http.auth_failures_per_minute bad tokens.",
         |s| one(s.http.auth_limited),
+    ),
+    counter_by(
+        "tapgraph_mirror_streams_refused",
+        "Mirror streams refused with RESOURCE_EXHAUSTED (limit: the agent had session.max_streams open).",
+        "reason",
+        |s| vec![("limit", Value::from(s.mirror_streams_refused))],
     ),
 ];
 
@@ -965,6 +974,7 @@ mod tests {
         "tapgraph_http_closed_connections",
         "tapgraph_http_auth_failures",
         "tapgraph_http_auth_limited_requests",
+        "tapgraph_mirror_streams_refused",
         "tapgraph_agent_state",
         "tapgraph_agent_sessions",
         "tapgraph_agent_last_seen_timestamp_seconds",

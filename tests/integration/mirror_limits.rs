@@ -134,8 +134,8 @@ async fn crafted_batch_headers_cannot_wreck_the_mirror_counters() {
 }
 
 /// An agent opens more Mirror streams on one connection than `session.max_streams` (16) allows:
-/// the extra ones are refused at once with RESOURCE_EXHAUSTED naming the limit, the first 16 go on,
-/// and once they close a new one is accepted.
+/// the extra ones are refused at once with RESOURCE_EXHAUSTED naming the limit and counted in
+/// `/metrics`, the first 16 go on, and once they close a new one is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_streams_over_the_limit_are_refused_at_once_naming_it() {
     const LIMIT: usize = 16;
@@ -180,6 +180,19 @@ async fn mirror_streams_over_the_limit_are_refused_at_once_naming_it() {
             "{refused:?}"
         );
     }
+
+    // Each refusal is counted.
+    let refused = tokio::task::block_in_place(|| {
+        let (status, body) = http_get(controller.http, "/metrics").unwrap();
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix("tapgraph_mirror_streams_refused_total{reason=\"limit\"} ")
+            })
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no refused-streams counter in\n{body}"))
+    });
+    assert_eq!(refused, "4");
 
     // The first 16 keep working.
     for (tx, _) in &streams {

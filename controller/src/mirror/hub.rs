@@ -238,6 +238,8 @@ struct Inner {
     stats: BTreeMap<(String, String), Arc<Stats>>,
     /// Open Mirror streams per agent.
     streams: HashMap<String, usize>,
+    /// Mirror streams refused because their agent had `limit` open.
+    streams_refused: u64,
 }
 
 /// An agent's open Mirror stream, counted until dropped.
@@ -294,15 +296,24 @@ impl Mirrors {
     /// with how many it has.
     pub fn open_stream(&self, agent_id: &str, limit: usize) -> Result<StreamSlot, usize> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let open = inner.streams.entry(agent_id.to_string()).or_default();
-        if *open >= limit {
-            return Err(*open);
+        let open = inner.streams.get(agent_id).copied().unwrap_or(0);
+        if open >= limit {
+            inner.streams_refused += 1;
+            return Err(open);
         }
-        *open += 1;
+        *inner.streams.entry(agent_id.to_string()).or_default() += 1;
         Ok(StreamSlot {
             inner: self.inner.clone(),
             agent_id: agent_id.to_string(),
         })
+    }
+
+    /// Mirror streams refused so far because their agent had as many open as allowed.
+    pub fn streams_refused(&self) -> u64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .streams_refused
     }
 
     fn stats_for(&self, agent_id: &str, target: &Target) -> Arc<Stats> {

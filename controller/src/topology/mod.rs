@@ -7,11 +7,11 @@ pub mod model;
 pub mod names;
 pub mod view;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
@@ -21,8 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::events::Events;
 use crate::store::{Batch, Store, StoreError, Table};
 use model::{
-    AgentTable, Changes, Direction, Edge, Invalid, ListenerKey, Model, Node, ObsKey, ObsValue,
-    Protocol,
+    AgentTable, Changes, Conflict, Direction, Edge, Invalid, ListenerKey, Model, Node, ObsKey,
+    ObsValue, Protocol,
 };
 
 const AGENTS: Table = TableDefinition::new("topology_agents");
@@ -179,15 +179,22 @@ impl Topology {
         }
         let mut sequences = BTreeMap::new();
         let now = now_ms();
+        // Claim order is not stored: the tables come back in agent-id order, so of two hosts
+        // claiming an address the first by id owns it now. The conflicts found are announced
+        // once the task runs, so a restart does not move an address silently.
+        let mut restored_conflicts = Vec::new();
         for record in store.load::<AgentRecord>(AGENTS)? {
             let last = record.table.last_snapshot_ms;
-            model.replace(&record.id, record.table, last.min(now));
+            let changes = model.replace(&record.id, record.table, last.min(now));
+            restored_conflicts.extend(changes.conflicts);
             sequences.insert(record.id, record.sequence);
         }
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let generation = Arc::new(AtomicU64::new(1));
         let task = Task {
             events,
+            announced: Announced::default(),
+            restored_conflicts,
             over_budget: BTreeMap::new(),
             collect_due: false,
             synced: std::time::Instant::now(),
@@ -263,6 +270,10 @@ impl Topology {
 
 struct Task {
     events: Events,
+    /// Address conflicts announced lately, not announced again for a while.
+    announced: Announced,
+    /// Address conflicts the restore found, announced when the task starts.
+    restored_conflicts: Vec<Conflict>,
     /// Agents whose last snapshot was refused for the budget, and the rows the map would have
     /// held: their deltas are refused naming the budget until a full snapshot fits.
     over_budget: BTreeMap<String, usize>,
@@ -419,8 +430,72 @@ impl Pending {
     }
 }
 
+/// Address conflicts announced at most at once (one snapshot, or the restore); the rest are
+/// counted in one summary line. The map and `address_conflicts` show them all.
+const CONFLICTS_SHOWN: usize = 3;
+
+/// A conflict (address, claimant) announced is not announced again for this long: a host that
+/// drops its addresses and claims them again on alternate snapshots is announced once a minute,
+/// not once a cycle.
+const CONFLICT_QUIET: Duration = Duration::from_secs(60);
+
+/// Conflicts remembered at most; past it the oldest is forgotten, and may be announced again
+/// sooner.
+const CONFLICTS_REMEMBERED: usize = 4_096;
+
+/// The conflicts announced within [`CONFLICT_QUIET`], oldest first.
+#[derive(Default)]
+struct Announced {
+    order: VecDeque<((IpAddr, String), Instant)>,
+    recent: HashSet<(IpAddr, String)>,
+}
+
+impl Announced {
+    /// Which of `conflicts` to announce at `now`: the first [`CONFLICTS_SHOWN`] not announced
+    /// within [`CONFLICT_QUIET`]; and how many were left out as announced lately. Those left
+    /// out past the limit are not remembered: a later claim may announce them.
+    fn select<'a>(
+        &mut self,
+        conflicts: &'a [Conflict],
+        now: Instant,
+    ) -> (Vec<&'a Conflict>, usize) {
+        while let Some((key, at)) = self.order.front() {
+            if now.saturating_duration_since(*at) < CONFLICT_QUIET
+                && self.order.len() < CONFLICTS_REMEMBERED
+            {
+                break;
+            }
+            self.recent.remove(key);
+            self.order.pop_front();
+        }
+        let mut shown = Vec::new();
+        let mut quiet = 0;
+        for c in conflicts {
+            let key = (c.address, c.claimant.clone());
+            if self.recent.contains(&key) {
+                quiet += 1;
+                continue;
+            }
+            if shown.len() == CONFLICTS_SHOWN {
+                continue;
+            }
+            if self.order.len() == CONFLICTS_REMEMBERED
+                && let Some((old, _)) = self.order.pop_front()
+            {
+                self.recent.remove(&old);
+            }
+            self.recent.insert(key.clone());
+            self.order.push_back((key, now));
+            shown.push(c);
+        }
+        (shown, quiet)
+    }
+}
+
 impl Task {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let restored = std::mem::take(&mut self.restored_conflicts);
+        self.announce(None, &restored, Instant::now());
         let mut expiry = tokio::time::interval(Duration::from_secs(60));
         let mut sync = tokio::time::interval(SYNC_EVERY);
         sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -548,8 +623,11 @@ impl Task {
         s: &proto::ConnectionSnapshot,
         pending: &mut Pending,
     ) -> Result<(), Refusal> {
-        let rows =
-            s.entries.len() + s.removed.len() + s.listeners.len() + s.removed_listeners.len();
+        let rows = s.entries.len()
+            + s.removed.len()
+            + s.listeners.len()
+            + s.removed_listeners.len()
+            + s.addresses.len();
         if rows > self.settings.max_entries {
             self.stats.snapshots_refused_size += 1;
             return Err(Refusal::TooLarge {
@@ -631,12 +709,34 @@ impl Task {
         // Replacing re-attaches every row at `now`: each edge this agent still reports is marked
         // seen and listed in the changes, at a cost in this agent's rows, not the whole map's.
         let changes = self.model.replace(agent, table, now);
-        for c in &changes.conflicts {
+        self.announce(Some(agent), &changes.conflicts, Instant::now());
+        self.sequences.insert(agent.to_string(), s.sequence);
+        self.stats.snapshots_applied += 1;
+        pending.agents.insert(agent.to_string());
+        pending.add(changes);
+        Ok(())
+    }
+
+    /// Announces new address conflicts as `address_conflict` events and WARN lines: at most
+    /// [`CONFLICTS_SHOWN`] per snapshot (`agent`), or per restore (`None`), and none announced
+    /// within [`CONFLICT_QUIET`]; one summary line counts those held back.
+    fn announce(&mut self, agent: Option<&str>, conflicts: &[Conflict], now: Instant) {
+        if conflicts.is_empty() {
+            return;
+        }
+        let (shown, quiet) = self.announced.select(conflicts, now);
+        let when = if agent.is_some() {
+            ""
+        } else {
+            "after a restart, "
+        };
+        for c in &shown {
+            tracing::warn!(address = %c.address, owner = %c.owner, claimant = %c.claimant, restored = agent.is_none(), "address claimed by two hosts; the map keeps it on the owner");
             self.events.emit_with(
                 "address_conflict",
                 &c.claimant,
                 format!(
-                    "agents {} and {} both claim address {}; the map keeps it on {}",
+                    "{when}agents {} and {} both claim address {}; the map keeps it on {}",
                     c.owner, c.claimant, c.address, c.owner
                 ),
                 BTreeMap::from([
@@ -646,11 +746,13 @@ impl Task {
                 ]),
             );
         }
-        self.sequences.insert(agent.to_string(), s.sequence);
-        self.stats.snapshots_applied += 1;
-        pending.agents.insert(agent.to_string());
-        pending.add(changes);
-        Ok(())
+        let over = conflicts.len() - shown.len() - quiet;
+        let agent = agent.unwrap_or("(restore)");
+        if over > 0 {
+            tracing::warn!(%agent, conflicts = conflicts.len(), announced = shown.len(), not_announced = over + quiet, "address conflicts past the {CONFLICTS_SHOWN} announced at once; the map shows them all");
+        } else if quiet > 0 {
+            tracing::debug!(%agent, conflicts = conflicts.len(), announced = shown.len(), not_announced = quiet, "address conflicts announced within the last minute, not again");
+        }
     }
 
     /// Refuses `table` for `agent` when it would grow the fleet's map past `topology.max_rows`.
@@ -878,6 +980,183 @@ fn proto_protocol(p: Protocol) -> proto::Protocol {
 }
 
 #[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> TopologySettings {
+        TopologySettings {
+            ttl: Duration::from_secs(120),
+            retention: Duration::from_secs(3600),
+            max_entries: 100,
+            max_rows: 100_000,
+            queue: 64,
+        }
+    }
+
+    fn task(dir: &tempfile::TempDir, events: Events) -> Task {
+        Task {
+            events,
+            announced: Announced::default(),
+            restored_conflicts: Vec::new(),
+            over_budget: BTreeMap::new(),
+            collect_due: false,
+            synced: Instant::now(),
+            deferred: false,
+            generation: Arc::new(AtomicU64::new(1)),
+            model: Model::default(),
+            sequences: BTreeMap::new(),
+            store: Store::open(&dir.path().join("s.redb")).unwrap(),
+            settings: settings(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// A full snapshot of nothing but `addresses`.
+    fn addresses(sequence: u64, addresses: &[String]) -> proto::ConnectionSnapshot {
+        proto::ConnectionSnapshot {
+            sequence,
+            full: true,
+            addresses: addresses.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn apply(task: &mut Task, agent: &str, s: &proto::ConnectionSnapshot) -> Result<(), Refusal> {
+        let mut pending = Pending::default();
+        let (reply, mut rx) = oneshot::channel();
+        task.take(&mut pending, agent, agent, s, reply);
+        task.flush(pending);
+        rx.try_recv().unwrap()
+    }
+
+    fn conflict(address: u32, claimant: &str) -> Conflict {
+        Conflict {
+            address: IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + address)),
+            owner: "db".into(),
+            claimant: claimant.into(),
+        }
+    }
+
+    #[test]
+    fn a_conflict_is_announced_a_few_at_once_and_not_again_within_a_minute() {
+        let mut a = Announced::default();
+        let five: Vec<_> = (1..=5).map(|n| conflict(n, "rogue")).collect();
+        let t0 = Instant::now();
+        let (shown, quiet) = a.select(&five, t0);
+        assert_eq!(shown, five[..3].iter().collect::<Vec<_>>());
+        assert_eq!(quiet, 0);
+        // The claims made again: the two held back by the limit now, the rest not again.
+        let (shown, quiet) = a.select(&five, t0 + Duration::from_secs(1));
+        assert_eq!(shown, five[3..].iter().collect::<Vec<_>>());
+        assert_eq!(quiet, 3);
+        let (shown, quiet) = a.select(&five, t0 + Duration::from_secs(30));
+        assert!(shown.is_empty());
+        assert_eq!(quiet, 5);
+        // Another claimant of the same address is another conflict.
+        let other = [conflict(1, "other")];
+        assert_eq!(a.select(&other, t0 + Duration::from_secs(30)).0.len(), 1);
+        // A minute after it was announced, a conflict is announced again.
+        let (shown, quiet) = a.select(&five, t0 + CONFLICT_QUIET);
+        assert_eq!(shown, five[..3].iter().collect::<Vec<_>>());
+        assert_eq!(quiet, 2);
+    }
+
+    #[test]
+    fn the_conflicts_remembered_are_bounded() {
+        let mut a = Announced::default();
+        let t0 = Instant::now();
+        for n in 0..(CONFLICTS_REMEMBERED as u32 + 10) {
+            let one = [conflict(n, "rogue")];
+            assert_eq!(a.select(&one, t0).0.len(), 1);
+        }
+        assert_eq!(a.order.len(), CONFLICTS_REMEMBERED);
+        assert_eq!(a.recent.len(), CONFLICTS_REMEMBERED);
+        // The oldest were forgotten, the newest not.
+        assert_eq!(a.select(&[conflict(0, "rogue")], t0).0.len(), 1);
+        let newest = CONFLICTS_REMEMBERED as u32 + 9;
+        assert_eq!(a.select(&[conflict(newest, "rogue")], t0).1, 1);
+    }
+
+    fn drain(rx: &mut tokio::sync::broadcast::Receiver<proto::Event>) -> Vec<proto::Event> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[test]
+    fn a_host_claiming_addresses_on_alternate_snapshots_is_announced_once_per_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = Events::new(1024);
+        let mut rx = events.subscribe();
+        let mut t = task(&dir, events);
+        let owned: Vec<String> = (1..=5).map(|n| format!("10.0.0.{n}")).collect();
+        apply(&mut t, "db", &addresses(1, &owned)).unwrap();
+        let mut per_snapshot = Vec::new();
+        for cycle in 0..10u64 {
+            apply(&mut t, "rogue", &addresses(2 * cycle + 1, &owned)).unwrap();
+            per_snapshot.push(drain(&mut rx).len());
+            apply(&mut t, "rogue", &addresses(2 * cycle + 2, &[])).unwrap();
+            assert!(drain(&mut rx).is_empty());
+        }
+        // Three at once, the other two at the next claim, then nothing within the minute.
+        assert_eq!(per_snapshot, [3, 2, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_snapshot_s_addresses_count_against_its_row_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = task(&dir, Events::new(16));
+        let many: Vec<String> = (0..=settings().max_entries)
+            .map(|n| format!("10.1.{}.{}", n / 200, n % 200 + 1))
+            .collect();
+        let refused = apply(&mut t, "rogue", &addresses(1, &many)).unwrap_err();
+        assert_eq!(
+            refused,
+            Refusal::TooLarge {
+                rows: many.len(),
+                max: settings().max_entries
+            }
+        );
+        apply(&mut t, "rogue", &addresses(2, &many[1..])).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn conflicts_a_restart_finds_are_announced_naming_the_owner_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("restart.redb");
+        {
+            let mut t = task(&dir, Events::new(16));
+            t.store = Store::open(&path).unwrap();
+            let address = ["10.0.0.5".to_string()];
+            apply(&mut t, "db", &addresses(1, &address)).unwrap();
+            apply(&mut t, "aaa-rogue", &addresses(1, &address)).unwrap();
+            assert_eq!(
+                t.model.claimants(&"10.0.0.5".parse().unwrap()),
+                ["db", "aaa-rogue"]
+            );
+            t.sync();
+        }
+        let events = Events::new(16);
+        let mut rx = events.subscribe();
+        let (topology, run) =
+            Topology::spawn(Store::open(&path).unwrap(), settings(), events).unwrap();
+        let run = tokio::spawn(run);
+        let event = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("an event after the restart")
+            .unwrap();
+        assert_eq!(event.kind, "address_conflict");
+        // Claim order is not stored: the first by agent id owns the address after a restart,
+        // and the operator is told so.
+        assert_eq!(
+            event.message,
+            "after a restart, agents aaa-rogue and db both claim address 10.0.0.5; the map keeps it on aaa-rogue"
+        );
+        assert_eq!(topology.stats().await.address_conflicts, 1);
+        drop(topology);
+        run.await.unwrap();
+    }
+}
+
+#[cfg(test)]
 mod memory_probe {
     //! Where a large snapshot's memory goes, stage by stage (BENCHMARKS.md, "The map's memory"):
     //! `PROBE_COLLECT=1 cargo test --release -p tapgraph-controller memory_probe -- --ignored
@@ -947,6 +1226,8 @@ mod memory_probe {
             };
             let mut task = Task {
                 events: Events::new(16),
+                announced: Announced::default(),
+                restored_conflicts: Vec::new(),
                 over_budget: BTreeMap::new(),
                 collect_due: false,
                 synced: std::time::Instant::now(),

@@ -10,6 +10,7 @@
 //!
 //! An address two hosts claim is owned by the first claimant; the others are recorded, so the map
 //! can show the conflict, and the next claimant takes over when the owner lets the address go.
+//! Claim order is not stored: tables restored after a restart claim in the order they are given.
 //! Values no real host reports (a broadcast endpoint, port 0, more sockets in a row than there are
 //! ports) are refused by the `check_*` functions before they reach the model.
 
@@ -523,7 +524,6 @@ impl Model {
         }
         claimants.push(agent.to_string());
         let owner = claimants.first().filter(|o| o.as_str() != agent)?;
-        tracing::warn!(%ip, claimant = agent, %owner, "address claimed by two hosts; the map keeps it on the first");
         Some(Conflict {
             address: ip,
             owner: owner.clone(),

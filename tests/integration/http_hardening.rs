@@ -402,9 +402,39 @@ struct Flooded {
     still_open: usize,
 }
 
+/// A flood thread and its `pressure` flag. Dropped (a failed check during the flood), it lets go
+/// of the pressure and waits for the thread, so no thread floods on inside a deleted namespace.
+struct FloodGuard {
+    pressure: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Flooded>>,
+}
+
+impl FloodGuard {
+    /// Lets go of the pressure and waits for the flood to end.
+    fn stop(mut self) -> Flooded {
+        self.pressure.store(false, Ordering::Relaxed);
+        let thread = self.thread.take().expect("joined once");
+        thread.join().expect("flood thread")
+    }
+}
+
+impl Drop for FloodGuard {
+    fn drop(&mut self) {
+        self.pressure.store(false, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The longest a flood keeps up its pressure, whatever `pressure` says: a test that never lets
+/// go still gets its thread back.
+const MAX_PRESSURE: Duration = Duration::from_secs(120);
+
 /// A slow-header flood on `target`: `count` connections, each sending a request head one byte
-/// per `every`; closed ones are opened again while `pressure` holds (at most `count * 4` in all),
-/// then the flood waits (at most `give_up`) for the server to close the rest.
+/// per `every`; closed ones are opened again while `pressure` holds (at most `count * 4` in all,
+/// for at most [`MAX_PRESSURE`]), then the flood waits (at most `give_up`) for the server to close
+/// the rest.
 fn flood(
     sources: &[IpAddr],
     target: SocketAddr,
@@ -430,8 +460,10 @@ fn flood(
     let mut opened = 0;
     let mut socks: Vec<Option<TcpStream>> = (0..count).map(|_| open(&mut opened)).collect();
     let mut ended_at: Option<Instant> = None;
+    let began = Instant::now();
+    let pressing = || pressure.load(Ordering::Relaxed) && began.elapsed() < MAX_PRESSURE;
     loop {
-        let pressing = pressure.load(Ordering::Relaxed);
+        let pressing_now = pressing();
         for slot in socks.iter_mut() {
             if let Some(s) = slot {
                 let mut buf = [0u8; 512];
@@ -446,13 +478,13 @@ fn flood(
                     *slot = None;
                 }
             }
-            if slot.is_none() && pressing && opened < count * 4 {
+            if slot.is_none() && pressing_now && opened < count * 4 {
                 *slot = open(&mut opened);
             }
         }
         let still_open = socks.iter().flatten().count();
         held.store(still_open, Ordering::Relaxed);
-        if !pressure.load(Ordering::Relaxed) {
+        if !pressing() {
             let since = *ended_at.get_or_insert_with(Instant::now);
             if still_open == 0 || since.elapsed() > give_up {
                 return Flooded { opened, still_open };
@@ -554,7 +586,7 @@ fn a_slow_header_flood_is_bounded_and_grpc_ctl_and_healthz_keep_working() {
     // server. The controller's cap is 128 connections (512 descriptors), 64 per source.
     let pressure = Arc::new(AtomicBool::new(true));
     let held = Arc::new(AtomicUsize::new(0));
-    let flooding = spawn_in(&attacker, {
+    let thread = spawn_in(&attacker, {
         let (pressure, held, sources) = (pressure.clone(), held.clone(), sources.clone());
         move || {
             flood(
@@ -568,6 +600,10 @@ fn a_slow_header_flood_is_bounded_and_grpc_ctl_and_healthz_keep_working() {
             )
         }
     });
+    let flooding = FloodGuard {
+        pressure,
+        thread: Some(thread),
+    };
     std::thread::sleep(Duration::from_secs(2));
     let started = Instant::now();
     let mut checks = 0;
@@ -582,8 +618,7 @@ fn a_slow_header_flood_is_bounded_and_grpc_ctl_and_healthz_keep_working() {
         checks += 1;
     }
     assert!(checks >= 2);
-    pressure.store(false, Ordering::Relaxed);
-    let flooded = flooding.join().expect("flood thread");
+    let flooded = flooding.stop();
     assert!(flooded.opened >= 700, "{flooded:?}");
     assert_eq!(
         flooded.still_open, 0,
@@ -615,14 +650,20 @@ fn a_slow_header_flood_is_bounded_and_grpc_ctl_and_healthz_keep_working() {
     eprintln!(
         "flood: {flooded:?}; refused per source {per_source}, closed by the header timeout {timed_out}, evicted {evicted}, {checks} rounds of checks"
     );
+    let capacity = sample(
+        &metrics,
+        "tapgraph_http_refused_connections_total{reason=\"capacity\"}",
+    )
+    .unwrap_or_default();
     let log = controller.log_text();
     let refusals = log
         .lines()
         .filter(|l| l.contains("HTTP connections refused past a cap"))
         .count();
     assert!(
-        (1..=5).contains(&refusals),
-        "{refusals} refusal lines for {per_source} refusals"
+        refusals >= 1 && (refusals as f64) < per_source + capacity,
+        "refusals are logged, once for many: {refusals} lines for {} refusals",
+        per_source + capacity
     );
     assert!(
         !log.contains("Too many open files"),
@@ -665,6 +706,7 @@ fn grpc_accept_backs_off_when_descriptors_run_out_and_accepts_again() {
     let ops = world.operator("ops", grpc);
     // More silent TCP connections than the controller has descriptors: accept fails (EMFILE)
     // until the handshake timeout closes the first ones, and so on through the backlog.
+    let began = Instant::now();
     let silent: Vec<TcpStream> = (0..160)
         .filter_map(|_| TcpStream::connect_timeout(&grpc, Duration::from_secs(2)).ok())
         .collect();
@@ -698,8 +740,11 @@ fn grpc_accept_backs_off_when_descriptors_run_out_and_accepts_again() {
         .lines()
         .filter(|l| l.contains("gRPC accept failed"))
         .count();
+    // No /metrics counter holds gRPC accept failures, so the bound is the logging interval's:
+    // at most one line per 10 s the failures could have spanned, on a machine however slow.
+    let spanned = began.elapsed();
     assert!(
-        (1..=10).contains(&lines),
-        "accept failures are logged once per interval, not per try: {lines} lines"
+        lines >= 1 && lines as u64 <= 1 + spanned.as_secs() / 10,
+        "accept failures are logged once per 10 s, not per try: {lines} lines in {spanned:?}"
     );
 }

@@ -182,13 +182,13 @@ impl Topology {
         // Claim order is not stored: the tables come back in agent-id order, so of two hosts
         // claiming an address the first by id owns it now. The conflicts found are announced
         // once the task runs, so a restart does not move an address silently.
-        let mut restored_conflicts = Vec::new();
-        for record in store.load::<AgentRecord>(AGENTS)? {
-            let last = record.table.last_snapshot_ms;
-            let changes = model.replace(&record.id, record.table, last.min(now));
-            restored_conflicts.extend(changes.conflicts);
-            sequences.insert(record.id, record.sequence);
+        let mut tables = Vec::new();
+        for mut record in store.load::<AgentRecord>(AGENTS)? {
+            record.table.last_snapshot_ms = record.table.last_snapshot_ms.min(now);
+            sequences.insert(record.id.clone(), record.sequence);
+            tables.push((record.id, record.table));
         }
+        let restored_conflicts = model.restore_tables(tables);
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let generation = Arc::new(AtomicU64::new(1));
         let task = Task {

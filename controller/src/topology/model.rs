@@ -880,9 +880,46 @@ impl Model {
         ch
     }
 
-    /// Restores a persisted edge (its history); current reporters are re-attached by `replace`.
+    /// Restores a persisted edge (its history); current reporters are re-attached by
+    /// [`Model::restore_tables`].
     pub fn restore_edge(&mut self, edge: Edge) {
         self.edges.insert(edge.key.clone(), edge);
+    }
+
+    /// Loads the stored tables after a restart, into a model holding no table yet: the map
+    /// [`Model::replace`] makes of them one by one, in the order given (it decides who owns a
+    /// disputed address), at a cost in rows. Every address and listener is in place before any
+    /// row is attached, so no row is re-keyed: one by one, a hub's table would be read again for
+    /// each host it talks to. Each table's rows are seen at its `last_snapshot_ms`.
+    pub fn restore_tables(
+        &mut self,
+        tables: impl IntoIterator<Item = (AgentId, AgentTable)>,
+    ) -> Vec<Conflict> {
+        let mut conflicts = Vec::new();
+        let mut entries = Vec::new();
+        for (agent, mut table) in tables {
+            for ip in &table.addresses {
+                if !is_local_only(ip)
+                    && let Some(conflict) = self.claim(*ip, &agent)
+                {
+                    conflicts.push(conflict);
+                }
+            }
+            self.rows += rows(&table);
+            entries.push((agent.clone(), std::mem::take(&mut table.entries)));
+            self.agents.insert(agent, table);
+        }
+        let mut ch = Changes::default();
+        for (agent, rows) in entries {
+            let seen = self.agents.get(&agent).map_or(0, |t| t.last_snapshot_ms);
+            for (obs, value) in &rows {
+                self.attach(&agent, obs, value, seen, &mut ch);
+            }
+            if let Some(t) = self.agents.get_mut(&agent) {
+                t.entries = rows;
+            }
+        }
+        conflicts
     }
 }
 
@@ -1199,6 +1236,26 @@ mod tests {
                 "step {step}: differ {differ:#?}, only in full {missing:#?}"
             );
             assert_eq!(fast.keyed, full.keyed, "step {step}");
+            if step % 50 == 49 {
+                // A restart (the edges as stored, then every table at once) gives the map back.
+                let restored = restart(&fast);
+                assert_eq!(restored.edges, fast.edges, "restored at step {step}");
+                let rows = |m: &Model| -> Vec<_> {
+                    let mut keyed: Vec<_> = m.keyed.iter().filter(|(_, r)| !r.is_empty()).collect();
+                    keyed.sort_by_key(|(agent, _)| agent.as_str());
+                    keyed
+                        .into_iter()
+                        .map(|(a, r)| (a.clone(), r.clone()))
+                        .collect()
+                };
+                assert_eq!(rows(&restored), rows(&fast), "restored at step {step}");
+                assert_eq!(
+                    restored.by_remote, fast.by_remote,
+                    "restored at step {step}"
+                );
+                assert_eq!(restored.claims, fast.claims, "restored at step {step}");
+                assert_eq!(restored.rows, fast.rows, "restored at step {step}");
+            }
         }
         assert!(
             fast.edges.len() > 10,
@@ -1472,6 +1529,47 @@ mod tests {
         m.replace("db", table(&["10.0.0.3"], &[(6379, "redis")], &[]), 3);
         assert_eq!(live(&m), before);
         assert_eq!(m.edges.len(), before.len(), "{:#?}", m.edges.keys());
+    }
+
+    /// `m` after a restart: its edges as stored (no reporters), then its tables.
+    fn restart(m: &Model) -> Model {
+        let mut restored = Model::default();
+        for e in m.edges.values() {
+            restored.restore_edge(Edge {
+                reporters: Reporters::default(),
+                ..e.clone()
+            });
+        }
+        restored.restore_tables(m.agents.clone());
+        restored
+    }
+
+    #[test]
+    fn a_restart_attaches_each_row_once_to_its_owner_s_service() {
+        // A hub talks to 50 hosts, each owning one address and listening on 6379. Its table comes
+        // back first: one by one, each host's table would read it again (50 × 50 rows).
+        let mut m = Model::default();
+        let rows = hub_rows(50, 1);
+        m.replace("a-hub", hub_table(&rows), 1);
+        for a in 1..=50 {
+            let addr = format!("10.0.9.{a}");
+            m.replace(
+                &format!("db{a:02}"),
+                table(&[&addr], &[(6379, "redis")], &[]),
+                2,
+            );
+        }
+        let restored = restart(&m);
+        assert_eq!(restored.scanned, 0, "no row re-keyed");
+        let live: BTreeSet<_> = restored
+            .edges
+            .values()
+            .filter(|e| !e.reporters.is_empty())
+            .map(|e| e.key.to.clone())
+            .collect();
+        let dbs: BTreeSet<_> = (1..=50).map(|a| svc(&format!("db{a:02}"), 6379)).collect();
+        assert_eq!(live, dbs);
+        assert_eq!(restored.edges, m.edges);
     }
 
     #[test]

@@ -6,10 +6,12 @@ Helm is Helm's own Go SDK (PyPI helm-python-sdk), the schemas those of kubernete
 offline (scripts/install-deps installs them). No cluster here: nothing is installed."""
 
 import glob
+import http.client
 import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -255,9 +257,10 @@ class RenderedConfigRuns(unittest.TestCase):
     controller's certificate for the Service name the chart tells it to dial, enrolls with the
     token the NOTES tell operators to make, named after its node."""
 
-    def start_controller(self, docs, tmp, files=None):
+    def start_controller(self, docs, tmp, files=None, https_ca=None):
         """The controller with the StatefulSet's variables and the ConfigMap's file; `files` maps
-        paths in the pod to files here. Returns its process, environment, config path, ports."""
+        paths in the pod to files here; `https_ca`: its HTTP port serves HTTPS with a certificate
+        this CA file vouches for. Returns its process, environment, config path, ports."""
         grpc, http = free_port(), free_port()
         sts = find(docs, "StatefulSet")
         c = container(sts, "controller")
@@ -282,7 +285,10 @@ class RenderedConfigRuns(unittest.TestCase):
         deadline = time.time() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/readyz", timeout=1) as r:
+                scheme, context = ("https", ssl.create_default_context(cafile=https_ca)) if https_ca \
+                    else ("http", None)
+                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{http}/readyz", timeout=1,
+                                            context=context) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -290,6 +296,7 @@ class RenderedConfigRuns(unittest.TestCase):
             if controller.proc.poll() is not None or time.time() > deadline:
                 self.fail(f"controller did not become ready:\n{controller.text()}")
             time.sleep(0.1)
+        self.http = http
         return controller, env, config, grpc
 
     def issue_operator(self, env, config, grpc, notes, tmp):
@@ -416,6 +423,41 @@ class RenderedConfigRuns(unittest.TestCase):
         self.assertEqual(normalize(token["ca_fingerprint"]), normalize(fingerprint))
         self.assertFalse(os.path.exists(os.path.join(tmp, "volume", "controller", "pki", "ca.key")),
                          "the controller made its own CA instead of using the Secret's")
+
+    def test_an_https_secret_serves_the_console_and_probes_over_https(self):
+        """controller.httpsSecret: the key goes through the init container's own command (0440 as
+        the kubelet makes Secret files with fsGroup, 0600 after), the controller serves HTTPS with
+        it, and the probes the chart renders ask for HTTPS."""
+        docs, _ = render({"controller": {"httpsSecret": {"name": "console-tls"}}})
+        sts = find(docs, "StatefulSet")
+        c = container(sts, "controller")
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            self.assertEqual(c[probe]["httpGet"]["scheme"], "HTTPS", probe)
+        tmp = tempfile.mkdtemp(prefix="tapgraph-chart-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        secret, copied = os.path.join(tmp, "https-secret"), os.path.join(tmp, "https")
+        os.makedirs(secret)
+        os.makedirs(copied)
+        made = subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "30", "-subj", "/CN=console", "-addext", "subjectAltName=IP:127.0.0.1",
+             "-keyout", os.path.join(secret, "tls.key"), "-out", os.path.join(secret, "tls.crt")],
+            capture_output=True, text=True)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        for name in ("tls.crt", "tls.key"):
+            os.chmod(os.path.join(secret, name), 0o440)
+        init = next(i for i in sts["spec"]["template"]["spec"]["initContainers"]
+                    if i["name"] == "https-key")
+        command = [arg.replace("/etc/tapgraph/https-secret", secret).replace("/etc/tapgraph/https", copied)
+                   for arg in init["command"]]
+        run = subprocess.run(command, capture_output=True, text=True)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        files = {"/etc/tapgraph/https/tls.crt": os.path.join(copied, "tls.crt"),
+                 "/etc/tapgraph/https/tls.key": os.path.join(copied, "tls.key")}
+        self.start_controller(docs, tmp, files, https_ca=os.path.join(secret, "tls.crt"))
+        # Plain HTTP on that port is not served.
+        with self.assertRaises((OSError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{self.http}/readyz", timeout=2).read()
 
 
 if __name__ == "__main__":

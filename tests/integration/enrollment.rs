@@ -17,15 +17,15 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
-/// A controller, an operator config, and a token of `uses` uses with label role=web.
-struct Setup {
-    world: World,
-    controller: Controller,
-    ctl: PathBuf,
+/// A controller and an operator config (also the identity tests').
+pub(crate) struct Setup {
+    pub(crate) world: World,
+    pub(crate) controller: Controller,
+    pub(crate) ctl: PathBuf,
 }
 
 impl Setup {
-    fn new(env: &[(&str, &str)]) -> Setup {
+    pub(crate) fn new(env: &[(&str, &str)]) -> Setup {
         let world = World::new();
         let controller = Controller::start(&world, env);
         let ctl = world.operator("admin", controller.grpc);
@@ -37,7 +37,7 @@ impl Setup {
     }
 
     /// Creates a token; returns (token, fingerprint, id).
-    fn token(&self, args: &[&str]) -> (String, String, String) {
+    pub(crate) fn token(&self, args: &[&str]) -> (String, String, String) {
         let mut all = vec!["token", "create"];
         all.extend_from_slice(args);
         let v = ctl_json(&self.ctl, &all);
@@ -49,7 +49,7 @@ impl Setup {
     }
 
     /// `tapgraph-agent enroll` into agent dir `name`; returns (exit code, stdout + stderr).
-    fn enroll(&self, name: &str, token: &str, fingerprint: &str) -> (i32, String) {
+    pub(crate) fn enroll(&self, name: &str, token: &str, fingerprint: &str) -> (i32, String) {
         let out = self.enroll_cmd(name, token, fingerprint).output().unwrap();
         (
             out.status.code().unwrap_or(-1),
@@ -61,20 +61,20 @@ impl Setup {
         )
     }
 
-    fn enroll_cmd(&self, name: &str, token: &str, fingerprint: &str) -> Command {
+    pub(crate) fn enroll_cmd(&self, name: &str, token: &str, fingerprint: &str) -> Command {
         let mut cmd = self.world.agent_cmd(name, self.controller.grpc);
         cmd.args(["enroll", "--token", token, "--ca-fingerprint", fingerprint]);
         cmd
     }
 
-    fn agents(&self) -> Vec<Value> {
+    pub(crate) fn agents(&self) -> Vec<Value> {
         ctl_json(&self.ctl, &["agent", "list"])
             .as_array()
             .unwrap()
             .clone()
     }
 
-    fn token_uses_left(&self, id: &str) -> u64 {
+    pub(crate) fn token_uses_left(&self, id: &str) -> u64 {
         let tokens = ctl_json(&self.ctl, &["token", "list"]);
         tokens
             .as_array()
@@ -84,6 +84,15 @@ impl Setup {
             .unwrap()["uses_left"]
             .as_u64()
             .unwrap()
+    }
+
+    /// `tapgraph-agent run` from agent dir `dir`.
+    pub(crate) fn agent(&self, dir: &str) -> crate::harness::Proc {
+        crate::harness::Proc::spawn(
+            &format!("agent-{dir}"),
+            self.world.agent_cmd(dir, self.controller.grpc),
+            self.world.path(),
+        )
     }
 }
 

@@ -3,73 +3,15 @@
 //! enrollments are limited per source address, so a flood from one does not block another.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 use tapgraph::proto;
 
-use crate::harness::{Controller, Proc, World, bin, ctl, ctl_json, wait_for};
-
-/// A controller and an operator config.
-struct Setup {
-    world: World,
-    controller: Controller,
-    ctl: PathBuf,
-}
-
-impl Setup {
-    fn new(env: &[(&str, &str)]) -> Setup {
-        let world = World::new();
-        let controller = Controller::start(&world, env);
-        let ctl = world.operator("admin", controller.grpc);
-        Setup {
-            world,
-            controller,
-            ctl,
-        }
-    }
-
-    /// Creates a join token; returns (token, CA fingerprint, token id).
-    fn token(&self, args: &[&str]) -> (String, String, String) {
-        let mut all = vec!["token", "create"];
-        all.extend_from_slice(args);
-        let v = ctl_json(&self.ctl, &all);
-        (
-            v["token"].as_str().unwrap().to_string(),
-            v["ca_fingerprint"].as_str().unwrap().to_string(),
-            v["id"].as_str().unwrap().to_string(),
-        )
-    }
-
-    fn enroll_cmd(&self, dir: &str, token: &str, fp: &str) -> Command {
-        let mut cmd = self.world.agent_cmd(dir, self.controller.grpc);
-        cmd.args(["enroll", "--token", token, "--ca-fingerprint", fp]);
-        cmd
-    }
-
-    /// `tapgraph-agent enroll` into agent dir `dir`; returns (exit code, stdout + stderr).
-    fn enroll(&self, dir: &str, token: &str, fp: &str) -> (i32, String) {
-        let out = self.enroll_cmd(dir, token, fp).output().unwrap();
-        (out.status.code().unwrap_or(-1), output_text(&out))
-    }
-
-    fn agent(&self, dir: &str) -> Proc {
-        Proc::spawn(
-            &format!("agent-{dir}"),
-            self.world.agent_cmd(dir, self.controller.grpc),
-            self.world.path(),
-        )
-    }
-
-    fn enrolled(&self) -> Vec<Value> {
-        ctl_json(&self.ctl, &["agent", "list"])
-            .as_array()
-            .unwrap()
-            .clone()
-    }
-}
+use crate::enrollment::Setup;
+use crate::harness::{Proc, bin, ctl, ctl_json, wait_for};
 
 fn output_text(out: &std::process::Output) -> String {
     format!(
@@ -266,7 +208,7 @@ fn an_agent_enrolling_again_with_its_own_key_keeps_its_id() {
             .any(|l| l.contains("kept_key") && l.contains("proved it holds the key")),
         "{log}"
     );
-    assert_eq!(s.enrolled().len(), 1, "{:?}", s.enrolled());
+    assert_eq!(s.agents().len(), 1, "{:?}", s.agents());
 }
 
 #[test]
@@ -327,7 +269,7 @@ fn an_operator_token_lets_a_reinstalled_host_take_its_id_back() {
             },
         );
         assert!(
-            s.enrolled()
+            s.agents()
                 .iter()
                 .all(|a| a["id"] != id.as_str() || a["state"] != "connected"),
             "the replaced certificate must not connect"

@@ -169,14 +169,7 @@ impl CertAuthority {
         identity: &Identity,
         lifetime: Duration,
     ) -> Result<IssuedCert, PkiError> {
-        if csr_pem.len() > MAX_CSR_BYTES {
-            return Err(PkiError::BadCsr(format!(
-                "{} bytes; at most {MAX_CSR_BYTES} are accepted",
-                csr_pem.len()
-            )));
-        }
-        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let csr = parse_csr(csr_pem)?;
         let alg = csr.public_key.algorithm();
         let supported = [
             &rcgen::PKCS_ECDSA_P256_SHA256,
@@ -215,18 +208,23 @@ pub fn csr_for_key(key_pem: &str, common_name: &str) -> Result<String, PkiError>
     Ok(params.serialize_request(&key)?.pem()?)
 }
 
-/// SHA-256 (hex) of the public key (SubjectPublicKeyInfo, DER) of a CSR whose signature verifies:
-/// the sender of the CSR holds the private key of that public key.
-pub fn csr_key_sha256(csr_pem: &str) -> Result<String, PkiError> {
+/// A PEM CSR of at most [`MAX_CSR_BYTES`] whose signature verifies (`from_pem` checks it with the
+/// CSR's own public key): its sender holds that key's private key.
+fn parse_csr(csr_pem: &str) -> Result<rcgen::CertificateSigningRequestParams, PkiError> {
     if csr_pem.len() > MAX_CSR_BYTES {
         return Err(PkiError::BadCsr(format!(
             "{} bytes; at most {MAX_CSR_BYTES} are accepted",
             csr_pem.len()
         )));
     }
-    // `from_pem` verifies the CSR's signature with its own public key.
-    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-        .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| PkiError::BadCsr(e.to_string()))
+}
+
+/// SHA-256 (hex) of the public key (SubjectPublicKeyInfo, DER) of a CSR whose signature verifies:
+/// the sender of the CSR holds the private key of that public key.
+pub fn csr_key_sha256(csr_pem: &str) -> Result<String, PkiError> {
+    let csr = parse_csr(csr_pem)?;
     Ok(tls::fingerprint(
         &rcgen::PublicKeyData::subject_public_key_info(&csr.public_key),
     ))

@@ -70,6 +70,8 @@ pub struct Scrape {
     pub http: crate::http::HttpCounts,
     /// Mirror streams refused: their agent had `session.max_streams` open.
     pub mirror_streams_refused: u64,
+    /// Enrollments refused by a limit: (per source, `enrollment.rate`).
+    pub enrollments_refused: (u64, u64),
 }
 
 /// One delay histogram: per bucket, (every delay in it is below this many µs, count), ascending,
@@ -87,6 +89,7 @@ impl Scrape {
             topology: state.topology.stats().await,
             sink: state.sink.as_ref().map(|s| s.stats()),
             http: state.http_stats.read(),
+            enrollments_refused: state.enrollment.refused(),
             ..Self::default()
         }
         .with_mirrors(&state.mirrors)
@@ -301,6 +304,17 @@ const FLEET: &[Field<Scrape>] = &[
         "Mirror streams refused with RESOURCE_EXHAUSTED (limit: the agent had session.max_streams open).",
         "reason",
         |s| vec![("limit", Value::from(s.mirror_streams_refused))],
+    ),
+    counter_by(
+        "tapgraph_enrollments_refused",
+        "Enrollments refused with RESOURCE_EXHAUSTED before their token was checked: the source used up its failed attempts (per_source), or enrollment.rate (rate).",
+        "reason",
+        |s| {
+            vec![
+                ("per_source", Value::from(s.enrollments_refused.0)),
+                ("rate", Value::from(s.enrollments_refused.1)),
+            ]
+        },
     ),
 ];
 
@@ -975,6 +989,7 @@ mod tests {
         "tapgraph_http_auth_failures",
         "tapgraph_http_auth_limited_requests",
         "tapgraph_mirror_streams_refused",
+        "tapgraph_enrollments_refused",
         "tapgraph_agent_state",
         "tapgraph_agent_sessions",
         "tapgraph_agent_last_seen_timestamp_seconds",

@@ -424,6 +424,14 @@ async fn a_bad_token_flood_from_one_source_does_not_block_enrollment_from_anothe
         .count();
     eprintln!("flood of 200: {checked} reached the token check, {per_source} refused per source");
     assert!(per_source > 0, "{:?}", &refusals[..3]);
+    // Each refusal is counted on /metrics by the limit that made it.
+    let (_, metrics) = crate::harness::http_get(s.controller.http, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "tapgraph_enrollments_refused_total{{reason=\"per_source\"}} {per_source}"
+        )),
+        "{metrics}"
+    );
     // The flood took from the shared bucket only the few attempts its source was allowed.
     assert!(checked < 30, "{checked} bad tokens were checked");
 

@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Failed enrollments a source address may make at once…
@@ -24,6 +26,24 @@ pub const MAX_SOURCES: usize = 4096;
 pub struct EnrollLimits {
     rate: RateLimit,
     failures: FailureLimit,
+    refused: Refused,
+}
+
+/// Attempts refused by each limit, for `/metrics`; read without asking the task.
+#[derive(Clone, Debug, Default)]
+pub struct Refused {
+    per_source: Arc<AtomicU64>,
+    rate: Arc<AtomicU64>,
+}
+
+impl Refused {
+    /// (refused by the per-source failure limit, refused by `enrollment.rate`).
+    pub fn read(&self) -> (u64, u64) {
+        (
+            self.per_source.load(Ordering::Relaxed),
+            self.rate.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl EnrollLimits {
@@ -32,13 +52,20 @@ impl EnrollLimits {
         Self {
             rate: RateLimit::new(rate, burst),
             failures: FailureLimit::new(FAILURE_BURST, FAILURE_REFILL, MAX_SOURCES),
+            refused: Refused::default(),
         }
+    }
+
+    /// The refusal counters, shared.
+    pub fn refused(&self) -> Refused {
+        self.refused.clone()
     }
 
     /// Admits an attempt from `peer` at `now`, or says which limit refuses it and when to retry.
     pub fn admit(&mut self, peer: SocketAddr, now: Instant) -> Result<(), String> {
         let from = source(peer);
         if let Err(wait) = self.failures.check(from, now) {
+            self.refused.per_source.fetch_add(1, Ordering::Relaxed);
             return Err(format!(
                 "too many failed enrollments from {from} (per-source limit: {FAILURE_BURST} \
                  failures, then one per {} s): retry in {} ms",
@@ -47,6 +74,7 @@ impl EnrollLimits {
             ));
         }
         self.rate.take(now).map_err(|wait| {
+            self.refused.rate.fetch_add(1, Ordering::Relaxed);
             format!(
                 "enrollment rate limit ({}/s, enrollment.rate): retry in {} ms",
                 self.rate.rate,
@@ -211,6 +239,7 @@ mod tests {
             refused.starts_with("too many failed enrollments from 127.0.0.2"),
             "{refused}"
         );
+        assert_eq!(limits.refused().read(), (1, 0), "counted, by reason");
         assert!(!limits.failed(flood, t0), "reported once");
         // Another source, admitted many times over (its attempts succeed), is never held back.
         for _ in 0..100 {
@@ -219,6 +248,18 @@ mod tests {
         // The flooding source earns an attempt back per FAILURE_REFILL.
         let later = t0 + FAILURE_REFILL * 2;
         assert_eq!(limits.admit(flood, later), Ok(()));
+    }
+
+    #[test]
+    fn rate_refusals_are_counted_apart() {
+        let t0 = Instant::now();
+        let mut limits = EnrollLimits::new(1.0, 2);
+        let from = peer([127, 0, 0, 1]);
+        assert_eq!(limits.admit(from, t0), Ok(()));
+        assert_eq!(limits.admit(from, t0), Ok(()));
+        let refused = limits.admit(from, t0).unwrap_err();
+        assert!(refused.contains("enrollment.rate"), "{refused}");
+        assert_eq!(limits.refused().read(), (0, 1));
     }
 
     #[test]

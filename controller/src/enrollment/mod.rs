@@ -309,6 +309,7 @@ pub struct Enrollment {
     tx: mpsc::Sender<Command>,
     revocations: Revocations,
     fingerprint: String,
+    refused: limits::Refused,
 }
 
 fn now_ms() -> u64 {
@@ -358,6 +359,7 @@ impl Enrollment {
         let revocations = Revocations::new(agents.values());
         let (tx, rx) = mpsc::channel(256);
         let fingerprint = ca.fingerprint();
+        let refused = limits.refused();
         let task = Task {
             store,
             ca,
@@ -374,6 +376,7 @@ impl Enrollment {
                 tx,
                 revocations,
                 fingerprint,
+                refused,
             },
             task.run(rx),
         ))
@@ -381,6 +384,11 @@ impl Enrollment {
 
     pub fn revocations(&self) -> &Revocations {
         &self.revocations
+    }
+
+    /// Enrollments refused by a limit: (per source, `enrollment.rate`).
+    pub fn refused(&self) -> (u64, u64) {
+        self.refused.read()
     }
 
     pub fn ca_fingerprint(&self) -> &str {

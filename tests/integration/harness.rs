@@ -549,3 +549,43 @@ pub fn veth(a: &Netns, a_if: &str, a_cidr: &str, b: &Netns, b_if: &str, b_cidr: 
         ip(&["-n", &ns.name, "link", "set", ifname, "up"]);
     }
 }
+
+/// Runs `cmd` with `input` on its standard input; its output. `what` names it if it cannot start.
+pub fn pipe(cmd: &mut Command, input: &str, what: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `scripts/check-metrics` on an exposition `body`: Ok(its family names, a line each) or Err(its
+/// complaints). A missing tool (exit 2) fails the test rather than passing as a complaint.
+pub fn check_metrics(body: &str) -> Result<String, String> {
+    let out = pipe(
+        Command::new("scripts/check-metrics").current_dir(env!("CARGO_MANIFEST_DIR")),
+        body,
+        "scripts/check-metrics",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_ne!(
+        out.status.code(),
+        Some(2),
+        "check-metrics lacks a tool (run scripts/install-deps): {stderr}"
+    );
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(stderr)
+    }
+}

@@ -278,26 +278,8 @@ fn metrics_parse_and_their_names_are_stable() {
     let check = |addr: SocketAddr, expected: &[&str]| {
         let (status, body) = crate::harness::http_get(addr, "/metrics").unwrap();
         assert_eq!(status, 200, "{body}");
-        let mut child = Command::new("scripts/check-metrics")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("scripts/check-metrics");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(body.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "check-metrics refused {addr}/metrics: {}\n{body}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let names = String::from_utf8_lossy(&out.stdout).to_string();
+        let names = crate::harness::check_metrics(&body)
+            .unwrap_or_else(|e| panic!("check-metrics refused {addr}/metrics: {e}\n{body}"));
         for name in expected {
             assert!(
                 names.lines().any(|n| n == *name),

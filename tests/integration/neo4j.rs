@@ -783,20 +783,7 @@ async fn a_wrong_password_is_reported_once_and_the_map_keeps_working() {
     let controller = Controller::start(&world, &env);
     let ctl = world.operator("admin", controller.grpc);
     let (agent, _in) = raw_agent_as(&world, &controller, "solo", "solo").await;
-    agent(Msg::Snapshot(proto::ConnectionSnapshot {
-        sequence: 1,
-        full: true,
-        addresses: vec!["10.9.0.1".into()],
-        entries: vec![entry(
-            proto::Direction::Client,
-            "10.9.0.1",
-            "203.0.113.9",
-            443,
-            "curl",
-        )],
-        ..Default::default()
-    }))
-    .await;
+    agent(curl_to_outside()).await;
     let failed = wait_for(
         "the sink to give up on the credentials",
         Duration::from_secs(20),
@@ -1248,20 +1235,7 @@ async fn a_label_reaches_the_database_without_a_snapshot() {
     let controller = start(&world, &bolt, &[]);
     let ctl = world.operator("admin", controller.grpc);
     let (agent, _in) = raw_agent_as(&world, &controller, "web-1", "web-1").await;
-    agent(Msg::Snapshot(proto::ConnectionSnapshot {
-        sequence: 1,
-        full: true,
-        addresses: vec!["10.9.0.1".into()],
-        entries: vec![entry(
-            proto::Direction::Client,
-            "10.9.0.1",
-            "203.0.113.9",
-            443,
-            "curl",
-        )],
-        ..Default::default()
-    }))
-    .await;
+    agent(curl_to_outside()).await;
     wait_equal(&bolt, &ctl, "after the snapshot").await;
     let graph = bolt.graph().await;
     let property = async |id: &str, key: &str| -> Value {
@@ -1491,4 +1465,21 @@ async fn bench_neo4j_sink_against_one_statement_per_edge() {
     );
     drop(agents);
     drop(controller);
+}
+
+/// A host's first, full snapshot: 10.9.0.1 with one curl to an outside HTTPS server.
+fn curl_to_outside() -> Msg {
+    Msg::Snapshot(proto::ConnectionSnapshot {
+        sequence: 1,
+        full: true,
+        addresses: vec!["10.9.0.1".into()],
+        entries: vec![entry(
+            proto::Direction::Client,
+            "10.9.0.1",
+            "203.0.113.9",
+            443,
+            "curl",
+        )],
+        ..Default::default()
+    })
 }

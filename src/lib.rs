@@ -11,6 +11,7 @@ pub mod graph;
 pub mod identity;
 pub mod labels;
 pub mod logging;
+pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod proto;

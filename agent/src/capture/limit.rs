@@ -12,7 +12,9 @@
 //! - **Breach watchdog.** Time is cut into check intervals from the first packet. At the end of
 //!   each, the offered rate (every captured byte, before the bucket) is compared with the limit;
 //!   `N` consecutive intervals above it is a breach, reported once with the last interval's rate.
-//!   An interval with nothing offered, including one skipped over by a silence, is under the limit.
+//!   An interval with nothing offered, including one skipped over by a silence, is under the limit;
+//!   but a burst of exactly `N` intervals that then stops is still a breach, although its last
+//!   interval is only closed by the first packet after the silence (or the read timeout).
 //!   `N = 0` turns the rule off.
 
 use std::time::Duration;
@@ -145,10 +147,9 @@ impl BreachWatchdog {
         self.offered_bytes = 0;
         // Whole intervals skipped over by a silence offered nothing.
         let skipped = (now_ns - end) / self.interval_ns;
-        if skipped > 0 {
-            self.consecutive = 0;
-        }
         self.start_ns = Some(end + skipped * self.interval_ns);
+        // Judged before the silence breaks the run: the interval that completes a breach may be
+        // closed late, by the first packet after a burst has stopped.
         if self.consecutive >= self.needed {
             self.breached = true;
             return Some(Breach {
@@ -157,6 +158,9 @@ impl BreachWatchdog {
                 intervals: self.consecutive,
                 at_ns: end,
             });
+        }
+        if skipped > 0 {
+            self.consecutive = 0;
         }
         None
     }
@@ -238,6 +242,36 @@ mod tests {
         let (b, t) = offer_for(&mut w, t, 1, 16_000_000);
         assert_eq!(b, None);
         assert!(w.advance(t).is_some());
+    }
+
+    /// A burst of exactly N intervals that then stops is a breach: the interval that completes it
+    /// is closed late (by the first packet after the silence, or by the read timeout's call),
+    /// and the silence after it does not undo what it completed.
+    #[test]
+    fn a_burst_of_exactly_n_intervals_then_a_silence_is_a_breach() {
+        for n in [1u32, 2, 3] {
+            for silence in [0, SEC / 2, SEC, SEC + SEC / 2, 5 * SEC] {
+                for by_packet in [true, false] {
+                    let mut w = BreachWatchdog::new(8_000_000, Duration::from_secs(1), n);
+                    let (b, t) = offer_for(&mut w, 0, u64::from(n), 16_000_000);
+                    assert_eq!(b, None, "n={n}: the Nth interval is still open");
+                    let closed_at = t + silence;
+                    let b = if by_packet {
+                        w.offer(closed_at, 100)
+                    } else {
+                        w.advance(closed_at)
+                    };
+                    let b = b.unwrap_or_else(|| {
+                        panic!("n={n}, closed {silence} ns late (packet: {by_packet}): no breach")
+                    });
+                    assert_eq!(b.intervals, n);
+                    assert_eq!(b.measured_bps, 16_000_000);
+                    assert_eq!(b.limit_bps, 8_000_000);
+                    assert_eq!(b.at_ns, u64::from(n) * SEC, "the end of the Nth interval");
+                    assert!(w.breached());
+                }
+            }
+        }
     }
 
     #[test]

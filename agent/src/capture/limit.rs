@@ -7,8 +7,8 @@
 //!
 //! - **Token bucket.** Tokens are bytes on the wire, added at the limit's rate up to a burst; a
 //!   packet that finds too few is dropped (and counted by the caller), never queued. The burst is
-//!   [`BURST`] of traffic at the limit, and at least one largest packet, so a limit below one
-//!   jumbo frame per burst still lets such frames through at the average rate.
+//!   100 ms of traffic at the limit ([`BURST`]), and at least one largest frame (65,553 bytes), so
+//!   a limit below one such frame per burst still lets them through at the average rate.
 //! - **Breach watchdog.** Time is cut into check intervals from the first packet. At the end of
 //!   each, the offered rate (every captured byte, before the bucket) is compared with the limit;
 //!   `N` consecutive intervals above it is a breach, reported once with the last interval's rate.
@@ -19,10 +19,11 @@
 
 use std::time::Duration;
 
-/// How much traffic at the limit the bucket holds.
+/// How much traffic at the limit the bucket holds: 100 ms.
 pub const BURST: Duration = Duration::from_millis(100);
 
-/// Largest frame the burst must always admit.
+/// Largest frame the burst must always admit: 65,553 bytes, the largest IP packet (65,535 bytes)
+/// behind an Ethernet header with a VLAN tag (18 bytes).
 const MAX_FRAME: u64 = 65_535 + 18;
 
 const NANOS: u128 = 1_000_000_000;
@@ -329,5 +330,61 @@ mod tests {
         // A clock step backwards refills nothing.
         assert!(!bucket.admit(0, 9_000));
         assert!(bucket.admit(20 * SEC, 9_000));
+    }
+
+    /// After a silence the intervals keep their grid: the next one starts at the last whole
+    /// interval boundary before the packet that ends the silence, not at the packet.
+    #[test]
+    fn after_a_silence_the_interval_start_moves_forward_on_its_grid() {
+        let mut w = BreachWatchdog::new(8_000_000, Duration::from_secs(1), 1);
+        assert_eq!(w.offer(0, 100), None);
+        // 2 MB at 5.5 s: the interval [0, 1 s) closes under the limit, and [5 s, 6 s) begins.
+        assert_eq!(w.offer(5 * SEC + SEC / 2, 2_000_000), None);
+        assert_eq!(w.advance(6 * SEC - 1), None, "[5 s, 6 s) is still open");
+        let b = w
+            .advance(6 * SEC)
+            .expect("2 MB in [5 s, 6 s) is above 1 MB/s");
+        assert_eq!(b.at_ns, 6 * SEC);
+        assert_eq!(
+            b.measured_bps, 16_000_000,
+            "measured over the whole interval"
+        );
+    }
+
+    #[test]
+    fn the_burst_is_100_ms_at_the_limit() {
+        assert_eq!(BURST, Duration::from_millis(100));
+        // 8 Mbit/s is 1 MB/s: a full bucket admits 100 kB at once and not a byte more.
+        let mut bucket = TokenBucket::new(8_000_000);
+        assert_eq!(bucket.burst_bytes(), 100_000);
+        assert!(bucket.admit(0, 60_000));
+        assert!(bucket.admit(0, 40_000));
+        assert!(!bucket.admit(0, 1), "the burst is spent");
+        // 1 ms refills 1 kB.
+        assert!(bucket.admit(MS, 1_000));
+        assert!(!bucket.admit(MS, 1));
+        // A long silence refills 100 kB, never more.
+        assert!(bucket.admit(60 * SEC, 100_000));
+        assert!(!bucket.admit(60 * SEC, 1));
+    }
+
+    #[test]
+    fn a_limit_below_one_frame_per_burst_admits_a_full_65_553_byte_frame() {
+        let mut bucket = TokenBucket::new(8_000); // 1 kB/s: 100 B per 100 ms
+        assert_eq!(bucket.burst_bytes(), 65_553);
+        assert!(bucket.admit(0, 65_553), "a full frame fits");
+        assert!(!bucket.admit(0, 1), "and fills the burst exactly");
+        let mut bucket = TokenBucket::new(8_000);
+        assert!(
+            !bucket.admit(0, 65_554),
+            "a byte more than the burst never fits"
+        );
+        // 65,553 bytes at 1 kB/s take 65.553 s to come back.
+        let mut bucket = TokenBucket::new(8_000);
+        assert!(bucket.admit(0, 65_553));
+        assert!(!bucket.admit(65_552 * MS, 65_553));
+        let mut bucket = TokenBucket::new(8_000);
+        assert!(bucket.admit(0, 65_553));
+        assert!(bucket.admit(65_553 * MS, 65_553));
     }
 }

@@ -2,10 +2,12 @@
 //! each is validated, applied to the model and written through to the state store, so a restart
 //! loses nothing. Queries read the model; nothing else touches it.
 
+pub mod graph;
 pub mod labels;
 pub mod model;
 pub mod names;
 pub mod view;
+pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::net::IpAddr;
@@ -21,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::events::Events;
 use crate::store::{Batch, Store, StoreError, Table};
 use model::{
-    AgentTable, Changes, Conflict, Direction, Edge, Invalid, ListenerKey, Model, Node, ObsKey,
-    ObsValue, Protocol,
+    AgentTable, Changes, Conflict, Direction, Edge, Invalid, ListenerKey, Model, ObsKey, ObsValue,
+    Protocol,
 };
 
 const AGENTS: Table = TableDefinition::new("topology_agents");
@@ -143,9 +145,9 @@ enum Command {
         snapshot: Box<proto::ConnectionSnapshot>,
         reply: oneshot::Sender<Result<(), Refusal>>,
     },
-    Graph {
+    Map {
         query: GraphQuery,
-        reply: oneshot::Sender<proto::Graph>,
+        reply: oneshot::Sender<graph::Graph>,
     },
     Stats {
         reply: oneshot::Sender<Stats>,
@@ -253,9 +255,10 @@ impl Topology {
             .unwrap_or_else(|_| Err(Refusal::Store("topology task stopped".into())))
     }
 
-    pub async fn graph(&self, query: GraphQuery) -> proto::Graph {
+    /// The map for `query`, undecorated (see [`view::map`]); empty if the task has stopped.
+    pub async fn map(&self, query: GraphQuery) -> graph::Graph {
         let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Command::Graph { query, reply }).await;
+        let _ = self.tx.send(Command::Map { query, reply }).await;
         rx.await.unwrap_or_default()
     }
 
@@ -559,8 +562,8 @@ impl Task {
     /// Answers a query (a snapshot here is applied and written on its own).
     fn answer(&mut self, cmd: Command) {
         match cmd {
-            Command::Graph { query, reply } => {
-                let _ = reply.send(self.graph(&query));
+            Command::Map { query, reply } => {
+                let _ = reply.send(self.map(&query));
             }
             Command::Stats { reply } => {
                 let mut stats = self.stats.clone();
@@ -840,142 +843,13 @@ impl Task {
         Ok(())
     }
 
-    fn graph(&self, q: &GraphQuery) -> proto::Graph {
-        let now = now_ms();
-        let ttl = self.settings.ttl.as_millis() as u64;
-        let mut nodes: BTreeMap<String, proto::GraphNode> = BTreeMap::new();
-        let mut edges = Vec::new();
-        // `id` is `node.id()`, made once by the caller: a large map has 100,000s of edge ends.
-        let mut add_node = |node: &Node, id: &str, model: &Model| {
-            if nodes.contains_key(id) {
-                return;
-            }
-            let id = id.to_string();
-            nodes.entry(id.clone()).or_insert_with(|| {
-                let (kind, name, mut properties) = match node {
-                    Node::Host(h) => ("host", h.clone(), BTreeMap::new()),
-                    Node::Address(ip) => {
-                        let mut p = BTreeMap::new();
-                        // Two hosts claim it: shown where the address is, naming them all.
-                        if let [owner, others @ ..] = model.claimants(ip)
-                            && !others.is_empty()
-                        {
-                            p.insert(
-                                "conflict".to_string(),
-                                format!(
-                                    "claimed by agents {owner}, {}; the map keeps it on {owner}",
-                                    others.join(", ")
-                                ),
-                            );
-                        }
-                        ("address", ip.to_string(), p)
-                    }
-                    Node::Service {
-                        host,
-                        protocol,
-                        port,
-                    } => {
-                        let process = model
-                            .agents
-                            .get(host)
-                            .and_then(|t| {
-                                t.listeners
-                                    .iter()
-                                    .find(|(l, _)| l.port == *port && l.protocol == *protocol)
-                                    .map(|(_, p)| p.clone())
-                            })
-                            .unwrap_or_default();
-                        let mut p = BTreeMap::new();
-                        p.insert("host".to_string(), host.clone());
-                        p.insert("process".to_string(), process.clone());
-                        p.insert("port".to_string(), port.to_string());
-                        p.insert("protocol".to_string(), protocol.as_str().to_string());
-                        ("service", format!("{host}:{port}/{}", protocol.as_str()), p)
-                    }
-                };
-                if let Node::Host(h) = node
-                    && let Some(t) = model.agents.get(h)
-                {
-                    properties.insert("hostname".into(), t.hostname.clone());
-                }
-                proto::GraphNode {
-                    id,
-                    kind: kind.into(),
-                    name,
-                    properties: properties.into_iter().collect(),
-                }
-            });
-        };
-        for (host, table) in &self.model.agents {
-            let h = Node::Host(host.clone());
-            add_node(&h, &h.id(), &self.model);
-            for ip in table.addresses.iter().filter(|ip| !ip.is_loopback()) {
-                let a = Node::Address(*ip);
-                add_node(&a, &a.id(), &self.model);
-                edges.push(proto::GraphEdge {
-                    from: h.id(),
-                    to: a.id(),
-                    kind: "HAS_ADDRESS".into(),
-                    active: true,
-                    ..Default::default()
-                });
-            }
-            let mut services = BTreeSet::new();
-            for l in table.listeners.keys() {
-                let s = Node::Service {
-                    host: host.clone(),
-                    protocol: l.protocol,
-                    port: l.port,
-                };
-                // A port listened on several addresses is one service.
-                if !services.insert(s.id()) {
-                    continue;
-                }
-                add_node(&s, &s.id(), &self.model);
-                edges.push(proto::GraphEdge {
-                    from: h.id(),
-                    to: s.id(),
-                    kind: "LISTENS".into(),
-                    port: u32::from(l.port),
-                    protocol: proto_protocol(l.protocol) as i32,
-                    active: true,
-                    ..Default::default()
-                });
-            }
-        }
-        for e in self.model.edges.values() {
-            let active = e.active(now, ttl);
-            if (e.control_plane && !q.include_control) || (!active && !q.include_inactive) {
-                continue;
-            }
-            let (from, to) = (e.key.from.id(), e.key.to.id());
-            add_node(&e.key.from, &from, &self.model);
-            add_node(&e.key.to, &to, &self.model);
-            edges.push(proto::GraphEdge {
-                from,
-                to,
-                kind: "CONNECTS_TO".into(),
-                port: u32::from(e.key.port),
-                protocol: proto_protocol(e.key.protocol) as i32,
-                process: e.process.clone(),
-                sockets: e.sockets,
-                first_seen_unix_nanos: e.first_seen_ms.saturating_mul(1_000_000),
-                last_seen_unix_nanos: e.last_seen_ms.saturating_mul(1_000_000),
-                active,
-                control_plane: e.control_plane,
-            });
-        }
-        proto::Graph {
-            nodes: nodes.into_values().collect(),
-            edges,
-        }
-    }
-}
-
-fn proto_protocol(p: Protocol) -> proto::Protocol {
-    match p {
-        Protocol::Tcp => proto::Protocol::Tcp,
-        Protocol::Udp => proto::Protocol::Udp,
+    fn map(&self, query: &GraphQuery) -> graph::Graph {
+        graph::build(
+            &self.model,
+            query,
+            now_ms(),
+            self.settings.ttl.as_millis() as u64,
+        )
     }
 }
 
@@ -1275,7 +1149,7 @@ mod memory_probe {
                 report("written to redb");
                 drop(s);
                 report("snapshot dropped");
-                let g = task.graph(&GraphQuery::default());
+                let g = task.map(&GraphQuery::default());
                 report(&format!("graph built ({} edges)", g.edges.len()));
                 drop(g);
                 report("graph dropped");

@@ -1,25 +1,28 @@
 //! The map as operators see it: the topology task's graph, with the labels of enrollment tokens,
-//! operators and rules, and reverse-DNS names, put on its nodes. The admin API and the Neo4j sink
-//! both show this one view.
+//! operators and rules, and reverse-DNS names, put on its nodes. The admin API, the HTTP API and
+//! the Neo4j sink all show this one view.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tapgraph::proto;
 
+use super::graph::{Graph, NodeKind};
 use super::{GraphQuery, Naming, Topology};
 use crate::enrollment::{EnrolledAgent, Enrollment};
 
-/// The decorated graph for `query`.
-pub async fn graph(
+/// The decorated map for `query`: every host named (as enrolled, else as its Hello said, else
+/// its agent id) and flagged with its agent's state, hosts and addresses labelled, external
+/// addresses named by reverse DNS when it is on.
+pub async fn map(
     topology: &Topology,
     enrollment: &Enrollment,
     naming: &Naming,
     query: GraphQuery,
-) -> proto::Graph {
-    let mut graph = topology.graph(query).await;
-    // Labels sit on nodes, as `label.KEY` properties: a host's come from its enrollment token
-    // and operators, then hostname rules; an address's from CIDR rules.
+) -> Graph {
+    let mut graph = topology.map(query).await;
+    // Labels sit on nodes (on the wire, as `label.KEY` properties): a host's come from its
+    // enrollment token and operators, then hostname rules; an address's from CIDR rules.
     let enrolled: BTreeMap<String, EnrolledAgent> = enrollment
         .list_agents()
         .await
@@ -28,48 +31,60 @@ pub async fn graph(
         .collect();
     let rules = naming.config_rules.then(&naming.operator_rules.get().1);
     for node in graph.nodes.iter_mut() {
-        let labels = match node.kind.as_str() {
-            "host" => {
+        let labels = match &mut node.kind {
+            NodeKind::Host {
+                hostname,
+                agent_state,
+            } => {
                 let record = enrolled.get(&node.name);
                 // Enrolled under, else as its Hello said, else the agent id.
-                let hostname = record
+                let name = record
                     .map(|a| a.hostname.clone())
                     .filter(|h| !h.is_empty())
-                    .or_else(|| node.properties.get("hostname").cloned())
+                    .or_else(|| hostname.take())
                     .filter(|h| !h.is_empty())
                     .unwrap_or_else(|| node.name.clone());
-                node.properties.insert("hostname".into(), hostname.clone());
                 // connected, degraded or lost: a lost agent is flagged on its Host node, and the
                 // flag clears by itself when it comes back.
                 if let Some(state) = naming.agents.state(&node.name) {
-                    node.properties.insert("agent_state".into(), state.into());
+                    *agent_state = Some(state);
                 }
-                let mut labels = rules.for_hostname(&hostname);
+                let mut labels = rules.for_hostname(&name);
                 labels.extend(record.map(|a| a.labels.clone()).unwrap_or_default());
+                *hostname = Some(name);
                 labels
             }
-            "address" => match node.name.parse() {
-                Ok(ip) => rules.for_address(&ip),
-                Err(_) => BTreeMap::new(),
-            },
-            _ => BTreeMap::new(),
+            NodeKind::Address { ip, .. } => rules.for_address(ip),
+            NodeKind::Service { .. } => BTreeMap::new(),
         };
-        for (k, v) in labels {
-            node.properties.insert(format!("label.{k}"), v);
-        }
+        node.labels.extend(labels);
     }
     // External and agentless endpoints by name, when reverse DNS is on.
     let external: Vec<std::net::IpAddr> = graph
         .nodes
         .iter()
-        .filter(|n| n.kind == "address")
-        .filter_map(|n| n.name.parse().ok())
+        .filter_map(|n| match n.kind {
+            NodeKind::Address { ip, .. } => Some(ip),
+            _ => None,
+        })
         .collect();
     let names = naming.names.lookup(&external, Duration::from_secs(2)).await;
-    for node in graph.nodes.iter_mut().filter(|n| n.kind == "address") {
-        if let Some(name) = node.name.parse().ok().and_then(|ip| names.get(&ip)) {
-            node.properties.insert("dns".into(), name.clone());
+    for node in graph.nodes.iter_mut() {
+        if let NodeKind::Address { ip, dns, .. } = &mut node.kind
+            && let Some(name) = names.get(ip)
+        {
+            *dns = Some(name.clone());
         }
     }
     graph
+}
+
+/// [`map`] in its wire form, for the callers not yet converting at their edge.
+pub async fn graph(
+    topology: &Topology,
+    enrollment: &Enrollment,
+    naming: &Naming,
+    query: GraphQuery,
+) -> proto::Graph {
+    proto::Graph::from(&map(topology, enrollment, naming, query).await)
 }

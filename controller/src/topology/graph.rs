@@ -1,0 +1,286 @@
+//! The map as the controller hands it out: typed nodes and edges built from the model for a
+//! query ([`build`]), decorated with names and labels by [`super::view`], and turned into
+//! protobuf or JSON only by the handlers that send it ([`super::wire`]). Kinds are enums, ports
+//! numbers and times milliseconds: nothing downstream parses a string the map made.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use super::GraphQuery;
+use super::model::{self, Model, Protocol};
+
+/// The map for one query.
+///
+/// Guarantees: nodes are sorted by id and each id appears once; every edge's `from` and `to`
+/// name a node of `nodes`. Edges come host by host (addresses, then services), then the
+/// connections in the model's key order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    pub edges: Vec<Edge>,
+}
+
+/// A node of the map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// Stable text id: `host:web-1`, `addr:10.0.0.9`, `svc:db-1/tcp/5432`.
+    pub id: String,
+    /// What operators read: the agent id, the address, or `host:port/protocol`.
+    pub name: String,
+    pub kind: NodeKind,
+    /// Labels from enrollment tokens, operators and rules; empty until [`super::view`] decorates
+    /// the map. On the wire each is a `label.KEY` property.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What a node is, and what the map knows of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeKind {
+    /// An agent's host; the node's name is the agent id.
+    Host {
+        /// As enrolled, else as the agent's Hello said, else the agent id once decorated;
+        /// before, as the Hello said, or `None` for a host whose table is gone.
+        hostname: Option<String>,
+        /// `connected`, `degraded` or `lost`, once decorated; `None` for an agent the
+        /// controller has not seen since it started.
+        agent_state: Option<&'static str>,
+    },
+    /// An address: a host's own, or an endpoint no agent owns (external or agentless).
+    Address {
+        ip: IpAddr,
+        /// Set when several hosts claim the address: names them, and the one the map keeps.
+        conflict: Option<String>,
+        /// The reverse-DNS name, once decorated and when the lookup found one.
+        dns: Option<String>,
+    },
+    /// A port a host listens on; several addresses on one port are one service.
+    Service {
+        /// The agent id of the listening host.
+        host: String,
+        /// The listening process, empty when unknown.
+        process: String,
+        port: u16,
+        protocol: Protocol,
+    },
+}
+
+impl NodeKind {
+    /// `host`, `address` or `service`: the kind's name on the wire.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NodeKind::Host { .. } => "host",
+            NodeKind::Address { .. } => "address",
+            NodeKind::Service { .. } => "service",
+        }
+    }
+}
+
+/// What an edge says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EdgeKind {
+    /// A host to one of its addresses (loopback left out).
+    HasAddress,
+    /// A host to a service it listens on.
+    Listens,
+    /// A host to the service or address it connects to.
+    ConnectsTo,
+}
+
+impl EdgeKind {
+    /// `HAS_ADDRESS`, `LISTENS` or `CONNECTS_TO`: the kind's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EdgeKind::HasAddress => "HAS_ADDRESS",
+            EdgeKind::Listens => "LISTENS",
+            EdgeKind::ConnectsTo => "CONNECTS_TO",
+        }
+    }
+}
+
+/// An edge of the map. Fields a kind does not have are zero, empty or `None`: a `HAS_ADDRESS`
+/// edge has no port nor protocol, only a `CONNECTS_TO` edge has a process, sockets, times and
+/// the control-plane flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edge {
+    /// The id of the node it starts at.
+    pub from: String,
+    /// The id of the node it ends at.
+    pub to: String,
+    pub kind: EdgeKind,
+    /// The server port; 0 on `HAS_ADDRESS`.
+    pub port: u16,
+    /// `None` on `HAS_ADDRESS`.
+    pub protocol: Option<Protocol>,
+    /// The connecting process, when the client side was reported.
+    pub process: String,
+    pub sockets: u32,
+    /// Unix time in ms; 0 when not set.
+    pub first_seen_ms: u64,
+    /// Unix time in ms; 0 when not set.
+    pub last_seen_ms: u64,
+    /// Seen within the TTL; `HAS_ADDRESS` and `LISTENS` edges always are.
+    pub active: bool,
+    /// An agent's own connection to the controller.
+    pub control_plane: bool,
+}
+
+impl Edge {
+    /// A structural edge (`HAS_ADDRESS`, `LISTENS`): active, with no history.
+    fn structural(
+        from: String,
+        to: String,
+        kind: EdgeKind,
+        port: u16,
+        protocol: Option<Protocol>,
+    ) -> Self {
+        Edge {
+            from,
+            to,
+            kind,
+            port,
+            protocol,
+            process: String::new(),
+            sockets: 0,
+            first_seen_ms: 0,
+            last_seen_ms: 0,
+            active: true,
+            control_plane: false,
+        }
+    }
+}
+
+/// The node `node` of the model, as the map shows it before decoration; `id` is `node.id()`.
+fn node(model: &Model, node: &model::Node, id: String) -> Node {
+    let (name, kind) = match node {
+        model::Node::Host(h) => (
+            h.clone(),
+            NodeKind::Host {
+                hostname: model.agents.get(h).map(|t| t.hostname.clone()),
+                agent_state: None,
+            },
+        ),
+        model::Node::Address(ip) => {
+            // Two hosts claim it: shown where the address is, naming them all.
+            let conflict = match model.claimants(ip) {
+                [owner, others @ ..] if !others.is_empty() => Some(format!(
+                    "claimed by agents {owner}, {}; the map keeps it on {owner}",
+                    others.join(", ")
+                )),
+                _ => None,
+            };
+            (
+                ip.to_string(),
+                NodeKind::Address {
+                    ip: *ip,
+                    conflict,
+                    dns: None,
+                },
+            )
+        }
+        model::Node::Service {
+            host,
+            protocol,
+            port,
+        } => {
+            let process = model
+                .agents
+                .get(host)
+                .and_then(|t| {
+                    t.listeners
+                        .iter()
+                        .find(|(l, _)| l.port == *port && l.protocol == *protocol)
+                        .map(|(_, p)| p.clone())
+                })
+                .unwrap_or_default();
+            (
+                format!("{host}:{port}/{}", protocol.as_str()),
+                NodeKind::Service {
+                    host: host.clone(),
+                    process,
+                    port: *port,
+                    protocol: *protocol,
+                },
+            )
+        }
+    };
+    Node {
+        id,
+        name,
+        kind,
+        labels: BTreeMap::new(),
+    }
+}
+
+/// The map `model` holds for `query` at `now_ms`: every host with its addresses and services,
+/// and the connections the query asks for (an edge unseen for `ttl_ms` is inactive).
+pub(super) fn build(model: &Model, query: &GraphQuery, now_ms: u64, ttl_ms: u64) -> Graph {
+    let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
+    let mut edges = Vec::new();
+    // `id` is `node.id()`, made once by the caller: a large map has 100,000s of edge ends.
+    let mut add_node = |n: &model::Node, id: &str| {
+        if !nodes.contains_key(id) {
+            nodes.insert(id.to_string(), node(model, n, id.to_string()));
+        }
+    };
+    for (host, table) in &model.agents {
+        let h = model::Node::Host(host.clone());
+        add_node(&h, &h.id());
+        for ip in table.addresses.iter().filter(|ip| !ip.is_loopback()) {
+            let a = model::Node::Address(*ip);
+            add_node(&a, &a.id());
+            edges.push(Edge::structural(
+                h.id(),
+                a.id(),
+                EdgeKind::HasAddress,
+                0,
+                None,
+            ));
+        }
+        let mut services = BTreeSet::new();
+        for l in table.listeners.keys() {
+            let s = model::Node::Service {
+                host: host.clone(),
+                protocol: l.protocol,
+                port: l.port,
+            };
+            // A port listened on several addresses is one service.
+            if !services.insert(s.id()) {
+                continue;
+            }
+            add_node(&s, &s.id());
+            edges.push(Edge::structural(
+                h.id(),
+                s.id(),
+                EdgeKind::Listens,
+                l.port,
+                Some(l.protocol),
+            ));
+        }
+    }
+    for e in model.edges.values() {
+        let active = e.active(now_ms, ttl_ms);
+        if (e.control_plane && !query.include_control) || (!active && !query.include_inactive) {
+            continue;
+        }
+        let (from, to) = (e.key.from.id(), e.key.to.id());
+        add_node(&e.key.from, &from);
+        add_node(&e.key.to, &to);
+        edges.push(Edge {
+            from,
+            to,
+            kind: EdgeKind::ConnectsTo,
+            port: e.key.port,
+            protocol: Some(e.key.protocol),
+            process: e.process.clone(),
+            sockets: e.sockets,
+            first_seen_ms: e.first_seen_ms,
+            last_seen_ms: e.last_seen_ms,
+            active,
+            control_plane: e.control_plane,
+        });
+    }
+    Graph {
+        nodes: nodes.into_values().collect(),
+        edges,
+    }
+}

@@ -499,7 +499,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::Graph>, Status> {
         auth::operator(&request)?;
         let req = request.into_inner();
-        let graph = crate::topology::view::graph(
+        let map = crate::topology::view::map(
             &self.topology,
             &self.enrollment,
             &self.naming,
@@ -509,7 +509,7 @@ impl AdminService for AdminApi {
             },
         )
         .await;
-        Ok(Response::new(graph))
+        Ok(Response::new(proto::Graph::from(&map)))
     }
 
     async fn stream_graph(

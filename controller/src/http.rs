@@ -5,8 +5,9 @@
 //! bounded: [`listener`].
 
 mod listener;
+mod scrape;
 
-pub use listener::{HttpCounts, HttpSettings, HttpStats, LOG_EVERY, Throttle, source_of};
+pub use listener::{HttpSettings, HttpStats, LOG_EVERY, Throttle, source_of};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -42,7 +43,7 @@ pub struct HttpState {
     /// Set once the gRPC listener is bound and state is loaded.
     pub ready: Arc<AtomicBool>,
     /// The Neo4j sink, when one is configured.
-    pub sink: Option<crate::sink::SinkHandle>,
+    pub sink: Option<crate::sinks::SinkHandle>,
     pub mirrors: crate::mirror::Mirrors,
     pub access: crate::console::Access,
     /// What the listener and the access guard counted.
@@ -76,7 +77,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/topology/stats", get(topology_stats))
         .route("/api/v1/mirror", get(mirror_stats))
         .route("/api/v1/events", get(events))
-        .route("/metrics", get(crate::metrics::serve))
+        .route("/metrics", get(scrape::serve))
         .fallback(crate::console::asset)
         .layer(axum::middleware::from_fn_with_state(
             access,
@@ -107,12 +108,14 @@ struct GraphParams {
     format: Option<String>,
 }
 
+/// The decorated map in its wire form, which the JSON and the exports are made from
+/// (`tapgraph::graph`, shared with `tapgraphctl`).
 async fn decorated(
     state: &HttpState,
     include_control: bool,
     include_inactive: bool,
 ) -> tapgraph::proto::Graph {
-    crate::topology::view::graph(
+    let map = crate::topology::view::map(
         &state.topology,
         &state.enrollment,
         &state.naming,
@@ -121,7 +124,8 @@ async fn decorated(
             include_inactive,
         },
     )
-    .await
+    .await;
+    tapgraph::proto::Graph::from(&map)
 }
 
 /// The decorated map with the control plane (the console hides it by default), and the

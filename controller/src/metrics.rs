@@ -1,5 +1,6 @@
-//! `GET /metrics`: the controller's state for Prometheus, in OpenMetrics when the scraper asks for
-//! it and otherwise in the text format 0.0.4 (see [`tapgraph::exposition`]).
+//! What the controller's `GET /metrics` shows: a [`Scrape`] of the state, and the tables that
+//! write it as OpenMetrics with [`tapgraph::metrics`]. The HTTP module gathers the scrape and
+//! answers in the format the scraper asked for (see [`tapgraph::exposition`]).
 //!
 //! Nothing is counted twice: every scrape asks the owners (the registry task, the topology task,
 //! the mirror hub, the Neo4j sink) for what the JSON API shows, and a `prometheus-client`
@@ -11,21 +12,17 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::encoding::DescriptorEncoder;
+use tapgraph::metrics::{
+    Field, Histogram, Value, counter, counter_by, encode_histograms, encode_table, gauge, gauge_by,
+    one, opt,
+};
 
-use crate::http::HttpState;
 use crate::mirror::{Mirrors, StatsView};
 use crate::registry::{AgentState, AgentView};
-use crate::sink::SinkStats;
+use crate::sinks::SinkStats;
 use crate::topology;
-
-use tapgraph::exposition::Format;
 
 /// Every agent state, so each shows as a series even when no agent is in it.
 const AGENT_STATES: [AgentState; 3] = [
@@ -39,27 +36,12 @@ const CAPTURE_STATES: [&str; 4] = ["disabled", "running", "stopped_breach", "fai
 /// bounds, so the counts are exact, not interpolated.
 const DELAY_BOUNDS_LOG2_MICROS: std::ops::RangeInclusive<u32> = 6..=24;
 
-/// The response to one scrape.
-pub async fn serve(State(state): State<HttpState>, headers: HeaderMap) -> Response {
-    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let scrape = Scrape::gather(&state).await;
-    match scrape.render() {
-        Ok(text) => (
-            [(header::CONTENT_TYPE, format.content_type())],
-            format.render(text),
-        )
-            .into_response(),
-        Err(fmt::Error) => {
-            tracing::warn!("cannot encode /metrics");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
-    }
-}
-
 /// What one scrape shows, read from the owners of the state.
 #[derive(Debug, Default)]
 pub struct Scrape {
     pub agents: Vec<AgentView>,
+    /// Messages to agents the registry dropped: their control channel was full.
+    pub registry_dropped: crate::registry::Dropped,
     pub mirrors: Vec<StatsView>,
     /// Keyed by (agent, target), like `mirrors`.
     pub delays: BTreeMap<(String, String), Delays>,
@@ -67,7 +49,7 @@ pub struct Scrape {
     /// `None` when no Neo4j sink is configured.
     pub sink: Option<SinkStats>,
     /// The HTTP listener's and the access guard's counters.
-    pub http: crate::http::HttpCounts,
+    pub http: HttpCounts,
     /// Mirror streams refused: their agent had `session.max_streams` open.
     pub mirror_streams_refused: u64,
     /// Enrollments refused by a limit: (per source, `enrollment.rate`).
@@ -82,20 +64,26 @@ pub struct Delays {
     pub sum_micros: u64,
 }
 
-impl Scrape {
-    pub async fn gather(state: &HttpState) -> Self {
-        Self {
-            agents: state.registry.list().await,
-            topology: state.topology.stats().await,
-            sink: state.sink.as_ref().map(|s| s.stats()),
-            http: state.http_stats.read(),
-            enrollments_refused: state.enrollment.refused(),
-            ..Self::default()
-        }
-        .with_mirrors(&state.mirrors)
-    }
+/// The HTTP listener's and the access guard's counters, read at one moment (the listener's
+/// `HttpStats::read`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HttpCounts {
+    pub open: u64,
+    pub limit: u64,
+    pub refused_capacity: u64,
+    pub refused_per_source: u64,
+    pub accept_errors: u64,
+    pub header_timeouts: u64,
+    pub idle_timeouts: u64,
+    pub evicted: u64,
+    pub tls_failures: u64,
+    pub auth_failures: u64,
+    pub auth_limited: u64,
+}
 
-    fn with_mirrors(mut self, mirrors: &Mirrors) -> Self {
+impl Scrape {
+    /// With what the mirror hub holds now.
+    pub fn with_mirrors(mut self, mirrors: &Mirrors) -> Self {
         self.mirrors = mirrors.stats();
         self.mirror_streams_refused = mirrors.streams_refused();
         self.delays = mirrors
@@ -114,11 +102,7 @@ impl Scrape {
 
     /// The exposition, `# EOF` included.
     pub fn render(self) -> Result<String, fmt::Error> {
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(self));
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry)?;
-        Ok(text)
+        tapgraph::metrics::render(self)
     }
 }
 
@@ -139,6 +123,20 @@ const FLEET: &[Field<Scrape>] = &[
                 *n.entry(a.state.name()).or_default() += 1;
             }
             n.into_iter().map(|(st, n)| (st, Value::from(n))).collect()
+        },
+    ),
+    counter_by(
+        "tapgraph_registry_dropped_messages",
+        "Messages to agents dropped because the agent's control channel was full, by what they were: policy (resent when it reconnects), time_probe (the next comes a heartbeat later), forwarded (a session's resync request), close_status (why its session was closed; it ends anyway).",
+        "reason",
+        |s| {
+            let d = &s.registry_dropped;
+            vec![
+                ("policy", Value::from(d.policy)),
+                ("time_probe", Value::from(d.time_probe)),
+                ("forwarded", Value::from(d.forwarded)),
+                ("close_status", Value::from(d.close_status)),
+            ]
         },
     ),
     counter(
@@ -509,11 +507,8 @@ impl Collector for Scrape {
 
 impl Scrape {
     fn encode_delays(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
-        let (base, unit) = split_unit(DELAY_NAME);
-        let mut family =
-            encoder.encode_descriptor(base, DELAY_HELP, unit.as_ref(), MetricType::Histogram)?;
         let bounds: Vec<u64> = DELAY_BOUNDS_LOG2_MICROS.map(|k| 1u64 << k).collect();
-        for ((agent, target), delays) in &self.delays {
+        let series = self.delays.iter().map(|((agent, target), delays)| {
             // Per `le` bound, then +Inf: the hub's buckets whose every delay is below that bound
             // and not below the one before (the encoder accumulates).
             let mut counts = vec![0u64; bounds.len() + 1];
@@ -523,175 +518,20 @@ impl Scrape {
                     .unwrap_or(bounds.len());
                 counts[slot] += n;
             }
-            let buckets: Vec<(f64, u64)> = bounds
+            let buckets = bounds
                 .iter()
                 .map(|le| *le as f64 / 1e6)
                 .chain([f64::INFINITY])
-                .zip(counts.iter().copied())
+                .zip(counts)
                 .collect();
-            let total = counts.iter().sum();
-            let labels = [("agent", agent.as_str()), ("target", target.as_str())];
-            family
-                .encode_family(&labels)?
-                .encode_histogram::<NoLabelSet>(
-                    delays.sum_micros as f64 / 1e6,
-                    total,
-                    &buckets,
-                    None,
-                )?;
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Counter,
-    Gauge,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Value {
-    Int(u64),
-    Float(f64),
-}
-
-impl From<u64> for Value {
-    fn from(v: u64) -> Self {
-        Self::Int(v)
-    }
-}
-
-impl From<f64> for Value {
-    fn from(v: f64) -> Self {
-        Self::Float(v)
-    }
-}
-
-/// One metric family read from each row of type `T`.
-struct Field<T> {
-    name: &'static str,
-    help: &'static str,
-    kind: Kind,
-    /// The label that tells this family's series of one row apart (`reason`, `state`), if any.
-    split: Option<&'static str>,
-    /// (value of `split`, or "" without one; the number). Nothing: the row has no value now.
-    read: fn(&T) -> Vec<(&'static str, Value)>,
-}
-
-const fn counter<T>(
-    name: &'static str,
-    help: &'static str,
-    read: fn(&T) -> Vec<(&'static str, Value)>,
-) -> Field<T> {
-    Field {
-        name,
-        help,
-        kind: Kind::Counter,
-        split: None,
-        read,
-    }
-}
-
-const fn gauge<T>(
-    name: &'static str,
-    help: &'static str,
-    read: fn(&T) -> Vec<(&'static str, Value)>,
-) -> Field<T> {
-    Field {
-        name,
-        help,
-        kind: Kind::Gauge,
-        split: None,
-        read,
-    }
-}
-
-const fn counter_by<T>(
-    name: &'static str,
-    help: &'static str,
-    split: &'static str,
-    read: fn(&T) -> Vec<(&'static str, Value)>,
-) -> Field<T> {
-    Field {
-        name,
-        help,
-        kind: Kind::Counter,
-        split: Some(split),
-        read,
-    }
-}
-
-const fn gauge_by<T>(
-    name: &'static str,
-    help: &'static str,
-    split: &'static str,
-    read: fn(&T) -> Vec<(&'static str, Value)>,
-) -> Field<T> {
-    Field {
-        name,
-        help,
-        kind: Kind::Gauge,
-        split: Some(split),
-        read,
-    }
-}
-
-fn one(v: impl Into<Value>) -> Vec<(&'static str, Value)> {
-    vec![("", v.into())]
-}
-
-fn opt(v: Option<impl Into<Value>>) -> Vec<(&'static str, Value)> {
-    v.map(one).unwrap_or_default()
-}
-
-/// `tapgraph_x_seconds` → (`tapgraph_x`, seconds): the encoder writes the unit back, and declares it.
-fn split_unit(name: &'static str) -> (&'static str, Option<Unit>) {
-    if let Some(base) = name.strip_suffix("_seconds") {
-        (base, Some(Unit::Seconds))
-    } else if let Some(base) = name.strip_suffix("_bytes") {
-        (base, Some(Unit::Bytes))
-    } else {
-        (name, None)
-    }
-}
-
-/// Writes every field of `table` as one family, with one series per row (and split value).
-fn encode_table<'r, T: 'r>(
-    encoder: &mut DescriptorEncoder<'_>,
-    table: &[Field<T>],
-    rows: impl IntoIterator<Item = (Vec<(&'static str, &'r str)>, &'r T)> + Clone,
-) -> fmt::Result {
-    for field in table {
-        let (base, unit) = split_unit(field.name);
-        let kind = match field.kind {
-            Kind::Counter => MetricType::Counter,
-            Kind::Gauge => MetricType::Gauge,
-        };
-        let mut family = encoder.encode_descriptor(base, field.help, unit.as_ref(), kind)?;
-        for (labels, row) in rows.clone() {
-            for (split_value, value) in (field.read)(row) {
-                let mut labels = labels.clone();
-                if let Some(split) = field.split {
-                    labels.push((split, split_value));
-                }
-                if labels.is_empty() {
-                    encode_value(&mut family, field.kind, value)?;
-                } else {
-                    encode_value(&mut family.encode_family(&labels)?, field.kind, value)?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn encode_value(metric: &mut MetricEncoder<'_>, kind: Kind, value: Value) -> fmt::Result {
-    match (kind, value) {
-        (Kind::Counter, Value::Int(v)) => metric.encode_counter::<NoLabelSet, _, u64>(&v, None),
-        (Kind::Counter, Value::Float(v)) => metric.encode_counter::<NoLabelSet, _, f64>(&v, None),
-        (Kind::Gauge, Value::Int(v)) => metric.encode_gauge(&v),
-        (Kind::Gauge, Value::Float(v)) => metric.encode_gauge(&v),
+            let labels = vec![("agent", agent.as_str()), ("target", target.as_str())];
+            let histogram = Histogram {
+                buckets,
+                sum: delays.sum_micros as f64 / 1e6,
+            };
+            (labels, histogram)
+        });
+        encode_histograms(encoder, DELAY_NAME, DELAY_HELP, series)
     }
 }
 
@@ -965,6 +805,7 @@ mod tests {
 
     const EXPECTED: &[&str] = &[
         "tapgraph_agents",
+        "tapgraph_registry_dropped_messages",
         "tapgraph_topology_snapshots_applied",
         "tapgraph_topology_snapshots_refused",
         "tapgraph_topology_rows_skipped",

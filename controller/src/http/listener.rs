@@ -27,6 +27,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::HttpCounts;
+
 /// Refusals and failures are logged at most this often (each with how many it stands for).
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Descriptors kept out of the HTTP budget for everything that is not a connection: the store,
@@ -46,7 +48,7 @@ pub struct HttpSettings {
     /// Bad access tokens one source may present per minute before it is answered 429.
     pub auth_failures_per_minute: u32,
     /// A bearer token `/metrics` requires, when set.
-    pub metrics_token: Option<crate::sink::Secret>,
+    pub metrics_token: Option<crate::sinks::Secret>,
     /// Serve HTTPS with this certificate, when set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -88,23 +90,8 @@ pub struct HttpStats {
     pub auth_limited: AtomicU64,
 }
 
-/// [`HttpStats`] read at one moment.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct HttpCounts {
-    pub open: u64,
-    pub limit: u64,
-    pub refused_capacity: u64,
-    pub refused_per_source: u64,
-    pub accept_errors: u64,
-    pub header_timeouts: u64,
-    pub idle_timeouts: u64,
-    pub evicted: u64,
-    pub tls_failures: u64,
-    pub auth_failures: u64,
-    pub auth_limited: u64,
-}
-
 impl HttpStats {
+    /// Every counter, read at one moment, for `/metrics`.
     pub fn read(&self) -> HttpCounts {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         HttpCounts {

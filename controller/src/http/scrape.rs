@@ -1,0 +1,44 @@
+//! `GET /metrics`: a [`Scrape`] gathered from the owners of the state, written by
+//! [`crate::metrics`], in OpenMetrics when the scraper asks for it and otherwise in the text
+//! format 0.0.4 (see [`tapgraph::exposition`]).
+
+use std::fmt;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tapgraph::exposition::Format;
+
+use super::HttpState;
+use crate::metrics::Scrape;
+
+/// The response to one scrape.
+pub async fn serve(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let scrape = gather(&state).await;
+    match scrape.render() {
+        Ok(text) => (
+            [(header::CONTENT_TYPE, format.content_type())],
+            format.render(text),
+        )
+            .into_response(),
+        Err(fmt::Error) => {
+            tracing::warn!("cannot encode /metrics");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// What one scrape shows, asked of each owner in turn.
+async fn gather(state: &HttpState) -> Scrape {
+    Scrape {
+        agents: state.registry.list().await,
+        registry_dropped: state.registry.dropped(),
+        topology: state.topology.stats().await,
+        sink: state.sink.as_ref().map(|s| s.stats()),
+        http: state.http_stats.read(),
+        enrollments_refused: state.enrollment.refused(),
+        ..Scrape::default()
+    }
+    .with_mirrors(&state.mirrors)
+}

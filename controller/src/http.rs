@@ -5,9 +5,8 @@
 //! bounded: [`listener`].
 
 mod listener;
-mod scrape;
 
-pub use listener::{HttpSettings, HttpStats, LOG_EVERY, Throttle, source_of};
+pub use listener::{HttpCounts, HttpSettings, HttpStats, LOG_EVERY, Throttle, source_of};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -43,7 +42,7 @@ pub struct HttpState {
     /// Set once the gRPC listener is bound and state is loaded.
     pub ready: Arc<AtomicBool>,
     /// The Neo4j sink, when one is configured.
-    pub sink: Option<crate::sinks::SinkHandle>,
+    pub sink: Option<crate::sink::SinkHandle>,
     pub mirrors: crate::mirror::Mirrors,
     pub access: crate::console::Access,
     /// What the listener and the access guard counted.
@@ -77,7 +76,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/topology/stats", get(topology_stats))
         .route("/api/v1/mirror", get(mirror_stats))
         .route("/api/v1/events", get(events))
-        .route("/metrics", get(scrape::serve))
+        .route("/metrics", get(crate::metrics::serve))
         .fallback(crate::console::asset)
         .layer(axum::middleware::from_fn_with_state(
             access,

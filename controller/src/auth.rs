@@ -1,12 +1,15 @@
 //! Who may call what. The TLS layer has verified any certificate presented; here each RPC checks
 //! that the caller holds the right kind of identity, and that an agent is not revoked and its
-//! certificate's key still holds the id.
+//! certificate's key still holds the id. The enrollment task keeps the [`Revocations`] those
+//! checks read.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 use tapgraph::identity::{Identity, IdentityError};
 use tapgraph::transport::PeerInfo;
+use tokio::sync::watch;
 use tonic::{Request, Status};
-
-use crate::enrollment::Revocations;
 
 pub fn peer<T>(request: &Request<T>) -> Result<PeerInfo, Status> {
     request
@@ -58,5 +61,75 @@ pub fn operator<T>(request: &Request<T>) -> Result<String, Status> {
             "{other} may not use the admin API: an operator certificate is required"
         ))),
         Err(e) => Err(unauthenticated(e)),
+    }
+}
+
+/// The revoked agent ids, and the keys each id's certificates may hold: what every agent RPC is
+/// checked against, readable without asking the enrollment task (their only writer);
+/// `changed()` fires on every revocation.
+#[derive(Clone)]
+pub struct Revocations {
+    set: Arc<RwLock<HashSet<String>>>,
+    /// Per agent id, the keys (current, previous) its certificates were issued for. After an
+    /// operator's `--replaces`, the replaced host's certificate holds neither and is refused.
+    keys: Arc<RwLock<HashMap<String, (String, String)>>>,
+    tx: Arc<watch::Sender<u64>>,
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Self {
+            set: Arc::default(),
+            keys: Arc::default(),
+            tx: Arc::new(watch::channel(0).0),
+        }
+    }
+}
+
+impl Revocations {
+    /// Whether a certificate of agent `id` with public key `key_sha256` may act as that agent:
+    /// it holds one of the id's recorded keys. An id enrolled before keys were recorded (or issued
+    /// by hand) has none, and then any certificate for it is accepted, as before.
+    pub fn key_is_current(&self, id: &str, key_sha256: Option<&str>) -> bool {
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        match keys.get(id) {
+            None => true,
+            Some((current, previous)) => {
+                key_sha256.is_some_and(|k| !k.is_empty() && (k == current || k == previous))
+            }
+        }
+    }
+
+    /// Records that the certificates of agent `id` are issued for the keys `current` and
+    /// `previous`; an empty `current` forgets the id's keys (then any certificate for it is
+    /// accepted).
+    pub fn remember_keys(&self, id: &str, current: &str, previous: &str) {
+        // A poisoned lock only means a writer panicked mid-insert; the map is still usable.
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        if current.is_empty() {
+            keys.remove(id);
+        } else {
+            keys.insert(id.to_string(), (current.to_string(), previous.to_string()));
+        }
+    }
+
+    pub fn is_revoked(&self, id: &str) -> bool {
+        // A poisoned lock only means a writer panicked mid-insert; the set is still usable.
+        self.set
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    pub fn changed(&self) -> watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+
+    pub fn revoke(&self, id: &str) {
+        self.set
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
+        self.tx.send_modify(|n| *n += 1);
     }
 }

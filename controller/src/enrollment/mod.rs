@@ -5,108 +5,40 @@
 //! issued for it (its CSR is signed by that key), or with a join token an operator made for that id
 //! (`token create --replaces`). Knowing a hostname and a machine id proves nothing: anyone else gets
 //! the next free id (`vm-2`). Ids are decided in this one task, so racing enrollments are ordered.
+//!
+//! Here: the task, its handle and its commands. Beside it: `agents.rs` (the agents' records, and the
+//! revocations and keys they publish to `auth::Revocations`), `claim.rs` (which id a host gets),
+//! `tokens.rs` (join tokens), `limits.rs` (per-source and fleet-wide rates), `ca.rs` (the CA key and
+//! the serving certificate) and `service.rs` (the gRPC handler).
 
+mod agents;
 pub mod ca;
+mod claim;
 pub mod limits;
 pub mod service;
 pub mod tokens;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::TableDefinition;
-use serde::{Deserialize, Serialize};
 use tapgraph::identity::Identity;
 use tapgraph::pki::{CertAuthority, PkiError};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
+use crate::auth::Revocations;
 use crate::events::Events;
 use crate::registry::Registry;
 use crate::store::{Batch, Store, StoreError, Table};
+pub use agents::EnrolledAgent;
+use claim::{Claim, id_base};
 use limits::EnrollLimits;
 use tokens::{Token, TokenError};
 
 const TOKENS: Table = TableDefinition::new("tokens");
 const AGENTS: Table = TableDefinition::new("agents");
-
-/// An agent this controller issued a certificate to.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EnrolledAgent {
-    pub id: String,
-    pub hostname: String,
-    pub machine_id: String,
-    pub labels: BTreeMap<String, String>,
-    pub enrolled_at_ms: u64,
-    pub token_id: String,
-    pub cert_serial: String,
-    pub cert_not_after_ms: u64,
-    pub revoked_at_ms: Option<u64>,
-    /// SHA-256 of the public key of the certificate issued last, and of the one issued before it
-    /// (a renewal whose certificate the agent may never have installed). A host enrolling again
-    /// keeps this id only with a CSR signed by one of them. Empty for records made before keys
-    /// were recorded: the next renewal fills them in.
-    #[serde(default)]
-    pub key_sha256: String,
-    #[serde(default)]
-    pub previous_key_sha256: String,
-}
-
-impl EnrolledAgent {
-    /// Whether the key `key_sha256` was issued a certificate for this id.
-    fn holds(&self, key_sha256: &str) -> bool {
-        !key_sha256.is_empty()
-            && (self.key_sha256 == key_sha256 || self.previous_key_sha256 == key_sha256)
-    }
-
-    /// Records that the certificate issued now is for `key_sha256`.
-    fn rotate_key(&mut self, key_sha256: String) {
-        if self.key_sha256 != key_sha256 {
-            self.previous_key_sha256 = std::mem::replace(&mut self.key_sha256, key_sha256);
-        }
-    }
-}
-
-/// How an enrollment came by its agent id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Claim {
-    /// No agent had the id asked for (from the hostname or `--name`).
-    Fresh,
-    /// The host proved it holds the key of a certificate issued for the id: it keeps it.
-    ProvedKey,
-    /// A join token made for this id (`token create --replaces`): an operator approved it.
-    Approved,
-    /// The id asked for is another host's (or revoked): the next free one was given.
-    Taken { asked: String, why: &'static str },
-}
-
-impl Claim {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Fresh => "new",
-            Self::ProvedKey => "kept_key",
-            Self::Approved => "approved",
-            Self::Taken { .. } => "new_id_taken",
-        }
-    }
-
-    /// Why the host got `id`, for the log and the event.
-    fn explain(&self, id: &str, token: &str) -> String {
-        match self {
-            Self::Fresh => format!("{id} was free"),
-            Self::ProvedKey => {
-                format!("the host proved it holds the key of a certificate issued for {id}")
-            }
-            Self::Approved => format!("join token {token} was created to replace agent {id}"),
-            Self::Taken { asked, why } => format!(
-                "{asked} {why}, so this host got a new id; if it is {asked} reinstalled, let it take \
-                 the id back with a token from `tapgraphctl token create --replaces {asked}`"
-            ),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -155,80 +87,6 @@ impl From<EnrollError> for Status {
             EnrollError::Limited(_) => Status::resource_exhausted(msg),
             EnrollError::Store(_) => Status::unavailable(msg),
         }
-    }
-}
-
-/// The revoked agent ids, and the keys each id's certificates may hold, readable without asking
-/// the task; `changed()` fires on every revocation.
-#[derive(Clone)]
-pub struct Revocations {
-    set: Arc<RwLock<HashSet<String>>>,
-    /// Per agent id, the keys (current, previous) its certificates were issued for. After an
-    /// operator's `--replaces`, the replaced host's certificate holds neither and is refused.
-    keys: Arc<RwLock<HashMap<String, (String, String)>>>,
-    tx: Arc<watch::Sender<u64>>,
-}
-
-impl Revocations {
-    fn new<'a>(agents: impl IntoIterator<Item = &'a EnrolledAgent>) -> Self {
-        let this = Self {
-            set: Arc::default(),
-            keys: Arc::default(),
-            tx: Arc::new(watch::channel(0).0),
-        };
-        for agent in agents {
-            if agent.revoked_at_ms.is_some() {
-                this.revoke(&agent.id);
-            }
-            this.remember_keys(agent);
-        }
-        this
-    }
-
-    /// Whether a certificate of agent `id` with public key `key_sha256` may act as that agent:
-    /// it holds one of the id's recorded keys. An id enrolled before keys were recorded (or issued
-    /// by hand) has none, and then any certificate for it is accepted, as before.
-    pub fn key_is_current(&self, id: &str, key_sha256: Option<&str>) -> bool {
-        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        match keys.get(id) {
-            None => true,
-            Some((current, previous)) => {
-                key_sha256.is_some_and(|k| !k.is_empty() && (k == current || k == previous))
-            }
-        }
-    }
-
-    fn remember_keys(&self, agent: &EnrolledAgent) {
-        // A poisoned lock only means a writer panicked mid-insert; the map is still usable.
-        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        if agent.key_sha256.is_empty() {
-            keys.remove(&agent.id);
-        } else {
-            keys.insert(
-                agent.id.clone(),
-                (agent.key_sha256.clone(), agent.previous_key_sha256.clone()),
-            );
-        }
-    }
-
-    pub fn is_revoked(&self, id: &str) -> bool {
-        // A poisoned lock only means a writer panicked mid-insert; the set is still usable.
-        self.set
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
-    }
-
-    pub fn changed(&self) -> watch::Receiver<u64> {
-        self.tx.subscribe()
-    }
-
-    fn revoke(&self, id: &str) {
-        self.set
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string());
-        self.tx.send_modify(|n| *n += 1);
     }
 }
 
@@ -316,26 +174,6 @@ fn now_ms() -> u64 {
     tapgraph::time::unix_nanos() / 1_000_000
 }
 
-/// An agent id from a hostname: lowercase, safe characters, at most 48 of them.
-fn id_base(hostname: &str) -> String {
-    let mut s: String = hostname
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    s = s
-        .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_string();
-    s.truncate(48);
-    if s.is_empty() { "agent".into() } else { s }
-}
-
 impl Enrollment {
     /// Loads tokens and agents from `store` and starts the task.
     pub fn spawn(
@@ -356,7 +194,7 @@ impl Enrollment {
             .into_iter()
             .map(|a| (a.id.clone(), a))
             .collect();
-        let revocations = Revocations::new(agents.values());
+        let revocations = agents::revocations(agents.values());
         let (tx, rx) = mpsc::channel(256);
         let fingerprint = ca.fingerprint();
         let refused = limits.refused();
@@ -606,67 +444,6 @@ impl Task {
         Ok(())
     }
 
-    /// The id for a host holding key `key_sha256` that asks for `base`: the first of `base`,
-    /// `base-2`, `base-3`… that is free or was issued to that key. A revoked id is never reused.
-    fn allocate_id(&self, base: &str, key_sha256: &str) -> (String, Claim) {
-        let mut taken: Option<&'static str> = None;
-        for n in 1u64.. {
-            let candidate = if n == 1 {
-                base.to_string()
-            } else {
-                format!("{base}-{n}")
-            };
-            let revoked = self.revocations.is_revoked(&candidate);
-            let claim = match self.agents.get(&candidate) {
-                _ if revoked => None,
-                Some(a) if a.revoked_at_ms.is_some() => None,
-                Some(a) if a.holds(key_sha256) => Some(Claim::ProvedKey),
-                Some(_) => None,
-                None => Some(match taken {
-                    None => Claim::Fresh,
-                    Some(why) => Claim::Taken {
-                        asked: base.to_string(),
-                        why,
-                    },
-                }),
-            };
-            match claim {
-                Some(claim) => return (candidate, claim),
-                None if n == 1 => {
-                    taken = Some(
-                        if revoked
-                            || self
-                                .agents
-                                .get(base)
-                                .is_some_and(|a| a.revoked_at_ms.is_some())
-                        {
-                            "was revoked"
-                        } else {
-                            "belongs to another host (its enrollment was not signed by that agent's key)"
-                        },
-                    );
-                }
-                None => {}
-            }
-        }
-        unreachable!("the id space is unbounded")
-    }
-
-    /// The id a token made by `token create --replaces` gives: its agent's, unless that agent is
-    /// connected now (stop it first) or was revoked since.
-    async fn approved_id(&self, id: &str, token: &str) -> Result<String, EnrollError> {
-        if self.revocations.is_revoked(id) {
-            return Err(EnrollError::Revoked(id.to_string()));
-        }
-        if self.registry.is_connected(id).await {
-            return Err(EnrollError::Precondition(format!(
-                "join token {token} replaces agent {id}, which is connected now: stop that agent \
-                 first, or enroll this host with another token to give it a new id"
-            )));
-        }
-        Ok(id.to_string())
-    }
-
     /// An enrollment within the limits; a refusal the caller caused counts against its source.
     async fn enroll_limited(&mut self, request: &EnrollRequest) -> Result<Enrolled, EnrollError> {
         // A refused flood is not logged per attempt: its source is, once, below.
@@ -718,7 +495,8 @@ impl Task {
         let cert = self
             .ca
             .sign_csr(&request.csr_pem, &identity, self.agent_lifetime)?;
-        let info = tapgraph::pki::cert_info(&cert.cert_pem).map_err(EnrollError::Invalid)?;
+        let info = tapgraph::pki::cert_info(&cert.cert_pem)
+            .map_err(|e| EnrollError::Invalid(e.to_string()))?;
         token.uses_left -= 1;
         // A kept id keeps its keys' history; an approved replacement starts a new one, so the
         // replaced host's key no longer claims the id.
@@ -777,7 +555,8 @@ impl Task {
             not_after_ms: agent.cert_not_after_ms,
         };
         self.tokens.insert(token.id.clone(), token);
-        self.revocations.remember_keys(&agent);
+        self.revocations
+            .remember_keys(&agent.id, &agent.key_sha256, &agent.previous_key_sha256);
         self.agents.insert(id, agent);
         Ok(enrolled)
     }
@@ -794,7 +573,8 @@ impl Task {
         let identity = Identity::agent(id).map_err(|e| EnrollError::Invalid(e.to_string()))?;
         let key = tapgraph::pki::csr_key_sha256(csr_pem)?;
         let cert = self.ca.sign_csr(csr_pem, &identity, self.agent_lifetime)?;
-        let info = tapgraph::pki::cert_info(&cert.cert_pem).map_err(EnrollError::Invalid)?;
+        let info = tapgraph::pki::cert_info(&cert.cert_pem)
+            .map_err(|e| EnrollError::Invalid(e.to_string()))?;
         agent.rotate_key(key);
         agent.cert_serial = info.serial;
         agent.cert_not_after_ms = tapgraph::time::to_unix_nanos(info.not_after) / 1_000_000;
@@ -807,80 +587,9 @@ impl Task {
             labels: agent.labels.clone(),
             not_after_ms: agent.cert_not_after_ms,
         };
-        self.revocations.remember_keys(&agent);
+        self.revocations
+            .remember_keys(&agent.id, &agent.key_sha256, &agent.previous_key_sha256);
         self.agents.insert(id.to_string(), agent);
         Ok(renewed)
-    }
-
-    /// The record of agent `id`; one is made for an agent that holds a certificate from this CA
-    /// without having enrolled (issued by hand), as long as it has connected.
-    async fn record(&self, id: &str) -> Result<EnrolledAgent, EnrollError> {
-        match self.agents.get(id) {
-            Some(a) => Ok(a.clone()),
-            None if self.registry.list().await.iter().any(|a| a.id == id) => Ok(EnrolledAgent {
-                id: id.to_string(),
-                hostname: String::new(),
-                machine_id: String::new(),
-                labels: BTreeMap::new(),
-                enrolled_at_ms: 0,
-                token_id: String::new(),
-                cert_serial: String::new(),
-                cert_not_after_ms: 0,
-                revoked_at_ms: None,
-                key_sha256: String::new(),
-                previous_key_sha256: String::new(),
-            }),
-            None => Err(EnrollError::NotFound(id.to_string())),
-        }
-    }
-
-    async fn set_labels(
-        &mut self,
-        id: &str,
-        set: BTreeMap<String, String>,
-        remove: Vec<String>,
-    ) -> Result<BTreeMap<String, String>, EnrollError> {
-        let mut agent = self.record(id).await?;
-        for key in &remove {
-            agent.labels.remove(key);
-        }
-        agent.labels.extend(set);
-        self.store.put(AGENTS, id, &agent)?;
-        let labels = agent.labels.clone();
-        self.agents.insert(id.to_string(), agent);
-        tracing::info!(agent = %id, labels = ?labels, "agent labels changed");
-        Ok(labels)
-    }
-
-    async fn revoke_agent(&mut self, id: &str) -> Result<(), EnrollError> {
-        let agent = self.record(id).await?;
-        let revoked = EnrolledAgent {
-            revoked_at_ms: Some(agent.revoked_at_ms.unwrap_or_else(now_ms)),
-            ..agent
-        };
-        self.store.put(AGENTS, id, &revoked)?;
-        self.agents.insert(id.to_string(), revoked);
-        self.revocations.revoke(id);
-        self.registry
-            .close_agent(
-                id,
-                Status::permission_denied(format!("the certificate of agent {id} was revoked")),
-            )
-            .await;
-        tracing::info!(agent = %id, "agent revoked; its streams are closed and its certificate refused");
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_come_from_hostnames() {
-        assert_eq!(id_base("Web-01.Prod"), "web-01.prod");
-        assert_eq!(id_base("-weird host!"), "weird-host-");
-        assert_eq!(id_base("..."), "agent");
-        assert_eq!(id_base(&"a".repeat(100)).len(), 48);
     }
 }

@@ -1,0 +1,121 @@
+//! The enrolled agents' records, as the enrollment task keeps them: each id's keys, labels and
+//! revocation. A record is written to the store before the task answers, and what every agent
+//! RPC checks (revoked or not, the keys that hold the id) is published to [`Revocations`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tonic::Status;
+
+use super::{AGENTS, EnrollError, Task, now_ms};
+use crate::auth::Revocations;
+
+/// An agent this controller issued a certificate to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrolledAgent {
+    pub id: String,
+    pub hostname: String,
+    pub machine_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub enrolled_at_ms: u64,
+    pub token_id: String,
+    pub cert_serial: String,
+    pub cert_not_after_ms: u64,
+    pub revoked_at_ms: Option<u64>,
+    /// SHA-256 of the public key of the certificate issued last, and of the one issued before it
+    /// (a renewal whose certificate the agent may never have installed). A host enrolling again
+    /// keeps this id only with a CSR signed by one of them. Empty for records made before keys
+    /// were recorded: the next renewal fills them in.
+    #[serde(default)]
+    pub key_sha256: String,
+    #[serde(default)]
+    pub previous_key_sha256: String,
+}
+
+impl EnrolledAgent {
+    /// Whether the key `key_sha256` was issued a certificate for this id.
+    pub(super) fn holds(&self, key_sha256: &str) -> bool {
+        !key_sha256.is_empty()
+            && (self.key_sha256 == key_sha256 || self.previous_key_sha256 == key_sha256)
+    }
+
+    /// Records that the certificate issued now is for `key_sha256`.
+    pub(super) fn rotate_key(&mut self, key_sha256: String) {
+        if self.key_sha256 != key_sha256 {
+            self.previous_key_sha256 = std::mem::replace(&mut self.key_sha256, key_sha256);
+        }
+    }
+}
+
+/// What `agents` say every agent RPC must check: the revoked ids and each id's keys.
+pub(super) fn revocations<'a>(agents: impl IntoIterator<Item = &'a EnrolledAgent>) -> Revocations {
+    let revocations = Revocations::default();
+    for agent in agents {
+        if agent.revoked_at_ms.is_some() {
+            revocations.revoke(&agent.id);
+        }
+        revocations.remember_keys(&agent.id, &agent.key_sha256, &agent.previous_key_sha256);
+    }
+    revocations
+}
+
+impl Task {
+    /// The record of agent `id`; one is made for an agent that holds a certificate from this CA
+    /// without having enrolled (issued by hand), as long as it has connected.
+    pub(super) async fn record(&self, id: &str) -> Result<EnrolledAgent, EnrollError> {
+        match self.agents.get(id) {
+            Some(a) => Ok(a.clone()),
+            None if self.registry.list().await.iter().any(|a| a.id == id) => Ok(EnrolledAgent {
+                id: id.to_string(),
+                hostname: String::new(),
+                machine_id: String::new(),
+                labels: BTreeMap::new(),
+                enrolled_at_ms: 0,
+                token_id: String::new(),
+                cert_serial: String::new(),
+                cert_not_after_ms: 0,
+                revoked_at_ms: None,
+                key_sha256: String::new(),
+                previous_key_sha256: String::new(),
+            }),
+            None => Err(EnrollError::NotFound(id.to_string())),
+        }
+    }
+
+    pub(super) async fn set_labels(
+        &mut self,
+        id: &str,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<BTreeMap<String, String>, EnrollError> {
+        let mut agent = self.record(id).await?;
+        for key in &remove {
+            agent.labels.remove(key);
+        }
+        agent.labels.extend(set);
+        self.store.put(AGENTS, id, &agent)?;
+        let labels = agent.labels.clone();
+        self.agents.insert(id.to_string(), agent);
+        tracing::info!(agent = %id, labels = ?labels, "agent labels changed");
+        Ok(labels)
+    }
+
+    pub(super) async fn revoke_agent(&mut self, id: &str) -> Result<(), EnrollError> {
+        let agent = self.record(id).await?;
+        let revoked = EnrolledAgent {
+            revoked_at_ms: Some(agent.revoked_at_ms.unwrap_or_else(now_ms)),
+            ..agent
+        };
+        self.store.put(AGENTS, id, &revoked)?;
+        self.agents.insert(id.to_string(), revoked);
+        self.revocations.revoke(id);
+        self.registry
+            .close_agent(
+                id,
+                Status::permission_denied(format!("the certificate of agent {id} was revoked")),
+            )
+            .await;
+        tracing::info!(agent = %id, "agent revoked; its streams are closed and its certificate refused");
+        Ok(())
+    }
+}

@@ -5,8 +5,9 @@
 //! bounded: [`listener`].
 
 mod listener;
+mod scrape;
 
-pub use listener::{HttpCounts, HttpSettings, HttpStats, LOG_EVERY, Throttle, source_of};
+pub use listener::{HttpSettings, HttpStats, LOG_EVERY, Throttle, source_of};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -76,7 +77,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/topology/stats", get(topology_stats))
         .route("/api/v1/mirror", get(mirror_stats))
         .route("/api/v1/events", get(events))
-        .route("/metrics", get(crate::metrics::serve))
+        .route("/metrics", get(scrape::serve))
         .fallback(crate::console::asset)
         .layer(axum::middleware::from_fn_with_state(
             access,

@@ -49,7 +49,7 @@ pub struct ControllerConfig {
     /// The policy every agent gets until operators set others.
     pub default_policy: PolicySpec,
     /// Mirror the map into Neo4j (or another Bolt server), when configured.
-    pub neo4j: Option<crate::sink::Neo4jSettings>,
+    pub neo4j: Option<crate::sinks::neo4j::Neo4jSettings>,
     /// The web console and the HTTP API ask for an access token even on loopback
     /// (`console.auth = "token"`); beyond loopback they always do.
     pub console_token_always: bool,
@@ -331,7 +331,7 @@ fn http_settings(c: &mut Layered) -> crate::http::HttpSettings {
                         );
                         return None;
                     }
-                    Some(crate::sink::Secret(token))
+                    Some(crate::sinks::Secret(token))
                 }
                 Err(e) => {
                     c.fail(
@@ -379,9 +379,9 @@ fn http_settings(c: &mut Layered) -> crate::http::HttpSettings {
 }
 
 /// `graph.neo4j.*`: `None` unless a URI is set.
-fn neo4j_settings(c: &mut Layered) -> Option<crate::sink::Neo4jSettings> {
+fn neo4j_settings(c: &mut Layered) -> Option<crate::sinks::neo4j::Neo4jSettings> {
     let uri = c.opt_string("graph.neo4j.uri")?;
-    let address = match crate::sink::bolt_address(&uri) {
+    let address = match crate::sinks::neo4j::bolt_address(&uri) {
         Ok(address) => address,
         Err(e) => {
             c.fail("graph.neo4j.uri", e);
@@ -429,10 +429,10 @@ fn neo4j_settings(c: &mut Layered) -> Option<crate::sink::Neo4jSettings> {
         SECOND,
         86_400 * SECOND,
     );
-    Some(crate::sink::Neo4jSettings {
+    Some(crate::sinks::neo4j::Neo4jSettings {
         address,
         user,
-        password: crate::sink::Secret(password),
+        password: crate::sinks::Secret(password),
         database,
         batch_size,
         interval,

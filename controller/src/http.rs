@@ -43,7 +43,7 @@ pub struct HttpState {
     /// Set once the gRPC listener is bound and state is loaded.
     pub ready: Arc<AtomicBool>,
     /// The Neo4j sink, when one is configured.
-    pub sink: Option<crate::sink::SinkHandle>,
+    pub sink: Option<crate::sinks::SinkHandle>,
     pub mirrors: crate::mirror::Mirrors,
     pub access: crate::console::Access,
     /// What the listener and the access guard counted.

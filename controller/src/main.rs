@@ -15,7 +15,7 @@ mod operator;
 mod policies;
 mod registry;
 mod session;
-mod sink;
+mod sinks;
 mod store;
 mod topology;
 
@@ -302,7 +302,7 @@ async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()>
         agents: agent_health.clone(),
     };
     let sink = config.neo4j.clone().map(|settings| {
-        let (sink, handle) = sink::Sink::new(
+        let (sink, handle) = sinks::neo4j::Sink::new(
             settings,
             topology.clone(),
             enrollment.clone(),

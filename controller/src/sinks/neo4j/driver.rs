@@ -1,0 +1,542 @@
+//! The writer task: when to run a pass, the session with the database, and a pass itself (the
+//! view read, diffed against what the database holds, the difference written in batches).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use neo4rs::{BoltType, ConfigBuilder, Graph, query};
+use tapgraph::proto;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::config::Neo4jSettings;
+use super::cypher;
+use super::diff::{Changes, Held};
+use super::failure::{Failure, timed, worth_reporting};
+use super::rows::{Kind, Label, NodeRow, RelRow, desired, next_flip_ms};
+use crate::enrollment::Enrollment;
+use crate::events::Events;
+use crate::sinks::SinkHandle;
+use crate::topology::{GraphQuery, Naming, Topology, view};
+
+/// The longest a pass is skipped because the model did not change, or paced.
+const FULL_PASS_EVERY: Duration = Duration::from_secs(60);
+
+/// How often the sink reads every id back from the database even without a failure.
+const RECONCILE_EVERY: Duration = Duration::from_secs(600);
+
+/// The Neo4j sink: one task that keeps a Bolt database equal to the map.
+///
+/// Eventually consistent: every pass leaves the database equal to the view it read (nodes,
+/// relationships and their properties; `last_seen` within a `last_seen_step`), and a pass runs
+/// within an `interval` of any change to the map or its decorations. During a database outage
+/// the map stays whole in the controller and nothing is queued: the sink retries with backoff
+/// (credentials refused: once a minute), and on reconnecting reads every id back and writes the
+/// difference, so the database catches up to the map as it is then, without duplicates or
+/// stale edges. Failures are logged once per kind, not per retry, and show in its
+/// [`SinkHandle`]'s stats (state, last error, lag) for the JSON API and `/metrics`.
+pub struct Sink {
+    settings: Neo4jSettings,
+    topology: Topology,
+    enrollment: Enrollment,
+    naming: Naming,
+    /// Anything operators are told of may have changed the view's decorations (labels, rules, an
+    /// agent's state): each event makes the next tick a pass.
+    events: Events,
+    /// `topology.ttl`: an edge turns inactive this long after its `last_seen`.
+    ttl: Duration,
+    handle: SinkHandle,
+}
+
+/// What a successful pass leaves for the next ones.
+struct Pass {
+    /// Time spent finding the difference.
+    cost: Duration,
+    /// When (ms since 1970) the first edge still active turns inactive.
+    next_flip_ms: Option<u64>,
+}
+
+/// The sink's session with the database: what it knows the database holds.
+struct Session {
+    graph: Graph,
+    opened: Instant,
+    held: Held,
+}
+
+/// What the run loop remembers between ticks.
+struct Progress {
+    session: Option<Session>,
+    /// How long to wait before the next attempt, after a failure.
+    backoff: Duration,
+    /// The last failure logged, until a pass succeeds.
+    reported: Option<Failure>,
+    /// When the database last equalled the model.
+    in_sync_at: Instant,
+    /// The model's generation the last successful pass saw.
+    synced_generation: u64,
+    /// When the last successful pass ran, and what it cost.
+    last_pass: Option<(Instant, Duration)>,
+    /// When the last successful pass read the map: changes after it wait for the next pass.
+    last_read: Option<Instant>,
+    /// Whether an event came since the last pass read the view, and when the next edge turns
+    /// inactive: both change the view without changing the model's generation.
+    poked: bool,
+    next_flip_ms: Option<u64>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            session: None,
+            backoff: Duration::ZERO,
+            reported: None,
+            in_sync_at: Instant::now(),
+            synced_generation: 0,
+            last_pass: None,
+            last_read: None,
+            poked: false,
+            next_flip_ms: None,
+        }
+    }
+
+    /// A pass diffs the whole map: skipped when nothing changed, except once a minute (reverse-DNS
+    /// names change the view by themselves); and never diff more than a twentieth of the time,
+    /// however large the map.
+    fn skip(&self, generation: u64) -> bool {
+        let (Some(_), Some((at, cost))) = (&self.session, self.last_pass) else {
+            return false;
+        };
+        let flipped = self.next_flip_ms.is_some_and(|t| now_ms() >= t);
+        let unchanged = generation == self.synced_generation
+            && !self.poked
+            && !flipped
+            && at.elapsed() < FULL_PASS_EVERY;
+        unchanged || at.elapsed() < (cost * 20).min(FULL_PASS_EVERY)
+    }
+
+    /// The database may have been restored, emptied or edited without the sink seeing an error
+    /// (the driver replaces dead connections quietly): it is read back now and then.
+    fn reconcile_if_due(&mut self) {
+        if self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.opened.elapsed() >= RECONCILE_EVERY)
+        {
+            self.session = None;
+        }
+    }
+}
+
+impl Sink {
+    pub fn new(
+        settings: Neo4jSettings,
+        topology: Topology,
+        enrollment: Enrollment,
+        naming: Naming,
+        events: Events,
+        ttl: Duration,
+    ) -> (Sink, SinkHandle) {
+        let handle = SinkHandle::default();
+        handle.set_state("connecting");
+        (
+            Sink {
+                settings,
+                topology,
+                enrollment,
+                naming,
+                events,
+                ttl,
+                handle: handle.clone(),
+            },
+            handle,
+        )
+    }
+
+    pub async fn run(self, stop: CancellationToken) {
+        let mut progress = Progress::new();
+        let mut events = Some(self.events.subscribe());
+        let mut ticker = tokio::time::interval(self.settings.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+                event = next_event(&mut events) => {
+                    progress.poked |= event;
+                    continue;
+                }
+            }
+            let generation = self.topology.generation();
+            if progress.skip(generation) {
+                continue;
+            }
+            progress.reconcile_if_due();
+            if !progress.backoff.is_zero() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(progress.backoff) => {}
+                }
+            }
+            let read_at = Instant::now();
+            // Events from now on are for the next pass: this one reads the view after them.
+            progress.poked = false;
+            match self.attempt(&mut progress.session).await {
+                Ok(pass) => self.succeeded(&mut progress, pass, generation, read_at),
+                Err(failure) => self.failed(&mut progress, failure),
+            }
+        }
+    }
+
+    /// One pass, on the session there is or a new one. A failed pass drops the session: the
+    /// next one reconnects and reads the ids back.
+    async fn attempt(&self, session: &mut Option<Session>) -> Result<Pass, Failure> {
+        let mut s = match session.take() {
+            Some(s) => s,
+            None => self.open().await?,
+        };
+        let pass = self.sync(&mut s).await?;
+        *session = Some(s);
+        Ok(pass)
+    }
+
+    fn succeeded(&self, progress: &mut Progress, pass: Pass, generation: u64, read_at: Instant) {
+        progress.next_flip_ms = pass.next_flip_ms;
+        let delay = progress
+            .last_read
+            .filter(|_| generation != progress.synced_generation)
+            .map(|at| at.elapsed().as_secs_f64());
+        progress.last_read = Some(read_at);
+        progress.synced_generation = generation;
+        progress.last_pass = Some((Instant::now(), pass.cost));
+        if progress.reported.take().is_some() {
+            tracing::info!(address = %self.settings.address, "neo4j sink recovered; the database is reconciled with the model");
+        }
+        progress.backoff = Duration::ZERO;
+        progress.in_sync_at = Instant::now();
+        self.handle.record_in_sync(delay);
+    }
+
+    fn failed(&self, progress: &mut Progress, failure: Failure) {
+        if worth_reporting(progress.reported.as_ref(), &failure) {
+            self.report(&failure);
+        }
+        progress.backoff = match failure {
+            Failure::Auth(_) => Duration::from_secs(60),
+            _ => (progress.backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30)),
+        };
+        let lag = progress.in_sync_at.elapsed().as_secs_f64();
+        self.handle
+            .record_failure(failure.state(), failure.text(), lag);
+        progress.reported = Some(failure);
+    }
+
+    fn report(&self, failure: &Failure) {
+        match failure {
+            Failure::Auth(text) => tracing::error!(
+                address = %self.settings.address,
+                user = %self.settings.user,
+                error = %text,
+                "neo4j refused the credentials: fix graph.neo4j.user/password; the map stays in the embedded store and the sink retries once a minute"
+            ),
+            Failure::Unreachable(text) => tracing::warn!(
+                address = %self.settings.address,
+                error = %text,
+                "neo4j unreachable; the map stays in the embedded store and the sink catches up when it is back"
+            ),
+            Failure::Other(text) => tracing::warn!(
+                address = %self.settings.address,
+                error = %text,
+                "neo4j write failed; retrying with backoff"
+            ),
+        }
+    }
+
+    /// Connects, creates the constraints, and reads back every id the database holds.
+    async fn open(&self) -> Result<Session, Failure> {
+        let s = &self.settings;
+        let mut config = ConfigBuilder::default()
+            .uri(s.address.as_str())
+            .user(s.user.as_str())
+            .password(s.password.0.as_str())
+            .max_connections(2);
+        if !s.database.is_empty() {
+            config = config.db(s.database.as_str());
+        }
+        let config = config
+            .build()
+            .map_err(|e| Failure::Other(format!("neo4j configuration: {e}")))?;
+        let graph = Graph::connect(config).map_err(Failure::of)?;
+        for label in Label::ALL {
+            let cypher = cypher::create_constraint(label);
+            timed("create constraint", graph.run(query(&cypher))).await?;
+        }
+        for kind in Kind::ALL {
+            let cypher = cypher::create_index(kind);
+            timed("create index", graph.run(query(&cypher))).await?;
+        }
+        let mut session = Session {
+            graph,
+            opened: Instant::now(),
+            held: Held::default(),
+        };
+        self.read_back(&mut session).await?;
+        self.handle.update(|st| st.reconciliations += 1);
+        tracing::info!(
+            address = %s.address,
+            nodes = session.held.nodes.len(),
+            relationships = session.held.rels.len(),
+            "neo4j sink connected; reconciling the database with the model"
+        );
+        Ok(session)
+    }
+
+    /// Reads every id of ours the database holds into the session, and deletes copies of a
+    /// relationship id (another writer's, or a commit that landed after the sink gave up on it):
+    /// all but one go.
+    async fn read_back(&self, session: &mut Session) -> Result<(), Failure> {
+        for label in Label::ALL {
+            for id in read_ids(&session.graph, &cypher::read_node_ids(label)).await? {
+                session.held.nodes.insert(id, (label, 0));
+            }
+        }
+        for kind in Kind::ALL {
+            let mut twice = Vec::new();
+            for id in read_ids(&session.graph, &cypher::read_rel_ids(kind)).await? {
+                if session.held.rels.insert(id.clone(), (kind, 0)).is_some() {
+                    twice.push(id);
+                }
+            }
+            twice.sort_unstable();
+            twice.dedup();
+            let cypher = cypher::delete_copies(kind);
+            for chunk in twice.chunks(self.settings.batch_size) {
+                self.write(
+                    &session.graph,
+                    &cypher,
+                    cypher::id_rows(chunk),
+                    chunk.len(),
+                    true,
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass: the difference between the model and what the database holds, written. Returns
+    /// the time spent finding the difference (the controller's own work, not the database's) and
+    /// when the view will next change by itself.
+    async fn sync(&self, session: &mut Session) -> Result<Pass, Failure> {
+        let started = Instant::now();
+        let graph = self.read_view().await;
+        let want = desired(&graph, self.settings.last_seen_step);
+        let next_flip_ms = next_flip_ms(&graph, self.ttl);
+        let changes = Changes::between(&want, &session.held);
+        let cost = started.elapsed();
+        if changes.rows() > 0 {
+            self.handle.set_state("writing");
+            tracing::debug!(
+                node_upserts = changes.node_upserts.len(),
+                rel_upserts = changes.rel_upserts.len(),
+                rel_deletes = changes.rel_deletes.len(),
+                node_deletes = changes.node_deletes.len(),
+                "neo4j sink writing changes"
+            );
+        }
+        self.upsert_nodes(session, &changes.node_upserts).await?;
+        self.upsert_rels(session, &changes.rel_upserts).await?;
+        self.delete_rels(session, &changes.rel_deletes).await?;
+        self.delete_nodes(session, &changes.node_deletes).await?;
+        let (nodes, rels) = (
+            session.held.nodes.len() as u64,
+            session.held.rels.len() as u64,
+        );
+        self.handle.update(|s| {
+            s.nodes = nodes;
+            s.relationships = rels;
+            s.last_diff_seconds = cost.as_secs_f64();
+        });
+        Ok(Pass { cost, next_flip_ms })
+    }
+
+    /// The map as operators see it, control-plane and inactive edges included.
+    async fn read_view(&self) -> proto::Graph {
+        view::graph(
+            &self.topology,
+            &self.enrollment,
+            &self.naming,
+            GraphQuery {
+                include_control: true,
+                include_inactive: true,
+            },
+        )
+        .await
+    }
+
+    async fn upsert_nodes(
+        &self,
+        session: &mut Session,
+        upserts: &[(u64, &NodeRow)],
+    ) -> Result<(), Failure> {
+        for label in Label::ALL {
+            let rows: Vec<(u64, &NodeRow)> = upserts
+                .iter()
+                .copied()
+                .filter(|(_, n)| n.label == label)
+                .collect();
+            let cypher = cypher::upsert_nodes(label);
+            for chunk in rows.chunks(self.settings.batch_size) {
+                let params = cypher::node_rows(chunk);
+                self.write(&session.graph, &cypher, params, chunk.len(), false)
+                    .await?;
+                for (hash, n) in chunk {
+                    session.held.nodes.insert(n.id.clone(), (n.label, *hash));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Grouped by type and end labels, which the statement names, and by whether the database
+    /// has the relationship: the session knows (it read every id back), so a new one is
+    /// `CREATE`d ([`cypher::create_rels`]), a known one found through the index on its id.
+    async fn upsert_rels(&self, session: &mut Session, upserts: &[RelRow]) -> Result<(), Failure> {
+        let mut groups: BTreeMap<(Kind, Label, Label, bool), Vec<&RelRow>> = BTreeMap::new();
+        for r in upserts {
+            let known = session.held.rels.contains_key(&r.id);
+            groups
+                .entry((r.kind, r.from.0, r.to.0, known))
+                .or_default()
+                .push(r);
+        }
+        for ((kind, from, to, known), rows) in groups {
+            let cypher = if known {
+                cypher::update_rels(kind)
+            } else {
+                cypher::create_rels(kind, from, to)
+            };
+            for chunk in rows.chunks(self.settings.batch_size) {
+                let params = if known {
+                    cypher::known_rel_rows(chunk)
+                } else {
+                    cypher::new_rel_rows(chunk)
+                };
+                self.write(&session.graph, &cypher, params, chunk.len(), false)
+                    .await?;
+                for r in chunk {
+                    session.held.rels.insert(r.id.clone(), (r.kind, r.hash));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_rels(
+        &self,
+        session: &mut Session,
+        deletes: &[(String, Kind)],
+    ) -> Result<(), Failure> {
+        for kind in Kind::ALL {
+            let ids: Vec<&String> = deletes
+                .iter()
+                .filter(|(_, k)| *k == kind)
+                .map(|(id, _)| id)
+                .collect();
+            let cypher = cypher::delete_rels(kind);
+            for chunk in ids.chunks(self.settings.batch_size) {
+                self.write(
+                    &session.graph,
+                    &cypher,
+                    cypher::id_rows(chunk),
+                    chunk.len(),
+                    true,
+                )
+                .await?;
+                for id in chunk {
+                    session.held.rels.remove(*id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_nodes(
+        &self,
+        session: &mut Session,
+        deletes: &[(String, Label)],
+    ) -> Result<(), Failure> {
+        for label in Label::ALL {
+            let ids: Vec<&String> = deletes
+                .iter()
+                .filter(|(_, l)| *l == label)
+                .map(|(id, _)| id)
+                .collect();
+            let cypher = cypher::delete_nodes(label);
+            for chunk in ids.chunks(self.settings.batch_size) {
+                self.write(
+                    &session.graph,
+                    &cypher,
+                    cypher::id_rows(chunk),
+                    chunk.len(),
+                    true,
+                )
+                .await?;
+                for id in chunk {
+                    session.held.nodes.remove(*id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One batch of `n` rows in one explicit transaction. neo4rs does not retry explicit
+    /// transactions; a failed one is rolled back by the server, and the caller's next pass redoes
+    /// it.
+    async fn write(
+        &self,
+        graph: &Graph,
+        cypher: &str,
+        rows: Vec<BoltType>,
+        n: usize,
+        delete: bool,
+    ) -> Result<(), Failure> {
+        let started = Instant::now();
+        let mut txn = timed("begin", graph.start_txn()).await?;
+        timed("write", txn.run(query(cypher).param("rows", rows))).await?;
+        timed("commit", txn.commit()).await?;
+        self.handle
+            .record_batch(n as u64, delete, started.elapsed());
+        Ok(())
+    }
+}
+
+fn now_ms() -> u64 {
+    tapgraph::time::unix_nanos() / 1_000_000
+}
+
+/// Whether an event came (true), or the channel closed (false, and it is listened to no more).
+/// A watcher that fell behind missed events, which counts as one.
+async fn next_event(events: &mut Option<broadcast::Receiver<proto::Event>>) -> bool {
+    let Some(rx) = events else {
+        return std::future::pending().await;
+    };
+    match rx.recv().await {
+        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => true,
+        Err(broadcast::error::RecvError::Closed) => {
+            *events = None;
+            false
+        }
+    }
+}
+
+async fn read_ids(graph: &Graph, cypher: &str) -> Result<Vec<String>, Failure> {
+    let mut stream = timed("read ids", graph.execute(query(cypher))).await?;
+    let mut ids = Vec::new();
+    while let Some(row) = timed("read ids", stream.next()).await? {
+        // A node without an id is not ours (another writer's); it is left alone.
+        if let Ok(id) = row.get::<String>("id") {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}

@@ -41,6 +41,8 @@ pub struct Metrics {
     records: AtomicU64,
     /// Connections to `/metrics` closed at once: [`Limits::max_connections`] were open.
     refused_connections: AtomicU64,
+    /// Drops on the connection-table path; the session's reporter counts into them.
+    pub snapshot_drops: crate::report::Drops,
     /// `/proc`, or a fixture in tests.
     proc: PathBuf,
 }
@@ -51,6 +53,7 @@ impl Default for Metrics {
             latest: Mutex::default(),
             records: AtomicU64::new(0),
             refused_connections: AtomicU64::new(0),
+            snapshot_drops: crate::report::Drops::default(),
             proc: PathBuf::from("/proc"),
         }
     }
@@ -323,6 +326,37 @@ impl Collector for Metrics {
             "Rows in the connection table last reported to the controller.",
             gauge,
             value(record.as_ref().map_or(0, |r| r.snapshot_entries)),
+        )?;
+        let drops = &self.snapshot_drops;
+        family(
+            e,
+            "tapgraph_short_lived_dropped_catches",
+            "Short-lived connections (SYN-ACKs) caught and dropped on the agent, by reason (queue_full: more new connections than the queue holds between two snapshots).",
+            counter,
+            vec![(
+                Some(("reason", "queue_full")),
+                Value::Int(drops.short_lived.dropped.load(Ordering::Relaxed)),
+            )],
+        )?;
+        let reads = &drops.table_reads;
+        family(
+            e,
+            "tapgraph_snapshot_read_failures",
+            "Connection-table reads that failed, by source: sock_diag (read from /proc/net instead), proc_net (a socket table; the snapshot or that namespace is skipped), procs (the process list; the snapshot is skipped).",
+            counter,
+            [
+                ("sock_diag", &reads.sock_diag),
+                ("proc_net", &reads.proc_net),
+                ("procs", &reads.procs),
+            ]
+            .into_iter()
+            .map(|(source, n)| {
+                (
+                    Some(("source", source)),
+                    Value::Int(n.load(Ordering::Relaxed)),
+                )
+            })
+            .collect(),
         )?;
         family(
             e,
@@ -912,6 +946,8 @@ mod tests {
         "tapgraph_control_records",
         "tapgraph_control_record_timestamp_seconds",
         "tapgraph_snapshot_entries",
+        "tapgraph_short_lived_dropped_catches",
+        "tapgraph_snapshot_read_failures",
         "tapgraph_policy_version_applied",
         "tapgraph_http_refused_connections",
         "process_cpu_seconds",

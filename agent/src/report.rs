@@ -3,14 +3,34 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use tapgraph::proto;
 
-use crate::shortlived::{Catch, Catcher};
+use crate::shortlived::{self, Catch, Catcher};
 use crate::snapshot::{
     self, Direction, EntryKey, EntryValue, Listener, ProcessKey, Scope, Snapshotter, Table,
+    direction,
 };
 
+/// Drops on the way from the host's sockets to a snapshot, since the agent started; the reporter
+/// counts into them and `/metrics` shows them.
+#[derive(Debug, Clone, Default)]
+pub struct Drops {
+    /// SYN-ACK catches: `dropped` counts those lost because the queue to the next snapshot was full.
+    pub short_lived: Arc<shortlived::Counters>,
+    /// Socket-table and process reads that failed, by source.
+    pub table_reads: Arc<snapshot::ReadFailures>,
+}
+
+/// The agent's side of the connection table: owns the snapshotter (its inode→process cache) and
+/// the SYN-ACK capture, and remembers what the controller was last sent.
+///
+/// Guarantees: sequence numbers start at 1 and grow by one per snapshot; a delta's
+/// `base_sequence` is the snapshot it applies to, and applying it to the table the controller
+/// holds yields the current one exactly; a full snapshot replaces that table. A failed read
+/// returns an error and changes nothing, so the next delta is still against what was sent.
+/// Rows only the SYN-ACK capture saw are marked `short_lived`.
 pub struct Reporter {
     snapshotter: Snapshotter,
     /// The table the controller has, after the last snapshot it was sent.
@@ -43,7 +63,7 @@ pub fn merge_catches(
             let listener = table.listeners.iter().find(|(l, _)| {
                 l.port == c.server_port
                     && l.protocol == snapshot::Protocol::Tcp
-                    && (l.ip == c.server_ip || l.ip.is_unspecified())
+                    && direction::covers(l.ip, c.server_ip)
             });
             let (process, pid) = listener
                 .map(|(l, pid)| (l.process.clone(), *pid))
@@ -139,33 +159,10 @@ fn listener(l: &Listener, pid: u32) -> proto::ListeningService {
     }
 }
 
-/// Every address of every interface of this namespace, and of the other namespaces the snapshot
-/// read (scope `all`: a container's address is the host's too).
-fn addresses(others: &[(snapshot::netns::Namespace, u32)]) -> BTreeSet<IpAddr> {
-    let of = |interfaces: Vec<proto::Interface>| -> BTreeSet<IpAddr> {
-        interfaces
-            .iter()
-            .flat_map(|i| i.addresses.iter())
-            .filter_map(|cidr| cidr.split('/').next()?.parse::<IpAddr>().ok())
-            .collect()
-    };
-    let mut all = of(crate::host::interfaces());
-    for (ns, pid) in others {
-        match snapshot::netns::open_checked(std::path::Path::new("/proc"), *pid, ns.inode)
-            .and_then(|file| snapshot::netns::run_in(&file, crate::host::interfaces))
-        {
-            Ok(interfaces) => all.extend(of(interfaces)),
-            Err(error) => {
-                tracing::debug!(namespace = %ns.name, %error, "cannot read the namespace's addresses")
-            }
-        }
-    }
-    all
-}
-
 impl Reporter {
-    pub fn new(control_plane: Option<SocketAddr>, scope: Scope) -> Self {
-        let catcher = match Catcher::start() {
+    /// Starts the SYN-ACK capture where the agent may (CAP_NET_RAW); counts drops into `drops`.
+    pub fn new(control_plane: Option<SocketAddr>, scope: Scope, drops: &Drops) -> Self {
+        let catcher = match Catcher::start(drops.short_lived.clone()) {
             Ok(c) => Some(c),
             Err(error) => {
                 tracing::warn!(%error, "no short-lived connection capture (needs CAP_NET_RAW); periodic tables only");
@@ -173,7 +170,8 @@ impl Reporter {
             }
         };
         Self {
-            snapshotter: Snapshotter::with_scope("/proc".into(), control_plane, scope),
+            snapshotter: Snapshotter::with_scope("/proc".into(), control_plane, scope)
+                .with_failures(drops.table_reads.clone()),
             sent: None,
             sequence: 0,
             control_plane,
@@ -196,7 +194,7 @@ impl Reporter {
         full: bool,
     ) -> Result<proto::ConnectionSnapshot, snapshot::SnapshotError> {
         let mut table = self.snapshotter.take()?;
-        let local = addresses(self.snapshotter.other_namespaces());
+        let local = self.snapshotter.addresses();
         if let Some(catcher) = &self.catcher {
             let catches = catcher.drain();
             let dropped = catcher
@@ -368,6 +366,90 @@ mod tests {
         .into();
         assert!(merge_catches(&mut t, &catches, &local, None).is_empty());
         assert_eq!(t.entries.len(), 1);
+    }
+
+    /// The same connection, once read from the tables and once seen by its SYN-ACK only, makes
+    /// the same rows: side, addresses, server port, protocol, and the server side's process.
+    #[test]
+    fn a_caught_connection_gets_the_direction_the_tables_give() {
+        use crate::snapshot::{Protocol::Tcp, SocketRow, TcpState};
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let row = |local, remote, state, inode| SocketRow {
+            protocol: Tcp,
+            local: sa(local),
+            remote: sa(remote),
+            state,
+            uid: 0,
+            inode,
+        };
+        let nginx = ProcessKey {
+            name: "nginx".into(),
+            cmdline: "nginx: worker".into(),
+            container: String::new(),
+        };
+        let build = |rows: &[SocketRow]| snapshot::build(rows, "", |_| Some((42, &nginx)), None);
+        let rows = |table: &Table| -> BTreeSet<_> {
+            table
+                .entries
+                .iter()
+                .map(|(k, v)| {
+                    let server = k.direction == Direction::Server;
+                    let process = server.then(|| (k.process.clone(), v.pid));
+                    (
+                        k.direction,
+                        k.local_ip,
+                        k.remote_ip,
+                        k.server_port,
+                        k.protocol,
+                        process,
+                    )
+                })
+                .collect()
+        };
+        let (established, listen) = (TcpState::Established, TcpState::Listen);
+        let cases = [
+            // Inbound, on a wildcard listener.
+            (
+                row("0.0.0.0:80", "0.0.0.0:0", listen, 1),
+                vec![row("10.0.0.2:80", "10.0.0.9:50000", established, 2)],
+                Catch {
+                    server_ip: ip("10.0.0.2"),
+                    server_port: 80,
+                    client_ip: ip("10.0.0.9"),
+                },
+            ),
+            // Outbound.
+            (
+                row("0.0.0.0:80", "0.0.0.0:0", listen, 1),
+                vec![row("10.0.0.2:40000", "10.0.0.7:5432", established, 2)],
+                Catch {
+                    server_ip: ip("10.0.0.7"),
+                    server_port: 5432,
+                    client_ip: ip("10.0.0.2"),
+                },
+            ),
+            // Loopback, both sides, on a dual-stack listener.
+            (
+                row("[::]:8080", "[::]:0", listen, 1),
+                vec![
+                    row("127.0.0.1:8080", "127.0.0.1:40001", established, 2),
+                    row("127.0.0.1:40001", "127.0.0.1:8080", established, 3),
+                ],
+                Catch {
+                    server_ip: ip("127.0.0.1"),
+                    server_port: 8080,
+                    client_ip: ip("127.0.0.1"),
+                },
+            ),
+        ];
+        let local: BTreeSet<IpAddr> = [ip("10.0.0.2")].into();
+        for (listener, sockets, catch) in cases {
+            let read = build(&[&[listener][..], &sockets].concat());
+            let mut merged = build(&[listener]);
+            let added = merge_catches(&mut merged, &[catch].into(), &local, None);
+            assert_eq!(added.len(), sockets.len(), "{catch:?}");
+            assert_eq!(rows(&merged), rows(&read), "{catch:?}");
+        }
     }
 
     #[test]

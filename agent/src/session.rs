@@ -204,7 +204,11 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
             .await
             .ok()
             .and_then(|mut addrs| addrs.next());
-        state.reporter = Some(Reporter::new(control_plane, config.scope));
+        state.reporter = Some(Reporter::new(
+            control_plane,
+            config.scope,
+            &state.metrics.snapshot_drops,
+        ));
     }
     state.full_snapshot = true;
     let mut established = false;

@@ -98,6 +98,7 @@ pub fn parse(linktype: i32, frame: &[u8]) -> Option<Catch> {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub caught: AtomicU64,
+    /// Catches dropped because the queue to the next snapshot was full (`reason="queue_full"`).
     pub dropped: AtomicU64,
 }
 
@@ -110,7 +111,8 @@ pub struct Catcher {
 impl Catcher {
     /// Starts capturing on every interface ("any"). Fails without CAP_NET_RAW, or where libpcap
     /// cannot open "any"; the agent then reports periodic tables only.
-    pub fn start() -> Result<Self, pcap::Error> {
+    /// Counts into `counters`.
+    pub fn start(counters: Arc<Counters>) -> Result<Self, pcap::Error> {
         let mut cap = pcap::Capture::from_device("any")?
             .immediate_mode(true)
             .snaplen(128)
@@ -118,8 +120,7 @@ impl Catcher {
             .open()?;
         cap.filter(FILTER, true)?;
         let linktype = cap.get_datalink().0;
-        let (tx, rx) = sync_channel(4096);
-        let counters = Arc::new(Counters::default());
+        let (tx, rx) = sync_channel(QUEUE);
         let c = counters.clone();
         std::thread::Builder::new()
             .name("syn-ack".into())
@@ -134,6 +135,23 @@ impl Catcher {
     }
 }
 
+/// Catches queued between two snapshots at most.
+const QUEUE: usize = 4096;
+
+/// Counts `catch` and queues it for the next snapshot, or drops and counts it when the queue is
+/// full: the capture thread never waits. False once the reporter is gone.
+fn hand_over(catch: Catch, tx: &SyncSender<Catch>, counters: &Counters) -> bool {
+    counters.caught.fetch_add(1, Ordering::Relaxed);
+    match tx.try_send(catch) {
+        Ok(()) => true,
+        Err(TrySendError::Full(_)) => {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Err(TrySendError::Disconnected(_)) => false,
+    }
+}
+
 fn run(
     mut cap: pcap::Capture<pcap::Active>,
     linktype: i32,
@@ -143,15 +161,10 @@ fn run(
     loop {
         match cap.next_packet() {
             Ok(packet) => {
-                if let Some(catch) = parse(linktype, packet.data) {
-                    counters.caught.fetch_add(1, Ordering::Relaxed);
-                    match tx.try_send(catch) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(_)) => {
-                            counters.dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(TrySendError::Disconnected(_)) => return,
-                    }
+                if let Some(catch) = parse(linktype, packet.data)
+                    && !hand_over(catch, &tx, counters)
+                {
+                    return;
                 }
             }
             Err(pcap::Error::TimeoutExpired) => {}
@@ -241,6 +254,21 @@ mod tests {
             let _ = parse(DLT_EN10MB, &garbage);
             let _ = parse(DLT_LINUX_SLL2, &garbage);
         }
+    }
+
+    #[test]
+    fn catches_past_a_full_queue_are_dropped_and_counted() {
+        let (tx, rx) = sync_channel(2);
+        let counters = Counters::default();
+        let catch = parse(DLT_EN10MB, &syn_ack_v4()).unwrap();
+        for _ in 0..5 {
+            assert!(hand_over(catch, &tx, &counters));
+        }
+        assert_eq!(counters.caught.load(Ordering::Relaxed), 5);
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(rx.try_iter().count(), 2);
+        drop(rx);
+        assert!(!hand_over(catch, &tx, &counters), "the reporter is gone");
     }
 
     #[test]

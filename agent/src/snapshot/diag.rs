@@ -256,6 +256,23 @@ impl DiagReader {
         })
     }
 
+    /// A reader whose every dump fails at `send`: its socket is an unconnected Unix one.
+    #[cfg(test)]
+    pub fn failing() -> io::Result<Self> {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        Ok(Self {
+            fd,
+            buf: vec![0; RECV_BUF_LEN].into_boxed_slice(),
+            seq: 0,
+            unfinished: false,
+        })
+    }
+
     /// A reader of the network namespace `netns` (an open `/proc/PID/ns/net` or `ip netns`
     /// mount), created on a short-lived thread that enters it; the caller's namespace is
     /// untouched. Needs CAP_SYS_ADMIN.

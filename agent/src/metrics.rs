@@ -17,9 +17,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::encoding::DescriptorEncoder;
+use tapgraph::metrics::{
+    Field, Samples, Value, by, counter, counter_by, encode_table, gauge, gauge_by, one, opt,
+};
 use tapgraph::proto;
 use tokio_util::sync::CancellationToken;
 
@@ -76,11 +77,7 @@ impl Metrics {
 
     /// The exposition, `# EOF` included.
     pub fn render(self: &Arc<Self>) -> Result<String, fmt::Error> {
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(self.clone()));
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry)?;
-        Ok(text)
+        tapgraph::metrics::render(Scrape(self.clone()))
     }
 }
 
@@ -191,281 +188,197 @@ async fn scrape(State(metrics): State<Arc<Metrics>>, headers: HeaderMap) -> Resp
     }
 }
 
-impl Collector for Metrics {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
-        let e = &mut encoder;
-        let record = self.latest();
-        let c = record.as_ref().and_then(|r| r.counters).unwrap_or_default();
-        // Families stay when no record was built yet (no session so far): the names are stable,
-        // the series appear with the first heartbeat.
-        let known = record.is_some();
-        let value = |v: u64| {
-            if known {
-                vec![(None, Value::Int(v))]
-            } else {
-                Vec::new()
-            }
-        };
-        let by = |label: &'static str,
-                  values: &[(&'static str, u64)]|
-         -> Vec<(Option<(&'static str, &'static str)>, Value)> {
-            if !known {
-                return Vec::new();
-            }
-            values
-                .iter()
-                .map(|(v, n)| (Some((label, *v)), Value::Int(*n)))
-                .collect()
-        };
-        let counter = MetricType::Counter;
-        let gauge = MetricType::Gauge;
+/// What `prometheus-client` asks to write out, once per scrape.
+#[derive(Debug)]
+struct Scrape(Arc<Metrics>);
 
-        family(
-            e,
-            "tapgraph_capture_packets",
-            "Packets captured (matching the policy's filter), before the speed limit.",
-            counter,
-            value(c.packets_captured),
-        )?;
-        family(
-            e,
-            "tapgraph_capture_bytes",
-            "Bytes captured, before the speed limit.",
-            counter,
-            value(c.bytes_captured),
-        )?;
-        family(
-            e,
-            "tapgraph_capture_sent_packets",
-            "Captured packets sent to the controller on the mirror stream.",
-            counter,
-            value(c.packets_sent),
-        )?;
-        family(
-            e,
-            "tapgraph_capture_sent_bytes",
-            "Captured bytes sent to the controller on the mirror stream.",
-            counter,
-            value(c.bytes_sent),
-        )?;
-        family(
-            e,
-            "tapgraph_capture_sent_batches",
-            "Mirror batches sent to the controller.",
-            counter,
-            value(c.batches_sent),
-        )?;
-        family(
-            e,
-            "tapgraph_capture_dropped_packets",
-            "Captured packets dropped, by stage: kernel (the capture ring overflowed), limiter (over the speed limit), queue (the mirror stream fell behind). Captured = sent + dropped + in flight.",
-            counter,
-            by(
-                "reason",
-                &[
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let view = View {
+            metrics: self.0.clone(),
+            record: self.0.latest(),
+            process: process(&self.0.proc),
+        };
+        encode_table(&mut encoder, TABLE, [(Vec::new(), &view)])
+    }
+}
+
+/// What one scrape reads: the latest control record, and this process as the kernel accounts it.
+struct View {
+    metrics: Arc<Metrics>,
+    record: Option<proto::ControlRecord>,
+    process: Process,
+}
+
+impl View {
+    /// What `read` finds in the latest record; nothing before the first one (no session so far):
+    /// the families stay, so the names are stable, and the series appear with the first heartbeat.
+    fn latest(&self, read: impl FnOnce(&proto::ControlRecord) -> Samples) -> Samples {
+        self.record.as_ref().map(read).unwrap_or_default()
+    }
+
+    /// What `read` finds in the latest record's capture counters (zeros when it has none).
+    fn counters(&self, read: impl FnOnce(&proto::Counters) -> Samples) -> Samples {
+        self.latest(|r| read(&r.counters.unwrap_or_default()))
+    }
+}
+
+/// The agent's metrics, in the order a scrape shows them.
+const TABLE: &[Field<View>] = &[
+    counter(
+        "tapgraph_capture_packets",
+        "Packets captured (matching the policy's filter), before the speed limit.",
+        |v| v.counters(|c| one(c.packets_captured)),
+    ),
+    counter(
+        "tapgraph_capture_bytes",
+        "Bytes captured, before the speed limit.",
+        |v| v.counters(|c| one(c.bytes_captured)),
+    ),
+    counter(
+        "tapgraph_capture_sent_packets",
+        "Captured packets sent to the controller on the mirror stream.",
+        |v| v.counters(|c| one(c.packets_sent)),
+    ),
+    counter(
+        "tapgraph_capture_sent_bytes",
+        "Captured bytes sent to the controller on the mirror stream.",
+        |v| v.counters(|c| one(c.bytes_sent)),
+    ),
+    counter(
+        "tapgraph_capture_sent_batches",
+        "Mirror batches sent to the controller.",
+        |v| v.counters(|c| one(c.batches_sent)),
+    ),
+    counter_by(
+        "tapgraph_capture_dropped_packets",
+        "Captured packets dropped, by stage: kernel (the capture ring overflowed), limiter (over the speed limit), queue (the mirror stream fell behind). Captured = sent + dropped + in flight.",
+        "reason",
+        |v| {
+            v.counters(|c| {
+                by(&[
                     ("kernel", c.packets_dropped_kernel),
                     ("limiter", c.packets_dropped_limiter),
                     ("queue", c.packets_dropped_queue),
-                ],
-            ),
-        )?;
-        family(
-            e,
-            "tapgraph_capture_dropped_bytes",
-            "Captured bytes dropped, by stage: limiter, queue (the kernel reports packets only).",
-            counter,
-            by(
-                "reason",
-                &[
+                ])
+            })
+        },
+    ),
+    counter_by(
+        "tapgraph_capture_dropped_bytes",
+        "Captured bytes dropped, by stage: limiter, queue (the kernel reports packets only).",
+        "reason",
+        |v| {
+            v.counters(|c| {
+                by(&[
                     ("limiter", c.bytes_dropped_limiter),
                     ("queue", c.bytes_dropped_queue),
-                ],
-            ),
-        )?;
-        family(
-            e,
-            "tapgraph_capture_in_flight_packets",
-            "Captured packets neither sent nor dropped yet.",
-            gauge,
-            value(c.packets_in_flight),
-        )?;
-        let state = record.as_ref().map(|r| r.capture_state).unwrap_or_default();
-        let states: Vec<_> = CAPTURE_STATES
-            .iter()
-            .map(|(s, name)| (*name, u64::from(*s as i32 == state)))
-            .collect();
-        family(
-            e,
-            "tapgraph_capture_state",
-            "The capture state: 1 for the current one (stopped_breach: stopped by the breach rule until a new policy).",
-            gauge,
-            by("state", &states),
-        )?;
-        family(
-            e,
-            "tapgraph_control_records",
-            "Control records built for the controller (one per heartbeat while connected); the other tapgraph_ metrics are the latest one's.",
-            counter,
-            vec![(None, Value::Int(self.records.load(Ordering::Relaxed)))],
-        )?;
-        let sent_at = record.as_ref().map_or(0, |r| r.sent_at_unix_nanos);
-        family(
-            e,
-            "tapgraph_control_record_timestamp_seconds",
-            "When the latest control record was built, in Unix time: how fresh the other tapgraph_ metrics are.",
-            gauge,
-            if known {
-                vec![(None, Value::Float(sent_at as f64 / 1e9))]
-            } else {
-                Vec::new()
-            },
-        )?;
-        family(
-            e,
-            "tapgraph_snapshot_entries",
-            "Rows in the connection table last reported to the controller.",
-            gauge,
-            value(record.as_ref().map_or(0, |r| r.snapshot_entries)),
-        )?;
-        let drops = &self.snapshot_drops;
-        family(
-            e,
-            "tapgraph_short_lived_dropped_catches",
-            "Short-lived connections (SYN-ACKs) caught and dropped on the agent, by reason (queue_full: more new connections than the queue holds between two snapshots).",
-            counter,
-            vec![(
-                Some(("reason", "queue_full")),
-                Value::Int(drops.short_lived.dropped.load(Ordering::Relaxed)),
-            )],
-        )?;
-        let reads = &drops.table_reads;
-        family(
-            e,
-            "tapgraph_snapshot_read_failures",
-            "Connection-table reads that failed, by source: sock_diag (read from /proc/net instead), proc_net (a socket table; the snapshot or that namespace is skipped), procs (the process list; the snapshot is skipped).",
-            counter,
-            [
-                ("sock_diag", &reads.sock_diag),
-                ("proc_net", &reads.proc_net),
-                ("procs", &reads.procs),
-            ]
-            .into_iter()
-            .map(|(source, n)| {
-                (
-                    Some(("source", source)),
-                    Value::Int(n.load(Ordering::Relaxed)),
-                )
+                ])
             })
-            .collect(),
-        )?;
-        family(
-            e,
-            "tapgraph_policy_version_applied",
-            "Version of the policy the agent has applied.",
-            gauge,
-            value(record.as_ref().map_or(0, |r| r.policy_version)),
-        )?;
-        let refused = self.refused_connections.load(Ordering::Relaxed);
-        family(
-            e,
-            "tapgraph_http_refused_connections",
-            "Connections to this /metrics endpoint closed at once, by reason (capacity: as many as it serves at once were open).",
-            counter,
-            vec![(Some(("reason", "capacity")), Value::Int(refused))],
-        )?;
-
-        let p = process(&self.proc);
-        let one = |v: Option<Value>| v.map(|v| vec![(None, v)]).unwrap_or_default();
-        family(
-            e,
-            "process_cpu_seconds",
-            "User and system CPU time spent by the agent.",
-            counter,
-            one(p.cpu_seconds.map(Value::Float)),
-        )?;
-        family(
-            e,
-            "process_resident_memory_bytes",
-            "Resident memory of the agent.",
-            gauge,
-            one(p.resident_bytes.map(Value::Int)),
-        )?;
-        family(
-            e,
-            "process_virtual_memory_bytes",
-            "Virtual memory of the agent.",
-            gauge,
-            one(p.virtual_bytes.map(Value::Int)),
-        )?;
-        family(
-            e,
-            "process_start_time_seconds",
-            "When the agent started, in Unix time.",
-            gauge,
-            one(p.start_time_seconds.map(Value::Float)),
-        )?;
-        family(
-            e,
-            "process_open_fds",
-            "File descriptors the agent has open.",
-            gauge,
-            one(p.open_fds.map(Value::Int)),
-        )?;
-        family(
-            e,
-            "process_max_fds",
-            "The agent's limit on open file descriptors.",
-            gauge,
-            one(p.max_fds.map(Value::Int)),
-        )?;
-        Ok(())
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Value {
-    Int(u64),
-    Float(f64),
-}
-
-/// Writes one family. `name` is written in full: a `_seconds` or `_bytes` ending becomes its
-/// declared unit, and counters get `_total` on their samples from the encoder.
-fn family(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &'static str,
-    help: &str,
-    kind: MetricType,
-    samples: Vec<(Option<(&'static str, &'static str)>, Value)>,
-) -> fmt::Result {
-    let (base, unit) = if let Some(base) = name.strip_suffix("_seconds") {
-        (base, Some(Unit::Seconds))
-    } else if let Some(base) = name.strip_suffix("_bytes") {
-        (base, Some(Unit::Bytes))
-    } else {
-        (name, None)
-    };
-    let mut metric = encoder.encode_descriptor(base, help, unit.as_ref(), kind)?;
-    for (label, value) in samples {
-        match label {
-            Some(label) => encode_value(&mut metric.encode_family(&[label])?, kind, value)?,
-            None => encode_value(&mut metric, kind, value)?,
-        }
-    }
-    Ok(())
-}
-
-fn encode_value(metric: &mut MetricEncoder<'_>, kind: MetricType, value: Value) -> fmt::Result {
-    match (kind, value) {
-        (MetricType::Counter, Value::Int(v)) => {
-            metric.encode_counter::<NoLabelSet, _, u64>(&v, None)
-        }
-        (MetricType::Counter, Value::Float(v)) => {
-            metric.encode_counter::<NoLabelSet, _, f64>(&v, None)
-        }
-        (_, Value::Int(v)) => metric.encode_gauge(&v),
-        (_, Value::Float(v)) => metric.encode_gauge(&v),
-    }
-}
+        },
+    ),
+    gauge(
+        "tapgraph_capture_in_flight_packets",
+        "Captured packets neither sent nor dropped yet.",
+        |v| v.counters(|c| one(c.packets_in_flight)),
+    ),
+    gauge_by(
+        "tapgraph_capture_state",
+        "The capture state: 1 for the current one (stopped_breach: stopped by the breach rule until a new policy).",
+        "state",
+        |v| {
+            v.latest(|r| {
+                CAPTURE_STATES
+                    .iter()
+                    .map(|(s, name)| (*name, Value::from(u64::from(*s as i32 == r.capture_state))))
+                    .collect()
+            })
+        },
+    ),
+    counter(
+        "tapgraph_control_records",
+        "Control records built for the controller (one per heartbeat while connected); the other tapgraph_ metrics are the latest one's.",
+        |v| one(v.metrics.records.load(Ordering::Relaxed)),
+    ),
+    gauge(
+        "tapgraph_control_record_timestamp_seconds",
+        "When the latest control record was built, in Unix time: how fresh the other tapgraph_ metrics are.",
+        |v| v.latest(|r| one(r.sent_at_unix_nanos as f64 / 1e9)),
+    ),
+    gauge(
+        "tapgraph_snapshot_entries",
+        "Rows in the connection table last reported to the controller.",
+        |v| v.latest(|r| one(r.snapshot_entries)),
+    ),
+    counter_by(
+        "tapgraph_short_lived_dropped_catches",
+        "Short-lived connections (SYN-ACKs) caught and dropped on the agent, by reason (queue_full: more new connections than the queue holds between two snapshots).",
+        "reason",
+        |v| {
+            let short_lived = &v.metrics.snapshot_drops.short_lived;
+            by(&[("queue_full", short_lived.dropped.load(Ordering::Relaxed))])
+        },
+    ),
+    counter_by(
+        "tapgraph_snapshot_read_failures",
+        "Connection-table reads that failed, by source: sock_diag (read from /proc/net instead), proc_net (a socket table; the snapshot or that namespace is skipped), procs (the process list; the snapshot is skipped).",
+        "source",
+        |v| {
+            let reads = &v.metrics.snapshot_drops.table_reads;
+            by(&[
+                ("sock_diag", reads.sock_diag.load(Ordering::Relaxed)),
+                ("proc_net", reads.proc_net.load(Ordering::Relaxed)),
+                ("procs", reads.procs.load(Ordering::Relaxed)),
+            ])
+        },
+    ),
+    gauge(
+        "tapgraph_policy_version_applied",
+        "Version of the policy the agent has applied.",
+        |v| v.latest(|r| one(r.policy_version)),
+    ),
+    counter_by(
+        "tapgraph_http_refused_connections",
+        "Connections to this /metrics endpoint closed at once, by reason (capacity: as many as it serves at once were open).",
+        "reason",
+        |v| {
+            by(&[(
+                "capacity",
+                v.metrics.refused_connections.load(Ordering::Relaxed),
+            )])
+        },
+    ),
+    counter(
+        "process_cpu_seconds",
+        "User and system CPU time spent by the agent.",
+        |v| opt(v.process.cpu_seconds),
+    ),
+    gauge(
+        "process_resident_memory_bytes",
+        "Resident memory of the agent.",
+        |v| opt(v.process.resident_bytes),
+    ),
+    gauge(
+        "process_virtual_memory_bytes",
+        "Virtual memory of the agent.",
+        |v| opt(v.process.virtual_bytes),
+    ),
+    gauge(
+        "process_start_time_seconds",
+        "When the agent started, in Unix time.",
+        |v| opt(v.process.start_time_seconds),
+    ),
+    gauge(
+        "process_open_fds",
+        "File descriptors the agent has open.",
+        |v| opt(v.process.open_fds),
+    ),
+    gauge(
+        "process_max_fds",
+        "The agent's limit on open file descriptors.",
+        |v| opt(v.process.max_fds),
+    ),
+];
 
 /// This process as the kernel accounts it; `None` where it cannot be read.
 #[derive(Debug, Default, PartialEq)]

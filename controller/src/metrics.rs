@@ -130,13 +130,14 @@ const FLEET: &[Field<Scrape>] = &[
     ),
     counter_by(
         "tapgraph_topology_snapshots_refused",
-        "Connection snapshots refused (gap: a delta whose base is not the last one applied; size: too many rows; budget: the fleet's map would pass topology.max_rows); the map keeps what it had.",
+        "Connection snapshots refused (gap: a delta whose base is not the last one applied; size: too many rows; budget: the fleet's map would pass topology.max_rows; busy: shed, topology.queue was full); the map keeps what it had.",
         "reason",
         |s| {
             vec![
                 ("gap", s.topology.snapshots_refused_gap.into()),
                 ("size", s.topology.snapshots_refused_size.into()),
                 ("budget", s.topology.snapshots_refused_budget.into()),
+                ("busy", s.topology.snapshots_shed_busy.into()),
             ]
         },
     ),

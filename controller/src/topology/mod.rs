@@ -154,6 +154,16 @@ enum Command {
     },
 }
 
+/// The handle to the map: one task owns the model ([`Topology::spawn`] starts it) and this
+/// handle, cloned freely, only sends it messages.
+///
+/// Guarantees: snapshots wait in one bounded queue (`topology.queue`) and are applied in the
+/// order they arrive; when the queue is full a snapshot is shed at once with
+/// [`Refusal::Busy`] and counted (`snapshots_shed_busy`, `reason="busy"` on
+/// `tapgraph_topology_snapshots_refused`), so an overloaded map never holds up a session.
+/// A snapshot is answered once it is in the model and committed to the store (a commit is
+/// durable within [`SYNC_EVERY`]). Queries wait for room instead of being shed;
+/// [`Topology::map`] answers with the typed map as of every snapshot answered before it.
 #[derive(Clone)]
 pub struct Topology {
     tx: mpsc::Sender<Command>,
@@ -990,6 +1000,36 @@ mod tests {
             }
         );
         apply(&mut t, "rogue", &addresses(2, &many[1..])).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_snapshot_past_a_full_queue_is_shed_and_counted_as_busy() {
+        use futures::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let settings = TopologySettings {
+            queue: 1,
+            ..settings()
+        };
+        let (topology, run) = Topology::spawn(store, settings, Events::new(16)).unwrap();
+        // The task is not running yet: the first snapshot stays in the queue and fills it.
+        let waiting = topology.snapshot("web", "web", addresses(1, &[]));
+        assert_eq!(waiting.now_or_never(), None);
+        let shed = topology.snapshot("db", "db", addresses(1, &[]));
+        assert_eq!(shed.now_or_never(), Some(Err(Refusal::Busy { queued: 1 })));
+        tokio::spawn(run);
+        let stats = topology.stats().await;
+        assert_eq!(stats.snapshots_shed_busy, 1);
+        assert_eq!(stats.snapshots_applied, 1);
+        let scrape = crate::metrics::Scrape {
+            topology: stats,
+            ..Default::default()
+        };
+        let text = scrape.render().unwrap();
+        assert!(
+            text.contains("tapgraph_topology_snapshots_refused_total{reason=\"busy\"} 1"),
+            "{text}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

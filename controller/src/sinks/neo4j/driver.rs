@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use neo4rs::{BoltType, ConfigBuilder, Graph, query};
+use tapgraph::backoff::{Backoff, BackoffPolicy};
 use tapgraph::proto;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,16 @@ const FULL_PASS_EVERY: Duration = Duration::from_secs(60);
 
 /// How often the sink reads every id back from the database even without a failure.
 const RECONCILE_EVERY: Duration = Duration::from_secs(600);
+
+/// How long the sink waits after refused credentials: an operator has to act, so retrying
+/// faster would only fill the server's log.
+const AUTH_RETRY: Duration = Duration::from_secs(60);
+
+/// How the sink waits after any other failure: half a second doubling to 30 s, no jitter (one
+/// writer per controller, nothing to spread out).
+fn retry_policy() -> BackoffPolicy {
+    BackoffPolicy::new(Duration::from_millis(500), Duration::from_secs(30), 0.0).unwrap_or_default()
+}
 
 /// The Neo4j sink: one task that keeps a Bolt database equal to the map.
 ///
@@ -66,8 +77,9 @@ struct Session {
 /// What the run loop remembers between ticks.
 struct Progress {
     session: Option<Session>,
+    retry: Backoff,
     /// How long to wait before the next attempt, after a failure.
-    backoff: Duration,
+    wait: Option<Duration>,
     /// The last failure logged, until a pass succeeds.
     reported: Option<Failure>,
     /// When the database last equalled the model.
@@ -88,7 +100,8 @@ impl Progress {
     fn new() -> Progress {
         Progress {
             session: None,
-            backoff: Duration::ZERO,
+            retry: retry_policy().start(),
+            wait: None,
             reported: None,
             in_sync_at: Instant::now(),
             synced_generation: 0,
@@ -171,10 +184,10 @@ impl Sink {
                 continue;
             }
             progress.reconcile_if_due();
-            if !progress.backoff.is_zero() {
+            if let Some(wait) = progress.wait {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(progress.backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
             let read_at = Instant::now();
@@ -211,7 +224,8 @@ impl Sink {
         if progress.reported.take().is_some() {
             tracing::info!(address = %self.settings.address, "neo4j sink recovered; the database is reconciled with the model");
         }
-        progress.backoff = Duration::ZERO;
+        progress.retry.reset();
+        progress.wait = None;
         progress.in_sync_at = Instant::now();
         self.handle.record_in_sync(delay);
     }
@@ -220,10 +234,10 @@ impl Sink {
         if worth_reporting(progress.reported.as_ref(), &failure) {
             self.report(&failure);
         }
-        progress.backoff = match failure {
-            Failure::Auth(_) => Duration::from_secs(60),
-            _ => (progress.backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30)),
-        };
+        progress.wait = Some(match failure {
+            Failure::Auth(_) => AUTH_RETRY,
+            _ => progress.retry.next_delay(),
+        });
         let lag = progress.in_sync_at.elapsed().as_secs_f64();
         self.handle
             .record_failure(failure.state(), failure.text(), lag);
@@ -539,4 +553,25 @@ async fn read_ids(graph: &Graph, cypher: &str) -> Result<Vec<String>, Failure> {
         }
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_wait_half_a_second_doubling_to_30s() {
+        let mut retry = retry_policy().start();
+        let waits: Vec<u64> = (0..9)
+            .map(|_| retry.next_delay().as_millis() as u64)
+            .collect();
+        assert_eq!(
+            waits,
+            [
+                500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000
+            ]
+        );
+        retry.reset();
+        assert_eq!(retry.next_delay(), Duration::from_millis(500));
+    }
 }

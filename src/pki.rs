@@ -29,6 +29,12 @@ pub enum PkiError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The PEM text of a certificate holds none, or does not decode.
+    #[error(transparent)]
+    Pem(#[from] tls::PemError),
+    /// The first certificate of a PEM text is not X.509.
+    #[error("certificate does not parse: {0}")]
+    BadCertificate(x509_parser::nom::Err<x509_parser::error::X509Error>),
 }
 
 /// Clock skew tolerated between hosts: certificates are valid from this long before issuance.
@@ -269,14 +275,13 @@ impl CertInfo {
 }
 
 /// Reads validity, serial and identity from the first certificate of a PEM text.
-pub fn cert_info(pem: &str) -> Result<CertInfo, String> {
-    let der = tls::parse_certs(pem.as_bytes())
-        .map_err(|e| e.unwrap_or_else(|| "no PEM certificate".into()))?;
+pub fn cert_info(pem: &str) -> Result<CertInfo, PkiError> {
+    let der = tls::parse_certs(pem.as_bytes())?;
     let (_, cert) = <x509_parser::certificate::X509Certificate as x509_parser::prelude::FromDer<
         '_,
         _,
     >>::from_der(&der[0])
-    .map_err(|e| format!("certificate does not parse: {e}"))?;
+    .map_err(PkiError::BadCertificate)?;
     let to_time = |t: x509_parser::time::ASN1Time| {
         std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
     };
@@ -428,6 +433,26 @@ mod tests {
             ca.sign_csr(&huge, &id, Duration::from_secs(60)),
             Err(PkiError::BadCsr(_))
         ));
+    }
+
+    #[test]
+    fn cert_info_says_why_a_text_is_no_certificate() {
+        let error = cert_info("junk").unwrap_err();
+        assert!(
+            matches!(error, PkiError::Pem(tls::PemError::NoCertificate)),
+            "{error:?}"
+        );
+        assert_eq!(error.to_string(), "no PEM certificate");
+        // Three zero bytes: valid PEM, not X.509.
+        let not_der = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let error = cert_info(not_der).unwrap_err();
+        assert!(matches!(error, PkiError::BadCertificate(_)), "{error:?}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("certificate does not parse: "),
+            "{error}"
+        );
     }
 
     #[test]

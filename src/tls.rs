@@ -26,6 +26,29 @@ pub enum TlsError {
     Identity(String),
 }
 
+/// Why PEM text held in memory (a config value, an enrollment response) gave no certificate, key or
+/// root store.
+#[derive(Debug, thiserror::Error)]
+pub enum PemError {
+    /// A PEM section does not decode.
+    #[error("bad PEM: {0}")]
+    Malformed(rustls::pki_types::pem::Error),
+    /// The text holds no `CERTIFICATE` section.
+    #[error("no PEM certificate")]
+    NoCertificate,
+    /// The text holds no private key, or one that does not decode.
+    #[error("no usable private key: {0}")]
+    NoKey(rustls::pki_types::pem::Error),
+    /// A certificate decodes but cannot be a trust anchor.
+    #[error("{0}")]
+    BadRoot(rustls::Error),
+}
+
+/// A text that is not a SHA-256 fingerprint; it holds the text as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a SHA-256 fingerprint (64 hex digits, as `tapgraphctl token create` prints)")]
+pub struct BadFingerprint(pub String);
+
 /// The paths of one party's certificate, its private key and the CA bundle it trusts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -51,24 +74,24 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    parse_certs(&bytes).map_err(|reason| match reason {
-        None => TlsError::NoCertificate {
+    parse_certs(&bytes).map_err(|error| match error {
+        PemError::NoCertificate => TlsError::NoCertificate {
             path: path.to_path_buf(),
         },
-        Some(reason) => TlsError::File {
+        error => TlsError::File {
             path: path.to_path_buf(),
-            reason,
+            reason: error.to_string(),
         },
     })
 }
 
-/// Parses every PEM certificate in `pem`; `Err(None)` when there is none.
-pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Option<String>> {
+/// Parses every PEM certificate in `pem`; [`PemError::NoCertificate`] when there is none.
+pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Some(format!("bad PEM: {e}")))?;
+        .map_err(PemError::Malformed)?;
     if certs.is_empty() {
-        return Err(None);
+        return Err(PemError::NoCertificate);
     }
     Ok(certs)
 }
@@ -159,16 +182,15 @@ pub fn client_config_files(
 }
 
 /// Parses a PEM private key held in memory.
-pub fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("no usable private key: {e}"))
+pub fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, PemError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(PemError::NoKey)
 }
 
 /// Builds a root store from PEM certificates held in memory.
-pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, String> {
+pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, PemError> {
     let mut roots = RootCertStore::empty();
-    let certs = parse_certs(pem).map_err(|e| e.unwrap_or_else(|| "no PEM certificate".into()))?;
-    for cert in certs {
-        roots.add(cert).map_err(|e| e.to_string())?;
+    for cert in parse_certs(pem)? {
+        roots.add(cert).map_err(PemError::BadRoot)?;
     }
     Ok(roots)
 }
@@ -177,7 +199,8 @@ pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, String> {
 /// its chain carries a CA whose SHA-256 fingerprint is `fingerprint` and the leaf verifies against
 /// that CA. Nothing is sent to a server that fails this.
 pub fn pinned_client_config(fingerprint: &str) -> Result<Arc<ClientConfig>, TlsError> {
-    let wanted = normalize_fingerprint(fingerprint).map_err(TlsError::Identity)?;
+    let wanted =
+        normalize_fingerprint(fingerprint).map_err(|e| TlsError::Identity(e.to_string()))?;
     let verifier = Arc::new(PinnedCa {
         fingerprint: wanted,
         provider: provider(),
@@ -193,8 +216,8 @@ pub fn pinned_client_config(fingerprint: &str) -> Result<Arc<ClientConfig>, TlsE
 }
 
 /// Accepts `ab:cd:…` or `abcd…` (any case); returns 64 lowercase hex digits.
-pub fn normalize_fingerprint(text: &str) -> Result<String, String> {
-    let hex: String = text
+pub fn normalize_fingerprint(text: &str) -> Result<String, BadFingerprint> {
+    let hex = text
         .trim()
         .trim_start_matches("sha256:")
         .chars()
@@ -202,9 +225,7 @@ pub fn normalize_fingerprint(text: &str) -> Result<String, String> {
         .collect::<String>()
         .to_ascii_lowercase();
     if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(format!(
-            "`{text}` is not a SHA-256 fingerprint (64 hex digits, as `tapgraphctl token create` prints)"
-        ));
+        return Err(BadFingerprint(text.to_string()));
     }
     Ok(hex)
 }
@@ -299,5 +320,42 @@ mod tests {
         assert_eq!(normalize_fingerprint(&colons).unwrap(), "ab".repeat(32));
         assert!(normalize_fingerprint("abc").is_err());
         assert!(normalize_fingerprint(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn pem_errors_say_what_is_missing() {
+        assert!(matches!(parse_certs(b""), Err(PemError::NoCertificate)));
+        assert_eq!(
+            parse_certs(b"junk").unwrap_err().to_string(),
+            "no PEM certificate"
+        );
+        let undecodable = b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n";
+        let error = parse_certs(undecodable).unwrap_err();
+        assert!(matches!(error, PemError::Malformed(_)), "{error:?}");
+        assert!(error.to_string().starts_with("bad PEM: "), "{error}");
+        let error = parse_key(b"junk").unwrap_err();
+        assert!(
+            error.to_string().starts_with("no usable private key: "),
+            "{error}"
+        );
+        assert!(matches!(
+            roots_from_pem(b"junk"),
+            Err(PemError::NoCertificate)
+        ));
+        // Three zero bytes: valid PEM, not a certificate.
+        let not_der = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(matches!(roots_from_pem(not_der), Err(PemError::BadRoot(_))));
+    }
+
+    #[test]
+    fn a_bad_fingerprint_is_quoted_in_its_error() {
+        assert_eq!(
+            normalize_fingerprint("abc").unwrap_err(),
+            BadFingerprint("abc".into())
+        );
+        assert_eq!(
+            normalize_fingerprint(" abc").unwrap_err().to_string(),
+            "` abc` is not a SHA-256 fingerprint (64 hex digits, as `tapgraphctl token create` prints)"
+        );
     }
 }

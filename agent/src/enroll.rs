@@ -131,7 +131,7 @@ fn key_and_csr(key_path: &Path, host: &str) -> Result<(String, String), EnrollEr
 /// Enrolls with `params` and installs the identity at `files`.
 pub async fn enroll(params: &EnrollParams, files: &TlsFiles) -> Result<Enrolled, EnrollError> {
     let fingerprint = tapgraph::tls::normalize_fingerprint(&params.fingerprint)
-        .map_err(EnrollError::permanent)?;
+        .map_err(|e| EnrollError::permanent(e.to_string()))?;
     let tls = tapgraph::tls::pinned_client_config(&fingerprint)
         .map_err(|e| EnrollError::permanent(e.to_string()))?;
     let options = ChannelOptions {
@@ -208,7 +208,7 @@ pub async fn renew_loop(
     loop {
         let info = match std::fs::read_to_string(&files.cert)
             .map_err(|e| e.to_string())
-            .and_then(|pem| pki::cert_info(&pem))
+            .and_then(|pem| pki::cert_info(&pem).map_err(|e| e.to_string()))
         {
             Ok(info) => info,
             Err(error) => {

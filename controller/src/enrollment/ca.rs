@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use tapgraph::fsutil;
 use tapgraph::identity::Identity;
-use tapgraph::pki::{self, CertAuthority};
-use tapgraph::tls::{self, ServerConfig};
+use tapgraph::pki::{self, CertAuthority, PkiError};
+use tapgraph::tls::{self, PemError, ServerConfig, TlsError};
 
 /// The CA and the serving identity, ready for TLS.
 pub struct ControllerPki {
@@ -28,19 +28,60 @@ pub struct PkiSettings {
 
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86_400);
 
-fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+/// Why the controller's PKI could not be loaded, created or served; each names the file or the
+/// certificate it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// A file or directory of the PKI cannot be read, written or created.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A key file is missing or readable by group or others (the text names the file).
+    #[error("{0}")]
+    NotPrivate(String),
+    /// A new CA could not be generated.
+    #[error("{0}")]
+    Generate(PkiError),
+    /// The operator's CA certificate and key (`pki.ca_cert`, `pki.ca_key`) do not form a CA.
+    #[error("operator CA {path}: {error}")]
+    OperatorCa { path: PathBuf, error: PkiError },
+    /// The CA in the state directory does not load.
+    #[error("{path}: {error}")]
+    Ca { path: PathBuf, error: PkiError },
+    /// The serving certificate could not be issued.
+    #[error("serving certificate: {0}")]
+    Issue(PkiError),
+    /// The serving certificate's PEM holds no certificate.
+    #[error("serving certificate missing")]
+    ServingCertMissing,
+    /// The serving certificate, its key or the CA is not usable PEM.
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    /// rustls refused the serving chain, its key or the CA.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
-fn write(path: &Path, text: &str) -> Result<(), String> {
-    fsutil::write_private(path, text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError {
+    let path = path.to_path_buf();
+    move |source| CaError::Io { path, source }
+}
+
+fn read(path: &Path) -> Result<String, CaError> {
+    std::fs::read_to_string(path).map_err(io(path))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), CaError> {
+    fsutil::write_private(path, text.as_bytes()).map_err(io(path))
 }
 
 /// Creates the CA unless another process wins the race: the key is claimed with a hard link, which
 /// fails if it exists, so exactly one CA is ever written; the loser uses the winner's.
-fn create_ca(cert: &Path, key: &Path) -> Result<(), String> {
+fn create_ca(cert: &Path, key: &Path) -> Result<(), CaError> {
     let ca = CertAuthority::generate("tapgraph controller CA", CA_LIFETIME)
-        .map_err(|e| e.to_string())?;
+        .map_err(CaError::Generate)?;
     let pid = std::process::id();
     let (key_tmp, cert_tmp) = (
         key.with_extension(format!("key.{pid}")),
@@ -50,7 +91,7 @@ fn create_ca(cert: &Path, key: &Path) -> Result<(), String> {
     write(&cert_tmp, ca.cert_pem())?;
     let won = std::fs::hard_link(&key_tmp, key).is_ok();
     if won {
-        std::fs::rename(&cert_tmp, cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+        std::fs::rename(&cert_tmp, cert).map_err(io(cert))?;
         tracing::info!(fingerprint = %ca.fingerprint(), path = %cert.display(), "created the controller CA");
     }
     let _ = std::fs::remove_file(&key_tmp);
@@ -60,17 +101,20 @@ fn create_ca(cert: &Path, key: &Path) -> Result<(), String> {
 
 impl ControllerPki {
     /// Loads the PKI from `settings.dir`, creating what is missing. Every file is written 0600.
-    pub fn load_or_create(settings: &PkiSettings) -> Result<Self, String> {
+    pub fn load_or_create(settings: &PkiSettings) -> Result<Self, CaError> {
         if let Some(state) = settings.dir.parent() {
-            fsutil::private_dir(state).map_err(|e| format!("{}: {e}", state.display()))?;
+            fsutil::private_dir(state).map_err(io(state))?;
         }
-        fsutil::private_dir(&settings.dir)
-            .map_err(|e| format!("{}: {e}", settings.dir.display()))?;
+        fsutil::private_dir(&settings.dir).map_err(io(&settings.dir))?;
         let ca = match &settings.ca_files {
             Some((cert, key)) => {
-                fsutil::check_private(key)?;
-                CertAuthority::from_pem(&read(cert)?, &read(key)?)
-                    .map_err(|e| format!("operator CA {}: {e}", cert.display()))?
+                fsutil::check_private(key).map_err(CaError::NotPrivate)?;
+                CertAuthority::from_pem(&read(cert)?, &read(key)?).map_err(|error| {
+                    CaError::OperatorCa {
+                        path: cert.clone(),
+                        error,
+                    }
+                })?
             }
             None => {
                 let (cert, key) = (settings.dir.join("ca.pem"), settings.dir.join("ca.key"));
@@ -83,9 +127,9 @@ impl ControllerPki {
                 while !cert.exists() && std::time::Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                fsutil::check_private(&key)?;
+                fsutil::check_private(&key).map_err(CaError::NotPrivate)?;
                 CertAuthority::from_pem(&read(&cert)?, &read(&key)?)
-                    .map_err(|e| format!("{}: {e}", cert.display()))?
+                    .map_err(|error| CaError::Ca { path: cert, error })?
             }
         };
         let (cert_path, key_path, names_path) = (
@@ -112,7 +156,7 @@ impl ControllerPki {
                         &settings.server_names,
                         settings.server_lifetime,
                     )
-                    .map_err(|e| format!("serving certificate: {e}"))?;
+                    .map_err(CaError::Issue)?;
                 // The chain carries the CA so enrolling agents can pin it by fingerprint.
                 let chain = format!("{}{}", issued.cert_pem, ca.cert_pem());
                 write(&key_path, &issued.key_pem)?;
@@ -134,11 +178,68 @@ impl ControllerPki {
     }
 
     /// The TLS configuration serving this PKI; clients are verified against the CA.
-    pub fn server_config(&self) -> Result<std::sync::Arc<ServerConfig>, String> {
-        let chain = tls::parse_certs(self.server_cert_pem.as_bytes())
-            .map_err(|e| e.unwrap_or_else(|| "serving certificate missing".into()))?;
+    pub fn server_config(&self) -> Result<std::sync::Arc<ServerConfig>, CaError> {
+        let chain =
+            tls::parse_certs(self.server_cert_pem.as_bytes()).map_err(|error| match error {
+                PemError::NoCertificate => CaError::ServingCertMissing,
+                error => CaError::Pem(error),
+            })?;
         let key = tls::parse_key(self.server_key_pem.as_bytes())?;
         let roots = tls::roots_from_pem(self.ca.cert_pem().as_bytes())?;
-        tls::server_config(chain, key, roots).map_err(|e| e.to_string())
+        Ok(tls::server_config(chain, key, roots)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(dir: &Path) -> PkiSettings {
+        PkiSettings {
+            dir: dir.join("pki"),
+            ca_files: None,
+            server_names: vec!["127.0.0.1".into()],
+            server_lifetime: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn a_made_pki_is_reloaded_and_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ControllerPki::load_or_create(&settings(dir.path())).unwrap();
+        let again = ControllerPki::load_or_create(&settings(dir.path())).unwrap();
+        assert_eq!(first.fingerprint(), again.fingerprint());
+        assert_eq!(first.server_cert_pem, again.server_cert_pem, "reused");
+        assert!(again.server_config().is_ok());
+    }
+
+    #[test]
+    fn errors_name_the_file_they_are_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        std::fs::write(&cert, "not a certificate").unwrap();
+        fsutil::write_private(&key, b"not a key").unwrap();
+        let mut operator = settings(dir.path());
+        operator.ca_files = Some((cert.clone(), key.clone()));
+        let error = ControllerPki::load_or_create(&operator).err().unwrap();
+        assert!(matches!(error, CaError::OperatorCa { .. }), "{error:?}");
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("operator CA {}: ", cert.display())),
+            "{error}"
+        );
+
+        std::fs::write(&key, "not a key").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let error = ControllerPki::load_or_create(&operator).err().unwrap();
+        assert!(matches!(error, CaError::NotPrivate(_)), "{error:?}");
+        assert!(error.to_string().starts_with(&key.display().to_string()));
+
+        let mut pki = ControllerPki::load_or_create(&settings(dir.path())).unwrap();
+        pki.server_cert_pem = "nothing".into();
+        let error = pki.server_config().err().unwrap();
+        assert_eq!(error.to_string(), "serving certificate missing");
     }
 }

@@ -28,7 +28,6 @@ pub mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use tapgraph::policy::{CaptureMode, PolicySpec};
 use tapgraph::proto;
@@ -42,45 +41,37 @@ pub use forwarder::forward;
 pub use queue::QueueRx;
 pub use reader::OpenError;
 
-/// What a capture needs from the policy; two policies with equal settings share a capture.
+/// What a capture needs from the policy: the policy itself, with the fields that do not concern
+/// capture (the mirror's target, the snapshot and heartbeat intervals) at their defaults, so two
+/// policies that capture alike have equal settings and share a capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    pub interface: String,
-    pub filter: String,
-    pub snaplen: u32,
-    pub mode: CaptureMode,
-    pub buffer_timeout: Duration,
-    pub batch_packets: u32,
-    pub batch_delay: Duration,
-    pub limit_bps: u64,
-    pub check_interval: Duration,
-    pub breach_intervals: u32,
+    pub spec: PolicySpec,
 }
 
 impl Settings {
     /// `None` when the policy does not capture.
     pub fn from_policy(p: &PolicySpec) -> Option<Self> {
+        let unused = PolicySpec::default();
+        // A field added to PolicySpec counts for the capture unless it is set aside here: at
+        // worst a change of it restarts the capture, never leaves a stale one running.
         p.capture.then(|| Self {
-            interface: p.interface.clone(),
-            filter: p.filter.clone(),
-            snaplen: p.snaplen,
-            mode: p.mode,
-            buffer_timeout: p.buffer_timeout,
-            batch_packets: p.batch_packets,
-            batch_delay: p.batch_delay,
-            limit_bps: p.limit_bps,
-            check_interval: p.check_interval,
-            breach_intervals: p.breach_intervals,
+            spec: PolicySpec {
+                target: unused.target,
+                snapshot_interval: unused.snapshot_interval,
+                heartbeat_interval: unused.heartbeat_interval,
+                ..p.clone()
+            },
         })
     }
 
     /// libpcap's read timeout, in whole milliseconds (its resolution), at least 1.
     fn read_timeout_ms(&self) -> i32 {
-        let t = match self.mode {
-            CaptureMode::Buffered => self.buffer_timeout,
+        let t = match self.spec.mode {
+            CaptureMode::Buffered => self.spec.buffer_timeout,
             // Immediate mode delivers each packet at once; the timeout only wakes an idle thread
             // to flush a partial batch and close watchdog intervals.
-            CaptureMode::Immediate => self.batch_delay,
+            CaptureMode::Immediate => self.spec.batch_delay,
         };
         t.as_millis().clamp(1, 1000) as i32
     }
@@ -216,7 +207,7 @@ impl Tap {
         })?;
         let after_ns = self.running.take().map_or(0, Running::stop);
         let settings_started = prepared.settings().clone();
-        let s = prepared.settings();
+        let s = &prepared.settings().spec;
         tracing::info!(
             interface = %s.interface,
             filter = %s.filter,
@@ -289,6 +280,8 @@ impl Tap {
 mod tests {
     use super::*;
     use std::net::UdpSocket;
+    use std::time::Duration;
+    use tapgraph::policy::Target;
 
     pub(super) fn settings(filter: &str) -> Settings {
         let mut p = PolicySpec {
@@ -388,5 +381,51 @@ mod tests {
         assert!(tap.apply(Some(s), true).unwrap());
         assert_eq!(tap.state(), proto::CaptureState::Running);
         assert!(tap.breach().is_none());
+    }
+
+    /// Two policies that capture alike share a capture: what capture does not use is no part of
+    /// its settings, and each thing it uses is.
+    #[test]
+    fn settings_are_the_capture_part_of_the_policy() {
+        let p = PolicySpec {
+            capture: true,
+            ..PolicySpec::default()
+        };
+        let s = Settings::from_policy(&p).unwrap();
+        let unrelated = PolicySpec {
+            target: Target::Interface("tap0".into()),
+            snapshot_interval: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(30),
+            ..p.clone()
+        };
+        assert_eq!(Settings::from_policy(&unrelated), Some(s.clone()));
+        type Change = fn(&mut PolicySpec);
+        let changes: [(&str, Change); 10] = [
+            ("interface", |p| p.interface = "eth1".into()),
+            ("filter", |p| p.filter = "tcp".into()),
+            ("snaplen", |p| p.snaplen = 128),
+            ("mode", |p| p.mode = CaptureMode::Immediate),
+            ("buffer_timeout", |p| {
+                p.buffer_timeout = Duration::from_millis(7)
+            }),
+            ("batch_packets", |p| p.batch_packets = 7),
+            ("batch_delay", |p| p.batch_delay = Duration::from_millis(7)),
+            ("limit_bps", |p| p.limit_bps = 7_000_000),
+            ("check_interval", |p| {
+                p.check_interval = Duration::from_secs(7)
+            }),
+            ("breach_intervals", |p| p.breach_intervals = 7),
+        ];
+        for (field, change) in changes {
+            let mut q = p.clone();
+            change(&mut q);
+            let t = Settings::from_policy(&q).unwrap();
+            assert_ne!(t, s, "{field} is part of the capture's settings");
+        }
+        let off = PolicySpec {
+            capture: false,
+            ..p
+        };
+        assert_eq!(Settings::from_policy(&off), None);
     }
 }

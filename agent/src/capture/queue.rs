@@ -165,7 +165,7 @@ mod tests {
         // Nobody reads the queue.
         let _rx = tap.outbound.take().unwrap();
         let mut s = settings(&format!("udp dst port {port}"));
-        s.batch_packets = 1;
+        s.spec.batch_packets = 1;
         tap.apply(Some(s), true).unwrap();
         let src = UdpSocket::bind("127.0.0.1:0").unwrap();
         for _ in 0..QUEUE_MAX_BATCHES + 100 {

@@ -50,20 +50,20 @@ pub enum OpenError {
 impl Prepared {
     pub fn open(settings: Settings) -> Result<Self, OpenError> {
         let open_err = |e: pcap::Error| OpenError::Open {
-            interface: settings.interface.clone(),
+            interface: settings.spec.interface.clone(),
             reason: e.to_string(),
         };
-        let mut cap = pcap::Capture::from_device(settings.interface.as_str())
+        let mut cap = pcap::Capture::from_device(settings.spec.interface.as_str())
             .map_err(open_err)?
-            .snaplen(settings.snaplen as i32)
+            .snaplen(settings.spec.snaplen as i32)
             .precision(pcap::Precision::Nano)
-            .immediate_mode(settings.mode == CaptureMode::Immediate)
+            .immediate_mode(settings.spec.mode == CaptureMode::Immediate)
             .timeout(settings.read_timeout_ms())
             .buffer_size(RING_BYTES)
             .promisc(false)
             .open()
             .map_err(open_err)?;
-        cap.filter(&settings.filter, true)
+        cap.filter(&settings.spec.filter, true)
             .map_err(|e| OpenError::Filter {
                 reason: e.to_string(),
             })?;
@@ -187,7 +187,7 @@ impl Reader {
         events: mpsc::Sender<Event>,
         stop: Arc<AtomicBool>,
     ) -> Self {
-        let s = &prepared.settings;
+        let s = &prepared.settings.spec;
         let linktype = prepared.cap.get_datalink().0 as u32;
         let state = ReaderState {
             bucket: (s.limit_bps > 0).then(|| TokenBucket::new(s.limit_bps)),
@@ -226,7 +226,7 @@ impl Reader {
                 break;
             }
             if let Err(e) = &read {
-                let reason = format!("capture on {} failed: {e}", st.settings.interface);
+                let reason = format!("capture on {} failed: {e}", st.settings.spec.interface);
                 tracing::error!(error = %reason, "capture stopped");
                 let _ = st.events.try_send(Event::Failed(reason));
                 break;
@@ -255,7 +255,7 @@ impl Reader {
         drop(cap);
         if let Some(breach) = st.breach {
             tracing::warn!(
-                interface = %st.settings.interface,
+                interface = %st.settings.spec.interface,
                 measured = %tapgraph::units::format_bitrate(breach.measured_bps),
                 limit = %tapgraph::units::format_bitrate(breach.limit_bps),
                 intervals = breach.intervals,
@@ -303,7 +303,7 @@ impl ReaderState {
             self.flush();
         }
         if self.pending == 0 {
-            let want = (self.settings.batch_packets as usize
+            let want = (self.settings.spec.batch_packets as usize
                 * need.max(64 + wire::PACKET_OVERHEAD))
             .clamp(need, BATCH_MAX_BYTES);
             self.arena.reserve(want);
@@ -314,7 +314,7 @@ impl ReaderState {
         wire::put_packet(&mut self.arena, ts, packet.header.len, packet.data);
         self.pending += 1;
         self.pending_bytes += u64::from(len);
-        if self.pending >= u64::from(self.settings.batch_packets) {
+        if self.pending >= u64::from(self.settings.spec.batch_packets) {
             self.flush();
         }
     }
@@ -325,8 +325,8 @@ impl ReaderState {
         }
         let batch = Batch {
             linktype: self.linktype,
-            interface: self.settings.interface.clone(),
-            snaplen: self.settings.snaplen,
+            interface: self.settings.spec.interface.clone(),
+            snaplen: self.settings.spec.snaplen,
             encoded: self.arena.split().freeze(),
             count: std::mem::take(&mut self.pending),
             bytes: std::mem::take(&mut self.pending_bytes),
@@ -387,7 +387,7 @@ mod tests {
         assert!(e.to_string().starts_with("filter: "), "{e}");
         assert!(e.to_string().contains("banana"), "{e}");
         let mut s = settings("");
-        s.interface = "nosuch0".into();
+        s.spec.interface = "nosuch0".into();
         let e = Prepared::open(s).err().unwrap();
         assert!(e.to_string().contains("nosuch0"), "{e}");
     }
@@ -405,8 +405,8 @@ mod tests {
             let mut tap = Tap::default();
             let mut rx = tap.outbound.take().unwrap();
             let mut s = settings(&format!("udp dst port {port}"));
-            s.mode = mode;
-            s.batch_delay = Duration::from_secs(1);
+            s.spec.mode = mode;
+            s.spec.batch_delay = Duration::from_secs(1);
             tap.apply(Some(s), true).unwrap();
             UdpSocket::bind("127.0.0.1:0")
                 .unwrap()

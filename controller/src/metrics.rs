@@ -40,6 +40,8 @@ const DELAY_BOUNDS_LOG2_MICROS: std::ops::RangeInclusive<u32> = 6..=24;
 #[derive(Debug, Default)]
 pub struct Scrape {
     pub agents: Vec<AgentView>,
+    /// Messages to agents the registry dropped: their control channel was full.
+    pub registry_dropped: crate::registry::Dropped,
     pub mirrors: Vec<StatsView>,
     /// Keyed by (agent, target), like `mirrors`.
     pub delays: BTreeMap<(String, String), Delays>,
@@ -121,6 +123,20 @@ const FLEET: &[Field<Scrape>] = &[
                 *n.entry(a.state.name()).or_default() += 1;
             }
             n.into_iter().map(|(st, n)| (st, Value::from(n))).collect()
+        },
+    ),
+    counter_by(
+        "tapgraph_registry_dropped_messages",
+        "Messages to agents dropped because the agent's control channel was full, by what they were: policy (resent when it reconnects), time_probe (the next comes a heartbeat later), forwarded (a session's resync request), close_status (why its session was closed; it ends anyway).",
+        "reason",
+        |s| {
+            let d = &s.registry_dropped;
+            vec![
+                ("policy", Value::from(d.policy)),
+                ("time_probe", Value::from(d.time_probe)),
+                ("forwarded", Value::from(d.forwarded)),
+                ("close_status", Value::from(d.close_status)),
+            ]
         },
     ),
     counter(
@@ -790,6 +806,7 @@ mod tests {
 
     const EXPECTED: &[&str] = &[
         "tapgraph_agents",
+        "tapgraph_registry_dropped_messages",
         "tapgraph_topology_snapshots_applied",
         "tapgraph_topology_snapshots_refused",
         "tapgraph_topology_rows_skipped",

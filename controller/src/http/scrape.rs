@@ -33,6 +33,7 @@ pub async fn serve(State(state): State<HttpState>, headers: HeaderMap) -> Respon
 async fn gather(state: &HttpState) -> Scrape {
     Scrape {
         agents: state.registry.list().await,
+        registry_dropped: state.registry.dropped(),
         topology: state.topology.stats().await,
         sink: state.sink.as_ref().map(|s| s.stats()),
         http: state.http_stats.read(),

@@ -1,28 +1,13 @@
-//! Stored policies: which policy each agent runs. A policy applies to all agents, to a label
-//! selector, or to one agent; the most specific match wins (agent > more labels > fewer labels >
-//! all). Ties are refused when a policy is set, so resolution is never ambiguous, whatever labels
-//! agents get later.
-//!
-//! One task owns the policies and their version counter; every accepted change is persisted and
-//! then handed to the registry, which pushes the new resolution to the affected agents.
+//! Which policy an agent runs, as pure rules: the selectors, the stored form of a policy, how the
+//! most specific match is chosen ([`resolve`]), and what is refused when a policy is set (ties,
+//! reserved names). Both the policy task and the registry use these; this module depends on
+//! neither, so neither depends on the other through it.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tapgraph::policy::PolicySpec;
 use tapgraph::proto;
-use tokio::sync::{mpsc, oneshot};
-use tonic::Status;
-
-use crate::events::Events;
-use crate::registry::Registry;
-use crate::store::{Batch, Store, StoreError, Table};
-
-const POLICIES: Table = TableDefinition::new("policies");
-const META: Table = TableDefinition::new("policy_meta");
 
 /// Name of the policy from configuration that applies when nothing else matches.
 pub const DEFAULT_NAME: &str = "default";
@@ -190,61 +175,6 @@ pub fn check_ties(
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-struct Meta {
-    /// Last version handed out.
-    counter: u64,
-    /// Hash and version of the configured default policy, to bump its version when it changes.
-    default_hash: String,
-    default_version: u64,
-}
-
-fn now_ms() -> u64 {
-    tapgraph::time::unix_nanos() / 1_000_000
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyStoreError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("no policy named {0}")]
-    NotFound(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl From<PolicyStoreError> for Status {
-    fn from(e: PolicyStoreError) -> Status {
-        match e {
-            PolicyStoreError::Invalid(m) => Status::invalid_argument(m),
-            PolicyStoreError::NotFound(_) => Status::not_found(e.to_string()),
-            PolicyStoreError::Store(_) => Status::unavailable(e.to_string()),
-        }
-    }
-}
-
-enum Command {
-    Set {
-        name: String,
-        selector: Selector,
-        spec: Box<proto::Policy>,
-        reply: oneshot::Sender<Result<StoredPolicy, PolicyStoreError>>,
-    },
-    Delete {
-        name: String,
-        reply: oneshot::Sender<Result<(), PolicyStoreError>>,
-    },
-    List {
-        reply: oneshot::Sender<Vec<StoredPolicy>>,
-    },
-}
-
-/// A handle to the policy task.
-#[derive(Clone)]
-pub struct Policies {
-    tx: mpsc::Sender<Command>,
-}
-
 /// Validates a policy name: it is shown in tables and used as a key.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name == DEFAULT_NAME {
@@ -255,192 +185,10 @@ pub fn check_name(name: &str) -> Result<(), String> {
     tapgraph::identity::validate_name("policy", name).map_err(|e| e.to_string())
 }
 
-impl Policies {
-    /// Loads the stored policies, versions the configured default, hands both to the registry and
-    /// starts the task.
-    pub async fn spawn(
-        store: Store,
-        default: &PolicySpec,
-        registry: Registry,
-        events: Events,
-    ) -> Result<(Self, impl std::future::Future<Output = ()> + use<>), StoreError> {
-        let mut policies: Vec<StoredPolicy> = store.load(POLICIES)?;
-        policies.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut meta = store.load::<Meta>(META)?.pop().unwrap_or_default();
-        let default_msg = default.to_proto(0, DEFAULT_NAME);
-        let hash: String = Sha256::digest(prost::Message::encode_to_vec(&default_msg))
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if meta.default_hash != hash {
-            meta.counter += 1;
-            meta.default_version = meta.counter;
-            meta.default_hash = hash;
-            store.put(META, "meta", &meta)?;
-        }
-        let default = StoredPolicy {
-            name: DEFAULT_NAME.into(),
-            selector: Selector::All,
-            spec: StoredSpec(default_msg),
-            version: meta.default_version,
-            updated_at_ms: 0,
-        };
-        registry
-            .set_policies(policies.clone(), default.clone())
-            .await;
-        let (tx, rx) = mpsc::channel(64);
-        let task = Task {
-            store,
-            policies,
-            default,
-            meta,
-            registry,
-            events,
-        };
-        Ok((Self { tx }, task.run(rx)))
-    }
-
-    pub async fn set(
-        &self,
-        name: String,
-        selector: Selector,
-        spec: proto::Policy,
-    ) -> Result<StoredPolicy, PolicyStoreError> {
-        let (reply, rx) = oneshot::channel();
-        let gone = || PolicyStoreError::Store(StoreError::closed());
-        self.tx
-            .send(Command::Set {
-                name,
-                selector,
-                spec: Box::new(spec),
-                reply,
-            })
-            .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
-    }
-
-    pub async fn delete(&self, name: String) -> Result<(), PolicyStoreError> {
-        let (reply, rx) = oneshot::channel();
-        let gone = || PolicyStoreError::Store(StoreError::closed());
-        self.tx
-            .send(Command::Delete { name, reply })
-            .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
-    }
-
-    pub async fn list(&self) -> Vec<StoredPolicy> {
-        let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Command::List { reply }).await;
-        rx.await.unwrap_or_default()
-    }
-}
-
-struct Task {
-    store: Store,
-    policies: Vec<StoredPolicy>,
-    default: StoredPolicy,
-    meta: Meta,
-    registry: Registry,
-    events: Events,
-}
-
-impl Task {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(cmd) = rx.recv().await {
-            let changed = match cmd {
-                Command::Set {
-                    name,
-                    selector,
-                    spec,
-                    reply,
-                } => {
-                    let result = self.set(name, selector, *spec);
-                    let ok = result.is_ok();
-                    let _ = reply.send(result);
-                    ok
-                }
-                Command::Delete { name, reply } => {
-                    let result = self.delete(&name);
-                    let ok = result.is_ok();
-                    let _ = reply.send(result);
-                    ok
-                }
-                Command::List { reply } => {
-                    let mut all = self.policies.clone();
-                    all.push(self.default.clone());
-                    let _ = reply.send(all);
-                    false
-                }
-            };
-            if changed {
-                self.registry
-                    .set_policies(self.policies.clone(), self.default.clone())
-                    .await;
-            }
-        }
-    }
-
-    fn set(
-        &mut self,
-        name: String,
-        selector: Selector,
-        spec: proto::Policy,
-    ) -> Result<StoredPolicy, PolicyStoreError> {
-        check_name(&name).map_err(PolicyStoreError::Invalid)?;
-        // Everything is validated before anything changes: bounds, and the BPF filter compiled
-        // with libpcap.
-        let parsed =
-            PolicySpec::from_proto(&spec).map_err(|e| PolicyStoreError::Invalid(e.to_string()))?;
-        parsed
-            .validate(true)
-            .map_err(|e| PolicyStoreError::Invalid(e.to_string()))?;
-        check_ties(&self.policies, &name, &selector).map_err(PolicyStoreError::Invalid)?;
-        let mut meta = self.meta.clone();
-        meta.counter += 1;
-        let stored = StoredPolicy {
-            name: name.clone(),
-            selector,
-            spec: StoredSpec(parsed.to_proto(0, &name)),
-            version: meta.counter,
-            updated_at_ms: now_ms(),
-        };
-        let mut batch = Batch::default();
-        batch.put(POLICIES, &name, &stored)?;
-        batch.put(META, "meta", &meta)?;
-        self.store.commit(batch)?;
-        self.meta = meta;
-        self.policies.retain(|p| p.name != name);
-        self.policies.push(stored.clone());
-        self.policies.sort_by(|a, b| a.name.cmp(&b.name));
-        self.events.emit(
-            "policy_set",
-            "",
-            format!(
-                "policy {name} v{} set for {}",
-                stored.version, stored.selector
-            ),
-        );
-        Ok(stored)
-    }
-
-    fn delete(&mut self, name: &str) -> Result<(), PolicyStoreError> {
-        if !self.policies.iter().any(|p| p.name == name) {
-            return Err(PolicyStoreError::NotFound(name.to_string()));
-        }
-        let mut batch = Batch::default();
-        batch.delete(POLICIES, name);
-        self.store.commit(batch)?;
-        self.policies.retain(|p| p.name != name);
-        self.events
-            .emit("policy_deleted", "", format!("policy {name} deleted"));
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use tapgraph::policy::PolicySpec;
+
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -484,6 +232,48 @@ mod tests {
         );
     }
 
+    /// `max_by_key` keeps the last of equal keys, so a list written least to most specific would
+    /// pass even if specificity were a constant: the same choices, from the list reversed.
+    #[test]
+    fn the_most_specific_policy_wins_whatever_the_order() {
+        let default = policy("default", Selector::All);
+        let mut ps = vec![
+            policy("pinned", Selector::Agent("a7".into())),
+            policy(
+                "web-prod",
+                Selector::Labels(labels(&[("role", "web"), ("env", "prod")])),
+            ),
+            policy("web", Selector::Labels(labels(&[("role", "web")]))),
+            policy("fleet", Selector::All),
+        ];
+        for _ in 0..2 {
+            let pick =
+                |id: &str, l: &[(&str, &str)]| resolve(&ps, &default, id, &labels(l)).name.clone();
+            assert_eq!(pick("a1", &[]), "fleet");
+            assert_eq!(pick("a1", &[("role", "web")]), "web");
+            assert_eq!(pick("a1", &[("role", "web"), ("env", "prod")]), "web-prod");
+            assert_eq!(pick("a7", &[("role", "web"), ("env", "prod")]), "pinned");
+            assert_eq!(pick("a7", &[]), "pinned");
+            ps.reverse();
+        }
+    }
+
+    #[test]
+    fn specificity_ranks_agent_over_labels_over_all() {
+        let all = Selector::All.specificity();
+        let none = Selector::Labels(BTreeMap::new()).specificity();
+        let one = Selector::Labels(labels(&[("a", "1")])).specificity();
+        let three = Selector::Labels(labels(&[("a", "1"), ("b", "2"), ("c", "3")])).specificity();
+        let agent = Selector::Agent("a7".into()).specificity();
+        assert!(
+            all < none,
+            "a label selector, even empty, is more specific than all"
+        );
+        assert!(none < one && one < three, "more labels are more specific");
+        assert!(three < agent, "one agent is more specific than any labels");
+        assert_eq!(all, Selector::All.specificity());
+    }
+
     #[test]
     fn ties_are_refused_at_set_time() {
         let ps = vec![
@@ -518,9 +308,110 @@ mod tests {
     }
 
     #[test]
+    fn only_selectors_of_one_kind_and_rank_tie() {
+        let web = Selector::Labels(labels(&[("role", "web")]));
+        let web_prod = Selector::Labels(labels(&[("role", "web"), ("env", "prod")]));
+        let db_prod = Selector::Labels(labels(&[("role", "db"), ("env", "prod")]));
+        let web_eu = Selector::Labels(labels(&[("role", "web"), ("zone", "eu")]));
+        assert!(
+            web_prod.ties_with(&web_eu),
+            "an agent may carry all three labels"
+        );
+        assert!(web_prod.ties_with(&web_prod.clone()));
+        assert!(
+            !web_prod.ties_with(&db_prod),
+            "role=web and role=db exclude each other"
+        );
+        assert!(!web.ties_with(&web_prod) && !web_prod.ties_with(&web));
+        let a7 = Selector::Agent("a7".into());
+        assert!(!a7.ties_with(&Selector::Agent("a8".into())));
+        for (a, b) in [(&a7, &Selector::All), (&web, &Selector::All), (&a7, &web)] {
+            assert!(!a.ties_with(b) && !b.ties_with(a), "{a} and {b}");
+        }
+    }
+
+    #[test]
+    fn selectors_match_by_agent_labels_or_all() {
+        let web = Selector::Labels(labels(&[("role", "web")]));
+        assert!(web.matches("a1", &labels(&[("role", "web"), ("env", "prod")])));
+        assert!(!web.matches("a1", &labels(&[("role", "db")])));
+        assert!(!web.matches("a1", &labels(&[])));
+        assert!(Selector::All.matches("a1", &labels(&[])));
+        assert!(Selector::Agent("a7".into()).matches("a7", &labels(&[])));
+        assert!(!Selector::Agent("a7".into()).matches("a1", &labels(&[])));
+    }
+
+    #[test]
+    fn selectors_round_trip_through_the_wire_and_bad_ones_are_refused() {
+        for s in [
+            Selector::All,
+            Selector::Agent("a7".into()),
+            Selector::Labels(labels(&[("role", "web"), ("env", "prod")])),
+        ] {
+            assert_eq!(Selector::from_proto(Some(&s.to_proto())), Ok(s));
+        }
+        let e = Selector::from_proto(None).unwrap_err();
+        assert!(e.contains("a selector is required"), "{e}");
+        let empty = proto::Selector { kind: None };
+        assert!(Selector::from_proto(Some(&empty)).is_err());
+        let wire = |kind| Some(proto::Selector { kind: Some(kind) });
+        let no_labels = wire(proto::selector::Kind::Labels(proto::Labels::default()));
+        let e = Selector::from_proto(no_labels.as_ref()).unwrap_err();
+        assert!(e.contains("at least one label"), "{e}");
+        let bad_key = wire(proto::selector::Kind::Labels(proto::Labels {
+            labels: [("-bad".to_string(), "x".to_string())]
+                .into_iter()
+                .collect(),
+        }));
+        assert!(Selector::from_proto(bad_key.as_ref()).is_err());
+        let bad_id = wire(proto::selector::Kind::AgentId("bad id".into()));
+        assert!(Selector::from_proto(bad_id.as_ref()).is_err());
+    }
+
+    #[test]
+    fn selectors_read_as_operators_write_them() {
+        assert_eq!(Selector::All.to_string(), "all agents");
+        assert_eq!(Selector::Agent("a7".into()).to_string(), "agent a7");
+        let l = Selector::Labels(labels(&[("role", "web"), ("env", "prod")]));
+        assert_eq!(l.to_string(), "labels env=prod,role=web");
+    }
+
+    #[test]
+    fn the_pushed_message_carries_the_stored_name_and_version() {
+        let mut p = policy("web", Selector::Labels(labels(&[("role", "web")])));
+        p.spec.0.name = "stale".into();
+        p.version = 7;
+        p.updated_at_ms = 1_500;
+        let m = p.message();
+        assert_eq!((m.name.as_str(), m.version), ("web", 7));
+        let wire = p.to_proto();
+        assert_eq!(wire.name, "web");
+        assert_eq!(wire.policy, Some(m));
+        assert_eq!(wire.updated_at_unix_nanos, 1_500_000_000);
+        assert_eq!(wire.selector, Some(p.selector.to_proto()));
+    }
+
+    #[test]
+    fn a_stored_policy_survives_its_json_form() {
+        let mut p = policy("web", Selector::Labels(labels(&[("role", "web")])));
+        p.spec.0.heartbeat_interval_ms = 1_234;
+        let json = serde_json::to_vec(&p).unwrap();
+        let back: StoredPolicy = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, p);
+        let garbage =
+            br#"{"name":"x","selector":"All","spec":[255,255,255],"version":1,"updated_at_ms":0}"#;
+        assert!(serde_json::from_slice::<StoredPolicy>(garbage).is_err());
+    }
+
+    #[test]
     fn names_are_checked() {
         assert!(check_name("web").is_ok());
         assert!(check_name("default").is_err());
         assert!(check_name("bad name").is_err());
+        assert!(
+            check_name(DEFAULT_NAME)
+                .unwrap_err()
+                .contains("configuration")
+        );
     }
 }

@@ -1,0 +1,237 @@
+//! The registry task: it owns the agent table, takes one command at a time, and every
+//! [`TICK`] re-judges live agents and sends the time probes that are due. Its loop only
+//! dispatches; what each command does is a named method in the module of its concern.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tapgraph::proto::{self, agent_message::Msg, controller_message};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use super::agents::{Agent, unix_ms};
+use super::view::AgentView;
+use super::{DropCounters, MirrorRoute, Outbound, Registered};
+use crate::events::Events;
+use crate::health::Health;
+use crate::policies::rules::{DEFAULT_NAME, Selector, StoredPolicy, StoredSpec};
+
+/// How often live agents are re-judged and probes sent.
+const TICK: Duration = Duration::from_millis(250);
+
+pub(super) enum Command {
+    Register {
+        agent_id: String,
+        hello: proto::Hello,
+        labels: BTreeMap<String, String>,
+        remote: SocketAddr,
+        outbound: Outbound,
+        reply: oneshot::Sender<Result<Registered, Status>>,
+    },
+    SetPolicies {
+        policies: Vec<StoredPolicy>,
+        default: StoredPolicy,
+        reply: oneshot::Sender<()>,
+    },
+    SetLabels {
+        agent_id: String,
+        labels: BTreeMap<String, String>,
+        reply: oneshot::Sender<()>,
+    },
+    PolicyStatus {
+        name: Option<String>,
+        reply: oneshot::Sender<Vec<proto::AgentPolicyStatus>>,
+    },
+    Deregister {
+        agent_id: String,
+        session: u64,
+        reason: String,
+    },
+    Message {
+        agent_id: String,
+        session: u64,
+        msg: Msg,
+    },
+    List {
+        reply: oneshot::Sender<Vec<AgentView>>,
+    },
+    Close {
+        agent_id: String,
+        status: Status,
+        reply: oneshot::Sender<()>,
+    },
+    Send {
+        agent_id: String,
+        session: u64,
+        msg: controller_message::Msg,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+    MirrorRoute {
+        agent_id: String,
+        reply: oneshot::Sender<Option<MirrorRoute>>,
+    },
+}
+
+pub(super) struct RegistryTask {
+    /// Boxed: an `Agent` is 760 bytes, and B-tree nodes hold eleven values, half full or more.
+    pub(super) agents: BTreeMap<String, Box<Agent>>,
+    pub(super) next_session: u64,
+    /// Live sessions at most (`session.max_agents`); a new agent beyond is refused.
+    pub(super) max_sessions: usize,
+    pub(super) policies: Vec<StoredPolicy>,
+    pub(super) default: StoredPolicy,
+    pub(super) events: Events,
+    pub(super) health: Health,
+    pub(super) dropped: Arc<DropCounters>,
+}
+
+impl RegistryTask {
+    /// No agents yet, and until the policy task sets them, the built-in default policy.
+    pub(super) fn new(
+        events: Events,
+        health: Health,
+        max_sessions: usize,
+        dropped: Arc<DropCounters>,
+    ) -> Self {
+        let placeholder = StoredPolicy {
+            name: DEFAULT_NAME.into(),
+            selector: Selector::All,
+            spec: StoredSpec(tapgraph::policy::PolicySpec::default().to_proto(0, DEFAULT_NAME)),
+            version: 0,
+            updated_at_ms: 0,
+        };
+        Self {
+            agents: BTreeMap::new(),
+            next_session: 1,
+            max_sessions,
+            policies: Vec::new(),
+            default: placeholder,
+            events,
+            health,
+            dropped,
+        }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                },
+                _ = ticks.tick() => self.tick(),
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Register {
+                agent_id,
+                hello,
+                labels,
+                remote,
+                outbound,
+                reply,
+            } => {
+                let _ = reply.send(self.register(agent_id, hello, labels, remote, outbound));
+            }
+            Command::SetPolicies {
+                policies,
+                default,
+                reply,
+            } => {
+                self.set_policies(policies, default);
+                let _ = reply.send(());
+            }
+            Command::SetLabels {
+                agent_id,
+                labels,
+                reply,
+            } => {
+                self.set_labels(&agent_id, labels);
+                let _ = reply.send(());
+            }
+            Command::PolicyStatus { name, reply } => {
+                let _ = reply.send(self.policy_status(name.as_deref()));
+            }
+            Command::Deregister {
+                agent_id,
+                session,
+                reason,
+            } => self.deregister(&agent_id, session, reason),
+            Command::Message {
+                agent_id,
+                session,
+                msg,
+            } => self.message(&agent_id, session, msg),
+            Command::List { reply } => {
+                let _ = reply.send(self.list());
+            }
+            Command::Close {
+                agent_id,
+                status,
+                reply,
+            } => {
+                self.close(&agent_id, status);
+                let _ = reply.send(());
+            }
+            Command::Send {
+                agent_id,
+                session,
+                msg,
+            } => self.send(&agent_id, session, msg),
+            Command::MirrorRoute { agent_id, reply } => {
+                let _ = reply.send(self.mirror_route(&agent_id));
+            }
+            Command::Shutdown { reply } => {
+                self.shutdown();
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Every tick: agents whose control records stopped become lost, and live agents due a clock
+    /// probe get one.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.live.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.update_state(&id, true);
+            self.probe(&id, now);
+        }
+    }
+
+    /// A message from session `session` of `agent_id`; one from a session since replaced is
+    /// ignored.
+    fn message(&mut self, agent_id: &str, session: u64, msg: Msg) {
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return;
+        };
+        if agent.live.as_ref().is_none_or(|l| l.session != session) {
+            return;
+        }
+        agent.view.last_seen_unix_ms = unix_ms(SystemTime::now());
+        match msg {
+            Msg::Control(record) => self.control_record(agent_id, &record),
+            Msg::PolicyStatus(status) => self.policy_report(agent_id, status),
+            Msg::Hello(_) => {
+                tracing::warn!(agent = %agent_id, "second Hello on one stream ignored");
+            }
+            Msg::TimeProbeReply(reply) => self.probe_reply(agent_id, &reply),
+            Msg::Snapshot(_) => {}
+        }
+        self.update_state(agent_id, true);
+    }
+}

@@ -1,0 +1,115 @@
+//! What operators see of an agent: the registry's record of it, copied out whole for the API, the
+//! console and `/metrics`.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use tapgraph::proto;
+
+use super::health::AgentState;
+
+/// The agent's virtual TAP, from its latest control record.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CaptureView {
+    /// disabled, running, stopped_breach or failed.
+    pub state: String,
+    pub error: Option<String>,
+    pub packets_captured: u64,
+    pub bytes_captured: u64,
+    pub packets_sent: u64,
+    pub bytes_sent: u64,
+    pub packets_dropped_kernel: u64,
+    pub packets_dropped_limiter: u64,
+    pub packets_dropped_queue: u64,
+    pub packets_in_flight: u64,
+    pub breach: Option<BreachView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BreachView {
+    pub measured_bps: u64,
+    pub limit_bps: u64,
+    pub intervals: u32,
+    /// End of the interval that completed the breach, on the agent's clock.
+    pub at_unix_ns: u64,
+}
+
+impl CaptureView {
+    /// The agent's counters as the wire carries them (bytes dropped and batches are not kept).
+    pub fn counters(&self) -> proto::Counters {
+        proto::Counters {
+            packets_captured: self.packets_captured,
+            bytes_captured: self.bytes_captured,
+            packets_sent: self.packets_sent,
+            bytes_sent: self.bytes_sent,
+            packets_dropped_kernel: self.packets_dropped_kernel,
+            packets_dropped_limiter: self.packets_dropped_limiter,
+            packets_dropped_queue: self.packets_dropped_queue,
+            packets_in_flight: self.packets_in_flight,
+            ..Default::default()
+        }
+    }
+
+    pub(super) fn from_record(r: &proto::ControlRecord) -> Self {
+        let c = r.counters.unwrap_or_default();
+        let state = match proto::CaptureState::try_from(r.capture_state) {
+            Ok(proto::CaptureState::Running) => "running",
+            Ok(proto::CaptureState::StoppedBreach) => "stopped_breach",
+            Ok(proto::CaptureState::Failed) => "failed",
+            _ => "disabled",
+        };
+        Self {
+            state: state.into(),
+            error: (!r.last_error.is_empty()).then(|| r.last_error.clone()),
+            packets_captured: c.packets_captured,
+            bytes_captured: c.bytes_captured,
+            packets_sent: c.packets_sent,
+            bytes_sent: c.bytes_sent,
+            packets_dropped_kernel: c.packets_dropped_kernel,
+            packets_dropped_limiter: c.packets_dropped_limiter,
+            packets_dropped_queue: c.packets_dropped_queue,
+            packets_in_flight: c.packets_in_flight,
+            breach: r.breach.map(|b| BreachView {
+                measured_bps: b.measured_bits_per_second,
+                limit_bps: b.limit_bits_per_second,
+                intervals: b.intervals,
+                at_unix_ns: b.at_unix_nanos,
+            }),
+        }
+    }
+}
+
+/// One agent as operators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentView {
+    pub id: String,
+    pub hostname: String,
+    pub state: AgentState,
+    pub remote_addr: String,
+    pub agent_version: String,
+    pub kernel: String,
+    pub interfaces: Vec<String>,
+    pub connected_at_unix_ms: u64,
+    pub last_seen_unix_ms: u64,
+    pub sessions: u64,
+    pub last_disconnect_reason: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub policy_name: String,
+    pub policy_version_sent: u64,
+    pub policy_version_applied: u64,
+    pub policy_error: Option<String>,
+    pub control_records: u64,
+    pub last_control_sequence: u64,
+    pub capture: CaptureView,
+    /// Why the agent is degraded or lost.
+    pub state_reason: Option<String>,
+    pub heartbeat_ms: u64,
+    /// The agent's clock minus the controller's, from TimeProbe round trips (NTP-style).
+    pub clock_offset_ms: Option<f64>,
+    pub probe_rtt_ms: Option<f64>,
+    /// Rates between the last two control records.
+    pub capture_pps: f64,
+    pub send_pps: f64,
+    pub send_bps: f64,
+    pub snapshot_entries: u64,
+}

@@ -1,6 +1,11 @@
 //! What the tapgraph controller, agent and ctl share: the wire protocol, identity and TLS, units,
 //! layered configuration, backoff, policy validation and process plumbing.
 
+// No FFI here: the agent's and the controller's few `unsafe` calls live in their own crates.
+#![forbid(unsafe_code)]
+// Only the programs write to stdout; the library reports through `tracing` and returned errors.
+#![warn(clippy::print_stdout)]
+
 pub mod backoff;
 pub mod bpf;
 pub mod codec;

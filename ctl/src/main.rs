@@ -1,5 +1,7 @@
 //! tapgraphctl: the operator's command line.
 
+#![forbid(unsafe_code)]
+
 mod client;
 mod console;
 mod graph;

@@ -4,6 +4,8 @@
 //! every heartbeat and connection snapshots (full, then deltas) from a synthetic data centre.
 //! It reports enrollment and connect times, policy push latency and errors, with a progress line.
 
+#![forbid(unsafe_code)]
+
 mod synth;
 
 use std::collections::BTreeMap;

@@ -326,4 +326,116 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("MB").is_err());
     }
+
+    #[test]
+    fn sizes_in_every_unit_and_case() {
+        assert_eq!(parse_size("1B"), Ok(1));
+        assert_eq!(parse_size("2kB"), Ok(2_000));
+        assert_eq!(parse_size("2k"), Ok(2_000));
+        assert_eq!(parse_size("3 MB"), Ok(3_000_000));
+        assert_eq!(parse_size("3m"), Ok(3_000_000));
+        assert_eq!(parse_size("4GB"), Ok(4_000_000_000));
+        assert_eq!(parse_size("4g"), Ok(4_000_000_000));
+        assert_eq!(parse_size("2KiB"), Ok(2_048));
+        assert_eq!(parse_size("2MiB"), Ok(2 * 1024 * 1024));
+        assert_eq!(parse_size("2GiB"), Ok(2 * 1024 * 1024 * 1024));
+        assert_eq!(parse_size("1.5gib"), Ok(1_610_612_736));
+        assert_eq!(parse_size("0.5kb"), Ok(500));
+    }
+
+    #[test]
+    fn sizes_past_u64_are_refused() {
+        let overflow = |input: &str| {
+            Err(UnitError::Overflow {
+                input: input.to_string(),
+            })
+        };
+        // The largest float below 2^64 is the largest size taken.
+        assert_eq!(
+            parse_size("18446744073709549568"),
+            Ok(18_446_744_073_709_549_568)
+        );
+        assert_eq!(parse_size("18446744074GB"), overflow("18446744074GB"));
+        // u64::MAX itself rounds to 2^64 as a float: refused rather than clamped.
+        assert_eq!(
+            parse_size("18446744073709551615"),
+            overflow("18446744073709551615")
+        );
+        let huge = "9".repeat(400);
+        assert_eq!(parse_size(&huge), overflow(&huge));
+    }
+
+    #[test]
+    fn every_rate_prefix_and_suffix() {
+        assert_eq!(parse_bitrate("1T"), Ok(1_000_000_000_000));
+        assert_eq!(parse_bitrate("2tbit"), Ok(2_000_000_000_000));
+        assert_eq!(parse_bitrate("3k"), Ok(3_000));
+        assert_eq!(parse_bitrate("3kb/s"), Ok(3_000));
+        assert_eq!(parse_bitrate("3kb"), Ok(3_000));
+        assert_eq!(parse_bitrate("3 kbits"), Ok(3_000));
+        assert_eq!(parse_bitrate("4 gbit/s"), Ok(4_000_000_000));
+        assert_eq!(parse_bitrate("5bit"), Ok(5));
+        assert!(matches!(
+            parse_bitrate("5 kilobytes"),
+            Err(UnitError::ByteRate { .. })
+        ));
+        assert!(matches!(parse_bitrate(""), Err(UnitError::Empty { .. })));
+        assert_eq!(format_bitrate(2_500_000_000_000), "2.5Tbit");
+        assert_eq!(format_bitrate(1_000), "1kbit");
+        assert_eq!(format_bitrate(0), "0bit");
+    }
+
+    #[test]
+    fn bit_rates_past_u64_are_refused() {
+        let overflow = |input: &str| {
+            Err(UnitError::Overflow {
+                input: input.to_string(),
+            })
+        };
+        // u64::MAX as a float is 2^64: the largest rate taken, clamped to u64::MAX.
+        assert_eq!(parse_bitrate("18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(parse_bitrate("18446745Tbit"), overflow("18446745Tbit"));
+        assert_eq!(parse_bitrate("20000000T"), overflow("20000000T"));
+        let huge = "9".repeat(400);
+        assert_eq!(parse_bitrate(&huge), overflow(&huge));
+    }
+
+    #[test]
+    fn durations_past_u64_nanoseconds_are_refused() {
+        assert_eq!(
+            parse_duration("18446744073709551615ns"),
+            Ok(Duration::from_nanos(u64::MAX))
+        );
+        assert!(matches!(
+            parse_duration("18446744074s"),
+            Err(UnitError::Overflow { .. })
+        ));
+        assert!(matches!(
+            parse_duration(&"9".repeat(400)),
+            Err(UnitError::Overflow { .. })
+        ));
+        assert_eq!(parse_duration("2 min"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3sec"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("7ns"), Ok(Duration::from_nanos(7)));
+        assert_eq!(parse_duration("7µs"), Ok(Duration::from_micros(7)));
+    }
+
+    #[test]
+    fn fractional_durations_are_formatted_exactly() {
+        let cases = [
+            (Duration::from_nanos(1_500_001), "1.500001ms"),
+            (Duration::from_nanos(2_000_000_500), "2000.0005ms"),
+            (Duration::from_millis(1_500), "1500ms"),
+            (Duration::from_micros(1_500_001), "1500001us"),
+            (Duration::from_nanos(999_999), "999999ns"),
+            (Duration::from_nanos(1_001), "1001ns"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(5_400), "90m"),
+            (Duration::ZERO, "0ns"),
+        ];
+        for (duration, text) in cases {
+            assert_eq!(format_duration(duration), text);
+            assert_eq!(parse_duration(text), Ok(duration), "{text}");
+        }
+    }
 }

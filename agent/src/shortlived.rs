@@ -275,4 +275,131 @@ mod tests {
     fn the_filter_compiles_with_libpcap() {
         tapgraph::bpf::check_filter(FILTER).unwrap();
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::net::SocketAddr;
+
+        const LINKTYPES: [i32; 6] = [
+            DLT_EN10MB,
+            DLT_RAW,
+            DLT_LINUX_SLL,
+            DLT_IPV4,
+            DLT_IPV6,
+            DLT_LINUX_SLL2,
+        ];
+
+        /// A TCP segment from `server` to `client` with `flags`, in IPv4 (with `options` words
+        /// of IP options) or IPv6, behind the link header of `linktype` (Ethernet with `tags`
+        /// VLAN tags).
+        fn frame(
+            linktype: i32,
+            server: SocketAddr,
+            client: SocketAddr,
+            flags: u8,
+            options: u8,
+            tags: &[u16],
+        ) -> Vec<u8> {
+            let (ethertype, mut l3) = match (server.ip(), client.ip()) {
+                (IpAddr::V4(s), IpAddr::V4(c)) => {
+                    let mut h = vec![0u8; 20 + 4 * usize::from(options)];
+                    h[0] = 0x40 | (5 + options);
+                    h[9] = 6;
+                    h[12..16].copy_from_slice(&s.octets());
+                    h[16..20].copy_from_slice(&c.octets());
+                    (0x0800u16, h)
+                }
+                (IpAddr::V6(s), IpAddr::V6(c)) => {
+                    let mut h = vec![0u8; 40];
+                    h[0] = 0x60;
+                    h[6] = 6;
+                    h[8..24].copy_from_slice(&s.octets());
+                    h[24..40].copy_from_slice(&c.octets());
+                    (0x86dd, h)
+                }
+                _ => unreachable!("one family per frame"),
+            };
+            let mut tcp = [0u8; 20];
+            tcp[0..2].copy_from_slice(&server.port().to_be_bytes());
+            tcp[2..4].copy_from_slice(&client.port().to_be_bytes());
+            tcp[12] = 0x50;
+            tcp[13] = flags;
+            l3.extend_from_slice(&tcp);
+            let mut f = match linktype {
+                DLT_EN10MB => {
+                    let mut f = vec![0u8; 12];
+                    for &tpid in tags {
+                        f.extend_from_slice(&tpid.to_be_bytes());
+                        f.extend_from_slice(&[0x00, 0x05]);
+                    }
+                    f.extend_from_slice(&ethertype.to_be_bytes());
+                    f
+                }
+                DLT_LINUX_SLL => {
+                    let mut f = vec![0u8; 16];
+                    f[14..16].copy_from_slice(&ethertype.to_be_bytes());
+                    f
+                }
+                DLT_LINUX_SLL2 => {
+                    let mut f = vec![0u8; 20];
+                    f[0..2].copy_from_slice(&ethertype.to_be_bytes());
+                    f
+                }
+                _ => Vec::new(),
+            };
+            f.extend_from_slice(&l3);
+            f
+        }
+
+        fn endpoints() -> impl Strategy<Value = (SocketAddr, SocketAddr)> {
+            let v4 = (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(IpAddr::from(ip), port));
+            let v6 = (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(IpAddr::from(ip), port));
+            prop_oneof![(v4.clone(), v4), (v6.clone(), v6)]
+        }
+
+        proptest! {
+            #[test]
+            fn any_frame_parses_without_panicking(
+                linktype in prop_oneof![prop::sample::select(LINKTYPES.to_vec()), any::<i32>()],
+                frame in prop::collection::vec(any::<u8>(), 0..160),
+            ) {
+                let _ = parse(linktype, &frame);
+            }
+
+            #[test]
+            fn a_syn_ack_names_its_server_and_client_on_every_link(
+                (server, client) in endpoints(),
+                linktype in prop::sample::select(LINKTYPES.to_vec()),
+                other_flags: u8,
+                options in 0u8..=10,
+                tags in prop::collection::vec(prop::sample::select(vec![0x8100u16, 0x88a8]), 0..3),
+            ) {
+                // DLT_IPV4 and DLT_IPV6 carry their own family only.
+                prop_assume!(match linktype {
+                    DLT_IPV4 => server.is_ipv4(),
+                    DLT_IPV6 => server.is_ipv6(),
+                    _ => true,
+                });
+                let syn_ack = frame(linktype, server, client, other_flags | 0x12, options, &tags);
+                prop_assert_eq!(
+                    parse(linktype, &syn_ack),
+                    Some(Catch {
+                        server_ip: server.ip(),
+                        server_port: server.port(),
+                        client_ip: client.ip(),
+                    })
+                );
+                // Without SYN or without ACK it is no catch; cut before the flags, nothing at
+                // all (the parser reads the TCP header up to its flags only).
+                for flags in [other_flags & !0x02, other_flags & !0x10] {
+                    let segment = frame(linktype, server, client, flags, options, &tags);
+                    prop_assert_eq!(parse(linktype, &segment), None);
+                }
+                prop_assert_eq!(parse(linktype, &syn_ack[..syn_ack.len() - 7]), None);
+            }
+        }
+    }
 }

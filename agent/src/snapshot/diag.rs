@@ -779,6 +779,18 @@ mod tests {
 
     /// An `inet_diag_msg` followed by one attribute, as the kernel sends it.
     fn socket_message(family: u8, state: u8, local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+        socket_message_of(family, state, local, remote, 1000, 777)
+    }
+
+    /// [`socket_message`] with the given uid and inode.
+    fn socket_message_of(
+        family: u8,
+        state: u8,
+        local: SocketAddr,
+        remote: SocketAddr,
+        uid: u32,
+        inode: u32,
+    ) -> Vec<u8> {
         let mut msg = vec![family, state, 0, 0];
         msg.extend_from_slice(&local.port().to_be_bytes());
         msg.extend_from_slice(&remote.port().to_be_bytes());
@@ -791,7 +803,7 @@ mod tests {
             msg.extend_from_slice(&bytes);
         }
         msg.extend_from_slice(&[0; 12]); // if, cookie
-        for value in [0u32, 0, 0, 1000, 777] {
+        for value in [0u32, 0, 0, uid, inode] {
             // expires, rqueue, wqueue, uid, inode
             msg.extend_from_slice(&value.to_ne_bytes());
         }
@@ -988,5 +1000,122 @@ mod tests {
         let udp = request(UDP, 1);
         assert_eq!(u32::from_ne_bytes(udp[20..24].try_into().unwrap()), !0);
         assert!(req[24..].iter().all(|&b| b == 0));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One socket as the kernel would describe it in a dump of `table`.
+        fn socket(v6: bool) -> impl Strategy<Value = (u8, SocketAddr, SocketAddr, u32, u32)> {
+            let ip = move || {
+                if v6 {
+                    prop_oneof![
+                        any::<[u8; 16]>().prop_map(|b| IpAddr::V6(Ipv6Addr::from(b))),
+                        any::<[u8; 4]>()
+                            .prop_map(|b| IpAddr::V6(Ipv4Addr::from(b).to_ipv6_mapped())),
+                    ]
+                    .boxed()
+                } else {
+                    any::<[u8; 4]>()
+                        .prop_map(|b| IpAddr::V4(Ipv4Addr::from(b)))
+                        .boxed()
+                }
+            };
+            (
+                any::<u8>(),
+                ip(),
+                any::<u16>(),
+                ip(),
+                any::<u16>(),
+                any::<u32>(),
+                any::<u32>(),
+            )
+                .prop_map(|(state, l, lp, r, rp, uid, inode)| {
+                    (
+                        state,
+                        SocketAddr::new(l, lp),
+                        SocketAddr::new(r, rp),
+                        uid,
+                        inode,
+                    )
+                })
+        }
+
+        fn table() -> impl Strategy<Value = Table> {
+            prop::sample::select(Table::ALL.to_vec())
+        }
+
+        proptest! {
+            #[test]
+            fn any_bytes_parse_without_panicking(
+                data in prop::collection::vec(any::<u8>(), 0..600),
+                table in table(),
+                seq: u32,
+            ) {
+                let mut rows = vec![];
+                let _ = parse_datagram(&data, table, seq, &mut rows);
+                prop_assert!(rows.len() <= data.len() / NLMSG_HDRLEN);
+            }
+
+            /// Well-formed messages after a valid header, with the length and type fields
+            /// garbled, reach the payload checks rather than stopping at the header.
+            #[test]
+            fn garbled_headers_parse_without_panicking(
+                table in table(),
+                len: u32,
+                kind in prop_oneof![Just(SOCK_DIAG_BY_FAMILY), Just(NLMSG_DONE), Just(NLMSG_ERROR), any::<u16>()],
+                payload in prop::collection::vec(any::<u8>(), 0..120),
+            ) {
+                let mut data = message(kind, 7, &payload);
+                data[..4].copy_from_slice(&len.to_ne_bytes());
+                let mut rows = vec![];
+                let _ = parse_datagram(&data, table, 7, &mut rows);
+                prop_assert!(rows.len() <= 1);
+            }
+
+            /// A dump written the way the kernel writes it reads back as the sockets in it,
+            /// IPv4-mapped addresses as IPv4; replies to an older request are skipped.
+            #[test]
+            fn a_kernel_dump_reads_back_as_written(
+                (table, sockets) in table().prop_flat_map(|table| {
+                    (Just(table), prop::collection::vec(socket(table.v6), 0..12))
+                }),
+                seq in 1..u32::MAX,
+                stale: bool,
+            ) {
+                let mut data = Vec::new();
+                if stale {
+                    let (local, remote) = if table.v6 {
+                        (sa("[::1]:1"), sa("[::1]:2"))
+                    } else {
+                        (sa("127.0.0.1:1"), sa("127.0.0.1:2"))
+                    };
+                    let old = socket_message_of(table.family(), 1, local, remote, 0, 1);
+                    data.extend(message(SOCK_DIAG_BY_FAMILY, seq - 1, &old));
+                }
+                let mut expected = Vec::new();
+                for &(state, local, remote, uid, inode) in &sockets {
+                    data.extend(message(
+                        SOCK_DIAG_BY_FAMILY,
+                        seq,
+                        &socket_message_of(table.family(), state, local, remote, uid, inode),
+                    ));
+                    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+                    expected.push(SocketRow {
+                        protocol: table.protocol,
+                        local: canonical(local),
+                        remote: canonical(remote),
+                        state: TcpState::from_code(state),
+                        uid,
+                        inode: u64::from(inode),
+                    });
+                }
+                data.extend(message(NLMSG_DONE, seq, &0i32.to_ne_bytes()));
+                let mut rows = vec![];
+                prop_assert_eq!(parse_datagram(&data, table, seq, &mut rows).unwrap(), Progress::Done);
+                prop_assert_eq!(rows, expected);
+            }
+        }
     }
 }

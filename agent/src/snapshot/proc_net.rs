@@ -395,6 +395,74 @@ mod tests {
         );
     }
 
+    /// Only a socket with neither a peer address nor a peer port is unconnected.
+    #[test]
+    fn unconnected_means_no_peer_address_and_no_peer_port() {
+        let with_remote = |remote: &str| SocketRow {
+            protocol: Protocol::Udp,
+            local: sa("10.0.0.1:53"),
+            remote: sa(remote),
+            state: TcpState::Close,
+            uid: 0,
+            inode: 1,
+        };
+        assert!(with_remote("0.0.0.0:0").is_unconnected());
+        assert!(with_remote("[::]:0").is_unconnected());
+        assert!(
+            !with_remote("10.0.0.7:0").is_unconnected(),
+            "a peer address"
+        );
+        assert!(!with_remote("0.0.0.0:53").is_unconnected(), "a peer port");
+        assert!(!with_remote("10.0.0.7:53").is_unconnected());
+    }
+
+    /// The slot is digits and a colon; uid and inode are plain decimal. /proc never writes a
+    /// sign, so `+5` is refused like any other garbage rather than read as 5.
+    #[test]
+    fn slots_uids_and_inodes_are_plain_digits() {
+        let good = TCP.lines().nth(2).unwrap();
+        assert!(parse_line(good, Protocol::Tcp, false).is_ok());
+        let with_slot = |slot: &str| good.replacen("   1:", slot, 1);
+        for slot in ["x:", ":", "+1:", "-1:", "1x:", "1::"] {
+            assert_eq!(
+                parse_line(&with_slot(slot), Protocol::Tcp, false),
+                Err(ParseError::Slot(slot.to_string())),
+                "slot {slot:?}"
+            );
+        }
+        assert_eq!(
+            parse_line(&with_slot("12:"), Protocol::Tcp, false).map(|r| r.inode),
+            Ok(84986)
+        );
+        // uid is the 8th field, inode the 10th: `... 00000000     0        0 84986 1 ...`.
+        let with = |uid: &str, inode: &str| {
+            good.replacen(
+                "00000000     0        0 84986 ",
+                &format!("00000000 {uid} 0 {inode} "),
+                1,
+            )
+        };
+        let parsed = parse_line(&with("1000", "77"), Protocol::Tcp, false).unwrap();
+        assert_eq!((parsed.uid, parsed.inode), (1000, 77));
+        for (uid, inode, field, text) in [
+            ("+5", "77", "uid", "+5"),
+            ("-5", "77", "uid", "-5"),
+            ("4294967296", "77", "uid", "4294967296"),
+            ("0", "+5", "inode", "+5"),
+            ("0", "0x5", "inode", "0x5"),
+            ("0", "18446744073709551616", "inode", "18446744073709551616"),
+        ] {
+            assert_eq!(
+                parse_line(&with(uid, inode), Protocol::Tcp, false),
+                Err(ParseError::Number {
+                    field,
+                    text: text.to_string()
+                }),
+                "uid {uid:?}, inode {inode:?}"
+            );
+        }
+    }
+
     #[test]
     fn unknown_states_are_kept() {
         let line = TCP.lines().nth(2).unwrap().replacen(" 0A ", " 2A ", 1);
@@ -443,6 +511,120 @@ mod tests {
                     assert!(rows.len() <= text.lines().count());
                 }
             }
+        }
+    }
+}
+
+/// Properties over generated input: any text is survived, and any line written the way the
+/// kernel writes it reads back as written. Endian-neutral, unlike the fixtures.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ipv4() -> impl Strategy<Value = Ipv4Addr> {
+        any::<[u8; 4]>().prop_map(Ipv4Addr::from)
+    }
+
+    /// Plain IPv6, and IPv4-mapped, which must come out as IPv4.
+    fn ipv6() -> impl Strategy<Value = Ipv6Addr> {
+        prop_oneof![
+            any::<[u8; 16]>().prop_map(Ipv6Addr::from),
+            ipv4().prop_map(|ip| ip.to_ipv6_mapped()),
+        ]
+    }
+
+    /// `%08X` of each 32-bit word as the host loads it, then `:%04X` of the port.
+    fn kernel_endpoint(ip: IpAddr, port: u16) -> String {
+        let words: Vec<u32> = match ip {
+            IpAddr::V4(ip) => vec![u32::from_ne_bytes(ip.octets())],
+            IpAddr::V6(ip) => ip
+                .octets()
+                .chunks_exact(4)
+                .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
+                .collect(),
+        };
+        let addr: String = words.iter().map(|w| format!("{w:08X}")).collect();
+        format!("{addr}:{port:04X}")
+    }
+
+    /// A line of the shape `tcp4_seq_show` prints, with the values given.
+    fn kernel_line(
+        slot: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        st: u8,
+        uid: u32,
+        inode: u64,
+    ) -> String {
+        format!(
+            "{slot:4}: {} {} {st:02X} 00000000:00000000 00:00000000 00000000 {uid:5} {:8} {inode} 1 0000000000000000 100 0 0 10 0",
+            kernel_endpoint(local.ip(), local.port()),
+            kernel_endpoint(remote.ip(), remote.port()),
+            0,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_parses_without_panicking(text in any::<String>(), udp: bool, v6: bool) {
+            let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
+            let (rows, bad) = parse(&text, protocol, v6);
+            prop_assert!(rows.len() as u64 + bad <= text.lines().count() as u64);
+        }
+
+        /// Text made of the table's own characters gets deeper into the parser than any string.
+        #[test]
+        fn table_like_text_parses_without_panicking(
+            text in "[0-9A-Fa-f: \n+x-]{0,400}",
+            udp: bool,
+            v6: bool,
+        ) {
+            let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
+            let (rows, bad) = parse(&text, protocol, v6);
+            prop_assert!(rows.len() as u64 + bad <= text.lines().count() as u64);
+        }
+
+        #[test]
+        fn a_kernel_line_reads_back_as_written(
+            v6: bool,
+            udp: bool,
+            local4 in ipv4(),
+            remote4 in ipv4(),
+            local6 in ipv6(),
+            remote6 in ipv6(),
+            ports: (u16, u16),
+            slot: u32,
+            st: u8,
+            uid: u32,
+            inode: u64,
+        ) {
+            let (local, remote) = if v6 {
+                (IpAddr::V6(local6), IpAddr::V6(remote6))
+            } else {
+                (IpAddr::V4(local4), IpAddr::V4(remote4))
+            };
+            let local = SocketAddr::new(local, ports.0);
+            let remote = SocketAddr::new(remote, ports.1);
+            let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
+            let line = kernel_line(slot, local, remote, st, uid, inode);
+            let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+            prop_assert_eq!(
+                parse_line(&line, protocol, v6),
+                Ok(SocketRow {
+                    protocol,
+                    local: canonical(local),
+                    remote: canonical(remote),
+                    state: TcpState::from_code(st),
+                    uid,
+                    inode,
+                })
+            );
+            // A whole table of it, header included, and the other width refused.
+            let header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode";
+            let (rows, bad) = parse(&format!("{header}\n{line}\n"), protocol, v6);
+            prop_assert_eq!((rows.len(), bad), (1, 0));
+            prop_assert!(parse_line(&line, protocol, !v6).is_err());
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct Scrape {
     pub http: HttpCounts,
     /// Mirror streams refused: their agent had `session.max_streams` open.
     pub mirror_streams_refused: u64,
+    /// Mirror batches dropped whole: their agent had no route to a target.
+    pub mirror_batches_no_route: u64,
     /// Enrollments refused by a limit: (per source, `enrollment.rate`).
     pub enrollments_refused: (u64, u64),
 }
@@ -86,6 +88,7 @@ impl Scrape {
     pub fn with_mirrors(mut self, mirrors: &Mirrors) -> Self {
         self.mirrors = mirrors.stats();
         self.mirror_streams_refused = mirrors.streams_refused();
+        self.mirror_batches_no_route = mirrors.batches_no_route();
         self.delays = mirrors
             .delays()
             .into_iter()
@@ -303,6 +306,12 @@ const FLEET: &[Field<Scrape>] = &[
         "Mirror streams refused with RESOURCE_EXHAUSTED (limit: the agent had session.max_streams open).",
         "reason",
         |s| vec![("limit", Value::from(s.mirror_streams_refused))],
+    ),
+    counter_by(
+        "tapgraph_mirror_dropped_batches",
+        "Mirror batches dropped whole before reaching a target (no_route: the agent was not live in the registry, or its policy resolved to no target).",
+        "reason",
+        |s| vec![("no_route", Value::from(s.mirror_batches_no_route))],
     ),
     counter_by(
         "tapgraph_enrollments_refused",
@@ -831,6 +840,7 @@ mod tests {
         "tapgraph_http_auth_failures",
         "tapgraph_http_auth_limited_requests",
         "tapgraph_mirror_streams_refused",
+        "tapgraph_mirror_dropped_batches",
         "tapgraph_enrollments_refused",
         "tapgraph_agent_state",
         "tapgraph_agent_sessions",

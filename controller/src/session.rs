@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth;
 use crate::enrollment::Enrollment;
 use crate::mirror::check::{Field, StreamCheck};
-use crate::mirror::{Attachment, Mirrors, Stats};
+use crate::mirror::{Mirrors, Route, Stats};
 use crate::registry::Registry;
 use crate::topology::Topology;
 
@@ -68,9 +68,6 @@ impl AgentApi {
 
 /// Largest packet a batch may carry: the largest snaplen a policy allows.
 const MAX_PACKET: usize = tapgraph::policy::bounds::SNAPLEN.1 as usize;
-/// How long a stream waits before trying an unavailable target again.
-const RETRY_TARGET: Duration = Duration::from_secs(5);
-
 /// Removes packets no target can take (empty, larger than any snaplen, or longer than their
 /// original length); returns how many, and why.
 fn drop_invalid(batch: &mut proto::MirrorBatch) -> Option<(u64, String)> {
@@ -275,7 +272,7 @@ impl AgentService for AgentApi {
         let mut revoked = revocations.changed();
         // The target follows the agent's policy: looked up again when the batches' policy version
         // changes, and retried while it cannot be opened.
-        let mut route: Option<(u64, tokio::time::Instant, Attachment)> = None;
+        let mut route: Option<Route> = None;
         // Sequences, in-band counters and times, judged against the stream's history.
         let mut check = StreamCheck::default();
         let mut warned = Warned::default();
@@ -296,22 +293,15 @@ impl AgentService for AgentApi {
             };
             summary.batches_received += 1;
             summary.packets_received += batch.packets.len() as u64;
-            let stale = route.as_ref().is_none_or(|(version, at, a)| {
-                *version != batch.policy_version
-                    || (a.unavailable.is_some() && at.elapsed() >= RETRY_TARGET)
-            });
-            if stale {
-                let Some(r) = self.registry.mirror_route(&agent_id).await else {
-                    continue;
-                };
-                let attachment = self.mirrors.attach(&agent_id, &r.hostname, &r.target).await;
-                route = Some((
-                    batch.policy_version,
-                    tokio::time::Instant::now(),
-                    attachment,
-                ));
-            }
-            let Some((_, _, attachment)) = &route else {
+            let lookup = async {
+                let r = self.registry.mirror_route(&agent_id).await?;
+                Some((r.hostname, r.target))
+            };
+            let routed = self
+                .mirrors
+                .route(&mut route, &agent_id, batch.policy_version, lookup)
+                .await;
+            let Some(attachment) = routed else {
                 continue;
             };
             let stats = &attachment.stats;

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! Mirror stream (per agent) ──route by policy──▶ bounded job queue ──▶ writer thread (per target)
-//!   drops: invalid, target unavailable            drops: queue          drops: oversize, failed
+//!   drops: no route (batches), invalid,           drops: queue          drops: oversize, failed
+//!          target unavailable
 //! ```
 //!
 //! A small batch for a quick target (a socket) that has nothing queued skips the queue: the stream
@@ -34,6 +35,8 @@ const QUEUE_BYTES: u64 = 64 << 20;
 const IDLE_FLUSH: Duration = Duration::from_millis(200);
 /// Batches up to this many packets may be written by the stream itself (one `sendmmsg`).
 const INLINE_PACKETS: usize = 64;
+/// How long a stream waits before trying an unavailable target again.
+const RETRY_TARGET: Duration = Duration::from_secs(5);
 
 /// Delay histogram: bucket `i` holds delays up to 2^(i/16) µs, so a quantile is within 4.4% (2 ms at
 /// 40 ms), up to 2^32 µs.
@@ -240,6 +243,8 @@ struct Inner {
     streams: HashMap<String, usize>,
     /// Mirror streams refused because their agent had `limit` open.
     streams_refused: u64,
+    /// Batches dropped whole because their agent had no route to a target.
+    batches_no_route: u64,
 }
 
 /// An agent's open Mirror stream, counted until dropped.
@@ -260,11 +265,25 @@ impl Drop for StreamSlot {
     }
 }
 
+/// A handle to the mirror hub, shared by every Mirror stream and the handlers that read its
+/// counters. Guarantees: a target is open once however many streams use it, and closed (flushed)
+/// when the last one detaches; a stream's batches reach the target in the order they came; and a
+/// batch or packet that is not written is counted, per agent and target by reason, or here as
+/// `no_route` when there is no target to count it against. It never blocks a stream on a slow
+/// target: a full queue drops.
 #[derive(Clone)]
 pub struct Mirrors {
     inner: Arc<Mutex<Inner>>,
     state_dir: PathBuf,
     health: crate::health::Health,
+}
+
+/// A Mirror stream's route: the attachment its batches of one policy version go to.
+pub struct Route {
+    policy_version: u64,
+    /// When the target was looked up and attached (or found unavailable).
+    at: tokio::time::Instant,
+    attachment: Attachment,
 }
 
 /// A stream's attachment to its current target.
@@ -314,6 +333,48 @@ impl Mirrors {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .streams_refused
+    }
+
+    /// Batches dropped whole because their agent had no route to a target (`no_route`).
+    pub fn batches_no_route(&self) -> u64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .batches_no_route
+    }
+
+    /// The attachment a batch of `policy_version` from `agent_id` goes to: `route`'s while it is
+    /// for that version (and its target opened, or was tried less than [`RETRY_TARGET`] ago),
+    /// otherwise one to the target `lookup` resolves now (its hostname and target), which then
+    /// becomes `route`. `None` when `lookup` finds no route (the agent is not live in the
+    /// registry, or its policy resolves to no target): the batch is dropped and counted as
+    /// `no_route`, and the next batch looks again.
+    pub async fn route<'a>(
+        &self,
+        route: &'a mut Option<Route>,
+        agent_id: &str,
+        policy_version: u64,
+        lookup: impl Future<Output = Option<(String, Target)>>,
+    ) -> Option<&'a Attachment> {
+        let stale = route.as_ref().is_none_or(|r| {
+            r.policy_version != policy_version
+                || (r.attachment.unavailable.is_some() && r.at.elapsed() >= RETRY_TARGET)
+        });
+        if stale {
+            let Some((hostname, target)) = lookup.await else {
+                self.inner
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .batches_no_route += 1;
+                return None;
+            };
+            *route = Some(Route {
+                policy_version,
+                at: tokio::time::Instant::now(),
+                attachment: self.attach(agent_id, &hostname, &target).await,
+            });
+        }
+        route.as_ref().map(|r| &r.attachment)
     }
 
     fn stats_for(&self, agent_id: &str, target: &Target) -> Arc<Stats> {
@@ -653,6 +714,43 @@ mod tests {
             attachment.stats.written.load(Ordering::Relaxed),
             INLINE_PACKETS as u64 + 4
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_without_a_route_is_dropped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mirrors = Mirrors::new(dir.path().to_path_buf(), crate::health::Health::default());
+        let mut route = None;
+        // The registry knows no route for the agent: the batch is dropped and counted.
+        assert!(
+            mirrors
+                .route(&mut route, "a1", 1, async { None })
+                .await
+                .is_none()
+        );
+        assert_eq!(mirrors.batches_no_route(), 1);
+        // With a route, batches of that version go to its target and nothing more is dropped.
+        let found = async { Some(("web-1".to_string(), Target::None)) };
+        assert!(mirrors.route(&mut route, "a1", 1, found).await.is_some());
+        let looked = std::sync::atomic::AtomicBool::new(false);
+        let again = async {
+            looked.store(true, Ordering::Relaxed);
+            None
+        };
+        assert!(mirrors.route(&mut route, "a1", 1, again).await.is_some());
+        assert!(
+            !looked.load(Ordering::Relaxed),
+            "a current route is looked up again"
+        );
+        assert_eq!(mirrors.batches_no_route(), 1);
+        // A new policy version with no route: dropped and counted, however the old one was.
+        assert!(
+            mirrors
+                .route(&mut route, "a1", 2, async { None })
+                .await
+                .is_none()
+        );
+        assert_eq!(mirrors.batches_no_route(), 2);
     }
 
     #[test]

@@ -4,4 +4,4 @@ pub mod check;
 mod hub;
 pub mod targets;
 
-pub use hub::{Attachment, Mirrors, Stats, StatsView};
+pub use hub::{Mirrors, Route, Stats, StatsView};

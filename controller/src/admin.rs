@@ -25,7 +25,7 @@ pub struct AdminApi {
     pub events: Events,
     pub naming: Naming,
     pub mirrors: crate::mirror::Mirrors,
-    pub console: crate::console::Access,
+    pub console: crate::http::console::Access,
     /// `http://HOST:PORT/`, where operators open the console.
     pub console_url: String,
 }
@@ -34,7 +34,7 @@ pub struct AdminApi {
 const CONSOLE_TTL: (Duration, Duration) =
     (Duration::from_secs(60), Duration::from_secs(30 * 86_400));
 
-fn console_token(t: crate::console::ConsoleToken) -> proto::ConsoleToken {
+fn console_token(t: crate::http::console::ConsoleToken) -> proto::ConsoleToken {
     proto::ConsoleToken {
         id: t.id,
         created_by: t.created_by,

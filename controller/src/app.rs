@@ -38,7 +38,8 @@ use crate::policies::Policies;
 use crate::registry::Registry;
 use crate::session::{AgentApi, StreamLimits};
 use crate::topology::{Naming, Topology};
-use crate::{admin, console, enrollment, http, session, sinks, store, topology};
+use crate::http::console;
+use crate::{admin, enrollment, http, session, sinks, store, topology};
 
 /// The largest HTTP/2 frame agents may send: a mirror batch (at most 1 MiB) in one frame.
 const MAX_FRAME_SIZE: u32 = 1 << 20;

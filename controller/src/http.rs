@@ -1,13 +1,14 @@
 //! Plain HTTP for probes, the web console, the read-only API and Prometheus: `/healthz`, `/readyz`,
-//! `/metrics`; `/` (the console, see [`crate::console`]); `/api/v1/agents`, `/api/v1/graph`,
+//! `/metrics` (see [`scrape`]); `/` (the console, see [`console`]); `/api/v1/agents`, `/api/v1/graph`,
 //! `/api/v1/graph/export`, `/api/v1/policies`, `/api/v1/topology/stats`, `/api/v1/mirror` and
 //! `/api/v1/events` (server-sent events the console follows). How connections are accepted and
 //! bounded: [`listener`].
 
+pub mod console;
 mod listener;
 mod scrape;
 
-pub use listener::{HttpSettings, HttpStats, LOG_EVERY, Throttle, source_of};
+pub use listener::{HttpSettings, HttpStats};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -45,7 +46,7 @@ pub struct HttpState {
     /// The Neo4j sink, when one is configured.
     pub sink: Option<crate::sinks::SinkHandle>,
     pub mirrors: crate::mirror::Mirrors,
-    pub access: crate::console::Access,
+    pub access: console::Access,
     /// What the listener and the access guard counted.
     pub http_stats: Arc<HttpStats>,
     /// Ends the event streams at shutdown, which would otherwise hold it up.
@@ -78,11 +79,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/mirror", get(mirror_stats))
         .route("/api/v1/events", get(events))
         .route("/metrics", get(scrape::serve))
-        .fallback(crate::console::asset)
-        .layer(axum::middleware::from_fn_with_state(
-            access,
-            crate::console::guard,
-        ))
+        .fallback(console::asset)
+        .layer(axum::middleware::from_fn_with_state(access, console::guard))
         .with_state(state)
 }
 

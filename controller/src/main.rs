@@ -5,7 +5,6 @@ mod admin;
 mod app;
 mod auth;
 mod config;
-mod console;
 mod enrollment;
 mod events;
 mod health;

@@ -17,6 +17,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::listener::{HttpSettings, HttpStats, LOG_EVERY, Throttle, source_of};
 use crate::enrollment::tokens::{hash, hex, split};
 use crate::store::{Batch, Store, StoreError, Table};
 
@@ -154,15 +155,15 @@ pub struct Access {
     /// Served over HTTPS: the token cookie is marked `Secure`.
     pub secure: bool,
     pub guesses: Guesses,
-    pub stats: Arc<crate::http::HttpStats>,
+    pub stats: Arc<HttpStats>,
 }
 
 impl Access {
     pub fn new(
         tokens: ConsoleTokens,
         required: bool,
-        settings: &crate::http::HttpSettings,
-        stats: Arc<crate::http::HttpStats>,
+        settings: &HttpSettings,
+        stats: Arc<HttpStats>,
     ) -> Self {
         Self {
             tokens,
@@ -191,7 +192,7 @@ const MAX_SOURCES: usize = 4096;
 pub struct Guesses {
     per_minute: u32,
     buckets: Arc<Mutex<HashMap<IpAddr, (f64, Instant)>>>,
-    untracked: Arc<crate::http::Throttle>,
+    untracked: Arc<Throttle>,
 }
 
 impl Guesses {
@@ -199,7 +200,7 @@ impl Guesses {
         Self {
             per_minute: per_minute.max(1),
             buckets: Arc::default(),
-            untracked: Arc::new(crate::http::Throttle::new(crate::http::LOG_EVERY)),
+            untracked: Arc::new(Throttle::new(LOG_EVERY)),
         }
     }
 
@@ -219,7 +220,7 @@ impl Guesses {
         now: Instant,
         verify: impl FnOnce() -> Option<T>,
     ) -> Verdict<T> {
-        let source = crate::http::source_of(source);
+        let source = source_of(source);
         let full = f64::from(self.per_minute);
         // `Some(limited)`: taken from a tracked bucket, which a failure leaves empty or not.
         let taken = {

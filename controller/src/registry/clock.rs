@@ -243,12 +243,12 @@ mod tests {
         let (mut task, health, _events) = fixture::task();
         let (_registered, _rx) = fixture::connect(&mut task, "vm", 8);
         let now = tapgraph::time::unix_nanos();
-        // An agent 2 s ahead, the probe sent 1 ms ago.
+        // An agent 2 s ahead, the probe sent 1 s ago and answered at once, half way.
         let reply = proto::TimeProbeReply {
             id: 1,
-            probe_sent_at_unix_nanos: now - 1_000_000,
-            received_at_unix_nanos: now + 2_000_000_000 - 500_000,
-            sent_at_unix_nanos: now + 2_000_000_000 - 500_000,
+            probe_sent_at_unix_nanos: now - 1_000_000_000,
+            received_at_unix_nanos: now + 2_000_000_000 - 500_000_000,
+            sent_at_unix_nanos: now + 2_000_000_000 - 500_000_000,
         };
         task.probe_reply("vm", &reply);
         let offset = health
@@ -258,7 +258,8 @@ mod tests {
         let view = &task.agents["vm"].view;
         let shown = view.clock_offset_ms.unwrap();
         assert!((shown - 2_000.0).abs() < 50.0, "{shown}");
-        assert!(view.probe_rtt_ms.unwrap() >= 1.0);
+        let rtt = view.probe_rtt_ms.unwrap();
+        assert!((1_000.0..1_050.0).contains(&rtt), "{rtt}");
         // Not an answer to a probe: nothing changes.
         task.probe_reply(
             "vm",
@@ -268,5 +269,39 @@ mod tests {
             },
         );
         assert_eq!(task.agents["vm"].view.clock_offset_ms, Some(shown));
+    }
+
+    #[test]
+    fn a_probe_goes_out_when_due_and_a_full_channel_skips_it_counted() {
+        let (mut task, _health, _events) = fixture::task();
+        let (_registered, mut rx) = fixture::connect(&mut task, "vm", 2);
+        let t0 = Instant::now();
+        task.probe("vm", t0);
+        task.probe("unknown", t0 + 2 * FIRST_PROBE_AFTER);
+        let probes = |rx: &mut tokio::sync::mpsc::Receiver<super::super::Pushed>| {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .filter_map(|m| match (*m).ok()?.msg? {
+                    controller_message::Msg::TimeProbe(p) => Some(p.id),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            probes(&mut rx),
+            Vec::<u64>::new(),
+            "the first waits a second"
+        );
+        task.probe("vm", t0 + 2 * FIRST_PROBE_AFTER);
+        assert_eq!(probes(&mut rx), vec![1]);
+        assert_eq!(task.dropped.read().time_probe, 0);
+        // The policy and a probe fill the channel; the next probe is skipped and counted.
+        let mut newer = task.default.clone();
+        newer.version = 9;
+        task.set_policies(Vec::new(), newer);
+        let later = t0 + Duration::from_secs(60);
+        task.probe("vm", later);
+        task.probe("vm", later + Duration::from_secs(60));
+        assert_eq!(task.dropped.read().time_probe, 1);
+        assert_eq!(probes(&mut rx), vec![2]);
     }
 }

@@ -398,4 +398,37 @@ mod tests {
         task.update_state("vm", true);
         assert!(watch.try_recv().is_err());
     }
+
+    #[test]
+    fn each_stage_alone_counts_as_dropping() {
+        for drops in [(1, 0, 0), (0, 1, 0), (0, 0, 1)] {
+            let (mut a, _rx) = live_agent("vm");
+            let t0 = a.last_control;
+            a.heard(t0, &record((0, 0, 0), CaptureState::Running));
+            a.heard(t0 + MS, &record(drops, CaptureState::Running));
+            assert!(a.dropping, "{drops:?}");
+        }
+    }
+
+    #[test]
+    fn a_control_record_is_taken_in_and_a_new_capture_state_announced() {
+        let (mut task, health, events) = fixture::task();
+        let mut watch = events.subscribe();
+        let (_registered, _rx) = fixture::connect(&mut task, "vm", 8);
+        let mut failed = record((0, 0, 0), CaptureState::Failed);
+        failed.last_error = "no such device".into();
+        task.control_record("vm", &failed);
+        task.control_record("vm", &failed);
+        task.control_record("unknown", &failed);
+        task.update_state("vm", true);
+        let view = &task.agents["vm"].view;
+        assert_eq!(view.control_records, 2);
+        assert_eq!(view.capture.error.as_deref(), Some("no such device"));
+        assert_eq!(health.state("vm"), Some("degraded"));
+        let captures: Vec<_> = std::iter::from_fn(|| watch.try_recv().ok())
+            .filter(|e| e.kind == "capture_state")
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(captures, ["vm capture failed: no such device"]);
+    }
 }

@@ -250,8 +250,10 @@ mod tests {
         let (_registered, _rx) = fixture::connect(&mut task, "vm", 8);
         assert!(task.mirror_route("unknown").is_none());
         let mut pinned = policy("pinned", Selector::Agent("vm".into()), 2, 0);
-        let mut spec = PolicySpec::default();
-        spec.target = tapgraph::policy::Target::Interface("tap0".into());
+        let spec = PolicySpec {
+            target: tapgraph::policy::Target::Interface("tap0".into()),
+            ..PolicySpec::default()
+        };
         pinned.spec = StoredSpec(spec.to_proto(0, "pinned"));
         task.set_policies(vec![pinned], policy("default", Selector::All, 1, 0));
         let route = task.mirror_route("vm").unwrap();

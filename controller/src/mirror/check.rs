@@ -443,3 +443,135 @@ mod tests {
         assert_eq!((c.lost_packets, c.bad_counters), (0, None));
     }
 }
+
+/// Properties over any run of batch headers an agent could send: judging never panics, a refused
+/// batch leaves the stream's history as it was, and what is counted as lost stays within what
+/// the accepted sequences allow.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: u64 = 1_800_000_000_000_000_000;
+    const WINDOW: i64 = 1_200_000_000_000; // 20 min: both sides of MAX_AGE and MAX_AHEAD
+
+    /// A header's next sequence: mostly a small step from the last one sent (forward, a replay,
+    /// a gap around MAX_SEQUENCE_GAP), sometimes any number.
+    fn step() -> impl Strategy<Value = Option<i64>> {
+        prop_oneof![
+            4 => (-3i64..6).prop_map(Some),
+            1 => (1_000i64..1_050).prop_map(Some),
+            1 => Just(None),
+        ]
+    }
+
+    /// A time near `around`, or any time at all.
+    fn near(around: u64) -> impl Strategy<Value = u64> {
+        prop_oneof![
+            3 => (-WINDOW..WINDOW).prop_map(move |d| around.saturating_add_signed(d)),
+            1 => any::<u64>(),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct Header {
+        step: Option<i64>,
+        any_sequence: u64,
+        sent_at: u64,
+        offset_ns: i64,
+        captured: Vec<u64>,
+        packets_sent: Option<u64>,
+    }
+
+    fn header() -> impl Strategy<Value = Header> {
+        (
+            step(),
+            any::<u64>(),
+            near(NOW),
+            prop_oneof![3 => -WINDOW..WINDOW, 1 => any::<i64>()],
+            proptest::collection::vec(near(NOW), 0..4),
+            proptest::option::of(prop_oneof![0u64..20_000, any::<u64>()]),
+        )
+            .prop_map(
+                |(step, any_sequence, sent_at, offset_ns, captured, packets_sent)| Header {
+                    step,
+                    any_sequence,
+                    sent_at,
+                    offset_ns,
+                    captured,
+                    packets_sent,
+                },
+            )
+    }
+
+    fn history(c: &StreamCheck) -> (Option<u64>, u64, Option<u64>, u64, u64) {
+        (
+            c.last,
+            c.lost_batches,
+            c.sent_base,
+            c.received,
+            c.lost_packets,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_stream_of_headers_is_judged_within_its_bounds(
+            headers in proptest::collection::vec(header(), 1..40),
+        ) {
+            let mut check = StreamCheck::default();
+            let mut sequence = 1u64;
+            let (mut lost_batches, mut lost_packets) = (0u64, 0u64);
+            for h in headers {
+                sequence = match h.step {
+                    Some(step) => sequence.saturating_add_signed(step),
+                    None => h.any_sequence,
+                };
+                let batch = proto::MirrorBatch {
+                    sequence,
+                    sent_at_unix_nanos: h.sent_at,
+                    counters: h.packets_sent.map(|packets_sent| proto::Counters {
+                        packets_sent,
+                        ..proto::Counters::default()
+                    }),
+                    packets: h
+                        .captured
+                        .iter()
+                        .map(|&t| proto::Packet {
+                            timestamp_unix_nanos: t,
+                            original_length: 1,
+                            data: vec![0].into(),
+                        })
+                        .collect(),
+                    ..proto::MirrorBatch::default()
+                };
+                let before = history(&check);
+                match check.check(&batch, NOW, h.offset_ns) {
+                    Err(_) => prop_assert_eq!(history(&check), before, "a refusal changes nothing"),
+                    Ok(c) => {
+                        prop_assert!(sequence > 0);
+                        if let Some(last) = before.0 {
+                            prop_assert!(sequence > last);
+                            prop_assert_eq!(c.lost_batches, sequence - last - 1);
+                        } else {
+                            prop_assert_eq!(c.lost_batches, 0);
+                        }
+                        prop_assert!(c.lost_batches <= MAX_SEQUENCE_GAP);
+                        lost_batches += c.lost_batches;
+                        lost_packets += c.lost_packets;
+                        prop_assert_eq!(check.last, Some(sequence));
+                        // Believed times lie in the windows the module doc states.
+                        if c.bad_time.is_none() {
+                            let ours = i128::from(h.sent_at) - i128::from(h.offset_ns);
+                            let now = i128::from(NOW);
+                            prop_assert!(ours <= now + MAX_AHEAD.as_nanos() as i128);
+                            prop_assert!(ours >= now - MAX_AGE.as_nanos() as i128);
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(check.lost_batches, lost_batches);
+            prop_assert!(lost_packets <= lost_batches.saturating_mul(MAX_BATCH_PACKETS));
+        }
+    }
+}

@@ -75,7 +75,10 @@ enum Command {
     },
 }
 
-/// A handle to the policy task.
+/// A handle to the policy task; cheap to clone. A change it accepts was validated (bounds, the
+/// filter compiled, no tie, a free name), given the next version and persisted before the answer,
+/// and the registry has the new set before the task takes its next command. A refused change
+/// leaves everything as it was, the version counter included.
 #[derive(Clone)]
 pub struct Policies {
     tx: mpsc::Sender<Command>,

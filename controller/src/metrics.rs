@@ -165,7 +165,7 @@ const FLEET: &[Field<Scrape>] = &[
         "Snapshot rows, listeners and addresses refused and skipped, by reason (malformed: cannot be parsed; address: broadcast, unspecified or multicast where no host has one; port: 0; sockets: more than 65535 in a row; name: longer than 255 bytes).",
         "reason",
         |s| {
-            topology::model::REASONS
+            topology::ingest::REASONS
                 .iter()
                 .map(|r| {
                     let n = s.topology.rows_skipped_by_reason.get(r).copied();

@@ -12,12 +12,15 @@
 //! can show the conflict, and the next claimant takes over when the owner lets the address go.
 //! Claim order is not stored: tables restored after a restart claim in the order they are given.
 //! Values no real host reports (a broadcast endpoint, port 0, more sockets in a row than there are
-//! ports) are refused by the `check_*` functions before they reach the model.
+//! ports) are refused by the `check_*` functions of [`super::ingest`] before they reach the
+//! model.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
+
+use super::reporters::Reporters;
 
 pub type AgentId = String;
 
@@ -139,95 +142,6 @@ pub struct Edge {
     pub reporters: Reporters,
 }
 
-/// An observation backing an edge: the agent and its row.
-pub type Reporter = (AgentId, ObsKey);
-
-/// Up to this many reporters an edge keeps them in a sorted vector.
-const FEW: usize = 8;
-
-/// The observations backing an edge, with their socket counts, in key order. Most edges have one
-/// or two (a client row and a server row) and a B-tree allocates room for eleven at its first
-/// insert, 1.3 KB with these keys: a map of one row per edge cost three times more than its
-/// rows. A few live in a sorted vector; a hub's thousands in a B-tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reporters {
-    Few(Vec<(Reporter, u32)>),
-    Many(BTreeMap<Reporter, u32>),
-}
-
-impl Default for Reporters {
-    fn default() -> Self {
-        Reporters::Few(Vec::new())
-    }
-}
-
-impl Reporters {
-    pub fn len(&self) -> usize {
-        match self {
-            Reporters::Few(v) => v.len(),
-            Reporters::Many(m) => m.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn insert(&mut self, reporter: Reporter, sockets: u32) {
-        match self {
-            Reporters::Few(v) => match v.binary_search_by(|(r, _)| r.cmp(&reporter)) {
-                Ok(i) => v[i].1 = sockets,
-                Err(i) if v.len() < FEW => v.insert(i, (reporter, sockets)),
-                Err(_) => {
-                    let mut m: BTreeMap<Reporter, u32> = std::mem::take(v).into_iter().collect();
-                    m.insert(reporter, sockets);
-                    *self = Reporters::Many(m);
-                }
-            },
-            Reporters::Many(m) => {
-                m.insert(reporter, sockets);
-            }
-        }
-    }
-
-    pub fn remove(&mut self, reporter: &Reporter) {
-        match self {
-            Reporters::Few(v) => {
-                if let Ok(i) = v.binary_search_by(|(r, _)| r.cmp(reporter)) {
-                    v.remove(i);
-                }
-            }
-            Reporters::Many(m) => {
-                m.remove(reporter);
-                // Back to a vector well below the switch, so an edge at the boundary does not
-                // go back and forth.
-                if m.len() <= FEW / 2 {
-                    *self = Reporters::Few(std::mem::take(m).into_iter().collect());
-                }
-            }
-        }
-    }
-
-    /// The largest socket count reported.
-    pub fn max_sockets(&self) -> Option<u32> {
-        match self {
-            Reporters::Few(v) => v.iter().map(|(_, n)| *n).max(),
-            Reporters::Many(m) => m.values().copied().max(),
-        }
-    }
-
-    /// The process of the last client row, in key order, that names one.
-    fn last_client_process(&self) -> Option<&str> {
-        let client =
-            |(_, obs): &&Reporter| obs.direction == Direction::Client && !obs.process.is_empty();
-        let found = match self {
-            Reporters::Few(v) => v.iter().rev().map(|(r, _)| r).find(client),
-            Reporters::Many(m) => m.keys().rev().find(client),
-        };
-        found.map(|(_, obs)| &*obs.process)
-    }
-}
-
 impl Edge {
     /// Active while seen within `ttl`. Every snapshot of a reporting agent refreshes `last_seen`,
     /// so a closed connection, and every edge of an agent that went silent, turns inactive after it.
@@ -241,171 +155,11 @@ impl Edge {
 pub struct AgentTable {
     pub hostname: String,
     pub addresses: BTreeSet<IpAddr>,
-    #[serde(with = "pairs")]
+    #[serde(with = "super::persist::pairs")]
     pub listeners: BTreeMap<ListenerKey, String>,
-    #[serde(with = "pairs")]
+    #[serde(with = "super::persist::pairs")]
     pub entries: BTreeMap<ObsKey, ObsValue>,
     pub last_snapshot_ms: u64,
-}
-
-/// Maps with structured keys, stored as lists of pairs (JSON object keys must be strings).
-mod pairs {
-    use std::collections::BTreeMap;
-
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
-        map: &BTreeMap<K, V>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.collect_seq(map.iter())
-    }
-
-    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
-    where
-        K: Deserialize<'de> + Ord,
-        V: Deserialize<'de>,
-        D: Deserializer<'de>,
-    {
-        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
-    }
-}
-
-/// Longest process, namespace or container name a row may carry (Linux's NAME_MAX): a file name
-/// is the longest thing an agent puts there.
-pub const MAX_NAME: usize = 255;
-
-/// Most sockets one row can count. A row fixes both addresses and the server's port, so its
-/// sockets differ by the other port alone: there are 65,535 of those.
-pub const MAX_SOCKETS: u32 = 65_535;
-
-/// A value in a snapshot that no real host reports: the row, listener or address carrying it is
-/// refused, and counted by [`Invalid::reason`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Invalid {
-    #[error("{field} `{value}` cannot be parsed")]
-    Malformed { field: &'static str, value: String },
-    #[error("{field} {ip} is {what}, never a {role}")]
-    Address {
-        field: &'static str,
-        ip: IpAddr,
-        what: &'static str,
-        role: &'static str,
-    },
-    #[error("{field} {value} is not a port a connection can use (1 to 65535)")]
-    Port { field: &'static str, value: u32 },
-    #[error("{sockets} sockets in one row; at most {MAX_SOCKETS} can share its addresses and port")]
-    Sockets { sockets: u32 },
-    #[error("a {field} of {len} bytes; at most {MAX_NAME} are accepted")]
-    Name { field: &'static str, len: usize },
-}
-
-/// Every [`Invalid::reason`].
-pub const REASONS: [&str; 5] = ["malformed", "address", "port", "sockets", "name"];
-
-impl Invalid {
-    /// The metric label: `malformed`, `address`, `port`, `sockets` or `name`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Invalid::Malformed { .. } => "malformed",
-            Invalid::Address { .. } => "address",
-            Invalid::Port { .. } => "port",
-            Invalid::Sockets { .. } => "sockets",
-            Invalid::Name { .. } => "name",
-        }
-    }
-}
-
-/// What makes `ip` impossible as the endpoint of a `protocol` socket: the unspecified address,
-/// the limited broadcast, or for TCP a multicast group.
-fn not_an_endpoint(ip: &IpAddr, protocol: Protocol) -> Option<&'static str> {
-    if ip.is_unspecified() {
-        Some("the unspecified address")
-    } else if *ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
-        Some("the broadcast address")
-    } else if ip.is_multicast() && protocol == Protocol::Tcp {
-        Some("a multicast group")
-    } else {
-        None
-    }
-}
-
-/// A name (`field`) longer than [`MAX_NAME`] is refused.
-pub fn check_name(field: &'static str, name: &str) -> Result<(), Invalid> {
-    if name.len() > MAX_NAME {
-        return Err(Invalid::Name {
-            field,
-            len: name.len(),
-        });
-    }
-    Ok(())
-}
-
-/// A row is refused when either end is no endpoint, or it counts more sockets than ports exist.
-pub fn check_row(key: &ObsKey, value: &ObsValue) -> Result<(), Invalid> {
-    for (field, ip) in [("local_ip", &key.local_ip), ("remote_ip", &key.remote_ip)] {
-        if let Some(what) = not_an_endpoint(ip, key.protocol) {
-            return Err(Invalid::Address {
-                field,
-                ip: *ip,
-                what,
-                role: "connection's endpoint",
-            });
-        }
-    }
-    if key.server_port == 0 {
-        return Err(Invalid::Port {
-            field: "server_port",
-            value: 0,
-        });
-    }
-    if value.sockets > MAX_SOCKETS {
-        return Err(Invalid::Sockets {
-            sockets: value.sockets,
-        });
-    }
-    check_name("netns", &key.netns)
-}
-
-/// A listener may be bound to the unspecified address (every address), not to the broadcast
-/// address, nor for TCP to a multicast group.
-pub fn check_listener(key: &ListenerKey, process: &str) -> Result<(), Invalid> {
-    if key.port == 0 {
-        return Err(Invalid::Port {
-            field: "port",
-            value: 0,
-        });
-    }
-    if !key.ip.is_unspecified()
-        && let Some(what) = not_an_endpoint(&key.ip, key.protocol)
-    {
-        return Err(Invalid::Address {
-            field: "listener ip",
-            ip: key.ip,
-            what,
-            role: "listening address",
-        });
-    }
-    check_name("netns", &key.netns)?;
-    check_name("process name", process)
-}
-
-/// A host's own address is never unspecified, a broadcast address or a multicast group.
-pub fn check_host_address(ip: &IpAddr) -> Result<(), Invalid> {
-    let what = if ip.is_multicast() {
-        Some("a multicast group")
-    } else {
-        not_an_endpoint(ip, Protocol::Udp)
-    };
-    match what {
-        Some(what) => Err(Invalid::Address {
-            field: "address",
-            ip: *ip,
-            what,
-            role: "host's address",
-        }),
-        None => Ok(()),
-    }
 }
 
 /// A hash table this much larger than what it holds gives the memory back: after a burst (one
@@ -1324,109 +1078,6 @@ mod tests {
         assert_eq!(e.key.to, svc("a", 5432));
     }
 
-    fn obs(remote: &str, port: u16, protocol: Protocol) -> ObsKey {
-        ObsKey {
-            netns: Box::default(),
-            direction: Direction::Client,
-            local_ip: ip("10.0.0.1"),
-            remote_ip: ip(remote),
-            server_port: port,
-            protocol,
-            process: "app".into(),
-        }
-    }
-
-    fn sockets(n: u32) -> ObsValue {
-        ObsValue {
-            sockets: n,
-            control_plane: false,
-            short_lived: false,
-        }
-    }
-
-    #[test]
-    fn values_no_host_reports_are_refused_naming_the_value() {
-        let tcp = Protocol::Tcp;
-        let refused = |key: ObsKey, value: ObsValue| check_row(&key, &value).unwrap_err();
-        let e = refused(obs("255.255.255.255", 443, tcp), sockets(1));
-        assert_eq!(e.reason(), "address");
-        assert!(
-            e.to_string()
-                .contains("remote_ip 255.255.255.255 is the broadcast address"),
-            "{e}"
-        );
-        assert_eq!(
-            refused(obs("0.0.0.0", 443, tcp), sockets(1)).reason(),
-            "address"
-        );
-        assert_eq!(refused(obs("::", 443, tcp), sockets(1)).reason(), "address");
-        assert_eq!(
-            refused(obs("224.0.0.251", 5353, tcp), sockets(1)).reason(),
-            "address"
-        );
-        let mut local = obs("10.0.0.2", 443, tcp);
-        local.local_ip = ip("255.255.255.255");
-        assert!(
-            refused(local, sockets(1))
-                .to_string()
-                .starts_with("local_ip")
-        );
-        let e = refused(obs("10.0.0.2", 443, tcp), sockets(u32::MAX));
-        assert_eq!(e.reason(), "sockets");
-        assert!(e.to_string().contains("4294967295"), "{e}");
-        assert_eq!(
-            refused(obs("10.0.0.2", 0, tcp), sockets(1)).reason(),
-            "port"
-        );
-        let mut long = obs("10.0.0.2", 443, tcp);
-        long.netns = "n".repeat(MAX_NAME + 1).into();
-        assert_eq!(refused(long, sockets(1)).reason(), "name");
-        // What real hosts do report passes.
-        for key in [
-            obs("10.0.0.2", 443, tcp),
-            obs("203.0.113.7", 65535, tcp),
-            obs("224.0.0.251", 5353, Protocol::Udp),
-            obs("::1", 8080, tcp),
-        ] {
-            check_row(&key, &sockets(MAX_SOCKETS)).unwrap();
-        }
-
-        let listener = |addr: &str, port: u16| ListenerKey {
-            ip: ip(addr),
-            port,
-            protocol: tcp,
-            netns: String::new(),
-        };
-        check_listener(&listener("0.0.0.0", 80), "nginx").unwrap();
-        check_listener(&listener("::", 80), "nginx").unwrap();
-        assert_eq!(
-            check_listener(&listener("255.255.255.255", 80), "x")
-                .unwrap_err()
-                .reason(),
-            "address"
-        );
-        assert_eq!(
-            check_listener(&listener("0.0.0.0", 0), "x")
-                .unwrap_err()
-                .reason(),
-            "port"
-        );
-        assert_eq!(
-            check_listener(&listener("0.0.0.0", 80), &"p".repeat(256))
-                .unwrap_err()
-                .reason(),
-            "name"
-        );
-
-        for bad in ["255.255.255.255", "0.0.0.0", "::", "239.1.1.1", "ff02::1"] {
-            let e = check_host_address(&ip(bad)).unwrap_err();
-            assert!(e.to_string().contains(bad), "{e}");
-        }
-        for good in ["10.0.0.1", "127.0.0.1", "fe80::1", "2001:db8::1"] {
-            check_host_address(&ip(good)).unwrap();
-        }
-    }
-
     #[test]
     fn a_second_claim_on_an_address_is_one_conflict_and_the_owner_keeps_it() {
         let mut m = Model::default();
@@ -1607,42 +1258,5 @@ mod tests {
             m.keyed["a"].capacity()
         );
         assert_eq!(m.by_remote[&ip("203.0.113.7")]["a"], 3);
-    }
-
-    #[test]
-    fn reporters_keep_key_order_whether_few_or_many() {
-        let reporter = |n: u16, direction: Direction| {
-            let mut o = obs("10.0.0.2", 443, Protocol::Tcp);
-            o.direction = direction;
-            o.process = format!("p{n:02}").into();
-            (format!("a{}", n % 3), o)
-        };
-        let mut r = Reporters::default();
-        let mut truth = BTreeMap::new();
-        for n in [5u16, 1, 19, 3, 12, 7, 0, 15, 9, 2, 18, 11, 4, 16] {
-            let direction = if n % 4 == 0 {
-                Direction::Server
-            } else {
-                Direction::Client
-            };
-            r.insert(reporter(n, direction), u32::from(n));
-            truth.insert(reporter(n, direction), u32::from(n));
-            let last = truth
-                .keys()
-                .rev()
-                .find(|(_, o)| o.direction == Direction::Client)
-                .map(|(_, o)| &*o.process);
-            assert_eq!(r.last_client_process(), last, "after {n}");
-            assert_eq!(r.max_sockets(), truth.values().copied().max());
-            assert_eq!(r.len(), truth.len());
-        }
-        assert!(matches!(r, Reporters::Many(_)));
-        for k in truth.keys().cloned().collect::<Vec<_>>() {
-            r.remove(&k);
-            truth.remove(&k);
-            assert_eq!(r.len(), truth.len());
-            assert_eq!(r.max_sockets(), truth.values().copied().max());
-        }
-        assert_eq!(r, Reporters::Few(Vec::new()));
     }
 }

@@ -1,0 +1,410 @@
+//! A snapshot's rows read into the model's types, and checked: a row carrying a value no real
+//! host reports (a broadcast endpoint, port 0, more sockets than ports, an overlong name) is
+//! refused by the `check_*` functions before it reaches the model, and counted by
+//! [`Invalid::reason`]; the rest of the snapshot is taken.
+
+use std::net::IpAddr;
+
+use tapgraph::proto;
+
+use super::Stats;
+use super::model::{AgentTable, Direction, ListenerKey, ObsKey, ObsValue, Protocol};
+
+/// Longest process, namespace or container name a row may carry (Linux's NAME_MAX): a file name
+/// is the longest thing an agent puts there.
+pub const MAX_NAME: usize = 255;
+
+/// Most sockets one row can count. A row fixes both addresses and the server's port, so its
+/// sockets differ by the other port alone: there are 65,535 of those.
+pub const MAX_SOCKETS: u32 = 65_535;
+
+/// A value in a snapshot that no real host reports: the row, listener or address carrying it is
+/// refused, and counted by [`Invalid::reason`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("{field} `{value}` cannot be parsed")]
+    Malformed { field: &'static str, value: String },
+    #[error("{field} {ip} is {what}, never a {role}")]
+    Address {
+        field: &'static str,
+        ip: IpAddr,
+        what: &'static str,
+        role: &'static str,
+    },
+    #[error("{field} {value} is not a port a connection can use (1 to 65535)")]
+    Port { field: &'static str, value: u32 },
+    #[error("{sockets} sockets in one row; at most {MAX_SOCKETS} can share its addresses and port")]
+    Sockets { sockets: u32 },
+    #[error("a {field} of {len} bytes; at most {MAX_NAME} are accepted")]
+    Name { field: &'static str, len: usize },
+}
+
+/// Every [`Invalid::reason`].
+pub const REASONS: [&str; 5] = ["malformed", "address", "port", "sockets", "name"];
+
+impl Invalid {
+    /// The metric label: `malformed`, `address`, `port`, `sockets` or `name`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Invalid::Malformed { .. } => "malformed",
+            Invalid::Address { .. } => "address",
+            Invalid::Port { .. } => "port",
+            Invalid::Sockets { .. } => "sockets",
+            Invalid::Name { .. } => "name",
+        }
+    }
+}
+
+/// What makes `ip` impossible as the endpoint of a `protocol` socket: the unspecified address,
+/// the limited broadcast, or for TCP a multicast group.
+fn not_an_endpoint(ip: &IpAddr, protocol: Protocol) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if *ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else if ip.is_multicast() && protocol == Protocol::Tcp {
+        Some("a multicast group")
+    } else {
+        None
+    }
+}
+
+/// A name (`field`) longer than [`MAX_NAME`] is refused.
+pub fn check_name(field: &'static str, name: &str) -> Result<(), Invalid> {
+    if name.len() > MAX_NAME {
+        return Err(Invalid::Name {
+            field,
+            len: name.len(),
+        });
+    }
+    Ok(())
+}
+
+/// A row is refused when either end is no endpoint, or it counts more sockets than ports exist.
+pub fn check_row(key: &ObsKey, value: &ObsValue) -> Result<(), Invalid> {
+    for (field, ip) in [("local_ip", &key.local_ip), ("remote_ip", &key.remote_ip)] {
+        if let Some(what) = not_an_endpoint(ip, key.protocol) {
+            return Err(Invalid::Address {
+                field,
+                ip: *ip,
+                what,
+                role: "connection's endpoint",
+            });
+        }
+    }
+    if key.server_port == 0 {
+        return Err(Invalid::Port {
+            field: "server_port",
+            value: 0,
+        });
+    }
+    if value.sockets > MAX_SOCKETS {
+        return Err(Invalid::Sockets {
+            sockets: value.sockets,
+        });
+    }
+    check_name("netns", &key.netns)
+}
+
+/// A listener may be bound to the unspecified address (every address), not to the broadcast
+/// address, nor for TCP to a multicast group.
+pub fn check_listener(key: &ListenerKey, process: &str) -> Result<(), Invalid> {
+    if key.port == 0 {
+        return Err(Invalid::Port {
+            field: "port",
+            value: 0,
+        });
+    }
+    if !key.ip.is_unspecified()
+        && let Some(what) = not_an_endpoint(&key.ip, key.protocol)
+    {
+        return Err(Invalid::Address {
+            field: "listener ip",
+            ip: key.ip,
+            what,
+            role: "listening address",
+        });
+    }
+    check_name("netns", &key.netns)?;
+    check_name("process name", process)
+}
+
+/// A host's own address is never unspecified, a broadcast address or a multicast group.
+pub fn check_host_address(ip: &IpAddr) -> Result<(), Invalid> {
+    let what = if ip.is_multicast() {
+        Some("a multicast group")
+    } else {
+        not_an_endpoint(ip, Protocol::Udp)
+    };
+    match what {
+        Some(what) => Err(Invalid::Address {
+            field: "address",
+            ip: *ip,
+            what,
+            role: "host's address",
+        }),
+        None => Ok(()),
+    }
+}
+
+fn malformed(field: &'static str, value: impl ToString) -> Invalid {
+    Invalid::Malformed {
+        field,
+        value: value.to_string(),
+    }
+}
+
+fn ip(field: &'static str, text: &str) -> Result<IpAddr, Invalid> {
+    text.parse().map_err(|_| malformed(field, text))
+}
+
+fn port(field: &'static str, value: u32) -> Result<u16, Invalid> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or(Invalid::Port { field, value })
+}
+
+/// Converts one wire row; a row carrying a value no host reports is refused (counted, skipped).
+/// A removed row only needs to parse: it can only remove what was accepted.
+fn row(e: &proto::ConnectionEntry, removed: bool) -> Result<(ObsKey, ObsValue), Invalid> {
+    let direction = match proto::Direction::try_from(e.direction) {
+        Ok(proto::Direction::Client) => Direction::Client,
+        Ok(proto::Direction::Server) => Direction::Server,
+        _ => return Err(malformed("direction", e.direction)),
+    };
+    let protocol = protocol(e.protocol)?;
+    let name = e.process.as_ref().map(|p| p.name.as_str()).unwrap_or("");
+    check_name("process name", name)?;
+    check_name("container", &e.container)?;
+    // In scope `all` the container says more than the program: `redis-server (docker:4f1c2e9a7b3d)`.
+    let process = if e.container.is_empty() {
+        name.into()
+    } else {
+        format!("{name} ({})", e.container).into()
+    };
+    let key = ObsKey {
+        netns: e.netns.as_str().into(),
+        direction,
+        local_ip: ip("local_ip", &e.local_ip)?,
+        remote_ip: ip("remote_ip", &e.remote_ip)?,
+        server_port: port("server_port", e.server_port)?,
+        protocol,
+        process,
+    };
+    let value = ObsValue {
+        sockets: e.sockets.max(1),
+        control_plane: e.control_plane,
+        short_lived: e.short_lived,
+    };
+    if !removed {
+        check_row(&key, &value)?;
+    }
+    Ok((key, value))
+}
+
+fn protocol(p: i32) -> Result<Protocol, Invalid> {
+    match proto::Protocol::try_from(p) {
+        Ok(proto::Protocol::Tcp) => Ok(Protocol::Tcp),
+        Ok(proto::Protocol::Udp) => Ok(Protocol::Udp),
+        _ => Err(malformed("protocol", p)),
+    }
+}
+
+fn listener(l: &proto::ListeningService) -> Result<(ListenerKey, String), Invalid> {
+    let key = ListenerKey {
+        ip: ip("listener ip", &l.ip)?,
+        port: port("port", l.port)?,
+        protocol: protocol(l.protocol)?,
+        netns: l.netns.clone(),
+    };
+    let process = l
+        .process
+        .as_ref()
+        .map(|p| p.name.clone())
+        .unwrap_or_default();
+    check_listener(&key, &process)?;
+    Ok((key, process))
+}
+
+/// Rows refused in one snapshot: how many, and the first one's reason.
+#[derive(Default)]
+pub(super) struct Skipped {
+    pub(super) count: u64,
+    pub(super) first: Option<Invalid>,
+}
+
+impl Skipped {
+    fn add(&mut self, stats: &mut Stats, invalid: Invalid) {
+        self.count += 1;
+        *stats
+            .rows_skipped_by_reason
+            .entry(invalid.reason())
+            .or_default() += 1;
+        self.first.get_or_insert(invalid);
+    }
+}
+
+/// Reads `s`'s rows into `table`: removed rows and listeners out, new ones in, and its addresses
+/// in place of the table's when it is full or names any. Refused rows are counted by reason in
+/// `stats`, and in the result; a removed row only needs to parse.
+pub(super) fn merge(
+    table: &mut AgentTable,
+    s: &proto::ConnectionSnapshot,
+    stats: &mut Stats,
+) -> Skipped {
+    let mut skipped = Skipped::default();
+    for e in &s.removed {
+        match row(e, true) {
+            Ok((k, _)) => {
+                table.entries.remove(&k);
+            }
+            Err(invalid) => skipped.add(stats, invalid),
+        }
+    }
+    for e in &s.entries {
+        match row(e, false) {
+            Ok((k, v)) => {
+                table.entries.insert(k, v);
+            }
+            Err(invalid) => skipped.add(stats, invalid),
+        }
+    }
+    for l in &s.removed_listeners {
+        if let Ok((k, _)) = listener(l) {
+            table.listeners.remove(&k);
+        }
+    }
+    for l in &s.listeners {
+        match listener(l) {
+            Ok((k, p)) => {
+                table.listeners.insert(k, p);
+            }
+            Err(invalid) => skipped.add(stats, invalid),
+        }
+    }
+    if s.full || !s.addresses.is_empty() {
+        table.addresses.clear();
+        for a in &s.addresses {
+            match ip("address", a).and_then(|ip| check_host_address(&ip).map(|()| ip)) {
+                Ok(ip) => {
+                    table.addresses.insert(ip);
+                }
+                Err(invalid) => skipped.add(stats, invalid),
+            }
+        }
+    }
+    skipped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn obs(remote: &str, port: u16, protocol: Protocol) -> ObsKey {
+        ObsKey {
+            netns: Box::default(),
+            direction: Direction::Client,
+            local_ip: ip("10.0.0.1"),
+            remote_ip: ip(remote),
+            server_port: port,
+            protocol,
+            process: "app".into(),
+        }
+    }
+
+    fn sockets(n: u32) -> ObsValue {
+        ObsValue {
+            sockets: n,
+            control_plane: false,
+            short_lived: false,
+        }
+    }
+
+    #[test]
+    fn values_no_host_reports_are_refused_naming_the_value() {
+        let tcp = Protocol::Tcp;
+        let refused = |key: ObsKey, value: ObsValue| check_row(&key, &value).unwrap_err();
+        let e = refused(obs("255.255.255.255", 443, tcp), sockets(1));
+        assert_eq!(e.reason(), "address");
+        assert!(
+            e.to_string()
+                .contains("remote_ip 255.255.255.255 is the broadcast address"),
+            "{e}"
+        );
+        assert_eq!(
+            refused(obs("0.0.0.0", 443, tcp), sockets(1)).reason(),
+            "address"
+        );
+        assert_eq!(refused(obs("::", 443, tcp), sockets(1)).reason(), "address");
+        assert_eq!(
+            refused(obs("224.0.0.251", 5353, tcp), sockets(1)).reason(),
+            "address"
+        );
+        let mut local = obs("10.0.0.2", 443, tcp);
+        local.local_ip = ip("255.255.255.255");
+        assert!(
+            refused(local, sockets(1))
+                .to_string()
+                .starts_with("local_ip")
+        );
+        let e = refused(obs("10.0.0.2", 443, tcp), sockets(u32::MAX));
+        assert_eq!(e.reason(), "sockets");
+        assert!(e.to_string().contains("4294967295"), "{e}");
+        assert_eq!(
+            refused(obs("10.0.0.2", 0, tcp), sockets(1)).reason(),
+            "port"
+        );
+        let mut long = obs("10.0.0.2", 443, tcp);
+        long.netns = "n".repeat(MAX_NAME + 1).into();
+        assert_eq!(refused(long, sockets(1)).reason(), "name");
+        // What real hosts do report passes.
+        for key in [
+            obs("10.0.0.2", 443, tcp),
+            obs("203.0.113.7", 65535, tcp),
+            obs("224.0.0.251", 5353, Protocol::Udp),
+            obs("::1", 8080, tcp),
+        ] {
+            check_row(&key, &sockets(MAX_SOCKETS)).unwrap();
+        }
+
+        let listener = |addr: &str, port: u16| ListenerKey {
+            ip: ip(addr),
+            port,
+            protocol: tcp,
+            netns: String::new(),
+        };
+        check_listener(&listener("0.0.0.0", 80), "nginx").unwrap();
+        check_listener(&listener("::", 80), "nginx").unwrap();
+        assert_eq!(
+            check_listener(&listener("255.255.255.255", 80), "x")
+                .unwrap_err()
+                .reason(),
+            "address"
+        );
+        assert_eq!(
+            check_listener(&listener("0.0.0.0", 0), "x")
+                .unwrap_err()
+                .reason(),
+            "port"
+        );
+        assert_eq!(
+            check_listener(&listener("0.0.0.0", 80), &"p".repeat(256))
+                .unwrap_err()
+                .reason(),
+            "name"
+        );
+
+        for bad in ["255.255.255.255", "0.0.0.0", "::", "239.1.1.1", "ff02::1"] {
+            let e = check_host_address(&ip(bad)).unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        for good in ["10.0.0.1", "127.0.0.1", "fe80::1", "2001:db8::1"] {
+            check_host_address(&ip(good)).unwrap();
+        }
+    }
+}

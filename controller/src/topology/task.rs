@@ -1,0 +1,662 @@
+//! The task that owns the map. Its loop only dispatches: snapshots (applied in groups and written
+//! by one commit), queries, the sync tick (deferred commits made durable, memory handed back) and
+//! the expiry tick (inactive edges past retention removed).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tapgraph::proto;
+use tokio::sync::{mpsc, oneshot};
+
+use super::announce::Announced;
+use super::model::{self, AgentTable, Changes, Conflict, Model};
+use super::persist::{self, Restored};
+use super::{
+    Command, GraphQuery, Offered, Refusal, Stats, TopologySettings, graph, ingest, now_ms,
+};
+use crate::events::Events;
+use crate::store::{Store, StoreError};
+
+/// Inactive edges past retention are looked for this often.
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+
+/// Owns the map: the model, its store and its counters, touched by [`Task::run`] alone.
+pub(super) struct Task {
+    events: Events,
+    /// Address conflicts announced lately, not announced again for a while.
+    announced: Announced,
+    /// Address conflicts the restore found, announced when the task starts.
+    restored_conflicts: Vec<Conflict>,
+    /// Agents whose last snapshot was refused for the budget, and the rows the map would have
+    /// held: their deltas are refused naming the budget until a full snapshot fits.
+    over_budget: BTreeMap<String, usize>,
+    /// A large snapshot was applied: hand the memory it freed back to the system when idle.
+    collect_due: bool,
+    /// The last durable commit of the map, and whether deferred commits came after it.
+    synced: Instant,
+    deferred: bool,
+    generation: Arc<AtomicU64>,
+    model: Model,
+    sequences: BTreeMap<String, u64>,
+    store: Store,
+    settings: TopologySettings,
+    stats: Stats,
+}
+
+/// After applying snapshots that carried at least this many rows, the task hands the memory they
+/// freed back to the system once it is idle.
+const LARGE: usize = 10_000;
+
+/// Hands the memory the allocator holds free back to the system. mimalloc keeps freed pages for
+/// reuse and returns them only as the thread that owns them goes on allocating; after a burst of
+/// large snapshots the threads that decoded and applied them may stay idle, and the controller
+/// would keep the burst's high-water mark as RSS.
+fn release_memory() {
+    // SAFETY: `mi_collect` takes no pointer and may be called from any thread at any time; it
+    // only frees what the allocator itself holds unused.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
+/// Snapshots applied in one store transaction at most. When they arrive faster than one commit
+/// each can keep up with, those already waiting are applied together and written by one commit.
+const GROUP: usize = 64;
+
+/// The map's writes wait for the disk at most this often: in between, commits are deferred
+/// (`Store::commit_deferred`). A crash loses at most this much of the map, which the agents send
+/// again in full when they reconnect; a disk that takes 20 ms to sync no longer limits ingest to
+/// a few dozen commits a second.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// Where a snapshot's outcome goes, and the outcome.
+type Reply = (oneshot::Sender<Result<(), Refusal>>, Result<(), Refusal>);
+
+/// Snapshots applied and not yet written: the agents whose tables and the edges that changed.
+#[derive(Default)]
+struct Pending {
+    agents: BTreeSet<String>,
+    edges: BTreeSet<model::EdgeKey>,
+    replies: Vec<Reply>,
+}
+
+impl Pending {
+    fn add(&mut self, changes: Changes) {
+        self.edges.extend(changes.edges_upserted);
+        self.edges.extend(changes.edges_removed);
+    }
+}
+
+impl Task {
+    /// The task for the map `restored` from `store`; it bumps `generation` at every change.
+    pub(super) fn new(
+        store: Store,
+        settings: TopologySettings,
+        events: Events,
+        restored: Restored,
+        generation: Arc<AtomicU64>,
+    ) -> Self {
+        Task {
+            events,
+            announced: Announced::default(),
+            restored_conflicts: restored.conflicts,
+            over_budget: BTreeMap::new(),
+            collect_due: false,
+            synced: Instant::now(),
+            deferred: false,
+            generation,
+            model: restored.model,
+            sequences: restored.sequences,
+            store,
+            settings,
+            stats: Stats::default(),
+        }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let restored = std::mem::take(&mut self.restored_conflicts);
+        self.announced
+            .announce(&self.events, None, &restored, Instant::now());
+        let mut expiry = tokio::time::interval(EXPIRE_EVERY);
+        let mut sync = tokio::time::interval(SYNC_EVERY);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Snapshot(offered)) => self.apply_waiting(offered, &mut rx),
+                    Some(cmd) => self.answer(cmd),
+                    None => {
+                        self.sync();
+                        return;
+                    }
+                },
+                _ = sync.tick() => self.tick(rx.is_empty()),
+                _ = expiry.tick() => self.expire(),
+            }
+        }
+    }
+
+    /// Applies `first` and the snapshots waiting behind it, up to [`GROUP`], and writes them by
+    /// one commit; a query among them ends the group and is answered after it.
+    fn apply_waiting(&mut self, first: Offered, rx: &mut mpsc::Receiver<Command>) {
+        let mut pending = Pending::default();
+        self.take_offered(&mut pending, first);
+        let mut next = None;
+        while pending.replies.len() < GROUP {
+            match rx.try_recv() {
+                Ok(Command::Snapshot(offered)) => self.take_offered(&mut pending, offered),
+                Ok(other) => {
+                    next = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        self.flush(pending);
+        if let Some(cmd) = next {
+            self.answer(cmd);
+        }
+    }
+
+    /// Every [`SYNC_EVERY`]: makes the deferred commits durable, and once no snapshot waits
+    /// (`idle`) hands back the memory a large snapshot freed.
+    fn tick(&mut self, idle: bool) {
+        if self.synced.elapsed() >= SYNC_EVERY {
+            self.sync();
+        }
+        if self.collect_due && idle {
+            self.collect_due = false;
+            release_memory();
+        }
+    }
+
+    /// Removes the inactive edges past retention, and writes that.
+    fn expire(&mut self) {
+        let retention = self.settings.retention.as_millis() as u64;
+        let changes = self.model.expire(now_ms(), retention);
+        if changes.edges_removed.is_empty() {
+            return;
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        tracing::info!(
+            removed = changes.edges_removed.len(),
+            "inactive edges past retention removed"
+        );
+        let mut pending = Pending::default();
+        pending.add(changes);
+        if let Err(error) = self.persist(&pending) {
+            tracing::error!(%error, "cannot persist expired edges");
+        }
+    }
+
+    /// Answers a query (a snapshot here is applied and written on its own).
+    fn answer(&mut self, cmd: Command) {
+        match cmd {
+            Command::Map { query, reply } => {
+                let _ = reply.send(self.map(&query));
+            }
+            Command::Stats { reply } => {
+                let mut stats = self.stats.clone();
+                stats.rows = self.model.rows() as u64;
+                stats.max_rows = self.settings.max_rows as u64;
+                stats.address_conflicts = self.model.conflicts() as u64;
+                let _ = reply.send(stats);
+            }
+            Command::Snapshot(offered) => {
+                let mut pending = Pending::default();
+                self.take_offered(&mut pending, offered);
+                self.flush(pending);
+            }
+        }
+    }
+
+    /// [`Task::take`] for a snapshot as it came off the queue.
+    fn take_offered(&mut self, pending: &mut Pending, offered: Offered) {
+        let Offered {
+            agent,
+            hostname,
+            snapshot,
+            reply,
+        } = offered;
+        self.take(pending, &agent, &hostname, &snapshot, reply);
+    }
+
+    /// Applies one snapshot to the model; it is written, and answered, by the next
+    /// [`Task::flush`].
+    fn take(
+        &mut self,
+        pending: &mut Pending,
+        agent: &str,
+        hostname: &str,
+        snapshot: &proto::ConnectionSnapshot,
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    ) {
+        let result = self.apply(agent, hostname, snapshot, pending);
+        if let Err(refusal) = &result {
+            tracing::warn!(%agent, sequence = snapshot.sequence, %refusal, "snapshot refused");
+        }
+        pending.replies.push((reply, result));
+    }
+
+    /// Writes what the pending snapshots changed in one transaction, then answers them.
+    fn flush(&mut self, pending: Pending) {
+        if pending.replies.iter().any(|(_, r)| r.is_ok()) {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            // The model has the snapshots. A failed write is not the agents' fault: a resync
+            // would fail the same way, so it is logged for the operator and retried with the
+            // next snapshots.
+            if let Err(error) = self.persist(&pending) {
+                self.stats.store_errors += 1;
+                tracing::error!(agents = pending.agents.len(), %error, "cannot persist the map; a restart now would lose recent changes");
+            }
+        }
+        for (reply, result) in pending.replies {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Applies `s` to the model, or says why not: it is too large, its base is not the last
+    /// applied, or it would take the map past its budget.
+    fn apply(
+        &mut self,
+        agent: &str,
+        hostname: &str,
+        s: &proto::ConnectionSnapshot,
+        pending: &mut Pending,
+    ) -> Result<(), Refusal> {
+        let rows = s.entries.len()
+            + s.removed.len()
+            + s.listeners.len()
+            + s.removed_listeners.len()
+            + s.addresses.len();
+        if rows > self.settings.max_entries {
+            self.stats.snapshots_refused_size += 1;
+            return Err(Refusal::TooLarge {
+                rows,
+                max: self.settings.max_entries,
+            });
+        }
+        let have = self.sequences.get(agent).copied();
+        if !s.full && have != Some(s.base_sequence) {
+            // An agent whose full snapshot did not fit hears why, and sends another.
+            if let Some(&rows) = self.over_budget.get(agent) {
+                self.stats.snapshots_refused_budget += 1;
+                return Err(Refusal::OverBudget {
+                    rows,
+                    max: self.settings.max_rows,
+                });
+            }
+            self.stats.snapshots_refused_gap += 1;
+            return Err(Refusal::SequenceGap {
+                base: s.base_sequence,
+                have,
+            });
+        }
+        let now = now_ms();
+        let mut table = if s.full {
+            AgentTable::default()
+        } else {
+            self.model.agents.get(agent).cloned().unwrap_or_default()
+        };
+        let skipped = ingest::merge(&mut table, s, &mut self.stats);
+        self.stats.rows_skipped += skipped.count;
+        if let Some(first) = &skipped.first {
+            tracing::warn!(%agent, sequence = s.sequence, refused = skipped.count, %first, "snapshot rows refused");
+        }
+        self.check_budget(agent, &table)?;
+        table.last_snapshot_ms = now;
+        table.hostname = hostname.to_string();
+        self.collect_due |= rows >= LARGE;
+        // Replacing re-attaches every row at `now`: each edge this agent still reports is marked
+        // seen and listed in the changes, at a cost in this agent's rows, not the whole map's.
+        let changes = self.model.replace(agent, table, now);
+        self.announced.announce(
+            &self.events,
+            Some(agent),
+            &changes.conflicts,
+            Instant::now(),
+        );
+        self.sequences.insert(agent.to_string(), s.sequence);
+        self.stats.snapshots_applied += 1;
+        pending.agents.insert(agent.to_string());
+        pending.add(changes);
+        Ok(())
+    }
+
+    /// Refuses `table` for `agent` when it would grow the fleet's map past `topology.max_rows`.
+    /// A table no larger than the agent's current one always fits: an agent can always shrink.
+    fn check_budget(&mut self, agent: &str, table: &AgentTable) -> Result<(), Refusal> {
+        let old = self.model.agents.get(agent).map_or(0, model::rows);
+        let new = model::rows(table);
+        let total = self.model.rows() - old + new;
+        if new <= old || total <= self.settings.max_rows {
+            self.over_budget.remove(agent);
+            return Ok(());
+        }
+        self.stats.snapshots_refused_budget += 1;
+        // Once per agent until one of its snapshots fits again, not at every retry.
+        if self.over_budget.insert(agent.to_string(), total).is_none() {
+            self.events.emit(
+                "snapshot_refused",
+                agent,
+                format!(
+                    "a snapshot of agent {agent} would take the map to {total} rows, over the fleet's budget of {} (topology.max_rows); refused, the map keeps what it had",
+                    self.settings.max_rows
+                ),
+            );
+        }
+        Err(Refusal::OverBudget {
+            rows: total,
+            max: self.settings.max_rows,
+        })
+    }
+
+    /// Makes the deferred commits durable.
+    fn sync(&mut self) {
+        if !self.deferred {
+            return;
+        }
+        match self.store.sync() {
+            Ok(()) => {
+                self.deferred = false;
+                self.synced = std::time::Instant::now();
+            }
+            Err(error) => {
+                self.stats.store_errors += 1;
+                tracing::error!(%error, "cannot sync the map to disk; a crash now would lose recent changes");
+            }
+        }
+    }
+
+    /// Writes the pending agents' tables and the pending edges as the model has them now.
+    /// Durable at once when the last durable commit is [`SYNC_EVERY`] old, deferred otherwise.
+    fn persist(&mut self, pending: &Pending) -> Result<(), StoreError> {
+        let batch = persist::batch(
+            &self.model,
+            &self.sequences,
+            &pending.agents,
+            &pending.edges,
+        )?;
+        if self.synced.elapsed() >= SYNC_EVERY {
+            self.store.commit(batch)?;
+            self.synced = Instant::now();
+            self.deferred = false;
+        } else {
+            self.store.commit_deferred(batch)?;
+            self.deferred = true;
+        }
+        Ok(())
+    }
+
+    fn map(&self, query: &GraphQuery) -> graph::Graph {
+        graph::build(
+            &self.model,
+            query,
+            now_ms(),
+            self.settings.ttl.as_millis() as u64,
+        )
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::topology::Topology;
+
+    pub(in crate::topology) fn settings() -> TopologySettings {
+        TopologySettings {
+            ttl: Duration::from_secs(120),
+            retention: Duration::from_secs(3600),
+            max_entries: 100,
+            max_rows: 100_000,
+            queue: 64,
+        }
+    }
+
+    fn task(dir: &tempfile::TempDir, events: Events) -> Task {
+        Task {
+            events,
+            announced: Announced::default(),
+            restored_conflicts: Vec::new(),
+            over_budget: BTreeMap::new(),
+            collect_due: false,
+            synced: Instant::now(),
+            deferred: false,
+            generation: Arc::new(AtomicU64::new(1)),
+            model: Model::default(),
+            sequences: BTreeMap::new(),
+            store: Store::open(&dir.path().join("s.redb")).unwrap(),
+            settings: settings(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// A full snapshot of nothing but `addresses`.
+    pub(in crate::topology) fn addresses(
+        sequence: u64,
+        addresses: &[String],
+    ) -> proto::ConnectionSnapshot {
+        proto::ConnectionSnapshot {
+            sequence,
+            full: true,
+            addresses: addresses.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn apply(task: &mut Task, agent: &str, s: &proto::ConnectionSnapshot) -> Result<(), Refusal> {
+        let mut pending = Pending::default();
+        let (reply, mut rx) = oneshot::channel();
+        task.take(&mut pending, agent, agent, s, reply);
+        task.flush(pending);
+        rx.try_recv().unwrap()
+    }
+
+    fn drain(rx: &mut tokio::sync::broadcast::Receiver<proto::Event>) -> Vec<proto::Event> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[test]
+    fn a_host_claiming_addresses_on_alternate_snapshots_is_announced_once_per_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = Events::new(1024);
+        let mut rx = events.subscribe();
+        let mut t = task(&dir, events);
+        let owned: Vec<String> = (1..=5).map(|n| format!("10.0.0.{n}")).collect();
+        apply(&mut t, "db", &addresses(1, &owned)).unwrap();
+        let mut per_snapshot = Vec::new();
+        for cycle in 0..10u64 {
+            apply(&mut t, "rogue", &addresses(2 * cycle + 1, &owned)).unwrap();
+            per_snapshot.push(drain(&mut rx).len());
+            apply(&mut t, "rogue", &addresses(2 * cycle + 2, &[])).unwrap();
+            assert!(drain(&mut rx).is_empty());
+        }
+        // Three at once, the other two at the next claim, then nothing within the minute.
+        assert_eq!(per_snapshot, [3, 2, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_snapshot_s_addresses_count_against_its_row_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = task(&dir, Events::new(16));
+        let many: Vec<String> = (0..=settings().max_entries)
+            .map(|n| format!("10.1.{}.{}", n / 200, n % 200 + 1))
+            .collect();
+        let refused = apply(&mut t, "rogue", &addresses(1, &many)).unwrap_err();
+        assert_eq!(
+            refused,
+            Refusal::TooLarge {
+                rows: many.len(),
+                max: settings().max_entries
+            }
+        );
+        apply(&mut t, "rogue", &addresses(2, &many[1..])).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn conflicts_a_restart_finds_are_announced_naming_the_owner_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("restart.redb");
+        {
+            let mut t = task(&dir, Events::new(16));
+            t.store = Store::open(&path).unwrap();
+            let address = ["10.0.0.5".to_string()];
+            apply(&mut t, "db", &addresses(1, &address)).unwrap();
+            apply(&mut t, "aaa-rogue", &addresses(1, &address)).unwrap();
+            assert_eq!(
+                t.model.claimants(&"10.0.0.5".parse().unwrap()),
+                ["db", "aaa-rogue"]
+            );
+            t.sync();
+        }
+        let events = Events::new(16);
+        let mut rx = events.subscribe();
+        let (topology, run) =
+            Topology::spawn(Store::open(&path).unwrap(), settings(), events).unwrap();
+        let run = tokio::spawn(run);
+        let event = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("an event after the restart")
+            .unwrap();
+        assert_eq!(event.kind, "address_conflict");
+        // Claim order is not stored: the first by agent id owns the address after a restart,
+        // and the operator is told so.
+        assert_eq!(
+            event.message,
+            "after a restart, agents aaa-rogue and db both claim address 10.0.0.5; the map keeps it on aaa-rogue"
+        );
+        assert_eq!(topology.stats().await.address_conflicts, 1);
+        drop(topology);
+        run.await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod memory_probe {
+    //! Where a large snapshot's memory goes, stage by stage (BENCHMARKS.md, "The map's memory"):
+    //! `PROBE_COLLECT=1 cargo test --release -p tapgraph-controller memory_probe -- --ignored
+    //! --nocapture`. With PROBE_COLLECT the allocator returns what is free before each reading,
+    //! so RSS follows live memory; PROBE_ROWS (90,000) and PROBE_AGENTS (1) size the tables, and
+    //! PROBE_DISTINCT gives every row its own far end (an edge each).
+    use super::*;
+    use prost::Message;
+
+    fn rss_mb() -> f64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: f64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096.0 / 1e6
+    }
+
+    /// Rows like the loadgen's (few far ends: 81 edges), or with PROBE_DISTINCT one edge each.
+    fn snapshot(agent: usize, rows: usize) -> proto::ConnectionSnapshot {
+        let distinct = std::env::var_os("PROBE_DISTINCT").is_some();
+        let local = format!("10.0.{}.{}", agent / 200, agent % 200 + 1);
+        let entries = (0..rows)
+            .map(|n| proto::ConnectionEntry {
+                direction: proto::Direction::Client as i32,
+                local_ip: local.clone(),
+                remote_ip: if distinct {
+                    format!("10.{}.{}.{}", 100 + n / 62_500, n / 250 % 250, n % 250 + 1)
+                } else if n % 5 == 0 {
+                    format!("203.0.113.{}", n % 64 + 1)
+                } else {
+                    format!("10.0.0.{}", n % 20 + 1)
+                },
+                server_port: [80, 443, 8080, 9000][n % 4],
+                protocol: proto::Protocol::Tcp as i32,
+                process: Some(proto::ProcessInfo {
+                    pid: 1000,
+                    name: format!("worker-{n}"),
+                    cmdline: String::new(),
+                }),
+                sockets: 1,
+                ..Default::default()
+            })
+            .collect();
+        proto::ConnectionSnapshot {
+            sequence: 1,
+            full: true,
+            addresses: vec![local],
+            entries,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn memory_probe() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("s.redb")).unwrap();
+            let settings = TopologySettings {
+                ttl: Duration::from_secs(120),
+                retention: Duration::from_secs(3600),
+                max_entries: 100_000,
+                max_rows: 10_000_000,
+                queue: 64,
+            };
+            let mut task = Task {
+                events: Events::new(16),
+                announced: Announced::default(),
+                restored_conflicts: Vec::new(),
+                over_budget: BTreeMap::new(),
+                collect_due: false,
+                synced: std::time::Instant::now(),
+                deferred: false,
+                generation: Arc::new(AtomicU64::new(1)),
+                model: Model::default(),
+                sequences: BTreeMap::new(),
+                store,
+                settings,
+                stats: Stats::default(),
+            };
+            let rows: usize = std::env::var("PROBE_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(90_000);
+            let agents: usize = std::env::var("PROBE_AGENTS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            let mut last = rss_mb();
+            let collect = std::env::var_os("PROBE_COLLECT").is_some();
+            let mut report = |stage: &str| {
+                if collect {
+                    release_memory();
+                }
+                let now = rss_mb();
+                eprintln!("{stage:<34} RSS {now:7.1} MB  (+{:6.1})", now - last);
+                last = now;
+            };
+            report("start");
+            for a in 0..agents {
+                let wire = snapshot(a, rows).encode_to_vec();
+                report(&format!(
+                    "agent {a}: encoded ({} MB)",
+                    wire.len() / 1_000_000
+                ));
+                let s = proto::ConnectionSnapshot::decode(wire.as_slice()).unwrap();
+                drop(wire);
+                report("decoded");
+                let mut pending = Pending::default();
+                let (tx, _rx) = oneshot::channel();
+                task.take(&mut pending, &format!("agent-{a}"), "h", &s, tx);
+                report("applied to the model");
+                task.flush(pending);
+                report("written to redb");
+                drop(s);
+                report("snapshot dropped");
+                let g = task.map(&GraphQuery::default());
+                report(&format!("graph built ({} edges)", g.edges.len()));
+                drop(g);
+                report("graph dropped");
+            }
+            release_memory();
+            report("after mi_collect");
+        });
+    }
+}

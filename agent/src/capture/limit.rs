@@ -387,4 +387,30 @@ mod tests {
         assert!(bucket.admit(0, 65_553));
         assert!(bucket.admit(65_553 * MS, 65_553));
     }
+
+    /// Intervals are cut from the first packet, not from a grid of whole seconds: with real
+    /// Unix timestamps the first interval is a whole one.
+    #[test]
+    fn the_first_interval_starts_at_the_first_packet() {
+        let first = 1_800_000_000 * SEC + SEC / 2;
+        let mut w = BreachWatchdog::new(8_000_000, Duration::from_secs(1), 1);
+        let (b, t) = offer_for(&mut w, first, 1, 16_000_000);
+        assert_eq!(b, None);
+        assert_eq!(w.advance(first + SEC - 1), None);
+        let b = w.advance(t).expect("one whole interval at twice the limit");
+        assert_eq!(b.at_ns, first + SEC);
+        assert_eq!(b.measured_bps, 16_000_000);
+    }
+
+    /// Policies forbid a zero check interval; the watchdog still never divides by it.
+    #[test]
+    fn a_zero_check_interval_is_one_nanosecond() {
+        let mut w = BreachWatchdog::new(8_000_000, Duration::ZERO, 2);
+        assert_eq!(w.offer(0, 1_000), None);
+        assert_eq!(w.offer(1, 1_000), None);
+        let b = w
+            .offer(2, 1_000)
+            .expect("two 1 ns intervals far above the limit");
+        assert_eq!(b.at_ns, 2);
+    }
 }

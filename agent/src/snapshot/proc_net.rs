@@ -463,6 +463,18 @@ mod tests {
         }
     }
 
+    /// Every hex field has a fixed width today, checked before `hex_u32`; the helper keeps its
+    /// own promise anyway: 1 to 8 hex digits, no more, even when the value would fit.
+    #[test]
+    fn hex_fields_take_one_to_eight_digits() {
+        assert_eq!(hex_u32("0"), Some(0));
+        assert_eq!(hex_u32("FFFFFFFF"), Some(u32::MAX));
+        assert_eq!(hex_u32("0000000A"), Some(10));
+        assert_eq!(hex_u32("00000000A"), None);
+        assert_eq!(hex_u32(""), None);
+        assert_eq!(hex_u32("+A"), None);
+    }
+
     #[test]
     fn unknown_states_are_kept() {
         let line = TCP.lines().nth(2).unwrap().replacen(" 0A ", " 2A ", 1);

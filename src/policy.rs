@@ -584,4 +584,244 @@ mod tests {
         // Without compiling, the filter is not judged.
         assert_eq!(spec.validate(false).unwrap_err().0.len(), 3);
     }
+
+    #[test]
+    #[ignore = "the parser accepts a VXLAN target without a host; found by the property tests of issue 20"]
+    fn vxlan_targets_without_a_host_are_refused() {
+        for bad in ["vxlan:[", "vxlan:[:80", "vxlan:[]:80", "vxlan:]"] {
+            let e = bad.parse::<Target>().unwrap_err();
+            assert!(e.contains("has no host"), "{bad}: {e}");
+        }
+    }
+
+    mod properties {
+        //! Property tests of policy text, as operators and the controller send it: no text panics
+        //! a parser, and a valid policy reads back unchanged from what it prints. Longer runs:
+        //! `PROPTEST_CASES=10000 cargo test -p tapgraph --lib policy::`.
+
+        use super::*;
+        use crate::config::{Layered, Sources};
+        use proptest::prelude::*;
+
+        /// Every key `from_config` reads except `filter`: libpcap resolves host names in a filter,
+        /// so arbitrary filters would query DNS.
+        const KEYS: [&str; 14] = [
+            "capture",
+            "interface",
+            "snaplen",
+            "mode",
+            "buffer_timeout",
+            "batch_packets",
+            "batch_delay",
+            "limit",
+            "check_interval",
+            "breach_intervals",
+            "target",
+            "vni",
+            "snapshot_interval",
+            "heartbeat_interval",
+        ];
+
+        /// `from_config` over `overrides` (full keys), and the problems it recorded.
+        fn read(overrides: Vec<(String, String)>) -> (PolicySpec, Result<(), String>) {
+            let sources = Sources {
+                overrides,
+                ..Sources::default()
+            };
+            let mut cfg = match Layered::load(&sources, &[]) {
+                Ok(cfg) => cfg,
+                Err(e) => return (PolicySpec::default(), Err(e.to_string())),
+            };
+            let spec = PolicySpec::from_config(&mut cfg, "policy");
+            let result = cfg.finish(()).map_err(|e| e.to_string());
+            (spec, result)
+        }
+
+        /// A VXLAN target the parser accepts without a host (`vxlan:[`, `vxlan:[:80`): found by
+        /// these properties, kept out of them until the parser refuses it
+        /// (`vxlan_targets_without_a_host_are_refused`, ignored until then).
+        fn hostless_vxlan(target: &Target) -> bool {
+            matches!(target, Target::Vxlan { host, .. } if host.is_empty() || host.contains(['[', ']']))
+        }
+
+        fn targetish() -> impl Strategy<Value = String> {
+            "(none|interface|pcap|vxlan|gre)?(:[a-z0-9.:\\[\\]/ -]{0,10}){0,3}"
+        }
+
+        fn duration_ms(lo: u64, hi: u64) -> impl Strategy<Value = Duration> {
+            (lo..=hi).prop_map(Duration::from_millis)
+        }
+
+        fn duration_us(lo: u64, hi: u64) -> impl Strategy<Value = Duration> {
+            (lo..=hi).prop_map(Duration::from_micros)
+        }
+
+        fn target() -> impl Strategy<Value = Target> {
+            prop_oneof![
+                Just(Target::None),
+                "[a-z][a-z0-9.-]{0,14}".prop_map(Target::Interface),
+                "/[a-z0-9/._-]{1,30}".prop_map(|path| Target::Pcap {
+                    path,
+                    rotate_bytes: 0,
+                    rotate_interval: Duration::ZERO,
+                }),
+                (
+                    prop_oneof!["[a-z][a-z0-9.-]{0,20}", "fd00::[0-9a-f]{1,4}"],
+                    1u16..,
+                    0u32..1 << 24
+                )
+                    .prop_map(|(host, port, vni)| Target::Vxlan {
+                        host,
+                        port,
+                        vni
+                    }),
+            ]
+        }
+
+        /// A bit rate `format_bitrate` writes without rounding: at most three decimals of its unit.
+        fn limit() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                8_000u64..=999_999,
+                (1_000u64..=999_999).prop_map(|q| q * 1_000),
+                (1_000u64..=100_000).prop_map(|q| q * 1_000_000),
+            ]
+        }
+
+        /// A policy within every bound, at the resolution of its wire form (ms and µs).
+        fn valid_policy() -> impl Strategy<Value = PolicySpec> {
+            (
+                (
+                    any::<bool>(),
+                    prop_oneof![Just("any".to_string()), "[a-z][a-z0-9]{0,14}"],
+                    prop::sample::select(vec!["", "tcp port 80", "udp and not port 53"]),
+                    64u32..=262_144,
+                    prop_oneof![Just(CaptureMode::Immediate), Just(CaptureMode::Buffered)],
+                    duration_us(1_000, 1_000_000),
+                    1u32..=8192,
+                ),
+                (
+                    duration_us(50, 1_000_000),
+                    limit(),
+                    duration_ms(100, 3_600_000),
+                    0u32..=1000,
+                    target(),
+                    duration_ms(1_000, 3_600_000),
+                    duration_ms(100, 300_000),
+                ),
+            )
+                .prop_map(
+                    |(
+                        (capture, interface, filter, snaplen, mode, buffer_timeout, batch_packets),
+                        (
+                            batch_delay,
+                            limit_bps,
+                            check_interval,
+                            breach_intervals,
+                            target,
+                            snapshot_interval,
+                            heartbeat_interval,
+                        ),
+                    )| PolicySpec {
+                        capture,
+                        interface,
+                        filter: filter.to_string(),
+                        snaplen,
+                        mode,
+                        buffer_timeout,
+                        batch_packets,
+                        batch_delay,
+                        limit_bps,
+                        check_interval,
+                        breach_intervals,
+                        target,
+                        snapshot_interval,
+                        heartbeat_interval,
+                    },
+                )
+        }
+
+        proptest! {
+            #[test]
+            fn no_text_panics_the_target_parser(text in any::<String>()) {
+                if let Ok(target) = text.parse::<Target>() {
+                    prop_assume!(!hostless_vxlan(&target));
+                    prop_assert_eq!(target.to_string().parse::<Target>(), Ok(target));
+                }
+            }
+
+            #[test]
+            fn accepted_targets_print_what_parses_back(text in targetish()) {
+                if let Ok(target) = text.parse::<Target>() {
+                    prop_assume!(!hostless_vxlan(&target));
+                    prop_assert_eq!(target.to_string().parse::<Target>(), Ok(target));
+                }
+            }
+
+            #[test]
+            fn no_mode_text_panics(text in any::<String>()) {
+                if let Ok(mode) = text.parse::<CaptureMode>() {
+                    prop_assert_eq!(format!("{mode:?}").to_lowercase(), text);
+                }
+            }
+
+            /// Whatever an operator writes, `from_config` returns a policy that validates (the
+            /// default when theirs does not), and every problem names a `policy.` key.
+            #[test]
+            fn no_policy_text_panics(
+                values in prop::collection::vec(
+                    (prop::sample::select(KEYS.to_vec()), prop_oneof![any::<String>(), "[0-9.]{0,12}[a-zA-Z/ ]{0,5}", targetish()]),
+                    0..6,
+                ),
+            ) {
+                let overrides = values
+                    .into_iter()
+                    .map(|(key, value)| (format!("policy.{key}"), value))
+                    .collect();
+                let (spec, result) = read(overrides);
+                prop_assert!(spec.validate(false).is_ok(), "{spec:?}");
+                if let Err(e) = result {
+                    prop_assert!(e.contains("policy."), "{e}");
+                }
+            }
+
+            /// A valid policy, written as an operator writes it (the form of `to_json`, which
+            /// `tapgraphctl policy -o json` shows), reads back as the same policy.
+            #[test]
+            fn valid_policies_read_back_from_their_text(spec in valid_policy()) {
+                let json = spec.to_json();
+                let mut overrides: Vec<(String, String)> = json
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(key, value)| {
+                        let text = value.as_str().map_or_else(|| value.to_string(), str::to_string);
+                        (format!("policy.{key}"), text)
+                    })
+                    .collect();
+                if let Target::Vxlan { vni, .. } = spec.target {
+                    overrides.push(("policy.vni".into(), vni.to_string()));
+                }
+                let (back, result) = read(overrides);
+                prop_assert_eq!(result, Ok(()));
+                prop_assert_eq!(back, spec);
+            }
+
+            #[test]
+            fn valid_policies_round_trip_through_protobuf(
+                spec in valid_policy(),
+                rotate_bytes in any::<u64>(),
+                rotate_ms in 0u64..1 << 40,
+                version in any::<u64>(),
+            ) {
+                let mut spec = spec;
+                if let Target::Pcap { rotate_bytes: bytes, rotate_interval, .. } = &mut spec.target {
+                    *bytes = rotate_bytes;
+                    *rotate_interval = Duration::from_millis(rotate_ms);
+                }
+                let wire = spec.to_proto(version, "p");
+                prop_assert_eq!(wire.version, version);
+                prop_assert_eq!(PolicySpec::from_proto(&wire), Ok(spec));
+            }
+        }
+    }
 }

@@ -438,4 +438,80 @@ mod tests {
             assert_eq!(parse_duration(text), Ok(duration), "{text}");
         }
     }
+
+    mod properties {
+        //! Property tests: any text an operator or a peer can send never panics a parser, and what
+        //! a formatter writes parses back. `PROPTEST_CASES=100000 cargo test -p tapgraph --lib
+        //! units::` runs them longer.
+
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Text shaped like a value with a unit, so the parsers get past their first check.
+        fn valueish() -> impl Strategy<Value = String> {
+            "[ ]?[0-9]{0,24}[.]?[0-9]{0,6}[ ]?[a-zA-Zµ/]{0,6}[ ]?"
+        }
+
+        proptest! {
+            #[test]
+            fn no_text_panics_a_parser(text in any::<String>()) {
+                let _ = parse_duration(&text);
+                let _ = parse_size(&text);
+                let _ = parse_bitrate(&text);
+            }
+
+            #[test]
+            fn no_value_with_a_unit_panics_a_parser(text in valueish()) {
+                let _ = parse_duration(&text);
+                let _ = parse_size(&text);
+                let _ = parse_bitrate(&text);
+            }
+
+            /// Whole units and fractional milliseconds, up to about 11 days in nanoseconds, where
+            /// a float still holds every nanosecond.
+            #[test]
+            fn formatted_durations_parse_back(nanos in 0u64..1_000_000_000_000_000) {
+                let d = Duration::from_nanos(nanos);
+                prop_assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+            }
+
+            #[test]
+            fn whole_seconds_format_and_parse_back(secs in 0u64..4_000_000_000) {
+                let d = Duration::from_secs(secs);
+                prop_assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+            }
+
+            /// `format_bitrate` keeps three decimals: what it writes parses back to within half of
+            /// the last digit shown.
+            #[test]
+            fn formatted_bit_rates_parse_back_to_three_decimals(bits in any::<u64>()) {
+                let text = format_bitrate(bits);
+                let back = parse_bitrate(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let step = [1e12, 1e9, 1e6, 1e3]
+                    .into_iter()
+                    .find(|scale| bits as f64 >= *scale)
+                    .map_or(0.0, |scale| scale / 1000.0);
+                let error = (back as f64 - bits as f64).abs();
+                prop_assert!(error <= step / 2.0 + bits as f64 * 1e-15, "{bits} -> {text} -> {back}");
+            }
+
+            #[test]
+            fn plain_numbers_are_bits_and_bytes(n in 0u64..(1 << 53)) {
+                prop_assert_eq!(parse_bitrate(&n.to_string()), Ok(n));
+                prop_assert_eq!(parse_size(&n.to_string()), Ok(n));
+            }
+
+            #[test]
+            fn sizes_scale_by_their_unit(
+                n in 0u64..1_000_000,
+                (unit, scale) in prop::sample::select(vec![
+                    ("B", 1u64), ("kB", 1_000), ("MB", 1_000_000), ("GB", 1_000_000_000),
+                    ("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30),
+                ]),
+            ) {
+                prop_assert_eq!(parse_size(&format!("{n}{unit}")), Ok(n * scale));
+                prop_assert_eq!(parse_size(&format!("{n} {}", unit.to_uppercase())), Ok(n * scale));
+            }
+        }
+    }
 }

@@ -22,8 +22,9 @@
 //! share is the same for both; decoding is not: 0.06 ms here against 2.4 ms at 6,100 sockets,
 //! 0.2 against 7.8 ms at 20,000, because the crate builds an owned, boxed message with parsed
 //! attributes per socket, while here each 72-byte `inet_diag_msg` becomes a row in place from one
-//! buffer kept across reads. 32 KiB, 64 KiB and 1 MiB buffers measured the same: the kernel caps
-//! a dump datagram at 32 KiB.
+//! buffer kept across reads. So this reader is 1.2–1.3× faster than the crates end to end, and
+//! ~40× on decoding alone. 32 KiB, 64 KiB and 1 MiB buffers measured the same: the kernel caps a
+//! dump datagram at 32 KiB.
 
 #![forbid(unsafe_code)]
 

@@ -1,4 +1,8 @@
 //! Capped exponential backoff with jitter: the one retry schedule every reconnect loop uses.
+//!
+//! A [`BackoffPolicy`] is valid by construction (a zero minimum, a minimum above the maximum and a
+//! jitter outside `0.0..=1.0` are refused), so a loop holding one can neither spin nor wait
+//! longer than its maximum. Each loop keeps its own [`Backoff`]; a success resets it.
 
 use std::time::Duration;
 
@@ -33,6 +37,8 @@ impl Default for BackoffPolicy {
 }
 
 impl BackoffPolicy {
+    /// A schedule from `min` doubling to `max`, each delay shortened by a random fraction of at
+    /// most `jitter`. Refuses a zero `min`, `min > max` and `jitter` outside `0.0..=1.0`.
     pub fn new(min: Duration, max: Duration, jitter: f64) -> Result<Self, BackoffError> {
         if min.is_zero() {
             return Err(BackoffError::ZeroMin);
@@ -46,10 +52,12 @@ impl BackoffPolicy {
         Ok(Self { min, max, jitter })
     }
 
+    /// The first delay, before jitter.
     pub fn min(&self) -> Duration {
         self.min
     }
 
+    /// The longest delay: no delay of this schedule exceeds it.
     pub fn max(&self) -> Duration {
         self.max
     }
@@ -63,7 +71,8 @@ impl BackoffPolicy {
     }
 }
 
-/// The state of one retry loop. Guarantees `min * (1 - jitter) <= next_delay() <= max`.
+/// The state of one retry loop. Guarantees `min * (1 - jitter) <= next_delay() <= max`, after any
+/// number of failures (the attempt count saturates; no arithmetic overflows).
 #[derive(Debug, Clone)]
 pub struct Backoff {
     policy: BackoffPolicy,
@@ -71,7 +80,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// The delay before the next attempt, without jitter.
+    /// The delay before the next attempt, without jitter: `min * 2^attempt`, capped at `max`.
     pub fn base_delay(&self) -> Duration {
         let factor = 2u32.saturating_pow(self.attempt.min(31));
         self.policy
@@ -81,7 +90,8 @@ impl Backoff {
             .min(self.policy.max)
     }
 
-    /// The delay to wait before the next attempt; advances the schedule.
+    /// The delay to wait before the next attempt, within `base_delay() * (1 - jitter)..=base_delay()`;
+    /// advances the schedule.
     pub fn next_delay(&mut self) -> Duration {
         let base = self.base_delay();
         self.attempt = self.attempt.saturating_add(1);
@@ -94,6 +104,7 @@ impl Backoff {
         self.attempt = 0;
     }
 
+    /// Delays handed out since the start or the last [`reset`](Self::reset).
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
@@ -105,6 +116,21 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_default_is_the_documented_schedule() {
+        assert_eq!(
+            BackoffPolicy::default(),
+            BackoffPolicy::new(ms(200), Duration::from_secs(5), 0.2).unwrap()
+        );
+        let policy = BackoffPolicy::default();
+        assert_eq!((policy.min(), policy.max()), (ms(200), ms(5000)));
+        let mut b = policy.start();
+        assert_eq!(b.attempt(), 0);
+        let d = b.next_delay();
+        assert!(d >= ms(160) && d <= ms(200), "{d:?}");
+        assert_eq!(b.attempt(), 1);
     }
 
     #[test]

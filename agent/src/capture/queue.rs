@@ -186,4 +186,65 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// A batch of `count` packets holding `held` bytes, admitted as the capture thread admits
+    /// its packets: in flight from then on.
+    fn admitted(counters: &Counters, count: u64, held: usize) -> Batch {
+        Counters::add(&counters.in_flight, count);
+        Batch {
+            linktype: 1,
+            interface: "lo".into(),
+            snaplen: 65_535,
+            encoded: Bytes::from(vec![0; held]),
+            count,
+            bytes: held as u64,
+        }
+    }
+
+    /// Either limit drops and counts at once, and a batch taken out frees its room; with no live
+    /// capture needed, so the byte budget is checked where the full-queue test cannot run.
+    #[tokio::test]
+    async fn over_either_limit_a_batch_is_dropped_and_counted() {
+        let counters = Arc::new(Counters::default());
+        let (tx, mut rx) = queue(counters.clone());
+        // The byte budget: 7 MiB and 1 MiB fit exactly, one byte more does not.
+        tx.offer(admitted(&counters, 3, 7 << 20), &counters);
+        tx.offer(admitted(&counters, 2, 1 << 20), &counters);
+        assert_eq!(tx.queued_bytes(), QUEUE_MAX_BYTES);
+        tx.offer(admitted(&counters, 5, 1), &counters);
+        let c = counters.snapshot();
+        assert_eq!((c.packets_dropped_queue, c.bytes_dropped_queue), (5, 1));
+        assert_eq!(c.packets_in_flight, 5, "the queued batches stay in flight");
+        // Taking a batch out frees its bytes; its packets stay in flight until settled.
+        let first = rx.recv().await.unwrap();
+        assert_eq!(first.count, 3);
+        assert_eq!(tx.queued_bytes(), 1 << 20);
+        rx.settle_sent(first.count, first.bytes);
+        let second = rx.recv().await.unwrap();
+        rx.settle_dropped(&second);
+        let c = counters.snapshot();
+        assert_eq!((c.packets_sent, c.batches_sent), (3, 1));
+        assert_eq!(c.packets_dropped_queue, 5 + 2);
+        assert_eq!((c.packets_in_flight, tx.queued_bytes()), (0, 0));
+        // The batch limit: QUEUE_MAX_BATCHES small batches fit, the next one does not.
+        for _ in 0..QUEUE_MAX_BATCHES {
+            tx.offer(admitted(&counters, 1, 100), &counters);
+        }
+        tx.offer(admitted(&counters, 4, 100), &counters);
+        let c = counters.snapshot();
+        assert_eq!(c.packets_dropped_queue, 5 + 2 + 4);
+        assert_eq!(c.packets_in_flight, QUEUE_MAX_BATCHES as u64);
+        assert_eq!(
+            tx.queued_bytes(),
+            100 * QUEUE_MAX_BATCHES as u64,
+            "a refused batch holds nothing"
+        );
+        // Batches are numbered from 1.
+        assert_eq!((rx.next_sequence(), rx.next_sequence()), (1, 2));
+        // With the stream's end gone, a batch is dropped and counted the same way.
+        drop(rx);
+        let before = counters.snapshot().packets_dropped_queue;
+        tx.offer(admitted(&counters, 1, 1), &counters);
+        assert_eq!(counters.snapshot().packets_dropped_queue, before + 1);
+    }
 }

@@ -5,8 +5,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use tapgraph::proto;
-
 use super::graph::{Graph, NodeKind};
 use super::{GraphQuery, Naming, Topology};
 use crate::enrollment::{EnrolledAgent, Enrollment};
@@ -77,14 +75,4 @@ pub async fn map(
         }
     }
     graph
-}
-
-/// [`map`] in its wire form, for the callers not yet converting at their edge.
-pub async fn graph(
-    topology: &Topology,
-    enrollment: &Enrollment,
-    naming: &Naming,
-    query: GraphQuery,
-) -> proto::Graph {
-    proto::Graph::from(&map(topology, enrollment, naming, query).await)
 }

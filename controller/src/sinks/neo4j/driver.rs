@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use neo4rs::{BoltType, ConfigBuilder, Graph, query};
+use neo4rs::{BoltType, ConfigBuilder, query};
 use tapgraph::backoff::{Backoff, BackoffPolicy};
 use tapgraph::proto;
 use tokio::sync::broadcast;
@@ -18,6 +18,7 @@ use super::rows::{Kind, Label, NodeRow, RelRow, desired, next_flip_ms};
 use crate::enrollment::Enrollment;
 use crate::events::Events;
 use crate::sinks::SinkHandle;
+use crate::topology::graph::Graph;
 use crate::topology::{GraphQuery, Naming, Topology, view};
 
 /// The longest a pass is skipped because the model did not change, or paced.
@@ -69,7 +70,7 @@ struct Pass {
 
 /// The sink's session with the database: what it knows the database holds.
 struct Session {
-    graph: Graph,
+    graph: neo4rs::Graph,
     opened: Instant,
     held: Held,
 }
@@ -279,7 +280,7 @@ impl Sink {
         let config = config
             .build()
             .map_err(|e| Failure::Other(format!("neo4j configuration: {e}")))?;
-        let graph = Graph::connect(config).map_err(Failure::of)?;
+        let graph = neo4rs::Graph::connect(config).map_err(Failure::of)?;
         for label in Label::ALL {
             let cypher = cypher::create_constraint(label);
             timed("create constraint", graph.run(query(&cypher))).await?;
@@ -374,8 +375,8 @@ impl Sink {
     }
 
     /// The map as operators see it, control-plane and inactive edges included.
-    async fn read_view(&self) -> proto::Graph {
-        view::graph(
+    async fn read_view(&self) -> Graph {
+        view::map(
             &self.topology,
             &self.enrollment,
             &self.naming,
@@ -508,7 +509,7 @@ impl Sink {
     /// it.
     async fn write(
         &self,
-        graph: &Graph,
+        graph: &neo4rs::Graph,
         cypher: &str,
         rows: Vec<BoltType>,
         n: usize,
@@ -543,7 +544,7 @@ async fn next_event(events: &mut Option<broadcast::Receiver<proto::Event>>) -> b
     }
 }
 
-async fn read_ids(graph: &Graph, cypher: &str) -> Result<Vec<String>, Failure> {
+async fn read_ids(graph: &neo4rs::Graph, cypher: &str) -> Result<Vec<String>, Failure> {
     let mut stream = timed("read ids", graph.execute(query(cypher))).await?;
     let mut ids = Vec::new();
     while let Some(row) = timed("read ids", stream.next()).await? {

@@ -1,5 +1,5 @@
-//! The Neo4j sink: the map, as operators see it ([`view::graph`]), mirrored into a Bolt graph
-//! database so that Cypher, Neo4j Browser and Bloom work on it.
+//! The Neo4j sink: the map, as operators see it ([`view::map`], typed), mirrored into a Bolt
+//! graph database so that Cypher, Neo4j Browser and Bloom work on it.
 //!
 //! One writer task ([`Sink`], in `driver.rs`). Every `interval` it takes the view, turns it into
 //! rows (`rows.rs`), diffs them against what it knows the database holds (a hash per node and
@@ -35,7 +35,7 @@
 //! changed, an agent connected or lost: they change the view without changing the model), for up
 //! to a minute (reverse-DNS names), and diffing never takes more than a twentieth of the time.
 //!
-//! [`view::graph`]: crate::topology::view::graph
+//! [`view::map`]: crate::topology::view::map
 
 mod config;
 mod cypher;

@@ -1,11 +1,13 @@
 //! The rows the sink writes: the map's nodes and edges as Neo4j labels, relationship types and
-//! properties, each with a hash of what it holds so that only what changed is written.
+//! properties, each with a hash of what it holds so that only what changed is written. The map
+//! comes typed ([`Graph`]); this file alone decides how each field is stored, as the wire form
+//! (`topology/wire.rs`) does for the API.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
-use tapgraph::proto;
+use crate::topology::graph::{Edge, EdgeKind, Graph, Node, NodeKind};
 
 /// A node's label in the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,12 +28,11 @@ impl Label {
         }
     }
 
-    fn of_kind(kind: &str) -> Option<Label> {
+    fn of(kind: &NodeKind) -> Label {
         match kind {
-            "host" => Some(Label::Host),
-            "address" => Some(Label::Address),
-            "service" => Some(Label::Service),
-            _ => None,
+            NodeKind::Host { .. } => Label::Host,
+            NodeKind::Address { .. } => Label::Address,
+            NodeKind::Service { .. } => Label::Service,
         }
     }
 }
@@ -55,8 +56,12 @@ impl Kind {
         }
     }
 
-    fn of_name(name: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.name() == name)
+    fn of(kind: EdgeKind) -> Kind {
+        match kind {
+            EdgeKind::HasAddress => Kind::HasAddress,
+            EdgeKind::Listens => Kind::Listens,
+            EdgeKind::ConnectsTo => Kind::ConnectsTo,
+        }
     }
 }
 
@@ -94,7 +99,7 @@ pub(super) struct RelRow {
 #[derive(Debug, Default)]
 pub(super) struct Desired<'g> {
     pub(super) nodes: HashMap<&'g str, (u64, NodeRow)>,
-    pub(super) rels: HashMap<String, (u64, Kind, &'g proto::GraphEdge)>,
+    pub(super) rels: HashMap<String, (u64, Kind, &'g Edge)>,
 }
 
 fn hash_of(value: &impl Hash) -> u64 {
@@ -104,65 +109,91 @@ fn hash_of(value: &impl Hash) -> u64 {
     h.finish() | 1
 }
 
-/// Properties whose values are numbers in the database.
-const INT_PROPERTIES: [&str; 1] = ["port"];
-
-fn protocol_name(p: i32) -> &'static str {
-    match proto::Protocol::try_from(p) {
-        Ok(proto::Protocol::Tcp) => "tcp",
-        Ok(proto::Protocol::Udp) => "udp",
-        _ => "",
-    }
+fn protocol_name(e: &Edge) -> &'static str {
+    e.protocol.map_or("", |p| p.as_str())
 }
 
-fn ms(nanos: u64) -> i64 {
-    (nanos / 1_000_000) as i64
+fn ms(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
 /// The `last_seen` written for `e`: the model's, in ms, never before its `first_seen`.
-fn last_seen_ms(e: &proto::GraphEdge) -> i64 {
-    ms(e.last_seen_unix_nanos.max(e.first_seen_unix_nanos))
+fn last_seen_ms(e: &Edge) -> i64 {
+    ms(e.last_seen_ms.max(e.first_seen_ms))
 }
 
 /// Which `last_seen_step` an edge's `last_seen` falls in: a change of step is written, a change
 /// within one is not.
-fn last_seen_bucket(e: &proto::GraphEdge, last_seen_step: Duration) -> i64 {
+fn last_seen_bucket(e: &Edge, last_seen_step: Duration) -> i64 {
     let step = i64::try_from(last_seen_step.as_millis())
         .unwrap_or(i64::MAX)
         .max(1);
     last_seen_ms(e) / step
 }
 
-/// What the database should hold for `graph`: nodes of the three kinds and the relationships
-/// between them, hashed; anything else, or an edge to a node not in the graph, is left out.
-pub(super) fn desired(graph: &proto::Graph, last_seen_step: Duration) -> Desired<'_> {
+/// A node's properties: what the map knows of it by kind (a service's `port` a number), its
+/// labels as `label.KEY`, its `id` and `name`.
+fn node_props(n: &Node) -> Props {
+    let mut props = Props::new();
+    let mut put = |k: &str, v: Value| {
+        props.insert(k.to_string(), v);
+    };
+    let text = |v: &str| Value::Str(v.to_string());
+    match &n.kind {
+        NodeKind::Host {
+            hostname,
+            agent_state,
+        } => {
+            if let Some(hostname) = hostname {
+                put("hostname", text(hostname));
+            }
+            if let Some(state) = agent_state {
+                put("agent_state", text(state));
+            }
+        }
+        NodeKind::Address { conflict, dns, .. } => {
+            if let Some(conflict) = conflict {
+                put("conflict", text(conflict));
+            }
+            if let Some(dns) = dns {
+                put("dns", text(dns));
+            }
+        }
+        NodeKind::Service {
+            host,
+            process,
+            port,
+            protocol,
+        } => {
+            put("host", text(host));
+            put("process", text(process));
+            put("port", Value::Int(i64::from(*port)));
+            put("protocol", text(protocol.as_str()));
+        }
+    }
+    for (k, v) in &n.labels {
+        put(&format!("label.{k}"), text(v));
+    }
+    put("id", text(&n.id));
+    put("name", text(&n.name));
+    props
+}
+
+/// What the database should hold for `graph`: its nodes and the relationships between them,
+/// hashed; an edge to a node not in the graph is left out.
+pub(super) fn desired(graph: &Graph, last_seen_step: Duration) -> Desired<'_> {
     let mut out = Desired::default();
     for n in &graph.nodes {
-        let Some(label) = Label::of_kind(&n.kind) else {
-            continue;
-        };
-        let mut props = Props::new();
-        for (k, v) in &n.properties {
-            let value = match v.parse::<i64>() {
-                Ok(i) if INT_PROPERTIES.contains(&k.as_str()) => Value::Int(i),
-                _ => Value::Str(v.clone()),
-            };
-            props.insert(k.clone(), value);
-        }
-        props.insert("id".into(), Value::Str(n.id.clone()));
-        props.insert("name".into(), Value::Str(n.name.clone()));
         let row = NodeRow {
-            label,
+            label: Label::of(&n.kind),
             id: n.id.clone(),
-            props,
+            props: node_props(n),
         };
         out.nodes.insert(n.id.as_str(), (hash_of(&row), row));
     }
     out.rels.reserve(graph.edges.len());
     for e in &graph.edges {
-        let Some(kind) = Kind::of_name(&e.kind) else {
-            continue;
-        };
+        let kind = Kind::of(e.kind);
         if !out.nodes.contains_key(e.from.as_str()) || !out.nodes.contains_key(e.to.as_str()) {
             continue;
         }
@@ -172,7 +203,7 @@ pub(super) fn desired(graph: &proto::Graph, last_seen_step: Duration) -> Desired
             e.from,
             e.to,
             e.port,
-            protocol_name(e.protocol)
+            protocol_name(e)
         );
         // What rel_row writes, without building it, except that `last_seen` counts only by its
         // step: a later `last_seen` in the same step alone is not worth a write.
@@ -184,7 +215,7 @@ pub(super) fn desired(graph: &proto::Graph, last_seen_step: Duration) -> Desired
             e.protocol,
             &e.process,
             e.sockets,
-            ms(e.first_seen_unix_nanos),
+            e.first_seen_ms,
             last_seen_bucket(e, last_seen_step),
             e.active,
             e.control_plane,
@@ -195,27 +226,18 @@ pub(super) fn desired(graph: &proto::Graph, last_seen_step: Duration) -> Desired
 }
 
 /// The row of a relationship [`desired`] found changed.
-pub(super) fn rel_row(
-    want: &Desired<'_>,
-    id: &str,
-    hash: u64,
-    kind: Kind,
-    e: &proto::GraphEdge,
-) -> RelRow {
+pub(super) fn rel_row(want: &Desired<'_>, id: &str, hash: u64, kind: Kind, e: &Edge) -> RelRow {
     let label = |node: &str| want.nodes.get(node).map_or(Label::Host, |(_, n)| n.label);
     let mut props = Props::new();
     props.insert("id".into(), Value::Str(id.to_string()));
     if kind != Kind::HasAddress {
         props.insert("port".into(), Value::Int(i64::from(e.port)));
-        props.insert(
-            "protocol".into(),
-            Value::Str(protocol_name(e.protocol).into()),
-        );
+        props.insert("protocol".into(), Value::Str(protocol_name(e).into()));
     }
     if kind == Kind::ConnectsTo {
         props.insert("process".into(), Value::Str(e.process.clone()));
         props.insert("sockets".into(), Value::Int(i64::from(e.sockets)));
-        props.insert("first_seen".into(), Value::Int(ms(e.first_seen_unix_nanos)));
+        props.insert("first_seen".into(), Value::Int(ms(e.first_seen_ms)));
         props.insert("last_seen".into(), Value::Int(last_seen_ms(e)));
         props.insert("active".into(), Value::Bool(e.active));
         props.insert("control_plane".into(), Value::Bool(e.control_plane));
@@ -232,68 +254,87 @@ pub(super) fn rel_row(
 
 /// When (ms since 1970) the first active edge of `graph` turns inactive, as the topology decides
 /// it: `ttl` after its `last_seen`.
-pub(super) fn next_flip_ms(graph: &proto::Graph, ttl: Duration) -> Option<u64> {
+pub(super) fn next_flip_ms(graph: &Graph, ttl: Duration) -> Option<u64> {
     let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
     graph
         .edges
         .iter()
-        .filter(|e| e.active && e.kind == Kind::ConnectsTo.name())
-        .map(|e| (e.last_seen_unix_nanos / 1_000_000).saturating_add(ttl_ms))
+        .filter(|e| e.active && e.kind == EdgeKind::ConnectsTo)
+        .map(|e| e.last_seen_ms.saturating_add(ttl_ms))
         .min()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topology::model::Protocol;
 
-    fn node(id: &str, kind: &str, props: &[(&str, &str)]) -> proto::GraphNode {
-        proto::GraphNode {
+    fn host(id: &str, hostname: &str) -> Node {
+        Node {
             id: id.into(),
-            kind: kind.into(),
             name: id.into(),
-            properties: props
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            kind: NodeKind::Host {
+                hostname: Some(hostname.into()),
+                agent_state: None,
+            },
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn service(id: &str, port: u16, process: &str) -> Node {
+        Node {
+            id: id.into(),
+            name: id.into(),
+            kind: NodeKind::Service {
+                host: "b".into(),
+                process: process.into(),
+                port,
+                protocol: Protocol::Tcp,
+            },
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn edge(kind: EdgeKind, from: &str, to: &str) -> Edge {
+        Edge {
+            from: from.into(),
+            to: to.into(),
+            kind,
+            port: 0,
+            protocol: None,
+            process: String::new(),
+            sockets: 0,
+            first_seen_ms: 0,
+            last_seen_ms: 0,
+            active: false,
+            control_plane: false,
         }
     }
 
     #[test]
     fn the_view_becomes_rows_with_stable_hashes() {
-        let graph = proto::Graph {
+        let graph = Graph {
             nodes: vec![
-                node("host:a", "host", &[("hostname", "x'}) DETACH DELETE n //")]),
-                node(
-                    "svc:b/tcp/80",
-                    "service",
-                    &[("port", "80"), ("process", "nginx")],
-                ),
-                node("odd", "unknown-kind", &[]),
+                host("host:a", "x'}) DETACH DELETE n //"),
+                service("svc:b/tcp/80", 80, "nginx"),
             ],
             edges: vec![
-                proto::GraphEdge {
-                    from: "host:a".into(),
-                    to: "svc:b/tcp/80".into(),
-                    kind: "CONNECTS_TO".into(),
+                Edge {
                     port: 80,
-                    protocol: proto::Protocol::Tcp as i32,
+                    protocol: Some(Protocol::Tcp),
                     process: "curl".into(),
                     sockets: 2,
-                    last_seen_unix_nanos: 125_000_000_000,
+                    last_seen_ms: 125_000,
                     active: true,
-                    ..Default::default()
+                    ..edge(EdgeKind::ConnectsTo, "host:a", "svc:b/tcp/80")
                 },
-                proto::GraphEdge {
-                    from: "host:a".into(),
-                    to: "nowhere".into(),
-                    kind: "CONNECTS_TO".into(),
-                    ..Default::default()
-                },
+                edge(EdgeKind::ConnectsTo, "host:a", "nowhere"),
             ],
         };
         let step = Duration::from_secs(60);
         let want = desired(&graph, step);
-        assert_eq!(want.nodes.len(), 2, "unknown kinds are left out");
+        // Kinds are an enum: none is unknown, every node is a row.
+        assert_eq!(want.nodes.len(), 2);
         assert_eq!(
             want.nodes["host:a"].1.props["hostname"],
             Value::Str("x'}) DETACH DELETE n //".into())
@@ -309,13 +350,13 @@ mod tests {
             Value::Int(125_000),
             "what is written is exact"
         );
-        let hash_of_edge = |g: &proto::Graph| desired(g, step).rels.values().next().unwrap().0;
+        let hash_of_edge = |g: &Graph| desired(g, step).rels.values().next().unwrap().0;
         // A later last_seen within the same minute alone is not worth a write; in the next one,
         // it is.
         let mut later = graph.clone();
-        later.edges[0].last_seen_unix_nanos = 170_000_000_000;
+        later.edges[0].last_seen_ms = 170_000;
         assert_eq!(hash, hash_of_edge(&later));
-        later.edges[0].last_seen_unix_nanos = 180_000_000_000;
+        later.edges[0].last_seen_ms = 180_000;
         assert_ne!(hash, hash_of_edge(&later));
         // Anything else that is written changes the hash, `active` included.
         let mut busier = graph.clone();
@@ -328,33 +369,32 @@ mod tests {
 
     #[test]
     fn last_seen_is_never_before_first_seen() {
-        let e = proto::GraphEdge {
-            first_seen_unix_nanos: 130_000_000_000,
-            last_seen_unix_nanos: 125_000_000_000,
-            ..Default::default()
+        let e = Edge {
+            first_seen_ms: 130_000,
+            last_seen_ms: 125_000,
+            ..edge(EdgeKind::ConnectsTo, "a", "b")
         };
         assert_eq!(last_seen_ms(&e), 130_000);
     }
 
     #[test]
     fn the_sink_wakes_when_the_first_active_edge_turns_inactive() {
-        let edge = |kind: &str, last_seen_s: u64, active: bool| proto::GraphEdge {
-            kind: kind.into(),
-            last_seen_unix_nanos: last_seen_s * 1_000_000_000,
+        let edge = |kind: EdgeKind, last_seen_s: u64, active: bool| Edge {
+            last_seen_ms: last_seen_s * 1_000,
             active,
-            ..Default::default()
+            ..edge(kind, "a", "b")
         };
-        let graph = proto::Graph {
+        let graph = Graph {
             nodes: vec![],
             edges: vec![
-                edge("CONNECTS_TO", 100, true),
-                edge("CONNECTS_TO", 90, true),
-                edge("CONNECTS_TO", 10, false),
-                edge("HAS_ADDRESS", 0, true),
+                edge(EdgeKind::ConnectsTo, 100, true),
+                edge(EdgeKind::ConnectsTo, 90, true),
+                edge(EdgeKind::ConnectsTo, 10, false),
+                edge(EdgeKind::HasAddress, 0, true),
             ],
         };
         let ttl = Duration::from_secs(120);
         assert_eq!(next_flip_ms(&graph, ttl), Some(210_000));
-        assert_eq!(next_flip_ms(&proto::Graph::default(), ttl), None);
+        assert_eq!(next_flip_ms(&Graph::default(), ttl), None);
     }
 }

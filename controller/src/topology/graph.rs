@@ -284,3 +284,84 @@ pub(super) fn build(model: &Model, query: &GraphQuery, now_ms: u64, ttl_ms: u64)
         edges,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::model::{AgentTable, Direction, ObsKey, ObsValue};
+
+    /// `web` connects to 203.0.113.7:443, and to the controller at 192.0.2.1:50051 (its control
+    /// plane), both last seen at 1,000 ms.
+    fn model() -> Model {
+        let row = |remote: &str, port: u16, control_plane: bool| {
+            let key = ObsKey {
+                netns: Box::default(),
+                direction: Direction::Client,
+                local_ip: "10.0.0.1".parse().unwrap(),
+                remote_ip: remote.parse().unwrap(),
+                server_port: port,
+                protocol: Protocol::Tcp,
+                process: "app".into(),
+            };
+            let value = ObsValue {
+                sockets: 1,
+                control_plane,
+                short_lived: false,
+            };
+            (key, value)
+        };
+        let web = AgentTable {
+            addresses: ["10.0.0.1".parse().unwrap()].into(),
+            entries: [
+                row("203.0.113.7", 443, false),
+                row("192.0.2.1", 50051, true),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let mut model = Model::default();
+        model.replace("web", web, 1_000);
+        model
+    }
+
+    /// The CONNECTS_TO edges' far ends and whether each is active, and whether the far ends are
+    /// nodes of the map.
+    fn connections(g: &Graph) -> Vec<(&str, bool)> {
+        let ids: BTreeSet<&str> = g.nodes.iter().map(|n| n.id.as_str()).collect();
+        g.edges
+            .iter()
+            .filter(|e| e.kind == EdgeKind::ConnectsTo)
+            .inspect(|e| assert!(ids.contains(e.to.as_str()), "{} has no node", e.to))
+            .map(|e| (e.to.as_str(), e.active))
+            .collect()
+    }
+
+    #[test]
+    fn a_query_leaves_out_inactive_and_control_plane_edges_unless_asked() {
+        let m = model();
+        let ttl = 60_000;
+        let query = |include_control, include_inactive| GraphQuery {
+            include_control,
+            include_inactive,
+        };
+        let external = "addr:203.0.113.7";
+        let controller = "addr:192.0.2.1";
+        // Seen within the TTL: active.
+        let now = 1_000 + ttl - 1;
+        let g = build(&m, &query(false, false), now, ttl);
+        assert_eq!(connections(&g), [(external, true)]);
+        assert!(!g.nodes.iter().any(|n| n.id == controller));
+        let g = build(&m, &query(true, false), now, ttl);
+        assert_eq!(connections(&g), [(controller, true), (external, true)]);
+        // A TTL later: inactive, shown only when asked.
+        let now = 1_000 + ttl;
+        assert_eq!(connections(&build(&m, &query(true, false), now, ttl)), []);
+        let g = build(&m, &query(false, true), now, ttl);
+        assert_eq!(connections(&g), [(external, false)]);
+        let g = build(&m, &query(true, true), now, ttl);
+        assert_eq!(connections(&g), [(controller, false), (external, false)]);
+        // Hosts, their addresses and services are always there.
+        assert_eq!(g.edges[0].kind, EdgeKind::HasAddress);
+        assert!(g.edges[0].active);
+    }
+}

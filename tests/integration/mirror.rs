@@ -7,6 +7,7 @@
 //! UDP from `peer` to `src` is captured by the agent, streamed over mTLS to the controller in `hub`,
 //! and reinjected into `span0`, recorded as pcapng, or sent in VXLAN to `span`. tcpdump at the
 //! source and at the analyzer records both sides; packets are compared by their bytes' hashes.
+//! The capture's limits, in the same lab, are in `mirror_rate.rs`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -20,24 +21,24 @@ use sha2::{Digest, Sha256};
 use crate::harness::{Netns, Proc, World, bin, http_get, require_root, veth, wait_for};
 
 const HTTP: &str = "127.0.0.1:7080";
-const PORT: u16 = 9999;
+pub(crate) const PORT: u16 = 9999;
 
 /// Fields drop in order: processes first, then the namespaces, then the directory with the logs.
-struct Lab {
+pub(crate) struct Lab {
     procs: Vec<Proc>,
     peer: Netns,
-    src: Netns,
+    pub(crate) src: Netns,
     hub: Netns,
-    span: Netns,
+    pub(crate) span: Netns,
     ctl: PathBuf,
     world: World,
 }
 
 /// One packet as a pcap file holds it.
 #[derive(Debug, Clone)]
-struct Frame {
-    ts_ns: u64,
-    data: Vec<u8>,
+pub(crate) struct Frame {
+    pub(crate) ts_ns: u64,
+    pub(crate) data: Vec<u8>,
 }
 
 fn hashes(frames: &[Frame]) -> Vec<String> {
@@ -66,13 +67,13 @@ fn read_pcap(path: &Path) -> Vec<Frame> {
 }
 
 /// A tcpdump writing `filter` on `iface` of `ns` to a file, until stopped.
-struct Dump {
+pub(crate) struct Dump {
     proc: Proc,
     path: PathBuf,
 }
 
 impl Dump {
-    fn start(lab: &Lab, ns: &Netns, label: &str, iface: &str, filter: &str) -> Dump {
+    pub(crate) fn start(lab: &Lab, ns: &Netns, label: &str, iface: &str, filter: &str) -> Dump {
         let path = lab.world.path().join(format!("{label}.pcap"));
         let mut cmd = ns.command("tcpdump");
         cmd.args(["-i", iface, "--immediate-mode", "-U", "-n", "-s", "0"])
@@ -98,7 +99,7 @@ impl Dump {
     }
 
     /// Stops tcpdump (it flushes on SIGINT) and reads what it recorded.
-    fn finish(mut self) -> Vec<Frame> {
+    pub(crate) fn finish(mut self) -> Vec<Frame> {
         self.proc.signal(Signal::SIGINT);
         self.proc.wait_exit(Duration::from_secs(10));
         read_pcap(&self.path)
@@ -106,7 +107,7 @@ impl Dump {
 }
 
 impl Lab {
-    fn new() -> Lab {
+    pub(crate) fn new() -> Lab {
         let world = World::new();
         let (peer, src, hub, span) = (
             Netns::new("peer"),
@@ -202,7 +203,7 @@ impl Lab {
         serde_json::from_str(&body).unwrap()
     }
 
-    fn agent(&self) -> Option<Value> {
+    pub(crate) fn agent(&self) -> Option<Value> {
         self.get("/api/v1/agents")
             .as_array()?
             .iter()
@@ -211,7 +212,7 @@ impl Lab {
     }
 
     /// The mirror counters of agent src towards `target`.
-    fn mirror(&self, target: &str) -> Option<Value> {
+    pub(crate) fn mirror(&self, target: &str) -> Option<Value> {
         self.get("/api/v1/mirror")
             .as_array()?
             .iter()
@@ -238,7 +239,7 @@ impl Lab {
 
     /// Sets policy `tap` for every agent and waits until src applied or refused it; returns the
     /// refusal, if any.
-    fn policy(&self, args: &[&str]) -> Option<String> {
+    pub(crate) fn policy(&self, args: &[&str]) -> Option<String> {
         let mut all = vec!["policy", "set", "tap", "--all"];
         all.extend_from_slice(args);
         let (ok, out) = self.ctl(&all);
@@ -255,7 +256,13 @@ impl Lab {
 
     /// Sends `count` UDP datagrams from peer to src:`port`, `gap` apart, with random payloads of
     /// `sizes` bytes (seeded: the same run sends the same bytes).
-    fn send(&self, port: u16, count: usize, sizes: std::ops::Range<usize>, gap: Duration) {
+    pub(crate) fn send(
+        &self,
+        port: u16,
+        count: usize,
+        sizes: std::ops::Range<usize>,
+        gap: Duration,
+    ) {
         self.peer.run(|| {
             let sock = UdpSocket::bind("10.9.0.1:0").unwrap();
             // Resolve the neighbour first, so no datagram waits for ARP.
@@ -296,7 +303,7 @@ impl Lab {
     }
 }
 
-fn filter(port: u16) -> String {
+pub(crate) fn filter(port: u16) -> String {
     format!("udp and dst port {port}")
 }
 
@@ -507,153 +514,6 @@ fn filters_change_live_and_bad_ones_keep_the_previous_capture() {
     });
     let error = m["last_error"].as_str().unwrap();
     assert!(error.contains("MTU") && error.contains("gro"), "{error}");
-}
-
-/// The breach rule: at 4× the limit, capture stops at the end of exactly the configured number of
-/// check intervals, counted from the first packet as the source's own tcpdump timestamps it.
-#[test]
-fn over_the_limit_capture_stops_after_exactly_n_intervals() {
-    if !require_root("over_the_limit_capture_stops_after_exactly_n_intervals") {
-        return;
-    }
-    let lab = Lab::new();
-    let f = filter(PORT);
-    let (interval_ms, n) = (400u64, 3u64);
-    let at_src = Dump::start(&lab, &lab.src, "src", "lan0", &f);
-    assert_eq!(
-        lab.policy(&[
-            "--capture",
-            "--interface",
-            "lan0",
-            "--filter",
-            &f,
-            "--limit",
-            "2Mbit",
-            "--check-interval",
-            &format!("{interval_ms}ms"),
-            "--breach-intervals",
-            &n.to_string(),
-            "--target",
-            "none",
-        ]),
-        None
-    );
-    // 1,000 B every 1 ms: 8 Mbit/s for 3 s, well past the breach.
-    lab.send(PORT, 3000, 1000..1001, Duration::from_millis(1));
-    let agent = wait_for("breach reported", Duration::from_secs(20), || {
-        lab.agent()
-            .filter(|a| a["capture"]["state"] == "stopped_breach")
-    });
-    let sent = at_src.finish();
-    let c = &agent["capture"];
-    let breach = &c["breach"];
-    assert_eq!(breach["intervals"], n, "{agent}");
-    let measured = breach["measured_bps"].as_u64().unwrap();
-    assert!((6_000_000..=10_000_000).contains(&measured), "{breach}");
-    assert!(c["error"].as_str().unwrap().contains("limit"), "{c}");
-    // Capture ended n intervals after the first packet: not n-1, not n+1.
-    let first = sent[0].ts_ns;
-    let at = breach["at_unix_ns"].as_u64().unwrap();
-    let expected = first + n * interval_ms * 1_000_000;
-    assert!(
-        at.abs_diff(expected) < interval_ms * 1_000_000 / 2,
-        "breach at {at}, expected {expected} (first packet {first})"
-    );
-    // What the agent captured is what crossed lan0 until then (one packet's slack each side).
-    let until: u64 = sent.iter().filter(|f| f.ts_ns < at).count() as u64;
-    let captured = c["packets_captured"].as_u64().unwrap();
-    assert!(
-        captured.abs_diff(until) <= 2,
-        "captured {captured}, on the wire before the breach {until}"
-    );
-
-    // A reconnect does not resume it; a new policy does.
-    assert_eq!(lab.policy(&["--limit", "50Mbit"]), None);
-    wait_for("capture resumed", Duration::from_secs(10), || {
-        lab.agent().filter(|a| a["capture"]["state"] == "running")
-    });
-}
-
-/// The token bucket alone (no breach rule): at 4× the limit, the delivered rate stays within 5%
-/// of the limit.
-#[test]
-fn the_token_bucket_holds_the_delivered_rate_to_the_limit() {
-    if !require_root("the_token_bucket_holds_the_delivered_rate_to_the_limit") {
-        return;
-    }
-    let lab = Lab::new();
-    let f = filter(PORT);
-    let limit_bps = 2_000_000u64;
-    assert_eq!(
-        lab.policy(&[
-            "--capture",
-            "--interface",
-            "lan0",
-            "--filter",
-            &f,
-            "--limit",
-            "2Mbit",
-            "--breach-intervals",
-            "0",
-            "--target",
-            "interface:span0",
-        ]),
-        None
-    );
-    let at_src = Dump::start(&lab, &lab.src, "src", "lan0", &f);
-    let at_span = Dump::start(&lab, &lab.span, "span", "span1", &f);
-    lab.send(PORT, 4000, 1000..1001, Duration::from_micros(1000));
-    std::thread::sleep(Duration::from_secs(1));
-    let (sent, seen) = (at_src.finish(), at_span.finish());
-    // Everything delivered was captured at the source within its span of time.
-    let span_s = (sent.last().unwrap().ts_ns - sent[0].ts_ns) as f64 / 1e9;
-    let delivered_bits: u64 = seen.iter().map(|f| f.data.len() as u64 * 8).sum();
-    // The bucket starts full: one burst (100 ms at the limit) on top of the rate.
-    let expected = limit_bps as f64 * (span_s + 0.1);
-    let ratio = delivered_bits as f64 / expected;
-    assert!(
-        (0.95..=1.05).contains(&ratio),
-        "delivered {delivered_bits} bits in {span_s:.3} s, expected {expected:.0}: ratio {ratio:.3}"
-    );
-    // The counters balance exactly over the limit too, once the next control record is in: every
-    // packet on the wire was captured, and is sent, dropped by the limiter or the queue; what the
-    // agent sent is what the controller received, with nothing lost in transit.
-    let agent = wait_for("the agent's counters", Duration::from_secs(15), || {
-        lab.agent()
-            .filter(|a| a["capture"]["packets_captured"] == sent.len() as u64)
-    });
-    let c = &agent["capture"];
-    let get = |k: &str| c[k].as_u64().unwrap();
-    assert!(get("packets_dropped_limiter") > 2000, "{c}");
-    assert_eq!(
-        get("packets_captured"),
-        get("packets_sent")
-            + get("packets_dropped_limiter")
-            + get("packets_dropped_queue")
-            + get("packets_in_flight"),
-        "{c}"
-    );
-    assert_eq!(c["state"], "running");
-    let m = lab.mirror("interface:span0").unwrap();
-    assert_eq!(m["packets_received"], get("packets_sent"), "{m} vs {c}");
-    assert_eq!(m["lost_in_transit"], 0, "{m}");
-    // A real agent's headers are all believed: nothing refused, every delay observed.
-    assert_eq!(
-        m["invalid_batches"],
-        serde_json::json!({"sequence": 0, "time": 0, "counters": 0}),
-        "{m}"
-    );
-    assert_eq!(
-        m["packets_written"].as_u64().unwrap(),
-        seen.len() as u64,
-        "{m}"
-    );
-    // Degraded while it drops, with the reason.
-    let state = lab.agent().unwrap();
-    assert!(
-        state["state"] == "degraded" || state["state"] == "connected",
-        "{state}"
-    );
 }
 
 /// Packets no target can take are dropped and counted with the reason; the stream goes on and

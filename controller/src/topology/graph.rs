@@ -364,4 +364,45 @@ mod tests {
         assert_eq!(g.edges[0].kind, EdgeKind::HasAddress);
         assert!(g.edges[0].active);
     }
+
+    #[test]
+    fn a_service_is_named_after_the_process_on_its_port_and_protocol() {
+        let listener = |port: u16, protocol: Protocol, process: &str| {
+            let key = model::ListenerKey {
+                ip: "0.0.0.0".parse().unwrap(),
+                port,
+                protocol,
+                netns: String::new(),
+            };
+            (key, process.to_string())
+        };
+        let dns = AgentTable {
+            listeners: [
+                listener(53, Protocol::Tcp, "named"),
+                listener(53, Protocol::Udp, "unbound"),
+                listener(80, Protocol::Tcp, "nginx"),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let mut m = Model::default();
+        m.replace("dns", dns, 1_000);
+        let g = build(&m, &GraphQuery::default(), 1_000, 60_000);
+        let services: Vec<(&str, &str)> = g
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.kind {
+                NodeKind::Service { process, .. } => Some((n.name.as_str(), process.as_str())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            services,
+            [
+                ("dns:53/tcp", "named"),
+                ("dns:80/tcp", "nginx"),
+                ("dns:53/udp", "unbound")
+            ]
+        );
+    }
 }

@@ -397,4 +397,214 @@ mod tests {
         assert_eq!(next_flip_ms(&graph, ttl), Some(210_000));
         assert_eq!(next_flip_ms(&Graph::default(), ttl), None);
     }
+
+    fn props(pairs: &[(&str, Value)]) -> Props {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    fn text(v: &str) -> Value {
+        Value::Str(v.into())
+    }
+
+    #[test]
+    fn the_labels_and_types_are_the_ones_operators_query() {
+        assert_eq!(Label::ALL.map(Label::name), ["Host", "Address", "Service"]);
+        assert_eq!(
+            Kind::ALL.map(Kind::name),
+            ["HAS_ADDRESS", "LISTENS", "CONNECTS_TO"]
+        );
+    }
+
+    #[test]
+    fn every_kind_of_node_keeps_its_fields_as_properties() {
+        let mut web = host("host:web", "web.example");
+        web.kind = NodeKind::Host {
+            hostname: Some("web.example".into()),
+            agent_state: Some("lost"),
+        };
+        web.labels.insert("team".into(), "db".into());
+        let address = Node {
+            id: "addr:10.0.0.9".into(),
+            name: "10.0.0.9".into(),
+            kind: NodeKind::Address {
+                ip: "10.0.0.9".parse().unwrap(),
+                conflict: Some("claimed by agents a, b".into()),
+                dns: Some("nine.example".into()),
+            },
+            labels: BTreeMap::new(),
+        };
+        let mut dns = Node {
+            id: "svc:web/udp/53".into(),
+            name: "web:53/udp".into(),
+            kind: NodeKind::Service {
+                host: "web".into(),
+                process: "named".into(),
+                port: 53,
+                protocol: Protocol::Udp,
+            },
+            labels: BTreeMap::new(),
+        };
+        dns.labels.insert("port".into(), "not a number".into());
+        let bare = Node {
+            kind: NodeKind::Host {
+                hostname: None,
+                agent_state: None,
+            },
+            ..host("host:bare", "")
+        };
+        let graph = Graph {
+            nodes: vec![web, address, dns, bare],
+            edges: vec![],
+        };
+        let want = desired(&graph, Duration::from_secs(60));
+        let row = |id: &str| &want.nodes[id].1;
+        assert_eq!(row("host:web").label, Label::Host);
+        assert_eq!(
+            row("host:web").props,
+            props(&[
+                ("hostname", text("web.example")),
+                ("agent_state", text("lost")),
+                ("label.team", text("db")),
+                ("id", text("host:web")),
+                ("name", text("host:web")),
+            ])
+        );
+        assert_eq!(row("addr:10.0.0.9").label, Label::Address);
+        assert_eq!(
+            row("addr:10.0.0.9").props,
+            props(&[
+                ("conflict", text("claimed by agents a, b")),
+                ("dns", text("nine.example")),
+                ("id", text("addr:10.0.0.9")),
+                ("name", text("10.0.0.9")),
+            ])
+        );
+        assert_eq!(row("svc:web/udp/53").label, Label::Service);
+        assert_eq!(
+            row("svc:web/udp/53").props,
+            props(&[
+                ("host", text("web")),
+                ("process", text("named")),
+                ("port", Value::Int(53)),
+                ("protocol", text("udp")),
+                ("label.port", text("not a number")),
+                ("id", text("svc:web/udp/53")),
+                ("name", text("web:53/udp")),
+            ])
+        );
+        assert_eq!(
+            row("host:bare").props,
+            props(&[("id", text("host:bare")), ("name", text("host:bare"))]),
+            "what the map does not know is left out, not written empty"
+        );
+    }
+
+    #[test]
+    fn each_relationship_type_carries_what_it_has() {
+        let address = Node {
+            id: "addr:10.0.0.9".into(),
+            name: "10.0.0.9".into(),
+            kind: NodeKind::Address {
+                ip: "10.0.0.9".parse().unwrap(),
+                conflict: None,
+                dns: None,
+            },
+            labels: BTreeMap::new(),
+        };
+        let graph = Graph {
+            nodes: vec![
+                host("host:a", "a"),
+                address,
+                service("svc:a/udp/53", 53, "named"),
+            ],
+            edges: vec![
+                edge(EdgeKind::HasAddress, "host:a", "addr:10.0.0.9"),
+                Edge {
+                    port: 53,
+                    protocol: Some(Protocol::Udp),
+                    active: true,
+                    ..edge(EdgeKind::Listens, "host:a", "svc:a/udp/53")
+                },
+                Edge {
+                    port: 53,
+                    protocol: Some(Protocol::Udp),
+                    process: "dig".into(),
+                    sockets: 4,
+                    first_seen_ms: 100_000,
+                    last_seen_ms: 160_000,
+                    active: false,
+                    control_plane: true,
+                    ..edge(EdgeKind::ConnectsTo, "host:a", "addr:10.0.0.9")
+                },
+            ],
+        };
+        let want = desired(&graph, Duration::from_secs(60));
+        let row = |id: &str| {
+            let (hash, kind, e) = want.rels[id];
+            rel_row(&want, id, hash, kind, e)
+        };
+        let has = row("HAS_ADDRESS|host:a|addr:10.0.0.9|0/");
+        assert_eq!(has.kind, Kind::HasAddress);
+        assert_eq!(has.from, (Label::Host, "host:a".to_string()));
+        assert_eq!(has.to, (Label::Address, "addr:10.0.0.9".to_string()));
+        assert_eq!(
+            has.props,
+            props(&[("id", text("HAS_ADDRESS|host:a|addr:10.0.0.9|0/"))])
+        );
+        let listens = row("LISTENS|host:a|svc:a/udp/53|53/udp");
+        assert_eq!(listens.kind, Kind::Listens);
+        assert_eq!(
+            listens.props,
+            props(&[
+                ("id", text("LISTENS|host:a|svc:a/udp/53|53/udp")),
+                ("port", Value::Int(53)),
+                ("protocol", text("udp")),
+            ])
+        );
+        let connects = row("CONNECTS_TO|host:a|addr:10.0.0.9|53/udp");
+        assert_eq!(connects.kind, Kind::ConnectsTo);
+        assert_eq!(connects.to.0, Label::Address);
+        assert_eq!(
+            connects.props,
+            props(&[
+                ("id", text("CONNECTS_TO|host:a|addr:10.0.0.9|53/udp")),
+                ("port", Value::Int(53)),
+                ("protocol", text("udp")),
+                ("process", text("dig")),
+                ("sockets", Value::Int(4)),
+                ("first_seen", Value::Int(100_000)),
+                ("last_seen", Value::Int(160_000)),
+                ("active", Value::Bool(false)),
+                ("control_plane", Value::Bool(true)),
+            ])
+        );
+        assert_eq!(connects.hash, want.rels[connects.id.as_str()].0);
+    }
+
+    #[test]
+    fn hashes_are_never_zero_which_means_contents_unknown() {
+        for i in 0..64u32 {
+            assert_eq!(hash_of(&i) & 1, 1, "hash of {i}");
+        }
+    }
+
+    #[test]
+    fn a_node_changes_its_hash_with_any_property() {
+        let hash = |n: Node| {
+            let g = Graph {
+                nodes: vec![n],
+                edges: vec![],
+            };
+            desired(&g, Duration::from_secs(60)).nodes["host:a"].0
+        };
+        let before = hash(host("host:a", "a"));
+        assert_eq!(before, hash(host("host:a", "a")));
+        assert_ne!(before, hash(host("host:a", "b")));
+        let mut labelled = host("host:a", "a");
+        labelled.labels.insert("team".into(), "db".into());
+        assert_ne!(before, hash(labelled));
+    }
 }

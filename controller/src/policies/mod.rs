@@ -340,6 +340,9 @@ mod tests {
 
         /// (name, version) of the policy the registry resolves for a new agent with `labels`.
         async fn resolved_for(&self, id: &str, labels: &[(&str, &str)]) -> (String, u64) {
+            // A change is answered, then handed to the registry before the next command: once
+            // this is answered, the registry has every change before it.
+            self.policies.list().await;
             let (tx, _rx) = mpsc::channel(16);
             let labels = labels
                 .iter()

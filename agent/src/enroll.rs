@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use tapgraph::backoff::BackoffPolicy;
 use tapgraph::fsutil;
 use tapgraph::identity::Identity;
 use tapgraph::pki;
@@ -196,6 +197,12 @@ pub async fn enroll(params: &EnrollParams, files: &TlsFiles) -> Result<Enrolled,
     })
 }
 
+/// How a failed renewal is retried: 1 s doubling to 60 s, no jitter (each agent renews at its own
+/// time, so there is no crowd to spread), from 1 s again after a renewal.
+fn renew_retry() -> BackoffPolicy {
+    BackoffPolicy::new(Duration::from_secs(1), Duration::from_secs(60), 0.0).unwrap_or_default()
+}
+
 /// Renews the certificate at 70% of its lifetime over `channel`, the agent's live mTLS connection,
 /// so no stream is dropped. Failures are retried until `stop` or expiry.
 pub async fn renew_loop(
@@ -204,7 +211,7 @@ pub async fn renew_loop(
     stop: CancellationToken,
 ) {
     let mut client = EnrollmentServiceClient::new(channel);
-    let mut retry = Duration::from_secs(1);
+    let mut retry = renew_retry().start();
     loop {
         let info = match std::fs::read_to_string(&files.cert)
             .map_err(|e| e.to_string())
@@ -238,7 +245,7 @@ pub async fn renew_loop(
                 let r = response.into_inner();
                 match install(&files, &key_pem, &r.certificate_pem, &r.ca_bundle_pem) {
                     Ok(()) => {
-                        retry = Duration::from_secs(1);
+                        retry.reset();
                         let not_after = tapgraph::time::from_unix_nanos(r.not_after_unix_nanos);
                         tracing::info!(not_after = ?not_after, "certificate renewed");
                     }
@@ -252,12 +259,12 @@ pub async fn renew_loop(
                     .not_after
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
-                tracing::warn!(error = %status.message(), code = ?status.code(), expires_in = ?left, retry_in = ?retry, "certificate renewal failed");
+                let retry_in = retry.next_delay();
+                tracing::warn!(error = %status.message(), code = ?status.code(), expires_in = ?left, ?retry_in, "certificate renewal failed");
                 tokio::select! {
-                    () = tokio::time::sleep(retry.min(left.max(Duration::from_secs(1)))) => {}
+                    () = tokio::time::sleep(retry_in.min(left.max(Duration::from_secs(1)))) => {}
                     () = stop.cancelled() => return,
                 }
-                retry = (retry * 2).min(Duration::from_secs(60));
             }
         }
     }
@@ -273,6 +280,20 @@ mod tests {
             key: dir.join("agent.key"),
             ca: dir.join("ca.pem"),
         }
+    }
+
+    #[test]
+    fn renewal_retries_double_from_one_second_to_a_minute() {
+        let mut retry = renew_retry().start();
+        let delays: Vec<Duration> = (0..8).map(|_| retry.next_delay()).collect();
+        let secs = |s: &[u64]| {
+            s.iter()
+                .map(|&n| Duration::from_secs(n))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(delays, secs(&[1, 2, 4, 8, 16, 32, 60, 60]));
+        retry.reset();
+        assert_eq!(retry.next_delay(), Duration::from_secs(1));
     }
 
     #[test]

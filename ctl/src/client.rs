@@ -86,11 +86,10 @@ impl CtlConfig {
     pub async fn admin(&self) -> anyhow::Result<AdminServiceClient<Channel>> {
         let roots = tapgraph::tls::roots_from_pem(self.ca_pem.as_bytes())
             .map_err(|e| anyhow!("ca_pem: {e}"))?;
-        let chain = tapgraph::tls::parse_certs(self.cert_pem.as_bytes())
-            .map_err(|e| match e {
-                tapgraph::tls::PemError::NoCertificate => anyhow!("cert_pem: no certificate"),
-                e => anyhow!("cert_pem: {e}"),
-            })?;
+        let chain = tapgraph::tls::parse_certs(self.cert_pem.as_bytes()).map_err(|e| match e {
+            tapgraph::tls::PemError::NoCertificate => anyhow!("cert_pem: no certificate"),
+            e => anyhow!("cert_pem: {e}"),
+        })?;
         let key = tapgraph::tls::parse_key(self.key_pem.as_bytes())
             .map_err(|e| anyhow!("key_pem: {e}"))?;
         let tls = tapgraph::tls::client_config(roots, Some((chain, key)))?;

@@ -276,12 +276,10 @@ impl CertInfo {
 
 /// Reads validity, serial and identity from the first certificate of a PEM text.
 pub fn cert_info(pem: &str) -> Result<CertInfo, PkiError> {
+    use x509_parser::prelude::FromDer;
     let der = tls::parse_certs(pem.as_bytes())?;
-    let (_, cert) = <x509_parser::certificate::X509Certificate as x509_parser::prelude::FromDer<
-        '_,
-        _,
-    >>::from_der(&der[0])
-    .map_err(PkiError::BadCertificate)?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der[0])
+        .map_err(PkiError::BadCertificate)?;
     let to_time = |t: x509_parser::time::ASN1Time| {
         std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
     };

@@ -133,3 +133,45 @@ impl Revocations {
         self.tx.send_modify(|n| *n += 1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_acts_as_its_agent_only_with_a_recorded_key() {
+        let r = Revocations::default();
+        // An id without recorded keys (issued by hand, or enrolled before keys were kept).
+        assert!(r.key_is_current("web", None));
+        assert!(r.key_is_current("web", Some("any")));
+        r.remember_keys("web", "k1", "k0");
+        assert!(r.key_is_current("web", Some("k1")));
+        assert!(r.key_is_current("web", Some("k0")));
+        assert!(!r.key_is_current("web", Some("k2")));
+        assert!(!r.key_is_current("web", None));
+        assert!(
+            r.key_is_current("db", Some("k2")),
+            "another id is not affected"
+        );
+        // A first certificate has no previous key: an empty key does not match it.
+        r.remember_keys("web", "k1", "");
+        assert!(!r.key_is_current("web", Some("")));
+        assert!(!r.key_is_current("web", Some("k0")));
+        // No current key forgets the id's keys.
+        r.remember_keys("web", "", "k1");
+        assert!(r.key_is_current("web", Some("k2")));
+    }
+
+    #[test]
+    fn a_revocation_is_seen_by_every_clone_and_wakes_watchers() {
+        let r = Revocations::default();
+        let seen = r.clone();
+        let changed = seen.changed();
+        assert!(!seen.is_revoked("web"));
+        assert!(!changed.has_changed().unwrap());
+        r.revoke("web");
+        assert!(seen.is_revoked("web"));
+        assert!(!seen.is_revoked("db"));
+        assert!(changed.has_changed().unwrap());
+    }
+}

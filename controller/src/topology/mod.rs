@@ -229,6 +229,7 @@ impl Topology {
         rx.await.unwrap_or_default()
     }
 
+    /// The task's counters and the map's size now, with the snapshots the handle shed.
     pub async fn stats(&self) -> Stats {
         let (reply, rx) = oneshot::channel();
         let _ = self.tx.send(Command::Stats { reply }).await;

@@ -73,7 +73,7 @@ pub struct Revocations {
     /// Per agent id, the keys (current, previous) its certificates were issued for. After an
     /// operator's `--replaces`, the replaced host's certificate holds neither and is refused.
     keys: Arc<RwLock<HashMap<String, (String, String)>>>,
-    tx: Arc<watch::Sender<u64>>,
+    tx: Arc<watch::Sender<()>>,
 }
 
 impl Default for Revocations {
@@ -81,7 +81,7 @@ impl Default for Revocations {
         Self {
             set: Arc::default(),
             keys: Arc::default(),
-            tx: Arc::new(watch::channel(0).0),
+            tx: Arc::new(watch::channel(()).0),
         }
     }
 }
@@ -121,7 +121,7 @@ impl Revocations {
             .contains(id)
     }
 
-    pub fn changed(&self) -> watch::Receiver<u64> {
+    pub fn changed(&self) -> watch::Receiver<()> {
         self.tx.subscribe()
     }
 
@@ -130,7 +130,8 @@ impl Revocations {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string());
-        self.tx.send_modify(|n| *n += 1);
+        // Wakes every watcher, even with nothing new to read.
+        self.tx.send_replace(());
     }
 }
 

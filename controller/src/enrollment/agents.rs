@@ -119,3 +119,124 @@ impl Task {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::{EnrollRequest, Enrollment, limits::EnrollLimits};
+    use super::*;
+    use crate::events::Events;
+    use crate::health::Health;
+    use crate::registry::Registry;
+    use crate::store::Store;
+
+    fn record(id: &str, key: &str, previous: &str, revoked: bool) -> EnrolledAgent {
+        EnrolledAgent {
+            id: id.into(),
+            hostname: id.into(),
+            machine_id: String::new(),
+            labels: BTreeMap::new(),
+            enrolled_at_ms: 1,
+            token_id: "t".into(),
+            cert_serial: "1".into(),
+            cert_not_after_ms: 2,
+            revoked_at_ms: revoked.then_some(3),
+            key_sha256: key.into(),
+            previous_key_sha256: previous.into(),
+        }
+    }
+
+    #[test]
+    fn a_new_certificate_keeps_the_key_before_it_as_the_previous_one() {
+        let mut agent = record("web", "k1", "k0", false);
+        agent.rotate_key("k2".into());
+        assert_eq!(
+            (
+                agent.key_sha256.as_str(),
+                agent.previous_key_sha256.as_str()
+            ),
+            ("k2", "k1")
+        );
+        assert!(agent.holds("k2") && agent.holds("k1") && !agent.holds("k0"));
+        // Renewed for the same key: the previous one is kept, not overwritten by it.
+        agent.rotate_key("k2".into());
+        assert_eq!(
+            (
+                agent.key_sha256.as_str(),
+                agent.previous_key_sha256.as_str()
+            ),
+            ("k2", "k1")
+        );
+        assert!(!record("web", "", "", false).holds(""));
+    }
+
+    #[test]
+    fn the_stored_records_say_what_every_agent_rpc_checks() {
+        let agents = [
+            record("web", "k1", "k0", false),
+            record("db", "k5", "", true),
+            record("old", "", "", false),
+        ];
+        let r = revocations(agents.iter());
+        assert!(!r.is_revoked("web") && r.is_revoked("db") && !r.is_revoked("old"));
+        assert!(r.key_is_current("web", Some("k0")));
+        assert!(!r.key_is_current("web", Some("k9")));
+        assert!(!r.key_is_current("db", Some("k9")));
+        // A record without keys accepts any certificate for its id, as before keys were kept.
+        assert!(r.key_is_current("old", Some("k9")));
+    }
+
+    /// Revoking writes the record (so a restart, which builds [`revocations`] from the store,
+    /// still refuses the agent) as well as the shared set.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_is_stored_for_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("controller.redb")).unwrap();
+        let events = Events::new(16);
+        let (registry, registry_task) = Registry::spawn(events.clone(), Health::default(), 10);
+        tokio::spawn(registry_task);
+        let ca =
+            tapgraph::pki::CertAuthority::generate("test CA", Duration::from_secs(3600)).unwrap();
+        let (enrollment, task) = Enrollment::spawn(
+            store.clone(),
+            ca,
+            Duration::from_secs(3600),
+            registry,
+            events,
+            EnrollLimits::new(100.0, 100),
+        )
+        .unwrap();
+        tokio::spawn(task);
+        let token = enrollment
+            .create_token(
+                Duration::from_secs(60),
+                1,
+                BTreeMap::new(),
+                String::new(),
+                None,
+            )
+            .await
+            .unwrap();
+        let (_key, csr_pem) = tapgraph::pki::new_key_and_csr("web").unwrap();
+        let enrolled = enrollment
+            .enroll(EnrollRequest {
+                peer: "127.0.0.1:1".parse().unwrap(),
+                token: token.text,
+                csr_pem,
+                hostname: "web".into(),
+                machine_id: String::new(),
+                requested_id: String::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(enrolled.agent_id, "web");
+        assert!(!enrollment.revocations().is_revoked("web"));
+        enrollment.revoke_agent("web".into()).await.unwrap();
+        assert!(enrollment.revocations().is_revoked("web"));
+        let stored: Vec<EnrolledAgent> = store.load(AGENTS).unwrap();
+        assert_eq!(stored.len(), 1);
+        assert!(stored[0].revoked_at_ms.is_some(), "{:?}", stored[0]);
+        assert!(revocations(stored.iter()).is_revoked("web"));
+    }
+}

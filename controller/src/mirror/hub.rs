@@ -753,6 +753,40 @@ mod tests {
         assert_eq!(mirrors.batches_no_route(), 2);
     }
 
+    /// A target that cannot be opened is tried again after [`RETRY_TARGET`], not for every
+    /// batch; an open one is kept for as long as the policy version holds.
+    #[tokio::test(start_paused = true)]
+    async fn an_unavailable_target_is_tried_again_after_a_while_not_per_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mirrors = Mirrors::new(dir.path().to_path_buf(), crate::health::Health::default());
+        let missing =
+            async { Some(("web-1".to_string(), Target::Interface("tg-missing0".into()))) };
+        let (mut broken, mut working) = (None, None);
+        let attached = mirrors.route(&mut broken, "a1", 1, missing).await.unwrap();
+        assert!(attached.unavailable.is_some());
+        let found = async { Some(("web-2".to_string(), Target::None)) };
+        let attached = mirrors.route(&mut working, "a2", 1, found).await.unwrap();
+        assert!(attached.unavailable.is_none());
+        let looked = std::sync::atomic::AtomicBool::new(false);
+        let look = || async {
+            looked.store(true, Ordering::Relaxed);
+            None
+        };
+        tokio::time::advance(RETRY_TARGET - Duration::from_millis(1)).await;
+        assert!(mirrors.route(&mut broken, "a1", 1, look()).await.is_some());
+        assert!(!looked.load(Ordering::Relaxed), "retried too soon");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(mirrors.route(&mut working, "a2", 1, look()).await.is_some());
+        assert!(
+            !looked.load(Ordering::Relaxed),
+            "an open target is looked up again"
+        );
+        // Time to retry the unavailable one: looked up again (and now there is no route).
+        assert!(mirrors.route(&mut broken, "a1", 1, look()).await.is_none());
+        assert!(looked.load(Ordering::Relaxed));
+        assert_eq!(mirrors.batches_no_route(), 1);
+    }
+
     #[test]
     fn quantiles_land_in_the_right_bucket() {
         let h = Histogram::default();

@@ -299,6 +299,8 @@ pub(super) fn merge(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn ip(s: &str) -> IpAddr {
@@ -406,5 +408,114 @@ mod tests {
         for good in ["10.0.0.1", "127.0.0.1", "fe80::1", "2001:db8::1"] {
             check_host_address(&ip(good)).unwrap();
         }
+    }
+
+    fn entry(
+        direction: proto::Direction,
+        remote: &str,
+        port: u32,
+        protocol: proto::Protocol,
+    ) -> proto::ConnectionEntry {
+        proto::ConnectionEntry {
+            direction: direction as i32,
+            local_ip: "10.0.0.1".into(),
+            remote_ip: remote.into(),
+            server_port: port,
+            protocol: protocol as i32,
+            process: Some(proto::ProcessInfo {
+                name: "app".into(),
+                ..Default::default()
+            }),
+            sockets: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_row_is_read_into_the_model_s_types_or_refused_naming_the_field() {
+        use proto::Direction::{Client, Server, Unspecified};
+        use proto::Protocol::{Tcp, Udp};
+        let (key, value) = row(&entry(Client, "10.0.0.2", 65535, Tcp), false).unwrap();
+        assert_eq!(key, obs("10.0.0.2", 65535, Protocol::Tcp));
+        assert_eq!(value, sockets(1));
+        let (key, _) = row(&entry(Server, "10.0.0.2", 53, Udp), false).unwrap();
+        assert_eq!(
+            (key.direction, key.server_port, key.protocol),
+            (Direction::Server, 53, Protocol::Udp)
+        );
+        let refused = |e: proto::ConnectionEntry| row(&e, false).unwrap_err();
+        let mut unknown = entry(Client, "10.0.0.2", 80, Tcp);
+        unknown.direction = Unspecified as i32;
+        assert_eq!(refused(unknown), malformed("direction", 0));
+        let mut unknown = entry(Client, "10.0.0.2", 80, Tcp);
+        unknown.protocol = proto::Protocol::Unspecified as i32;
+        assert_eq!(refused(unknown), malformed("protocol", 0));
+        for port in [0, 65536] {
+            let e = refused(entry(Client, "10.0.0.2", port, Tcp));
+            assert_eq!(
+                e,
+                Invalid::Port {
+                    field: "server_port",
+                    value: port
+                }
+            );
+        }
+        // A name of NAME_MAX bytes is one a host can have.
+        let mut longest = entry(Client, "10.0.0.2", 80, Tcp);
+        longest.process.as_mut().unwrap().name = "p".repeat(MAX_NAME);
+        row(&longest, false).unwrap();
+        // A removed row only needs to parse: it can only remove what was accepted.
+        let broadcast = entry(Client, "255.255.255.255", 80, Tcp);
+        assert_eq!(refused(broadcast.clone()).reason(), "address");
+        row(&broadcast, true).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_s_rows_fold_into_the_table_and_refusals_are_counted_by_reason() {
+        use proto::Direction::Client;
+        use proto::Protocol::Tcp;
+        let mut table = AgentTable::default();
+        let mut stats = Stats::default();
+        let full = proto::ConnectionSnapshot {
+            full: true,
+            entries: vec![
+                entry(Client, "10.0.0.2", 80, Tcp),
+                entry(Client, "10.0.0.3", 0, Tcp),
+                entry(Client, "10.0.0.4", 0, Tcp),
+            ],
+            addresses: vec!["10.0.0.1".into(), "not an address".into()],
+            ..Default::default()
+        };
+        let skipped = merge(&mut table, &full, &mut stats);
+        assert_eq!(skipped.count, 3);
+        assert_eq!(skipped.first.unwrap().reason(), "port");
+        let by_reason = BTreeMap::from([("malformed", 1), ("port", 2)]);
+        assert_eq!(stats.rows_skipped_by_reason, by_reason);
+        assert_eq!(table.entries.len(), 1);
+        assert_eq!(table.addresses, [ip("10.0.0.1")].into());
+        // A delta naming no address keeps the table's; one naming some replaces them.
+        let delta = proto::ConnectionSnapshot {
+            removed: vec![entry(Client, "10.0.0.2", 80, Tcp)],
+            ..Default::default()
+        };
+        assert_eq!(merge(&mut table, &delta, &mut stats).count, 0);
+        assert!(table.entries.is_empty());
+        assert_eq!(table.addresses, [ip("10.0.0.1")].into());
+        let moved = proto::ConnectionSnapshot {
+            addresses: vec!["10.0.0.9".into()],
+            ..Default::default()
+        };
+        merge(&mut table, &moved, &mut stats);
+        assert_eq!(table.addresses, [ip("10.0.0.9")].into());
+        // A full snapshot naming none leaves none.
+        merge(
+            &mut table,
+            &proto::ConnectionSnapshot {
+                full: true,
+                ..Default::default()
+            },
+            &mut stats,
+        );
+        assert!(table.addresses.is_empty());
     }
 }

@@ -33,12 +33,12 @@ use crate::enrollment::Enrollment;
 use crate::enrollment::ca::ControllerPki;
 use crate::events::Events;
 use crate::health::Health;
+use crate::http::console;
 use crate::mirror::Mirrors;
 use crate::policies::Policies;
 use crate::registry::Registry;
 use crate::session::{AgentApi, StreamLimits};
 use crate::topology::{Naming, Topology};
-use crate::http::console;
 use crate::{admin, enrollment, http, session, sinks, store, topology};
 
 /// The largest HTTP/2 frame agents may send: a mirror batch (at most 1 MiB) in one frame.

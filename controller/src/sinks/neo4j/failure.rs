@@ -18,18 +18,22 @@ impl Failure {
         let text = e.to_string();
         match e {
             neo4rs::Error::AuthenticationError(_) => Failure::Auth(text),
-            // Unauthorized, CredentialsExpired, AuthenticationRateLimit; not Forbidden (a user
-            // without the rights to write or to create constraints), which is a refusal.
-            neo4rs::Error::Neo4j(ref n)
-                if n.code().starts_with("Neo.ClientError.Security.")
-                    && !n.code().ends_with(".Forbidden") =>
-            {
-                Failure::Auth(text)
-            }
+            neo4rs::Error::Neo4j(ref n) => Failure::of_code(n.code(), text),
             neo4rs::Error::IOError { .. }
             | neo4rs::Error::ConnectionError
             | neo4rs::Error::IncompleteBoltExchange => Failure::Unreachable(text),
             _ => Failure::Other(text),
+        }
+    }
+
+    /// The server's own error, by its code: Unauthorized, CredentialsExpired,
+    /// AuthenticationRateLimit are the credentials; not Forbidden (a user without the rights to
+    /// write or to create constraints), which is a refusal like any other code.
+    fn of_code(code: &str, text: String) -> Failure {
+        if code.starts_with("Neo.ClientError.Security.") && !code.ends_with(".Forbidden") {
+            Failure::Auth(text)
+        } else {
+            Failure::Other(text)
         }
     }
 
@@ -87,5 +91,50 @@ mod tests {
             &Failure::Unreachable("connection reset".into())
         ));
         assert!(worth_reporting(Some(&auth), &down));
+    }
+
+    #[test]
+    fn failures_are_classed_by_what_to_do_next() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let cases = [
+            (
+                neo4rs::Error::AuthenticationError("bad password".into()),
+                "auth_failed",
+            ),
+            (neo4rs::Error::IOError { detail: refused }, "unreachable"),
+            (neo4rs::Error::ConnectionError, "unreachable"),
+            (neo4rs::Error::IncompleteBoltExchange, "unreachable"),
+            (neo4rs::Error::InvalidConfig, "failing"),
+        ];
+        for (error, state) in cases {
+            let text = error.to_string();
+            let failure = Failure::of(error);
+            assert_eq!(failure.state(), state, "{text}");
+            assert_eq!(failure.text(), text, "the driver's own words are kept");
+        }
+    }
+
+    #[test]
+    fn security_codes_are_the_credentials_except_forbidden() {
+        for code in [
+            "Neo.ClientError.Security.Unauthorized",
+            "Neo.ClientError.Security.CredentialsExpired",
+            "Neo.ClientError.Security.AuthenticationRateLimit",
+        ] {
+            assert_eq!(
+                Failure::of_code(code, code.into()),
+                Failure::Auth(code.into())
+            );
+        }
+        for code in [
+            "Neo.ClientError.Security.Forbidden",
+            "Neo.ClientError.Statement.SyntaxError",
+            "Neo.TransientError.Transaction.DeadlockDetected",
+        ] {
+            assert_eq!(
+                Failure::of_code(code, code.into()),
+                Failure::Other(code.into())
+            );
+        }
     }
 }

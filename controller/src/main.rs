@@ -13,6 +13,7 @@ mod metrics;
 mod mirror;
 mod operator;
 mod policies;
+mod policy_rules;
 mod registry;
 mod session;
 mod sinks;

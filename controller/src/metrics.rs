@@ -579,6 +579,18 @@ mod tests {
         );
     }
 
+    /// A snapshot the topology shed because its queue was full is a refusal for the reason "busy".
+    #[test]
+    fn shed_snapshots_are_refusals_for_the_reason_busy() {
+        let mut scrape = Scrape::default();
+        scrape.topology.snapshots_shed_busy = 1;
+        let text = scrape.render().unwrap();
+        assert!(
+            text.contains("tapgraph_topology_snapshots_refused_total{reason=\"busy\"} 1"),
+            "{text}"
+        );
+    }
+
     /// One agent with a control record, one mirrored packet written to a pcapng file whose name
     /// needs escaping, a Neo4j sink: the numbers come out where an operator looks for them.
     #[tokio::test]

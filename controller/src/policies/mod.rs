@@ -4,9 +4,8 @@
 //! agents get later.
 //!
 //! One task owns the policies and their version counter; every accepted change is persisted and
-//! then handed to the registry, which pushes the new resolution to the affected agents.
-
-pub mod rules;
+//! then handed to the registry, which pushes the new resolution to the affected agents. The pure rules (selectors,
+//! `resolve`, ties) are in [`crate::policy_rules`], which the registry uses too.
 
 use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
@@ -20,8 +19,8 @@ use crate::events::Events;
 use crate::registry::Registry;
 use crate::store::{Batch, Store, StoreError, Table};
 
-pub use rules::{DEFAULT_NAME, Selector, StoredPolicy};
-use rules::{StoredSpec, check_name, check_ties};
+pub use crate::policy_rules::{DEFAULT_NAME, Selector, StoredPolicy};
+use crate::policy_rules::{StoredSpec, check_name, check_ties};
 
 const POLICIES: Table = TableDefinition::new("policies");
 const META: Table = TableDefinition::new("policy_meta");

@@ -29,7 +29,7 @@ use tonic::Status;
 
 use crate::events::Events;
 use crate::health::Health;
-use crate::policies::rules::StoredPolicy;
+use crate::policy_rules::StoredPolicy;
 use task::{Command, RegistryTask};
 
 pub use health::AgentState;

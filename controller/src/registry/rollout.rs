@@ -10,7 +10,7 @@ use tapgraph::proto::{self, controller_message};
 use super::MirrorRoute;
 use super::health::DEFAULT_HEARTBEAT_MS;
 use super::task::RegistryTask;
-use crate::policies::rules::{self, StoredPolicy};
+use crate::policy_rules::{self as rules, StoredPolicy};
 
 impl RegistryTask {
     /// Replaces the policies in force; every agent whose resolution changed gets its new one.
@@ -152,7 +152,7 @@ mod tests {
 
     use super::super::fixture;
     use super::*;
-    use crate::policies::rules::{Selector, StoredSpec};
+    use crate::policy_rules::{Selector, StoredSpec};
 
     fn policy(name: &str, selector: Selector, version: u64, heartbeat_ms: u64) -> StoredPolicy {
         let mut spec = PolicySpec::default().to_proto(0, name);

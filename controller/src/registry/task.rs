@@ -16,7 +16,7 @@ use super::view::AgentView;
 use super::{DropCounters, MirrorRoute, Outbound, Registered};
 use crate::events::Events;
 use crate::health::Health;
-use crate::policies::rules::{DEFAULT_NAME, Selector, StoredPolicy, StoredSpec};
+use crate::policy_rules::{DEFAULT_NAME, Selector, StoredPolicy, StoredSpec};
 
 /// How often live agents are re-judged and probes sent.
 const TICK: Duration = Duration::from_millis(250);

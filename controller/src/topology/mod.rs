@@ -263,14 +263,6 @@ mod tests {
         let stats = topology.stats().await;
         assert_eq!(stats.snapshots_shed_busy, 1);
         assert_eq!(stats.snapshots_applied, 1);
-        let scrape = crate::metrics::Scrape {
-            topology: stats,
-            ..Default::default()
-        };
-        let text = scrape.render().unwrap();
-        assert!(
-            text.contains("tapgraph_topology_snapshots_refused_total{reason=\"busy\"} 1"),
-            "{text}"
-        );
+        // metrics.rs's tests check that this count is rendered as reason="busy".
     }
 }

@@ -34,7 +34,24 @@ const AUTH_RETRY: Duration = Duration::from_secs(60);
 /// How the sink waits after any other failure: half a second doubling to 30 s, no jitter (one
 /// writer per controller, nothing to spread out).
 fn retry_policy() -> BackoffPolicy {
+    // The bounds are constants that `new` accepts (pinned by retries_wait_half_a_second_doubling_to_30s);
+    // the default would only stand in if they were edited into something invalid.
     BackoffPolicy::new(Duration::from_millis(500), Duration::from_secs(30), 0.0).unwrap_or_default()
+}
+
+/// How long to wait after `failure`, advancing `retry`. Refused credentials wait a minute, and a
+/// failure of another kind right after them waits the longest step (30 s), as it did when each
+/// wait doubled the last one.
+fn wait_after(retry: &mut Backoff, failure: &Failure) -> Duration {
+    match failure {
+        Failure::Auth(_) => {
+            while retry.base_delay() < retry_policy().max() {
+                retry.next_delay();
+            }
+            AUTH_RETRY
+        }
+        _ => retry.next_delay(),
+    }
 }
 
 /// The Neo4j sink: one task that keeps a Bolt database equal to the map.
@@ -235,10 +252,7 @@ impl Sink {
         if worth_reporting(progress.reported.as_ref(), &failure) {
             self.report(&failure);
         }
-        progress.wait = Some(match failure {
-            Failure::Auth(_) => AUTH_RETRY,
-            _ => progress.retry.next_delay(),
-        });
+        progress.wait = Some(wait_after(&mut progress.retry, &failure));
         let lag = progress.in_sync_at.elapsed().as_secs_f64();
         self.handle
             .record_failure(failure.state(), failure.text(), lag);
@@ -559,6 +573,18 @@ async fn read_ids(graph: &neo4rs::Graph, cypher: &str) -> Result<Vec<String>, Fa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn after_refused_credentials_a_minute_then_the_longest_step() {
+        let mut retry = retry_policy().start();
+        let auth = Failure::Auth("refused".into());
+        let other = Failure::Unreachable("connection refused".into());
+        assert_eq!(wait_after(&mut retry, &other), Duration::from_millis(500));
+        assert_eq!(wait_after(&mut retry, &auth), Duration::from_secs(60));
+        assert_eq!(wait_after(&mut retry, &other), Duration::from_secs(30));
+        retry.reset();
+        assert_eq!(wait_after(&mut retry, &other), Duration::from_millis(500));
+    }
 
     #[test]
     fn retries_wait_half_a_second_doubling_to_30s() {

@@ -321,7 +321,7 @@ const TABLE: &[Field<View>] = &[
     ),
     counter_by(
         "tapgraph_snapshot_read_failures",
-        "Connection-table reads that failed, by source: sock_diag (read from /proc/net instead), proc_net (a socket table; the snapshot or that namespace is skipped), procs (the process list; the snapshot is skipped).",
+        "Connection-table reads that failed, by source, one per table read: sock_diag (that table read from /proc/net instead), proc_net (a socket table; the snapshot or that namespace is skipped), procs (the process list; the snapshot is skipped).",
         "source",
         |v| {
             let reads = &v.metrics.snapshot_drops.table_reads;

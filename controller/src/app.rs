@@ -214,8 +214,8 @@ impl App {
 }
 
 impl Owners {
-    /// Spawns the registry, enrollment, policies and topology tasks, in that order: each of the
-    /// later ones talks to the registry. Policies are loaded before the listener serves, so the
+    /// Spawns the registry, enrollment, policies and topology tasks, in that order: enrollment
+    /// and policies talk to the registry, so it comes first. Policies are loaded before the listener serves, so the
     /// first agent already gets its stored policy.
     async fn spawn(
         config: &ControllerConfig,

@@ -309,7 +309,7 @@ const FLEET: &[Field<Scrape>] = &[
     ),
     counter_by(
         "tapgraph_mirror_dropped_batches",
-        "Mirror batches dropped whole before reaching a target (no_route: the agent was not live in the registry, or its policy resolved to no target).",
+        "Mirror batches dropped whole before reaching a target (no_route: the registry does not know the agent, or its policy does not parse into a target).",
         "reason",
         |s| vec![("no_route", Value::from(s.mirror_batches_no_route))],
     ),

@@ -346,8 +346,8 @@ impl Mirrors {
     /// The attachment a batch of `policy_version` from `agent_id` goes to: `route`'s while it is
     /// for that version (and its target opened, or was tried less than [`RETRY_TARGET`] ago),
     /// otherwise one to the target `lookup` resolves now (its hostname and target), which then
-    /// becomes `route`. `None` when `lookup` finds no route (the agent is not live in the
-    /// registry, or its policy resolves to no target): the batch is dropped and counted as
+    /// becomes `route`. `None` when `lookup` finds no route (the registry does not know
+    /// the agent, or its policy does not parse into a target): the batch is dropped and counted as
     /// `no_route`, and the next batch looks again.
     pub async fn route<'a>(
         &self,

@@ -75,6 +75,55 @@ impl NodeKind {
     }
 }
 
+/// A node's property value: text, or a number the API writes as text and Neo4j keeps as an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prop<'a> {
+    Text(&'a str),
+    Number(u16),
+}
+
+impl Node {
+    /// The properties the map knows of the node by kind, by the names operators query in the API
+    /// and in Neo4j (labels aside, which each form writes as `label.KEY`). The one list of them:
+    /// the wire form and the Neo4j sink both read it.
+    pub fn properties(&self) -> Vec<(&'static str, Prop<'_>)> {
+        let mut props = Vec::with_capacity(4);
+        match &self.kind {
+            NodeKind::Host {
+                hostname,
+                agent_state,
+            } => {
+                if let Some(hostname) = hostname {
+                    props.push(("hostname", Prop::Text(hostname)));
+                }
+                if let Some(state) = agent_state {
+                    props.push(("agent_state", Prop::Text(state)));
+                }
+            }
+            NodeKind::Address { conflict, dns, .. } => {
+                if let Some(conflict) = conflict {
+                    props.push(("conflict", Prop::Text(conflict)));
+                }
+                if let Some(dns) = dns {
+                    props.push(("dns", Prop::Text(dns)));
+                }
+            }
+            NodeKind::Service {
+                host,
+                process,
+                port,
+                protocol,
+            } => {
+                props.push(("host", Prop::Text(host)));
+                props.push(("process", Prop::Text(process)));
+                props.push(("port", Prop::Number(*port)));
+                props.push(("protocol", Prop::Text(protocol.as_str())));
+            }
+        }
+        props
+    }
+}
+
 /// What an edge says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EdgeKind {

@@ -5,7 +5,7 @@
 
 use tapgraph::proto;
 
-use super::graph::{Edge, Graph, Node, NodeKind};
+use super::graph::{Edge, Graph, Node, Prop};
 use super::model::Protocol;
 
 fn protocol(p: Protocol) -> proto::Protocol {
@@ -17,42 +17,17 @@ fn protocol(p: Protocol) -> proto::Protocol {
 
 impl From<&Node> for proto::GraphNode {
     fn from(n: &Node) -> Self {
-        let mut properties = std::collections::HashMap::new();
-        let mut put = |k: &str, v: &str| {
-            properties.insert(k.to_string(), v.to_string());
-        };
-        match &n.kind {
-            NodeKind::Host {
-                hostname,
-                agent_state,
-            } => {
-                if let Some(hostname) = hostname {
-                    put("hostname", hostname);
-                }
-                if let Some(state) = agent_state {
-                    put("agent_state", state);
-                }
-            }
-            NodeKind::Address { conflict, dns, .. } => {
-                if let Some(conflict) = conflict {
-                    put("conflict", conflict);
-                }
-                if let Some(dns) = dns {
-                    put("dns", dns);
-                }
-            }
-            NodeKind::Service {
-                host,
-                process,
-                port,
-                protocol,
-            } => {
-                put("host", host);
-                put("process", process);
-                put("port", &port.to_string());
-                put("protocol", protocol.as_str());
-            }
-        }
+        let mut properties: std::collections::HashMap<String, String> = n
+            .properties()
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Prop::Text(text) => text.to_string(),
+                    Prop::Number(n) => n.to_string(),
+                };
+                (k.to_string(), v)
+            })
+            .collect();
         for (k, v) in &n.labels {
             properties.insert(format!("label.{k}"), v.clone());
         }
@@ -98,7 +73,7 @@ mod tests {
 
     use super::*;
     use crate::topology::GraphQuery;
-    use crate::topology::graph::build;
+    use crate::topology::graph::{NodeKind, build};
     use crate::topology::model::{
         AgentTable, Direction, ListenerKey, Model, ObsKey, ObsValue, Protocol,
     };

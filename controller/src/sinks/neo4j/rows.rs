@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
-use crate::topology::graph::{Edge, EdgeKind, Graph, Node, NodeKind};
+use crate::topology::graph::{Edge, EdgeKind, Graph, Node, NodeKind, Prop};
 
 /// A node's label in the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -139,37 +139,14 @@ fn node_props(n: &Node) -> Props {
         props.insert(k.to_string(), v);
     };
     let text = |v: &str| Value::Str(v.to_string());
-    match &n.kind {
-        NodeKind::Host {
-            hostname,
-            agent_state,
-        } => {
-            if let Some(hostname) = hostname {
-                put("hostname", text(hostname));
-            }
-            if let Some(state) = agent_state {
-                put("agent_state", text(state));
-            }
-        }
-        NodeKind::Address { conflict, dns, .. } => {
-            if let Some(conflict) = conflict {
-                put("conflict", text(conflict));
-            }
-            if let Some(dns) = dns {
-                put("dns", text(dns));
-            }
-        }
-        NodeKind::Service {
-            host,
-            process,
-            port,
-            protocol,
-        } => {
-            put("host", text(host));
-            put("process", text(process));
-            put("port", Value::Int(i64::from(*port)));
-            put("protocol", text(protocol.as_str()));
-        }
+    for (k, v) in n.properties() {
+        put(
+            k,
+            match v {
+                Prop::Text(t) => text(t),
+                Prop::Number(n) => Value::Int(i64::from(n)),
+            },
+        );
     }
     for (k, v) in &n.labels {
         put(&format!("label.{k}"), text(v));

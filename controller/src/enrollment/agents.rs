@@ -121,7 +121,7 @@ impl Task {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
 
     use super::super::{EnrollRequest, Enrollment, limits::EnrollLimits};
@@ -131,7 +131,12 @@ mod tests {
     use crate::registry::Registry;
     use crate::store::Store;
 
-    fn record(id: &str, key: &str, previous: &str, revoked: bool) -> EnrolledAgent {
+    pub(in crate::enrollment) fn record(
+        id: &str,
+        key: &str,
+        previous: &str,
+        revoked: bool,
+    ) -> EnrolledAgent {
         EnrolledAgent {
             id: id.into(),
             hostname: id.into(),

@@ -137,6 +137,7 @@ impl Task {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::enrollment::agents::tests::record;
 
     #[test]
     fn ids_come_from_hostnames() {
@@ -147,20 +148,7 @@ mod tests {
     }
 
     fn agent(id: &str, key: &str, revoked: bool) -> (String, EnrolledAgent) {
-        let record = EnrolledAgent {
-            id: id.into(),
-            hostname: id.into(),
-            machine_id: String::new(),
-            labels: BTreeMap::new(),
-            enrolled_at_ms: 1,
-            token_id: "t".into(),
-            cert_serial: "1".into(),
-            cert_not_after_ms: 2,
-            revoked_at_ms: revoked.then_some(3),
-            key_sha256: key.into(),
-            previous_key_sha256: "old".into(),
-        };
-        (id.into(), record)
+        (id.into(), record(id, key, "old", revoked))
     }
 
     fn taken(asked: &str, why: &'static str) -> Claim {

@@ -298,7 +298,7 @@ pub(super) fn merge(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
@@ -307,7 +307,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn obs(remote: &str, port: u16, protocol: Protocol) -> ObsKey {
+    pub(in crate::topology) fn obs(remote: &str, port: u16, protocol: Protocol) -> ObsKey {
         ObsKey {
             netns: Box::default(),
             direction: Direction::Client,

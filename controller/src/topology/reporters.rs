@@ -96,26 +96,10 @@ impl Reporters {
 
 #[cfg(test)]
 mod tests {
-    use std::net::IpAddr;
 
     use super::*;
+    use crate::topology::ingest::tests::obs;
     use crate::topology::model::Protocol;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    fn obs(remote: &str, port: u16, protocol: Protocol) -> ObsKey {
-        ObsKey {
-            netns: Box::default(),
-            direction: Direction::Client,
-            local_ip: ip("10.0.0.1"),
-            remote_ip: ip(remote),
-            server_port: port,
-            protocol,
-            process: "app".into(),
-        }
-    }
 
     #[test]
     fn reporters_keep_key_order_whether_few_or_many() {

@@ -370,6 +370,48 @@ pub async fn connect(
     tls: Arc<rustls::ClientConfig>,
     options: &ChannelOptions,
 ) -> Result<Channel, ConnectError> {
+    open(
+        addr,
+        Target::Name(addr.to_string()),
+        server_name,
+        tls,
+        options,
+    )
+    .await
+}
+
+/// Like [`connect`], to an address already resolved: the caller decides which of a name's
+/// addresses to try and in which order. The connect timeout applies to this address alone.
+pub async fn connect_addr(
+    addr: SocketAddr,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    options: &ChannelOptions,
+) -> Result<Channel, ConnectError> {
+    open(
+        &addr.to_string(),
+        Target::Addr(addr),
+        server_name,
+        tls,
+        options,
+    )
+    .await
+}
+
+/// Where the TCP connection goes: a `host:port` resolved at connect time, or one address.
+#[derive(Clone)]
+enum Target {
+    Name(String),
+    Addr(SocketAddr),
+}
+
+async fn open(
+    addr: &str,
+    target: Target,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    options: &ChannelOptions,
+) -> Result<Channel, ConnectError> {
     let name = ServerName::try_from(server_name.to_string())
         .map_err(|_| ConnectError::ServerName(server_name.to_string()))?;
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
@@ -379,13 +421,15 @@ pub async fn connect(
         .keep_alive_timeout(options.keepalive_timeout)
         .keep_alive_while_idle(true);
     let connector = TlsConnector::from(tls);
-    let target = addr.to_string();
     let service = tower::service_fn(move |_: http::Uri| {
         let connector = connector.clone();
         let name = name.clone();
         let target = target.clone();
         async move {
-            let tcp = TcpStream::connect(&target).await?;
+            let tcp = match target {
+                Target::Name(host_port) => TcpStream::connect(host_port.as_str()).await?,
+                Target::Addr(addr) => TcpStream::connect(addr).await?,
+            };
             tcp.set_nodelay(true)?;
             let tls: client::TlsStream<TcpStream> = connector.connect(name, tcp).await?;
             Ok::<_, io::Error>(TokioIo::new(tls))
@@ -491,6 +535,28 @@ mod tests {
             later.is_some(),
             "after the flood, a connection waits for its handshake"
         );
+    }
+
+    #[tokio::test]
+    async fn a_resolved_address_is_dialled_as_such_v4_and_v6() {
+        let tls = crate::tls::pinned_client_config(&"ab".repeat(32)).unwrap();
+        let options = ChannelOptions::default();
+        for local in ["127.0.0.1:0", "[::1]:0"] {
+            // A port with nothing listening: the error is the connection's, not the address's.
+            let Ok(listener) = std::net::TcpListener::bind(local) else {
+                continue; // no IPv6 loopback here
+            };
+            let addr = listener.local_addr().unwrap();
+            drop(listener);
+            let e = connect_addr(addr, "localhost", tls.clone(), &options)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, ConnectError::Transport(_)), "{addr}: {e:?}");
+        }
+        let e = connect_addr(([127, 0, 0, 1], 1).into(), "bad name!", tls, &options)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ConnectError::ServerName(_)), "{e:?}");
     }
 
     #[tokio::test]

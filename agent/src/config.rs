@@ -28,12 +28,94 @@ pub enum Credentials {
     Enroll(String),
 }
 
+/// One entry of `controller`: where a controller (or a set of replicas behind one DNS name)
+/// listens, and the name its certificate must carry there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerAddr {
+    /// A DNS name or an IP address (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+    /// Name the controller's certificate must carry (DNS name or IP): `server_name` if set, else
+    /// this entry's host.
+    pub server_name: String,
+}
+
+impl std::fmt::Display for ControllerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The controllers the agent may connect to, as configured; never empty. Shown as written:
+/// `a:7443,b:7443`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Controllers(Vec<ControllerAddr>);
+
+impl Controllers {
+    pub fn entries(&self) -> &[ControllerAddr] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Controllers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, entry) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{entry}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `controller`: one `HOST:PORT` or several, comma-separated (spaces around commas ignored; IPv6
+/// as `[::1]:7443`). Each entry's certificate must carry `server_name`, or, when it is `None`, the
+/// entry's own host. An empty entry or one listed twice is refused; every bad entry is named.
+pub fn parse_controllers(text: &str, server_name: Option<&str>) -> Result<Controllers, String> {
+    let mut entries: Vec<ControllerAddr> = Vec::new();
+    let mut errors = Vec::new();
+    let several = text.contains(',');
+    for entry in text.split(',').map(str::trim) {
+        if entry.is_empty() && several {
+            errors.push(format!(
+                "`{text}` has an empty entry: give HOST:PORT, comma-separated"
+            ));
+            continue;
+        }
+        let Some((host, port)) = split_host_port(entry) else {
+            errors.push(format!("`{entry}` is not HOST:PORT"));
+            continue;
+        };
+        let addr = ControllerAddr {
+            host: host.to_string(),
+            port,
+            server_name: server_name.unwrap_or(host).to_string(),
+        };
+        if entries
+            .iter()
+            .any(|e| e.host.eq_ignore_ascii_case(&addr.host) && e.port == addr.port)
+        {
+            errors.push(format!("`{entry}` is listed twice"));
+            continue;
+        }
+        entries.push(addr);
+    }
+    if errors.is_empty() {
+        Ok(Controllers(entries))
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// `host:port` of the controller's gRPC listener.
-    pub controller: String,
-    /// Name the controller's certificate must carry (DNS name or IP).
-    pub server_name: String,
+    /// The controllers' gRPC listeners (one, or a set of replicas), each with its server name.
+    pub controller: Controllers,
     pub tls: TlsFiles,
     pub enroll: Option<EnrollSettings>,
     pub credentials: Credentials,
@@ -95,12 +177,12 @@ fn parse_metrics_listen(text: &str) -> Result<Option<SocketAddr>, String> {
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// The host part of `host:port` or `[v6]:port`.
-fn host_of(addr: &str) -> Option<&str> {
+/// The host and port of `host:port` or `[v6]:port`.
+fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
+    let port = port.parse::<u16>().ok()?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    (!host.is_empty()).then_some(host)
+    (!host.is_empty()).then_some((host, port))
 }
 
 /// Checks the certificate and key on disk: present, private, parseable, matching, unexpired.
@@ -143,15 +225,16 @@ fn check_credentials(tls: &TlsFiles) -> Result<(), (&'static str, String)> {
 impl AgentConfig {
     pub fn load(sources: &Sources, purpose: Purpose) -> Result<Self, ConfigErrors> {
         let mut c = Layered::load(sources, KNOWN)?;
-        let controller = c.string("controller", "127.0.0.1:7443");
-        let default_name = match host_of(&controller) {
-            Some(host) => host.to_string(),
-            None => {
-                c.fail("controller", format!("`{controller}` is not HOST:PORT"));
-                String::new()
+        let server_name = c.opt_string("server_name");
+        let text = c.string("controller", "127.0.0.1:7443");
+        let controller = match parse_controllers(&text, server_name.as_deref()) {
+            Ok(list) => list,
+            Err(e) => {
+                // The value is never used: `finish` reports the error.
+                c.fail("controller", e);
+                Controllers(Vec::new())
             }
         };
-        let server_name = c.string("server_name", &default_name);
         let state_dir = PathBuf::from(c.string("state_dir", "/var/lib/tapgraph-agent"));
         let tls = TlsFiles {
             cert: c
@@ -274,7 +357,6 @@ impl AgentConfig {
         };
         c.finish(Self {
             controller,
-            server_name,
             tls,
             enroll,
             credentials,
@@ -305,6 +387,7 @@ mod tests {
 
     #[test]
     fn hosts_are_split_from_ports() {
+        let host_of = |addr| split_host_port(addr).map(|(host, _)| host);
         assert_eq!(host_of("127.0.0.1:7443"), Some("127.0.0.1"));
         assert_eq!(host_of("[::1]:7443"), Some("::1"));
         assert_eq!(
@@ -313,6 +396,146 @@ mod tests {
         );
         assert_eq!(host_of("controller"), None);
         assert_eq!(host_of(":7443"), None);
+        assert_eq!(split_host_port("[::1]:7443"), Some(("::1", 7443)));
+        assert_eq!(split_host_port("a:70000"), None);
+    }
+
+    fn entry(host: &str, port: u16, server_name: &str) -> ControllerAddr {
+        ControllerAddr {
+            host: host.into(),
+            port,
+            server_name: server_name.into(),
+        }
+    }
+
+    #[test]
+    fn one_controller_is_read_as_before() {
+        let one = parse_controllers("ctl.example:7443", None).unwrap();
+        assert_eq!(one.entries(), [entry("ctl.example", 7443, "ctl.example")]);
+        assert_eq!(one.to_string(), "ctl.example:7443");
+        let v6 = parse_controllers("[::1]:7443", None).unwrap();
+        assert_eq!(v6.entries(), [entry("::1", 7443, "::1")]);
+        assert_eq!(v6.to_string(), "[::1]:7443");
+        let named = parse_controllers("10.0.0.1:7443", Some("ctl.example")).unwrap();
+        assert_eq!(named.entries(), [entry("10.0.0.1", 7443, "ctl.example")]);
+        assert_eq!(
+            parse_controllers("controller", None),
+            Err("`controller` is not HOST:PORT".into())
+        );
+        assert_eq!(
+            parse_controllers("", None),
+            Err("`` is not HOST:PORT".into())
+        );
+    }
+
+    #[test]
+    fn several_controllers_each_carry_their_own_server_name() {
+        let list =
+            parse_controllers("a.example:7443, 10.0.0.2:7444 ,[fd00::3]:7443", None).unwrap();
+        assert_eq!(
+            list.entries(),
+            [
+                entry("a.example", 7443, "a.example"),
+                entry("10.0.0.2", 7444, "10.0.0.2"),
+                entry("fd00::3", 7443, "fd00::3"),
+            ]
+        );
+        assert_eq!(
+            list.to_string(),
+            "a.example:7443,10.0.0.2:7444,[fd00::3]:7443"
+        );
+        // An explicit server_name is what every replica's certificate carries.
+        let named = parse_controllers("10.0.0.1:7443,10.0.0.2:7443", Some("ctl.example")).unwrap();
+        assert!(
+            named
+                .entries()
+                .iter()
+                .all(|e| e.server_name == "ctl.example"),
+            "{named:?}"
+        );
+        // The same host on two ports is two controllers.
+        assert_eq!(
+            parse_controllers("a:7443,a:7444", None)
+                .unwrap()
+                .entries()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn bad_entries_are_each_named() {
+        let cases = [
+            ("a:7443,b", "`b` is not HOST:PORT"),
+            ("a:7443,b:99999", "`b:99999` is not HOST:PORT"),
+            (
+                "a:7443,,b:7443",
+                "`a:7443,,b:7443` has an empty entry: give HOST:PORT, comma-separated",
+            ),
+            (
+                "a:7443,",
+                "`a:7443,` has an empty entry: give HOST:PORT, comma-separated",
+            ),
+            ("a:7443, A:7443", "`A:7443` is listed twice"),
+            ("[::1]:7443,[::1]:7443", "`[::1]:7443` is listed twice"),
+            (
+                "x,a:7443,:7443",
+                "`x` is not HOST:PORT; `:7443` is not HOST:PORT",
+            ),
+        ];
+        for (text, error) in cases {
+            assert_eq!(parse_controllers(text, None), Err(error.into()), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_controller_list_comes_from_any_layer_and_is_checked_with_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let fp = "ab".repeat(32);
+        let base = [
+            ("TAPGRAPH_STATE_DIR", dir.path().to_str().unwrap()),
+            ("TAPGRAPH_ENROLL__TOKEN", "tgj.x.y"),
+            ("TAPGRAPH_ENROLL__CA_FINGERPRINT", fp.as_str()),
+        ];
+        let c = AgentConfig::load(&env(&base), Purpose::Run).unwrap();
+        assert_eq!(
+            c.controller.entries(),
+            [entry("127.0.0.1", 7443, "127.0.0.1")],
+            "the default"
+        );
+        let list = [
+            base.as_slice(),
+            &[("TAPGRAPH_CONTROLLER", "ctl-a.lan:7443,ctl-b.lan:7443")],
+        ]
+        .concat();
+        let c = AgentConfig::load(&env(&list), Purpose::Run).unwrap();
+        assert_eq!(
+            c.controller.entries(),
+            [
+                entry("ctl-a.lan", 7443, "ctl-a.lan"),
+                entry("ctl-b.lan", 7443, "ctl-b.lan")
+            ]
+        );
+        // The flag wins over the environment, and server_name applies to every entry.
+        let sources = Sources {
+            overrides: vec![
+                ("controller".into(), "10.0.0.1:7443,10.0.0.2:7443".into()),
+                ("server_name".into(), "ctl.lan".into()),
+            ],
+            ..env(&list)
+        };
+        let c = AgentConfig::load(&sources, Purpose::Run).unwrap();
+        assert_eq!(
+            c.controller.entries(),
+            [
+                entry("10.0.0.1", 7443, "ctl.lan"),
+                entry("10.0.0.2", 7443, "ctl.lan")
+            ]
+        );
+        let bad = [base.as_slice(), &[("TAPGRAPH_CONTROLLER", "a:7443,b")]].concat();
+        let e = AgentConfig::load(&env(&bad), Purpose::Run).unwrap_err();
+        assert!(e.mentions("controller"), "{e}");
+        assert!(e.to_string().contains("`b` is not HOST:PORT"), "{e}");
     }
 
     #[test]

@@ -14,8 +14,11 @@ use tapgraph::identity::Identity;
 use tapgraph::pki;
 use tapgraph::proto::{self, enrollment_service_client::EnrollmentServiceClient};
 use tapgraph::tls::TlsFiles;
-use tapgraph::transport::{self, ChannelOptions};
+use tapgraph::transport::ChannelOptions;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::Controllers;
+use crate::dial::{self, DialError};
 
 /// Why enrollment failed, and whether trying again could help.
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +47,8 @@ impl EnrollError {
 
 #[derive(Debug, Clone)]
 pub struct EnrollParams {
-    pub controller: String,
-    pub server_name: String,
+    /// Tried in random order, every address of every entry, as the session does.
+    pub controller: Controllers,
     pub token: String,
     pub fingerprint: String,
     /// The agent id to ask for; empty lets the controller use the hostname.
@@ -129,6 +132,21 @@ fn key_and_csr(key_path: &Path, host: &str) -> Result<(String, String), EnrollEr
     pki::new_key_and_csr(host).map_err(|e| EnrollError::permanent(e.to_string()))
 }
 
+/// Why no controller could be reached: permanent when every address answered with a CA other
+/// than the pinned one (the fingerprint is wrong, or none of them is our controller); transient
+/// when any did not answer at all, since that one may be ours.
+fn unreachable(controllers: &Controllers, e: &DialError) -> EnrollError {
+    let text = e.to_string();
+    if e.failures
+        .iter()
+        .all(|f| f.error.contains("fingerprint mismatch"))
+    {
+        EnrollError::permanent(format!("refusing to enroll: {text}"))
+    } else {
+        EnrollError::transient(format!("cannot reach {controllers}: {text}"))
+    }
+}
+
 /// Enrolls with `params` and installs the identity at `files`.
 pub async fn enroll(params: &EnrollParams, files: &TlsFiles) -> Result<Enrolled, EnrollError> {
     let fingerprint = tapgraph::tls::normalize_fingerprint(&params.fingerprint)
@@ -139,16 +157,9 @@ pub async fn enroll(params: &EnrollParams, files: &TlsFiles) -> Result<Enrolled,
         connect_timeout: params.connect_timeout,
         ..ChannelOptions::default()
     };
-    let channel = transport::connect(&params.controller, &params.server_name, tls, &options)
+    let (channel, _) = dial::dial(&params.controller, tls, &options)
         .await
-        .map_err(|e| {
-            let text = e.to_string();
-            if text.contains("fingerprint mismatch") {
-                EnrollError::permanent(format!("refusing to enroll: {text}"))
-            } else {
-                EnrollError::transient(format!("cannot reach {}: {text}", params.controller))
-            }
-        })?;
+        .map_err(|e| unreachable(&params.controller, &e))?;
     let host = hostname();
     let (key_pem, csr_pem) = key_and_csr(&files.key, &host)?;
     let request = proto::EnrollRequest {
@@ -280,6 +291,35 @@ mod tests {
             key: dir.join("agent.key"),
             ca: dir.join("ca.pem"),
         }
+    }
+
+    #[test]
+    fn only_a_wrong_ca_at_every_address_is_a_refusal() {
+        let controllers = crate::config::parse_controllers("a:7443,b:7443", None).unwrap();
+        let failure = |target: &str, error: &str| crate::dial::Failure {
+            target: target.into(),
+            error: error.into(),
+        };
+        let mismatch = "transport error: CA fingerprint mismatch: got 12, pinned ab";
+        let all_wrong = DialError {
+            failures: vec![
+                failure("10.0.0.1:7443", mismatch),
+                failure("10.0.0.2:7443", mismatch),
+            ],
+        };
+        let e = unreachable(&controllers, &all_wrong);
+        assert!(e.permanent, "{e}");
+        assert!(e.message.starts_with("refusing to enroll: "), "{e}");
+        // One that did not answer may be ours: try again later.
+        let one_down = DialError {
+            failures: vec![
+                failure("10.0.0.1:7443", mismatch),
+                failure("10.0.0.2:7443", "connection refused"),
+            ],
+        };
+        let e = unreachable(&controllers, &one_down);
+        assert!(!e.permanent, "{e}");
+        assert!(e.message.starts_with("cannot reach a:7443,b:7443: "), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod capture;
 mod config;
+mod dial;
 mod enroll;
 mod host;
 mod metrics;
@@ -41,10 +42,15 @@ struct Cli {
     /// TOML configuration file.
     #[arg(short, long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
-    /// Controller gRPC address, HOST:PORT [key: controller, default 127.0.0.1:7443].
-    #[arg(long, value_name = "HOST:PORT", global = true)]
+    /// Controller gRPC address, HOST:PORT, or the replicas' addresses comma-separated
+    /// (ctl-a:7443,ctl-b:7443; IPv6 as [::1]:7443). At every (re)connect and enrollment, each
+    /// address of each entry (a DNS name with several addresses counts as several) is tried in
+    /// random order, and the agent backs off only when none answers [key: controller, default
+    /// 127.0.0.1:7443].
+    #[arg(long, value_name = "HOST:PORT[,...]", global = true)]
     controller: Option<String>,
-    /// Name the controller certificate must carry [key: server_name, default: HOST of --controller].
+    /// Name the controller certificate must carry, at every address of --controller [key:
+    /// server_name, default: the HOST of each --controller entry].
     #[arg(long, value_name = "NAME", global = true)]
     server_name: Option<String>,
     /// Where the agent keeps its key and certificates [key: state_dir, default /var/lib/tapgraph-agent].
@@ -347,7 +353,6 @@ fn cpu_ms() -> f64 {
 fn params(config: &AgentConfig) -> Option<EnrollParams> {
     config.enroll.as_ref().map(|e| EnrollParams {
         controller: config.controller.clone(),
-        server_name: config.server_name.clone(),
         token: e.token.clone(),
         fingerprint: e.fingerprint.clone(),
         name: e.name.clone(),

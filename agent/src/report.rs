@@ -182,6 +182,13 @@ impl Reporter {
         }
     }
 
+    /// From now on, rows towards `control_plane` are the control plane's (the agent moved to
+    /// another controller replica).
+    pub fn set_control_plane(&mut self, control_plane: Option<SocketAddr>) {
+        self.control_plane = control_plane;
+        self.snapshotter.set_control_plane(control_plane);
+    }
+
     /// Rows in the table the controller holds now.
     pub fn rows(&self) -> u64 {
         self.sent.as_ref().map_or(0, |t| t.entries.len() as u64)

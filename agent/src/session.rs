@@ -9,7 +9,7 @@ use tapgraph::policy::PolicySpec;
 use tapgraph::proto::{
     self, agent_message::Msg, agent_service_client::AgentServiceClient, controller_message,
 };
-use tapgraph::transport::{self, ChannelOptions};
+use tapgraph::transport::ChannelOptions;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::{self, Tap};
 use crate::config::AgentConfig;
-use crate::host;
 use crate::report::Reporter;
+use crate::{dial, host};
 
 /// What survives reconnects: the applied policy, the heartbeat sequence and the connection-table
 /// reporter (its inode→process cache is what makes snapshots cheap).
@@ -143,11 +143,12 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
         connect_timeout: config.connect_timeout,
         ..ChannelOptions::default()
     };
-    let channel = tokio::select! {
-        c = transport::connect(&config.controller, &config.server_name, tls, &options) => c,
+    // Every address of every configured controller, in random order, before backing off.
+    let dialled = tokio::select! {
+        c = dial::dial(&config.controller, tls, &options) => c,
         () = shutdown.cancelled() => return End::Shutdown,
     };
-    let channel = match channel {
+    let (channel, chosen) = match dialled {
         Ok(c) => c,
         Err(e) => return End::Failed(e.to_string()),
     };
@@ -188,7 +189,7 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
             ));
         }
     };
-    tracing::info!(controller = %config.controller, agent = %agent_id, "connected to controller");
+    tracing::info!(controller = %chosen.addr, agent = %agent_id, "connected to controller");
     // Renewal runs on the same connection for as long as this session lives.
     let renewal = CancellationToken::new();
     let _renewal_guard = renewal.clone().drop_guard();
@@ -198,17 +199,17 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
         renewal,
     ));
 
-    if state.reporter.is_none() {
-        // Rows towards the controller are marked control-plane (hidden from the map by default).
-        let control_plane = tokio::net::lookup_host(config.controller.as_str())
-            .await
-            .ok()
-            .and_then(|mut addrs| addrs.next());
-        state.reporter = Some(Reporter::new(
-            control_plane,
-            config.scope,
-            &state.metrics.snapshot_drops,
-        ));
+    // Rows towards the controller are marked control-plane (hidden from the map by default): the
+    // address this session holds, which changes when the agent moves to another replica.
+    match &mut state.reporter {
+        Some(reporter) => reporter.set_control_plane(Some(chosen.addr)),
+        None => {
+            state.reporter = Some(Reporter::new(
+                Some(chosen.addr),
+                config.scope,
+                &state.metrics.snapshot_drops,
+            ));
+        }
     }
     state.full_snapshot = true;
     let mut established = false;

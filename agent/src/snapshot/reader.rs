@@ -155,6 +155,11 @@ impl Snapshotter {
         self
     }
 
+    /// Rows whose remote endpoint is `control_plane` get `control_plane = true` from the next read.
+    pub fn set_control_plane(&mut self, control_plane: Option<SocketAddr>) {
+        self.control_plane = control_plane;
+    }
+
     /// Chooses the table reader; fixture trees (a proc root other than `/proc`) always use
     /// [`Reader::Proc`].
     pub fn with_reader(mut self, reader: Reader) -> Self {
@@ -422,6 +427,26 @@ mod tests {
     }
 
     #[cfg(target_endian = "little")]
+    #[test]
+    fn the_control_plane_follows_the_controller_the_agent_moved_to() {
+        let fake = fixture_host();
+        let mut snapshotter = Snapshotter::new(fake.root(), Some(sa("127.0.0.1:37877")));
+        let marked = |s: &mut Snapshotter| -> Vec<u16> {
+            let table = s.take().unwrap();
+            table
+                .entries
+                .iter()
+                .filter(|(_, v)| v.control_plane)
+                .map(|(k, _)| k.server_port)
+                .collect()
+        };
+        assert_eq!(marked(&mut snapshotter), vec![37877]);
+        snapshotter.set_control_plane(Some(sa("127.0.0.1:51323")));
+        assert_eq!(marked(&mut snapshotter), vec![51323]);
+        snapshotter.set_control_plane(None);
+        assert_eq!(marked(&mut snapshotter), Vec::<u16>::new());
+    }
+
     #[test]
     fn fixture_capture_gives_the_expected_table() {
         use Direction::*;

@@ -249,3 +249,250 @@ class RefusedReplicas(unittest.TestCase):
                     chart.render(values, name="tg", namespace="obs")
                 self.assertIn(message, str(caught.exception))
         chart.render(REPLICAS, name="tg", namespace="obs")
+
+
+def postgres_programs():
+    """The directory of PostgreSQL's server programs (Debian keeps them off PATH), or None."""
+    found = sorted(
+        (d for d in (os.path.join("/usr/lib/postgresql", v, "bin") for v in os.listdir("/usr/lib/postgresql"))
+         if os.path.exists(os.path.join(d, "initdb"))),
+        key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0,
+    ) if os.path.isdir("/usr/lib/postgresql") else []
+    if found:
+        return found[-1]
+    initdb = shutil.which("initdb")
+    return os.path.dirname(os.path.realpath(initdb)) if initdb else None
+
+
+def store_settings_unknown():
+    """What the controller binary says about `replica` and `store.backend`, when it does not know
+    them yet (the PostgreSQL backend has not landed); None when it does. A configuration file with a
+    bad backend: it stops at once either way, with "unknown key" only when the key is unknown."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = os.path.join(tmp, "probe.toml")
+        with open(config, "w") as f:
+            f.write('replica = "probe"\n[store]\nbackend = "not-a-backend"\n')
+        try:
+            run = subprocess.run(
+                [os.path.join(BIN, "tapgraph-controller"), "run", "--config", config, "--state-dir",
+                 os.path.join(tmp, "state"), "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
+                capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the controller started with store.backend = \"not-a-backend\"")
+    said = [line.strip() for line in run.stderr.splitlines() if "unknown key" in line]
+    return "; ".join(said) or None
+
+
+@unittest.skipUnless(os.path.exists(os.path.join(BIN, "tapgraph-controller")),
+                     "needs target/debug binaries: run `cargo build --workspace --bins` (scripts/test does)")
+class ThreeReplicasRun(unittest.TestCase):
+    """Three controllers started with exactly the configuration the chart renders for
+    controller.replicas=3 (each with its pod's name, its own emptyDir, the CA through the init
+    container's own command, the PostgreSQL password file with the Secret volume's mode), on one
+    PostgreSQL this test starts with password authentication, all at once as a Parallel
+    StatefulSet starts them. An operator identity issued in pod 0 works against pod 1; an agent
+    with the DaemonSet's environment enrolls through pod 2, and pod 1 shows it connected to
+    tg-tapgraph-2."""
+
+    def setUp(self):
+        unknown = store_settings_unknown()
+        if unknown:
+            reason = ("the controller does not know the PostgreSQL store settings yet "
+                      f"({unknown}): the three-replica run of the rendered chart waits for them")
+            print(f"\nNOTE: SKIPPED {self.id()}: {reason}", flush=True)
+            self.skipTest(reason)
+        self.programs = postgres_programs()
+        if not self.programs:
+            raise AssertionError("PostgreSQL is not installed: run scripts/install-deps")
+        self.tmp = tempfile.mkdtemp(prefix="tapgraph-replicas-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def as_postgres(self, args, **kw):
+        """initdb refuses root: as root, PostgreSQL's programs run as the user postgres."""
+        if os.geteuid() == 0:
+            args = ["runuser", "-u", "postgres", "--", *args]
+        return subprocess.run(args, capture_output=True, text=True, timeout=60, **kw)
+
+    def start_postgres(self, password):
+        """A server on 127.0.0.1 that asks for the password (scram-sha-256), with a database
+        "tapgraph" owned by the superuser "tapgraph"; returns its port."""
+        home = os.path.join(self.tmp, "pg")
+        os.makedirs(home)
+        pwfile = os.path.join(home, "pwfile")
+        with open(pwfile, "w") as f:
+            f.write(password + "\n")
+        if os.geteuid() == 0:
+            os.chmod(self.tmp, 0o755)
+            shutil.chown(home, "postgres")
+            shutil.chown(pwfile, "postgres")
+        data, port = os.path.join(home, "data"), free_port()
+        run = self.as_postgres([os.path.join(self.programs, "initdb"), "-D", data, "-U", "tapgraph",
+                                "-A", "scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale"])
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        run = self.as_postgres([os.path.join(self.programs, "pg_ctl"), "-D", data, "-l",
+                                os.path.join(home, "server.log"), "-w", "-t", "30", "-o",
+                                f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"])
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        self.addCleanup(self.as_postgres, [os.path.join(self.programs, "pg_ctl"), "-D", data,
+                                           "-m", "immediate", "-w", "stop"])
+        run = subprocess.run([os.path.join(self.programs, "createdb"), "-h", "127.0.0.1", "-p", str(port),
+                              "-U", "tapgraph", "tapgraph"], capture_output=True, text=True, timeout=30,
+                             env=dict(os.environ, PGPASSWORD=password))
+        self.assertEqual(run.returncode, 0, run.stderr)
+        return port
+
+    def make_ca(self, sts):
+        """The CA Secret's files as the kubelet makes them (0440), copied by the init container's
+        own command; returns the copied files' directory and the CA's fingerprint."""
+        secret, copied = os.path.join(self.tmp, "ca-secret"), os.path.join(self.tmp, "ca")
+        os.makedirs(secret)
+        os.makedirs(copied)
+        made = subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "30", "-subj", "/CN=corp CA", "-keyout", os.path.join(secret, "tls.key"),
+             "-out", os.path.join(secret, "tls.crt")], capture_output=True, text=True)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        for name in ("tls.crt", "tls.key"):
+            os.chmod(os.path.join(secret, name), 0o440)
+        init = next(i for i in sts["spec"]["template"]["spec"]["initContainers"] if i["name"] == "ca-key")
+        command = [arg.replace("/etc/tapgraph/ca-secret", secret).replace("/etc/tapgraph/ca", copied)
+                   for arg in init["command"]]
+        run = subprocess.run(command, capture_output=True, text=True)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        fingerprint = subprocess.run(
+            ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", os.path.join(secret, "tls.crt")],
+            capture_output=True, text=True, check=True).stdout.split("=", 1)[1].strip()
+        return copied, fingerprint
+
+    def test_three_rendered_replicas_share_one_postgres_and_one_ca(self):
+        values = with_values(REPLICAS, persistence__enabled=False,
+                             agent={"enabled": True, "joinToken": {"existingSecret": "tapgraph-join"}})
+        docs, notes = render(values)
+        sts = find(docs, "StatefulSet")
+        self.assertEqual(sts["spec"]["replicas"], 3)
+        c = container(sts, "controller")
+        volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+
+        password = "pg-secret-for-the-test"
+        port = self.start_postgres(password)
+        secret_file = os.path.join(self.tmp, "postgres-password")
+        with open(secret_file, "w") as f:
+            f.write(password + "\n")
+        os.chmod(secret_file, volumes["postgres-password"]["secret"]["defaultMode"])
+        ca_dir, fingerprint = self.make_ca(sts)
+        files = {"/etc/tapgraph/ca/tls.crt": os.path.join(ca_dir, "tls.crt"),
+                 "/etc/tapgraph/ca/tls.key": os.path.join(ca_dir, "tls.key"),
+                 "/etc/tapgraph/postgres/password": secret_file}
+        config = os.path.join(self.tmp, "controller.toml")
+        with open(config, "w") as f:
+            f.write(find(docs, "ConfigMap")["data"]["controller.toml"])
+        self.assertEqual(c["args"], ["run", "--config", "/etc/tapgraph/controller.toml"])
+
+        # Pods tg-tapgraph-0, -1, -2: the same environment but for the pod name, started at once.
+        replicas = []
+        for ordinal in range(3):
+            pod = f"tg-tapgraph-{ordinal}"
+            grpc, http = free_port(), free_port()
+            env = dict(os.environ)
+            for name, value in env_of(c).items():
+                if isinstance(value, dict):
+                    self.assertEqual((name, value), ("TAPGRAPH_REPLICA", {"fieldRef": {"fieldPath": "metadata.name"}}))
+                    value = pod
+                elif value.startswith("/etc/"):
+                    self.assertIn(value, files, f"{name} names a file this test does not provide")
+                    value = files[value]
+                env[name] = value
+            self.assertEqual(env["TAPGRAPH_LISTEN"], "0.0.0.0:7443")
+            env["TAPGRAPH_LISTEN"] = f"127.0.0.1:{grpc}"
+            env["TAPGRAPH_HTTP__LISTEN"] = f"127.0.0.1:{http}"
+            self.assertTrue(env["TAPGRAPH_STATE_DIR"].startswith("/var/lib/tapgraph/"))
+            state = os.path.join(self.tmp, pod, "volume", "controller")
+            os.makedirs(os.path.dirname(state))
+            env["TAPGRAPH_STATE_DIR"] = state
+            self.assertEqual(env["TAPGRAPH_STORE__POSTGRES__URL"], URL)
+            env["TAPGRAPH_STORE__POSTGRES__URL"] = URL.replace("postgres.db.svc:5432", f"127.0.0.1:{port}") \
+                .replace("sslmode=verify-full", "sslmode=disable")
+            process = Process(self, [os.path.join(BIN, "tapgraph-controller"), "run", "--config", config],
+                              env, os.path.join(self.tmp, f"{pod}.log"))
+            replicas.append({"pod": pod, "env": env, "grpc": grpc, "http": http, "state": state,
+                             "process": process})
+        deadline = time.time() + 60
+        for r in replicas:
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{r['http']}/readyz", timeout=1) as got:
+                        if got.status == 200:
+                            break
+                except OSError:
+                    pass
+                if r["process"].proc.poll() is not None or time.time() > deadline:
+                    self.fail(f"{r['pod']} did not become ready:\n{r['process'].text()}")
+                time.sleep(0.1)
+
+        # NOTES step 1 in pod 0; the identity it issues is good on pod 1.
+        self.assertIn("kubectl -n obs exec tg-tapgraph-0 -c controller", notes)
+        issued = subprocess.run(
+            [os.path.join(BIN, "tapgraph-controller"), "operator", "issue", "ops", "--config", config,
+             "--address", f"127.0.0.1:{replicas[1]['grpc']}", "--out", "-"],
+            env=replicas[0]["env"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(issued.returncode, 0, issued.stderr)
+        ctl_config = os.path.join(self.tmp, "tapgraphctl.toml")
+        with open(ctl_config, "w") as f:
+            f.write(issued.stdout)
+        os.chmod(ctl_config, 0o600)
+
+        def ctl(*args):
+            run = subprocess.run([os.path.join(BIN, "tapgraphctl"), "-o", "json", *args],
+                                 env=dict(os.environ, TAPGRAPHCTL_CONFIG=ctl_config),
+                                 capture_output=True, text=True, timeout=30)
+            self.assertEqual(run.returncode, 0, run.stderr)
+            return json.loads(run.stdout)
+
+        token = ctl("token", "create", "--uses", "10", "--label", "cluster=replicas")
+        normalize = lambda fp: fp.replace(":", "").lower().removeprefix("sha256")
+        self.assertEqual(normalize(token["ca_fingerprint"]), normalize(fingerprint))
+
+        # The DaemonSet's agent, enrolling and connecting through pod 2.
+        join = os.path.join(self.tmp, "join")
+        os.makedirs(join)
+        with open(os.path.join(join, "token"), "w") as f:
+            f.write(token["token"])
+        a = container(find(docs, "DaemonSet"), "agent")
+        agent_env = dict(os.environ)
+        for name, value in env_of(a).items():
+            if isinstance(value, str):
+                agent_env[name] = value
+            elif "fieldRef" in value:
+                agent_env[name] = "node-7"
+            else:
+                agent_env[name] = token["ca_fingerprint"]
+        host, _ = agent_env["TAPGRAPH_CONTROLLER"].rsplit(":", 1)
+        self.assertEqual(host, "tg-tapgraph.obs.svc")
+        agent_env.update({"TAPGRAPH_CONTROLLER": f"127.0.0.1:{replicas[2]['grpc']}",
+                          "TAPGRAPH_SERVER_NAME": host,
+                          "TAPGRAPH_STATE_DIR": os.path.join(self.tmp, "agent-state"),
+                          "TAPGRAPH_ENROLL__TOKEN_FILE": os.path.join(join, "token"),
+                          "TAPGRAPH_METRICS__LISTEN": "127.0.0.1:0",
+                          "TAPGRAPH_SNAPSHOT__SCOPE": "own"})
+        agent = Process(self, [os.path.join(BIN, "tapgraph-agent"), *a["args"]], agent_env,
+                        os.path.join(self.tmp, "agent.log"))
+        deadline = time.time() + 30
+        while True:
+            agents = ctl("agent", "list")
+            rows = agents if isinstance(agents, list) else agents.get("agents", [])
+            mine = [row for row in rows if row.get("id") == "node-7"]
+            if mine and mine[0].get("state") == "connected" and mine[0].get("controller"):
+                break
+            if agent.proc.poll() is not None or time.time() > deadline:
+                self.fail(f"agent node-7 did not connect: {agents}\n{agent.text()}\n"
+                          + "\n".join(r["process"].text() for r in replicas))
+            time.sleep(0.2)
+        self.assertEqual(mine[0]["controller"], "tg-tapgraph-2", mine[0])
+        self.assertEqual(mine[0].get("labels", {}).get("cluster"), "replicas", mine[0])
+
+        # What the chart's values.yaml says is left in a replica's state directory with
+        # PostgreSQL and a CA Secret: its serving certificate, nothing else.
+        for r in replicas:
+            kept = sorted(os.path.relpath(os.path.join(d, name), r["state"])
+                          for d, _, names in os.walk(r["state"]) for name in names)
+            self.assertEqual(kept, ["pki/server.key", "pki/server.names", "pki/server.pem"], r["pod"])

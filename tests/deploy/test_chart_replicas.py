@@ -20,7 +20,7 @@ import urllib.request
 import helm_python as helm
 import yaml
 
-from support import BIN, tool
+from support import BIN, needs_postgres_store, tool
 from test_chart import CHART, KUBE_VERSIONS, Process, container, env_of, find, free_port, render
 
 URL = "postgres://tapgraph@postgres.db.svc:5432/tapgraph?sslmode=verify-full"
@@ -112,6 +112,28 @@ class ThreeReplicas(unittest.TestCase):
         secret = volumes["postgres-password"]["secret"]
         self.assertEqual(secret["secretName"], "tapgraph-postgres")
         self.assertEqual(secret["items"], [{"key": "pw", "path": "password"}])
+
+    def test_a_ca_secret_for_postgres_becomes_the_urls_sslrootcert(self):
+        docs, _ = render(with_values(REPLICAS, store__postgres__caSecret={"name": "pg-ca"}))
+        sts = find(docs, "StatefulSet")
+        c = container(sts, "controller")
+        self.assertEqual(env_of(c)["TAPGRAPH_STORE__POSTGRES__URL"],
+                         URL + "&sslrootcert=/etc/tapgraph/postgres-ca/ca.crt")
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        self.assertEqual(mounts["postgres-ca"], {"name": "postgres-ca", "mountPath": "/etc/tapgraph/postgres-ca",
+                                                 "readOnly": True})
+        volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+        self.assertEqual(volumes["postgres-ca"]["secret"]["secretName"], "pg-ca")
+        self.assertEqual(volumes["postgres-ca"]["secret"]["items"], [{"key": "ca.crt", "path": "ca.crt"}])
+        # A URL without a query gets one.
+        docs, _ = render(with_values(REPLICAS, store__postgres__caSecret={"name": "pg-ca"},
+                                     store__postgres__url="postgres://tapgraph@db/tapgraph"))
+        self.assertEqual(env_of(container(find(docs, "StatefulSet"), "controller"))["TAPGRAPH_STORE__POSTGRES__URL"],
+                         "postgres://tapgraph@db/tapgraph?sslrootcert=/etc/tapgraph/postgres-ca/ca.crt")
+        # Without one: the system's roots, no volume.
+        docs, _ = render(REPLICAS)
+        volumes = find(docs, "StatefulSet")["spec"]["template"]["spec"]["volumes"]
+        self.assertNotIn("postgres-ca", [v["name"] for v in volumes])
 
     def test_the_volume_is_optional_on_postgres(self):
         docs, notes = render(with_values(REPLICAS, persistence__enabled=False))
@@ -251,38 +273,6 @@ class RefusedReplicas(unittest.TestCase):
         chart.render(REPLICAS, name="tg", namespace="obs")
 
 
-def postgres_programs():
-    """The directory of PostgreSQL's server programs (Debian keeps them off PATH), or None."""
-    found = sorted(
-        (d for d in (os.path.join("/usr/lib/postgresql", v, "bin") for v in os.listdir("/usr/lib/postgresql"))
-         if os.path.exists(os.path.join(d, "initdb"))),
-        key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0,
-    ) if os.path.isdir("/usr/lib/postgresql") else []
-    if found:
-        return found[-1]
-    initdb = shutil.which("initdb")
-    return os.path.dirname(os.path.realpath(initdb)) if initdb else None
-
-
-def store_settings_unknown():
-    """What the controller binary says about `replica` and `store.backend`, when it does not know
-    them yet (the PostgreSQL backend has not landed); None when it does. A configuration file with a
-    bad backend: it stops at once either way, with "unknown key" only when the key is unknown."""
-    with tempfile.TemporaryDirectory() as tmp:
-        config = os.path.join(tmp, "probe.toml")
-        with open(config, "w") as f:
-            f.write('replica = "probe"\n[store]\nbackend = "not-a-backend"\n')
-        try:
-            run = subprocess.run(
-                [os.path.join(BIN, "tapgraph-controller"), "run", "--config", config, "--state-dir",
-                 os.path.join(tmp, "state"), "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
-                capture_output=True, text=True, timeout=20)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("the controller started with store.backend = \"not-a-backend\"")
-    said = [line.strip() for line in run.stderr.splitlines() if "unknown key" in line]
-    return "; ".join(said) or None
-
-
 @unittest.skipUnless(os.path.exists(os.path.join(BIN, "tapgraph-controller")),
                      "needs target/debug binaries: run `cargo build --workspace --bins` (scripts/test does)")
 class ThreeReplicasRun(unittest.TestCase):
@@ -295,51 +285,9 @@ class ThreeReplicasRun(unittest.TestCase):
     tg-tapgraph-2."""
 
     def setUp(self):
-        unknown = store_settings_unknown()
-        if unknown:
-            reason = ("the controller does not know the PostgreSQL store settings yet "
-                      f"({unknown}): the three-replica run of the rendered chart waits for them")
-            print(f"\nNOTE: SKIPPED {self.id()}: {reason}", flush=True)
-            self.skipTest(reason)
-        self.programs = postgres_programs()
-        if not self.programs:
-            raise AssertionError("PostgreSQL is not installed: run scripts/install-deps")
         self.tmp = tempfile.mkdtemp(prefix="tapgraph-replicas-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
-
-    def as_postgres(self, args, **kw):
-        """initdb refuses root: as root, PostgreSQL's programs run as the user postgres."""
-        if os.geteuid() == 0:
-            args = ["runuser", "-u", "postgres", "--", *args]
-        return subprocess.run(args, capture_output=True, text=True, timeout=60, **kw)
-
-    def start_postgres(self, password):
-        """A server on 127.0.0.1 that asks for the password (scram-sha-256), with a database
-        "tapgraph" owned by the superuser "tapgraph"; returns its port."""
-        home = os.path.join(self.tmp, "pg")
-        os.makedirs(home)
-        pwfile = os.path.join(home, "pwfile")
-        with open(pwfile, "w") as f:
-            f.write(password + "\n")
-        if os.geteuid() == 0:
-            os.chmod(self.tmp, 0o755)
-            shutil.chown(home, "postgres")
-            shutil.chown(pwfile, "postgres")
-        data, port = os.path.join(home, "data"), free_port()
-        run = self.as_postgres([os.path.join(self.programs, "initdb"), "-D", data, "-U", "tapgraph",
-                                "-A", "scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale"])
-        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
-        run = self.as_postgres([os.path.join(self.programs, "pg_ctl"), "-D", data, "-l",
-                                os.path.join(home, "server.log"), "-w", "-t", "30", "-o",
-                                f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"])
-        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
-        self.addCleanup(self.as_postgres, [os.path.join(self.programs, "pg_ctl"), "-D", data,
-                                           "-m", "immediate", "-w", "stop"])
-        run = subprocess.run([os.path.join(self.programs, "createdb"), "-h", "127.0.0.1", "-p", str(port),
-                              "-U", "tapgraph", "tapgraph"], capture_output=True, text=True, timeout=30,
-                             env=dict(os.environ, PGPASSWORD=password))
-        self.assertEqual(run.returncode, 0, run.stderr)
-        return port
+        self.postgres = needs_postgres_store(self)
 
     def make_ca(self, sts):
         """The CA Secret's files as the kubelet makes them (0440), copied by the init container's
@@ -366,6 +314,7 @@ class ThreeReplicasRun(unittest.TestCase):
 
     def test_three_rendered_replicas_share_one_postgres_and_one_ca(self):
         values = with_values(REPLICAS, persistence__enabled=False,
+                             store__postgres__caSecret={"name": "postgres-ca"},
                              agent={"enabled": True, "joinToken": {"existingSecret": "tapgraph-join"}})
         docs, notes = render(values)
         sts = find(docs, "StatefulSet")
@@ -374,12 +323,16 @@ class ThreeReplicasRun(unittest.TestCase):
         volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
 
         password = "pg-secret-for-the-test"
-        port = self.start_postgres(password)
+        port = self.postgres.start(self.tmp, password)
         secret_file = os.path.join(self.tmp, "postgres-password")
         with open(secret_file, "w") as f:
             f.write(password + "\n")
         os.chmod(secret_file, volumes["postgres-password"]["secret"]["defaultMode"])
         ca_dir, fingerprint = self.make_ca(sts)
+        # The file sslrootcert names: any CA certificate (the server here speaks no TLS), read at start.
+        postgres_ca = os.path.join(self.tmp, "postgres-ca.crt")
+        shutil.copy(os.path.join(ca_dir, "tls.crt"), postgres_ca)
+        os.chmod(postgres_ca, volumes["postgres-ca"]["secret"]["defaultMode"])
         files = {"/etc/tapgraph/ca/tls.crt": os.path.join(ca_dir, "tls.crt"),
                  "/etc/tapgraph/ca/tls.key": os.path.join(ca_dir, "tls.key"),
                  "/etc/tapgraph/postgres/password": secret_file}
@@ -409,9 +362,11 @@ class ThreeReplicasRun(unittest.TestCase):
             state = os.path.join(self.tmp, pod, "volume", "controller")
             os.makedirs(os.path.dirname(state))
             env["TAPGRAPH_STATE_DIR"] = state
-            self.assertEqual(env["TAPGRAPH_STORE__POSTGRES__URL"], URL)
-            env["TAPGRAPH_STORE__POSTGRES__URL"] = URL.replace("postgres.db.svc:5432", f"127.0.0.1:{port}") \
-                .replace("sslmode=verify-full", "sslmode=disable")
+            rendered = URL + "&sslrootcert=/etc/tapgraph/postgres-ca/ca.crt"
+            self.assertEqual(env["TAPGRAPH_STORE__POSTGRES__URL"], rendered)
+            env["TAPGRAPH_STORE__POSTGRES__URL"] = rendered.replace("postgres.db.svc:5432", f"127.0.0.1:{port}") \
+                .replace("sslmode=verify-full", "sslmode=disable") \
+                .replace("/etc/tapgraph/postgres-ca/ca.crt", postgres_ca)
             process = Process(self, [os.path.join(BIN, "tapgraph-controller"), "run", "--config", config],
                               env, os.path.join(self.tmp, f"{pod}.log"))
             replicas.append({"pod": pod, "env": env, "grpc": grpc, "http": http, "state": state,

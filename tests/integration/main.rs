@@ -3,6 +3,7 @@
 
 mod console;
 mod console_browser;
+mod controller_list;
 mod demo;
 mod enrollment;
 mod fleet;

@@ -1,7 +1,8 @@
 """The systemd units: `systemd-analyze verify` finds nothing to say, their hardening scores stay
 low, and the agent's capability set is exactly enough: an unprivileged user holding only the
 unit's ambient capabilities attributes a root process's socket and can capture, and without the
-/proc pair it cannot (so the check can fail).
+/proc pair it cannot (so the check can fail). The example controller configurations start a
+controller: controller.toml one on its own, controller-replica.toml two VMs on one PostgreSQL.
 
 No systemd runs as PID 1 here: the units are verified and their privileges reproduced with
 setpriv, not started."""
@@ -13,9 +14,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import unittest
+import urllib.request
 
-from support import ROOT, built
+from support import ROOT, built, free_port, needs_postgres_store
+from test_chart import Process
 
 UNITS = os.path.join(ROOT, "deploy", "systemd")
 NOBODY = 65534
@@ -78,6 +82,109 @@ class Verify(unittest.TestCase):
                 self.assertNotIn(unit_key(unit, "User"), (None, "root"))
                 self.assertEqual(unit_key(unit, "RestartPreventExitStatus"), "78")
         self.assertEqual(unit_key("tapgraph-controller.service", "AmbientCapabilities"), "")
+
+
+class ExampleConfigs(unittest.TestCase):
+    """Each example configuration file, as the unit runs it (`run --config FILE`,
+    TAPGRAPH_STATE_DIR), with its paths and addresses moved onto this machine, starts a
+    controller that becomes ready: a misspelled key or a bad value would stop it with status 78."""
+
+    def setUp(self):
+        self.controller = built("tapgraph-controller")
+        self.tmp = tempfile.mkdtemp(prefix="tapgraph-units-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def start(self, name, text):
+        """A controller with configuration `text` (as /etc/tapgraph/controller.toml); the flags
+        move its listeners onto loopback. Returns its environment, config path and gRPC port."""
+        config = os.path.join(self.tmp, f"{name}.toml")
+        with open(config, "w") as f:
+            f.write(text)
+        grpc, http = free_port(), free_port()
+        env = dict(os.environ, TAPGRAPH_STATE_DIR=os.path.join(self.tmp, name, "state"))
+        os.makedirs(os.path.join(self.tmp, name))
+        process = Process(self, [self.controller, "run", "--config", config, "--listen", f"127.0.0.1:{grpc}",
+                                 "--http-listen", f"127.0.0.1:{http}"], env,
+                          os.path.join(self.tmp, f"{name}.log"))
+        return {"name": name, "env": env, "config": config, "grpc": grpc, "http": http, "process": process}
+
+    def wait_ready(self, controller):
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{controller['http']}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if controller["process"].proc.poll() is not None or time.time() > deadline:
+                self.fail(f"{controller['name']} did not become ready:\n{controller['process'].text()}")
+            time.sleep(0.1)
+
+    def test_the_example_controller_toml_starts_a_controller(self):
+        self.assertEqual(unit_key("tapgraph-controller.service", "ExecStart"),
+                         "/usr/local/bin/tapgraph-controller run --config /etc/tapgraph/controller.toml")
+        with open(os.path.join(UNITS, "controller.toml")) as f:
+            self.wait_ready(self.start("controller", f.read()))
+
+    def test_two_vms_share_one_postgres_with_the_replica_example(self):
+        postgres = needs_postgres_store(self)
+        with open(os.path.join(UNITS, "controller-replica.toml")) as f:
+            text = f.read()
+        # The second VM's file: only its replica name and its own server name differ.
+        second = text.replace("ctl-a", "ctl-b")
+        changed = [(a, b) for a, b in zip(text.splitlines(), second.splitlines()) if a != b]
+        self.assertEqual([a.split("=")[0].strip() for a, _ in changed], ["replica", "server_names"], changed)
+
+        password = "pg-secret-for-the-vms"
+        port = postgres.start(self.tmp, password)
+        etc = os.path.join(self.tmp, "etc")
+        os.makedirs(etc)
+        # The files the example's comments install, with the modes they give.
+        made = subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-days", "30", "-subj", "/CN=corp CA", "-keyout", os.path.join(etc, "ca.key"),
+             "-out", os.path.join(etc, "ca.pem")], capture_output=True, text=True)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        os.chmod(os.path.join(etc, "ca.key"), 0o600)
+        with open(os.path.join(etc, "postgres.password"), "w") as f:
+            f.write(password + "\n")
+        os.chmod(os.path.join(etc, "postgres.password"), 0o640)
+        url = "postgres://tapgraph@db.example.internal:5432/tapgraph?sslmode=verify-full"
+        self.assertIn(f'url = "{url}"', text)
+        local = f"postgres://tapgraph@127.0.0.1:{port}/tapgraph?sslmode=disable"
+        vms = []
+        for name, vm_text in (("ctl-a", text), ("ctl-b", second)):
+            moved = vm_text.replace("/etc/tapgraph/", etc + "/").replace(url, local)
+            vms.append(self.start(name, moved))
+        for vm in vms:
+            self.wait_ready(vm)
+
+        # An operator identity issued on VM a works on VM b, signed by the shared CA.
+        issued = subprocess.run(
+            [self.controller, "operator", "issue", "ops", "--config", vms[0]["config"],
+             "--address", f"127.0.0.1:{vms[1]['grpc']}", "--out", "-"],
+            env=vms[0]["env"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(issued.returncode, 0, issued.stderr)
+        ctl_config = os.path.join(self.tmp, "tapgraphctl.toml")
+        with open(ctl_config, "w") as f:
+            f.write(issued.stdout)
+        os.chmod(ctl_config, 0o600)
+        run = subprocess.run([built("tapgraphctl"), "-o", "json", "token", "create"],
+                             env=dict(os.environ, TAPGRAPHCTL_CONFIG=ctl_config),
+                             capture_output=True, text=True, timeout=30)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        fingerprint = subprocess.run(
+            ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", os.path.join(etc, "ca.pem")],
+            capture_output=True, text=True, check=True).stdout.split("=", 1)[1].strip()
+        normalize = lambda fp: fp.replace(":", "").lower().removeprefix("sha256")
+        self.assertEqual(normalize(json.loads(run.stdout)["ca_fingerprint"]), normalize(fingerprint))
+        # What the example says /var/lib/tapgraph keeps: the serving certificate.
+        for vm in vms:
+            state = vm["env"]["TAPGRAPH_STATE_DIR"]
+            kept = sorted(os.path.relpath(os.path.join(d, name), state)
+                          for d, _, names in os.walk(state) for name in names)
+            self.assertEqual(kept, ["pki/server.key", "pki/server.names", "pki/server.pem"], vm["name"])
 
 
 @unittest.skipUnless(os.geteuid() == 0, "needs root to switch users (setpriv)")

@@ -1,147 +1,111 @@
-//! The controller's embedded store: one redb file in the state directory. Each table maps a string
-//! key to a JSON value; every change is one transaction, durable when it returns, except the map's
-//! (`commit_deferred`), which a durable commit within a second makes durable. Tasks that own state
-//! load it at start and write through on change.
+//! The embedded backend: one redb file in the state directory, for a single controller. Each table
+//! maps a string key to a JSON value; every batch is one transaction.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use redb::{ReadableDatabase, ReadableTable, TableHandle};
 
-pub type Table = TableDefinition<'static, &'static str, &'static [u8]>;
-
-#[derive(Debug, thiserror::Error)]
-#[error("state store: {0}")]
-pub struct StoreError(String);
-
-impl StoreError {
-    /// The task that owns a store went away (shutdown).
-    pub fn closed() -> Self {
-        StoreError("the owning task has stopped".into())
-    }
-}
-
-fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
-}
+use super::{Batch, StoreError, Table, failed, same_value};
 
 /// The page cache unless configured (`store.cache_size`).
 pub const DEFAULT_CACHE: usize = 64 << 20;
 
 #[derive(Clone)]
-pub struct Store {
+pub struct Embedded {
     db: std::sync::Arc<redb::Database>,
+    path: PathBuf,
 }
 
-impl Store {
-    #[cfg(test)]
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(path, DEFAULT_CACHE)
-    }
-
+impl Embedded {
     /// Opens (or creates) the store with a page cache of at most `cache_bytes`. redb's own
     /// default is 1 GiB, a ceiling that a large map fills and then keeps resident.
-    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
             .create(path)
-            .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+            .map_err(|e| StoreError::Failed(format!("{}: {e}", path.display())))?;
         // It holds token hashes and the agent list: owner only.
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(err)?;
+            .map_err(failed)?;
         Ok(Self {
             db: std::sync::Arc::new(db),
+            path: path.to_path_buf(),
         })
     }
 
-    /// Every value of `table`, in key order; an absent table is empty.
-    pub fn load<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, StoreError> {
-        let read = self.db.begin_read().map_err(err)?;
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every key and value of `table`, in key order; an absent table is empty.
+    pub fn load(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let read = self.db.begin_read().map_err(failed)?;
         let t = match read.open_table(table) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(err(e)),
+            Err(e) => return Err(failed(e)),
         };
         let mut out = Vec::new();
-        for item in t.iter().map_err(err)? {
-            let (key, value) = item.map_err(err)?;
-            let v = serde_json::from_slice(value.value())
-                .map_err(|e| StoreError(format!("{}/{}: {e}", table.name(), key.value())))?;
-            out.push(v);
+        for item in t.iter().map_err(failed)? {
+            let (key, value) = item.map_err(failed)?;
+            out.push((key.value().to_string(), value.value().to_vec()));
         }
         Ok(out)
     }
 
-    /// Applies every change of `batch` in one durable transaction: all of them, or none.
-    pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        self.commit_with(batch, redb::Durability::Immediate)
+    pub fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let read = self.db.begin_read().map_err(failed)?;
+        let t = match read.open_table(table) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(failed(e)),
+        };
+        Ok(t.get(key).map_err(failed)?.map(|v| v.value().to_vec()))
     }
 
-    /// As [`Store::commit`], without waiting for the disk: the changes are durable after the next
-    /// durable commit (any task's, or [`Store::sync`]). A crash before it loses them, and the
-    /// store comes back as it was at the last durable commit, never half-written.
-    pub fn commit_deferred(&self, batch: Batch) -> Result<(), StoreError> {
-        self.commit_with(batch, redb::Durability::None)
-    }
-
-    /// Makes every deferred commit durable.
-    pub fn sync(&self) -> Result<(), StoreError> {
-        self.commit(Batch::default())
-    }
-
-    fn commit_with(&self, batch: Batch, durability: redb::Durability) -> Result<(), StoreError> {
+    /// Applies `batch` in one transaction if its preconditions hold; `durable`: wait for the disk.
+    pub fn commit(&self, batch: &Batch, durable: bool) -> Result<(), StoreError> {
+        let durability = if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        };
         // A commit waits for fsync: keep it off the async workers' hot loop.
         tokio::task::block_in_place(|| {
-            let mut txn = self.db.begin_write().map_err(err)?;
-            txn.set_durability(durability).map_err(err)?;
+            let mut txn = self.db.begin_write().map_err(failed)?;
+            txn.set_durability(durability).map_err(failed)?;
+            for (table, key, expected) in &batch.expected {
+                let t = txn.open_table(*table).map_err(failed)?;
+                let current = t
+                    .get(key.as_str())
+                    .map_err(failed)?
+                    .map(|v| v.value().to_vec());
+                if !same_value(current.as_deref(), expected.as_deref()) {
+                    // Dropping the transaction aborts it: nothing of the batch is written.
+                    return Err(StoreError::Conflict {
+                        table: table.name().to_string(),
+                        key: key.clone(),
+                    });
+                }
+            }
             for (table, key, value) in &batch.changes {
-                let mut t = txn.open_table(*table).map_err(err)?;
+                let mut t = txn.open_table(*table).map_err(failed)?;
                 match value {
                     Some(bytes) => t.insert(key.as_str(), bytes.as_slice()).map(|_| ()),
                     None => t.remove(key.as_str()).map(|_| ()),
                 }
-                .map_err(err)?;
+                .map_err(failed)?;
             }
-            txn.commit().map_err(err)
+            txn.commit().map_err(failed)
         })
-    }
-
-    /// Writes one value.
-    pub fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), StoreError> {
-        let mut batch = Batch::default();
-        batch.put(table, key, value)?;
-        self.commit(batch)
-    }
-}
-
-/// Changes to commit together.
-#[derive(Default)]
-pub struct Batch {
-    changes: Vec<(Table, String, Option<Vec<u8>>)>,
-}
-
-impl Batch {
-    pub fn put<T: Serialize>(
-        &mut self,
-        table: Table,
-        key: &str,
-        value: &T,
-    ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(err)?;
-        self.changes.push((table, key.to_string(), Some(bytes)));
-        Ok(())
-    }
-
-    #[allow(dead_code)] // exercised by tests now; the topology store removes edges with it
-    pub fn delete(&mut self, table: Table, key: &str) {
-        self.changes.push((table, key.to_string(), None));
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::super::{Batch, Store, Table};
+    use redb::TableDefinition;
+    use std::path::Path;
 
     const T: Table = TableDefinition::new("test");
 
@@ -197,7 +161,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "store::tests::crash_child", "--test-threads=1"])
+            .args([
+                "--exact",
+                "store::embedded::tests::crash_child",
+                "--test-threads=1",
+            ])
             .env(CRASH_CHILD, format!("{},{sync}", path.display()))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -1,0 +1,734 @@
+//! The shared backend: one PostgreSQL database for every replica of the controller.
+//!
+//! Each logical table is an SQL table in the schema `tapgraph` (`key text`, `value jsonb`,
+//! `updated_at`), so operators can read it with `psql`. The schema is versioned
+//! (`tapgraph.schema_migrations`) and brought up to date at start under an advisory lock, so
+//! replicas starting at once apply each migration exactly once.
+//!
+//! A trigger announces every written row on the channel `tapgraph_changes`, with the writing
+//! replica's name (its session's `application_name`). Each replica listens on a session of its own
+//! and passes on the changes of the others. Notifications are not replayed: after every
+//! (re)connection of that session it announces [`Change::Resync`], and its subscribers read their
+//! tables again. The map's edges are not announced: each replica derives them from the agents'
+//! tables, which are.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures::StreamExt;
+use redb::TableHandle;
+use tokio::sync::broadcast;
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::{Batch, Change, StoreError, Table, same_value};
+
+/// The tables the schema has. A table the code names that is not here is a missing migration.
+pub const TABLES: &[&str] = &[
+    "tokens",
+    "agents",
+    "console_tokens",
+    "policies",
+    "policy_meta",
+    "label_rules",
+    "topology_agents",
+    "topology_edges",
+    "presence",
+    "pki",
+];
+
+/// Versioned migrations, applied in order, each once, each in its own transaction.
+const MIGRATIONS: &[(i32, &str)] = &[(1, MIGRATION_1)];
+
+const MIGRATION_1: &str = r#"
+CREATE FUNCTION tapgraph.notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('tapgraph_changes', json_build_object(
+    'r', current_setting('application_name'),
+    't', TG_TABLE_NAME,
+    'k', CASE TG_OP WHEN 'DELETE' THEN OLD.key ELSE NEW.key END)::text);
+  RETURN NULL;
+END $$;
+"#;
+
+/// The advisory lock that serialises migrations ("tapgraph" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7461_7067_7261_7068;
+/// The notification channel.
+const CHANNEL: &str = "tapgraph_changes";
+/// Sessions in the pool at most (the listener has one more of its own).
+const POOL_SIZE: usize = 8;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `store.postgres.*`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PostgresSettings {
+    /// libpq form: `postgres://USER@HOST:PORT/DB?sslmode=…` (`sslrootcert=FILE` names the CA).
+    pub url: String,
+    /// The password, read at start; a password in the URL is used when there is no file.
+    pub password_file: Option<PathBuf>,
+}
+
+impl PostgresSettings {
+    /// Checks `url` as the driver will read it, so a typo is a configuration error at start.
+    pub fn check(&self) -> Result<(), String> {
+        parse_url(&self.url).map(|_| ())
+    }
+}
+
+/// What the URL says once the parts the driver does not read are taken out.
+struct Parsed {
+    config: tokio_postgres::Config,
+    /// `sslrootcert`: the CA the server's certificate must chain to (else the system's roots).
+    root_cert: Option<PathBuf>,
+}
+
+fn parse_url(url: &str) -> Result<Parsed, String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(format!(
+            "`{}` is not a postgres:// URL (postgres://USER@HOST:PORT/DB?sslmode=…)",
+            redact(url)
+        ));
+    }
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut kept = Vec::new();
+    let mut root_cert = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "sslrootcert" => root_cert = Some(PathBuf::from(v)),
+            // The server's certificate is always verified (chain and name) when TLS is used, so
+            // these read as `require`.
+            "sslmode" if v == "verify-ca" || v == "verify-full" => {
+                kept.push("sslmode=require".into())
+            }
+            "sslmode" if !matches!(v, "disable" | "prefer" | "require") => {
+                return Err(format!(
+                    "sslmode `{v}` is not one of disable, prefer, require, verify-ca, verify-full"
+                ));
+            }
+            _ => kept.push(pair.to_string()),
+        }
+    }
+    let rebuilt = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    let config: tokio_postgres::Config = rebuilt
+        .parse()
+        .map_err(|e| format!("`{}`: {e}", redact(url)))?;
+    if config.get_hosts().is_empty() {
+        return Err(format!("`{}` names no host", redact(url)));
+    }
+    if config.get_dbname().is_none() {
+        return Err(format!("`{}` names no database (…/DB)", redact(url)));
+    }
+    Ok(Parsed { config, root_cert })
+}
+
+/// The URL without a password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// "HOST:PORT/DB", for messages.
+fn describe(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "?".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", config.get_dbname().unwrap_or("?"))
+}
+
+fn tls(root_cert: Option<&PathBuf>) -> Result<MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match root_cert {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                StoreError::Failed(format!(
+                    "store.postgres.url sslrootcert {}: {e}",
+                    path.display()
+                ))
+            })?;
+            for cert in rustls_pemfile_certs(&pem) {
+                roots.add(cert).map_err(|e| {
+                    StoreError::Failed(format!("sslrootcert {}: {e}", path.display()))
+                })?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Failed(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .collect()
+}
+
+pub struct Postgres {
+    pool: Pool,
+    /// "HOST:PORT/DB".
+    database: String,
+    /// Why the database cannot be used now, while it cannot; logged once per outage.
+    down: Arc<Mutex<Option<String>>>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+impl Postgres {
+    /// Connects, brings the schema up to date and starts listening for other replicas' changes.
+    pub async fn connect(
+        settings: &PostgresSettings,
+        replica: &str,
+        changes: broadcast::Sender<Change>,
+    ) -> Result<Self, StoreError> {
+        let Parsed {
+            mut config,
+            root_cert,
+        } = parse_url(&settings.url).map_err(StoreError::Failed)?;
+        if let Some(file) = &settings.password_file {
+            let password = std::fs::read_to_string(file).map_err(|e| {
+                StoreError::Failed(format!(
+                    "store.postgres.password_file {}: {e}",
+                    file.display()
+                ))
+            })?;
+            config.password(password.trim_end_matches(['\r', '\n']));
+        }
+        config
+            .application_name(replica)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .tcp_user_timeout(Duration::from_secs(10));
+        let database = describe(&config);
+        let tls = tls(root_cert.as_ref())?;
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Failed(e.to_string()))?;
+        let down = Arc::new(Mutex::new(None));
+        let pg_unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable {
+            database: database.clone(),
+            reason: e.to_string(),
+        };
+        {
+            let mut client = pool.get().await.map_err(|e| pg_unavailable(&e))?;
+            migrate(&mut client, &database).await?;
+        }
+        let listener = tokio::spawn(listen(
+            config,
+            tls,
+            replica.to_string(),
+            changes,
+            database.clone(),
+            down.clone(),
+        ));
+        Ok(Postgres {
+            pool,
+            database,
+            down,
+            listener,
+        })
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    pub fn unavailable(&self) -> Option<String> {
+        self.down.lock().ok().and_then(|d| d.clone())
+    }
+
+    /// Classifies a driver error: the server's own refusal (an SQL state) is a failure; anything
+    /// else (refused, reset, timed out) means the database cannot be reached now.
+    fn error(&self, e: impl Into<DbError>) -> StoreError {
+        match e.into() {
+            DbError::Sql(msg) => StoreError::Failed(format!("{}: {msg}", self.database)),
+            DbError::Unreachable(reason) => {
+                if let Ok(mut down) = self.down.lock()
+                    && down.is_none()
+                {
+                    tracing::error!(database = %self.database, %reason, "the database is unavailable: writes are refused until it is back");
+                    *down = Some(reason.clone());
+                }
+                StoreError::Unavailable {
+                    database: self.database.clone(),
+                    reason,
+                }
+            }
+        }
+    }
+
+    /// A call got through: the database is back, if it was down.
+    fn reachable(&self) {
+        if let Ok(mut down) = self.down.lock()
+            && down.take().is_some()
+        {
+            tracing::info!(database = %self.database, "the database is available again");
+        }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|e| self.error(e))
+    }
+
+    pub async fn load(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let name = sql_table(table)?;
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT key, value FROM tapgraph.{name} ORDER BY key COLLATE \"C\""),
+                &[],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        self.reachable();
+        rows.iter()
+            .map(|row| {
+                let key: String = row.get(0);
+                let value: serde_json::Value = row.get(1);
+                serde_json::to_vec(&value)
+                    .map(|bytes| (key, bytes))
+                    .map_err(super::failed)
+            })
+            .collect()
+    }
+
+    pub async fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let name = sql_table(table)?;
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT value FROM tapgraph.{name} WHERE key = $1"),
+                &[&key],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        self.reachable();
+        row.map(|r| serde_json::to_vec(&r.get::<_, serde_json::Value>(0)))
+            .transpose()
+            .map_err(super::failed)
+    }
+
+    /// Applies `batch` in one transaction; `durable: false` does not wait for the WAL flush
+    /// (`synchronous_commit = off`), the next durable commit covers it.
+    pub async fn commit(&self, batch: &Batch, durable: bool) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.error(e))?;
+        if !durable {
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .await
+                .map_err(|e| self.error(e))?;
+        }
+        for (table, key, expected) in &batch.expected {
+            let name = sql_table(*table)?;
+            // The row may not exist yet: lock its key, not the row, so two replicas expecting
+            // "absent" cannot both insert.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                &[&format!("{name}/{key}")],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+            let current = tx
+                .query_opt(
+                    &format!("SELECT value FROM tapgraph.{name} WHERE key = $1"),
+                    &[key],
+                )
+                .await
+                .map_err(|e| self.error(e))?
+                .map(|r| serde_json::to_vec(&r.get::<_, serde_json::Value>(0)))
+                .transpose()
+                .map_err(super::failed)?;
+            if !same_value(current.as_deref(), expected.as_deref()) {
+                return Err(StoreError::Conflict {
+                    table: table.name().to_string(),
+                    key: key.clone(),
+                });
+            }
+        }
+        for (name, puts, deletes) in grouped(batch)? {
+            if !deletes.is_empty() {
+                tx.execute(
+                    &format!("DELETE FROM tapgraph.{name} WHERE key = ANY($1)"),
+                    &[&deletes],
+                )
+                .await
+                .map_err(|e| self.error(e))?;
+            }
+            if !puts.is_empty() {
+                let (keys, values): (Vec<&str>, Vec<serde_json::Value>) = puts.into_iter().unzip();
+                tx.execute(
+                    &format!(
+                        "INSERT INTO tapgraph.{name} (key, value) \
+                         SELECT * FROM unnest($1::text[], $2::jsonb[]) \
+                         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()"
+                    ),
+                    &[&keys, &values],
+                )
+                .await
+                .map_err(|e| self.error(e))?;
+            }
+        }
+        tx.commit().await.map_err(|e| self.error(e))?;
+        self.reachable();
+        Ok(())
+    }
+
+    /// Deferred commits (`synchronous_commit = off`) are made durable by the server's WAL
+    /// writer within three `wal_writer_delay`s (600 ms by default), and by any durable commit
+    /// after them: nothing to do here, and the "at most the last second" promise holds.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// The batch's changes per table, the last change of a key winning (as in sequence within one
+/// transaction): puts as (key, value) and deletes as keys.
+#[allow(clippy::type_complexity)]
+fn grouped(
+    batch: &Batch,
+) -> Result<Vec<(&'static str, Vec<(&str, serde_json::Value)>, Vec<&str>)>, StoreError> {
+    use std::collections::BTreeMap;
+    let mut last: BTreeMap<(&'static str, &str), Option<&[u8]>> = BTreeMap::new();
+    for (table, key, value) in &batch.changes {
+        last.insert((sql_table(*table)?, key.as_str()), value.as_deref());
+    }
+    let mut out: Vec<(&'static str, Vec<(&str, serde_json::Value)>, Vec<&str>)> = Vec::new();
+    for ((name, key), value) in last {
+        if out.last().is_none_or(|(n, _, _)| *n != name) {
+            out.push((name, Vec::new(), Vec::new()));
+        }
+        let Some((_, puts, deletes)) = out.last_mut() else {
+            continue;
+        };
+        match value {
+            Some(bytes) => puts.push((key, serde_json::from_slice(bytes).map_err(super::failed)?)),
+            None => deletes.push(key),
+        }
+    }
+    Ok(out)
+}
+
+/// The SQL table for `table`, which must be one the schema has.
+fn sql_table(table: Table) -> Result<&'static str, StoreError> {
+    TABLES
+        .iter()
+        .find(|t| **t == table.name())
+        .copied()
+        .ok_or_else(|| {
+            StoreError::Failed(format!(
+                "table {} is not in the database schema (a migration is missing)",
+                table.name()
+            ))
+        })
+}
+
+/// A driver error, classified.
+enum DbError {
+    Sql(String),
+    Unreachable(String),
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => DbError::Sql(format!("{} ({})", db.message(), db.code().code())),
+            None => DbError::Unreachable(tapgraph::error_chain(&e)),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => DbError::Unreachable(other.to_string()),
+        }
+    }
+}
+
+/// Brings the schema to the newest version this controller knows, under an advisory lock held
+/// by this session: replicas starting at once wait for each other, and each migration applies
+/// once. A database newer than this controller is refused.
+async fn migrate(client: &mut deadpool_postgres::Object, database: &str) -> Result<(), StoreError> {
+    let sql = |e: tokio_postgres::Error| match DbError::from(e) {
+        DbError::Sql(m) => StoreError::Failed(format!("{database}: schema migration: {m}")),
+        DbError::Unreachable(reason) => StoreError::Unavailable {
+            database: database.to_string(),
+            reason,
+        },
+    };
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(sql)?;
+    let result = async {
+        client
+            .batch_execute(
+                "CREATE SCHEMA IF NOT EXISTS tapgraph; \
+                 CREATE TABLE IF NOT EXISTS tapgraph.schema_migrations ( \
+                   version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+            )
+            .await
+            .map_err(sql)?;
+        let have: i32 = client
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM tapgraph.schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(sql)?
+            .get(0);
+        let newest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        if have > newest {
+            return Err(StoreError::Failed(format!(
+                "{database}: the schema is at version {have}, newer than this controller knows \
+                 ({newest}): upgrade this controller"
+            )));
+        }
+        for (version, body) in MIGRATIONS.iter().filter(|(v, _)| *v > have) {
+            let tx = client.transaction().await.map_err(sql)?;
+            tx.batch_execute(body).await.map_err(sql)?;
+            if *version == 1 {
+                for name in TABLES {
+                    tx.batch_execute(&table_sql(name)).await.map_err(sql)?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO tapgraph.schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await
+            .map_err(sql)?;
+            tx.commit().await.map_err(sql)?;
+            tracing::info!(%database, version, "schema migration applied");
+        }
+        Ok(())
+    }
+    .await;
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result?;
+    unlocked.map_err(sql)?;
+    Ok(())
+}
+
+/// One logical table: its rows, and (but for the map's edges) the trigger that announces them.
+fn table_sql(name: &str) -> String {
+    let mut sql = format!(
+        "CREATE TABLE tapgraph.{name} (key text PRIMARY KEY, value jsonb NOT NULL, \
+         updated_at timestamptz NOT NULL DEFAULT now());"
+    );
+    if name != "topology_edges" {
+        sql.push_str(&format!(
+            " CREATE TRIGGER {name}_changed AFTER INSERT OR UPDATE OR DELETE ON tapgraph.{name} \
+             FOR EACH ROW EXECUTE FUNCTION tapgraph.notify_change();"
+        ));
+    }
+    sql
+}
+
+/// A notification's payload.
+#[derive(serde::Deserialize)]
+struct Notified {
+    r: String,
+    t: String,
+    k: String,
+}
+
+/// Listens for other replicas' changes on a session of its own, for as long as the store lives.
+/// After every (re)connection it announces [`Change::Resync`]: what was missed meanwhile is read
+/// again. Reconnects on the shared backoff; a lost session is logged once per outage.
+async fn listen(
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    replica: String,
+    changes: broadcast::Sender<Change>,
+    database: String,
+    down: Arc<Mutex<Option<String>>>,
+) {
+    // The listener's session is the first to see the database go and come back.
+    let set_down = |reason: Option<String>| {
+        if let Ok(mut d) = down.lock() {
+            *d = reason;
+        }
+    };
+    let mut backoff = match tapgraph::backoff::BackoffPolicy::new(
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+        0.2,
+    ) {
+        Ok(policy) => policy.start(),
+        Err(e) => {
+            tracing::error!(%e, "no backoff for the change listener");
+            return;
+        }
+    };
+    let mut logged = false;
+    loop {
+        match config.connect(tls.clone()).await {
+            Ok((client, mut connection)) => {
+                let mut messages =
+                    futures::stream::poll_fn(move |cx| connection.poll_message(cx)).boxed();
+                let listening = async { client.batch_execute(&format!("LISTEN {CHANNEL}")).await };
+                // The LISTEN needs the connection driven while it runs.
+                let mut listening = std::pin::pin!(listening);
+                let subscribed = loop {
+                    tokio::select! {
+                        r = &mut listening => break r.map_err(|e| tapgraph::error_chain(&e)),
+                        m = messages.next() => match m {
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => break Err(tapgraph::error_chain(&e)),
+                            None => break Err("connection closed".into()),
+                        },
+                    }
+                };
+                match subscribed {
+                    Ok(()) => {
+                        set_down(None);
+                        if logged {
+                            tracing::info!(%database, "listening for other replicas' changes again");
+                        }
+                        backoff.reset();
+                        let _ = changes.send(Change::Resync);
+                        let reason = loop {
+                            match messages.next().await {
+                                Some(Ok(AsyncMessage::Notification(n))) => {
+                                    match serde_json::from_str::<Notified>(n.payload()) {
+                                        Ok(c) if c.r != replica => {
+                                            let _ = changes.send(Change::Row {
+                                                table: c.t,
+                                                key: c.k,
+                                            });
+                                        }
+                                        Ok(_) => {}
+                                        Err(e) => {
+                                            tracing::warn!(payload = n.payload(), %e, "unreadable change notification")
+                                        }
+                                    }
+                                }
+                                Some(Ok(_)) => {}
+                                Some(Err(e)) => break tapgraph::error_chain(&e),
+                                None => break "connection closed".to_string(),
+                            }
+                        };
+                        tracing::warn!(%database, %reason, "lost the session that listens for other replicas' changes; reconnecting");
+                        set_down(Some(reason));
+                        logged = true;
+                    }
+                    Err(reason) => {
+                        set_down(Some(reason.clone()));
+                        if !logged {
+                            tracing::warn!(%database, %reason, "cannot listen for other replicas' changes; retrying");
+                            logged = true;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                set_down(Some(tapgraph::error_chain(&e)));
+                if !logged {
+                    tracing::warn!(%database, reason = %tapgraph::error_chain(&e), "cannot listen for other replicas' changes; retrying");
+                    logged = true;
+                }
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_and_passwords_kept_out_of_messages() {
+        assert!(parse_url("postgres://tapgraph@127.0.0.1:5432/tapgraph?sslmode=disable").is_ok());
+        assert!(parse_url("postgresql://u@db.example/tg?sslmode=verify-full").is_ok());
+        let p = parse_url("postgres://u@h/db?sslmode=require&sslrootcert=/etc/ca.pem").unwrap();
+        assert_eq!(p.root_cert, Some(PathBuf::from("/etc/ca.pem")));
+        let e = parse_url("mysql://u@h/db").err().unwrap();
+        assert!(e.contains("not a postgres:// URL"), "{e}");
+        let e = parse_url("postgres://u:hunter2@h/db?sslmode=sometimes")
+            .err()
+            .unwrap();
+        assert!(e.contains("sslmode `sometimes`"), "{e}");
+        let e = parse_url("postgres://u:hunter2@h:5432").err().unwrap();
+        assert!(e.contains("no database"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        assert_eq!(redact("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+    }
+
+    #[test]
+    fn a_batch_groups_by_table_and_the_last_change_of_a_key_wins() {
+        const A: Table = redb::TableDefinition::new("tokens");
+        const B: Table = redb::TableDefinition::new("agents");
+        let mut b = Batch::default();
+        b.put(A, "x", &1).unwrap();
+        b.put(B, "y", &2).unwrap();
+        b.delete(A, "x");
+        b.put(A, "z", &3).unwrap();
+        let g = grouped(&b).unwrap();
+        assert_eq!(g.len(), 2);
+        let (name, puts, deletes) = &g[1];
+        assert_eq!(*name, "tokens");
+        assert_eq!(puts, &[("z", serde_json::json!(3))]);
+        assert_eq!(deletes, &["x"]);
+    }
+
+    #[test]
+    fn a_table_without_a_migration_is_refused_by_name() {
+        const X: Table = redb::TableDefinition::new("nonsense");
+        let e = sql_table(X).err().unwrap().to_string();
+        assert!(e.contains("nonsense") && e.contains("migration"), "{e}");
+    }
+}

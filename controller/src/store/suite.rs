@@ -1,0 +1,350 @@
+//! One test suite, both backends: what every caller of [`Store`] relies on. The PostgreSQL runs
+//! use a real server (`testpg`), and two handles on one database stand for two replicas.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redb::TableDefinition;
+use serde::{Deserialize, Serialize};
+
+use super::{Batch, Change, Store, StoreError, StoreSettings, Table, testpg};
+
+/// Tables the PostgreSQL schema has (the suite borrows them).
+const T: Table = TableDefinition::new("tokens");
+const U: Table = TableDefinition::new("agents");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Token {
+    id: String,
+    uses_left: u32,
+}
+
+/// Two handles on one store: for PostgreSQL two replicas ("a", "b") on one database; for the
+/// embedded store (one process may open a file once) two clones of one handle.
+async fn pair(postgres: bool, dir: &std::path::Path) -> Option<(Store, Store)> {
+    if postgres {
+        let settings = StoreSettings::Postgres(testpg::database().await?);
+        let a = Store::connect(&settings, dir, "a").await.unwrap();
+        let b = Store::connect(&settings, dir, "b").await.unwrap();
+        Some((a, b))
+    } else {
+        let s = Store::connect(&StoreSettings::default(), dir, "a")
+            .await
+            .unwrap();
+        Some((s.clone(), s))
+    }
+}
+
+async fn writes_read_back_in_key_order(postgres: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((a, b)) = pair(postgres, dir.path()).await else {
+        return;
+    };
+    assert!(a.load::<u32>(T).unwrap().is_empty());
+    let mut batch = Batch::default();
+    for (k, v) in [("b", 2u32), ("a", 1), ("B", 0), ("ab", 3)] {
+        batch.put(T, k, &v).unwrap();
+    }
+    a.commit(batch).unwrap();
+    // Byte order, as redb keeps it: "B" < "a" < "ab" < "b".
+    assert_eq!(b.load::<u32>(T).unwrap(), [0, 1, 3, 2]);
+    let keyed = b.load_keyed::<u32>(T).unwrap();
+    assert_eq!(keyed[0], ("B".to_string(), 0));
+    assert_eq!(b.get::<u32>(T, "ab").unwrap(), Some(3));
+    assert_eq!(b.get::<u32>(T, "zz").unwrap(), None);
+    let mut batch = Batch::default();
+    batch.delete(T, "a");
+    batch.put(T, "b", &20u32).unwrap();
+    a.commit_deferred(batch).unwrap();
+    a.sync().unwrap();
+    assert_eq!(b.load::<u32>(T).unwrap(), [0, 3, 20]);
+    assert!(b.load::<u32>(U).unwrap().is_empty(), "tables are apart");
+}
+
+async fn a_failed_precondition_writes_nothing(postgres: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((a, b)) = pair(postgres, dir.path()).await else {
+        return;
+    };
+    let t = Token {
+        id: "t1".into(),
+        uses_left: 1,
+    };
+    a.put(T, "t1", &t).unwrap();
+    // B took the use meanwhile.
+    let mut batch = Batch::default();
+    batch.expect(T, "t1", Some(&t)).unwrap();
+    batch
+        .put(
+            T,
+            "t1",
+            &Token {
+                uses_left: 0,
+                ..t.clone()
+            },
+        )
+        .unwrap();
+    b.commit(batch).unwrap();
+    // A, deciding from the old value, is refused, and its other write is not made either.
+    let mut batch = Batch::default();
+    batch.expect(T, "t1", Some(&t)).unwrap();
+    batch
+        .put(
+            T,
+            "t1",
+            &Token {
+                uses_left: 0,
+                ..t.clone()
+            },
+        )
+        .unwrap();
+    batch.put(U, "agent-1", &"enrolled").unwrap();
+    let e = a.commit(batch).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Conflict { table, key } if table == "tokens" && key == "t1"),
+        "{e}"
+    );
+    assert!(a.load::<String>(U).unwrap().is_empty(), "all or nothing");
+    // Expecting absence: the first insert wins, the second conflicts.
+    let mut first = Batch::default();
+    first.expect::<Token>(U, "new", None).unwrap();
+    first.put(U, "new", &"one").unwrap();
+    a.commit(first).unwrap();
+    let mut second = Batch::default();
+    second.expect::<Token>(U, "new", None).unwrap();
+    second.put(U, "new", &"two").unwrap();
+    assert!(b.commit(second).unwrap_err().is_conflict());
+    assert_eq!(b.get::<String>(U, "new").unwrap().as_deref(), Some("one"));
+}
+
+/// Replicas racing for the last uses of a token: read, decide, write if unchanged, else read
+/// again. Exactly as many win as there were uses.
+async fn racing_for_the_last_uses_gives_exactly_that_many_winners(postgres: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((a, b)) = pair(postgres, dir.path()).await else {
+        return;
+    };
+    const USES: u32 = 3;
+    a.put(
+        T,
+        "t",
+        &Token {
+            id: "t".into(),
+            uses_left: USES,
+        },
+    )
+    .unwrap();
+    let winners = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let winners = winners.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(t) = store.get::<Token>(T, "t").unwrap() else {
+                    return;
+                };
+                if t.uses_left == 0 {
+                    return;
+                }
+                let mut batch = Batch::default();
+                batch.expect(T, "t", Some(&t)).unwrap();
+                batch
+                    .put(
+                        T,
+                        "t",
+                        &Token {
+                            uses_left: t.uses_left - 1,
+                            ..t.clone()
+                        },
+                    )
+                    .unwrap();
+                match store.commit(batch) {
+                    Ok(()) => {
+                        winners.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(e) if e.is_conflict() => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(winners.load(Ordering::SeqCst), USES as usize);
+    assert_eq!(a.get::<Token>(T, "t").unwrap().unwrap().uses_left, 0);
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(false).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(true).await;
+                }
+            )*
+        }
+    };
+}
+
+both!(
+    writes_read_back_in_key_order,
+    a_failed_precondition_writes_nothing,
+    racing_for_the_last_uses_gives_exactly_that_many_winners,
+);
+
+/// Receives the next change, skipping resyncs, within a few seconds.
+async fn next_row(rx: &mut tokio::sync::broadcast::Receiver<Change>) -> Change {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a change within 5 s")
+            .unwrap()
+        {
+            Change::Resync => continue,
+            row => return row,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_other_replicas_hear_each_change_and_the_writer_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((a, b)) = pair(true, dir.path()).await else {
+        return;
+    };
+    let mut heard_by_a = a.changes();
+    let mut heard_by_b = b.changes();
+    // The listeners are (re)connecting in the background: wait until B hears anything.
+    let probe = tokio::spawn(async move {
+        loop {
+            a.put(U, "probe", &1u32).unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if a.get::<u32>(U, "stop").unwrap().is_some() {
+                return a;
+            }
+        }
+    });
+    assert_eq!(
+        next_row(&mut heard_by_b).await,
+        Change::Row {
+            table: "agents".into(),
+            key: "probe".into()
+        }
+    );
+    b.put(U, "stop", &1u32).unwrap();
+    let a = probe.await.unwrap();
+    while let Ok(c) = heard_by_b.try_recv() {
+        let _ = c;
+    }
+    let mut batch = Batch::default();
+    batch.put(T, "t9", &1u32).unwrap();
+    batch.delete(U, "probe");
+    a.commit(batch).unwrap();
+    let mut got = vec![
+        next_row(&mut heard_by_b).await,
+        next_row(&mut heard_by_b).await,
+    ];
+    got.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(
+        got,
+        [
+            Change::Row {
+                table: "agents".into(),
+                key: "probe".into()
+            },
+            Change::Row {
+                table: "tokens".into(),
+                key: "t9".into()
+            }
+        ]
+    );
+    // A heard B's "stop", never its own writes.
+    assert_eq!(
+        next_row(&mut heard_by_a).await,
+        Change::Row {
+            table: "agents".into(),
+            key: "stop".into()
+        }
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok(c) = heard_by_a.try_recv() {
+        assert_eq!(c, Change::Resync, "A heard only B's change: {c:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_replicas_starting_at_once_make_one_schema() {
+    let Some(pg) = testpg::database().await else {
+        return;
+    };
+    let settings = StoreSettings::Postgres(pg);
+    let dir = tempfile::tempdir().unwrap();
+    let starts = (0..4).map(|i| {
+        let settings = settings.clone();
+        let dir = dir.path().to_path_buf();
+        tokio::spawn(async move { Store::connect(&settings, &dir, &format!("r{i}")).await })
+    });
+    let stores: Vec<Store> = futures::future::join_all(starts)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    stores[0].put(T, "k", &1u32).unwrap();
+    assert_eq!(stores[3].load::<u32>(T).unwrap(), [1]);
+    let StoreSettings::Postgres(pg) = &settings else {
+        unreachable!()
+    };
+    let (client, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let versions: Vec<i32> = client
+        .query(
+            "SELECT version FROM tapgraph.schema_migrations ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [1], "each migration once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_unreachable_is_unavailable_naming_the_database() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let settings = StoreSettings::Postgres(super::postgres::PostgresSettings {
+        url: format!("postgres://tapgraph@127.0.0.1:{port}/tapgraph?sslmode=disable"),
+        password_file: None,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let e = Store::connect(&settings, dir.path(), "a")
+        .await
+        .err()
+        .unwrap();
+    assert!(e.is_unavailable(), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("127.0.0.1:{port}/tapgraph")),
+        "{e}"
+    );
+}

@@ -396,8 +396,9 @@ class ThreeReplicasRun(unittest.TestCase):
             f.write(issued.stdout)
         os.chmod(ctl_config, 0o600)
 
-        def ctl(*args):
-            run = subprocess.run([os.path.join(BIN, "tapgraphctl"), "-o", "json", *args],
+        def ctl(*args, pod=1):
+            run = subprocess.run([os.path.join(BIN, "tapgraphctl"), "-o", "json", "--controller",
+                                  f"127.0.0.1:{replicas[pod]['grpc']}", *args],
                                  env=dict(os.environ, TAPGRAPHCTL_CONFIG=ctl_config),
                                  capture_output=True, text=True, timeout=30)
             self.assertEqual(run.returncode, 0, run.stderr)
@@ -406,6 +407,13 @@ class ThreeReplicasRun(unittest.TestCase):
         token = ctl("token", "create", "--uses", "10", "--label", "cluster=replicas")
         normalize = lambda fp: fp.replace(":", "").lower().removeprefix("sha256")
         self.assertEqual(normalize(token["ca_fingerprint"]), normalize(fingerprint))
+        # Made on pod 1, known to pod 2 (which hears of it from PostgreSQL) within a few seconds.
+        deadline = time.time() + 5
+        while token["id"] not in [t["id"] for t in ctl("token", "list", pod=2)]:
+            if time.time() > deadline:
+                self.fail(f"token {token['id']} made on tg-tapgraph-1 is not listed by tg-tapgraph-2 "
+                          f"after 5 s:\n{replicas[2]['process'].text()}")
+            time.sleep(0.1)
 
         # The DaemonSet's agent, enrolling and connecting through pod 2.
         join = os.path.join(self.tmp, "join")

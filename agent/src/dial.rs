@@ -42,18 +42,18 @@ impl std::fmt::Display for DialError {
         match self.failures.as_slice() {
             // One address, as with a single controller: its error alone, as before lists.
             [one] => f.write_str(&one.error),
-            all => {
-                f.write_str("no controller answered: ")?;
-                for (i, failure) in all.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str("; ")?;
-                    }
-                    write!(f, "{}: {}", failure.target, failure.error)?;
-                }
-                Ok(())
-            }
+            all => write!(f, "no controller answered: {}", joined(all)),
         }
     }
+}
+
+/// `target: error; target: error`.
+fn joined(failures: &[Failure]) -> String {
+    let each: Vec<String> = failures
+        .iter()
+        .map(|f| format!("{}: {}", f.target, f.error))
+        .collect();
+    each.join("; ")
 }
 
 /// Connects to one of `controllers`: every address of every entry, in random order, until one
@@ -72,10 +72,10 @@ pub async fn dial(
     .await;
     match answer {
         Ok((channel, chosen, skipped)) => {
-            if !skipped.is_empty() || !failures.is_empty() {
-                failures.extend(skipped);
-                let error = DialError { failures };
-                tracing::warn!(controller = %chosen.addr, %error, "some controller addresses did not answer");
+            failures.extend(skipped);
+            if !failures.is_empty() {
+                let unreachable = joined(&failures);
+                tracing::warn!(controller = %chosen.addr, %unreachable, "connected, but some controller addresses did not answer");
             }
             Ok((channel, chosen))
         }

@@ -144,6 +144,11 @@ class ThreeReplicas(unittest.TestCase):
         # The CA is the Secret's and the rest is in PostgreSQL: nothing is lost with the pod.
         self.assertNotIn("WARNING", notes)
         self.assertIn("shared by 3 controller replicas that sign with the CA in Secret tapgraph-ca", notes)
+        # Without the CA Secret (one replica), the CA is the volume's: the NOTES warn.
+        _, notes = render(with_values(REPLICAS, persistence__enabled=False, controller__replicas=1,
+                                      pki__existingCASecret=""))
+        self.assertIn("WARNING: persistence.enabled=false and no pki.existingCASecret. The CA lives in an emptyDir",
+                      notes)
         docs, _ = render(REPLICAS)
         claim = find(docs, "StatefulSet")["spec"]["volumeClaimTemplates"][0]
         self.assertEqual(claim["metadata"]["name"], "state")

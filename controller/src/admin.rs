@@ -156,6 +156,7 @@ fn agent_info(
         info.policy_error = v.policy_error.unwrap_or_default();
         info.agent_version = v.agent_version;
         info.remote_addr = v.remote_addr;
+        info.controller = v.controller;
         info.state_reason = v.state_reason.unwrap_or_default();
         info.capture_state = v.capture.state.clone();
         info.capture_packets_per_second = v.capture_pps;

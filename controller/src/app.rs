@@ -225,8 +225,12 @@ impl Owners {
     ) -> anyhow::Result<Self> {
         let events = Events::new(1024);
         let agent_health = Health::default();
-        let (registry, registry_task) =
-            Registry::spawn(events.clone(), agent_health.clone(), config.max_agents);
+        let (registry, registry_task) = Registry::spawn(
+            &config.replica,
+            events.clone(),
+            agent_health.clone(),
+            config.max_agents,
+        );
         tasks.spawn("registry", registry_task);
         let (enrollment, enrollment_task) = Enrollment::spawn(
             store.clone(),

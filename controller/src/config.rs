@@ -12,6 +12,9 @@ use crate::enrollment::ca::PkiSettings;
 
 #[derive(Clone)]
 pub struct ControllerConfig {
+    /// This replica's name (`replica`, default the hostname), shown wherever an agent's
+    /// controller is shown.
+    pub replica: String,
     /// gRPC (agents, operators) over mTLS.
     pub listen: SocketAddr,
     /// HTTP (or HTTPS): /healthz, /readyz, /metrics, the console, /api/v1/*.
@@ -59,6 +62,7 @@ const SECOND: Duration = Duration::from_secs(1);
 
 fn known_keys() -> Vec<String> {
     let mut keys: Vec<String> = [
+        "replica",
         "listen",
         "http.listen",
         "http.header_read_timeout",
@@ -117,6 +121,7 @@ impl ControllerConfig {
         let known = known_keys();
         let known: Vec<&str> = known.iter().map(String::as_str).collect();
         let mut c = Layered::load(sources, &known)?;
+        let replica = c.parse("replica", default_replica(&hostname()), replica_name);
         let listen = c.value("listen", SocketAddr::from(([127, 0, 0, 1], 7443)));
         let http_listen = c.value("http.listen", SocketAddr::from(([127, 0, 0, 1], 7080)));
         let http = http_settings(&mut c);
@@ -244,6 +249,7 @@ impl ControllerConfig {
             );
         }
         c.finish(Self {
+            replica,
             listen,
             http_listen,
             http,
@@ -446,4 +452,83 @@ fn hostname() -> String {
         .ok()
         .filter(|h| tapgraph::pki::san(h).is_ok())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// The longest replica name: a DNS label's length, so it fits a label value or a file name part.
+const REPLICA_MAX: usize = 63;
+
+fn replica_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// `replica`: 1 to 63 bytes of A-Z, a-z, 0-9, `.`, `_`, `-`.
+fn replica_name(name: &str) -> Result<String, String> {
+    if (1..=REPLICA_MAX).contains(&name.len()) && name.chars().all(replica_char) {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "`{}`: a replica name is 1 to {REPLICA_MAX} of A-Z, a-z, 0-9, '.', '_', '-'",
+            name.escape_debug()
+        ))
+    }
+}
+
+/// The hostname as the default replica name; one longer than a name may be gives its first label,
+/// cut to [`REPLICA_MAX`] bytes.
+fn default_replica(hostname: &str) -> String {
+    let first_label = hostname.split('.').next().unwrap_or_default();
+    let cut: String = first_label.chars().take(REPLICA_MAX).collect();
+    [hostname, &cut]
+        .into_iter()
+        .find_map(|name| replica_name(name).ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_env(pairs: &[(&str, &str)]) -> Result<ControllerConfig, ConfigErrors> {
+        let env = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ControllerConfig::load(&Sources {
+            env,
+            ..Sources::default()
+        })
+    }
+
+    #[test]
+    fn the_replica_is_named_after_the_host_unless_configured() {
+        let config = with_env(&[]).unwrap();
+        assert_eq!(config.replica, hostname());
+        let config = with_env(&[("TAPGRAPH_REPLICA", "ctl-b.eu_1")]).unwrap();
+        assert_eq!(config.replica, "ctl-b.eu_1");
+    }
+
+    #[test]
+    fn a_bad_replica_name_is_refused_naming_the_key_and_the_value() {
+        let long = "r".repeat(64);
+        assert!(with_env(&[("TAPGRAPH_REPLICA", &"r".repeat(63))]).is_ok());
+        for bad in ["ctl b", "ctl/b", "ctl\u{e9}", &long] {
+            let errors = with_env(&[("TAPGRAPH_REPLICA", bad)])
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(errors.mentions("replica"), "{errors}");
+            let said = errors.to_string();
+            assert!(said.contains(&bad.escape_debug().to_string()), "{said}");
+        }
+        let errors = with_env(&[("TAPGRAPH_REPLICA", "")]).err();
+        assert!(errors.is_some_and(|e| e.mentions("replica")), "empty");
+    }
+
+    #[test]
+    fn a_hostname_too_long_for_a_replica_name_gives_its_first_label() {
+        assert_eq!(default_replica("ctl-1"), "ctl-1");
+        let fqdn = format!("ctl-1.{}.example", "zone".repeat(20));
+        assert_eq!(default_replica(&fqdn), "ctl-1");
+        assert_eq!(default_replica(&"a".repeat(64)), "a".repeat(63));
+        assert_eq!(default_replica("::1"), "localhost");
+    }
 }

@@ -84,6 +84,10 @@ struct Cli {
     /// [key: pki.server_names, default localhost,127.0.0.1,::1,HOSTNAME].
     #[arg(long, value_name = "NAMES", global = true)]
     server_names: Option<String>,
+    /// This replica's name, shown as the controller of the agents connected to it
+    /// (1–63 of A-Z, a-z, 0-9, '.', '_', '-') [key: replica, default HOSTNAME].
+    #[arg(long, value_name = "NAME", global = true)]
+    replica: Option<String>,
     /// Log format: text or json [key: log.format].
     #[arg(long, value_name = "FORMAT", global = true)]
     log_format: Option<String>,
@@ -154,6 +158,7 @@ impl Cli {
             ("listen", &self.listen),
             ("http.listen", &self.http_listen),
             ("pki.server_names", &self.server_names),
+            ("replica", &self.replica),
             ("log.format", &self.log_format),
             ("log.level", &self.log_level),
         ])

@@ -14,6 +14,7 @@ use std::fmt;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
 use tapgraph::metrics::{
     Field, Histogram, Value, counter, counter_by, encode_histograms, encode_table, gauge, gauge_by,
     one, opt,
@@ -39,6 +40,8 @@ const DELAY_BOUNDS_LOG2_MICROS: std::ops::RangeInclusive<u32> = 6..=24;
 /// What one scrape shows, read from the owners of the state.
 #[derive(Debug, Default)]
 pub struct Scrape {
+    /// The replica answering: `tapgraph_controller_info`'s `replica` label.
+    pub replica: String,
     pub agents: Vec<AgentView>,
     /// Messages to agents the registry dropped: their control channel was full.
     pub registry_dropped: crate::registry::Dropped,
@@ -498,8 +501,18 @@ const MIRROR: &[Field<StatsView>] = &[
 const DELAY_NAME: &str = "tapgraph_mirror_delay_seconds";
 const DELAY_HELP: &str = "Capture (on the agent's clock, corrected by its offset) to write at the target, per mirrored packet.";
 
+const INFO_NAME: &str = "tapgraph_controller";
+const INFO_HELP: &str = "The controller that answered this scrape: its replica name (the replica setting) and its version. Always 1.";
+
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let info = vec![
+            ("replica", self.replica.as_str()),
+            ("version", tapgraph::VERSION),
+        ];
+        encoder
+            .encode_descriptor(INFO_NAME, INFO_HELP, None, MetricType::Info)?
+            .encode_info(&info)?;
         encode_table(&mut encoder, FLEET, [(Vec::new(), self)])?;
         let agents = self
             .agents
@@ -596,7 +609,8 @@ mod tests {
     #[tokio::test]
     async fn a_scrape_shows_what_the_owners_hold() {
         let health = crate::health::Health::default();
-        let (registry, task) = Registry::spawn(crate::events::Events::new(16), health.clone(), 10);
+        let (registry, task) =
+            Registry::spawn("ctl-1", crate::events::Events::new(16), health.clone(), 10);
         tokio::spawn(task);
         let (outbound, _pushed) = tokio::sync::mpsc::channel(16);
         let hello = proto::Hello {
@@ -665,6 +679,7 @@ mod tests {
         }
 
         let scrape = Scrape {
+            replica: registry.replica().to_string(),
             agents: registry.list().await,
             sink: Some(SinkStats {
                 state: "in_sync".into(),
@@ -690,6 +705,8 @@ mod tests {
             .map(|s| s.value)
             .sum();
         assert_eq!(agents, 1.0);
+        let controller = [("replica", "ctl-1"), ("version", tapgraph::VERSION)];
+        assert_eq!(get(INFO_NAME, "tapgraph_controller_info", &controller), 1.0);
         let web = ("agent", "web-1");
         let states = &family(&families, "tapgraph_agent_state").samples;
         assert_eq!(states.len(), AGENT_STATES.len());
@@ -826,6 +843,7 @@ mod tests {
     }
 
     const EXPECTED: &[&str] = &[
+        "tapgraph_controller",
         "tapgraph_agents",
         "tapgraph_registry_dropped_messages",
         "tapgraph_topology_snapshots_applied",

@@ -199,7 +199,8 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("controller.redb")).unwrap();
         let events = Events::new(16);
-        let (registry, registry_task) = Registry::spawn(events.clone(), Health::default(), 10);
+        let (registry, registry_task) =
+            Registry::spawn("test", events.clone(), Health::default(), 10);
         tokio::spawn(registry_task);
         let ca =
             tapgraph::pki::CertAuthority::generate("test CA", Duration::from_secs(3600)).unwrap();

@@ -32,6 +32,7 @@ pub async fn serve(State(state): State<HttpState>, headers: HeaderMap) -> Respon
 /// What one scrape shows, asked of each owner in turn.
 async fn gather(state: &HttpState) -> Scrape {
     Scrape {
+        replica: state.registry.replica().to_string(),
         agents: state.registry.list().await,
         registry_dropped: state.registry.dropped(),
         topology: state.topology.stats().await,

@@ -310,7 +310,8 @@ mod tests {
 
     impl Controller {
         async fn start(path: &Path, default: &PolicySpec) -> Self {
-            let (registry, registry_task) = Registry::spawn(Events::new(16), Health::default(), 10);
+            let (registry, registry_task) =
+                Registry::spawn("test", Events::new(16), Health::default(), 10);
             tokio::spawn(registry_task);
             let store = Store::open(path).unwrap();
             let (policies, task) =

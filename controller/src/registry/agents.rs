@@ -80,6 +80,7 @@ impl Agent {
                 hostname: String::new(),
                 state: AgentState::Lost,
                 remote_addr: String::new(),
+                controller: String::new(),
                 agent_version: String::new(),
                 kernel: String::new(),
                 interfaces: Vec::new(),
@@ -314,8 +315,18 @@ impl RegistryTask {
         }
     }
 
+    /// Every agent as operators see it, those with a live session shown on this replica.
     pub(super) fn list(&self) -> Vec<AgentView> {
-        self.agents.values().map(|a| a.view.clone()).collect()
+        self.agents
+            .values()
+            .map(|a| {
+                let mut view = a.view.clone();
+                if a.live.is_some() {
+                    view.controller = self.replica.to_string();
+                }
+                view
+            })
+            .collect()
     }
 }
 
@@ -430,6 +441,27 @@ mod tests {
         task.send("vm", registered.session, resync);
         task.shutdown();
         assert_eq!(task.dropped.read(), super::super::Dropped::default());
+    }
+
+    #[test]
+    fn an_agent_shows_this_replica_as_its_controller_while_its_session_lives() {
+        let (mut task, _health, _events) = fixture::task();
+        let (a, _rx_a) = fixture::connect(&mut task, "a", 8);
+        let (_b, _rx_b) = fixture::connect(&mut task, "b", 8);
+        let (_c, _rx_c) = fixture::connect(&mut task, "c", 8);
+        task.deregister("a", a.session, "stream ended".into());
+        task.close("c", Status::permission_denied("revoked"));
+        let controllers: BTreeMap<String, String> = task
+            .list()
+            .into_iter()
+            .map(|v| (v.id, v.controller))
+            .collect();
+        let expected = [("a", ""), ("b", fixture::REPLICA), ("c", "")];
+        let expected = expected.map(|(id, c)| (id.to_string(), c.to_string()));
+        assert_eq!(controllers, BTreeMap::from(expected));
+        // Back on a new session, it shows the replica again.
+        let (_a, _rx_a) = fixture::connect(&mut task, "a", 8);
+        assert_eq!(task.list()[0].controller, fixture::REPLICA);
     }
 
     #[test]

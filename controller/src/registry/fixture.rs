@@ -13,10 +13,19 @@ use super::{Pushed, Registered};
 use crate::events::Events;
 use crate::health::Health;
 
+/// The replica the fixture's registry runs on.
+pub(super) const REPLICA: &str = "replica-a";
+
 /// A registry task, driven by calling its methods; the shared health it writes; its events.
 pub(super) fn task() -> (RegistryTask, Health, Events) {
     let (events, health) = (Events::new(64), Health::default());
-    let task = RegistryTask::new(events.clone(), health.clone(), 10, Arc::default());
+    let task = RegistryTask::new(
+        REPLICA.into(),
+        events.clone(),
+        health.clone(),
+        10,
+        Arc::default(),
+    );
     (task, health, events)
 }
 

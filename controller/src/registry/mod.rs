@@ -119,21 +119,40 @@ impl DropCounters {
 pub struct Registry {
     tx: mpsc::Sender<Command>,
     dropped: Arc<DropCounters>,
+    replica: Arc<str>,
 }
 
 impl Registry {
-    /// Starts the registry task, holding at most `max_sessions` live agent sessions. Agents
-    /// receive the policy that resolves for them (see [`Registry::set_policies`], called before
-    /// any agent can connect).
+    /// Starts the registry task of replica `replica`, holding at most `max_sessions` live agent
+    /// sessions. Agents receive the policy that resolves for them (see
+    /// [`Registry::set_policies`], called before any agent can connect).
     pub fn spawn(
+        replica: &str,
         events: Events,
         health: Health,
         max_sessions: usize,
-    ) -> (Self, impl std::future::Future<Output = ()>) {
+    ) -> (Self, impl std::future::Future<Output = ()> + use<>) {
         let (tx, rx) = mpsc::channel(COMMANDS);
         let dropped = Arc::new(DropCounters::default());
-        let task = RegistryTask::new(events, health, max_sessions, dropped.clone());
-        (Self { tx, dropped }, task.run(rx))
+        let replica: Arc<str> = replica.into();
+        let task = RegistryTask::new(
+            replica.clone(),
+            events,
+            health,
+            max_sessions,
+            dropped.clone(),
+        );
+        let registry = Self {
+            tx,
+            dropped,
+            replica,
+        };
+        (registry, task.run(rx))
+    }
+
+    /// The name of the replica this registry runs on: the controller its agents show.
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// Messages to agents dropped so far because their control channel was full.
@@ -315,7 +334,7 @@ mod tests {
     /// The counts a scrape reads are the ones the task keeps, whatever the handle.
     #[tokio::test]
     async fn the_handle_reads_what_the_task_dropped() {
-        let (registry, task) = Registry::spawn(Events::new(16), Health::default(), 10);
+        let (registry, task) = Registry::spawn("replica-a", Events::new(16), Health::default(), 10);
         tokio::spawn(task);
         let (tx, _rx) = mpsc::channel(1);
         let remote = "192.0.2.1:1".parse().unwrap();
@@ -328,7 +347,9 @@ mod tests {
         registry.send("vm", registered.session, resync()).await;
         registry.send("vm", registered.session, resync()).await;
         let copy = registry.clone();
-        copy.list().await; // the sends above are handled by now
+        let listed = copy.list().await; // the sends above are handled by now
+        assert_eq!(copy.replica(), "replica-a");
+        assert_eq!(listed[0].controller, "replica-a");
         assert_eq!(
             copy.dropped(),
             Dropped {

@@ -77,6 +77,8 @@ pub(super) enum Command {
 }
 
 pub(super) struct RegistryTask {
+    /// This replica's name, the controller of every agent with a live session here.
+    pub(super) replica: Arc<str>,
     /// Boxed: an `Agent` is 760 bytes, and B-tree nodes hold eleven values, half full or more.
     pub(super) agents: BTreeMap<String, Box<Agent>>,
     pub(super) next_session: u64,
@@ -92,6 +94,7 @@ pub(super) struct RegistryTask {
 impl RegistryTask {
     /// No agents yet, and until the policy task sets them, the built-in default policy.
     pub(super) fn new(
+        replica: Arc<str>,
         events: Events,
         health: Health,
         max_sessions: usize,
@@ -105,6 +108,7 @@ impl RegistryTask {
             updated_at_ms: 0,
         };
         Self {
+            replica,
             agents: BTreeMap::new(),
             next_session: 1,
             max_sessions,

@@ -86,6 +86,8 @@ pub struct AgentView {
     pub hostname: String,
     pub state: AgentState,
     pub remote_addr: String,
+    /// The replica holding the agent's live session; empty while it has none.
+    pub controller: String,
     pub agent_version: String,
     pub kernel: String,
     pub interfaces: Vec<String>,

@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod client;
 mod console;
 mod graph;
@@ -144,7 +145,7 @@ enum TokenCommand {
 
 #[derive(Subcommand, Debug)]
 enum AgentCommand {
-    /// List agents with state, labels, last seen and certificate expiry.
+    /// List agents with state, the controller replica each is connected to, labels and last seen.
     List {
         /// Only agents with these labels, e.g. role=web,env=prod.
         #[arg(long, value_name = "K=V,...", value_parser = tapgraph::labels::parse_selector)]
@@ -209,7 +210,9 @@ pub(crate) fn ns_time(ns: u64) -> String {
     tapgraph::time::rfc3339(tapgraph::time::from_unix_nanos(ns))
 }
 
-fn labels_text<'a>(labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
+pub(crate) fn labels_text<'a>(
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> String {
     let mut v: Vec<String> = labels
         .into_iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -222,16 +225,6 @@ fn labels_text<'a>(labels: impl IntoIterator<Item = (&'a String, &'a String)>) -
     }
 }
 
-fn state_name(state: i32) -> &'static str {
-    match proto::AgentState::try_from(state) {
-        Ok(proto::AgentState::Connected) => "connected",
-        Ok(proto::AgentState::Degraded) => "degraded",
-        Ok(proto::AgentState::Lost) => "lost",
-        Ok(proto::AgentState::Revoked) => "revoked",
-        _ => "enrolled",
-    }
-}
-
 fn token_state(t: &proto::TokenInfo) -> &'static str {
     if t.revoked {
         "revoked"
@@ -241,64 +234,6 @@ fn token_state(t: &proto::TokenInfo) -> &'static str {
         "used up"
     } else {
         "active"
-    }
-}
-
-fn agent_json(a: &proto::AgentInfo) -> serde_json::Value {
-    json!({
-        "id": a.id,
-        "hostname": a.hostname,
-        "state": state_name(a.state),
-        "labels": a.labels,
-        "last_seen": ns_time(a.last_seen_unix_nanos),
-        "cert_not_after": ns_time(a.cert_not_after_unix_nanos),
-        "policy_version_applied": a.policy_version_applied,
-        "policy_version_sent": a.policy_version_sent,
-        "policy_error": a.policy_error,
-        "agent_version": a.agent_version,
-        "remote_addr": a.remote_addr,
-        "state_reason": a.state_reason,
-        "capture": a.capture_state,
-        "capture_pps": a.capture_packets_per_second,
-        "send_pps": a.send_packets_per_second,
-        "send_bps": a.send_bits_per_second,
-        "counters": a.counters.map(|c| json!({
-            "captured": c.packets_captured, "sent": c.packets_sent, "in_flight": c.packets_in_flight,
-            "dropped": {"kernel": c.packets_dropped_kernel, "limiter": c.packets_dropped_limiter,
-                        "queue": c.packets_dropped_queue},
-        })),
-        "dropped_at_targets": a.dropped_at_targets,
-        "lost_in_transit": a.packets_lost_in_transit,
-        "delay_p50_ms": a.delay_p50_ms,
-        "delay_p99_ms": a.delay_p99_ms,
-        "clock_offset_ms": a.clock_offset_known.then_some(a.clock_offset_ms),
-        "snapshot_entries": a.snapshot_entries,
-    })
-}
-
-/// Drops by stage, e.g. `k0 l12 q0 | t3`: kernel, limiter, queue on the agent; at the targets.
-fn drops_text(a: &proto::AgentInfo) -> String {
-    let c = a.counters.unwrap_or_default();
-    let at_targets: u64 = a.dropped_at_targets.values().sum();
-    format!(
-        "k{} l{} q{} | t{}",
-        c.packets_dropped_kernel, c.packets_dropped_limiter, c.packets_dropped_queue, at_targets
-    )
-}
-
-fn offset_text(a: &proto::AgentInfo) -> String {
-    if a.clock_offset_known {
-        format!("{:+.2} ms", a.clock_offset_ms)
-    } else {
-        "-".into()
-    }
-}
-
-fn delay_text(a: &proto::AgentInfo) -> String {
-    if a.delay_p99_ms > 0.0 {
-        format!("{:.2}/{:.2} ms", a.delay_p50_ms, a.delay_p99_ms)
-    } else {
-        "-".into()
     }
 }
 
@@ -433,45 +368,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .into_inner()
                 .agents;
             if json {
-                print_json(&json!(agents.iter().map(agent_json).collect::<Vec<_>>()));
+                print_json(&json!(agents.iter().map(agent::json).collect::<Vec<_>>()));
             } else {
-                let rows: Vec<Vec<String>> = agents
-                    .iter()
-                    .map(|a| {
-                        vec![
-                            a.id.clone(),
-                            a.hostname.clone(),
-                            state_name(a.state).into(),
-                            labels_text(&a.labels),
-                            ns_time(a.last_seen_unix_nanos),
-                            a.policy_version_applied.to_string(),
-                            format!(
-                                "{:.0}/{:.0}",
-                                a.capture_packets_per_second, a.send_packets_per_second
-                            ),
-                            drops_text(a),
-                            a.packets_lost_in_transit.to_string(),
-                            delay_text(a),
-                            offset_text(a),
-                        ]
-                    })
-                    .collect();
-                table::print(
-                    &[
-                        "ID",
-                        "HOSTNAME",
-                        "STATE",
-                        "LABELS",
-                        "LAST SEEN",
-                        "POLICY",
-                        "PPS CAP/SENT",
-                        "DROPS",
-                        "LOST",
-                        "DELAY P50/P99",
-                        "CLOCK",
-                    ],
-                    &rows,
-                );
+                let rows: Vec<Vec<String>> = agents.iter().map(agent::row).collect();
+                table::print(agent::HEADERS, &rows);
             }
         }
         Command::Agent(AgentCommand::Show { id }) => {
@@ -480,51 +380,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             if json {
-                print_json(&agent_json(&a));
+                print_json(&agent::json(&a));
             } else {
-                table::fields(&[
-                    ("id", a.id.clone()),
-                    ("hostname", a.hostname.clone()),
-                    ("state", state_name(a.state).into()),
-                    ("labels", labels_text(&a.labels)),
-                    ("last seen", ns_time(a.last_seen_unix_nanos)),
-                    ("certificate expires", ns_time(a.cert_not_after_unix_nanos)),
-                    ("policy applied", a.policy_version_applied.to_string()),
-                    (
-                        "policy error",
-                        if a.policy_error.is_empty() {
-                            "-".into()
-                        } else {
-                            a.policy_error.clone()
-                        },
-                    ),
-                    ("agent version", a.agent_version.clone()),
-                    ("remote address", a.remote_addr.clone()),
-                    (
-                        "state reason",
-                        if a.state_reason.is_empty() {
-                            "-".into()
-                        } else {
-                            a.state_reason.clone()
-                        },
-                    ),
-                    ("policy sent", a.policy_version_sent.to_string()),
-                    ("capture", a.capture_state.clone()),
-                    (
-                        "rates",
-                        format!(
-                            "captured {:.0} pps, sent {:.0} pps ({})",
-                            a.capture_packets_per_second,
-                            a.send_packets_per_second,
-                            tapgraph::units::format_bitrate(a.send_bits_per_second as u64)
-                        ),
-                    ),
-                    ("drops", drops_text(&a)),
-                    ("lost in transit", a.packets_lost_in_transit.to_string()),
-                    ("delay p50/p99", delay_text(&a)),
-                    ("clock offset", offset_text(&a)),
-                    ("snapshot entries", a.snapshot_entries.to_string()),
-                ]);
+                table::fields(&agent::fields(&a));
             }
         }
         Command::Policy(command) => policy::run(&mut admin, command, json).await?,
@@ -576,7 +434,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             if json {
-                print_json(&agent_json(&a));
+                print_json(&agent::json(&a));
             } else {
                 println!(
                     "agent {} labels: {}",

@@ -25,7 +25,7 @@ pub fn fields<K: AsRef<str>, V: AsRef<str>>(pairs: &[(K, V)]) {
 }
 
 /// The lines of the table, its cells escaped.
-fn render(headers: &[&str], rows: &[Vec<String>]) -> Vec<String> {
+pub(crate) fn render(headers: &[&str], rows: &[Vec<String>]) -> Vec<String> {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|row| row.iter().map(|c| escape(c).into_owned()).collect())

@@ -91,6 +91,7 @@ export function agents(now = Date.now()) {
       state,
       state_reason: state === 'lost' ? 'no control record for 3 heartbeat intervals' : state === 'degraded' ? 'dropped 120 packets (queue) since the last record' : null,
       remote_addr: `10.0.${i}.1:5${i}000`,
+      controller: state === 'lost' ? '' : `ctl-${'abc'[i % 3]}`,
       agent_version: '0.1.0',
       kernel: '6.1.0',
       interfaces: ['eth0'],

@@ -19,6 +19,11 @@ export function mirrorByAgent(rows) {
 
 const KNOWN_STATES = new Set(['connected', 'degraded', 'lost']);
 
+/** The controller replica holding the agent's session, or a dash while it has none. Pure. */
+export function controllerText(a) {
+  return a.controller || '–';
+}
+
 export function createFleet(root) {
   const tbody = root.querySelector('#fleet-table tbody');
   const summary = root.querySelector('#fleet-summary');
@@ -69,6 +74,7 @@ export function createFleet(root) {
       el('td', {}, el('code', {}, a.id)),
       el('td', {}, a.hostname),
       stateCell,
+      el('td', { class: a.controller ? null : 'muted' }, controllerText(a)),
       el('td', { title: a.last_seen_unix_ms ? new Date(a.last_seen_unix_ms).toISOString() : null, class: 'ago', dataset: { ms: String(a.last_seen_unix_ms || 0) } }, ago(a.last_seen_unix_ms, now)),
       policyCell,
       captureCell,
@@ -86,7 +92,7 @@ export function createFleet(root) {
     // Lost first, then degraded: what needs a look is at the top of a long table.
     const rank = (a) => (a.state === 'lost' ? 0 : a.state === 'degraded' ? 1 : a.state === 'connected' ? 3 : 2);
     const sorted = [...agents].sort((a, b) => rank(a) - rank(b) || (a.hostname || a.id).localeCompare(b.hostname || b.id));
-    tbody.replaceChildren(...(sorted.length ? sorted.map((a) => row(a, now)) : [el('tr', {}, el('td', { colspan: '12', class: 'muted' }, 'No agent has connected yet.'))]));
+    tbody.replaceChildren(...(sorted.length ? sorted.map((a) => row(a, now)) : [el('tr', {}, el('td', { colspan: '13', class: 'muted' }, 'No agent has connected yet.'))]));
     const by = (s) => agents.filter((a) => a.state === s).length;
     summary.textContent = `${agents.length} agents · ${by('connected')} connected · ${by('degraded')} degraded · ${by('lost')} lost`;
   }

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { mirrorByAgent } from '../src/fleet.js';
+import { controllerText, mirrorByAgent } from '../src/fleet.js';
 import { ago, si, ms } from '../src/format.js';
 import { colourScale, colourOf, NO_VALUE, PALETTE } from '../src/colours.js';
 import { mirror } from '../dev/fixture.js';
@@ -15,6 +15,14 @@ describe('mirrorByAgent', () => {
     expect(m.get('web-3')).toMatchObject({ lost: 70, batchesLost: 3, dropped: 25, delayP99us: 20_000 });
     expect(m.get('web-3').targets).toHaveLength(2);
     expect(mirrorByAgent(null).size).toBe(0);
+  });
+});
+
+describe('controllerText', () => {
+  it('names the replica holding the session, a dash without one', () => {
+    expect(controllerText({ controller: 'ctl-b' })).toBe('ctl-b');
+    expect(controllerText({ controller: '' })).toBe('–');
+    expect(controllerText({})).toBe('–');
   });
 });
 

@@ -38,10 +38,16 @@ use tokio_stream::wrappers::ReceiverStream;
   tapgraph-loadgen --controller 127.0.0.1:7443 --token \"$TOKEN\" --ca-fingerprint \"$FP\" \\
       --agents 1000 --entries 200 --snapshot-interval 15s --duration 60s --rollouts 5")]
 struct Cli {
-    /// Controller gRPC address.
-    #[arg(long, default_value = "127.0.0.1:7443", value_name = "HOST:PORT")]
+    /// Controller gRPC address, or several replicas' comma-separated: agent i starts on the
+    /// (i mod n)-th, and once connected, moves to the next when its session is lost (as a real
+    /// agent would, after the same backoff: 200 ms doubling to 5 s).
+    #[arg(
+        long,
+        default_value = "127.0.0.1:7443",
+        value_name = "HOST:PORT[,HOST:PORT…]"
+    )]
     controller: String,
-    /// Name the controller certificate must carry [default: the host of --controller].
+    /// Name the controllers' certificate must carry [default: the host of the first --controller].
     #[arg(long)]
     server_name: Option<String>,
     /// Join token with at least --agents uses.
@@ -84,6 +90,11 @@ struct Cli {
     /// Mirror batches per second per agent (0: none), of 10 packets of 200 bytes.
     #[arg(long, default_value_t = 0)]
     mirror_batches: u32,
+    /// Revocations to time during the hold: `tapgraphctl agent revoke` (TAPGRAPHCTL_CONFIG, which
+    /// names the first --controller) of agents connected to another replica, measured until their
+    /// session there ends.
+    #[arg(long, default_value_t = 0)]
+    revocations: u32,
     /// Keeps the agents' certificates here and reuses them in later runs (no token use).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -111,6 +122,16 @@ struct Stats {
     connect_ms: Mutex<Vec<f64>>,
     /// Policy version → when each agent received it.
     policy_seen: Mutex<BTreeMap<u64, Vec<Instant>>>,
+    /// Sessions lost after a first policy, and reconnected elsewhere.
+    lost: AtomicU64,
+    /// Milliseconds from a lost session to the first policy on the next one (another replica).
+    failover_ms: Mutex<Vec<f64>>,
+    /// Agent id → the index of the controller it is connected to now.
+    on: Mutex<BTreeMap<String, usize>>,
+    /// Agent id → when its revocation was asked for; its session's end is then timed.
+    revoking: Mutex<BTreeMap<String, Instant>>,
+    /// Milliseconds from `tapgraphctl agent revoke` to the end of the agent's session.
+    revocation_ms: Mutex<Vec<f64>>,
 }
 
 impl Stats {
@@ -125,7 +146,8 @@ impl Stats {
 }
 
 struct Settings {
-    controller: String,
+    /// Enrollment goes to the first; sessions as --controller says.
+    controllers: Vec<String>,
     server_name: String,
     token: String,
     fingerprint: String,
@@ -166,7 +188,7 @@ async fn identity(
     }
     let pinned = tapgraph::tls::pinned_client_config(&settings.fingerprint)?;
     let channel = transport::connect(
-        &settings.controller,
+        &settings.controllers[0],
         &settings.server_name,
         pinned,
         &ChannelOptions::default(),
@@ -213,7 +235,8 @@ fn now_ns() -> u64 {
 }
 
 /// One simulated agent, until `stop`. `permit` (a ramp-up slot) is released once it has its
-/// first policy. Returns whether it got that far.
+/// first policy. Returns whether it got that far. Once connected, a lost session is followed by
+/// another on the next controller of the list, after the agent's backoff.
 async fn agent(
     index: usize,
     id: String,
@@ -231,8 +254,117 @@ async fn agent(
             return false;
         }
     };
+    let mut rng = SmallRng::seed_from_u64(index as u64);
+    let table = synth::Table::new(
+        index,
+        settings.agents,
+        settings.entries,
+        settings.spread,
+        &mut rng,
+    );
+    let mut sim = Sim {
+        table,
+        rng,
+        sequence: 0,
+        control_sequence: 0,
+        policy_version: 0,
+        first_policy: true,
+    };
+    // The agent's defaults (backoff.min 200 ms, backoff.max 5 s, jitter 0.2).
+    let mut backoff = match tapgraph::backoff::BackoffPolicy::new(
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+        0.2,
+    ) {
+        Ok(policy) => policy.start(),
+        Err(e) => {
+            stats.error("backoff", e).await;
+            return false;
+        }
+    };
+    let n = settings.controllers.len();
+    let mut pick = index % n;
+    let mut lost: Option<Instant> = None;
+    loop {
+        let end = session(
+            index,
+            &id,
+            pick % n,
+            tls.clone(),
+            &settings,
+            &stats,
+            &stop,
+            &mut sim,
+            &mut permit,
+            started,
+            &mut lost,
+        )
+        .await;
+        match end {
+            End::Stopped => return !sim.first_policy,
+            End::Lost { had_policy } => {
+                if let Some(asked) = stats.revoking.lock().await.remove(&id) {
+                    stats
+                        .revocation_ms
+                        .lock()
+                        .await
+                        .push(asked.elapsed().as_secs_f64() * 1e3);
+                    return !sim.first_policy;
+                }
+                if sim.first_policy {
+                    // Never connected: as before, a failed start is reported, not retried.
+                    return false;
+                }
+                if had_policy {
+                    stats.lost.fetch_add(1, Ordering::Relaxed);
+                    backoff.reset();
+                    lost.get_or_insert_with(Instant::now);
+                }
+                pick += 1;
+                tokio::select! {
+                    _ = stop.cancelled() => return true,
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    }
+}
+
+/// What a simulated agent keeps from one session to the next.
+struct Sim {
+    table: synth::Table,
+    rng: SmallRng,
+    sequence: u64,
+    control_sequence: u64,
+    policy_version: u64,
+    first_policy: bool,
+}
+
+enum End {
+    Stopped,
+    /// The session failed or ended; `had_policy`: it had got as far as a policy.
+    Lost {
+        had_policy: bool,
+    },
+}
+
+/// One session with controller `on` (an index into --controller), until `stop` or its end.
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    index: usize,
+    id: &str,
+    on: usize,
+    tls: Arc<rustls::ClientConfig>,
+    settings: &Settings,
+    stats: &Arc<Stats>,
+    stop: &tokio_util::sync::CancellationToken,
+    sim: &mut Sim,
+    permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    started: Instant,
+    lost: &mut Option<Instant>,
+) -> End {
     let channel = match transport::connect(
-        &settings.controller,
+        &settings.controllers[on],
         &settings.server_name,
         tls,
         &ChannelOptions::default(),
@@ -242,13 +374,13 @@ async fn agent(
         Ok(c) => c,
         Err(e) => {
             stats.error("connect", format!("{id}: {e}")).await;
-            return false;
+            return End::Lost { had_policy: false };
         }
     };
     let (tx, rx) = mpsc::channel::<proto::AgentMessage>(64);
     let send = |msg: agent_message::Msg| proto::AgentMessage { msg: Some(msg) };
     let hello = proto::Hello {
-        hostname: id.clone(),
+        hostname: id.to_string(),
         agent_version: format!("{}-loadgen", tapgraph::VERSION),
         kernel: "loadgen".into(),
         interfaces: vec![proto::Interface {
@@ -270,22 +402,11 @@ async fn agent(
             stats
                 .error("session", format!("{id}: {}", s.message()))
                 .await;
-            return false;
+            return End::Lost { had_policy: false };
         }
     };
-    let mut rng = SmallRng::seed_from_u64(index as u64);
-    let mut table = synth::Table::new(
-        index,
-        settings.agents,
-        settings.entries,
-        settings.spread,
-        &mut rng,
-    );
-    let mut sequence = 0u64;
-    let mut control_sequence = 0u64;
-    let mut policy_version = 0u64;
-    let mut first_policy = true;
     let mut full_due = true;
+    let mut had_policy = false;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
     let mut snapshots = tokio::time::interval(Duration::from_secs(15));
     let mut mirror = (settings.mirror_batches > 0).then(|| {
@@ -297,19 +418,26 @@ async fn agent(
     let mut mirror_sequence = 0u64;
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return !first_policy,
+            _ = stop.cancelled() => return End::Stopped,
             message = inbound.message() => match message {
                 Ok(Some(proto::ControllerMessage { msg: Some(m) })) => match m {
                     controller_message::Msg::Policy(p) => {
                         let seen = Instant::now();
-                        if first_policy {
-                            first_policy = false;
+                        if sim.first_policy {
+                            sim.first_policy = false;
                             permit.take();
                             stats.connected.fetch_add(1, Ordering::Relaxed);
                             stats.connect_ms.lock().await.push(started.elapsed().as_secs_f64() * 1e3);
                         }
+                        if !had_policy {
+                            had_policy = true;
+                            stats.on.lock().await.insert(id.to_string(), on);
+                            if let Some(t) = lost.take() {
+                                stats.failover_ms.lock().await.push(t.elapsed().as_secs_f64() * 1e3);
+                            }
+                        }
                         stats.policy_seen.lock().await.entry(p.version).or_default().push(seen);
-                        policy_version = p.version;
+                        sim.policy_version = p.version;
                         // As the agent does: a timer restarts only when its interval changes. A
                         // new heartbeat interval starts a period from now; a new snapshot interval
                         // sends a snapshot at once.
@@ -342,46 +470,46 @@ async fn agent(
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     stats.error("session", format!("{id}: the controller ended the session")).await;
-                    return !first_policy;
+                    return End::Lost { had_policy };
                 }
                 Err(s) => {
                     stats.error("session", format!("{id}: {}", s.message())).await;
-                    return !first_policy;
+                    return End::Lost { had_policy };
                 }
             },
             _ = heartbeat.tick() => {
-                control_sequence += 1;
+                sim.control_sequence += 1;
                 let record = proto::ControlRecord {
-                    sequence: control_sequence,
+                    sequence: sim.control_sequence,
                     sent_at_unix_nanos: now_ns(),
                     capture_state: proto::CaptureState::Disabled as i32,
-                    policy_version,
-                    snapshot_entries: table.entries.len() as u64,
+                    policy_version: sim.policy_version,
+                    snapshot_entries: sim.table.entries.len() as u64,
                     ..Default::default()
                 };
                 if tx.send(send(agent_message::Msg::Control(record))).await.is_ok() {
                     stats.control_records.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            _ = snapshots.tick(), if !first_policy && settings.entries > 0 => {
-                sequence += 1;
+            _ = snapshots.tick(), if had_policy && settings.entries > 0 => {
+                sim.sequence += 1;
                 let snapshot = if full_due {
                     full_due = false;
                     proto::ConnectionSnapshot {
-                        sequence,
+                        sequence: sim.sequence,
                         full: true,
                         taken_at_unix_nanos: now_ns(),
-                        entries: table.entries.clone(),
-                        listeners: table.listeners.clone(),
+                        entries: sim.table.entries.clone(),
+                        listeners: sim.table.listeners.clone(),
                         addresses: vec![synth::address(index)],
                         ..Default::default()
                     }
                 } else {
-                    let (upserts, removed) = table.churn(settings.churn, &mut rng);
+                    let (upserts, removed) = sim.table.churn(settings.churn, &mut sim.rng);
                     proto::ConnectionSnapshot {
-                        sequence,
+                        sequence: sim.sequence,
                         full: false,
-                        base_sequence: sequence - 1,
+                        base_sequence: sim.sequence - 1,
                         taken_at_unix_nanos: now_ns(),
                         entries: upserts,
                         removed,
@@ -394,12 +522,12 @@ async fn agent(
                     stats.entries_sent.fetch_add(rows, Ordering::Relaxed);
                 }
             }
-            _ = async { mirror.as_mut().unwrap().tick().await }, if mirror.is_some() && !first_policy => {
+            _ = async { mirror.as_mut().unwrap().tick().await }, if mirror.is_some() && had_policy => {
                 if mirror_tx.is_none() {
                     let (mtx, mrx) = mpsc::channel(16);
                     let mut c = AgentServiceClient::new(channel.clone());
                     let stats = stats.clone();
-                    let id = id.clone();
+                    let id = id.to_string();
                     tokio::spawn(async move {
                         if let Err(s) = c.mirror(ReceiverStream::new(mrx)).await {
                             stats.error("mirror", format!("{id}: {}", s.message())).await;
@@ -416,7 +544,7 @@ async fn agent(
                 let batch = proto::MirrorBatch {
                     sequence: mirror_sequence,
                     sent_at_unix_nanos: now_ns(),
-                    policy_version,
+                    policy_version: sim.policy_version,
                     packets,
                     linktype: 1,
                     interface: "eth0".into(),
@@ -431,13 +559,34 @@ async fn agent(
     }
 }
 
-/// `tapgraphctl policy set` for the loadgen's agents: a new version every call.
-fn rollout(selector: &str, n: u32) -> anyhow::Result<Instant> {
-    let ctl = std::env::current_exe()
+/// tapgraphctl beside this program, or on PATH.
+fn tapgraphctl() -> PathBuf {
+    std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("tapgraphctl")))
         .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("tapgraphctl"));
+        .unwrap_or_else(|| PathBuf::from("tapgraphctl"))
+}
+
+/// `tapgraphctl agent revoke ID`.
+fn revoke(id: &str) -> anyhow::Result<()> {
+    let ctl = tapgraphctl();
+    let out = std::process::Command::new(&ctl)
+        .args(["agent", "revoke", id])
+        .output()
+        .with_context(|| format!("cannot run {}", ctl.display()))?;
+    if !out.status.success() {
+        bail!(
+            "tapgraphctl agent revoke {id}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `tapgraphctl policy set` for the loadgen's agents: a new version every call.
+fn rollout(selector: &str, n: u32) -> anyhow::Result<Instant> {
+    let ctl = tapgraphctl();
     let interval = if n.is_multiple_of(2) { "5s" } else { "6s" };
     let t0 = Instant::now();
     let out = std::process::Command::new(&ctl)
@@ -477,8 +626,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let fingerprint = tapgraph::tls::normalize_fingerprint(&cli.ca_fingerprint)
         .map_err(|e| anyhow!("--ca-fingerprint: {e}"))?;
+    let controllers: Vec<String> = cli
+        .controller
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if controllers.is_empty() {
+        bail!("--controller names no address");
+    }
+    if cli.revocations > 0 && std::env::var_os("TAPGRAPHCTL_CONFIG").is_none() {
+        bail!(
+            "--revocations needs TAPGRAPHCTL_CONFIG (an operator config for the first --controller)"
+        );
+    }
     let server_name = cli.server_name.clone().unwrap_or_else(|| {
-        cli.controller
+        controllers[0]
             .rsplit_once(':')
             .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
             .unwrap_or_default()
@@ -487,7 +650,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tapgraph::fsutil::private_dir(dir).with_context(|| format!("{}", dir.display()))?;
     }
     let settings = Arc::new(Settings {
-        controller: cli.controller.clone(),
+        controllers,
         server_name,
         token: cli.token.clone(),
         fingerprint,
@@ -585,6 +748,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         rollouts.push(latencies);
         tokio::time::sleep(hold / (cli.rollouts + 1)).await;
     }
+    // Revocations through the first controller of agents connected to the others.
+    let targets: Vec<String> = stats
+        .on
+        .lock()
+        .await
+        .iter()
+        .filter(|(_, on)| **on != 0 || settings.controllers.len() == 1)
+        .map(|(id, _)| id.clone())
+        .take(cli.revocations as usize)
+        .collect();
+    for id in targets {
+        stats
+            .revoking
+            .lock()
+            .await
+            .insert(id.clone(), Instant::now());
+        let asked = id.clone();
+        tokio::task::spawn_blocking(move || revoke(&asked)).await??;
+        // One at a time: the next once this one's session ended (or 5 s passed).
+        let until = Instant::now() + Duration::from_secs(5);
+        while stats.revoking.lock().await.contains_key(&id) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     let left = hold.saturating_sub(hold_start.elapsed());
     tokio::time::sleep(left).await;
     stop.cancel();
@@ -594,6 +781,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut connect = stats.connect_ms.lock().await.clone();
     connect.sort_by(f64::total_cmp);
     let errors = stats.errors.lock().await.clone();
+    let mut failover = stats.failover_ms.lock().await.clone();
+    failover.sort_by(f64::total_cmp);
+    let mut revocation = stats.revocation_ms.lock().await.clone();
+    revocation.sort_by(f64::total_cmp);
+    let timed = |v: &[f64]| {
+        serde_json::json!({
+            "count": v.len(), "p50": percentile(v, 0.5), "p99": percentile(v, 0.99),
+            "max": v.last().copied().unwrap_or(f64::NAN),
+        })
+    };
+    let mut per_controller = vec![0u64; settings.controllers.len()];
+    for on in stats.on.lock().await.values() {
+        per_controller[*on] += 1;
+    }
     let report = serde_json::json!({
         "agents": cli.agents,
         "connected": connected_after_ramp,
@@ -610,6 +811,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "agents": l.len(), "p50_ms": percentile(l, 0.5), "p99_ms": percentile(l, 0.99),
             "max_ms": l.last().copied().unwrap_or(f64::NAN),
         })).collect::<Vec<_>>(),
+        "sessions_lost": stats.lost.load(Ordering::Relaxed),
+        "failover_ms": timed(&failover),
+        "revocation_ms": timed(&revocation),
+        "revocations_unfinished": stats.revoking.lock().await.len(),
+        "agents_per_controller": settings.controllers.iter().cloned().zip(per_controller).collect::<BTreeMap<_, _>>(),
         "errors": errors,
     });
     if cli.json {
@@ -638,6 +844,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 l.len(),
                 percentile(l, 0.5),
                 percentile(l, 0.99)
+            );
+        }
+        if !failover.is_empty() {
+            println!(
+                "{} sessions lost; reconnected elsewhere: {} agents, lost -> policy p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                report["sessions_lost"],
+                failover.len(),
+                percentile(&failover, 0.5),
+                percentile(&failover, 0.99),
+                failover.last().copied().unwrap_or(f64::NAN)
+            );
+        }
+        if !revocation.is_empty() {
+            println!(
+                "{} revocations: agent revoke -> session ended p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                revocation.len(),
+                percentile(&revocation, 0.5),
+                percentile(&revocation, 0.99),
+                revocation.last().copied().unwrap_or(f64::NAN)
             );
         }
         if !errors.is_empty() {

@@ -80,10 +80,9 @@ impl App {
             .server_config()
             .map_err(anyhow::Error::msg)
             .context("serving certificate")?;
-        let store = store::Store::open_with_cache(
-            &config.state_dir.join("controller.redb"),
-            config.store_cache,
-        )?;
+        let store =
+            store::Store::connect(&config.store, &config.state_dir, &config.replica).await?;
+        tracing::info!(store = %store.describe(), replica = %config.replica, "state store open");
         let grpc_listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen for gRPC on {}", config.listen))?;
@@ -124,7 +123,7 @@ impl App {
         });
         let http_stats = Arc::new(http::HttpStats::default());
         let access = console::Access::new(
-            console::ConsoleTokens::load(store)?,
+            console::ConsoleTokens::load(store.clone())?,
             config.console_token_always || !config.http_listen.ip().is_loopback(),
             &config.http,
             http_stats.clone(),
@@ -163,6 +162,7 @@ impl App {
             policies: owners.policies.clone(),
             events: owners.events,
             ready: ready.clone(),
+            store: store.clone(),
             sink,
             mirrors,
             access: access.clone(),

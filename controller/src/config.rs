@@ -37,8 +37,8 @@ pub struct ControllerConfig {
     pub max_message_bytes: usize,
     /// Live agent sessions at most; more are refused with RESOURCE_EXHAUSTED.
     pub max_agents: usize,
-    /// The embedded store's page cache, in bytes.
-    pub store_cache: usize,
+    /// `store.*`: the embedded store (with its page cache) or the database replicas share.
+    pub store: crate::store::StoreSettings,
     /// Mirror streams one agent may hold open (it uses one); HTTP/2 allows
     /// `session::STREAM_HEADROOM` more per connection, so the ones over are refused, not queued.
     pub max_streams: u32,
@@ -89,6 +89,9 @@ fn known_keys() -> Vec<String> {
         "session.max_agents",
         "session.max_streams",
         "store.cache_size",
+        "store.backend",
+        "store.postgres.url",
+        "store.postgres.password_file",
         "enrollment.rate",
         "enrollment.burst",
         "topology.queue",
@@ -182,15 +185,7 @@ impl ControllerConfig {
             16usize << 20,
             64 << 10..=256 << 20,
         );
-        let store_cache = c.parse(
-            "store.cache_size",
-            crate::store::DEFAULT_CACHE,
-            |s: &str| match tapgraph::units::parse_size(s) {
-                Ok(n) if (1 << 20..=64 << 30).contains(&n) => Ok(n as usize),
-                Ok(n) => Err(format!("{n} bytes is out of range 1MiB..=64GiB")),
-                Err(e) => Err(e.to_string()),
-            },
-        );
+        let store = store_settings(&mut c);
         let max_agents = c.value("session.max_agents", 20_000usize);
         if max_agents == 0 {
             c.fail("session.max_agents", "must be at least 1");
@@ -269,7 +264,7 @@ impl ControllerConfig {
             idle_timeout,
             max_message_bytes,
             max_agents,
-            store_cache,
+            store,
             max_streams,
             enroll_rate,
             enroll_burst,
@@ -454,6 +449,58 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// `store.backend` and what it needs: the page cache of the embedded store, the URL and password
+/// file of the shared database. A key of the other backend is refused, not ignored.
+fn store_settings(c: &mut Layered) -> crate::store::StoreSettings {
+    use crate::store::{StoreSettings, postgres::PostgresSettings};
+    let cache_bytes = c.parse(
+        "store.cache_size",
+        crate::store::DEFAULT_CACHE,
+        |s: &str| match tapgraph::units::parse_size(s) {
+            Ok(n) if (1 << 20..=64 << 30).contains(&n) => Ok(n as usize),
+            Ok(n) => Err(format!("{n} bytes is out of range 1MiB..=64GiB")),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    let backend = c.string("store.backend", "embedded");
+    let url = c.opt_string("store.postgres.url");
+    let password_file = c.existing_file("store.postgres.password_file");
+    match backend.as_str() {
+        "embedded" => {
+            for key in ["store.postgres.url", "store.postgres.password_file"] {
+                if c.raw(key).is_some() {
+                    c.fail(
+                        key,
+                        "is for store.backend = \"postgres\"; the backend is \"embedded\"",
+                    );
+                }
+            }
+            StoreSettings::Embedded { cache_bytes }
+        }
+        "postgres" => {
+            let Some(url) = url else {
+                c.fail(
+                    "store.postgres.url",
+                    "required with store.backend = \"postgres\" (postgres://USER@HOST:PORT/DB?sslmode=require)",
+                );
+                return StoreSettings::default();
+            };
+            let settings = PostgresSettings { url, password_file };
+            if let Err(e) = settings.check() {
+                c.fail("store.postgres.url", e);
+            }
+            StoreSettings::Postgres(settings)
+        }
+        other => {
+            c.fail(
+                "store.backend",
+                format!("`{other}` is not a store backend: embedded or postgres"),
+            );
+            StoreSettings::default()
+        }
+    }
+}
+
 /// The longest replica name: a DNS label's length, so it fits a label value or a file name part.
 const REPLICA_MAX: usize = 63;
 
@@ -530,5 +577,70 @@ mod tests {
         assert_eq!(default_replica(&fqdn), "ctl-1");
         assert_eq!(default_replica(&"a".repeat(64)), "a".repeat(63));
         assert_eq!(default_replica("::1"), "localhost");
+    }
+
+    #[test]
+    fn the_store_is_embedded_unless_postgres_is_asked_for_with_a_url() {
+        use crate::store::StoreSettings;
+        let config = with_env(&[]).unwrap();
+        assert!(matches!(config.store, StoreSettings::Embedded { .. }));
+        let url = "postgres://tapgraph@db.example:5432/tapgraph?sslmode=require";
+        let config = with_env(&[
+            ("TAPGRAPH_STORE__BACKEND", "postgres"),
+            ("TAPGRAPH_STORE__POSTGRES__URL", url),
+        ])
+        .unwrap();
+        let StoreSettings::Postgres(pg) = &config.store else {
+            panic!("not postgres")
+        };
+        assert_eq!(pg.url, url);
+        assert_eq!(pg.password_file, None);
+    }
+
+    #[test]
+    fn store_settings_that_do_not_fit_are_refused_naming_the_key() {
+        for (env, key, says) in [
+            (
+                vec![("TAPGRAPH_STORE__BACKEND", "postgres")],
+                "store.postgres.url",
+                "required",
+            ),
+            (
+                vec![("TAPGRAPH_STORE__BACKEND", "mysql")],
+                "store.backend",
+                "embedded or postgres",
+            ),
+            (
+                vec![("TAPGRAPH_STORE__POSTGRES__URL", "postgres://u@h/db")],
+                "store.postgres.url",
+                "the backend is \"embedded\"",
+            ),
+            (
+                vec![
+                    ("TAPGRAPH_STORE__BACKEND", "postgres"),
+                    (
+                        "TAPGRAPH_STORE__POSTGRES__URL",
+                        "postgres://u@h/db?sslmode=maybe",
+                    ),
+                ],
+                "store.postgres.url",
+                "sslmode",
+            ),
+            (
+                vec![
+                    ("TAPGRAPH_STORE__BACKEND", "postgres"),
+                    ("TAPGRAPH_STORE__POSTGRES__URL", "postgres://u@h/db"),
+                    ("TAPGRAPH_STORE__POSTGRES__PASSWORD_FILE", "/nonexistent/pw"),
+                ],
+                "store.postgres.password_file",
+                "",
+            ),
+        ] {
+            let errors = with_env(&env)
+                .err()
+                .unwrap_or_else(|| panic!("{env:?} accepted"));
+            assert!(errors.mentions(key), "{env:?}: {errors}");
+            assert!(errors.to_string().contains(says), "{env:?}: {errors}");
+        }
     }
 }

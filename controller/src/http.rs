@@ -43,6 +43,8 @@ pub struct HttpState {
     pub events: Events,
     /// Set once the gRPC listener is bound and state is loaded.
     pub ready: Arc<AtomicBool>,
+    /// The state store: not ready while the shared database is unavailable.
+    pub store: crate::store::Store,
     /// The Neo4j sink, when one is configured.
     pub sink: Option<crate::sinks::SinkHandle>,
     pub mirrors: crate::mirror::Mirrors,
@@ -85,10 +87,20 @@ pub fn router(state: HttpState) -> Router {
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    if !state.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_string());
+    }
+    match state.store.unavailable() {
+        // Live sessions and mirrors go on, but enrollments and changes are refused: a load
+        // balancer should send new work elsewhere.
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the database {} is unavailable: {reason}\n",
+                state.store.describe()
+            ),
+        ),
+        None => (StatusCode::OK, "ready\n".to_string()),
     }
 }
 

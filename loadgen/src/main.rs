@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand::rngs::SmallRng;
 use tapgraph::proto::agent_service_client::AgentServiceClient;
 use tapgraph::proto::enrollment_service_client::EnrollmentServiceClient;
@@ -284,6 +284,8 @@ async fn agent(
     };
     let n = settings.controllers.len();
     let mut pick = index % n;
+    // Where to go next: another controller, at random, as a real agent's shuffle picks.
+    let mut next_rng = SmallRng::seed_from_u64(index as u64 ^ 0x5eed);
     let mut lost: Option<Instant> = None;
     loop {
         let end = session(
@@ -320,7 +322,9 @@ async fn agent(
                     backoff.reset();
                     lost.get_or_insert_with(Instant::now);
                 }
-                pick += 1;
+                if n > 1 {
+                    pick = (pick + 1 + next_rng.random_range(0..n - 1)) % n;
+                }
                 tokio::select! {
                     _ = stop.cancelled() => return true,
                     _ = tokio::time::sleep(backoff.next_delay()) => {}

@@ -102,7 +102,7 @@ fn hostname() -> String {
 
 #[test]
 fn an_agent_enrolls_with_a_token_and_connects_with_its_certificate() {
-    let s = Setup::new(&[]);
+    let s = Setup::new(&[("TAPGRAPH_REPLICA", "replica-a")]);
     let pki = s.world.state_dir().join("pki");
     for f in ["ca.pem", "ca.key", "server.pem", "server.key"] {
         assert_eq!(mode(&pki.join(f)), 0o600, "{f}");
@@ -141,22 +141,39 @@ fn an_agent_enrolls_with_a_token_and_connects_with_its_certificate() {
     );
     assert_eq!(agent["labels"]["role"], "web");
     assert_ne!(agent["cert_not_after"], "-");
+    assert_eq!(agent["controller"], "replica-a");
 
-    // The CA is reused across a restart, and the agent comes back with the same identity.
+    // The CA is reused across a restart, and the agent comes back with the same identity, shown on
+    // the replica it is connected to now.
     let Setup {
         world,
         controller,
         ctl: ctl_path,
     } = s;
-    let (controller, _) = controller.restart(&world, &[]);
+    let (controller, _) = controller.restart(&world, &[("TAPGRAPH_REPLICA", "replica-b")]);
     assert_eq!(std::fs::read(pki.join("ca.pem")).unwrap(), ca_before);
-    controller.wait_agent(&id, "connected", Duration::from_secs(15), |_| true);
+    controller.wait_agent(&id, "connected", Duration::from_secs(15), |a| {
+        a["controller"] == "replica-b"
+    });
     let (code, table, _) = ctl(&ctl_path, &["agent", "list"]);
     assert_eq!(code, 0);
     assert!(
         table.starts_with("ID ") && table.contains("role=web"),
         "{table}"
     );
+    let columns =
+        |line: &str| -> Vec<String> { line.split_whitespace().take(4).map(String::from).collect() };
+    let mut lines = table.lines();
+    assert_eq!(
+        columns(lines.next().unwrap_or_default()),
+        ["ID", "HOSTNAME", "STATE", "CONTROLLER"],
+        "{table}"
+    );
+    let row = lines
+        .map(columns)
+        .find(|row| row[0] == id)
+        .unwrap_or_else(|| panic!("no row for {id}: {table}"));
+    assert_eq!(row[2..], ["connected", "replica-b"], "{table}");
 }
 
 #[test]

@@ -251,12 +251,17 @@ impl Postgres {
             .build()
             .map_err(|e| StoreError::Failed(e.to_string()))?;
         let down = Arc::new(Mutex::new(None));
-        let pg_unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable {
-            database: database.clone(),
-            reason: e.to_string(),
-        };
         {
-            let mut client = pool.get().await.map_err(|e| pg_unavailable(&e))?;
+            // A refusal by the server (a wrong password, no such database) is a failure to fix;
+            // anything else (refused, timed out, a certificate not trusted) says the database
+            // cannot be reached, with the cause.
+            let mut client = pool.get().await.map_err(|e| match DbError::from(e) {
+                DbError::Sql(m) => StoreError::Failed(format!("{database}: {m}")),
+                DbError::Unreachable(reason) => StoreError::Unavailable {
+                    database: database.clone(),
+                    reason,
+                },
+            })?;
             migrate(&mut client, &database).await?;
         }
         let listener = tokio::spawn(listen(

@@ -348,3 +348,71 @@ async fn postgres_unreachable_is_unavailable_naming_the_database() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_over_tls_verifies_the_server_certificate() {
+    use tapgraph::identity::Identity;
+    use tapgraph::pki::CertAuthority;
+    let dir = tempfile::tempdir().unwrap();
+    let day = Duration::from_secs(86_400);
+    let ca = CertAuthority::generate("pg test CA", day).unwrap();
+    let issued = ca
+        .issue(&Identity::Controller, &["127.0.0.1".into()], day)
+        .unwrap();
+    let (cert, key, ca_pem) = (
+        dir.path().join("server.crt"),
+        dir.path().join("server.key"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    std::fs::write(&ca_pem, ca.cert_pem()).unwrap();
+    let Some(server) = testpg::tls_server(&cert, &key) else {
+        return;
+    };
+    let settings = |mode: &str, root: &std::path::Path| {
+        StoreSettings::Postgres(super::postgres::PostgresSettings {
+            url: format!(
+                "{}tapgraph?sslmode={mode}&sslrootcert={}",
+                server.base(),
+                root.display()
+            ),
+            password_file: None,
+        })
+    };
+    let s = Store::connect(&settings("verify-full", &ca_pem), dir.path(), "a")
+        .await
+        .unwrap();
+    s.put(T, "over-tls", &1u32).unwrap();
+    assert_eq!(s.get::<u32>(T, "over-tls").unwrap(), Some(1));
+    // A server whose certificate another CA signed is refused, whatever the sslmode says.
+    let other = CertAuthority::generate("another CA", day).unwrap();
+    let other_pem = dir.path().join("other.pem");
+    std::fs::write(&other_pem, other.cert_pem()).unwrap();
+    for mode in ["require", "verify-full"] {
+        let e = Store::connect(&settings(mode, &other_pem), dir.path(), "a")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("sslmode={mode}: a certificate from another CA accepted"));
+        assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_refusing_the_connection_is_a_failure_with_its_reason() {
+    let Some(pg) = testpg::database().await else {
+        return;
+    };
+    let (base, _) = pg.url.rsplit_once('/').unwrap();
+    let settings = StoreSettings::Postgres(super::postgres::PostgresSettings {
+        url: format!("{base}/no_such_database?sslmode=disable"),
+        password_file: None,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let e = Store::connect(&settings, dir.path(), "a")
+        .await
+        .err()
+        .unwrap();
+    assert!(!e.is_unavailable(), "the server answered: {e}");
+    assert!(e.to_string().contains("no_such_database"), "{e}");
+}

@@ -23,6 +23,38 @@ fn script() -> std::path::PathBuf {
 }
 
 fn start() -> Option<Server> {
+    serve(&[])
+}
+
+/// A server of its own that also accepts TLS with this certificate and key (PEM files), for as
+/// long as the returned guard lives. `None` (said loudly) without PostgreSQL outside CI.
+pub(crate) fn tls_server(cert: &std::path::Path, key: &std::path::Path) -> Option<TlsServer> {
+    let cert = cert.display().to_string();
+    let key = key.display().to_string();
+    let server = serve(&["--tls-cert", &cert, "--tls-key", &key])?;
+    Some(TlsServer(server))
+}
+
+/// Stops its server when dropped (its standard input closes).
+pub(crate) struct TlsServer(Server);
+
+impl TlsServer {
+    /// "postgres://tapgraph@127.0.0.1:PORT/" without a database.
+    pub(crate) fn base(&self) -> &str {
+        &self.0.base
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        if let Ok(mut child) = self.0._child.lock() {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+    }
+}
+
+fn serve(args: &[&str]) -> Option<Server> {
     let bin = Command::new(script()).arg("bin").output().ok()?;
     if !bin.status.success() {
         let why = "PostgreSQL is not installed (scripts/install-deps installs it)";
@@ -35,6 +67,7 @@ fn start() -> Option<Server> {
     }
     let mut child = Command::new(script())
         .arg("serve")
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

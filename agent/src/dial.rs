@@ -106,11 +106,22 @@ async fn resolve(
             results.push(result);
         }
     }
+    sort_out(controllers, results)
+}
+
+/// The lookups' `results` (by entry index, in any order) as each entry's addresses, in the order
+/// configured, and a failure for each entry that has none.
+fn sort_out(
+    controllers: &Controllers,
+    mut results: Vec<(usize, std::io::Result<Vec<SocketAddr>>)>,
+) -> (Vec<(&ControllerAddr, Vec<SocketAddr>)>, Vec<Failure>) {
     results.sort_by_key(|(i, _)| *i);
     let mut resolved = Vec::new();
     let mut failures = Vec::new();
     for (i, result) in results {
-        let entry = &controllers.entries()[i];
+        let Some(entry) = controllers.entries().get(i) else {
+            continue;
+        };
         match result {
             Ok(addrs) if !addrs.is_empty() => resolved.push((entry, addrs)),
             Ok(_) => failures.push(Failure {
@@ -368,6 +379,35 @@ mod tests {
                 .error
                 .starts_with("cannot resolve nowhere.invalid:7443: "),
             "{failures:?}"
+        );
+    }
+
+    #[test]
+    fn lookups_are_sorted_out_in_the_order_configured_and_an_empty_one_fails() {
+        let controllers = parse_controllers("a:1,b:2,c:3", None).unwrap();
+        let results = vec![
+            (2, Ok(vec![addr("10.0.0.3:3")])),
+            (1, Ok(vec![])),
+            (0, Ok(vec![addr("10.0.0.1:1"), addr("10.0.0.2:1")])),
+        ];
+        let (resolved, failures) = sort_out(&controllers, results);
+        let got: Vec<(&str, Vec<SocketAddr>)> = resolved
+            .iter()
+            .map(|(e, a)| (e.host.as_str(), a.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", vec![addr("10.0.0.1:1"), addr("10.0.0.2:1")]),
+                ("c", vec![addr("10.0.0.3:3")]),
+            ]
+        );
+        assert_eq!(
+            failures,
+            vec![Failure {
+                target: "b:2".into(),
+                error: "the name has no address".into()
+            }]
         );
     }
 

@@ -264,9 +264,19 @@ impl World {
 
     /// A controller command with its state directory and addresses set by flags.
     pub fn controller_cmd(&self, grpc: SocketAddr, http: SocketAddr) -> Command {
+        self.controller_cmd_at(&self.state_dir(), grpc, http)
+    }
+
+    /// A controller command with the state directory `state_dir` (a replica's own).
+    pub fn controller_cmd_at(
+        &self,
+        state_dir: &Path,
+        grpc: SocketAddr,
+        http: SocketAddr,
+    ) -> Command {
         let mut cmd = Command::new(bin("tapgraph-controller"));
         cmd.arg("--state-dir")
-            .arg(self.state_dir())
+            .arg(state_dir)
             .arg("--listen")
             .arg(grpc.to_string())
             .arg("--http-listen")
@@ -289,6 +299,48 @@ impl World {
 
     pub fn ca_pem(&self) -> PathBuf {
         self.state_dir().join("pki").join("ca.pem")
+    }
+
+    /// The CA replicas share (`pki.ca_cert`, `pki.ca_key`), made once where [`World::ca`] reads
+    /// it, as an operator would make the Secret every replica mounts. Returns (cert, key).
+    pub fn shared_ca(&self) -> (PathBuf, PathBuf) {
+        let pki = self.state_dir().join("pki");
+        let (cert, key) = (pki.join("ca.pem"), pki.join("ca.key"));
+        if !key.exists() {
+            let ca = tapgraph::pki::CertAuthority::generate(
+                "tapgraph test replicas CA",
+                Duration::from_secs(86_400),
+            )
+            .expect("a CA");
+            tapgraph::fsutil::private_dir(&self.state_dir()).unwrap();
+            tapgraph::fsutil::private_dir(&pki).unwrap();
+            tapgraph::fsutil::write_private(&key, ca.key_pem().as_bytes()).unwrap();
+            tapgraph::fsutil::write_private(&cert, ca.cert_pem().as_bytes()).unwrap();
+        }
+        (cert, key)
+    }
+
+    /// The state directory of replica `name` (its serving certificate; the state is in the database).
+    pub fn replica_dir(&self, name: &str) -> PathBuf {
+        self.path().join(format!("replica-{name}"))
+    }
+
+    /// Replica `name` of a controller on the PostgreSQL database `url`, with the shared CA.
+    pub fn replica_cmd(
+        &self,
+        name: &str,
+        url: &str,
+        grpc: SocketAddr,
+        http: SocketAddr,
+    ) -> Command {
+        let (ca_cert, ca_key) = self.shared_ca();
+        let mut cmd = self.controller_cmd_at(&self.replica_dir(name), grpc, http);
+        cmd.env("TAPGRAPH_STORE__BACKEND", "postgres")
+            .env("TAPGRAPH_STORE__POSTGRES__URL", url)
+            .env("TAPGRAPH_REPLICA", name)
+            .env("TAPGRAPH_PKI__CA_CERT", ca_cert)
+            .env("TAPGRAPH_PKI__CA_KEY", ca_key);
+        cmd
     }
 
     /// Issues agent `id` a certificate straight from the controller CA (no enrollment) into its
@@ -384,24 +436,27 @@ impl Controller {
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
         let mut cmd = world.controller_cmd(any, any);
         cmd.envs(env.iter().copied());
-        let earlier =
-            std::fs::metadata(world.path().join("controller.log")).map_or(0, |m| m.len() as usize);
-        let proc = Proc::spawn("controller", cmd, world.path());
-        let (grpc, http) = wait_for("controller ready", Duration::from_secs(20), || {
-            let log = proc.log_text();
-            let line = log
-                .get(earlier..)?
-                .lines()
-                .find(|l| l.contains("controller ready"))?;
-            let field = |name: &str| -> Option<SocketAddr> {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(name))?
-                    .parse()
-                    .ok()
-            };
-            Some((field("grpc=")?, field("http=")?))
-        });
-        Controller { proc, grpc, http }
+        Self::spawn(world, "controller", cmd).ready()
+    }
+
+    /// Starts replica `name` on the database `url` (see [`World::replica_cmd`]) on loopback ports
+    /// the kernel picks, with `env` added, and waits until it is ready. Its log is NAME.log.
+    pub fn start_replica(world: &World, name: &str, url: &str, env: &[(&str, &str)]) -> Controller {
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let mut cmd = world.replica_cmd(name, url, any, any);
+        cmd.envs(env.iter().copied());
+        Self::spawn(world, name, cmd).ready()
+    }
+
+    /// Starts the controller `cmd` logging to NAME.log in the world; [`Starting::ready`] waits
+    /// for it. Several can be started before any is waited for (replicas starting at once).
+    pub fn spawn(world: &World, name: &str, cmd: Command) -> Starting {
+        let earlier = std::fs::metadata(world.path().join(format!("{name}.log")))
+            .map_or(0, |m| m.len() as usize);
+        Starting {
+            proc: Proc::spawn(name, cmd, world.path()),
+            earlier,
+        }
     }
 
     /// Starts a controller on known addresses (a restart), and waits until it is ready.
@@ -451,6 +506,39 @@ impl Controller {
         wait_for(&format!("agent {id} to be {state}"), timeout, || {
             self.agent(id).filter(|a| a["state"] == state && check(a))
         })
+    }
+}
+
+/// A controller started but not yet known to be ready.
+pub struct Starting {
+    pub proc: Proc,
+    /// Where this process's lines begin in its log (a restart appends to the same file).
+    earlier: usize,
+}
+
+impl Starting {
+    /// Waits for the "controller ready" line and reads the bound addresses from it.
+    pub fn ready(self) -> Controller {
+        let Starting { proc, earlier } = self;
+        let (grpc, http) = wait_for(
+            &format!("{} ready", proc.name),
+            Duration::from_secs(20),
+            || {
+                let log = proc.log_text();
+                let line = log
+                    .get(earlier..)?
+                    .lines()
+                    .find(|l| l.contains("controller ready"))?;
+                let field = |name: &str| -> Option<SocketAddr> {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(name))?
+                        .parse()
+                        .ok()
+                };
+                Some((field("grpc=")?, field("http=")?))
+            },
+        );
+        Controller { proc, grpc, http }
     }
 }
 
@@ -587,5 +675,197 @@ pub fn check_metrics(body: &str) -> Result<String, String> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(stderr)
+    }
+}
+
+/// A private PostgreSQL server for one test (`scripts/pg-server serve`), on 127.0.0.1 of this
+/// namespace or of a test's network namespace. The test holds the pipe to the script's standard
+/// input: when the fixture drops, or the test process ends however it ends, the server stops and
+/// its directory is removed.
+pub struct Postgres {
+    /// `postgres://tapgraph@127.0.0.1:PORT/tapgraph?sslmode=disable`
+    pub url: String,
+    /// "127.0.0.1:PORT/tapgraph", as the controller names the database in its messages.
+    pub database: String,
+    pub port: u16,
+    dir: PathBuf,
+    netns: Option<String>,
+    serve: Child,
+    stdin: Option<std::process::ChildStdin>,
+    /// Kept open: the script must not write into a closed pipe while it cleans up.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+static PG_SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Postgres {
+    fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/pg-server")
+    }
+
+    /// True when PostgreSQL is installed; otherwise says loudly that `test` is skipped, and fails
+    /// in CI (`CI` set), which must run it.
+    pub fn available(test: &str) -> bool {
+        let found = Command::new(Self::script())
+            .arg("bin")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            let why = "PostgreSQL is not installed (scripts/install-deps installs it)";
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{test}: {why}: CI must run it"
+            );
+            eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+        }
+        found
+    }
+
+    /// A server on loopback; `None` (said loudly) when PostgreSQL is not installed outside CI.
+    pub fn start(test: &str) -> Option<Postgres> {
+        Self::start_in(test, None)
+    }
+
+    /// A server inside network namespace `netns` (on its loopback), or in this one.
+    pub fn start_in(test: &str, netns: Option<&Netns>) -> Option<Postgres> {
+        use std::io::BufRead;
+        if !Self::available(test) {
+            return None;
+        }
+        // Not under the world's directory: the server runs as the user postgres, which must
+        // reach its data directory.
+        let dir = std::env::temp_dir().join(format!(
+            "tapgraph-pg-{}-{}",
+            std::process::id(),
+            PG_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut cmd = Self::command(netns.map(|n| n.name.as_str()));
+        cmd.arg("serve")
+            .arg("--dir")
+            .arg(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut serve = cmd.spawn().expect("scripts/pg-server serve");
+        let stdin = serve.stdin.take();
+        let mut stdout = std::io::BufReader::new(serve.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("pg-server output");
+        let Some(url) = line.trim().strip_prefix("ready ") else {
+            let _ = serve.wait();
+            panic!("scripts/pg-server serve said {line:?} (its errors are above)");
+        };
+        let database = url
+            .strip_prefix("postgres://tapgraph@")
+            .and_then(|rest| rest.split_once('?'))
+            .map(|(db, _)| db.to_string())
+            .unwrap_or_else(|| panic!("unexpected URL {url}"));
+        let port = database
+            .split_once('/')
+            .and_then(|(hp, _)| hp.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {url}"));
+        Some(Postgres {
+            url: url.to_string(),
+            database,
+            port,
+            dir,
+            netns: netns.map(|n| n.name.clone()),
+            serve,
+            stdin,
+            _stdout: stdout,
+        })
+    }
+
+    /// scripts/pg-server, inside the namespace when there is one.
+    fn command(netns: Option<&str>) -> Command {
+        match netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(Self::script());
+                cmd
+            }
+            None => Command::new(Self::script()),
+        }
+    }
+
+    fn run(&self, args: &[&str]) {
+        let out = Self::command(self.netns.as_deref())
+            .args(args)
+            .arg("--dir")
+            .arg(&self.dir)
+            .output()
+            .expect("scripts/pg-server");
+        assert!(
+            out.status.success(),
+            "pg-server {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the server (fast shutdown: sessions are cut), keeping its data.
+    pub fn stop(&self) {
+        self.run(&["stop"]);
+    }
+
+    /// Starts the stopped server again on the same port and data.
+    pub fn resume(&self) {
+        self.run(&["start", "--port", &self.port.to_string()]);
+    }
+
+    /// The URL of database `name` on this server.
+    pub fn url_of(&self, name: &str) -> String {
+        self.url.replace("/tapgraph?", &format!("/{name}?"))
+    }
+
+    /// Runs `sql` with psql in database `db`; its unaligned output, one row a line.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let bin = Command::new(Self::script())
+            .arg("bin")
+            .output()
+            .expect("pg-server bin");
+        let psql = PathBuf::from(String::from_utf8_lossy(&bin.stdout).trim()).join("psql");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(psql);
+                cmd
+            }
+            None => Command::new(psql),
+        };
+        let out = cmd
+            .args([
+                "-qAt",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &self.url_of(db),
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // End of input: the script stops the server and removes its directory, then exits.
+        drop(self.stdin.take());
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.serve.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.serve.kill();
+        let _ = self.serve.wait();
     }
 }

@@ -22,6 +22,7 @@ mod neo4j_freshness;
 mod neo4j_readme;
 mod operator_tools;
 mod policy;
+mod replicas;
 mod session;
 mod topology;
 mod topology_snapshots;

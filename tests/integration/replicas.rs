@@ -1076,3 +1076,111 @@ fn with_postgresql_stopped_sessions_go_on_writes_are_refused_and_everything_reco
         assert!(n <= 2, "{} logged the outage {n} times", r.proc.name);
     }
 }
+
+/// `scripts/replicas`, run by the test on ports it chose, stopped on drop (also on failure).
+struct ScriptSet {
+    env: Vec<(&'static str, String)>,
+}
+
+impl ScriptSet {
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/replicas"))
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run scripts/replicas");
+        eprintln!("scripts/replicas {args:?}: {}\n{}", out.status, text(&out));
+        out
+    }
+}
+
+impl Drop for ScriptSet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.run(&["stop"]);
+        }
+    }
+}
+
+#[test]
+fn scripts_replicas_starts_three_replicas_with_agents_and_stop_leaves_nothing() {
+    let test = "scripts_replicas_starts_three_replicas_with_agents_and_stop_leaves_nothing";
+    if !Postgres::available(test) {
+        return;
+    }
+    let world = World::new();
+    let dir = world.path().join("set");
+    let listeners: Vec<_> = (0..6)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    drop(listeners);
+    let joined = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    let set = ScriptSet {
+        env: vec![
+            ("REPLICAS_DIR", dir.display().to_string()),
+            ("REPLICAS_GRPC_PORTS", joined(&ports[..3])),
+            ("REPLICAS_HTTP_PORTS", joined(&ports[3..])),
+            (
+                "TAPGRAPH_BIN_DIR",
+                crate::harness::bin_dir().display().to_string(),
+            ),
+        ],
+    };
+    let out = set.run(&["start", "--agents", "2"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    for hint in [
+        "tapgraphctl agent list",
+        "scripts/replicas kill",
+        "scripts/replicas stop",
+    ] {
+        assert!(
+            said.contains(hint),
+            "start tells how to watch and stop: {hint}"
+        );
+    }
+    let pids: Vec<i32> = std::fs::read_dir(dir.join("pids"))
+        .unwrap()
+        .map(|f| {
+            std::fs::read_to_string(f.unwrap().path())
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(pids.len(), 5, "three replicas and two agents");
+    let pg_dir = PathBuf::from(std::fs::read_to_string(dir.join("pg.dir")).unwrap().trim());
+    // Every replica answers for the whole set: both agents, connected, each on a replica.
+    for port in &ports[3..] {
+        let http: SocketAddr = ([127, 0, 0, 1], *port).into();
+        wait_for(
+            &format!("both agents connected, listed by the replica at {http}"),
+            Duration::from_secs(30),
+            || {
+                let (status, body) = http_get(http, "/api/v1/agents").ok()?;
+                let agents: Value = serde_json::from_str(&body).ok()?;
+                let on: Vec<&str> = agents
+                    .as_array()?
+                    .iter()
+                    .filter(|a| a["state"] == "connected")
+                    .filter_map(|a| a["controller"].as_str())
+                    .filter(|c| ["r1", "r2", "r3"].contains(c))
+                    .collect();
+                (status == 200 && on.len() == 2).then_some(())
+            },
+        );
+    }
+    let out = set.run(&["stop"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!dir.exists(), "stop removes the set's directory");
+    assert!(!pg_dir.exists(), "and the database's");
+    for pid in pids {
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        assert!(!alive, "process {pid} still runs after stop");
+    }
+}

@@ -4,14 +4,15 @@
 
 use std::collections::BTreeMap;
 
+use redb::TableHandle;
 use serde::{Deserialize, Serialize};
-use tonic::Status;
 
-use super::{AGENTS, EnrollError, Task, now_ms};
+use super::{AGENTS, EnrollError, Task, now_ms, revoked_status};
 use crate::auth::Revocations;
+use crate::store::{Batch, StoreError};
 
 /// An agent this controller issued a certificate to.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrolledAgent {
     pub id: String,
     pub hostname: String,
@@ -60,11 +61,20 @@ pub(super) fn revocations<'a>(agents: impl IntoIterator<Item = &'a EnrolledAgent
 }
 
 impl Task {
+    /// The stored record of agent `id`: as this replica knows it, or as the store has it when this
+    /// replica has not heard of it yet (enrolled through another replica a moment ago).
+    pub(super) async fn agent(&mut self, id: &str) -> Result<Option<EnrolledAgent>, StoreError> {
+        if !self.agents.contains_key(id) {
+            self.reread(AGENTS.name(), id).await?;
+        }
+        Ok(self.agents.get(id).cloned())
+    }
+
     /// The record of agent `id`; one is made for an agent that holds a certificate from this CA
     /// without having enrolled (issued by hand), as long as it has connected.
-    pub(super) async fn record(&self, id: &str) -> Result<EnrolledAgent, EnrollError> {
-        match self.agents.get(id) {
-            Some(a) => Ok(a.clone()),
+    pub(super) async fn record(&mut self, id: &str) -> Result<EnrolledAgent, EnrollError> {
+        match self.agent(id).await? {
+            Some(a) => Ok(a),
             None if self.registry.list().await.iter().any(|a| a.id == id) => Ok(EnrolledAgent {
                 id: id.to_string(),
                 hostname: String::new(),
@@ -82,39 +92,63 @@ impl Task {
         }
     }
 
+    /// Writes `agent` as the record of its id if the stored one is still the one this replica
+    /// holds (none, for a record made by [`Task::record`]), and then holds it.
+    fn replace_agent(&mut self, agent: EnrolledAgent) -> Result<(), EnrollError> {
+        let mut batch = Batch::default();
+        batch.expect(AGENTS, &agent.id, self.agents.get(&agent.id))?;
+        batch.put(AGENTS, &agent.id, &agent)?;
+        self.store.commit(batch)?;
+        self.agents.insert(agent.id.clone(), agent);
+        Ok(())
+    }
+
     pub(super) async fn set_labels(
         &mut self,
         id: &str,
         set: BTreeMap<String, String>,
         remove: Vec<String>,
     ) -> Result<BTreeMap<String, String>, EnrollError> {
-        let mut agent = self.record(id).await?;
-        for key in &remove {
-            agent.labels.remove(key);
-        }
-        agent.labels.extend(set);
-        self.store.put(AGENTS, id, &agent)?;
-        let labels = agent.labels.clone();
-        self.agents.insert(id.to_string(), agent);
+        let mut attempt = 0;
+        let labels = loop {
+            attempt += 1;
+            let mut agent = self.record(id).await?;
+            for key in &remove {
+                agent.labels.remove(key);
+            }
+            agent.labels.extend(set.clone());
+            let labels = agent.labels.clone();
+            let error = match self.replace_agent(agent) {
+                Ok(()) => break labels,
+                Err(error) => error,
+            };
+            if !self.retry(&error, attempt).await? {
+                return Err(error);
+            }
+        };
         tracing::info!(agent = %id, labels = ?labels, "agent labels changed");
         Ok(labels)
     }
 
     pub(super) async fn revoke_agent(&mut self, id: &str) -> Result<(), EnrollError> {
-        let agent = self.record(id).await?;
-        let revoked = EnrolledAgent {
-            revoked_at_ms: Some(agent.revoked_at_ms.unwrap_or_else(now_ms)),
-            ..agent
-        };
-        self.store.put(AGENTS, id, &revoked)?;
-        self.agents.insert(id.to_string(), revoked);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let agent = self.record(id).await?;
+            let revoked = EnrolledAgent {
+                revoked_at_ms: Some(agent.revoked_at_ms.unwrap_or_else(now_ms)),
+                ..agent
+            };
+            let error = match self.replace_agent(revoked) {
+                Ok(()) => break,
+                Err(error) => error,
+            };
+            if !self.retry(&error, attempt).await? {
+                return Err(error);
+            }
+        }
         self.revocations.revoke(id);
-        self.registry
-            .close_agent(
-                id,
-                Status::permission_denied(format!("the certificate of agent {id} was revoked")),
-            )
-            .await;
+        self.registry.close_agent(id, revoked_status(id)).await;
         tracing::info!(agent = %id, "agent revoked; its streams are closed and its certificate refused");
         Ok(())
     }

@@ -6,6 +6,14 @@
 //! (`token create --replaces`). Knowing a hostname and a machine id proves nothing: anyone else gets
 //! the next free id (`vm-2`). Ids are decided in this one task, so racing enrollments are ordered.
 //!
+//! Replicas sharing one database (`store.backend = "postgres"`) each run this task. Each decision
+//! (a token's use, an id, a renewal, a revocation) is committed with the stored values it was made
+//! from as preconditions: when another replica changed one meanwhile, nothing is written, the row
+//! is read again and the decision made again, so replicas racing for a token's last use or for the
+//! same free id have exactly one winner. The task also follows what the other replicas write
+//! (`Store::changes`): their tokens and agents, and with them the revocations and keys every agent
+//! RPC checks; a revocation made elsewhere closes the agent's streams here too.
+//!
 //! Here: the task, its handle and its commands. Beside it: `agents.rs` (the agents' records, and the
 //! revocations and keys they publish to `auth::Revocations`), `claim.rs` (which id a host gets),
 //! `tokens.rs` (join tokens), `limits.rs` (per-source and fleet-wide rates), `ca.rs` (the CA key and
@@ -15,6 +23,8 @@ mod agents;
 pub mod ca;
 mod claim;
 pub mod limits;
+#[cfg(test)]
+mod replicas;
 pub mod service;
 pub mod tokens;
 
@@ -22,16 +32,17 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use redb::TableDefinition;
+use redb::{TableDefinition, TableHandle};
 use tapgraph::identity::Identity;
 use tapgraph::pki::{CertAuthority, PkiError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tonic::Status;
 
 use crate::auth::Revocations;
 use crate::events::Events;
 use crate::registry::Registry;
-use crate::store::{Batch, Store, StoreError, Table};
+use crate::store::{Batch, Change, Store, StoreError, Table};
 pub use agents::EnrolledAgent;
 use claim::{Claim, id_base};
 use limits::EnrollLimits;
@@ -39,6 +50,10 @@ use tokens::{Token, TokenError};
 
 const TOKENS: Table = TableDefinition::new("tokens");
 const AGENTS: Table = TableDefinition::new("agents");
+
+/// Tries of a read-decide-write that other replicas keep changing under it, before giving up
+/// (ABORTED): each lost race means another replica's write went through.
+const ATTEMPTS: u32 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -85,6 +100,9 @@ impl From<EnrollError> for Status {
             }
             EnrollError::NotFound(_) => Status::not_found(msg),
             EnrollError::Limited(_) => Status::resource_exhausted(msg),
+            // Lost every race for a row other replicas kept changing: the caller may try again.
+            EnrollError::Store(StoreError::Conflict { .. }) => Status::aborted(msg),
+            // The database is down (the text names it), or the store failed: nothing changed.
             EnrollError::Store(_) => Status::unavailable(msg),
         }
     }
@@ -170,6 +188,28 @@ pub struct Enrollment {
     refused: limits::Refused,
 }
 
+/// The stored tokens and agents, by id.
+type Loaded = (BTreeMap<String, Token>, BTreeMap<String, EnrolledAgent>);
+
+fn load(store: &Store) -> Result<Loaded, StoreError> {
+    let tokens = store
+        .load::<Token>(TOKENS)?
+        .into_iter()
+        .map(|t| (t.id.clone(), t))
+        .collect();
+    let agents = store
+        .load::<EnrolledAgent>(AGENTS)?
+        .into_iter()
+        .map(|a| (a.id.clone(), a))
+        .collect();
+    Ok((tokens, agents))
+}
+
+/// What a revoked agent's streams are closed with, on every replica.
+fn revoked_status(id: &str) -> Status {
+    Status::permission_denied(format!("the certificate of agent {id} was revoked"))
+}
+
 fn now_ms() -> u64 {
     tapgraph::time::unix_nanos() / 1_000_000
 }
@@ -184,16 +224,8 @@ impl Enrollment {
         events: Events,
         limits: EnrollLimits,
     ) -> Result<(Self, impl std::future::Future<Output = ()>), StoreError> {
-        let tokens: BTreeMap<String, Token> = store
-            .load::<Token>(TOKENS)?
-            .into_iter()
-            .map(|t| (t.id.clone(), t))
-            .collect();
-        let agents: BTreeMap<String, EnrolledAgent> = store
-            .load::<EnrolledAgent>(AGENTS)?
-            .into_iter()
-            .map(|a| (a.id.clone(), a))
-            .collect();
+        let changes = store.changes();
+        let (tokens, agents) = load(&store)?;
         let revocations = agents::revocations(agents.values());
         let (tx, rx) = mpsc::channel(256);
         let fingerprint = ca.fingerprint();
@@ -216,7 +248,7 @@ impl Enrollment {
                 fingerprint,
                 refused,
             },
-            task.run(rx),
+            task.run(rx, changes),
         ))
     }
 
@@ -336,66 +368,169 @@ struct Task {
 }
 
 impl Task {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        // Commands are handled one at a time: two enrollments racing for a token's last use are
-        // ordered here, and exactly one wins.
-        while let Some(cmd) = rx.recv().await {
-            match cmd {
-                Command::CreateToken {
-                    ttl,
-                    uses,
-                    labels,
-                    description,
-                    replaces,
-                    reply,
-                } => {
-                    let result = self
-                        .create_token(ttl, uses, labels, description, replaces)
-                        .await;
-                    let _ = reply.send(result);
-                }
-                Command::ListTokens { reply } => {
-                    let _ = reply.send(self.tokens.values().cloned().collect());
-                }
-                Command::RevokeToken { id, reply } => {
-                    let _ = reply.send(self.revoke_token(&id));
-                }
-                Command::Enroll { request, reply } => {
-                    let _ = reply.send(self.enroll_limited(&request).await);
-                }
-                Command::Renew {
-                    agent_id,
-                    csr_pem,
-                    reply,
-                } => {
-                    let result = self.renew(&agent_id, &csr_pem);
-                    if let Err(error) = &result {
-                        tracing::warn!(agent = %agent_id, %error, "renewal refused");
-                    }
-                    let _ = reply.send(result);
-                }
-                Command::ListAgents { reply } => {
-                    let _ = reply.send(self.agents.values().cloned().collect());
-                }
-                Command::RevokeAgent { id, reply } => {
-                    let result = self.revoke_agent(&id).await;
-                    let _ = reply.send(result);
-                }
-                Command::Labels { id, reply } => {
-                    let labels = self.agents.get(&id).map(|a| a.labels.clone());
-                    let _ = reply.send(labels.unwrap_or_default());
-                }
-                Command::SetLabels {
-                    id,
-                    set,
-                    remove,
-                    reply,
-                } => {
-                    let result = self.set_labels(&id, set, remove).await;
-                    let _ = reply.send(result);
+    /// Handles commands one at a time, and follows what other replicas write to the tables this
+    /// task owns (`changes`, subscribed before the first load so nothing falls between).
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut changes: broadcast::Receiver<Change>,
+    ) {
+        let mut following = true;
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd).await,
+                    None => break,
+                },
+                change = changes.recv(), if following => {
+                    following = self.follow(change).await;
                 }
             }
         }
+    }
+
+    /// Commands are handled one at a time: two enrollments racing for a token's last use on this
+    /// replica are ordered here, and between replicas the store's preconditions order them.
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::CreateToken {
+                ttl,
+                uses,
+                labels,
+                description,
+                replaces,
+                reply,
+            } => {
+                let result = self
+                    .create_token(ttl, uses, labels, description, replaces)
+                    .await;
+                let _ = reply.send(result);
+            }
+            Command::ListTokens { reply } => {
+                let _ = reply.send(self.tokens.values().cloned().collect());
+            }
+            Command::RevokeToken { id, reply } => {
+                let _ = reply.send(self.revoke_token(&id).await);
+            }
+            Command::Enroll { request, reply } => {
+                let _ = reply.send(self.enroll_limited(&request).await);
+            }
+            Command::Renew {
+                agent_id,
+                csr_pem,
+                reply,
+            } => {
+                let result = self.renew(&agent_id, &csr_pem).await;
+                if let Err(error) = &result {
+                    tracing::warn!(agent = %agent_id, %error, "renewal refused");
+                }
+                let _ = reply.send(result);
+            }
+            Command::ListAgents { reply } => {
+                let _ = reply.send(self.agents.values().cloned().collect());
+            }
+            Command::RevokeAgent { id, reply } => {
+                let result = self.revoke_agent(&id).await;
+                let _ = reply.send(result);
+            }
+            Command::Labels { id, reply } => {
+                let labels = self.agents.get(&id).map(|a| a.labels.clone());
+                let _ = reply.send(labels.unwrap_or_default());
+            }
+            Command::SetLabels {
+                id,
+                set,
+                remove,
+                reply,
+            } => {
+                let result = self.set_labels(&id, set, remove).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Applies a change another replica made; `false` once the store has no more to say.
+    async fn follow(&mut self, change: Result<Change, RecvError>) -> bool {
+        let result = match change {
+            Ok(Change::Row { table, key }) => self.reread(&table, &key).await,
+            Ok(Change::Resync) | Err(RecvError::Lagged(_)) => self.reload().await,
+            Err(RecvError::Closed) => return false,
+        };
+        if let Err(error) = result {
+            // The store announces a resync once it is reachable again.
+            tracing::warn!(%error, "cannot read what another replica changed; reading again once the database is back");
+        }
+        true
+    }
+
+    /// Reads `key` of `table` again (if it is one of this task's) and applies it: a token as it
+    /// is, an agent as [`Task::apply_agent`] does.
+    async fn reread(&mut self, table: &str, key: &str) -> Result<(), StoreError> {
+        if table == TOKENS.name() {
+            match self.store.get::<Token>(TOKENS, key)? {
+                Some(token) => self.tokens.insert(key.to_string(), token),
+                None => self.tokens.remove(key),
+            };
+        } else if table == AGENTS.name() {
+            let agent = self.store.get::<EnrolledAgent>(AGENTS, key)?;
+            self.apply_agent(key, agent).await;
+        }
+        Ok(())
+    }
+
+    /// Reads both tables whole and applies the difference, after changes may have been missed.
+    async fn reload(&mut self) -> Result<(), StoreError> {
+        let (tokens, agents) = load(&self.store)?;
+        self.tokens = tokens;
+        let gone: Vec<String> = self
+            .agents
+            .keys()
+            .filter(|id| !agents.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.apply_agent(&id, None).await;
+        }
+        for (id, agent) in agents {
+            if self.agents.get(&id) != Some(&agent) {
+                self.apply_agent(&id, Some(agent)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `agent` (as stored now; `None`: deleted) the record of `id` here: its keys, and a
+    /// revocation made through another replica, whose streams on this one are closed as a local
+    /// revocation closes them.
+    async fn apply_agent(&mut self, id: &str, agent: Option<EnrolledAgent>) {
+        let Some(agent) = agent else {
+            self.agents.remove(id);
+            self.revocations.remember_keys(id, "", "");
+            return;
+        };
+        let newly_revoked = agent.revoked_at_ms.is_some() && !self.revocations.is_revoked(id);
+        self.revocations
+            .remember_keys(id, &agent.key_sha256, &agent.previous_key_sha256);
+        self.agents.insert(id.to_string(), agent);
+        if newly_revoked {
+            self.revocations.revoke(id);
+            self.registry.close_agent(id, revoked_status(id)).await;
+            tracing::info!(agent = %id, "agent revoked through another replica; its streams here are closed");
+        }
+    }
+
+    /// Whether to try a read-decide-write again after `error`: yes when another replica changed
+    /// what it was computed from (the changed row is read again first), up to [`ATTEMPTS`].
+    async fn retry(&mut self, error: &EnrollError, attempt: u32) -> Result<bool, EnrollError> {
+        let EnrollError::Store(StoreError::Conflict { table, key }) = error else {
+            return Ok(false);
+        };
+        if attempt >= ATTEMPTS {
+            return Ok(false);
+        }
+        tracing::debug!(%table, %key, attempt, "changed by another replica meanwhile; deciding again");
+        self.reread(table, key).await?;
+        Ok(true)
     }
 
     async fn create_token(
@@ -431,17 +566,43 @@ impl Task {
         Ok(NewToken { text, token })
     }
 
-    fn revoke_token(&mut self, id: &str) -> Result<(), EnrollError> {
-        let mut token = self
-            .tokens
-            .get(id)
-            .cloned()
-            .ok_or_else(|| EnrollError::NotFound(id.to_string()))?;
-        token.revoked = true;
-        self.store.put(TOKENS, id, &token)?;
-        self.tokens.insert(id.to_string(), token);
+    async fn revoke_token(&mut self, id: &str) -> Result<(), EnrollError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match self.try_revoke_token(id).await {
+                Ok(()) => break,
+                Err(error) => error,
+            };
+            if !self.retry(&error, attempt).await? {
+                return Err(error);
+            }
+        }
         tracing::info!(token = %id, "join token revoked");
         Ok(())
+    }
+
+    async fn try_revoke_token(&mut self, id: &str) -> Result<(), EnrollError> {
+        let stored = self.token(id).await?;
+        let mut token = stored
+            .clone()
+            .ok_or_else(|| EnrollError::NotFound(id.to_string()))?;
+        token.revoked = true;
+        let mut batch = Batch::default();
+        batch.expect(TOKENS, id, stored.as_ref())?;
+        batch.put(TOKENS, id, &token)?;
+        self.store.commit(batch)?;
+        self.tokens.insert(id.to_string(), token);
+        Ok(())
+    }
+
+    /// Token `id` as this replica knows it, or as the store has it when this replica has not
+    /// heard of it yet (made through another replica a moment ago).
+    async fn token(&mut self, id: &str) -> Result<Option<Token>, StoreError> {
+        if !self.tokens.contains_key(id) {
+            self.reread(TOKENS.name(), id).await?;
+        }
+        Ok(self.tokens.get(id).cloned())
     }
 
     /// An enrollment within the limits; a refusal the caller caused counts against its source.
@@ -472,12 +633,29 @@ impl Task {
                 "machine_id is longer than 128 bytes".into(),
             ));
         }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match self.try_enroll(request).await {
+                Ok(enrolled) => return Ok(enrolled),
+                Err(error) => error,
+            };
+            if !self.retry(&error, attempt).await? {
+                return Err(error);
+            }
+        }
+    }
+
+    /// One read-decide-write of an enrollment: it commits only if the token and the agent id
+    /// are still as they were read, so replicas racing for a token's last use, or for one free
+    /// id, have exactly one winner ([`StoreError::Conflict`] for the others).
+    async fn try_enroll(&mut self, request: &EnrollRequest) -> Result<Enrolled, EnrollError> {
         let (token_id, secret) = tokens::parse(&request.token)?;
-        let mut token = self
-            .tokens
-            .get(token_id)
-            .cloned()
+        let stored_token = self
+            .token(token_id)
+            .await?
             .ok_or_else(|| TokenError::Unknown(token_id.to_string()))?;
+        let mut token = stored_token.clone();
         let now = now_ms();
         token.check(secret, now)?;
         // The CSR's signature proves the sender holds this key.
@@ -523,6 +701,8 @@ impl Task {
         };
         // Both records, or neither: the token's use and the agent are committed together.
         let mut batch = Batch::default();
+        batch.expect(TOKENS, &token.id, Some(&stored_token))?;
+        batch.expect(AGENTS, &id, self.agents.get(&id))?;
         batch.put(TOKENS, &token.id, &token)?;
         batch.put(AGENTS, &id, &agent)?;
         self.store.commit(batch)?;
@@ -561,15 +741,29 @@ impl Task {
         Ok(enrolled)
     }
 
-    fn renew(&mut self, id: &str, csr_pem: &str) -> Result<Enrolled, EnrollError> {
+    async fn renew(&mut self, id: &str, csr_pem: &str) -> Result<Enrolled, EnrollError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match self.try_renew(id, csr_pem).await {
+                Ok(renewed) => return Ok(renewed),
+                Err(error) => error,
+            };
+            if !self.retry(&error, attempt).await? {
+                return Err(error);
+            }
+        }
+    }
+
+    async fn try_renew(&mut self, id: &str, csr_pem: &str) -> Result<Enrolled, EnrollError> {
         if self.revocations.is_revoked(id) {
             return Err(EnrollError::Revoked(id.to_string()));
         }
-        let mut agent = self
-            .agents
-            .get(id)
-            .cloned()
+        let stored = self
+            .agent(id)
+            .await?
             .ok_or_else(|| EnrollError::NotEnrolled(id.to_string()))?;
+        let mut agent = stored.clone();
         let identity = Identity::agent(id).map_err(|e| EnrollError::Invalid(e.to_string()))?;
         let key = tapgraph::pki::csr_key_sha256(csr_pem)?;
         let cert = self.ca.sign_csr(csr_pem, &identity, self.agent_lifetime)?;
@@ -578,7 +772,10 @@ impl Task {
         agent.rotate_key(key);
         agent.cert_serial = info.serial;
         agent.cert_not_after_ms = tapgraph::time::to_unix_nanos(info.not_after) / 1_000_000;
-        self.store.put(AGENTS, id, &agent)?;
+        let mut batch = Batch::default();
+        batch.expect(AGENTS, id, Some(&stored))?;
+        batch.put(AGENTS, id, &agent)?;
+        self.store.commit(batch)?;
         tracing::info!(agent = %id, serial = %agent.cert_serial, "certificate renewed");
         let renewed = Enrolled {
             agent_id: id.to_string(),

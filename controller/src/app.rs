@@ -73,15 +73,18 @@ struct Owners {
 }
 
 impl App {
-    /// Binds the listeners, loads the stored state, spawns every task and marks the controller
-    /// ready, logging the addresses it serves on.
-    pub async fn start(config: &ControllerConfig, pki: ControllerPki) -> anyhow::Result<Self> {
+    /// Binds the listeners, loads the stored state from `store` (opened with the PKI, which may be
+    /// kept in it), spawns every task and marks the controller ready, logging the addresses it
+    /// serves on.
+    pub async fn start(
+        config: &ControllerConfig,
+        pki: ControllerPki,
+        store: store::Store,
+    ) -> anyhow::Result<Self> {
         let tls = pki
             .server_config()
             .map_err(anyhow::Error::msg)
             .context("serving certificate")?;
-        let store =
-            store::Store::connect(&config.store, &config.state_dir, &config.replica).await?;
         tracing::info!(store = %store.describe(), replica = %config.replica, "state store open");
         let grpc_listener = TcpListener::bind(config.listen)
             .await

@@ -79,6 +79,7 @@ fn known_keys() -> Vec<String> {
         "pki.server_names",
         "pki.server_cert_lifetime",
         "pki.agent_cert_lifetime",
+        "pki.ca_seal_key_file",
         "log.format",
         "log.level",
         "shutdown_timeout",
@@ -186,6 +187,8 @@ impl ControllerConfig {
             64 << 10..=256 << 20,
         );
         let store = store_settings(&mut c);
+        let seal_key_file =
+            crate::enrollment::seal::setting(&mut c, &store, ca_files.is_some());
         let max_agents = c.value("session.max_agents", 20_000usize);
         if max_agents == 0 {
             c.fail("session.max_agents", "must be at least 1");
@@ -251,6 +254,7 @@ impl ControllerConfig {
             pki: PkiSettings {
                 dir: state_dir.join("pki"),
                 ca_files,
+                seal_key_file,
                 server_names,
                 server_lifetime,
             },

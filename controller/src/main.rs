@@ -30,6 +30,7 @@ use tapgraph::runtime::{config_or_exit, daemon_runtime, shutdown_signal};
 use crate::app::App;
 use crate::config::ControllerConfig;
 use crate::enrollment::ca::ControllerPki;
+use crate::store::{Store, StoreSettings};
 
 const PROGRAM: &str = "tapgraph-controller";
 
@@ -130,6 +131,8 @@ enum OperatorCommand {
 
 const AFTER_HELP: &str = "\
 Other keys (file or environment only): pki.ca_cert and pki.ca_key (an existing CA),
+pki.ca_seal_key_file (replicas on PostgreSQL without pki.ca_cert: a file of 32 bytes sealing the
+CA the first replica stores in the database),
 pki.server_cert_lifetime (365d), pki.agent_cert_lifetime (24h; agents renew at 70%),
 shutdown_timeout, session.handshake_timeout, session.hello_timeout, session.idle_timeout,
 session.max_message_bytes, limits (session.max_agents 20000, session.max_streams 16 Mirror
@@ -189,22 +192,15 @@ fn main() -> ExitCode {
         };
     }
     tapgraph::logging::init(config.log_format, &config.log_filter);
-    let pki = match ControllerPki::load_or_create(&config.pki) {
-        Ok(pki) => pki,
-        Err(error) => {
-            tracing::error!(%error, "cannot load or create the controller PKI");
-            eprintln!(
-                "tapgraph-controller: PKI in {}: {error}",
-                config.pki.dir.display()
-            );
-            return ExitCode::from(EX_CONFIG as u8);
-        }
-    };
     let runtime = match daemon_runtime(PROGRAM, None) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match runtime.block_on(run(config, pki)) {
+    let (pki, store) = match runtime.block_on(open_state(&config)) {
+        Ok(state) => state,
+        Err(code) => return code,
+    };
+    match runtime.block_on(run(config, pki, store)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "controller failed");
@@ -213,10 +209,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// The PKI and the state store, each in the order the other needs: replicas sharing a database
+/// keep their CA in it, so the database comes first; the embedded store opens in the state
+/// directory the PKI has made. An unusable CA exits 78, a store that cannot be opened 1.
+async fn open_state(config: &ControllerConfig) -> Result<(ControllerPki, Store), ExitCode> {
+    let connect = async || {
+        Store::connect(&config.store, &config.state_dir, &config.replica)
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "cannot open the state store");
+                eprintln!("tapgraph-controller: {error}");
+                ExitCode::FAILURE
+            })
+    };
+    let shared = match config.store {
+        StoreSettings::Postgres(_) => Some(connect().await?),
+        StoreSettings::Embedded { .. } => None,
+    };
+    let pki = ControllerPki::load(
+        &config.pki,
+        shared.as_ref().map(|s| (s, config.replica.as_str())),
+    )
+    .map_err(|error| {
+        tracing::error!(%error, "cannot load or create the controller PKI");
+        eprintln!(
+            "tapgraph-controller: PKI in {}: {error}",
+            config.pki.dir.display()
+        );
+        ExitCode::from(EX_CONFIG as u8)
+    })?;
+    let store = match shared {
+        Some(store) => store,
+        None => connect().await?,
+    };
+    Ok((pki, store))
+}
+
 /// Starts every task (`app.rs`), waits for SIGINT or SIGTERM, then drains within
 /// `shutdown_timeout`.
-async fn run(config: ControllerConfig, pki: ControllerPki) -> anyhow::Result<()> {
-    let app = App::start(&config, pki).await?;
+async fn run(config: ControllerConfig, pki: ControllerPki, store: Store) -> anyhow::Result<()> {
+    let app = App::start(&config, pki, store).await?;
     let signal = shutdown_signal().await;
     tracing::info!(signal, deadline = ?config.shutdown_timeout, "shutting down");
     app.shutdown(config.shutdown_timeout).await;

@@ -8,6 +8,7 @@ use tapgraph::identity::Identity;
 
 use crate::config::ControllerConfig;
 use crate::enrollment::ca::ControllerPki;
+use crate::store::{Store, StoreSettings};
 
 /// The address tapgraphctl should dial: `listen`, or the first server name with its port when the
 /// controller listens on every address.
@@ -29,6 +30,29 @@ fn dial_address(config: &ControllerConfig) -> String {
     }
 }
 
+/// The controller's PKI as the daemon loads it: for replicas sharing a database, the CA they
+/// share (so the operator's certificate works against every replica), read from the database on a
+/// runtime of its own. The embedded store is not opened: the running controller holds it.
+fn load_pki(config: &ControllerConfig) -> anyhow::Result<ControllerPki> {
+    let context = || format!("PKI in {}", config.pki.dir.display());
+    let StoreSettings::Postgres(_) = &config.store else {
+        return ControllerPki::load(&config.pki, None)
+            .map_err(anyhow::Error::msg)
+            .with_context(context);
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    runtime.block_on(async {
+        let store = Store::connect(&config.store, &config.state_dir, &config.replica).await?;
+        ControllerPki::load(&config.pki, Some((&store, &config.replica)))
+            .map_err(anyhow::Error::msg)
+            .with_context(context)
+    })
+}
+
 pub fn issue(
     config: &ControllerConfig,
     name: &str,
@@ -41,9 +65,7 @@ pub fn issue(
     if lifetime.as_secs() < 60 {
         bail!("--lifetime must be at least 1m");
     }
-    let pki = ControllerPki::load_or_create(&config.pki)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("PKI in {}", config.pki.dir.display()))?;
+    let pki = load_pki(config)?;
     let cert = pki.ca.issue(&identity, &[], lifetime)?;
     let address = address.unwrap_or_else(|| dial_address(config));
     let server_name = address

@@ -1,5 +1,9 @@
-//! The controller's PKI in its state directory: the CA (made on first start, or the operator's), and
-//! the serving certificate, reused while its names match and most of its lifetime remains.
+//! The controller's PKI: the CA, and this controller's serving certificate in its state directory,
+//! reused while its names match and most of its lifetime remains. The CA is the operator's
+//! (`pki.ca_cert`, `pki.ca_key`: the same files on every replica), or one the controller made on
+//! its first start: in its state directory, or, for replicas sharing a database, in the database
+//! sealed with `pki.ca_seal_key_file` (`seal.rs`). Each replica issues its own serving certificate
+//! (its own names) from it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -8,6 +12,9 @@ use tapgraph::fsutil;
 use tapgraph::identity::Identity;
 use tapgraph::pki::{self, CertAuthority, PkiError};
 use tapgraph::tls::{self, PemError, ServerConfig, TlsError};
+
+use super::seal::{self, SealKey, SealKeyError};
+use crate::store::{Store, StoreError};
 
 /// The CA and the serving identity, ready for TLS.
 pub struct ControllerPki {
@@ -22,6 +29,9 @@ pub struct PkiSettings {
     pub dir: PathBuf,
     /// An operator-supplied CA (certificate, key) instead of a generated one.
     pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// `pki.ca_seal_key_file`: the CA replicas share is kept in the database, sealed with this key
+    /// (only with `store.backend = "postgres"` and no `ca_files`).
+    pub seal_key_file: Option<PathBuf>,
     pub server_names: Vec<String>,
     pub server_lifetime: Duration,
 }
@@ -56,6 +66,16 @@ pub enum CaError {
     /// The serving certificate's PEM holds no certificate.
     #[error("serving certificate missing")]
     ServingCertMissing,
+    /// The shared CA cannot be sealed, or does not open with this replica's seal key (the text
+    /// names the database and the key file).
+    #[error("{0}")]
+    Seal(String),
+    /// `pki.ca_seal_key_file` cannot be used.
+    #[error(transparent)]
+    SealKey(#[from] SealKeyError),
+    /// The database holding the shared CA refused or could not be reached.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// The serving certificate, its key or the CA is not usable PEM.
     #[error(transparent)]
     Pem(#[from] PemError),
@@ -99,15 +119,53 @@ fn create_ca(cert: &Path, key: &Path) -> Result<(), CaError> {
     Ok(())
 }
 
+/// The CA in the state directory `dir`, created on the first start.
+fn local_ca(dir: &Path) -> Result<CertAuthority, CaError> {
+    let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    if !cert.exists() && !key.exists() {
+        create_ca(&cert, &key)?;
+    }
+    // Another process (a controller starting, `operator issue`) may be creating it:
+    // its key is claimed first, the certificate follows within moments.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !cert.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fsutil::check_private(&key).map_err(CaError::NotPrivate)?;
+    CertAuthority::from_pem(&read(&cert)?, &read(&key)?)
+        .map_err(|error| CaError::Ca { path: cert, error })
+}
+
+/// The CA the first replica stores for all: the one a single controller made in the state
+/// directory `dir` before it became a replica (its agents' certificates stay valid), or a new one
+/// (kept only in the database, sealed).
+fn first_ca(dir: &Path) -> Result<CertAuthority, CaError> {
+    let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    if cert.exists() && key.exists() {
+        tracing::info!(path = %cert.display(), "no CA in the database yet: storing this controller's CA from its state directory");
+        return local_ca(dir);
+    }
+    CertAuthority::generate("tapgraph controller CA", CA_LIFETIME).map_err(CaError::Generate)
+}
+
 impl ControllerPki {
     /// Loads the PKI from `settings.dir`, creating what is missing. Every file is written 0600.
+    #[cfg(test)]
     pub fn load_or_create(settings: &PkiSettings) -> Result<Self, CaError> {
+        Self::load(settings, None)
+    }
+
+    /// Loads the PKI, creating what is missing: the CA from the operator's files, from the
+    /// database replicas share (`shared`: the store and this replica's name; with
+    /// `pki.ca_seal_key_file`), or from `settings.dir`; the serving certificate from
+    /// `settings.dir`. Every file is written 0600.
+    pub fn load(settings: &PkiSettings, shared: Option<(&Store, &str)>) -> Result<Self, CaError> {
         if let Some(state) = settings.dir.parent() {
             fsutil::private_dir(state).map_err(io(state))?;
         }
         fsutil::private_dir(&settings.dir).map_err(io(&settings.dir))?;
-        let ca = match &settings.ca_files {
-            Some((cert, key)) => {
+        let ca = match (&settings.ca_files, &settings.seal_key_file) {
+            (Some((cert, key)), _) => {
                 fsutil::check_private(key).map_err(CaError::NotPrivate)?;
                 CertAuthority::from_pem(&read(cert)?, &read(key)?).map_err(|error| {
                     CaError::OperatorCa {
@@ -116,21 +174,20 @@ impl ControllerPki {
                     }
                 })?
             }
-            None => {
-                let (cert, key) = (settings.dir.join("ca.pem"), settings.dir.join("ca.key"));
-                if !cert.exists() && !key.exists() {
-                    create_ca(&cert, &key)?;
-                }
-                // Another process (a controller starting, `operator issue`) may be creating it:
-                // its key is claimed first, the certificate follows within moments.
-                let deadline = std::time::Instant::now() + Duration::from_secs(5);
-                while !cert.exists() && std::time::Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                fsutil::check_private(&key).map_err(CaError::NotPrivate)?;
-                CertAuthority::from_pem(&read(&cert)?, &read(&key)?)
-                    .map_err(|error| CaError::Ca { path: cert, error })?
+            (None, Some(seal_key)) => {
+                let Some((store, replica)) = shared else {
+                    return Err(CaError::Seal(format!(
+                        "{}: the sealed CA is kept in the database: store.backend = \"postgres\"",
+                        seal::SEAL_KEY
+                    )));
+                };
+                let key = SealKey::read(seal_key)?;
+                seal::shared_ca(store, &key, replica, || first_ca(&settings.dir))?
             }
+            (None, None) if shared.is_some() => {
+                return Err(CaError::Seal(seal::NO_SHARED_CA.into()));
+            }
+            (None, None) => local_ca(&settings.dir)?,
         };
         let (cert_path, key_path, names_path) = (
             settings.dir.join("server.pem"),
@@ -198,6 +255,7 @@ mod tests {
         PkiSettings {
             dir: dir.join("pki"),
             ca_files: None,
+            seal_key_file: None,
             server_names: vec!["127.0.0.1".into()],
             server_lifetime: Duration::from_secs(3600),
         }
@@ -211,6 +269,64 @@ mod tests {
         assert_eq!(first.fingerprint(), again.fingerprint());
         assert_eq!(first.server_cert_pem, again.server_cert_pem, "reused");
         assert!(again.server_config().is_ok());
+    }
+
+    /// Replicas on one database: one CA, each its own serving certificate; without a way to
+    /// share a CA they do not start; with the operator's CA nothing goes into the database.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_share_the_ca_and_each_serves_its_own_names() {
+        let Some(pg) = crate::store::testpg::database().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let settings_pg = crate::store::StoreSettings::Postgres(pg);
+        let store = Store::connect(&settings_pg, dir.path(), "a").await.unwrap();
+        let mut none = settings(&dir.path().join("x"));
+        let e = ControllerPki::load(&none, Some((&store, "a")))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("pki.ca_cert") && e.to_string().contains(seal::SEAL_KEY),
+            "{e}"
+        );
+
+        let operator = ControllerPki::load_or_create(&settings(&dir.path().join("op"))).unwrap();
+        none.ca_files = Some((
+            dir.path().join("op/pki/ca.pem"),
+            dir.path().join("op/pki/ca.key"),
+        ));
+        let pki = ControllerPki::load(&none, Some((&store, "a"))).unwrap();
+        assert_eq!(pki.fingerprint(), operator.fingerprint());
+        let stored: Vec<serde_json::Value> = store.load(redb::TableDefinition::new("pki")).unwrap();
+        assert!(
+            stored.is_empty(),
+            "the operator's CA stays out of the database"
+        );
+
+        let seal_key = dir.path().join("seal");
+        fsutil::write_private(&seal_key, &[9u8; 32]).unwrap();
+        let replica = |name: &str| {
+            let mut s = settings(&dir.path().join(name));
+            s.seal_key_file = Some(seal_key.clone());
+            s.server_names = vec![format!("{name}.example")];
+            s
+        };
+        let a = ControllerPki::load(&replica("a"), Some((&store, "a"))).unwrap();
+        let b = ControllerPki::load(&replica("b"), Some((&store, "b"))).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_ne!(a.fingerprint(), operator.fingerprint());
+        assert!(a.server_cert_pem.contains(b.ca.cert_pem().trim()));
+        assert!(b.server_config().is_ok());
+        assert!(
+            !dir.path().join("a/pki/ca.key").exists(),
+            "the CA key is kept in memory only"
+        );
+        assert_ne!(
+            a.server_cert_pem, b.server_cert_pem,
+            "each its own serving certificate"
+        );
+        let names = std::fs::read_to_string(dir.path().join("b/pki/server.names")).unwrap();
+        assert_eq!(names, "b.example");
     }
 
     #[test]

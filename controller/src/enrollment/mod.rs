@@ -25,6 +25,7 @@ mod claim;
 pub mod limits;
 #[cfg(test)]
 mod replicas;
+pub mod seal;
 pub mod service;
 pub mod tokens;
 

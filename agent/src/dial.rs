@@ -22,6 +22,16 @@ pub struct Candidate {
     pub server_name: String,
 }
 
+/// A connection to one controller, and every controller address known at the time.
+#[derive(Debug)]
+pub struct Connected {
+    pub channel: Channel,
+    pub chosen: Candidate,
+    /// Every address of every entry that resolved (the chosen one first): the agent's rows
+    /// towards any of them are control-plane traffic, also towards a replica it just left.
+    pub controllers: Vec<SocketAddr>,
+}
+
 /// One place that did not answer, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -57,12 +67,12 @@ fn joined(failures: &[Failure]) -> String {
 }
 
 /// Connects to one of `controllers`: every address of every entry, in random order, until one
-/// answers. Returns the channel and the address it is connected to.
+/// answers.
 pub async fn dial(
     controllers: &Controllers,
     tls: Arc<ClientConfig>,
     options: &ChannelOptions,
-) -> Result<(Channel, Candidate), DialError> {
+) -> Result<Connected, DialError> {
     let (resolved, mut failures) = resolve(controllers).await;
     let candidates = candidates(&resolved, &mut rand::rng());
     let answer = first_answer(&candidates, |c| {
@@ -77,13 +87,28 @@ pub async fn dial(
                 let unreachable = joined(&failures);
                 tracing::warn!(controller = %chosen.addr, %unreachable, "connected, but some controller addresses did not answer");
             }
-            Ok((channel, chosen))
+            Ok(Connected {
+                channel,
+                controllers: addresses(&chosen, &candidates),
+                chosen,
+            })
         }
         Err(skipped) => {
             failures.extend(skipped);
             Err(DialError { failures })
         }
     }
+}
+
+/// `chosen`'s address, then every other candidate's, each once.
+fn addresses(chosen: &Candidate, candidates: &[Candidate]) -> Vec<SocketAddr> {
+    let mut addrs = vec![chosen.addr];
+    for c in candidates {
+        if !addrs.contains(&c.addr) {
+            addrs.push(c.addr);
+        }
+    }
+    addrs
 }
 
 /// Resolves every entry at once: each entry's addresses, in the order configured, and a failure
@@ -342,6 +367,20 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "no controller answered: 10.0.0.1:1: refused by 10.0.0.1:1; [fd00::1]:1: refused by [fd00::1]:1"
+        );
+    }
+
+    #[test]
+    fn the_control_plane_is_every_controller_address_the_chosen_one_first() {
+        let mut all = list(&["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]);
+        // The same address under another server name is one address.
+        all.push(Candidate {
+            addr: addr("10.0.0.1:1"),
+            server_name: "other".into(),
+        });
+        assert_eq!(
+            addresses(&all[1], &all),
+            vec![addr("10.0.0.2:1"), addr("10.0.0.1:1"), addr("10.0.0.3:1")]
         );
     }
 

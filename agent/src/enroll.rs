@@ -157,9 +157,10 @@ pub async fn enroll(params: &EnrollParams, files: &TlsFiles) -> Result<Enrolled,
         connect_timeout: params.connect_timeout,
         ..ChannelOptions::default()
     };
-    let (channel, _) = dial::dial(&params.controller, tls, &options)
+    let channel = dial::dial(&params.controller, tls, &options)
         .await
-        .map_err(|e| unreachable(&params.controller, &e))?;
+        .map_err(|e| unreachable(&params.controller, &e))?
+        .channel;
     let host = hostname();
     let (key_pem, csr_pem) = key_and_csr(&files.key, &host)?;
     let request = proto::EnrollRequest {

@@ -36,7 +36,8 @@ pub struct Reporter {
     /// The table the controller has, after the last snapshot it was sent.
     sent: Option<Table>,
     sequence: u64,
-    control_plane: Option<SocketAddr>,
+    /// The controllers' addresses.
+    control_plane: Vec<SocketAddr>,
     /// SYN-ACK capture for connections too short for a table read; `None` without CAP_NET_RAW.
     catcher: Option<Catcher>,
     /// Rows of the last table that only the SYN-ACK capture saw.
@@ -53,7 +54,7 @@ pub fn merge_catches(
     table: &mut Table,
     catches: &BTreeSet<Catch>,
     local: &BTreeSet<IpAddr>,
-    control_plane: Option<SocketAddr>,
+    control_plane: &[SocketAddr],
 ) -> BTreeSet<EntryKey> {
     let is_local = |ip: &IpAddr| ip.is_loopback() || local.contains(ip);
     let mut added = BTreeSet::new();
@@ -100,7 +101,8 @@ pub fn merge_catches(
                 process,
             };
             let control = control_plane
-                .is_some_and(|cp| cp.ip() == c.server_ip && cp.port() == c.server_port);
+                .iter()
+                .any(|cp| cp.ip() == c.server_ip && cp.port() == c.server_port);
             table.entries.insert(
                 key.clone(),
                 EntryValue {
@@ -174,7 +176,7 @@ impl Reporter {
                 .with_failures(drops.table_reads.clone()),
             sent: None,
             sequence: 0,
-            control_plane,
+            control_plane: control_plane.into_iter().collect(),
             catcher,
             short_lived: BTreeSet::new(),
             short_lived_caught: 0,
@@ -182,11 +184,11 @@ impl Reporter {
         }
     }
 
-    /// From now on, rows towards `control_plane` are the control plane's (the agent moved to
-    /// another controller replica).
-    pub fn set_control_plane(&mut self, control_plane: Option<SocketAddr>) {
-        self.control_plane = control_plane;
-        self.snapshotter.set_control_plane(control_plane);
+    /// From the next snapshot, rows towards any of `controllers` are the control plane's: the
+    /// replica the agent holds now, and those it may have left sockets towards.
+    pub fn set_control_plane(&mut self, controllers: Vec<SocketAddr>) {
+        self.control_plane.clone_from(&controllers);
+        self.snapshotter.set_control_plane(controllers);
     }
 
     /// Rows in the table the controller holds now.
@@ -215,7 +217,7 @@ impl Reporter {
                 );
                 self.short_lived_dropped = dropped;
             }
-            self.short_lived = merge_catches(&mut table, &catches, &local, self.control_plane);
+            self.short_lived = merge_catches(&mut table, &catches, &local, &self.control_plane);
             self.short_lived_caught += self.short_lived.len() as u64;
         }
         let base = self.sequence;
@@ -318,7 +320,7 @@ mod tests {
         ]
         .into();
         let mut t = table_with_listener();
-        let added = merge_catches(&mut t, &catches, &local, None);
+        let added = merge_catches(&mut t, &catches, &local, &[]);
         assert_eq!(added.len(), 2);
         let server = t
             .entries
@@ -371,7 +373,7 @@ mod tests {
             client_ip: ip("10.0.0.9"),
         }]
         .into();
-        assert!(merge_catches(&mut t, &catches, &local, None).is_empty());
+        assert!(merge_catches(&mut t, &catches, &local, &[]).is_empty());
         assert_eq!(t.entries.len(), 1);
     }
 
@@ -394,7 +396,7 @@ mod tests {
             cmdline: "nginx: worker".into(),
             container: String::new(),
         };
-        let build = |rows: &[SocketRow]| snapshot::build(rows, "", |_| Some((42, &nginx)), None);
+        let build = |rows: &[SocketRow]| snapshot::build(rows, "", |_| Some((42, &nginx)), &[]);
         let rows = |table: &Table| -> BTreeSet<_> {
             table
                 .entries
@@ -453,7 +455,7 @@ mod tests {
         for (listener, sockets, catch) in cases {
             let read = build(&[&[listener][..], &sockets].concat());
             let mut merged = build(&[listener]);
-            let added = merge_catches(&mut merged, &[catch].into(), &local, None);
+            let added = merge_catches(&mut merged, &[catch].into(), &local, &[]);
             assert_eq!(added.len(), sockets.len(), "{catch:?}");
             assert_eq!(rows(&merged), rows(&read), "{catch:?}");
         }
@@ -468,7 +470,7 @@ mod tests {
         }]
         .into();
         let mut t = table_with_listener();
-        let added = merge_catches(&mut t, &catches, &BTreeSet::new(), None);
+        let added = merge_catches(&mut t, &catches, &BTreeSet::new(), &[]);
         assert_eq!(added.len(), 2);
     }
 }

@@ -148,7 +148,11 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
         c = dial::dial(&config.controller, tls, &options) => c,
         () = shutdown.cancelled() => return End::Shutdown,
     };
-    let (channel, chosen) = match dialled {
+    let dial::Connected {
+        channel,
+        chosen,
+        controllers,
+    } = match dialled {
         Ok(c) => c,
         Err(e) => return End::Failed(e.to_string()),
     };
@@ -199,18 +203,13 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
         renewal,
     ));
 
-    // Rows towards the controller are marked control-plane (hidden from the map by default): the
-    // address this session holds, which changes when the agent moves to another replica.
-    match &mut state.reporter {
-        Some(reporter) => reporter.set_control_plane(Some(chosen.addr)),
-        None => {
-            state.reporter = Some(Reporter::new(
-                Some(chosen.addr),
-                config.scope,
-                &state.metrics.snapshot_drops,
-            ));
-        }
-    }
+    // Rows towards the controllers are marked control-plane (hidden from the map by default):
+    // towards every replica's address as resolved now, so that the sockets left towards one the
+    // agent moved away from are not shown as the host's own traffic either.
+    state
+        .reporter
+        .get_or_insert_with(|| Reporter::new(None, config.scope, &state.metrics.snapshot_drops))
+        .set_control_plane(controllers);
     state.full_snapshot = true;
     let mut established = false;
     let mut heartbeat = new_ticker(state.policy.heartbeat_interval);

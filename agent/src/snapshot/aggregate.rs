@@ -24,9 +24,12 @@ pub(crate) fn build<'a>(
     rows: &[SocketRow],
     netns: &str,
     owner: impl Fn(u64) -> Option<(u32, &'a ProcessKey)>,
-    control_plane: Option<SocketAddr>,
+    control_plane: &[SocketAddr],
 ) -> Table {
-    let control_plane = control_plane.map(|cp| SocketAddr::new(cp.ip().to_canonical(), cp.port()));
+    let control_plane: Vec<SocketAddr> = control_plane
+        .iter()
+        .map(|cp| SocketAddr::new(cp.ip().to_canonical(), cp.port()))
+        .collect();
     let listening = Listening::of_rows(rows);
     let mut table = Table::default();
     table.stats.sockets_read = rows.len() as u64;
@@ -66,7 +69,7 @@ pub(crate) fn build<'a>(
             ))
             .or_insert((0, false, process));
         group.0 = group.0.saturating_add(1);
-        group.1 |= control_plane == Some(row.remote);
+        group.1 |= control_plane.contains(&row.remote);
     }
     for ((direction, local_ip, remote_ip, server_port, protocol, pid), (sockets, cp, process)) in
         groups
@@ -127,7 +130,7 @@ mod tests {
                 i if i % 2 == 0 => Some((40, &a)),
                 _ => Some((41, &a)),
             },
-            None,
+            &[],
         );
         let values: Vec<_> = table
             .entries
@@ -152,7 +155,7 @@ mod tests {
             tcp("10.0.0.1:40002", "10.0.0.2:80", Established, 56),
             tcp("10.0.0.1:40003", "0.0.0.0:0", Close, 57),
         ];
-        let table = build(&rows, "", |inode| (inode == 56).then_some((9, &app)), None);
+        let table = build(&rows, "", |inode| (inode == 56).then_some((9, &app)), &[]);
         assert_eq!(table.stats.unattributed, 4);
         assert_eq!(table.stats.sockets_read, 6);
         assert_eq!(table.entries.len(), 1);
@@ -169,8 +172,8 @@ mod tests {
         ];
         let app = process("agent");
         // Given as IPv4-mapped, as a dual-stack resolver may hand it over.
-        let cp = Some(sa("[::ffff:10.0.0.5]:7443"));
-        let table = build(&rows, "", |_| Some((1, &app)), cp);
+        let cp = [sa("[::ffff:10.0.0.5]:7443")];
+        let table = build(&rows, "", |_| Some((1, &app)), &cp);
         let marked: Vec<_> = table
             .entries
             .iter()

@@ -234,7 +234,7 @@ mod tests {
     /// Every inode belongs to pid 7, "app".
     pub(super) fn build_one(rows: &[SocketRow]) -> Table {
         let app = process("app");
-        build(rows, "", |_| Some((7, &app)), None)
+        build(rows, "", |_| Some((7, &app)), &[])
     }
 
     pub(super) fn directions(table: &Table) -> Vec<(Direction, Protocol, IpAddr, u16)> {

@@ -111,7 +111,8 @@ struct Space {
 pub struct Snapshotter {
     proc_root: PathBuf,
     scope: Scope,
-    control_plane: Option<SocketAddr>,
+    /// The controllers' addresses: rows towards them are the control plane's.
+    control_plane: Vec<SocketAddr>,
     processes: procs::ProcessTable,
     /// Reused between tables and snapshots: a busy table is megabytes.
     buf: Vec<u8>,
@@ -139,7 +140,7 @@ impl Snapshotter {
             processes: procs::ProcessTable::new(proc_root.clone(), scope == Scope::All),
             proc_root,
             scope,
-            control_plane,
+            control_plane: control_plane.into_iter().collect(),
             buf: Vec::new(),
             reader: Reader::default(),
             diag: HashMap::new(),
@@ -155,9 +156,10 @@ impl Snapshotter {
         self
     }
 
-    /// Rows whose remote endpoint is `control_plane` get `control_plane = true` from the next read.
-    pub fn set_control_plane(&mut self, control_plane: Option<SocketAddr>) {
-        self.control_plane = control_plane;
+    /// Rows whose remote endpoint is one of `controllers` get `control_plane = true` from the next
+    /// read: the agent reconnected, and the controllers' addresses are known anew.
+    pub fn set_control_plane(&mut self, controllers: Vec<SocketAddr>) {
+        self.control_plane = controllers;
     }
 
     /// Chooses the table reader; fixture trees (a proc root other than `/proc`) always use
@@ -228,7 +230,7 @@ impl Snapshotter {
         };
         let mut table = Table::default();
         for space in &spaces {
-            let part = aggregate::build(&space.rows, &space.tag, owner, self.control_plane);
+            let part = aggregate::build(&space.rows, &space.tag, owner, &self.control_plane);
             table.entries.extend(part.entries);
             table.listeners.extend(part.listeners);
             table.stats.sockets_read += part.stats.sockets_read;
@@ -441,9 +443,12 @@ mod tests {
                 .collect()
         };
         assert_eq!(marked(&mut snapshotter), vec![37877]);
-        snapshotter.set_control_plane(Some(sa("127.0.0.1:51323")));
+        snapshotter.set_control_plane(vec![sa("127.0.0.1:51323")]);
         assert_eq!(marked(&mut snapshotter), vec![51323]);
-        snapshotter.set_control_plane(None);
+        // Every replica's address: the one the agent holds, and the others it may have left.
+        snapshotter.set_control_plane(vec![sa("127.0.0.1:51323"), sa("127.0.0.1:37877")]);
+        assert_eq!(marked(&mut snapshotter), vec![37877, 51323]);
+        snapshotter.set_control_plane(Vec::new());
         assert_eq!(marked(&mut snapshotter), Vec::<u16>::new());
     }
 

@@ -183,3 +183,131 @@ fn with_no_listed_controller_up_the_agent_names_each_address_and_backs_off() {
         assert!(line.contains(&addr.to_string()), "{addr} in {line}");
     }
 }
+
+/// Two controllers sharing one operator-supplied CA (as replicas do): each in its own world.
+fn two_controllers_one_ca(
+    env: &[(&str, &str)],
+) -> (World, Vec<(World, Controller, std::path::PathBuf)>) {
+    let shared = World::new();
+    let ca =
+        tapgraph::pki::CertAuthority::generate("replicas CA", Duration::from_secs(3600)).unwrap();
+    let (cert, key) = (shared.path().join("ca.pem"), shared.path().join("ca.key"));
+    tapgraph::fsutil::write_private(&cert, ca.cert_pem().as_bytes()).unwrap();
+    tapgraph::fsutil::write_private(&key, ca.key_pem().as_bytes()).unwrap();
+    let mut all_env = vec![
+        ("TAPGRAPH_PKI__CA_CERT", cert.to_str().unwrap()),
+        ("TAPGRAPH_PKI__CA_KEY", key.to_str().unwrap()),
+    ];
+    all_env.extend_from_slice(env);
+    let mut controllers = Vec::new();
+    for name in ["replica-a", "replica-b"] {
+        let world = World::new();
+        let mut env = all_env.clone();
+        env.push(("TAPGRAPH_REPLICA", name));
+        let controller = Controller::start(&world, &env);
+        let ops = world.path().join("ctl.toml");
+        let issued = Command::new(bin("tapgraph-controller"))
+            .args(["operator", "issue", "ops", "--state-dir"])
+            .arg(world.state_dir())
+            .arg("--listen")
+            .arg(controller.grpc.to_string())
+            .arg("--out")
+            .arg(&ops)
+            .envs(all_env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            issued.status.success(),
+            "{}",
+            String::from_utf8_lossy(&issued.stderr)
+        );
+        controllers.push((world, controller, ops));
+    }
+    let agent = ca
+        .issue(
+            &tapgraph::identity::Identity::agent("mover").unwrap(),
+            &[],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let dir = shared.agent_dir("mover");
+    tapgraph::fsutil::private_dir(&dir).unwrap();
+    tapgraph::fsutil::write_private(&dir.join("agent.pem"), agent.cert_pem.as_bytes()).unwrap();
+    tapgraph::fsutil::write_private(&dir.join("agent.key"), agent.key_pem.as_bytes()).unwrap();
+    tapgraph::fsutil::write_private(&dir.join("ca.pem"), ca.cert_pem().as_bytes()).unwrap();
+    (shared, controllers)
+}
+
+/// The map's edges on the controller `ops` reaches, by port: (port, control_plane) for each.
+fn edges_by_port(ops: &Path, extra: &[&str]) -> Vec<(u64, bool)> {
+    let mut args = vec!["graph"];
+    args.extend_from_slice(extra);
+    ctl_json(ops, &args)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["port"].as_u64().unwrap(),
+                e["control_plane"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_control_plane_marking_follows_the_agent_to_another_controller() {
+    let (shared, mut controllers) =
+        two_controllers_one_ca(&[("TAPGRAPH_POLICY__SNAPSHOT_INTERVAL", "1s")]);
+    let grpc: Vec<SocketAddr> = controllers.iter().map(|(_, c, _)| c.grpc).collect();
+    let ports: Vec<u64> = grpc.iter().map(|a| u64::from(a.port())).collect();
+    let mut cmd = agent_cmd(&shared, "mover", &list(&grpc));
+    cmd.env("TAPGRAPH_BACKOFF__MIN", "100ms")
+        .env("TAPGRAPH_BACKOFF__MAX", "100ms");
+    let _agent = Proc::spawn("agent-mover", cmd, shared.path());
+    let first = wait_for(
+        "the agent on either controller",
+        Duration::from_secs(20),
+        || (0..2).find(|&i| connected(&controllers[i].2, "mover").is_some()),
+    );
+    let held = ports[first];
+    // Its session is control plane: hidden from the map unless asked for.
+    wait_for(
+        "the agent's session as a control-plane edge",
+        Duration::from_secs(20),
+        || {
+            edges_by_port(&controllers[first].2, &["--include-control"])
+                .contains(&(held, true))
+                .then_some(())
+        },
+    );
+    // The controller it holds dies: it moves to the other.
+    drop(controllers.remove(first));
+    let ops = &controllers[0].2;
+    let now = ports[1 - first];
+    wait_for(
+        "the agent on the other controller",
+        Duration::from_secs(20),
+        || connected(ops, "mover"),
+    );
+    let edges = wait_for(
+        "the new session as a control-plane edge",
+        Duration::from_secs(20),
+        || {
+            let edges = edges_by_port(ops, &["--include-control"]);
+            edges.contains(&(now, true)).then_some(edges)
+        },
+    );
+    // Rows towards either controller (a socket left towards the dead one too) are the control
+    // plane's, and the default map shows none of them.
+    for (port, control_plane) in &edges {
+        if ports.contains(port) {
+            assert!(control_plane, "port {port} in {edges:?}");
+        }
+    }
+    let shown = edges_by_port(ops, &[]);
+    assert!(
+        shown.iter().all(|(port, _)| !ports.contains(port)),
+        "{shown:?}"
+    );
+}

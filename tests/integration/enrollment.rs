@@ -174,6 +174,13 @@ fn an_agent_enrolls_with_a_token_and_connects_with_its_certificate() {
         .find(|row| row[0] == id)
         .unwrap_or_else(|| panic!("no row for {id}: {table}"));
     assert_eq!(row[2..], ["connected", "replica-b"], "{table}");
+    let (status, metrics) = crate::harness::http_get(controller.http, "/metrics").unwrap();
+    assert_eq!(status, 200, "{metrics}");
+    let info = format!(
+        "tapgraph_controller_info{{replica=\"replica-b\",version=\"{}\"}} 1",
+        tapgraph::VERSION
+    );
+    assert!(metrics.lines().any(|l| l == info), "{info} in {metrics}");
 }
 
 #[test]

@@ -87,7 +87,10 @@ pub fn parse_controllers(text: &str, server_name: Option<&str>) -> Result<Contro
             ));
             continue;
         }
-        let Some((host, port)) = split_host_port(entry) else {
+        // No name or address holds a space: `a b:7443` is a typo, not a host.
+        let Some((host, port)) =
+            split_host_port(entry).filter(|(host, _)| !host.contains(char::is_whitespace))
+        else {
             errors.push(format!("`{entry}` is not HOST:PORT"));
             continue;
         };
@@ -482,9 +485,43 @@ mod tests {
                 "x,a:7443,:7443",
                 "`x` is not HOST:PORT; `:7443` is not HOST:PORT",
             ),
+            ("ctl a:7443", "`ctl a:7443` is not HOST:PORT"),
+            ("[ ::1]:7443", "`[ ::1]:7443` is not HOST:PORT"),
         ];
         for (text, error) in cases {
             assert_eq!(parse_controllers(text, None), Err(error.into()), "{text}");
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::parse_controllers;
+
+        /// Text that looks like a controller list: hosts, ports, brackets, commas, spaces.
+        fn list_like() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop::sample::select(vec![
+                    "a", "B", "ctl.lan", "10.0.0.1", "::1", "fd00::3", "[", "]", ":", ":7443",
+                    ":0", ":65535", ":65536", ",", " ", ", ", "\t", "é",
+                ]),
+                0..12,
+            )
+            .prop_map(|parts| parts.concat())
+        }
+
+        proptest! {
+            #[test]
+            fn a_controller_list_never_panics_and_what_it_accepts_reads_back_the_same(
+                text in prop_oneof![list_like(), ".{0,48}"],
+                server_name in prop::option::of("[a-z.]{1,12}"),
+            ) {
+                if let Ok(list) = parse_controllers(&text, server_name.as_deref()) {
+                    prop_assert!(!list.entries().is_empty());
+                    let again = parse_controllers(&list.to_string(), server_name.as_deref());
+                    prop_assert_eq!(again, Ok(list));
+                }
+            }
         }
     }
 

@@ -148,6 +148,17 @@ fn first_ca(dir: &Path) -> Result<CertAuthority, CaError> {
     CertAuthority::generate("tapgraph controller CA", CA_LIFETIME).map_err(CaError::Generate)
 }
 
+/// A CA this controller made in `dir` before it joined replicas that already had another one:
+/// its agents' certificates are refused now, which an operator should hear of.
+fn warn_if_other_local_ca(dir: &Path, shared: &CertAuthority) {
+    let Ok(local) = read(&dir.join("ca.pem")) else {
+        return;
+    };
+    if local.trim() != shared.cert_pem().trim() {
+        tracing::warn!(path = %dir.join("ca.pem").display(), shared = %shared.fingerprint(), "this state directory holds another CA than the one the replicas share: certificates it issued are not accepted (a replica brings its own CA only to an empty database; enroll those agents again)");
+    }
+}
+
 impl ControllerPki {
     /// Loads the PKI from `settings.dir`, creating what is missing. Every file is written 0600.
     #[cfg(test)]
@@ -182,7 +193,9 @@ impl ControllerPki {
                     )));
                 };
                 let key = SealKey::read(seal_key)?;
-                seal::shared_ca(store, &key, replica, || first_ca(&settings.dir))?
+                let ca = seal::shared_ca(store, &key, replica, || first_ca(&settings.dir))?;
+                warn_if_other_local_ca(&settings.dir, &ca);
+                ca
             }
             (None, None) if shared.is_some() => {
                 return Err(CaError::Seal(seal::NO_SHARED_CA.into()));
@@ -327,6 +340,29 @@ mod tests {
         );
         let names = std::fs::read_to_string(dir.path().join("b/pki/server.names")).unwrap();
         assert_eq!(names, "b.example");
+    }
+
+    /// A single controller becoming the first replica brings its CA: its agents stay enrolled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_replica_brings_the_ca_of_its_state_directory() {
+        let Some(pg) = crate::store::testpg::database().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let single = ControllerPki::load_or_create(&settings(dir.path())).unwrap();
+        let store = Store::connect(&crate::store::StoreSettings::Postgres(pg), dir.path(), "a")
+            .await
+            .unwrap();
+        let seal_key = dir.path().join("seal");
+        fsutil::write_private(&seal_key, &[8u8; 32]).unwrap();
+        let mut first = settings(dir.path());
+        first.seal_key_file = Some(seal_key.clone());
+        let a = ControllerPki::load(&first, Some((&store, "a"))).unwrap();
+        assert_eq!(a.fingerprint(), single.fingerprint());
+        let mut other = settings(&dir.path().join("b"));
+        other.seal_key_file = Some(seal_key);
+        let b = ControllerPki::load(&other, Some((&store, "b"))).unwrap();
+        assert_eq!(b.fingerprint(), single.fingerprint());
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub enum CaError {
     #[error("{0}")]
     Seal(String),
     /// `pki.ca_seal_key_file` cannot be used.
-    #[error(transparent)]
+    #[error("pki.ca_seal_key_file {0}")]
     SealKey(#[from] SealKeyError),
     /// The database holding the shared CA refused or could not be reached.
     #[error(transparent)]

@@ -190,6 +190,39 @@ mod tests {
     }
 
     #[test]
+    fn the_figures_read_as_their_columns_say() {
+        let mut a = agent("web-1", proto::AgentState::Degraded, "ctl-b");
+        a.counters = Some(proto::Counters {
+            packets_dropped_kernel: 1,
+            packets_dropped_limiter: 2,
+            packets_dropped_queue: 3,
+            ..Default::default()
+        });
+        a.dropped_at_targets = [("queue".to_string(), 4), ("failed".to_string(), 5)].into();
+        (a.clock_offset_known, a.clock_offset_ms) = (true, -1.234);
+        (a.delay_p50_ms, a.delay_p99_ms) = (0.5, 2.25);
+        let cell = |a: &proto::AgentInfo, header: &str| {
+            let at = HEADERS.iter().position(|h| *h == header).unwrap();
+            row(a)[at].clone()
+        };
+        assert_eq!(cell(&a, "STATE"), "degraded");
+        assert_eq!(cell(&a, "DROPS"), "k1 l2 q3 | t9");
+        assert_eq!(cell(&a, "DELAY P50/P99"), "0.50/2.25 ms");
+        assert_eq!(cell(&a, "CLOCK"), "-1.23 ms");
+        let quiet = agent("db-1", proto::AgentState::Connected, "ctl-b");
+        assert_eq!(cell(&quiet, "DELAY P50/P99"), "-");
+        assert_eq!(cell(&quiet, "CLOCK"), "-");
+        for (state, name) in [
+            (proto::AgentState::Connected, "connected"),
+            (proto::AgentState::Lost, "lost"),
+            (proto::AgentState::Revoked, "revoked"),
+            (proto::AgentState::Unspecified, "enrolled"),
+        ] {
+            assert_eq!(cell(&agent("x", state, ""), "STATE"), name);
+        }
+    }
+
+    #[test]
     fn agent_show_and_json_carry_the_controller() {
         let a = agent("web-1", proto::AgentState::Connected, "ctl-b");
         assert!(fields(&a).contains(&("controller", "ctl-b".to_string())));

@@ -338,7 +338,9 @@ fn replicas_started_at_once_on_an_empty_database_make_one_schema_and_one_ca() {
     // No CA files: the first replica creates the CA and stores it sealed with this key; the other
     // uses it. A few rounds, each on an empty database, to give the race a chance.
     let seal = world.path().join("ca-seal.key");
-    let key: String = (0..32).map(|_| format!("{:02x}", rand_byte())).collect();
+    let key: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
     tapgraph::fsutil::write_private(&seal, key.as_bytes()).unwrap();
     for round in 1..=3 {
         let db = format!("race{round}");
@@ -424,18 +426,6 @@ fn replicas_started_at_once_on_an_empty_database_make_one_schema_and_one_ca() {
             text(&out)
         );
     }
-}
-
-fn rand_byte() -> u8 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-    );
-    h.finish() as u8
 }
 
 #[test]

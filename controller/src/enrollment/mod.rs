@@ -435,7 +435,14 @@ impl Task {
                 let _ = reply.send(result);
             }
             Command::Labels { id, reply } => {
-                let labels = self.agents.get(&id).map(|a| a.labels.clone());
+                // An agent enrolled through another replica a moment ago is read from the store.
+                let labels = match self.agent(&id).await {
+                    Ok(agent) => agent.map(|a| a.labels),
+                    Err(error) => {
+                        tracing::warn!(agent = %id, %error, "cannot read the agent's labels");
+                        None
+                    }
+                };
                 let _ = reply.send(labels.unwrap_or_default());
             }
             Command::SetLabels {
@@ -500,9 +507,9 @@ impl Task {
         Ok(())
     }
 
-    /// Makes `agent` (as stored now; `None`: deleted) the record of `id` here: its keys, and a
-    /// revocation made through another replica, whose streams on this one are closed as a local
-    /// revocation closes them.
+    /// Makes `agent` (as stored now; `None`: deleted) the record of `id` here: its keys, its
+    /// labels (the registry re-resolves its policy), and a revocation made through another
+    /// replica, whose streams on this one are closed as a local revocation closes them.
     async fn apply_agent(&mut self, id: &str, agent: Option<EnrolledAgent>) {
         let Some(agent) = agent else {
             self.agents.remove(id);
@@ -510,8 +517,13 @@ impl Task {
             return;
         };
         let newly_revoked = agent.revoked_at_ms.is_some() && !self.revocations.is_revoked(id);
+        let relabelled = self.agents.get(id).map(|a| &a.labels) != Some(&agent.labels);
         self.revocations
             .remember_keys(id, &agent.key_sha256, &agent.previous_key_sha256);
+        if relabelled {
+            // Its policy may change: the agent gets it here if it is connected here.
+            self.registry.set_labels(id, agent.labels.clone()).await;
+        }
         self.agents.insert(id.to_string(), agent);
         if newly_revoked {
             self.revocations.revoke(id);

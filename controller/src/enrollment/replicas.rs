@@ -180,7 +180,7 @@ async fn replicas_enrolling_one_hostname_at_once_give_each_host_its_own_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_revocation_or_a_new_key_through_one_replica_reaches_the_other() {
+async fn a_revocation_new_key_or_labels_through_one_replica_reach_the_other() {
     let Some((a, b, _pg)) = two_replicas().await else {
         return;
     };
@@ -200,6 +200,16 @@ async fn a_revocation_or_a_new_key_through_one_replica_reaches_the_other() {
     a.enrollment.renew(id.clone(), csr).await.unwrap();
     eventually("B holds the renewed key", async || {
         rb.key_is_current(&id, Some(&new_key)) && !rb.key_is_current(&id, Some("other"))
+    })
+    .await;
+    // Labels set through A are B's too (its registry re-resolves the agent's policy).
+    let tier = BTreeMap::from([("tier".to_string(), "db".to_string())]);
+    a.enrollment
+        .set_labels(id.clone(), tier.clone(), Vec::new())
+        .await
+        .unwrap();
+    eventually("B has the labels set through A", async || {
+        b.enrollment.labels(&id).await == tier
     })
     .await;
     // The agent's Connect stream is on B.

@@ -3,6 +3,8 @@
 //!
 //! The named tasks (a name appears in the shutdown log when its task overruns the deadline):
 //! - `registry`: the live agents and their sessions, health, time probes and policy rollout;
+//! - `presence`: with a shared store, this replica's lease and its agents' presence, so that
+//!   every replica answers for the whole fleet (`registry/presence.rs`);
 //! - `enrollment`: tokens, enrolled agents, revocations and the CA key (`enrollment/`);
 //! - `policies`: the stored policies and their version counter;
 //! - `topology`: the map and its redb tables (`topology/`);
@@ -36,7 +38,7 @@ use crate::health::Health;
 use crate::http::console;
 use crate::mirror::Mirrors;
 use crate::policies::Policies;
-use crate::registry::Registry;
+use crate::registry::{Registry, Sharing};
 use crate::session::{AgentApi, StreamLimits};
 use crate::topology::{Naming, Topology};
 use crate::{admin, enrollment, http, session, sinks, store, topology};
@@ -99,7 +101,8 @@ impl App {
         let stop = CancellationToken::new();
         let ready = Arc::new(AtomicBool::new(false));
         let fingerprint = pki.fingerprint();
-        let owners = Owners::spawn(config, pki, &store, &mut tasks).await?;
+        let addresses = vec![format!("grpc {grpc_addr}"), format!("http {http_addr}")];
+        let owners = Owners::spawn(config, pki, &store, addresses, &mut tasks).await?;
 
         let naming = Naming {
             config_rules: config.label_rules.clone(),
@@ -224,17 +227,34 @@ impl Owners {
         config: &ControllerConfig,
         pki: ControllerPki,
         store: &store::Store,
+        addresses: Vec<String>,
         tasks: &mut Tasks,
     ) -> anyhow::Result<Self> {
         let events = Events::new(1024);
         let agent_health = Health::default();
-        let (registry, registry_task) = Registry::spawn(
-            &config.replica,
-            events.clone(),
-            agent_health.clone(),
-            config.max_agents,
-        );
-        tasks.spawn("registry", registry_task);
+        // With a shared store, the registry records its agents' presence for the other replicas.
+        let registry = if store.is_shared() {
+            let sharing = Sharing::new(store.clone(), addresses);
+            let (registry, registry_task, presence_task) = Registry::spawn_shared(
+                &config.replica,
+                events.clone(),
+                agent_health.clone(),
+                config.max_agents,
+                sharing,
+            );
+            tasks.spawn("registry", registry_task);
+            tasks.spawn("presence", presence_task);
+            registry
+        } else {
+            let (registry, registry_task) = Registry::spawn(
+                &config.replica,
+                events.clone(),
+                agent_health.clone(),
+                config.max_agents,
+            );
+            tasks.spawn("registry", registry_task);
+            registry
+        };
         let (enrollment, enrollment_task) = Enrollment::spawn(
             store.clone(),
             pki.ca,

@@ -59,6 +59,10 @@ pub struct Scrape {
     pub mirror_batches_no_route: u64,
     /// Enrollments refused by a limit: (per source, `enrollment.rate`).
     pub enrollments_refused: (u64, u64),
+    /// With a shared store: the fleet's agents per replica and state (`registry/presence.rs`).
+    pub fleet: BTreeMap<String, BTreeMap<&'static str, u64>>,
+    /// With a shared store: presence (writes, reads) that failed.
+    pub presence_errors: Option<(u64, u64)>,
 }
 
 /// One delay histogram: per bucket, (every delay in it is below this many µs, count), ascending,
@@ -327,7 +331,24 @@ const FLEET: &[Field<Scrape>] = &[
             ]
         },
     ),
+    counter_by(
+        "tapgraph_presence_errors",
+        "Writes of this replica's lease and agents' presence (write: retried the next second; its sessions go on) and reads of the other replicas' agents (read: the query answered with this replica's only) that failed. Only with a shared store.",
+        "operation",
+        |s| match s.presence_errors {
+            Some((write, read)) => vec![("write", write.into()), ("read", read.into())],
+            None => Vec::new(),
+        },
+    ),
 ];
+
+/// Per replica (the one holding, or last holding, each agent's session); only with a shared store.
+const FLEET_AGENTS: &[Field<BTreeMap<&'static str, u64>>] = &[gauge_by(
+    "tapgraph_fleet_agents",
+    "Agents of the whole fleet, by the replica holding (or last holding) their session and state, as every replica sees them; a replica whose lease ran out shows its agents lost. Only with a shared store.",
+    "state",
+    |counts| counts.iter().map(|(st, n)| (*st, Value::from(*n))).collect(),
+)];
 
 /// Per agent, label `agent`. Capture counters are the agent's own, as its last control record
 /// reported them (cumulative since the agent started).
@@ -514,6 +535,11 @@ impl Collector for Scrape {
             .encode_descriptor(INFO_NAME, INFO_HELP, None, MetricType::Info)?
             .encode_info(&info)?;
         encode_table(&mut encoder, FLEET, [(Vec::new(), self)])?;
+        let fleet = self
+            .fleet
+            .iter()
+            .map(|(replica, counts)| (vec![("replica", replica.as_str())], counts));
+        encode_table(&mut encoder, FLEET_AGENTS, fleet)?;
         let agents = self
             .agents
             .iter()
@@ -872,6 +898,8 @@ mod tests {
         "tapgraph_mirror_streams_refused",
         "tapgraph_mirror_dropped_batches",
         "tapgraph_enrollments_refused",
+        "tapgraph_presence_errors",
+        "tapgraph_fleet_agents",
         "tapgraph_agent_state",
         "tapgraph_agent_sessions",
         "tapgraph_agent_last_seen_timestamp_seconds",

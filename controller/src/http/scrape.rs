@@ -33,7 +33,13 @@ pub async fn serve(State(state): State<HttpState>, headers: HeaderMap) -> Respon
 async fn gather(state: &HttpState) -> Scrape {
     Scrape {
         replica: state.registry.replica().to_string(),
-        agents: state.registry.list().await,
+        // This replica's agents; the fleet's show as `fleet`, per replica.
+        agents: state.registry.list_local().await,
+        fleet: match state.registry.fleet().await {
+            Some(fleet) => fleet.counts(),
+            None => Default::default(),
+        },
+        presence_errors: state.registry.presence_stats().map(|p| p.errors()),
         registry_dropped: state.registry.dropped(),
         topology: state.topology.stats().await,
         sink: state.sink.as_ref().map(|s| s.stats()),

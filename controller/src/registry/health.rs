@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tapgraph::proto;
 
 use super::agents::Agent;
@@ -19,7 +19,7 @@ pub(super) const DEFAULT_HEARTBEAT_MS: u64 = 5_000;
 /// Silence is judged against a heartbeat of at least this long.
 const MIN_HEARTBEAT_MS: u64 = 100;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AgentState {
     Connected,

@@ -6,11 +6,14 @@
 //! - `clock`: time probes and the agent's clock offset;
 //! - `rollout`: which policy each agent runs, sending it, and what the agent reports back;
 //! - `view`: what operators see of an agent;
+//! - `presence`: with a shared store, which replica holds each agent, so that every replica
+//!   answers for the whole fleet;
 //! - `task`: the owning task, whose loop only dispatches to the above.
 
 mod agents;
 mod clock;
 mod health;
+pub mod presence;
 mod rollout;
 mod task;
 mod view;
@@ -22,14 +25,17 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tapgraph::proto::{self, agent_message::Msg, controller_message};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
 use crate::events::Events;
 use crate::health::Health;
 use crate::policy_rules::StoredPolicy;
+use crate::store::Store;
+use presence::{Fleet, FleetView, PresenceStats, Writer};
 use task::{Command, RegistryTask};
 
 pub use health::AgentState;
@@ -120,6 +126,33 @@ pub struct Registry {
     tx: mpsc::Sender<Command>,
     dropped: Arc<DropCounters>,
     replica: Arc<str>,
+    /// The other replicas' agents, with a shared store.
+    fleet: Option<Arc<Fleet>>,
+}
+
+/// How a registry shares its agents with the other replicas through a shared store.
+pub struct Sharing {
+    pub store: Store,
+    /// Where this replica serves, written with its lease for operators.
+    pub addresses: Vec<String>,
+    /// [`presence::LEASE`], shorter in tests.
+    pub lease: Duration,
+    /// [`presence::REFRESH`].
+    pub refresh: Duration,
+    /// [`presence::INTERVAL`].
+    pub interval: Duration,
+}
+
+impl Sharing {
+    pub fn new(store: Store, addresses: Vec<String>) -> Self {
+        Sharing {
+            store,
+            addresses,
+            lease: presence::LEASE,
+            refresh: presence::REFRESH,
+            interval: presence::INTERVAL,
+        }
+    }
 }
 
 impl Registry {
@@ -132,6 +165,45 @@ impl Registry {
         health: Health,
         max_sessions: usize,
     ) -> (Self, impl std::future::Future<Output = ()> + use<>) {
+        let (registry, task, rx) = Self::build(replica, events, health, max_sessions);
+        (registry, task.run(rx))
+    }
+
+    /// As [`Registry::spawn`], on a store the replicas share: with the task that writes this
+    /// replica's lease and its agents' presence, and queries that answer for the whole fleet.
+    pub fn spawn_shared(
+        replica: &str,
+        events: Events,
+        health: Health,
+        max_sessions: usize,
+        sharing: Sharing,
+    ) -> (
+        Self,
+        impl std::future::Future<Output = ()> + use<>,
+        impl std::future::Future<Output = ()> + use<>,
+    ) {
+        let (mut registry, mut task, rx) = Self::build(replica, events, health, max_sessions);
+        let (held, handed) = watch::channel(presence::Held::default());
+        task.share(held, sharing.interval);
+        let stats = Arc::new(PresenceStats::default());
+        let fleet = Fleet::new(sharing.store.clone(), sharing.lease, stats.clone());
+        registry.fleet = Some(Arc::new(fleet));
+        let writer = Writer::new(
+            sharing.store,
+            replica,
+            sharing.addresses,
+            sharing.refresh,
+            stats,
+        );
+        (registry, task.run(rx), writer.run(handed))
+    }
+
+    fn build(
+        replica: &str,
+        events: Events,
+        health: Health,
+        max_sessions: usize,
+    ) -> (Self, RegistryTask, mpsc::Receiver<Command>) {
         let (tx, rx) = mpsc::channel(COMMANDS);
         let dropped = Arc::new(DropCounters::default());
         let replica: Arc<str> = replica.into();
@@ -146,8 +218,9 @@ impl Registry {
             tx,
             dropped,
             replica,
+            fleet: None,
         };
-        (registry, task.run(rx))
+        (registry, task, rx)
     }
 
     /// The name of the replica this registry runs on: the controller its agents show.
@@ -202,11 +275,20 @@ impl Registry {
             .any(|a| a.id == id && a.state != AgentState::Lost)
     }
 
-    /// Rollout status per agent, for one policy or all.
+    /// Rollout status per agent, for one policy or all; with a shared store, of the agents of
+    /// every replica, judged against the policies this replica holds.
     pub async fn policy_status(&self, name: Option<String>) -> Vec<proto::AgentPolicyStatus> {
-        self.call(|reply| Command::PolicyStatus { name, reply })
-            .await
-            .unwrap_or_default()
+        let remote = match &self.fleet {
+            Some(fleet) => fleet.remote_live(&self.replica, self.list_local().await),
+            None => Vec::new(),
+        };
+        self.call(|reply| Command::PolicyStatus {
+            name,
+            remote,
+            reply,
+        })
+        .await
+        .unwrap_or_default()
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
@@ -248,10 +330,32 @@ impl Registry {
             .await;
     }
 
+    /// Every agent as operators see it: with a shared store, the whole fleet's, each shown on
+    /// the replica holding its session.
     pub async fn list(&self) -> Vec<AgentView> {
+        match self.fleet().await {
+            Some(fleet) => fleet.agents.into_iter().map(|a| a.view).collect(),
+            None => self.list_local().await,
+        }
+    }
+
+    /// The agents this replica has seen since it started, as [`Registry::list`] shows them
+    /// with the embedded store.
+    pub async fn list_local(&self) -> Vec<AgentView> {
         self.call(|reply| Command::List { reply })
             .await
             .unwrap_or_default()
+    }
+
+    /// With a shared store, the whole fleet now; `None` otherwise.
+    pub async fn fleet(&self) -> Option<FleetView> {
+        let fleet = self.fleet.as_ref()?;
+        Some(fleet.merge(&self.replica, self.list_local().await))
+    }
+
+    /// Presence reads and writes that failed; `None` without a shared store.
+    pub fn presence_stats(&self) -> Option<&PresenceStats> {
+        self.fleet.as_ref().map(|f| f.stats())
     }
 
     /// Ends the live session of `agent_id`, if any, sending `status` to the agent.

@@ -10,6 +10,7 @@ use tapgraph::proto::{self, controller_message};
 use super::MirrorRoute;
 use super::health::DEFAULT_HEARTBEAT_MS;
 use super::task::RegistryTask;
+use super::view::AgentView;
 use crate::policy_rules::{self as rules, StoredPolicy};
 
 impl RegistryTask {
@@ -81,26 +82,50 @@ impl RegistryTask {
         }
     }
 
-    /// Rollout status of every live agent, for policy `name` or all.
+    /// Rollout status of every live agent of this replica, for policy `name` or all.
+    #[cfg(test)]
     pub(super) fn policy_status(&self, name: Option<&str>) -> Vec<proto::AgentPolicyStatus> {
-        self.agents
+        self.fleet_policy_status(name, &[])
+    }
+
+    /// As [`RegistryTask::policy_status`], with `remote` too (agents live on other replicas, as
+    /// they last wrote them), by agent id.
+    pub(super) fn fleet_policy_status(
+        &self,
+        name: Option<&str>,
+        remote: &[AgentView],
+    ) -> Vec<proto::AgentPolicyStatus> {
+        let local = self
+            .agents
             .values()
             .filter(|a| a.live.is_some())
-            .map(|a| {
-                let wanted =
-                    rules::resolve(&self.policies, &self.default, &a.view.id, &a.view.labels);
-                proto::AgentPolicyStatus {
-                    agent_id: a.view.id.clone(),
-                    policy_name: wanted.name.clone(),
-                    version_wanted: wanted.version,
-                    version_applied: a.view.policy_version_applied,
-                    pending: a.view.policy_version_applied != wanted.version
-                        && a.view.policy_error.is_none(),
-                    error: a.view.policy_error.clone().unwrap_or_default(),
-                }
-            })
+            .map(|a| self.status_of(&a.view, false));
+        let mut all: Vec<proto::AgentPolicyStatus> = local
+            .chain(remote.iter().map(|v| self.status_of(v, true)))
             .filter(|s| name.is_none_or(|n| n == s.policy_name))
-            .collect()
+            .collect();
+        if !remote.is_empty() {
+            all.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        }
+        all
+    }
+
+    /// An agent's rollout status against the policy that resolves for it here. For an agent of
+    /// another replica (`remote`), a refusal counts only if it was of that very policy: one of
+    /// an older version is superseded by the one on its way.
+    fn status_of(&self, v: &AgentView, remote: bool) -> proto::AgentPolicyStatus {
+        let wanted = rules::resolve(&self.policies, &self.default, &v.id, &v.labels);
+        let refused = v.policy_error.clone().filter(|_| {
+            !remote || (v.policy_name == wanted.name && v.policy_version_sent == wanted.version)
+        });
+        proto::AgentPolicyStatus {
+            agent_id: v.id.clone(),
+            policy_name: wanted.name.clone(),
+            version_wanted: wanted.version,
+            version_applied: v.policy_version_applied,
+            pending: v.policy_version_applied != wanted.version && refused.is_none(),
+            error: refused.unwrap_or_default(),
+        }
     }
 
     /// Agent `agent_id` applied or refused a policy; a report on any but the version last sent

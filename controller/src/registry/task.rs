@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tapgraph::proto::{self, agent_message::Msg, controller_message};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
 use super::agents::{Agent, unix_ms};
+use super::presence::Held;
 use super::view::AgentView;
 use super::{DropCounters, MirrorRoute, Outbound, Registered};
 use crate::events::Events;
@@ -42,6 +43,8 @@ pub(super) enum Command {
     },
     PolicyStatus {
         name: Option<String>,
+        /// Agents live on other replicas, judged with this replica's.
+        remote: Vec<AgentView>,
         reply: oneshot::Sender<Vec<proto::AgentPolicyStatus>>,
     },
     Deregister {
@@ -89,6 +92,9 @@ pub(super) struct RegistryTask {
     pub(super) events: Events,
     pub(super) health: Health,
     pub(super) dropped: Arc<DropCounters>,
+    /// With a shared store: where the agents are handed to the presence writer, how often, and
+    /// when last.
+    pub(super) publish: Option<(watch::Sender<Held>, Duration, Instant)>,
 }
 
 impl RegistryTask {
@@ -117,7 +123,13 @@ impl RegistryTask {
             events,
             health,
             dropped,
+            publish: None,
         }
+    }
+
+    /// Hands the agents to the presence writer on `held` every `every`.
+    pub(super) fn share(&mut self, held: watch::Sender<Held>, every: Duration) {
+        self.publish = Some((held, every, Instant::now()));
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -162,8 +174,12 @@ impl RegistryTask {
                 self.set_labels(&agent_id, labels);
                 let _ = reply.send(());
             }
-            Command::PolicyStatus { name, reply } => {
-                let _ = reply.send(self.policy_status(name.as_deref()));
+            Command::PolicyStatus {
+                name,
+                remote,
+                reply,
+            } => {
+                let _ = reply.send(self.fleet_policy_status(name.as_deref(), &remote));
             }
             Command::Deregister {
                 agent_id,
@@ -214,6 +230,23 @@ impl RegistryTask {
         for id in ids {
             self.update_state(&id, true);
             self.probe(&id, now);
+        }
+        self.hand_over(now);
+    }
+
+    /// With a shared store, hands the agents to the presence writer when due.
+    fn hand_over(&mut self, now: Instant) {
+        let due = self
+            .publish
+            .as_ref()
+            .is_some_and(|(_, every, last)| now.saturating_duration_since(*last) >= *every);
+        if !due {
+            return;
+        }
+        let agents = Arc::new(self.list());
+        if let Some((held, _, last)) = &mut self.publish {
+            held.send_replace(agents);
+            *last = now;
         }
     }
 

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tapgraph::proto;
 
 use super::health::AgentState;
 
 /// The agent's virtual TAP, from its latest control record.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CaptureView {
     /// disabled, running, stopped_breach or failed.
     pub state: String,
@@ -25,7 +25,7 @@ pub struct CaptureView {
     pub breach: Option<BreachView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BreachView {
     pub measured_bps: u64,
     pub limit_bps: u64,
@@ -80,7 +80,7 @@ impl CaptureView {
 }
 
 /// One agent as operators see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentView {
     pub id: String,
     pub hostname: String,

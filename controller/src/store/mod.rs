@@ -162,6 +162,12 @@ impl Store {
         }
     }
 
+    /// Whether other replicas share this store (PostgreSQL): only then is live state (which
+    /// replica holds which agent) written to it.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
     /// `None` while the store can be used; the reason when it cannot (the database is down).
     pub fn unavailable(&self) -> Option<String> {
         match &self.backend {

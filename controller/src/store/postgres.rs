@@ -36,6 +36,7 @@ pub const TABLES: &[&str] = &[
     "topology_agents",
     "topology_edges",
     "presence",
+    "replicas",
     "pki",
 ];
 

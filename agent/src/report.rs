@@ -276,6 +276,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
     fn table_with_listener() -> Table {
         let mut t = Table::default();
         t.listeners.insert(
@@ -345,6 +349,66 @@ mod tests {
             client.process.name.is_empty(),
             "the socket is gone: no process"
         );
+    }
+
+    #[test]
+    fn a_caught_connection_to_any_controller_is_control_plane() {
+        let local: BTreeSet<IpAddr> = [ip("10.0.0.2")].into();
+        let out = |server: &str, port| Catch {
+            server_ip: ip(server),
+            server_port: port,
+            client_ip: ip("10.0.0.2"),
+        };
+        let catches: BTreeSet<Catch> = [
+            out("10.0.0.7", 7443),
+            out("10.0.0.7", 5432),
+            out("10.0.0.8", 7443),
+            out("10.0.0.5", 7443),
+        ]
+        .into();
+        let controllers = [sa("10.0.0.5:7443"), sa("10.0.0.7:7443")];
+        let mut t = Table::default();
+        merge_catches(&mut t, &catches, &local, &controllers);
+        let marked: Vec<(IpAddr, u16, bool)> = t
+            .entries
+            .iter()
+            .map(|(k, v)| (k.remote_ip, k.server_port, v.control_plane))
+            .collect();
+        assert_eq!(
+            marked,
+            vec![
+                (ip("10.0.0.5"), 7443, true),
+                (ip("10.0.0.7"), 5432, false),
+                (ip("10.0.0.7"), 7443, true),
+                (ip("10.0.0.8"), 7443, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_reporter_marks_rows_towards_the_controllers_it_is_given() {
+        // A real loopback connection, read from this process's own table.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let controller = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(controller).unwrap();
+        let _server = listener.accept().unwrap();
+        let mut reporter = Reporter::new(None, Scope::Own, &Drops::default());
+        let towards = |snapshot: &proto::ConnectionSnapshot| -> Vec<bool> {
+            snapshot
+                .entries
+                .iter()
+                .filter(|e| {
+                    e.direction == proto::Direction::Client as i32
+                        && e.server_port == u32::from(controller.port())
+                })
+                .map(|e| e.control_plane)
+                .collect()
+        };
+        assert_eq!(towards(&reporter.next(true).unwrap()), vec![false]);
+        reporter.set_control_plane(vec![sa("127.0.0.1:1"), controller]);
+        assert_eq!(towards(&reporter.next(true).unwrap()), vec![true]);
+        reporter.set_control_plane(Vec::new());
+        assert_eq!(towards(&reporter.next(true).unwrap()), vec![false]);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 #![cfg_attr(not(test), allow(dead_code))]
 
 pub mod embedded;
+pub mod leader;
 pub mod postgres;
 #[cfg(test)]
 pub(crate) mod suite;
@@ -173,6 +174,16 @@ impl Store {
         match &self.backend {
             Backend::Embedded(_) => None,
             Backend::Postgres(p) => p.unavailable(),
+        }
+    }
+
+    /// Whether this replica leads `role` (a task that must run on one replica at a time), from
+    /// now until the receiver is dropped; one caller per role. The embedded store has one
+    /// controller, which always leads: its channel says `true` and never changes (it is closed).
+    pub fn leadership(&self, role: &str) -> tokio::sync::watch::Receiver<bool> {
+        match &self.backend {
+            Backend::Embedded(_) => tokio::sync::watch::channel(true).1,
+            Backend::Postgres(p) => p.leadership(role),
         }
     }
 

@@ -200,6 +200,8 @@ pub struct Postgres {
     /// Why the database cannot be used now, while it cannot; logged once per outage.
     down: Arc<Mutex<Option<String>>>,
     listener: tokio::task::JoinHandle<()>,
+    /// How to open a session of its own, for [`Postgres::leadership`].
+    session: (tokio_postgres::Config, MakeRustlsConnect),
 }
 
 impl Drop for Postgres {
@@ -265,6 +267,7 @@ impl Postgres {
             })?;
             migrate(&mut client, &database).await?;
         }
+        let session = (config.clone(), tls.clone());
         let listener = tokio::spawn(listen(
             config,
             tls,
@@ -278,7 +281,23 @@ impl Postgres {
             database,
             down,
             listener,
+            session,
         })
+    }
+
+    /// Whether this replica leads `role`, from now until the receiver is dropped: a session of
+    /// its own holds or tries for the role's advisory lock (see [`super::leader`]).
+    pub fn leadership(&self, role: &str) -> tokio::sync::watch::Receiver<bool> {
+        let (leading, rx) = tokio::sync::watch::channel(false);
+        let (config, tls) = self.session.clone();
+        tokio::spawn(super::leader::hold(
+            config,
+            tls,
+            role.to_string(),
+            self.database.clone(),
+            leading,
+        ));
+        rx
     }
 
     pub fn database(&self) -> &str {

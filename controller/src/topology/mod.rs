@@ -7,10 +7,13 @@
 //! - [`ingest`]: a snapshot's rows read and checked; [`model`]: the map itself, with
 //!   [`reporters`] the observations backing each edge; [`persist`]: its form in the store;
 //! - [`announce`]: address conflicts told to operators;
+//! - [`follow`]: with replicas, the tables other replicas write, applied here, and the cleanup
+//!   that one replica leads;
 //! - [`graph`]: the typed map a query returns, [`view`] decorating it with names and labels,
 //!   [`wire`] its protobuf form, made only where a handler sends it; [`labels`], [`names`].
 
 mod announce;
+mod follow;
 pub mod graph;
 pub mod ingest;
 pub mod labels;
@@ -112,6 +115,11 @@ pub struct Stats {
     pub max_rows: u64,
     /// Addresses claimed by more than one host now.
     pub address_conflicts: u64,
+    /// Agents' tables other replicas wrote, applied to this replica's map.
+    pub remote_tables_applied: u64,
+    /// Whether this replica removes expired edges from the store (one replica does; always
+    /// this one with the embedded store).
+    pub leader: bool,
 }
 
 /// What an operator asks of the map.
@@ -165,16 +173,28 @@ fn now_ms() -> u64 {
 
 impl Topology {
     /// Loads the persisted map and starts the task. Address conflicts and refusals for the
-    /// budget go to `events`.
+    /// budget go to `events`. With replicas, the task follows the tables the others write and
+    /// removes expired edges from the store while it leads [`task::CLEANUP_ROLE`].
     pub fn spawn(
         store: Store,
         settings: TopologySettings,
         events: Events,
     ) -> Result<(Self, impl std::future::Future<Output = ()>), StoreError> {
+        // Before the load: a table written meanwhile is heard, not missed.
+        let changes = store.changes();
         let restored = persist::load(&store, now_ms())?;
+        let leading = store.leadership(task::CLEANUP_ROLE);
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let generation = Arc::new(AtomicU64::new(1));
-        let task = Task::new(store, settings, events, restored, generation.clone());
+        let task = Task::new(
+            store,
+            settings,
+            events,
+            restored,
+            generation.clone(),
+            changes,
+            leading,
+        );
         let shed = Arc::new(AtomicU64::new(0));
         Ok((
             Self {

@@ -374,6 +374,13 @@ impl Model {
         });
         let before = (edge.sockets, edge.control_plane, edge.short_lived);
         changed |= edge.reporters.is_empty();
+        // A row seen before the edge was made dates it (the row was keyed elsewhere until its
+        // far end's table came, or its table came later from another replica): the first
+        // sighting is the earliest of its rows', whatever order the tables arrive in.
+        if now_ms < edge.first_seen_ms {
+            edge.first_seen_ms = now_ms;
+            changed = true;
+        }
         edge.reporters.insert(id.clone(), value.sockets);
         edge.control_plane |= value.control_plane;
         // Both ends see the same sockets: the larger count, never the sum.
@@ -497,6 +504,19 @@ impl Model {
     /// Replaces everything `agent` reports (a full snapshot, or the agent's first).
     pub fn replace(&mut self, agent: &str, table: AgentTable, now_ms: u64) -> Changes {
         self.replace_with(agent, table, now_ms, true)
+    }
+
+    /// Removes `agent`'s table: its rows leave their edges (history stays, as when an agent
+    /// reports them no more), the addresses it claimed pass to their next claimants, and its
+    /// host leaves the map.
+    pub fn remove(&mut self, agent: &str) -> Changes {
+        if !self.agents.contains_key(agent) {
+            return Changes::default();
+        }
+        let ch = self.replace(agent, AgentTable::default(), 0);
+        self.agents.remove(agent);
+        self.keyed.remove(agent);
+        ch
     }
 
     /// `replace`; `incremental: false` re-attaches every row (tests compare the two ways).
@@ -1114,6 +1134,44 @@ mod tests {
             .map(|e| e.key.to.clone())
             .collect();
         assert_eq!(to, [svc("rogue", 6379)]);
+    }
+
+    #[test]
+    fn a_removed_table_leaves_the_map_as_if_never_reported() {
+        let client = (Direction::Client, "10.0.0.1", "10.0.0.5", 6379, "app", 1);
+        let web = table(&["10.0.0.1"], &[], &[client]);
+        let rogue = table(&["10.0.0.5"], &[(6379, "fake")], &[]);
+        let mut m = Model::default();
+        m.replace("web", web.clone(), 1);
+        m.replace("db", table(&["10.0.0.5"], &[(6379, "redis")], &[]), 2);
+        m.replace("rogue", rogue.clone(), 3);
+        assert_eq!(m.remove("nobody"), Changes::default());
+        // db's address passes to the rogue, and web's connection with it.
+        let ch = m.remove("db");
+        assert!(ch.edges_removed.contains(&EdgeKey {
+            from: Node::Host("web".into()),
+            to: svc("db", 6379),
+            port: 6379,
+            protocol: Protocol::Tcp,
+        }));
+        let mut never = Model::default();
+        never.replace("web", web, 1);
+        never.replace("rogue", rogue, 3);
+        let edges = |m: &Model| -> Vec<(EdgeKey, usize)> {
+            m.edges
+                .values()
+                .map(|e| (e.key.clone(), e.reporters.len()))
+                .collect()
+        };
+        assert_eq!(edges(&m), edges(&never));
+        assert_eq!(m.agents, never.agents);
+        assert_eq!(m.claims, never.claims);
+        assert_eq!(m.rows, never.rows);
+        assert!(!m.keyed.contains_key("db"));
+        // An agent's own connections stay as history, reported by nobody.
+        m.remove("web");
+        assert_eq!(m.edges.len(), 1);
+        assert!(m.edges.values().all(|e| e.reporters.is_empty()));
     }
 
     /// A hub's rows to `k` addresses (10.0.9.1…), `per` each, to ports 6379, 6378…

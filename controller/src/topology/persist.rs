@@ -2,23 +2,24 @@
 //! with its history. Written through after every group of snapshots, so a restart loses nothing
 //! and a crash at most the last second (`task::SYNC_EVERY`); read back once at start.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use redb::TableDefinition;
+use redb::{TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
 use super::model::{AgentTable, Conflict, Edge, EdgeKey, Model};
 use crate::store::{Batch, Store, StoreError, Table};
 
-const AGENTS: Table = TableDefinition::new("topology_agents");
+pub(super) const AGENTS: Table = TableDefinition::new("topology_agents");
 const EDGES: Table = TableDefinition::new("topology_edges");
 
-/// Persisted per agent: its table and the last sequence applied.
+/// Persisted per agent: its table and the last sequence applied. Written only by the replica
+/// the agent sent that snapshot to; the other replicas read it when told it changed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct AgentRecord {
-    id: String,
-    sequence: u64,
-    table: AgentTable,
+pub(super) struct AgentRecord {
+    pub(super) id: String,
+    pub(super) sequence: u64,
+    pub(super) table: AgentTable,
 }
 
 /// An [`AgentRecord`] as written: the table is serialized where the model holds it, not copied.
@@ -30,9 +31,30 @@ struct AgentRecordRef<'a> {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct EdgeRecord {
+pub(super) struct EdgeRecord {
     id: String,
-    edge: Edge,
+    pub(super) edge: Edge,
+}
+
+/// Whether `table`/`key` of a change another replica made is an agent's table of the map: its
+/// id when it is.
+pub(super) fn agent_changed<'a>(table: &str, key: &'a str) -> Option<&'a str> {
+    (table == AGENTS.name()).then_some(key)
+}
+
+/// `agent`'s table and sequence as the store holds them now.
+pub(super) fn read_agent(store: &Store, agent: &str) -> Result<Option<AgentRecord>, StoreError> {
+    store.get(AGENTS, agent)
+}
+
+/// Every agent's table and sequence as the store holds them now.
+pub(super) fn read_agents(store: &Store) -> Result<Vec<AgentRecord>, StoreError> {
+    store.load(AGENTS)
+}
+
+/// Every edge's history as the store holds it now.
+pub(super) fn read_edges(store: &Store) -> Result<Vec<EdgeRecord>, StoreError> {
+    store.load(EDGES)
 }
 
 /// The map as the store held it.
@@ -70,11 +92,11 @@ pub(super) fn load(store: &Store, now_ms: u64) -> Result<Restored, StoreError> {
 
 /// The writes that bring the store to what `model` holds for `agents` and `edges`: an edge the
 /// model no longer has is deleted.
-pub(super) fn batch(
+pub(super) fn batch<'a>(
     model: &Model,
     sequences: &BTreeMap<String, u64>,
-    agents: &BTreeSet<String>,
-    edges: &BTreeSet<EdgeKey>,
+    agents: impl IntoIterator<Item = &'a String>,
+    edges: impl IntoIterator<Item = &'a EdgeKey>,
 ) -> Result<Batch, StoreError> {
     let mut batch = Batch::default();
     for agent in agents {

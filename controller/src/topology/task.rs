@@ -1,6 +1,8 @@
 //! The task that owns the map. Its loop only dispatches: snapshots (applied in groups and written
-//! by one commit), queries, the sync tick (deferred commits made durable, memory handed back) and
-//! the expiry tick (inactive edges past retention removed).
+//! by one commit), queries, the sync tick (deferred commits made durable, writes a failure left
+//! pending retried, memory handed back), the expiry tick (inactive edges past retention removed),
+//! and, with replicas, the tables other replicas wrote and this replica's leadership of the
+//! cleanup ([`super::follow`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tapgraph::proto;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::announce::Announced;
 use super::model::{self, AgentTable, Changes, Conflict, Model};
@@ -17,14 +19,14 @@ use super::{
     Command, GraphQuery, Offered, Refusal, Stats, TopologySettings, graph, ingest, now_ms,
 };
 use crate::events::Events;
-use crate::store::{Store, StoreError};
+use crate::store::{Change, Store, StoreError};
 
 /// Inactive edges past retention are looked for this often.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 /// Owns the map: the model, its store and its counters, touched by [`Task::run`] alone.
 pub(super) struct Task {
-    events: Events,
+    pub(super) events: Events,
     /// Address conflicts announced lately, not announced again for a while.
     announced: Announced,
     /// Address conflicts the restore found, announced when the task starts.
@@ -37,13 +39,53 @@ pub(super) struct Task {
     /// The last durable commit of the map, and whether deferred commits came after it.
     synced: Instant,
     deferred: bool,
-    generation: Arc<AtomicU64>,
-    model: Model,
-    sequences: BTreeMap<String, u64>,
-    store: Store,
-    settings: TopologySettings,
-    stats: Stats,
+    pub(super) generation: Arc<AtomicU64>,
+    pub(super) model: Model,
+    pub(super) sequences: BTreeMap<String, u64>,
+    pub(super) store: Store,
+    pub(super) settings: TopologySettings,
+    pub(super) stats: Stats,
+    /// What the store could not take yet: written again until it does.
+    pub(super) unwritten: Unwritten,
+    /// Agents whose last table this replica applied from their own snapshot (not from another
+    /// replica's record): it writes them, and only it.
+    pub(super) local: BTreeSet<String>,
+    /// Other replicas' changes, subscribed before the map was loaded; `None` once the store is
+    /// gone (and always empty for the embedded store).
+    pub(super) changes: Option<broadcast::Receiver<Change>>,
+    /// A read of other replicas' tables failed: read them all again at the next tick.
+    pub(super) reload_due: bool,
+    /// Whether this replica runs the cleanup (always, for the embedded store).
+    pub(super) leading: watch::Receiver<bool>,
 }
+
+/// Agents' tables and edges the store refused (the database is down): kept, and written again as
+/// the model has them then, until the store takes them. So the store never stays behind the model.
+#[derive(Default)]
+pub(super) struct Unwritten {
+    pub(super) agents: BTreeSet<String>,
+    pub(super) edges: BTreeSet<model::EdgeKey>,
+    /// The last try.
+    tried: Option<Instant>,
+}
+
+impl Unwritten {
+    pub(super) fn is_empty(&self) -> bool {
+        self.agents.is_empty() && self.edges.is_empty()
+    }
+}
+
+/// While the database is known to be down, pending writes are tried this often, not at every
+/// sync tick: a try may wait for a connection timeout, and the task answers nothing meanwhile.
+const RETRY_WHILE_DOWN: Duration = Duration::from_secs(5);
+
+/// Agents' tables and edges written again per commit at most, when the store takes writes again
+/// after an outage: a fleet's worth in one transaction would hold the task for long.
+const RETRY_AGENTS: usize = 256;
+const RETRY_EDGES: usize = 4096;
+
+/// The role whose leader removes expired edges from the store (`tapgraph_leader{role=…}`).
+pub const CLEANUP_ROLE: &str = "topology_cleanup";
 
 /// After applying snapshots that carried at least this many rows, the task hands the memory they
 /// freed back to the system once it is idle.
@@ -74,14 +116,14 @@ type Reply = (oneshot::Sender<Result<(), Refusal>>, Result<(), Refusal>);
 
 /// Snapshots applied and not yet written: the agents whose tables and the edges that changed.
 #[derive(Default)]
-struct Pending {
+pub(super) struct Pending {
     agents: BTreeSet<String>,
     edges: BTreeSet<model::EdgeKey>,
     replies: Vec<Reply>,
 }
 
 impl Pending {
-    fn add(&mut self, changes: Changes) {
+    pub(super) fn add(&mut self, changes: Changes) {
         self.edges.extend(changes.edges_upserted);
         self.edges.extend(changes.edges_removed);
     }
@@ -89,14 +131,23 @@ impl Pending {
 
 impl Task {
     /// The task for the map `restored` from `store`; it bumps `generation` at every change.
+    /// `changes` (subscribed before the restore) brings other replicas' tables; `leading` says
+    /// whether this replica removes expired edges from the store.
     pub(super) fn new(
         store: Store,
         settings: TopologySettings,
         events: Events,
         restored: Restored,
         generation: Arc<AtomicU64>,
+        changes: broadcast::Receiver<Change>,
+        leading: watch::Receiver<bool>,
     ) -> Self {
         Task {
+            unwritten: Unwritten::default(),
+            local: BTreeSet::new(),
+            changes: Some(changes),
+            reload_due: false,
+            leading,
             events,
             announced: Announced::default(),
             restored_conflicts: restored.conflicts,
@@ -120,6 +171,11 @@ impl Task {
         let mut expiry = tokio::time::interval(EXPIRE_EVERY);
         let mut sync = tokio::time::interval(SYNC_EVERY);
         sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leading = self.leading.clone();
+        self.stats.leader = *leading.borrow_and_update();
+        // The embedded store's leadership is final (its channel is closed): not listened to.
+        let mut leadership_open = true;
+        let mut changes = self.changes.take();
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -132,6 +188,14 @@ impl Task {
                 },
                 _ = sync.tick() => self.tick(rx.is_empty()),
                 _ = expiry.tick() => self.expire(),
+                change = super::follow::next_change(&mut changes) => self.heard(change, &mut changes),
+                changed = leading.changed(), if leadership_open => match changed {
+                    Ok(()) => {
+                        let leads = *leading.borrow_and_update();
+                        self.lead(leads);
+                    }
+                    Err(_) => leadership_open = false,
+                },
             }
         }
     }
@@ -164,28 +228,34 @@ impl Task {
         if self.synced.elapsed() >= SYNC_EVERY {
             self.sync();
         }
+        self.retry_unwritten();
+        if self.reload_due {
+            self.reload();
+        }
         if self.collect_due && idle {
             self.collect_due = false;
             release_memory();
         }
     }
 
-    /// Removes the inactive edges past retention, and writes that.
-    fn expire(&mut self) {
+    /// Removes the inactive edges past retention. The leader of the cleanup deletes them from
+    /// the store; every other replica drops them from its own model only: the same rule on the
+    /// same map removes the same edges, and the store is written once.
+    pub(super) fn expire(&mut self) {
         let retention = self.settings.retention.as_millis() as u64;
         let changes = self.model.expire(now_ms(), retention);
         if changes.edges_removed.is_empty() {
             return;
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
+        let leads = *self.leading.borrow();
         tracing::info!(
             removed = changes.edges_removed.len(),
+            from_the_store = leads,
             "inactive edges past retention removed"
         );
-        let mut pending = Pending::default();
-        pending.add(changes);
-        if let Err(error) = self.persist(&pending) {
-            tracing::error!(%error, "cannot persist expired edges");
+        if leads {
+            self.write(BTreeSet::new(), changes.edges_removed);
         }
     }
 
@@ -240,19 +310,82 @@ impl Task {
 
     /// Writes what the pending snapshots changed in one transaction, then answers them.
     fn flush(&mut self, pending: Pending) {
-        if pending.replies.iter().any(|(_, r)| r.is_ok()) {
+        let Pending {
+            agents,
+            edges,
+            replies,
+        } = pending;
+        if replies.iter().any(|(_, r)| r.is_ok()) {
             self.generation.fetch_add(1, Ordering::AcqRel);
             // The model has the snapshots. A failed write is not the agents' fault: a resync
-            // would fail the same way, so it is logged for the operator and retried with the
-            // next snapshots.
-            if let Err(error) = self.persist(&pending) {
-                self.stats.store_errors += 1;
-                tracing::error!(agents = pending.agents.len(), %error, "cannot persist the map; a restart now would lose recent changes");
-            }
+            // would fail the same way, so what it held is kept and written again.
+            self.write(agents, edges);
         }
-        for (reply, result) in pending.replies {
+        for (reply, result) in replies {
             let _ = reply.send(result);
         }
+    }
+
+    /// Writes `agents`' tables and `edges` as the model has them. What the store refuses is kept
+    /// with what waits already, and written again by [`Task::retry_unwritten`]: while anything
+    /// waits, new writes join it instead of each trying the database.
+    pub(super) fn write(&mut self, agents: BTreeSet<String>, edges: BTreeSet<model::EdgeKey>) {
+        if agents.is_empty() && edges.is_empty() {
+            return;
+        }
+        if self.unwritten.is_empty() {
+            match self.persist(&agents, &edges) {
+                Ok(()) => return,
+                Err(error) => {
+                    self.stats.store_errors += 1;
+                    self.unwritten.tried = Some(Instant::now());
+                    tracing::error!(agents = agents.len(), edges = edges.len(), %error, "cannot persist the map; kept, and written again once the store takes it");
+                }
+            }
+        }
+        self.unwritten.agents.extend(agents);
+        self.unwritten.edges.extend(edges);
+    }
+
+    /// Writes again what the store refused, as the model has it now, in commits of a bounded
+    /// size; what it refuses again waits for the next tick (or longer while the database is
+    /// known to be down).
+    fn retry_unwritten(&mut self) {
+        if self.unwritten.is_empty() {
+            return;
+        }
+        if self.store.unavailable().is_some()
+            && self
+                .unwritten
+                .tried
+                .is_some_and(|t| t.elapsed() < RETRY_WHILE_DOWN)
+        {
+            return;
+        }
+        self.unwritten.tried = Some(Instant::now());
+        let (agents, edges) = (self.unwritten.agents.len(), self.unwritten.edges.len());
+        while !self.unwritten.is_empty() {
+            let chunk_agents: BTreeSet<String> =
+                std::iter::from_fn(|| self.unwritten.agents.pop_first())
+                    .take(RETRY_AGENTS)
+                    .collect();
+            let chunk_edges: BTreeSet<model::EdgeKey> =
+                std::iter::from_fn(|| self.unwritten.edges.pop_first())
+                    .take(RETRY_EDGES)
+                    .collect();
+            if let Err(error) = self.persist(&chunk_agents, &chunk_edges) {
+                self.stats.store_errors += 1;
+                tracing::debug!(%error, "the map's pending writes are refused again");
+                self.unwritten.agents.extend(chunk_agents);
+                self.unwritten.edges.extend(chunk_edges);
+                return;
+            }
+        }
+        tracing::info!(
+            agents,
+            edges,
+            "the map's pending writes are in the store: it holds the map again"
+        );
     }
 
     /// Applies `s` to the model, or says why not: it is too large, its base is not the last
@@ -276,7 +409,10 @@ impl Task {
                 max: self.settings.max_entries,
             });
         }
-        let have = self.sequences.get(agent).copied();
+        let mut have = self.sequences.get(agent).copied();
+        if !s.full && have != Some(s.base_sequence) && self.catch_up(agent, s.base_sequence) {
+            have = Some(s.base_sequence);
+        }
         if !s.full && have != Some(s.base_sequence) {
             // An agent whose full snapshot did not fit hears why, and sends another.
             if let Some(&rows) = self.over_budget.get(agent) {
@@ -317,6 +453,7 @@ impl Task {
             Instant::now(),
         );
         self.sequences.insert(agent.to_string(), s.sequence);
+        self.local.insert(agent.to_string());
         self.stats.snapshots_applied += 1;
         pending.agents.insert(agent.to_string());
         pending.add(changes);
@@ -368,15 +505,14 @@ impl Task {
         }
     }
 
-    /// Writes the pending agents' tables and the pending edges as the model has them now.
+    /// Writes `agents`' tables and `edges` as the model has them now.
     /// Durable at once when the last durable commit is [`SYNC_EVERY`] old, deferred otherwise.
-    fn persist(&mut self, pending: &Pending) -> Result<(), StoreError> {
-        let batch = persist::batch(
-            &self.model,
-            &self.sequences,
-            &pending.agents,
-            &pending.edges,
-        )?;
+    pub(super) fn persist(
+        &mut self,
+        agents: &BTreeSet<String>,
+        edges: &BTreeSet<model::EdgeKey>,
+    ) -> Result<(), StoreError> {
+        let batch = persist::batch(&self.model, &self.sequences, agents, edges)?;
         if self.synced.elapsed() >= SYNC_EVERY {
             self.store.commit(batch)?;
             self.synced = Instant::now();
@@ -428,6 +564,11 @@ pub(super) mod tests {
             store: Store::open(&dir.path().join("s.redb")).unwrap(),
             settings: settings(),
             stats: Stats::default(),
+            unwritten: Unwritten::default(),
+            local: BTreeSet::new(),
+            changes: None,
+            reload_due: false,
+            leading: watch::channel(true).1,
         }
     }
 
@@ -444,7 +585,11 @@ pub(super) mod tests {
         }
     }
 
-    fn apply(task: &mut Task, agent: &str, s: &proto::ConnectionSnapshot) -> Result<(), Refusal> {
+    pub(in crate::topology) fn apply(
+        task: &mut Task,
+        agent: &str,
+        s: &proto::ConnectionSnapshot,
+    ) -> Result<(), Refusal> {
         let mut pending = Pending::default();
         let (reply, mut rx) = oneshot::channel();
         task.take(&mut pending, agent, agent, s, reply);
@@ -473,6 +618,49 @@ pub(super) mod tests {
         }
         // Three at once, the other two at the next claim, then nothing within the minute.
         assert_eq!(per_snapshot, [3, 2, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    /// The database refuses the map's writes (here: its table is gone for a while): the
+    /// snapshots are answered, and what they changed is written once the store takes it again.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres_a_refused_write_is_kept_and_written_once_the_store_takes_it() {
+        use crate::store::{StoreSettings, testpg};
+        let Some(pg) = testpg::database().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&StoreSettings::Postgres(pg.clone()), dir.path(), "a")
+            .await
+            .unwrap();
+        let mut t = task(&dir, Events::new(16));
+        t.store = store.clone();
+        let (admin, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let rename = |from: &str, to: &str| format!("ALTER TABLE tapgraph.{from} RENAME TO {to}");
+        admin
+            .batch_execute(&rename("topology_agents", "away"))
+            .await
+            .unwrap();
+        apply(&mut t, "web", &addresses(1, &["10.0.0.1".into()])).unwrap();
+        assert_eq!(t.stats.store_errors, 1);
+        assert!(t.unwritten.agents.contains("web"));
+        // The next one waits with it: the database is tried again at the tick, not per snapshot.
+        apply(&mut t, "web", &addresses(2, &["10.0.0.2".into()])).unwrap();
+        assert_eq!(t.stats.store_errors, 1);
+        t.tick(true);
+        assert_eq!(t.stats.store_errors, 2, "still refused");
+        assert!(!t.unwritten.is_empty());
+        admin
+            .batch_execute(&rename("away", "topology_agents"))
+            .await
+            .unwrap();
+        t.tick(true);
+        assert!(t.unwritten.is_empty());
+        let stored = persist::read_agent(&store, "web").unwrap().unwrap();
+        assert_eq!(stored.sequence, 2);
+        assert_eq!(stored.table, t.model.agents["web"]);
     }
 
     #[test]
@@ -613,6 +801,11 @@ mod memory_probe {
                 store,
                 settings,
                 stats: Stats::default(),
+                unwritten: Unwritten::default(),
+                local: BTreeSet::new(),
+                changes: None,
+                reload_due: false,
+                leading: watch::channel(true).1,
             };
             let rows: usize = std::env::var("PROBE_ROWS")
                 .ok()

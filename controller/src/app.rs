@@ -123,6 +123,7 @@ impl App {
                 naming.clone(),
                 owners.events.clone(),
                 config.topology.ttl,
+                store.leadership(sinks::neo4j::ROLE),
             );
             tasks.spawn("neo4j-sink", sink.run(stop.clone()));
             handle

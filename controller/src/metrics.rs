@@ -196,6 +196,11 @@ const FLEET: &[Field<Scrape>] = &[
         "Failed writes of the map to the embedded store.",
         |s| one(s.topology.store_errors),
     ),
+    counter(
+        "tapgraph_topology_remote_tables_applied",
+        "Agents' tables other replicas wrote, applied to this replica's map (0 with the embedded store).",
+        |s| one(s.topology.remote_tables_applied),
+    ),
     gauge(
         "tapgraph_neo4j_lag_seconds",
         "Seconds since the Neo4j database last equalled the map (0 when it does now). Only with a sink configured.",
@@ -218,6 +223,7 @@ const FLEET: &[Field<Scrape>] = &[
                 "unreachable",
                 "auth_failed",
                 "failing",
+                "standby",
             ]
             .into_iter()
             .map(|st| (st, Value::from(u64::from(k.state == st))))
@@ -262,6 +268,21 @@ const FLEET: &[Field<Scrape>] = &[
         "tapgraph_neo4j_relationships",
         "Relationships the sink holds in Neo4j.",
         |s| opt(s.sink.as_ref().map(|k| k.relationships)),
+    ),
+    gauge_by(
+        "tapgraph_leader",
+        "1 where this replica runs the task that one replica runs at a time, by role: neo4j_sink (only with a sink configured), topology_cleanup (removes expired edges from the store). Always 1 with the embedded store.",
+        "role",
+        |s| {
+            let mut roles = vec![(
+                "topology_cleanup",
+                Value::from(u64::from(s.topology.leader)),
+            )];
+            if let Some(k) = &s.sink {
+                roles.insert(0, ("neo4j_sink", Value::from(u64::from(k.leader))));
+            }
+            roles
+        },
     ),
     gauge(
         "tapgraph_http_connections",
@@ -618,6 +639,36 @@ mod tests {
         );
     }
 
+    /// Which replica runs the tasks one replica runs at a time: a sample per role, the sink's
+    /// only with a sink configured.
+    #[test]
+    fn leadership_is_shown_by_role() {
+        let mut scrape = Scrape::default();
+        scrape.topology.leader = true;
+        let text = scrape.render().unwrap();
+        assert!(
+            text.contains("tapgraph_leader{role=\"topology_cleanup\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("role=\"neo4j_sink\""), "{text}");
+        let scrape = Scrape {
+            sink: Some(SinkStats {
+                state: "standby".into(),
+                ..Default::default()
+            }),
+            ..Scrape::default()
+        };
+        let text = scrape.render().unwrap();
+        assert!(
+            text.contains("tapgraph_leader{role=\"neo4j_sink\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tapgraph_neo4j_state{state=\"standby\"} 1"),
+            "{text}"
+        );
+    }
+
     /// A snapshot the topology shed because its queue was full is a refusal for the reason "busy".
     #[test]
     fn shed_snapshots_are_refusals_for_the_reason_busy() {
@@ -878,6 +929,7 @@ mod tests {
         "tapgraph_topology_rows",
         "tapgraph_topology_address_conflicts",
         "tapgraph_topology_store_errors",
+        "tapgraph_topology_remote_tables_applied",
         "tapgraph_neo4j_lag_seconds",
         "tapgraph_neo4j_delay_seconds",
         "tapgraph_neo4j_state",
@@ -889,6 +941,7 @@ mod tests {
         "tapgraph_neo4j_write_seconds",
         "tapgraph_neo4j_nodes",
         "tapgraph_neo4j_relationships",
+        "tapgraph_leader",
         "tapgraph_http_connections",
         "tapgraph_http_connection_limit",
         "tapgraph_http_refused_connections",

@@ -24,8 +24,12 @@ impl std::fmt::Debug for Secret {
 /// What the sink has done, for `/api/v1/topology/stats` and logs.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SinkStats {
-    /// `connecting`, `in_sync`, `writing`, `unreachable`, `auth_failed` or `failing`.
+    /// `connecting`, `in_sync`, `writing`, `unreachable`, `auth_failed`, `failing`, or
+    /// `standby` on a replica that does not run the sink (another one does).
     pub state: String,
+    /// Whether this replica runs the sink: exactly one replica does (always this one with the
+    /// embedded store).
+    pub leader: bool,
     pub last_error: String,
     /// Seconds since the database last equalled the model (0 when it does now).
     pub lag_seconds: f64,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use neo4rs::{BoltType, ConfigBuilder, query};
 use tapgraph::backoff::{Backoff, BackoffPolicy};
 use tapgraph::proto;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::config::Neo4jSettings;
@@ -64,6 +64,10 @@ fn wait_after(retry: &mut Backoff, failure: &Failure) -> Duration {
 /// difference, so the database catches up to the map as it is then, without duplicates or
 /// stale edges. Failures are logged once per kind, not per retry, and show in its
 /// [`SinkHandle`]'s stats (state, last error, lag) for the JSON API and `/metrics`.
+///
+/// With replicas, one writes: the sink works only while its replica leads [`ROLE`] (state
+/// `standby` meanwhile, holding no session). A replica that starts leading reads every id back and
+/// writes the difference, so the database again equals the map, which is the same on every replica.
 pub struct Sink {
     settings: Neo4jSettings,
     topology: Topology,
@@ -75,7 +79,12 @@ pub struct Sink {
     /// `topology.ttl`: an edge turns inactive this long after its `last_seen`.
     ttl: Duration,
     handle: SinkHandle,
+    /// Whether this replica writes to the database (always, with the embedded store).
+    leading: watch::Receiver<bool>,
 }
+
+/// The role whose leader runs the sink (`tapgraph_leader{role="neo4j_sink"}`).
+pub const ROLE: &str = "neo4j_sink";
 
 /// What a successful pass leaves for the next ones.
 struct Pass {
@@ -159,6 +168,8 @@ impl Progress {
 }
 
 impl Sink {
+    /// The sink; it writes while `leading` says this replica leads [`ROLE`]
+    /// (`Store::leadership`).
     pub fn new(
         settings: Neo4jSettings,
         topology: Topology,
@@ -166,6 +177,7 @@ impl Sink {
         naming: Naming,
         events: Events,
         ttl: Duration,
+        leading: watch::Receiver<bool>,
     ) -> (Sink, SinkHandle) {
         let handle = SinkHandle::default();
         handle.set_state("connecting");
@@ -178,6 +190,7 @@ impl Sink {
                 events,
                 ttl,
                 handle: handle.clone(),
+                leading,
             },
             handle,
         )
@@ -188,6 +201,14 @@ impl Sink {
         let mut events = Some(self.events.subscribe());
         let mut ticker = tokio::time::interval(self.settings.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leading = self.leading.clone();
+        let mut leads = *leading.borrow_and_update();
+        self.handle.update(|s| s.leader = leads);
+        if !leads {
+            self.handle.set_state("standby");
+        }
+        // The embedded store's leadership is final (its channel is closed): not listened to.
+        let mut leadership_open = true;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -196,6 +217,21 @@ impl Sink {
                     progress.poked |= event;
                     continue;
                 }
+                changed = leading.changed(), if leadership_open => {
+                    if changed.is_err() {
+                        leadership_open = false;
+                        continue;
+                    }
+                    leads = *leading.borrow_and_update();
+                    self.lead(&mut progress, leads);
+                    // A new leader syncs at once, not an interval later.
+                    if !leads {
+                        continue;
+                    }
+                }
+            }
+            if !leads {
+                continue;
             }
             let generation = self.topology.generation();
             if progress.skip(generation) {
@@ -215,6 +251,21 @@ impl Sink {
                 Ok(pass) => self.succeeded(&mut progress, pass, generation, read_at),
                 Err(failure) => self.failed(&mut progress, failure),
             }
+        }
+    }
+
+    /// This replica starts or stops leading: either way it starts over without a session, so a
+    /// new leader reads every id back before its first pass (whatever the last leader wrote),
+    /// and a replica that stops leading holds no connection.
+    fn lead(&self, progress: &mut Progress, leads: bool) {
+        *progress = Progress::new();
+        self.handle.update(|s| s.leader = leads);
+        if leads {
+            self.handle.set_state("connecting");
+            tracing::info!(address = %self.settings.address, "this replica runs the neo4j sink now");
+        } else {
+            self.handle.set_state("standby");
+            tracing::info!(address = %self.settings.address, "another replica runs the neo4j sink; this one stands by");
         }
     }
 
@@ -573,6 +624,128 @@ async fn read_ids(graph: &neo4rs::Graph, cypher: &str) -> Result<Vec<String>, Fa
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sinks::SinkStats;
+
+    /// A running sink: its stats, its leadership in the test's hands, its stop, and its store's
+    /// directory.
+    type Running = (
+        SinkHandle,
+        watch::Sender<bool>,
+        CancellationToken,
+        tempfile::TempDir,
+    );
+
+    /// A sink towards an address where nothing listens, with its leadership in the test's hands.
+    async fn sink(leads: bool) -> Running {
+        use crate::enrollment::limits::EnrollLimits;
+        use crate::health::Health;
+        use crate::registry::Registry;
+        use crate::store::Store;
+        use crate::topology::{TopologySettings, labels, names};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let events = Events::new(16);
+        let (registry, registry_task) =
+            Registry::spawn("test", events.clone(), Health::default(), 10);
+        tokio::spawn(registry_task);
+        let ca =
+            tapgraph::pki::CertAuthority::generate("test CA", Duration::from_secs(3600)).unwrap();
+        let (enrollment, enrollment_task) = Enrollment::spawn(
+            store.clone(),
+            ca,
+            Duration::from_secs(3600),
+            registry,
+            events.clone(),
+            EnrollLimits::new(100.0, 100),
+        )
+        .unwrap();
+        tokio::spawn(enrollment_task);
+        let settings = TopologySettings {
+            ttl: Duration::from_secs(120),
+            retention: Duration::from_secs(3600),
+            max_entries: 100,
+            max_rows: 1000,
+            queue: 16,
+        };
+        let (topology, topology_task) =
+            Topology::spawn(store.clone(), settings, events.clone()).unwrap();
+        tokio::spawn(topology_task);
+        let naming = Naming {
+            config_rules: Default::default(),
+            operator_rules: labels::OperatorRules::load(store).unwrap(),
+            names: names::Names::disabled(),
+            agents: Health::default(),
+        };
+        // Nothing listens on port 1: a leader's every pass fails as unreachable.
+        let neo4j = Neo4jSettings {
+            address: "bolt://127.0.0.1:1".into(),
+            user: "neo4j".into(),
+            password: crate::sinks::Secret("x".into()),
+            database: String::new(),
+            batch_size: 10,
+            interval: Duration::from_millis(20),
+            last_seen_step: Duration::from_secs(600),
+        };
+        let (leading, rx) = watch::channel(leads);
+        let (sink, handle) = Sink::new(
+            neo4j,
+            topology,
+            enrollment,
+            naming,
+            events,
+            Duration::from_secs(120),
+            rx,
+        );
+        let stop = CancellationToken::new();
+        tokio::spawn(sink.run(stop.clone()));
+        (handle, leading, stop, dir)
+    }
+
+    async fn until(handle: &SinkHandle, what: &str, f: impl Fn(&SinkStats) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f(&handle.stats()) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within 10 s: {:?}",
+                handle.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_leading_replica_s_sink_works_and_a_new_leader_starts_over() {
+        let (handle, leading, stop, _dir) = sink(false).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s = handle.stats();
+        assert_eq!(
+            (s.state.as_str(), s.leader, s.errors),
+            ("standby", false, 0)
+        );
+        leading.send_replace(true);
+        until(&handle, "a leader tries the database", |s| {
+            s.leader && s.state == "unreachable" && s.errors > 0
+        })
+        .await;
+        leading.send_replace(false);
+        until(&handle, "stands by", |s| !s.leader && s.state == "standby").await;
+        let errors = handle.stats().errors;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            handle.stats().errors,
+            errors,
+            "a replica standing by tries nothing"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_single_controller_s_sink_always_leads() {
+        let (handle, leading, stop, _dir) = sink(true).await;
+        drop(leading);
+        until(&handle, "tries the database", |s| s.leader && s.errors > 0).await;
+        stop.cancel();
+    }
 
     #[test]
     fn after_refused_credentials_a_minute_then_the_longest_step() {

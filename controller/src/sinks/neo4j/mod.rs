@@ -45,4 +45,4 @@ mod failure;
 mod rows;
 
 pub use config::{Neo4jSettings, bolt_address};
-pub use driver::Sink;
+pub use driver::{ROLE, Sink};

@@ -725,19 +725,15 @@ impl NetLab {
         (self.connected_on(i, id)? == self.name(i)).then_some(i)
     }
 
-    /// Connected agents on replica `i`: (id and its replica, sessions so far), last seen.
-    fn sessions(&self, i: usize) -> Vec<((String, String, Value), u64)> {
+    /// The agents replica `i` holds, connected: (id, sessions so far), last seen.
+    fn sessions(&self, i: usize) -> Vec<((String, Value), u64)> {
         let mut s: Vec<_> = self
             .agents(i)
             .into_iter()
-            .filter(|a| a["state"] == "connected")
+            .filter(|a| a["state"] == "connected" && a["controller"] == self.name(i).as_str())
             .map(|a| {
                 (
-                    (
-                        a["id"].as_str().unwrap().to_string(),
-                        a["controller"].as_str().unwrap_or("").to_string(),
-                        a["sessions"].clone(),
-                    ),
+                    (a["id"].as_str().unwrap().to_string(), a["sessions"].clone()),
                     a["last_seen_unix_ms"].as_u64().unwrap_or(0),
                 )
             })
@@ -961,6 +957,12 @@ fn with_postgresql_stopped_sessions_go_on_writes_are_refused_and_everything_reco
     assert!(out.status.success(), "{}", text(&out));
     let token: Value = serde_json::from_slice(&out.stdout).unwrap();
     let live_before: Vec<_> = (0..2).map(|i| lab.sessions(i)).collect();
+    let held: BTreeSet<&str> = live_before
+        .iter()
+        .flatten()
+        .map(|((id, _), _)| id.as_str())
+        .collect();
+    assert_eq!(held, BTreeSet::from(["app", "db"]), "{live_before:?}");
 
     lab.pg.stop();
     let stopped = Instant::now();
@@ -978,7 +980,7 @@ fn with_postgresql_stopped_sessions_go_on_writes_are_refused_and_everything_reco
             "/readyz names the database and says it is down: {body}"
         );
     }
-    // Writes are refused, naming the database: a token, a policy, an enrollment.
+    // Writes are refused, naming the database: a token, a policy, a revocation, an enrollment.
     for args in [
         &["token", "create", "--uses", "1"][..],
         &[
@@ -989,6 +991,7 @@ fn with_postgresql_stopped_sessions_go_on_writes_are_refused_and_everything_reco
             "--heartbeat-interval",
             "3s",
         ][..],
+        &["agent", "revoke", "db"][..],
     ] {
         let out = lab.ctl(0, args);
         let said = text(&out);
@@ -1031,9 +1034,11 @@ fn with_postgresql_stopped_sessions_go_on_writes_are_refused_and_everything_reco
     // Sessions and heartbeats go on; and a connection opened meanwhile is snapshotted.
     redis_client(&mut lab);
     std::thread::sleep(Duration::from_secs(4));
+    // Each replica still holds the sessions it held, and hears their heartbeats. (What the
+    // others hold it learns through the database, which is down.)
     for (i, before) in live_before.iter().enumerate() {
         let now = lab.sessions(i);
-        let held = |s: &[((String, String, Value), u64)]| -> Vec<(String, String, Value)> {
+        let held = |s: &[((String, Value), u64)]| -> Vec<(String, Value)> {
             s.iter().map(|(held, _)| held.clone()).collect()
         };
         assert_eq!(
@@ -1042,12 +1047,12 @@ fn with_postgresql_stopped_sessions_go_on_writes_are_refused_and_everything_reco
             "{}: every agent still connected, on the session it had",
             lab.name(i)
         );
-        // The replica holding an agent hears its heartbeats (the others learn of them through
-        // the database, which is down).
-        for (((id, on, _), seen), (_, seen_before)) in now.iter().zip(before) {
-            if *on == lab.name(i) {
-                assert!(seen > seen_before, "{id}'s heartbeats go on on {on}");
-            }
+        for (((id, _), seen), (_, seen_before)) in now.iter().zip(before) {
+            assert!(
+                seen > seen_before,
+                "{id}'s heartbeats go on on {}",
+                lab.name(i)
+            );
         }
     }
     let down_for = stopped.elapsed();

@@ -334,6 +334,16 @@ pub struct Fleet {
     stats: Arc<PresenceStats>,
     /// A failed read was logged, until one succeeds.
     read_logged: AtomicBool,
+    /// The last read that succeeded: what queries answer with while the database is down.
+    last: std::sync::Mutex<Option<Arc<Snapshot>>>,
+}
+
+/// Both tables as read at one moment.
+pub struct Snapshot {
+    pub rows: Vec<PresenceRow>,
+    pub replicas: Vec<ReplicaRow>,
+    /// When: leases are judged as of then.
+    pub read_at_unix_ms: u64,
 }
 
 /// One agent of the fleet: whose record it is (the replica holding or last holding its session),
@@ -351,6 +361,7 @@ impl Fleet {
             lease,
             stats,
             read_logged: AtomicBool::new(false),
+            last: std::sync::Mutex::new(None),
         }
     }
 
@@ -358,33 +369,55 @@ impl Fleet {
         &self.stats
     }
 
-    /// Every row of both tables; `None` (counted, logged once) when the database cannot be read.
-    pub fn load(&self) -> Option<(Vec<PresenceRow>, Vec<ReplicaRow>)> {
+    /// Both tables now; while the database cannot be read (counted, logged once), as last read
+    /// (`None` if never).
+    pub fn load(&self) -> Option<Arc<Snapshot>> {
         let read = || -> Result<_, StoreError> {
-            Ok((self.store.load(PRESENCE)?, self.store.load(REPLICAS)?))
+            // Known to be down: no waiting for a connection that will time out.
+            if let Some(reason) = self.store.unavailable() {
+                return Err(StoreError::Unavailable {
+                    database: self.store.describe(),
+                    reason,
+                });
+            }
+            Ok(Snapshot {
+                rows: self.store.load(PRESENCE)?,
+                replicas: self.store.load(REPLICAS)?,
+                read_at_unix_ms: now_unix_ms(),
+            })
         };
-        match read() {
-            Ok(rows) => {
+        let read = read();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match read {
+            Ok(snapshot) => {
                 self.read_logged.store(false, Ordering::Relaxed);
-                Some(rows)
+                let snapshot = Arc::new(snapshot);
+                *last = Some(snapshot.clone());
+                Some(snapshot)
             }
             Err(e) => {
                 self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
                 if !self.read_logged.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "cannot read the other replicas' agents; answering with this replica's only");
+                    tracing::warn!(error = %e, "cannot read the other replicas' agents; answering with them as last read");
                 }
-                None
+                last.clone()
             }
         }
     }
 
     /// This replica's agents (`local`, as its registry lists them) with every other replica's,
-    /// by agent id. Without the database, `local` alone.
+    /// by agent id. While the database cannot be read, the others' as last read, their leases
+    /// judged as of then; never read, `local` alone.
     pub fn merge(&self, replica: &str, local: Vec<AgentView>) -> FleetView {
         match self.load() {
-            Some((rows, replicas)) => {
-                merge(replica, local, rows, &replicas, now_unix_ms(), self.lease)
-            }
+            Some(s) => merge(
+                replica,
+                local,
+                &s.rows,
+                &s.replicas,
+                s.read_at_unix_ms,
+                self.lease,
+            ),
             None => FleetView {
                 agents: local
                     .into_iter()
@@ -455,7 +488,7 @@ impl FleetView {
 pub(super) fn merge(
     replica: &str,
     local: Vec<AgentView>,
-    rows: Vec<PresenceRow>,
+    rows: &[PresenceRow],
     replicas: &[ReplicaRow],
     now: u64,
     lease: Duration,
@@ -474,8 +507,8 @@ pub(super) fn merge(
     let mut out: BTreeMap<String, FleetAgent> = BTreeMap::new();
     let mut remote: BTreeMap<String, FleetAgent> = BTreeMap::new();
     for row in rows {
-        let mut view = row.agent;
-        view.id = row.agent_id;
+        let mut view = row.agent.clone();
+        view.id = row.agent_id.clone();
         view.state = row.state;
         match expired(
             &row.replica,
@@ -495,7 +528,7 @@ pub(super) fn merge(
         remote.insert(
             view.id.clone(),
             FleetAgent {
-                replica: row.replica,
+                replica: row.replica.clone(),
                 view,
             },
         );
@@ -797,7 +830,7 @@ mod tests {
             lease("c", 7, T0 - 10 * SECOND),
         ];
         let local = vec![moved_here, mine_lost];
-        let fleet = merge("a", local, rows, &replicas, T0, lease_time);
+        let fleet = merge("a", local, &rows, &replicas, T0, lease_time);
         let seen: Vec<(&str, &str, &str, AgentState)> = fleet
             .agents
             .iter()
@@ -1025,16 +1058,23 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn a_fleet_that_cannot_be_read_is_counted_and_this_replicas_agents_answer() {
+    async fn a_fleet_that_cannot_be_read_is_counted_and_answered_as_last_read() {
         let Some(pg) = testpg::database().await else {
             return;
         };
         let url = pg.url.clone();
         let settings = StoreSettings::Postgres(pg);
         let dir = tempfile::tempdir().unwrap();
-        let (a, _store, _tasks) = replica(&settings, dir.path(), "a").await;
+        let (a, _sa, _a_tasks) = replica(&settings, dir.path(), "a").await;
+        let (b, _sb, _b_tasks) = replica(&settings, dir.path(), "b").await;
         let (_session, _rx) = connect(&a, "vm-1").await;
-        assert_eq!(a.presence_stats().unwrap().errors(), (0, 0));
+        eventually(
+            "b lists a's agent",
+            async || b.list().await,
+            |l| !l.is_empty(),
+        )
+        .await;
+        assert_eq!(b.presence_stats().unwrap().errors(), (0, 0));
         let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .unwrap();
@@ -1043,18 +1083,24 @@ mod tests {
             .batch_execute("DROP TABLE tapgraph.replicas")
             .await
             .unwrap();
-        let listed = a.list().await;
+        // Long after a's lease would have run out, b answers with the fleet as last read.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let listed = b.list().await;
         assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].controller, "a");
-        let (_, read) = a.presence_stats().unwrap().errors();
-        assert_eq!(read, 1);
-        // The writer's lease goes to the same table: its rounds fail, and are counted.
+        assert_eq!(
+            (listed[0].controller.as_str(), listed[0].state),
+            ("a", AgentState::Connected)
+        );
+        assert!(b.presence_stats().unwrap().errors().1 >= 1);
+        // The writers' leases go to that table: their rounds fail, and are counted.
         eventually(
             "a counts the failed writes",
             async || a.presence_stats().unwrap().errors().0,
             |w| *w > 0,
         )
         .await;
+        // a's own agent is listed on a whatever the database says.
+        assert_eq!(a.list().await[0].controller, "a");
     }
 
     #[test]

@@ -21,6 +21,19 @@ use crate::policy_rules::{DEFAULT_NAME, Selector, StoredPolicy, StoredSpec};
 
 /// How often live agents are re-judged and probes sent.
 const TICK: Duration = Duration::from_millis(250);
+/// A change operators wait for (a session, a policy ack) is handed to the presence writer at
+/// once, but not more often than this: a connect storm costs a list per this period, not per agent.
+const HANDOVER_SOON: Duration = Duration::from_millis(50);
+
+/// With a shared store: the agents handed to the presence writer, every `every`, and soon after a
+/// change operators wait for.
+pub(super) struct Handover {
+    held: watch::Sender<Held>,
+    every: Duration,
+    last: Instant,
+    /// A change since the last handover that should not wait for `every`.
+    changed: bool,
+}
 
 pub(super) enum Command {
     Register {
@@ -92,9 +105,35 @@ pub(super) struct RegistryTask {
     pub(super) events: Events,
     pub(super) health: Health,
     pub(super) dropped: Arc<DropCounters>,
-    /// With a shared store: where the agents are handed to the presence writer, how often, and
-    /// when last.
-    pub(super) publish: Option<(watch::Sender<Held>, Duration, Instant)>,
+    pub(super) handover: Option<Handover>,
+}
+
+/// Resolves when a change operators wait for is due to be handed over (never without one).
+async fn handover_soon(handover: &Option<Handover>) {
+    match handover {
+        Some(h) if h.changed => {
+            tokio::time::sleep_until((h.last + HANDOVER_SOON).into()).await;
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Whether `cmd` changes what operators wait to see on the other replicas: a session begun or
+/// ended, labels or policies, an agent's policy ack or refusal.
+fn awaited(cmd: &Command) -> bool {
+    matches!(
+        cmd,
+        Command::Register { .. }
+            | Command::Deregister { .. }
+            | Command::Close { .. }
+            | Command::SetLabels { .. }
+            | Command::SetPolicies { .. }
+            | Command::Shutdown { .. }
+            | Command::Message {
+                msg: Msg::PolicyStatus(_),
+                ..
+            }
+    )
 }
 
 impl RegistryTask {
@@ -123,13 +162,18 @@ impl RegistryTask {
             events,
             health,
             dropped,
-            publish: None,
+            handover: None,
         }
     }
 
     /// Hands the agents to the presence writer on `held` every `every`.
     pub(super) fn share(&mut self, held: watch::Sender<Held>, every: Duration) {
-        self.publish = Some((held, every, Instant::now()));
+        self.handover = Some(Handover {
+            held,
+            every,
+            last: Instant::now(),
+            changed: false,
+        });
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -138,10 +182,17 @@ impl RegistryTask {
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd),
+                    Some(cmd) => {
+                        let awaited = awaited(&cmd);
+                        self.handle(cmd);
+                        if awaited {
+                            self.hand_over(Instant::now(), true);
+                        }
+                    }
                     None => break,
                 },
                 _ = ticks.tick() => self.tick(),
+                _ = handover_soon(&self.handover) => self.hand_over(Instant::now(), false),
             }
         }
     }
@@ -231,22 +282,25 @@ impl RegistryTask {
             self.update_state(&id, true);
             self.probe(&id, now);
         }
-        self.hand_over(now);
+        self.hand_over(now, false);
     }
 
-    /// With a shared store, hands the agents to the presence writer when due.
-    fn hand_over(&mut self, now: Instant) {
-        let due = self
-            .publish
-            .as_ref()
-            .is_some_and(|(_, every, last)| now.saturating_duration_since(*last) >= *every);
-        if !due {
+    /// With a shared store, hands the agents to the presence writer when due: every `every`, or
+    /// [`HANDOVER_SOON`] after a change operators wait for (`changed`: one happened now).
+    fn hand_over(&mut self, now: Instant, changed: bool) {
+        let Some(h) = &mut self.handover else {
+            return;
+        };
+        h.changed |= changed;
+        let since = now.saturating_duration_since(h.last);
+        if since < h.every && !(h.changed && since >= HANDOVER_SOON) {
             return;
         }
         let agents = Arc::new(self.list());
-        if let Some((held, _, last)) = &mut self.publish {
-            held.send_replace(agents);
-            *last = now;
+        if let Some(h) = &mut self.handover {
+            h.held.send_replace(agents);
+            h.last = now;
+            h.changed = false;
         }
     }
 

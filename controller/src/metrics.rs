@@ -354,7 +354,7 @@ const FLEET: &[Field<Scrape>] = &[
     ),
     counter_by(
         "tapgraph_presence_errors",
-        "Writes of this replica's lease and agents' presence (write: retried the next second; its sessions go on) and reads of the other replicas' agents (read: the query answered with this replica's only) that failed. Only with a shared store.",
+        "Writes of this replica's lease and agents' presence (write: retried the next second; its sessions go on) and reads of the other replicas' agents (read: the query answered with them as last read) that failed. Only with a shared store.",
         "operation",
         |s| match s.presence_errors {
             Some((write, read)) => vec![("write", write.into()), ("read", read.into())],

@@ -491,6 +491,12 @@ impl AdminService for AdminApi {
                 delay_p99_us: t.delay_p99_us.unwrap_or(0),
             });
         }
+        // With replicas, the streams of agents connected to the others land there.
+        for t in self.registry.remote_mirrors().await {
+            if let Some(agent) = agents.iter_mut().find(|a| a.agent_id == t.agent) {
+                agent.targets.push(t.into_proto());
+            }
+        }
         Ok(Response::new(proto::MirrorStats { agents }))
     }
 

@@ -5,6 +5,8 @@
 //! - `registry`: the live agents and their sessions, health, time probes and policy rollout;
 //! - `presence`: with a shared store, this replica's lease and its agents' presence, so that
 //!   every replica answers for the whole fleet (`registry/presence.rs`);
+//! - `mirror-stats`: with a shared store, the mirror streams landing on this replica, for the
+//!   others to show;
 //! - `enrollment`: tokens, enrolled agents, revocations and the CA key (`enrollment/`);
 //! - `policies`: the stored policies and their version counter;
 //! - `topology`: the map and its redb tables (`topology/`);
@@ -115,6 +117,9 @@ impl App {
             agents: owners.agent_health.clone(),
         };
         let mirrors = Mirrors::new(config.state_dir.clone(), owners.agent_health.clone());
+        if let Some(writer) = owners.registry.mirror_writer(mirrors.clone(), stop.clone()) {
+            tasks.spawn("mirror-stats", writer);
+        }
         let sink = config.neo4j.clone().map(|settings| {
             let (sink, handle) = sinks::neo4j::Sink::new(
                 settings,

@@ -230,9 +230,25 @@ async fn topology_stats(State(state): State<HttpState>) -> impl IntoResponse {
     Json(stats)
 }
 
-/// Mirrored packets per agent and target: received, written, dropped by reason, delay.
-async fn mirror_stats(State(state): State<HttpState>) -> impl IntoResponse {
-    Json(state.mirrors.stats())
+/// Mirrored packets per agent and target: received, written, dropped by reason, delay. With
+/// replicas, every replica's streams, each naming the replica it lands on (`replica`).
+async fn mirror_stats(State(state): State<HttpState>) -> Response {
+    let local = state.mirrors.stats();
+    if state.registry.presence_stats().is_none() {
+        return Json(local).into_response();
+    }
+    let replica = state.registry.replica();
+    let mut all: Vec<serde_json::Value> = local
+        .iter()
+        .filter_map(|t| serde_json::to_value(t).ok())
+        .map(|mut t| {
+            t["replica"] = replica.into();
+            t
+        })
+        .collect();
+    let remote = state.registry.remote_mirrors().await;
+    all.extend(remote.iter().filter_map(|t| serde_json::to_value(t).ok()));
+    Json(all).into_response()
 }
 
 /// How often the stream looks at the map's generation.

@@ -186,8 +186,7 @@ impl Registry {
         let (held, handed) = watch::channel(presence::Held::default());
         task.share(held, sharing.interval);
         let stats = Arc::new(PresenceStats::default());
-        let fleet = Fleet::new(sharing.store.clone(), sharing.lease, stats.clone());
-        registry.fleet = Some(Arc::new(fleet));
+        let mut fleet = Fleet::new(sharing.store.clone(), sharing.lease, stats.clone());
         let writer = Writer::new(
             sharing.store,
             replica,
@@ -195,6 +194,8 @@ impl Registry {
             sharing.refresh,
             stats,
         );
+        fleet.started_at_unix_ms = writer.started_at_unix_ms();
+        registry.fleet = Some(Arc::new(fleet));
         (registry, task.run(rx), writer.run(handed))
     }
 
@@ -351,6 +352,25 @@ impl Registry {
     pub async fn fleet(&self) -> Option<FleetView> {
         let fleet = self.fleet.as_ref()?;
         Some(fleet.merge(&self.replica, self.list_local().await))
+    }
+
+    /// With a shared store, the task that writes the mirror streams landing on this replica
+    /// for the others to show, until `stop`.
+    pub fn mirror_writer(
+        &self,
+        mirrors: crate::mirror::Mirrors,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Option<impl std::future::Future<Output = ()> + use<>> {
+        let fleet = self.fleet.as_ref()?;
+        Some(fleet.mirror_writer(&self.replica, mirrors, stop))
+    }
+
+    /// The mirror streams landing on the other replicas (none without a shared store).
+    pub async fn remote_mirrors(&self) -> Vec<presence::RemoteTarget> {
+        match &self.fleet {
+            Some(fleet) => fleet.remote_mirrors(&self.replica),
+            None => Vec::new(),
+        }
     }
 
     /// Presence reads and writes that failed; `None` without a shared store.

@@ -47,6 +47,8 @@ const CONFLICT_RETRIES: usize = 8;
 const PRESENCE: Table = TableDefinition::new("presence");
 /// `replicas`: per replica name, its lease.
 const REPLICAS: Table = TableDefinition::new("replicas");
+/// `mirrors`: per replica name, the mirror streams landing on it ([`MirrorsRow`]).
+const MIRRORS: Table = TableDefinition::new("mirrors");
 
 /// A replica's lease: alive while `heartbeat_unix_ms` is younger than [`LEASE`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +75,100 @@ pub struct PresenceRow {
     pub state: AgentState,
     /// What operators see of the agent, as the holding replica saw it.
     pub agent: AgentView,
+}
+
+/// The mirror streams landing on one replica, rewritten every [`INTERVAL`] while they change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MirrorsRow<T> {
+    pub replica: String,
+    /// [`ReplicaRow::started_at_unix_ms`] of the run that wrote it.
+    pub replica_started_at_unix_ms: u64,
+    /// Per (agent, target), as `GET /api/v1/mirror` shows them.
+    pub targets: Vec<T>,
+}
+
+/// One mirror stream of another replica: [`crate::mirror::StatsView`] as read back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoteTarget {
+    pub agent: String,
+    pub target: String,
+    pub batches: u64,
+    pub batches_lost: u64,
+    pub packets_received: u64,
+    pub bytes_received: u64,
+    pub packets_written: u64,
+    pub bytes_written: u64,
+    pub dropped: BTreeMap<String, u64>,
+    pub lost_in_transit: u64,
+    pub invalid_batches: BTreeMap<String, u64>,
+    pub last_error: Option<String>,
+    pub delay_p50_us: Option<u64>,
+    pub delay_p99_us: Option<u64>,
+    /// The replica it lands on (not in the row: added when read).
+    #[serde(default)]
+    pub replica: String,
+}
+
+impl RemoteTarget {
+    /// As `tapgraphctl mirror` reads it.
+    pub fn into_proto(self) -> tapgraph::proto::MirrorTargetStats {
+        tapgraph::proto::MirrorTargetStats {
+            target: self.target,
+            batches: self.batches,
+            batches_lost: self.batches_lost,
+            packets_received: self.packets_received,
+            bytes_received: self.bytes_received,
+            packets_written: self.packets_written,
+            bytes_written: self.bytes_written,
+            dropped: self.dropped.into_iter().collect(),
+            last_error: self.last_error.unwrap_or_default(),
+            delay_p50_us: self.delay_p50_us.unwrap_or(0),
+            delay_p99_us: self.delay_p99_us.unwrap_or(0),
+        }
+    }
+}
+
+/// Writes the mirror streams landing on this replica (`stats`, read each [`INTERVAL`]) while
+/// they change, until `stop`; a failed write is counted and done again the next second.
+pub async fn write_mirrors(
+    store: Store,
+    replica: String,
+    started_at_unix_ms: u64,
+    stats: impl Fn() -> Vec<crate::mirror::StatsView>,
+    presence: Arc<PresenceStats>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut written: Option<serde_json::Value> = None;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        let row = MirrorsRow {
+            replica: replica.clone(),
+            replica_started_at_unix_ms: started_at_unix_ms,
+            targets: stats(),
+        };
+        let Ok(value) = serde_json::to_value(&row) else {
+            continue;
+        };
+        if written.as_ref() == Some(&value) {
+            continue;
+        }
+        let mut batch = Batch::default();
+        if batch.put(MIRRORS, &replica, &value).is_err() {
+            continue;
+        }
+        match store.commit_deferred(batch) {
+            Ok(()) => written = Some(value),
+            Err(e) => {
+                presence.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "cannot write this replica's mirror streams");
+            }
+        }
+    }
 }
 
 /// Presence reads and writes that failed, by the store's error: the writer retries the next
@@ -194,6 +290,11 @@ impl Writer {
             stats,
             down_logged: false,
         }
+    }
+
+    /// When this run of the replica started, as its lease says.
+    pub fn started_at_unix_ms(&self) -> u64 {
+        self.started_at_unix_ms
     }
 
     /// Writes a round each time the registry hands over its agents, until it stops; then
@@ -336,6 +437,8 @@ pub struct Fleet {
     read_logged: AtomicBool,
     /// The last read that succeeded: what queries answer with while the database is down.
     last: std::sync::Mutex<Option<Arc<Snapshot>>>,
+    /// This run of this replica ([`ReplicaRow::started_at_unix_ms`]), once its writer exists.
+    pub(super) started_at_unix_ms: u64,
 }
 
 /// Both tables as read at one moment.
@@ -362,11 +465,29 @@ impl Fleet {
             stats,
             read_logged: AtomicBool::new(false),
             last: std::sync::Mutex::new(None),
+            started_at_unix_ms: 0,
         }
     }
 
     pub fn stats(&self) -> &PresenceStats {
         &self.stats
+    }
+
+    /// The task that writes the mirror streams landing on `replica` (`mirrors`), until `stop`.
+    pub fn mirror_writer(
+        &self,
+        replica: &str,
+        mirrors: crate::mirror::Mirrors,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + use<> {
+        write_mirrors(
+            self.store.clone(),
+            replica.to_string(),
+            self.started_at_unix_ms,
+            move || mirrors.stats(),
+            self.stats.clone(),
+            stop,
+        )
     }
 
     /// Both tables now; while the database cannot be read (counted, logged once), as last read
@@ -429,6 +550,48 @@ impl Fleet {
                 replicas: vec![replica.to_string()],
             },
         }
+    }
+
+    /// The mirror streams landing on the other replicas holding a lease (as last read while
+    /// the database cannot be read: none).
+    pub fn remote_mirrors(&self, replica: &str) -> Vec<RemoteTarget> {
+        let Some(snapshot) = self.load() else {
+            return Vec::new();
+        };
+        let rows = match self.store.load::<MirrorsRow<RemoteTarget>>(MIRRORS) {
+            Ok(rows) => rows,
+            Err(e) => {
+                self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "cannot read the other replicas' mirror streams");
+                return Vec::new();
+            }
+        };
+        let replicas: BTreeMap<&str, &ReplicaRow> = snapshot
+            .replicas
+            .iter()
+            .map(|r| (r.replica.as_str(), r))
+            .collect();
+        let (now, lease) = (snapshot.read_at_unix_ms, self.lease);
+        rows.into_iter()
+            .filter(|r| r.replica != replica)
+            .filter(|r| {
+                expired(
+                    &r.replica,
+                    r.replica_started_at_unix_ms,
+                    &replicas,
+                    now,
+                    lease,
+                )
+                .is_none()
+            })
+            .flat_map(|r| {
+                let on = r.replica;
+                r.targets.into_iter().map(move |mut t| {
+                    t.replica = on.clone();
+                    t
+                })
+            })
+            .collect()
     }
 
     /// The agents with a live session on another replica, as it last wrote them; `local` are
@@ -1101,6 +1264,72 @@ mod tests {
         .await;
         // a's own agent is listed on a whatever the database says.
         assert_eq!(a.list().await[0].controller, "a");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_mirror_streams_of_a_replica_show_on_the_others_while_it_holds_its_lease() {
+        let Some(pg) = testpg::database().await else {
+            return;
+        };
+        let settings = StoreSettings::Postgres(pg);
+        let dir = tempfile::tempdir().unwrap();
+        let (a, store_a, a_tasks) = replica(&settings, dir.path(), "a").await;
+        let (b, _sb, _b_tasks) = replica(&settings, dir.path(), "b").await;
+        let stream = || crate::mirror::StatsView {
+            agent: "vm-1".into(),
+            target: "pcap:vm-1".into(),
+            batches: 3,
+            batches_lost: 0,
+            packets_received: 30,
+            bytes_received: 3_000,
+            packets_written: 29,
+            bytes_written: 2_900,
+            dropped: BTreeMap::from([("queue", 1)]),
+            lost_in_transit: 0,
+            invalid_batches: BTreeMap::new(),
+            last_error: None,
+            delay_p50_us: Some(120),
+            delay_p99_us: None,
+        };
+        let started = a.fleet.as_ref().unwrap().started_at_unix_ms;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let writer = tokio::spawn(write_mirrors(
+            store_a,
+            "a".into(),
+            started,
+            move || vec![stream()],
+            Arc::default(),
+            stop.clone(),
+        ));
+        let seen = eventually(
+            "b shows a's mirror stream",
+            async || b.remote_mirrors().await,
+            |m| !m.is_empty(),
+        )
+        .await;
+        assert_eq!(seen.len(), 1);
+        let t = &seen[0];
+        assert_eq!((t.replica.as_str(), t.agent.as_str()), ("a", "vm-1"));
+        assert_eq!((t.packets_written, t.dropped["queue"]), (29, 1));
+        let wire = t.clone().into_proto();
+        assert_eq!((wire.delay_p50_us, wire.delay_p99_us), (120, 0));
+        assert!(
+            a.remote_mirrors().await.is_empty(),
+            "its own are not remote"
+        );
+        // a dies: once its lease runs out, its streams are not shown.
+        stop.cancel();
+        writer.await.unwrap();
+        let [registry_task, presence_writer] = a_tasks;
+        presence_writer.abort();
+        let _ = presence_writer.await;
+        registry_task.abort();
+        eventually(
+            "b stops showing a's streams",
+            async || b.remote_mirrors().await,
+            |m| m.is_empty(),
+        )
+        .await;
     }
 
     #[test]

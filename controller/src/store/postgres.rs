@@ -37,6 +37,7 @@ pub const TABLES: &[&str] = &[
     "topology_edges",
     "presence",
     "replicas",
+    "mirrors",
     "pki",
 ];
 

@@ -1055,6 +1055,30 @@ fn with_postgresql_stopped_sessions_go_on_writes_are_refused_and_everything_reco
             );
         }
     }
+    // And every replica still answers for the whole fleet, as it last read it.
+    let fleet: BTreeSet<(String, String)> = live_before
+        .iter()
+        .enumerate()
+        .flat_map(|(i, held)| {
+            let name = lab.name(i);
+            held.iter()
+                .map(move |((id, _), _)| (id.clone(), name.clone()))
+        })
+        .collect();
+    for i in 0..2 {
+        let listed: BTreeSet<(String, String)> = lab
+            .agents(i)
+            .into_iter()
+            .filter(|a| a["state"] == "connected")
+            .map(|a| {
+                (
+                    a["id"].as_str().unwrap().to_string(),
+                    a["controller"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(listed, fleet, "{} during the outage", lab.name(i));
+    }
     let down_for = stopped.elapsed();
 
     lab.pg.resume();

@@ -34,6 +34,15 @@ pub struct AdminApi {
 const CONSOLE_TTL: (Duration, Duration) =
     (Duration::from_secs(60), Duration::from_secs(30 * 86_400));
 
+/// A store's refusal as operators see it: UNAVAILABLE naming the database while it is down.
+fn store_status(e: crate::store::StoreError) -> Status {
+    if e.is_unavailable() {
+        Status::unavailable(e.to_string())
+    } else {
+        Status::internal(e.to_string())
+    }
+}
+
 fn console_token(t: crate::http::console::ConsoleToken) -> proto::ConsoleToken {
     proto::ConsoleToken {
         id: t.id,
@@ -552,7 +561,7 @@ impl AdminService for AdminApi {
             .console
             .tokens
             .create(ttl, req.description, operator.clone())
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(store_status)?;
         tracing::info!(%operator, token = %token.id, ttl = ?ttl, "console token created");
         Ok(Response::new(proto::CreateConsoleTokenResponse {
             id: token.id.clone(),
@@ -590,7 +599,7 @@ impl AdminService for AdminApi {
                 Ok(Response::new(proto::RevokeConsoleTokenResponse {}))
             }
             Ok(false) => Err(Status::not_found(format!("no console token {id}"))),
-            Err(e) => Err(Status::internal(e.to_string())),
+            Err(e) => Err(store_status(e)),
         }
     }
 
@@ -616,10 +625,7 @@ impl AdminService for AdminApi {
             cidr: req.cidr.clone(),
             hostname: req.hostname.clone(),
         };
-        self.naming
-            .operator_rules
-            .set(text)
-            .map_err(Status::invalid_argument)?;
+        self.naming.operator_rules.set(text)?;
         tracing::info!(%operator, cidr = %req.cidr, hostname = %req.hostname, "label rules set");
         self.events
             .emit("label_rules", "", format!("label rules set by {operator}"));

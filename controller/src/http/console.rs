@@ -46,11 +46,16 @@ pub struct ConsoleToken {
     pub description: String,
 }
 
-/// The console's tokens, persisted; cheap to clone.
+/// The console's tokens, persisted; cheap to clone. The store is shared by the replicas:
+/// [`ConsoleTokens::follow`] reads a token again when another replica creates or revokes it, so a
+/// token works on every replica, and a revoked one on none.
 #[derive(Clone)]
 pub struct ConsoleTokens {
     store: Store,
     tokens: Arc<Mutex<BTreeMap<String, ConsoleToken>>>,
+    /// Held from a write or a read of the store until its result is in `tokens`: a token revoked
+    /// here is never put back by a read of it that started before the revocation.
+    writing: Arc<Mutex<()>>,
 }
 
 fn now_ms() -> u64 {
@@ -59,19 +64,20 @@ fn now_ms() -> u64 {
 
 impl ConsoleTokens {
     pub fn load(store: Store) -> Result<Self, StoreError> {
-        let tokens = store
-            .load::<ConsoleToken>(TOKENS)?
-            .into_iter()
-            .map(|t| (t.id.clone(), t))
-            .collect();
+        let tokens = read_all(&store)?;
         Ok(Self {
             store,
             tokens: Arc::new(Mutex::new(tokens)),
+            writing: Arc::default(),
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ConsoleToken>> {
         self.tokens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A new token valid for `ttl`, and its text (shown once). Expired ones are forgotten here.
@@ -94,6 +100,7 @@ impl ConsoleTokens {
         };
         let mut batch = Batch::default();
         batch.put(TOKENS, &id, &token)?;
+        let _writing = self.writing();
         let expired: Vec<String> = self
             .lock()
             .values()
@@ -124,13 +131,16 @@ impl ConsoleTokens {
 
     /// Forgets token `id`; false when there is none.
     pub fn revoke(&self, id: &str) -> Result<bool, StoreError> {
-        if !self.lock().contains_key(id) {
+        let _writing = self.writing();
+        // Another replica may have created it a moment ago: the store decides.
+        if !self.lock().contains_key(id) && self.store.get::<ConsoleToken>(TOKENS, id)?.is_none() {
             return Ok(false);
         }
         let mut batch = Batch::default();
         batch.delete(TOKENS, id);
         self.store.commit(batch)?;
-        Ok(self.lock().remove(id).is_some())
+        self.lock().remove(id);
+        Ok(true)
     }
 
     /// The token `text` is, if it is known and unexpired.
@@ -142,6 +152,63 @@ impl ConsoleTokens {
         (token.secret_sha256 == hash(secret) && token.expires_at_ms > now_ms())
             .then(|| token.clone())
     }
+
+    /// Reads a token again whenever another replica creates or revokes it, and every token after
+    /// the store may have missed changes, until `stop`. Reads them all once at its start: a
+    /// change made between [`ConsoleTokens::load`] and the start is not missed.
+    pub async fn follow(self, stop: tokio_util::sync::CancellationToken) {
+        use crate::store::Change;
+        use tokio::sync::broadcast::error::RecvError;
+        let mut changes = self.store.changes();
+        self.reread_all();
+        loop {
+            let change = tokio::select! {
+                _ = stop.cancelled() => return,
+                change = changes.recv() => change,
+            };
+            match change {
+                Ok(Change::Row { table, key }) if table == redb::TableHandle::name(&TOKENS) => {
+                    self.reread(&key)
+                }
+                Ok(Change::Row { .. }) => {}
+                Ok(Change::Resync) | Err(RecvError::Lagged(_)) => self.reread_all(),
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn reread(&self, id: &str) {
+        let _writing = self.writing();
+        match self.store.get::<ConsoleToken>(TOKENS, id) {
+            Ok(Some(token)) => {
+                self.lock().insert(id.to_string(), token);
+            }
+            Ok(None) => {
+                if self.lock().remove(id).is_some() {
+                    tracing::info!(token = id, "console token revoked through another replica");
+                }
+            }
+            // The database is down: the read once it is back (a resync) catches up.
+            Err(error) => tracing::warn!(token = id, %error, "cannot read a console token again"),
+        }
+    }
+
+    fn reread_all(&self) {
+        let _writing = self.writing();
+        match read_all(&self.store) {
+            Ok(tokens) => *self.lock() = tokens,
+            Err(error) => tracing::warn!(%error, "cannot read the console tokens again"),
+        }
+    }
+}
+
+/// Every stored token, by id.
+fn read_all(store: &Store) -> Result<BTreeMap<String, ConsoleToken>, StoreError> {
+    Ok(store
+        .load::<ConsoleToken>(TOKENS)?
+        .into_iter()
+        .map(|t| (t.id.clone(), t))
+        .collect())
 }
 
 /// Who may see the console, the read-only API and `/metrics`.
@@ -569,6 +636,87 @@ mod tests {
             .unwrap();
         assert!(t.check(&gone).is_none(), "expired");
         assert_eq!(t.list().len(), 1, "expired ones are not listed");
+    }
+
+    /// Waits up to 10 s for `check` to hold, polling.
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not within 10 s: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres_a_token_created_through_one_replica_works_on_another_until_revoked() {
+        let Some(pg) = crate::store::testpg::database().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::store::StoreSettings::Postgres(pg);
+        let a = Store::connect(&settings, dir.path(), "a").await.unwrap();
+        let b = Store::connect(&settings, dir.path(), "b").await.unwrap();
+        let (a, b) = (
+            ConsoleTokens::load(a).unwrap(),
+            ConsoleTokens::load(b).unwrap(),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let following = [
+            tokio::spawn(a.clone().follow(stop.clone())),
+            tokio::spawn(b.clone().follow(stop.clone())),
+        ];
+        let (text, token) = a
+            .create(Duration::from_secs(60), "laptop".into(), "alice".into())
+            .unwrap();
+        eventually("B accepts the token", || b.check(&text).is_some()).await;
+        assert_eq!(b.list(), std::slice::from_ref(&token));
+        // Created through B and revoked through A at once, before A may have heard of it: the
+        // store decides, and B forgets it.
+        let (other, other_token) = b
+            .create(Duration::from_secs(60), String::new(), "bob".into())
+            .unwrap();
+        assert!(a.revoke(&other_token.id).unwrap(), "the store knows it");
+        eventually("B refuses the revoked token", || b.check(&other).is_none()).await;
+        assert!(b.revoke(&token.id).unwrap());
+        eventually("A refuses the revoked token", || a.check(&text).is_none()).await;
+        assert!(a.list().is_empty() && b.list().is_empty());
+        stop.cancel();
+        for f in following {
+            f.await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres_token_changes_the_database_refuses_are_unavailable_and_change_nothing() {
+        let Some(pg) = crate::store::testpg::database().await else {
+            return;
+        };
+        let (proxy, through) = crate::policies::testproxy::Proxy::start(&pg).await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(
+            &crate::store::StoreSettings::Postgres(through),
+            dir.path(),
+            "a",
+        )
+        .await
+        .unwrap();
+        let t = ConsoleTokens::load(store).unwrap();
+        let (text, token) = t
+            .create(Duration::from_secs(60), String::new(), "alice".into())
+            .unwrap();
+        proxy.cut();
+        let e = t
+            .create(Duration::from_secs(60), String::new(), "alice".into())
+            .unwrap_err();
+        assert!(e.is_unavailable(), "{e}");
+        assert!(e.to_string().contains(&proxy.addr().to_string()), "{e}");
+        let e = t.revoke(&token.id).unwrap_err();
+        assert!(e.is_unavailable(), "{e}");
+        assert_eq!(t.list(), [token], "nothing changed");
+        assert!(t.check(&text).is_some(), "the token still works");
     }
 
     /// A bad token from `source` at `now`.

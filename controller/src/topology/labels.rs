@@ -149,29 +149,51 @@ pub struct RuleText {
 }
 
 const RULES: crate::store::Table = redb::TableDefinition::new("label_rules");
+/// The one row of [`RULES`].
+const RULES_KEY: &str = "operator";
 
-/// The rules operators set with tapgraphctl: validated, persisted, then swapped in whole.
+/// Why operator rules were not set.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    /// A rule does not parse; the text names it and its key.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store refused the write: nothing changed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl From<RulesError> for tonic::Status {
+    fn from(e: RulesError) -> Self {
+        match e {
+            RulesError::Invalid(m) => tonic::Status::invalid_argument(m),
+            RulesError::Store(e) if e.is_unavailable() => tonic::Status::unavailable(e.to_string()),
+            RulesError::Store(e) => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+/// The rules operators set with tapgraphctl: validated, persisted, then swapped in whole. The
+/// store is shared by the replicas: [`OperatorRules::follow`] reads the rules again when another
+/// replica sets them.
 #[derive(Clone)]
 pub struct OperatorRules {
     store: crate::store::Store,
     /// Read on every graph query, written by an operator now and then; never held across an await.
     current: std::sync::Arc<std::sync::RwLock<(RuleText, LabelRules)>>,
+    /// Held from a write or a read of the store until its result is swapped in: a rule set here
+    /// and one read back from another replica's change are swapped in the order they were stored.
+    writing: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl OperatorRules {
     /// Loads the stored rules; stored rules that no longer parse are reported and ignored.
     pub fn load(store: crate::store::Store) -> Result<Self, crate::store::StoreError> {
-        let text = store.load::<RuleText>(RULES)?.pop().unwrap_or_default();
-        let parsed = match LabelRules::parse(&text.cidr, &text.hostname) {
-            Ok(r) => r,
-            Err((key, error)) => {
-                tracing::error!(key, %error, "stored label rules no longer parse; ignoring them");
-                LabelRules::default()
-            }
-        };
+        let current = read(&store)?;
         Ok(Self {
             store,
-            current: std::sync::Arc::new(std::sync::RwLock::new((text, parsed))),
+            current: std::sync::Arc::new(std::sync::RwLock::new(current)),
+            writing: std::sync::Arc::default(),
         })
     }
 
@@ -182,16 +204,69 @@ impl OperatorRules {
             .clone()
     }
 
-    /// Replaces the rules; a rule that does not parse is refused with the reason and nothing changes.
-    pub fn set(&self, text: RuleText) -> Result<(), String> {
-        let parsed = LabelRules::parse(&text.cidr, &text.hostname)
-            .map_err(|(key, e)| format!("{}: {e}", key.replace("topology.", "")))?;
-        self.store
-            .put(RULES, "operator", &text)
-            .map_err(|e| e.to_string())?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (text, parsed);
+    /// Replaces the rules; a rule that does not parse, or a write the store refuses, leaves
+    /// everything as it was.
+    pub fn set(&self, text: RuleText) -> Result<(), RulesError> {
+        let parsed = LabelRules::parse(&text.cidr, &text.hostname).map_err(|(key, e)| {
+            RulesError::Invalid(format!("{}: {e}", key.replace("topology.", "")))
+        })?;
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.put(RULES, RULES_KEY, &text)?;
+        self.swap((text, parsed));
         Ok(())
     }
+
+    fn swap(&self, rules: (RuleText, LabelRules)) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = rules;
+    }
+
+    /// Reads the rules again whenever another replica sets them (and after the store may have
+    /// missed changes), until `stop`. Reads them once at its start: a change made between
+    /// [`OperatorRules::load`] and the start is not missed.
+    pub async fn follow(self, stop: tokio_util::sync::CancellationToken) {
+        use crate::store::Change;
+        use tokio::sync::broadcast::error::RecvError;
+        let mut changes = self.store.changes();
+        self.reread();
+        loop {
+            let change = tokio::select! {
+                _ = stop.cancelled() => return,
+                change = changes.recv() => change,
+            };
+            match change {
+                Ok(Change::Row { table, .. }) if table != redb::TableHandle::name(&RULES) => {}
+                Ok(_) | Err(RecvError::Lagged(_)) => self.reread(),
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn reread(&self) {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        match read(&self.store) {
+            Ok(rules) => {
+                if rules.0 != self.get().0 {
+                    tracing::info!(cidr = %rules.0.cidr, hostname = %rules.0.hostname, "label rules set through another replica");
+                    self.swap(rules);
+                }
+            }
+            // The database is down: the read once it is back (a resync) catches up.
+            Err(error) => tracing::warn!(%error, "cannot read the label rules again"),
+        }
+    }
+}
+
+/// The stored rules, parsed; rules that no longer parse are reported and ignored.
+fn read(store: &crate::store::Store) -> Result<(RuleText, LabelRules), crate::store::StoreError> {
+    let text = store.get::<RuleText>(RULES, RULES_KEY)?.unwrap_or_default();
+    let parsed = match LabelRules::parse(&text.cidr, &text.hostname) {
+        Ok(r) => r,
+        Err((key, error)) => {
+            tracing::error!(key, %error, "stored label rules no longer parse; ignoring them");
+            LabelRules::default()
+        }
+    };
+    Ok((text, parsed))
 }
 
 #[cfg(test)]
@@ -205,5 +280,118 @@ mod operator_tests {
         let all = config.then(&ops);
         assert_eq!(all.for_address(&"10.1.1.1".parse().unwrap())["zone"], "dc2");
         assert_eq!(all.for_hostname("web-1")["role"], "frontend");
+    }
+
+    use std::time::Duration;
+
+    use crate::policies::testproxy::Proxy;
+    use crate::store::{Store, StoreSettings, testpg};
+
+    /// Waits up to 10 s for `check` to hold, polling.
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not within 10 s: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn zone(rules: &OperatorRules) -> Option<String> {
+        rules
+            .get()
+            .1
+            .for_address(&"10.1.1.1".parse().unwrap())
+            .get("zone")
+            .cloned()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres_rules_set_through_one_replica_apply_on_another() {
+        let Some(pg) = testpg::database().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let settings = StoreSettings::Postgres(pg);
+        let a = Store::connect(&settings, dir.path(), "a").await.unwrap();
+        let b = Store::connect(&settings, dir.path(), "b").await.unwrap();
+        let (a, b) = (
+            OperatorRules::load(a).unwrap(),
+            OperatorRules::load(b).unwrap(),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let following = [
+            tokio::spawn(a.clone().follow(stop.clone())),
+            tokio::spawn(b.clone().follow(stop.clone())),
+        ];
+        let rules = |zone: &str| RuleText {
+            cidr: format!("10.0.0.0/8 zone={zone}"),
+            hostname: "web-* role=web".into(),
+        };
+        a.set(rules("dc1")).unwrap();
+        eventually("B labels 10.1.1.1 zone=dc1", || {
+            zone(&b).as_deref() == Some("dc1")
+        })
+        .await;
+        assert_eq!(b.get().0, rules("dc1"));
+        assert_eq!(b.get().1.for_hostname("web-1")["role"], "web");
+        b.set(rules("dc2")).unwrap();
+        eventually("A labels 10.1.1.1 zone=dc2", || {
+            zone(&a).as_deref() == Some("dc2")
+        })
+        .await;
+        b.set(RuleText::default()).unwrap();
+        eventually("A has no rules", || zone(&a).is_none()).await;
+        stop.cancel();
+        for f in following {
+            f.await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres_rules_the_database_refuses_are_unavailable_and_change_nothing() {
+        let Some(pg) = testpg::database().await else {
+            return;
+        };
+        let (proxy, through) = Proxy::start(&pg).await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&StoreSettings::Postgres(through), dir.path(), "a")
+            .await
+            .unwrap();
+        let rules = OperatorRules::load(store).unwrap();
+        let dc1 = RuleText {
+            cidr: "10.0.0.0/8 zone=dc1".into(),
+            hostname: String::new(),
+        };
+        rules.set(dc1.clone()).unwrap();
+        proxy.cut();
+        let e = rules
+            .set(RuleText {
+                cidr: "10.0.0.0/8 zone=dc2".into(),
+                hostname: String::new(),
+            })
+            .unwrap_err();
+        let status = tonic::Status::from(e);
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains(&proxy.addr().to_string()),
+            "names the database: {}",
+            status.message()
+        );
+        assert_eq!(rules.get().0, dc1);
+        assert_eq!(zone(&rules).as_deref(), Some("dc1"));
+        let bad = rules
+            .set(RuleText {
+                cidr: "10.0.0.0/33 a=b".into(),
+                hostname: String::new(),
+            })
+            .unwrap_err();
+        assert_eq!(
+            tonic::Status::from(bad).code(),
+            tonic::Code::InvalidArgument,
+            "a bad rule is refused before the store is asked"
+        );
     }
 }

@@ -9,6 +9,8 @@
 //!   others to show;
 //! - `enrollment`: tokens, enrolled agents, revocations and the CA key (`enrollment/`);
 //! - `policies`: the stored policies and their version counter;
+//! - `label-rules`, `console-tokens`: read the operators' label rules and console tokens again
+//!   when another replica changes them;
 //! - `topology`: the map and its redb tables (`topology/`);
 //! - `neo4j-sink`: the writer to Neo4j, when `graph.neo4j.uri` is set;
 //! - `grpc`: AgentService, EnrollmentService, AdminService, health and reflection on one mTLS port;
@@ -106,9 +108,11 @@ impl App {
         let addresses = vec![format!("grpc {grpc_addr}"), format!("http {http_addr}")];
         let owners = Owners::spawn(config, pki, &store, addresses, &mut tasks).await?;
 
+        let operator_rules = topology::labels::OperatorRules::load(store.clone())?;
+        tasks.spawn("label-rules", operator_rules.clone().follow(stop.clone()));
         let naming = Naming {
             config_rules: config.label_rules.clone(),
-            operator_rules: topology::labels::OperatorRules::load(store.clone())?,
+            operator_rules,
             names: if config.reverse_dns {
                 topology::names::Names::new(Duration::from_secs(3600))
             } else {
@@ -134,8 +138,10 @@ impl App {
             handle
         });
         let http_stats = Arc::new(http::HttpStats::default());
+        let console_tokens = console::ConsoleTokens::load(store.clone())?;
+        tasks.spawn("console-tokens", console_tokens.clone().follow(stop.clone()));
         let access = console::Access::new(
-            console::ConsoleTokens::load(store.clone())?,
+            console_tokens,
             config.console_token_always || !config.http_listen.ip().is_loopback(),
             &config.http,
             http_stats.clone(),

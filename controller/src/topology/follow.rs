@@ -647,4 +647,118 @@ mod tests {
         hear_until(&mut b, &mut heard, |t| !t.model.agents.contains_key("x")).await;
         assert!(b.model.edges.values().all(|e| e.reporters.is_empty()));
     }
+
+    /// What a table costs a replica, its own agent's snapshot against another replica's table
+    /// (BENCHMARKS.md): `cargo test --release -p tapgraph-controller --bin tapgraph-controller
+    /// remote_table_probe -- --ignored --nocapture`. PROBE_AGENTS (500) tables of 200 rows, each
+    /// agent a client of five of the others' services and of a few external endpoints.
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore]
+    async fn remote_table_probe() {
+        let agents: usize = std::env::var("PROBE_AGENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(500);
+        let ip = |a: usize| format!("10.0.{}.{}", a / 200, a % 200 + 1);
+        let snapshot = |a: usize, sequence: u64| {
+            use proto::Direction::Client;
+            let me = ip(a);
+            let entries = (0..200)
+                .map(|n| {
+                    let remote = if n % 5 == 0 {
+                        format!("203.0.113.{}", n % 64 + 1)
+                    } else {
+                        ip((a + 1 + n % 5) % agents)
+                    };
+                    entry(Client, &me, &remote, 6379, &format!("worker-{n}"), false)
+                })
+                .collect();
+            proto::ConnectionSnapshot {
+                sequence,
+                ..full(&me, vec![listener(6379, "redis")], entries)
+            }
+        };
+        let name = |a: usize| format!("agent-{a:04}");
+        // Process CPU (all threads: the database driver's included), in ms.
+        let cpu = || {
+            let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .split_whitespace()
+                .collect();
+            let ticks: u64 =
+                fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+            ticks * 10
+        };
+        let report = |what: &str, ms: u64, n: usize| {
+            eprintln!("{what:<58} {:>7.3} ms CPU per table", ms as f64 / n as f64);
+        };
+        let dir = tempfile::tempdir().unwrap();
+
+        // One controller: snapshots in, written to redb.
+        let embedded = Store::open(&dir.path().join("one.redb")).unwrap();
+        let (mut one, _) = task(&embedded, true);
+        let roomy = |t: &mut Task| {
+            t.settings.max_entries = 1_000;
+            t.settings.max_rows = 10_000_000;
+        };
+        roomy(&mut one);
+        for round in 1..=2u64 {
+            let start = cpu();
+            for a in 0..agents {
+                apply(&mut one, &name(a), &snapshot(a, round)).unwrap();
+            }
+            let what = if round == 1 {
+                "new"
+            } else {
+                "the same rows again"
+            };
+            report(
+                &format!("local snapshot, {what} (embedded)"),
+                cpu() - start,
+                agents,
+            );
+        }
+
+        let Some(pg) = testpg::database().await else {
+            return;
+        };
+        let settings = StoreSettings::Postgres(pg);
+        let sa = Store::connect(&settings, dir.path(), "a").await.unwrap();
+        let sb = Store::connect(&settings, dir.path(), "b").await.unwrap();
+        let (mut a, _) = task(&sa, true);
+        let (mut b, mut heard) = task(&sb, false);
+        roomy(&mut a);
+        roomy(&mut b);
+        for round in 1..=2u64 {
+            let start = cpu();
+            for x in 0..agents {
+                apply(&mut a, &name(x), &snapshot(x, round)).unwrap();
+            }
+            let what = if round == 1 {
+                "new"
+            } else {
+                "the same rows again"
+            };
+            report(
+                &format!("local snapshot, {what} (postgres)"),
+                cpu() - start,
+                agents,
+            );
+            let start = cpu();
+            let before = b.stats.remote_tables_applied;
+            hear_until(&mut b, &mut heard, |t| {
+                t.stats.remote_tables_applied >= before + agents as u64
+            })
+            .await;
+            report(
+                &format!("another replica's table, {what} (read, applied)"),
+                cpu() - start,
+                agents,
+            );
+        }
+        assert_eq!(a.model.edges.len(), b.model.edges.len());
+    }
 }

@@ -1,6 +1,8 @@
 //! The map in the state store: each agent's table with the last sequence applied, and each edge
 //! with its history. Written through after every group of snapshots, so a restart loses nothing
-//! and a crash at most the last second (`task::SYNC_EVERY`); read back once at start.
+//! and a crash at most the last second (`task::SYNC_EVERY`); read back once at start. With
+//! replicas, an agent's record is also read by the other replicas when it changes, and the edges
+//! are written by every replica that applies a table ([`super::follow`]).
 
 use std::collections::BTreeMap;
 

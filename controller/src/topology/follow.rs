@@ -92,7 +92,6 @@ impl Task {
                 Ok(Some(record)) => self.take_remote(record),
                 Ok(None) => self.forget(&agent),
                 Err(error) => {
-                    self.stats.store_errors += 1;
                     tracing::warn!(%agent, %error, "cannot read the map another replica wrote; reading it all again shortly");
                     self.reload_due = true;
                 }
@@ -182,7 +181,6 @@ impl Task {
         let records = match persist::read_agents(&self.store) {
             Ok(records) => records,
             Err(error) => {
-                self.stats.store_errors += 1;
                 tracing::warn!(%error, "cannot read the map other replicas wrote; trying again shortly");
                 self.reload_due = true;
                 return;
@@ -221,7 +219,6 @@ impl Task {
         let records = match persist::read_edges(&self.store) {
             Ok(records) => records,
             Err(error) => {
-                self.stats.store_errors += 1;
                 tracing::warn!(%error, "cannot read the map's edges from the store");
                 return;
             }

@@ -229,7 +229,9 @@ impl Task {
             self.sync();
         }
         self.retry_unwritten();
-        if self.reload_due {
+        // While the database is known to be down the listener's reconnection brings a resync:
+        // no read waits for a timeout meanwhile.
+        if self.reload_due && self.store.unavailable().is_none() {
             self.reload();
         }
         if self.collect_due && idle {

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use tapgraph::pki::CertAuthority;
 use tonic::{Code, Status};
 
+use crate::store::{Batch, Table};
+
 use super::{
     EnrollError, EnrollRequest, Enrollment, TOKENS,
     limits::EnrollLimits,
@@ -202,16 +204,6 @@ async fn a_revocation_new_key_or_labels_through_one_replica_reach_the_other() {
         rb.key_is_current(&id, Some(&new_key)) && !rb.key_is_current(&id, Some("other"))
     })
     .await;
-    // Labels set through A are B's too (its registry re-resolves the agent's policy).
-    let tier = BTreeMap::from([("tier".to_string(), "db".to_string())]);
-    a.enrollment
-        .set_labels(id.clone(), tier.clone(), Vec::new())
-        .await
-        .unwrap();
-    eventually("B has the labels set through A", async || {
-        b.enrollment.labels(&id).await == tier
-    })
-    .await;
     // The agent's Connect stream is on B.
     let (outbound, _pushed) = tokio::sync::mpsc::channel(8);
     let hello = tapgraph::proto::Hello {
@@ -229,6 +221,21 @@ async fn a_revocation_new_key_or_labels_through_one_replica_reach_the_other() {
         )
         .await
         .unwrap();
+    // Labels set through A are B's too, and B's registry re-resolves the agent's policy.
+    let tier = BTreeMap::from([("tier".to_string(), "db".to_string())]);
+    a.enrollment
+        .set_labels(id.clone(), tier.clone(), Vec::new())
+        .await
+        .unwrap();
+    eventually("B has the labels set through A", async || {
+        b.enrollment.labels(&id).await == tier
+            && b.registry
+                .list()
+                .await
+                .iter()
+                .any(|v| v.id == id && v.labels == tier)
+    })
+    .await;
     let mut changed = rb.changed();
     changed.borrow_and_update();
     assert!(!rb.is_revoked(&id));
@@ -253,6 +260,68 @@ async fn a_revocation_new_key_or_labels_through_one_replica_reach_the_other() {
     let (_key, csr) = tapgraph::pki::new_key_and_csr("db").unwrap();
     let refused = b.enrollment.renew(id.clone(), csr).await.err().unwrap();
     assert!(matches!(refused, EnrollError::Revoked(_)), "{refused}");
+}
+
+/// Changes B was not told of (written under its own name, as if while its listening session was
+/// down) are read when that session comes back: a revocation closes streams, a deleted record goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_lost_listening_session_a_replica_reads_everything_again() {
+    let Some((a, b, pg)) = two_replicas().await else {
+        return;
+    };
+    let text = token(&a, 2).await;
+    for (n, host) in ["web", "db"].into_iter().enumerate() {
+        a.enrollment
+            .enroll(request(&text, host, n as u8))
+            .await
+            .unwrap();
+    }
+    eventually("B knows both agents", async || {
+        b.enrollment.list_agents().await.len() == 2
+    })
+    .await;
+    // Written by a handle that calls itself "b": B's listener ignores its notices.
+    let dir = tempfile::tempdir().unwrap();
+    let quiet = Store::connect(&StoreSettings::Postgres(pg.clone()), dir.path(), "b")
+        .await
+        .unwrap();
+    const AGENTS: Table = super::AGENTS;
+    let mut web: super::EnrolledAgent = quiet.get(AGENTS, "web").unwrap().unwrap();
+    web.revoked_at_ms = Some(1);
+    let mut batch = Batch::default();
+    batch.put(AGENTS, "web", &web).unwrap();
+    batch.delete(AGENTS, "db");
+    quiet.commit(batch).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !b.enrollment.revocations().is_revoked("web"),
+        "B was not told"
+    );
+    // B's listening session is lost, and comes back.
+    let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'b' AND query LIKE 'LISTEN%'",
+        )
+        .await
+        .unwrap();
+    let rb = b.enrollment.revocations().clone();
+    eventually("B reads the revocation again", async || {
+        rb.is_revoked("web")
+    })
+    .await;
+    let listed: Vec<String> = b
+        .enrollment
+        .list_agents()
+        .await
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(listed, ["web"], "the deleted record is gone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -104,6 +104,31 @@ enum Command {
     /// Operator identities for tapgraphctl.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// The state store.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Copy a single controller's state (STATE_DIR/controller.redb: join tokens, agents and their
+    /// revocations, policies, label rules, console tokens, the map) and its CA into the PostgreSQL
+    /// database this configuration names, so that its agents move to the replicas with the
+    /// certificates they hold. Stop the old controller first. The CA: nothing to copy with
+    /// pki.ca_cert/pki.ca_key; stored sealed with pki.ca_seal_key_file; otherwise the steps are
+    /// printed.
+    #[command(
+        after_help = "Example:\n  systemctl stop tapgraph-controller\n  tapgraph-controller --config /etc/tapgraph/replica.toml store migrate --from /var/lib/tapgraph"
+    )]
+    Migrate {
+        /// The old controller's state directory (its state_dir).
+        #[arg(long, value_name = "STATE_DIR")]
+        from: PathBuf,
+        /// Migrate into a database that already holds agents: each table copied becomes what
+        /// STATE_DIR holds (rows only the database has are removed).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -176,6 +201,15 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Some(Command::Store(StoreCommand::Migrate { from, force })) = &cli.command {
+        return match store::migrate::run(&config, from, *force) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("tapgraph-controller: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Operator(OperatorCommand::Issue {
         name,
         out,

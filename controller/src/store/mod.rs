@@ -19,6 +19,7 @@
 
 pub mod embedded;
 pub mod leader;
+pub mod migrate;
 pub mod postgres;
 #[cfg(test)]
 pub(crate) mod suite;

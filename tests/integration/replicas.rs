@@ -442,19 +442,26 @@ fn store_migrate_moves_a_single_controller_to_replicas_without_reenrolling() {
         return;
     };
     let world = World::new();
-    // A single embedded controller, two agents enrolled through it, a policy and a label.
-    let single = Controller::start(&world, FAST);
+    // A single embedded controller; three agents enrolled through it (one revoked later), with a
+    // label and a policy, two of them reporting to its map.
+    let single = Controller::start(
+        &world,
+        &[
+            ("TAPGRAPH_POLICY__HEARTBEAT_INTERVAL", "1s"),
+            ("TAPGRAPH_POLICY__SNAPSHOT_INTERVAL", "1s"),
+        ],
+    );
     let ops = world.operator("ops", single.grpc);
     let t = ctl_json(
         &ops,
-        &["token", "create", "--uses", "2", "--label", "team=blue"],
+        &["token", "create", "--uses", "3", "--label", "team=blue"],
     );
     let (token, fp) = (
         t["token"].as_str().unwrap(),
         t["ca_fingerprint"].as_str().unwrap(),
     );
     let ids = ["old-a", "old-b"];
-    for id in ids {
+    for id in ["old-a", "old-b", "old-c"] {
         let out = agent_cmd(&world, id, &single.grpc.to_string())
             .args([
                 "enroll",
@@ -486,20 +493,52 @@ fn store_migrate_moves_a_single_controller_to_replicas_without_reenrolling() {
         .iter()
         .map(|id| std::fs::read(world.agent_dir(id).join("agent.pem")).unwrap())
         .collect();
+    let reporting: Vec<Proc> = ids
+        .iter()
+        .map(|id| {
+            let cmd = agent_cmd(&world, id, &single.grpc.to_string());
+            Proc::spawn(&format!("agent-{id}"), cmd, world.path())
+        })
+        .collect();
+    for id in ids {
+        wait_for(
+            &format!("{id} on the single controller's map"),
+            Duration::from_secs(30),
+            || {
+                map_of(single.http)
+                    .iter()
+                    .any(|e| e.contains(&format!("\"from\":\"host:{id}\"")))
+                    .then_some(())
+            },
+        );
+    }
+    // The agents stop; the map, once it reads the same twice in a row, is what must move.
+    drop(reporting);
+    let mut last = map_of(single.http);
+    let map_before = wait_for("the map to settle", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = map_of(single.http);
+        let settled = now == last;
+        last = now;
+        settled.then(|| last.clone())
+    });
+    let (code, out, err) = ctl(&ops, &["agent", "revoke", "old-c"]);
+    assert_eq!(code, 0, "{out}{err}");
     drop(single);
 
-    // Into PostgreSQL, with the settings the replicas will have.
-    let out = Command::new(bin("tapgraph-controller"))
+    // Into PostgreSQL, with the settings the first replica will have: the database, and the
+    // single controller's CA as pki.ca_cert/pki.ca_key (what `shared_ca` finds in its state dir).
+    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let out = world
+        .replica_cmd("m1", &pg.url, any, any)
         .args(["store", "migrate", "--from"])
         .arg(world.state_dir())
-        .env("TAPGRAPH_STORE__BACKEND", "postgres")
-        .env("TAPGRAPH_STORE__POSTGRES__URL", &pg.url)
         .output()
         .expect("tapgraph-controller store migrate");
     assert!(out.status.success(), "store migrate: {}", text(&out));
     eprintln!("store migrate: {}", text(&out).trim());
 
-    // Two replicas with the single controller's CA (what `shared_ca` finds in its state dir).
+    // Two replicas with the single controller's CA.
     let replicas: Vec<Controller> = ["m1", "m2"]
         .iter()
         .map(|name| Controller::start_replica(&world, name, &pg.url, FAST))
@@ -515,6 +554,20 @@ fn store_migrate_moves_a_single_controller_to_replicas_without_reenrolling() {
             )
         })
         .collect();
+    // Before any agent reports again, each replica shows the single controller's map, edge for
+    // edge, and the revoked agent as revoked.
+    for (r, ops) in replicas.iter().zip(&ctl_of) {
+        assert_eq!(map_of(r.http), map_before, "the map on {}", r.proc.name);
+        let old_c = ctl_json(ops, &["agent", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == "old-c")
+            .cloned()
+            .unwrap_or_else(|| panic!("old-c on {}", r.proc.name));
+        assert_eq!(old_c["state"], "revoked", "{old_c}");
+    }
+    eprintln!("the migrated map: {} edges", map_before.len());
     let both = list(&replicas.iter().map(|r| r.grpc).collect::<Vec<_>>());
     let _agents: Vec<Proc> = ids
         .iter()
@@ -1228,4 +1281,26 @@ fn scripts_replicas_starts_three_replicas_with_agents_and_stop_leaves_nothing() 
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
         assert!(!alive, "process {pid} still runs after stop");
     }
+}
+
+/// Every edge of the map at `http` (inactive and control-plane edges too), with all it says but
+/// whether it is active now, which depends on when it is read.
+fn map_of(http: SocketAddr) -> BTreeSet<String> {
+    let (status, body) = http_get(
+        http,
+        "/api/v1/graph/export?format=json&inactive=true&control=true",
+    )
+    .expect("GET /api/v1/graph/export");
+    assert_eq!(status, 200, "{body}");
+    let export: Value = serde_json::from_str(&body).unwrap();
+    export["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let mut e = e.as_object().unwrap().clone();
+            e.remove("active");
+            serde_json::to_string(&e).unwrap()
+        })
+        .collect()
 }

@@ -92,8 +92,10 @@ impl Task {
                 Ok(Some(record)) => self.take_remote(record),
                 Ok(None) => self.forget(&agent),
                 Err(error) => {
+                    // The others would fail alike: all are read again once the store answers.
                     tracing::warn!(%agent, %error, "cannot read the map another replica wrote; reading it all again shortly");
                     self.reload_due = true;
+                    return;
                 }
             }
         }

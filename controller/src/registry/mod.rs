@@ -184,7 +184,6 @@ impl Registry {
     ) {
         let (mut registry, mut task, rx) = Self::build(replica, events, health, max_sessions);
         let (held, handed) = watch::channel(presence::Held::default());
-        task.share(held, sharing.interval);
         let stats = Arc::new(PresenceStats::default());
         let mut fleet = Fleet::new(sharing.store.clone(), sharing.lease, stats.clone());
         let writer = Writer::new(
@@ -195,6 +194,7 @@ impl Registry {
             stats,
         );
         fleet.started_at_unix_ms = writer.started_at_unix_ms();
+        task.share(held, sharing.interval, writer.published());
         registry.fleet = Some(Arc::new(fleet));
         (registry, task.run(rx), writer.run(handed))
     }

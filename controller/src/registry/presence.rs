@@ -243,6 +243,11 @@ pub(crate) fn now_unix_ms() -> u64 {
 /// The agents the registry holds, handed to the writer.
 pub(super) type Held = Arc<Vec<AgentView>>;
 
+/// Per agent with a live session here, the policy version it applied as the other replicas can
+/// read it now (committed). `policy status` counts an ack once it is there, so that `--wait`
+/// returning on one replica means every replica sees the ack.
+pub(super) type Published = Arc<std::sync::Mutex<BTreeMap<String, u64>>>;
+
 /// A row this replica committed, and when.
 struct Written {
     row: PresenceRow,
@@ -269,6 +274,7 @@ pub struct Writer {
     stats: Arc<PresenceStats>,
     /// The database is down and that was logged.
     down_logged: bool,
+    published: Published,
 }
 
 impl Writer {
@@ -289,7 +295,13 @@ impl Writer {
             yielded: BTreeMap::new(),
             stats,
             down_logged: false,
+            published: Published::default(),
         }
+    }
+
+    /// What the registry's `policy status` reads of what this writer committed.
+    pub(super) fn published(&self) -> Published {
+        self.published.clone()
     }
 
     /// When this run of the replica started, as its lease says.
@@ -331,6 +343,7 @@ impl Writer {
                         self.down_logged = false;
                     }
                     let n = plan.len();
+                    self.publish(&plan);
                     for p in plan {
                         let written = Written {
                             row: p.row,
@@ -344,6 +357,10 @@ impl Writer {
                     self.stats.taken_over.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(agent = %key, replica = %self.replica, "another replica holds the agent's session now; its row is theirs");
                     plan.retain(|p| p.row.agent_id != key);
+                    self.published
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
                     if let Some(w) = self.written.remove(&key) {
                         self.yielded.insert(key, session_key(&w.row.agent));
                     }
@@ -354,6 +371,19 @@ impl Writer {
         Err(self.failed(StoreError::Failed(format!(
             "presence: still conflicting after {CONFLICT_RETRIES} attempts"
         ))))
+    }
+
+    /// Records the policy versions `plan` committed for the agents live here.
+    fn publish(&self, plan: &[Planned]) {
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        for p in plan {
+            let a = &p.row.agent;
+            if a.controller == self.replica {
+                published.insert(a.id.clone(), a.policy_version_applied);
+            } else {
+                published.remove(&a.id);
+            }
+        }
     }
 
     fn failed(&mut self, e: StoreError) -> StoreError {
@@ -893,6 +923,7 @@ mod tests {
                 .is_unavailable()
         );
         assert_eq!(w.stats.write_errors.load(Ordering::Relaxed), 1);
+        assert!(w.published().lock().unwrap().is_empty(), "not committed");
         assert_eq!(
             w.round(std::slice::from_ref(&x), T0 + SECOND, &mut commit)
                 .unwrap(),
@@ -900,6 +931,31 @@ mod tests {
         );
         assert_eq!(w.round(&[x], T0 + 2 * SECOND, &mut commit).unwrap(), 0);
         assert_eq!(w.stats.write_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(w.published().lock().unwrap().get("x"), Some(&0));
+    }
+
+    /// `policy status` on the agent's own replica counts an ack once the others can read it.
+    #[test]
+    fn an_ack_counts_once_it_is_committed() {
+        let (mut task, _health, _events) = fixture::task();
+        let published = Published::default();
+        let (held, _handed) = watch::channel(Held::default());
+        task.share(held, INTERVAL, published.clone());
+        let (_registered, _rx) = fixture::connect(&mut task, "vm", 8);
+        task.set_policies(Vec::new(), policy(4));
+        let applied = proto::PolicyStatus {
+            version: 4,
+            applied: true,
+            error: String::new(),
+        };
+        task.policy_report("vm", applied);
+        let status = |task: &super::super::task::RegistryTask| task.policy_status(None).remove(0);
+        assert_eq!(task.agents["vm"].view.policy_version_applied, 4);
+        let s = status(&task);
+        assert_eq!((s.version_applied, s.pending), (0, true));
+        published.lock().unwrap().insert("vm".into(), 4);
+        let s = status(&task);
+        assert_eq!((s.version_applied, s.pending), (4, false));
     }
 
     #[test]

@@ -95,13 +95,24 @@ impl RegistryTask {
         name: Option<&str>,
         remote: &[AgentView],
     ) -> Vec<proto::AgentPolicyStatus> {
-        let local = self
-            .agents
-            .values()
-            .filter(|a| a.live.is_some())
-            .map(|a| self.status_of(&a.view, false));
+        // With replicas, an ack counts once the others can read it.
+        let published = self
+            .published
+            .as_ref()
+            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()));
+        let local = self.agents.values().filter(|a| a.live.is_some()).map(|a| {
+            let applied = match &published {
+                Some(p) => p.get(&a.view.id).copied().unwrap_or(0),
+                None => a.view.policy_version_applied,
+            };
+            self.status_of(&a.view, applied, false)
+        });
         let mut all: Vec<proto::AgentPolicyStatus> = local
-            .chain(remote.iter().map(|v| self.status_of(v, true)))
+            .chain(
+                remote
+                    .iter()
+                    .map(|v| self.status_of(v, v.policy_version_applied, true)),
+            )
             .filter(|s| name.is_none_or(|n| n == s.policy_name))
             .collect();
         if !remote.is_empty() {
@@ -110,10 +121,11 @@ impl RegistryTask {
         all
     }
 
-    /// An agent's rollout status against the policy that resolves for it here. For an agent of
-    /// another replica (`remote`), a refusal counts only if it was of that very policy: one of
-    /// an older version is superseded by the one on its way.
-    fn status_of(&self, v: &AgentView, remote: bool) -> proto::AgentPolicyStatus {
+    /// An agent's rollout status against the policy that resolves for it here, `applied` being
+    /// the version it applied as far as the status counts it. For an agent of another replica
+    /// (`remote`), a refusal counts only if it was of that very policy: one of an older version
+    /// is superseded by the one on its way.
+    fn status_of(&self, v: &AgentView, applied: u64, remote: bool) -> proto::AgentPolicyStatus {
         let wanted = rules::resolve(&self.policies, &self.default, &v.id, &v.labels);
         let refused = v.policy_error.clone().filter(|_| {
             !remote || (v.policy_name == wanted.name && v.policy_version_sent == wanted.version)
@@ -122,8 +134,8 @@ impl RegistryTask {
             agent_id: v.id.clone(),
             policy_name: wanted.name.clone(),
             version_wanted: wanted.version,
-            version_applied: v.policy_version_applied,
-            pending: v.policy_version_applied != wanted.version && refused.is_none(),
+            version_applied: applied,
+            pending: applied != wanted.version && refused.is_none(),
             error: refused.unwrap_or_default(),
         }
     }

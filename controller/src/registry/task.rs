@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
 use super::agents::{Agent, unix_ms};
-use super::presence::Held;
+use super::presence::{Held, Published};
 use super::view::AgentView;
 use super::{DropCounters, MirrorRoute, Outbound, Registered};
 use crate::events::Events;
@@ -106,6 +106,9 @@ pub(super) struct RegistryTask {
     pub(super) health: Health,
     pub(super) dropped: Arc<DropCounters>,
     pub(super) handover: Option<Handover>,
+    /// With a shared store: the policy versions of this replica's agents that the other
+    /// replicas can read (`policy status` counts an ack once it is there).
+    pub(super) published: Option<Published>,
 }
 
 /// Resolves when a change operators wait for is due to be handed over (never without one).
@@ -163,11 +166,18 @@ impl RegistryTask {
             health,
             dropped,
             handover: None,
+            published: None,
         }
     }
 
     /// Hands the agents to the presence writer on `held` every `every`.
-    pub(super) fn share(&mut self, held: watch::Sender<Held>, every: Duration) {
+    pub(super) fn share(
+        &mut self,
+        held: watch::Sender<Held>,
+        every: Duration,
+        published: Published,
+    ) {
+        self.published = Some(published);
         self.handover = Some(Handover {
             held,
             every,

@@ -150,6 +150,38 @@ impl Set {
     }
 }
 
+/// The CA fingerprint controller `c` logged when it became ready.
+fn fingerprint(c: &Controller) -> String {
+    c.proc
+        .log_text()
+        .lines()
+        .find(|l| l.contains("controller ready"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("ca_fingerprint="))
+        })
+        .map(str::to_string)
+        .expect("the CA fingerprint in the ready line")
+}
+
+/// `cmd` (a replica's) with the CA sealed in the database by `seal` instead of CA files.
+fn sealed(mut cmd: Command, seal: &std::path::Path) -> Command {
+    cmd.env_remove("TAPGRAPH_PKI__CA_CERT")
+        .env_remove("TAPGRAPH_PKI__CA_KEY")
+        .env("TAPGRAPH_PKI__CA_SEAL_KEY_FILE", seal);
+    cmd
+}
+
+/// A seal key file (64 hex digits, owner-only) in the world.
+fn seal_key(world: &World) -> PathBuf {
+    let seal = world.path().join("ca-seal.key");
+    let key: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    tapgraph::fsutil::write_private(&seal, key.as_bytes()).unwrap();
+    seal
+}
+
 /// The address an agent's log says it connected to last.
 fn connected_to(agent: &Proc) -> Option<String> {
     agent
@@ -344,11 +376,7 @@ fn replicas_started_at_once_on_an_empty_database_make_one_schema_and_one_ca() {
     let world = World::new();
     // No CA files: the first replica creates the CA and stores it sealed with this key; the other
     // uses it. A few rounds, each on an empty database, to give the race a chance.
-    let seal = world.path().join("ca-seal.key");
-    let key: String = (0..32)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect();
-    tapgraph::fsutil::write_private(&seal, key.as_bytes()).unwrap();
+    let seal = seal_key(&world);
     for round in 1..=3 {
         let db = format!("race{round}");
         pg.psql("postgres", &format!("CREATE DATABASE {db}"));
@@ -358,10 +386,7 @@ fn replicas_started_at_once_on_an_empty_database_make_one_schema_and_one_ca() {
             .iter()
             .map(|r| {
                 let name = format!("{r}{round}");
-                let mut cmd = world.replica_cmd(&name, &url, any, any);
-                cmd.env_remove("TAPGRAPH_PKI__CA_CERT")
-                    .env_remove("TAPGRAPH_PKI__CA_KEY")
-                    .env("TAPGRAPH_PKI__CA_SEAL_KEY_FILE", &seal);
+                let cmd = sealed(world.replica_cmd(&name, &url, any, any), &seal);
                 let starting = Controller::spawn(&world, &name, cmd);
                 (name, starting)
             })
@@ -370,18 +395,6 @@ fn replicas_started_at_once_on_an_empty_database_make_one_schema_and_one_ca() {
             .into_iter()
             .map(|(name, s)| (name, s.ready()))
             .collect();
-        let fingerprint = |c: &Controller| -> String {
-            c.proc
-                .log_text()
-                .lines()
-                .find(|l| l.contains("controller ready"))
-                .and_then(|l| {
-                    l.split_whitespace()
-                        .find_map(|w| w.strip_prefix("ca_fingerprint="))
-                })
-                .map(str::to_string)
-                .expect("the CA fingerprint in the ready line")
-        };
         let (a, b) = (&replicas[0].1, &replicas[1].1);
         assert_eq!(fingerprint(a), fingerprint(b), "round {round}: one CA");
         // Each migration applied once, by one of them.
@@ -412,12 +425,10 @@ fn replicas_started_at_once_on_an_empty_database_make_one_schema_and_one_ca() {
             assert!(bad.is_empty(), "round {round}: {name} logged: {bad:#?}");
         }
         // An operator identity issued with one replica's settings works against the other.
-        let cmd = world.replica_cmd(&replicas[0].0, &url, a.grpc, a.http);
-        let mut issue = cmd;
-        issue
-            .env_remove("TAPGRAPH_PKI__CA_CERT")
-            .env_remove("TAPGRAPH_PKI__CA_KEY")
-            .env("TAPGRAPH_PKI__CA_SEAL_KEY_FILE", &seal);
+        let issue = sealed(
+            world.replica_cmd(&replicas[0].0, &url, a.grpc, a.http),
+            &seal,
+        );
         let ops = operator(&world, issue, &format!("ops-{round}"));
         let out = Command::new(bin("tapgraphctl"))
             .arg("--config")
@@ -437,7 +448,23 @@ fn replicas_started_at_once_on_an_empty_database_make_one_schema_and_one_ca() {
 
 #[test]
 fn store_migrate_moves_a_single_controller_to_replicas_without_reenrolling() {
-    let test = "store_migrate_moves_a_single_controller_to_replicas_without_reenrolling";
+    migrate_to_replicas(
+        "store_migrate_moves_a_single_controller_to_replicas_without_reenrolling",
+        false,
+    );
+}
+
+#[test]
+fn store_migrate_seals_the_single_controllers_ca_for_replicas_without_ca_files() {
+    migrate_to_replicas(
+        "store_migrate_seals_the_single_controllers_ca_for_replicas_without_ca_files",
+        true,
+    );
+}
+
+/// A single controller's state moved into PostgreSQL, then two replicas: with its CA mounted as
+/// `pki.ca_cert`/`pki.ca_key`, or (`seal`) stored in the database sealed by `pki.ca_seal_key_file`.
+fn migrate_to_replicas(test: &str, seal: bool) {
     let Some(pg) = Postgres::start(test) else {
         return;
     };
@@ -524,13 +551,20 @@ fn store_migrate_moves_a_single_controller_to_replicas_without_reenrolling() {
     });
     let (code, out, err) = ctl(&ops, &["agent", "revoke", "old-c"]);
     assert_eq!(code, 0, "{out}{err}");
+    let single_ca = fingerprint(&single);
     drop(single);
 
-    // Into PostgreSQL, with the settings the first replica will have: the database, and the
-    // single controller's CA as pki.ca_cert/pki.ca_key (what `shared_ca` finds in its state dir).
+    // The replicas' CA settings: the single controller's CA files (what `shared_ca` finds in its
+    // state dir), or only a seal key.
+    let seal = seal.then(|| seal_key(&world));
+    let with_ca = |cmd: Command| match &seal {
+        Some(key) => sealed(cmd, key),
+        None => cmd,
+    };
+    // Into PostgreSQL, with the settings the first replica will have.
     let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let out = world
-        .replica_cmd("m1", &pg.url, any, any)
+    let mut migrate = with_ca(world.replica_cmd("m1", &pg.url, any, any));
+    let out = migrate
         .args(["store", "migrate", "--from"])
         .arg(world.state_dir())
         .output()
@@ -538,18 +572,25 @@ fn store_migrate_moves_a_single_controller_to_replicas_without_reenrolling() {
     assert!(out.status.success(), "store migrate: {}", text(&out));
     eprintln!("store migrate: {}", text(&out).trim());
 
-    // Two replicas with the single controller's CA.
+    // Two replicas, which sign with the single controller's CA.
     let replicas: Vec<Controller> = ["m1", "m2"]
         .iter()
-        .map(|name| Controller::start_replica(&world, name, &pg.url, FAST))
+        .map(|name| {
+            let mut cmd = with_ca(world.replica_cmd(name, &pg.url, any, any));
+            cmd.envs(FAST.iter().copied());
+            Controller::spawn(&world, name, cmd).ready()
+        })
         .collect();
+    for r in &replicas {
+        assert_eq!(fingerprint(r), single_ca, "{}'s CA", r.proc.name);
+    }
     let ctl_of: Vec<PathBuf> = ["m1", "m2"]
         .iter()
         .zip(&replicas)
         .map(|(name, r)| {
             operator(
                 &world,
-                world.replica_cmd(name, &pg.url, r.grpc, r.http),
+                with_ca(world.replica_cmd(name, &pg.url, r.grpc, r.http)),
                 &format!("ops-{name}"),
             )
         })

@@ -1213,6 +1213,11 @@ fn with_postgresql_stopped_sessions_go_on_writes_are_refused_and_everything_reco
         let log = r.proc.log_text();
         let n = log.matches("the database is unavailable").count();
         assert!(n <= 2, "{} logged the outage {n} times", r.proc.name);
+        let warnings = log
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains("ERROR"))
+            .count();
+        eprintln!("{}: {warnings} WARN and ERROR lines in all", r.proc.name);
     }
 }
 

@@ -1142,7 +1142,7 @@ mod tests {
                 return got;
             }
             assert!(Instant::now() < deadline, "{what}: still {got:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -1240,6 +1240,7 @@ mod tests {
             applied: true,
             error: String::new(),
         };
+        let acked = Instant::now();
         a.message("vm-1", session, Msg::PolicyStatus(applied)).await;
         let status = eventually(
             "b sees the ack",
@@ -1247,6 +1248,7 @@ mod tests {
             |s| s.first().is_some_and(|s| !s.pending),
         )
         .await;
+        eprintln!("an ack on a seen on b after {:?}", acked.elapsed());
         assert_eq!(status[0].agent_id, "vm-1");
         assert_eq!(status[0].version_applied, 5);
         // A newer policy set through b is pending there until a's agent applies it, and an

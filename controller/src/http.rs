@@ -97,7 +97,7 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "the database {} is unavailable: {reason}\n",
-                state.store.describe()
+                state.store.database().unwrap_or("?")
             ),
         ),
         None => (StatusCode::OK, "ready\n".to_string()),

@@ -164,6 +164,15 @@ impl Store {
         }
     }
 
+    /// The shared database as "HOST:PORT/DB", the way errors name it; `None` for the embedded
+    /// store.
+    pub fn database(&self) -> Option<&str> {
+        match &self.backend {
+            Backend::Embedded(_) => None,
+            Backend::Postgres(p) => Some(p.database()),
+        }
+    }
+
     /// Whether other replicas share this store (PostgreSQL): only then is live state (which
     /// replica holds which agent) written to it.
     pub fn is_shared(&self) -> bool {

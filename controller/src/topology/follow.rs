@@ -485,6 +485,88 @@ mod tests {
         assert_eq!(gc.edges, g.edges);
     }
 
+    /// `x`'s table as another replica wrote it: its snapshot `s` applied there at `at_ms`.
+    fn record(sequence: u64, at_ms: u64, s: &proto::ConnectionSnapshot) -> AgentRecord {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("other.redb")).unwrap();
+        let (mut other, _) = task(&store, true);
+        apply(&mut other, "x", s).unwrap();
+        let mut table = other.model.agents["x"].clone();
+        table.last_snapshot_ms = at_ms;
+        AgentRecord {
+            id: "x".into(),
+            sequence,
+            table,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn another_replica_s_table_is_taken_once_and_never_over_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let (mut t, _) = task(&store, true);
+        let applied = |t: &Task| t.stats.remote_tables_applied;
+        t.take_remote(record(1, 1_000, &x()));
+        assert_eq!(applied(&t), 1);
+        assert_eq!(t.model.agents["x"].last_snapshot_ms, 1_000);
+        // The same record heard twice is applied once.
+        t.take_remote(record(1, 1_000, &x()));
+        assert_eq!(applied(&t), 1);
+        // The agent restarted (its sequence starts over) and reported later: taken.
+        t.take_remote(record(1, 2_000, &z()));
+        assert_eq!(applied(&t), 2);
+        assert_eq!(t.model.agents["x"].addresses.len(), 2);
+        // Another sequence at the same moment: taken.
+        t.take_remote(record(2, 2_000, &x()));
+        assert_eq!((applied(&t), t.sequences["x"]), (3, 2));
+        // An older table (a write late after an outage) is not.
+        t.take_remote(record(9, 1_500, &z()));
+        assert_eq!((applied(&t), t.sequences["x"]), (3, 2));
+        assert_eq!(t.model.agents["x"].last_snapshot_ms, 2_000);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_delta_on_a_sequence_another_replica_took_applies_and_on_another_is_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let (mut t, _) = task(&store, true);
+        // x's first snapshot went to another replica, whose write this one has not heard of.
+        store
+            .put(persist::AGENTS, "x", &record(1, now_ms(), &x()))
+            .unwrap();
+        assert_eq!(
+            apply(&mut t, "x", &x_delta(5)),
+            Err(super::super::Refusal::SequenceGap {
+                base: 5,
+                have: None
+            })
+        );
+        apply(&mut t, "x", &x_delta(1)).unwrap();
+        assert_eq!(t.sequences["x"], 2);
+        assert!(t.local.contains("x"));
+        let stored = persist::read_agent(&store, "x").unwrap().unwrap();
+        assert_eq!(stored.sequence, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_agent_gone_from_the_store_stays_while_its_own_write_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let (mut t, _) = task(&store, true);
+        apply(&mut t, "x", &x()).unwrap();
+        t.unwritten.agents.insert("x".into());
+        t.forget("x");
+        assert!(t.model.agents.contains_key("x"));
+        t.unwritten.agents.clear();
+        let generation = t.generation.load(Ordering::Acquire);
+        t.forget("nobody");
+        assert_eq!(t.generation.load(Ordering::Acquire), generation);
+        t.forget("x");
+        assert!(!t.model.agents.contains_key("x"));
+        assert!(!t.sequences.contains_key("x"));
+        assert!(t.generation.load(Ordering::Acquire) > generation);
+    }
+
     /// Agent `i` of a ring of `n`: the client of the next one's redis, the server of the one
     /// before, and the client of an address no agent has.
     fn ring(i: usize, n: usize) -> proto::ConnectionSnapshot {

@@ -679,12 +679,26 @@ mod tests {
         b.expire();
         assert!(b.model.edges.is_empty());
         assert_eq!(stored(&sa), edges.len(), "a follower writes nothing");
+        // Still not leading, told so again: nothing written.
+        b.lead(false);
+        assert_eq!(stored(&sa), edges.len(), "a follower writes nothing");
         // B starts leading (A died before its cleanup ran): it deletes them from the store.
         b.lead(true);
         assert_eq!(stored(&sb), 0);
         assert!(b.unwritten.is_empty());
         // A, the store emptied behind it, still has them until its own expiry.
         assert_eq!(a.model.edges.len(), edges.len());
+        // Edges the model has are never swept, however old their stored last-seen: a live
+        // edge's is written only when it changes.
+        apply(&mut a, "y", &y()).unwrap();
+        hear_until(&mut b, &mut heard, |t| t.model.agents.contains_key("y")).await;
+        let live = b.model.edges.len();
+        assert!(live > 0);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        b.lead(false);
+        b.lead(true);
+        assert_eq!(stored(&sb), live);
+        assert_eq!(b.model.edges.len(), live);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -139,7 +139,10 @@ impl App {
         });
         let http_stats = Arc::new(http::HttpStats::default());
         let console_tokens = console::ConsoleTokens::load(store.clone())?;
-        tasks.spawn("console-tokens", console_tokens.clone().follow(stop.clone()));
+        tasks.spawn(
+            "console-tokens",
+            console_tokens.clone().follow(stop.clone()),
+        );
         let access = console::Access::new(
             console_tokens,
             config.console_token_always || !config.http_listen.ip().is_loopback(),

@@ -187,8 +187,7 @@ impl ControllerConfig {
             64 << 10..=256 << 20,
         );
         let store = store_settings(&mut c);
-        let seal_key_file =
-            crate::enrollment::seal::setting(&mut c, &store, ca_files.is_some());
+        let seal_key_file = crate::enrollment::seal::setting(&mut c, &store, ca_files.is_some());
         let max_agents = c.value("session.max_agents", 20_000usize);
         if max_agents == 0 {
             c.fail("session.max_agents", "must be at least 1");

@@ -368,7 +368,12 @@ const FLEET_AGENTS: &[Field<BTreeMap<&'static str, u64>>] = &[gauge_by(
     "tapgraph_fleet_agents",
     "Agents of the whole fleet, by the replica holding (or last holding) their session and state, as every replica sees them; a replica whose lease ran out shows its agents lost. Only with a shared store.",
     "state",
-    |counts| counts.iter().map(|(st, n)| (*st, Value::from(*n))).collect(),
+    |counts| {
+        counts
+            .iter()
+            .map(|(st, n)| (*st, Value::from(*n)))
+            .collect()
+    },
 )];
 
 /// Per agent, label `agent`. Capture counters are the agent's own, as its last control record

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
-use rand::{Rng, SeedableRng};
 use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use tapgraph::proto::agent_service_client::AgentServiceClient;
 use tapgraph::proto::enrollment_service_client::EnrollmentServiceClient;
 use tapgraph::proto::{self, agent_message, controller_message};

@@ -803,8 +803,14 @@ mod tests {
             async move { Store::connect(&settings, &dir, name).await.unwrap() }
         };
         let (a, b) = tokio::join!(connect("a"), connect("b"));
-        // Started at once, with one configured default.
-        let (a, b) = tokio::join!(Controller::on(a, default), Controller::on(b, default));
+        // Started at once, with one configured default, each in a task of its own as each
+        // replica is a process of its own.
+        let start = |store| {
+            let default = default.clone();
+            tokio::spawn(async move { Controller::on(store, &default).await })
+        };
+        let (a, b) = (start(a), start(b));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
         Some((dir, pg, a, b))
     }
 

@@ -10,7 +10,7 @@
 //! and passes on the changes of the others. Notifications are not replayed: after every
 //! (re)connection of that session it announces [`Change::Resync`], and its subscribers read their
 //! tables again. The map's edges are not announced: each replica derives them from the agents'
-//! tables, which are.
+//! tables, which are; nor is the live state (presence, leases, mirror counters), read on demand.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -588,13 +588,20 @@ async fn migrate(client: &mut deadpool_postgres::Object, database: &str) -> Resu
     Ok(())
 }
 
-/// One logical table: its rows, and (but for the map's edges) the trigger that announces them.
+/// Tables whose writes are not announced: the map's edges (each replica derives them from the
+/// agents' tables, which are announced), and the live state every replica rewrites all the time
+/// and reads only when asked (presence, leases, mirror counters). Announcing those would flood
+/// every replica's change feed (a failover rewrites a row per agent) and push them into full
+/// reloads for nothing.
+const QUIET: &[&str] = &["topology_edges", "presence", "replicas", "mirrors"];
+
+/// One logical table: its rows, and (but for the [`QUIET`] ones) the trigger that announces them.
 fn table_sql(name: &str) -> String {
     let mut sql = format!(
         "CREATE TABLE tapgraph.{name} (key text PRIMARY KEY, value jsonb NOT NULL, \
          updated_at timestamptz NOT NULL DEFAULT now());"
     );
-    if name != "topology_edges" {
+    if !QUIET.contains(&name) {
         sql.push_str(&format!(
             " CREATE TRIGGER {name}_changed AFTER INSERT OR UPDATE OR DELETE ON tapgraph.{name} \
              FOR EACH ROW EXECUTE FUNCTION tapgraph.notify_change();"

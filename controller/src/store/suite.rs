@@ -416,3 +416,40 @@ async fn postgres_refusing_the_connection_is_a_failure_with_its_reason() {
     assert!(!e.is_unavailable(), "the server answered: {e}");
     assert!(e.to_string().contains("no_such_database"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_live_state_and_edges_are_not_announced() {
+    const PRESENCE: Table = TableDefinition::new("presence");
+    const EDGES: Table = TableDefinition::new("topology_edges");
+    let dir = tempfile::tempdir().unwrap();
+    let Some((a, b)) = pair(true, dir.path()).await else {
+        return;
+    };
+    let mut heard = b.changes();
+    // Wait until B listens: it hears a token write.
+    let probe = Change::Row {
+        table: "tokens".into(),
+        key: "probe".into(),
+    };
+    loop {
+        a.put(T, "probe", &1u32).unwrap();
+        match tokio::time::timeout(Duration::from_millis(200), heard.recv()).await {
+            Ok(Ok(c)) if c == probe => break,
+            _ => continue,
+        }
+    }
+    while heard.try_recv().is_ok() {}
+    let mut batch = Batch::default();
+    batch.put(PRESENCE, "agent-1", &1u32).unwrap();
+    batch.put(EDGES, "edge-1", &1u32).unwrap();
+    a.commit(batch).unwrap();
+    a.put(T, "after", &1u32).unwrap();
+    // Notifications arrive in commit order: the first B hears is the token written after.
+    assert_eq!(
+        next_row(&mut heard).await,
+        Change::Row {
+            table: "tokens".into(),
+            key: "after".into()
+        }
+    );
+}

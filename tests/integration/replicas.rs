@@ -311,12 +311,19 @@ fn revoking_through_one_replica_closes_the_agents_stream_on_the_other() {
     );
     // Both replicas list it as revoked (`tapgraphctl agent list`), as a single controller would.
     for i in 0..set.replicas.len() {
-        let listed = wait_for(
-            &format!("doomed revoked in {}'s agent list", set.names[i]),
+        // Revoked, and no live session left: r2's presence row follows its closed session
+        // within a round of its writer (tens of milliseconds), not at the same instant.
+        wait_for(
+            &format!(
+                "doomed revoked without a session in {}'s agent list",
+                set.names[i]
+            ),
             Duration::from_secs(15),
-            || set.listed(i, "doomed").filter(|a| a["state"] == "revoked"),
+            || {
+                set.listed(i, "doomed")
+                    .filter(|a| a["state"] == "revoked" && a["controller"] != "r2")
+            },
         );
-        assert_ne!(listed["controller"], "r2", "no live session: {listed}");
     }
 }
 

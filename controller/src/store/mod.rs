@@ -14,9 +14,6 @@
 //! The handle's calls are synchronous, as redb's are: they run with `block_in_place` and need the
 //! multi-threaded runtime.
 
-// Until the state owners subscribe to changes and race with preconditions (issue 21, next steps).
-#![cfg_attr(not(test), allow(dead_code))]
-
 pub mod embedded;
 pub mod leader;
 pub mod migrate;
@@ -210,7 +207,8 @@ impl Store {
             .collect()
     }
 
-    /// Every key of `table` with its value, in key order.
+    /// Every key of `table` with its value, in key order (tests compare whole tables with it).
+    #[cfg(test)]
     pub fn load_keyed<T: DeserializeOwned>(
         &self,
         table: Table,

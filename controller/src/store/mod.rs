@@ -227,7 +227,10 @@ impl Store {
     ) -> Result<Option<T>, StoreError> {
         let bytes = match &self.backend {
             Backend::Embedded(e) => e.get(table, key)?,
-            Backend::Postgres(p) => blocking(p.get(table, key))?,
+            Backend::Postgres(p) => {
+                let (p, key) = (p.clone(), key.to_string());
+                blocking(async move { p.get(table, &key).await })?
+            }
         };
         bytes.map(|b| decode(table, key, &b)).transpose()
     }
@@ -235,7 +238,10 @@ impl Store {
     fn load_raw(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         match &self.backend {
             Backend::Embedded(e) => e.load(table),
-            Backend::Postgres(p) => blocking(p.load(table)),
+            Backend::Postgres(p) => {
+                let p = p.clone();
+                blocking(async move { p.load(table).await })
+            }
         }
     }
 
@@ -255,14 +261,20 @@ impl Store {
     pub fn sync(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Embedded(_) => self.commit(Batch::default()),
-            Backend::Postgres(p) => blocking(p.sync()),
+            Backend::Postgres(p) => {
+                let p = p.clone();
+                blocking(async move { p.sync().await })
+            }
         }
     }
 
     fn commit_with(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Embedded(e) => e.commit(&batch, durable),
-            Backend::Postgres(p) => blocking(p.commit(&batch, durable)),
+            Backend::Postgres(p) => {
+                let p = p.clone();
+                blocking(async move { p.commit(&batch, durable).await })
+            }
         }
     }
 
@@ -285,9 +297,19 @@ fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<
 }
 
 /// Runs a database call from the synchronous store API: the worker thread hands its other tasks
-/// over while it waits (redb's calls block the same way).
-fn blocking<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+/// over while it waits (redb's calls block the same way). The call runs as a task of its own and
+/// is waited for over a channel, not polled here: if the runtime shuts down meanwhile (a process
+/// or a test ending), the task is dropped and this returns an error instead of waiting forever
+/// for a connection that is gone.
+fn blocking<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    tokio::runtime::Handle::current().spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    tokio::task::block_in_place(|| rx.recv())
+        .unwrap_or_else(|_| Err(StoreError::Failed("the runtime is shutting down".into())))
 }
 
 /// Changes to commit together.

@@ -157,22 +157,18 @@ impl ConsoleTokens {
     /// the store may have missed changes, until `stop`. Reads them all once at its start: a
     /// change made between [`ConsoleTokens::load`] and the start is not missed.
     pub async fn follow(self, stop: tokio_util::sync::CancellationToken) {
-        use crate::store::Change;
-        use tokio::sync::broadcast::error::RecvError;
-        let mut changes = self.store.changes();
+        use crate::store::Reread;
+        let mut changes = self.store.follow(&[TOKENS]);
         self.reread_all();
         loop {
-            let change = tokio::select! {
+            let reread = tokio::select! {
                 _ = stop.cancelled() => return,
-                change = changes.recv() => change,
+                reread = changes.next() => reread,
             };
-            match change {
-                Ok(Change::Row { table, key }) if table == redb::TableHandle::name(&TOKENS) => {
-                    self.reread(&key)
-                }
-                Ok(Change::Row { .. }) => {}
-                Ok(Change::Resync) | Err(RecvError::Lagged(_)) => self.reread_all(),
-                Err(RecvError::Closed) => return,
+            match reread {
+                Some(Reread::Row { key, .. }) => self.reread(&key),
+                Some(Reread::All) => self.reread_all(),
+                None => return,
             }
         }
     }

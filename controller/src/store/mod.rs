@@ -98,6 +98,39 @@ pub enum Change {
     Resync,
 }
 
+/// What a follower of some tables must read again after another replica's change.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reread {
+    /// One row of one of its tables.
+    Row { table: String, key: String },
+    /// Everything: changes may have been missed (a resync, or the follower fell behind).
+    All,
+}
+
+/// Other replicas' changes to some tables, as [`Reread`]s: rows of other tables are skipped, and
+/// a resync or a lag (the feed overflowed) means reading everything again.
+pub struct Follower {
+    changes: broadcast::Receiver<Change>,
+    tables: Vec<String>,
+}
+
+impl Follower {
+    /// The next thing to read again; `None` once the store is gone.
+    pub async fn next(&mut self) -> Option<Reread> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match self.changes.recv().await {
+                Ok(Change::Row { table, key }) if self.tables.contains(&table) => {
+                    return Some(Reread::Row { table, key });
+                }
+                Ok(Change::Row { .. }) => {}
+                Ok(Change::Resync) | Err(RecvError::Lagged(_)) => return Some(Reread::All),
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
@@ -197,6 +230,15 @@ impl Store {
     /// Changes other replicas commit from now on. Never fires for the embedded store.
     pub fn changes(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
+    }
+
+    /// Other replicas' changes to `tables` from now on, as [`Reread`]s. Subscribe before the
+    /// first read, so that nothing falls between them.
+    pub fn follow(&self, tables: &[Table]) -> Follower {
+        Follower {
+            changes: self.changes.subscribe(),
+            tables: tables.iter().map(|t| t.name().to_string()).collect(),
+        }
     }
 
     /// Every value of `table`, in key order; an absent table is empty.

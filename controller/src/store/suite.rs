@@ -453,3 +453,36 @@ async fn postgres_live_state_and_edges_are_not_announced() {
         }
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_hears_its_tables_and_reads_all_after_a_resync_or_a_lag() {
+    use super::Reread;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.redb")).unwrap();
+    let mut follower = store.follow(&[T]);
+    let row = |table: &str, key: &str| Change::Row {
+        table: table.into(),
+        key: key.into(),
+    };
+    store.changes.send(row("agents", "x")).unwrap();
+    store.changes.send(row("tokens", "t1")).unwrap();
+    store.changes.send(Change::Resync).unwrap();
+    assert_eq!(
+        follower.next().await,
+        Some(Reread::Row {
+            table: "tokens".into(),
+            key: "t1".into()
+        }),
+        "another table's row is skipped"
+    );
+    assert_eq!(follower.next().await, Some(Reread::All));
+    // Past the feed's backlog, the follower has missed changes: it reads everything.
+    for i in 0..=super::CHANGE_BACKLOG {
+        store.changes.send(row("tokens", &i.to_string())).unwrap();
+    }
+    assert_eq!(follower.next().await, Some(Reread::All));
+    drop(store);
+    while let Some(r) = follower.next().await {
+        assert!(matches!(r, Reread::Row { .. }), "{r:?}");
+    }
+}

@@ -224,19 +224,16 @@ impl OperatorRules {
     /// missed changes), until `stop`. Reads them once at its start: a change made between
     /// [`OperatorRules::load`] and the start is not missed.
     pub async fn follow(self, stop: tokio_util::sync::CancellationToken) {
-        use crate::store::Change;
-        use tokio::sync::broadcast::error::RecvError;
-        let mut changes = self.store.changes();
+        let mut changes = self.store.follow(&[RULES]);
         self.reread();
         loop {
-            let change = tokio::select! {
+            tokio::select! {
                 _ = stop.cancelled() => return,
-                change = changes.recv() => change,
-            };
-            match change {
-                Ok(Change::Row { table, .. }) if table != redb::TableHandle::name(&RULES) => {}
-                Ok(_) | Err(RecvError::Lagged(_)) => self.reread(),
-                Err(RecvError::Closed) => return,
+                reread = changes.next() => match reread {
+                    // One row holds every rule: any change means reading it again.
+                    Some(_) => self.reread(),
+                    None => return,
+                },
             }
         }
     }

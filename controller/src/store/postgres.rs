@@ -685,7 +685,10 @@ async fn listen(
                                         }
                                         Ok(_) => {}
                                         Err(e) => {
-                                            tracing::warn!(payload = n.payload(), %e, "unreadable change notification")
+                                            // Which row changed is unknown: the followers read
+                                            // everything again rather than miss it.
+                                            tracing::warn!(payload = n.payload(), %e, "unreadable change notification; reading everything again");
+                                            let _ = changes.send(Change::Resync);
                                         }
                                     }
                                 }

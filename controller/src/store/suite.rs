@@ -486,3 +486,45 @@ async fn a_follower_hears_its_tables_and_reads_all_after_a_resync_or_a_lag() {
         assert!(matches!(r, Reread::Row { .. }), "{r:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_an_unreadable_notification_means_reading_everything_again() {
+    let Some(pg) = testpg::database().await else {
+        return;
+    };
+    let url = pg.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Store::connect(&StoreSettings::Postgres(pg.clone()), dir.path(), "a")
+        .await
+        .unwrap();
+    let b = Store::connect(&StoreSettings::Postgres(pg), dir.path(), "b")
+        .await
+        .unwrap();
+    let mut heard = b.changes();
+    let probe = Change::Row {
+        table: "tokens".into(),
+        key: "probe".into(),
+    };
+    loop {
+        a.put(T, "probe", &1u32).unwrap();
+        match tokio::time::timeout(Duration::from_millis(200), heard.recv()).await {
+            Ok(Ok(c)) if c == probe => break,
+            _ => continue,
+        }
+    }
+    while heard.try_recv().is_ok() {}
+    // Anyone may NOTIFY the channel: a payload that is not a change is not ignored silently.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute("NOTIFY tapgraph_changes, 'not json'")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), heard.recv())
+        .await
+        .expect("a change within 5 s")
+        .unwrap();
+    assert_eq!(got, Change::Resync);
+}

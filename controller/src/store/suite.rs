@@ -246,9 +246,8 @@ async fn postgres_other_replicas_hear_each_change_and_the_writer_does_not() {
     );
     b.put(U, "stop", &1u32).unwrap();
     let a = probe.await.unwrap();
-    while let Ok(c) = heard_by_b.try_recv() {
-        let _ = c;
-    }
+    // Every probe heard (they arrive in commit order), not just those already in.
+    until_listening(&a, &mut heard_by_b).await;
     let mut batch = Batch::default();
     batch.put(T, "t9", &1u32).unwrap();
     batch.delete(U, "probe");
@@ -426,19 +425,7 @@ async fn postgres_live_state_and_edges_are_not_announced() {
         return;
     };
     let mut heard = b.changes();
-    // Wait until B listens: it hears a token write.
-    let probe = Change::Row {
-        table: "tokens".into(),
-        key: "probe".into(),
-    };
-    loop {
-        a.put(T, "probe", &1u32).unwrap();
-        match tokio::time::timeout(Duration::from_millis(200), heard.recv()).await {
-            Ok(Ok(c)) if c == probe => break,
-            _ => continue,
-        }
-    }
-    while heard.try_recv().is_ok() {}
+    until_listening(&a, &mut heard).await;
     let mut batch = Batch::default();
     batch.put(PRESENCE, "agent-1", &1u32).unwrap();
     batch.put(EDGES, "edge-1", &1u32).unwrap();
@@ -501,18 +488,7 @@ async fn postgres_an_unreadable_notification_means_reading_everything_again() {
         .await
         .unwrap();
     let mut heard = b.changes();
-    let probe = Change::Row {
-        table: "tokens".into(),
-        key: "probe".into(),
-    };
-    loop {
-        a.put(T, "probe", &1u32).unwrap();
-        match tokio::time::timeout(Duration::from_millis(200), heard.recv()).await {
-            Ok(Ok(c)) if c == probe => break,
-            _ => continue,
-        }
-    }
-    while heard.try_recv().is_ok() {}
+    until_listening(&a, &mut heard).await;
     // Anyone may NOTIFY the channel: a payload that is not a change is not ignored silently.
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
@@ -527,4 +503,27 @@ async fn postgres_an_unreadable_notification_means_reading_everything_again() {
         .expect("a change within 5 s")
         .unwrap();
     assert_eq!(got, Change::Resync);
+}
+
+/// Returns once `heard` (another replica's feed) hears `a`'s writes, with every notification of
+/// the probing drained: probes are written until one is heard, then one last marker, and
+/// everything up to the marker is read (notifications arrive in commit order).
+async fn until_listening(a: &Store, heard: &mut tokio::sync::broadcast::Receiver<Change>) {
+    let probe = Change::Row {
+        table: "tokens".into(),
+        key: "probe".into(),
+    };
+    loop {
+        a.put(T, "probe", &1u32).unwrap();
+        match tokio::time::timeout(Duration::from_millis(200), heard.recv()).await {
+            Ok(Ok(c)) if c == probe => break,
+            _ => continue,
+        }
+    }
+    a.put(T, "listening", &1u32).unwrap();
+    let marker = Change::Row {
+        table: "tokens".into(),
+        key: "listening".into(),
+    };
+    while next_row(heard).await != marker {}
 }

@@ -212,7 +212,9 @@ rp50 = sorted(x["p50_ms"] for x in ro)[len(ro) // 2] if ro else float("nan")
 rp99 = max((x["p99_ms"] for x in ro), default=float("nan"))
 reached = min((x["agents"] for x in ro), default=None)
 rtxt = f"{rp50:.0f} / {rp99:.0f}" + (f" (only {reached:,} of {r['connected']:,} reached)" if reached is not None and reached < r["connected"] - r.get("revocations_unfinished", 0) - (r.get("revocation_ms") or {}).get("count", 0) else "")
-rv, fo = r.get("revocation_ms", {}), r.get("failover_ms", {})
+# A figure the run did not measure (no rollouts, no revocations) is null in the report: NaN here.
+clean = lambda d: {k: (float("nan") if v is None else v) for k, v in (d or {}).items()}
+rv, fo = clean(r.get("revocation_ms")), clean(r.get("failover_ms"))
 cpu_txt = " + ".join(f"{c:.1f}" for c in cpus) + (f" = {sum(cpus):.1f}" if n > 1 else "")
 rss_txt = " / ".join(f"{x:.0f}" for x in rsss)
 if killed == "1":

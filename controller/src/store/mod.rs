@@ -15,6 +15,7 @@
 //! multi-threaded runtime.
 
 pub mod embedded;
+mod jsonb;
 pub mod leader;
 pub mod migrate;
 pub mod postgres;

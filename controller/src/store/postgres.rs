@@ -1,6 +1,6 @@
 //! The shared backend: one PostgreSQL database for every replica of the controller.
 //!
-//! Each logical table is an SQL table in the schema `tapgraph` (`key text`, `value jsonb`,
+//! Each logical table is an SQL table in the schema `tapgraph` (`key text`, `value json`,
 //! `updated_at`), so operators can read it with `psql`. The schema is versioned
 //! (`tapgraph.schema_migrations`) and brought up to date at start under an advisory lock, so
 //! replicas starting at once apply each migration exactly once.
@@ -23,6 +23,7 @@ use tokio::sync::broadcast;
 use tokio_postgres::AsyncMessage;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::jsonb::{JsonText, Jsonb};
 use super::{Batch, Change, StoreError, Table, same_value};
 
 /// The tables the schema has. A table the code names that is not here is a missing migration.
@@ -41,10 +42,32 @@ pub const TABLES: &[&str] = &[
     "pki",
 ];
 
-/// Versioned migrations, applied in order, each once, each in its own transaction.
-const MIGRATIONS: &[(i32, &str)] = &[(1, MIGRATION_1)];
+/// Versioned migrations, applied in order, each once, each in its own transaction. A migration
+/// that was released is never edited: a database made by it is brought forward by the next.
+const MIGRATIONS: &[(i32, fn() -> String)] = &[(1, migration_1), (2, migration_2)];
 
-const MIGRATION_1: &str = r#"
+/// The tables, as `jsonb`, and the trigger that announces their changes.
+pub(super) fn migration_1() -> String {
+    let mut sql = NOTIFY_CHANGE.to_string();
+    for name in TABLES {
+        sql.push_str(&table_sql(name));
+    }
+    sql
+}
+
+/// Values become `json`: the text as written, checked but not converted. `jsonb` cannot hold a
+/// NUL character (`\u0000`), which an agent may well report (a process name, a hostname), and
+/// its conversion both ways is work nothing here needs: no query looks inside a value.
+fn migration_2() -> String {
+    TABLES
+        .iter()
+        .map(|name| {
+            format!("ALTER TABLE tapgraph.{name} ALTER COLUMN value TYPE json USING value::json;")
+        })
+        .collect()
+}
+
+const NOTIFY_CHANGE: &str = r#"
 CREATE FUNCTION tapgraph.notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   PERFORM pg_notify('tapgraph_changes', json_build_object(
@@ -355,11 +378,9 @@ impl Postgres {
         self.reachable();
         rows.iter()
             .map(|row| {
-                let key: String = row.get(0);
-                let value: serde_json::Value = row.get(1);
-                serde_json::to_vec(&value)
-                    .map(|bytes| (key, bytes))
-                    .map_err(super::failed)
+                let key: String = row.try_get(0).map_err(super::failed)?;
+                let JsonText(value) = row.try_get(1).map_err(super::failed)?;
+                Ok((key, value))
             })
             .collect()
     }
@@ -375,7 +396,7 @@ impl Postgres {
             .await
             .map_err(|e| self.error(e))?;
         self.reachable();
-        row.map(|r| serde_json::to_vec(&r.get::<_, serde_json::Value>(0)))
+        row.map(|r| r.try_get(0).map(|JsonText(value)| value))
             .transpose()
             .map_err(super::failed)
     }
@@ -410,7 +431,7 @@ impl Postgres {
                 )
                 .await
                 .map_err(|e| self.error(e))?
-                .map(|r| serde_json::to_vec(&r.get::<_, serde_json::Value>(0)))
+                .map(|r| r.try_get(0).map(|JsonText(value)| value))
                 .transpose()
                 .map_err(super::failed)?;
             if !same_value(current.as_deref(), expected.as_deref()) {
@@ -430,11 +451,11 @@ impl Postgres {
                 .map_err(|e| self.error(e))?;
             }
             if !puts.is_empty() {
-                let (keys, values): (Vec<&str>, Vec<serde_json::Value>) = puts.into_iter().unzip();
+                let (keys, values): (Vec<&str>, Vec<Jsonb>) = puts.into_iter().unzip();
                 tx.execute(
                     &format!(
                         "INSERT INTO tapgraph.{name} (key, value) \
-                         SELECT * FROM unnest($1::text[], $2::jsonb[]) \
+                         SELECT * FROM unnest($1::text[], $2::json[]) \
                          ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()"
                     ),
                     &[&keys, &values],
@@ -461,13 +482,13 @@ impl Postgres {
 #[allow(clippy::type_complexity)]
 fn grouped(
     batch: &Batch,
-) -> Result<Vec<(&'static str, Vec<(&str, serde_json::Value)>, Vec<&str>)>, StoreError> {
+) -> Result<Vec<(&'static str, Vec<(&str, Jsonb<'_>)>, Vec<&str>)>, StoreError> {
     use std::collections::BTreeMap;
     let mut last: BTreeMap<(&'static str, &str), Option<&[u8]>> = BTreeMap::new();
     for (table, key, value) in &batch.changes {
         last.insert((sql_table(*table)?, key.as_str()), value.as_deref());
     }
-    let mut out: Vec<(&'static str, Vec<(&str, serde_json::Value)>, Vec<&str>)> = Vec::new();
+    let mut out: Vec<(&'static str, Vec<(&str, Jsonb<'_>)>, Vec<&str>)> = Vec::new();
     for ((name, key), value) in last {
         if out.last().is_none_or(|(n, _, _)| *n != name) {
             out.push((name, Vec::new(), Vec::new()));
@@ -476,7 +497,7 @@ fn grouped(
             continue;
         };
         match value {
-            Some(bytes) => puts.push((key, serde_json::from_slice(bytes).map_err(super::failed)?)),
+            Some(bytes) => puts.push((key, Jsonb(bytes))),
             None => deletes.push(key),
         }
     }
@@ -562,12 +583,7 @@ async fn migrate(client: &mut deadpool_postgres::Object, database: &str) -> Resu
         }
         for (version, body) in MIGRATIONS.iter().filter(|(v, _)| *v > have) {
             let tx = client.transaction().await.map_err(sql)?;
-            tx.batch_execute(body).await.map_err(sql)?;
-            if *version == 1 {
-                for name in TABLES {
-                    tx.batch_execute(&table_sql(name)).await.map_err(sql)?;
-                }
-            }
+            tx.batch_execute(&body()).await.map_err(sql)?;
             tx.execute(
                 "INSERT INTO tapgraph.schema_migrations (version) VALUES ($1)",
                 &[version],
@@ -757,7 +773,8 @@ mod tests {
         assert_eq!(g.len(), 2);
         let (name, puts, deletes) = &g[1];
         assert_eq!(*name, "tokens");
-        assert_eq!(puts, &[("z", serde_json::json!(3))]);
+        assert_eq!(puts.len(), 1);
+        assert_eq!((puts[0].0, puts[0].1.0), ("z", &b"3"[..]));
         assert_eq!(deletes, &["x"]);
     }
 

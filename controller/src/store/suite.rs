@@ -178,6 +178,40 @@ async fn racing_for_the_last_uses_gives_exactly_that_many_winners(postgres: bool
     assert_eq!(a.get::<Token>(T, "t").unwrap().unwrap().uses_left, 0);
 }
 
+/// What agents report is stored as they sent it: quotes, escapes, any Unicode, and a NUL (which
+/// PostgreSQL's jsonb cannot hold as text), all read back equal.
+async fn any_text_reads_back_as_written(postgres: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((a, b)) = pair(postgres, dir.path()).await else {
+        return;
+    };
+    let texts = [
+        "plain".to_string(),
+        "quote \" backslash \\ slash / tab \t newline \n".to_string(),
+        "é ü 漢字 🦀 \u{7f} \u{1b}[31mred".to_string(),
+        "nul \0 inside".to_string(),
+        "\\u0000 written out".to_string(),
+        "x".repeat(100_000),
+    ];
+    let mut batch = Batch::default();
+    for (i, text) in texts.iter().enumerate() {
+        batch
+            .put(T, &format!("k{i}"), &(text, u64::MAX, -1.5f64))
+            .unwrap();
+    }
+    a.commit(batch).unwrap();
+    let back = b.load::<(String, u64, f64)>(T).unwrap();
+    assert_eq!(back.len(), texts.len());
+    for (text, (got, max, half)) in texts.iter().zip(back) {
+        assert_eq!(&got, text);
+        assert_eq!((max, half), (u64::MAX, -1.5));
+    }
+    assert_eq!(
+        b.get::<(String, u64, f64)>(T, "k3").unwrap().unwrap().0,
+        texts[3]
+    );
+}
+
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -203,6 +237,7 @@ both!(
     writes_read_back_in_key_order,
     a_failed_precondition_writes_nothing,
     racing_for_the_last_uses_gives_exactly_that_many_winners,
+    any_text_reads_back_as_written,
 );
 
 /// Receives the next change, skipping resyncs, within a few seconds.
@@ -320,7 +355,66 @@ async fn postgres_replicas_starting_at_once_make_one_schema() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1], "each migration once");
+    assert_eq!(versions, [1, 2], "each migration once");
+}
+
+/// A database made by an earlier controller (schema version 1, values as `jsonb`) is brought
+/// forward at start, and what it held reads back the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_database_of_an_earlier_version_is_migrated_keeping_its_rows() {
+    let Some(pg) = testpg::database().await else {
+        return;
+    };
+    let (client, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA tapgraph; \
+             CREATE TABLE tapgraph.schema_migrations (version integer PRIMARY KEY, \
+               applied_at timestamptz NOT NULL DEFAULT now()); \
+             {} \
+             INSERT INTO tapgraph.schema_migrations (version) VALUES (1); \
+             INSERT INTO tapgraph.tokens (key, value) VALUES ('t1', '{{\"id\": \"t1\", \"uses_left\": 2}}');",
+            super::postgres::migration_1()
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&StoreSettings::Postgres(pg), dir.path(), "a")
+        .await
+        .unwrap();
+    let t1 = Token {
+        id: "t1".into(),
+        uses_left: 2,
+    };
+    assert_eq!(store.get::<Token>(T, "t1").unwrap(), Some(t1.clone()));
+    // A precondition on the migrated row holds, and a NUL, which jsonb refused, is taken now.
+    let mut batch = Batch::default();
+    batch.expect(T, "t1", Some(&t1)).unwrap();
+    batch
+        .put(
+            T,
+            "t1",
+            &Token {
+                id: "t\0".into(),
+                uses_left: 1,
+            },
+        )
+        .unwrap();
+    store.commit(batch).unwrap();
+    assert_eq!(store.get::<Token>(T, "t1").unwrap().unwrap().id, "t\0");
+    let kind: String = client
+        .query_one(
+            "SELECT data_type FROM information_schema.columns \
+             WHERE table_schema = 'tapgraph' AND table_name = 'tokens' AND column_name = 'value'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kind, "json");
 }
 
 #[tokio::test(flavor = "multi_thread")]

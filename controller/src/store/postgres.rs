@@ -414,33 +414,7 @@ impl Postgres {
                 .await
                 .map_err(|e| self.error(e))?;
         }
-        for (table, key, expected) in &batch.expected {
-            let name = sql_table(*table)?;
-            // The row may not exist yet: lock its key, not the row, so two replicas expecting
-            // "absent" cannot both insert.
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                &[&format!("{name}/{key}")],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-            let current = tx
-                .query_opt(
-                    &format!("SELECT value FROM tapgraph.{name} WHERE key = $1"),
-                    &[key],
-                )
-                .await
-                .map_err(|e| self.error(e))?
-                .map(|r| r.try_get(0).map(|JsonText(value)| value))
-                .transpose()
-                .map_err(super::failed)?;
-            if !same_value(current.as_deref(), expected.as_deref()) {
-                return Err(StoreError::Conflict {
-                    table: table.name().to_string(),
-                    key: key.clone(),
-                });
-            }
-        }
+        self.check_expected(&tx, batch).await?;
         for (name, puts, deletes) in grouped(batch)? {
             if !deletes.is_empty() {
                 tx.execute(
@@ -466,6 +440,62 @@ impl Postgres {
         }
         tx.commit().await.map_err(|e| self.error(e))?;
         self.reachable();
+        Ok(())
+    }
+
+    /// Refuses the transaction ([`StoreError::Conflict`]) unless every row `batch` expects holds
+    /// what it expects. The rows may not exist yet: their keys are locked, not the rows, so two
+    /// replicas expecting "absent" cannot both insert. All the keys are locked in one statement,
+    /// in one order for every transaction (no deadlock), and read in one per table: a presence
+    /// round expecting 2,000 rows is three statements, not 4,000.
+    async fn check_expected(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        batch: &Batch,
+    ) -> Result<(), StoreError> {
+        if batch.expected.is_empty() {
+            return Ok(());
+        }
+        let mut expected = Vec::with_capacity(batch.expected.len());
+        for (table, key, value) in &batch.expected {
+            expected.push((sql_table(*table)?, key.as_str(), value.as_deref(), *table));
+        }
+        expected.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let locks: Vec<String> = expected
+            .iter()
+            .map(|(n, k, ..)| format!("{n}/{k}"))
+            .collect();
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k",
+            &[&locks],
+        )
+        .await
+        .map_err(|e| self.error(e))?;
+        for group in expected.chunk_by(|a, b| a.0 == b.0) {
+            let name = group[0].0;
+            let keys: Vec<&str> = group.iter().map(|(_, k, ..)| *k).collect();
+            let mut current = std::collections::HashMap::with_capacity(keys.len());
+            for row in tx
+                .query(
+                    &format!("SELECT key, value FROM tapgraph.{name} WHERE key = ANY($1)"),
+                    &[&keys],
+                )
+                .await
+                .map_err(|e| self.error(e))?
+            {
+                let key: String = row.try_get(0).map_err(super::failed)?;
+                let JsonText(value) = row.try_get(1).map_err(super::failed)?;
+                current.insert(key, value);
+            }
+            for (_, key, value, table) in group {
+                if !same_value(current.get(*key).map(Vec::as_slice), *value) {
+                    return Err(StoreError::Conflict {
+                        table: table.name().to_string(),
+                        key: key.to_string(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 

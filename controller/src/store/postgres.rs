@@ -44,7 +44,10 @@ pub const TABLES: &[&str] = &[
 
 /// Versioned migrations, applied in order, each once, each in its own transaction. A migration
 /// that was released is never edited: a database made by it is brought forward by the next.
-const MIGRATIONS: &[(i32, fn() -> String)] = &[(1, migration_1), (2, migration_2)];
+const MIGRATIONS: &[(i32, Migration)] = &[(1, migration_1), (2, migration_2)];
+
+/// A migration's SQL, run in one transaction.
+type Migration = fn() -> String;
 
 /// The tables, as `jsonb`, and the trigger that announces their changes.
 pub(super) fn migration_1() -> String {

@@ -271,8 +271,8 @@ impl Store {
         let bytes = match &self.backend {
             Backend::Embedded(e) => e.get(table, key)?,
             Backend::Postgres(p) => {
-                let (p, key) = (p.clone(), key.to_string());
-                blocking(async move { p.get(table, &key).await })?
+                let key = key.to_string();
+                blocking(p, move |p| async move { p.get(table, &key).await })?
             }
         };
         bytes.map(|b| decode(table, key, &b)).transpose()
@@ -281,10 +281,7 @@ impl Store {
     fn load_raw(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         match &self.backend {
             Backend::Embedded(e) => e.load(table),
-            Backend::Postgres(p) => {
-                let p = p.clone();
-                blocking(async move { p.load(table).await })
-            }
+            Backend::Postgres(p) => blocking(p, move |p| async move { p.load(table).await }),
         }
     }
 
@@ -304,10 +301,7 @@ impl Store {
     pub fn sync(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Embedded(_) => self.commit(Batch::default()),
-            Backend::Postgres(p) => {
-                let p = p.clone();
-                blocking(async move { p.sync().await })
-            }
+            Backend::Postgres(p) => blocking(p, |p| async move { p.sync().await }),
         }
     }
 
@@ -315,8 +309,7 @@ impl Store {
         match &self.backend {
             Backend::Embedded(e) => e.commit(&batch, durable),
             Backend::Postgres(p) => {
-                let p = p.clone();
-                blocking(async move { p.commit(&batch, durable).await })
+                blocking(p, move |p| async move { p.commit(&batch, durable).await })
             }
         }
     }
@@ -339,20 +332,33 @@ fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<
         .map_err(|e| StoreError::Failed(format!("{}/{key}: {e}", table.name())))
 }
 
-/// Runs a database call from the synchronous store API: the worker thread hands its other tasks
-/// over while it waits (redb's calls block the same way). The call runs as a task of its own and
-/// is waited for over a channel, not polled here: if the runtime shuts down meanwhile (a process
-/// or a test ending), the task is dropped and this returns an error instead of waiting forever
-/// for a connection that is gone.
-fn blocking<T: Send + 'static>(
-    f: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
-) -> Result<T, StoreError> {
+/// Runs a database call from the synchronous store API on the store's own runtime (`io`), and
+/// waits for it; the caller's worker thread hands its other tasks over meanwhile (redb's calls
+/// block the same way). The call does not need the caller's runtime: if that one shuts down
+/// meanwhile, the call still ends. If the store's runtime is gone, the call fails.
+fn blocking<T, F>(
+    p: &Arc<postgres::Postgres>,
+    f: impl FnOnce(Arc<postgres::Postgres>) -> F,
+) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    let Some(io) = p.io() else {
+        return Err(postgres::closed());
+    };
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    tokio::runtime::Handle::current().spawn(async move {
-        let _ = tx.send(f.await);
+    let call = f(p.clone());
+    io.spawn(async move {
+        let _ = tx.send(call.await);
     });
-    tokio::task::block_in_place(|| rx.recv())
-        .unwrap_or_else(|_| Err(StoreError::Failed("the runtime is shutting down".into())))
+    let wait = || rx.recv().unwrap_or_else(|_| Err(postgres::closed()));
+    // Outside a multi-threaded runtime's worker (a thread of its own, a current-thread runtime)
+    // there are no other tasks to hand over: wait right here.
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        _ => wait(),
+    }
 }
 
 /// Changes to commit together.

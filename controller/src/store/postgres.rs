@@ -220,6 +220,58 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'st
         .collect()
 }
 
+/// The runtime this store's sessions live on: threads of its own, apart from the caller's.
+///
+/// The synchronous store API waits for a database call from inside the caller's runtime
+/// (`block_in_place`). If that runtime is shutting down meanwhile (a process or a test ending),
+/// it may never run the call, nor drop it: tokio cannot hand the waiting worker's other tasks to
+/// a new thread once its blocking pool is closing. With the calls, the pool's connections and
+/// the listener on a runtime of their own, a call in flight finishes (or fails) whatever the
+/// caller's runtime does, and nothing waits forever. Shut down, without waiting, when the store
+/// is dropped.
+struct Io(Option<tokio::runtime::Runtime>);
+
+impl Io {
+    fn new() -> Result<Self, StoreError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(IO_THREADS)
+            .thread_name("tapgraph-store")
+            .enable_all()
+            .build()
+            .map(|rt| Io(Some(rt)))
+            .map_err(|e| StoreError::Failed(format!("cannot start the store's runtime: {e}")))
+    }
+
+    fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.0.as_ref().map(tokio::runtime::Runtime::handle)
+    }
+
+    /// Runs `f` on the store's runtime and waits for it (asynchronously).
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let handle = self.handle().ok_or_else(closed)?;
+        handle.spawn(f).await.map_err(|_| closed())?
+    }
+}
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The error of a call the store's runtime did not finish: it is shutting down.
+pub(super) fn closed() -> StoreError {
+    StoreError::Failed("the state store is shutting down".into())
+}
+
+/// The store's own threads: database I/O, and encoding what is sent and received.
+const IO_THREADS: usize = 2;
+
 pub struct Postgres {
     pool: Pool,
     /// "HOST:PORT/DB".
@@ -229,6 +281,8 @@ pub struct Postgres {
     listener: tokio::task::JoinHandle<()>,
     /// How to open a session of its own, for [`Postgres::leadership`].
     session: (tokio_postgres::Config, MakeRustlsConnect),
+    /// Last: dropped after the pool and the listener.
+    io: Io,
 }
 
 impl Drop for Postgres {
@@ -240,6 +294,21 @@ impl Drop for Postgres {
 impl Postgres {
     /// Connects, brings the schema up to date and starts listening for other replicas' changes.
     pub async fn connect(
+        settings: &PostgresSettings,
+        replica: &str,
+        changes: broadcast::Sender<Change>,
+    ) -> Result<Self, StoreError> {
+        let io = Io::new()?;
+        let (settings, replica) = (settings.clone(), replica.to_string());
+        let mut connected = io
+            .run(async move { Self::open(&settings, &replica, changes).await })
+            .await?;
+        connected.io = io;
+        Ok(connected)
+    }
+
+    /// `connect`, on the store's runtime (its `io` is set by the caller).
+    async fn open(
         settings: &PostgresSettings,
         replica: &str,
         changes: broadcast::Sender<Change>,
@@ -309,6 +378,7 @@ impl Postgres {
             down,
             listener,
             session,
+            io: Io(None),
         })
     }
 
@@ -317,18 +387,25 @@ impl Postgres {
     pub fn leadership(&self, role: &str) -> tokio::sync::watch::Receiver<bool> {
         let (leading, rx) = tokio::sync::watch::channel(false);
         let (config, tls) = self.session.clone();
-        tokio::spawn(super::leader::hold(
-            config,
-            tls,
-            role.to_string(),
-            self.database.clone(),
-            leading,
-        ));
+        if let Some(io) = self.io.handle() {
+            io.spawn(super::leader::hold(
+                config,
+                tls,
+                role.to_string(),
+                self.database.clone(),
+                leading,
+            ));
+        }
         rx
     }
 
     pub fn database(&self) -> &str {
         &self.database
+    }
+
+    /// The runtime the store's calls run on; `None` once it is shut down.
+    pub(super) fn io(&self) -> Option<&tokio::runtime::Handle> {
+        self.io.handle()
     }
 
     pub fn unavailable(&self) -> Option<String> {

@@ -251,13 +251,17 @@ pub(super) type Published = Arc<std::sync::Mutex<BTreeMap<String, u64>>>;
 /// A row this replica committed, and when.
 struct Written {
     row: PresenceRow,
+    /// The row as stored: the next write's precondition, not serialised again.
+    bytes: Arc<[u8]>,
     at_unix_ms: u64,
 }
 
 /// One row to write, and the value it must replace (`None`: whatever is there).
 struct Planned {
     row: PresenceRow,
-    expect: Option<PresenceRow>,
+    /// `row` serialised, once, whatever the number of attempts.
+    bytes: Arc<[u8]>,
+    expect: Option<Arc<[u8]>>,
 }
 
 /// Writes this replica's lease and its agents' presence.
@@ -333,7 +337,7 @@ impl Writer {
         now: u64,
         commit: &mut dyn FnMut(Batch) -> Result<(), StoreError>,
     ) -> Result<usize, StoreError> {
-        let mut plan = self.plan(agents, now);
+        let mut plan = self.plan(agents, now)?;
         for _ in 0..CONFLICT_RETRIES {
             let batch = self.batch(&plan, now)?;
             match commit(batch) {
@@ -347,6 +351,7 @@ impl Writer {
                     for p in plan {
                         let written = Written {
                             row: p.row,
+                            bytes: p.bytes,
                             at_unix_ms: now,
                         };
                         self.written.insert(written.row.agent_id.clone(), written);
@@ -397,7 +402,7 @@ impl Writer {
 
     /// The rows to write at `now`: new sessions whatever their row holds; changed or stale rows
     /// only over what this replica wrote.
-    fn plan(&self, agents: &[AgentView], now: u64) -> Vec<Planned> {
+    fn plan(&self, agents: &[AgentView], now: u64) -> Result<Vec<Planned>, StoreError> {
         let refresh = self.refresh.as_millis() as u64;
         let mut plan = Vec::new();
         for v in agents {
@@ -416,15 +421,18 @@ impl Writer {
                     if !changed && !due {
                         continue;
                     }
-                    Some(w.row.clone())
+                    Some(w.bytes.clone())
                 }
             };
+            let row = self.row(v);
+            let bytes = serde_json::to_vec(&row).map_err(crate::store::failed)?;
             plan.push(Planned {
-                row: self.row(v),
+                row,
+                bytes: bytes.into(),
                 expect,
             });
         }
-        plan
+        Ok(plan)
     }
 
     fn row(&self, v: &AgentView) -> PresenceRow {
@@ -450,9 +458,9 @@ impl Writer {
         batch.put(REPLICAS, &self.replica, &lease)?;
         for p in plan {
             if let Some(old) = &p.expect {
-                batch.expect(PRESENCE, &p.row.agent_id, Some(old))?;
+                batch.expect_raw(PRESENCE, &p.row.agent_id, Some(old.to_vec()));
             }
-            batch.put(PRESENCE, &p.row.agent_id, &p.row)?;
+            batch.put_raw(PRESENCE, &p.row.agent_id, p.bytes.to_vec());
         }
         Ok(batch)
     }

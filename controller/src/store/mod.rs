@@ -398,6 +398,16 @@ impl Batch {
         Ok(())
     }
 
+    /// [`Batch::put`] of a value serialised already (by `serde_json`).
+    pub fn put_raw(&mut self, table: Table, key: &str, bytes: Vec<u8>) {
+        self.changes.push((table, key.to_string(), Some(bytes)));
+    }
+
+    /// [`Batch::expect`] of a value serialised already, as it was written.
+    pub fn expect_raw(&mut self, table: Table, key: &str, bytes: Option<Vec<u8>>) {
+        self.expected.push((table, key.to_string(), bytes));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty() && self.expected.is_empty()
     }

@@ -120,7 +120,10 @@ impl App {
             },
             agents: owners.agent_health.clone(),
         };
-        let mirrors = Mirrors::new(config.state_dir.clone(), owners.agent_health.clone());
+        let mut mirrors = Mirrors::new(config.state_dir.clone(), owners.agent_health.clone());
+        if store.is_shared() {
+            mirrors = mirrors.naming_files_after(&config.replica);
+        }
         if let Some(writer) = owners.registry.mirror_writer(mirrors.clone(), stop.clone()) {
             tasks.spawn("mirror-stats", writer);
         }

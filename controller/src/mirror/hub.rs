@@ -276,6 +276,8 @@ pub struct Mirrors {
     inner: Arc<Mutex<Inner>>,
     state_dir: PathBuf,
     health: crate::health::Health,
+    /// With replicas, this replica's name, put into `pcap:` file names ([`replica_file`]).
+    replica: Option<Arc<str>>,
 }
 
 /// A Mirror stream's route: the attachment its batches of one policy version go to.
@@ -297,6 +299,26 @@ pub struct Attachment {
     pub unavailable: Option<String>,
 }
 
+/// `path` with `.REPLICA` before its extension (`captures/web.pcapng` → `captures/web.r1.pcapng`;
+/// without an extension, at the end). Replica names are checked to be file-name safe (`replica`).
+pub fn replica_file(path: &str, replica: &str) -> String {
+    let p = std::path::Path::new(path);
+    let (Some(stem), ext) = (
+        p.file_stem().and_then(|s| s.to_str()),
+        p.extension().and_then(|e| e.to_str()),
+    ) else {
+        return format!("{path}.{replica}");
+    };
+    let name = match ext {
+        Some(ext) => format!("{stem}.{replica}.{ext}"),
+        None => format!("{stem}.{replica}"),
+    };
+    match p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir.join(name).to_string_lossy().into_owned(),
+        None => name,
+    }
+}
+
 /// A key that tells two targets apart by every setting, not only by their display form.
 fn key(target: &Target) -> String {
     format!("{target:?}")
@@ -308,7 +330,15 @@ impl Mirrors {
             inner: Arc::default(),
             state_dir,
             health,
+            replica: None,
         }
+    }
+
+    /// With replicas: `pcap:` files written here carry `replica` in their names, so that two
+    /// replicas never write one file (a shared volume) and an operator knows whose file it is.
+    pub fn naming_files_after(mut self, replica: &str) -> Self {
+        self.replica = Some(replica.into());
+        self
     }
 
     /// Counts a new Mirror stream of `agent_id`, unless it already has `limit` open: then `Err`
@@ -406,7 +436,25 @@ impl Mirrors {
         if attachment.target.is_some() {
             return attachment;
         }
-        let (t, dir) = (target.clone(), self.state_dir.clone());
+        let t = match (target, &self.replica) {
+            (
+                Target::Pcap {
+                    path,
+                    rotate_bytes,
+                    rotate_interval,
+                },
+                Some(replica),
+            ) => Target::Pcap {
+                path: replica_file(path, replica),
+                rotate_bytes: *rotate_bytes,
+                rotate_interval: *rotate_interval,
+            },
+            _ => target.clone(),
+        };
+        if let (Target::Pcap { path, .. }, Some(replica)) = (&t, &self.replica) {
+            tracing::info!(agent = %agent_id, target = %target, file = %path, %replica, "this replica writes the capture file named after it");
+        }
+        let dir = self.state_dir.clone();
         let opened = tokio::task::spawn_blocking(move || targets::open(&t, &dir)).await;
         match opened {
             Ok(Ok(writer)) => {
@@ -714,6 +762,36 @@ mod tests {
             attachment.stats.written.load(Ordering::Relaxed),
             INLINE_PACKETS as u64 + 4
         );
+    }
+
+    #[test]
+    fn a_replica_s_name_goes_before_the_extension() {
+        assert_eq!(replica_file("web.pcapng", "r1"), "web.r1.pcapng");
+        assert_eq!(
+            replica_file("caps/web.pcapng", "r-2"),
+            "caps/web.r-2.pcapng"
+        );
+        assert_eq!(replica_file("/abs/dir/x", "a.b"), "/abs/dir/x.a.b");
+        assert_eq!(replica_file("noext", "r1"), "noext.r1");
+    }
+
+    /// With replicas, each writes its own file, named after it, beside where the policy said.
+    #[tokio::test]
+    async fn with_replicas_a_pcap_target_writes_a_file_named_after_the_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let mirrors = Mirrors::new(dir.path().to_path_buf(), crate::health::Health::default())
+            .naming_files_after("r2");
+        let mut route = None;
+        let target: Target = "pcap:caps.pcapng".parse().unwrap();
+        let found = async { Some(("web-1".to_string(), target)) };
+        let attachment = mirrors.route(&mut route, "a1", 1, found).await.unwrap();
+        assert!(
+            attachment.unavailable.is_none(),
+            "{:?}",
+            attachment.unavailable
+        );
+        assert!(dir.path().join("caps.r2.pcapng").exists());
+        assert!(!dir.path().join("caps.pcapng").exists());
     }
 
     #[tokio::test]

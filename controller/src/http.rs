@@ -212,6 +212,7 @@ async fn policies(State(state): State<HttpState>) -> impl IntoResponse {
                 "version_applied": s.version_applied,
                 "state": status,
                 "error": (!s.error.is_empty()).then_some(s.error),
+                "target_error": (!s.target_error.is_empty()).then_some(s.target_error),
             })
         })
         .collect();

@@ -405,6 +405,7 @@ pub async fn run(
                 print_json(&json!(agents.iter().map(|a| json!({
                     "agent": a.agent_id, "policy": a.policy_name, "version_wanted": a.version_wanted,
                     "version_applied": a.version_applied, "state": state_of(a), "error": a.error,
+                    "target_error": a.target_error,
                 })).collect::<Vec<_>>()));
             } else {
                 let rows: Vec<Vec<String>> = agents
@@ -416,10 +417,10 @@ pub async fn run(
                             a.version_wanted.to_string(),
                             a.version_applied.to_string(),
                             state_of(a).into(),
-                            if a.error.is_empty() {
-                                "-".into()
-                            } else {
-                                a.error.clone()
+                            match (a.error.as_str(), a.target_error.as_str()) {
+                                ("", "") => "-".into(),
+                                ("", target) => target.into(),
+                                (error, _) => error.into(),
                             },
                         ]
                     })

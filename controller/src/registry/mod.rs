@@ -279,13 +279,18 @@ impl Registry {
     /// Rollout status per agent, for one policy or all; with a shared store, of the agents of
     /// every replica, judged against the policies this replica holds.
     pub async fn policy_status(&self, name: Option<String>) -> Vec<proto::AgentPolicyStatus> {
-        let remote = match &self.fleet {
-            Some(fleet) => fleet.remote_live(&self.replica, self.list_local().await),
-            None => Vec::new(),
+        let (remote, mut interfaces) = match &self.fleet {
+            Some(fleet) => (
+                fleet.remote_live(&self.replica, self.list_local().await),
+                fleet.interfaces(),
+            ),
+            None => Default::default(),
         };
+        interfaces.insert(self.replica.to_string(), presence::local_interfaces());
         self.call(|reply| Command::PolicyStatus {
             name,
             remote,
+            interfaces,
             reply,
         })
         .await

@@ -59,6 +59,9 @@ pub struct ReplicaRow {
     pub heartbeat_unix_ms: u64,
     /// Where it serves (gRPC, HTTP), for operators reading the table.
     pub addresses: Vec<String>,
+    /// Its network interfaces: where an `interface:` mirror target can be delivered.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
 }
 
 /// An agent's presence, as the replica holding its session last wrote it.
@@ -236,12 +239,25 @@ fn steady(v: &AgentView) -> Steady<'_> {
     }
 }
 
+/// This host's network interfaces (`/sys/class/net`); empty if they cannot be read.
+pub(crate) fn local_interfaces() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub(crate) fn now_unix_ms() -> u64 {
     super::agents::unix_ms(SystemTime::now())
 }
 
 /// The agents the registry holds, handed to the writer.
 pub(super) type Held = Arc<Vec<AgentView>>;
+
+/// Each replica's network interfaces, by replica name.
+pub(super) type Interfaces = BTreeMap<String, std::collections::BTreeSet<String>>;
 
 /// Per agent with a live session here, the policy version it applied as the other replicas can
 /// read it now (committed). `policy status` counts an ack once it is there, so that `--wait`
@@ -454,6 +470,7 @@ impl Writer {
             started_at_unix_ms: self.started_at_unix_ms,
             heartbeat_unix_ms: now,
             addresses: self.addresses.clone(),
+            interfaces: local_interfaces().into_iter().collect(),
         };
         batch.put(REPLICAS, &self.replica, &lease)?;
         for p in plan {
@@ -630,6 +647,18 @@ impl Fleet {
                 })
             })
             .collect()
+    }
+
+    /// Each replica's network interfaces, as its lease row last gave them (as last read).
+    pub fn interfaces(&self) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+        self.load()
+            .map(|s| {
+                s.replicas
+                    .iter()
+                    .map(|r| (r.replica.clone(), r.interfaces.iter().cloned().collect()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The agents with a live session on another replica, as it last wrote them; `local` are
@@ -1030,6 +1059,7 @@ mod tests {
             started_at_unix_ms: started,
             heartbeat_unix_ms: heartbeat,
             addresses: Vec::new(),
+            interfaces: Vec::new(),
         }
     }
 
@@ -1197,6 +1227,13 @@ mod tests {
         let fleet = b.fleet().await.unwrap();
         assert_eq!(fleet.replicas, ["a", "b"]);
         assert_eq!(fleet.counts()["a"]["connected"], 1);
+        // Each lease names the replica's interfaces, for `interface:` targets' status.
+        let status = b.policy_status(None).await;
+        assert_eq!(status.len(), 1, "{status:?}");
+        let interfaces = b.fleet.as_ref().unwrap().interfaces();
+        if !local_interfaces().is_empty() {
+            assert_eq!(interfaces["a"], local_interfaces());
+        }
 
         // a dies without a word (the writer first, so that it cannot give its lease back): its
         // lease runs out.

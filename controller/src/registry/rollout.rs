@@ -9,6 +9,7 @@ use tapgraph::proto::{self, controller_message};
 
 use super::MirrorRoute;
 use super::health::DEFAULT_HEARTBEAT_MS;
+use super::presence::Interfaces;
 use super::task::RegistryTask;
 use super::view::AgentView;
 use crate::policy_rules::{self as rules, StoredPolicy};
@@ -85,7 +86,7 @@ impl RegistryTask {
     /// Rollout status of every live agent of this replica, for policy `name` or all.
     #[cfg(test)]
     pub(super) fn policy_status(&self, name: Option<&str>) -> Vec<proto::AgentPolicyStatus> {
-        self.fleet_policy_status(name, &[])
+        self.fleet_policy_status(name, &[], &Interfaces::new())
     }
 
     /// As [`RegistryTask::policy_status`], with `remote` too (agents live on other replicas, as
@@ -94,6 +95,7 @@ impl RegistryTask {
         &self,
         name: Option<&str>,
         remote: &[AgentView],
+        interfaces: &Interfaces,
     ) -> Vec<proto::AgentPolicyStatus> {
         // With replicas, an ack counts once the others can read it.
         let published = self
@@ -105,20 +107,39 @@ impl RegistryTask {
                 Some(p) => p.get(&a.view.id).copied().unwrap_or(0),
                 None => a.view.policy_version_applied,
             };
-            self.status_of(&a.view, applied, false)
+            let mut status = self.status_of(&a.view, applied, false);
+            status.target_error = self.target_error(&a.view, &self.replica, interfaces);
+            status
         });
         let mut all: Vec<proto::AgentPolicyStatus> = local
-            .chain(
-                remote
-                    .iter()
-                    .map(|v| self.status_of(v, v.policy_version_applied, true)),
-            )
+            .chain(remote.iter().map(|v| {
+                let mut status = self.status_of(v, v.policy_version_applied, true);
+                status.target_error = self.target_error(v, &v.controller, interfaces);
+                status
+            }))
             .filter(|s| name.is_none_or(|n| n == s.policy_name))
             .collect();
         if !remote.is_empty() {
             all.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
         }
         all
+    }
+
+    /// Why `v`'s mirror target cannot be delivered on `replica`, where its stream lands: an
+    /// `interface:` that replica does not have (as its lease row says). Empty when it can, or
+    /// when the replica's interfaces are not known.
+    fn target_error(&self, v: &AgentView, replica: &str, interfaces: &Interfaces) -> String {
+        let wanted = rules::resolve(&self.policies, &self.default, &v.id, &v.labels);
+        let Some(present) = interfaces.get(replica) else {
+            return String::new();
+        };
+        match tapgraph::policy::PolicySpec::from_proto(&wanted.message()).map(|s| s.target) {
+            Ok(tapgraph::policy::Target::Interface(name)) if !present.contains(&name) => format!(
+                "mirror target interface:{name}: no interface {name} on replica {replica}, where \
+                 this agent's stream lands"
+            ),
+            _ => String::new(),
+        }
     }
 
     /// An agent's rollout status against the policy that resolves for it here, `applied` being
@@ -137,6 +158,7 @@ impl RegistryTask {
             version_applied: applied,
             pending: applied != wanted.version && refused.is_none(),
             error: refused.unwrap_or_default(),
+            target_error: String::new(),
         }
     }
 
@@ -299,5 +321,38 @@ mod tests {
             route.target,
             tapgraph::policy::Target::Interface("tap0".into())
         );
+    }
+
+    /// The status names the replica an `interface:` target is missing on, where the agent's
+    /// stream lands; the agent's own rollout state is not changed by it.
+    #[test]
+    fn the_status_names_the_replica_an_interface_target_is_missing_on() {
+        let (mut task, _health, _events) = fixture::task();
+        let (_registered, _rx) = fixture::connect(&mut task, "vm", 8);
+        let mut pinned = policy("pinned", Selector::Agent("vm".into()), 2, 0);
+        let spec = PolicySpec {
+            target: tapgraph::policy::Target::Interface("span0".into()),
+            ..PolicySpec::default()
+        };
+        pinned.spec = StoredSpec(spec.to_proto(0, "pinned"));
+        task.set_policies(vec![pinned], policy("default", Selector::All, 1, 0));
+        let here = task.replica.to_string();
+        let with = |ifaces: &[&str]| -> Interfaces {
+            [(here.clone(), ifaces.iter().map(|s| s.to_string()).collect())].into()
+        };
+        let status = task.fleet_policy_status(None, &[], &with(&["lo", "eth0"]));
+        assert_eq!(
+            status[0].target_error,
+            format!(
+                "mirror target interface:span0: no interface span0 on replica {here}, where this \
+                 agent's stream lands"
+            )
+        );
+        assert!(status[0].error.is_empty());
+        let status = task.fleet_policy_status(None, &[], &with(&["lo", "span0"]));
+        assert_eq!(status[0].target_error, "");
+        // A replica whose interfaces are not known is not blamed.
+        let status = task.fleet_policy_status(None, &[], &Interfaces::new());
+        assert_eq!(status[0].target_error, "");
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
 use super::agents::{Agent, unix_ms};
-use super::presence::{Held, Published};
+use super::presence::{Held, Interfaces, Published};
 use super::view::AgentView;
 use super::{DropCounters, MirrorRoute, Outbound, Registered};
 use crate::events::Events;
@@ -60,6 +60,8 @@ pub(super) enum Command {
         name: Option<String>,
         /// Agents live on other replicas, judged with this replica's.
         remote: Vec<AgentView>,
+        /// Each replica's network interfaces, this one's included.
+        interfaces: Interfaces,
         reply: oneshot::Sender<Vec<proto::AgentPolicyStatus>>,
     },
     Deregister {
@@ -240,9 +242,10 @@ impl RegistryTask {
             Command::PolicyStatus {
                 name,
                 remote,
+                interfaces,
                 reply,
             } => {
-                let _ = reply.send(self.fleet_policy_status(name.as_deref(), &remote));
+                let _ = reply.send(self.fleet_policy_status(name.as_deref(), &remote, &interfaces));
             }
             Command::Deregister {
                 agent_id,

@@ -123,6 +123,15 @@ impl App {
         let mut mirrors = Mirrors::new(config.state_dir.clone(), owners.agent_health.clone());
         if store.is_shared() {
             mirrors = mirrors.naming_files_after(&config.replica);
+            tasks.spawn(
+                "events-relay",
+                crate::events::relay(
+                    owners.events.clone(),
+                    store.clone(),
+                    config.replica.clone(),
+                    stop.clone(),
+                ),
+            );
         }
         if let Some(writer) = owners.registry.mirror_writer(mirrors.clone(), stop.clone()) {
             tasks.spawn("mirror-stats", writer);

@@ -1064,6 +1064,36 @@ fn with_postgresql_stopped_sessions_go_on_writes_are_refused_and_everything_reco
         .map(|((id, _), _)| id.as_str())
         .collect();
     assert_eq!(held, BTreeSet::from(["app", "db"]), "{live_before:?}");
+    // Every replica answers for the whole fleet before the outage (presence rows are written
+    // within a fraction of a second of a change, and read on each query).
+    let fleet: BTreeSet<(String, String)> = live_before
+        .iter()
+        .enumerate()
+        .flat_map(|(i, held)| {
+            let name = lab.name(i);
+            held.iter()
+                .map(move |((id, _), _)| (id.clone(), name.clone()))
+        })
+        .collect();
+    let connected = |lab: &NetLab, i: usize| -> BTreeSet<(String, String)> {
+        lab.agents(i)
+            .into_iter()
+            .filter(|a| a["state"] == "connected")
+            .map(|a| {
+                (
+                    a["id"].as_str().unwrap().to_string(),
+                    a["controller"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    for i in 0..2 {
+        wait_for(
+            &format!("{} to list the whole fleet", lab.name(i)),
+            Duration::from_secs(15),
+            || (connected(&lab, i) == fleet).then_some(()),
+        );
+    }
 
     lab.pg.stop();
     let stopped = Instant::now();
@@ -1157,28 +1187,13 @@ fn with_postgresql_stopped_sessions_go_on_writes_are_refused_and_everything_reco
         }
     }
     // And every replica still answers for the whole fleet, as it last read it.
-    let fleet: BTreeSet<(String, String)> = live_before
-        .iter()
-        .enumerate()
-        .flat_map(|(i, held)| {
-            let name = lab.name(i);
-            held.iter()
-                .map(move |((id, _), _)| (id.clone(), name.clone()))
-        })
-        .collect();
     for i in 0..2 {
-        let listed: BTreeSet<(String, String)> = lab
-            .agents(i)
-            .into_iter()
-            .filter(|a| a["state"] == "connected")
-            .map(|a| {
-                (
-                    a["id"].as_str().unwrap().to_string(),
-                    a["controller"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect();
-        assert_eq!(listed, fleet, "{} during the outage", lab.name(i));
+        assert_eq!(
+            connected(&lab, i),
+            fleet,
+            "{} during the outage",
+            lab.name(i)
+        );
     }
     let down_for = stopped.elapsed();
 

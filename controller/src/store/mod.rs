@@ -228,6 +228,29 @@ impl Store {
         }
     }
 
+    /// Sends an event (JSON naming this replica) to the other replicas; nothing to do for the
+    /// embedded store. Best effort: events are not stored.
+    pub async fn share_event(&self, payload: String) -> Result<(), StoreError> {
+        let Backend::Postgres(p) = &self.backend else {
+            return Ok(());
+        };
+        let Some(io) = p.io() else {
+            return Err(postgres::closed());
+        };
+        let p = p.clone();
+        io.spawn(async move { p.share_event(&payload).await })
+            .await
+            .map_err(|_| postgres::closed())?
+    }
+
+    /// Other replicas' events from now on, as (replica, payload); `None` for the embedded store.
+    pub fn remote_events(&self) -> Option<broadcast::Receiver<(String, String)>> {
+        match &self.backend {
+            Backend::Embedded(_) => None,
+            Backend::Postgres(p) => Some(p.remote_events()),
+        }
+    }
+
     /// Changes other replicas commit from now on. Never fires for the embedded store.
     pub fn changes(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()

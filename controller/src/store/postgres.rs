@@ -85,6 +85,10 @@ END $$;
 const MIGRATION_LOCK: i64 = 0x7461_7067_7261_7068;
 /// The notification channel.
 const CHANNEL: &str = "tapgraph_changes";
+/// The channel operators' events travel on between replicas ([`Postgres::share_event`]).
+pub const EVENTS: &str = "tapgraph_events";
+/// The largest event payload sent: PostgreSQL refuses notifications of 8,000 bytes or more.
+pub const EVENT_MAX_BYTES: usize = 7_900;
 /// Sessions in the pool at most (the listener has one more of its own).
 const POOL_SIZE: usize = 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -274,6 +278,8 @@ const IO_THREADS: usize = 2;
 
 pub struct Postgres {
     pool: Pool,
+    /// Other replicas' events, as (replica, payload) ([`Postgres::share_event`]).
+    events: broadcast::Sender<(String, String)>,
     /// "HOST:PORT/DB".
     database: String,
     /// Why the database cannot be used now, while it cannot; logged once per outage.
@@ -364,16 +370,18 @@ impl Postgres {
             migrate(&mut client, &database).await?;
         }
         let session = (config.clone(), tls.clone());
+        let (events, _) = broadcast::channel(1024);
         let listener = tokio::spawn(listen(
             config,
             tls,
             replica.to_string(),
-            changes,
+            (changes, events.clone()),
             database.clone(),
             down.clone(),
         ));
         Ok(Postgres {
             pool,
+            events,
             database,
             down,
             listener,
@@ -401,6 +409,22 @@ impl Postgres {
 
     pub fn database(&self) -> &str {
         &self.database
+    }
+
+    /// Sends `payload` (an event, as JSON naming this replica) to the other replicas. At most
+    /// [`EVENT_MAX_BYTES`]; best effort, as events are: not stored, not replayed.
+    pub async fn share_event(&self, payload: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("SELECT pg_notify($1, $2)", &[&EVENTS, &payload])
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Other replicas' events from now on, as (replica, payload).
+    pub fn remote_events(&self) -> broadcast::Receiver<(String, String)> {
+        self.events.subscribe()
     }
 
     /// The runtime the store's calls run on; `None` once it is shut down.
@@ -751,7 +775,10 @@ async fn listen(
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
     replica: String,
-    changes: broadcast::Sender<Change>,
+    (changes, events): (
+        broadcast::Sender<Change>,
+        broadcast::Sender<(String, String)>,
+    ),
     database: String,
     down: Arc<Mutex<Option<String>>>,
 ) {
@@ -778,7 +805,11 @@ async fn listen(
             Ok((client, mut connection)) => {
                 let mut messages =
                     futures::stream::poll_fn(move |cx| connection.poll_message(cx)).boxed();
-                let listening = async { client.batch_execute(&format!("LISTEN {CHANNEL}")).await };
+                let listening = async {
+                    client
+                        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {EVENTS}"))
+                        .await
+                };
                 // The LISTEN needs the connection driven while it runs.
                 let mut listening = std::pin::pin!(listening);
                 let subscribed = loop {
@@ -801,6 +832,25 @@ async fn listen(
                         let _ = changes.send(Change::Resync);
                         let reason = loop {
                             match messages.next().await {
+                                Some(Ok(AsyncMessage::Notification(n)))
+                                    if n.channel() == EVENTS =>
+                                {
+                                    // Only the sender is read here; the relay reads the rest.
+                                    #[derive(serde::Deserialize)]
+                                    struct From {
+                                        replica: String,
+                                    }
+                                    match serde_json::from_str::<From>(n.payload()) {
+                                        Ok(f) if f.replica != replica => {
+                                            let _ =
+                                                events.send((f.replica, n.payload().to_string()));
+                                        }
+                                        Ok(_) => {}
+                                        Err(e) => {
+                                            tracing::debug!(%e, "an event from another replica without its name; dropped")
+                                        }
+                                    }
+                                }
                                 Some(Ok(AsyncMessage::Notification(n))) => {
                                     match serde_json::from_str::<Notified>(n.payload()) {
                                         Ok(c) if c.r != replica => {

@@ -133,7 +133,15 @@ pub async fn relay(
                 Ok(e) if e.fields.contains_key(RELAYED_FROM) => {}
                 Ok(e) => {
                     let Some(payload) = encode(&e, &replica) else { continue };
-                    match store.share_event(payload).await {
+                    // Known to be down: no waiting on the pool for each event.
+                    let sent = match store.unavailable() {
+                        Some(reason) => Err(crate::store::StoreError::Unavailable {
+                            database: store.describe(),
+                            reason,
+                        }),
+                        None => store.share_event(payload).await,
+                    };
+                    match sent {
                         Ok(()) if failing => {
                             tracing::info!("events reach the other replicas again");
                             failing = false;
@@ -146,9 +154,10 @@ pub async fn relay(
                         Err(_) => {}
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
+                Err(broadcast::error::RecvError::Lagged(n)) if !failing => {
                     tracing::warn!(missed = n, "the event relay fell behind; the other replicas miss these events");
                 }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             r = remote.recv() => match r {

@@ -649,16 +649,17 @@ impl Fleet {
             .collect()
     }
 
-    /// Each replica's network interfaces, as its lease row last gave them (as last read).
+    /// Each replica's network interfaces, as its lease row gave them at the last read (no read
+    /// of its own: a query reads the fleet first).
     pub fn interfaces(&self) -> BTreeMap<String, std::collections::BTreeSet<String>> {
-        self.load()
-            .map(|s| {
-                s.replicas
-                    .iter()
-                    .map(|r| (r.replica.clone(), r.interfaces.iter().cloned().collect()))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        last.map(|s| {
+            s.replicas
+                .iter()
+                .map(|r| (r.replica.clone(), r.interfaces.iter().cloned().collect()))
+                .collect()
+        })
+        .unwrap_or_default()
     }
 
     /// The agents with a live session on another replica, as it last wrote them; `local` are

@@ -17,8 +17,10 @@
 pub mod embedded;
 mod jsonb;
 pub mod leader;
+mod listen;
 pub mod migrate;
 pub mod postgres;
+mod schema;
 #[cfg(test)]
 pub(crate) mod suite;
 #[cfg(test)]

@@ -11,80 +11,24 @@
 //! (re)connection of that session it announces [`Change::Resync`], and its subscribers read their
 //! tables again. The map's edges are not announced: each replica derives them from the agents'
 //! tables, which are; nor is the live state (presence, leases, mirror counters), read on demand.
+//!
+//! The schema and its migrations are in `schema.rs`, the listener in `listen.rs`.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use futures::StreamExt;
 use redb::TableHandle;
 use tokio::sync::broadcast;
-use tokio_postgres::AsyncMessage;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::jsonb::{JsonText, Jsonb};
+use super::schema::TABLES;
 use super::{Batch, Change, StoreError, Table, same_value};
 
-/// The tables the schema has. A table the code names that is not here is a missing migration.
-pub const TABLES: &[&str] = &[
-    "tokens",
-    "agents",
-    "console_tokens",
-    "policies",
-    "policy_meta",
-    "label_rules",
-    "topology_agents",
-    "topology_edges",
-    "presence",
-    "replicas",
-    "mirrors",
-    "pki",
-];
-
-/// Versioned migrations, applied in order, each once, each in its own transaction. A migration
-/// that was released is never edited: a database made by it is brought forward by the next.
-const MIGRATIONS: &[(i32, Migration)] = &[(1, migration_1), (2, migration_2)];
-
-/// A migration's SQL, run in one transaction.
-type Migration = fn() -> String;
-
-/// The tables, as `jsonb`, and the trigger that announces their changes.
-pub(super) fn migration_1() -> String {
-    let mut sql = NOTIFY_CHANGE.to_string();
-    for name in TABLES {
-        sql.push_str(&table_sql(name));
-    }
-    sql
-}
-
-/// Values become `json`: the text as written, checked but not converted. `jsonb` cannot hold a
-/// NUL character (`\u0000`), which an agent may well report (a process name, a hostname), and
-/// its conversion both ways is work nothing here needs: no query looks inside a value.
-fn migration_2() -> String {
-    TABLES
-        .iter()
-        .map(|name| {
-            format!("ALTER TABLE tapgraph.{name} ALTER COLUMN value TYPE json USING value::json;")
-        })
-        .collect()
-}
-
-const NOTIFY_CHANGE: &str = r#"
-CREATE FUNCTION tapgraph.notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  PERFORM pg_notify('tapgraph_changes', json_build_object(
-    'r', current_setting('application_name'),
-    't', TG_TABLE_NAME,
-    'k', CASE TG_OP WHEN 'DELETE' THEN OLD.key ELSE NEW.key END)::text);
-  RETURN NULL;
-END $$;
-"#;
-
-/// The advisory lock that serialises migrations ("tapgraph" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7461_7067_7261_7068;
 /// The notification channel.
-const CHANNEL: &str = "tapgraph_changes";
+pub(super) const CHANNEL: &str = "tapgraph_changes";
 /// The channel operators' events travel on between replicas ([`Postgres::share_event`]).
 pub const EVENTS: &str = "tapgraph_events";
 /// The largest event payload sent: PostgreSQL refuses notifications of 8,000 bytes or more.
@@ -367,11 +311,11 @@ impl Postgres {
                     reason,
                 },
             })?;
-            migrate(&mut client, &database).await?;
+            super::schema::migrate(&mut client, &database).await?;
         }
         let session = (config.clone(), tls.clone());
         let (events, _) = broadcast::channel(1024);
-        let listener = tokio::spawn(listen(
+        let listener = tokio::spawn(super::listen::listen(
             config,
             tls,
             replica.to_string(),
@@ -653,7 +597,7 @@ fn sql_table(table: Table) -> Result<&'static str, StoreError> {
 }
 
 /// A driver error, classified.
-enum DbError {
+pub(super) enum DbError {
     Sql(String),
     Unreachable(String),
 }
@@ -673,228 +617,6 @@ impl From<deadpool_postgres::PoolError> for DbError {
             deadpool_postgres::PoolError::Backend(e) => e.into(),
             other => DbError::Unreachable(other.to_string()),
         }
-    }
-}
-
-/// Brings the schema to the newest version this controller knows, under an advisory lock held
-/// by this session: replicas starting at once wait for each other, and each migration applies
-/// once. A database newer than this controller is refused.
-async fn migrate(client: &mut deadpool_postgres::Object, database: &str) -> Result<(), StoreError> {
-    let sql = |e: tokio_postgres::Error| match DbError::from(e) {
-        DbError::Sql(m) => StoreError::Failed(format!("{database}: schema migration: {m}")),
-        DbError::Unreachable(reason) => StoreError::Unavailable {
-            database: database.to_string(),
-            reason,
-        },
-    };
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(sql)?;
-    let result = async {
-        client
-            .batch_execute(
-                "CREATE SCHEMA IF NOT EXISTS tapgraph; \
-                 CREATE TABLE IF NOT EXISTS tapgraph.schema_migrations ( \
-                   version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
-            )
-            .await
-            .map_err(sql)?;
-        let have: i32 = client
-            .query_one(
-                "SELECT coalesce(max(version), 0) FROM tapgraph.schema_migrations",
-                &[],
-            )
-            .await
-            .map_err(sql)?
-            .get(0);
-        let newest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
-        if have > newest {
-            return Err(StoreError::Failed(format!(
-                "{database}: the schema is at version {have}, newer than this controller knows \
-                 ({newest}): upgrade this controller"
-            )));
-        }
-        for (version, body) in MIGRATIONS.iter().filter(|(v, _)| *v > have) {
-            let tx = client.transaction().await.map_err(sql)?;
-            tx.batch_execute(&body()).await.map_err(sql)?;
-            tx.execute(
-                "INSERT INTO tapgraph.schema_migrations (version) VALUES ($1)",
-                &[version],
-            )
-            .await
-            .map_err(sql)?;
-            tx.commit().await.map_err(sql)?;
-            tracing::info!(%database, version, "schema migration applied");
-        }
-        Ok(())
-    }
-    .await;
-    let unlocked = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
-        .await;
-    result?;
-    unlocked.map_err(sql)?;
-    Ok(())
-}
-
-/// Tables whose writes are not announced: the map's edges (each replica derives them from the
-/// agents' tables, which are announced), and the live state every replica rewrites all the time
-/// and reads only when asked (presence, leases, mirror counters). Announcing those would flood
-/// every replica's change feed (a failover rewrites a row per agent) and push them into full
-/// reloads for nothing.
-const QUIET: &[&str] = &["topology_edges", "presence", "replicas", "mirrors"];
-
-/// One logical table: its rows, and (but for the [`QUIET`] ones) the trigger that announces them.
-fn table_sql(name: &str) -> String {
-    let mut sql = format!(
-        "CREATE TABLE tapgraph.{name} (key text PRIMARY KEY, value jsonb NOT NULL, \
-         updated_at timestamptz NOT NULL DEFAULT now());"
-    );
-    if !QUIET.contains(&name) {
-        sql.push_str(&format!(
-            " CREATE TRIGGER {name}_changed AFTER INSERT OR UPDATE OR DELETE ON tapgraph.{name} \
-             FOR EACH ROW EXECUTE FUNCTION tapgraph.notify_change();"
-        ));
-    }
-    sql
-}
-
-/// A notification's payload.
-#[derive(serde::Deserialize)]
-struct Notified {
-    r: String,
-    t: String,
-    k: String,
-}
-
-/// Listens for other replicas' changes on a session of its own, for as long as the store lives.
-/// After every (re)connection it announces [`Change::Resync`]: what was missed meanwhile is read
-/// again. Reconnects on the shared backoff; a lost session is logged once per outage.
-async fn listen(
-    config: tokio_postgres::Config,
-    tls: MakeRustlsConnect,
-    replica: String,
-    (changes, events): (
-        broadcast::Sender<Change>,
-        broadcast::Sender<(String, String)>,
-    ),
-    database: String,
-    down: Arc<Mutex<Option<String>>>,
-) {
-    // The listener's session is the first to see the database go and come back.
-    let set_down = |reason: Option<String>| {
-        if let Ok(mut d) = down.lock() {
-            *d = reason;
-        }
-    };
-    let mut backoff = match tapgraph::backoff::BackoffPolicy::new(
-        Duration::from_millis(200),
-        Duration::from_secs(5),
-        0.2,
-    ) {
-        Ok(policy) => policy.start(),
-        Err(e) => {
-            tracing::error!(%e, "no backoff for the change listener");
-            return;
-        }
-    };
-    let mut logged = false;
-    loop {
-        match config.connect(tls.clone()).await {
-            Ok((client, mut connection)) => {
-                let mut messages =
-                    futures::stream::poll_fn(move |cx| connection.poll_message(cx)).boxed();
-                let listening = async {
-                    client
-                        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {EVENTS}"))
-                        .await
-                };
-                // The LISTEN needs the connection driven while it runs.
-                let mut listening = std::pin::pin!(listening);
-                let subscribed = loop {
-                    tokio::select! {
-                        r = &mut listening => break r.map_err(|e| tapgraph::error_chain(&e)),
-                        m = messages.next() => match m {
-                            Some(Ok(_)) => {}
-                            Some(Err(e)) => break Err(tapgraph::error_chain(&e)),
-                            None => break Err("connection closed".into()),
-                        },
-                    }
-                };
-                match subscribed {
-                    Ok(()) => {
-                        set_down(None);
-                        if logged {
-                            tracing::info!(%database, "listening for other replicas' changes again");
-                        }
-                        backoff.reset();
-                        let _ = changes.send(Change::Resync);
-                        let reason = loop {
-                            match messages.next().await {
-                                Some(Ok(AsyncMessage::Notification(n)))
-                                    if n.channel() == EVENTS =>
-                                {
-                                    // Only the sender is read here; the relay reads the rest.
-                                    #[derive(serde::Deserialize)]
-                                    struct From {
-                                        replica: String,
-                                    }
-                                    match serde_json::from_str::<From>(n.payload()) {
-                                        Ok(f) if f.replica != replica => {
-                                            let _ =
-                                                events.send((f.replica, n.payload().to_string()));
-                                        }
-                                        Ok(_) => {}
-                                        Err(e) => {
-                                            tracing::debug!(%e, "an event from another replica without its name; dropped")
-                                        }
-                                    }
-                                }
-                                Some(Ok(AsyncMessage::Notification(n))) => {
-                                    match serde_json::from_str::<Notified>(n.payload()) {
-                                        Ok(c) if c.r != replica => {
-                                            let _ = changes.send(Change::Row {
-                                                table: c.t,
-                                                key: c.k,
-                                            });
-                                        }
-                                        Ok(_) => {}
-                                        Err(e) => {
-                                            // Which row changed is unknown: the followers read
-                                            // everything again rather than miss it.
-                                            tracing::warn!(payload = n.payload(), %e, "unreadable change notification; reading everything again");
-                                            let _ = changes.send(Change::Resync);
-                                        }
-                                    }
-                                }
-                                Some(Ok(_)) => {}
-                                Some(Err(e)) => break tapgraph::error_chain(&e),
-                                None => break "connection closed".to_string(),
-                            }
-                        };
-                        tracing::warn!(%database, %reason, "lost the session that listens for other replicas' changes; reconnecting");
-                        set_down(Some(reason));
-                        logged = true;
-                    }
-                    Err(reason) => {
-                        set_down(Some(reason.clone()));
-                        if !logged {
-                            tracing::warn!(%database, %reason, "cannot listen for other replicas' changes; retrying");
-                            logged = true;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                set_down(Some(tapgraph::error_chain(&e)));
-                if !logged {
-                    tracing::warn!(%database, reason = %tapgraph::error_chain(&e), "cannot listen for other replicas' changes; retrying");
-                    logged = true;
-                }
-            }
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

@@ -421,7 +421,7 @@ async fn postgres_a_database_of_an_earlier_version_is_migrated_keeping_its_rows(
              {} \
              INSERT INTO tapgraph.schema_migrations (version) VALUES (1); \
              INSERT INTO tapgraph.tokens (key, value) VALUES ('t1', '{{\"id\": \"t1\", \"uses_left\": 2}}');",
-            super::postgres::migration_1()
+            super::schema::migration_1()
         ))
         .await
         .unwrap();

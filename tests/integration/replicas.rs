@@ -280,11 +280,31 @@ fn revoking_through_one_replica_closes_the_agents_stream_on_the_other() {
     let token = set.token(1, 1);
     let out = set.enroll("doomed", 1, &token);
     assert!(out.status.success(), "{}", text(&out));
+    // r1's event stream, from before the agent connects to r2.
+    let mut watch = Command::new(bin("tapgraphctl"));
+    watch
+        .arg("--config")
+        .arg(&set.ctl[0])
+        .args(["-o", "json", "events"]);
+    let events = Proc::spawn("events-r1", watch, set.world.path());
+    std::thread::sleep(Duration::from_millis(500));
     let r2 = set.replicas[1].grpc.to_string();
     set.run_agent("doomed", &r2);
     let before =
         set.replicas[1].wait_agent("doomed", "connected", Duration::from_secs(30), |_| true);
     assert_eq!(before["controller"], "r2", "{before}");
+    // Any replica shows the fleet's events: r1 shows the connect that happened on r2, naming r2.
+    wait_for(
+        "r1's events to show the agent connecting on r2",
+        Duration::from_secs(15),
+        || {
+            events
+                .log_text()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|e| e["agent"] == "doomed" && e["fields"]["replica"] == "r2")
+        },
+    );
 
     let started = Instant::now();
     let (code, out, err) = ctl(&set.ctl[0], &["agent", "revoke", "doomed"]);

@@ -62,7 +62,6 @@ pub const RELAYED_FROM: &str = "replica";
 /// An event on the wire between replicas.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Shared {
-    replica: String,
     at_unix_nanos: u64,
     agent_id: String,
     kind: String,
@@ -70,10 +69,16 @@ struct Shared {
     fields: BTreeMap<String, String>,
 }
 
-/// `event` as JSON from `replica`, its message cut to fit a notification.
-fn encode(event: &proto::Event, replica: &str) -> Option<String> {
+/// One notification: events of one replica, as many as fit.
+#[derive(serde::Deserialize)]
+struct Notification {
+    replica: String,
+    events: Vec<Shared>,
+}
+
+/// `event` as JSON of at most `room` bytes, its message cut to fit; `None` if nothing fits.
+fn encode(event: &proto::Event, room: usize) -> Option<String> {
     let mut shared = Shared {
-        replica: replica.to_string(),
         at_unix_nanos: event.at_unix_nanos,
         agent_id: event.agent_id.clone(),
         kind: event.kind.clone(),
@@ -82,9 +87,7 @@ fn encode(event: &proto::Event, replica: &str) -> Option<String> {
     };
     loop {
         let json = serde_json::to_string(&shared).ok()?;
-        let over = json
-            .len()
-            .saturating_sub(crate::store::postgres::EVENT_MAX_BYTES);
+        let over = json.len().saturating_sub(room);
         if over == 0 {
             return Some(json);
         }
@@ -100,18 +103,61 @@ fn encode(event: &proto::Event, replica: &str) -> Option<String> {
     }
 }
 
-fn decode(payload: &str) -> Option<proto::Event> {
-    let shared: Shared = serde_json::from_str(payload).ok()?;
-    let mut fields = shared.fields;
-    fields.insert(RELAYED_FROM.to_string(), shared.replica);
-    Some(proto::Event {
-        at_unix_nanos: shared.at_unix_nanos,
-        agent_id: shared.agent_id,
-        kind: shared.kind,
-        message: shared.message,
-        fields: fields.into_iter().collect(),
-    })
+/// `events` of `replica` as notification payloads, each at most
+/// [`EVENT_MAX_BYTES`](crate::store::postgres::EVENT_MAX_BYTES), as many events in each as fit:
+/// a rollout to thousands of agents is tens of notifications, not thousands.
+fn pack(events: &[proto::Event], replica: &str) -> Vec<String> {
+    let max = crate::store::postgres::EVENT_MAX_BYTES;
+    let head = format!(
+        "{{\"replica\":{},\"events\":[",
+        serde_json::Value::from(replica)
+    );
+    let room = max.saturating_sub(head.len() + 2);
+    let mut payloads = Vec::new();
+    let mut current = head.clone();
+    for e in events {
+        let Some(json) = encode(e, room) else {
+            continue;
+        };
+        if current.len() + json.len() + 3 > max && current.len() > head.len() {
+            current.push_str("]}");
+            payloads.push(std::mem::replace(&mut current, head.clone()));
+        }
+        if current.len() > head.len() {
+            current.push(',');
+        }
+        current.push_str(&json);
+    }
+    if current.len() > head.len() {
+        current.push_str("]}");
+        payloads.push(current);
+    }
+    payloads
 }
+
+/// The events of one notification, each with [`RELAYED_FROM`] naming its replica.
+fn decode(payload: &str) -> Vec<proto::Event> {
+    let Ok(n) = serde_json::from_str::<Notification>(payload) else {
+        return Vec::new();
+    };
+    n.events
+        .into_iter()
+        .map(|shared| {
+            let mut fields = shared.fields;
+            fields.insert(RELAYED_FROM.to_string(), n.replica.clone());
+            proto::Event {
+                at_unix_nanos: shared.at_unix_nanos,
+                agent_id: shared.agent_id,
+                kind: shared.kind,
+                message: shared.message,
+                fields: fields.into_iter().collect(),
+            }
+        })
+        .collect()
+}
+
+/// The most events taken at once from the local stream before sending.
+const BATCH: usize = 512;
 
 /// Relays events between this replica (`replica`) and the others through `store`, until `stop`.
 /// Events that came from another replica (they carry [`RELAYED_FROM`]) are not sent back.
@@ -132,14 +178,28 @@ pub async fn relay(
             e = local.recv() => match e {
                 Ok(e) if e.fields.contains_key(RELAYED_FROM) => {}
                 Ok(e) => {
-                    let Some(payload) = encode(&e, &replica) else { continue };
+                    // With whatever else is waiting already: one notification for many events.
+                    let mut batch = vec![e];
+                    while batch.len() < BATCH {
+                        match local.try_recv() {
+                            Ok(e) if e.fields.contains_key(RELAYED_FROM) => {}
+                            Ok(e) => batch.push(e),
+                            Err(_) => break,
+                        }
+                    }
                     // Known to be down: no waiting on the pool for each event.
                     let sent = match store.unavailable() {
                         Some(reason) => Err(crate::store::StoreError::Unavailable {
                             database: store.describe(),
                             reason,
                         }),
-                        None => store.share_event(payload).await,
+                        None => async {
+                            for payload in pack(&batch, &replica) {
+                                store.share_event(payload).await?;
+                            }
+                            Ok(())
+                        }
+                        .await,
                     };
                     match sent {
                         Ok(()) if failing => {
@@ -162,7 +222,7 @@ pub async fn relay(
             },
             r = remote.recv() => match r {
                 Ok((_, payload)) => {
-                    if let Some(e) = decode(&payload) {
+                    for e in decode(&payload) {
                         events.publish(e);
                     }
                 }
@@ -183,8 +243,8 @@ mod tests {
     use crate::store::{Store, StoreSettings, testpg};
 
     #[test]
-    fn a_long_event_is_cut_to_fit_a_notification_and_reads_back() {
-        let events = Events::new(4);
+    fn events_are_packed_into_notifications_a_long_one_cut_to_fit() {
+        let events = Events::new(600);
         let mut rx = events.subscribe();
         events.emit_with(
             "policy",
@@ -192,18 +252,31 @@ mod tests {
             "é".repeat(6_000),
             [("policy".to_string(), "web".to_string())].into(),
         );
-        let e = rx.try_recv().unwrap();
-        let payload = encode(&e, "r1").unwrap();
-        assert!(payload.len() <= crate::store::postgres::EVENT_MAX_BYTES);
-        let back = decode(&payload).unwrap();
-        assert!(back.message.ends_with('…') && back.message.starts_with("éé"));
-        assert_eq!(back.fields[RELAYED_FROM], "r1");
-        assert_eq!(back.fields["policy"], "web");
-        assert_eq!(
-            (back.kind.as_str(), back.agent_id.as_str()),
-            ("policy", "vm-1")
+        for i in 0..500 {
+            events.emit("connect", &format!("vm-{i}"), "connected");
+        }
+        let all: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        let payloads = pack(&all, "r1");
+        let max = crate::store::postgres::EVENT_MAX_BYTES;
+        assert!(
+            payloads.iter().all(|p| p.len() <= max),
+            "a payload over {max}"
         );
-        assert!(decode("not json").is_none());
+        assert!(
+            payloads.len() < 20,
+            "501 events in {} notifications",
+            payloads.len()
+        );
+        let back: Vec<_> = payloads.iter().flat_map(|p| decode(p)).collect();
+        assert_eq!(back.len(), 501);
+        assert!(back[0].message.ends_with('…') && back[0].message.starts_with("éé"));
+        assert_eq!(back[0].fields["policy"], "web");
+        assert!(back.iter().all(|e| e.fields[RELAYED_FROM] == "r1"));
+        assert_eq!(
+            (back[500].kind.as_str(), back[500].agent_id.as_str()),
+            ("connect", "vm-499")
+        );
+        assert!(decode("not json").is_empty());
     }
 
     /// An event on replica a is seen on b, naming a, and is not sent back to a.

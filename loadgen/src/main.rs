@@ -271,17 +271,7 @@ async fn agent(
         first_policy: true,
     };
     // The agent's defaults (backoff.min 200 ms, backoff.max 5 s, jitter 0.2).
-    let mut backoff = match tapgraph::backoff::BackoffPolicy::new(
-        Duration::from_millis(200),
-        Duration::from_secs(5),
-        0.2,
-    ) {
-        Ok(policy) => policy.start(),
-        Err(e) => {
-            stats.error("backoff", e).await;
-            return false;
-        }
-    };
+    let mut backoff = tapgraph::backoff::BackoffPolicy::default().start();
     let n = settings.controllers.len();
     let mut pick = index % n;
     // Where to go next: another controller, at random, as a real agent's shuffle picks.

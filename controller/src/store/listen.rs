@@ -2,7 +2,6 @@
 //! (`tapgraph_changes`) and events (`tapgraph_events`), and says whether the database answers.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::broadcast;
@@ -40,17 +39,7 @@ pub(super) async fn listen(
             *d = reason;
         }
     };
-    let mut backoff = match tapgraph::backoff::BackoffPolicy::new(
-        Duration::from_millis(200),
-        Duration::from_secs(5),
-        0.2,
-    ) {
-        Ok(policy) => policy.start(),
-        Err(e) => {
-            tracing::error!(%e, "no backoff for the change listener");
-            return;
-        }
-    };
+    let mut backoff = tapgraph::backoff::BackoffPolicy::default().start();
     let mut logged = false;
     loop {
         match config.connect(tls.clone()).await {

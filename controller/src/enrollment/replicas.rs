@@ -298,10 +298,7 @@ async fn after_a_lost_listening_session_a_replica_reads_everything_again() {
         "B was not told"
     );
     // B's listening session is lost, and comes back.
-    let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = crate::store::testpg::client(&pg.url).await;
     client
         .batch_execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -332,10 +329,7 @@ async fn a_write_the_store_refuses_changes_nothing() {
     let text = token(&a, 2).await;
     let before = a.enrollment.list_tokens().await;
     // The database refuses every write to the tokens table from now on.
-    let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = crate::store::testpg::client(&pg.url).await;
     client
         .batch_execute("ALTER TABLE tapgraph.tokens RENAME TO tokens_gone")
         .await

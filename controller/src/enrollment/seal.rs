@@ -439,10 +439,7 @@ mod tests {
         assert_eq!(row.fingerprint, fingerprints[0]);
         assert_eq!(row.algorithm, "chacha20-poly1305");
         // The database's own text of the row holds no key in the clear.
-        let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let client = crate::store::testpg::client(&pg.url).await;
         let text: String = client
             .query_one("SELECT value::text FROM tapgraph.pki WHERE key = 'ca'", &[])
             .await

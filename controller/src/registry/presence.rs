@@ -1342,10 +1342,7 @@ mod tests {
         )
         .await;
         assert_eq!(b.presence_stats().unwrap().errors(), (0, 0));
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let client = crate::store::testpg::client(&url).await;
         client
             .batch_execute("DROP TABLE tapgraph.replicas")
             .await

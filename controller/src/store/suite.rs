@@ -385,10 +385,7 @@ async fn postgres_replicas_starting_at_once_make_one_schema() {
     let StoreSettings::Postgres(pg) = &settings else {
         unreachable!()
     };
-    let (client, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = crate::store::testpg::client(&pg.url).await;
     let versions: Vec<i32> = client
         .query(
             "SELECT version FROM tapgraph.schema_migrations ORDER BY 1",
@@ -409,10 +406,7 @@ async fn postgres_a_database_of_an_earlier_version_is_migrated_keeping_its_rows(
     let Some(pg) = testpg::database().await else {
         return;
     };
-    let (client, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = crate::store::testpg::client(&pg.url).await;
     client
         .batch_execute(&format!(
             "CREATE SCHEMA tapgraph; \
@@ -628,10 +622,7 @@ async fn postgres_an_unreadable_notification_means_reading_everything_again() {
     let mut heard = b.changes();
     until_listening(&a, &mut heard).await;
     // Anyone may NOTIFY the channel: a payload that is not a change is not ignored silently.
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = crate::store::testpg::client(&url).await;
     client
         .batch_execute("NOTIFY tapgraph_changes, 'not json'")
         .await

@@ -117,3 +117,13 @@ pub(crate) async fn database() -> Option<PostgresSettings> {
         password_file: None,
     })
 }
+
+/// A plain session on the test database `url` (no TLS), for a test to look at or change what the
+/// store wrote; its connection is driven by a task of its own.
+pub(crate) async fn client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(connection);
+    client
+}

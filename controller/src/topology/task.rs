@@ -636,10 +636,7 @@ pub(super) mod tests {
             .unwrap();
         let mut t = task(&dir, Events::new(16));
         t.store = store.clone();
-        let (admin, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let admin = crate::store::testpg::client(&pg.url).await;
         let rename = |from: &str, to: &str| format!("ALTER TABLE tapgraph.{from} RENAME TO {to}");
         admin
             .batch_execute(&rename("topology_agents", "away"))

@@ -16,12 +16,16 @@ use tokio::sync::broadcast;
 #[derive(Clone)]
 pub struct Events {
     tx: broadcast::Sender<proto::Event>,
+    /// With replicas: this replica's events the others did not get, (send failed or the database
+    /// was down, the relay fell behind) ([`relay`]).
+    not_relayed: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
 }
 
 impl Events {
     pub fn new(capacity: usize) -> Self {
         Self {
             tx: broadcast::channel(capacity).0,
+            not_relayed: Default::default(),
         }
     }
 
@@ -48,6 +52,20 @@ impl Events {
 
     pub fn subscribe(&self) -> broadcast::Receiver<proto::Event> {
         self.tx.subscribe()
+    }
+
+    /// This replica's events the other replicas did not get: (the send failed or the database was
+    /// down, the relay fell behind).
+    pub fn not_relayed(&self) -> (u64, u64) {
+        let [failed, lagged] = &*self.not_relayed;
+        (
+            failed.load(std::sync::atomic::Ordering::Relaxed),
+            lagged.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    fn count_not_relayed(&self, lagged: bool, n: u64) {
+        self.not_relayed[usize::from(lagged)].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Publishes an event made elsewhere (another replica's).
@@ -201,6 +219,9 @@ pub async fn relay(
                         }
                         .await,
                     };
+                    if sent.is_err() {
+                        events.count_not_relayed(false, batch.len() as u64);
+                    }
                     match sent {
                         Ok(()) if failing => {
                             tracing::info!("events reach the other replicas again");
@@ -214,10 +235,12 @@ pub async fn relay(
                         Err(_) => {}
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(n)) if !failing => {
-                    tracing::warn!(missed = n, "the event relay fell behind; the other replicas miss these events");
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    events.count_not_relayed(true, n);
+                    if !failing {
+                        tracing::warn!(missed = n, "the event relay fell behind; the other replicas miss these events");
+                    }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             r = remote.recv() => match r {
@@ -285,6 +308,10 @@ mod tests {
         let Some(pg) = testpg::database().await else {
             return;
         };
+        // A session on the server's `postgres` database, to refuse the test database's sessions.
+        let (base, database) = pg.url.rsplit_once('/').unwrap();
+        let database = database.split('?').next().unwrap().to_string();
+        let admin = testpg::client(&format!("{base}/postgres")).await;
         let settings = StoreSettings::Postgres(pg);
         let dir = tempfile::tempdir().unwrap();
         let stop = tokio_util::sync::CancellationToken::new();
@@ -339,6 +366,26 @@ mod tests {
                 e.kind == "connect" || !e.fields.contains_key(RELAYED_FROM),
                 "b heard something unexpected: {e:?}"
             );
+        }
+        assert_eq!(a.not_relayed(), (0, 0));
+
+        // The database turns a's sessions away: a's events are lost to b, and counted.
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false; \
+                     SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = '{database}';"
+            ))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while a.not_relayed().0 == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no event counted as not relayed within 15 s"
+            );
+            a.emit("connect", "vm-3", "while the database is away");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         stop.cancel();
     }

@@ -63,6 +63,8 @@ pub struct Scrape {
     pub fleet: BTreeMap<String, BTreeMap<&'static str, u64>>,
     /// With a shared store: presence (writes, reads) that failed.
     pub presence_errors: Option<(u64, u64)>,
+    /// With a shared store: this replica's events the others did not get (failed, lagged).
+    pub events_not_relayed: Option<(u64, u64)>,
 }
 
 /// One delay histogram: per bucket, (every delay in it is below this many µs, count), ascending,
@@ -358,6 +360,15 @@ const FLEET: &[Field<Scrape>] = &[
         "operation",
         |s| match s.presence_errors {
             Some((write, read)) => vec![("write", write.into()), ("read", read.into())],
+            None => Vec::new(),
+        },
+    ),
+    counter_by(
+        "tapgraph_events_not_relayed",
+        "Events of this replica the other replicas did not get: the database was down or the send failed (failed), or the relay fell behind this replica's events (lagged). Events are not stored; these are lost to the others. Only with a shared store.",
+        "reason",
+        |s| match s.events_not_relayed {
+            Some((failed, lagged)) => vec![("failed", failed.into()), ("lagged", lagged.into())],
             None => Vec::new(),
         },
     ),
@@ -957,6 +968,7 @@ mod tests {
         "tapgraph_mirror_dropped_batches",
         "tapgraph_enrollments_refused",
         "tapgraph_presence_errors",
+        "tapgraph_events_not_relayed",
         "tapgraph_fleet_agents",
         "tapgraph_agent_state",
         "tapgraph_agent_sessions",

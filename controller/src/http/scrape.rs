@@ -40,6 +40,11 @@ async fn gather(state: &HttpState) -> Scrape {
             None => Default::default(),
         },
         presence_errors: state.registry.presence_stats().map(|p| p.errors()),
+        // Presence is written only with a shared store, as events are relayed.
+        events_not_relayed: state
+            .registry
+            .presence_stats()
+            .map(|_| state.events.not_relayed()),
         registry_dropped: state.registry.dropped(),
         topology: state.topology.stats().await,
         sink: state.sink.as_ref().map(|s| s.stats()),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::config::Layered;
 use crate::proto;
-use crate::units::{self, format_bitrate, format_duration};
+use crate::units::{self, format_bitrate, format_duration, format_size};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaptureMode {
@@ -51,6 +51,9 @@ pub enum Target {
         vni: u32,
     },
 }
+
+/// The capture ring's default size. See `agent/src/capture/reader.rs` for what it holds.
+pub const DEFAULT_BUFFER_SIZE: u64 = 4 << 20;
 
 pub const TARGET_SYNTAX: &str = "interface:NAME, pcap:PATH, vxlan:HOST:PORT or none";
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
@@ -113,6 +116,45 @@ impl fmt::Display for Target {
     }
 }
 
+/// Several targets as one text: `interface:span0,pcap:/var/lib/web.pcapng`, and `none` or the empty
+/// text for none (the configuration's `target` key and the policy's JSON). On the command line each
+/// target is a `--target` of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Targets(pub Vec<Target>);
+
+impl FromStr for Targets {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut targets = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.parse::<Target>()? {
+                Target::None if s.trim() == "none" => {}
+                Target::None => {
+                    return Err(format!("`none` cannot be one of several targets in `{s}`"));
+                }
+                t => targets.push(t),
+            }
+        }
+        Ok(Self(targets))
+    }
+}
+
+impl fmt::Display for Targets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        for (i, t) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{t}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Linux interface names: 1 to 15 bytes, no `/`, no white space.
 pub fn check_interface_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\t', '\n', ':']) {
@@ -132,12 +174,17 @@ pub struct PolicySpec {
     pub snaplen: u32,
     pub mode: CaptureMode,
     pub buffer_timeout: Duration,
+    /// The kernel ring libpcap reads, in bytes (tcpdump's `-B`): what absorbs a burst while the
+    /// capture thread waits for a CPU.
+    pub buffer_size: u64,
     pub batch_packets: u32,
     pub batch_delay: Duration,
     pub limit_bps: u64,
     pub check_interval: Duration,
     pub breach_intervals: u32,
-    pub target: Target,
+    /// Where the mirrored packets go, each written whole: none, one, or several (reinjected and
+    /// recorded at once). Never holds [`Target::None`] and never one target twice.
+    pub targets: Vec<Target>,
     pub snapshot_interval: Duration,
     pub heartbeat_interval: Duration,
 }
@@ -151,12 +198,13 @@ impl Default for PolicySpec {
             snaplen: 262_144,
             mode: CaptureMode::Buffered,
             buffer_timeout: Duration::from_millis(1),
+            buffer_size: DEFAULT_BUFFER_SIZE,
             batch_packets: 256,
             batch_delay: Duration::from_millis(1),
             limit_bps: 10_000_000,
             check_interval: Duration::from_secs(1),
             breach_intervals: 5,
-            target: Target::None,
+            targets: Vec::new(),
             snapshot_interval: Duration::from_secs(15),
             heartbeat_interval: Duration::from_secs(5),
         }
@@ -197,6 +245,10 @@ pub mod bounds {
     pub const BUFFER_TIMEOUT: (Duration, Duration) =
         (Duration::from_millis(1), Duration::from_secs(1));
     pub const BATCH_PACKETS: (u32, u32) = (1, 8192);
+    /// Each target is a writer thread on the controller.
+    pub const TARGETS: usize = 8;
+    /// libpcap rounds the ring to whole 256 KiB blocks; above 1 GiB is memory no agent should pin.
+    pub const BUFFER_SIZE: (u64, u64) = (1 << 20, 1 << 30);
     pub const BATCH_DELAY: (Duration, Duration) =
         (Duration::from_micros(50), Duration::from_secs(1));
     pub const SNAPSHOT_INTERVAL: (Duration, Duration) =
@@ -274,6 +326,17 @@ impl PolicySpec {
                 dur_range(self.buffer_timeout, bounds::BUFFER_TIMEOUT),
             );
         }
+        if !in_range(self.buffer_size, bounds::BUFFER_SIZE) {
+            fail(
+                "buffer_size",
+                format!(
+                    "{} is out of range {}..={}",
+                    format_size(self.buffer_size),
+                    format_size(bounds::BUFFER_SIZE.0),
+                    format_size(bounds::BUFFER_SIZE.1)
+                ),
+            );
+        }
         if !in_range(self.batch_packets, bounds::BATCH_PACKETS) {
             fail(
                 "batch_packets",
@@ -303,10 +366,31 @@ impl PolicySpec {
                 dur_range(self.heartbeat_interval, bounds::HEARTBEAT_INTERVAL),
             );
         }
-        if let Target::Vxlan { vni, .. } = self.target
-            && vni >= 1 << 24
-        {
-            fail("target", format!("VNI {vni} does not fit in 24 bits"));
+        for (i, target) in self.targets.iter().enumerate() {
+            if let Target::Vxlan { vni, .. } = target
+                && *vni >= 1 << 24
+            {
+                fail("target", format!("VNI {vni} does not fit in 24 bits"));
+            }
+            if *target == Target::None {
+                fail("target", "`none` cannot be one of several targets".into());
+            }
+            if self.targets[..i]
+                .iter()
+                .any(|t| t.to_string() == target.to_string())
+            {
+                fail("target", format!("{target} is listed twice"));
+            }
+        }
+        if self.targets.len() > bounds::TARGETS {
+            fail(
+                "target",
+                format!(
+                    "{} targets, at most {} per policy",
+                    self.targets.len(),
+                    bounds::TARGETS
+                ),
+            );
         }
         if issues.is_empty() {
             Ok(())
@@ -331,6 +415,7 @@ impl PolicySpec {
                 d.buffer_timeout,
                 units::parse_duration,
             ),
+            buffer_size: cfg.parse(&k("buffer_size"), d.buffer_size, units::parse_size),
             batch_packets: cfg.value(&k("batch_packets"), d.batch_packets),
             batch_delay: cfg.parse(&k("batch_delay"), d.batch_delay, units::parse_duration),
             limit_bps: cfg.parse(&k("limit"), d.limit_bps, units::parse_bitrate),
@@ -340,7 +425,7 @@ impl PolicySpec {
                 units::parse_duration,
             ),
             breach_intervals: cfg.value(&k("breach_intervals"), d.breach_intervals),
-            target: cfg.value(&k("target"), d.target.clone()),
+            targets: cfg.value(&k("target"), Targets(d.targets.clone())).0,
             snapshot_interval: cfg.parse(
                 &k("snapshot_interval"),
                 d.snapshot_interval,
@@ -352,8 +437,17 @@ impl PolicySpec {
                 units::parse_duration,
             ),
         };
-        if let Target::Vxlan { vni, .. } = &mut spec.target {
-            *vni = cfg.value(&k("vni"), 0);
+        if spec
+            .targets
+            .iter()
+            .any(|t| matches!(t, Target::Vxlan { .. }))
+        {
+            let v = cfg.value(&k("vni"), 0);
+            for t in &mut spec.targets {
+                if let Target::Vxlan { vni, .. } = t {
+                    *vni = v;
+                }
+            }
         }
         if let Err(errors) = spec.validate(true) {
             for issue in errors.0 {
@@ -373,6 +467,7 @@ impl PolicySpec {
             "snaplen",
             "mode",
             "buffer_timeout",
+            "buffer_size",
             "batch_packets",
             "batch_delay",
             "limit",
@@ -400,40 +495,19 @@ impl PolicySpec {
             "limit": format_bitrate(self.limit_bps),
             "check_interval": format_duration(self.check_interval),
             "breach_intervals": self.breach_intervals,
-            "target": self.target.to_string(),
+            "target": Targets(self.targets.clone()).to_string(),
             "snapshot_interval": format_duration(self.snapshot_interval),
             "heartbeat_interval": format_duration(self.heartbeat_interval),
             "batch_packets": self.batch_packets,
             "batch_delay": format_duration(self.batch_delay),
             "buffer_timeout": format_duration(self.buffer_timeout),
+            "buffer_size": format_size(self.buffer_size),
         })
     }
 
     pub fn to_proto(&self, version: u64, name: &str) -> proto::Policy {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
-        let kind = match &self.target {
-            Target::None => proto::mirror_target::Kind::None(proto::NoTarget {}),
-            Target::Interface(name) => {
-                proto::mirror_target::Kind::Interface(proto::InterfaceTarget { name: name.clone() })
-            }
-            Target::Pcap {
-                path,
-                rotate_bytes,
-                rotate_interval,
-            } => proto::mirror_target::Kind::Pcap(proto::PcapTarget {
-                path: path.clone(),
-                rotate_bytes: *rotate_bytes,
-                rotate_interval_ms: ms(*rotate_interval),
-            }),
-            Target::Vxlan { host, port, vni } => {
-                proto::mirror_target::Kind::Vxlan(proto::VxlanTarget {
-                    host: host.clone(),
-                    port: u32::from(*port),
-                    vni: *vni,
-                })
-            }
-        };
         proto::Policy {
             version,
             name: name.to_string(),
@@ -449,13 +523,21 @@ impl PolicySpec {
                 buffer_timeout_us: us(self.buffer_timeout),
                 batch_max_packets: self.batch_packets,
                 batch_max_delay_us: us(self.batch_delay),
+                buffer_bytes: self.buffer_size,
             }),
             limit: Some(proto::RateLimit {
                 bits_per_second: self.limit_bps,
                 check_interval_ms: ms(self.check_interval),
                 breach_intervals: self.breach_intervals,
             }),
-            target: Some(proto::MirrorTarget { kind: Some(kind) }),
+            // A controller sends the first target alone too, for agents that read only that.
+            target: Some(
+                self.targets
+                    .first()
+                    .map(target_to_proto)
+                    .unwrap_or_else(|| target_to_proto(&Target::None)),
+            ),
+            targets: self.targets.iter().map(target_to_proto).collect(),
             snapshot_interval_ms: ms(self.snapshot_interval),
             heartbeat_interval_ms: ms(self.heartbeat_interval),
         }
@@ -471,25 +553,19 @@ impl PolicySpec {
         };
         let capture = p.capture.as_ref().ok_or_else(|| missing("capture"))?;
         let limit = p.limit.as_ref().ok_or_else(|| missing("limit"))?;
-        let target = match p.target.as_ref().and_then(|t| t.kind.as_ref()) {
-            None | Some(proto::mirror_target::Kind::None(_)) => Target::None,
-            Some(proto::mirror_target::Kind::Interface(i)) => Target::Interface(i.name.clone()),
-            Some(proto::mirror_target::Kind::Pcap(x)) => Target::Pcap {
-                path: x.path.clone(),
-                rotate_bytes: x.rotate_bytes,
-                rotate_interval: Duration::from_millis(x.rotate_interval_ms),
-            },
-            Some(proto::mirror_target::Kind::Vxlan(v)) => Target::Vxlan {
-                host: v.host.clone(),
-                port: u16::try_from(v.port).map_err(|_| {
-                    PolicyError(vec![PolicyIssue {
-                        field: "target",
-                        reason: format!("port {} is not a UDP port", v.port),
-                    }])
-                })?,
-                vni: v.vni,
-            },
+        // From a controller before several targets, `target` alone.
+        let targets = if p.targets.is_empty() {
+            p.target
+                .iter()
+                .map(target_from_proto)
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            p.targets
+                .iter()
+                .map(target_from_proto)
+                .collect::<Result<Vec<_>, _>>()?
         };
+        let targets: Vec<Target> = targets.into_iter().filter(|t| *t != Target::None).collect();
         let mode = match proto::CaptureMode::try_from(capture.mode) {
             Ok(proto::CaptureMode::Immediate) => CaptureMode::Immediate,
             Ok(proto::CaptureMode::Buffered) => CaptureMode::Buffered,
@@ -507,18 +583,72 @@ impl PolicySpec {
             snaplen: capture.snaplen,
             mode,
             buffer_timeout: Duration::from_micros(u64::from(capture.buffer_timeout_us)),
+            // A controller from before the field sends 0: the ring it always had.
+            buffer_size: match capture.buffer_bytes {
+                0 => DEFAULT_BUFFER_SIZE,
+                n => n,
+            },
             batch_packets: capture.batch_max_packets,
             batch_delay: Duration::from_micros(u64::from(capture.batch_max_delay_us)),
             limit_bps: limit.bits_per_second,
             check_interval: Duration::from_millis(limit.check_interval_ms),
             breach_intervals: limit.breach_intervals,
-            target,
+            targets,
             snapshot_interval: Duration::from_millis(p.snapshot_interval_ms),
             heartbeat_interval: Duration::from_millis(p.heartbeat_interval_ms),
         };
         spec.validate(false)?;
         Ok(spec)
     }
+}
+
+fn target_to_proto(target: &Target) -> proto::MirrorTarget {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let kind = match target {
+        Target::None => proto::mirror_target::Kind::None(proto::NoTarget {}),
+        Target::Interface(name) => {
+            proto::mirror_target::Kind::Interface(proto::InterfaceTarget { name: name.clone() })
+        }
+        Target::Pcap {
+            path,
+            rotate_bytes,
+            rotate_interval,
+        } => proto::mirror_target::Kind::Pcap(proto::PcapTarget {
+            path: path.clone(),
+            rotate_bytes: *rotate_bytes,
+            rotate_interval_ms: ms(*rotate_interval),
+        }),
+        Target::Vxlan { host, port, vni } => {
+            proto::mirror_target::Kind::Vxlan(proto::VxlanTarget {
+                host: host.clone(),
+                port: u32::from(*port),
+                vni: *vni,
+            })
+        }
+    };
+    proto::MirrorTarget { kind: Some(kind) }
+}
+
+fn target_from_proto(t: &proto::MirrorTarget) -> Result<Target, PolicyError> {
+    Ok(match t.kind.as_ref() {
+        None | Some(proto::mirror_target::Kind::None(_)) => Target::None,
+        Some(proto::mirror_target::Kind::Interface(i)) => Target::Interface(i.name.clone()),
+        Some(proto::mirror_target::Kind::Pcap(x)) => Target::Pcap {
+            path: x.path.clone(),
+            rotate_bytes: x.rotate_bytes,
+            rotate_interval: Duration::from_millis(x.rotate_interval_ms),
+        },
+        Some(proto::mirror_target::Kind::Vxlan(v)) => Target::Vxlan {
+            host: v.host.clone(),
+            port: u16::try_from(v.port).map_err(|_| {
+                PolicyError(vec![PolicyIssue {
+                    field: "target",
+                    reason: format!("port {} is not a UDP port", v.port),
+                }])
+            })?,
+            vni: v.vni,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -561,15 +691,57 @@ mod tests {
             capture: true,
             filter: "tcp port 80".into(),
             mode: CaptureMode::Immediate,
-            target: Target::Vxlan {
-                host: "10.0.0.9".into(),
-                port: 4789,
-                vni: 42,
-            },
+            targets: vec![
+                Target::Vxlan {
+                    host: "10.0.0.9".into(),
+                    port: 4789,
+                    vni: 42,
+                },
+                Target::Interface("span0".into()),
+            ],
             ..PolicySpec::default()
         };
-        let back = PolicySpec::from_proto(&spec.to_proto(7, "web")).unwrap();
+        let wire = spec.to_proto(7, "web");
+        let back = PolicySpec::from_proto(&wire).unwrap();
         assert_eq!(back, spec);
+        // An agent or tool from before several targets reads the first.
+        assert_eq!(wire.target, Some(target_to_proto(&spec.targets[0])));
+        // A controller from before several targets sends `target` alone.
+        let old = proto::Policy {
+            targets: Vec::new(),
+            ..wire
+        };
+        assert_eq!(
+            PolicySpec::from_proto(&old).unwrap().targets,
+            spec.targets[..1]
+        );
+    }
+
+    #[test]
+    fn several_targets_read_as_text_and_refuse_none_and_repeats() {
+        let t: Targets = "interface:span0, pcap:/tmp/a.pcapng".parse().unwrap();
+        assert_eq!(t.to_string(), "interface:span0,pcap:/tmp/a.pcapng");
+        assert_eq!("none".parse::<Targets>().unwrap(), Targets(vec![]));
+        assert_eq!("".parse::<Targets>().unwrap(), Targets(vec![]));
+        assert_eq!(Targets(vec![]).to_string(), "none");
+        let e = "interface:span0,none".parse::<Targets>().unwrap_err();
+        assert!(e.contains("`none` cannot be one of several targets"), "{e}");
+        let twice = PolicySpec {
+            targets: vec![Target::Interface("span0".into()); 2],
+            ..PolicySpec::default()
+        };
+        assert_eq!(
+            twice.validate(false).unwrap_err().to_string(),
+            "invalid policy: target: interface:span0 is listed twice"
+        );
+        let many = PolicySpec {
+            targets: (0..9).map(|i| Target::Interface(format!("s{i}"))).collect(),
+            ..PolicySpec::default()
+        };
+        assert_eq!(
+            many.validate(false).unwrap_err().to_string(),
+            "invalid policy: target: 9 targets, at most 8 per policy"
+        );
     }
 
     #[test]
@@ -587,6 +759,27 @@ mod tests {
         assert!(e.to_string().contains("banana"), "{e}");
         // Without compiling, the filter is not judged.
         assert_eq!(spec.validate(false).unwrap_err().0.len(), 3);
+    }
+
+    #[test]
+    fn buffer_sizes_outside_the_bounds_are_refused_with_their_unit() {
+        let with = |buffer_size| PolicySpec {
+            buffer_size,
+            ..PolicySpec::default()
+        };
+        assert_eq!(with(bounds::BUFFER_SIZE.1).validate(false), Ok(()));
+        let e = with(1000).validate(false).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid policy: buffer_size: 1000B is out of range 1MiB..=1GiB"
+        );
+        // A controller from before the field sends 0: the agent keeps the ring it always had.
+        let mut old = PolicySpec::default().to_proto(1, "old");
+        old.capture.as_mut().unwrap().buffer_bytes = 0;
+        assert_eq!(
+            PolicySpec::from_proto(&old).unwrap().buffer_size,
+            DEFAULT_BUFFER_SIZE
+        );
     }
 
     #[test]
@@ -620,7 +813,7 @@ mod tests {
     fn config_keys_are_the_keys_from_config_reads() {
         use crate::config::{Layered, Sources};
         let keys = PolicySpec::config_keys("policy");
-        assert_eq!(keys.len(), 15);
+        assert_eq!(keys.len(), 16);
         let complaints = |overrides: Vec<(String, String)>| {
             let sources = Sources {
                 overrides,
@@ -752,6 +945,24 @@ mod tests {
             ]
         }
 
+        /// Up to three targets, none of them `none`, none twice, and every VXLAN one with the
+        /// first one's VNI (the configuration has one `vni` key).
+        fn targets() -> impl Strategy<Value = Vec<Target>> {
+            prop::collection::vec(target(), 0..=3).prop_map(|all| {
+                let mut out: Vec<Target> = Vec::new();
+                let mut first_vni = None;
+                for mut t in all {
+                    if let Target::Vxlan { vni, .. } = &mut t {
+                        *vni = *first_vni.get_or_insert(*vni);
+                    }
+                    if t != Target::None && !out.iter().any(|o| o.to_string() == t.to_string()) {
+                        out.push(t);
+                    }
+                }
+                out
+            })
+        }
+
         /// A bit rate `format_bitrate` writes without rounding: at most three decimals of its unit.
         fn limit() -> impl Strategy<Value = u64> {
             prop_oneof![
@@ -778,10 +989,11 @@ mod tests {
                     limit(),
                     duration_ms(100, 3_600_000),
                     0u32..=1000,
-                    target(),
+                    targets(),
                     duration_ms(1_000, 3_600_000),
                     duration_ms(100, 300_000),
                 ),
+                (1u64 << 20)..=(1 << 30),
             )
                 .prop_map(
                     |(
@@ -791,10 +1003,11 @@ mod tests {
                             limit_bps,
                             check_interval,
                             breach_intervals,
-                            target,
+                            targets,
                             snapshot_interval,
                             heartbeat_interval,
                         ),
+                        buffer_size,
                     )| PolicySpec {
                         capture,
                         interface,
@@ -802,12 +1015,13 @@ mod tests {
                         snaplen,
                         mode,
                         buffer_timeout,
+                        buffer_size,
                         batch_packets,
                         batch_delay,
                         limit_bps,
                         check_interval,
                         breach_intervals,
-                        target,
+                        targets,
                         snapshot_interval,
                         heartbeat_interval,
                     },
@@ -870,7 +1084,9 @@ mod tests {
                         (format!("policy.{key}"), text)
                     })
                     .collect();
-                if let Target::Vxlan { vni, .. } = spec.target {
+                if let Some(Target::Vxlan { vni, .. }) =
+                    spec.targets.iter().find(|t| matches!(t, Target::Vxlan { .. }))
+                {
                     overrides.push(("policy.vni".into(), vni.to_string()));
                 }
                 let (back, result) = read(overrides);
@@ -886,9 +1102,11 @@ mod tests {
                 version in any::<u64>(),
             ) {
                 let mut spec = spec;
-                if let Target::Pcap { rotate_bytes: bytes, rotate_interval, .. } = &mut spec.target {
-                    *bytes = rotate_bytes;
-                    *rotate_interval = Duration::from_millis(rotate_ms);
+                for t in &mut spec.targets {
+                    if let Target::Pcap { rotate_bytes: bytes, rotate_interval, .. } = t {
+                        *bytes = rotate_bytes;
+                        *rotate_interval = Duration::from_millis(rotate_ms);
+                    }
                 }
                 let wire = spec.to_proto(version, "p");
                 prop_assert_eq!(wire.version, version);

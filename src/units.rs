@@ -144,6 +144,17 @@ pub fn parse_size(input: &str) -> Result<u64, UnitError> {
     Ok(bytes.round() as u64)
 }
 
+/// A size as [`parse_size`] reads it back: the largest binary unit that divides it exactly
+/// (`4MiB`, `1536KiB`), else bytes (`1500B`).
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    UNITS
+        .iter()
+        .find(|(unit, _)| bytes > 0 && bytes.is_multiple_of(*unit))
+        .map(|(unit, name)| format!("{}{name}", bytes / unit))
+        .unwrap_or_else(|| format!("{bytes}B"))
+}
+
 /// Parses a bit rate in bit/s: a decimal number, an optional SI prefix (`k`, `M`, `G`, `T`, any case)
 /// and an optional `bit`, `bit/s`, `bits` or `bps`.
 pub fn parse_bitrate(input: &str) -> Result<u64, UnitError> {
@@ -493,6 +504,11 @@ mod tests {
                     .map_or(0.0, |scale| scale / 1000.0);
                 let error = (back as f64 - bits as f64).abs();
                 prop_assert!(error <= step / 2.0 + bits as f64 * 1e-15, "{bits} -> {text} -> {back}");
+            }
+
+            #[test]
+            fn formatted_sizes_parse_back(bytes in 0u64..(1 << 53)) {
+                prop_assert_eq!(parse_size(&format_size(bytes)).unwrap(), bytes);
             }
 
             #[test]

@@ -404,7 +404,7 @@ fn apply(
         interface = %spec.interface,
         filter = %spec.filter,
         limit = %tapgraph::units::format_bitrate(spec.limit_bps),
-        target = %spec.target,
+        targets = %tapgraph::policy::Targets(spec.targets.clone()),
         "policy applied"
     );
     state.policy = spec;

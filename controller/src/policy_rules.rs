@@ -105,8 +105,12 @@ pub struct StoredPolicy {
 }
 
 /// The spec in its wire form (prost messages are not serde types; the proto is the stable form).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredSpec(#[serde(with = "proto_bytes")] pub proto::Policy);
+
+// prost derives `Eq` for no message with a repeated message field; its `PartialEq` is structural
+// all the same (no floats anywhere in a policy).
+impl Eq for StoredSpec {}
 
 mod proto_bytes {
     use prost::Message;

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth;
 use crate::enrollment::Enrollment;
 use crate::mirror::check::{Field, StreamCheck};
-use crate::mirror::{Mirrors, Route, Stats};
+use crate::mirror::{Mirrors, Route, Stats, submit_all};
 use crate::registry::Registry;
 use crate::topology::Topology;
 
@@ -295,49 +295,56 @@ impl AgentService for AgentApi {
             summary.packets_received += batch.packets.len() as u64;
             let lookup = async {
                 let r = self.registry.mirror_route(&agent_id).await?;
-                Some((r.hostname, r.target))
+                Some((r.hostname, r.targets))
             };
             let routed = self
                 .mirrors
                 .route(&mut route, &agent_id, batch.policy_version, lookup)
                 .await;
-            let Some(attachment) = routed else {
+            let Some(attachments) = routed else {
                 continue;
             };
-            let stats = &attachment.stats;
-            Stats::add(&stats.batches, 1);
+            // Every target counts the stream's batches, losses and refusals as its own.
+            let each = |count: &dyn Fn(&Stats)| attachments.iter().for_each(|a| count(&a.stats));
+            each(&|s| Stats::add(&s.batches, 1));
             let now = tapgraph::time::unix_nanos();
-            let checked = match check.check(&batch, now, attachment.offset_ns()) {
+            let checked = match check.check(&batch, now, attachments[0].offset_ns()) {
                 Ok(checked) => checked,
                 Err(refusal) => {
                     // The whole batch is dropped: its packets may be a replay.
                     let n = batch.packets.len() as u64;
-                    Stats::add(&stats.received, n);
-                    Stats::add(&stats.dropped_invalid, n);
-                    stats.invalid(Field::Sequence);
+                    each(&|s| {
+                        Stats::add(&s.received, n);
+                        Stats::add(&s.dropped_invalid, n);
+                        s.invalid(Field::Sequence);
+                    });
                     warned.once(&agent_id, Field::Sequence, &refusal);
                     continue;
                 }
             };
-            Stats::add(&stats.batches_lost, checked.lost_batches);
-            Stats::add(&stats.lost_in_transit, checked.lost_packets);
+            each(&|s| {
+                Stats::add(&s.batches_lost, checked.lost_batches);
+                Stats::add(&s.lost_in_transit, checked.lost_packets);
+            });
             if let Some(bad) = &checked.bad_time {
-                stats.invalid(Field::Time);
+                each(&|s| s.invalid(Field::Time));
                 warned.once(&agent_id, Field::Time, bad);
             }
             if let Some(bad) = &checked.bad_counters {
-                stats.invalid(Field::Counters);
+                each(&|s| s.invalid(Field::Counters));
                 warned.once(&agent_id, Field::Counters, bad);
             }
             if let Some((n, reason)) = drop_invalid(&mut batch) {
-                Stats::add(&stats.dropped_invalid, n);
-                Stats::add(&stats.received, n);
+                each(&|s| {
+                    Stats::add(&s.dropped_invalid, n);
+                    Stats::add(&s.received, n);
+                });
                 if !warned.packets {
                     tracing::warn!(agent = %agent_id, dropped = n, %reason, "mirror batch carried invalid packets; they are dropped and counted");
                     warned.packets = true;
                 }
             }
-            attachment.submit(batch, checked.bad_time.is_none());
+            submit_all(attachments, batch, checked.bad_time.is_none());
         }
         tracing::info!(agent = %agent_id, batches = summary.batches_received, packets = summary.packets_received, "mirror stream ended");
         Ok(Response::new(summary))

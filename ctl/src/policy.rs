@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tapgraph::policy::{CaptureMode, PolicySpec, Target};
+use tapgraph::policy::{CaptureMode, PolicySpec, Target, Targets};
 use tapgraph::proto::{self, admin_service_client::AdminServiceClient};
 use tapgraph::units::{format_duration, parse_bitrate, parse_duration};
 use tonic::transport::Channel;
@@ -29,7 +29,9 @@ Examples:
 The most specific policy wins for each agent: --agent, then the selector with the most labels,
 then --all, then the controller's configured default. Two policies that could tie for an agent are
 refused. Units: rates 500kbit, 2Mbit, 1G (bit/s); durations 500ms, 10s, 5m.
-Targets: interface:NAME (reinject), pcap:PATH, vxlan:HOST[:PORT] (with --vni), none.")]
+Targets: interface:NAME (reinject), pcap:PATH, vxlan:HOST[:PORT] (with --vni), none. Several
+--target flags write every packet to each, e.g. --target interface:span0 --target pcap:web.pcapng;
+each has its own counters and queue, so a slow one never holds up the others.")]
     Set(Box<SetArgs>),
     /// Show one policy.
     Get { name: String },
@@ -91,9 +93,11 @@ pub struct SetArgs {
     /// Capture stops after this many consecutive intervals over the limit; 0 disables the rule.
     #[arg(long, value_name = "N")]
     breach_intervals: Option<u32>,
-    /// Where mirrored packets go: interface:NAME, pcap:PATH, vxlan:HOST[:PORT] or none.
+    /// Where mirrored packets go: interface:NAME, pcap:PATH, vxlan:HOST[:PORT] or none. Give it
+    /// several times to write every packet to each (e.g. reinject and record); the flags replace
+    /// the policy's targets.
     #[arg(long, value_name = "TARGET", value_parser = |s: &str| s.parse::<Target>())]
-    target: Option<Target>,
+    target: Vec<Target>,
     /// VXLAN network identifier, with a vxlan target.
     #[arg(long, value_name = "VNI")]
     vni: Option<u32>,
@@ -106,6 +110,10 @@ pub struct SetArgs {
     /// Buffered mode: longest the kernel holds packets before handing them over (1ms..1s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     buffer_timeout: Option<Duration>,
+    /// The agent's kernel capture ring, e.g. 32MiB (tcpdump's -B): how long a burst can wait
+    /// for the capture thread. It counts in the agent's RSS.
+    #[arg(long, value_name = "SIZE", value_parser = tapgraph::units::parse_size)]
+    buffer_size: Option<u64>,
     /// How often the agent sends connection-table changes.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     snapshot_interval: Option<Duration>,
@@ -149,24 +157,37 @@ impl SetArgs {
         }
         set!(interface <- interface, filter <- filter, snaplen <- snaplen, mode <- mode,
              limit_bps <- limit, check_interval <- check_interval,
-             breach_intervals <- breach_intervals, target <- target,
+             breach_intervals <- breach_intervals,
              snapshot_interval <- snapshot_interval, heartbeat_interval <- heartbeat_interval,
              batch_packets <- batch_packets, batch_delay <- batch_delay,
-             buffer_timeout <- buffer_timeout);
-        if let (Some(vni), Target::Vxlan { vni: v, .. }) = (self.vni, &mut spec.target) {
-            *v = vni;
+             buffer_timeout <- buffer_timeout, buffer_size <- buffer_size);
+        if !self.target.is_empty() {
+            // `none` alone clears; with others it is refused by validation.
+            spec.targets = match self.target.as_slice() {
+                [Target::None] => Vec::new(),
+                targets => targets.to_vec(),
+            };
         }
-        if let Target::Pcap {
-            rotate_bytes,
-            rotate_interval,
-            ..
-        } = &mut spec.target
-        {
-            if let Some(b) = self.rotate_size {
-                *rotate_bytes = b;
-            }
-            if let Some(d) = self.rotate_interval {
-                *rotate_interval = d;
+        for target in &mut spec.targets {
+            match target {
+                Target::Vxlan { vni: v, .. } => {
+                    if let Some(vni) = self.vni {
+                        *v = vni;
+                    }
+                }
+                Target::Pcap {
+                    rotate_bytes,
+                    rotate_interval,
+                    ..
+                } => {
+                    if let Some(b) = self.rotate_size {
+                        *rotate_bytes = b;
+                    }
+                    if let Some(d) = self.rotate_interval {
+                        *rotate_interval = d;
+                    }
+                }
+                _ => {}
             }
         }
         spec
@@ -253,24 +274,22 @@ pub async fn run(
             };
             let spec = args.apply(base);
             // Flags for a target the policy does not have would be ignored silently: refuse them.
-            let target_flag = match &spec.target {
-                Target::Vxlan { .. } => None,
-                _ if args.vni.is_some() => Some("--vni needs a vxlan target"),
-                _ => None,
-            }
-            .or(match &spec.target {
-                Target::Pcap { .. } => None,
-                _ if args.rotate_size.is_some() || args.rotate_interval.is_some() => {
-                    Some("--rotate-size and --rotate-interval need a pcap target")
-                }
-                _ => None,
-            });
+            let has = |kind: fn(&Target) -> bool| spec.targets.iter().any(kind);
+            let target_flag = if args.vni.is_some() && !has(|t| matches!(t, Target::Vxlan { .. })) {
+                Some("--vni needs a vxlan target")
+            } else if (args.rotate_size.is_some() || args.rotate_interval.is_some())
+                && !has(|t| matches!(t, Target::Pcap { .. }))
+            {
+                Some("--rotate-size and --rotate-interval need a pcap target")
+            } else {
+                None
+            };
             if let Some(reason) = target_flag {
                 return Err(Failure(
                     2,
                     anyhow!(
-                        "{reason} (the policy's target is {}); nothing was changed",
-                        spec.target
+                        "{reason} (the policy's targets are {}); nothing was changed",
+                        Targets(spec.targets.clone())
                     ),
                 ));
             }

@@ -57,7 +57,7 @@ impl Settings {
         // worst a change of it restarts the capture, never leaves a stale one running.
         p.capture.then(|| Self {
             spec: PolicySpec {
-                target: unused.target,
+                targets: unused.targets,
                 snapshot_interval: unused.snapshot_interval,
                 heartbeat_interval: unused.heartbeat_interval,
                 ..p.clone()
@@ -393,14 +393,14 @@ mod tests {
         };
         let s = Settings::from_policy(&p).unwrap();
         let unrelated = PolicySpec {
-            target: Target::Interface("tap0".into()),
+            targets: vec![Target::Interface("tap0".into())],
             snapshot_interval: Duration::from_secs(60),
             heartbeat_interval: Duration::from_secs(30),
             ..p.clone()
         };
         assert_eq!(Settings::from_policy(&unrelated), Some(s.clone()));
         type Change = fn(&mut PolicySpec);
-        let changes: [(&str, Change); 10] = [
+        let changes: [(&str, Change); 11] = [
             ("interface", |p| p.interface = "eth1".into()),
             ("filter", |p| p.filter = "tcp".into()),
             ("snaplen", |p| p.snaplen = 128),
@@ -408,6 +408,7 @@ mod tests {
             ("buffer_timeout", |p| {
                 p.buffer_timeout = Duration::from_millis(7)
             }),
+            ("buffer_size", |p| p.buffer_size = 7 << 20),
             ("batch_packets", |p| p.batch_packets = 7),
             ("batch_delay", |p| p.batch_delay = Duration::from_millis(7)),
             ("limit_bps", |p| p.limit_bps = 7_000_000),

@@ -19,9 +19,6 @@ use super::limit::{Breach, BreachWatchdog, TokenBucket};
 use super::queue::{Batch, QueueTx};
 use super::{Counters, Event, Settings, wire};
 
-/// The kernel ring libpcap gets: room for ~50 ms at 1 Gbit/s. It counts towards the agent's RSS
-/// once touched, so it stays well under the 32 MB budget.
-const RING_BYTES: i32 = 4 << 20;
 /// A batch never exceeds this, far below gRPC's message limit.
 const BATCH_MAX_BYTES: usize = 1 << 20;
 /// How often kernel drop counters are read.
@@ -59,7 +56,7 @@ impl Prepared {
             .precision(pcap::Precision::Nano)
             .immediate_mode(settings.spec.mode == CaptureMode::Immediate)
             .timeout(settings.read_timeout_ms())
-            .buffer_size(RING_BYTES)
+            .buffer_size(i32::try_from(settings.spec.buffer_size).unwrap_or(i32::MAX))
             .promisc(false)
             .open()
             .map_err(open_err)?;

@@ -280,12 +280,13 @@ pub struct Mirrors {
     replica: Option<Arc<str>>,
 }
 
-/// A Mirror stream's route: the attachment its batches of one policy version go to.
+/// A Mirror stream's route: the attachments its batches of one policy version go to, one per
+/// target of the policy (`none` when it has none).
 pub struct Route {
     policy_version: u64,
-    /// When the target was looked up and attached (or found unavailable).
+    /// When the targets were looked up and attached (or found unavailable).
     at: tokio::time::Instant,
-    attachment: Attachment,
+    attachments: Vec<Attachment>,
 }
 
 /// A stream's attachment to its current target.
@@ -373,38 +374,46 @@ impl Mirrors {
             .batches_no_route
     }
 
-    /// The attachment a batch of `policy_version` from `agent_id` goes to: `route`'s while it is
-    /// for that version (and its target opened, or was tried less than [`RETRY_TARGET`] ago),
-    /// otherwise one to the target `lookup` resolves now (its hostname and target), which then
-    /// becomes `route`. `None` when `lookup` finds no route (the registry does not know
-    /// the agent, or its policy does not parse into a target): the batch is dropped and counted as
-    /// `no_route`, and the next batch looks again.
+    /// The attachments a batch of `policy_version` from `agent_id` goes to: `route`'s while it is
+    /// for that version (and its targets opened, or were tried less than [`RETRY_TARGET`] ago),
+    /// otherwise those to the targets `lookup` resolves now (its hostname and targets), which
+    /// then become `route`. Never empty: a policy without targets has the `none` target. `None`
+    /// when `lookup` finds no route (the registry does not know the agent, or its policy does not
+    /// parse): the batch is dropped and counted as `no_route`, and the next batch looks again.
     pub async fn route<'a>(
         &self,
         route: &'a mut Option<Route>,
         agent_id: &str,
         policy_version: u64,
-        lookup: impl Future<Output = Option<(String, Target)>>,
-    ) -> Option<&'a Attachment> {
+        lookup: impl Future<Output = Option<(String, Vec<Target>)>>,
+    ) -> Option<&'a [Attachment]> {
         let stale = route.as_ref().is_none_or(|r| {
             r.policy_version != policy_version
-                || (r.attachment.unavailable.is_some() && r.at.elapsed() >= RETRY_TARGET)
+                || (r.attachments.iter().any(|a| a.unavailable.is_some())
+                    && r.at.elapsed() >= RETRY_TARGET)
         });
         if stale {
-            let Some((hostname, target)) = lookup.await else {
+            let Some((hostname, mut targets)) = lookup.await else {
                 self.inner
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .batches_no_route += 1;
                 return None;
             };
+            if targets.is_empty() {
+                targets.push(Target::None);
+            }
+            let mut attachments = Vec::with_capacity(targets.len());
+            for target in &targets {
+                attachments.push(self.attach(agent_id, &hostname, target).await);
+            }
             *route = Some(Route {
                 policy_version,
                 at: tokio::time::Instant::now(),
-                attachment: self.attach(agent_id, &hostname, &target).await,
+                attachments,
             });
         }
-        route.as_ref().map(|r| &r.attachment)
+        route.as_ref().map(|r| r.attachments.as_slice())
     }
 
     fn stats_for(&self, agent_id: &str, target: &Target) -> Arc<Stats> {
@@ -529,6 +538,18 @@ impl Mirrors {
             })
             .collect()
     }
+}
+
+/// Hands a batch to every attachment of a route: each target gets the same packets (their
+/// bytes are shared, not copied) and counts them on its own; a slow one drops at its own queue.
+pub fn submit_all(attachments: &[Attachment], batch: proto::MirrorBatch, observe_delay: bool) {
+    let Some((last, others)) = attachments.split_last() else {
+        return;
+    };
+    for a in others {
+        a.submit(batch.clone(), observe_delay);
+    }
+    last.submit(batch, observe_delay);
 }
 
 impl Attachment {
@@ -764,6 +785,64 @@ mod tests {
         );
     }
 
+    fn attach(writer: Recorder) -> Attachment {
+        Attachment {
+            agent_id: "a1".into(),
+            hostname: "web-1".into(),
+            target: Some(Arc::new(spawn_writer(Box::new(writer), "test".into()))),
+            stats: Arc::default(),
+            offset_ns: Arc::default(),
+            unavailable: None,
+        }
+    }
+
+    /// Two targets of one policy: the first stalls on its first write. The stream never waits
+    /// for it, the other target gets every packet at once, and only the stalled one drops (at
+    /// its own queue, counted).
+    #[test]
+    fn a_slow_target_holds_up_neither_the_stream_nor_the_other_targets() {
+        let (slow_seen, fast_seen) = (Arc::default(), Arc::default());
+        let (open, gate) = sync_channel(1);
+        let both = [
+            attach(Recorder {
+                seen: Arc::clone(&slow_seen),
+                gate: Some(gate),
+            }),
+            attach(Recorder {
+                seen: Arc::clone(&fast_seen),
+                gate: None,
+            }),
+        ];
+        let (rounds, per) = (QUEUE_JOBS + 100, INLINE_PACKETS + 1);
+        for i in 0..rounds {
+            submit_all(&both, batch(i as u8, per), true);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while fast_seen.lock().unwrap().len() < rounds * per {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fast target stalled"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let count =
+            |a: &Attachment, c: fn(&Stats) -> &AtomicU64| c(&a.stats).load(Ordering::Relaxed);
+        assert_eq!(count(&both[1], |s| &s.dropped_queue), 0);
+        assert_eq!(count(&both[1], |s| &s.written), (rounds * per) as u64);
+        let slow_dropped = count(&both[0], |s| &s.dropped_queue);
+        assert!(slow_dropped > 0, "the stalled target's queue never filled");
+        assert!(slow_seen.lock().unwrap().is_empty());
+        // Released, the slow one writes what it queued: every packet is accounted for.
+        open.send(()).unwrap();
+        while count(&both[0], |s| &s.written) + slow_dropped < (rounds * per) as u64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slow target never drained"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn a_replica_s_name_goes_before_the_extension() {
         assert_eq!(replica_file("web.pcapng", "r1"), "web.r1.pcapng");
@@ -783,8 +862,8 @@ mod tests {
             .naming_files_after("r2");
         let mut route = None;
         let target: Target = "pcap:caps.pcapng".parse().unwrap();
-        let found = async { Some(("web-1".to_string(), target)) };
-        let attachment = mirrors.route(&mut route, "a1", 1, found).await.unwrap();
+        let found = async { Some(("web-1".to_string(), vec![target])) };
+        let attachment = &mirrors.route(&mut route, "a1", 1, found).await.unwrap()[0];
         assert!(
             attachment.unavailable.is_none(),
             "{:?}",
@@ -808,7 +887,7 @@ mod tests {
         );
         assert_eq!(mirrors.batches_no_route(), 1);
         // With a route, batches of that version go to its target and nothing more is dropped.
-        let found = async { Some(("web-1".to_string(), Target::None)) };
+        let found = async { Some(("web-1".to_string(), vec![])) };
         assert!(mirrors.route(&mut route, "a1", 1, found).await.is_some());
         let looked = std::sync::atomic::AtomicBool::new(false);
         let again = async {
@@ -837,14 +916,18 @@ mod tests {
     async fn an_unavailable_target_is_tried_again_after_a_while_not_per_batch() {
         let dir = tempfile::tempdir().unwrap();
         let mirrors = Mirrors::new(dir.path().to_path_buf(), crate::health::Health::default());
-        let missing =
-            async { Some(("web-1".to_string(), Target::Interface("tg-missing0".into()))) };
+        let missing = async {
+            Some((
+                "web-1".to_string(),
+                vec![Target::Interface("tg-missing0".into())],
+            ))
+        };
         let (mut broken, mut working) = (None, None);
         let attached = mirrors.route(&mut broken, "a1", 1, missing).await.unwrap();
-        assert!(attached.unavailable.is_some());
-        let found = async { Some(("web-2".to_string(), Target::None)) };
+        assert!(attached[0].unavailable.is_some());
+        let found = async { Some(("web-2".to_string(), vec![Target::None])) };
         let attached = mirrors.route(&mut working, "a2", 1, found).await.unwrap();
-        assert!(attached.unavailable.is_none());
+        assert!(attached[0].unavailable.is_none());
         let looked = std::sync::atomic::AtomicBool::new(false);
         let look = || async {
             looked.store(true, Ordering::Relaxed);

@@ -1,7 +1,7 @@
-//! The virtual TAP's controller side: agents' mirrored packets, routed to their policy's target.
+//! The virtual TAP's controller side: agents' mirrored packets, routed to their policy's targets.
 
 pub mod check;
 mod hub;
 pub mod targets;
 
-pub use hub::{Mirrors, Route, Stats, StatsView};
+pub use hub::{Mirrors, Route, Stats, StatsView, submit_all};

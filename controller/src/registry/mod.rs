@@ -68,10 +68,11 @@ impl std::fmt::Display for CloseReason {
     }
 }
 
-/// Where an agent's mirrored packets go: the target of the policy that resolves for it now.
+/// Where an agent's mirrored packets go: the targets of the policy that resolves for it now
+/// (empty: none).
 #[derive(Debug, Clone)]
 pub struct MirrorRoute {
-    pub target: tapgraph::policy::Target,
+    pub targets: Vec<tapgraph::policy::Target>,
     pub hostname: String,
 }
 

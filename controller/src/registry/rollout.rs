@@ -38,7 +38,7 @@ impl RegistryTask {
         let wanted = rules::resolve(&self.policies, &self.default, id, &agent.view.labels);
         let spec = tapgraph::policy::PolicySpec::from_proto(&wanted.message()).ok()?;
         Some(MirrorRoute {
-            target: spec.target,
+            targets: spec.targets,
             hostname: agent.view.hostname.clone(),
         })
     }
@@ -133,13 +133,22 @@ impl RegistryTask {
         let Some(present) = interfaces.get(replica) else {
             return String::new();
         };
-        match tapgraph::policy::PolicySpec::from_proto(&wanted.message()).map(|s| s.target) {
-            Ok(tapgraph::policy::Target::Interface(name)) if !present.contains(&name) => format!(
-                "mirror target interface:{name}: no interface {name} on replica {replica}, where \
-                 this agent's stream lands"
-            ),
-            _ => String::new(),
-        }
+        let targets = tapgraph::policy::PolicySpec::from_proto(&wanted.message())
+            .map(|s| s.targets)
+            .unwrap_or_default();
+        targets
+            .iter()
+            .filter_map(|t| match t {
+                tapgraph::policy::Target::Interface(name) if !present.contains(name) => {
+                    Some(format!(
+                        "mirror target interface:{name}: no interface {name} on replica {replica}, \
+                     where this agent's stream lands"
+                    ))
+                }
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// An agent's rollout status against the policy that resolves for it here, `applied` being
@@ -310,7 +319,7 @@ mod tests {
         assert!(task.mirror_route("unknown").is_none());
         let mut pinned = policy("pinned", Selector::Agent("vm".into()), 2, 0);
         let spec = PolicySpec {
-            target: tapgraph::policy::Target::Interface("tap0".into()),
+            targets: vec![tapgraph::policy::Target::Interface("tap0".into())],
             ..PolicySpec::default()
         };
         pinned.spec = StoredSpec(spec.to_proto(0, "pinned"));
@@ -318,8 +327,8 @@ mod tests {
         let route = task.mirror_route("vm").unwrap();
         assert_eq!(route.hostname, "vm.example");
         assert_eq!(
-            route.target,
-            tapgraph::policy::Target::Interface("tap0".into())
+            route.targets,
+            [tapgraph::policy::Target::Interface("tap0".into())]
         );
     }
 
@@ -331,7 +340,7 @@ mod tests {
         let (_registered, _rx) = fixture::connect(&mut task, "vm", 8);
         let mut pinned = policy("pinned", Selector::Agent("vm".into()), 2, 0);
         let spec = PolicySpec {
-            target: tapgraph::policy::Target::Interface("span0".into()),
+            targets: vec![tapgraph::policy::Target::Interface("span0".into())],
             ..PolicySpec::default()
         };
         pinned.spec = StoredSpec(spec.to_proto(0, "pinned"));

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tapgraph::policy::{CaptureMode, PolicySpec, Target};
+use tapgraph::policy::{CaptureMode, ErspanType, PolicySpec, Target};
 use tapgraph::proto::{self, admin_service_client::AdminServiceClient};
 use tapgraph::units::{format_duration, parse_bitrate, parse_duration};
 use tonic::transport::Channel;
@@ -29,7 +29,9 @@ Examples:
 The most specific policy wins for each agent: --agent, then the selector with the most labels,
 then --all, then the controller's configured default. Two policies that could tie for an agent are
 refused. Units: rates 500kbit, 2Mbit, 1G (bit/s); durations 500ms, 10s, 5m.
-Targets: interface:NAME (reinject), pcap:PATH, vxlan:HOST[:PORT] (with --vni), none.")]
+Targets: interface:NAME (reinject: sent on NAME), tap:NAME (received on TAP device NAME, created
+if missing), pcap:PATH, vxlan:HOST[:PORT] (with --vni), gre:HOST (with --gre-key),
+erspan:HOST (with --erspan-type 2|3, --erspan-session), none.")]
     Set(Box<SetArgs>),
     /// Show one policy.
     Get { name: String },
@@ -91,7 +93,8 @@ pub struct SetArgs {
     /// Capture stops after this many consecutive intervals over the limit; 0 disables the rule.
     #[arg(long, value_name = "N")]
     breach_intervals: Option<u32>,
-    /// Where mirrored packets go: interface:NAME, pcap:PATH, vxlan:HOST[:PORT] or none.
+    /// Where mirrored packets go: interface:NAME, tap:NAME, pcap:PATH, vxlan:HOST[:PORT],
+    /// gre:HOST, erspan:HOST or none.
     #[arg(long, value_name = "TARGET", value_parser = |s: &str| s.parse::<Target>())]
     target: Option<Target>,
     /// VXLAN network identifier, with a vxlan target.
@@ -118,6 +121,15 @@ pub struct SetArgs {
     /// Longest a packet waits for its batch.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     batch_delay: Option<Duration>,
+    /// GRE key (32 bits), with a gre target; without it the header has no key.
+    #[arg(long, value_name = "KEY")]
+    gre_key: Option<u32>,
+    /// ERSPAN type, with an erspan target: 2 (type II, the default) or 3 (type III, timestamped).
+    #[arg(long, value_name = "2|3", value_parser = |s: &str| s.parse::<ErspanType>())]
+    erspan_type: Option<ErspanType>,
+    /// ERSPAN session id (0..=1023), with an erspan target.
+    #[arg(long, value_name = "ID")]
+    erspan_session: Option<u16>,
 }
 
 impl SetArgs {
@@ -155,6 +167,17 @@ impl SetArgs {
              buffer_timeout <- buffer_timeout);
         if let (Some(vni), Target::Vxlan { vni: v, .. }) = (self.vni, &mut spec.target) {
             *v = vni;
+        }
+        if let (Some(k), Target::Gre { key, .. }) = (self.gre_key, &mut spec.target) {
+            *key = Some(k);
+        }
+        if let Target::Erspan { kind, session, .. } = &mut spec.target {
+            if let Some(k) = self.erspan_type {
+                *kind = k;
+            }
+            if let Some(s) = self.erspan_session {
+                *session = s;
+            }
         }
         if let Target::Pcap {
             rotate_bytes,
@@ -258,6 +281,18 @@ pub async fn run(
                 _ if args.vni.is_some() => Some("--vni needs a vxlan target"),
                 _ => None,
             }
+            .or(match &spec.target {
+                Target::Gre { .. } => None,
+                _ if args.gre_key.is_some() => Some("--gre-key needs a gre target"),
+                _ => None,
+            })
+            .or(match &spec.target {
+                Target::Erspan { .. } => None,
+                _ if args.erspan_type.is_some() || args.erspan_session.is_some() => {
+                    Some("--erspan-type and --erspan-session need an erspan target")
+                }
+                _ => None,
+            })
             .or(match &spec.target {
                 Target::Pcap { .. } => None,
                 _ if args.rotate_size.is_some() || args.rotate_interval.is_some() => {

@@ -50,18 +50,99 @@ pub enum Target {
         port: u16,
         vni: u32,
     },
+    /// Write into this TAP device of the controller's host: the frames arrive on it as received.
+    Tap(String),
+    /// Encapsulate in GRE (transparent Ethernet bridging) towards `host`, with a key if given.
+    Gre {
+        host: String,
+        key: Option<u32>,
+    },
+    /// Encapsulate in ERSPAN towards `host`, as a switch's remote SPAN session does.
+    Erspan {
+        host: String,
+        kind: ErspanType,
+        /// The 10-bit session id analyzers tell sessions apart by.
+        session: u16,
+    },
 }
 
 /// The capture ring's default size. See `agent/src/capture/reader.rs` for what it holds.
 pub const DEFAULT_BUFFER_SIZE: u64 = 4 << 20;
 
-pub const TARGET_SYNTAX: &str = "interface:NAME, pcap:PATH, vxlan:HOST:PORT or none";
+pub const TARGET_SYNTAX: &str =
+    "interface:NAME, tap:NAME, pcap:PATH, vxlan:HOST:PORT, gre:HOST, erspan:HOST or none";
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
+/// ERSPAN session ids have 10 bits.
+pub const MAX_ERSPAN_SESSION: u16 = 1023;
+
+/// The ERSPAN header a target sends. Named by type, as switches and Wireshark do: type II carries
+/// version 1 in its header, type III version 2 (Linux's `erspan_ver` counts the same way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErspanType {
+    /// Type II: a sequence number in the GRE header, an 8-byte ERSPAN header. The default:
+    /// every analyzer and switch decodes it.
+    #[default]
+    TypeII,
+    /// Type III: a 12-byte header with a timestamp (100 µs units) of the capture.
+    TypeIII,
+}
+
+impl FromStr for ErspanType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "2" | "II" | "ii" => Ok(Self::TypeII),
+            "3" | "III" | "iii" => Ok(Self::TypeIII),
+            other => Err(format!(
+                "`{other}` is not an ERSPAN type: use 2 (type II) or 3 (type III)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ErspanType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::TypeII => "2",
+            Self::TypeIII => "3",
+        })
+    }
+}
+
+/// The host of a `gre:` or `erspan:` target: a name or an address (IPv6 bare or bracketed), and
+/// no port, as GRE has none.
+fn tunnel_host(s: &str, scheme: &str, rest: &str) -> Result<String, String> {
+    let host = match rest.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        Some(inner) if inner.parse::<std::net::Ipv6Addr>().is_ok() => inner,
+        Some(_) => {
+            return Err(format!(
+                "target `{s}`: only an IPv6 address goes in brackets"
+            ));
+        }
+        None => rest,
+    };
+    if host.is_empty() || host.contains(['[', ']']) {
+        return Err(format!("target `{s}` has no host: use {scheme}:HOST"));
+    }
+    if host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(format!(
+            "target `{s}`: GRE has no port; use {scheme}:HOST (HOST a name or an IP address)"
+        ));
+    }
+    if host.contains(|c: char| c.is_whitespace() || c == '/') {
+        return Err(format!(
+            "target `{s}`: `{host}` is not a host name or address"
+        ));
+    }
+    Ok(host.to_string())
+}
 
 impl FromStr for Target {
     type Err = String;
 
-    /// Parses `interface:span0`, `pcap:/var/lib/x.pcapng`, `vxlan:10.0.0.9:4789` or `none`.
+    /// Parses `interface:span0`, `pcap:/var/lib/x.pcapng`, `vxlan:10.0.0.9:4789`, `tap:span9`,
+    /// `gre:10.0.0.9`, `erspan:10.0.0.9` or `none`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (scheme, rest) = s.split_once(':').unwrap_or((s, ""));
         match scheme {
@@ -97,6 +178,19 @@ impl FromStr for Target {
                     vni: 0,
                 })
             }
+            "tap" => {
+                check_interface_name(rest)?;
+                Ok(Self::Tap(rest.to_string()))
+            }
+            "gre" => Ok(Self::Gre {
+                host: tunnel_host(s, scheme, rest)?,
+                key: None,
+            }),
+            "erspan" => Ok(Self::Erspan {
+                host: tunnel_host(s, scheme, rest)?,
+                kind: ErspanType::default(),
+                session: 0,
+            }),
             _ => Err(format!("unknown target `{s}`: use {TARGET_SYNTAX}")),
         }
     }
@@ -112,6 +206,9 @@ impl fmt::Display for Target {
                 write!(f, "vxlan:[{host}]:{port}")
             }
             Self::Vxlan { host, port, .. } => write!(f, "vxlan:{host}:{port}"),
+            Self::Tap(name) => write!(f, "tap:{name}"),
+            Self::Gre { host, .. } => write!(f, "gre:{host}"),
+            Self::Erspan { host, .. } => write!(f, "erspan:{host}"),
         }
     }
 }
@@ -392,6 +489,18 @@ impl PolicySpec {
                 ),
             );
         }
+        for target in &self.targets {
+            if let Target::Erspan { session, .. } = target
+                && *session > MAX_ERSPAN_SESSION
+            {
+                fail(
+                    "target",
+                    format!(
+                        "ERSPAN session {session} does not fit in 10 bits (0..={MAX_ERSPAN_SESSION})"
+                    ),
+                );
+            }
+        }
         if issues.is_empty() {
             Ok(())
         } else {
@@ -437,16 +546,31 @@ impl PolicySpec {
                 units::parse_duration,
             ),
         };
-        if spec
-            .targets
-            .iter()
-            .any(|t| matches!(t, Target::Vxlan { .. }))
-        {
-            let v = cfg.value(&k("vni"), 0);
-            for t in &mut spec.targets {
-                if let Target::Vxlan { vni, .. } = t {
-                    *vni = v;
+        // The per-kind keys are read only when a target of that kind is there, and apply to
+        // each such target.
+        let has = |kind: fn(&Target) -> bool| spec.targets.iter().any(kind);
+        let vni = has(|t| matches!(t, Target::Vxlan { .. })).then(|| cfg.value(&k("vni"), 0));
+        let gre_key = has(|t| matches!(t, Target::Gre { .. })).then(|| {
+            cfg.parse(&k("gre_key"), None, |s| {
+                s.parse::<u32>()
+                    .map(Some)
+                    .map_err(|e| format!("`{s}`: {e}"))
+            })
+        });
+        let erspan = has(|t| matches!(t, Target::Erspan { .. })).then(|| {
+            (
+                cfg.value(&k("erspan_type"), ErspanType::default()),
+                cfg.value(&k("erspan_session"), 0),
+            )
+        });
+        for t in &mut spec.targets {
+            match t {
+                Target::Vxlan { vni: v, .. } => *v = vni.unwrap_or_default(),
+                Target::Gre { key, .. } => *key = gre_key.flatten(),
+                Target::Erspan { kind, session, .. } => {
+                    (*kind, *session) = erspan.unwrap_or_default();
                 }
+                _ => {}
             }
         }
         if let Err(errors) = spec.validate(true) {
@@ -477,6 +601,9 @@ impl PolicySpec {
             "vni",
             "snapshot_interval",
             "heartbeat_interval",
+            "gre_key",
+            "erspan_type",
+            "erspan_session",
         ]
         .iter()
         .map(|n| format!("{prefix}.{n}"))
@@ -625,6 +752,25 @@ fn target_to_proto(target: &Target) -> proto::MirrorTarget {
                 vni: *vni,
             })
         }
+        Target::Tap(name) => {
+            proto::mirror_target::Kind::Tap(proto::TapTarget { name: name.clone() })
+        }
+        Target::Gre { host, key } => proto::mirror_target::Kind::Gre(proto::GreTarget {
+            host: host.clone(),
+            key: *key,
+        }),
+        Target::Erspan {
+            host,
+            kind,
+            session,
+        } => proto::mirror_target::Kind::Erspan(proto::ErspanTarget {
+            host: host.clone(),
+            erspan_type: match kind {
+                ErspanType::TypeII => 2,
+                ErspanType::TypeIII => 3,
+            },
+            session_id: u32::from(*session),
+        }),
     };
     proto::MirrorTarget { kind: Some(kind) }
 }
@@ -648,6 +794,26 @@ fn target_from_proto(t: &proto::MirrorTarget) -> Result<Target, PolicyError> {
             })?,
             vni: v.vni,
         },
+        Some(proto::mirror_target::Kind::Tap(t)) => Target::Tap(t.name.clone()),
+        Some(proto::mirror_target::Kind::Gre(g)) => Target::Gre {
+            host: g.host.clone(),
+            key: g.key,
+        },
+        Some(proto::mirror_target::Kind::Erspan(e)) => Target::Erspan {
+            host: e.host.clone(),
+            kind: match e.erspan_type {
+                0 | 2 => ErspanType::TypeII,
+                3 => ErspanType::TypeIII,
+                other => {
+                    return Err(PolicyError(vec![PolicyIssue {
+                        field: "target",
+                        reason: format!("ERSPAN type {other} is not 2 or 3"),
+                    }]));
+                }
+            },
+            // Out of range becomes a value validation refuses, naming the bound.
+            session: u16::try_from(e.session_id).unwrap_or(u16::MAX),
+        },
     })
 }
 
@@ -663,6 +829,12 @@ mod tests {
             "pcap:/tmp/x.pcapng",
             "vxlan:10.0.0.9:4789",
             "vxlan:[fd00::9]:4790",
+            "tap:span9",
+            "gre:10.0.0.9",
+            "gre:fd00::9",
+            "gre:analyzer.example",
+            "erspan:10.0.0.9",
+            "erspan:fd00::9",
         ] {
             assert_eq!(s.parse::<Target>().unwrap().to_string(), s);
         }
@@ -681,8 +853,113 @@ mod tests {
         ] {
             assert!(bad.parse::<Target>().is_err(), "{bad} accepted");
         }
-        let e = "gre:10.0.0.1".parse::<Target>().unwrap_err();
-        assert!(e.contains("unknown target `gre:10.0.0.1`"), "{e}");
+        let e = "sflow:10.0.0.1".parse::<Target>().unwrap_err();
+        assert!(e.contains("unknown target `sflow:10.0.0.1`"), "{e}");
+        assert!(e.contains("tap:NAME") && e.contains("erspan:HOST"), "{e}");
+    }
+
+    #[test]
+    fn tap_gre_and_erspan_targets_parse_with_their_defaults() {
+        assert_eq!(
+            "tap:span9".parse::<Target>(),
+            Ok(Target::Tap("span9".into()))
+        );
+        assert_eq!(
+            "gre:[fd00::9]".parse::<Target>(),
+            Ok(Target::Gre {
+                host: "fd00::9".into(),
+                key: None
+            })
+        );
+        assert_eq!(
+            "erspan:collector".parse::<Target>(),
+            Ok(Target::Erspan {
+                host: "collector".into(),
+                kind: ErspanType::TypeII,
+                session: 0
+            })
+        );
+        assert_eq!("3".parse::<ErspanType>(), Ok(ErspanType::TypeIII));
+        assert_eq!("II".parse::<ErspanType>(), Ok(ErspanType::TypeII));
+        let e = "1".parse::<ErspanType>().unwrap_err();
+        assert_eq!(
+            e,
+            "`1` is not an ERSPAN type: use 2 (type II) or 3 (type III)"
+        );
+    }
+
+    #[test]
+    fn tap_gre_and_erspan_refusals_name_the_input_and_the_syntax() {
+        for (bad, says) in [
+            ("tap:", "is not an interface name"),
+            ("tap:a/b", "is not an interface name"),
+            ("tap:sixteen-chars-xx", "is not an interface name"),
+            ("gre:", "target `gre:` has no host: use gre:HOST"),
+            ("gre:[]", "only an IPv6 address goes in brackets"),
+            ("gre:[10.0.0.1]", "only an IPv6 address goes in brackets"),
+            ("gre:]", "target `gre:]` has no host: use gre:HOST"),
+            (
+                "gre:10.0.0.1:4789",
+                "target `gre:10.0.0.1:4789`: GRE has no port; use gre:HOST",
+            ),
+            ("erspan:", "target `erspan:` has no host: use erspan:HOST"),
+            ("erspan:a b", "`a b` is not a host name or address"),
+            ("erspan:h:1", "GRE has no port; use erspan:HOST"),
+        ] {
+            let e = bad.parse::<Target>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let spec = PolicySpec {
+            targets: vec![Target::Erspan {
+                host: "h".into(),
+                kind: ErspanType::TypeIII,
+                session: MAX_ERSPAN_SESSION + 1,
+            }],
+            ..PolicySpec::default()
+        };
+        assert_eq!(
+            spec.validate(false).unwrap_err().to_string(),
+            "invalid policy: target: ERSPAN session 1024 does not fit in 10 bits (0..=1023)"
+        );
+    }
+
+    #[test]
+    fn tap_gre_and_erspan_settings_survive_protobuf() {
+        for target in [
+            Target::Tap("span9".into()),
+            Target::Gre {
+                host: "10.0.0.9".into(),
+                key: Some(0),
+            },
+            Target::Gre {
+                host: "fd00::9".into(),
+                key: None,
+            },
+            Target::Erspan {
+                host: "10.0.0.9".into(),
+                kind: ErspanType::TypeIII,
+                session: MAX_ERSPAN_SESSION,
+            },
+        ] {
+            let spec = PolicySpec {
+                targets: vec![target],
+                ..PolicySpec::default()
+            };
+            assert_eq!(PolicySpec::from_proto(&spec.to_proto(1, "p")), Ok(spec));
+        }
+        let mut wire = PolicySpec::default().to_proto(1, "p");
+        wire.target = Some(proto::MirrorTarget {
+            kind: Some(proto::mirror_target::Kind::Erspan(proto::ErspanTarget {
+                host: "h".into(),
+                erspan_type: 1,
+                session_id: 5,
+            })),
+        });
+        let e = PolicySpec::from_proto(&wire).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid policy: target: ERSPAN type 1 is not 2 or 3"
+        );
     }
 
     #[test]
@@ -813,7 +1090,14 @@ mod tests {
     fn config_keys_are_the_keys_from_config_reads() {
         use crate::config::{Layered, Sources};
         let keys = PolicySpec::config_keys("policy");
-        assert_eq!(keys.len(), 16);
+        assert_eq!(keys.len(), 19);
+        // Read only with their target kind, so garbage under them alone is not judged.
+        let per_target = [
+            "policy.vni",
+            "policy.gre_key",
+            "policy.erspan_type",
+            "policy.erspan_session",
+        ];
         let complaints = |overrides: Vec<(String, String)>| {
             let sources = Sources {
                 overrides,
@@ -833,14 +1117,14 @@ mod tests {
         let garbage = |key: &String| (key.clone(), "/ :x".to_string());
         let mut expected: Vec<String> = keys
             .iter()
-            .filter(|k| *k != "policy.vni")
+            .filter(|k| !per_target.contains(&k.as_str()))
             .cloned()
             .collect();
         expected.sort();
         assert_eq!(
             complaints(
                 keys.iter()
-                    .filter(|k| *k != "policy.vni")
+                    .filter(|k| !per_target.contains(&k.as_str()))
                     .map(garbage)
                     .collect()
             ),
@@ -853,6 +1137,21 @@ mod tests {
                 garbage(&"policy.vni".to_string()),
             ]),
             ["policy.vni"]
+        );
+        assert_eq!(
+            complaints(vec![
+                ("policy.target".into(), "gre:collector".into()),
+                garbage(&"policy.gre_key".to_string()),
+            ]),
+            ["policy.gre_key"]
+        );
+        assert_eq!(
+            complaints(vec![
+                ("policy.target".into(), "erspan:collector".into()),
+                garbage(&"policy.erspan_type".to_string()),
+                ("policy.erspan_session".into(), "1024".into()),
+            ]),
+            ["policy.erspan_type", "policy.target"]
         );
     }
 
@@ -912,7 +1211,7 @@ mod tests {
         }
 
         fn targetish() -> impl Strategy<Value = String> {
-            "(none|interface|pcap|vxlan|gre)?(:[a-z0-9.:\\[\\]/ -]{0,10}){0,3}"
+            "(none|interface|pcap|vxlan|tap|gre|erspan)?(:[a-z0-9.:\\[\\]/ -]{0,10}){0,3}"
         }
 
         fn duration_ms(lo: u64, hi: u64) -> impl Strategy<Value = Duration> {
@@ -942,18 +1241,40 @@ mod tests {
                         port,
                         vni
                     }),
+                "[a-z][a-z0-9.-]{0,14}".prop_map(Target::Tap),
+                (
+                    prop_oneof!["[a-z][a-z0-9.-]{0,20}", "fd00::[0-9a-f]{1,4}"],
+                    any::<Option<u32>>()
+                )
+                    .prop_map(|(host, key)| Target::Gre { host, key }),
+                (
+                    prop_oneof!["[a-z][a-z0-9.-]{0,20}", "fd00::[0-9a-f]{1,4}"],
+                    prop_oneof![Just(ErspanType::TypeII), Just(ErspanType::TypeIII)],
+                    0..=MAX_ERSPAN_SESSION
+                )
+                    .prop_map(|(host, kind, session)| Target::Erspan {
+                        host,
+                        kind,
+                        session
+                    }),
             ]
         }
 
-        /// Up to three targets, none of them `none`, none twice, and every VXLAN one with the
-        /// first one's VNI (the configuration has one `vni` key).
+        /// Up to three targets, none of them `none`, none twice, and the settings of each kind
+        /// (VNI, GRE key, ERSPAN type and session) those of its first target: the configuration
+        /// has one key each.
         fn targets() -> impl Strategy<Value = Vec<Target>> {
             prop::collection::vec(target(), 0..=3).prop_map(|all| {
                 let mut out: Vec<Target> = Vec::new();
-                let mut first_vni = None;
+                let (mut first_vni, mut first_key, mut first_erspan) = (None, None, None);
                 for mut t in all {
-                    if let Target::Vxlan { vni, .. } = &mut t {
-                        *vni = *first_vni.get_or_insert(*vni);
+                    match &mut t {
+                        Target::Vxlan { vni, .. } => *vni = *first_vni.get_or_insert(*vni),
+                        Target::Gre { key, .. } => *key = *first_key.get_or_insert(*key),
+                        Target::Erspan { kind, session, .. } => {
+                            (*kind, *session) = *first_erspan.get_or_insert((*kind, *session));
+                        }
+                        _ => {}
                     }
                     if t != Target::None && !out.iter().any(|o| o.to_string() == t.to_string()) {
                         out.push(t);
@@ -1084,10 +1405,20 @@ mod tests {
                         (format!("policy.{key}"), text)
                     })
                     .collect();
-                if let Some(Target::Vxlan { vni, .. }) =
-                    spec.targets.iter().find(|t| matches!(t, Target::Vxlan { .. }))
-                {
-                    overrides.push(("policy.vni".into(), vni.to_string()));
+                for target in &spec.targets {
+                    match target {
+                        Target::Vxlan { vni, .. } => {
+                            overrides.push(("policy.vni".into(), vni.to_string()));
+                        }
+                        Target::Gre { key: Some(key), .. } => {
+                            overrides.push(("policy.gre_key".into(), key.to_string()));
+                        }
+                        Target::Erspan { kind, session, .. } => {
+                            overrides.push(("policy.erspan_type".into(), kind.to_string()));
+                            overrides.push(("policy.erspan_session".into(), session.to_string()));
+                        }
+                        _ => {}
+                    }
                 }
                 let (back, result) = read(overrides);
                 prop_assert_eq!(result, Ok(()));

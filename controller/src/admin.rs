@@ -498,6 +498,7 @@ impl AdminService for AdminApi {
                 last_error: t.last_error.unwrap_or_default(),
                 delay_p50_us: t.delay_p50_us.unwrap_or(0),
                 delay_p99_us: t.delay_p99_us.unwrap_or(0),
+                target_note: t.target_note.unwrap_or_default().to_string(),
             });
         }
         // With replicas, the streams of agents connected to the others land there.

@@ -165,8 +165,8 @@ streams per agent, enrollment.rate 100/s with enrollment.burst 200, topology.que
 beyond them requests are refused with RESOURCE_EXHAUSTED and the limit named),
 topology.max_rows (2000000 rows in the whole map; a snapshot past it is refused, naming it), console.auth
 (auto: a token beyond loopback; token: always), and the default policy under policy.* (capture, interface, filter,
-snaplen, mode, limit, check_interval, breach_intervals, target, vni, snapshot_interval,
-heartbeat_interval, ...).
+snaplen, mode, limit, check_interval, breach_intervals, target, vni, gre_key, erspan_type,
+erspan_session, snapshot_interval, heartbeat_interval, ...).
 
 The HTTP listener (http.*): header_read_timeout (10s for a request's head, and the longest a
 kept-alive connection waits for the next one), idle_timeout (60s, at least 20s, without a byte moving),

@@ -14,6 +14,7 @@ use crate::{Failure, print_json, table};
   controller  queue (the target's writer could not keep up), oversize (frame above the target's
               MTU: turn off GRO/GSO/TSO on the capturing interface or raise the MTU), failed,
               invalid, target_unavailable (the target could not be opened; see ERROR)
+TARGET says (created) or (opened) after a TAP device the controller made or one an operator made.
 DELAY is capture to write (p50/p99), on the controller's clock.")]
 pub struct MirrorArgs {
     /// Only this agent.
@@ -59,7 +60,8 @@ pub async fn run(
                     "dropped": {"kernel": c.packets_dropped_kernel, "limiter": c.packets_dropped_limiter,
                                 "queue": c.packets_dropped_queue},
                     "targets": a.targets.iter().map(|t| json!({
-                        "target": t.target, "received": t.packets_received, "written": t.packets_written,
+                        "target": t.target, "note": (!t.target_note.is_empty()).then_some(&t.target_note),
+                        "received": t.packets_received, "written": t.packets_written,
                         "bytes_written": t.bytes_written, "batches_lost": t.batches_lost,
                         "dropped": t.dropped, "error": t.last_error,
                         "delay_p50_us": t.delay_p50_us, "delay_p99_us": t.delay_p99_us,
@@ -107,7 +109,11 @@ pub async fn run(
                 .collect::<Vec<_>>()
                 .join("; ");
             row.extend([
-                t.target.clone(),
+                if t.target_note.is_empty() {
+                    t.target.clone()
+                } else {
+                    format!("{} ({})", t.target, t.target_note)
+                },
                 t.packets_received.to_string(),
                 t.packets_written.to_string(),
                 drops(&t.dropped),

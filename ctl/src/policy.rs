@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tapgraph::policy::{CaptureMode, PolicySpec, Target, Targets};
+use tapgraph::policy::{CaptureMode, ErspanType, PolicySpec, Target, Targets};
 use tapgraph::proto::{self, admin_service_client::AdminServiceClient};
 use tapgraph::units::{format_duration, parse_bitrate, parse_duration};
 use tonic::transport::Channel;
@@ -29,9 +29,11 @@ Examples:
 The most specific policy wins for each agent: --agent, then the selector with the most labels,
 then --all, then the controller's configured default. Two policies that could tie for an agent are
 refused. Units: rates 500kbit, 2Mbit, 1G (bit/s); durations 500ms, 10s, 5m.
-Targets: interface:NAME (reinject), pcap:PATH, vxlan:HOST[:PORT] (with --vni), none. Several
---target flags write every packet to each, e.g. --target interface:span0 --target pcap:web.pcapng;
-each has its own counters and queue, so a slow one never holds up the others.")]
+Targets: interface:NAME (reinject: sent on NAME), tap:NAME (received on TAP device NAME, created
+if missing), pcap:PATH, vxlan:HOST[:PORT] (with --vni), gre:HOST (with --gre-key),
+erspan:HOST (with --erspan-type 2|3, --erspan-session), none. Several --target flags write
+every packet to each, e.g. --target tap:span0 --target pcap:web.pcapng; each has its own counters
+and queue, so a slow one never holds up the others.")]
     Set(Box<SetArgs>),
     /// Show one policy.
     Get { name: String },
@@ -93,9 +95,9 @@ pub struct SetArgs {
     /// Capture stops after this many consecutive intervals over the limit; 0 disables the rule.
     #[arg(long, value_name = "N")]
     breach_intervals: Option<u32>,
-    /// Where mirrored packets go: interface:NAME, pcap:PATH, vxlan:HOST[:PORT] or none. Give it
-    /// several times to write every packet to each (e.g. reinject and record); the flags replace
-    /// the policy's targets.
+    /// Where mirrored packets go: interface:NAME, tap:NAME, pcap:PATH, vxlan:HOST[:PORT],
+    /// gre:HOST, erspan:HOST or none. Give it several times to write every packet to each (e.g.
+    /// reinject and record); the flags replace the policy's targets.
     #[arg(long, value_name = "TARGET", value_parser = |s: &str| s.parse::<Target>())]
     target: Vec<Target>,
     /// VXLAN network identifier, with a vxlan target.
@@ -126,6 +128,15 @@ pub struct SetArgs {
     /// Longest a packet waits for its batch.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     batch_delay: Option<Duration>,
+    /// GRE key (32 bits), with a gre target; without it the header has no key.
+    #[arg(long, value_name = "KEY")]
+    gre_key: Option<u32>,
+    /// ERSPAN type, with an erspan target: 2 (type II, the default) or 3 (type III, timestamped).
+    #[arg(long, value_name = "2|3", value_parser = |s: &str| s.parse::<ErspanType>())]
+    erspan_type: Option<ErspanType>,
+    /// ERSPAN session id (0..=1023), with an erspan target.
+    #[arg(long, value_name = "ID")]
+    erspan_session: Option<u16>,
 }
 
 impl SetArgs {
@@ -185,6 +196,19 @@ impl SetArgs {
                     }
                     if let Some(d) = self.rotate_interval {
                         *rotate_interval = d;
+                    }
+                }
+                Target::Gre { key, .. } => {
+                    if let Some(k) = self.gre_key {
+                        *key = Some(k);
+                    }
+                }
+                Target::Erspan { kind, session, .. } => {
+                    if let Some(k) = self.erspan_type {
+                        *kind = k;
+                    }
+                    if let Some(s) = self.erspan_session {
+                        *session = s;
                     }
                 }
                 _ => {}
@@ -277,6 +301,12 @@ pub async fn run(
             let has = |kind: fn(&Target) -> bool| spec.targets.iter().any(kind);
             let target_flag = if args.vni.is_some() && !has(|t| matches!(t, Target::Vxlan { .. })) {
                 Some("--vni needs a vxlan target")
+            } else if args.gre_key.is_some() && !has(|t| matches!(t, Target::Gre { .. })) {
+                Some("--gre-key needs a gre target")
+            } else if (args.erspan_type.is_some() || args.erspan_session.is_some())
+                && !has(|t| matches!(t, Target::Erspan { .. }))
+            {
+                Some("--erspan-type and --erspan-session need an erspan target")
             } else if (args.rotate_size.is_some() || args.rotate_interval.is_some())
                 && !has(|t| matches!(t, Target::Pcap { .. }))
             {

@@ -16,6 +16,7 @@ mod map_guard;
 mod mirror;
 mod mirror_limits;
 mod mirror_rate;
+mod mirror_targets;
 mod neo4j;
 mod neo4j_bench;
 mod neo4j_freshness;

@@ -28,7 +28,7 @@ pub(crate) struct Lab {
     procs: Vec<Proc>,
     peer: Netns,
     pub(crate) src: Netns,
-    hub: Netns,
+    pub(crate) hub: Netns,
     pub(crate) span: Netns,
     ctl: PathBuf,
     world: World,
@@ -41,7 +41,7 @@ pub(crate) struct Frame {
     pub(crate) data: Vec<u8>,
 }
 
-fn hashes(frames: &[Frame]) -> Vec<String> {
+pub(crate) fn hashes(frames: &[Frame]) -> Vec<String> {
     frames
         .iter()
         .map(|f| format!("{:x}", Sha256::digest(&f.data)))
@@ -50,7 +50,7 @@ fn hashes(frames: &[Frame]) -> Vec<String> {
 
 /// Every frame of a pcap or pcapng file, with nanosecond timestamps; none while the file has no
 /// header yet.
-fn read_pcap(path: &Path) -> Vec<Frame> {
+pub(crate) fn read_pcap(path: &Path) -> Vec<Frame> {
     let Ok(mut cap) = pcap::Capture::from_file_with_precision(path, pcap::Precision::Nano) else {
         return Vec::new();
     };
@@ -69,14 +69,27 @@ fn read_pcap(path: &Path) -> Vec<Frame> {
 /// A tcpdump writing `filter` on `iface` of `ns` to a file, until stopped.
 pub(crate) struct Dump {
     proc: Proc,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 impl Dump {
     pub(crate) fn start(lab: &Lab, ns: &Netns, label: &str, iface: &str, filter: &str) -> Dump {
+        Self::start_with(lab, ns, label, iface, &[], filter)
+    }
+
+    /// [`Dump::start`] with more tcpdump options (`-Q in`).
+    pub(crate) fn start_with(
+        lab: &Lab,
+        ns: &Netns,
+        label: &str,
+        iface: &str,
+        options: &[&str],
+        filter: &str,
+    ) -> Dump {
         let path = lab.world.path().join(format!("{label}.pcap"));
         let mut cmd = ns.command("tcpdump");
         cmd.args(["-i", iface, "--immediate-mode", "-U", "-n", "-s", "0"])
+            .args(options)
             .args(["--time-stamp-precision=nano", "-w"])
             .arg(&path)
             .arg(filter);
@@ -90,7 +103,7 @@ impl Dump {
     }
 
     /// Waits until the file holds `n` packets (tcpdump writes each as it comes), then finishes.
-    fn finish_at(self, n: usize) -> Vec<Frame> {
+    pub(crate) fn finish_at(self, n: usize) -> Vec<Frame> {
         let what = format!("{n} packets in {}", self.path.display());
         wait_for(&what, Duration::from_secs(10), || {
             (read_pcap(&self.path).len() >= n).then_some(())
@@ -220,7 +233,7 @@ impl Lab {
             .cloned()
     }
 
-    fn ctl(&self, args: &[&str]) -> (bool, String) {
+    pub(crate) fn ctl(&self, args: &[&str]) -> (bool, String) {
         let out = self
             .hub
             .command(bin("tapgraphctl"))
@@ -285,13 +298,13 @@ impl Lab {
         });
     }
 
-    fn written(&self, target: &str) -> u64 {
+    pub(crate) fn written(&self, target: &str) -> u64 {
         self.mirror(target)
             .and_then(|m| m["packets_written"].as_u64())
             .unwrap_or(0)
     }
 
-    fn wait_written(&self, target: &str, at_least: u64) -> Value {
+    pub(crate) fn wait_written(&self, target: &str, at_least: u64) -> Value {
         wait_for(
             &format!("{at_least} packets written to {target}"),
             Duration::from_secs(20),

@@ -203,8 +203,22 @@ fn bad_values_are_refused_at_ctl_time_and_nothing_is_pushed() {
         (vec!["--limit", "fast"], "not a number followed by a unit"),
         (vec!["--check-interval", "10"], "has no unit"),
         (
-            vec!["--target", "gre:10.0.0.1"],
-            "unknown target `gre:10.0.0.1`",
+            vec!["--target", "sflow:10.0.0.1"],
+            "unknown target `sflow:10.0.0.1`",
+        ),
+        (
+            vec!["--target", "gre:10.0.0.1:4789"],
+            "GRE has no port; use gre:HOST",
+        ),
+        (vec!["--gre-key", "7"], "--gre-key needs a gre target"),
+        (vec!["--erspan-session", "7"], "need an erspan target"),
+        (
+            vec!["--target", "erspan:10.0.0.1", "--erspan-session", "1024"],
+            "ERSPAN session 1024 does not fit in 10 bits",
+        ),
+        (
+            vec!["--target", "erspan:10.0.0.1", "--erspan-type", "1"],
+            "not an ERSPAN type: use 2 (type II) or 3 (type III)",
         ),
         (vec!["--snaplen", "10"], "snaplen: 10 is out of range"),
         (vec!["--limit", "1bit"], "limit: 1bit is out of range"),

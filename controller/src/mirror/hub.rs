@@ -155,6 +155,8 @@ pub struct Stats {
     pub invalid_time: AtomicU64,
     pub invalid_counters: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// How the target was opened, if it says ([`Writer::note`]).
+    pub target_note: Mutex<Option<&'static str>>,
     pub delay: Histogram,
 }
 
@@ -197,6 +199,8 @@ pub struct StatsView {
     /// observed), `counters` (loss not counted).
     pub invalid_batches: BTreeMap<&'static str, u64>,
     pub last_error: Option<String>,
+    /// How the target was opened: `created` or `opened` for a TAP device.
+    pub target_note: Option<&'static str>,
     /// Capture to write, corrected for the agent's clock offset.
     pub delay_p50_us: Option<u64>,
     pub delay_p99_us: Option<u64>,
@@ -222,6 +226,7 @@ pub struct TargetHandle {
     tx: SyncSender<Job>,
     queued_bytes: Arc<AtomicU64>,
     shared: Arc<Shared>,
+    note: Option<&'static str>,
 }
 
 /// A target's writer, driven by its thread and, for a quick target with nothing queued, by the
@@ -443,6 +448,7 @@ impl Mirrors {
             unavailable: None,
         };
         if attachment.target.is_some() {
+            attachment.note_target();
             return attachment;
         }
         let t = match (target, &self.replica) {
@@ -478,6 +484,18 @@ impl Mirrors {
                 }
                 tracing::info!(agent = %agent_id, target = %target, "mirror target attached");
             }
+            // Another stream may have opened it meanwhile, and a TAP device takes one writer.
+            Ok(Err(_))
+                if let Some(theirs) = self
+                    .inner
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .targets
+                    .get(&k)
+                    .and_then(Weak::upgrade) =>
+            {
+                attachment.target = Some(theirs);
+            }
             Ok(Err(e)) => {
                 let reason = e.to_string();
                 tracing::warn!(agent = %agent_id, target = %target, error = %reason, "mirror target unavailable; packets are dropped and counted");
@@ -486,6 +504,7 @@ impl Mirrors {
             }
             Err(e) => attachment.unavailable = Some(format!("opening {target} panicked: {e}")),
         }
+        attachment.note_target();
         attachment
     }
 
@@ -532,6 +551,7 @@ impl Mirrors {
                     .map(|(field, c)| (field.label(), get(c)))
                     .collect(),
                     last_error: s.last_error.lock().ok().and_then(|e| e.clone()),
+                    target_note: s.target_note.lock().ok().and_then(|n| *n),
                     delay_p50_us: s.delay.quantile(0.5),
                     delay_p99_us: s.delay.quantile(0.99),
                 }
@@ -553,6 +573,13 @@ pub fn submit_all(attachments: &[Attachment], batch: proto::MirrorBatch, observe
 }
 
 impl Attachment {
+    /// Records how its target was opened in its counters, for operators.
+    fn note_target(&self) {
+        if let (Some(target), Ok(mut note)) = (&self.target, self.stats.target_note.lock()) {
+            *note = target.note;
+        }
+    }
+
     /// The agent's clock minus ours, in ns, as last measured.
     pub fn offset_ns(&self) -> i64 {
         self.offset_ns.load(Ordering::Relaxed)
@@ -611,6 +638,7 @@ impl Attachment {
 
 fn spawn_writer(writer: Box<dyn Writer>, name: String) -> TargetHandle {
     let (tx, rx) = sync_channel(QUEUE_JOBS);
+    let note = writer.note();
     let queued_bytes = Arc::new(AtomicU64::new(0));
     let shared = Arc::new(Shared {
         inline: writer.quick(),
@@ -629,6 +657,7 @@ fn spawn_writer(writer: Box<dyn Writer>, name: String) -> TargetHandle {
         tx,
         queued_bytes,
         shared,
+        note,
     }
 }
 

@@ -107,6 +107,8 @@ pub struct RemoteTarget {
     pub last_error: Option<String>,
     pub delay_p50_us: Option<u64>,
     pub delay_p99_us: Option<u64>,
+    #[serde(default)]
+    pub target_note: Option<String>,
     /// The replica it lands on (not in the row: added when read).
     #[serde(default)]
     pub replica: String,
@@ -127,6 +129,7 @@ impl RemoteTarget {
             last_error: self.last_error.unwrap_or_default(),
             delay_p50_us: self.delay_p50_us.unwrap_or(0),
             delay_p99_us: self.delay_p99_us.unwrap_or(0),
+            target_note: self.target_note.unwrap_or_default(),
         }
     }
 }
@@ -1389,6 +1392,7 @@ mod tests {
             lost_in_transit: 0,
             invalid_batches: BTreeMap::new(),
             last_error: None,
+            target_note: None,
             delay_p50_us: Some(120),
             delay_p99_us: None,
         };

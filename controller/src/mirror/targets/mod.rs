@@ -1,29 +1,35 @@
 //! Mirror targets: where the packets the agents capture are written out, as the operator's policy
-//! says (`tapgraph::policy::Target`): reinjected into an interface, written to pcapng files, or
-//! sent as VXLAN.
+//! says (`tapgraph::policy::Target`): reinjected into an interface, received on a TAP device,
+//! written to pcapng files, or sent as VXLAN, GRE or ERSPAN.
 //!
 //! Each target is a [`Writer`] driven by one dedicated OS thread, so its system calls may block.
 //! A write never panics and never stops the pipeline: every packet it is given is accounted for
 //! in [`Written`] as written, oversize or failed, and the last reason comes with its fix.
 
 pub mod frame;
+mod gre;
 mod interface;
 mod pcapng;
+mod tap;
 mod vxlan;
 
 use std::fmt;
 use std::io::{self, IoSlice};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::sys::socket::{MsgFlags, MultiHeaders, sendmmsg};
+use nix::libc;
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage, sendmmsg};
 use tapgraph::policy::Target;
 use tapgraph::proto::Packet;
 
+use gre::{Encapsulation, GreWriter};
 use interface::InterfaceWriter;
 use pcapng::PcapngWriter;
+use tap::TapWriter;
 use vxlan::VxlanWriter;
 
 /// Who captured a batch: the pcapng target records each distinct origin as its own interface block.
@@ -42,8 +48,8 @@ pub struct Origin<'a> {
 pub struct Written {
     /// Packets written.
     pub packets: u64,
-    /// Bytes of those packets as written: frames on the wire for an interface, inner frames for
-    /// VXLAN, captured bytes for pcapng.
+    /// Bytes of those packets as written: frames on the wire for an interface or a TAP device,
+    /// inner frames for VXLAN, GRE and ERSPAN, captured bytes for pcapng.
     pub bytes: u64,
     /// Packets larger than the target can carry (the MTU), not written.
     pub oversize: u64,
@@ -78,6 +84,11 @@ pub trait Writer: Send {
     /// or a name lookup: a small one may then run on an async thread.
     fn quick(&self) -> bool {
         false
+    }
+    /// How the target was opened, when operators should know: `created` or `opened` for a TAP
+    /// device (made by the controller, or one an operator made).
+    fn note(&self) -> Option<&'static str> {
+        None
     }
 }
 
@@ -115,6 +126,33 @@ pub enum OpenError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error(
+        "mirror target tap:{name}: opening /dev/net/tun: {source}: the controller needs \
+         CAP_NET_ADMIN and the tun driver (modprobe tun)"
+    )]
+    TunDevice { name: String, source: io::Error },
+    #[error("mirror target tap:{name}: attaching to the TAP device: {source}{}", tap_fix(.name, .source, *.existed))]
+    TapSetup {
+        name: String,
+        existed: bool,
+        source: io::Error,
+    },
+    #[error("mirror target tap:{name}: bringing the device up: {source}{}", needs_admin(.source))]
+    TapUp { name: String, source: io::Error },
+    #[error("mirror target {target}: cannot resolve `{host}`: {source}")]
+    ResolveTunnel {
+        target: String,
+        host: String,
+        source: io::Error,
+    },
+    #[error("mirror target {target}: `{host}` has no address")]
+    NoTunnelAddress { target: String, host: String },
+    #[error("mirror target {target}: opening a raw GRE socket towards {addr}: {source}{}", needs_cap(.source))]
+    RawSocket {
+        target: String,
+        addr: IpAddr,
+        source: io::Error,
+    },
     #[error("mirror target pcap: creating {}: {source}", .path.display())]
     CreateFile { path: PathBuf, source: io::Error },
     #[error(
@@ -138,6 +176,29 @@ fn needs_cap(e: &io::Error) -> &'static str {
     }
 }
 
+fn needs_admin(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => " (the controller needs CAP_NET_ADMIN)",
+        _ => "",
+    }
+}
+
+/// What to do when TUNSETIFF refuses `name`.
+fn tap_fix(name: &str, e: &io::Error, existed: bool) -> String {
+    match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+        Errno::EPERM | Errno::EACCES => " (the controller needs CAP_NET_ADMIN)".into(),
+        Errno::EBUSY => format!(
+            ": another process holds {name} (a TAP device takes one writer): stop it or choose \
+             another name"
+        ),
+        Errno::EINVAL if existed => format!(
+            ": {name} exists and is not a TAP device (or is multi-queue): choose another name, or \
+             remove it to let the controller create it"
+        ),
+        _ => String::new(),
+    }
+}
+
 /// Opens `target`; a relative pcap path is under `state_dir`. [`Target::None`] gives a writer
 /// that counts and discards. May block (name resolution, file creation).
 pub fn open(target: &Target, state_dir: &Path) -> Result<Box<dyn Writer>, OpenError> {
@@ -154,6 +215,24 @@ pub fn open(target: &Target, state_dir: &Path) -> Result<Box<dyn Writer>, OpenEr
             *rotate_interval,
         )?),
         Target::Vxlan { host, port, vni } => Box::new(VxlanWriter::open(host, *port, *vni)?),
+        Target::Tap(name) => Box::new(TapWriter::open(name)?),
+        Target::Gre { host, key } => Box::new(GreWriter::open(
+            "gre",
+            host,
+            Encapsulation::Gre { key: *key },
+        )?),
+        Target::Erspan {
+            host,
+            kind,
+            session,
+        } => Box::new(GreWriter::open(
+            "erspan",
+            host,
+            Encapsulation::Erspan {
+                kind: *kind,
+                session: *session,
+            },
+        )?),
     })
 }
 
@@ -191,30 +270,86 @@ fn offload_fix(origin: &Origin<'_>) -> String {
     )
 }
 
+/// Messages per `sendmmsg` call.
+const BATCH: usize = 64;
+
 /// Sends each of `messages` as one datagram on `fd`, in order, up to 64 per system call
 /// (`sendmmsg`), and tells `outcome` what became of each, by index.
 fn send_each<const N: usize>(
     fd: BorrowedFd<'_>,
     messages: &[[IoSlice<'_>; N]],
-    mut outcome: impl FnMut(usize, Result<(), Errno>),
+    outcome: impl FnMut(usize, Result<(), Errno>),
 ) {
-    const BATCH: usize = 64;
     // No per-message address: the socket is bound or connected. `()` also makes reading the
     // results sound, as nothing uninitialized is read back.
     let no_address = [None::<()>; BATCH];
     let mut headers = MultiHeaders::<()>::preallocate(messages.len().min(BATCH), None);
-    let mut next = 0;
-    while next < messages.len() {
-        let chunk = &messages[next..messages.len().min(next + BATCH)];
-        let result = sendmmsg(
+    let send = |chunk: Range<usize>| {
+        sendmmsg(
             fd.as_raw_fd(),
             &mut headers,
-            chunk,
+            &messages[chunk.clone()],
             &no_address[..chunk.len()],
             [],
             MsgFlags::empty(),
         )
-        .map(Iterator::count);
+        .map(Iterator::count)
+    };
+    send_batches(messages.len(), send, outcome);
+}
+
+/// [`send_each`] on a socket that is not connected: every message goes to `to`. nix's
+/// `sendmmsg` would read back an uninitialized address per message here, so this calls libc's.
+fn send_each_to<const N: usize>(
+    fd: BorrowedFd<'_>,
+    to: &SockaddrStorage,
+    messages: &[[IoSlice<'_>; N]],
+    outcome: impl FnMut(usize, Result<(), Errno>),
+) {
+    let send = |chunk: Range<usize>| {
+        let mut headers: Vec<libc::mmsghdr> = messages[chunk]
+            .iter()
+            .map(|message| {
+                // SAFETY: msghdr is plain data (pointers and integers): all zeroes is a valid
+                // value, the empty message with no name and no control data.
+                let mut msg_hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg_hdr.msg_name = to.as_ptr().cast_mut().cast();
+                msg_hdr.msg_namelen = to.len();
+                // IoSlice is ABI-compatible with iovec (std guarantees it on Unix).
+                msg_hdr.msg_iov = message.as_ptr().cast_mut().cast();
+                msg_hdr.msg_iovlen = N;
+                libc::mmsghdr {
+                    msg_hdr,
+                    msg_len: 0,
+                }
+            })
+            .collect();
+        // SAFETY: every header points at `to` and at one message's IoSlices, all borrowed for
+        // this call; the kernel only reads them and writes each header's `msg_len`. The count is
+        // the vector's length, at most BATCH.
+        let sent = unsafe {
+            libc::sendmmsg(
+                fd.as_raw_fd(),
+                headers.as_mut_ptr(),
+                headers.len() as libc::c_uint,
+                0,
+            )
+        };
+        Errno::result(sent).map(|n| n as usize)
+    };
+    send_batches(messages.len(), send, outcome);
+}
+
+/// Sends `count` messages in chunks of at most [`BATCH`] with `send` (which returns how many of
+/// a chunk the kernel took), telling `outcome` what became of each, by index.
+fn send_batches(
+    count: usize,
+    mut send: impl FnMut(Range<usize>) -> Result<usize, Errno>,
+    mut outcome: impl FnMut(usize, Result<(), Errno>),
+) {
+    let mut next = 0;
+    while next < count {
+        let result = send(next..count.min(next + BATCH));
         // The kernel stops at the first message it refuses, having sent those before it; that
         // one's error comes back when the next call starts with it.
         match result {

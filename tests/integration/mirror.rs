@@ -31,7 +31,7 @@ pub(crate) struct Lab {
     pub(crate) hub: Netns,
     pub(crate) span: Netns,
     ctl: PathBuf,
-    world: World,
+    pub(crate) world: World,
 }
 
 /// One packet as a pcap file holds it.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::harness::{require_root, wait_for};
-use crate::mirror::{Dump, Frame, Lab, PORT, filter, hashes};
+use crate::mirror::{Dump, Frame, Lab, PORT, filter, hashes, read_pcap};
 
 /// One GRE packet as tshark dissects it: the encapsulated frame and the header fields.
 struct Decoded {
@@ -215,4 +215,30 @@ fn tap_gre_and_erspan_targets_deliver_the_frames_byte_identical_in_order() {
             .filter(|m| m["packets_written"].as_u64() >= Some(200))
     });
     assert_eq!(m["dropped"]["failed"], 0, "{m}");
+
+    // Several targets at once: reinjected on the TAP device and recorded, every frame to each,
+    // each target with its own counters.
+    let file = lab.world.path().join("both.pcapng");
+    let recorded = format!("pcap:{}", file.display());
+    assert_eq!(
+        lab.policy(&["--target", "tap:span9", "--target", &recorded]),
+        None
+    );
+    lab.send(PORT, 3, 100..200, Duration::from_millis(1));
+    lab.wait_written(&recorded, 3);
+    let tapped = lab.written("tap:span9");
+    let at_src = Dump::start(&lab, &lab.src, "src-both", "lan0", &f);
+    let at_tap = Dump::start_with(&lab, &lab.hub, "hub-both", "span9", &["-Q", "in"], &f);
+    lab.send(PORT, 150, 18..1400, Duration::from_micros(500));
+    lab.wait_written("tap:span9", tapped + 150);
+    lab.wait_written(&recorded, 153);
+    let (sent, seen) = (at_src.finish_at(150), at_tap.finish_at(150));
+    assert_eq!(hashes(&seen), hashes(&sent), "tap: of two targets");
+    // The file is complete once the policy lets go of it.
+    assert_eq!(lab.policy(&["--target", "none"]), None);
+    let whole = wait_for("pcapng complete", Duration::from_secs(10), || {
+        let frames = read_pcap(&file);
+        (frames.len() == 153).then_some(frames)
+    });
+    assert_eq!(hashes(&whole[3..]), hashes(&sent), "pcap: of two targets");
 }

@@ -539,12 +539,13 @@ measure() {
 
 # (e) Floors: what the kernel alone costs, on the same veths and core, for the two things any of
 # these mirrors does per packet beyond capturing it: reinjecting it into hub1 over AF_PACKET
-# (sendmmsg of up to 64 frames, as tapgraph's writer; one send per frame, as tcpreplay), and
+# (sendmmsg of up to 64 frames, as tapgraph's writer, without and with PACKET_QDISC_BYPASS; a
+# PACKET_TX_RING with PACKET_QDISC_BYPASS flushed once per burst; one send per frame, as tcpreplay), and
 # carrying it over a plain TCP connection from src to hub (no TLS, no HTTP/2), at 50 kpps in 1 ms
 # bursts for CPU_S. Small C programs (bench/floor/), so nothing else is counted.
 FLOOR_ROWS=()
 floors() {
-  local size r64 r1 snd rp
+  local size r64 r64b rring r1 snd rp
   cc -O2 -o "$work/bin/reinject" bench/floor/reinject.c || return 1
   cc -O2 -o "$work/bin/tcpfloor" bench/floor/tcp.c || return 1
   floor_us() { sed -n 's/.*cpu_per_[a-z]*_us=\([0-9.]*\).*/\1/p' <<<"$1"; }
@@ -552,13 +553,15 @@ floors() {
     log "floors, $size B"
     others save floor
     r64=$(on1 "$NS_HUB" "$work/bin/reinject" hub1 "$size" 50000 "$CPU_S" 64) || return 1
+    r64b=$(BYPASS=1 on1 "$NS_HUB" "$work/bin/reinject" hub1 "$size" 50000 "$CPU_S" 64) || return 1
+    rring=$(BYPASS=1 on1 "$NS_HUB" "$work/bin/reinject" hub1 "$size" 50000 "$CPU_S" -1) || return 1
     r1=$(on1 "$NS_HUB" "$work/bin/reinject" hub1 "$size" 50000 "$CPU_S" 0) || return 1
     on1 "$NS_HUB" "$work/bin/tcpfloor" recv 6000 "$size" >"$work/log/tcpfloor-recv.out" &
     rp=$!; started+=($rp)
     wait_for "floor receiver" sh -c "ip netns exec $NS_HUB ss -ltn | grep -q ':6000 '"
     snd=$(on1 "$NS_SRC" "$work/bin/tcpfloor" send 198.18.2.2 6000 "$size" 50000 "$CPU_S") || return 1
     wait "$rp"
-    FLOOR_ROWS+=("| $size B | $(floor_us "$r64") | $(floor_us "$r1") | $(floor_us "$snd") | $(floor_us "$(cat "$work/log/tcpfloor-recv.out")") | $(others since floor) |")
+    FLOOR_ROWS+=("| $size B | $(floor_us "$r64") | $(floor_us "$r64b") | $(floor_us "$rring") | $(floor_us "$r1") | $(floor_us "$snd") | $(floor_us "$(cat "$work/log/tcpfloor-recv.out")") | $(others since floor) |")
   done
 }
 
@@ -589,7 +592,7 @@ if [ ${#FLOOR_ROWS[@]} -gt 0 ]; then
   echo
   echo "Floors at 50 kpps: CPU per packet (µs) of C programs doing only that, on the same veths and core."
   echo
-  echo "| frame | reinjection into hub1, sendmmsg of ≤ 64 | reinjection, one send per frame | TCP src → hub, sender | TCP, receiver | others' load |"
-  echo "|---|---|---|---|---|---|"
+  echo "| frame | reinjection into hub1, sendmmsg of ≤ 64 | the same, PACKET_QDISC_BYPASS | PACKET_TX_RING, PACKET_QDISC_BYPASS | reinjection, one send per frame | TCP src → hub, sender | TCP, receiver | others' load |"
+  echo "|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${FLOOR_ROWS[@]}"
 fi

@@ -82,14 +82,10 @@ SETTLE_S=${SETTLE_S:-2}   # delivered count unchanged this long = pipeline drain
 # The bench itself (polling, counters) stays off CPU 1: only what is pinned there runs there.
 taskset -pc 0 $$ >/dev/null
 
+BENCH=bench/mirror.sh
+source bench/common.sh
 # Leftovers of an earlier run that died without its trap: kill what runs in its namespaces.
-for ns in $(ip netns list | awk '{print $1}' | grep -E '^tgb-(gen|src|hub|span)-[0-9]+$' || true); do
-  if ! kill -0 "${ns##*-}" 2>/dev/null; then
-    echo "bench/mirror.sh: removing leftover namespace $ns" >&2
-    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
-    ip netns del "$ns" 2>/dev/null || true
-  fi
-done
+remove_leftover_namespaces 'tgb-(gen|src|hub|span)'
 
 work=$(mktemp -d /tmp/tgb-mirror.XXXXXX)
 NS_GEN=tgb-gen-$$ NS_SRC=tgb-src-$$ NS_HUB=tgb-hub-$$ NS_SPAN=tgb-span-$$
@@ -110,13 +106,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-log() { echo "[$(date +%T)] $*" >&2; }
-# wait_for WHAT COMMAND...: polls COMMAND for 20 s, then gives up and shows the logs.
-wait_for() {
-  local what=$1; shift
-  for _ in $(seq 200); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  log "timed out waiting for $what; logs:"; tail -n 5 "$work"/log/* >&2; exit 1
-}
 
 # --- Build. Binaries are copied to $work/bin, so that this run's processes are known by path.
 cargo build --release --locked -p tapgraph --example udpgen >/dev/null
@@ -124,26 +113,11 @@ mkdir -p "$work/bin" "$work/log"
 cp target/release/examples/udpgen "$work/bin/"
 UDPGEN=$work/bin/udpgen
 
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 on1() { local ns=$1; shift; ip netns exec "$ns" taskset -c 1 "$@"; }   # the pipeline's core
 on0() { local ns=$1; shift; ip netns exec "$ns" taskset -c 0 "$@"; }   # the test equipment's core
 
 # --- Topology.
-for ns in "${ALL_NS[@]}"; do
-  ip netns add "$ns"
-  in_ns "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
-  ip -n "$ns" link set lo up
-done
-veth() {  # veth NS_A IF_A NS_B IF_B
-  ip link add "$2" netns "$1" type veth peer name "$4" netns "$3"
-  for end in "$1 $2" "$3 $4"; do
-    set -- $end
-    # Software segmentation everywhere (the generator's UDP GSO included): every frame is a real
-    # frame no larger than the MTU, as on a wire.
-    for f in gro gso tso tx-udp-segmentation; do in_ns "$1" ethtool -K "$2" "$f" off >/dev/null 2>&1 || true; done
-    ip -n "$1" link set "$2" up
-  done
-}
+make_namespaces "${ALL_NS[@]}"
 veth "$NS_GEN" gen0 "$NS_SRC" src0
 # The generator's batches leave as UDP GSO sends, which gen0 must split: else one send per datagram.
 GEN_GSO=1
@@ -160,7 +134,6 @@ ip -n "$NS_GEN" addr add 198.18.1.1/24 dev gen0
 ip -n "$NS_SRC" addr add 198.18.1.2/24 dev src0
 ip -n "$NS_SRC" addr add 198.18.2.1/24 dev src1
 ip -n "$NS_HUB" addr add 198.18.2.2/24 dev hub0
-mac() { ip -n "$1" -br link show "$2" | awk '{print $3}'; }
 # Static neighbours: no ARP on the monitored link, so the only frames there are the generator's.
 ip -n "$NS_GEN" neigh replace 198.18.1.2 lladdr "$(mac "$NS_SRC" src0)" dev gen0 nud permanent
 ip -n "$NS_SRC" neigh replace 198.18.1.1 lladdr "$(mac "$NS_GEN" gen0)" dev src0 nud permanent
@@ -174,75 +147,10 @@ ip -n "$NS_SRC" link set vx0 up
 ip -n "$NS_HUB" link set vx0 up
 
 # --- Counters.
-HZ=$(getconf CLK_TCK)
 rx() { in_ns "$1" cat "/sys/class/net/$2/statistics/rx_packets"; }
 span_rx() { rx "$NS_SPAN" span0; }
 src_rx() { rx "$NS_SRC" src0; }
 pipeline_pids() { ip netns pids "$NS_SRC"; ip netns pids "$NS_HUB"; }
-cpu_ticks() {  # utime+stime of the given processes (all their threads), in USER_HZ ticks
-  local t=0 p v
-  for p in "$@"; do
-    v=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null) || continue
-    t=$((t + v))
-  done
-  echo "$t"
-}
-rss_kb() {
-  local t=0 p v
-  for p in "$@"; do
-    v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
-    t=$((t + ${v:-0}))
-  done
-  echo "$t"
-}
-# The machine's busy time, as wall time less idle time: NO_HZ measures idle periods exactly, while
-# softirq and system time are sampled by a tick that a CPU woken from idle for a few µs of packet
-# processing never takes. So this counts everything, the kernel's work included.
-NCPU=$(nproc --all)   # not plain nproc: this script is pinned to CPU 0
-machine_mark() { echo "$(date +%s%N) $(awk '$1 == "cpu" {print $5 + $6 + $9}' /proc/stat)"; }
-machine_busy_since() {  # MARK → CPU-seconds the machine was busy since
-  local m=($1) n=($(machine_mark))
-  python3 -c "import sys; w0,i0,w1,i1,hz,n=map(float,sys.argv[1:]); print(f'{n*(w1-w0)/1e9-(i1-i0)/hz:.4f}')" \
-    "${m[0]}" "${m[1]}" "${n[0]}" "${n[1]}" "$HZ" "$NCPU"
-}
-# Others' load: CPU time of processes that are neither in our namespaces nor descendants of this
-# script, between `others save` and `others since` (which prints it as a share of the machine).
-# A process that exits during the window is counted through its parent's cutime/cstime.
-cat >"$work/others.py" <<'PY'
-import json, os, sys, time
-mode, path, root = sys.argv[1], sys.argv[2], int(sys.argv[3])
-ours_ns = {os.stat(f"/run/netns/{n}").st_ino for n in sys.argv[4:]}
-procs = {}
-for d in os.listdir("/proc"):
-    if not d.isdigit():
-        continue
-    try:
-        s = open(f"/proc/{d}/stat").read()
-        ino = os.stat(f"/proc/{d}/ns/net").st_ino
-    except OSError:
-        continue
-    f = s[s.rfind(")") + 2:].split()
-    if int(f[6]) & 0x00200000:  # kernel thread
-        continue
-    procs[d] = (int(f[1]), sum(int(x) for x in f[11:15]), ino, f[19])
-def ours(pid):
-    seen = 0
-    while pid in procs and seen < 64:
-        ppid, _, ino, _ = procs[pid]
-        if int(pid) == root or ino in ours_ns:
-            return True
-        pid, seen = str(ppid), seen + 1
-    return False
-now = {p: (v[1], v[3]) for p, v in procs.items() if not ours(p)}
-if mode == "save":
-    json.dump({"t": time.time(), "p": now}, open(path, "w"))
-else:
-    old = json.load(open(path))
-    ticks = sum(t - (old["p"][p][0] if p in old["p"] and old["p"][p][1] == st else 0) for p, (t, st) in now.items())
-    hz = os.sysconf("SC_CLK_TCK")
-    print(f"{100 * ticks / hz / (time.time() - old['t']) / os.cpu_count():.0f}%")
-PY
-others() { python3 "$work/others.py" "$1" "$work/others-$2.json" $$ "${ALL_NS[@]}"; }
 
 run_id=0
 # gen SIZE RATE SECS: one generator run (RATE 0 = flat out); sets SENT and SENT_PPS. It paces by
@@ -337,22 +245,7 @@ tapgraph_build() {  # TAPGRAPH_BIN=DIR: binaries built elsewhere (a profiling bu
   cp "${TAPGRAPH_BIN:-target/release}"/{tapgraph-agent,tapgraph-controller,tapgraphctl} "$work/bin/"
 }
 tapgraph_pipeline() {
-  local st=$work/tapgraph B=$work/bin grpc=198.18.2.2:7443 tok
-  rm -rf "$st"
-  on1 "$NS_HUB" "$B/tapgraph-controller" --state-dir "$st/ctl" --listen "$grpc" \
-    --http-listen 198.18.2.2:7080 --server-names 198.18.2.2 >"$work/log/controller.log" 2>&1 &
-  started+=($!)
-  wait_for controller grep -q "controller ready" "$work/log/controller.log"
-  in_ns "$NS_HUB" "$B/tapgraph-controller" operator issue bench --state-dir "$st/ctl" \
-    --listen "$grpc" --server-names 198.18.2.2 --out "$st/ctl.toml" >/dev/null || return 1
-  ctl() { in_ns "$NS_HUB" "$B/tapgraphctl" --config "$st/ctl.toml" "$@"; }
-  tok=$(ctl token create -o json) || return 1
-  json() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])" <<<"$tok"; }
-  in_ns "$NS_SRC" "$B/tapgraph-agent" enroll --controller "$grpc" --state-dir "$st/agent" --name src \
-    --token "$(json token)" --ca-fingerprint "$(json ca_fingerprint)" >/dev/null || return 1
-  TAPGRAPH_METRICS__LISTEN=off on1 "$NS_SRC" "$B/tapgraph-agent" --controller "$grpc" \
-    --state-dir "$st/agent" >"$work/log/agent.log" 2>&1 &
-  started+=($!)
+  tapgraph_start "$NS_HUB" 198.18.2.2 "$NS_SRC" on1 || return 1
   ctl policy set bench --all --capture --interface src0 --filter 'udp dst port 9000' \
     --mode "${MODE:-buffered}" --limit 100G --breach-intervals 0 --target interface:hub1 \
     >/dev/null || return 1

@@ -66,8 +66,12 @@ pub enum Target {
     },
 }
 
-/// The capture ring's default size. See `agent/src/capture/reader.rs` for what it holds.
-pub const DEFAULT_BUFFER_SIZE: u64 = 4 << 20;
+/// The capture ring's default size. libpcap cuts it into 256 KiB blocks, and the kernel retires a
+/// block after the buffer timeout however little it holds, so the ring lasts (size / 256 KiB)
+/// timeouts at any rate: 32 ms at 1 ms for 8 MiB (4 MiB, the size before, lasted 16 ms, which a
+/// busy host's scheduler exceeded: bench/burst.sh). It is mapped whole into the agent, so all of
+/// it counts in the agent's RSS.
+pub const DEFAULT_BUFFER_SIZE: u64 = 8 << 20;
 
 pub const TARGET_SYNTAX: &str =
     "interface:NAME, tap:NAME, pcap:PATH, vxlan:HOST:PORT, gre:HOST, erspan:HOST or none";
@@ -710,7 +714,7 @@ impl PolicySpec {
             snaplen: capture.snaplen,
             mode,
             buffer_timeout: Duration::from_micros(u64::from(capture.buffer_timeout_us)),
-            // A controller from before the field sends 0: the ring it always had.
+            // A controller from before the field sends 0: the agent's default.
             buffer_size: match capture.buffer_bytes {
                 0 => DEFAULT_BUFFER_SIZE,
                 n => n,
@@ -1050,7 +1054,7 @@ mod tests {
             e,
             "invalid policy: buffer_size: 1000B is out of range 1MiB..=1GiB"
         );
-        // A controller from before the field sends 0: the agent keeps the ring it always had.
+        // A controller from before the field sends 0: the agent's default.
         let mut old = PolicySpec::default().to_proto(1, "old");
         old.capture.as_mut().unwrap().buffer_bytes = 0;
         assert_eq!(

@@ -131,6 +131,8 @@ pub struct AgentConfig {
     pub scope: Scope,
     /// Where `/metrics` is served; `None`: not at all.
     pub metrics_listen: Option<SocketAddr>,
+    /// The capture thread asks for real-time scheduling (`tapgraph::runtime::realtime_thread`).
+    pub capture_realtime: bool,
 }
 
 /// What the configuration is loaded for.
@@ -143,6 +145,7 @@ pub enum Purpose {
 }
 
 const KNOWN: &[&str] = &[
+    "capture.realtime",
     "controller",
     "server_name",
     "state_dir",
@@ -338,6 +341,7 @@ impl AgentConfig {
             c.duration("shutdown_timeout", 5 * SECOND, SECOND / 10, 600 * SECOND);
         let scope = c.value("snapshot.scope", Scope::Own);
         let metrics_listen = c.parse("metrics.listen", Some(METRICS_LISTEN), parse_metrics_listen);
+        let capture_realtime = c.bool("capture.realtime", true);
 
         // A renewal interrupted by a crash is completed before the files are judged.
         if let Err(e) = crate::enroll::finish_pending_install(&tls) {
@@ -370,6 +374,7 @@ impl AgentConfig {
             shutdown_timeout,
             scope,
             metrics_listen,
+            capture_realtime,
         })
     }
 }

@@ -206,6 +206,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     tapgraph::logging::init(config.log_format, &config.log_filter);
+    tapgraph::runtime::set_realtime(config.capture_realtime);
     // One worker thread: the agent must stay light on the host it watches, and with the capture on
     // its own thread a second worker only added cross-thread wake-ups (agent CPU at 10 kpps of
     // mirroring 8.5% -> 5.2%, bench/mirror.sh).

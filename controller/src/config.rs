@@ -56,6 +56,8 @@ pub struct ControllerConfig {
     /// The web console and the HTTP API ask for an access token even on loopback
     /// (`console.auth = "token"`); beyond loopback they always do.
     pub console_token_always: bool,
+    /// Mirror writer threads ask for real-time scheduling (`tapgraph::runtime::realtime_thread`).
+    pub mirror_realtime: bool,
 }
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -112,6 +114,7 @@ fn known_keys() -> Vec<String> {
         "graph.neo4j.interval",
         "graph.neo4j.last_seen_step",
         "console.auth",
+        "mirror.realtime",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -229,6 +232,7 @@ impl ControllerConfig {
         };
         let reverse_dns = c.bool("topology.reverse_dns", false);
         let neo4j = neo4j_settings(&mut c);
+        let mirror_realtime = c.bool("mirror.realtime", true);
         let console_token_always = c.parse("console.auth", false, |s: &str| match s {
             "auto" => Ok(false),
             "token" => Ok(true),
@@ -277,6 +281,7 @@ impl ControllerConfig {
             default_policy,
             neo4j,
             console_token_always,
+            mirror_realtime,
         })
     }
 }

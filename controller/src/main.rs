@@ -226,6 +226,7 @@ fn main() -> ExitCode {
         };
     }
     tapgraph::logging::init(config.log_format, &config.log_filter);
+    tapgraph::runtime::set_realtime(config.mirror_realtime);
     let runtime = match daemon_runtime(PROGRAM, None) {
         Ok(rt) => rt,
         Err(code) => return code,

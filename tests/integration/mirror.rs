@@ -216,6 +216,11 @@ impl Lab {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// The agent's process (started second, after the controller).
+    pub(crate) fn agent_pid(&self) -> nix::unistd::Pid {
+        self.procs[1].pid()
+    }
+
     pub(crate) fn agent(&self) -> Option<Value> {
         self.get("/api/v1/agents")
             .as_array()?

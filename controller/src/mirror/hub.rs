@@ -692,6 +692,7 @@ fn write_job(writer: &mut dyn Writer, job: &Job) {
 }
 
 fn write_loop(shared: &Shared, rx: Receiver<Job>, queued: Arc<AtomicU64>, name: String) {
+    tapgraph::runtime::realtime_thread("mirror-writer");
     let lock = || shared.writer.lock().unwrap_or_else(|e| e.into_inner());
     let mut dirty = false;
     loop {

@@ -30,6 +30,10 @@
 #   vxlan      tapgraph, --target vxlan:198.18.3.2:4789 --vni 42;
 #   pcap       tapgraph, --target pcap:FILE (compared with the file; no delay: the file holds capture
 #              times);
+#   tap        tapgraph, --target tap:tap9 (the controller's TAP device on hub; the analyzer reads it
+#              inbound, `tcpdump -Q in`, where a SPAN port's frames arrive);
+#   gre, erspan, erspan3  tapgraph, --target gre:198.18.3.2, erspan:… (type II), erspan:…
+#              --erspan-type 3: captured on span0 and compared without their outer headers;
 #   naive      `tcpdump -U -w - | socat - TCP:hub` on src, `socat TCP-LISTEN - | tcpreplay -t -i
 #              hub1 -` on hub, as in bench/mirror.sh.
 # The policy's limit (LIMIT, 1Gbit) is far above the traffic: whatever is lost is lost below it.
@@ -63,7 +67,7 @@ for tool in ip tcpdump tcpreplay socat ethtool ss python3 redis-server redis-cli
 done
 
 SHAPES=${SHAPES:-"steady flood"}
-TARGETS=${TARGETS:-"interface vxlan pcap naive"}
+TARGETS=${TARGETS:-"interface tap vxlan gre erspan erspan3 pcap naive"}
 ROW_S=${ROW_S:-12}
 STEADY_CONNS=${STEADY_CONNS:-7}
 STEADY_INTERVAL=${STEADY_INTERVAL:-0.001}
@@ -122,6 +126,10 @@ ip -n "$NS_HUB" addr add 198.18.3.1/24 dev hub1
 ip -n "$NS_SPAN" addr add 198.18.3.2/24 dev span0
 ip -n "$NS_SPAN" link add vx0 type vxlan id 42 dstport 4789 local 198.18.3.2 dev span0
 ip -n "$NS_SPAN" link set vx0 up
+# The analyzer's TAP device, made by the operator (the controller opens it and keeps it up), so
+# the analyzer can listen on it before the first mirrored frame.
+ip -n "$NS_HUB" tuntap add dev tap9 mode tap
+ip -n "$NS_HUB" link set tap9 up
 # Static neighbours: no ARP on the links, so the analyzers see only mirrored frames.
 ip -n "$NS_CLI" neigh replace 198.18.1.2 lladdr "$(mac "$NS_SRC" src0)" dev cli0 nud permanent
 ip -n "$NS_SRC" neigh replace 198.18.1.1 lladdr "$(mac "$NS_CLI" cli0)" dev src0 nud permanent
@@ -147,16 +155,36 @@ target_spec() {
     interface) echo "--target interface:hub1" ;;
     vxlan) echo "--target vxlan:198.18.3.2:4789 --vni 42" ;;
     pcap) echo "--target pcap:$work/rows/$2/mirror.pcapng" ;;
+    tap) echo "--target tap:tap9" ;;
+    gre) echo "--target gre:198.18.3.2" ;;
+    erspan) echo "--target erspan:198.18.3.2" ;;
+    erspan3) echo "--target erspan:198.18.3.2 --erspan-type 3" ;;
     *) return 1 ;;
   esac
 }
 # analyzer_if KIND: where the analyzer listens in span ("-": none, the target is a file).
 analyzer_if() {
   case $1 in
-    interface | naive) echo span0 ;;
+    interface | naive | gre | erspan | erspan3) echo span0 ;;
     vxlan) echo vx0 ;;
+    tap) echo tap9 ;;
     pcap) echo - ;;
     *) echo "$BENCH: unknown target $1" >&2; exit 2 ;;
+  esac
+}
+# analyzer_ns KIND: the analyzer's host: the TAP device is the controller's, on hub.
+analyzer_ns() { if [ "$1" = tap ]; then echo "$NS_HUB"; else echo "$NS_SPAN"; fi; }
+# analyzer_args KIND: tcpdump's filter and options at the analyzer: GRE and ERSPAN are captured
+# whole (no kernel here decapsulates them) and their outer headers cut by burst_compare.py
+# (--strip: Ethernet 14 + IPv4 20 + GRE 4, or 8 with a sequence number, + ERSPAN II 8 or III 12);
+# on the TAP device, inbound only, where a SPAN port's frames arrive.
+analyzer_args() {
+  case $1 in
+    gre) echo "--strip 38 -- ip proto 47" ;;
+    erspan) echo "--strip 50 -- ip proto 47" ;;
+    erspan3) echo "--strip 54 -- ip proto 47" ;;
+    tap) echo "-Q in -- tcp port 6379" ;;
+    *) echo "-- tcp port 6379" ;;
   esac
 }
 policy() { ctl policy set burst --all --interface src0 --filter 'tcp port 6379' --mode "$MODE" \
@@ -184,11 +212,15 @@ naive_stop() {
 }
 
 # tcpdump_start NS IF FILE: a recorder; sets TD_PID once it listens.
-tcpdump_start() {
-  ip netns exec "$1" tcpdump -i "$2" -p -B "$BUFFER_KB" --time-stamp-precision=nano -w "$3" \
-    'tcp port 6379' >/dev/null 2>"$3.log" &
+tcpdump_start() {  # NS IF FILE [TCPDUMP OPTION...] [-- FILTER]: by default, `tcp port 6379`
+  local ns=$1 if=$2 out=$3 opts=() filter="tcp port 6379"; shift 3
+  while [ $# -gt 0 ]; do
+    case $1 in --strip) shift 2 ;; --) shift; filter="$*"; break ;; *) opts+=("$1"); shift ;; esac
+  done
+  ip netns exec "$ns" tcpdump -i "$if" -p -B "$BUFFER_KB" --time-stamp-precision=nano "${opts[@]}" \
+    -w "$out" "$filter" >/dev/null 2>"$out.log" &
   TD_PID=$!; started+=($!)
-  wait_for "tcpdump on $2" grep -q "listening on" "$3.log"
+  wait_for "tcpdump on $if" grep -q "listening on" "$out.log"
 }
 tcpdump_stop() {  # PID LOG → its "dropped by kernel" count
   kill -TERM "$1" 2>/dev/null || true
@@ -281,7 +313,7 @@ row() {  # SHAPE KIND
     grep -E "PACKET_RX_RING|SO_RCVBUF|PACKET_VERSION" "$work/log/agent-setsockopt.strace" | while read -r l; do log "agent: $l"; done
   fi
   wait_quiet
-  ana=""; [ "$ana_if" = - ] || { tcpdump_start "$NS_SPAN" "$ana_if" "$dir/ana.pcap"; ana=$TD_PID; }
+  ana=""; [ "$ana_if" = - ] || { tcpdump_start "$(analyzer_ns "$kind")" "$ana_if" "$dir/ana.pcap" $(analyzer_args "$kind"); ana=$TD_PID; }
   tcpdump_start "$NS_SRC" src0 "$dir/src.pcap"; REC=$TD_PID
   counters "$dir/before"
   src_p=($(for p in $(ip netns pids "$NS_SRC"); do case $(cat /proc/$p/comm) in redis-server) ;; tcpdump) [ "$p" = "$REC" ] || echo "$p" ;; *) echo "$p" ;; esac; done))
@@ -317,7 +349,8 @@ row() {  # SHAPE KIND
     ctl policy set burst --target none >/dev/null; ctl policy status burst --wait --timeout 30s >/dev/null || true
     sleep 0.5; file=$(ls "$dir"/mirror*.pcapng 2>/dev/null | head -1); nodelay=--no-delay
   fi
-  python3 bench/burst_compare.py "$dir/src.pcap" "${file:-/dev/null}" $nodelay --from "$t0" --to "$t1" >"$dir/compare.json"
+  local strip; strip=$(analyzer_args "$kind" | sed -n 's/^--strip \([0-9]*\).*/--strip \1/p')
+  python3 bench/burst_compare.py "$dir/src.pcap" "${file:-/dev/null}" $nodelay $strip --from "$t0" --to "$t1" >"$dir/compare.json"
   [ -z "$DIAG" ] || diag "$id" "$dir"
   ROWS+=("$(python3 - "$dir" "$shape" "$kind" "$LOAD_S" "$(( (t1 - t0) / 1000000 ))" "$c_src" "$c_hub" "$HZ" "$busy" "$NCPU" "$rec_drop" "$ana_drop" "$o" <<'PY'
 import json, sys

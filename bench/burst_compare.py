@@ -98,7 +98,9 @@ def main():
         lo = int(args[args.index("--from") + 1])
     if "--to" in args:
         hi = int(args[args.index("--to") + 1])
-    paths = [a for i, a in enumerate(args) if not a.startswith("--") and args[i - 1] not in ("--from", "--to")]
+    # Bytes cut from the front of each analyzer frame: a tunnel's outer headers.
+    strip = int(args[args.index("--strip") + 1]) if "--strip" in args else 0
+    paths = [a for i, a in enumerate(args) if not a.startswith("--") and args[i - 1] not in ("--from", "--to", "--strip")]
     src_path, dst_path = paths[0], paths[1]
 
     def key(b):
@@ -123,6 +125,7 @@ def main():
     extra = 0
     seen_whole, seen_l3 = defaultdict(int), defaultdict(int)
     for ts, b in read_pcap(dst_path):
+        b = b[strip:]
         kw, kl = key(b), key(b[14:])
         w, l3 = (kw, seen_whole[kw]), (kl, seen_l3[kl])
         seen_whole[kw] += 1

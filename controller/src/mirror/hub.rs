@@ -110,6 +110,37 @@ pub struct StatsView {
     /// Capture to write, corrected for the agent's clock offset.
     pub delay_p50_us: Option<u64>,
     pub delay_p99_us: Option<u64>,
+    /// The agent sends to this target itself (policy `direct`): the counts are its control
+    /// record's, and the controller receives no batch.
+    pub direct: bool,
+}
+
+impl StatsView {
+    /// The row of a target agent `agent` sends to itself, from its last control record. What
+    /// it drops before sending (the queue) is in the agent's own counters.
+    pub fn direct(agent: &str, d: &crate::registry::DirectView) -> Self {
+        Self {
+            agent: agent.to_string(),
+            target: d.target.clone(),
+            batches: d.batches,
+            batches_lost: 0,
+            packets_received: 0,
+            bytes_received: 0,
+            packets_written: d.packets_written,
+            bytes_written: d.bytes_written,
+            dropped: BTreeMap::from([
+                ("oversize", d.packets_oversize),
+                ("failed", d.packets_failed),
+            ]),
+            lost_in_transit: 0,
+            invalid_batches: BTreeMap::new(),
+            last_error: d.last_error.clone(),
+            target_note: Some("direct"),
+            delay_p50_us: d.delay_p50_us,
+            delay_p99_us: d.delay_p99_us,
+            direct: true,
+        }
+    }
 }
 
 struct Job {
@@ -460,6 +491,7 @@ impl Mirrors {
                     target_note: s.target_note.lock().ok().and_then(|n| *n),
                     delay_p50_us: s.delay.quantile(0.5),
                     delay_p99_us: s.delay.quantile(0.99),
+                    direct: false,
                 }
             })
             .collect()

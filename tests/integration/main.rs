@@ -14,6 +14,7 @@ mod http_hardening;
 mod identity;
 mod map_guard;
 mod mirror;
+mod mirror_direct;
 mod mirror_limits;
 mod mirror_rate;
 mod mirror_targets;

@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod bpf;
 pub mod codec;
 pub mod config;
+pub mod delay;
 pub mod exposition;
 pub mod fsutil;
 pub mod graph;

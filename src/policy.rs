@@ -66,6 +66,17 @@ pub enum Target {
     },
 }
 
+impl Target {
+    /// Whether the target is a tunnel (`vxlan`, `gre`, `erspan`): frames encapsulated towards a
+    /// remote host, which an agent in direct mode can send itself.
+    pub fn is_tunnel(&self) -> bool {
+        matches!(
+            self,
+            Self::Vxlan { .. } | Self::Gre { .. } | Self::Erspan { .. }
+        )
+    }
+}
+
 /// The capture ring's default size. libpcap cuts it into 256 KiB blocks, and the kernel retires a
 /// block after the buffer timeout however little it holds, so the ring lasts (size / 256 KiB)
 /// timeouts at any rate: 32 ms at 1 ms for 8 MiB (4 MiB, the size before, lasted 16 ms, which a
@@ -286,6 +297,9 @@ pub struct PolicySpec {
     /// Where the mirrored packets go, each written whole: none, one, or several (reinjected and
     /// recorded at once). Never holds [`Target::None`] and never one target twice.
     pub targets: Vec<Target>,
+    /// The agent sends to the targets itself, all of them tunnels (`vxlan`, `gre`, `erspan`): the
+    /// controller stays off the packet path and learns the counts from control records.
+    pub direct: bool,
     pub snapshot_interval: Duration,
     pub heartbeat_interval: Duration,
 }
@@ -306,6 +320,7 @@ impl Default for PolicySpec {
             check_interval: Duration::from_secs(1),
             breach_intervals: 5,
             targets: Vec::new(),
+            direct: false,
             snapshot_interval: Duration::from_secs(15),
             heartbeat_interval: Duration::from_secs(5),
         }
@@ -505,6 +520,23 @@ impl PolicySpec {
                 );
             }
         }
+        if self.direct {
+            if self.targets.is_empty() {
+                fail(
+                    "direct",
+                    "needs a target: the agent sends to vxlan, gre or erspan targets itself".into(),
+                );
+            }
+            for target in self.targets.iter().filter(|t| !t.is_tunnel()) {
+                fail(
+                    "direct",
+                    format!(
+                        "{target} cannot be sent from the agent: direct mode takes only vxlan, \
+                         gre and erspan targets"
+                    ),
+                );
+            }
+        }
         if issues.is_empty() {
             Ok(())
         } else {
@@ -539,6 +571,7 @@ impl PolicySpec {
             ),
             breach_intervals: cfg.value(&k("breach_intervals"), d.breach_intervals),
             targets: cfg.value(&k("target"), Targets(d.targets.clone())).0,
+            direct: cfg.bool(&k("direct"), d.direct),
             snapshot_interval: cfg.parse(
                 &k("snapshot_interval"),
                 d.snapshot_interval,
@@ -608,6 +641,7 @@ impl PolicySpec {
             "gre_key",
             "erspan_type",
             "erspan_session",
+            "direct",
         ]
         .iter()
         .map(|n| format!("{prefix}.{n}"))
@@ -633,6 +667,7 @@ impl PolicySpec {
             "batch_delay": format_duration(self.batch_delay),
             "buffer_timeout": format_duration(self.buffer_timeout),
             "buffer_size": format_size(self.buffer_size),
+            "direct": self.direct,
         })
     }
 
@@ -669,6 +704,7 @@ impl PolicySpec {
                     .unwrap_or_else(|| target_to_proto(&Target::None)),
             ),
             targets: self.targets.iter().map(target_to_proto).collect(),
+            direct: self.direct,
             snapshot_interval_ms: ms(self.snapshot_interval),
             heartbeat_interval_ms: ms(self.heartbeat_interval),
         }
@@ -725,6 +761,7 @@ impl PolicySpec {
             check_interval: Duration::from_millis(limit.check_interval_ms),
             breach_intervals: limit.breach_intervals,
             targets,
+            direct: p.direct,
             snapshot_interval: Duration::from_millis(p.snapshot_interval_ms),
             heartbeat_interval: Duration::from_millis(p.heartbeat_interval_ms),
         };
@@ -1094,7 +1131,7 @@ mod tests {
     fn config_keys_are_the_keys_from_config_reads() {
         use crate::config::{Layered, Sources};
         let keys = PolicySpec::config_keys("policy");
-        assert_eq!(keys.len(), 19);
+        assert_eq!(keys.len(), 20);
         // Read only with their target kind, so garbage under them alone is not judged.
         let per_target = [
             "policy.vni",
@@ -1160,6 +1197,66 @@ mod tests {
     }
 
     #[test]
+    fn direct_takes_only_tunnel_targets_and_names_the_one_refused() {
+        let vxlan = Target::Vxlan {
+            host: "10.0.0.9".into(),
+            port: 4789,
+            vni: 42,
+        };
+        let gre = Target::Gre {
+            host: "10.0.0.9".into(),
+            key: None,
+        };
+        let direct = |targets: Vec<Target>| PolicySpec {
+            capture: true,
+            direct: true,
+            targets,
+            ..PolicySpec::default()
+        };
+        assert_eq!(direct(vec![vxlan.clone(), gre]).validate(false), Ok(()));
+        let e = direct(vec![
+            vxlan.clone(),
+            Target::Pcap {
+                path: "web.pcapng".into(),
+                rotate_bytes: 0,
+                rotate_interval: Duration::ZERO,
+            },
+        ])
+        .validate(false)
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "invalid policy: direct: pcap:web.pcapng cannot be sent from the agent: direct mode \
+             takes only vxlan, gre and erspan targets"
+        );
+        let e = direct(Vec::new()).validate(false).unwrap_err().to_string();
+        assert!(e.contains("direct: needs a target"), "{e}");
+        // Read from configuration, and across the wire.
+        let read = properties::read;
+        let (spec, result) = read(vec![
+            ("policy.direct".into(), "true".into()),
+            ("policy.target".into(), "vxlan:10.0.0.9:4789".into()),
+            ("policy.vni".into(), "42".into()),
+        ]);
+        assert_eq!(result, Ok(()));
+        assert!(spec.direct);
+        assert_eq!(spec.to_json()["direct"], true);
+        let back = PolicySpec::from_proto(&spec.to_proto(3, "p")).unwrap();
+        assert_eq!(back, spec);
+        let (_, result) = read(vec![
+            ("policy.direct".into(), "true".into()),
+            ("policy.target".into(), "interface:span0".into()),
+        ]);
+        assert!(
+            result
+                .unwrap_err()
+                .contains("policy.direct: interface:span0 cannot be sent"),
+            "policy.direct is named"
+        );
+    }
+
+    #[test]
     fn targets_refuse_what_follows_none_and_never_yield_an_empty_host() {
         for bad in ["none:x", "none:interface:eth0"] {
             assert!(bad.parse::<Target>().is_err(), "{bad} accepted");
@@ -1200,7 +1297,7 @@ mod tests {
         }
 
         /// `from_config` over `overrides` (full keys), and the problems it recorded.
-        fn read(overrides: Vec<(String, String)>) -> (PolicySpec, Result<(), String>) {
+        pub(super) fn read(overrides: Vec<(String, String)>) -> (PolicySpec, Result<(), String>) {
             let sources = Sources {
                 overrides,
                 ..Sources::default()
@@ -1318,7 +1415,7 @@ mod tests {
                     duration_ms(1_000, 3_600_000),
                     duration_ms(100, 300_000),
                 ),
-                (1u64 << 20)..=(1 << 30),
+                ((1u64 << 20)..=(1 << 30), any::<bool>()),
             )
                 .prop_map(
                     |(
@@ -1332,8 +1429,12 @@ mod tests {
                             snapshot_interval,
                             heartbeat_interval,
                         ),
-                        buffer_size,
+                        (buffer_size, direct),
                     )| PolicySpec {
+                        // Direct only where every target may be sent from the agent.
+                        direct: direct
+                            && !targets.is_empty()
+                            && targets.iter().all(Target::is_tunnel),
                         capture,
                         interface,
                         filter: filter.to_string(),

@@ -65,6 +65,7 @@ impl State {
             policy_version: self.policy_version,
             snapshot_entries: self.snapshot_entries,
             breach: self.tap.breach(),
+            direct_targets: self.tap.direct_targets(),
         };
         self.metrics.observe(&record);
         record

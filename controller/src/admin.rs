@@ -456,11 +456,10 @@ impl AdminService for AdminApi {
         auth::operator(&request)?;
         let only = request.into_inner().agent_id;
         let mut targets = self.mirrors.stats();
+        let listed = self.registry.list().await;
+        targets.extend(crate::mirror::direct_rows(&listed));
         targets.retain(|t| only.is_empty() || t.agent == only);
-        let mut agents: Vec<proto::AgentMirror> = self
-            .registry
-            .list()
-            .await
+        let mut agents: Vec<proto::AgentMirror> = listed
             .into_iter()
             .filter(|a| only.is_empty() || a.id == only)
             .map(|a| {
@@ -499,6 +498,7 @@ impl AdminService for AdminApi {
                 delay_p50_us: t.delay_p50_us.unwrap_or(0),
                 delay_p99_us: t.delay_p99_us.unwrap_or(0),
                 target_note: t.target_note.unwrap_or_default().to_string(),
+                direct: t.direct,
             });
         }
         // With replicas, the streams of agents connected to the others land there.

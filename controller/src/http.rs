@@ -231,10 +231,11 @@ async fn topology_stats(State(state): State<HttpState>) -> impl IntoResponse {
     Json(stats)
 }
 
-/// Mirrored packets per agent and target: received, written, dropped by reason, delay. With
-/// replicas, every replica's streams, each naming the replica it lands on (`replica`).
+/// Mirrored packets per agent and target: received, written, dropped by reason, delay; the rows
+/// of agents in direct mode from their control records (`direct`). With replicas, every replica's streams, each naming the replica it lands on (`replica`).
 async fn mirror_stats(State(state): State<HttpState>) -> Response {
-    let local = state.mirrors.stats();
+    let mut local = state.mirrors.stats();
+    local.extend(crate::mirror::direct_rows(&state.registry.list().await));
     if state.registry.presence_stats().is_none() {
         return Json(local).into_response();
     }

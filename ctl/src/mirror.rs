@@ -10,12 +10,16 @@ use crate::{Failure, print_json, table};
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Stages and their drops:
   agent       kernel (the capture ring overflowed), limiter (over the policy's speed limit),
-              queue (the stream to the controller could not keep up)
+              queue (the stream to the controller, or direct sends, could not keep up)
+  direct      oversize, failed: a target the agent sends to itself (policy --direct), as its
+              control records count it; the controller receives none of these packets
   controller  queue (the target's writer could not keep up), oversize (frame above the target's
               MTU: turn off GRO/GSO/TSO on the capturing interface or raise the MTU), failed,
               invalid, target_unavailable (the target could not be opened; see ERROR)
-TARGET says (created) or (opened) after a TAP device the controller made or one an operator made.
-DELAY is capture to write (p50/p99), on the controller's clock.")]
+TARGET says (created) or (opened) after a TAP device the controller made or one an operator made,
+and (direct) after a target the agent sends to itself.
+DELAY is capture to write (p50/p99), on the controller's clock; for a direct target, capture to
+send on the agent's.")]
 pub struct MirrorArgs {
     /// Only this agent.
     #[arg(long, value_name = "ID")]
@@ -61,6 +65,7 @@ pub async fn run(
                                 "queue": c.packets_dropped_queue},
                     "targets": a.targets.iter().map(|t| json!({
                         "target": t.target, "note": (!t.target_note.is_empty()).then_some(&t.target_note),
+                        "direct": t.direct,
                         "received": t.packets_received, "written": t.packets_written,
                         "bytes_written": t.bytes_written, "batches_lost": t.batches_lost,
                         "dropped": t.dropped, "error": t.last_error,
@@ -114,7 +119,11 @@ pub async fn run(
                 } else {
                     format!("{} ({})", t.target, t.target_note)
                 },
-                t.packets_received.to_string(),
+                if t.direct {
+                    "-".into()
+                } else {
+                    t.packets_received.to_string()
+                },
                 t.packets_written.to_string(),
                 drops(&t.dropped),
                 if t.packets_written == 0 {

@@ -100,6 +100,13 @@ pub struct SetArgs {
     /// reinject and record); the flags replace the policy's targets.
     #[arg(long, value_name = "TARGET", value_parser = |s: &str| s.parse::<Target>())]
     target: Vec<Target>,
+    /// The agent sends the encapsulated stream to the targets itself (all vxlan, gre or erspan),
+    /// as cloud traffic mirroring does: the controller stays off the packet path.
+    #[arg(long, conflicts_with = "no_direct")]
+    direct: bool,
+    /// The agent streams to the controller, which writes the targets (the default).
+    #[arg(long)]
+    no_direct: bool,
     /// VXLAN network identifier, with a vxlan target.
     #[arg(long, value_name = "VNI")]
     vni: Option<u32>,
@@ -160,6 +167,12 @@ impl SetArgs {
         }
         if self.no_capture {
             spec.capture = false;
+        }
+        if self.direct {
+            spec.direct = true;
+        }
+        if self.no_direct {
+            spec.direct = false;
         }
         macro_rules! set {
             ($($field:ident <- $flag:ident),*) => {$(

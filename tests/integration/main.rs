@@ -15,6 +15,7 @@ mod identity;
 mod map_guard;
 mod mirror;
 mod mirror_burst;
+mod mirror_direct;
 mod mirror_limits;
 mod mirror_rate;
 mod mirror_targets;

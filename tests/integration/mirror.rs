@@ -209,7 +209,7 @@ impl Lab {
         lab
     }
 
-    fn get(&self, path: &str) -> Value {
+    pub(crate) fn get(&self, path: &str) -> Value {
         let http: SocketAddr = HTTP.parse().unwrap();
         let (status, body) = self.hub.run(|| http_get(http, path)).expect(path);
         assert_eq!(status, 200, "{path}: {body}");

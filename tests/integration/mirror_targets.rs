@@ -19,7 +19,7 @@ use crate::harness::{require_root, wait_for};
 use crate::mirror::{Dump, Frame, Lab, PORT, filter, hashes, read_pcap};
 
 /// One GRE packet as tshark dissects it: the encapsulated frame and the header fields.
-struct Decoded {
+pub(crate) struct Decoded {
     inner: Vec<u8>,
     gre: Value,
     erspan: Value,
@@ -27,7 +27,7 @@ struct Decoded {
 
 /// Every packet of `path`, dissected by tshark: the inner frame is what follows the offset at
 /// which tshark found the second Ethernet header.
-fn decode(path: &Path) -> Vec<Decoded> {
+pub(crate) fn decode(path: &Path) -> Vec<Decoded> {
     let out = std::process::Command::new("tshark")
         .arg("-r")
         .arg(path)
@@ -61,7 +61,7 @@ fn hex(text: &str) -> Vec<u8> {
         .collect()
 }
 
-fn inner_hashes(decoded: &[Decoded]) -> Vec<String> {
+pub(crate) fn inner_hashes(decoded: &[Decoded]) -> Vec<String> {
     let frames: Vec<Frame> = decoded
         .iter()
         .map(|d| Frame {

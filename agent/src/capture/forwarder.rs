@@ -1,5 +1,7 @@
 //! The mirror stream: the session task that takes batches out of the queue and sends them on
-//! the `Mirror` RPC, numbering each one only once it is certain to go out.
+//! the `Mirror` RPC, numbering each one only once it is certain to go out. In direct mode a
+//! batch goes to its capture's tunnel targets instead ([`super::direct`]), written on a blocking
+//! thread; the `Mirror` stream is then never opened.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tapgraph::proto;
 use tokio::sync::mpsc;
 
-use super::queue::QueueRx;
+use prost::Message;
+
+use super::queue::{Batch, QueueRx};
 use super::wire;
 
 /// Streams queued batches on the `Mirror` RPC until `stop`; returns the queue for the next
@@ -28,6 +32,10 @@ pub async fn forward(
                 None => break,
             },
         };
+        if let Some(direct) = batch.direct.clone() {
+            send_direct(&queue, direct, batch).await;
+            continue;
+        }
         let tx = stream.get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(4);
             let channel = channel.clone();
@@ -71,4 +79,26 @@ pub async fn forward(
         });
     }
     queue
+}
+
+/// Writes a direct-mode batch to its targets on a blocking thread (the sockets may block) and
+/// settles it: sent once handed to the targets, whose rows count what each did with it.
+async fn send_direct(queue: &QueueRx, direct: std::sync::Arc<super::direct::Direct>, batch: Batch) {
+    let (encoded, interface) = (batch.encoded.clone(), batch.interface.clone());
+    let (linktype, snaplen) = (batch.linktype, batch.snaplen);
+    let written = tokio::task::spawn_blocking(move || {
+        proto::MirrorBatch::decode(encoded)
+            .map(|decoded| direct.write(&interface, linktype, snaplen, &decoded.packets))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the write panicked: {e}")));
+    match written {
+        Ok(()) => queue.settle_sent(batch.count, batch.bytes),
+        // Not expected: the capture thread wrote these bytes, and writers do not panic.
+        Err(error) => {
+            tracing::error!(%error, "direct mirror batch dropped");
+            queue.settle_dropped(&batch);
+        }
+    }
 }

@@ -20,6 +20,7 @@
 //! file keeps the [`Tap`] the session drives, and what the stages share: the settings, the
 //! counters and the events.
 
+pub mod direct;
 pub mod forwarder;
 pub mod limit;
 pub mod queue;
@@ -33,6 +34,7 @@ use tapgraph::policy::{CaptureMode, PolicySpec};
 use tapgraph::proto;
 use tokio::sync::mpsc;
 
+use direct::DirectStats;
 use limit::Breach;
 use queue::{Batch, QueueTx, queue};
 use reader::{Prepared, Running};
@@ -42,8 +44,9 @@ pub use queue::QueueRx;
 pub use reader::OpenError;
 
 /// What a capture needs from the policy: the policy itself, with the fields that do not concern
-/// capture (the mirror's target, the snapshot and heartbeat intervals) at their defaults, so two
-/// policies that capture alike have equal settings and share a capture.
+/// capture (the mirror's targets unless the agent sends to them itself, the snapshot and
+/// heartbeat intervals) at their defaults, so two policies that capture alike have equal settings
+/// and share a capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub spec: PolicySpec,
@@ -57,7 +60,12 @@ impl Settings {
         // worst a change of it restarts the capture, never leaves a stale one running.
         p.capture.then(|| Self {
             spec: PolicySpec {
-                targets: unused.targets,
+                // In direct mode the capture's batches go to the targets from here.
+                targets: if p.direct {
+                    p.targets.clone()
+                } else {
+                    unused.targets
+                },
                 snapshot_interval: unused.snapshot_interval,
                 heartbeat_interval: unused.heartbeat_interval,
                 ..p.clone()
@@ -152,6 +160,8 @@ pub struct Tap {
     state: proto::CaptureState,
     last_error: String,
     breach: Option<Breach>,
+    /// Direct mode's counters per target, across captures.
+    direct: DirectStats,
 }
 
 impl Default for Tap {
@@ -170,6 +180,7 @@ impl Default for Tap {
             state: proto::CaptureState::Disabled,
             last_error: String::new(),
             breach: None,
+            direct: DirectStats::default(),
         }
     }
 }
@@ -202,9 +213,11 @@ impl Tap {
         if same && !(stopped && new_version) {
             return Ok(false);
         }
-        let prepared = Prepared::open(settings).inspect_err(|e| {
-            tracing::warn!(error = %e, "capture not changed");
-        })?;
+        let prepared = Prepared::open(settings)
+            .and_then(|p| p.open_direct(&mut self.direct))
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "capture not changed");
+            })?;
         let after_ns = self.running.take().map_or(0, Running::stop);
         let settings_started = prepared.settings().clone();
         let s = &prepared.settings().spec;
@@ -215,6 +228,7 @@ impl Tap {
             mode = ?s.mode,
             limit = %tapgraph::units::format_bitrate(s.limit_bps),
             breach_intervals = s.breach_intervals,
+            direct = s.direct,
             "capture started"
         );
         self.running = Some(prepared.start(
@@ -256,6 +270,11 @@ impl Tap {
 
     pub fn counters(&self) -> proto::Counters {
         self.counters.snapshot()
+    }
+
+    /// What direct mode sent to each target, for control records.
+    pub fn direct_targets(&self) -> Vec<proto::DirectTarget> {
+        self.direct.snapshot()
     }
 
     pub fn state(&self) -> proto::CaptureState {
@@ -399,8 +418,23 @@ mod tests {
             ..p.clone()
         };
         assert_eq!(Settings::from_policy(&unrelated), Some(s.clone()));
+        // Sent from here, the targets concern the capture.
+        let direct = |targets| PolicySpec {
+            direct: true,
+            targets,
+            ..p.clone()
+        };
+        let vxlan = |vni| Target::Vxlan {
+            host: "10.0.0.9".into(),
+            port: 4789,
+            vni,
+        };
+        assert_ne!(
+            Settings::from_policy(&direct(vec![vxlan(1)])),
+            Settings::from_policy(&direct(vec![vxlan(2)]))
+        );
         type Change = fn(&mut PolicySpec);
-        let changes: [(&str, Change); 11] = [
+        let changes: [(&str, Change); 12] = [
             ("interface", |p| p.interface = "eth1".into()),
             ("filter", |p| p.filter = "tcp".into()),
             ("snaplen", |p| p.snaplen = 128),
@@ -416,6 +450,7 @@ mod tests {
                 p.check_interval = Duration::from_secs(7)
             }),
             ("breach_intervals", |p| p.breach_intervals = 7),
+            ("direct", |p| p.direct = true),
         ];
         for (field, change) in changes {
             let mut q = p.clone();

@@ -23,6 +23,8 @@ pub struct Batch {
     pub linktype: u32,
     pub interface: String,
     pub snaplen: u32,
+    /// In direct mode, where the forwarder writes the batch instead of the `Mirror` stream.
+    pub direct: Option<Arc<super::direct::Direct>>,
     /// The packets as `MirrorBatch.packets` entries ([`super::wire::put_packet`]).
     pub encoded: Bytes,
     /// How many packets `encoded` holds.
@@ -192,6 +194,7 @@ mod tests {
     fn admitted(counters: &Counters, count: u64, held: usize) -> Batch {
         Counters::add(&counters.in_flight, count);
         Batch {
+            direct: None,
             linktype: 1,
             interface: "lo".into(),
             snaplen: 65_535,

@@ -15,6 +15,7 @@ use bytes::BytesMut;
 use tapgraph::policy::CaptureMode;
 use tokio::sync::mpsc;
 
+use super::direct::{Direct, DirectStats};
 use super::limit::{Breach, BreachWatchdog, TokenBucket};
 use super::queue::{Batch, QueueTx};
 use super::{Counters, Event, Settings, wire};
@@ -33,6 +34,8 @@ const BURST_OVER: u64 = 64 << 10;
 pub struct Prepared {
     cap: pcap::Capture<pcap::Active>,
     settings: Settings,
+    /// In direct mode, the targets' writers, which every batch carries to the forwarder.
+    direct: Option<Arc<Direct>>,
 }
 
 /// Why a capture could not start, with libpcap's own words.
@@ -42,6 +45,8 @@ pub enum OpenError {
     Open { interface: String, reason: String },
     #[error("filter: {reason}")]
     Filter { reason: String },
+    #[error("direct: {reason}")]
+    Direct { reason: String },
 }
 
 impl Prepared {
@@ -64,7 +69,24 @@ impl Prepared {
             .map_err(|e| OpenError::Filter {
                 reason: e.to_string(),
             })?;
-        Ok(Self { cap, settings })
+        Ok(Self {
+            cap,
+            settings,
+            direct: None,
+        })
+    }
+
+    /// In direct mode, opens the policy's targets, counting on their rows in `stats`.
+    pub fn open_direct(mut self, stats: &mut DirectStats) -> Result<Self, OpenError> {
+        if self.settings.spec.direct {
+            let direct = Direct::open(&self.settings.spec.targets, stats).map_err(|e| {
+                OpenError::Direct {
+                    reason: e.to_string(),
+                }
+            })?;
+            self.direct = Some(Arc::new(direct));
+        }
+        Ok(self)
     }
 
     pub fn settings(&self) -> &Settings {
@@ -170,6 +192,7 @@ struct Reader {
 
 struct ReaderState {
     settings: Settings,
+    direct: Option<Arc<Direct>>,
     linktype: u32,
     after_ns: u64,
     counters: Arc<Counters>,
@@ -218,6 +241,7 @@ impl Reader {
             pending: 0,
             pending_bytes: 0,
             settings: prepared.settings,
+            direct: prepared.direct,
             linktype,
             after_ns,
             counters,
@@ -355,6 +379,7 @@ impl ReaderState {
             linktype: self.linktype,
             interface: self.settings.spec.interface.clone(),
             snaplen: self.settings.spec.snaplen,
+            direct: self.direct.clone(),
             encoded: self.arena.split().freeze(),
             count: std::mem::take(&mut self.pending),
             bytes: std::mem::take(&mut self.pending_bytes),

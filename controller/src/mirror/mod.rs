@@ -5,3 +5,12 @@ mod hub;
 pub mod targets;
 
 pub use hub::{Mirrors, Route, Stats, StatsView, submit_all};
+
+/// The rows of the targets agents in direct mode send to themselves, from their control records:
+/// the hub never sees those packets.
+pub fn direct_rows(agents: &[crate::registry::AgentView]) -> Vec<StatsView> {
+    agents
+        .iter()
+        .flat_map(|a| a.capture.direct.iter().map(|d| StatsView::direct(&a.id, d)))
+        .collect()
+}

@@ -39,7 +39,7 @@ use presence::{Fleet, FleetView, PresenceStats, Writer};
 use task::{Command, RegistryTask};
 
 pub use health::AgentState;
-pub use view::AgentView;
+pub use view::{AgentView, DirectView};
 
 /// Commands queued to the registry task at most; senders wait beyond.
 const COMMANDS: usize = 1024;

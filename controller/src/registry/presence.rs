@@ -130,6 +130,7 @@ impl RemoteTarget {
             delay_p50_us: self.delay_p50_us.unwrap_or(0),
             delay_p99_us: self.delay_p99_us.unwrap_or(0),
             target_note: self.target_note.unwrap_or_default(),
+            direct: false,
         }
     }
 }
@@ -1395,6 +1396,7 @@ mod tests {
             target_note: None,
             delay_p50_us: Some(120),
             delay_p99_us: None,
+            direct: false,
         };
         let started = a.fleet.as_ref().unwrap().started_at_unix_ms;
         let stop = tokio_util::sync::CancellationToken::new();

@@ -23,6 +23,41 @@ pub struct CaptureView {
     pub packets_dropped_queue: u64,
     pub packets_in_flight: u64,
     pub breach: Option<BreachView>,
+    /// In direct mode, what the agent sent to each target itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub direct: Vec<DirectView>,
+}
+
+/// One target an agent in direct mode sends to, as its control record counts it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectView {
+    pub target: String,
+    pub batches: u64,
+    pub packets_written: u64,
+    pub bytes_written: u64,
+    pub packets_oversize: u64,
+    pub packets_failed: u64,
+    pub last_error: Option<String>,
+    /// Capture to send on the agent's clock, µs; `None` before anything was sent.
+    pub delay_p50_us: Option<u64>,
+    pub delay_p99_us: Option<u64>,
+}
+
+impl From<&proto::DirectTarget> for DirectView {
+    fn from(t: &proto::DirectTarget) -> Self {
+        let sent = t.packets_written > 0;
+        Self {
+            target: t.target.clone(),
+            batches: t.batches,
+            packets_written: t.packets_written,
+            bytes_written: t.bytes_written,
+            packets_oversize: t.packets_oversize,
+            packets_failed: t.packets_failed,
+            last_error: (!t.last_error.is_empty()).then(|| t.last_error.clone()),
+            delay_p50_us: sent.then_some(t.delay_p50_us),
+            delay_p99_us: sent.then_some(t.delay_p99_us),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +110,7 @@ impl CaptureView {
                 intervals: b.intervals,
                 at_unix_ns: b.at_unix_nanos,
             }),
+            direct: r.direct_targets.iter().map(DirectView::from).collect(),
         }
     }
 }

@@ -22,7 +22,8 @@ use nix::sys::socket::{AddressFamily, LinkAddr, SockFlag, SockType, bind, socket
 use tapgraph::proto::Packet;
 
 use super::frame::Frame;
-use super::{OpenError, Origin, Writer, Written, offload_fix, send_each};
+use super::{OpenError, Origin, Writer, Written};
+use tapgraph_encap::{offload_fix, send_each};
 
 /// How often the MTU is re-read, and a vanished interface looked for.
 const REFRESH: Duration = Duration::from_secs(5);

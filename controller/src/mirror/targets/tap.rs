@@ -26,7 +26,8 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 use tapgraph::proto::Packet;
 
 use super::frame::Frame;
-use super::{OpenError, Origin, Writer, Written, offload_fix};
+use super::{OpenError, Origin, Writer, Written};
+use tapgraph_encap::offload_fix;
 
 /// How often the MTU is re-read and the device checked to be up.
 const REFRESH: Duration = Duration::from_secs(5);

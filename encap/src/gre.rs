@@ -26,8 +26,8 @@ use nix::sys::socket::{SockaddrStorage, setsockopt, sockopt};
 use tapgraph::policy::ErspanType;
 use tapgraph::proto::Packet;
 
-use super::frame::Frame;
-use super::{OpenError, Origin, Writer, Written, offload_fix, send_each_to};
+use crate::frame::Frame;
+use crate::{OpenError, Origin, Writer, Written, offload_fix, send_each_to};
 
 /// GRE protocol types.
 const TRANSPARENT_ETHERNET: u16 = 0x6558;
@@ -229,7 +229,7 @@ impl Writer for GreWriter {
                     offload_fix(origin),
                 )),
                 Err(e @ (Errno::ENETUNREACH | Errno::EHOSTUNREACH)) => written.fail(format_args!(
-                    "sending {kind} to {target}: {}: check the controller's routes to it",
+                    "sending {kind} to {target}: {}: check this host's routes to it",
                     e.desc()
                 )),
                 Err(e) => written.fail(format_args!("sending {kind} to {target}: {}", e.desc())),
@@ -249,9 +249,9 @@ impl Writer for GreWriter {
 
 #[cfg(test)]
 mod tests {
-    use super::super::frame::{SYNTHETIC_DST, SYNTHETIC_SRC};
-    use super::super::tests::packet;
     use super::*;
+    use crate::frame::{SYNTHETIC_DST, SYNTHETIC_SRC};
+    use crate::packet;
 
     fn hex(h: Header) -> String {
         h.as_bytes().iter().map(|b| format!("{b:02x}")).collect()

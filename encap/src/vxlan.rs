@@ -15,8 +15,8 @@ use std::os::fd::AsFd;
 use nix::errno::Errno;
 use tapgraph::proto::Packet;
 
-use super::frame::Frame;
-use super::{OpenError, Origin, Writer, Written, offload_fix, send_each};
+use crate::frame::Frame;
+use crate::{OpenError, Origin, Writer, Written, offload_fix, send_each};
 
 /// RFC 7348 §5: the I flag, set when the VNI is valid.
 const FLAG_VNI: u8 = 0x08;
@@ -125,9 +125,9 @@ impl Writer for VxlanWriter {
 mod tests {
     use std::time::Duration;
 
-    use super::super::frame::{SYNTHETIC_DST, SYNTHETIC_SRC};
-    use super::super::tests::packet;
     use super::*;
+    use crate::frame::{SYNTHETIC_DST, SYNTHETIC_SRC};
+    use crate::packet;
 
     fn origin(linktype: u32) -> Origin<'static> {
         Origin {

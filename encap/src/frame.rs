@@ -141,6 +141,11 @@ impl<'a> Frame<'a> {
         self.header().len() + self.rest.len()
     }
 
+    /// Never true for a frame [`Frame::from_capture`] made (it has at least a header).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Bytes after the Ethernet header and its VLAN tags: what an interface's MTU limits.
     pub fn l3_len(&self) -> usize {
         let mut ethertype_at = 12;

@@ -282,6 +282,9 @@ pub struct PolicySpec {
     /// Where the mirrored packets go, each written whole: none, one, or several (reinjected and
     /// recorded at once). Never holds [`Target::None`] and never one target twice.
     pub targets: Vec<Target>,
+    /// Whether a target fed by several agents gets each packet once: a copy another agent's
+    /// capture brought first (the other end of the connection) is dropped, counted as duplicate.
+    pub dedup: bool,
     pub snapshot_interval: Duration,
     pub heartbeat_interval: Duration,
 }
@@ -302,6 +305,7 @@ impl Default for PolicySpec {
             check_interval: Duration::from_secs(1),
             breach_intervals: 5,
             targets: Vec::new(),
+            dedup: true,
             snapshot_interval: Duration::from_secs(15),
             heartbeat_interval: Duration::from_secs(5),
         }
@@ -535,6 +539,7 @@ impl PolicySpec {
             ),
             breach_intervals: cfg.value(&k("breach_intervals"), d.breach_intervals),
             targets: cfg.value(&k("target"), Targets(d.targets.clone())).0,
+            dedup: cfg.bool(&k("dedup"), d.dedup),
             snapshot_interval: cfg.parse(
                 &k("snapshot_interval"),
                 d.snapshot_interval,
@@ -604,6 +609,7 @@ impl PolicySpec {
             "gre_key",
             "erspan_type",
             "erspan_session",
+            "dedup",
         ]
         .iter()
         .map(|n| format!("{prefix}.{n}"))
@@ -623,6 +629,7 @@ impl PolicySpec {
             "check_interval": format_duration(self.check_interval),
             "breach_intervals": self.breach_intervals,
             "target": Targets(self.targets.clone()).to_string(),
+            "dedup": self.dedup,
             "snapshot_interval": format_duration(self.snapshot_interval),
             "heartbeat_interval": format_duration(self.heartbeat_interval),
             "batch_packets": self.batch_packets,
@@ -665,6 +672,7 @@ impl PolicySpec {
                     .unwrap_or_else(|| target_to_proto(&Target::None)),
             ),
             targets: self.targets.iter().map(target_to_proto).collect(),
+            dedup: Some(self.dedup),
             snapshot_interval_ms: ms(self.snapshot_interval),
             heartbeat_interval_ms: ms(self.heartbeat_interval),
         }
@@ -721,6 +729,8 @@ impl PolicySpec {
             check_interval: Duration::from_millis(limit.check_interval_ms),
             breach_intervals: limit.breach_intervals,
             targets,
+            // A controller from before the field sends none: on, the default.
+            dedup: p.dedup.unwrap_or(true),
             snapshot_interval: Duration::from_millis(p.snapshot_interval_ms),
             heartbeat_interval: Duration::from_millis(p.heartbeat_interval_ms),
         };
@@ -1090,7 +1100,7 @@ mod tests {
     fn config_keys_are_the_keys_from_config_reads() {
         use crate::config::{Layered, Sources};
         let keys = PolicySpec::config_keys("policy");
-        assert_eq!(keys.len(), 19);
+        assert_eq!(keys.len(), 20);
         // Read only with their target kind, so garbage under them alone is not judged.
         let per_target = [
             "policy.vni",
@@ -1314,7 +1324,7 @@ mod tests {
                     duration_ms(1_000, 3_600_000),
                     duration_ms(100, 300_000),
                 ),
-                (1u64 << 20)..=(1 << 30),
+                ((1u64 << 20)..=(1 << 30), any::<bool>()),
             )
                 .prop_map(
                     |(
@@ -1328,7 +1338,7 @@ mod tests {
                             snapshot_interval,
                             heartbeat_interval,
                         ),
-                        buffer_size,
+                        (buffer_size, dedup),
                     )| PolicySpec {
                         capture,
                         interface,
@@ -1343,6 +1353,7 @@ mod tests {
                         check_interval,
                         breach_intervals,
                         targets,
+                        dedup,
                         snapshot_interval,
                         heartbeat_interval,
                     },

@@ -42,7 +42,7 @@ pub use queue::QueueRx;
 pub use reader::OpenError;
 
 /// What a capture needs from the policy: the policy itself, with the fields that do not concern
-/// capture (the mirror's target, the snapshot and heartbeat intervals) at their defaults, so two
+/// capture (the mirror's target and dedup, the snapshot and heartbeat intervals) at their defaults, so two
 /// policies that capture alike have equal settings and share a capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -58,6 +58,7 @@ impl Settings {
         p.capture.then(|| Self {
             spec: PolicySpec {
                 targets: unused.targets,
+                dedup: unused.dedup,
                 snapshot_interval: unused.snapshot_interval,
                 heartbeat_interval: unused.heartbeat_interval,
                 ..p.clone()

@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! Mirror stream (per agent) ──route by policy──▶ dedup ──▶ bounded job queue ──▶ writer thread (per target)
-//!   drops: no route (batches), invalid,       drops:    drops: queue          drops: oversize, failed
-//!          target unavailable                  duplicate
+//!   drops: no route (batches), invalid,          drops:    drops: queue          drops: oversize, failed
+//!          target unavailable                    duplicate
 //! ```
 //!
 //! Each target deduplicates what its agents send (`dedup`): a packet that another agent's stream

@@ -300,6 +300,9 @@ pub struct PolicySpec {
     /// The agent sends to the targets itself, all of them tunnels (`vxlan`, `gre`, `erspan`): the
     /// controller stays off the packet path and learns the counts from control records.
     pub direct: bool,
+    /// Whether a target fed by several agents gets each packet once: a copy another agent's
+    /// capture brought first (the other end of the connection) is dropped, counted as duplicate.
+    pub dedup: bool,
     pub snapshot_interval: Duration,
     pub heartbeat_interval: Duration,
 }
@@ -321,6 +324,7 @@ impl Default for PolicySpec {
             breach_intervals: 5,
             targets: Vec::new(),
             direct: false,
+            dedup: true,
             snapshot_interval: Duration::from_secs(15),
             heartbeat_interval: Duration::from_secs(5),
         }
@@ -572,6 +576,7 @@ impl PolicySpec {
             breach_intervals: cfg.value(&k("breach_intervals"), d.breach_intervals),
             targets: cfg.value(&k("target"), Targets(d.targets.clone())).0,
             direct: cfg.bool(&k("direct"), d.direct),
+            dedup: cfg.bool(&k("dedup"), d.dedup),
             snapshot_interval: cfg.parse(
                 &k("snapshot_interval"),
                 d.snapshot_interval,
@@ -642,6 +647,7 @@ impl PolicySpec {
             "erspan_type",
             "erspan_session",
             "direct",
+            "dedup",
         ]
         .iter()
         .map(|n| format!("{prefix}.{n}"))
@@ -661,6 +667,7 @@ impl PolicySpec {
             "check_interval": format_duration(self.check_interval),
             "breach_intervals": self.breach_intervals,
             "target": Targets(self.targets.clone()).to_string(),
+            "dedup": self.dedup,
             "snapshot_interval": format_duration(self.snapshot_interval),
             "heartbeat_interval": format_duration(self.heartbeat_interval),
             "batch_packets": self.batch_packets,
@@ -705,6 +712,7 @@ impl PolicySpec {
             ),
             targets: self.targets.iter().map(target_to_proto).collect(),
             direct: self.direct,
+            dedup: Some(self.dedup),
             snapshot_interval_ms: ms(self.snapshot_interval),
             heartbeat_interval_ms: ms(self.heartbeat_interval),
         }
@@ -762,6 +770,8 @@ impl PolicySpec {
             breach_intervals: limit.breach_intervals,
             targets,
             direct: p.direct,
+            // A controller from before the field sends none: on, the default.
+            dedup: p.dedup.unwrap_or(true),
             snapshot_interval: Duration::from_millis(p.snapshot_interval_ms),
             heartbeat_interval: Duration::from_millis(p.heartbeat_interval_ms),
         };
@@ -1131,7 +1141,7 @@ mod tests {
     fn config_keys_are_the_keys_from_config_reads() {
         use crate::config::{Layered, Sources};
         let keys = PolicySpec::config_keys("policy");
-        assert_eq!(keys.len(), 20);
+        assert_eq!(keys.len(), 21);
         // Read only with their target kind, so garbage under them alone is not judged.
         let per_target = [
             "policy.vni",
@@ -1415,7 +1425,7 @@ mod tests {
                     duration_ms(1_000, 3_600_000),
                     duration_ms(100, 300_000),
                 ),
-                ((1u64 << 20)..=(1 << 30), any::<bool>()),
+                ((1u64 << 20)..=(1 << 30), any::<bool>(), any::<bool>()),
             )
                 .prop_map(
                     |(
@@ -1429,7 +1439,7 @@ mod tests {
                             snapshot_interval,
                             heartbeat_interval,
                         ),
-                        (buffer_size, direct),
+                        (buffer_size, direct, dedup),
                     )| PolicySpec {
                         // Direct only where every target may be sent from the agent.
                         direct: direct
@@ -1448,6 +1458,7 @@ mod tests {
                         check_interval,
                         breach_intervals,
                         targets,
+                        dedup,
                         snapshot_interval,
                         heartbeat_interval,
                     },

@@ -187,7 +187,8 @@ fn add_mirror(info: &mut proto::AgentInfo, stats: &[crate::mirror::StatsView]) {
     let mut busiest: Option<&crate::mirror::StatsView> = None;
     for s in mine {
         info.packets_lost_in_transit += s.lost_in_transit;
-        for (reason, n) in &s.dropped {
+        // A duplicate is delivered once, from another agent: no loss.
+        for (reason, n) in s.dropped.iter().filter(|(r, _)| **r != "duplicate") {
             *info
                 .dropped_at_targets
                 .entry(reason.to_string())

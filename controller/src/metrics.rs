@@ -534,7 +534,7 @@ const MIRROR: &[Field<StatsView>] = &[
     ),
     counter_by(
         "tapgraph_mirror_dropped_packets",
-        "Mirrored packets dropped at the controller, by reason: invalid (malformed), target_unavailable (the target could not be opened), queue (the writer fell behind), oversize (larger than the target's MTU), failed (the write failed).",
+        "Mirrored packets dropped at the controller, by reason: invalid (malformed), target_unavailable (the target could not be opened), queue (the writer fell behind), oversize (larger than the target's MTU), failed (the write failed), duplicate (a copy of a packet another agent sent the target first; the policy's dedup).",
         "reason",
         |m| {
             m.dropped
@@ -542,6 +542,11 @@ const MIRROR: &[Field<StatsView>] = &[
                 .map(|(reason, n)| (*reason, Value::from(*n)))
                 .collect()
         },
+    ),
+    counter(
+        "tapgraph_mirror_dedup_evicted_packets",
+        "Packets the target's dedup table forgot before their hold (1 s) to make room for this agent's: a copy of one arriving later is delivered again.",
+        |m| one(m.dedup_evicted),
     ),
     counter_by(
         "tapgraph_mirror_invalid_batches",
@@ -742,7 +747,7 @@ mod tests {
             rotate_bytes: 0,
             rotate_interval: Duration::ZERO,
         };
-        let attachment = mirrors.attach("web-1", "web-1", &target).await;
+        let attachment = mirrors.attach("web-1", "web-1", &target, true).await;
         assert!(
             attachment.unavailable.is_none(),
             "{:?}",
@@ -878,6 +883,7 @@ mod tests {
             "failed",
             "invalid",
             "target_unavailable",
+            "duplicate",
         ] {
             assert!(reasons.contains(&reason), "{reasons:?}");
         }
@@ -995,6 +1001,7 @@ mod tests {
         "tapgraph_mirror_written_packets",
         "tapgraph_mirror_written_bytes",
         "tapgraph_mirror_dropped_packets",
+        "tapgraph_mirror_dedup_evicted_packets",
         "tapgraph_mirror_invalid_batches",
         "tapgraph_mirror_delay_seconds",
     ];

@@ -295,7 +295,7 @@ impl AgentService for AgentApi {
             summary.packets_received += batch.packets.len() as u64;
             let lookup = async {
                 let r = self.registry.mirror_route(&agent_id).await?;
-                Some((r.hostname, r.targets))
+                Some((r.hostname, r.targets, r.dedup))
             };
             let routed = self
                 .mirrors

@@ -15,7 +15,9 @@ use crate::{Failure, print_json, table};
               control records count it; the controller receives none of these packets
   controller  queue (the target's writer could not keep up), oversize (frame above the target's
               MTU: turn off GRO/GSO/TSO on the capturing interface or raise the MTU), failed,
-              invalid, target_unavailable (the target could not be opened; see ERROR)
+              invalid, target_unavailable (the target could not be opened; see ERROR),
+              duplicate (another agent sent the target this packet first: both ends of a
+              connection are monitored; the policy's --dedup off keeps every copy)
 TARGET says (created) or (opened) after a TAP device the controller made or one an operator made,
 and (direct) after a target the agent sends to itself.
 DELAY is capture to write (p50/p99), on the controller's clock; for a direct target, capture to

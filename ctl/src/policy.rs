@@ -135,6 +135,11 @@ pub struct SetArgs {
     /// Longest a packet waits for its batch.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     batch_delay: Option<Duration>,
+    /// Deliver each packet once to a target fed by several agents (on, the default): a copy
+    /// another agent captured within 50 ms (the other end of the connection) is dropped and
+    /// counted as `duplicate`. Off: every agent's copy is written.
+    #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
+    dedup: Option<bool>,
     /// GRE key (32 bits), with a gre target; without it the header has no key.
     #[arg(long, value_name = "KEY")]
     gre_key: Option<u32>,
@@ -184,7 +189,7 @@ impl SetArgs {
              breach_intervals <- breach_intervals,
              snapshot_interval <- snapshot_interval, heartbeat_interval <- heartbeat_interval,
              batch_packets <- batch_packets, batch_delay <- batch_delay,
-             buffer_timeout <- buffer_timeout, buffer_size <- buffer_size);
+             buffer_timeout <- buffer_timeout, buffer_size <- buffer_size, dedup <- dedup);
         if !self.target.is_empty() {
             // `none` alone clears; with others it is refused by validation.
             spec.targets = match self.target.as_slice() {

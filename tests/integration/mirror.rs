@@ -588,3 +588,107 @@ async fn invalid_mirrored_packets_are_counted_and_the_stream_goes_on() {
     assert_eq!(stats["packets_received"], 6, "{stats}");
     assert!(controller.proc.log_text().contains("invalid packets"));
 }
+
+/// Issue 22: both ends of a flow are monitored (peer's agent sees each datagram leave, src's sees
+/// it arrive) and one policy sends both to one target: the analyzer sees each datagram once and
+/// the controller counts the other copy as a duplicate; with dedup off it sees both.
+#[test]
+fn a_target_fed_by_both_ends_of_a_flow_delivers_each_packet_once() {
+    if !require_root("a_target_fed_by_both_ends_of_a_flow_delivers_each_packet_once") {
+        return;
+    }
+    let mut lab = Lab::new();
+    // A second agent on peer, with its own link to the controller.
+    veth(
+        &lab.hub,
+        "to-peer",
+        "198.18.2.1/30",
+        &lab.peer,
+        "ctl0",
+        "198.18.2.2/30",
+    );
+    lab.world.issue_agent("peer");
+    let mut cmd = lab
+        .world
+        .agent_cmd("peer", "198.18.2.1:7443".parse().unwrap());
+    cmd.args(["--server-name", "localhost"]);
+    let agent = Proc::spawn("agent-peer", lab.peer.wrap(cmd), lab.world.path());
+    lab.procs.push(agent);
+    let peer = |lab: &Lab| -> Option<Value> {
+        lab.get("/api/v1/agents")
+            .as_array()?
+            .iter()
+            .find(|a| a["id"] == "peer")
+            .cloned()
+    };
+    wait_for("peer agent connected", Duration::from_secs(20), || {
+        peer(&lab).filter(|a| a["state"] == "connected").map(|_| ())
+    });
+    let set = |args: &[&str]| {
+        assert_eq!(lab.policy(args), None);
+        wait_for("peer applied the policy", Duration::from_secs(20), || {
+            peer(&lab).filter(|a| {
+                a["policy_version_applied"] == a["policy_version_sent"]
+                    && a["policy_error"].is_null()
+            })
+        });
+    };
+    let (f, target, n) = (filter(PORT), "interface:span0", 100u64);
+    let counter = |key: &str, reason: Option<&str>| -> u64 {
+        lab.get("/api/v1/mirror")
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["target"] == target)
+            .map(|m| match reason {
+                Some(r) => m[key][r].as_u64().unwrap_or(0),
+                None => m[key].as_u64().unwrap_or(0),
+            })
+            .sum()
+    };
+    // `any`: the interface names differ between the two hosts (lan0, eth0).
+    set(&[
+        "--capture",
+        "--interface",
+        "any",
+        "--filter",
+        &f,
+        "--limit",
+        "100Mbit",
+        "--target",
+        target,
+    ]);
+    // The UDP payload of every datagram, which no copy changes.
+    let payloads = |frames: &[Frame]| {
+        let mut p: Vec<Vec<u8>> = frames.iter().map(|f| f.data[42..].to_vec()).collect();
+        p.sort();
+        p
+    };
+    let at_src = Dump::start(&lab, &lab.src, "src-dedup", "lan0", &f);
+    let at_span = Dump::start(&lab, &lab.span, "span-dedup", "span1", &f);
+    lab.send(PORT, n as usize, 18..1400, Duration::from_micros(500));
+    wait_for("both copies received", Duration::from_secs(20), || {
+        (counter("packets_received", None) >= 2 * n).then_some(())
+    });
+    let sent = at_src.finish_at(n as usize);
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = at_span.finish();
+    assert_eq!(seen.len() as u64, n, "the analyzer sees each datagram once");
+    assert_eq!(payloads(&seen), payloads(&sent));
+    assert_eq!(counter("dropped", Some("duplicate")), n);
+    assert_eq!(counter("packets_written", None), n);
+    assert_eq!(counter("lost_in_transit", None), 0);
+
+    // Off: every agent's copy is written.
+    set(&["--dedup", "off"]);
+    let at_span = Dump::start(&lab, &lab.span, "span-both", "span1", &f);
+    lab.send(PORT, n as usize, 18..1400, Duration::from_micros(500));
+    wait_for("both copies written", Duration::from_secs(20), || {
+        (counter("packets_written", None) >= 3 * n).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = at_span.finish();
+    assert_eq!(seen.len() as u64, 2 * n, "with dedup off, both copies");
+    assert_eq!(counter("dropped", Some("duplicate")), n);
+    assert_eq!(counter("packets_written", None), 3 * n);
+}

@@ -44,7 +44,7 @@ pub use queue::QueueRx;
 pub use reader::OpenError;
 
 /// What a capture needs from the policy: the policy itself, with the fields that do not concern
-/// capture (the mirror's targets unless the agent sends to them itself, the snapshot and
+/// capture (the mirror's targets unless the agent sends to them itself, dedup, the snapshot and
 /// heartbeat intervals) at their defaults, so two policies that capture alike have equal settings
 /// and share a capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +66,7 @@ impl Settings {
                 } else {
                     unused.targets
                 },
+                dedup: unused.dedup,
                 snapshot_interval: unused.snapshot_interval,
                 heartbeat_interval: unused.heartbeat_interval,
                 ..p.clone()

@@ -2,10 +2,16 @@
 //! target, and keeps the counters operators read per agent and per target.
 //!
 //! ```text
-//! Mirror stream (per agent) ──route by policy──▶ bounded job queue ──▶ writer thread (per target)
-//!   drops: no route (batches), invalid,           drops: queue          drops: oversize, failed
-//!          target unavailable
+//! Mirror stream (per agent) ──route by policy──▶ dedup ──▶ bounded job queue ──▶ writer thread (per target)
+//!   drops: no route (batches), invalid,          drops:    drops: queue          drops: oversize, failed
+//!          target unavailable                    duplicate
 //! ```
+//!
+//! Each target deduplicates what its agents send (`dedup`): a packet that another agent's stream
+//! brought first, captured at the other end of the connection, is dropped and counted as a
+//! duplicate, before it takes room in the queue. The table is the target's, so it sees every
+//! stream feeding it, in the order their batches arrive; whether an agent's packets take part is
+//! its policy's (`dedup`), so agents whose policies differ on it still share one writer.
 //!
 //! A small batch for a quick target (a socket) that has nothing queued skips the queue: the stream
 //! writes it itself under the writer's lock, which saves waking the thread (at 1 ms batches, two
@@ -26,6 +32,7 @@ use tapgraph::policy::Target;
 use tapgraph::proto;
 
 use super::check::Field;
+use super::dedup::{Dedup, Fingerprints, Source};
 use super::targets::{self, Origin, Writer};
 pub use tapgraph::delay::{Histogram, HistogramSnapshot};
 
@@ -54,6 +61,11 @@ pub struct Stats {
     pub dropped_failed: AtomicU64,
     pub dropped_invalid: AtomicU64,
     pub dropped_unavailable: AtomicU64,
+    /// Copies of packets another agent sent the target first.
+    pub dropped_duplicate: AtomicU64,
+    /// Packets of the target's dedup table evicted before their hold to make room for this
+    /// agent's: a late copy of one is delivered again.
+    pub dedup_evicted: AtomicU64,
     /// Packets the agent counted as sent (in-band, in its batches) that never arrived.
     pub lost_in_transit: AtomicU64,
     /// Batches with a header not believed, by the field at fault (see `check`).
@@ -100,6 +112,8 @@ pub struct StatsView {
     pub packets_written: u64,
     pub bytes_written: u64,
     pub dropped: BTreeMap<&'static str, u64>,
+    /// Packets forgotten by the target's dedup table early, to make room for this agent's.
+    pub dedup_evicted: u64,
     pub lost_in_transit: u64,
     /// Batches with a header not believed, by field: `sequence` (dropped), `time` (delay not
     /// observed), `counters` (loss not counted).
@@ -132,6 +146,7 @@ impl StatsView {
                 ("oversize", d.packets_oversize),
                 ("failed", d.packets_failed),
             ]),
+            dedup_evicted: 0,
             lost_in_transit: 0,
             invalid_batches: BTreeMap::new(),
             last_error: d.last_error.clone(),
@@ -164,6 +179,8 @@ pub struct TargetHandle {
     queued_bytes: Arc<AtomicU64>,
     shared: Arc<Shared>,
     note: Option<&'static str>,
+    fingerprints: Fingerprints,
+    dedup: Mutex<Dedup>,
 }
 
 /// A target's writer, driven by its thread and, for a quick target with nothing queued, by the
@@ -240,6 +257,8 @@ pub struct Attachment {
     offset_ns: Arc<AtomicI64>,
     /// Why the target could not be opened.
     pub unavailable: Option<String>,
+    /// Whether its packets are deduplicated against other agents' (the policy's `dedup`).
+    dedup: bool,
 }
 
 /// `path` with `.REPLICA` before its extension (`captures/web.pcapng` → `captures/web.r1.pcapng`;
@@ -327,7 +346,7 @@ impl Mirrors {
         route: &'a mut Option<Route>,
         agent_id: &str,
         policy_version: u64,
-        lookup: impl Future<Output = Option<(String, Vec<Target>)>>,
+        lookup: impl Future<Output = Option<(String, Vec<Target>, bool)>>,
     ) -> Option<&'a [Attachment]> {
         let stale = route.as_ref().is_none_or(|r| {
             r.policy_version != policy_version
@@ -335,7 +354,7 @@ impl Mirrors {
                     && r.at.elapsed() >= RETRY_TARGET)
         });
         if stale {
-            let Some((hostname, mut targets)) = lookup.await else {
+            let Some((hostname, mut targets, dedup)) = lookup.await else {
                 self.inner
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -347,7 +366,7 @@ impl Mirrors {
             }
             let mut attachments = Vec::with_capacity(targets.len());
             for target in &targets {
-                attachments.push(self.attach(agent_id, &hostname, target).await);
+                attachments.push(self.attach(agent_id, &hostname, target, dedup).await);
             }
             *route = Some(Route {
                 policy_version,
@@ -368,8 +387,15 @@ impl Mirrors {
     }
 
     /// Attaches agent `agent_id` to `target`, opening it if no other stream has. Opening can
-    /// block (a device, a file, a name lookup), so it runs off the async threads.
-    pub async fn attach(&self, agent_id: &str, hostname: &str, target: &Target) -> Attachment {
+    /// block (a device, a file, a name lookup), so it runs off the async threads. With `dedup`,
+    /// the agent's packets are deduplicated against those of the target's other agents.
+    pub async fn attach(
+        &self,
+        agent_id: &str,
+        hostname: &str,
+        target: &Target,
+        dedup: bool,
+    ) -> Attachment {
         let stats = self.stats_for(agent_id, target);
         let k = key(target);
         let existing = {
@@ -383,6 +409,7 @@ impl Mirrors {
             stats,
             offset_ns: self.health.offset(agent_id),
             unavailable: None,
+            dedup,
         };
         if attachment.target.is_some() {
             attachment.note_target();
@@ -477,7 +504,9 @@ impl Mirrors {
                         ("failed", get(&s.dropped_failed)),
                         ("invalid", get(&s.dropped_invalid)),
                         ("target_unavailable", get(&s.dropped_unavailable)),
+                        ("duplicate", get(&s.dropped_duplicate)),
                     ]),
+                    dedup_evicted: get(&s.dedup_evicted),
                     lost_in_transit: get(&s.lost_in_transit),
                     invalid_batches: [
                         (Field::Sequence, &s.invalid_sequence),
@@ -510,7 +539,67 @@ pub fn submit_all(attachments: &[Attachment], batch: proto::MirrorBatch, observe
     last.submit(batch, observe_delay);
 }
 
+impl TargetHandle {
+    /// Takes out of `batch` the packets another agent brought first; returns how many. The keys
+    /// are computed before the table is locked, so streams hash in parallel.
+    fn deduplicate(
+        &self,
+        source: Source,
+        batch: &mut proto::MirrorBatch,
+        offset_ns: i64,
+        stats: &Stats,
+    ) -> u64 {
+        let keys: Vec<Option<u64>> = batch
+            .packets
+            .iter()
+            .map(|p| self.fingerprints.key(batch.linktype, &p.data))
+            .collect();
+        if keys.iter().all(Option::is_none) {
+            return 0;
+        }
+        let mut deliver = Vec::with_capacity(keys.len());
+        let mut evicted = 0;
+        {
+            let mut table = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
+            let now = monotonic_ns();
+            for (p, key) in batch.packets.iter().zip(&keys) {
+                let Some(key) = key else {
+                    deliver.push(true);
+                    continue;
+                };
+                // The capture time on our clock: the agent's minus its offset.
+                let captured = i64::try_from(p.timestamp_unix_nanos)
+                    .unwrap_or(i64::MAX)
+                    .saturating_sub(offset_ns);
+                let admitted = table.admit(*key, source, captured, now);
+                evicted += admitted.evicted;
+                deliver.push(admitted.deliver);
+            }
+        }
+        Stats::add(&stats.dedup_evicted, evicted);
+        let duplicates = deliver.iter().filter(|d| !**d).count() as u64;
+        if duplicates > 0 {
+            let mut keep = deliver.into_iter();
+            batch.packets.retain(|_| keep.next().unwrap_or(true));
+        }
+        duplicates
+    }
+}
+
+/// Nanoseconds on a clock that never goes back, from its first reading in this process.
+fn monotonic_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl Attachment {
+    /// Which agent its packets come from, for deduplication: the same for all its streams.
+    fn source(&self) -> Source {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(&*self.agent_id)
+    }
+
     /// Records how its target was opened in its counters, for operators.
     fn note_target(&self) {
         if let (Some(target), Ok(mut note)) = (&self.target, self.stats.target_note.lock()) {
@@ -526,9 +615,9 @@ impl Attachment {
     /// Hands a batch's packets to the target's writer, or counts why it cannot. Their delay is
     /// recorded once written if `observe_delay`: a batch whose times are not believed is still
     /// delivered.
-    pub fn submit(&self, batch: proto::MirrorBatch, observe_delay: bool) {
+    pub fn submit(&self, mut batch: proto::MirrorBatch, observe_delay: bool) {
         let n = batch.packets.len() as u64;
-        let bytes: u64 = batch.packets.iter().map(|p| p.data.len() as u64).sum();
+        let mut bytes: u64 = batch.packets.iter().map(|p| p.data.len() as u64).sum();
         let s = &self.stats;
         Stats::add(&s.received, n);
         Stats::add(&s.received_bytes, bytes);
@@ -536,6 +625,17 @@ impl Attachment {
             Stats::add(&s.dropped_unavailable, n);
             return;
         };
+        if self.dedup {
+            let offset_ns = self.offset_ns.load(Ordering::Relaxed);
+            let duplicates = target.deduplicate(self.source(), &mut batch, offset_ns, s);
+            if duplicates > 0 {
+                Stats::add(&s.dropped_duplicate, duplicates);
+                if batch.packets.is_empty() {
+                    return;
+                }
+                bytes = batch.packets.iter().map(|p| p.data.len() as u64).sum();
+            }
+        }
         let job = Job {
             agent_id: self.agent_id.clone(),
             hostname: self.hostname.clone(),
@@ -596,6 +696,8 @@ fn spawn_writer(writer: Box<dyn Writer>, name: String) -> TargetHandle {
         queued_bytes,
         shared,
         note,
+        fingerprints: Fingerprints::default(),
+        dedup: Mutex::new(Dedup::default()),
     }
 }
 
@@ -726,6 +828,7 @@ mod tests {
             stats: Arc::default(),
             offset_ns: Arc::default(),
             unavailable: None,
+            dedup: true,
         };
         // Too large to write inline: queued, and its write waits at the gate.
         attachment.submit(batch(1, INLINE_PACKETS + 1), true);
@@ -761,6 +864,7 @@ mod tests {
             stats: Arc::default(),
             offset_ns: Arc::default(),
             unavailable: None,
+            dedup: true,
         }
     }
 
@@ -811,6 +915,62 @@ mod tests {
         }
     }
 
+    /// One IPv4 UDP packet with this TTL, in an Ethernet frame whose MACs are `mark`.
+    fn udp_batch(mark: u8, ttl: u8) -> proto::MirrorBatch {
+        let mut data = vec![mark; 12];
+        data.extend([0x08, 0x00, 0x45, 0, 0, 30, 0, 1, 0, 0, ttl, 17, 0, 0]);
+        data.extend([
+            10, 0, 0, 1, 10, 0, 0, 2, 0x13, 0x88, 0x17, 0x70, 0, 10, 0, 0, 0xaa, 0xbb,
+        ]);
+        proto::MirrorBatch {
+            linktype: 1,
+            packets: vec![proto::Packet {
+                timestamp_unix_nanos: 1_000_000_000,
+                original_length: data.len() as u32,
+                data: data.into(),
+            }],
+            ..proto::MirrorBatch::default()
+        }
+    }
+
+    /// Both ends of a connection send the target the same packet: it is written once, the other
+    /// copy counts as a duplicate (and as received, so the stream's loss accounting holds). An
+    /// agent whose policy turns dedup off has every packet written.
+    #[test]
+    fn a_target_fed_by_two_agents_writes_each_packet_once() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let target = Arc::new(spawn_writer(
+            Box::new(Recorder {
+                seen: seen.clone(),
+                gate: None,
+            }),
+            "test".into(),
+        ));
+        let on = |agent: &str, dedup| Attachment {
+            agent_id: agent.into(),
+            hostname: agent.into(),
+            target: Some(target.clone()),
+            stats: Arc::default(),
+            offset_ns: Arc::default(),
+            unavailable: None,
+            dedup,
+        };
+        let (sender, receiver, other) = (on("a1", true), on("a2", true), on("a3", false));
+        sender.submit(udp_batch(1, 64), true);
+        receiver.submit(udp_batch(2, 63), true);
+        // The same agent again: a retransmission, delivered.
+        sender.submit(udp_batch(1, 64), true);
+        other.submit(udp_batch(3, 62), true);
+        let count =
+            |a: &Attachment, c: fn(&Stats) -> &AtomicU64| c(&a.stats).load(Ordering::Relaxed);
+        assert_eq!(*seen.lock().unwrap(), vec![1, 1, 3]);
+        assert_eq!(count(&receiver, |s| &s.dropped_duplicate), 1);
+        assert_eq!(count(&receiver, |s| &s.received), 1);
+        assert_eq!(count(&receiver, |s| &s.written), 0);
+        assert_eq!(count(&sender, |s| &s.written), 2);
+        assert_eq!(count(&other, |s| &s.dropped_duplicate), 0);
+    }
+
     #[test]
     fn a_replica_s_name_goes_before_the_extension() {
         assert_eq!(replica_file("web.pcapng", "r1"), "web.r1.pcapng");
@@ -830,7 +990,7 @@ mod tests {
             .naming_files_after("r2");
         let mut route = None;
         let target: Target = "pcap:caps.pcapng".parse().unwrap();
-        let found = async { Some(("web-1".to_string(), vec![target])) };
+        let found = async { Some(("web-1".to_string(), vec![target], true)) };
         let attachment = &mirrors.route(&mut route, "a1", 1, found).await.unwrap()[0];
         assert!(
             attachment.unavailable.is_none(),
@@ -855,7 +1015,7 @@ mod tests {
         );
         assert_eq!(mirrors.batches_no_route(), 1);
         // With a route, batches of that version go to its target and nothing more is dropped.
-        let found = async { Some(("web-1".to_string(), vec![])) };
+        let found = async { Some(("web-1".to_string(), vec![], true)) };
         assert!(mirrors.route(&mut route, "a1", 1, found).await.is_some());
         let looked = std::sync::atomic::AtomicBool::new(false);
         let again = async {
@@ -888,12 +1048,13 @@ mod tests {
             Some((
                 "web-1".to_string(),
                 vec![Target::Interface("tg-missing0".into())],
+                true,
             ))
         };
         let (mut broken, mut working) = (None, None);
         let attached = mirrors.route(&mut broken, "a1", 1, missing).await.unwrap();
         assert!(attached[0].unavailable.is_some());
-        let found = async { Some(("web-2".to_string(), vec![Target::None])) };
+        let found = async { Some(("web-2".to_string(), vec![Target::None], true)) };
         let attached = mirrors.route(&mut working, "a2", 1, found).await.unwrap();
         assert!(attached[0].unavailable.is_none());
         let looked = std::sync::atomic::AtomicBool::new(false);

@@ -1,6 +1,7 @@
 //! The virtual TAP's controller side: agents' mirrored packets, routed to their policy's targets.
 
 pub mod check;
+mod dedup;
 mod hub;
 pub mod targets;
 

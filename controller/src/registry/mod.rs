@@ -74,6 +74,8 @@ impl std::fmt::Display for CloseReason {
 pub struct MirrorRoute {
     pub targets: Vec<tapgraph::policy::Target>,
     pub hostname: String,
+    /// Whether the agent's packets are deduplicated at its targets (the policy's `dedup`).
+    pub dedup: bool,
 }
 
 /// A registered session: its number, and the signal that the registry ended it.

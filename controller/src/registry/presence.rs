@@ -102,6 +102,8 @@ pub struct RemoteTarget {
     pub packets_written: u64,
     pub bytes_written: u64,
     pub dropped: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub dedup_evicted: u64,
     pub lost_in_transit: u64,
     pub invalid_batches: BTreeMap<String, u64>,
     pub last_error: Option<String>,
@@ -1390,6 +1392,7 @@ mod tests {
             packets_written: 29,
             bytes_written: 2_900,
             dropped: BTreeMap::from([("queue", 1)]),
+            dedup_evicted: 0,
             lost_in_transit: 0,
             invalid_batches: BTreeMap::new(),
             last_error: None,

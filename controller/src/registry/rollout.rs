@@ -40,6 +40,7 @@ impl RegistryTask {
         Some(MirrorRoute {
             targets: spec.targets,
             hostname: agent.view.hostname.clone(),
+            dedup: spec.dedup,
         })
     }
 

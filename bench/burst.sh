@@ -6,6 +6,8 @@
 #   sudo bench/burst.sh                                  # steady and flood, every target: ≈ 3 minutes
 #   sudo TARGETS="interface naive" SHAPES=flood ROW_S=20 bench/burst.sh
 #   sudo TAPGRAPH_BIN=/tmp/burst-target/release DIAG=1 KEEP_LOGS=/tmp/burst bench/burst.sh
+#   sudo RING=4MiB TAPGRAPH_CAPTURE__REALTIME=false TAPGRAPH_MIRROR__REALTIME=false bench/burst.sh
+#       # as before issue 22's fixes: the old ring, the packet-path threads at the default policy
 #
 # Hosts are network namespaces made here and deleted on exit, with every process started in them:
 #
@@ -188,7 +190,7 @@ analyzer_args() {
   esac
 }
 policy() { ctl policy set burst --all --interface src0 --filter 'tcp port 6379' --mode "$MODE" \
-  --limit "$LIMIT" --breach-intervals 0 "$@" >/dev/null && ctl policy status burst --wait --timeout 30s >/dev/null; }
+  --limit "$LIMIT" --breach-intervals 0 --heartbeat-interval 1s ${RING:+--buffer-size "$RING"} "$@" >/dev/null && ctl policy status burst --wait --timeout 30s >/dev/null; }
 
 naive_start() {
   ip netns exec "$NS_HUB" sh -c "socat -u TCP-LISTEN:5555,reuseaddr - 2>'$work/log/naive-socat-hub.log' \
@@ -450,7 +452,7 @@ for shape in $SHAPES; do
 done
 
 echo
-echo "Command: $(for v in SHAPES TARGETS ROW_S STEADY_CONNS STEADY_INTERVAL FLOOD_CLIENTS FLOOD_PIPELINE BURSTS BURST_ON_S BURST_OFF_S LIMIT MODE; do printf '%s="%s" ' "$v" "${!v}"; done)bench/burst.sh (at $(git rev-parse --short HEAD 2>/dev/null), $(date +%F))"
+echo "Command: $(for v in SHAPES TARGETS ROW_S STEADY_CONNS STEADY_INTERVAL FLOOD_CLIENTS FLOOD_PIPELINE BURSTS BURST_ON_S BURST_OFF_S LIMIT MODE RING TAPGRAPH_CAPTURE__REALTIME TAPGRAPH_MIRROR__REALTIME; do [ -n "${!v:-}" ] || continue; printf '%s="%s" ' "$v" "${!v}"; done)bench/burst.sh (at $(git rev-parse --short HEAD 2>/dev/null), $(date +%F))"
 echo
 echo "| load | pipeline | offered pps: mean / peak 1 s | delivered | missing | reordered | altered | delay p50 / p99 / max (ms) | lost per stage: agent kernel / limiter / queue / batches lost in transit / controller queue / failed | controller capture→write p50 / p99 (ms) | CPU src / hub (of a core) | machine busy | rec / ana tcpdump drops | others' load |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"

@@ -8,6 +8,7 @@
 #   sudo TAPGRAPH_BIN=/tmp/burst-target/release DIAG=1 KEEP_LOGS=/tmp/burst bench/burst.sh
 #   sudo RING=4MiB TAPGRAPH_CAPTURE__REALTIME=false TAPGRAPH_MIRROR__REALTIME=false bench/burst.sh
 #       # as before issue 22's fixes: the old ring, the packet-path threads at the default policy
+#   sudo HOGS=2 bench/burst.sh     # and src also runs two CPU-bound loops during each row
 #
 # Hosts are network namespaces made here and deleted on exit, with every process started in them:
 #
@@ -234,7 +235,9 @@ tcpdump_stop() {  # PID LOG → its "dropped by kernel" count
 # The load. load SHAPE: runs it in cli for ROW_S (steady) or BURSTS × BURST_ON_S (flood); sets
 # LOAD_S, the seconds of load.
 load() {
-  local i pids=()
+  local i pids=() hogs=()
+  # HOGS busy loops on src for the row: the monitored host also runs CPU-bound work.
+  for i in $(seq "${HOGS:-0}"); do ip netns exec "$NS_SRC" sh -c 'while :; do :; done' & hogs+=($!); done
   case $1 in
     steady)
       for i in $(seq "$STEADY_CONNS"); do
@@ -254,6 +257,7 @@ load() {
       LOAD_S=$((BURSTS * BURST_ON_S)) ;;
     *) echo "$BENCH: unknown shape $1 (steady flood)" >&2; exit 2 ;;
   esac
+  [ ${#hogs[@]} = 0 ] || { kill "${hogs[@]}" 2>/dev/null; wait "${hogs[@]}" 2>/dev/null || true; }
 }
 
 # The product's counters: `tapgraphctl -o json mirror` and the controller's delay histogram.
@@ -452,7 +456,7 @@ for shape in $SHAPES; do
 done
 
 echo
-echo "Command: $(for v in SHAPES TARGETS ROW_S STEADY_CONNS STEADY_INTERVAL FLOOD_CLIENTS FLOOD_PIPELINE BURSTS BURST_ON_S BURST_OFF_S LIMIT MODE RING TAPGRAPH_CAPTURE__REALTIME TAPGRAPH_MIRROR__REALTIME; do [ -n "${!v:-}" ] || continue; printf '%s="%s" ' "$v" "${!v}"; done)bench/burst.sh (at $(git rev-parse --short HEAD 2>/dev/null), $(date +%F))"
+echo "Command: $(for v in SHAPES TARGETS ROW_S STEADY_CONNS STEADY_INTERVAL FLOOD_CLIENTS FLOOD_PIPELINE BURSTS BURST_ON_S BURST_OFF_S LIMIT MODE HOGS RING TAPGRAPH_CAPTURE__REALTIME TAPGRAPH_MIRROR__REALTIME; do [ -n "${!v:-}" ] || continue; printf '%s="%s" ' "$v" "${!v}"; done)bench/burst.sh (at $(git rev-parse --short HEAD 2>/dev/null), $(date +%F))"
 echo
 echo "| load | pipeline | offered pps: mean / peak 1 s | delivered | missing | reordered | altered | delay p50 / p99 / max (ms) | lost per stage: agent kernel / limiter / queue / batches lost in transit / controller queue / failed | controller capture→write p50 / p99 (ms) | CPU src / hub (of a core) | machine busy | rec / ana tcpdump drops | others' load |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"

@@ -110,7 +110,7 @@ trap 'exit 130' INT TERM
 # --- Build. Binaries are copied to $work/bin, so that this run's processes are known by path.
 cargo build --release --locked -p tapgraph --example udpgen >/dev/null
 mkdir -p "$work/bin" "$work/log"
-cp target/release/examples/udpgen "$work/bin/"
+cp "${CARGO_TARGET_DIR:-target}"/release/examples/udpgen "$work/bin/"
 UDPGEN=$work/bin/udpgen
 
 on1() { local ns=$1; shift; ip netns exec "$ns" taskset -c 1 "$@"; }   # the pipeline's core

@@ -197,27 +197,13 @@ mod tests {
     use nix::sched::CloneFlags;
     use nix::sys::socket::{SockProtocol, recv};
 
-    use super::super::frame::SYNTHETIC_DST;
-    use super::super::tests::packet;
+    use super::super::tests::{origin, packet};
     use super::*;
 
     const SRC: [u8; 6] = [0x02, 0x74, 0x67, 0xaa, 0xbb, 0xcc];
 
-    fn origin(linktype: u32) -> Origin<'static> {
-        Origin {
-            agent_id: "a1",
-            hostname: "web-1",
-            interface: "eth0",
-            linktype,
-            snaplen: 0,
-        }
-    }
-
-    /// An Ethernet frame of `len` bytes from [`SRC`], IPv4, its payload marked with `mark`.
     fn ether(len: usize, mark: u8) -> Vec<u8> {
-        let mut f = [&SYNTHETIC_DST[..], &SRC, &[0x08, 0x00, 0x45]].concat();
-        f.resize(len, mark);
-        f
+        super::super::tests::ether(SRC, len, mark)
     }
 
     /// Runs `test` on a thread in a new network namespace holding the veth pair tgt0 - tgt1

@@ -155,6 +155,25 @@ mod tests {
         }
     }
 
+    /// The origin of the targets' tests: agent a1 (web-1) capturing eth0 with `linktype`.
+    pub(super) fn origin(linktype: u32) -> Origin<'static> {
+        Origin {
+            agent_id: "a1",
+            hostname: "web-1",
+            interface: "eth0",
+            linktype,
+            snaplen: 0,
+        }
+    }
+
+    /// An Ethernet frame of `len` bytes from `src` to the synthetic destination, IPv4, its
+    /// payload marked with `mark`.
+    pub(super) fn ether(src: [u8; 6], len: usize, mark: u8) -> Vec<u8> {
+        let mut f = [&frame::SYNTHETIC_DST[..], &src, &[0x08, 0x00, 0x45]].concat();
+        f.resize(len, mark);
+        f
+    }
+
     #[test]
     fn none_counts_and_discards() {
         let mut w = open(&Target::None, Path::new("/nonexistent")).unwrap();

@@ -240,25 +240,13 @@ mod tests {
     use nix::sys::socket::{SockProtocol, bind, recv};
 
     use super::super::frame::{SYNTHETIC_DST, SYNTHETIC_SRC};
-    use super::super::tests::packet;
+    use super::super::tests::{origin, packet};
     use super::*;
 
     const SRC: [u8; 6] = [0x02, 0x74, 0x67, 0xaa, 0xbb, 0xcd];
 
-    fn origin(linktype: u32) -> Origin<'static> {
-        Origin {
-            agent_id: "a1",
-            hostname: "web-1",
-            interface: "eth0",
-            linktype,
-            snaplen: 0,
-        }
-    }
-
     fn ether(len: usize, mark: u8) -> Vec<u8> {
-        let mut f = [&SYNTHETIC_DST[..], &SRC, &[0x08, 0x00, 0x45]].concat();
-        f.resize(len, mark);
-        f
+        super::super::tests::ether(SRC, len, mark)
     }
 
     /// Runs `test` on a thread in a new network namespace (gone with the thread); `None` without

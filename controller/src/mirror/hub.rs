@@ -625,10 +625,7 @@ impl Attachment {
             Stats::add(&s.dropped_unavailable, n);
             return;
         };
-        // Only a target that another stream also feeds can receive a copy: one agent's stream
-        // alone (the usual case) skips the hashing. A second agent's first packets, within the
-        // window of its arrival, may then be delivered twice once.
-        if self.dedup && Arc::strong_count(target) > 1 {
+        if self.dedup {
             let offset_ns = self.offset_ns.load(Ordering::Relaxed);
             let duplicates = target.deduplicate(self.source(), &mut batch, offset_ns, s);
             if duplicates > 0 {

@@ -272,6 +272,14 @@ impl Lab {
         })
     }
 
+    /// Sets policy `tap` to capture `filter` on src's lan0, with `more` flags (limit, targets…);
+    /// returns the refusal, if any, as [`Lab::policy`].
+    pub(crate) fn capture(&self, filter: &str, more: &[&str]) -> Option<String> {
+        let mut args = vec!["--capture", "--interface", "lan0", "--filter", filter];
+        args.extend_from_slice(more);
+        self.policy(&args)
+    }
+
     /// Sends `count` UDP datagrams from peer to src:`port`, `gap` apart, with random payloads of
     /// `sizes` bytes (seeded: the same run sends the same bytes).
     pub(crate) fn send(
@@ -334,17 +342,7 @@ fn mirrored_packets_arrive_byte_identical_in_order_on_every_target() {
     let f = filter(PORT);
 
     // Reinjection into span0: the analyzer on span1 sees exactly what crossed lan0.
-    let refused = lab.policy(&[
-        "--capture",
-        "--interface",
-        "lan0",
-        "--filter",
-        &f,
-        "--limit",
-        "100Mbit",
-        "--target",
-        "interface:span0",
-    ]);
+    let refused = lab.capture(&f, &["--limit", "100Mbit", "--target", "interface:span0"]);
     assert_eq!(refused, None);
     let at_src = Dump::start(&lab, &lab.src, "src-1", "lan0", &f);
     let at_span = Dump::start(&lab, &lab.span, "span-1", "span1", &f);

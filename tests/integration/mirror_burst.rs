@@ -11,7 +11,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 
 use crate::harness::{require_root, wait_for};
-use crate::mirror::{Lab, PORT, filter};
+use crate::mirror::{Lab, PORT};
 
 const STALL: Duration = Duration::from_millis(24);
 const COUNT: usize = 1000;
@@ -29,6 +29,9 @@ fn stalled_burst(lab: &Lab, round: usize) -> (u64, u64) {
     };
     let dropped = kernel(lab);
     let stall = std::thread::spawn(move || {
+        // The stall is the test's one timing: a busy test machine must not lengthen it past
+        // what the default ring holds, so this thread takes a CPU as the capture thread does.
+        tapgraph::runtime::realtime_thread("stall");
         // `send` warms the neighbour up for 100 ms first.
         std::thread::sleep(Duration::from_millis(200));
         kill(agent, Signal::SIGSTOP).unwrap();
@@ -42,13 +45,13 @@ fn stalled_burst(lab: &Lab, round: usize) -> (u64, u64) {
         Duration::from_micros(200),
     );
     stall.join().unwrap();
-    // The capture thread reads the kernel's counter every second even when idle, and the agent
-    // reports it with its next control record (every 1 s with this policy).
-    std::thread::sleep(Duration::from_secs(3));
-    let lost = kernel(lab) - dropped;
-    let delivered = wait_for("the burst written", Duration::from_secs(10), || {
-        let now = lab.written("interface:span0") - written;
-        (now + lost >= COUNT as u64).then_some(now)
+    // Until every packet is written or counted as a kernel drop: the capture thread reads the
+    // kernel's counter every second even when idle, and the agent reports it with its next
+    // control record (every 1 s with this policy).
+    let (lost, delivered) = wait_for("the burst accounted for", Duration::from_secs(15), || {
+        let lost = kernel(lab) - dropped;
+        let delivered = lab.written("interface:span0") - written;
+        (delivered + lost == COUNT as u64).then_some((lost, delivered))
     });
     eprintln!("round {round}: {lost} lost in the kernel ring, {delivered} delivered");
     (lost, delivered)
@@ -62,36 +65,30 @@ fn a_stalled_capture_loses_nothing_with_the_default_ring_and_the_old_one_counts_
         return;
     }
     let lab = Lab::new();
+    // Each round sends to its own port (`stalled_burst`).
     let f = format!("udp and dst portrange {}-{}", PORT, PORT + 1);
-    assert_ne!(f, filter(PORT));
     let set = |ring: &str| {
-        lab.policy(&[
-            "--capture",
-            "--interface",
-            "lan0",
-            "--filter",
+        lab.capture(
             &f,
-            "--limit",
-            "100Mbit",
-            "--heartbeat-interval",
-            "1s",
-            "--target",
-            "interface:span0",
-            "--buffer-size",
-            ring,
-        ])
+            &[
+                "--limit",
+                "100Mbit",
+                "--heartbeat-interval",
+                "1s",
+                "--target",
+                "interface:span0",
+                "--buffer-size",
+                ring,
+            ],
+        )
     };
     // The old ring: 16 blocks last 16 ms, and the agent is away for 24.
     assert_eq!(set("4MiB"), None);
     let (lost, delivered) = stalled_burst(&lab, 0);
+    // Every packet is delivered or counted (`stalled_burst` waits for that, or fails).
     assert!(
         lost > 0,
         "the old ring should have overflowed while the agent was stopped (delivered {delivered})"
-    );
-    assert_eq!(
-        lost + delivered,
-        COUNT as u64,
-        "every packet is delivered or counted"
     );
 
     // The default ring: 32 blocks last 32 ms.

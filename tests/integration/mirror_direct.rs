@@ -73,11 +73,6 @@ fn direct_mode_sends_vxlan_and_gre_from_the_agent_and_the_controller_only_counts
     let f = filter(PORT);
     let policy = |target: &[&str]| {
         let mut args = vec![
-            "--capture",
-            "--interface",
-            "lan0",
-            "--filter",
-            &f,
             "--limit",
             "100Mbit",
             "--heartbeat-interval",
@@ -85,7 +80,7 @@ fn direct_mode_sends_vxlan_and_gre_from_the_agent_and_the_controller_only_counts
             "--direct",
         ];
         args.extend_from_slice(target);
-        lab.policy(&args)
+        lab.capture(&f, &args)
     };
 
     // Refused where the agent cannot send: the offending target is named.

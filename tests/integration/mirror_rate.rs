@@ -19,21 +19,19 @@ fn over_the_limit_capture_stops_after_exactly_n_intervals() {
     let (interval_ms, n) = (400u64, 3u64);
     let at_src = Dump::start(&lab, &lab.src, "src", "lan0", &f);
     assert_eq!(
-        lab.policy(&[
-            "--capture",
-            "--interface",
-            "lan0",
-            "--filter",
+        lab.capture(
             &f,
-            "--limit",
-            "2Mbit",
-            "--check-interval",
-            &format!("{interval_ms}ms"),
-            "--breach-intervals",
-            &n.to_string(),
-            "--target",
-            "none",
-        ]),
+            &[
+                "--limit",
+                "2Mbit",
+                "--check-interval",
+                &format!("{interval_ms}ms"),
+                "--breach-intervals",
+                &n.to_string(),
+                "--target",
+                "none",
+            ],
+        ),
         None
     );
     // 1,000 B every 1 ms: 8 Mbit/s for 3 s, well past the breach.
@@ -83,19 +81,17 @@ fn the_token_bucket_holds_the_delivered_rate_to_the_limit() {
     let f = filter(PORT);
     let limit_bps = 2_000_000u64;
     assert_eq!(
-        lab.policy(&[
-            "--capture",
-            "--interface",
-            "lan0",
-            "--filter",
+        lab.capture(
             &f,
-            "--limit",
-            "2Mbit",
-            "--breach-intervals",
-            "0",
-            "--target",
-            "interface:span0",
-        ]),
+            &[
+                "--limit",
+                "2Mbit",
+                "--breach-intervals",
+                "0",
+                "--target",
+                "interface:span0",
+            ],
+        ),
         None
     );
     let at_src = Dump::start(&lab, &lab.src, "src", "lan0", &f);

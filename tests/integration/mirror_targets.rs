@@ -110,17 +110,7 @@ fn tap_gre_and_erspan_targets_deliver_the_frames_byte_identical_in_order() {
 
     // tap: the controller creates span9 on the first batch; the frames after it arrive on its
     // receive path.
-    let refused = lab.policy(&[
-        "--capture",
-        "--interface",
-        "lan0",
-        "--filter",
-        &f,
-        "--limit",
-        "100Mbit",
-        "--target",
-        "tap:span9",
-    ]);
+    let refused = lab.capture(&f, &["--limit", "100Mbit", "--target", "tap:span9"]);
     assert_eq!(refused, None);
     lab.send(PORT, 3, 100..200, Duration::from_millis(1));
     let stats = lab.wait_written("tap:span9", 3);

@@ -321,7 +321,7 @@ const TABLE: &[Field<View>] = &[
     ),
     counter_by(
         "tapgraph_snapshot_read_failures",
-        "Connection-table reads that failed, by source, one per table read: sock_diag (that table read from /proc/net instead), proc_net (a socket table; the snapshot or that namespace is skipped), procs (the process list; the snapshot is skipped).",
+        "Connection-table reads that failed, by source, one per table read: sock_diag (that table read from /proc/net instead), proc_net (a socket table; the snapshot or that namespace is skipped), procs (the process list; the snapshot is skipped), conntrack (the kernel's address translations; that snapshot shows connections through NAT as dialled).",
         "source",
         |v| {
             let reads = &v.metrics.snapshot_drops.table_reads;
@@ -329,7 +329,17 @@ const TABLE: &[Field<View>] = &[
                 ("sock_diag", reads.sock_diag.load(Ordering::Relaxed)),
                 ("proc_net", reads.proc_net.load(Ordering::Relaxed)),
                 ("procs", reads.procs.load(Ordering::Relaxed)),
+                ("conntrack", reads.conntrack.load(Ordering::Relaxed)),
             ])
+        },
+    ),
+    counter_by(
+        "tapgraph_snapshot_dropped_nat_flows",
+        "Translated flows (conntrack DNAT) a snapshot left out, by reason (over_limit: more than one snapshot keeps; their connections show the address they dialled).",
+        "reason",
+        |v| {
+            let reads = &v.metrics.snapshot_drops.table_reads;
+            by(&[("over_limit", reads.nat_dropped.load(Ordering::Relaxed))])
         },
     ),
     gauge(

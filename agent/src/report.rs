@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tapgraph::proto;
 
 use crate::shortlived::{self, Catch, Catcher};
+use crate::snapshot::conntrack::NatFront;
 use crate::snapshot::{
     self, Direction, EntryKey, EntryValue, Listener, ProcessKey, Scope, Snapshotter, Table,
     direction,
@@ -99,6 +100,7 @@ pub fn merge_catches(
                 server_port: c.server_port,
                 protocol: snapshot::Protocol::Tcp,
                 process,
+                via: None,
             };
             let control = control_plane
                 .iter()
@@ -148,6 +150,22 @@ fn entry(k: &EntryKey, v: Option<&EntryValue>, short_lived: bool) -> proto::Conn
         netns: k.netns.clone(),
         container: k.process.container.clone(),
         short_lived,
+        via: k.via.map(|v| v.to_string()).unwrap_or_default(),
+    }
+}
+
+fn nat_fronts(fronts: &BTreeSet<NatFront>) -> proto::NatFronts {
+    proto::NatFronts {
+        fronts: fronts
+            .iter()
+            .map(|f| proto::NatFront {
+                protocol: protocol(f.protocol),
+                front_ip: f.front.ip().to_string(),
+                front_port: u32::from(f.front.port()),
+                backend_ip: f.backend.ip().to_string(),
+                backend_port: u32::from(f.backend.port()),
+            })
+            .collect(),
     }
 }
 
@@ -248,6 +266,9 @@ impl Reporter {
                     .collect();
                 msg.removed_listeners =
                     d.listeners_removed.iter().map(|l| listener(l, 0)).collect();
+                if prev.nat_fronts != table.nat_fronts {
+                    msg.nat = Some(nat_fronts(&table.nat_fronts));
+                }
             }
             _ => {
                 msg.full = true;
@@ -261,6 +282,7 @@ impl Reporter {
                     .iter()
                     .map(|(l, pid)| listener(l, *pid))
                     .collect();
+                msg.nat = Some(nat_fronts(&table.nat_fronts));
             }
         }
         self.sent = Some(table);
@@ -424,6 +446,7 @@ mod tests {
                 server_port: 80,
                 protocol: snapshot::Protocol::Tcp,
                 process: ProcessKey::default(),
+                via: None,
             },
             EntryValue {
                 sockets: 3,

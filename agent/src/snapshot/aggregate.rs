@@ -15,16 +15,30 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
+use super::conntrack::Translations;
 use super::direction::{Direction, Listening, Role, role};
 use super::{EntryKey, EntryValue, Listener, ProcessKey, Protocol, SocketRow, Table};
 
 /// Builds the table from one namespace's parsed rows; `owner` maps an inode to the pid and
 /// process holding it. `netns` tags every row (empty for the agent's own namespace).
+#[cfg(test)]
 pub(crate) fn build<'a>(
     rows: &[SocketRow],
     netns: &str,
     owner: impl Fn(u64) -> Option<(u32, &'a ProcessKey)>,
     control_plane: &[SocketAddr],
+) -> Table {
+    build_with(rows, netns, owner, control_plane, &Translations::default())
+}
+
+/// [`build`], with the kernel's address translations: a connection the kernel translated is a
+/// row towards its backend, `via` the address its socket dialled.
+pub(crate) fn build_with<'a>(
+    rows: &[SocketRow],
+    netns: &str,
+    owner: impl Fn(u64) -> Option<(u32, &'a ProcessKey)>,
+    control_plane: &[SocketAddr],
+    nat: &Translations,
 ) -> Table {
     let control_plane: Vec<SocketAddr> = control_plane
         .iter()
@@ -34,7 +48,15 @@ pub(crate) fn build<'a>(
     let mut table = Table::default();
     table.stats.sockets_read = rows.len() as u64;
     // Grouped by pid first, so a process key is cloned once per group, not once per socket.
-    type Group = (Direction, IpAddr, IpAddr, u16, Protocol, u32);
+    type Group = (
+        Direction,
+        IpAddr,
+        IpAddr,
+        u16,
+        Protocol,
+        u32,
+        Option<SocketAddr>,
+    );
     let mut groups: HashMap<Group, (u32, bool, &ProcessKey)> = HashMap::new();
     for row in rows {
         let role = role(row);
@@ -57,22 +79,29 @@ pub(crate) fn build<'a>(
             *lowest = (*lowest).min(pid);
             continue;
         }
-        let (direction, server_port) = listening.direction(row.protocol, row.local, row.remote);
+        let (remote, via) = match nat.backend(row.protocol, row.local, row.remote) {
+            Some(backend) => (backend, Some(row.remote)),
+            None => (row.remote, None),
+        };
+        let (direction, server_port) = listening.direction(row.protocol, row.local, remote);
         let group = groups
             .entry((
                 direction,
                 row.local.ip(),
-                row.remote.ip(),
+                remote.ip(),
                 server_port,
                 row.protocol,
                 pid,
+                via,
             ))
             .or_insert((0, false, process));
         group.0 = group.0.saturating_add(1);
         group.1 |= control_plane.contains(&row.remote);
     }
-    for ((direction, local_ip, remote_ip, server_port, protocol, pid), (sockets, cp, process)) in
-        groups
+    for (
+        (direction, local_ip, remote_ip, server_port, protocol, pid, via),
+        (sockets, cp, process),
+    ) in groups
     {
         let key = EntryKey {
             netns: netns.to_string(),
@@ -82,6 +111,7 @@ pub(crate) fn build<'a>(
             server_port,
             protocol,
             process: process.clone(),
+            via,
         };
         let value = table.entries.entry(key).or_insert(EntryValue {
             sockets: 0,

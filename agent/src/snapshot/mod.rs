@@ -11,6 +11,7 @@
 //! - here: the table's types, and the [`Delta`] between two tables that is sent after the first.
 
 mod aggregate;
+pub mod conntrack;
 mod diag;
 pub mod direction;
 pub mod netns;
@@ -18,9 +19,9 @@ mod proc_net;
 mod procs;
 mod reader;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 #[cfg(test)]
@@ -46,6 +47,9 @@ pub struct EntryKey {
     pub protocol: Protocol,
     /// Name and cmdline, not the pid, so restarts of a daemon do not churn.
     pub process: ProcessKey,
+    /// The address a client dialled when the kernel translated it (conntrack DNAT): `remote_ip`
+    /// and `server_port` are then the backend's.
+    pub via: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -81,6 +85,8 @@ pub struct Table {
     pub entries: BTreeMap<EntryKey, EntryValue>,
     /// Listener → lowest pid listening.
     pub listeners: BTreeMap<Listener, u32>,
+    /// Addresses this host translates for clients elsewhere (see [`conntrack`]).
+    pub nat_fronts: BTreeSet<conntrack::NatFront>,
     pub stats: Stats,
 }
 
@@ -265,6 +271,7 @@ mod tests {
                     Protocol::Tcp
                 },
                 process: process(["a", "b"][(next() % 2) as usize]),
+                via: None,
             };
             let value = EntryValue {
                 sockets: (next() % 4 + 1) as u32,

@@ -25,7 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tapgraph::proto;
 
 use super::direction::{Role, role};
-use super::{Protocol, SnapshotError, SocketRow, Table, aggregate, diag, netns, proc_net, procs};
+use super::{
+    Protocol, SnapshotError, SocketRow, Table, aggregate, conntrack, diag, netns, proc_net, procs,
+};
 
 /// Table reads that failed, by source, since the agent started. Shared with `/metrics`.
 #[derive(Debug, Default)]
@@ -37,6 +39,10 @@ pub struct ReadFailures {
     pub proc_net: AtomicU64,
     /// The process list or the namespace list that could not be read.
     pub procs: AtomicU64,
+    /// A conntrack dump that failed (that snapshot sees no NAT).
+    pub conntrack: AtomicU64,
+    /// Translated flows left out of a snapshot beyond [`conntrack::MAX_FLOWS`].
+    pub nat_dropped: AtomicU64,
 }
 
 impl ReadFailures {
@@ -123,6 +129,8 @@ pub struct Snapshotter {
     diag_failed: HashSet<(u64, &'static str)>,
     /// Scope `all`: the other namespaces the last snapshot read, with the pid it read them through.
     others: Vec<(netns::Namespace, u32)>,
+    /// The agent's own namespace's conntrack: `None` until opened, or once it failed (logged).
+    conntrack: Option<Result<conntrack::ConntrackReader, ()>>,
     failures: Arc<ReadFailures>,
 }
 
@@ -146,6 +154,7 @@ impl Snapshotter {
             diag: HashMap::new(),
             diag_failed: HashSet::new(),
             others: Vec::new(),
+            conntrack: None,
             failures: Arc::default(),
         }
     }
@@ -223,6 +232,7 @@ impl Snapshotter {
                 source,
             }
         })?;
+        let nat = self.translations();
         let processes = &self.processes;
         let owner = |inode| {
             let pid = *resolution.owners.get(&inode)?;
@@ -230,13 +240,15 @@ impl Snapshotter {
         };
         let mut table = Table::default();
         for space in &spaces {
-            let part = aggregate::build(&space.rows, &space.tag, owner, &self.control_plane);
+            let part =
+                aggregate::build_with(&space.rows, &space.tag, owner, &self.control_plane, &nat);
             table.entries.extend(part.entries);
             table.listeners.extend(part.listeners);
             table.stats.sockets_read += part.stats.sockets_read;
             table.stats.unattributed += part.stats.unattributed;
         }
         table.stats.bad_lines = bad_lines;
+        table.nat_fronts = nat.fronts().clone();
         let r = &resolution.stats;
         tracing::debug!(
             namespaces = spaces.len(),
@@ -252,6 +264,48 @@ impl Snapshotter {
             "connection snapshot"
         );
         Ok(table)
+    }
+
+    /// The translated flows of the agent's own namespace (a pod's traffic is translated in its
+    /// host's namespace, so scope `all` needs no other). Empty on a fixture tree, and where
+    /// conntrack cannot be read: no NAT module loaded, or no CAP_NET_ADMIN (logged once, counted).
+    fn translations(&mut self) -> conntrack::Translations {
+        if self.proc_root != Path::new("/proc") {
+            return conntrack::Translations::default();
+        }
+        let reader = self.conntrack.get_or_insert_with(|| {
+            conntrack::ConntrackReader::open().map_err(|error| {
+                tracing::warn!(%error, "no conntrack netlink socket: connections through NAT show the address they dialled");
+            })
+        });
+        let Ok(reader) = reader else {
+            return conntrack::Translations::default();
+        };
+        match reader.dump() {
+            Ok((flows, dropped)) => {
+                if dropped > 0 {
+                    self.failures
+                        .nat_dropped
+                        .fetch_add(dropped, Ordering::Relaxed);
+                    tracing::warn!(
+                        kept = conntrack::MAX_FLOWS,
+                        dropped,
+                        "more translated flows than one snapshot keeps"
+                    );
+                }
+                if flows.is_empty() {
+                    return conntrack::Translations::default();
+                }
+                conntrack::Translations::new(flows, &self.addresses())
+            }
+            Err(error) => {
+                ReadFailures::count(&self.failures.conntrack);
+                if self.diag_failed.insert((0, "conntrack")) {
+                    tracing::warn!(%error, "cannot read conntrack: connections through NAT show the address they dialled");
+                }
+                conntrack::Translations::default()
+            }
+        }
     }
 
     /// Scope `all`: the tables of every namespace, through `/proc/PID/net` of one of its
@@ -474,6 +528,7 @@ mod tests {
                     server_port: port,
                     protocol,
                     process: py.clone(),
+                    via: None,
                 },
                 EntryValue {
                     sockets,

@@ -59,13 +59,16 @@ pub fn protocol_name(p: i32) -> &'static str {
     }
 }
 
-/// One edge as JSON: endpoints, port, protocol, process, sockets, activity, times (RFC 3339).
+/// One edge as JSON: endpoints, port, protocol, process, sockets, activity, times (RFC 3339),
+/// and `via`: the address its client dialled when NAT took it there ("" otherwise).
 pub fn edge_json(e: &proto::GraphEdge) -> serde_json::Value {
-    json!({
+    let mut v = json!({
         "from": e.from, "to": e.to, "port": e.port, "protocol": protocol_name(e.protocol),
         "process": e.process, "sockets": e.sockets, "active": e.active, "control_plane": e.control_plane,
         "first_seen": ns_time(e.first_seen_unix_nanos), "last_seen": ns_time(e.last_seen_unix_nanos),
-    })
+    });
+    v["via"] = json!(e.via);
+    v
 }
 
 /// Text for XML. Control characters, which XML 1.0 cannot hold even as references, are shown as
@@ -109,7 +112,17 @@ pub fn export(g: &proto::Graph, format: Format) -> String {
             }
             for e in &g.edges {
                 let label = if e.kind == "CONNECTS_TO" {
-                    format!("{}/{} {}", e.port, protocol_name(e.protocol), e.process)
+                    let via = if e.via.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" via {}", e.via)
+                    };
+                    format!(
+                        "{}/{} {}{via}",
+                        e.port,
+                        protocol_name(e.protocol),
+                        e.process
+                    )
                 } else {
                     e.kind.to_lowercase()
                 };
@@ -138,6 +151,7 @@ pub fn export(g: &proto::Graph, format: Format) -> String {
                  <key id=\"process\" for=\"edge\" attr.name=\"process\" attr.type=\"string\"/>\n\
                  <key id=\"sockets\" for=\"edge\" attr.name=\"sockets\" attr.type=\"int\"/>\n\
                  <key id=\"active\" for=\"edge\" attr.name=\"active\" attr.type=\"boolean\"/>\n\
+                 <key id=\"via\" for=\"edge\" attr.name=\"via\" attr.type=\"string\"/>\n\
                  <graph id=\"tapgraph\" edgedefault=\"directed\">\n",
             );
             for n in &g.nodes {
@@ -148,8 +162,8 @@ pub fn export(g: &proto::Graph, format: Format) -> String {
             }
             for e in &g.edges {
                 out.push_str(&format!(
-                    "  <edge source=\"{}\" target=\"{}\"><data key=\"kind\">{}</data><data key=\"port\">{}</data><data key=\"protocol\">{}</data><data key=\"process\">{}</data><data key=\"sockets\">{}</data><data key=\"active\">{}</data></edge>\n",
-                    xml(&e.from), xml(&e.to), xml(&e.kind), e.port, protocol_name(e.protocol), xml(&e.process), e.sockets, e.active
+                    "  <edge source=\"{}\" target=\"{}\"><data key=\"kind\">{}</data><data key=\"port\">{}</data><data key=\"protocol\">{}</data><data key=\"process\">{}</data><data key=\"sockets\">{}</data><data key=\"active\">{}</data><data key=\"via\">{}</data></edge>\n",
+                    xml(&e.from), xml(&e.to), xml(&e.kind), e.port, protocol_name(e.protocol), xml(&e.process), e.sockets, e.active, xml(&e.via)
                 ));
             }
             out.push_str("</graph>\n</graphml>\n");

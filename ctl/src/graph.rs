@@ -252,10 +252,12 @@ fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
     }
     let nodes: BTreeMap<&str, &proto::GraphNode> =
         g.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    // The VIA column only when NAT took some edge to its service.
+    let via = edges.iter().any(|e| !e.via.is_empty());
     let rows: Vec<Vec<String>> = edges
         .iter()
         .map(|e| {
-            vec![
+            let mut row = vec![
                 display(&e.from, &nodes),
                 display(&e.to, &nodes),
                 format!("{}/{}", e.port, protocol_name(e.protocol)),
@@ -267,21 +269,30 @@ fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
                 e.sockets.to_string(),
                 if e.active { "active" } else { "inactive" }.into(),
                 ns_time(e.last_seen_unix_nanos),
-            ]
+            ];
+            if via {
+                row.push(if e.via.is_empty() {
+                    "-".into()
+                } else {
+                    e.via.clone()
+                });
+            }
+            row
         })
         .collect();
-    table::print(
-        &[
-            "FROM",
-            "TO",
-            "PORT",
-            "PROCESS",
-            "SOCKETS",
-            "STATE",
-            "LAST SEEN",
-        ],
-        &rows,
-    );
+    let mut headers = vec![
+        "FROM",
+        "TO",
+        "PORT",
+        "PROCESS",
+        "SOCKETS",
+        "STATE",
+        "LAST SEEN",
+    ];
+    if via {
+        headers.push("VIA");
+    }
+    table::print(&headers, &rows);
 }
 
 pub async fn run(

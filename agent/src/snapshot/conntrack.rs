@@ -363,11 +363,12 @@ fn attributes(mut data: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), &'st
         }
         let len = usize::from(u16::from_ne_bytes([data[0], data[1]]));
         let kind = u16::from_ne_bytes([data[2], data[3]]) & NLA_TYPE_MASK;
-        let Some(payload) = data.get(NLA_HDRLEN..len).filter(|_| len >= NLA_HDRLEN) else {
+        let block = data;
+        let Some(payload) = block.get(NLA_HDRLEN..len).filter(|_| len >= NLA_HDRLEN) else {
             data = &[];
             return Some(Err("attribute length out of bounds"));
         };
-        data = data.get(len.next_multiple_of(4)..).unwrap_or(&[]);
+        data = block.get(len.next_multiple_of(4)..).unwrap_or(&[]);
         Some(Ok((kind, payload)))
     })
 }

@@ -171,6 +171,9 @@ pub struct Edge {
     pub active: bool,
     /// An agent's own connection to the controller.
     pub control_plane: bool,
+    /// The address the client dialled when NAT took the connection to this edge's service;
+    /// empty otherwise.
+    pub via: String,
 }
 
 impl Edge {
@@ -194,6 +197,7 @@ impl Edge {
             last_seen_ms: 0,
             active: true,
             control_plane: false,
+            via: String::new(),
         }
     }
 }
@@ -326,6 +330,7 @@ pub(super) fn build(model: &Model, query: &GraphQuery, now_ms: u64, ttl_ms: u64)
             last_seen_ms: e.last_seen_ms,
             active,
             control_plane: e.control_plane,
+            via: e.via.clone(),
         });
     }
     Graph {
@@ -351,6 +356,7 @@ mod tests {
                 server_port: port,
                 protocol: Protocol::Tcp,
                 process: "app".into(),
+                via: None,
             };
             let value = ObsValue {
                 sockets: 1,

@@ -3,12 +3,12 @@
 //! refused by the `check_*` functions before it reaches the model, and counted by
 //! [`Invalid::reason`]; the rest of the snapshot is taken.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tapgraph::proto;
 
 use super::Stats;
-use super::model::{AgentTable, Direction, ListenerKey, ObsKey, ObsValue, Protocol};
+use super::model::{AgentTable, Direction, ListenerKey, NatFront, ObsKey, ObsValue, Protocol};
 
 /// Longest process, namespace or container name a row may carry (Linux's NAME_MAX): a file name
 /// is the longest thing an agent puts there.
@@ -97,6 +97,22 @@ pub fn check_row(key: &ObsKey, value: &ObsValue) -> Result<(), Invalid> {
             field: "server_port",
             value: 0,
         });
+    }
+    if let Some(via) = &key.via {
+        if let Some(what) = not_an_endpoint(&via.ip(), key.protocol) {
+            return Err(Invalid::Address {
+                field: "via",
+                ip: via.ip(),
+                what,
+                role: "dialled address",
+            });
+        }
+        if via.port() == 0 {
+            return Err(Invalid::Port {
+                field: "via",
+                value: 0,
+            });
+        }
     }
     if value.sockets > MAX_SOCKETS {
         return Err(Invalid::Sockets {
@@ -191,6 +207,10 @@ fn row(e: &proto::ConnectionEntry, removed: bool) -> Result<(ObsKey, ObsValue), 
         server_port: port("server_port", e.server_port)?,
         protocol,
         process,
+        via: match e.via.as_str() {
+            "" => None,
+            via => Some(via.parse().map_err(|_| malformed("via", via))?),
+        },
     };
     let value = ObsValue {
         sockets: e.sockets.max(1),
@@ -225,6 +245,28 @@ fn listener(l: &proto::ListeningService) -> Result<(ListenerKey, String), Invali
         .unwrap_or_default();
     check_listener(&key, &process)?;
     Ok((key, process))
+}
+
+/// A NAT front: both ends real endpoints of its protocol.
+fn nat_front(f: &proto::NatFront) -> Result<NatFront, Invalid> {
+    let protocol = protocol(f.protocol)?;
+    let endpoint = |field, text: &str, p: u32| -> Result<SocketAddr, Invalid> {
+        let ip = ip(field, text)?;
+        if let Some(what) = not_an_endpoint(&ip, protocol) {
+            return Err(Invalid::Address {
+                field,
+                ip,
+                what,
+                role: "NAT front's endpoint",
+            });
+        }
+        Ok(SocketAddr::new(ip, port(field, p)?))
+    };
+    Ok(NatFront {
+        protocol,
+        front: endpoint("nat front", &f.front_ip, f.front_port)?,
+        backend: endpoint("nat backend", &f.backend_ip, f.backend_port)?,
+    })
 }
 
 /// Rows refused in one snapshot: how many, and the first one's reason.
@@ -283,6 +325,17 @@ pub(super) fn merge(
             Err(invalid) => skipped.add(stats, invalid),
         }
     }
+    if s.full || s.nat.is_some() {
+        table.nat_fronts.clear();
+        for f in s.nat.iter().flat_map(|n| &n.fronts) {
+            match nat_front(f) {
+                Ok(front) => {
+                    table.nat_fronts.insert(front);
+                }
+                Err(invalid) => skipped.add(stats, invalid),
+            }
+        }
+    }
     if s.full || !s.addresses.is_empty() {
         table.addresses.clear();
         for a in &s.addresses {
@@ -316,6 +369,7 @@ pub(super) mod tests {
             server_port: port,
             protocol,
             process: "app".into(),
+            via: None,
         }
     }
 
@@ -468,6 +522,61 @@ pub(super) mod tests {
         let broadcast = entry(Client, "255.255.255.255", 80, Tcp);
         assert_eq!(refused(broadcast.clone()).reason(), "address");
         row(&broadcast, true).unwrap();
+    }
+
+    #[test]
+    fn nat_views_are_read_or_refused_naming_the_field() {
+        use proto::Direction::Client;
+        use proto::Protocol::Tcp;
+        let mut through = entry(Client, "10.0.0.2", 8053, Tcp);
+        through.via = "10.96.0.10:53".into();
+        let (key, _) = row(&through, false).unwrap();
+        assert_eq!(key.via, Some("10.96.0.10:53".parse().unwrap()));
+        for (bad, reason) in [
+            ("10.96.0.10", "malformed"),
+            ("10.96.0.10:0", "port"),
+            ("255.255.255.255:53", "address"),
+        ] {
+            through.via = bad.into();
+            let e = row(&through, false).unwrap_err();
+            assert_eq!(e.reason(), reason, "{bad}: {e}");
+            assert!(e.to_string().contains("via"), "{e}");
+        }
+        let front = |front_ip: &str, front_port, backend_ip: &str| proto::NatFront {
+            protocol: Tcp as i32,
+            front_ip: front_ip.into(),
+            front_port,
+            backend_ip: backend_ip.into(),
+            backend_port: 8080,
+        };
+        let mut table = AgentTable::default();
+        let mut stats = Stats::default();
+        let full = proto::ConnectionSnapshot {
+            full: true,
+            nat: Some(proto::NatFronts {
+                fronts: vec![
+                    front("10.0.0.1", 80, "172.17.0.2"),
+                    front("10.0.0.1", 0, "172.17.0.2"),
+                    front("10.0.0.1", 81, "0.0.0.0"),
+                ],
+            }),
+            ..Default::default()
+        };
+        assert_eq!(merge(&mut table, &full, &mut stats).count, 2);
+        assert_eq!(table.nat_fronts.len(), 1);
+        // A delta without the set keeps it; one with an empty set clears it.
+        merge(
+            &mut table,
+            &proto::ConnectionSnapshot::default(),
+            &mut stats,
+        );
+        assert_eq!(table.nat_fronts.len(), 1);
+        let cleared = proto::ConnectionSnapshot {
+            nat: Some(proto::NatFronts::default()),
+            ..Default::default()
+        };
+        merge(&mut table, &cleared, &mut stats);
+        assert!(table.nat_fronts.is_empty());
     }
 
     #[test]

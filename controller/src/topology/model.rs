@@ -16,7 +16,7 @@
 //! model.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +59,10 @@ pub struct ObsKey {
     pub server_port: u16,
     pub protocol: Protocol,
     pub process: Box<str>,
+    /// The address the client dialled, when its host's kernel translated the connection: the
+    /// row is then towards the backend (`remote_ip`, `server_port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +80,15 @@ pub struct ListenerKey {
     /// As [`ObsKey::netns`]: pods of one host may all listen on `0.0.0.0:8080`.
     #[serde(default)]
     pub netns: String,
+}
+
+/// An address a host translates for clients elsewhere: connections to `front` land on
+/// `backend` (a DNAT on the way in, as for a published container port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NatFront {
+    pub protocol: Protocol,
+    pub front: SocketAddr,
+    pub backend: SocketAddr,
 }
 
 /// A graph node's identity.
@@ -137,6 +150,10 @@ pub struct Edge {
     pub last_seen_ms: u64,
     pub control_plane: bool,
     pub short_lived: bool,
+    /// The address the client dialled when the connection was translated to this edge's
+    /// service (`10.96.0.10:53`); empty for a connection made to the service itself.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub via: String,
     /// Current observations (agent, row) backing this edge; empty once they are gone.
     #[serde(skip)]
     pub reporters: Reporters,
@@ -160,6 +177,26 @@ pub struct AgentTable {
     #[serde(with = "super::persist::pairs")]
     pub entries: BTreeMap<ObsKey, ObsValue>,
     pub last_snapshot_ms: u64,
+    /// The addresses this host translates for clients elsewhere.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub nat_fronts: BTreeSet<NatFront>,
+}
+
+impl AgentTable {
+    /// Where a connection to `front` lands, when this host translates it: the lowest backend
+    /// when it balances between several (a row does not say which one it reached).
+    fn backend_of(&self, protocol: Protocol, front: SocketAddr) -> Option<SocketAddr> {
+        let from = NatFront {
+            protocol,
+            front,
+            backend: SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        self.nat_fronts
+            .range(from..)
+            .next()
+            .filter(|f| f.protocol == protocol && f.front == front)
+            .map(|f| f.backend)
+    }
 }
 
 /// A hash table this much larger than what it holds gives the memory back: after a burst (one
@@ -243,7 +280,7 @@ pub struct Conflict {
 
 /// The rows a table holds, as the fleet's budget counts them.
 pub fn rows(table: &AgentTable) -> usize {
-    table.entries.len() + table.listeners.len() + table.addresses.len()
+    table.entries.len() + table.listeners.len() + table.addresses.len() + table.nat_fronts.len()
 }
 
 impl Model {
@@ -305,25 +342,45 @@ impl Model {
         })
     }
 
+    /// Where a client row really goes when the host owning its far end translates that
+    /// address (see [`NatFront`]): the backend, and the address dialled.
+    fn translated(&self, agent: &str, obs: &ObsKey) -> Option<(SocketAddr, SocketAddr)> {
+        if obs.direction != Direction::Client || obs.via.is_some() {
+            return None;
+        }
+        let owner = self.owner(agent, &obs.remote_ip)?;
+        let front = SocketAddr::new(obs.remote_ip, obs.server_port);
+        let backend = self.agents.get(&owner)?.backend_of(obs.protocol, front)?;
+        Some((backend, front))
+    }
+
+    /// The address a row's client dialled, when its connection was translated: by its own host
+    /// (the row says so) or by the host it dialled.
+    fn via(&self, agent: &str, obs: &ObsKey) -> Option<SocketAddr> {
+        obs.via
+            .or_else(|| self.translated(agent, obs).map(|(_, front)| front))
+    }
+
     fn edge_key(&self, agent: &str, obs: &ObsKey) -> EdgeKey {
         let far = |ip: &IpAddr| self.owner(agent, ip);
+        let (remote_ip, server_port) = match self.translated(agent, obs) {
+            Some((backend, _)) => (backend.ip(), backend.port()),
+            None => (obs.remote_ip, obs.server_port),
+        };
         let (from, to) = match obs.direction {
             Direction::Client => {
                 // A loopback or link-local server is this host's own, listener seen or not: as an
                 // Address node it would be one node shared by every host, joining them all.
-                let local = is_local_only(&obs.remote_ip);
-                let to = match far(&obs.remote_ip) {
-                    Some(h)
-                        if local
-                            || self.listens(&h, &obs.remote_ip, obs.server_port, obs.protocol) =>
-                    {
+                let local = is_local_only(&remote_ip);
+                let to = match far(&remote_ip) {
+                    Some(h) if local || self.listens(&h, &remote_ip, server_port, obs.protocol) => {
                         Node::Service {
                             host: h,
                             protocol: obs.protocol,
-                            port: obs.server_port,
+                            port: server_port,
                         }
                     }
-                    _ => Node::Address(obs.remote_ip),
+                    _ => Node::Address(remote_ip),
                 };
                 (Node::Host(agent.to_string()), to)
             }
@@ -343,7 +400,7 @@ impl Model {
         EdgeKey {
             from,
             to,
-            port: obs.server_port,
+            port: server_port,
             protocol: obs.protocol,
         }
     }
@@ -357,6 +414,7 @@ impl Model {
         ch: &mut Changes,
     ) {
         let key = self.edge_key(agent, obs);
+        let via = self.via(agent, obs);
         let id = (agent.to_string(), obs.clone());
         let mut changed = false;
         let edge = self.edges.entry(key.clone()).or_insert_with(|| {
@@ -369,9 +427,16 @@ impl Model {
                 last_seen_ms: now_ms,
                 control_plane: false,
                 short_lived: false,
+                via: String::new(),
                 reporters: Reporters::default(),
             }
         });
+        if let Some(via) = via.map(|v| v.to_string())
+            && via != edge.via
+        {
+            edge.via = via;
+            changed = true;
+        }
         let before = (edge.sockets, edge.control_plane, edge.short_lived);
         changed |= edge.reporters.is_empty();
         // A row seen before the edge was made dates it (the row was keyed elsewhere until its
@@ -454,6 +519,20 @@ impl Model {
     /// `ips` it talks to: a host claiming many addresses a hub talks to costs one pass over the
     /// hub's table, not one per address.
     fn rekey(&mut self, ips: &BTreeSet<IpAddr>, ch: &mut Changes) {
+        // Rows towards a front land on its backend: they move with the backend's owner too.
+        let fronts: BTreeSet<IpAddr> = self
+            .agents
+            .values()
+            .flat_map(|t| &t.nat_fronts)
+            .filter(|f| ips.contains(&f.backend.ip()))
+            .map(|f| f.front.ip())
+            .collect();
+        let ips: BTreeSet<IpAddr> = if fronts.is_empty() {
+            ips.clone()
+        } else {
+            ips.union(&fronts).copied().collect()
+        };
+        let ips = &ips;
         let agents: BTreeSet<&AgentId> = ips
             .iter()
             .filter_map(|ip| self.by_remote.get(ip))
@@ -535,6 +614,7 @@ impl Model {
         if incremental
             && old.addresses == table.addresses
             && old.listeners.keys().eq(table.listeners.keys())
+            && old.nat_fronts == table.nat_fronts
         {
             self.replace_rows(agent, old, table, now_ms, &mut ch);
             self.shrink_rows(agent);
@@ -566,6 +646,12 @@ impl Model {
         let mut touched: BTreeSet<IpAddr> =
             old.addresses.union(&table.addresses).copied().collect();
         touched.extend(old.listeners.keys().map(|l| l.ip));
+        // Rows towards a front this host translates, or translated, land elsewhere now.
+        touched.extend(
+            old.nat_fronts
+                .symmetric_difference(&table.nat_fronts)
+                .map(|f| f.front.ip()),
+        );
         // The rows are attached while the table, without them, is in place (attaching reads its
         // listeners, never its rows): no copy of a large table.
         let entries = std::mem::take(&mut table.entries);
@@ -593,6 +679,7 @@ impl Model {
         }
         if old.addresses != self.agents[agent].addresses
             || old.listeners.keys().ne(self.agents[agent].listeners.keys())
+            || old.nat_fronts != self.agents[agent].nat_fronts
         {
             touched.extend(self.agents[agent].addresses.iter().copied());
             self.rekey(&touched, &mut ch);
@@ -770,6 +857,7 @@ mod tests {
                             server_port: *port,
                             protocol: Protocol::Tcp,
                             process: (*process).into(),
+                            via: None,
                         },
                         ObsValue {
                             sockets: *sockets,
@@ -780,6 +868,7 @@ mod tests {
                 })
                 .collect(),
             last_snapshot_ms: 0,
+            nat_fronts: BTreeSet::new(),
         }
     }
 
@@ -826,6 +915,105 @@ mod tests {
         assert_eq!(e.process, "app");
         assert_eq!(e.sockets, 3, "max of both ends, not the sum");
         assert_eq!(e.reporters.len(), 2);
+    }
+
+    /// A host that translates one of its addresses (a published container port: `:80` lands
+    /// on `:8080`) tells the map so; the client's row, which names the front, and the backend's
+    /// row, which names the client, make one edge, whichever host reports first, and it keeps
+    /// the front as `via`. When the front goes, the client's row is its own edge again.
+    #[test]
+    fn a_connection_through_a_nat_front_lands_on_its_backend_as_one_edge() {
+        let web = || {
+            table(
+                &["10.0.0.1"],
+                &[],
+                &[(Direction::Client, "10.0.0.1", "10.0.0.2", 80, "curl", 1)],
+            )
+        };
+        let db = |front: bool| {
+            let mut t = table(
+                &["10.0.0.2"],
+                &[(8080, "nginx")],
+                &[(Direction::Server, "10.0.0.2", "10.0.0.1", 8080, "nginx", 1)],
+            );
+            if front {
+                t.nat_fronts.insert(NatFront {
+                    protocol: Protocol::Tcp,
+                    front: "10.0.0.2:80".parse().unwrap(),
+                    backend: "10.0.0.2:8080".parse().unwrap(),
+                });
+            }
+            t
+        };
+        for web_first in [true, false] {
+            let mut m = Model::default();
+            if web_first {
+                m.replace("web", web(), 1);
+                m.replace("db", db(true), 2);
+            } else {
+                m.replace("db", db(true), 1);
+                m.replace("web", web(), 2);
+            }
+            let live: Vec<_> = m
+                .edges
+                .values()
+                .filter(|e| !e.reporters.is_empty())
+                .collect();
+            assert_eq!(
+                live.len(),
+                1,
+                "web first: {web_first}: {:#?}",
+                m.edges.keys()
+            );
+            let e = live[0];
+            assert_eq!(e.key.from, Node::Host("web".into()));
+            assert_eq!(e.key.to, svc("db", 8080));
+            assert_eq!(e.via, "10.0.0.2:80");
+            assert_eq!(e.process, "curl");
+            assert_eq!(e.reporters.len(), 2);
+
+            // The front is gone: the client's row no longer reaches the backend's service.
+            m.replace("db", db(false), 3);
+            let to: BTreeSet<_> = m
+                .edges
+                .values()
+                .filter(|e| !e.reporters.is_empty())
+                .map(|e| (e.key.to.id(), e.key.port))
+                .collect();
+            assert_eq!(
+                to,
+                [
+                    ("addr:10.0.0.2".to_string(), 80),
+                    ("svc:db/tcp/8080".to_string(), 8080)
+                ]
+                .into(),
+                "web first: {web_first}"
+            );
+        }
+    }
+
+    /// A row its own host translated (kube-proxy's DNAT of a ClusterIP on the client's node)
+    /// arrives towards the backend already; the edge keeps the address dialled.
+    #[test]
+    fn a_row_its_host_translated_keeps_the_address_dialled() {
+        let mut m = Model::default();
+        let mut web = table(
+            &["10.0.0.1"],
+            &[],
+            &[(Direction::Client, "10.0.0.1", "10.0.0.2", 8053, "dig", 1)],
+        );
+        let (obs, value) = web.entries.pop_first().unwrap();
+        let obs = ObsKey {
+            via: Some("10.96.0.10:53".parse().unwrap()),
+            ..obs
+        };
+        web.entries.insert(obs, value);
+        m.replace("web", web, 1);
+        m.replace("dns", table(&["10.0.0.2"], &[(8053, "coredns")], &[]), 2);
+        let e = m.edges.values().next().unwrap();
+        assert_eq!(m.edges.len(), 1);
+        assert_eq!(e.key.to, svc("dns", 8053));
+        assert_eq!(e.via, "10.96.0.10:53");
     }
 
     #[test]

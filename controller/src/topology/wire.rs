@@ -54,6 +54,7 @@ impl From<&Edge> for proto::GraphEdge {
             last_seen_unix_nanos: e.last_seen_ms.saturating_mul(1_000_000),
             active: e.active,
             control_plane: e.control_plane,
+            via: e.via.clone(),
         }
     }
 }
@@ -97,6 +98,7 @@ mod tests {
             server_port: port,
             protocol: Protocol::Tcp,
             process: process.into(),
+            via: None,
         };
         let value = ObsValue {
             sockets: 2,

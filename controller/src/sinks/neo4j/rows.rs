@@ -196,6 +196,7 @@ pub(super) fn desired(graph: &Graph, last_seen_step: Duration) -> Desired<'_> {
             last_seen_bucket(e, last_seen_step),
             e.active,
             e.control_plane,
+            &e.via,
         ));
         out.rels.insert(id, (hash, kind, e));
     }
@@ -218,6 +219,9 @@ pub(super) fn rel_row(want: &Desired<'_>, id: &str, hash: u64, kind: Kind, e: &E
         props.insert("last_seen".into(), Value::Int(last_seen_ms(e)));
         props.insert("active".into(), Value::Bool(e.active));
         props.insert("control_plane".into(), Value::Bool(e.control_plane));
+        if !e.via.is_empty() {
+            props.insert("via".into(), Value::Str(e.via.clone()));
+        }
     }
     RelRow {
         kind,
@@ -285,6 +289,7 @@ mod tests {
             last_seen_ms: 0,
             active: false,
             control_plane: false,
+            via: String::new(),
         }
     }
 

@@ -19,6 +19,7 @@ mod mirror_direct;
 mod mirror_limits;
 mod mirror_rate;
 mod mirror_targets;
+mod nat;
 mod neo4j;
 mod neo4j_bench;
 mod neo4j_freshness;

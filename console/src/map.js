@@ -63,7 +63,7 @@ const STYLE = [
 ];
 
 function connText(c) {
-  return `${c.port}/${protocolName(c.protocol)} ${c.process || '?'}${c.sockets > 1 ? ` ×${c.sockets}` : ''}${c.active ? '' : ' (inactive)'}${c.control_plane ? ' (control plane)' : ''}`;
+  return `${c.port}/${protocolName(c.protocol)} ${c.process || '?'}${c.sockets > 1 ? ` ×${c.sockets}` : ''}${c.via ? ` via ${c.via}` : ''}${c.active ? '' : ' (inactive)'}${c.control_plane ? ' (control plane)' : ''}`;
 }
 
 export function createMap(root) {

@@ -28,7 +28,7 @@ describe('fold', () => {
       ],
       edges: [
         { from: 'host:b', to: 'addr:10.0.0.2', kind: 'HAS_ADDRESS' },
-        { from: 'host:a', to: 'svc:b/tcp/80', kind: 'CONNECTS_TO', port: 80, protocol: 'tcp', process: 'curl', sockets: 2 },
+        { from: 'host:a', to: 'svc:b/tcp/80', kind: 'CONNECTS_TO', port: 80, protocol: 'tcp', process: 'curl', sockets: 2, via: '10.0.0.2:8080' },
         { from: 'host:a', to: 'addr:10.0.0.2', kind: 'CONNECTS_TO', port: 22, protocol: 'tcp', process: 'ssh', sockets: 1 },
         { from: 'host:b', to: 'svc:b/tcp/80', kind: 'CONNECTS_TO', port: 80, protocol: 'tcp', process: 'curl', sockets: 1 },
       ],
@@ -36,9 +36,9 @@ describe('fold', () => {
     const g = fold(raw);
     expect([...g.nodes.keys()]).toEqual(['host:a', 'host:b']);
     expect([...g.edges.keys()]).toEqual(['host:a->host:b']);
-    expect(g.edges.get('host:a->host:b').conns.map((c) => [c.port, c.process, c.sockets])).toEqual([
-      [22, 'ssh', 1],
-      [80, 'curl', 2],
+    expect(g.edges.get('host:a->host:b').conns.map((c) => [c.port, c.process, c.sockets, c.via])).toEqual([
+      [22, 'ssh', 1, ''],
+      [80, 'curl', 2, '10.0.0.2:8080'],
     ]);
   });
 

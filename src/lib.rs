@@ -14,6 +14,7 @@ pub mod delay;
 pub mod exposition;
 pub mod fsutil;
 pub mod graph;
+pub mod history;
 pub mod identity;
 pub mod labels;
 pub mod logging;

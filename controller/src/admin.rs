@@ -530,6 +530,26 @@ impl AdminService for AdminApi {
         Ok(Response::new(proto::Graph::from(&map)))
     }
 
+    async fn get_history(
+        &self,
+        request: Request<proto::GetHistoryRequest>,
+    ) -> Result<Response<proto::History>, Status> {
+        auth::operator(&request)?;
+        let to = match request.into_inner().to_unix_nanos {
+            0 => tapgraph::time::unix_nanos(),
+            t => t,
+        };
+        let (changes, horizon) = self
+            .topology
+            .history(to / 1_000_000)
+            .await
+            .map_err(|e| Status::unavailable(format!("the map's history: {e}")))?;
+        Ok(Response::new(proto::History {
+            changes: changes.iter().map(Into::into).collect(),
+            horizon_unix_nanos: horizon.saturating_mul(1_000_000),
+        }))
+    }
+
     async fn stream_graph(
         &self,
         request: Request<proto::GetGraphRequest>,

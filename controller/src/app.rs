@@ -149,6 +149,24 @@ impl App {
             tasks.spawn("neo4j-sink", sink.run(stop.clone()));
             handle
         });
+        let alert_stats = Arc::new(crate::alerts::AlertStats::default());
+        if let Some(url) = config.alerts.url.clone() {
+            tasks.spawn(
+                "alerts",
+                crate::alerts::run(
+                    config.alerts.clone(),
+                    url,
+                    owners.events.clone(),
+                    crate::alerts::Labels {
+                        topology: owners.topology.clone(),
+                        enrollment: owners.enrollment.clone(),
+                        naming: naming.clone(),
+                    },
+                    alert_stats.clone(),
+                    config.replica.clone(),
+                ),
+            );
+        }
         let http_stats = Arc::new(http::HttpStats::default());
         let console_tokens = console::ConsoleTokens::load(store.clone())?;
         tasks.spawn(
@@ -200,6 +218,7 @@ impl App {
             mirrors,
             access: access.clone(),
             http_stats,
+            alert_stats,
             stop: stop.clone(),
         };
         let http_stop = stop.clone();

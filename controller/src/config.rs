@@ -53,6 +53,8 @@ pub struct ControllerConfig {
     pub default_policy: PolicySpec,
     /// Mirror the map into Neo4j (or another Bolt server), when configured.
     pub neo4j: Option<crate::sinks::neo4j::Neo4jSettings>,
+    /// Webhook alerts on the map's changes (`[alerts]`); no URL: none.
+    pub alerts: crate::alerts::AlertSettings,
     /// The web console and the HTTP API ask for an access token even on loopback
     /// (`console.auth = "token"`); beyond loopback they always do.
     pub console_token_always: bool,
@@ -100,6 +102,7 @@ fn known_keys() -> Vec<String> {
         "topology.queue",
         "topology.ttl",
         "topology.retention",
+        "topology.history_retention",
         "topology.max_entries",
         "topology.max_rows",
         "topology.cidr_labels",
@@ -115,6 +118,12 @@ fn known_keys() -> Vec<String> {
         "graph.neo4j.last_seen_step",
         "console.auth",
         "mirror.realtime",
+        "alerts.webhook_url",
+        "alerts.selector",
+        "alerts.per_minute",
+        "alerts.retries",
+        "alerts.timeout",
+        "alerts.secret_file",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -217,6 +226,12 @@ impl ControllerConfig {
                 60 * SECOND,
                 3650 * 86_400 * SECOND,
             ),
+            history_retention: c.duration(
+                "topology.history_retention",
+                14 * 86_400 * SECOND,
+                60 * SECOND,
+                3650 * 86_400 * SECOND,
+            ),
             max_entries: c.value("topology.max_entries", 100_000usize),
             max_rows: c.ranged("topology.max_rows", 2_000_000usize, 1..=100_000_000),
             queue: topology_queue,
@@ -232,6 +247,7 @@ impl ControllerConfig {
         };
         let reverse_dns = c.bool("topology.reverse_dns", false);
         let neo4j = neo4j_settings(&mut c);
+        let alerts = alert_settings(&mut c);
         let mirror_realtime = c.bool("mirror.realtime", true);
         let console_token_always = c.parse("console.auth", false, |s: &str| match s {
             "auto" => Ok(false),
@@ -280,6 +296,7 @@ impl ControllerConfig {
             reverse_dns,
             default_policy,
             neo4j,
+            alerts,
             console_token_always,
             mirror_realtime,
         })
@@ -388,6 +405,46 @@ fn http_settings(c: &mut Layered) -> crate::http::HttpSettings {
 }
 
 /// `graph.neo4j.*`: `None` unless a URI is set.
+fn alert_settings(c: &mut Layered) -> crate::alerts::AlertSettings {
+    let url = c.opt_string("alerts.webhook_url").filter(|u| !u.is_empty());
+    let url = url.and_then(|u| match u.parse() {
+        Ok(url) => Some(url),
+        Err(e) => {
+            c.fail("alerts.webhook_url", e);
+            None
+        }
+    });
+    let selector = c.parse(
+        "alerts.selector",
+        crate::alerts::Selector::default(),
+        |s: &str| s.parse::<crate::alerts::Selector>(),
+    );
+    let per_minute = c.ranged("alerts.per_minute", 10u32, 1..=10_000);
+    let retries = c.ranged("alerts.retries", 3u32, 0..=20);
+    let timeout = c.duration("alerts.timeout", 5 * SECOND, SECOND / 10, 300 * SECOND);
+    let secret = c
+        .path("alerts.secret_file")
+        .and_then(|path| match std::fs::read(&path) {
+            Ok(key) if !key.trim_ascii().is_empty() => Some(key.trim_ascii().to_vec()),
+            Ok(_) => {
+                c.fail("alerts.secret_file", format!("{}: empty", path.display()));
+                None
+            }
+            Err(e) => {
+                c.fail("alerts.secret_file", format!("{}: {e}", path.display()));
+                None
+            }
+        });
+    crate::alerts::AlertSettings {
+        url,
+        selector,
+        per_minute,
+        retries,
+        timeout,
+        secret,
+    }
+}
+
 fn neo4j_settings(c: &mut Layered) -> Option<crate::sinks::neo4j::Neo4jSettings> {
     let uri = c.opt_string("graph.neo4j.uri")?;
     let address = match crate::sinks::neo4j::bolt_address(&uri) {

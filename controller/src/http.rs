@@ -51,6 +51,8 @@ pub struct HttpState {
     pub access: console::Access,
     /// What the listener and the access guard counted.
     pub http_stats: Arc<HttpStats>,
+    /// What the webhook alerts did.
+    pub alert_stats: Arc<crate::alerts::AlertStats>,
     /// Ends the event streams at shutdown, which would otherwise hold it up.
     pub stop: CancellationToken,
 }

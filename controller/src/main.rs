@@ -2,6 +2,7 @@
 //! for a signal, drain with a deadline.
 
 mod admin;
+mod alerts;
 mod app;
 mod auth;
 mod config;

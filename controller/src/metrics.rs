@@ -59,6 +59,8 @@ pub struct Scrape {
     pub mirror_batches_no_route: u64,
     /// Enrollments refused by a limit: (per source, `enrollment.rate`).
     pub enrollments_refused: (u64, u64),
+    /// Webhook alerts: delivered, failed, suppressed (past `alerts.per_minute`), missed.
+    pub alerts: [u64; 4],
     /// With a shared store: the fleet's agents per replica and state (`registry/presence.rs`).
     pub fleet: BTreeMap<String, BTreeMap<&'static str, u64>>,
     /// With a shared store: presence (writes, reads) that failed.
@@ -352,6 +354,18 @@ const FLEET: &[Field<Scrape>] = &[
                 ("per_source", Value::from(s.enrollments_refused.0)),
                 ("rate", Value::from(s.enrollments_refused.1)),
             ]
+        },
+    ),
+    counter_by(
+        "tapgraph_alerts",
+        "Webhook alerts on the map's changes ([alerts]), by outcome: delivered, failed (refused by the receiver, or still failing after alerts.retries), suppressed (past alerts.per_minute; the next delivery counts them), missed (changes not looked at: the alerts fell behind the events).",
+        "outcome",
+        |s| {
+            ["delivered", "failed", "suppressed", "missed"]
+                .into_iter()
+                .zip(s.alerts)
+                .map(|(k, v)| (k, Value::from(v)))
+                .collect()
         },
     ),
     counter_by(
@@ -973,6 +987,7 @@ mod tests {
         "tapgraph_mirror_streams_refused",
         "tapgraph_mirror_dropped_batches",
         "tapgraph_enrollments_refused",
+        "tapgraph_alerts",
         "tapgraph_presence_errors",
         "tapgraph_events_not_relayed",
         "tapgraph_fleet_agents",

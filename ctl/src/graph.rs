@@ -20,12 +20,19 @@ Examples:
   tapgraphctl graph --host web-1 --port 5432
   tapgraphctl graph orphans                     # hosts nobody talks to: still needed?
   tapgraphctl graph clusters --hub-degree 20    # groups once the hubs are hidden
-  tapgraphctl graph export --format dot | dot -Tsvg > map.svg")]
+  tapgraphctl graph export --format dot | dot -Tsvg > map.svg
+  tapgraphctl graph --at 2026-12-06T09:00:00Z   # the map as it was then (or --at 24h: a day ago)
+  tapgraphctl graph diff --since 24h            # new and gone edges, listeners and hosts")]
 pub struct GraphArgs {
     #[command(subcommand)]
     command: Option<GraphCommand>,
     #[command(flatten)]
     filter: Filter,
+    /// The map as it was at TIME, from the controller's history: RFC 3339
+    /// (2026-12-06T09:00:00Z) or a duration ago (90m, 24h, 7d). Within
+    /// topology.history_retention.
+    #[arg(long, value_name = "TIME")]
+    at: Option<String>,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -83,6 +90,27 @@ A CIDR rule labels the addresses in it (the longest prefix wins a conflict); a h
     Rules {
         #[command(subcommand)]
         action: Option<RulesCommand>,
+    },
+    /// What changed on the map: new and gone edges, listeners and hosts, and edges that came
+    /// and went in between (a nightly job's connection), from the controller's history.
+    #[command(after_help = "\
+Examples:
+  tapgraphctl graph diff --since 24h
+  tapgraphctl graph diff --from 2026-12-06T00:00:00Z --to 2026-12-07T00:00:00Z
+  tapgraphctl graph diff --since 7d --host web-1 --port 5432
+
+TIME is RFC 3339 or a duration ago (90m, 24h, 7d). An edge is there while it is active (seen
+within topology.ttl): it appears at its first sighting and goes at its last.")]
+    Diff {
+        /// From this long ago (or this time) until now, or until --to.
+        #[arg(long, value_name = "TIME", conflicts_with = "from")]
+        since: Option<String>,
+        /// From TIME.
+        #[arg(long, value_name = "TIME")]
+        from: Option<String>,
+        /// Until TIME (default: now).
+        #[arg(long, value_name = "TIME")]
+        to: Option<String>,
     },
     /// The whole graph for Graphviz (dot), Gephi (graphml) or scripts (json).
     Export {
@@ -295,12 +323,154 @@ fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
     table::print(&headers, &rows);
 }
 
+/// A time argument in Unix ns (see [`tapgraph::history::parse_time`]).
+fn time_arg(flag: &str, text: &str) -> Result<u64, Failure> {
+    tapgraph::history::parse_time(text, std::time::SystemTime::now())
+        .map(tapgraph::time::to_unix_nanos)
+        .map_err(|e| Failure(2, anyhow!("{flag}: {e}")))
+}
+
+/// History up to `to` (Unix ns).
+async fn history(
+    admin: &mut AdminServiceClient<Channel>,
+    to: u64,
+) -> Result<proto::History, Failure> {
+    let history = admin
+        .get_history(proto::GetHistoryRequest { to_unix_nanos: to })
+        .await?
+        .into_inner();
+    Ok(history)
+}
+
+/// One change as a table row's text: `web-1 → db-1:5432/tcp (psql) via 10.96.0.10:5432`,
+/// `db-1 listens 0.0.0.0:5432/tcp (postgres)`, `host db-1 (db-1.example)`.
+fn change_text(c: &proto::HistoryChange, nodes: &BTreeMap<&str, &proto::GraphNode>) -> String {
+    let process = |p: &str| {
+        if p.is_empty() {
+            String::new()
+        } else {
+            format!(" ({p})")
+        }
+    };
+    match (c.kind.as_str(), &c.edge) {
+        ("edge", Some(e)) => {
+            let via = if e.via.is_empty() {
+                String::new()
+            } else {
+                format!(" via {}", e.via)
+            };
+            format!(
+                "{} → {} {}/{}{}{via}",
+                display(&e.from, nodes),
+                display(&e.to, nodes),
+                e.port,
+                protocol_name(e.protocol),
+                process(&e.process)
+            )
+        }
+        ("listener", Some(e)) => format!(
+            "{} listens {}:{}/{}{}",
+            c.agent_id,
+            c.ip,
+            e.port,
+            protocol_name(e.protocol),
+            process(&e.process)
+        ),
+        _ if c.hostname.is_empty() || c.hostname == c.agent_id => format!("host {}", c.agent_id),
+        _ => format!("host {} ({})", c.agent_id, c.hostname),
+    }
+}
+
+fn print_diff(
+    lists: &[(&str, &Vec<proto::HistoryChange>)],
+    from: u64,
+    to: u64,
+    horizon: u64,
+    g: &proto::Graph,
+    json_out: bool,
+) {
+    if from < horizon {
+        eprintln!(
+            "warning: history is kept from {} (topology.history_retention); what changed before is not known",
+            ns_time(horizon)
+        );
+    }
+    let nodes: BTreeMap<&str, &proto::GraphNode> =
+        g.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    if json_out {
+        let item = |c: &proto::HistoryChange| {
+            let mut v = c.edge.as_ref().map_or_else(|| json!({}), edge_json);
+            v["kind"] = json!(c.kind);
+            v["id"] = json!(c.id);
+            v["at"] = json!(ns_time(c.at_unix_nanos));
+            v["first"] = json!(c.first);
+            if !c.agent_id.is_empty() {
+                v["agent"] = json!(c.agent_id);
+            }
+            v
+        };
+        let mut out = json!({"from": ns_time(from), "to": ns_time(to)});
+        for (name, list) in lists {
+            out[*name] = json!(list.iter().map(item).collect::<Vec<_>>());
+        }
+        print_json(&out);
+        return;
+    }
+    let rows: Vec<Vec<String>> = lists
+        .iter()
+        .flat_map(|(name, list)| {
+            let nodes = &nodes;
+            list.iter().map(move |c| {
+                vec![
+                    name.to_string(),
+                    c.kind.clone(),
+                    change_text(c, nodes),
+                    ns_time(c.at_unix_nanos),
+                ]
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("nothing changed from {} to {}", ns_time(from), ns_time(to));
+        return;
+    }
+    table::print(&["CHANGE", "KIND", "WHAT", "AT"], &rows);
+}
+
 pub async fn run(
     admin: &mut AdminServiceClient<Channel>,
     args: GraphArgs,
     json_out: bool,
 ) -> Result<(), Failure> {
     match args.command {
+        None if args.at.is_some() => {
+            let at = time_arg("--at", args.at.as_deref().unwrap_or_default())?;
+            let history = history(admin, at).await?;
+            if at < history.horizon_unix_nanos {
+                return Err(Failure(
+                    2,
+                    anyhow!(
+                        "--at: history is kept from {} (topology.history_retention); the map before that is not known",
+                        ns_time(history.horizon_unix_nanos)
+                    ),
+                ));
+            }
+            let names = fetch(admin, &Filter::default(), true).await?;
+            let labels = node_labels(&names);
+            let present = tapgraph::history::present_at(&history.changes, at);
+            let edges: Vec<proto::GraphEdge> = present
+                .values()
+                .filter(|c| c.kind == "edge")
+                .filter_map(|c| {
+                    let mut e = c.edge.clone()?;
+                    e.active = true;
+                    e.first_seen_unix_nanos = c.at_unix_nanos;
+                    Some(e)
+                })
+                .filter(|e| keep(e, &args.filter, &labels))
+                .collect();
+            print_edges(&edges.iter().collect::<Vec<_>>(), &names, json_out);
+        }
         None => {
             let g = fetch(admin, &args.filter, false).await?;
             warn_conflicts(&g);
@@ -309,6 +479,54 @@ pub async fn run(
                 .filter(|e| keep(e, &args.filter, &labels))
                 .collect();
             print_edges(&edges, &g, json_out);
+        }
+        Some(GraphCommand::Diff { since, from, to }) => {
+            let to = match to {
+                Some(t) => time_arg("--to", &t)?,
+                None => tapgraph::time::unix_nanos(),
+            };
+            let from = match (since, from) {
+                (Some(t), None) => time_arg("--since", &t)?,
+                (None, Some(t)) => time_arg("--from", &t)?,
+                _ => {
+                    return Err(Failure(
+                        2,
+                        anyhow!("graph diff needs --since TIME or --from TIME (e.g. --since 24h)"),
+                    ));
+                }
+            };
+            if from > to {
+                return Err(Failure(2, anyhow!("--from is after --to")));
+            }
+            let history = history(admin, to).await?;
+            let names = fetch(admin, &Filter::default(), true).await?;
+            let labels = node_labels(&names);
+            let d = tapgraph::history::diff(&history.changes, from, to);
+            let kept = |list: Vec<&proto::HistoryChange>| -> Vec<proto::HistoryChange> {
+                list.into_iter()
+                    .filter(|c| {
+                        c.edge
+                            .as_ref()
+                            .is_none_or(|e| keep(e, &args.filter, &labels))
+                    })
+                    .filter(|c| {
+                        args.filter
+                            .host
+                            .as_ref()
+                            .is_none_or(|h| c.edge.is_some() || c.agent_id == *h)
+                    })
+                    .cloned()
+                    .collect()
+            };
+            let (new, gone, between) = (kept(d.new), kept(d.gone), kept(d.between));
+            print_diff(
+                &[("new", &new), ("gone", &gone), ("between", &between)],
+                from,
+                to,
+                history.horizon_unix_nanos,
+                &names,
+                json_out,
+            );
         }
         Some(GraphCommand::Orphans) => {
             let g = fetch(admin, &Filter::default(), true).await?;

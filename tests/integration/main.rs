@@ -9,6 +9,7 @@ mod enrollment;
 mod fleet;
 mod harness;
 mod health;
+mod history;
 mod http_flood;
 mod http_hardening;
 mod identity;

@@ -50,6 +50,7 @@ async fn gather(state: &HttpState) -> Scrape {
         sink: state.sink.as_ref().map(|s| s.stats()),
         http: state.http_stats.read(),
         enrollments_refused: state.enrollment.refused(),
+        alerts: state.alert_stats.read(),
         ..Scrape::default()
     }
     .with_mirrors(&state.mirrors)

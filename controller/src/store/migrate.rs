@@ -32,6 +32,7 @@ const STATE: &[&str] = &[
     "console_tokens",
     "topology_agents",
     "topology_edges",
+    "topology_history",
 ];
 /// Tables of one replica's live state: never copied, the replicas write their own.
 const LIVE: &[&str] = &["presence", "replicas", "mirrors"];
@@ -524,7 +525,7 @@ mod tests {
             "  topology_edges: 8 rows",
             "  presence: skipped",
             "is in the database, sealed with",
-            "done: 27 rows in 8 tables",
+            "done: 27 rows in 9 tables",
         ] {
             assert!(said.contains(line), "{line}: {said}");
         }

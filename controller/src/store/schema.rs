@@ -4,8 +4,8 @@
 use super::StoreError;
 use super::postgres::DbError;
 
-/// The tables the schema has. A table the code names that is not here is a missing migration.
-pub const TABLES: &[&str] = &[
+/// The tables migration 1 made and migration 2 changed: released, so never edited.
+const TABLES_V1: &[&str] = &[
     "tokens",
     "agents",
     "console_tokens",
@@ -20,9 +20,26 @@ pub const TABLES: &[&str] = &[
     "pki",
 ];
 
+/// The tables the schema has. A table the code names that is not here is a missing migration.
+pub const TABLES: &[&str] = &[
+    "tokens",
+    "agents",
+    "console_tokens",
+    "policies",
+    "policy_meta",
+    "label_rules",
+    "topology_agents",
+    "topology_edges",
+    "presence",
+    "replicas",
+    "mirrors",
+    "pki",
+    "topology_history",
+];
+
 /// Versioned migrations, applied in order, each once, each in its own transaction. A migration
 /// that was released is never edited: a database made by it is brought forward by the next.
-const MIGRATIONS: &[(i32, Migration)] = &[(1, migration_1), (2, migration_2)];
+const MIGRATIONS: &[(i32, Migration)] = &[(1, migration_1), (2, migration_2), (3, migration_3)];
 
 /// A migration's SQL, run in one transaction.
 type Migration = fn() -> String;
@@ -30,7 +47,7 @@ type Migration = fn() -> String;
 /// The tables, as `jsonb`, and the trigger that announces their changes.
 pub(super) fn migration_1() -> String {
     let mut sql = NOTIFY_CHANGE.to_string();
-    for name in TABLES {
+    for name in TABLES_V1 {
         sql.push_str(&table_sql(name));
     }
     sql
@@ -40,12 +57,20 @@ pub(super) fn migration_1() -> String {
 /// NUL character (`\u0000`), which an agent may well report (a process name, a hostname), and
 /// its conversion both ways is work nothing here needs: no query looks inside a value.
 fn migration_2() -> String {
-    TABLES
+    TABLES_V1
         .iter()
         .map(|name| {
             format!("ALTER TABLE tapgraph.{name} ALTER COLUMN value TYPE json USING value::json;")
         })
         .collect()
+}
+
+/// The map's history (`topology::history`). Not announced: it is read when an operator asks,
+/// and written by one replica.
+fn migration_3() -> String {
+    "CREATE TABLE tapgraph.topology_history (key text PRIMARY KEY, value json NOT NULL, \
+     updated_at timestamptz NOT NULL DEFAULT now());"
+        .to_string()
 }
 
 const NOTIFY_CHANGE: &str = r#"

@@ -15,6 +15,7 @@
 mod announce;
 mod follow;
 pub mod graph;
+pub mod history;
 pub mod ingest;
 pub mod labels;
 pub mod model;
@@ -55,6 +56,8 @@ pub struct TopologySettings {
     pub ttl: Duration,
     /// An inactive edge is removed this long after it was last seen.
     pub retention: Duration,
+    /// What changed on the map is kept this long (see [`history`]).
+    pub history_retention: Duration,
     /// Largest number of rows in one snapshot; a larger one is refused.
     pub max_entries: usize,
     /// Rows the whole fleet's map may hold (entries, listeners and addresses of every agent's
@@ -165,6 +168,9 @@ pub struct Topology {
     generation: Arc<AtomicU64>,
     /// Snapshots shed because the queue was full.
     shed: Arc<AtomicU64>,
+    /// History is read from the store directly: the task only writes it.
+    store: Store,
+    history_retention: Duration,
 }
 
 fn now_ms() -> u64 {
@@ -185,6 +191,7 @@ impl Topology {
         let restored = persist::load(&store, now_ms())?;
         let leading = store.leadership(task::CLEANUP_ROLE);
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
+        let history_store = store.clone();
         let generation = Arc::new(AtomicU64::new(1));
         let task = Task::new(
             store,
@@ -201,6 +208,8 @@ impl Topology {
                 tx,
                 generation,
                 shed,
+                store: history_store,
+                history_retention: settings.history_retention,
             },
             task.run(rx),
         ))
@@ -247,6 +256,21 @@ impl Topology {
         let (reply, rx) = oneshot::channel();
         let _ = self.tx.send(Command::Map { query, reply }).await;
         rx.await.unwrap_or_default()
+    }
+
+    /// Every change history holds up to `to_ms` (Unix ms), oldest first, and the horizon: the
+    /// oldest time history rebuilds the map at. Read from the store, so with replicas any of
+    /// them answers with what the recording one wrote.
+    pub async fn history(&self, to_ms: u64) -> Result<(Vec<history::Change>, u64), StoreError> {
+        let store = self.store.clone();
+        let mut changes =
+            tokio::task::spawn_blocking(move || store.load::<history::Change>(history::HISTORY))
+                .await
+                .map_err(|e| StoreError::Failed(format!("reading history: {e}")))??;
+        changes.retain(|c| c.at_ms <= to_ms);
+        changes.sort_by_cached_key(|c| (c.at_ms, c.appeared, c.item.id()));
+        let horizon = now_ms().saturating_sub(self.history_retention.as_millis() as u64);
+        Ok((changes, horizon))
     }
 
     /// The task's counters and the map's size now, with the snapshots the handle shed.

@@ -57,6 +57,8 @@ pub(super) struct Task {
     pub(super) reload_due: bool,
     /// Whether this replica runs the cleanup (always, for the embedded store).
     pub(super) leading: watch::Receiver<bool>,
+    /// What changed on the map, recorded while this replica leads the cleanup.
+    pub(super) history: super::history::State,
 }
 
 /// Agents' tables and edges the store refused (the database is down): kept, and written again as
@@ -161,6 +163,7 @@ impl Task {
             store,
             settings,
             stats: Stats::default(),
+            history: Default::default(),
         }
     }
 
@@ -169,6 +172,8 @@ impl Task {
         self.announced
             .announce(&self.events, None, &restored, Instant::now());
         let mut expiry = tokio::time::interval(EXPIRE_EVERY);
+        let mut history = tokio::time::interval(super::history::RECORD_EVERY);
+        history.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sync = tokio::time::interval(SYNC_EVERY);
         sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut leading = self.leading.clone();
@@ -188,6 +193,7 @@ impl Task {
                 },
                 _ = sync.tick() => self.tick(rx.is_empty()),
                 _ = expiry.tick() => self.expire(),
+                _ = history.tick() => self.record_history(),
                 change = super::follow::next_change(&mut changes) => self.heard(change, &mut changes),
                 changed = leading.changed(), if leadership_open => match changed {
                     Ok(()) => {
@@ -545,6 +551,7 @@ pub(super) mod tests {
         TopologySettings {
             ttl: Duration::from_secs(120),
             retention: Duration::from_secs(3600),
+            history_retention: Duration::from_secs(86_400),
             max_entries: 100,
             max_rows: 100_000,
             queue: 64,
@@ -571,6 +578,7 @@ pub(super) mod tests {
             changes: None,
             reload_due: false,
             leading: watch::channel(true).1,
+            history: Default::default(),
         }
     }
 
@@ -782,6 +790,7 @@ mod memory_probe {
             let settings = TopologySettings {
                 ttl: Duration::from_secs(120),
                 retention: Duration::from_secs(3600),
+                history_retention: Duration::from_secs(86_400),
                 max_entries: 100_000,
                 max_rows: 10_000_000,
                 queue: 64,
@@ -805,6 +814,7 @@ mod memory_probe {
                 changes: None,
                 reload_due: false,
                 leading: watch::channel(true).1,
+                history: Default::default(),
             };
             let rows: usize = std::env::var("PROBE_ROWS")
                 .ok()

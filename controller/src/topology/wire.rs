@@ -6,7 +6,8 @@
 use tapgraph::proto;
 
 use super::graph::{Edge, Graph, Node, Prop};
-use super::model::Protocol;
+use super::history::{Change, Item};
+use super::model::{self, Protocol};
 
 fn protocol(p: Protocol) -> proto::Protocol {
     match p {
@@ -56,6 +57,60 @@ impl From<&Edge> for proto::GraphEdge {
             control_plane: e.control_plane,
             via: e.via.clone(),
         }
+    }
+}
+
+impl From<&Change> for proto::HistoryChange {
+    fn from(c: &Change) -> Self {
+        let mut out = proto::HistoryChange {
+            at_unix_nanos: c.at_ms.saturating_mul(1_000_000),
+            kind: c.item.kind().into(),
+            appeared: c.appeared,
+            id: c.item.id(),
+            first: c.first,
+            ..Default::default()
+        };
+        match &c.item {
+            Item::Edge { key, process, via } => {
+                out.edge = Some(proto::GraphEdge {
+                    from: key.from.id(),
+                    to: key.to.id(),
+                    kind: "CONNECTS_TO".into(),
+                    port: u32::from(key.port),
+                    protocol: protocol(key.protocol) as i32,
+                    process: process.clone(),
+                    via: via.clone(),
+                    ..Default::default()
+                });
+            }
+            Item::Listener {
+                agent,
+                listener,
+                process,
+            } => {
+                let service = model::Node::Service {
+                    host: agent.clone(),
+                    protocol: listener.protocol,
+                    port: listener.port,
+                };
+                out.agent_id = agent.clone();
+                out.ip = listener.ip.to_string();
+                out.edge = Some(proto::GraphEdge {
+                    from: model::Node::Host(agent.clone()).id(),
+                    to: service.id(),
+                    kind: "LISTENS".into(),
+                    port: u32::from(listener.port),
+                    protocol: protocol(listener.protocol) as i32,
+                    process: process.clone(),
+                    ..Default::default()
+                });
+            }
+            Item::Host { agent, hostname } => {
+                out.agent_id = agent.clone();
+                out.hostname = hostname.clone();
+            }
+        }
+        out
     }
 }
 

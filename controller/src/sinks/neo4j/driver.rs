@@ -663,6 +663,7 @@ mod tests {
         let settings = TopologySettings {
             ttl: Duration::from_secs(120),
             retention: Duration::from_secs(3600),
+            history_retention: Duration::from_secs(86_400),
             max_entries: 100,
             max_rows: 1000,
             queue: 16,

@@ -38,6 +38,7 @@ export const api = {
   agents: () => get('api/v1/agents'),
   mirror: () => get('api/v1/mirror'),
   policies: () => get('api/v1/policies'),
+  history: () => get('api/v1/history'),
 };
 
 /**

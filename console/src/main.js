@@ -5,6 +5,7 @@ import { api, subscribe, onUnauthorized, Unauthorized } from './api.js';
 import { createMap } from './map.js';
 import { createFleet } from './fleet.js';
 import { createPolicies } from './policies.js';
+import { createTimeline } from './timeline.js';
 
 const PAGES = ['map', 'fleet', 'policies'];
 const live = document.getElementById('live');
@@ -28,6 +29,14 @@ onUnauthorized(() => {
 const map = createMap(document.getElementById('page-map'));
 const fleet = createFleet(document.getElementById('page-fleet'));
 const policies = createPolicies(document.getElementById('page-policies'));
+// The live graph as last fetched: the time slider draws the map at another time from it.
+let liveGraph = null;
+const timeline = createTimeline(document.getElementById('page-map'), {
+  load: () => api.history(),
+  redraw: () => {
+    if (liveGraph) map.setGraph(timeline.graphFor(liveGraph));
+  },
+});
 
 /**
  * Fetches coalesced: one request in flight per resource, one more after it if asked meanwhile, and at
@@ -62,7 +71,8 @@ const GRAPH_REFETCH_GAP_MS = 1000;
 
 const loadGraph = coalesced(async () => {
   try {
-    map.setGraph(await api.graph());
+    liveGraph = await api.graph();
+    map.setGraph(timeline.graphFor(liveGraph));
     hook.ready = map.drawn;
     hook.generation = map.generation;
   } catch (e) {
@@ -127,6 +137,7 @@ closeEvents = subscribe({
   },
   event(e) {
     fleet.event(e);
+    if (e.kind === 'edge') timeline.changed();
     if (e.kind === 'policy' && document.body.dataset.page === 'policies') loadPolicies();
   },
 });

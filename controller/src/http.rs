@@ -1,6 +1,6 @@
 //! Plain HTTP for probes, the web console, the read-only API and Prometheus: `/healthz`, `/readyz`,
 //! `/metrics` (see [`scrape`]); `/` (the console, see [`console`]); `/api/v1/agents`, `/api/v1/graph`,
-//! `/api/v1/graph/export`, `/api/v1/policies`, `/api/v1/topology/stats`, `/api/v1/mirror` and
+//! `/api/v1/graph/export`, `/api/v1/history`, `/api/v1/policies`, `/api/v1/topology/stats`, `/api/v1/mirror` and
 //! `/api/v1/events` (server-sent events the console follows). How connections are accepted and
 //! bounded: [`listener`].
 
@@ -78,6 +78,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/graph", get(graph))
         .route("/api/v1/graph/export", get(graph_export))
+        .route("/api/v1/history", get(history))
         .route("/api/v1/policies", get(policies))
         .route("/api/v1/topology/stats", get(topology_stats))
         .route("/api/v1/mirror", get(mirror_stats))
@@ -149,6 +150,46 @@ async fn graph(State(state): State<HttpState>, Query(p): Query<GraphParams>) -> 
     let mut v = tapgraph::graph::to_json(&g);
     v["generation"] = json!(generation);
     Json(v)
+}
+
+/// What changed on the map (see `topology::history`), for the console's time slider and its
+/// changes view: `{horizon, now, changes: [{at, kind, appeared, first, id, from, to, port,
+/// protocol, process, via, agent, hostname, ip}]}`, times in Unix ms, oldest first.
+async fn history(State(state): State<HttpState>) -> Response {
+    let now = tapgraph::time::unix_nanos() / 1_000_000;
+    match state.topology.history(now).await {
+        Ok((changes, horizon)) => {
+            let changes: Vec<_> = changes
+                .iter()
+                .map(|c| {
+                    let c = tapgraph::proto::HistoryChange::from(c);
+                    let e = c.edge.clone().unwrap_or_default();
+                    json!({
+                        "at": c.at_unix_nanos / 1_000_000,
+                        "kind": c.kind,
+                        "appeared": c.appeared,
+                        "first": c.first,
+                        "id": c.id,
+                        "from": e.from,
+                        "to": e.to,
+                        "port": e.port,
+                        "protocol": tapgraph::graph::protocol_name(e.protocol),
+                        "process": e.process,
+                        "via": e.via,
+                        "agent": c.agent_id,
+                        "hostname": c.hostname,
+                        "ip": c.ip,
+                    })
+                })
+                .collect();
+            Json(json!({ "horizon": horizon, "now": now, "changes": changes })).into_response()
+        }
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": format!("the map's history: {e}") })),
+        )
+            .into_response(),
+    }
 }
 
 /// The whole map as a download: `format=json|graphml|dot`.

@@ -498,6 +498,31 @@ fn the_console_shows_the_map_its_clusters_live_changes_and_the_fleet() {
     }
     browser.screenshot("04-live-edge");
 
+    // The time slider: at its left end (the history's horizon) the map had no connection yet;
+    // the changes view lists web1 -> db as new; back to now, it is drawn again.
+    browser.eval(
+        "const s = document.querySelector('#time-slider'); s.value = '0'; s.dispatchEvent(new Event('input')); return 1",
+    );
+    browser.wait_js(
+        "the map at the horizon, without connections",
+        "window.tapgraph.visible().edges.length === 0 && document.querySelector('#time-label').textContent !== 'now (live)'",
+        Duration::from_secs(10),
+    );
+    browser.click("#changes-toggle");
+    browser.wait_js(
+        "web1 -> db listed as new in the changes view",
+        "document.querySelector('#changes').textContent.includes('host:web1 → svc:db')",
+        Duration::from_secs(20),
+    );
+    browser.screenshot("04b-history");
+    browser.click("#changes-toggle");
+    browser.click("#time-now");
+    browser.wait_js(
+        "back to the live map",
+        "window.tapgraph.visible().edges.some(e => e[0] === 'host:web1' && e[1] === 'host:db')",
+        Duration::from_secs(10),
+    );
+
     // The fleet: an agent that stops answering is shown lost.
     let web1 = lab
         .procs

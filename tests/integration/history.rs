@@ -222,6 +222,25 @@ fn what_changed_is_kept_diffed_told_and_alerted() {
         assert_eq!(b["to_labels"]["env"], "prod");
         assert_eq!(b["from_labels"]["env"], "partner");
     }
+    // The console's source: the same history over HTTP.
+    let (status, body) = lab
+        .hub
+        .run(|| crate::harness::http_get(crate::topology::HTTP.parse().unwrap(), "/api/v1/history"))
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let h: Value = serde_json::from_str(&body).unwrap();
+    let froms: Vec<&str> = h["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "edge" && c["appeared"] == true)
+        .filter_map(|c| c["from"].as_str())
+        .collect();
+    assert!(
+        froms.contains(&"host:app") && froms.contains(&ext.split(' ').next().unwrap()),
+        "{h}"
+    );
+    assert!(h["horizon"].as_u64().unwrap() < h["now"].as_u64().unwrap());
     let metrics = {
         let (_, body) = lab
             .hub

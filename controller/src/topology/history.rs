@@ -615,4 +615,58 @@ mod tests {
             vec![(3, true, "host:a".into()), (20, false, "host:a".into())]
         );
     }
+
+    /// The storage cost of history, for BENCHMARKS.md: `cargo test -p tapgraph-controller --release
+    /// history_storage -- --ignored --nocapture`. 20,000 edges of realistic names each appear and
+    /// go once (a record each way), written in commits of 1,000 as the recorder would.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn history_storage() {
+        use crate::store::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.redb");
+        let store = Store::open(&path).unwrap();
+        let size = || std::fs::metadata(&path).unwrap().len();
+        let empty = size();
+        let n = 20_000u64;
+        let mut json_bytes = 0usize;
+        for chunk in 0..n / 1_000 {
+            let mut batch = Batch::default();
+            for i in chunk * 1_000..(chunk + 1) * 1_000 {
+                let key = EdgeKey {
+                    from: Node::Host(format!("web-{:04}.prod.example", i % 500)),
+                    to: Node::Service {
+                        host: format!("db-{:03}.prod.example", i % 37),
+                        protocol: Protocol::Tcp,
+                        port: 5432,
+                    },
+                    port: 5432,
+                    protocol: Protocol::Tcp,
+                };
+                for appeared in [true, false] {
+                    let c = Change {
+                        at_ms: 1_796_600_000_000 + i * 1_000 + u64::from(!appeared) * 500,
+                        appeared,
+                        first: appeared,
+                        item: Item::Edge {
+                            key: key.clone(),
+                            process: "postgres-client".into(),
+                            via: String::new(),
+                        },
+                    };
+                    json_bytes += serde_json::to_vec(&c).unwrap().len() + c.store_key().len();
+                    batch.put(HISTORY, &c.store_key(), &c).unwrap();
+                }
+            }
+            store.commit(batch).unwrap();
+        }
+        let records = 2 * n;
+        let file = size() - empty;
+        eprintln!(
+            "history: {records} records, key+JSON {:.0} B/record, redb file {:.0} B/record ({} MB)",
+            json_bytes as f64 / records as f64,
+            file as f64 / records as f64,
+            file / 1_000_000
+        );
+    }
 }

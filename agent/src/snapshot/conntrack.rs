@@ -51,6 +51,7 @@ const IPCTNL_MSG_CT_GET: u16 = 1;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_STATUS: u16 = 3;
+const CTA_STATUS_MASK: u16 = 26;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -172,6 +173,9 @@ pub struct ConntrackReader {
     buf: Box<[u8]>,
     seq: u32,
     unfinished: bool,
+    /// Ask the kernel for translated flows only (`CTA_STATUS_MASK`, Linux 5.19+); cleared when
+    /// it refuses the filter, and every flow is then dumped and sorted here.
+    filtered: bool,
 }
 
 impl fmt::Debug for ConntrackReader {
@@ -208,12 +212,24 @@ impl ConntrackReader {
             buf: vec![0; RECV_BUF_LEN].into_boxed_slice(),
             seq: 0,
             unfinished: false,
+            filtered: true,
         })
     }
 
     /// Every translated TCP and UDP flow of the namespace, IPv4 and IPv6, at most [`MAX_FLOWS`];
     /// the count of those left out is the second value.
     pub fn dump(&mut self) -> Result<(Vec<Flow>, u64), ConntrackError> {
+        match self.dump_once() {
+            Err(ConntrackError::Kernel { source }) if self.filtered => {
+                tracing::debug!(error = %source, "the kernel does not filter conntrack dumps by status; dumping every flow");
+                self.filtered = false;
+                self.dump_once()
+            }
+            other => other,
+        }
+    }
+
+    fn dump_once(&mut self) -> Result<(Vec<Flow>, u64), ConntrackError> {
         let socket_err = |op, source: Errno| ConntrackError::Socket {
             op,
             source: source.into(),
@@ -222,7 +238,7 @@ impl ConntrackReader {
             self.drain().map_err(|e| socket_err("drain", e))?;
         }
         self.seq = self.seq.wrapping_add(1);
-        let request = request(self.seq);
+        let request = request(self.seq, self.filtered);
         retry_eintr(|| send(self.fd.as_raw_fd(), &request, MsgFlags::empty()))
             .map_err(|e| socket_err("send", e))?;
         self.unfinished = true;
@@ -282,16 +298,25 @@ fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
     }
 }
 
-/// `nlmsghdr` + `nfgenmsg` asking for every conntrack entry of both families.
-fn request(seq: u32) -> [u8; NLMSG_HDRLEN + NFGENMSG_LEN] {
-    let mut req = [0u8; NLMSG_HDRLEN + NFGENMSG_LEN];
-    let len = (NLMSG_HDRLEN + NFGENMSG_LEN) as u32;
+/// `nlmsghdr` + `nfgenmsg` asking for the conntrack entries of both families; `filtered`: only
+/// those whose destination was translated (`CTA_STATUS` under `CTA_STATUS_MASK`), so the kernel
+/// copies out only what is kept here.
+fn request(seq: u32, filtered: bool) -> Vec<u8> {
+    let mut req = vec![0u8; NLMSG_HDRLEN + NFGENMSG_LEN];
+    // nfgen_family AF_UNSPEC (both), version NFNETLINK_V0, res_id 0: all zero.
+    if filtered {
+        for kind in [CTA_STATUS, CTA_STATUS_MASK] {
+            req.extend_from_slice(&8u16.to_ne_bytes());
+            req.extend_from_slice(&kind.to_ne_bytes());
+            req.extend_from_slice(&IPS_DST_NAT.to_be_bytes());
+        }
+    }
+    let len = req.len() as u32;
     let kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET;
     req[0..4].copy_from_slice(&len.to_ne_bytes());
     req[4..6].copy_from_slice(&kind.to_ne_bytes());
     req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     req[8..12].copy_from_slice(&seq.to_ne_bytes());
-    // nfgen_family AF_UNSPEC (both), version NFNETLINK_V0, res_id 0.
     req
 }
 
@@ -706,10 +731,15 @@ mod tests {
             ]);
             let client = TcpStream::connect("10.96.0.10:53").unwrap();
             let (_accepted, _) = backend.accept().unwrap();
+            // An untranslated flow beside it is left out.
+            let _direct = TcpStream::connect(backend.local_addr().unwrap()).unwrap();
             let mut reader = ConntrackReader::open().unwrap();
             let (flows, dropped) = reader.dump().unwrap();
-            // A second dump on the same socket works too.
+            // A second dump on the same socket works too, and so does one the kernel does not
+            // filter.
             let again = reader.dump().unwrap().0;
+            reader.filtered = false;
+            assert_eq!(reader.dump().unwrap().0, again);
             (
                 client.local_addr().unwrap(),
                 client.peer_addr().unwrap(),

@@ -523,9 +523,10 @@ mod tests {
             "  console_tokens: 1 rows",
             "  topology_agents: 7 rows",
             "  topology_edges: 8 rows",
+            "  topology_history: 9 rows",
             "  presence: skipped",
             "is in the database, sealed with",
-            "done: 27 rows in 9 tables",
+            "done: 36 rows in 9 tables",
         ] {
             assert!(said.contains(line), "{line}: {said}");
         }

@@ -630,6 +630,61 @@ pub(super) mod tests {
         assert_eq!(per_snapshot, [3, 2, 0, 0, 0, 0, 0, 0, 0, 0]);
     }
 
+    /// Two replicas on one database: the one leading the cleanup records history, the other
+    /// reads the same records; when the lead moves, the new leader reads history back first,
+    /// so nothing is recorded twice, and records what changes from then on.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres_replicas_share_history_and_record_each_change_once() {
+        use crate::store::{StoreSettings, testpg};
+        use crate::topology::history::{Change, HISTORY};
+        let Some(pg) = testpg::database().await else {
+            return;
+        };
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut replicas = Vec::new();
+        for (dir, name, leads) in [(&dir_a, "a", true), (&dir_b, "b", false)] {
+            let store = Store::connect(&StoreSettings::Postgres(pg.clone()), dir.path(), name)
+                .await
+                .unwrap();
+            let mut t = task(dir, Events::new(16));
+            t.store = store;
+            let (lead, leading) = watch::channel(leads);
+            t.leading = leading;
+            // Both replicas hold the whole map (the follower's comes through `follow`).
+            apply(&mut t, "web", &addresses(1, &["10.0.0.1".into()])).unwrap();
+            apply(&mut t, "db", &addresses(1, &["10.0.0.2".into()])).unwrap();
+            replicas.push((t, lead));
+        }
+        let read = |t: &Task| -> Vec<(bool, String)> {
+            let mut changes: Vec<Change> = t.store.load(HISTORY).unwrap();
+            changes.sort_by_key(|c| (c.at_ms, c.item.id()));
+            changes.iter().map(|c| (c.appeared, c.item.id())).collect()
+        };
+        let record = |replicas: &mut Vec<(Task, watch::Sender<bool>)>| {
+            for (t, _) in replicas.iter_mut() {
+                t.record_history();
+            }
+        };
+        record(&mut replicas);
+        let both = vec![
+            (true, "host:db".to_string()),
+            (true, "host:web".to_string()),
+        ];
+        assert_eq!(read(&replicas[1].0), both, "b reads what a recorded");
+        // The lead moves to b.
+        replicas[0].1.send(false).unwrap();
+        replicas[1].1.send(true).unwrap();
+        record(&mut replicas);
+        assert_eq!(read(&replicas[0].0), both, "nothing recorded twice");
+        for (t, _) in replicas.iter_mut() {
+            t.model.remove("web");
+        }
+        record(&mut replicas);
+        let mut all = both.clone();
+        all.push((false, "host:web".into()));
+        assert_eq!(read(&replicas[0].0), all, "b recorded the change, once");
+    }
+
     /// The database refuses the map's writes (here: its table is gone for a while): the
     /// snapshots are answered, and what they changed is written once the store takes it again.
     #[tokio::test(flavor = "multi_thread")]

@@ -871,6 +871,7 @@ mod tests {
         "tapgraph_snapshot_entries",
         "tapgraph_short_lived_dropped_catches",
         "tapgraph_snapshot_read_failures",
+        "tapgraph_snapshot_dropped_nat_flows",
         "tapgraph_policy_version_applied",
         "tapgraph_http_refused_connections",
         "process_cpu_seconds",

@@ -10,8 +10,10 @@
 //! Delivery: `Content-Type: application/json`, `X-Tapgraph-Delivery` (an id), and with
 //! `alerts.secret_file` `X-Tapgraph-Signature: sha256=HEX`, the HMAC-SHA256 of the body (as
 //! GitHub signs its webhooks). A connection failure, a timeout, 429 or 5xx is retried after 1 s,
-//! 2 s, 4 s… up to `alerts.retries` times; any other answer ends it. Past `alerts.per_minute`,
-//! matches are dropped and counted, and the next delivery says how many (`suppressed`).
+//! 2 s, 4 s… up to `alerts.retries` times; any other answer ends it. Deliveries run on a task of
+//! their own behind a bounded queue, so a slow receiver never holds up the reading of events.
+//! Past `alerts.per_minute`, or with the queue full, matches are dropped and counted, and the next
+//! delivery says how many (`suppressed`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -299,6 +301,9 @@ pub struct AlertStats {
     pub missed: AtomicU64,
 }
 
+/// How long labels read from the map serve the changes that follow.
+const LABELS_FRESH: Duration = Duration::from_secs(2);
+
 /// Where labels come from: the decorated map.
 #[derive(Clone)]
 pub struct Labels {
@@ -363,9 +368,16 @@ pub async fn run(
 ) {
     let mut rx = events.subscribe();
     let mut bucket = Bucket::new(settings.per_minute);
+    // Labels read at most every LABELS_FRESH: a burst of changes (a fleet's first start makes
+    // every edge new) reads the map once, not once per change.
+    let mut known: Option<(Instant, BTreeMap<String, BTreeMap<String, String>>)> = None;
     let mut suppressed = 0u64;
     let mut sequence = 0u64;
     tracing::info!(%url, selector = %settings.selector, "webhook alerts on");
+    let (queue, waiting) = tokio::sync::mpsc::channel(QUEUE);
+    let deliveries = tokio::spawn(deliverer(settings.clone(), url, stats.clone(), waiting));
+    // The deliverer ends with this task: the queue's sender drops, or it is aborted here.
+    let _deliveries = AbortOnDrop(deliveries);
     loop {
         let event = match rx.recv().await {
             Ok(e) => e,
@@ -383,9 +395,16 @@ pub async fn run(
             continue;
         };
         if settings.selector.reads_labels() {
-            let all = labels.of().await;
-            change.from_labels = labels_of(&all, &change.from);
-            change.to_labels = labels_of(&all, &change.to);
+            let fresh = known
+                .as_ref()
+                .is_some_and(|(at, _)| at.elapsed() < LABELS_FRESH);
+            if !fresh {
+                known = Some((Instant::now(), labels.of().await));
+            }
+            if let Some((_, all)) = &known {
+                change.from_labels = labels_of(all, &change.from);
+                change.to_labels = labels_of(all, &change.to);
+            }
         }
         if !settings.selector.matches(&change) {
             continue;
@@ -398,15 +417,38 @@ pub async fn run(
         sequence += 1;
         let delivery = format!("{replica}-{}-{sequence}", event.at_unix_nanos);
         let body = payload(&change, &settings.selector, suppressed, &replica);
+        match queue.try_send((delivery, change.message, body)) {
+            Ok(()) => suppressed = 0,
+            // Deliveries are behind (a slow receiver, retries): this one is dropped, counted,
+            // and the next one says so.
+            Err(_) => {
+                suppressed += 1;
+                stats.suppressed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Alerts waiting for the deliverer at most; beyond, they are suppressed (counted).
+const QUEUE: usize = 64;
+
+/// Posts the queued alerts one after the other, retrying each as [`deliver`] does; a slow
+/// receiver holds up only this, never the reading of events.
+async fn deliverer(
+    settings: AlertSettings,
+    url: WebhookUrl,
+    stats: Arc<AlertStats>,
+    mut queue: tokio::sync::mpsc::Receiver<(String, String, Vec<u8>)>,
+) {
+    while let Some((delivery, message, body)) = queue.recv().await {
         match deliver(&settings, &url, &delivery, body).await {
             Ok(status) => {
                 stats.delivered.fetch_add(1, Ordering::Relaxed);
-                suppressed = 0;
-                tracing::info!(%delivery, status, change = %change.message, "alert delivered");
+                tracing::info!(%delivery, status, change = %message, "alert delivered");
             }
             Err(error) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%delivery, %url, %error, change = %change.message, "alert not delivered");
+                tracing::warn!(%delivery, %url, %error, change = %message, "alert not delivered");
             }
         }
     }
@@ -434,6 +476,15 @@ fn payload(c: &EdgeChange, selector: &Selector, suppressed: u64, replica: &str) 
         "replica": replica,
     });
     serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// Aborts the task it holds when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// `sha256=HEX` of the body under `key`.

@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::jsonb::{JsonText, Jsonb};
-use super::schema::TABLES;
+use super::schema;
 use super::{Batch, Change, StoreError, Table, same_value};
 
 /// The notification channel.
@@ -584,10 +584,8 @@ fn grouped(
 
 /// The SQL table for `table`, which must be one the schema has.
 fn sql_table(table: Table) -> Result<&'static str, StoreError> {
-    TABLES
-        .iter()
-        .find(|t| **t == table.name())
-        .copied()
+    schema::tables()
+        .find(|t| *t == table.name())
         .ok_or_else(|| {
             StoreError::Failed(format!(
                 "table {} is not in the database schema (a migration is missing)",

@@ -20,22 +20,13 @@ const TABLES_V1: &[&str] = &[
     "pki",
 ];
 
+/// The tables migration 3 added.
+const TABLES_V3: &[&str] = &["topology_history"];
+
 /// The tables the schema has. A table the code names that is not here is a missing migration.
-pub const TABLES: &[&str] = &[
-    "tokens",
-    "agents",
-    "console_tokens",
-    "policies",
-    "policy_meta",
-    "label_rules",
-    "topology_agents",
-    "topology_edges",
-    "presence",
-    "replicas",
-    "mirrors",
-    "pki",
-    "topology_history",
-];
+pub fn tables() -> impl Iterator<Item = &'static str> {
+    TABLES_V1.iter().chain(TABLES_V3).copied()
+}
 
 /// Versioned migrations, applied in order, each once, each in its own transaction. A migration
 /// that was released is never edited: a database made by it is brought forward by the next.
@@ -68,9 +59,15 @@ fn migration_2() -> String {
 /// The map's history (`topology::history`). Not announced: it is read when an operator asks,
 /// and written by one replica.
 fn migration_3() -> String {
-    "CREATE TABLE tapgraph.topology_history (key text PRIMARY KEY, value json NOT NULL, \
-     updated_at timestamptz NOT NULL DEFAULT now());"
-        .to_string()
+    TABLES_V3
+        .iter()
+        .map(|name| {
+            format!(
+                "CREATE TABLE tapgraph.{name} (key text PRIMARY KEY, value json NOT NULL, \
+                 updated_at timestamptz NOT NULL DEFAULT now());"
+            )
+        })
+        .collect()
 }
 
 const NOTIFY_CHANGE: &str = r#"

@@ -301,6 +301,9 @@ pub struct AlertStats {
     pub missed: AtomicU64,
 }
 
+/// Labels by node id.
+type NodeLabels = BTreeMap<String, BTreeMap<String, String>>;
+
 /// How long labels read from the map serve the changes that follow.
 const LABELS_FRESH: Duration = Duration::from_secs(2);
 
@@ -327,7 +330,7 @@ impl AlertStats {
 
 impl Labels {
     /// Labels by node id; a service's are its host's.
-    async fn of(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+    async fn of(&self) -> NodeLabels {
         let map = crate::topology::view::map(
             &self.topology,
             &self.enrollment,
@@ -370,7 +373,7 @@ pub async fn run(
     let mut bucket = Bucket::new(settings.per_minute);
     // Labels read at most every LABELS_FRESH: a burst of changes (a fleet's first start makes
     // every edge new) reads the map once, not once per change.
-    let mut known: Option<(Instant, BTreeMap<String, BTreeMap<String, String>>)> = None;
+    let mut known: Option<(Instant, NodeLabels)> = None;
     let mut suppressed = 0u64;
     let mut sequence = 0u64;
     tracing::info!(%url, selector = %settings.selector, "webhook alerts on");

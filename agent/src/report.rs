@@ -454,6 +454,7 @@ mod tests {
             state,
             uid: 0,
             inode,
+            tcp: None,
         };
         let nginx = ProcessKey {
             name: "nginx".into(),

@@ -17,6 +17,7 @@ pub mod netns;
 mod proc_net;
 mod procs;
 mod reader;
+mod tcp_info;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -215,6 +216,7 @@ mod tests {
             state,
             uid: 0,
             inode,
+            tcp: None,
         }
     }
 

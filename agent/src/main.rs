@@ -11,6 +11,7 @@ mod report;
 mod session;
 mod shortlived;
 mod snapshot;
+mod traffic;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

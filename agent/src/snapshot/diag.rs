@@ -57,7 +57,7 @@ const NLM_F_DUMP: u16 = 0x300;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const INET_DIAG_REQ_V2_LEN: usize = 56;
 pub(super) const INET_DIAG_MSG_LEN: usize = 72;
-const AF_INET: u8 = 2;
+pub(super) const AF_INET: u8 = 2;
 pub(super) const AF_INET6: u8 = 10;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -66,6 +66,10 @@ const INET_DIAG_INFO: u16 = 2;
 const NLA_HDRLEN: usize = 4;
 // include/net/tcp_states.h
 const TCP_BOUND_INACTIVE: u32 = 13;
+const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
 
 /// Kernel dump datagrams are at most 32 KiB (`netlink_recvmsg` caps `max_recvmsg_len`), so this
 /// always holds one whole.
@@ -545,9 +549,18 @@ pub(super) fn tcp_info_of(
             return Err("netlink attribute length out of bounds");
         };
         if kind == INET_DIAG_INFO {
-            return tcp_info::parse(value, cookie(msg))
-                .map(Some)
-                .map_err(|_| "tcp_info shorter than 104 bytes");
+            let mut info = tcp_info::parse(value, cookie(msg))
+                .map_err(|_| "tcp_info shorter than 104 bytes")?;
+            // `tcpi_bytes_received` counts the peer's FIN as a byte. States past it say it came;
+            // a destroy notification is always CLOSE and nearly always after an orderly close
+            // (a connection reset with data received is then one byte short).
+            if matches!(
+                msg[1],
+                TCP_CLOSE | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING
+            ) {
+                info.bytes_received = info.bytes_received.saturating_sub(1);
+            }
+            return Ok(Some(info));
         }
         attrs = attrs.get(len.next_multiple_of(4)..).unwrap_or_default();
     }

@@ -11,6 +11,7 @@
 //! - here: the table's types, and the [`Delta`] between two tables that is sent after the first.
 
 mod aggregate;
+pub mod closed;
 mod diag;
 pub mod direction;
 pub mod netns;
@@ -31,6 +32,7 @@ pub use direction::Direction;
 #[allow(unused_imports)]
 pub use proc_net::{ParseError, Protocol, SocketRow, TcpState};
 pub use reader::{ReadFailures, Reader, Scope, Snapshotter};
+pub use tcp_info::TcpInfo;
 
 /// One aggregated row: every socket with the same key counts into `sockets`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -83,6 +85,20 @@ pub struct Table {
     /// Listener → lowest pid listening.
     pub listeners: BTreeMap<Listener, u32>,
     pub stats: Stats,
+    /// Every connected TCP socket that came with its `tcp_info` (sock_diag reads), with its
+    /// flow; not part of a [`Delta`]: `crate::traffic` turns them into increments.
+    pub sockets: Vec<(Flow, TcpInfo)>,
+}
+
+/// The endpoints of an [`EntryKey`] without its process: what traffic is counted by. A flow's
+/// sockets may belong to several processes, or to none visible.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Flow {
+    pub netns: String,
+    pub direction: Direction,
+    pub local_ip: IpAddr,
+    pub remote_ip: IpAddr,
+    pub server_port: u16,
 }
 
 /// Counters of one read; they describe the read, not the host, and are not part of a [`Delta`].

@@ -233,6 +233,7 @@ impl Snapshotter {
             let part = aggregate::build(&space.rows, &space.tag, owner, &self.control_plane);
             table.entries.extend(part.entries);
             table.listeners.extend(part.listeners);
+            table.sockets.extend(part.sockets);
             table.stats.sockets_read += part.stats.sockets_read;
             table.stats.unattributed += part.stats.unattributed;
         }

@@ -54,6 +54,7 @@ impl From<&Edge> for proto::GraphEdge {
             last_seen_unix_nanos: e.last_seen_ms.saturating_mul(1_000_000),
             active: e.active,
             control_plane: e.control_plane,
+            traffic: None,
         }
     }
 }

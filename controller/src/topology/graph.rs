@@ -3,7 +3,7 @@
 //! protobuf or JSON only by the handlers that send it ([`super::wire`]). Kinds are enums, ports
 //! numbers and times milliseconds: nothing downstream parses a string the map made.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use super::GraphQuery;
@@ -171,6 +171,122 @@ pub struct Edge {
     pub active: bool,
     /// An agent's own connection to the controller.
     pub control_plane: bool,
+    /// What a `CONNECTS_TO` edge carried, when an agent measured it.
+    pub traffic: Option<Traffic>,
+}
+
+/// An edge's TCP traffic, counted once: from the client side's agents when they measured any,
+/// else from the server side's ([`Traffic::measured_by`]). "Sent" is client to server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Traffic {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub segments_sent: u64,
+    pub segments_received: u64,
+    /// Segments the measuring side retransmitted.
+    pub retransmits: u64,
+    /// Mean over the measured flows with a sample, µs; 0: none.
+    pub srtt_us: u32,
+    /// Lowest over them, µs; 0: none.
+    pub min_rtt_us: u32,
+    /// Bytes per second each way over the last interval of each agent's that measured it (0
+    /// for a flow that did not move in it, or whose agent has not reported within the TTL).
+    pub sent_per_second: u64,
+    pub received_per_second: u64,
+    /// Connections counted at close.
+    pub closed: u64,
+    pub measured_by: model::Direction,
+}
+
+impl Traffic {
+    fn new(measured_by: model::Direction) -> Self {
+        Traffic {
+            bytes_sent: 0,
+            bytes_received: 0,
+            segments_sent: 0,
+            segments_received: 0,
+            retransmits: 0,
+            srtt_us: 0,
+            min_rtt_us: 0,
+            sent_per_second: 0,
+            received_per_second: 0,
+            closed: 0,
+            measured_by,
+        }
+    }
+
+    /// Adds one flow, turned to the edge's client-to-server sense.
+    /// `current`: the flow moved in its agent's latest snapshot, taken within the TTL.
+    fn add(&mut self, f: &model::FlowTotals, current: bool, n_rtt: &mut u64) {
+        let server = self.measured_by == model::Direction::Server;
+        let (sent, received) = if server {
+            (f.bytes_received, f.bytes_sent)
+        } else {
+            (f.bytes_sent, f.bytes_received)
+        };
+        let (segs_sent, segs_received) = if server {
+            (f.segments_received, f.segments_sent)
+        } else {
+            (f.segments_sent, f.segments_received)
+        };
+        self.bytes_sent = self.bytes_sent.saturating_add(sent);
+        self.bytes_received = self.bytes_received.saturating_add(received);
+        self.segments_sent = self.segments_sent.saturating_add(segs_sent);
+        self.segments_received = self.segments_received.saturating_add(segs_received);
+        self.retransmits = self.retransmits.saturating_add(f.retransmits);
+        self.closed = self.closed.saturating_add(f.closed);
+        if f.srtt_us > 0 {
+            let total = u64::from(self.srtt_us) * *n_rtt + u64::from(f.srtt_us);
+            *n_rtt += 1;
+            self.srtt_us = (total / *n_rtt) as u32;
+        }
+        if f.min_rtt_us > 0 && (self.min_rtt_us == 0 || f.min_rtt_us < self.min_rtt_us) {
+            self.min_rtt_us = f.min_rtt_us;
+        }
+        if current && f.last_interval_ms > 0 {
+            let (last_sent, last_received) = if server {
+                (f.last_received, f.last_sent)
+            } else {
+                (f.last_sent, f.last_received)
+            };
+            self.sent_per_second += last_sent.saturating_mul(1000) / f.last_interval_ms;
+            self.received_per_second += last_received.saturating_mul(1000) / f.last_interval_ms;
+        }
+    }
+}
+
+/// Every edge's traffic, from the flows of every agent's table: the client side's flows when
+/// an edge has any, else the server side's, so a connection both ends measured counts once.
+fn traffic(model: &Model, now_ms: u64, ttl_ms: u64) -> HashMap<model::EdgeKey, Traffic> {
+    type Sides<'a> = [Vec<(&'a model::FlowTotals, bool)>; 2];
+    let mut by_edge: HashMap<model::EdgeKey, Sides<'_>> = HashMap::new();
+    for (agent, table) in &model.agents {
+        let fresh = now_ms.saturating_sub(table.last_snapshot_ms) < ttl_ms;
+        for (flow, totals) in &table.traffic {
+            let key = model.edge_key(agent, &flow.obs());
+            let side = match flow.direction {
+                model::Direction::Client => 0,
+                model::Direction::Server => 1,
+            };
+            by_edge.entry(key).or_default()[side].push((totals, fresh));
+        }
+    }
+    by_edge
+        .into_iter()
+        .map(|(key, [client, server])| {
+            let (measured_by, flows) = if client.is_empty() {
+                (model::Direction::Server, server)
+            } else {
+                (model::Direction::Client, client)
+            };
+            let mut t = Traffic::new(measured_by);
+            let mut n_rtt = 0;
+            for (f, current) in flows {
+                t.add(f, current, &mut n_rtt);
+            }
+            (key, t)
+        })
+        .collect()
 }
 
 impl Edge {
@@ -194,6 +310,7 @@ impl Edge {
             last_seen_ms: 0,
             active: true,
             control_plane: false,
+            traffic: None,
         }
     }
 }
@@ -306,6 +423,7 @@ pub(super) fn build(model: &Model, query: &GraphQuery, now_ms: u64, ttl_ms: u64)
             ));
         }
     }
+    let mut traffic = traffic(model, now_ms, ttl_ms);
     for e in model.edges.values() {
         let active = e.active(now_ms, ttl_ms);
         if (e.control_plane && !query.include_control) || (!active && !query.include_inactive) {
@@ -326,6 +444,7 @@ pub(super) fn build(model: &Model, query: &GraphQuery, now_ms: u64, ttl_ms: u64)
             last_seen_ms: e.last_seen_ms,
             active,
             control_plane: e.control_plane,
+            traffic: traffic.remove(&e.key),
         });
     }
     Graph {

@@ -6,7 +6,7 @@
 use tapgraph::proto;
 
 use super::graph::{Edge, Graph, Node, Prop};
-use super::model::Protocol;
+use super::model::{Direction, Protocol};
 
 fn protocol(p: Protocol) -> proto::Protocol {
     match p {
@@ -54,7 +54,23 @@ impl From<&Edge> for proto::GraphEdge {
             last_seen_unix_nanos: e.last_seen_ms.saturating_mul(1_000_000),
             active: e.active,
             control_plane: e.control_plane,
-            traffic: None,
+            traffic: e.traffic.as_ref().map(|t| proto::EdgeTraffic {
+                bytes_sent: t.bytes_sent,
+                bytes_received: t.bytes_received,
+                segments_sent: t.segments_sent,
+                segments_received: t.segments_received,
+                retransmits: t.retransmits,
+                srtt_us: t.srtt_us,
+                min_rtt_us: t.min_rtt_us,
+                sent_per_second: t.sent_per_second,
+                received_per_second: t.received_per_second,
+                closed_connections: t.closed,
+                measured_by: match t.measured_by {
+                    Direction::Client => "client",
+                    Direction::Server => "server",
+                }
+                .into(),
+            }),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::anyhow;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
-use tapgraph::graph::{edge_json, protocol_name};
+use tapgraph::graph::{bytes_text, edge_json, protocol_name, rtt_text};
 use tapgraph::proto::{self, admin_service_client::AdminServiceClient};
 use tapgraph::text::Escaped;
 use tonic::transport::Channel;
@@ -255,7 +255,7 @@ fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
     let rows: Vec<Vec<String>> = edges
         .iter()
         .map(|e| {
-            vec![
+            let mut row = vec![
                 display(&e.from, &nodes),
                 display(&e.to, &nodes),
                 format!("{}/{}", e.port, protocol_name(e.protocol)),
@@ -267,7 +267,9 @@ fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
                 e.sockets.to_string(),
                 if e.active { "active" } else { "inactive" }.into(),
                 ns_time(e.last_seen_unix_nanos),
-            ]
+            ];
+            row.extend(traffic_columns(e.traffic.as_ref()));
+            row
         })
         .collect();
     table::print(
@@ -279,9 +281,26 @@ fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
             "SOCKETS",
             "STATE",
             "LAST SEEN",
+            "SENT",
+            "RECEIVED",
+            "RTT",
+            "RETRANS",
         ],
         &rows,
     );
+}
+
+/// SENT (client to server), RECEIVED, RTT (smoothed), RETRANS; `-` where nothing was measured.
+fn traffic_columns(t: Option<&proto::EdgeTraffic>) -> [String; 4] {
+    match t {
+        Some(t) => [
+            bytes_text(t.bytes_sent),
+            bytes_text(t.bytes_received),
+            rtt_text(t.srtt_us),
+            t.retransmits.to_string(),
+        ],
+        None => ["-".into(), "-".into(), "-".into(), "-".into()],
+    }
 }
 
 pub async fn run(
@@ -476,6 +495,25 @@ mod tests {
             name: name.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn traffic_columns_show_what_was_measured() {
+        let t = proto::EdgeTraffic {
+            bytes_sent: 4_096,
+            bytes_received: 12,
+            srtt_us: 10_250,
+            retransmits: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            traffic_columns(Some(&t)),
+            ["4.1 kB", "12 B", "10.2 ms", "3"].map(String::from)
+        );
+        assert_eq!(
+            traffic_columns(None),
+            ["-", "-", "-", "-"].map(String::from)
+        );
     }
 
     #[test]

@@ -104,9 +104,15 @@ impl Accountant {
             );
         }
         for row in closed {
-            let Some(info) = row.tcp else { continue };
+            let Some(mut info) = row.tcp else { continue };
             let (flow, before) = match self.last.remove(&(String::new(), info.cookie)) {
-                Some(seen) => (seen.flow, Some(seen.info)),
+                Some(seen) => {
+                    // Read after the peer's FIN: the final count has it too.
+                    if seen.info.peer_fin && !info.peer_fin {
+                        info.bytes_received = info.bytes_received.saturating_sub(1);
+                    }
+                    (seen.flow, Some(seen.info))
+                }
                 None => (flow_of(&row, listeners), None),
             };
             let m = moved.entry(flow).or_default();
@@ -175,6 +181,7 @@ mod tests {
             retransmits: 0,
             srtt_us: 1000 * cookie as u32,
             min_rtt_us: 500 * cookie as u32,
+            peer_fin: false,
         }
     }
 

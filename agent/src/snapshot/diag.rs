@@ -66,7 +66,6 @@ const INET_DIAG_INFO: u16 = 2;
 const NLA_HDRLEN: usize = 4;
 // include/net/tcp_states.h
 const TCP_BOUND_INACTIVE: u32 = 13;
-const TCP_CLOSE: u8 = 7;
 const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LAST_ACK: u8 = 9;
 const TCP_CLOSING: u8 = 11;
@@ -551,14 +550,13 @@ pub(super) fn tcp_info_of(
         if kind == INET_DIAG_INFO {
             let mut info = tcp_info::parse(value, cookie(msg))
                 .map_err(|_| "tcp_info shorter than 104 bytes")?;
-            // `tcpi_bytes_received` counts the peer's FIN as a byte. States past it say it came;
-            // a destroy notification is always CLOSE and nearly always after an orderly close
-            // (a connection reset with data received is then one byte short).
-            if matches!(
-                msg[1],
-                TCP_CLOSE | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING
-            ) {
+            // `tcpi_bytes_received` counts the peer's FIN as a byte. States past it say it
+            // came. A destroy notification is always CLOSE, which says nothing: the side that
+            // closed first is freed once its FIN is acked, usually before the peer's FIN
+            // (`crate::traffic` corrects a socket last read in one of these states).
+            if matches!(msg[1], TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING) {
                 info.bytes_received = info.bytes_received.saturating_sub(1);
+                info.peer_fin = true;
             }
             return Ok(Some(info));
         }

@@ -42,6 +42,9 @@ pub struct TcpInfo {
     pub srtt_us: u32,
     /// The lowest RTT seen (windowed), µs; 0 when unknown (no sample, or a kernel before 4.6).
     pub min_rtt_us: u32,
+    /// The peer's FIN is known to have come (the socket's state says so) and `bytes_received`
+    /// was corrected for it: the kernel counts a FIN as a byte received.
+    pub peer_fin: bool,
 }
 
 /// Why an `INET_DIAG_INFO` attribute was refused.
@@ -82,5 +85,6 @@ pub fn parse(info: &[u8], cookie: u64) -> Result<TcpInfo, TooShort> {
             u32::MAX => 0,
             rtt => rtt,
         },
+        peer_fin: false,
     })
 }

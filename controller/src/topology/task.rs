@@ -706,7 +706,9 @@ pub(super) mod tests {
         .unwrap();
         let web_rows = vec![row(Client, "10.0.0.1", "10.0.0.2", 5432)];
         let web_traffic = vec![
-            traffic_row(Client, "10.0.0.1", "10.0.0.2", 5432, 1000, 300),
+            // Received counts the server's FIN here: the server's own count of what it sent
+            // is the one shown.
+            traffic_row(Client, "10.0.0.1", "10.0.0.2", 5432, 1000, 301),
             traffic_row(Client, "10.0.0.1", "203.0.113.7", 443, 5, 6),
         ];
         apply(
@@ -748,10 +750,7 @@ pub(super) mod tests {
             .iter()
             .filter_map(|e| {
                 let tr = e.traffic.as_ref()?;
-                let by = match tr.measured_by {
-                    model::Direction::Client => "client",
-                    model::Direction::Server => "server",
-                };
+                let by = tr.measured_by.as_str();
                 Some((
                     (e.from.clone(), e.to.clone()),
                     (tr.bytes_sent, tr.bytes_received, by),
@@ -762,7 +761,7 @@ pub(super) mod tests {
         assert_eq!(
             figures,
             BTreeMap::from([
-                (key("host:web", "svc:db/tcp/5432"), (1500, 300, "client")),
+                (key("host:web", "svc:db/tcp/5432"), (1500, 300, "both")),
                 (key("addr:10.0.0.9", "svc:db/tcp/5432"), (20, 70, "server")),
                 (key("host:web", "addr:203.0.113.7"), (5, 6, "client")),
             ])

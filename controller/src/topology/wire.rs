@@ -6,7 +6,7 @@
 use tapgraph::proto;
 
 use super::graph::{Edge, Graph, Node, Prop};
-use super::model::{Direction, Protocol};
+use super::model::Protocol;
 
 fn protocol(p: Protocol) -> proto::Protocol {
     match p {
@@ -65,11 +65,7 @@ impl From<&Edge> for proto::GraphEdge {
                 sent_per_second: t.sent_per_second,
                 received_per_second: t.received_per_second,
                 closed_connections: t.closed,
-                measured_by: match t.measured_by {
-                    Direction::Client => "client",
-                    Direction::Server => "server",
-                }
-                .into(),
+                measured_by: t.measured_by.as_str().into(),
             }),
         }
     }

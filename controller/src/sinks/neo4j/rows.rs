@@ -240,13 +240,7 @@ pub(super) fn rel_row(want: &Desired<'_>, id: &str, hash: u64, kind: Kind, e: &E
             props.insert("closed_connections".into(), int(t.closed));
             props.insert(
                 "traffic_measured_by".into(),
-                Value::Str(
-                    match t.measured_by {
-                        crate::topology::model::Direction::Client => "client",
-                        crate::topology::model::Direction::Server => "server",
-                    }
-                    .into(),
-                ),
+                Value::Str(t.measured_by.as_str().into()),
             );
         }
     }
@@ -380,8 +374,7 @@ mod tests {
     /// written again.
     #[test]
     fn traffic_becomes_relationship_properties() {
-        use crate::topology::graph::Traffic;
-        use crate::topology::model::Direction;
+        use crate::topology::graph::{MeasuredBy, Traffic};
         let traffic = Traffic {
             bytes_sent: 1000,
             bytes_received: 300,
@@ -393,7 +386,7 @@ mod tests {
             sent_per_second: 0,
             received_per_second: 0,
             closed: 2,
-            measured_by: Direction::Client,
+            measured_by: MeasuredBy::Client,
         };
         let graph = Graph {
             nodes: vec![host("host:a", "a"), service("svc:b/tcp/80", 80, "nginx")],

@@ -234,14 +234,24 @@ fn print_snapshot(
     let mut snapshotter =
         snapshot::Snapshotter::with_scope("/proc".into(), None, scope).with_reader(reader);
     let mut last = None;
+    // The traffic increments a report would send: part of what a snapshot costs.
+    let mut accountant = traffic::Accountant::default();
     for i in 1..=repeat.max(1) {
         let started = std::time::Instant::now();
         let cpu_before = cpu_ms();
         match snapshotter.take() {
-            Ok(table) => {
+            Ok(mut table) => {
+                let measured = table.sockets.len();
+                let moved = accountant
+                    .account(
+                        std::mem::take(&mut table.sockets),
+                        Vec::new(),
+                        &table.listeners,
+                    )
+                    .len();
                 let took = started.elapsed();
                 eprintln!(
-                    "read {i}: {:.1} ms (cpu {:.1} ms), {} sockets, {} rows, {} listeners, {} bad lines, {} unattributed",
+                    "read {i}: {:.1} ms (cpu {:.1} ms), {} sockets, {} rows, {} listeners, {} bad lines, {} unattributed, {measured} with tcp_info, {moved} flows moved",
                     took.as_secs_f64() * 1e3,
                     cpu_ms() - cpu_before,
                     table.stats.sockets_read,

@@ -201,6 +201,7 @@ impl App {
             access: access.clone(),
             http_stats,
             stop: stop.clone(),
+            traffic_metrics: config.traffic_metrics,
         };
         let http_stop = stop.clone();
         let http_settings = config.http.clone();

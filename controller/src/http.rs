@@ -53,6 +53,8 @@ pub struct HttpState {
     pub http_stats: Arc<HttpStats>,
     /// Ends the event streams at shutdown, which would otherwise hold it up.
     pub stop: CancellationToken,
+    /// `/metrics` shows edges' traffic (`topology.traffic_metrics`).
+    pub traffic_metrics: bool,
 }
 
 /// Serves the router on `listener` until `stop`; see [`listener`].

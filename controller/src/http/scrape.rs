@@ -50,6 +50,16 @@ async fn gather(state: &HttpState) -> Scrape {
         sink: state.sink.as_ref().map(|s| s.stats()),
         http: state.http_stats.read(),
         enrollments_refused: state.enrollment.refused(),
+        traffic: if state.traffic_metrics {
+            Some(crate::metrics::traffic_rows(
+                &state
+                    .topology
+                    .map(crate::topology::GraphQuery::default())
+                    .await,
+            ))
+        } else {
+            None
+        },
         ..Scrape::default()
     }
     .with_mirrors(&state.mirrors)

@@ -7,12 +7,13 @@
 #
 #   sudo bench/conntable.sh [N ...]        default: 10000 50000 (connections; 2N sockets)
 #
-# Prints a table: per N, median milliseconds of ss, ss -i and cat over 5 runs; the agent's median
-# warm read (reads 2-9 of 9) with the /proc/net reader and with its default netlink sock_diag reader
-# (with tcp_info and traffic), and the latter's ratio to `ss -tanp` and to `ss -tanpi`; its first
-# (cold-cache) read; its mean CPU per warm read and that as a share of a core at a 15 s interval;
-# its peak RSS; the load average while it ran (others may share the machine: the ratios come from
-# one run and still hold).
+# Prints a table: per N (sockets: 2N), median milliseconds of ss, ss -i and cat over 5 runs; the
+# agent's median warm read (reads 2-9 of 9) with the /proc/net reader, with sock_diag but without
+# tcp_info (--no-tcp-info, "agent -info"), and with its default sock_diag reader (tcp_info and
+# traffic), and the latter's ratio to `ss -tanp` and to `ss -tanpi`; its first (cold-cache) read;
+# its mean CPU per warm read and that as a share of a core at a 15 s interval; its peak RSS; the
+# load average while it ran (others may share the machine: the ratios come from one run and
+# still hold).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -64,7 +65,7 @@ time_cmd() {  # median wall ms of 5 runs of "$@" (after one warm-up run)
   ms "${runs[@]}"
 }
 
-printf '%-8s %-10s %-10s %-10s %-12s %-12s %-9s %-10s %-10s %-9s %-10s %-9s %-s\n' sockets "ss -tanp" "ss -tanpi" "cat /proc" "agent/proc" "agent warm" "ratio/ss" "ratio/ss-i" "agent cold" "cpu/read" "peak RSS" "cpu@15s" "load avg"
+printf '%-8s %-10s %-10s %-10s %-12s %-12s %-12s %-9s %-10s %-10s %-9s %-10s %-9s %-s\n' sockets "ss -tanp" "ss -tanpi" "cat /proc" "agent/proc" "agent -info" "agent warm" "ratio/ss" "ratio/ss-i" "agent cold" "cpu/read" "peak RSS" "cpu@15s" "load avg"
 held=0; port=20000
 for n in "${sizes[@]}"; do
   while [ "$held" -lt "$n" ]; do
@@ -80,6 +81,8 @@ for n in "${sizes[@]}"; do
   # Nine reads: the cold one, then eight warm ones, a whole re-check rotation of the cache.
   proc_out=$(in_ns "$agent" snapshot --reader proc --repeat 9 --quiet 2>&1)
   proc_warm=$(ms $(echo "$proc_out" | sed -n 's/^read [2-9]: \([0-9.]*\) ms.*/\1/p'))
+  bare_out=$(in_ns "$agent" snapshot --no-tcp-info --repeat 9 --quiet 2>&1)
+  bare=$(ms $(echo "$bare_out" | sed -n 's/^read [2-9]: \([0-9.]*\) ms.*/\1/p'))
   out=$(in_ns "$agent" snapshot --repeat 9 --quiet 2>&1)
   cold=$(echo "$out" | sed -n 's/^read 1: \([0-9.]*\) ms.*/\1/p')
   warm=$(ms $(echo "$out" | sed -n 's/^read [2-9]: \([0-9.]*\) ms.*/\1/p'))
@@ -90,6 +93,6 @@ for n in "${sizes[@]}"; do
   share=$(python3 -c "print(f'{$cpu/15000*100:.3f}%')")
   measured=$(echo "$out" | sed -n 's/^read 9: .* \([0-9]*\) with tcp_info.*/\1/p')
   load=$(cut -d' ' -f1-3 /proc/loadavg)
-  printf '%-8s %-10s %-10s %-10s %-12s %-12s %-9s %-10s %-10s %-9s %-10s %-9s %-s\n' "$((2*n))" "$ss_ms" "$ssi_ms" "$cat_ms" "$proc_warm" "$warm" "$ratio" "$ratio_i" "$cold" "$cpu" "${rss}kB" "$share" "$load"
+  printf '%-8s %-10s %-10s %-10s %-12s %-12s %-12s %-9s %-10s %-10s %-9s %-10s %-9s %-s\n' "$((2*n))" "$ss_ms" "$ssi_ms" "$cat_ms" "$proc_warm" "$bare" "$warm" "$ratio" "$ratio_i" "$cold" "$cpu" "${rss}kB" "$share" "$load"
   echo "  (agent read 9: $measured sockets with tcp_info)"
 done

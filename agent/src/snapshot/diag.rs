@@ -230,6 +230,8 @@ pub struct DiagReader {
     /// A dump was abandoned part-way (bad datagram, receive error). The kernel refuses a new dump
     /// on the socket with EBUSY until the old one is read to its end, so the next dump drains it.
     unfinished: bool,
+    /// TCP dumps ask for each socket's `tcp_info` (on unless a benchmark turns it off).
+    tcp_info: bool,
 }
 
 impl fmt::Debug for DiagReader {
@@ -261,6 +263,7 @@ impl DiagReader {
             buf: vec![0; RECV_BUF_LEN].into_boxed_slice(),
             seq: 0,
             unfinished: false,
+            tcp_info: true,
         })
     }
 
@@ -278,7 +281,14 @@ impl DiagReader {
             buf: vec![0; RECV_BUF_LEN].into_boxed_slice(),
             seq: 0,
             unfinished: false,
+            tcp_info: true,
         })
+    }
+
+    /// Whether TCP dumps ask for `tcp_info`: off, rows carry no counters (to measure what the
+    /// extension costs).
+    pub fn set_tcp_info(&mut self, on: bool) {
+        self.tcp_info = on;
     }
 
     /// A reader of the network namespace `netns` (an open `/proc/PID/ns/net` or `ip netns`
@@ -328,7 +338,7 @@ impl DiagReader {
                 .map_err(|e| socket_err("draining an abandoned dump", e))?;
         }
         self.seq = self.seq.wrapping_add(1);
-        let request = request(table, self.seq);
+        let request = request(table, self.seq, self.tcp_info);
         retry_eintr(|| send(self.fd.as_raw_fd(), &request, MsgFlags::empty()))
             .map_err(|e| socket_err("send", e))?;
         self.unfinished = true;
@@ -391,7 +401,7 @@ fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
 }
 
 /// `nlmsghdr` + `inet_diag_req_v2` asking for every socket of `table` in the requested states.
-fn request(table: Table, seq: u32) -> [u8; NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN] {
+fn request(table: Table, seq: u32, tcp_info: bool) -> [u8; NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN] {
     let mut req = [0u8; NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN];
     let len = (NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN) as u32;
     req[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -402,7 +412,7 @@ fn request(table: Table, seq: u32) -> [u8; NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN] 
     req[16] = table.family();
     req[17] = table.ip_protocol();
     // idiag_ext: TCP sockets come with their tcp_info (INET_DIAG_INFO); UDP has none to give.
-    if table.protocol == Protocol::Tcp {
+    if tcp_info && table.protocol == Protocol::Tcp {
         req[18] = 1 << (INET_DIAG_INFO - 1);
     }
     req[20..24].copy_from_slice(&table.states().to_ne_bytes());
@@ -796,7 +806,7 @@ mod tests {
         let abandon = |reader: &mut DiagReader| {
             reader.seq += 1;
             let fd = reader.fd.as_raw_fd();
-            send(fd, &request(tcp, reader.seq), MsgFlags::empty()).unwrap();
+            send(fd, &request(tcp, reader.seq, true), MsgFlags::empty()).unwrap();
             recv(fd, &mut reader.buf, MsgFlags::empty()).unwrap();
         };
         abandon(&mut reader);
@@ -1055,7 +1065,7 @@ mod tests {
 
     #[test]
     fn request_asks_for_every_state_proc_lists() {
-        let req = request(Table::new(Protocol::Tcp, true), 9);
+        let req = request(Table::new(Protocol::Tcp, true), 9, true);
         assert_eq!(req.len(), 72);
         assert_eq!(u32::from_ne_bytes(req[0..4].try_into().unwrap()), 72);
         assert_eq!(u16::from_ne_bytes([req[4], req[5]]), SOCK_DIAG_BY_FAMILY);
@@ -1063,11 +1073,12 @@ mod tests {
         assert_eq!((req[16], req[17]), (AF_INET6, IPPROTO_TCP));
         let states = u32::from_ne_bytes(req[20..24].try_into().unwrap());
         assert_eq!(states, !(1 << 13));
-        let udp = request(UDP, 1);
+        let udp = request(UDP, 1, true);
         assert_eq!(u32::from_ne_bytes(udp[20..24].try_into().unwrap()), !0);
         assert!(req[24..].iter().all(|&b| b == 0));
         // tcp_info for TCP, no extension for UDP.
         assert_eq!((req[18], udp[18]), (1 << (INET_DIAG_INFO - 1), 0));
+        assert_eq!(request(Table::new(Protocol::Tcp, true), 9, false)[18], 0);
     }
 
     fn fixture(name: &str) -> Vec<u8> {

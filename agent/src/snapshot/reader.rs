@@ -124,6 +124,8 @@ pub struct Snapshotter {
     /// Scope `all`: the other namespaces the last snapshot read, with the pid it read them through.
     others: Vec<(netns::Namespace, u32)>,
     failures: Arc<ReadFailures>,
+    /// sock_diag dumps ask for `tcp_info`.
+    tcp_info: bool,
 }
 
 impl Snapshotter {
@@ -147,7 +149,15 @@ impl Snapshotter {
             diag_failed: HashSet::new(),
             others: Vec::new(),
             failures: Arc::default(),
+            tcp_info: true,
         }
+    }
+
+    /// sock_diag dumps without `tcp_info`: no traffic, as before issue 23 (for the benchmark
+    /// that measures what the extension costs).
+    pub fn without_tcp_info(mut self) -> Self {
+        self.tcp_info = false;
+        self
     }
 
     /// Counts failed reads into `failures` (shared with `/metrics`) instead of a private tally.
@@ -339,7 +349,8 @@ impl Snapshotter {
                     .and_then(|file| diag::DiagReader::open_in(&file)),
             };
             match opened {
-                Ok(reader) => {
+                Ok(mut reader) => {
+                    reader.set_tcp_info(self.tcp_info);
                     self.diag.insert(inode, reader);
                 }
                 Err(error) => {

@@ -461,6 +461,24 @@ impl Task {
         table
             .traffic
             .retain(|_, f| now.saturating_sub(f.last_ms) < retention);
+        // Flows outlive their sockets (for the retention): bounded like a snapshot's rows, the
+        // least recently moved go first.
+        let over = table
+            .traffic
+            .len()
+            .saturating_sub(self.settings.max_entries);
+        if over > 0 {
+            let mut by_age: Vec<(u64, model::FlowKey)> = table
+                .traffic
+                .iter()
+                .map(|(k, f)| (f.last_ms, k.clone()))
+                .collect();
+            by_age.sort_unstable();
+            for (_, key) in by_age.into_iter().take(over) {
+                table.traffic.remove(&key);
+            }
+            self.stats.traffic_flows_evicted += over as u64;
+        }
         self.stats.rows_skipped += skipped.count;
         if let Some(first) = &skipped.first {
             tracing::warn!(%agent, sequence = s.sequence, refused = skipped.count, %first, "snapshot rows refused");
@@ -766,6 +784,38 @@ pub(super) mod tests {
                 (key("host:web", "addr:203.0.113.7"), (5, 6, "client")),
             ])
         );
+    }
+
+    /// An agent's flows are bounded like its rows: past `topology.max_entries` (100 here) the
+    /// least recently moved go, counted.
+    #[test]
+    fn traffic_flows_are_bounded_least_recently_moved_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = task(&dir, Events::new(16));
+        let flows = |sequence: u64, range: std::ops::Range<u32>| proto::ConnectionSnapshot {
+            sequence,
+            full: sequence == 1,
+            base_sequence: sequence - 1,
+            addresses: vec!["10.0.0.1".into()],
+            traffic: range
+                .map(|i| {
+                    let remote = format!("10.1.{}.{}", i / 250, i % 250 + 1);
+                    traffic_row(proto::Direction::Client, "10.0.0.1", &remote, 443, 1, 1)
+                })
+                .collect(),
+            ..Default::default()
+        };
+        apply(&mut t, "web", &flows(1, 0..80)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        apply(&mut t, "web", &flows(2, 80..150)).unwrap();
+        let kept = &t.model.agents["web"].traffic;
+        assert_eq!(kept.len(), 100);
+        assert_eq!(t.stats.traffic_flows_evicted, 50);
+        // The 70 of the later snapshot are all kept.
+        let remote = |i: u32| -> std::net::IpAddr {
+            format!("10.1.{}.{}", i / 250, i % 250 + 1).parse().unwrap()
+        };
+        assert!((80..150).all(|i| kept.keys().any(|k| k.remote_ip == remote(i))));
     }
 
     fn drain(rx: &mut tokio::sync::broadcast::Receiver<proto::Event>) -> Vec<proto::Event> {

@@ -254,7 +254,8 @@ fn flow(t: &proto::FlowTraffic) -> Result<FlowKey, Invalid> {
 }
 
 /// Adds `s`'s traffic increments to `table.traffic`, at `now_ms`; returns the flows that moved.
-/// A snapshot carries at most `max` flows; the rest are refused, counted.
+/// A snapshot carries at most `max` flows; the rest are refused, counted in
+/// `stats.traffic_flows_refused`; a flow no real socket has is refused like a row.
 pub(super) fn merge_traffic(
     table: &mut AgentTable,
     s: &proto::ConnectionSnapshot,
@@ -273,16 +274,10 @@ pub(super) fn merge_traffic(
         f.last_sent = 0;
         f.last_received = 0;
     }
-    for (i, t) in s.traffic.iter().enumerate() {
-        if i >= max {
-            skipped.add(
-                stats,
-                Invalid::Sockets {
-                    sockets: s.traffic.len().min(u32::MAX as usize) as u32,
-                },
-            );
-            continue;
-        }
+    // More flows than rows a snapshot may carry: the rest are refused, counted.
+    let refused = s.traffic.len().saturating_sub(max);
+    stats.traffic_flows_refused += refused as u64;
+    for t in s.traffic.iter().take(max) {
         let key = match flow(t) {
             Ok(key) => key,
             Err(invalid) => {
@@ -410,6 +405,48 @@ pub(super) mod tests {
             control_plane: false,
             short_lived: false,
         }
+    }
+
+    /// Flows are checked like rows and bounded per snapshot; the good ones add up.
+    #[test]
+    fn traffic_flows_are_checked_bounded_and_summed() {
+        let flow = |remote: &str, sent: u64| proto::FlowTraffic {
+            direction: proto::Direction::Client as i32,
+            local_ip: "10.0.0.1".into(),
+            remote_ip: remote.into(),
+            server_port: 443,
+            bytes_sent: sent,
+            ..Default::default()
+        };
+        let s = proto::ConnectionSnapshot {
+            taken_at_unix_nanos: 5_000_000_000,
+            traffic_since_unix_nanos: 3_000_000_000,
+            traffic: vec![
+                flow("10.0.0.2", 100),
+                flow("0.0.0.0", 5),
+                flow("not an address", 5),
+                flow("10.0.0.3", 7),
+            ],
+            ..Default::default()
+        };
+        let mut table = AgentTable::default();
+        let mut stats = Stats::default();
+        let (skipped, moved) = merge_traffic(&mut table, &s, 42, 3, &mut stats);
+        assert_eq!(skipped.count, 2);
+        assert_eq!(
+            stats.traffic_flows_refused, 1,
+            "the fourth is past the bound of 3"
+        );
+        assert_eq!(moved.len(), 1);
+        let f = &table.traffic[&moved[0]];
+        assert_eq!(
+            (f.bytes_sent, f.last_ms, f.last_interval_ms),
+            (100, 42, 2000)
+        );
+        // Again: totals add, the latest interval is the last increment.
+        merge_traffic(&mut table, &s, 43, 3, &mut stats);
+        let f = &table.traffic[&moved[0]];
+        assert_eq!((f.bytes_sent, f.last_sent), (200, 100));
     }
 
     #[test]

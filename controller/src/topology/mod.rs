@@ -120,6 +120,8 @@ pub struct Stats {
     /// Traffic flows an agent's table dropped, least recently moved first, to stay within
     /// `topology.max_entries`.
     pub traffic_flows_evicted: u64,
+    /// Traffic flows past `topology.max_entries` in one snapshot, refused.
+    pub traffic_flows_refused: u64,
     /// Whether this replica removes expired edges from the store (one replica does; always
     /// this one with the embedded store).
     pub leader: bool,

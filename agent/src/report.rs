@@ -8,12 +8,12 @@ use std::sync::Arc;
 use tapgraph::proto;
 
 use crate::shortlived::{self, Catch, Catcher};
-use crate::snapshot::closed::{ClosedCounters, ClosedListener};
+use crate::snapshot::closed::ClosedCounters;
 use crate::snapshot::{
     self, Direction, EntryKey, EntryValue, Listener, ProcessKey, Scope, Snapshotter, Table,
     direction,
 };
-use crate::traffic::{Accountant, Moved};
+use crate::traffic::Traffic;
 
 /// Drops on the way from the host's sockets to a snapshot, since the agent started; the reporter
 /// counts into them and `/metrics` shows them.
@@ -51,88 +51,6 @@ pub struct Reporter {
     short_lived_dropped: u64,
     /// Traffic between snapshots; see [`crate::traffic`].
     traffic: Traffic,
-}
-
-/// Most closed connections that wait for the next snapshot; past it they are dropped, counted.
-const CLOSED_QUEUE: usize = 16_384;
-
-/// The traffic side of the reporter: per-socket counters, closed sockets, the last read's time.
-struct Traffic {
-    accountant: Accountant,
-    /// Destroy notifications; `None` without CAP_NET_ADMIN.
-    closed: Option<ClosedListener>,
-    /// When the read the next increments start from was taken (0: none yet).
-    since: u64,
-    /// Notifications dropped (queue full, kernel overruns) at the last look.
-    dropped: u64,
-}
-
-impl Traffic {
-    fn start(counters: &Arc<ClosedCounters>) -> Self {
-        let closed = match ClosedListener::start(counters.clone(), CLOSED_QUEUE) {
-            Ok(listener) => Some(listener),
-            Err(error) => {
-                tracing::warn!(%error, "no closed-socket notifications (sock_diag destroy groups need CAP_NET_ADMIN): bytes a connection moves after the last table read before it closes are not counted");
-                None
-            }
-        };
-        Self {
-            accountant: Accountant::default(),
-            closed,
-            since: 0,
-            dropped: 0,
-        }
-    }
-
-    /// The increments since the last snapshot, on the wire; `table.sockets` is taken.
-    fn take(&mut self, table: &mut Table, now: u64) -> (Vec<proto::FlowTraffic>, u64) {
-        let closed = match &self.closed {
-            Some(listener) => {
-                let c = &listener.counters;
-                let dropped = c
-                    .dropped_queue_full
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    + c.kernel_overruns.load(std::sync::atomic::Ordering::Relaxed);
-                if dropped > self.dropped {
-                    tracing::warn!(
-                        dropped = dropped - self.dropped,
-                        "closed-socket notifications dropped: their last bytes are not counted"
-                    );
-                    self.dropped = dropped;
-                }
-                listener.drain()
-            }
-            None => Vec::new(),
-        };
-        let sockets = std::mem::take(&mut table.sockets);
-        let moved = self.accountant.account(sockets, closed, &table.listeners);
-        let since = std::mem::replace(&mut self.since, now);
-        (
-            moved.iter().map(|(f, m)| flow_traffic(f, m)).collect(),
-            since,
-        )
-    }
-}
-
-fn flow_traffic(f: &snapshot::Flow, m: &Moved) -> proto::FlowTraffic {
-    proto::FlowTraffic {
-        direction: match f.direction {
-            Direction::Client => proto::Direction::Client as i32,
-            Direction::Server => proto::Direction::Server as i32,
-        },
-        local_ip: f.local_ip.to_string(),
-        remote_ip: f.remote_ip.to_string(),
-        server_port: u32::from(f.server_port),
-        netns: f.netns.clone(),
-        bytes_sent: m.bytes_sent,
-        bytes_received: m.bytes_received,
-        segments_sent: m.segs_out,
-        segments_received: m.segs_in,
-        retransmits: m.retransmits,
-        srtt_us: m.srtt_us,
-        min_rtt_us: m.min_rtt_us,
-        closed: m.closed,
-    }
 }
 
 /// Adds the connections `catches` saw that `table` does not show, as rows of their own; returns the

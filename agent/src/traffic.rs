@@ -12,8 +12,12 @@
 //! before closing is lost, and so is a connection that lived between two reads.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use crate::snapshot::{Direction, Flow, Listener, Protocol, SocketRow, TcpInfo, direction};
+use tapgraph::proto;
+
+use crate::snapshot::closed::{ClosedCounters, ClosedListener};
+use crate::snapshot::{Direction, Flow, Listener, Protocol, SocketRow, Table, TcpInfo, direction};
 
 /// A socket not seen by this many reads in a row, and never reported closed, is forgotten: its
 /// destroy notification was dropped, or it left with its namespace.
@@ -153,6 +157,89 @@ fn flow_of(row: &SocketRow, listeners: &BTreeMap<Listener, u32>) -> Flow {
         local_ip: row.local.ip(),
         remote_ip: row.remote.ip(),
         server_port,
+    }
+}
+
+/// Most closed connections that wait for the next snapshot; past it they are dropped, counted.
+const CLOSED_QUEUE: usize = 16_384;
+
+/// The traffic side of `crate::report::Reporter`: per-socket counters, closed-socket
+/// notifications, the last read's time; what a snapshot's `traffic` list is made of.
+pub struct Traffic {
+    accountant: Accountant,
+    /// Destroy notifications; `None` without CAP_NET_ADMIN.
+    closed: Option<ClosedListener>,
+    /// When the read the next increments start from was taken (0: none yet).
+    since: u64,
+    /// Notifications dropped (queue full, kernel overruns) at the last look.
+    dropped: u64,
+}
+
+impl Traffic {
+    pub fn start(counters: &Arc<ClosedCounters>) -> Self {
+        let closed = match ClosedListener::start(counters.clone(), CLOSED_QUEUE) {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                tracing::warn!(%error, "no closed-socket notifications (sock_diag destroy groups need CAP_NET_ADMIN): bytes a connection moves after the last table read before it closes are not counted");
+                None
+            }
+        };
+        Self {
+            accountant: Accountant::default(),
+            closed,
+            since: 0,
+            dropped: 0,
+        }
+    }
+
+    /// The increments since the last snapshot, on the wire; `table.sockets` is taken.
+    pub fn take(&mut self, table: &mut Table, now: u64) -> (Vec<proto::FlowTraffic>, u64) {
+        let closed = match &self.closed {
+            Some(listener) => {
+                let c = &listener.counters;
+                let dropped = c
+                    .dropped_queue_full
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    + c.kernel_overruns.load(std::sync::atomic::Ordering::Relaxed);
+                if dropped > self.dropped {
+                    tracing::warn!(
+                        dropped = dropped - self.dropped,
+                        "closed-socket notifications dropped: their last bytes are not counted"
+                    );
+                    self.dropped = dropped;
+                }
+                listener.drain()
+            }
+            None => Vec::new(),
+        };
+        let sockets = std::mem::take(&mut table.sockets);
+        let moved = self.accountant.account(sockets, closed, &table.listeners);
+        let since = std::mem::replace(&mut self.since, now);
+        (
+            moved.iter().map(|(f, m)| flow_traffic(f, m)).collect(),
+            since,
+        )
+    }
+}
+
+fn flow_traffic(f: &Flow, m: &Moved) -> proto::FlowTraffic {
+    proto::FlowTraffic {
+        direction: match f.direction {
+            Direction::Client => proto::Direction::Client as i32,
+            Direction::Server => proto::Direction::Server as i32,
+        },
+        local_ip: f.local_ip.to_string(),
+        remote_ip: f.remote_ip.to_string(),
+        server_port: u32::from(f.server_port),
+        netns: f.netns.clone(),
+        bytes_sent: m.bytes_sent,
+        bytes_received: m.bytes_received,
+        segments_sent: m.segs_out,
+        segments_received: m.segs_in,
+        retransmits: m.retransmits,
+        srtt_us: m.srtt_us,
+        min_rtt_us: m.min_rtt_us,
+        closed: m.closed,
     }
 }
 

@@ -60,7 +60,8 @@ pub fn protocol_name(p: i32) -> &'static str {
 }
 
 /// One edge as JSON: endpoints, port, protocol, process, sockets, activity, times (RFC 3339),
-/// and `via`: the address its client dialled when NAT took it there ("" otherwise).
+/// `via`: the address its client dialled when NAT took it there ("" otherwise), and `traffic`
+/// when an agent measured it (else absent).
 pub fn edge_json(e: &proto::GraphEdge) -> serde_json::Value {
     let mut v = json!({
         "from": e.from, "to": e.to, "port": e.port, "protocol": protocol_name(e.protocol),
@@ -68,7 +69,53 @@ pub fn edge_json(e: &proto::GraphEdge) -> serde_json::Value {
         "first_seen": ns_time(e.first_seen_unix_nanos), "last_seen": ns_time(e.last_seen_unix_nanos),
     });
     v["via"] = json!(e.via);
+    if let Some(t) = &e.traffic {
+        v["traffic"] = json!({
+            "bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received,
+            "segments_sent": t.segments_sent, "segments_received": t.segments_received,
+            "retransmits": t.retransmits, "srtt_us": t.srtt_us, "min_rtt_us": t.min_rtt_us,
+            "sent_per_second": t.sent_per_second, "received_per_second": t.received_per_second,
+            "closed_connections": t.closed_connections, "measured_by": t.measured_by,
+        });
+    }
     v
+}
+
+/// A byte count for people: `512 B`, `1.5 kB`, `3.2 MB` (powers of 1000).
+pub fn bytes_text(n: u64) -> String {
+    const UNITS: [&str; 6] = ["kB", "MB", "GB", "TB", "PB", "EB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1000.0;
+    let mut unit = 0;
+    while value >= 999.95 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// Microseconds for people: `850 µs`, `10.2 ms`, `1.3 s`.
+pub fn rtt_text(us: u32) -> String {
+    match us {
+        0 => "-".into(),
+        1..1000 => format!("{us} µs"),
+        1000..1_000_000 => format!("{:.1} ms", f64::from(us) / 1000.0),
+        _ => format!("{:.1} s", f64::from(us) / 1e6),
+    }
+}
+
+/// A Graphviz pen width for an edge that carried `bytes`: 1 for none, one more per factor of
+/// 10 past 1 kB, at most 8.
+fn pen_width(bytes: u64) -> u32 {
+    let mut width = 1;
+    let mut level = 1000u64;
+    while bytes >= level && width < 8 {
+        width += 1;
+        level = level.saturating_mul(10);
+    }
+    width
 }
 
 /// Text for XML. Control characters, which XML 1.0 cannot hold even as references, are shown as
@@ -111,7 +158,7 @@ pub fn export(g: &proto::Graph, format: Format) -> String {
                 ));
             }
             for e in &g.edges {
-                let label = if e.kind == "CONNECTS_TO" {
+                let mut label = if e.kind == "CONNECTS_TO" {
                     let via = if e.via.is_empty() {
                         String::new()
                     } else {
@@ -126,13 +173,24 @@ pub fn export(g: &proto::Graph, format: Format) -> String {
                 } else {
                     e.kind.to_lowercase()
                 };
+                let mut width = 1;
+                if let Some(t) = &e.traffic {
+                    label = format!(
+                        "{} ({} / {}, rtt {})",
+                        label.trim(),
+                        bytes_text(t.bytes_sent),
+                        bytes_text(t.bytes_received),
+                        rtt_text(t.srtt_us)
+                    );
+                    width = pen_width(t.bytes_sent.saturating_add(t.bytes_received));
+                }
                 let style = if e.kind == "CONNECTS_TO" {
                     "solid"
                 } else {
                     "dotted"
                 };
                 out.push_str(&format!(
-                    "  \"{}\" -> \"{}\" [label=\"{}\", style={style}];\n",
+                    "  \"{}\" -> \"{}\" [label=\"{}\", style={style}, penwidth={width}];\n",
                     dot(&e.from),
                     dot(&e.to),
                     dot(label.trim())
@@ -152,6 +210,11 @@ pub fn export(g: &proto::Graph, format: Format) -> String {
                  <key id=\"sockets\" for=\"edge\" attr.name=\"sockets\" attr.type=\"int\"/>\n\
                  <key id=\"active\" for=\"edge\" attr.name=\"active\" attr.type=\"boolean\"/>\n\
                  <key id=\"via\" for=\"edge\" attr.name=\"via\" attr.type=\"string\"/>\n\
+                 <key id=\"bytes_sent\" for=\"edge\" attr.name=\"bytes_sent\" attr.type=\"long\"/>\n\
+                 <key id=\"bytes_received\" for=\"edge\" attr.name=\"bytes_received\" attr.type=\"long\"/>\n\
+                 <key id=\"retransmits\" for=\"edge\" attr.name=\"retransmits\" attr.type=\"long\"/>\n\
+                 <key id=\"rtt_us\" for=\"edge\" attr.name=\"rtt_us\" attr.type=\"long\"/>\n\
+                 <key id=\"min_rtt_us\" for=\"edge\" attr.name=\"min_rtt_us\" attr.type=\"long\"/>\n\
                  <graph id=\"tapgraph\" edgedefault=\"directed\">\n",
             );
             for n in &g.nodes {
@@ -161,8 +224,14 @@ pub fn export(g: &proto::Graph, format: Format) -> String {
                 ));
             }
             for e in &g.edges {
+                let traffic = e.traffic.as_ref().map_or(String::new(), |t| {
+                    format!(
+                        "<data key=\"bytes_sent\">{}</data><data key=\"bytes_received\">{}</data><data key=\"retransmits\">{}</data><data key=\"rtt_us\">{}</data><data key=\"min_rtt_us\">{}</data>",
+                        t.bytes_sent, t.bytes_received, t.retransmits, t.srtt_us, t.min_rtt_us
+                    )
+                });
                 out.push_str(&format!(
-                    "  <edge source=\"{}\" target=\"{}\"><data key=\"kind\">{}</data><data key=\"port\">{}</data><data key=\"protocol\">{}</data><data key=\"process\">{}</data><data key=\"sockets\">{}</data><data key=\"active\">{}</data><data key=\"via\">{}</data></edge>\n",
+                    "  <edge source=\"{}\" target=\"{}\"><data key=\"kind\">{}</data><data key=\"port\">{}</data><data key=\"protocol\">{}</data><data key=\"process\">{}</data><data key=\"sockets\">{}</data><data key=\"active\">{}</data><data key=\"via\">{}</data>{traffic}</edge>\n",
                     xml(&e.from), xml(&e.to), xml(&e.kind), e.port, protocol_name(e.protocol), xml(&e.process), e.sockets, e.active, xml(&e.via)
                 ));
             }
@@ -175,6 +244,73 @@ pub fn export(g: &proto::Graph, format: Format) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every format carries an edge's traffic: JSON in full, GraphML as attributes, dot in the
+    /// label and the pen width.
+    #[test]
+    fn exports_carry_traffic() {
+        let g = proto::Graph {
+            nodes: vec![],
+            edges: vec![proto::GraphEdge {
+                from: "host:a".into(),
+                to: "svc:b/tcp/80".into(),
+                kind: "CONNECTS_TO".into(),
+                port: 80,
+                protocol: proto::Protocol::Tcp as i32,
+                process: "curl".into(),
+                traffic: Some(proto::EdgeTraffic {
+                    bytes_sent: 1_500_000,
+                    bytes_received: 300,
+                    retransmits: 2,
+                    srtt_us: 10_400,
+                    min_rtt_us: 10_050,
+                    measured_by: "client".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+        };
+        let json = to_json(&g);
+        let t = &json["edges"][0]["traffic"];
+        assert_eq!(
+            (
+                &t["bytes_sent"],
+                &t["bytes_received"],
+                &t["srtt_us"],
+                &t["measured_by"]
+            ),
+            (
+                &json!(1_500_000),
+                &json!(300),
+                &json!(10_400),
+                &json!("client")
+            )
+        );
+        let graphml = export(&g, Format::Graphml);
+        assert!(
+            graphml.contains("<data key=\"bytes_sent\">1500000</data><data key=\"bytes_received\">300</data><data key=\"retransmits\">2</data><data key=\"rtt_us\">10400</data><data key=\"min_rtt_us\">10050</data>"),
+            "{graphml}"
+        );
+        let dot = export(&g, Format::Dot);
+        assert!(
+            dot.contains(
+                "[label=\"80/tcp curl (1.5 MB / 300 B, rtt 10.4 ms)\", style=solid, penwidth=5]"
+            ),
+            "{dot}"
+        );
+        // No traffic: no key in JSON.
+        let mut quiet = g.clone();
+        quiet.edges[0].traffic = None;
+        assert!(to_json(&quiet)["edges"][0].get("traffic").is_none());
+        assert_eq!(
+            [0, 999, 1000, 999_949, 999_950, 12_345_678_901].map(bytes_text),
+            ["0 B", "999 B", "1.0 kB", "999.9 kB", "1.0 MB", "12.3 GB"]
+        );
+        assert_eq!(
+            [0, 850, 10_400, 1_300_000].map(rtt_text),
+            ["-", "850 µs", "10.4 ms", "1.3 s"]
+        );
+    }
 
     #[test]
     fn exports_show_peer_control_characters_as_escapes() {
@@ -197,7 +333,7 @@ mod tests {
         );
         let dot = export(&g, Format::Dot);
         assert!(
-            dot.contains("[label=\"80/tcp p\\\\x1b[2J\\\\n\\\\0'x\\\\\", style=solid]"),
+            dot.contains("[label=\"80/tcp p\\\\x1b[2J\\\\n\\\\0'x\\\\\", style=solid, penwidth=1]"),
             "{dot}"
         );
         for text in [&graphml, &dot] {

@@ -11,6 +11,7 @@ mod report;
 mod session;
 mod shortlived;
 mod snapshot;
+mod traffic;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -114,6 +115,10 @@ enum Command {
         /// (/proc/net text tables), to compare the two.
         #[arg(long, value_name = "netlink|proc", default_value = "netlink")]
         reader: snapshot::Reader,
+        /// Do not ask sock_diag for each TCP socket's tcp_info (no traffic figures), to measure
+        /// what the extension costs.
+        #[arg(long)]
+        no_tcp_info: bool,
     },
     /// List this namespace's interfaces with their offload flags and whether libpcap can capture
     /// on each (like `tcpdump -D`).
@@ -167,6 +172,7 @@ fn main() -> ExitCode {
         json,
         quiet,
         reader,
+        no_tcp_info,
     }) = cli.command
     {
         let scope = match cli.scope.as_deref().unwrap_or("own").parse() {
@@ -176,7 +182,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(tapgraph::config::EX_CONFIG as u8);
             }
         };
-        return print_snapshot(scope, reader, repeat, json, quiet);
+        return print_snapshot(scope, reader, !no_tcp_info, repeat, json, quiet);
     }
     if let Some(Command::Interfaces { json }) = cli.command {
         let listing = host::Listing::read();
@@ -226,21 +232,35 @@ fn main() -> ExitCode {
 fn print_snapshot(
     scope: snapshot::Scope,
     reader: snapshot::Reader,
+    tcp_info: bool,
     repeat: u32,
     json: bool,
     quiet: bool,
 ) -> ExitCode {
     let mut snapshotter =
         snapshot::Snapshotter::with_scope("/proc".into(), None, scope).with_reader(reader);
+    if !tcp_info {
+        snapshotter = snapshotter.without_tcp_info();
+    }
     let mut last = None;
+    // The traffic increments a report would send: part of what a snapshot costs.
+    let mut accountant = traffic::Accountant::default();
     for i in 1..=repeat.max(1) {
         let started = std::time::Instant::now();
         let cpu_before = cpu_ms();
         match snapshotter.take() {
-            Ok(table) => {
+            Ok(mut table) => {
+                let measured = table.sockets.len();
+                let moved = accountant
+                    .account(
+                        std::mem::take(&mut table.sockets),
+                        Vec::new(),
+                        &table.listeners,
+                    )
+                    .len();
                 let took = started.elapsed();
                 eprintln!(
-                    "read {i}: {:.1} ms (cpu {:.1} ms), {} sockets, {} rows, {} listeners, {} bad lines, {} unattributed",
+                    "read {i}: {:.1} ms (cpu {:.1} ms), {} sockets, {} rows, {} listeners, {} bad lines, {} unattributed, {measured} with tcp_info, {moved} flows moved",
                     took.as_secs_f64() * 1e3,
                     cpu_ms() - cpu_before,
                     table.stats.sockets_read,

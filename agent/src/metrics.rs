@@ -319,6 +319,32 @@ const TABLE: &[Field<View>] = &[
             by(&[("queue_full", short_lived.dropped.load(Ordering::Relaxed))])
         },
     ),
+    gauge(
+        "tapgraph_closed_sockets_listening",
+        "1 while the agent receives the kernel's closed-TCP-socket notifications (sock_diag destroy groups, needs CAP_NET_ADMIN), 0 without: then bytes a connection moves after the last table read before it closes are not counted.",
+        |v| {
+            one(v
+                .metrics
+                .snapshot_drops
+                .closed
+                .listening
+                .load(Ordering::Relaxed))
+        },
+    ),
+    counter_by(
+        "tapgraph_closed_sockets",
+        "Closed TCP sockets whose final counters the agent received (received), or lost: queue_full (more closes between two snapshots than the queue holds), kernel_overrun (notifications the kernel dropped, counted once per overrun), malformed.",
+        "outcome",
+        |v| {
+            let c = &v.metrics.snapshot_drops.closed;
+            by(&[
+                ("received", c.received.load(Ordering::Relaxed)),
+                ("queue_full", c.dropped_queue_full.load(Ordering::Relaxed)),
+                ("kernel_overrun", c.kernel_overruns.load(Ordering::Relaxed)),
+                ("malformed", c.malformed.load(Ordering::Relaxed)),
+            ])
+        },
+    ),
     counter_by(
         "tapgraph_snapshot_read_failures",
         "Connection-table reads that failed, by source, one per table read: sock_diag (that table read from /proc/net instead), proc_net (a socket table; the snapshot or that namespace is skipped), procs (the process list; the snapshot is skipped), conntrack (the kernel's address translations; that snapshot shows connections through NAT as dialled).",
@@ -870,6 +896,8 @@ mod tests {
         "tapgraph_control_record_timestamp_seconds",
         "tapgraph_snapshot_entries",
         "tapgraph_short_lived_dropped_catches",
+        "tapgraph_closed_sockets_listening",
+        "tapgraph_closed_sockets",
         "tapgraph_snapshot_read_failures",
         "tapgraph_snapshot_dropped_nat_flows",
         "tapgraph_policy_version_applied",

@@ -1,6 +1,6 @@
 // The map's side panel: what one node is, what it depends on and what depends on it. Builds the
 // elements only; map.js owns the panel, the selection and what the buttons do.
-import { el } from './format.js';
+import { bytes, el, rtt } from './format.js';
 import { protocolName } from './view.js';
 
 function depTable(rows, heading, peer) {
@@ -12,7 +12,7 @@ function depTable(rows, heading, peer) {
     el(
       'table',
       { class: 'grid compact' },
-      el('thead', {}, el('tr', {}, el('th', {}, 'peer'), el('th', {}, 'port'), el('th', {}, 'process'), el('th', { class: 'r' }, 'sockets'))),
+      el('thead', {}, el('tr', {}, el('th', {}, 'peer'), el('th', {}, 'port'), el('th', {}, 'process'), el('th', { class: 'r' }, 'sockets'), el('th', { class: 'r', title: 'client to server / back, smoothed RTT' }, 'traffic'))),
       el(
         'tbody',
         {},
@@ -24,6 +24,7 @@ function depTable(rows, heading, peer) {
             el('td', {}, `${r.port}/${protocolName(r.protocol)}`),
             el('td', {}, r.process || '?'),
             el('td', { class: 'r' }, String(r.sockets)),
+            el('td', { class: 'r' }, r.traffic ? `${bytes(r.traffic.bytes_sent)} / ${bytes(r.traffic.bytes_received)}, ${rtt(r.traffic.srtt_us)}` : '–'),
           ),
         ),
       ),

@@ -23,8 +23,9 @@ export function labelsOf(properties) {
  * The folded graph.
  * nodes: Map id → {id, kind: 'host'|'external', name (agent id or IP), label (agent id or IP/DNS),
  *   state (agent_state or null), labels, addresses: [{ip, dns, conflict?}], services: [{name, port, protocol, process}]}
- * edges: Map `FROM->TO` → {id, from, to, conns: [{port, protocol, process, sockets, active, control_plane, via}]}
- *   (`via`: the address the client dialled when NAT took the connection there; '' otherwise)
+ * edges: Map `FROM->TO` → {id, from, to, conns: [{port, protocol, process, sockets, active, control_plane, via, traffic}]}
+ *   (`via`: the address the client dialled when NAT took the connection there, '' otherwise;
+ *   traffic: the API's edge traffic {bytes_sent, bytes_received, srtt_us, min_rtt_us, retransmits, …} or null)
  */
 export function fold(raw) {
   const nodes = new Map();
@@ -121,6 +122,7 @@ export function fold(raw) {
       active: e.active !== false,
       control_plane: !!e.control_plane,
       via: e.via || '',
+      traffic: e.traffic || null,
     });
   }
   for (const n of nodes.values()) {

@@ -45,3 +45,26 @@ export function el(tag, attrs = {}, ...children) {
   }
   return e;
 }
+
+/** A byte count: "512 B", "1.5 kB", "3.2 MB" (powers of 1000), as tapgraphctl prints it. */
+export function bytes(n) {
+  const x = Number(n) || 0;
+  if (x < 1000) return `${Math.round(x)} B`;
+  const units = ['kB', 'MB', 'GB', 'TB', 'PB', 'EB'];
+  let v = x / 1000;
+  let u = 0;
+  while (v >= 999.95 && u + 1 < units.length) {
+    v /= 1000;
+    u += 1;
+  }
+  return `${v.toFixed(1)} ${units[u]}`;
+}
+
+/** A round-trip time given in microseconds: "850 µs", "10.4 ms", "1.3 s"; "–" for none (0). */
+export function rtt(us) {
+  const x = Number(us) || 0;
+  if (x <= 0) return '–';
+  if (x < 1000) return `${Math.round(x)} µs`;
+  if (x < 1e6) return `${(x / 1000).toFixed(1)} ms`;
+  return `${(x / 1e6).toFixed(1)} s`;
+}

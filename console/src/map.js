@@ -4,7 +4,7 @@
 import cytoscape from 'cytoscape';
 import cytoscapeSvg from 'cytoscape-svg';
 import { fold, labelKeys, defaultColourKey } from './fold.js';
-import { visibleGraph, clusters, counts, countsText, search, dependencies, neighbourCounts, protocolName } from './view.js';
+import { visibleGraph, clusters, counts, countsText, search, dependencies, neighbourCounts, connText, edgeWidth } from './view.js';
 import { diff, placeNew } from './diff.js';
 import { colourScale, colourOf, NO_VALUE } from './colours.js';
 import { layout } from './layout.js';
@@ -62,9 +62,6 @@ const STYLE = [
   { selector: 'edge:selected, edge.near', style: { 'line-color': '#2f6db5', 'target-arrow-color': '#2f6db5' } },
 ];
 
-function connText(c) {
-  return `${c.port}/${protocolName(c.protocol)} ${c.process || '?'}${c.sockets > 1 ? ` ×${c.sockets}` : ''}${c.via ? ` via ${c.via}` : ''}${c.active ? '' : ' (inactive)'}${c.control_plane ? ' (control plane)' : ''}`;
-}
 
 export function createMap(root) {
   const $ = (sel) => root.querySelector(sel);
@@ -131,12 +128,11 @@ export function createMap(root) {
   }
 
   function edgeData(e) {
-    const sockets = e.conns.reduce((s, c) => s + (c.sockets || 0), 0);
     return {
       id: e.id,
       source: e.from,
       target: e.to,
-      width: Math.min(6, 1.2 + Math.log2(1 + sockets) * 0.6),
+      width: edgeWidth(e.conns),
       inactive: e.conns.every((c) => !c.active),
       cp: e.conns.every((c) => c.control_plane),
       conns: e.conns.map(connText).join('\n'),

@@ -1,6 +1,7 @@
 // What the map shows of a folded graph under the operator's filters, and the clusters that remain.
 // Pure: the map page draws what `visibleGraph` returns, and the test hook reports it.
 import { cmp } from './fold.js';
+import { bytes, rtt } from './format.js';
 
 /** Protocol as a lower-case name, whether the API sent a name or an IP protocol number. */
 export function protocolName(p) {
@@ -201,4 +202,44 @@ export function dependencies(view, id) {
   }
   const order = (a, b) => cmp(a.peer, b.peer) || a.port - b.port;
   return { outbound: out.sort(order), inbound: inb.sort(order) };
+}
+
+/**
+ * What an aggregated edge carried: bytes each way summed over its connections, the highest
+ * smoothed RTT among them, retransmits summed; null when no connection was measured.
+ */
+export function edgeTraffic(conns) {
+  let t = null;
+  for (const c of conns) {
+    if (!c.traffic) continue;
+    t = t || { sent: 0, received: 0, srtt_us: 0, retransmits: 0 };
+    t.sent += Number(c.traffic.bytes_sent) || 0;
+    t.received += Number(c.traffic.bytes_received) || 0;
+    t.srtt_us = Math.max(t.srtt_us, Number(c.traffic.srtt_us) || 0);
+    t.retransmits += Number(c.traffic.retransmits) || 0;
+  }
+  return t;
+}
+
+/**
+ * An edge's drawn width: by the bytes it carried when measured (1 px, one more per factor of 10
+ * past 1 kB, at most 8), else by its sockets as before.
+ */
+export function edgeWidth(conns) {
+  const t = edgeTraffic(conns);
+  if (t) {
+    const total = t.sent + t.received;
+    return total < 1000 ? 1 : Math.min(8, 1 + Math.floor(Math.log10(total / 1000)) + 1);
+  }
+  const sockets = conns.reduce((s, c) => s + (c.sockets || 0), 0);
+  return Math.min(6, 1.2 + Math.log2(1 + sockets) * 0.6);
+}
+
+/** One connection of an edge as the tooltip shows it, with its traffic when measured. */
+export function connText(c) {
+  const t = c.traffic;
+  const traffic = t
+    ? ` · ${bytes(t.bytes_sent)} sent / ${bytes(t.bytes_received)} received · rtt ${rtt(t.srtt_us)} (min ${rtt(t.min_rtt_us)})${t.retransmits ? ` · ${t.retransmits} retransmits` : ''}`
+    : '';
+  return `${c.port}/${protocolName(c.protocol)} ${c.process || '?'}${c.sockets > 1 ? ` ×${c.sockets}` : ''}${c.via ? ` via ${c.via}` : ''}${c.active ? '' : ' (inactive)'}${c.control_plane ? ' (control plane)' : ''}${traffic}`;
 }

@@ -220,6 +220,7 @@ impl App {
             http_stats,
             alert_stats,
             stop: stop.clone(),
+            traffic_metrics: config.traffic_metrics,
         };
         let http_stop = stop.clone();
         let http_settings = config.http.clone();

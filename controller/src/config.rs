@@ -49,6 +49,9 @@ pub struct ControllerConfig {
     pub label_rules: crate::topology::labels::LabelRules,
     /// Name external addresses by reverse DNS.
     pub reverse_dns: bool,
+    /// `/metrics` shows each edge's traffic, per (from, to) node pair: high-cardinality, so off
+    /// unless asked for (`topology.traffic_metrics`).
+    pub traffic_metrics: bool,
     /// The policy every agent gets until operators set others.
     pub default_policy: PolicySpec,
     /// Mirror the map into Neo4j (or another Bolt server), when configured.
@@ -108,6 +111,7 @@ fn known_keys() -> Vec<String> {
         "topology.cidr_labels",
         "topology.hostname_labels",
         "topology.reverse_dns",
+        "topology.traffic_metrics",
         "graph.neo4j.uri",
         "graph.neo4j.user",
         "graph.neo4j.password",
@@ -246,6 +250,7 @@ impl ControllerConfig {
             }
         };
         let reverse_dns = c.bool("topology.reverse_dns", false);
+        let traffic_metrics = c.bool("topology.traffic_metrics", false);
         let neo4j = neo4j_settings(&mut c);
         let alerts = alert_settings(&mut c);
         let mirror_realtime = c.bool("mirror.realtime", true);
@@ -294,6 +299,7 @@ impl ControllerConfig {
             topology,
             label_rules,
             reverse_dns,
+            traffic_metrics,
             default_policy,
             neo4j,
             alerts,

@@ -55,6 +55,8 @@ pub struct HttpState {
     pub alert_stats: Arc<crate::alerts::AlertStats>,
     /// Ends the event streams at shutdown, which would otherwise hold it up.
     pub stop: CancellationToken,
+    /// `/metrics` shows edges' traffic (`topology.traffic_metrics`).
+    pub traffic_metrics: bool,
 }
 
 /// Serves the router on `listener` until `stop`; see [`listener`].

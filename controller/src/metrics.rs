@@ -67,7 +67,58 @@ pub struct Scrape {
     pub presence_errors: Option<(u64, u64)>,
     /// With a shared store: this replica's events the others did not get (failed, lagged).
     pub events_not_relayed: Option<(u64, u64)>,
+    /// With `topology.traffic_metrics`: each active edge's traffic; `None` leaves the families
+    /// out.
+    pub traffic: Option<Vec<TrafficRow>>,
 }
+
+/// One edge's traffic for `/metrics`: its ends (a host or address, a service or address).
+#[derive(Debug, Clone)]
+pub struct TrafficRow {
+    pub from: String,
+    pub to: String,
+    pub traffic: topology::graph::Traffic,
+}
+
+/// The rows of the active `CONNECTS_TO` edges that carry traffic; an edge joins one client
+/// host (or address) to one service (or address), so a row is a host and service pair.
+pub fn traffic_rows(graph: &topology::graph::Graph) -> Vec<TrafficRow> {
+    graph
+        .edges
+        .iter()
+        .filter_map(|e| {
+            Some(TrafficRow {
+                from: e.from.clone(),
+                to: e.to.clone(),
+                traffic: e.traffic.clone()?,
+            })
+        })
+        .collect()
+}
+
+/// Per edge, labelled `from` and `to` (node ids); only with `topology.traffic_metrics`.
+const TRAFFIC: &[Field<TrafficRow>] = &[
+    counter(
+        "tapgraph_edge_sent_bytes",
+        "Payload bytes client to server on an edge, counted once (each direction by its sender's agent when measured).",
+        |r| one(r.traffic.bytes_sent),
+    ),
+    counter(
+        "tapgraph_edge_received_bytes",
+        "Payload bytes server to client on an edge.",
+        |r| one(r.traffic.bytes_received),
+    ),
+    counter(
+        "tapgraph_edge_retransmits",
+        "TCP segments retransmitted on an edge, by the measured sides.",
+        |r| one(r.traffic.retransmits),
+    ),
+    gauge(
+        "tapgraph_edge_rtt_seconds",
+        "Smoothed TCP round-trip time of an edge (mean over its measured flows).",
+        |r| one(f64::from(r.traffic.srtt_us) / 1e6),
+    ),
+];
 
 /// One delay histogram: per bucket, (every delay in it is below this many µs, count), ascending,
 /// the last bound `None` for "longer"; and the sum of all delays.
@@ -606,6 +657,12 @@ impl Collector for Scrape {
             (labels, m)
         });
         encode_table(&mut encoder, MIRROR, mirrors)?;
+        if let Some(traffic) = &self.traffic {
+            let rows = traffic
+                .iter()
+                .map(|r| (vec![("from", r.from.as_str()), ("to", r.to.as_str())], r));
+            encode_table(&mut encoder, TRAFFIC, rows)?;
+        }
         self.encode_delays(&mut encoder)
     }
 }
@@ -713,6 +770,66 @@ mod tests {
         assert!(
             text.contains("tapgraph_topology_snapshots_refused_total{reason=\"busy\"} 1"),
             "{text}"
+        );
+    }
+
+    /// Off by default: no traffic family at all. On: one series per edge, by its two ends.
+    #[test]
+    fn edge_traffic_is_shown_per_pair_only_when_asked() {
+        assert!(
+            !Scrape::default()
+                .render()
+                .unwrap()
+                .contains("tapgraph_edge_")
+        );
+        let traffic = topology::graph::Traffic {
+            bytes_sent: 1_234_567,
+            bytes_received: 89_012,
+            segments_sent: 10,
+            segments_received: 9,
+            retransmits: 3,
+            srtt_us: 10_500,
+            min_rtt_us: 10_100,
+            sent_per_second: 0,
+            received_per_second: 0,
+            closed: 0,
+            measured_by: topology::graph::MeasuredBy::Both,
+        };
+        let scrape = Scrape {
+            traffic: Some(vec![TrafficRow {
+                from: "host:web".into(),
+                to: "svc:db/tcp/5432".into(),
+                traffic,
+            }]),
+            ..Scrape::default()
+        };
+        let text = scrape.render().unwrap();
+        let families = openmetrics::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let pair = [("from", "host:web"), ("to", "svc:db/tcp/5432")];
+        let value = |family_name: &str, sample: &str| {
+            family(&families, family_name).value(sample, &pair).unwrap()
+        };
+        assert_eq!(
+            value("tapgraph_edge_sent_bytes", "tapgraph_edge_sent_bytes_total"),
+            1_234_567.0
+        );
+        assert_eq!(
+            value(
+                "tapgraph_edge_received_bytes",
+                "tapgraph_edge_received_bytes_total"
+            ),
+            89_012.0
+        );
+        assert_eq!(
+            value(
+                "tapgraph_edge_retransmits",
+                "tapgraph_edge_retransmits_total"
+            ),
+            3.0
+        );
+        assert_eq!(
+            value("tapgraph_edge_rtt_seconds", "tapgraph_edge_rtt_seconds"),
+            0.0105
         );
     }
 

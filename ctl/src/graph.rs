@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::anyhow;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
-use tapgraph::graph::{edge_json, protocol_name};
+use tapgraph::graph::{bytes_text, edge_json, protocol_name, rtt_text};
 use tapgraph::proto::{self, admin_service_client::AdminServiceClient};
 use tapgraph::text::Escaped;
 use tonic::transport::Channel;
@@ -298,6 +298,7 @@ fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
                 if e.active { "active" } else { "inactive" }.into(),
                 ns_time(e.last_seen_unix_nanos),
             ];
+            row.extend(traffic_columns(e.traffic.as_ref()));
             if via {
                 row.push(if e.via.is_empty() {
                     "-".into()
@@ -316,6 +317,10 @@ fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
         "SOCKETS",
         "STATE",
         "LAST SEEN",
+        "SENT",
+        "RECEIVED",
+        "RTT",
+        "RETRANS",
     ];
     if via {
         headers.push("VIA");
@@ -435,6 +440,19 @@ fn print_diff(
         return;
     }
     table::print(&["CHANGE", "KIND", "WHAT", "AT"], &rows);
+}
+
+/// SENT (client to server), RECEIVED, RTT (smoothed), RETRANS; `-` where nothing was measured.
+fn traffic_columns(t: Option<&proto::EdgeTraffic>) -> [String; 4] {
+    match t {
+        Some(t) => [
+            bytes_text(t.bytes_sent),
+            bytes_text(t.bytes_received),
+            rtt_text(t.srtt_us),
+            t.retransmits.to_string(),
+        ],
+        None => ["-".into(), "-".into(), "-".into(), "-".into()],
+    }
 }
 
 pub async fn run(
@@ -705,6 +723,25 @@ mod tests {
             name: name.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn traffic_columns_show_what_was_measured() {
+        let t = proto::EdgeTraffic {
+            bytes_sent: 4_096,
+            bytes_received: 12,
+            srtt_us: 10_250,
+            retransmits: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            traffic_columns(Some(&t)),
+            ["4.1 kB", "12 B", "10.2 ms", "3"].map(String::from)
+        );
+        assert_eq!(
+            traffic_columns(None),
+            ["-", "-", "-", "-"].map(String::from)
+        );
     }
 
     #[test]

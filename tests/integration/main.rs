@@ -31,3 +31,4 @@ mod replicas;
 mod session;
 mod topology;
 mod topology_snapshots;
+mod traffic;

@@ -913,7 +913,8 @@ impl NetLab {
             .filter(|e| e["control_plane"] != true)
             .map(|e| {
                 let mut e = e.as_object().unwrap().clone();
-                e.retain(|k, _| !k.starts_with("last_seen"));
+                // Traffic counters move as long as the connection lives, like last_seen.
+                e.retain(|k, _| !k.starts_with("last_seen") && k != "traffic");
                 serde_json::to_string(&e).unwrap()
             })
             .collect()

@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::conntrack::Translations;
 use super::direction::{Direction, Listening, Role, role};
-use super::{EntryKey, EntryValue, Listener, ProcessKey, Protocol, SocketRow, Table};
+use super::{EntryKey, EntryValue, Flow, Listener, ProcessKey, Protocol, SocketRow, Table};
 
 /// Builds the table from one namespace's parsed rows; `owner` maps an inode to the pid and
 /// process holding it. `netns` tags every row (empty for the agent's own namespace).
@@ -62,6 +62,26 @@ pub(crate) fn build_with<'a>(
         let role = role(row);
         if role == Role::Ignored {
             continue;
+        }
+        // Traffic is counted per flow whether or not a process is seen: an orphaned or not yet
+        // accepted socket still moved its bytes.
+        if let (Some(tcp), Role::Connection) = (row.tcp, role) {
+            // A connection the kernel translated moves its bytes to the backend, where its row
+            // goes too.
+            let remote = nat
+                .backend(row.protocol, row.local, row.remote)
+                .unwrap_or(row.remote);
+            let (direction, server_port) = listening.direction(row.protocol, row.local, remote);
+            table.sockets.push((
+                Flow {
+                    netns: netns.to_string(),
+                    direction,
+                    local_ip: row.local.ip(),
+                    remote_ip: remote.ip(),
+                    server_port,
+                },
+                tcp,
+            ));
         }
         let Some((pid, process)) = (row.inode != 0).then(|| owner(row.inode)).flatten() else {
             table.stats.unattributed += 1;

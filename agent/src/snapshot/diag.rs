@@ -43,9 +43,10 @@ use nix::sys::socket::{
 use nix::sys::time::{TimeVal, TimeValLike};
 
 use super::proc_net::{Protocol, SocketRow, TcpState};
+use super::tcp_info::{self, TcpInfo};
 
 // include/uapi/linux/netlink.h
-const NLMSG_HDRLEN: usize = 16;
+pub(super) const NLMSG_HDRLEN: usize = 16;
 const NLMSG_NOOP: u16 = 1;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -55,13 +56,19 @@ const NLM_F_DUMP: u16 = 0x300;
 // include/uapi/linux/sock_diag.h, inet_diag.h
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const INET_DIAG_REQ_V2_LEN: usize = 56;
-const INET_DIAG_MSG_LEN: usize = 72;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
+pub(super) const INET_DIAG_MSG_LEN: usize = 72;
+pub(super) const AF_INET: u8 = 2;
+pub(super) const AF_INET6: u8 = 10;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const INET_DIAG_INFO: u16 = 2;
+/// The attribute header: `nla_len`, `nla_type`.
+const NLA_HDRLEN: usize = 4;
 // include/net/tcp_states.h
 const TCP_BOUND_INACTIVE: u32 = 13;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
 
 /// Kernel dump datagrams are at most 32 KiB (`netlink_recvmsg` caps `max_recvmsg_len`), so this
 /// always holds one whole.
@@ -223,6 +230,8 @@ pub struct DiagReader {
     /// A dump was abandoned part-way (bad datagram, receive error). The kernel refuses a new dump
     /// on the socket with EBUSY until the old one is read to its end, so the next dump drains it.
     unfinished: bool,
+    /// TCP dumps ask for each socket's `tcp_info` (on unless a benchmark turns it off).
+    tcp_info: bool,
 }
 
 impl fmt::Debug for DiagReader {
@@ -254,6 +263,7 @@ impl DiagReader {
             buf: vec![0; RECV_BUF_LEN].into_boxed_slice(),
             seq: 0,
             unfinished: false,
+            tcp_info: true,
         })
     }
 
@@ -271,7 +281,14 @@ impl DiagReader {
             buf: vec![0; RECV_BUF_LEN].into_boxed_slice(),
             seq: 0,
             unfinished: false,
+            tcp_info: true,
         })
+    }
+
+    /// Whether TCP dumps ask for `tcp_info`: off, rows carry no counters (to measure what the
+    /// extension costs).
+    pub fn set_tcp_info(&mut self, on: bool) {
+        self.tcp_info = on;
     }
 
     /// A reader of the network namespace `netns` (an open `/proc/PID/ns/net` or `ip netns`
@@ -321,7 +338,7 @@ impl DiagReader {
                 .map_err(|e| socket_err("draining an abandoned dump", e))?;
         }
         self.seq = self.seq.wrapping_add(1);
-        let request = request(table, self.seq);
+        let request = request(table, self.seq, self.tcp_info);
         retry_eintr(|| send(self.fd.as_raw_fd(), &request, MsgFlags::empty()))
             .map_err(|e| socket_err("send", e))?;
         self.unfinished = true;
@@ -384,7 +401,7 @@ fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
 }
 
 /// `nlmsghdr` + `inet_diag_req_v2` asking for every socket of `table` in the requested states.
-fn request(table: Table, seq: u32) -> [u8; NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN] {
+fn request(table: Table, seq: u32, tcp_info: bool) -> [u8; NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN] {
     let mut req = [0u8; NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN];
     let len = (NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN) as u32;
     req[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -394,7 +411,10 @@ fn request(table: Table, seq: u32) -> [u8; NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN] 
     // nlmsg_pid 0: the kernel fills in our port id.
     req[16] = table.family();
     req[17] = table.ip_protocol();
-    // idiag_ext 0: no attributes wanted; pad.
+    // idiag_ext: TCP sockets come with their tcp_info (INET_DIAG_INFO); UDP has none to give.
+    if tcp_info && table.protocol == Protocol::Tcp {
+        req[18] = 1 << (INET_DIAG_INFO - 1);
+    }
     req[20..24].copy_from_slice(&table.states().to_ne_bytes());
     // The all-zero inet_diag_sockid is no filter.
     req
@@ -472,7 +492,8 @@ fn parse_datagram(
     Ok(Progress::More)
 }
 
-/// One `inet_diag_msg`; attributes after it are ignored.
+/// One `inet_diag_msg` and, for TCP, the `tcp_info` in its attributes; other attributes are
+/// skipped.
 fn parse_row(payload: &[u8], table: Table) -> Result<SocketRow, &'static str> {
     let Some(msg) = payload.first_chunk::<INET_DIAG_MSG_LEN>() else {
         return Err("inet_diag_msg shorter than 72 bytes");
@@ -480,28 +501,78 @@ fn parse_row(payload: &[u8], table: Table) -> Result<SocketRow, &'static str> {
     if msg[0] != table.family() {
         return Err("socket of another address family");
     }
+    let mut row = parse_message(msg, table.protocol);
+    if table.protocol == Protocol::Tcp {
+        row.tcp = tcp_info_of(msg, &payload[INET_DIAG_MSG_LEN..])?;
+    }
+    Ok(row)
+}
+
+/// The socket an `inet_diag_msg` describes, of its own address family (`msg[0]`), without
+/// attributes.
+pub(super) fn parse_message(msg: &[u8; INET_DIAG_MSG_LEN], protocol: Protocol) -> SocketRow {
+    let v6 = msg[0] == AF_INET6;
     // inet_diag_sockid at 4: sport, dport (network order), src[16], dst[16] (network order;
     // an IPv4 address is the first 4 bytes), then if, cookie.
     let endpoint = |port: usize, addr: usize| {
         let port = u16::from_be_bytes([msg[port], msg[port + 1]]);
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(&msg[addr..addr + 16]);
-        let ip = if table.v6 {
+        let ip = if v6 {
             IpAddr::V6(Ipv6Addr::from(bytes))
         } else {
             IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
         };
         SocketAddr::new(ip.to_canonical(), port)
     };
-    Ok(SocketRow {
-        protocol: table.protocol,
+    SocketRow {
+        protocol,
         local: endpoint(4, 8),
         remote: endpoint(6, 24),
         // UDP sockets carry sk_state too, as in /proc: ESTABLISHED when connected, CLOSE if not.
         state: TcpState::from_code(msg[1]),
         uid: u32::from_ne_bytes([msg[64], msg[65], msg[66], msg[67]]),
         inode: u64::from(u32::from_ne_bytes([msg[68], msg[69], msg[70], msg[71]])),
-    })
+        tcp: None,
+    }
+}
+
+/// `idiag_cookie`: two host-order u32, low half first.
+fn cookie(msg: &[u8; INET_DIAG_MSG_LEN]) -> u64 {
+    let low = u32::from_ne_bytes([msg[44], msg[45], msg[46], msg[47]]);
+    let high = u32::from_ne_bytes([msg[48], msg[49], msg[50], msg[51]]);
+    u64::from(high) << 32 | u64::from(low)
+}
+
+/// The `INET_DIAG_INFO` attribute among `attrs` (what follows an `inet_diag_msg`), parsed;
+/// `None` when the socket has none (TIME_WAIT and request sockets, or not asked for).
+pub(super) fn tcp_info_of(
+    msg: &[u8; INET_DIAG_MSG_LEN],
+    mut attrs: &[u8],
+) -> Result<Option<TcpInfo>, &'static str> {
+    while attrs.len() >= NLA_HDRLEN {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        // NLA_F_NESTED and NLA_F_NET_BYTEORDER are flags, not part of the type.
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+        let Some(value) = attrs.get(NLA_HDRLEN..len) else {
+            return Err("netlink attribute length out of bounds");
+        };
+        if kind == INET_DIAG_INFO {
+            let mut info = tcp_info::parse(value, cookie(msg))
+                .map_err(|_| "tcp_info shorter than 104 bytes")?;
+            // `tcpi_bytes_received` counts the peer's FIN as a byte. States past it say it
+            // came. A destroy notification is always CLOSE, which says nothing: the side that
+            // closed first is freed once its FIN is acked, usually before the peer's FIN
+            // (`crate::traffic` corrects a socket last read in one of these states).
+            if matches!(msg[1], TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING) {
+                info.bytes_received = info.bytes_received.saturating_sub(1);
+                info.peer_fin = true;
+            }
+            return Ok(Some(info));
+        }
+        attrs = attrs.get(len.next_multiple_of(4)..).unwrap_or_default();
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -539,7 +610,8 @@ mod tests {
         let mut kept: Vec<_> = rows
             .iter()
             .filter(|r| inodes.contains(&r.inode))
-            .copied()
+            // Counters move between two reads, and `/proc` has none: compared apart.
+            .map(|r| SocketRow { tcp: None, ..*r })
             .collect();
         kept.sort();
         kept
@@ -650,6 +722,7 @@ mod tests {
                 state: TcpState::Established,
                 uid: nix::unistd::geteuid().as_raw(),
                 inode: inode_of(&server),
+                tcp: None,
             }
         );
         assert_eq!(by_inode(inode_of(&listener)).state, TcpState::Listen);
@@ -694,6 +767,7 @@ mod tests {
         let mut reader = DiagReader::open_in(&ns).unwrap();
         let mut rows = vec![];
         reader.read(&mut rows).unwrap();
+        let mut rows: Vec<_> = rows.iter().map(|r| SocketRow { tcp: None, ..*r }).collect();
         rows.sort();
         from_proc.sort();
         assert_eq!(rows, from_proc);
@@ -732,7 +806,7 @@ mod tests {
         let abandon = |reader: &mut DiagReader| {
             reader.seq += 1;
             let fd = reader.fd.as_raw_fd();
-            send(fd, &request(tcp, reader.seq), MsgFlags::empty()).unwrap();
+            send(fd, &request(tcp, reader.seq, true), MsgFlags::empty()).unwrap();
             recv(fd, &mut reader.buf, MsgFlags::empty()).unwrap();
         };
         abandon(&mut reader);
@@ -860,6 +934,7 @@ mod tests {
             state,
             uid: 1000,
             inode: 777,
+            tcp: None,
         };
         assert_eq!(
             rows,
@@ -990,7 +1065,7 @@ mod tests {
 
     #[test]
     fn request_asks_for_every_state_proc_lists() {
-        let req = request(Table::new(Protocol::Tcp, true), 9);
+        let req = request(Table::new(Protocol::Tcp, true), 9, true);
         assert_eq!(req.len(), 72);
         assert_eq!(u32::from_ne_bytes(req[0..4].try_into().unwrap()), 72);
         assert_eq!(u16::from_ne_bytes([req[4], req[5]]), SOCK_DIAG_BY_FAMILY);
@@ -998,9 +1073,140 @@ mod tests {
         assert_eq!((req[16], req[17]), (AF_INET6, IPPROTO_TCP));
         let states = u32::from_ne_bytes(req[20..24].try_into().unwrap());
         assert_eq!(states, !(1 << 13));
-        let udp = request(UDP, 1);
+        let udp = request(UDP, 1, true);
         assert_eq!(u32::from_ne_bytes(udp[20..24].try_into().unwrap()), !0);
         assert!(req[24..].iter().all(|&b| b == 0));
+        // tcp_info for TCP, no extension for UDP.
+        assert_eq!((req[18], udp[18]), (1 << (INET_DIAG_INFO - 1), 0));
+        assert_eq!(request(Table::new(Protocol::Tcp, true), 9, false)[18], 0);
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/snapshot/fixtures")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    const TCP: Table = Table::new(Protocol::Tcp, false);
+
+    /// The captured dump (fixtures/README.md): 1,000 bytes from the client, 300 back.
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn a_captured_dump_gives_each_sockets_tcp_info() {
+        let data = fixture("diag_tcp_info");
+        let (result, rows) = parse(&data, TCP);
+        assert_eq!(result.unwrap(), Progress::Done);
+        let of = |local: &str| {
+            let row = rows.iter().find(|r| r.local == sa(local)).unwrap();
+            row.tcp.unwrap()
+        };
+        let client = of("127.0.0.1:48298");
+        let server = of("127.0.0.1:51495");
+        assert_eq!(
+            (client.cookie, client.bytes_sent, client.bytes_received),
+            (310_553, 1000, 300)
+        );
+        assert_eq!(
+            (server.cookie, server.bytes_sent, server.bytes_received),
+            (310_552, 300, 1000)
+        );
+        // The client's SYN, ACK and data at least; the server counts from its SYN-ACK.
+        assert!(client.segs_out >= 3, "{client:?}");
+        assert!(server.segs_in >= 2 && server.segs_out >= 2, "{server:?}");
+        assert_eq!(client.retransmits, 0);
+        assert!(client.srtt_us > 0 && client.min_rtt_us > 0, "{client:?}");
+        assert!(client.min_rtt_us <= client.srtt_us, "{client:?}");
+    }
+
+    /// Shorter structs of older kernels: fields past the end read as zero; shorter than any
+    /// kernel sends is refused, naming it.
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn a_shorter_tcp_info_reads_the_fields_it_covers() {
+        let data = fixture("diag_tcp_info");
+        // The first message: header, inet_diag_msg, then attributes.
+        let len = u32::from_ne_bytes(data[..4].try_into().unwrap()) as usize;
+        let payload = &data[NLMSG_HDRLEN..len];
+        let msg = payload.first_chunk::<INET_DIAG_MSG_LEN>().unwrap();
+        let attrs = &payload[INET_DIAG_MSG_LEN..];
+        let full = tcp_info_of(msg, attrs).unwrap().unwrap();
+        // Find INET_DIAG_INFO and cut its length down to what older kernels send.
+        let mut at = 0;
+        while u16::from_ne_bytes([attrs[at + 2], attrs[at + 3]]) != INET_DIAG_INFO {
+            at += usize::from(u16::from_ne_bytes([attrs[at], attrs[at + 1]])).next_multiple_of(4);
+        }
+        let cut = |info_len: usize| {
+            let mut attrs = attrs[..at + NLA_HDRLEN + info_len].to_vec();
+            attrs[at..at + 2].copy_from_slice(&((NLA_HDRLEN + info_len) as u16).to_ne_bytes());
+            tcp_info_of(msg, &attrs)
+        };
+        // 3.x: no byte counters, no segments, no min_rtt.
+        let old = cut(104).unwrap().unwrap();
+        assert_eq!(
+            (old.bytes_sent, old.segs_out, old.min_rtt_us),
+            (0, 0, 0),
+            "{old:?}"
+        );
+        assert_eq!((old.srtt_us, old.cookie), (full.srtt_us, full.cookie));
+        // 4.2: bytes and segments, no min_rtt; half a u64 counts as absent. Bytes sent are
+        // `bytes_acked` then (a client's counts its SYN; this socket is the server).
+        let mid = cut(144).unwrap().unwrap();
+        assert_eq!(
+            (
+                mid.bytes_sent,
+                mid.bytes_received,
+                mid.segs_in,
+                mid.min_rtt_us
+            ),
+            (full.bytes_sent, full.bytes_received, full.segs_in, 0)
+        );
+        assert_eq!(cut(124).unwrap().unwrap().bytes_sent, 0);
+        // 4.6 to 4.18: min_rtt too.
+        assert_eq!(cut(200).unwrap().unwrap().min_rtt_us, full.min_rtt_us);
+        // The header's 232 bytes: all of them.
+        assert_eq!(cut(232).unwrap().unwrap(), full);
+        assert_eq!(cut(103), Err("tcp_info shorter than 104 bytes"));
+        assert_eq!(
+            tcp_info::parse(&[0; 20], 1),
+            Err(tcp_info::TooShort { len: 20 })
+        );
+        // An attribute whose length runs past the message.
+        let mut bad = attrs.to_vec();
+        bad[at..at + 2].copy_from_slice(&u16::MAX.to_ne_bytes());
+        assert_eq!(
+            tcp_info_of(msg, &bad),
+            Err("netlink attribute length out of bounds")
+        );
+    }
+
+    /// A real loopback connection that moved known amounts shows them exactly in a dump.
+    #[test]
+    fn a_live_connection_reads_back_its_exact_byte_counts() {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.write_all(&[7; 123_456]).unwrap();
+        let mut got = vec![0; 123_456];
+        server.read_exact(&mut got).unwrap();
+        server.write_all(&[9; 789]).unwrap();
+        let mut back = [0; 789];
+        client.read_exact(&mut back).unwrap();
+        let (client_inode, server_inode) = (inode_of(&client), inode_of(&server));
+        let mut reader = DiagReader::open().unwrap();
+        // The last ACK may still be on its way: read until the kernel has it.
+        eventually(|| {
+            let mut rows = vec![];
+            reader.read_table(TCP, &mut rows).unwrap();
+            let info = |inode| rows.iter().find(|r| r.inode == inode).and_then(|r| r.tcp);
+            let (c, s) = (info(client_inode), info(server_inode));
+            let counts = |i: Option<TcpInfo>| i.map(|i| (i.bytes_sent, i.bytes_received));
+            match (counts(c), counts(s)) {
+                (Some((123_456, 789)), Some((789, 123_456))) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
     }
 
     mod properties {
@@ -1110,6 +1316,7 @@ mod tests {
                         state: TcpState::from_code(state),
                         uid,
                         inode: u64::from(inode),
+                        tcp: None,
                     });
                 }
                 data.extend(message(NLMSG_DONE, seq, &0i32.to_ne_bytes()));

@@ -11,6 +11,7 @@
 //! - here: the table's types, and the [`Delta`] between two tables that is sent after the first.
 
 mod aggregate;
+pub mod closed;
 pub mod conntrack;
 mod diag;
 pub mod direction;
@@ -18,6 +19,7 @@ pub mod netns;
 mod proc_net;
 mod procs;
 mod reader;
+mod tcp_info;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -31,6 +33,7 @@ pub use direction::Direction;
 #[allow(unused_imports)]
 pub use proc_net::{ParseError, Protocol, SocketRow, TcpState};
 pub use reader::{ReadFailures, Reader, Scope, Snapshotter};
+pub use tcp_info::TcpInfo;
 
 /// One aggregated row: every socket with the same key counts into `sockets`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -88,6 +91,20 @@ pub struct Table {
     /// Addresses this host translates for clients elsewhere (see [`conntrack`]).
     pub nat_fronts: BTreeSet<conntrack::NatFront>,
     pub stats: Stats,
+    /// Every connected TCP socket that came with its `tcp_info` (sock_diag reads), with its
+    /// flow; not part of a [`Delta`]: `crate::traffic` turns them into increments.
+    pub sockets: Vec<(Flow, TcpInfo)>,
+}
+
+/// The endpoints of an [`EntryKey`] without its process: what traffic is counted by. A flow's
+/// sockets may belong to several processes, or to none visible.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Flow {
+    pub netns: String,
+    pub direction: Direction,
+    pub local_ip: IpAddr,
+    pub remote_ip: IpAddr,
+    pub server_port: u16,
 }
 
 /// Counters of one read; they describe the read, not the host, and are not part of a [`Delta`].
@@ -221,6 +238,7 @@ mod tests {
             state,
             uid: 0,
             inode,
+            tcp: None,
         }
     }
 

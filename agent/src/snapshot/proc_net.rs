@@ -89,6 +89,8 @@ pub struct SocketRow {
     /// Socket inode, the key to `/proc/PID/fd/* -> socket:[INODE]`. Zero when no file refers to
     /// the socket any more (TIME_WAIT, orphaned FIN_WAIT, not yet accepted).
     pub inode: u64,
+    /// A TCP socket's counters, from sock_diag (`/proc/net` has none).
+    pub tcp: Option<super::tcp_info::TcpInfo>,
 }
 
 impl SocketRow {
@@ -184,6 +186,7 @@ pub fn parse_line(line: &str, protocol: Protocol, v6: bool) -> Result<SocketRow,
         state: TcpState::from_code(state as u8),
         uid: decimal(uid).ok_or_else(|| number("uid", uid))?,
         inode: decimal(inode).ok_or_else(|| number("inode", inode))?,
+        tcp: None,
     })
 }
 
@@ -280,6 +283,7 @@ mod tests {
                 state: TcpState::Listen,
                 uid: 0,
                 inode: 84986,
+                tcp: None,
             }
         );
         assert_eq!(
@@ -291,6 +295,7 @@ mod tests {
                 state: TcpState::Established,
                 uid: 0,
                 inode: 84987,
+                tcp: None,
             }
         );
         assert_eq!(row(TCP, 84991).state, TcpState::CloseWait);
@@ -337,6 +342,7 @@ mod tests {
                 state: TcpState::Established,
                 uid: 0,
                 inode: 86023,
+                tcp: None,
             }
         );
         // An AF_INET6 socket that connected to ::ffff:127.0.0.1.
@@ -405,6 +411,7 @@ mod tests {
             state: TcpState::Close,
             uid: 0,
             inode: 1,
+            tcp: None,
         };
         assert!(with_remote("0.0.0.0:0").is_unconnected());
         assert!(with_remote("[::]:0").is_unconnected());
@@ -630,6 +637,7 @@ mod properties {
                     state: TcpState::from_code(st),
                     uid,
                     inode,
+                    tcp: None,
                 })
             );
             // A whole table of it, header included, and the other width refused.

@@ -132,6 +132,8 @@ pub struct Snapshotter {
     /// The agent's own namespace's conntrack: `None` until opened, or once it failed (logged).
     conntrack: Option<Result<conntrack::ConntrackReader, ()>>,
     failures: Arc<ReadFailures>,
+    /// sock_diag dumps ask for `tcp_info`.
+    tcp_info: bool,
 }
 
 impl Snapshotter {
@@ -156,7 +158,15 @@ impl Snapshotter {
             others: Vec::new(),
             conntrack: None,
             failures: Arc::default(),
+            tcp_info: true,
         }
+    }
+
+    /// sock_diag dumps without `tcp_info`: no traffic, as before issue 23 (for the benchmark
+    /// that measures what the extension costs).
+    pub fn without_tcp_info(mut self) -> Self {
+        self.tcp_info = false;
+        self
     }
 
     /// Counts failed reads into `failures` (shared with `/metrics`) instead of a private tally.
@@ -244,6 +254,7 @@ impl Snapshotter {
                 aggregate::build_with(&space.rows, &space.tag, owner, &self.control_plane, &nat);
             table.entries.extend(part.entries);
             table.listeners.extend(part.listeners);
+            table.sockets.extend(part.sockets);
             table.stats.sockets_read += part.stats.sockets_read;
             table.stats.unattributed += part.stats.unattributed;
         }
@@ -392,7 +403,8 @@ impl Snapshotter {
                     .and_then(|file| diag::DiagReader::open_in(&file)),
             };
             match opened {
-                Ok(reader) => {
+                Ok(mut reader) => {
+                    reader.set_tcp_info(self.tcp_info);
                     self.diag.insert(inode, reader);
                 }
                 Err(error) => {

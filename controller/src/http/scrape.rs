@@ -51,6 +51,16 @@ async fn gather(state: &HttpState) -> Scrape {
         http: state.http_stats.read(),
         enrollments_refused: state.enrollment.refused(),
         alerts: state.alert_stats.read(),
+        traffic: if state.traffic_metrics {
+            Some(crate::metrics::traffic_rows(
+                &state
+                    .topology
+                    .map(crate::topology::GraphQuery::default())
+                    .await,
+            ))
+        } else {
+            None
+        },
         ..Scrape::default()
     }
     .with_mirrors(&state.mirrors)

@@ -131,7 +131,18 @@ impl Task {
             table,
         } = record;
         let seen = table.last_snapshot_ms;
-        let changes = self.model.replace(&id, table, seen);
+        // The flows its last snapshot moved: a connection that lived between two snapshots has
+        // its edge only through them, as on the replica that applied it.
+        let moved: Vec<_> = table
+            .traffic
+            .iter()
+            .filter(|(_, f)| f.last_ms == seen)
+            .map(|(flow, _)| flow.clone())
+            .collect();
+        let mut changes = self.model.replace(&id, table, seen);
+        for flow in &moved {
+            self.model.ensure_flow_edge(&id, flow, seen, &mut changes);
+        }
         self.local.remove(&id);
         self.sequences.insert(id, sequence);
         self.stats.remote_tables_applied += 1;

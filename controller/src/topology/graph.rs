@@ -3,7 +3,7 @@
 //! protobuf or JSON only by the handlers that send it ([`super::wire`]). Kinds are enums, ports
 //! numbers and times milliseconds: nothing downstream parses a string the map made.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use super::GraphQuery;
@@ -174,6 +174,150 @@ pub struct Edge {
     /// The address the client dialled when NAT took the connection to this edge's service;
     /// empty otherwise.
     pub via: String,
+    /// What a `CONNECTS_TO` edge carried, when an agent measured it.
+    pub traffic: Option<Traffic>,
+}
+
+/// An edge's TCP traffic, counted once. Each direction comes from one side: bytes and segments
+/// from the sender's agent when it measured the edge (its data-only count is exact), else from
+/// the receiver's; RTT, closes and rates from the client side when it measured, else the
+/// server side. "Sent" is client to server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Traffic {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub segments_sent: u64,
+    pub segments_received: u64,
+    /// Segments retransmitted, by each measured side for what it sent.
+    pub retransmits: u64,
+    /// Mean over the measured flows with a sample, µs; 0: none.
+    pub srtt_us: u32,
+    /// Lowest over them, µs; 0: none.
+    pub min_rtt_us: u32,
+    /// Bytes per second each way over the latest interval of each agent that measured it (0
+    /// for a flow that did not move in it, or whose agent has not reported within the TTL).
+    pub sent_per_second: u64,
+    pub received_per_second: u64,
+    /// Connections counted at close.
+    pub closed: u64,
+    pub measured_by: MeasuredBy,
+}
+
+/// Which ends of an edge an agent measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeasuredBy {
+    Client,
+    Server,
+    Both,
+}
+
+impl MeasuredBy {
+    /// `client`, `server` or `both`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeasuredBy::Client => "client",
+            MeasuredBy::Server => "server",
+            MeasuredBy::Both => "both",
+        }
+    }
+}
+
+/// One side's flows of an edge, summed in that side's sense (sent = this side sent).
+#[derive(Debug, Default)]
+struct Side {
+    sent: u64,
+    received: u64,
+    segs_out: u64,
+    segs_in: u64,
+    retransmits: u64,
+    closed: u64,
+    srtt_sum: u64,
+    srtt_n: u64,
+    min_rtt_us: u32,
+    sent_rate: u64,
+    received_rate: u64,
+}
+
+impl Side {
+    /// `fresh`: the flow's agent reported within the TTL, so its latest increment is a rate.
+    fn add(&mut self, f: &model::FlowTotals, fresh: bool) {
+        self.sent = self.sent.saturating_add(f.bytes_sent);
+        self.received = self.received.saturating_add(f.bytes_received);
+        self.segs_out = self.segs_out.saturating_add(f.segments_sent);
+        self.segs_in = self.segs_in.saturating_add(f.segments_received);
+        self.retransmits = self.retransmits.saturating_add(f.retransmits);
+        self.closed = self.closed.saturating_add(f.closed);
+        if f.srtt_us > 0 {
+            self.srtt_sum += u64::from(f.srtt_us);
+            self.srtt_n += 1;
+        }
+        if f.min_rtt_us > 0 && (self.min_rtt_us == 0 || f.min_rtt_us < self.min_rtt_us) {
+            self.min_rtt_us = f.min_rtt_us;
+        }
+        if fresh && f.last_interval_ms > 0 {
+            self.sent_rate += f.last_sent.saturating_mul(1000) / f.last_interval_ms;
+            self.received_rate += f.last_received.saturating_mul(1000) / f.last_interval_ms;
+        }
+    }
+
+    fn srtt_us(&self) -> u32 {
+        self.srtt_sum.checked_div(self.srtt_n).unwrap_or(0) as u32
+    }
+}
+
+/// The edge's figures from what its client side and server side measured (at least one).
+fn combine(client: Option<&Side>, server: Option<&Side>) -> Option<Traffic> {
+    let measured_by = match (client, server) {
+        (Some(_), Some(_)) => MeasuredBy::Both,
+        (Some(_), None) => MeasuredBy::Client,
+        (None, Some(_)) => MeasuredBy::Server,
+        (None, None) => return None,
+    };
+    // Client to server: what the client sent, else what the server received; and back.
+    let up = |c: &dyn Fn(&Side) -> u64, s: &dyn Fn(&Side) -> u64| {
+        client.map(c).or(server.map(s)).unwrap_or(0)
+    };
+    let down = |s: &dyn Fn(&Side) -> u64, c: &dyn Fn(&Side) -> u64| {
+        server.map(s).or(client.map(c)).unwrap_or(0)
+    };
+    let rtt_side = client.or(server)?;
+    Some(Traffic {
+        bytes_sent: up(&|c| c.sent, &|s| s.received),
+        bytes_received: down(&|s| s.sent, &|c| c.received),
+        segments_sent: up(&|c| c.segs_out, &|s| s.segs_in),
+        segments_received: down(&|s| s.segs_out, &|c| c.segs_in),
+        retransmits: client.map_or(0, |c| c.retransmits) + server.map_or(0, |s| s.retransmits),
+        srtt_us: rtt_side.srtt_us(),
+        min_rtt_us: rtt_side.min_rtt_us,
+        sent_per_second: up(&|c| c.sent_rate, &|s| s.received_rate),
+        received_per_second: down(&|s| s.sent_rate, &|c| c.received_rate),
+        closed: rtt_side.closed,
+        measured_by,
+    })
+}
+
+/// Every edge's traffic, from the flows of every agent's table, counted once (see [`Traffic`]).
+fn traffic(model: &Model, now_ms: u64, ttl_ms: u64) -> HashMap<model::EdgeKey, Traffic> {
+    let mut by_edge: HashMap<model::EdgeKey, [Option<Side>; 2]> = HashMap::new();
+    for (agent, table) in &model.agents {
+        let fresh = now_ms.saturating_sub(table.last_snapshot_ms) < ttl_ms;
+        for (flow, totals) in &table.traffic {
+            let key = model.edge_key(agent, &flow.obs());
+            let side = match flow.direction {
+                model::Direction::Client => 0,
+                model::Direction::Server => 1,
+            };
+            by_edge.entry(key).or_default()[side]
+                .get_or_insert_with(Side::default)
+                .add(totals, fresh);
+        }
+    }
+    by_edge
+        .into_iter()
+        .filter_map(|(key, [client, server])| {
+            Some((key, combine(client.as_ref(), server.as_ref())?))
+        })
+        .collect()
 }
 
 impl Edge {
@@ -198,6 +342,7 @@ impl Edge {
             active: true,
             control_plane: false,
             via: String::new(),
+            traffic: None,
         }
     }
 }
@@ -310,6 +455,7 @@ pub(super) fn build(model: &Model, query: &GraphQuery, now_ms: u64, ttl_ms: u64)
             ));
         }
     }
+    let mut traffic = traffic(model, now_ms, ttl_ms);
     for e in model.edges.values() {
         let active = e.active(now_ms, ttl_ms);
         if (e.control_plane && !query.include_control) || (!active && !query.include_inactive) {
@@ -331,6 +477,7 @@ pub(super) fn build(model: &Model, query: &GraphQuery, now_ms: u64, ttl_ms: u64)
             active,
             control_plane: e.control_plane,
             via: e.via.clone(),
+            traffic: traffic.remove(&e.key),
         });
     }
     Graph {

@@ -8,7 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use tapgraph::proto;
 
 use super::Stats;
-use super::model::{AgentTable, Direction, ListenerKey, NatFront, ObsKey, ObsValue, Protocol};
+use super::model::{
+    AgentTable, Direction, FlowKey, ListenerKey, NatFront, ObsKey, ObsValue, Protocol,
+};
 
 /// Longest process, namespace or container name a row may carry (Linux's NAME_MAX): a file name
 /// is the longest thing an agent puts there.
@@ -269,6 +271,86 @@ fn nat_front(f: &proto::NatFront) -> Result<NatFront, Invalid> {
     })
 }
 
+/// Converts one flow's increments; refused like a row when an endpoint, the port or the
+/// namespace could not be a real socket's.
+fn flow(t: &proto::FlowTraffic) -> Result<FlowKey, Invalid> {
+    let direction = match proto::Direction::try_from(t.direction) {
+        Ok(proto::Direction::Client) => Direction::Client,
+        Ok(proto::Direction::Server) => Direction::Server,
+        _ => return Err(malformed("direction", t.direction)),
+    };
+    let key = FlowKey {
+        netns: t.netns.as_str().into(),
+        direction,
+        local_ip: ip("local_ip", &t.local_ip)?,
+        remote_ip: ip("remote_ip", &t.remote_ip)?,
+        server_port: port("server_port", t.server_port)?,
+    };
+    check_row(
+        &key.obs(),
+        &ObsValue {
+            sockets: 1,
+            control_plane: false,
+            short_lived: false,
+        },
+    )?;
+    Ok(key)
+}
+
+/// Adds `s`'s traffic increments to `table.traffic`, at `now_ms`; returns the flows that moved.
+/// A snapshot carries at most `max` flows; the rest are refused, counted in
+/// `stats.traffic_flows_refused`; a flow no real socket has is refused like a row.
+pub(super) fn merge_traffic(
+    table: &mut AgentTable,
+    s: &proto::ConnectionSnapshot,
+    now_ms: u64,
+    max: usize,
+    stats: &mut Stats,
+) -> (Skipped, Vec<FlowKey>) {
+    let mut skipped = Skipped::default();
+    let mut moved = Vec::with_capacity(s.traffic.len().min(max));
+    let interval_ms = match (s.traffic_since_unix_nanos, s.taken_at_unix_nanos) {
+        (since, taken) if since > 0 && taken > since => (taken - since) / 1_000_000,
+        _ => 0,
+    };
+    // Rates are of the latest interval: a flow that did not move in it moved nothing.
+    for f in table.traffic.values_mut() {
+        f.last_sent = 0;
+        f.last_received = 0;
+    }
+    // More flows than rows a snapshot may carry: the rest are refused, counted.
+    let refused = s.traffic.len().saturating_sub(max);
+    stats.traffic_flows_refused += refused as u64;
+    for t in s.traffic.iter().take(max) {
+        let key = match flow(t) {
+            Ok(key) => key,
+            Err(invalid) => {
+                skipped.add(stats, invalid);
+                continue;
+            }
+        };
+        let f = table.traffic.entry(key.clone()).or_default();
+        f.bytes_sent = f.bytes_sent.saturating_add(t.bytes_sent);
+        f.bytes_received = f.bytes_received.saturating_add(t.bytes_received);
+        f.segments_sent = f.segments_sent.saturating_add(t.segments_sent);
+        f.segments_received = f.segments_received.saturating_add(t.segments_received);
+        f.retransmits = f.retransmits.saturating_add(t.retransmits);
+        f.closed = f.closed.saturating_add(u64::from(t.closed));
+        if t.srtt_us > 0 {
+            f.srtt_us = t.srtt_us;
+        }
+        if t.min_rtt_us > 0 {
+            f.min_rtt_us = t.min_rtt_us;
+        }
+        f.last_ms = now_ms;
+        f.last_interval_ms = interval_ms;
+        f.last_sent = t.bytes_sent;
+        f.last_received = t.bytes_received;
+        moved.push(key);
+    }
+    (skipped, moved)
+}
+
 /// Rows refused in one snapshot: how many, and the first one's reason.
 #[derive(Default)]
 pub(super) struct Skipped {
@@ -379,6 +461,48 @@ pub(super) mod tests {
             control_plane: false,
             short_lived: false,
         }
+    }
+
+    /// Flows are checked like rows and bounded per snapshot; the good ones add up.
+    #[test]
+    fn traffic_flows_are_checked_bounded_and_summed() {
+        let flow = |remote: &str, sent: u64| proto::FlowTraffic {
+            direction: proto::Direction::Client as i32,
+            local_ip: "10.0.0.1".into(),
+            remote_ip: remote.into(),
+            server_port: 443,
+            bytes_sent: sent,
+            ..Default::default()
+        };
+        let s = proto::ConnectionSnapshot {
+            taken_at_unix_nanos: 5_000_000_000,
+            traffic_since_unix_nanos: 3_000_000_000,
+            traffic: vec![
+                flow("10.0.0.2", 100),
+                flow("0.0.0.0", 5),
+                flow("not an address", 5),
+                flow("10.0.0.3", 7),
+            ],
+            ..Default::default()
+        };
+        let mut table = AgentTable::default();
+        let mut stats = Stats::default();
+        let (skipped, moved) = merge_traffic(&mut table, &s, 42, 3, &mut stats);
+        assert_eq!(skipped.count, 2);
+        assert_eq!(
+            stats.traffic_flows_refused, 1,
+            "the fourth is past the bound of 3"
+        );
+        assert_eq!(moved.len(), 1);
+        let f = &table.traffic[&moved[0]];
+        assert_eq!(
+            (f.bytes_sent, f.last_ms, f.last_interval_ms),
+            (100, 42, 2000)
+        );
+        // Again: totals add, the latest interval is the last increment.
+        merge_traffic(&mut table, &s, 43, 3, &mut stats);
+        let f = &table.traffic[&moved[0]];
+        assert_eq!((f.bytes_sent, f.last_sent), (200, 100));
     }
 
     #[test]

@@ -120,6 +120,11 @@ pub struct Stats {
     pub address_conflicts: u64,
     /// Agents' tables other replicas wrote, applied to this replica's map.
     pub remote_tables_applied: u64,
+    /// Traffic flows an agent's table dropped, least recently moved first, to stay within
+    /// `topology.max_entries`.
+    pub traffic_flows_evicted: u64,
+    /// Traffic flows past `topology.max_entries` in one snapshot, refused.
+    pub traffic_flows_refused: u64,
     /// Whether this replica removes expired edges from the store (one replica does; always
     /// this one with the embedded store).
     pub leader: bool,

@@ -72,6 +72,56 @@ pub struct ObsValue {
     pub short_lived: bool,
 }
 
+/// The endpoints of a TCP row without its process: what an agent counts traffic by.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FlowKey {
+    #[serde(default)]
+    pub netns: Box<str>,
+    pub direction: Direction,
+    pub local_ip: IpAddr,
+    pub remote_ip: IpAddr,
+    pub server_port: u16,
+}
+
+impl FlowKey {
+    /// The row this flow's sockets make, process left out: it belongs to the same edge.
+    pub fn obs(&self) -> ObsKey {
+        ObsKey {
+            netns: self.netns.clone(),
+            direction: self.direction,
+            local_ip: self.local_ip,
+            remote_ip: self.remote_ip,
+            server_port: self.server_port,
+            protocol: Protocol::Tcp,
+            process: Box::default(),
+            via: None,
+        }
+    }
+}
+
+/// A flow's traffic as one agent measured it from its side, summed over the snapshots that
+/// carried increments for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTotals {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub segments_sent: u64,
+    pub segments_received: u64,
+    pub retransmits: u64,
+    /// Sockets counted at close.
+    pub closed: u64,
+    /// As of the last increment, µs; 0: no sample.
+    pub srtt_us: u32,
+    pub min_rtt_us: u32,
+    /// The latest increment: when it came (controller time, ms), the interval it covered, and
+    /// the bytes each way in it (zeroed by a snapshot that did not move the flow); the rates
+    /// are these over the interval.
+    pub last_ms: u64,
+    pub last_interval_ms: u64,
+    pub last_sent: u64,
+    pub last_received: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ListenerKey {
     pub ip: IpAddr,
@@ -177,6 +227,10 @@ pub struct AgentTable {
     #[serde(with = "super::persist::pairs")]
     pub entries: BTreeMap<ObsKey, ObsValue>,
     pub last_snapshot_ms: u64,
+    /// TCP traffic this agent measured, per flow, kept across its full snapshots; a flow
+    /// without increments for the retention is dropped.
+    #[serde(default, with = "super::persist::pairs")]
+    pub traffic: BTreeMap<FlowKey, FlowTotals>,
     /// The addresses this host translates for clients elsewhere.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub nat_fronts: BTreeSet<NatFront>,
@@ -361,7 +415,7 @@ impl Model {
             .or_else(|| self.translated(agent, obs).map(|(_, front)| front))
     }
 
-    fn edge_key(&self, agent: &str, obs: &ObsKey) -> EdgeKey {
+    pub(super) fn edge_key(&self, agent: &str, obs: &ObsKey) -> EdgeKey {
         let far = |ip: &IpAddr| self.owner(agent, ip);
         let (remote_ip, server_port) = match self.translated(agent, obs) {
             Some((backend, _)) => (backend.ip(), backend.port()),
@@ -583,6 +637,38 @@ impl Model {
     /// Replaces everything `agent` reports (a full snapshot, or the agent's first).
     pub fn replace(&mut self, agent: &str, table: AgentTable, now_ms: u64) -> Changes {
         self.replace_with(agent, table, now_ms, true)
+    }
+
+    /// Makes sure the edge of `agent`'s flow exists: a connection that opened and closed between
+    /// two snapshots left no row, yet it was a dependency, and its traffic needs an edge to
+    /// show on. Such an edge has no reporters: it is history from the start.
+    pub fn ensure_flow_edge(&mut self, agent: &str, flow: &FlowKey, now_ms: u64, ch: &mut Changes) {
+        let key = self.edge_key(agent, &flow.obs());
+        match self.edges.get_mut(&key) {
+            Some(edge) => {
+                if edge.reporters.is_empty() && edge.last_seen_ms < now_ms {
+                    edge.last_seen_ms = now_ms;
+                    ch.edges_upserted.insert(key);
+                }
+            }
+            None => {
+                self.edges.insert(
+                    key.clone(),
+                    Edge {
+                        key: key.clone(),
+                        process: String::new(),
+                        sockets: 0,
+                        first_seen_ms: now_ms,
+                        last_seen_ms: now_ms,
+                        control_plane: false,
+                        short_lived: true,
+                        via: String::new(),
+                        reporters: Reporters::default(),
+                    },
+                );
+                ch.edges_upserted.insert(key);
+            }
+        }
     }
 
     /// Removes `agent`'s table: its rows leave their edges (history stays, as when an agent
@@ -869,6 +955,7 @@ mod tests {
                 .collect(),
             last_snapshot_ms: 0,
             nat_fronts: BTreeSet::new(),
+            traffic: BTreeMap::new(),
         }
     }
 

@@ -438,11 +438,53 @@ impl Task {
         }
         let now = now_ms();
         let mut table = if s.full {
-            AgentTable::default()
+            // Traffic totals are history, not state: a full snapshot keeps them.
+            AgentTable {
+                traffic: self
+                    .model
+                    .agents
+                    .get(agent)
+                    .map(|t| t.traffic.clone())
+                    .unwrap_or_default(),
+                ..AgentTable::default()
+            }
         } else {
             self.model.agents.get(agent).cloned().unwrap_or_default()
         };
         let skipped = ingest::merge(&mut table, s, &mut self.stats);
+        let (skipped_flows, flows) = ingest::merge_traffic(
+            &mut table,
+            s,
+            now,
+            self.settings.max_entries,
+            &mut self.stats,
+        );
+        self.stats.rows_skipped += skipped_flows.count;
+        if let Some(first) = &skipped_flows.first {
+            tracing::warn!(%agent, sequence = s.sequence, refused = skipped_flows.count, %first, "snapshot traffic refused");
+        }
+        let retention = self.settings.retention.as_millis() as u64;
+        table
+            .traffic
+            .retain(|_, f| now.saturating_sub(f.last_ms) < retention);
+        // Flows outlive their sockets (for the retention): bounded like a snapshot's rows, the
+        // least recently moved go first.
+        let over = table
+            .traffic
+            .len()
+            .saturating_sub(self.settings.max_entries);
+        if over > 0 {
+            let mut by_age: Vec<(u64, model::FlowKey)> = table
+                .traffic
+                .iter()
+                .map(|(k, f)| (f.last_ms, k.clone()))
+                .collect();
+            by_age.sort_unstable();
+            for (_, key) in by_age.into_iter().take(over) {
+                table.traffic.remove(&key);
+            }
+            self.stats.traffic_flows_evicted += over as u64;
+        }
         self.stats.rows_skipped += skipped.count;
         if let Some(first) = &skipped.first {
             tracing::warn!(%agent, sequence = s.sequence, refused = skipped.count, %first, "snapshot rows refused");
@@ -453,7 +495,10 @@ impl Task {
         self.collect_due |= rows >= LARGE;
         // Replacing re-attaches every row at `now`: each edge this agent still reports is marked
         // seen and listed in the changes, at a cost in this agent's rows, not the whole map's.
-        let changes = self.model.replace(agent, table, now);
+        let mut changes = self.model.replace(agent, table, now);
+        for flow in &flows {
+            self.model.ensure_flow_edge(agent, flow, now, &mut changes);
+        }
         self.announced.announce(
             &self.events,
             Some(agent),
@@ -605,6 +650,180 @@ pub(super) mod tests {
         task.take(&mut pending, agent, agent, s, reply);
         task.flush(pending);
         rx.try_recv().unwrap()
+    }
+
+    fn traffic_row(
+        direction: proto::Direction,
+        local: &str,
+        remote: &str,
+        port: u32,
+        sent: u64,
+        received: u64,
+    ) -> proto::FlowTraffic {
+        proto::FlowTraffic {
+            direction: direction as i32,
+            local_ip: local.into(),
+            remote_ip: remote.into(),
+            server_port: port,
+            bytes_sent: sent,
+            bytes_received: received,
+            segments_sent: 1,
+            segments_received: 1,
+            srtt_us: 10_000,
+            min_rtt_us: 9_000,
+            ..Default::default()
+        }
+    }
+
+    /// `web` (10.0.0.1) talks to `db` (10.0.0.2:5432); both measure it. An agentless client
+    /// (10.0.0.9) talks to `db` too; only `db` measures that. A connection of `web` to
+    /// 203.0.113.7:443 lived between two snapshots: no row, only its traffic.
+    #[test]
+    fn edges_carry_traffic_counted_once_and_kept_across_full_snapshots() {
+        use proto::Direction::{Client, Server};
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = task(&dir, Events::new(16));
+        let row = |direction: proto::Direction, local: &str, remote: &str, port: u32| {
+            proto::ConnectionEntry {
+                direction: direction as i32,
+                local_ip: local.into(),
+                remote_ip: remote.into(),
+                server_port: port,
+                protocol: proto::Protocol::Tcp as i32,
+                sockets: 1,
+                ..Default::default()
+            }
+        };
+        let snapshot =
+            |sequence: u64,
+             full: bool,
+             address: &str,
+             entries: Vec<proto::ConnectionEntry>,
+             traffic: Vec<proto::FlowTraffic>| proto::ConnectionSnapshot {
+                sequence,
+                full,
+                base_sequence: sequence - 1,
+                taken_at_unix_nanos: 3_000_000_000 * sequence,
+                traffic_since_unix_nanos: 3_000_000_000 * (sequence - 1),
+                addresses: vec![address.into()],
+                entries,
+                listeners: vec![proto::ListeningService {
+                    ip: "0.0.0.0".into(),
+                    port: 5432,
+                    protocol: proto::Protocol::Tcp as i32,
+                    ..Default::default()
+                }],
+                traffic,
+                ..Default::default()
+            };
+        let db_rows = vec![
+            row(Server, "10.0.0.2", "10.0.0.1", 5432),
+            row(Server, "10.0.0.2", "10.0.0.9", 5432),
+        ];
+        let db_traffic = vec![
+            traffic_row(Server, "10.0.0.2", "10.0.0.1", 5432, 300, 1000),
+            traffic_row(Server, "10.0.0.2", "10.0.0.9", 5432, 70, 20),
+        ];
+        apply(
+            &mut t,
+            "db",
+            &snapshot(1, true, "10.0.0.2", db_rows.clone(), db_traffic),
+        )
+        .unwrap();
+        let web_rows = vec![row(Client, "10.0.0.1", "10.0.0.2", 5432)];
+        let web_traffic = vec![
+            // Received counts the server's FIN here: the server's own count of what it sent
+            // is the one shown.
+            traffic_row(Client, "10.0.0.1", "10.0.0.2", 5432, 1000, 301),
+            traffic_row(Client, "10.0.0.1", "203.0.113.7", 443, 5, 6),
+        ];
+        apply(
+            &mut t,
+            "web",
+            &snapshot(1, true, "10.0.0.1", web_rows.clone(), web_traffic),
+        )
+        .unwrap();
+        // Another interval: web sent 500 more; then a full snapshot (a resync) without traffic.
+        let more = vec![traffic_row(Client, "10.0.0.1", "10.0.0.2", 5432, 500, 0)];
+        apply(&mut t, "web", &snapshot(2, false, "10.0.0.1", vec![], more)).unwrap();
+        let query = GraphQuery {
+            include_control: true,
+            include_inactive: true,
+        };
+        let web_db = |t: &Task| {
+            t.map(&query)
+                .edges
+                .into_iter()
+                .find(|e| e.to == "svc:db/tcp/5432" && e.from == "host:web")
+                .and_then(|e| e.traffic)
+                .unwrap()
+        };
+        // The last interval was 3 s long and carried 500 bytes up.
+        let tr = web_db(&t);
+        assert_eq!((tr.sent_per_second, tr.received_per_second), (166, 0));
+        assert_eq!((tr.srtt_us, tr.min_rtt_us), (10_000, 9_000));
+        apply(
+            &mut t,
+            "web",
+            &snapshot(3, true, "10.0.0.1", web_rows, vec![]),
+        )
+        .unwrap();
+        // Nothing moved in the latest one.
+        assert_eq!(web_db(&t).sent_per_second, 0);
+        let figures: BTreeMap<(String, String), (u64, u64, &str)> = t
+            .map(&query)
+            .edges
+            .iter()
+            .filter_map(|e| {
+                let tr = e.traffic.as_ref()?;
+                let by = tr.measured_by.as_str();
+                Some((
+                    (e.from.clone(), e.to.clone()),
+                    (tr.bytes_sent, tr.bytes_received, by),
+                ))
+            })
+            .collect();
+        let key = |from: &str, to: &str| (from.to_string(), to.to_string());
+        assert_eq!(
+            figures,
+            BTreeMap::from([
+                (key("host:web", "svc:db/tcp/5432"), (1500, 300, "both")),
+                (key("addr:10.0.0.9", "svc:db/tcp/5432"), (20, 70, "server")),
+                (key("host:web", "addr:203.0.113.7"), (5, 6, "client")),
+            ])
+        );
+    }
+
+    /// An agent's flows are bounded like its rows: past `topology.max_entries` (100 here) the
+    /// least recently moved go, counted.
+    #[test]
+    fn traffic_flows_are_bounded_least_recently_moved_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = task(&dir, Events::new(16));
+        let flows = |sequence: u64, range: std::ops::Range<u32>| proto::ConnectionSnapshot {
+            sequence,
+            full: sequence == 1,
+            base_sequence: sequence - 1,
+            addresses: vec!["10.0.0.1".into()],
+            traffic: range
+                .map(|i| {
+                    let remote = format!("10.1.{}.{}", i / 250, i % 250 + 1);
+                    traffic_row(proto::Direction::Client, "10.0.0.1", &remote, 443, 1, 1)
+                })
+                .collect(),
+            ..Default::default()
+        };
+        apply(&mut t, "web", &flows(1, 0..80)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        apply(&mut t, "web", &flows(2, 80..150)).unwrap();
+        let kept = &t.model.agents["web"].traffic;
+        assert_eq!(kept.len(), 100);
+        assert_eq!(t.stats.traffic_flows_evicted, 50);
+        // The 70 of the later snapshot are all kept.
+        let remote = |i: u32| -> std::net::IpAddr {
+            format!("10.1.{}.{}", i / 250, i % 250 + 1).parse().unwrap()
+        };
+        assert!((80..150).all(|i| kept.keys().any(|k| k.remote_ip == remote(i))));
     }
 
     fn drain(rx: &mut tokio::sync::broadcast::Receiver<proto::Event>) -> Vec<proto::Event> {

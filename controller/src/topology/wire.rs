@@ -56,6 +56,19 @@ impl From<&Edge> for proto::GraphEdge {
             active: e.active,
             control_plane: e.control_plane,
             via: e.via.clone(),
+            traffic: e.traffic.as_ref().map(|t| proto::EdgeTraffic {
+                bytes_sent: t.bytes_sent,
+                bytes_received: t.bytes_received,
+                segments_sent: t.segments_sent,
+                segments_received: t.segments_received,
+                retransmits: t.retransmits,
+                srtt_us: t.srtt_us,
+                min_rtt_us: t.min_rtt_us,
+                sent_per_second: t.sent_per_second,
+                received_per_second: t.received_per_second,
+                closed_connections: t.closed,
+                measured_by: t.measured_by.as_str().into(),
+            }),
         }
     }
 }

@@ -105,6 +105,7 @@ mod tests {
             active: true,
             control_plane: false,
             via: String::new(),
+            traffic: None,
         }
     }
 

@@ -196,7 +196,19 @@ pub(super) fn desired(graph: &Graph, last_seen_step: Duration) -> Desired<'_> {
             last_seen_bucket(e, last_seen_step),
             e.active,
             e.control_plane,
-            &e.via,
+            (
+                &e.via,
+                // Counters only: an edge whose bytes did not move is not written again.
+                e.traffic.as_ref().map(|t| {
+                    (
+                        t.bytes_sent,
+                        t.bytes_received,
+                        t.retransmits,
+                        t.srtt_us,
+                        t.min_rtt_us,
+                    )
+                }),
+            ),
         ));
         out.rels.insert(id, (hash, kind, e));
     }
@@ -221,6 +233,21 @@ pub(super) fn rel_row(want: &Desired<'_>, id: &str, hash: u64, kind: Kind, e: &E
         props.insert("control_plane".into(), Value::Bool(e.control_plane));
         if !e.via.is_empty() {
             props.insert("via".into(), Value::Str(e.via.clone()));
+        }
+        if let Some(t) = &e.traffic {
+            let int = |v: u64| Value::Int(i64::try_from(v).unwrap_or(i64::MAX));
+            props.insert("bytes_sent".into(), int(t.bytes_sent));
+            props.insert("bytes_received".into(), int(t.bytes_received));
+            props.insert("segments_sent".into(), int(t.segments_sent));
+            props.insert("segments_received".into(), int(t.segments_received));
+            props.insert("retransmits".into(), int(t.retransmits));
+            props.insert("rtt_us".into(), int(u64::from(t.srtt_us)));
+            props.insert("min_rtt_us".into(), int(u64::from(t.min_rtt_us)));
+            props.insert("closed_connections".into(), int(t.closed));
+            props.insert(
+                "traffic_measured_by".into(),
+                Value::Str(t.measured_by.as_str().into()),
+            );
         }
     }
     RelRow {
@@ -290,6 +317,7 @@ mod tests {
             active: false,
             control_plane: false,
             via: String::new(),
+            traffic: None,
         }
     }
 
@@ -347,6 +375,53 @@ mod tests {
         let mut gone = graph.clone();
         gone.edges[0].active = false;
         assert_ne!(hash, hash_of_edge(&gone));
+    }
+
+    /// An edge's traffic becomes the properties Neo4j users query, and bytes that moved are
+    /// written again.
+    #[test]
+    fn traffic_becomes_relationship_properties() {
+        use crate::topology::graph::{MeasuredBy, Traffic};
+        let traffic = Traffic {
+            bytes_sent: 1000,
+            bytes_received: 300,
+            segments_sent: 5,
+            segments_received: 4,
+            retransmits: 1,
+            srtt_us: 10_500,
+            min_rtt_us: 10_100,
+            sent_per_second: 0,
+            received_per_second: 0,
+            closed: 2,
+            measured_by: MeasuredBy::Client,
+        };
+        let graph = Graph {
+            nodes: vec![host("host:a", "a"), service("svc:b/tcp/80", 80, "nginx")],
+            edges: vec![Edge {
+                port: 80,
+                protocol: Some(Protocol::Tcp),
+                traffic: Some(traffic),
+                ..edge(EdgeKind::ConnectsTo, "host:a", "svc:b/tcp/80")
+            }],
+        };
+        let step = Duration::from_secs(60);
+        let want = desired(&graph, step);
+        let (id, &(hash, kind, e)) = want.rels.iter().next().unwrap();
+        let props = rel_row(&want, id, hash, kind, e).props;
+        for (name, value) in [
+            ("bytes_sent", 1000),
+            ("bytes_received", 300),
+            ("rtt_us", 10_500),
+            ("min_rtt_us", 10_100),
+            ("retransmits", 1),
+            ("closed_connections", 2),
+        ] {
+            assert_eq!(props[name], Value::Int(value), "{name}");
+        }
+        assert_eq!(props["traffic_measured_by"], Value::Str("client".into()));
+        let mut moved = graph.clone();
+        moved.edges[0].traffic.as_mut().unwrap().bytes_received += 1;
+        assert_ne!(hash, desired(&moved, step).rels.values().next().unwrap().0);
     }
 
     #[test]

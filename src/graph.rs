@@ -61,11 +61,16 @@ pub fn protocol_name(p: i32) -> &'static str {
 
 /// One edge as JSON: endpoints, port, protocol, process, sockets, activity, times (RFC 3339).
 pub fn edge_json(e: &proto::GraphEdge) -> serde_json::Value {
-    json!({
+    let mut edge = json!({
         "from": e.from, "to": e.to, "port": e.port, "protocol": protocol_name(e.protocol),
         "process": e.process, "sockets": e.sockets, "active": e.active, "control_plane": e.control_plane,
         "first_seen": ns_time(e.first_seen_unix_nanos), "last_seen": ns_time(e.last_seen_unix_nanos),
-    })
+    });
+    // Only where the agent said why the process is unknown ("process unknown: no BPF on this host").
+    if !e.process_note.is_empty() {
+        edge["process_note"] = e.process_note.clone().into();
+    }
+    edge
 }
 
 /// Text for XML. Control characters, which XML 1.0 cannot hold even as references, are shown as

@@ -133,6 +133,9 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The capture thread asks for real-time scheduling (`tapgraph::runtime::realtime_thread`).
     pub capture_realtime: bool,
+    /// `snapshot.bpf`: load the BPF program that names the process of every TCP connect
+    /// (`crate::bpf`); off, the SYN-ACK capture alone catches short-lived connections.
+    pub bpf: bool,
 }
 
 /// What the configuration is loaded for.
@@ -164,6 +167,7 @@ const KNOWN: &[&str] = &[
     "log.level",
     "shutdown_timeout",
     "snapshot.scope",
+    "snapshot.bpf",
     "metrics.listen",
 ];
 
@@ -342,6 +346,7 @@ impl AgentConfig {
         let scope = c.value("snapshot.scope", Scope::Own);
         let metrics_listen = c.parse("metrics.listen", Some(METRICS_LISTEN), parse_metrics_listen);
         let capture_realtime = c.bool("capture.realtime", true);
+        let bpf = c.bool("snapshot.bpf", true);
 
         // A renewal interrupted by a crash is completed before the files are judged.
         if let Err(e) = crate::enroll::finish_pending_install(&tls) {
@@ -375,6 +380,7 @@ impl AgentConfig {
             scope,
             metrics_listen,
             capture_realtime,
+            bpf,
         })
     }
 }

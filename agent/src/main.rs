@@ -1,6 +1,7 @@
 //! tapgraph-agent: parse and validate configuration, enroll if needed, run the control session,
 //! stop on a signal.
 
+mod bpf;
 mod capture;
 mod config;
 mod dial;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tapgraph::proto;
 
+use crate::bpf::{self, Connect, Tracer};
 use crate::shortlived::{self, Catch, Catcher};
 use crate::snapshot::{
     self, Direction, EntryKey, EntryValue, Listener, ProcessKey, Scope, Snapshotter, Table,
@@ -21,6 +22,8 @@ pub struct Drops {
     pub short_lived: Arc<shortlived::Counters>,
     /// Socket-table and process reads that failed, by source.
     pub table_reads: Arc<snapshot::ReadFailures>,
+    /// BPF connects read, and dropped by reason (ring full, queue full, malformed).
+    pub bpf: Arc<bpf::Counters>,
 }
 
 /// The agent's side of the connection table: owns the snapshotter (its inode→process cache) and
@@ -30,7 +33,9 @@ pub struct Drops {
 /// `base_sequence` is the snapshot it applies to, and applying it to the table the controller
 /// holds yields the current one exactly; a full snapshot replaces that table. A failed read
 /// returns an error and changes nothing, so the next delta is still against what was sent.
-/// Rows only the SYN-ACK capture saw are marked `short_lived`.
+/// Rows only the SYN-ACK capture or the BPF connect tracer saw are marked `short_lived`; client
+/// rows are named after the process the tracer saw connect, whenever the table read could not
+/// name one.
 pub struct Reporter {
     snapshotter: Snapshotter,
     /// The table the controller has, after the last snapshot it was sent.
@@ -40,11 +45,81 @@ pub struct Reporter {
     control_plane: Vec<SocketAddr>,
     /// SYN-ACK capture for connections too short for a table read; `None` without CAP_NET_RAW.
     catcher: Option<Catcher>,
+    /// The process of every TCP connect, from BPF; `None` where it does not run.
+    tracer: Option<Tracer>,
+    /// Whether the tracer runs, and why not: told in Hello and on client rows it cannot name.
+    bpf_status: bpf::Status,
+    /// Scope `all`: the tracer reports every namespace; own namespace's inode, to tag its rows "".
+    own_netns: Option<u32>,
+    /// Connects the tracer had dropped, at the last look.
+    bpf_dropped: u64,
+    drops: Drops,
     /// Rows of the last table that only the SYN-ACK capture saw.
     short_lived: BTreeSet<EntryKey>,
     pub short_lived_caught: u64,
     /// SYN-ACKs the capture had to drop (queue full), at the last look.
     short_lived_dropped: u64,
+}
+
+/// Adds the TCP connects the BPF tracer saw that `table` does not show with a process, as client
+/// rows named after the connecting process; returns the keys added. `netns` gives the tag of a
+/// namespace inode (as the table's rows are tagged). The cmdline is left empty: the process is
+/// usually gone by now, and a row's key must not depend on whether it still was.
+pub fn merge_connects(
+    table: &mut Table,
+    connects: &[Connect],
+    netns: impl Fn(u32) -> String,
+    control_plane: &[SocketAddr],
+) -> BTreeSet<EntryKey> {
+    let mut added = BTreeSet::new();
+    for c in connects {
+        let (local_ip, remote_ip, server_port) = (
+            c.local.ip().to_canonical(),
+            c.remote.ip().to_canonical(),
+            c.remote.port(),
+        );
+        // A connect that failed before a route was chosen has no local address: no row.
+        if local_ip.is_unspecified() || remote_ip.is_unspecified() || server_port == 0 {
+            continue;
+        }
+        let tag = netns(c.netns);
+        let named = table.entries.keys().any(|k| {
+            k.direction == Direction::Client
+                && k.netns == tag
+                && k.local_ip == local_ip
+                && k.remote_ip == remote_ip
+                && k.server_port == server_port
+                && k.protocol == snapshot::Protocol::Tcp
+                && !k.process.name.is_empty()
+        });
+        if named {
+            continue;
+        }
+        let key = EntryKey {
+            netns: tag,
+            direction: Direction::Client,
+            local_ip,
+            remote_ip,
+            server_port,
+            protocol: snapshot::Protocol::Tcp,
+            process: ProcessKey {
+                name: c.comm.clone(),
+                cmdline: String::new(),
+                container: String::new(),
+            },
+        };
+        let control = control_plane
+            .iter()
+            .any(|cp| cp.ip().to_canonical() == remote_ip && cp.port() == server_port);
+        let value = table.entries.entry(key.clone()).or_insert(EntryValue {
+            sockets: 1,
+            pid: c.tgid,
+            control_plane: control,
+        });
+        value.pid = value.pid.min(c.tgid);
+        added.insert(key);
+    }
+    added
 }
 
 /// Adds the connections `catches` saw that `table` does not show, as rows of their own; returns the
@@ -132,7 +207,24 @@ fn process(pid: u32, key: &snapshot::ProcessKey) -> Option<proto::ProcessInfo> {
     })
 }
 
-fn entry(k: &EntryKey, v: Option<&EntryValue>, short_lived: bool) -> proto::ConnectionEntry {
+/// A client TCP row whose process is unknown says why; every other row says nothing.
+fn process_note<'a>(k: &EntryKey, bpf: &'a bpf::Status) -> &'a str {
+    let unnamed = k.direction == Direction::Client
+        && k.protocol == snapshot::Protocol::Tcp
+        && k.process.name.is_empty();
+    match bpf {
+        _ if !unnamed => "",
+        bpf::Status::Running => bpf::MISSED_NOTE,
+        bpf::Status::Off(_) => bpf::NO_BPF_NOTE,
+    }
+}
+
+fn entry(
+    k: &EntryKey,
+    v: Option<&EntryValue>,
+    short_lived: bool,
+    note: &str,
+) -> proto::ConnectionEntry {
     proto::ConnectionEntry {
         direction: match k.direction {
             Direction::Client => proto::Direction::Client as i32,
@@ -148,6 +240,7 @@ fn entry(k: &EntryKey, v: Option<&EntryValue>, short_lived: bool) -> proto::Conn
         netns: k.netns.clone(),
         container: k.process.container.clone(),
         short_lived,
+        process_note: note.to_string(),
     }
 }
 
@@ -162,13 +255,43 @@ fn listener(l: &Listener, pid: u32) -> proto::ListeningService {
 }
 
 impl Reporter {
-    /// Starts the SYN-ACK capture where the agent may (CAP_NET_RAW); counts drops into `drops`.
-    pub fn new(control_plane: Option<SocketAddr>, scope: Scope, drops: &Drops) -> Self {
+    /// Starts the SYN-ACK capture where the agent may (CAP_NET_RAW), and, when `bpf`, the BPF
+    /// connect tracer where the kernel allows it (the reason it does not is kept, see
+    /// [`Reporter::bpf_status`]); counts drops into `drops`.
+    pub fn new(control_plane: Option<SocketAddr>, scope: Scope, drops: &Drops, bpf: bool) -> Self {
         let catcher = match Catcher::start(drops.short_lived.clone()) {
             Ok(c) => Some(c),
             Err(error) => {
                 tracing::warn!(%error, "no short-lived connection capture (needs CAP_NET_RAW); periodic tables only");
                 None
+            }
+        };
+        let own_netns = bpf::own_netns();
+        let (tracer, bpf_status) = if !bpf {
+            tracing::info!(
+                "BPF connect tracing off (snapshot.bpf = false): client processes of short-lived connections stay unknown"
+            );
+            (
+                None,
+                bpf::Status::Off("disabled by configuration (snapshot.bpf = false)".into()),
+            )
+        } else {
+            // Scope `own`: only this namespace's connects; `all`: every one, tagged.
+            let only = match scope {
+                Scope::Own => own_netns,
+                Scope::All => None,
+            };
+            match Tracer::start(drops.bpf.clone(), only) {
+                Ok(t) => {
+                    tracing::info!(
+                        "BPF connect tracing on: every TCP client is named after its process"
+                    );
+                    (Some(t), bpf::Status::Running)
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "no BPF connect tracing: client processes of short-lived connections stay unknown; SYN-ACK capture only");
+                    (None, bpf::Status::Off(reason))
+                }
             }
         };
         Self {
@@ -178,6 +301,11 @@ impl Reporter {
             sequence: 0,
             control_plane: control_plane.into_iter().collect(),
             catcher,
+            tracer,
+            bpf_status,
+            own_netns,
+            bpf_dropped: 0,
+            drops: drops.clone(),
             short_lived: BTreeSet::new(),
             short_lived_caught: 0,
             short_lived_dropped: 0,
@@ -189,6 +317,11 @@ impl Reporter {
     pub fn set_control_plane(&mut self, controllers: Vec<SocketAddr>) {
         self.control_plane.clone_from(&controllers);
         self.snapshotter.set_control_plane(controllers);
+    }
+
+    /// Whether the BPF connect tracer runs, and why not.
+    pub fn bpf_status(&self) -> &bpf::Status {
+        &self.bpf_status
     }
 
     /// Rows in the table the controller holds now.
@@ -204,6 +337,31 @@ impl Reporter {
     ) -> Result<proto::ConnectionSnapshot, snapshot::SnapshotError> {
         let mut table = self.snapshotter.take()?;
         let local = self.snapshotter.addresses();
+        let mut short_lived = BTreeSet::new();
+        if let Some(tracer) = &self.tracer {
+            let connects = tracer.drain();
+            let bpf = &self.drops.bpf;
+            let dropped = bpf.ring_full.load(std::sync::atomic::Ordering::Relaxed)
+                + bpf.queue_full.load(std::sync::atomic::Ordering::Relaxed);
+            if dropped > self.bpf_dropped {
+                tracing::warn!(
+                    dropped = dropped - self.bpf_dropped,
+                    "BPF connects dropped (ring or queue full): some short-lived clients may show no process"
+                );
+                self.bpf_dropped = dropped;
+            }
+            let own = self.own_netns;
+            let snapshotter = &self.snapshotter;
+            let tag = |inode: u32| -> String {
+                if Some(inode) == own {
+                    return String::new();
+                }
+                snapshotter
+                    .namespace_name(u64::from(inode))
+                    .map_or_else(|| format!("net:[{inode}]"), str::to_string)
+            };
+            short_lived = merge_connects(&mut table, &connects, tag, &self.control_plane);
+        }
         if let Some(catcher) = &self.catcher {
             let catches = catcher.drain();
             let dropped = catcher
@@ -217,9 +375,15 @@ impl Reporter {
                 );
                 self.short_lived_dropped = dropped;
             }
-            self.short_lived = merge_catches(&mut table, &catches, &local, &self.control_plane);
-            self.short_lived_caught += self.short_lived.len() as u64;
+            short_lived.extend(merge_catches(
+                &mut table,
+                &catches,
+                &local,
+                &self.control_plane,
+            ));
         }
+        self.short_lived = short_lived;
+        self.short_lived_caught += self.short_lived.len() as u64;
         let base = self.sequence;
         self.sequence += 1;
         let mut msg = proto::ConnectionSnapshot {
@@ -230,6 +394,7 @@ impl Reporter {
             ..Default::default()
         };
         let short = |k: &EntryKey| self.short_lived.contains(k);
+        let note = |k: &EntryKey| process_note(k, &self.bpf_status);
         match (&self.sent, full) {
             (Some(prev), false) => {
                 let d = snapshot::delta(prev, &table);
@@ -238,9 +403,13 @@ impl Reporter {
                 msg.entries = d
                     .upserts
                     .iter()
-                    .map(|(k, v)| entry(k, Some(v), short(k)))
+                    .map(|(k, v)| entry(k, Some(v), short(k), note(k)))
                     .collect();
-                msg.removed = d.removed.iter().map(|k| entry(k, None, false)).collect();
+                msg.removed = d
+                    .removed
+                    .iter()
+                    .map(|k| entry(k, None, false, ""))
+                    .collect();
                 msg.listeners = d
                     .listeners_added
                     .iter()
@@ -254,7 +423,7 @@ impl Reporter {
                 msg.entries = table
                     .entries
                     .iter()
-                    .map(|(k, v)| entry(k, Some(v), short(k)))
+                    .map(|(k, v)| entry(k, Some(v), short(k), note(k)))
                     .collect();
                 msg.listeners = table
                     .listeners
@@ -392,7 +561,7 @@ mod tests {
         let controller = listener.local_addr().unwrap();
         let _client = std::net::TcpStream::connect(controller).unwrap();
         let _server = listener.accept().unwrap();
-        let mut reporter = Reporter::new(None, Scope::Own, &Drops::default());
+        let mut reporter = Reporter::new(None, Scope::Own, &Drops::default(), false);
         let towards = |snapshot: &proto::ConnectionSnapshot| -> Vec<bool> {
             snapshot
                 .entries
@@ -523,6 +692,117 @@ mod tests {
             assert_eq!(added.len(), sockets.len(), "{catch:?}");
             assert_eq!(rows(&merged), rows(&read), "{catch:?}");
         }
+    }
+
+    fn connect(comm: &str, tgid: u32, local: &str, remote: &str) -> Connect {
+        Connect {
+            tgid,
+            comm: comm.into(),
+            netns: 7,
+            local: sa(local),
+            remote: sa(remote),
+            established: true,
+        }
+    }
+
+    /// A CLI client that connected between two reads, whose socket and process are gone: the
+    /// table shows nothing, BPF names the client, and the SYN-ACK capture adds only the server
+    /// side (the client row it would add is already there, named).
+    #[test]
+    fn a_connect_seen_by_bpf_names_the_client_the_table_cannot() {
+        let local: BTreeSet<IpAddr> = [ip("10.0.0.2")].into();
+        let mut t = table_with_listener();
+        let connects = [
+            connect("curl", 900, "127.0.0.1:40000", "127.0.0.1:80"),
+            connect("curl", 901, "127.0.0.1:40002", "127.0.0.1:80"),
+            // The same client towards a remote host; one failed before it had an address.
+            connect("redis-cli", 902, "10.0.0.2:40001", "10.0.0.7:6379"),
+            connect("redis-cli", 903, "0.0.0.0:0", "10.0.0.9:6379"),
+        ];
+        let mut added = merge_connects(&mut t, &connects, |_| String::new(), &[]);
+        let catches: BTreeSet<Catch> = [Catch {
+            server_ip: ip("127.0.0.1"),
+            server_port: 80,
+            client_ip: ip("127.0.0.1"),
+        }]
+        .into();
+        added.extend(merge_catches(&mut t, &catches, &local, &[]));
+        let rows: Vec<(Direction, IpAddr, u16, &str, u32, u32)> = t
+            .entries
+            .iter()
+            .map(|(k, v)| {
+                let name = k.process.name.as_str();
+                (
+                    k.direction,
+                    k.remote_ip,
+                    k.server_port,
+                    name,
+                    v.pid,
+                    v.sockets,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (Direction::Client, ip("10.0.0.7"), 6379, "redis-cli", 902, 1),
+                (Direction::Client, ip("127.0.0.1"), 80, "curl", 900, 1),
+                (Direction::Server, ip("127.0.0.1"), 80, "nginx", 42, 1),
+            ]
+        );
+        assert_eq!(added.len(), 3, "all three rows are short-lived");
+        let bpf_off = bpf::Status::Off("disabled by configuration".into());
+        for k in t.entries.keys() {
+            assert_eq!(process_note(k, &bpf_off), "", "{k:?} has a process");
+        }
+    }
+
+    #[test]
+    fn a_client_the_table_names_is_left_as_it_is_and_notes_say_why_a_process_is_unknown() {
+        let mut t = Table::default();
+        let key = EntryKey {
+            netns: String::new(),
+            direction: Direction::Client,
+            local_ip: ip("10.0.0.2"),
+            remote_ip: ip("10.0.0.7"),
+            server_port: 5432,
+            protocol: snapshot::Protocol::Tcp,
+            process: ProcessKey {
+                name: "psql".into(),
+                cmdline: "psql -h db".into(),
+                container: String::new(),
+            },
+        };
+        t.entries.insert(
+            key.clone(),
+            EntryValue {
+                sockets: 1,
+                pid: 5,
+                control_plane: false,
+            },
+        );
+        let connects = [connect("psql", 5, "10.0.0.2:41000", "10.0.0.7:5432")];
+        assert!(merge_connects(&mut t, &connects, |_| String::new(), &[]).is_empty());
+        assert_eq!(t.entries.len(), 1);
+        // In another namespace, it is another row, tagged.
+        let tagged = merge_connects(&mut t, &connects, |n| format!("net:[{n}]"), &[]);
+        assert_eq!(tagged.first().map(|k| k.netns.as_str()), Some("net:[7]"));
+        // A client row without a process says why; a server row never does.
+        let unnamed = EntryKey {
+            process: ProcessKey::default(),
+            ..key.clone()
+        };
+        let off = bpf::Status::Off("EPERM".into());
+        assert_eq!(process_note(&unnamed, &off), bpf::NO_BPF_NOTE);
+        assert_eq!(
+            process_note(&unnamed, &bpf::Status::Running),
+            bpf::MISSED_NOTE
+        );
+        let server = EntryKey {
+            direction: Direction::Server,
+            ..unnamed
+        };
+        assert_eq!(process_note(&server, &off), "");
     }
 
     #[test]

@@ -156,6 +156,15 @@ impl Snapshotter {
         self
     }
 
+    /// The tag rows of namespace `inode` carry, if the last snapshot read it as another
+    /// namespace than the agent's own (scope `all`); `None` otherwise.
+    pub fn namespace_name(&self, inode: u64) -> Option<&str> {
+        self.others
+            .iter()
+            .find(|(ns, _)| ns.inode == inode)
+            .map(|(ns, _)| ns.name.as_str())
+    }
+
     /// Rows whose remote endpoint is one of `controllers` get `control_plane = true` from the next
     /// read: the agent reconnected, and the controllers' addresses are known anew.
     pub fn set_control_plane(&mut self, controllers: Vec<SocketAddr>) {

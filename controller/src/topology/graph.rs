@@ -171,6 +171,8 @@ pub struct Edge {
     pub active: bool,
     /// An agent's own connection to the controller.
     pub control_plane: bool,
+    /// Why `process` is empty, as the client's agent said; empty otherwise.
+    pub process_note: String,
 }
 
 impl Edge {
@@ -194,6 +196,7 @@ impl Edge {
             last_seen_ms: 0,
             active: true,
             control_plane: false,
+            process_note: String::new(),
         }
     }
 }
@@ -326,6 +329,7 @@ pub(super) fn build(model: &Model, query: &GraphQuery, now_ms: u64, ttl_ms: u64)
             last_seen_ms: e.last_seen_ms,
             active,
             control_plane: e.control_plane,
+            process_note: e.process_note.clone(),
         });
     }
     Graph {
@@ -356,6 +360,7 @@ mod tests {
                 sockets: 1,
                 control_plane,
                 short_lived: false,
+                process_note: String::new(),
             };
             (key, value)
         };

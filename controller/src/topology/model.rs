@@ -66,6 +66,10 @@ pub struct ObsValue {
     pub sockets: u32,
     pub control_plane: bool,
     pub short_lived: bool,
+    /// Why a client row has no process, as its agent said ("process unknown: no BPF on this
+    /// host"); empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub process_note: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -137,6 +141,9 @@ pub struct Edge {
     pub last_seen_ms: u64,
     pub control_plane: bool,
     pub short_lived: bool,
+    /// Why `process` is empty, as the client's agent said; empty once a process is known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub process_note: String,
     /// Current observations (agent, row) backing this edge; empty once they are gone.
     #[serde(skip)]
     pub reporters: Reporters,
@@ -193,6 +200,18 @@ fn refresh(edge: &mut Edge, value: &ObsValue, now_ms: u64) -> bool {
     {
         edge.process = process.to_string();
         changed = true;
+    }
+    // A client row says why its process is unknown; a server row (no note) never clears it.
+    if !value.process_note.is_empty() || !edge.process.is_empty() {
+        let note = if edge.process.is_empty() {
+            value.process_note.as_str()
+        } else {
+            ""
+        };
+        if edge.process_note != note {
+            edge.process_note = note.to_string();
+            changed = true;
+        }
     }
     changed
 }
@@ -369,6 +388,7 @@ impl Model {
                 last_seen_ms: now_ms,
                 control_plane: false,
                 short_lived: false,
+                process_note: String::new(),
                 reporters: Reporters::default(),
             }
         });
@@ -775,6 +795,7 @@ mod tests {
                             sockets: *sockets,
                             control_plane: false,
                             short_lived: false,
+                            process_note: String::new(),
                         },
                     )
                 })

@@ -54,6 +54,7 @@ impl From<&Edge> for proto::GraphEdge {
             last_seen_unix_nanos: e.last_seen_ms.saturating_mul(1_000_000),
             active: e.active,
             control_plane: e.control_plane,
+            process_note: e.process_note.clone(),
         }
     }
 }
@@ -102,6 +103,7 @@ mod tests {
             sockets: 2,
             control_plane: false,
             short_lived: false,
+            process_note: String::new(),
         };
         (key, value)
     }

@@ -104,6 +104,7 @@ mod tests {
             last_seen_ms: 0,
             active: true,
             control_plane: false,
+            process_note: String::new(),
         }
     }
 

@@ -285,6 +285,7 @@ mod tests {
             last_seen_ms: 0,
             active: false,
             control_plane: false,
+            process_note: String::new(),
         }
     }
 

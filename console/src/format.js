@@ -45,3 +45,9 @@ export function el(tag, attrs = {}, ...children) {
   }
   return e;
 }
+
+/** A connection's process, or `?` with the reason its agent gave when it is unknown. */
+export function processText(c) {
+  if (c.process) return c.process;
+  return c.process_note ? `? (${c.process_note})` : '?';
+}

@@ -8,7 +8,7 @@ import { visibleGraph, clusters, counts, countsText, search, dependencies, neigh
 import { diff, placeNew } from './diff.js';
 import { colourScale, colourOf, NO_VALUE } from './colours.js';
 import { layout } from './layout.js';
-import { el } from './format.js';
+import { el, processText } from './format.js';
 import { detailsChildren } from './details.js';
 
 cytoscape.use(cytoscapeSvg);
@@ -63,7 +63,7 @@ const STYLE = [
 ];
 
 function connText(c) {
-  return `${c.port}/${protocolName(c.protocol)} ${c.process || '?'}${c.sockets > 1 ? ` ×${c.sockets}` : ''}${c.active ? '' : ' (inactive)'}${c.control_plane ? ' (control plane)' : ''}`;
+  return `${c.port}/${protocolName(c.protocol)} ${processText(c)}${c.sockets > 1 ? ` ×${c.sockets}` : ''}${c.active ? '' : ' (inactive)'}${c.control_plane ? ' (control plane)' : ''}`;
 }
 
 export function createMap(root) {

@@ -632,6 +632,23 @@ mod tests {
     }
 
     #[test]
+    fn bpf_is_on_by_default_and_snapshot_bpf_turns_it_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let fp = "ab".repeat(32);
+        let base = [
+            ("TAPGRAPH_STATE_DIR", dir.path().to_str().unwrap()),
+            ("TAPGRAPH_ENROLL__TOKEN", "tgj.x.y"),
+            ("TAPGRAPH_ENROLL__CA_FINGERPRINT", fp.as_str()),
+        ];
+        assert!(AgentConfig::load(&env(&base), Purpose::Run).unwrap().bpf);
+        let off = [base.as_slice(), &[("TAPGRAPH_SNAPSHOT__BPF", "false")]].concat();
+        assert!(!AgentConfig::load(&env(&off), Purpose::Run).unwrap().bpf);
+        let bad = [base.as_slice(), &[("TAPGRAPH_SNAPSHOT__BPF", "maybe")]].concat();
+        let e = AgentConfig::load(&env(&bad), Purpose::Run).unwrap_err();
+        assert!(e.mentions("snapshot.bpf"), "{e}");
+    }
+
+    #[test]
     fn a_token_without_certificates_means_enroll_first() {
         let dir = tempfile::tempdir().unwrap();
         let fp = "ab".repeat(32);

@@ -117,15 +117,16 @@ grep -q "BPF connect tracing on" "$work/log/agent-bpf.log" || {
 metrics() { in_ns "$NS_CLI" curl -fsS "http://127.0.0.1:$1/metrics"; }
 bpf_read() { metrics 9464 | awk '/^tapgraph_bpf_connects_total/ {print $2}'; }
 bpf_dropped() { metrics 9464 | awk '/^tapgraph_bpf_dropped_connects_total/ {s += $2} END {print s + 0}'; }
-# The bpf agent's program: run time (ns) and runs so far, from bpftool (its pid owns it).
+# The bpf agent's program: run time (ns) and runs so far. Its id is in the fdinfo of the
+# descriptors the agent holds (bpftool here cannot list programs by pid).
+prog_ids() { grep -hs '^prog_id:' /proc/"${AGENT[bpf]}"/fdinfo/* | awk '{print $2}' | sort -u; }
 prog_stats() {
-  bpftool prog show -j | python3 -c "
-import json, sys
-pid = int(sys.argv[1]); t = n = 0
-for p in json.load(sys.stdin):
-    if p.get('name') == 'inet_sock_set_state' and any(x.get('pid') == pid for x in p.get('pids', [])):
-        t += p.get('run_time_ns', 0); n += p.get('run_cnt', 0)
-print(t, n)" "${AGENT[bpf]}"
+  local t=0 n=0 id v
+  for id in $(prog_ids); do
+    v=$(bpftool prog show id "$id" -j | python3 -c "import json,sys; p=json.load(sys.stdin); print(p.get('run_time_ns', 0), p.get('run_cnt', 0))")
+    t=$((t + ${v% *})); n=$((n + ${v#* }))
+  done
+  echo "$t $n"
 }
 
 cat >"$work/client.py" <<'EOF'

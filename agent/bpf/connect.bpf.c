@@ -7,6 +7,9 @@
 //   after the state is set), so nothing is emitted yet.
 // - oldstate == SYN_SENT and newstate ESTABLISHED or CLOSE (refused, timed out, or the connect
 //   failed): the 4-tuple is complete; emit it with the remembered process and forget sk.
+// - oldstate == SYN_RECV and newstate ESTABLISHED: a connection this host accepted (softirq
+//   context: no process; user space names the server after its listener). With these the agent
+//   needs no SYN-ACK capture for short-lived connections.
 // Events go to user space through a ring buffer; a full ring drops the event and counts it.
 //
 // Field offsets come from the running kernel's BTF (CO-RE): the structs below name only the fields
@@ -22,8 +25,11 @@
 #define IPPROTO_TCP 6
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
 #define TCP_CLOSE 7
 #define COMM_LEN 16
+// 1 MiB: about 14,500 events (64 bytes and an 8-byte header each).
+#define RING_SIZE (1 << 20)
 
 struct in6_addr {
 	union {
@@ -80,7 +86,7 @@ struct event {
 	__u16 sport;    // host order
 	__u16 dport;    // host order
 	__u8 outcome;   // 1 established, 7 closed before establishing (refused, failed)
-	__u8 pad;
+	__u8 side;      // 0: this host connected (client); 1: this host accepted (server)
 	__u8 saddr[16]; // IPv4 in the first 4 bytes
 	__u8 daddr[16];
 	char comm[COMM_LEN];
@@ -97,7 +103,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
+	__uint(max_entries, RING_SIZE);
 } EVENTS SEC(".maps");
 
 // Index 0: events dropped on a full ring.
@@ -107,6 +113,46 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } RING_FULL SEC(".maps");
+
+// Sends one event for `sk`; counts it in RING_FULL when the ring has no room. The ring wakes the
+// reader only once it is half full: events are read at the next snapshot anyway, and a wake-up
+// per connection would cost more than the rest of the tracer (the reader also looks every 250 ms).
+static __always_inline int emit(struct sock *sk, __u32 tgid, const char *comm, __u8 outcome, __u8 side)
+{
+	struct event *e = bpf_ringbuf_reserve(&EVENTS, sizeof(*e), 0);
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *full = bpf_map_lookup_elem(&RING_FULL, &zero);
+		if (full)
+			*full += 1;
+		return 0;
+	}
+	e->tgid = tgid;
+	if (comm)
+		__builtin_memcpy(e->comm, comm, COMM_LEN);
+	else
+		__builtin_memset(e->comm, 0, COMM_LEN);
+	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->sport = __builtin_bswap16(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	e->dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	e->outcome = outcome;
+	e->side = side;
+	__builtin_memset(e->saddr, 0, 16);
+	__builtin_memset(e->daddr, 0, 16);
+	if (e->family == AF_INET) {
+		__be32 s = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__be32 d = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(e->saddr, &s, 4);
+		__builtin_memcpy(e->daddr, &d, 4);
+	} else {
+		BPF_CORE_READ_INTO(&e->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&e->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	}
+	__u64 wake = bpf_ringbuf_query(&EVENTS, BPF_RB_AVAIL_DATA) > RING_SIZE / 2 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	bpf_ringbuf_submit(e, wake);
+	return 0;
+}
 
 SEC("raw_tracepoint/inet_sock_set_state")
 int inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
@@ -125,42 +171,19 @@ int inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 		bpf_map_update_elem(&CONNECTING, &key, &c, BPF_ANY);
 		return 0;
 	}
+	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
+		if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+			return 0;
+		return emit(sk, 0, 0, TCP_ESTABLISHED, 1);
+	}
 	if (oldstate != TCP_SYN_SENT)
 		return 0;
 	struct connector *c = bpf_map_lookup_elem(&CONNECTING, &key);
 	if (!c)
 		return 0;
-	struct event *e = bpf_ringbuf_reserve(&EVENTS, sizeof(*e), 0);
-	if (!e) {
-		__u32 zero = 0;
-		__u64 *full = bpf_map_lookup_elem(&RING_FULL, &zero);
-		if (full)
-			*full += 1;
-		bpf_map_delete_elem(&CONNECTING, &key);
-		return 0;
-	}
-	e->tgid = c->tgid;
-	__builtin_memcpy(e->comm, c->comm, COMM_LEN);
+	struct connector who = *c;
 	bpf_map_delete_elem(&CONNECTING, &key);
-	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	e->sport = __builtin_bswap16(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
-	e->dport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	e->outcome = newstate;
-	e->pad = 0;
-	__builtin_memset(e->saddr, 0, 16);
-	__builtin_memset(e->daddr, 0, 16);
-	if (e->family == AF_INET) {
-		__be32 s = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-		__be32 d = BPF_CORE_READ(sk, __sk_common.skc_daddr);
-		__builtin_memcpy(e->saddr, &s, 4);
-		__builtin_memcpy(e->daddr, &d, 4);
-	} else {
-		BPF_CORE_READ_INTO(&e->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&e->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
-	}
-	bpf_ringbuf_submit(e, 0);
-	return 0;
+	return emit(sk, who.tgid, who.comm, newstate, 0);
 }
 
 char LICENSE[] SEC("license") = "GPL";

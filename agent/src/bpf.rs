@@ -53,6 +53,9 @@ pub struct Connect {
     pub remote: SocketAddr,
     /// False: the connect failed (refused, timed out, unreachable) before establishing.
     pub established: bool,
+    /// True: not a connect but a connection this host accepted (`local` is the server's end);
+    /// no process (softirq context): the listener names the server.
+    pub accepted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,6 +66,8 @@ pub enum ParseError {
     Family(u16),
     #[error("BPF event with TCP state {0} after SYN_SENT, expected ESTABLISHED (1) or CLOSE (7)")]
     Outcome(u8),
+    #[error("BPF event of side {0}, expected 0 (connected) or 1 (accepted)")]
+    Side(u8),
 }
 
 /// Reads one event as `connect.bpf.c` lays it out: host byte order for the numbers (the program
@@ -92,6 +97,11 @@ pub fn parse(bytes: &[u8]) -> Result<Connect, ParseError> {
         TCP_CLOSE => false,
         other => return Err(ParseError::Outcome(other)),
     };
+    let accepted = match b[15] {
+        0 => false,
+        1 => true,
+        other => return Err(ParseError::Side(other)),
+    };
     let comm = &b[48..64];
     let end = comm.iter().position(|&c| c == 0).unwrap_or(comm.len());
     Ok(Connect {
@@ -101,6 +111,7 @@ pub fn parse(bytes: &[u8]) -> Result<Connect, ParseError> {
         local: SocketAddr::new(addr(16), sport),
         remote: SocketAddr::new(addr(32), dport),
         established,
+        accepted,
     })
 }
 
@@ -223,9 +234,11 @@ fn hand_over(connect: Connect, tx: &SyncSender<Connect>, counters: &Counters) ->
     }
 }
 
-/// How often the thread wakes without events: to notice the reporter has gone, and to read the
+/// How often the thread reads the ring: the program wakes it only when the ring is half full (a
+/// wake-up per connection would cost more than the rest), so this is what bounds the delay, well
+/// under any snapshot interval. Also when it notices the reporter has gone, and reads the
 /// kernel's drop counter.
-const TICK: Duration = Duration::from_millis(500);
+const TICK: Duration = Duration::from_millis(250);
 
 fn run(
     // Held for as long as the thread reads: dropping it detaches the program.
@@ -328,6 +341,15 @@ mod tests {
         assert_eq!(c.local, "10.0.0.1:40000".parse().unwrap());
         assert_eq!(c.remote, "10.0.0.2:6379".parse().unwrap());
         assert!(c.established);
+        assert!(!c.accepted);
+        let mut accepted = e.clone();
+        accepted[15] = 1;
+        let a = parse(&accepted).unwrap();
+        assert!(
+            a.accepted,
+            "this host accepted it: the server's end is local"
+        );
+        assert_eq!(a.local, c.local);
     }
 
     #[test]
@@ -384,6 +406,9 @@ mod tests {
         let mut unix = good.clone();
         unix[8..10].copy_from_slice(&1u16.to_ne_bytes());
         assert_eq!(parse(&unix), Err(ParseError::Family(1)));
+        let mut side = good.clone();
+        side[15] = 2;
+        assert_eq!(parse(&side), Err(ParseError::Side(2)));
         let mut listen = good;
         listen[14] = 10;
         let error = parse(&listen).unwrap_err();
@@ -447,17 +472,34 @@ mod tests {
         let pid = std::process::id();
         let mut seen = Vec::new();
         for _ in 0..200 {
-            seen.extend(tracer.drain().into_iter().filter(|c| c.tgid == pid));
-            if seen.iter().any(|c| c.local == local) && seen.iter().any(|c| !c.established) {
+            seen.extend(
+                tracer
+                    .drain()
+                    .into_iter()
+                    .filter(|c| c.tgid == pid || c.accepted),
+            );
+            if seen.iter().any(|c| c.local == local)
+                && seen.iter().any(|c| !c.established)
+                && seen.iter().any(|c| c.accepted && c.remote == local)
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let ok = seen.iter().find(|c| c.local == local).expect("the connect");
+        let ok = seen
+            .iter()
+            .find(|c| c.local == local && !c.accepted)
+            .expect("the connect");
         assert_eq!(ok.remote, server);
         assert!(ok.established);
         let name = std::fs::read_to_string("/proc/thread-self/comm").unwrap();
         assert_eq!(ok.comm, name.trim_end());
+        let accept = seen
+            .iter()
+            .find(|c| c.accepted && c.remote == local)
+            .expect("the accept");
+        assert_eq!(accept.local, server, "the server's end, with its port");
+        assert_eq!((accept.tgid, accept.comm.as_str()), (0, ""), "no process");
         let refused = seen.iter().find(|c| !c.established).expect("the refusal");
         assert_eq!(refused.remote, closed_addr);
         assert_ne!(refused.local.port(), 0, "the source port is known at CLOSE");

@@ -123,13 +123,14 @@ pub fn merge_connects(
 }
 
 /// Adds the connections `catches` saw that `table` does not show, as rows of their own; returns the
-/// keys added. A server-side row names the process listening on the port; a client-side row cannot
+/// keys added; client rows only when `clients` (the BPF tracer names those itself). A server-side row names the process listening on the port; a client-side row cannot
 /// name its process (the socket is gone).
 pub fn merge_catches(
     table: &mut Table,
     catches: &BTreeSet<Catch>,
     local: &BTreeSet<IpAddr>,
     control_plane: &[SocketAddr],
+    clients: bool,
 ) -> BTreeSet<EntryKey> {
     let is_local = |ip: &IpAddr| ip.is_loopback() || local.contains(ip);
     let mut added = BTreeSet::new();
@@ -146,7 +147,7 @@ pub fn merge_catches(
                 .unwrap_or_default();
             rows.push((Direction::Server, c.server_ip, c.client_ip, process, pid));
         }
-        if is_local(&c.client_ip) {
+        if clients && is_local(&c.client_ip) {
             rows.push((
                 Direction::Client,
                 c.client_ip,
@@ -259,13 +260,6 @@ impl Reporter {
     /// connect tracer where the kernel allows it (the reason it does not is kept, see
     /// [`Reporter::bpf_status`]); counts drops into `drops`.
     pub fn new(control_plane: Option<SocketAddr>, scope: Scope, drops: &Drops, bpf: bool) -> Self {
-        let catcher = match Catcher::start(drops.short_lived.clone()) {
-            Ok(c) => Some(c),
-            Err(error) => {
-                tracing::warn!(%error, "no short-lived connection capture (needs CAP_NET_RAW); periodic tables only");
-                None
-            }
-        };
         let own_netns = bpf::own_netns();
         let (tracer, bpf_status) = if !bpf {
             tracing::info!(
@@ -291,6 +285,20 @@ impl Reporter {
                 Err(reason) => {
                     tracing::warn!(%reason, "no BPF connect tracing: client processes of short-lived connections stay unknown; SYN-ACK capture only");
                     (None, bpf::Status::Off(reason))
+                }
+            }
+        };
+        // In scope own the tracer sees this namespace's accepts as well as its connects: the
+        // SYN-ACK capture would only repeat it, at a wake-up per connection. In scope all it
+        // stays (catches are not tagged with their namespace).
+        let catcher = if tracer.is_some() && scope == Scope::Own {
+            None
+        } else {
+            match Catcher::start(drops.short_lived.clone()) {
+                Ok(c) => Some(c),
+                Err(error) => {
+                    tracing::warn!(%error, "no short-lived connection capture (needs CAP_NET_RAW); periodic tables only");
+                    None
                 }
             }
         };
@@ -360,7 +368,28 @@ impl Reporter {
                     .namespace_name(u64::from(inode))
                     .map_or_else(|| format!("net:[{inode}]"), str::to_string)
             };
+            let (accepts, connects): (Vec<Connect>, Vec<Connect>) =
+                connects.into_iter().partition(|c| c.accepted);
             short_lived = merge_connects(&mut table, &connects, tag, &self.control_plane);
+            if self.catcher.is_none() {
+                // This namespace's only: a catch has no namespace to be tagged with.
+                let accepts: BTreeSet<Catch> = accepts
+                    .iter()
+                    .filter(|a| Some(a.netns) == own)
+                    .map(|a| Catch {
+                        server_ip: a.local.ip(),
+                        server_port: a.local.port(),
+                        client_ip: a.remote.ip(),
+                    })
+                    .collect();
+                short_lived.extend(merge_catches(
+                    &mut table,
+                    &accepts,
+                    &local,
+                    &self.control_plane,
+                    false,
+                ));
+            }
         }
         if let Some(catcher) = &self.catcher {
             let catches = catcher.drain();
@@ -380,6 +409,7 @@ impl Reporter {
                 &catches,
                 &local,
                 &self.control_plane,
+                true,
             ));
         }
         self.short_lived = short_lived;
@@ -493,7 +523,7 @@ mod tests {
         ]
         .into();
         let mut t = table_with_listener();
-        let added = merge_catches(&mut t, &catches, &local, &[]);
+        let added = merge_catches(&mut t, &catches, &local, &[], true);
         assert_eq!(added.len(), 2);
         let server = t
             .entries
@@ -537,7 +567,7 @@ mod tests {
         .into();
         let controllers = [sa("10.0.0.5:7443"), sa("10.0.0.7:7443")];
         let mut t = Table::default();
-        merge_catches(&mut t, &catches, &local, &controllers);
+        merge_catches(&mut t, &catches, &local, &controllers, true);
         let marked: Vec<(IpAddr, u16, bool)> = t
             .entries
             .iter()
@@ -606,7 +636,7 @@ mod tests {
             client_ip: ip("10.0.0.9"),
         }]
         .into();
-        assert!(merge_catches(&mut t, &catches, &local, &[]).is_empty());
+        assert!(merge_catches(&mut t, &catches, &local, &[], true).is_empty());
         assert_eq!(t.entries.len(), 1);
     }
 
@@ -688,7 +718,7 @@ mod tests {
         for (listener, sockets, catch) in cases {
             let read = build(&[&[listener][..], &sockets].concat());
             let mut merged = build(&[listener]);
-            let added = merge_catches(&mut merged, &[catch].into(), &local, &[]);
+            let added = merge_catches(&mut merged, &[catch].into(), &local, &[], true);
             assert_eq!(added.len(), sockets.len(), "{catch:?}");
             assert_eq!(rows(&merged), rows(&read), "{catch:?}");
         }
@@ -702,6 +732,7 @@ mod tests {
             local: sa(local),
             remote: sa(remote),
             established: true,
+            accepted: false,
         }
     }
 
@@ -726,7 +757,7 @@ mod tests {
             client_ip: ip("127.0.0.1"),
         }]
         .into();
-        added.extend(merge_catches(&mut t, &catches, &local, &[]));
+        added.extend(merge_catches(&mut t, &catches, &local, &[], true));
         let rows: Vec<(Direction, IpAddr, u16, &str, u32, u32)> = t
             .entries
             .iter()
@@ -814,7 +845,12 @@ mod tests {
         }]
         .into();
         let mut t = table_with_listener();
-        let added = merge_catches(&mut t, &catches, &BTreeSet::new(), &[]);
+        let added = merge_catches(&mut t, &catches, &BTreeSet::new(), &[], true);
         assert_eq!(added.len(), 2);
+        // From BPF accepts, the server side only: BPF names the client from its connect.
+        let mut t = table_with_listener();
+        let added = merge_catches(&mut t, &catches, &BTreeSet::new(), &[], false);
+        let sides: Vec<Direction> = added.iter().map(|k| k.direction).collect();
+        assert_eq!(sides, vec![Direction::Server]);
     }
 }

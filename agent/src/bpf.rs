@@ -13,11 +13,12 @@
 //! capture alone (`crate::shortlived`): Hello's capabilities carry the reason, and client rows
 //! whose process is unknown carry [`NO_BPF_NOTE`].
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 use aya::Ebpf;
@@ -122,7 +123,8 @@ pub struct Counters {
     pub seen: AtomicU64,
     /// Dropped in the kernel: the ring was full (`reason="ring_full"`).
     pub ring_full: AtomicU64,
-    /// Dropped by the reader: the queue to the next snapshot was full (`reason="queue_full"`).
+    /// Dropped by the reader: more distinct connections between two snapshots than it keeps
+    /// (`reason="queue_full"`, see [`QUEUE`]).
     pub queue_full: AtomicU64,
     /// Events that did not parse (`reason="malformed"`): a program and agent out of step.
     pub malformed: AtomicU64,
@@ -138,9 +140,42 @@ pub enum Status {
 /// A running tracer: the reading thread owns the loaded program; dropping the tracer ends the
 /// thread within a tick, which detaches the program.
 pub struct Tracer {
-    rx: Receiver<Connect>,
+    pending: Arc<Mutex<Pending>>,
     stop: Arc<AtomicBool>,
 }
+
+/// What a snapshot row is made of: connects that differ only by client port, pid or outcome make
+/// one row, so the reader keeps one of them (a CLI run 2,000 times a minute against one server
+/// is one entry here, not 2,000 queued events).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    netns: u32,
+    accepted: bool,
+    local: IpAddr,
+    remote: IpAddr,
+    server_port: u16,
+    comm: String,
+}
+
+impl Key {
+    fn of(c: &Connect) -> Self {
+        Key {
+            netns: c.netns,
+            accepted: c.accepted,
+            local: c.local.ip(),
+            remote: c.remote.ip(),
+            server_port: if c.accepted {
+                c.local.port()
+            } else {
+                c.remote.port()
+            },
+            comm: c.comm.clone(),
+        }
+    }
+}
+
+/// The connects read since the last snapshot, one per [`Key`].
+type Pending = HashMap<Key, Connect>;
 
 impl Drop for Tracer {
     fn drop(&mut self) {
@@ -148,9 +183,9 @@ impl Drop for Tracer {
     }
 }
 
-/// Connects queued between two snapshots at most: at 1,000 connects/s and a 10 s interval, the
-/// queue holds them all; past it they are counted, not queued.
-const QUEUE: usize = 16_384;
+/// Distinct connections (by [`Key`]) kept between two snapshots at most; past it they are
+/// counted, not kept. Repeats of a kept one never count against it.
+pub const QUEUE: usize = 16_384;
 
 impl Tracer {
     /// Loads and attaches the program, and starts the thread reading its ring. `netns`: the
@@ -174,7 +209,8 @@ impl Tracer {
             ebpf.take_map("RING_FULL").ok_or("no map RING_FULL")?,
         )
         .map_err(|e| reason(&e.into()))?;
-        let (tx, rx) = sync_channel(QUEUE);
+        let pending = Arc::new(Mutex::new(Pending::new()));
+        let tx = pending.clone();
         let c = counters;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
@@ -182,12 +218,13 @@ impl Tracer {
             .name("bpf-connect".into())
             .spawn(move || run(ebpf, ring, full, netns, tx, &c, &thread_stop))
             .map_err(|e| format!("cannot start the BPF reader thread: {e}"))?;
-        Ok(Self { rx, stop })
+        Ok(Self { pending, stop })
     }
 
-    /// Every connect since the last call.
+    /// The connects since the last call, one per row they make.
     pub fn drain(&self) -> Vec<Connect> {
-        self.rx.try_iter().collect()
+        let taken = std::mem::take(&mut *lock(&self.pending));
+        taken.into_values().collect()
     }
 }
 
@@ -220,17 +257,22 @@ fn raise_memlock() {
     );
 }
 
-/// Counts `connect` and queues it, or drops and counts it when the queue is full. False once
-/// the reporter is gone.
-fn hand_over(connect: Connect, tx: &SyncSender<Connect>, counters: &Counters) -> bool {
+/// A poisoned lock only means a panic elsewhere mid-update of a map of plain values: keep going.
+fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    pending.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counts `connect` and keeps it for the next snapshot unless one of its row is kept already;
+/// a new row past [`QUEUE`] is dropped and counted.
+fn hand_over(connect: Connect, pending: &mut Pending, counters: &Counters) {
     counters.seen.fetch_add(1, Ordering::Relaxed);
-    match tx.try_send(connect) {
-        Ok(()) => true,
-        Err(TrySendError::Full(_)) => {
-            counters.queue_full.fetch_add(1, Ordering::Relaxed);
-            true
-        }
-        Err(TrySendError::Disconnected(_)) => false,
+    let key = Key::of(&connect);
+    if let Some(kept) = pending.get_mut(&key) {
+        kept.tgid = kept.tgid.min(connect.tgid);
+    } else if pending.len() >= QUEUE {
+        counters.queue_full.fetch_add(1, Ordering::Relaxed);
+    } else {
+        pending.insert(key, connect);
     }
 }
 
@@ -246,7 +288,7 @@ fn run(
     mut ring: RingBuf<MapData>,
     full: PerCpuArray<MapData, u64>,
     netns: Option<u32>,
-    tx: SyncSender<Connect>,
+    pending: Arc<Mutex<Pending>>,
     counters: &Counters,
     stop: &AtomicBool,
 ) {
@@ -254,15 +296,14 @@ fn run(
     let mut last_tick = Instant::now();
     loop {
         // Everything the ring holds, then wait for more.
+        let mut kept = lock(&pending);
         while let Some(item) = ring.next() {
             match parse(&item) {
                 Ok(connect) => {
                     if netns.is_some_and(|n| n != connect.netns) {
                         continue;
                     }
-                    if !hand_over(connect, &tx, counters) {
-                        return;
-                    }
+                    hand_over(connect, &mut kept, counters);
                 }
                 Err(error) => {
                     if counters.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -271,6 +312,7 @@ fn run(
                 }
             }
         }
+        drop(kept);
         if last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
             if let Ok(per_cpu) = full.get(&0, 0) {
@@ -424,25 +466,52 @@ mod tests {
     }
 
     #[test]
-    fn connects_past_a_full_queue_are_dropped_and_counted() {
-        let (tx, rx) = sync_channel(2);
+    fn repeats_make_one_row_and_new_rows_past_the_bound_are_dropped_and_counted() {
         let counters = Counters::default();
+        let mut pending = Pending::new();
         let e = event(
             AF_INET,
             (v4([1, 1, 1, 1]), 1),
-            (v4([2, 2, 2, 2]), 2),
+            (v4([2, 2, 2, 2]), 80),
             1,
-            b"x",
+            b"curl",
         );
         let c = parse(&e).unwrap();
-        for _ in 0..5 {
-            assert!(hand_over(c.clone(), &tx, &counters));
+        // The same client run again and again: other pids, other source ports, one row.
+        for i in 0..1000u16 {
+            let mut again = c.clone();
+            again.tgid = 5000 - u32::from(i);
+            again.local.set_port(30_000 + i);
+            hand_over(again, &mut pending, &counters);
         }
-        assert_eq!(counters.seen.load(Ordering::Relaxed), 5);
-        assert_eq!(counters.queue_full.load(Ordering::Relaxed), 3);
-        assert_eq!(rx.try_iter().count(), 2);
-        drop(rx);
-        assert!(!hand_over(c, &tx, &counters), "the reporter is gone");
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            pending.values().next().unwrap().tgid,
+            4001,
+            "the lowest pid"
+        );
+        // Its server side is another row; then rows to other ports until the bound.
+        let mut accepted = c.clone();
+        accepted.accepted = true;
+        hand_over(accepted, &mut pending, &counters);
+        for port in 0..(QUEUE as u16) {
+            let mut other = c.clone();
+            other.remote.set_port(1000 + port);
+            hand_over(other, &mut pending, &counters);
+        }
+        assert_eq!(pending.len(), QUEUE);
+        assert_eq!(
+            counters.queue_full.load(Ordering::Relaxed),
+            2,
+            "the two rows past the bound"
+        );
+        assert_eq!(
+            counters.seen.load(Ordering::Relaxed),
+            1000 + 1 + QUEUE as u64
+        );
+        // A repeat of a kept row still fits.
+        hand_over(c, &mut pending, &counters);
+        assert_eq!(counters.queue_full.load(Ordering::Relaxed), 2);
     }
 
     /// Needs root (CAP_BPF): loads the real program and sees this process connect over

@@ -326,7 +326,7 @@ const TABLE: &[Field<View>] = &[
     ),
     counter_by(
         "tapgraph_bpf_dropped_connects",
-        "TCP connects the BPF tracer saw and dropped, by reason (ring_full: the kernel's ring buffer was full; queue_full: more connects than the queue holds between two snapshots; malformed: an event the agent could not read). A dropped connect's client may show no process.",
+        "TCP connects the BPF tracer saw and dropped, by reason (ring_full: the kernel's ring buffer was full; queue_full: more distinct connections, by process, addresses and server port, between two snapshots than the agent keeps (16,384); malformed: an event the agent could not read). A dropped connect's client may show no process.",
         "reason",
         |v| {
             let bpf = &v.metrics.snapshot_drops.bpf;

@@ -17,10 +17,14 @@
 # Both agents see the same connections at the same time, so their difference is the tracer's cost
 # whatever else the machine does. Columns, per row (RATE connections a second for ROW_S seconds):
 # - achieved: connections the client completed per second;
-# - agent CPU, bpf / nobpf: utime+stime of each agent over the row, as a share of one core;
-# - BPF in kernel: the program's own run time (kernel.bpf_stats_enabled), per connection and as a
-#   share of a core; it runs in the connecting process's context (and softirq), so it is charged
-#   to the clients, not to the agent: it is the rest of the tracer's cost;
+# - agent CPU, bpf / nobpf: utime+stime of each agent over the row, as a share of one core. The
+#   bpf agent does not start the SYN-ACK capture (the tracepoint sees accepts too); the nobpf one
+#   is today's agent without BPF: the capture wakes it for every new connection;
+# - BPF in kernel: the program's own run time (kernel.bpf_stats_enabled), per run (it runs on
+#   every TCP state change of the machine, every namespace's and other users' too), per
+#   connection of the load, and as a share of a core; it runs in the connecting process's context
+#   (and softirq), so it is charged to the clients, not to the agent: it is the rest of the
+#   tracer's cost;
 # - connects read: the bpf agent's tapgraph_bpf_connects over the row, and its drops
 #   (tapgraph_bpf_dropped_connects, every reason);
 # - others: CPU of processes that are not this benchmark's, as a share of the machine.
@@ -155,8 +159,8 @@ EOF
 sysctl -qw kernel.bpf_stats_enabled=1
 # Settle: the agents' first snapshots and caches.
 sleep 5
-printf '| rate (conn/s) | achieved | agent CPU, bpf | agent CPU, nobpf | bpf − nobpf | BPF in kernel, per conn | BPF in kernel, share of a core | connects read (dropped) | others |\n'
-printf '|---|---|---|---|---|---|---|---|---|\n'
+printf '| rate (conn/s) | achieved | agent CPU, bpf | agent CPU, nobpf (SYN-ACK capture) | bpf − nobpf | BPF in kernel, per run (runs) | BPF in kernel, per connection | BPF in kernel, share of a core | connects read (dropped) | others |\n'
+printf '|---|---|---|---|---|---|---|---|---|---|\n'
 for rate in $RATES; do
   others save "$rate"
   t0=$(date +%s%N)
@@ -164,7 +168,7 @@ for rate in $RATES; do
   read -r k0 c0 < <(prog_stats)
   r0=$(bpf_read) d0=$(bpf_dropped)
   if [ "$rate" = 0 ]; then
-    sleep "$ROW_S"; achieved="0"
+    sleep "$ROW_S"; achieved="0"; done=0
   else
     read -r done took < <(in_ns "$NS_CLI" python3 "$work/client.py" "$rate" "$ROW_S" 2>>"$work/log/client.log")
     achieved=$(python3 -c "print(f'{$done/$took:.0f}/s')")
@@ -174,19 +178,20 @@ for rate in $RATES; do
   read -r k1 c1 < <(prog_stats)
   r1=$(bpf_read) d1=$(bpf_dropped)
   oth=$(others since "$rate")
-  python3 - "$rate" "$achieved" "$t0" "$t1" "$a0" "$a1" "$n0" "$n1" "$k0" "$k1" "$c0" "$c1" "$r0" "$r1" "$d0" "$d1" "$oth" "$HZ" <<'EOF'
+  python3 - "$done" "$rate" "$achieved" "$t0" "$t1" "$a0" "$a1" "$n0" "$n1" "$k0" "$k1" "$c0" "$c1" "$r0" "$r1" "$d0" "$d1" "$oth" "$HZ" <<'EOF'
 import sys
-(rate, achieved, t0, t1, a0, a1, n0, n1, k0, k1, c0, c1, r0, r1, d0, d1, oth, hz) = sys.argv[1:]
+(conns, rate, achieved, t0, t1, a0, a1, n0, n1, k0, k1, c0, c1, r0, r1, d0, d1, oth, hz) = sys.argv[1:]
 wall = (int(t1) - int(t0)) / 1e9
 hz = float(hz)
 share = lambda ticks: 100 * ticks / hz / wall
 a, n = share(int(a1) - int(a0)), share(int(n1) - int(n0))
 runs = int(c1) - int(c0)
 kns = int(k1) - int(k0)
-per = f"{kns / runs / 1000:.2f} µs ({runs} runs)" if runs else "-"
+per = f"{kns / runs / 1000:.2f} µs ({runs})" if runs else "-"
+per_conn = f"{kns / int(conns) / 1000:.2f} µs" if int(conns) else "-"
 kshare = f"{100 * kns / 1e9 / wall:.3f}%"
 read = float(r1) - float(r0)
 drop = float(d1) - float(d0)
-print(f"| {rate} | {achieved} | {a:.2f}% | {n:.2f}% | {a - n:+.2f}% | {per} | {kshare} | {read:.0f} ({drop:.0f}) | {oth} |")
+print(f"| {rate} | {achieved} | {a:.2f}% | {n:.2f}% | {a - n:+.2f}% | {per} | {per_conn} | {kshare} | {read:.0f} ({drop:.0f}) | {oth} |")
 EOF
 done

@@ -91,6 +91,11 @@ fn lab(ports: &[Range<u16>]) -> Lab {
 
 /// An agent on `name` with `env` added, its /metrics on 127.0.0.1:9464 of its own namespace.
 fn agent(lab: &mut Lab, name: &str, env: &[(&str, &str)]) {
+    agent_without(lab, name, env, &[]);
+}
+
+/// The same, without the capabilities `drop` (setpriv names: `bpf`, `perfmon`, `sys_admin`).
+fn agent_without(lab: &mut Lab, name: &str, env: &[(&str, &str)], drop: &[&str]) {
     lab.world.issue_agent(name);
     let (ns, _, net) = lab.host(name);
     let mut cmd = lab
@@ -99,6 +104,23 @@ fn agent(lab: &mut Lab, name: &str, env: &[(&str, &str)]) {
     cmd.args(["--server-name", "localhost"])
         .env("TAPGRAPH_METRICS__LISTEN", "127.0.0.1:9464")
         .envs(env.iter().copied());
+    if !drop.is_empty() {
+        // Inside the namespace (`ip netns exec` itself needs CAP_SYS_ADMIN): the agent runs as
+        // root whose bounding set lacks them, as under a unit that does not grant them.
+        let bounding: Vec<String> = drop.iter().map(|c| format!("-{c}")).collect();
+        let mut wrapped = std::process::Command::new("setpriv");
+        wrapped
+            .arg(format!("--bounding-set={}", bounding.join(",")))
+            .arg("--")
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                wrapped.env(k, v);
+            }
+        }
+        cmd = wrapped;
+    }
     let cmd = ns.wrap(cmd);
     let p = Proc::spawn(&format!("agent-{name}"), cmd, lab.world.path());
     lab.procs.push(p);
@@ -342,4 +364,46 @@ fn with_bpf_off_by_configuration_the_agent_and_the_edges_say_so() {
         text.contains("- (process unknown: no BPF on this host)"),
         "{text}"
     );
+}
+
+#[test]
+fn where_the_kernel_refuses_bpf_the_agent_keeps_the_syn_ack_capture_and_says_why() {
+    let test = "where_the_kernel_refuses_bpf_the_agent_keeps_the_syn_ack_capture_and_says_why";
+    if !require_root(test) {
+        return;
+    }
+    let ports = 23_000..23_005;
+    let mut lab = lab(std::slice::from_ref(&ports));
+    agent(&mut lab, "srv", &[]);
+    agent_without(&mut lab, "cli", &[], &["bpf", "perfmon", "sys_admin"]);
+    wait_connected(&lab, &["srv", "cli"]);
+    let shown = lab.ctl(&["agent", "show", "cli"]);
+    assert_eq!(shown["connect_process"]["bpf"], false, "{shown}");
+    let reason = shown["connect_process"]["off_reason"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        reason.contains("Operation not permitted") && reason.contains("CAP_BPF"),
+        "the kernel's refusal, and what would allow it: {shown}"
+    );
+    let (_, srv_ip, _) = lab.host("srv");
+    let srv_ip = srv_ip.to_string();
+    wait_nginx(&lab, &srv_ip);
+    let summary = client_loop(&lab, &srv_ip, &ports, 240);
+    eprintln!("bpf refused: {summary}");
+    // The SYN-ACK capture still puts every short-lived connection on the map.
+    let edges = settled_edges(&lab, &ports);
+    assert_eq!(
+        edges.len(),
+        ports.len(),
+        "one edge per connection: {edges:?}"
+    );
+    let noted = edges
+        .values()
+        .filter(|(client, note, _)| {
+            client.is_empty() && note == "process unknown: no BPF on this host"
+        })
+        .count();
+    assert!(noted > 0, "{edges:?}");
+    assert!(edges.values().all(|(_, _, server)| server == "nginx"));
 }

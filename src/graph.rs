@@ -78,6 +78,10 @@ pub fn edge_json(e: &proto::GraphEdge) -> serde_json::Value {
             "closed_connections": t.closed_connections, "measured_by": t.measured_by,
         });
     }
+    // Only where the agent said why the process is unknown ("process unknown: no BPF on this host").
+    if !e.process_note.is_empty() {
+        v["process_note"] = e.process_note.clone().into();
+    }
     v
 }
 

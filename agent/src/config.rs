@@ -133,6 +133,9 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The capture thread asks for real-time scheduling (`tapgraph::runtime::realtime_thread`).
     pub capture_realtime: bool,
+    /// `snapshot.bpf`: load the BPF program that names the process of every TCP connect
+    /// (`crate::bpf`); off, the SYN-ACK capture alone catches short-lived connections.
+    pub bpf: bool,
 }
 
 /// What the configuration is loaded for.
@@ -164,6 +167,7 @@ const KNOWN: &[&str] = &[
     "log.level",
     "shutdown_timeout",
     "snapshot.scope",
+    "snapshot.bpf",
     "metrics.listen",
 ];
 
@@ -342,6 +346,7 @@ impl AgentConfig {
         let scope = c.value("snapshot.scope", Scope::Own);
         let metrics_listen = c.parse("metrics.listen", Some(METRICS_LISTEN), parse_metrics_listen);
         let capture_realtime = c.bool("capture.realtime", true);
+        let bpf = c.bool("snapshot.bpf", true);
 
         // A renewal interrupted by a crash is completed before the files are judged.
         if let Err(e) = crate::enroll::finish_pending_install(&tls) {
@@ -375,6 +380,7 @@ impl AgentConfig {
             scope,
             metrics_listen,
             capture_realtime,
+            bpf,
         })
     }
 }
@@ -623,6 +629,23 @@ mod tests {
         let bad = [base.as_slice(), &[("TAPGRAPH_METRICS__LISTEN", "9464")]].concat();
         let e = AgentConfig::load(&env(&bad), Purpose::Run).unwrap_err();
         assert!(e.mentions("metrics.listen"), "{e}");
+    }
+
+    #[test]
+    fn bpf_is_on_by_default_and_snapshot_bpf_turns_it_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let fp = "ab".repeat(32);
+        let base = [
+            ("TAPGRAPH_STATE_DIR", dir.path().to_str().unwrap()),
+            ("TAPGRAPH_ENROLL__TOKEN", "tgj.x.y"),
+            ("TAPGRAPH_ENROLL__CA_FINGERPRINT", fp.as_str()),
+        ];
+        assert!(AgentConfig::load(&env(&base), Purpose::Run).unwrap().bpf);
+        let off = [base.as_slice(), &[("TAPGRAPH_SNAPSHOT__BPF", "false")]].concat();
+        assert!(!AgentConfig::load(&env(&off), Purpose::Run).unwrap().bpf);
+        let bad = [base.as_slice(), &[("TAPGRAPH_SNAPSHOT__BPF", "maybe")]].concat();
+        let e = AgentConfig::load(&env(&bad), Purpose::Run).unwrap_err();
+        assert!(e.mentions("snapshot.bpf"), "{e}");
     }
 
     #[test]

@@ -258,6 +258,9 @@ pub fn hello() -> proto::Hello {
             capture: can_capture(),
             process_attribution: has_capability(19), // CAP_SYS_PTRACE
             all_namespaces: has_capability(21),      // CAP_SYS_ADMIN
+            // Set by the session from the connection reporter's BPF tracer.
+            connect_process: false,
+            connect_process_off_reason: String::new(),
         }),
         started_at_unix_nanos: 0,
         machine_id: machine_id(),

@@ -1,6 +1,7 @@
 //! tapgraph-agent: parse and validate configuration, enroll if needed, run the control session,
 //! stop on a signal.
 
+mod bpf;
 mod capture;
 mod config;
 mod dial;
@@ -140,7 +141,8 @@ enum Command {
 const AFTER_HELP: &str = "\
 Other keys (file or environment only): backoff.min (200ms), backoff.max (5s), backoff.jitter
 (0.2), connect_timeout (5s), shutdown_timeout (5s), metrics.listen (where Prometheus /metrics is
-served: 127.0.0.1:9464; off disables it).
+served: 127.0.0.1:9464; off disables it), snapshot.bpf (true: name the process of every TCP
+connect with BPF where the kernel allows it; false: the SYN-ACK capture alone).
 
 Exit status: 0 after a clean shutdown, 1 when enrollment was refused, 78 on invalid
 configuration or unusable credentials. Lost connections are never fatal: the agent reconnects

@@ -345,6 +345,24 @@ const TABLE: &[Field<View>] = &[
             ])
         },
     ),
+    counter(
+        "tapgraph_bpf_connects",
+        "TCP connects the BPF tracer read with their process (0 where it does not run: see the agent's Hello capabilities).",
+        |v| one(v.metrics.snapshot_drops.bpf.seen.load(Ordering::Relaxed)),
+    ),
+    counter_by(
+        "tapgraph_bpf_dropped_connects",
+        "TCP connects the BPF tracer saw and dropped, by reason (ring_full: the kernel's ring buffer was full; queue_full: more distinct connections, by process, addresses and server port, between two snapshots than the agent keeps (16,384); malformed: an event the agent could not read). A dropped connect's client may show no process.",
+        "reason",
+        |v| {
+            let bpf = &v.metrics.snapshot_drops.bpf;
+            by(&[
+                ("ring_full", bpf.ring_full.load(Ordering::Relaxed)),
+                ("queue_full", bpf.queue_full.load(Ordering::Relaxed)),
+                ("malformed", bpf.malformed.load(Ordering::Relaxed)),
+            ])
+        },
+    ),
     counter_by(
         "tapgraph_snapshot_read_failures",
         "Connection-table reads that failed, by source, one per table read: sock_diag (that table read from /proc/net instead), proc_net (a socket table; the snapshot or that namespace is skipped), procs (the process list; the snapshot is skipped), conntrack (the kernel's address translations; that snapshot shows connections through NAT as dialled).",
@@ -898,6 +916,8 @@ mod tests {
         "tapgraph_short_lived_dropped_catches",
         "tapgraph_closed_sockets_listening",
         "tapgraph_closed_sockets",
+        "tapgraph_bpf_connects",
+        "tapgraph_bpf_dropped_connects",
         "tapgraph_snapshot_read_failures",
         "tapgraph_snapshot_dropped_nat_flows",
         "tapgraph_policy_version_applied",

@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use tapgraph::proto;
 
+use crate::bpf::{self, Connect, Tracer};
 use crate::shortlived::{self, Catch, Catcher};
 use crate::snapshot::closed::ClosedCounters;
-use crate::snapshot::conntrack::NatFront;
+use crate::snapshot::conntrack::{NatFront, Translations};
 use crate::snapshot::{
     self, Direction, EntryKey, EntryValue, Listener, ProcessKey, Scope, Snapshotter, Table,
     direction,
@@ -26,6 +27,8 @@ pub struct Drops {
     pub table_reads: Arc<snapshot::ReadFailures>,
     /// Closed-socket notifications: received, and dropped by reason.
     pub closed: Arc<ClosedCounters>,
+    /// BPF connects read, and dropped by reason (ring full, queue full, malformed).
+    pub bpf: Arc<bpf::Counters>,
 }
 
 /// The agent's side of the connection table: owns the snapshotter (its inode→process cache) and
@@ -35,7 +38,9 @@ pub struct Drops {
 /// `base_sequence` is the snapshot it applies to, and applying it to the table the controller
 /// holds yields the current one exactly; a full snapshot replaces that table. A failed read
 /// returns an error and changes nothing, so the next delta is still against what was sent.
-/// Rows only the SYN-ACK capture saw are marked `short_lived`.
+/// Rows only the SYN-ACK capture or the BPF connect tracer saw are marked `short_lived`; client
+/// rows are named after the process the tracer saw connect, whenever the table read could not
+/// name one.
 pub struct Reporter {
     snapshotter: Snapshotter,
     /// The table the controller has, after the last snapshot it was sent.
@@ -45,6 +50,15 @@ pub struct Reporter {
     control_plane: Vec<SocketAddr>,
     /// SYN-ACK capture for connections too short for a table read; `None` without CAP_NET_RAW.
     catcher: Option<Catcher>,
+    /// The process of every TCP connect, from BPF; `None` where it does not run.
+    tracer: Option<Tracer>,
+    /// Whether the tracer runs, and why not: told in Hello and on client rows it cannot name.
+    bpf_status: bpf::Status,
+    /// Scope `all`: the tracer reports every namespace; own namespace's inode, to tag its rows "".
+    own_netns: Option<u32>,
+    /// Connects the tracer had dropped, at the last look.
+    bpf_dropped: u64,
+    drops: Drops,
     /// Rows of the last table that only the SYN-ACK capture saw.
     short_lived: BTreeSet<EntryKey>,
     pub short_lived_caught: u64,
@@ -54,14 +68,81 @@ pub struct Reporter {
     traffic: Traffic,
 }
 
+/// Adds the TCP connects the BPF tracer saw that `table` does not show with a process, as client
+/// rows named after the connecting process; returns the keys added. `netns` gives the tag of a
+/// namespace inode (as the table's rows are tagged). The cmdline is left empty: the process is
+/// usually gone by now, and a row's key must not depend on whether it still was. A connect the
+/// kernel translated (`nat`, the last snapshot's conntrack) is a row towards its backend, as the
+/// table's own rows are.
+pub fn merge_connects(
+    table: &mut Table,
+    connects: &[Connect],
+    netns: impl Fn(u32) -> String,
+    control_plane: &[SocketAddr],
+    nat: &Translations,
+) -> BTreeSet<EntryKey> {
+    let mut added = BTreeSet::new();
+    for c in connects {
+        let dialled = SocketAddr::new(c.remote.ip().to_canonical(), c.remote.port());
+        let local = SocketAddr::new(c.local.ip().to_canonical(), c.local.port());
+        let backend = nat.backend(snapshot::Protocol::Tcp, local, dialled);
+        let via = backend.map(|_| dialled);
+        let remote = backend.unwrap_or(dialled);
+        let (local_ip, remote_ip, server_port) = (local.ip(), remote.ip(), remote.port());
+        // A connect that failed before a route was chosen has no local address: no row.
+        if local_ip.is_unspecified() || remote_ip.is_unspecified() || server_port == 0 {
+            continue;
+        }
+        let tag = netns(c.netns);
+        let named = table.entries.keys().any(|k| {
+            k.direction == Direction::Client
+                && k.netns == tag
+                && k.local_ip == local_ip
+                && k.remote_ip == remote_ip
+                && k.server_port == server_port
+                && k.protocol == snapshot::Protocol::Tcp
+                && !k.process.name.is_empty()
+        });
+        if named {
+            continue;
+        }
+        let key = EntryKey {
+            netns: tag,
+            direction: Direction::Client,
+            local_ip,
+            remote_ip,
+            server_port,
+            protocol: snapshot::Protocol::Tcp,
+            process: ProcessKey {
+                name: c.comm.clone(),
+                cmdline: String::new(),
+                container: String::new(),
+            },
+            via,
+        };
+        let control = control_plane
+            .iter()
+            .any(|cp| cp.ip().to_canonical() == remote_ip && cp.port() == server_port);
+        let value = table.entries.entry(key.clone()).or_insert(EntryValue {
+            sockets: 1,
+            pid: c.tgid,
+            control_plane: control,
+        });
+        value.pid = value.pid.min(c.tgid);
+        added.insert(key);
+    }
+    added
+}
+
 /// Adds the connections `catches` saw that `table` does not show, as rows of their own; returns the
-/// keys added. A server-side row names the process listening on the port; a client-side row cannot
+/// keys added; client rows only when `clients` (the BPF tracer names those itself). A server-side row names the process listening on the port; a client-side row cannot
 /// name its process (the socket is gone).
 pub fn merge_catches(
     table: &mut Table,
     catches: &BTreeSet<Catch>,
     local: &BTreeSet<IpAddr>,
     control_plane: &[SocketAddr],
+    clients: bool,
 ) -> BTreeSet<EntryKey> {
     let is_local = |ip: &IpAddr| ip.is_loopback() || local.contains(ip);
     let mut added = BTreeSet::new();
@@ -78,7 +159,7 @@ pub fn merge_catches(
                 .unwrap_or_default();
             rows.push((Direction::Server, c.server_ip, c.client_ip, process, pid));
         }
-        if is_local(&c.client_ip) {
+        if clients && is_local(&c.client_ip) {
             rows.push((
                 Direction::Client,
                 c.client_ip,
@@ -140,7 +221,24 @@ fn process(pid: u32, key: &snapshot::ProcessKey) -> Option<proto::ProcessInfo> {
     })
 }
 
-fn entry(k: &EntryKey, v: Option<&EntryValue>, short_lived: bool) -> proto::ConnectionEntry {
+/// A client TCP row whose process is unknown says why; every other row says nothing.
+fn process_note<'a>(k: &EntryKey, bpf: &'a bpf::Status) -> &'a str {
+    let unnamed = k.direction == Direction::Client
+        && k.protocol == snapshot::Protocol::Tcp
+        && k.process.name.is_empty();
+    match bpf {
+        _ if !unnamed => "",
+        bpf::Status::Running => bpf::MISSED_NOTE,
+        bpf::Status::Off(_) => bpf::NO_BPF_NOTE,
+    }
+}
+
+fn entry(
+    k: &EntryKey,
+    v: Option<&EntryValue>,
+    short_lived: bool,
+    note: &str,
+) -> proto::ConnectionEntry {
     proto::ConnectionEntry {
         direction: match k.direction {
             Direction::Client => proto::Direction::Client as i32,
@@ -157,6 +255,7 @@ fn entry(k: &EntryKey, v: Option<&EntryValue>, short_lived: bool) -> proto::Conn
         container: k.process.container.clone(),
         short_lived,
         via: k.via.map(|v| v.to_string()).unwrap_or_default(),
+        process_note: note.to_string(),
     }
 }
 
@@ -186,13 +285,50 @@ fn listener(l: &Listener, pid: u32) -> proto::ListeningService {
 }
 
 impl Reporter {
-    /// Starts the SYN-ACK capture where the agent may (CAP_NET_RAW); counts drops into `drops`.
-    pub fn new(control_plane: Option<SocketAddr>, scope: Scope, drops: &Drops) -> Self {
-        let catcher = match Catcher::start(drops.short_lived.clone()) {
-            Ok(c) => Some(c),
-            Err(error) => {
-                tracing::warn!(%error, "no short-lived connection capture (needs CAP_NET_RAW); periodic tables only");
-                None
+    /// Starts the SYN-ACK capture where the agent may (CAP_NET_RAW), and, when `bpf`, the BPF
+    /// connect tracer where the kernel allows it (the reason it does not is kept, see
+    /// [`Reporter::bpf_status`]); counts drops into `drops`.
+    pub fn new(control_plane: Option<SocketAddr>, scope: Scope, drops: &Drops, bpf: bool) -> Self {
+        let own_netns = bpf::own_netns();
+        let (tracer, bpf_status) = if !bpf {
+            tracing::info!(
+                "BPF connect tracing off (snapshot.bpf = false): client processes of short-lived connections stay unknown"
+            );
+            (
+                None,
+                bpf::Status::Off("disabled by configuration (snapshot.bpf = false)".into()),
+            )
+        } else {
+            // Scope `own`: only this namespace's connects; `all`: every one, tagged.
+            let only = match scope {
+                Scope::Own => own_netns,
+                Scope::All => None,
+            };
+            match Tracer::start(drops.bpf.clone(), only) {
+                Ok(t) => {
+                    tracing::info!(
+                        "BPF connect tracing on: every TCP client is named after its process"
+                    );
+                    (Some(t), bpf::Status::Running)
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "no BPF connect tracing: client processes of short-lived connections stay unknown; SYN-ACK capture only");
+                    (None, bpf::Status::Off(reason))
+                }
+            }
+        };
+        // In scope own the tracer sees this namespace's accepts as well as its connects: the
+        // SYN-ACK capture would only repeat it, at a wake-up per connection. In scope all it
+        // stays (catches are not tagged with their namespace).
+        let catcher = if tracer.is_some() && scope == Scope::Own {
+            None
+        } else {
+            match Catcher::start(drops.short_lived.clone()) {
+                Ok(c) => Some(c),
+                Err(error) => {
+                    tracing::warn!(%error, "no short-lived connection capture (needs CAP_NET_RAW); periodic tables only");
+                    None
+                }
             }
         };
         Self {
@@ -202,6 +338,11 @@ impl Reporter {
             sequence: 0,
             control_plane: control_plane.into_iter().collect(),
             catcher,
+            tracer,
+            bpf_status,
+            own_netns,
+            bpf_dropped: 0,
+            drops: drops.clone(),
             short_lived: BTreeSet::new(),
             short_lived_caught: 0,
             short_lived_dropped: 0,
@@ -214,6 +355,11 @@ impl Reporter {
     pub fn set_control_plane(&mut self, controllers: Vec<SocketAddr>) {
         self.control_plane.clone_from(&controllers);
         self.snapshotter.set_control_plane(controllers);
+    }
+
+    /// Whether the BPF connect tracer runs, and why not.
+    pub fn bpf_status(&self) -> &bpf::Status {
+        &self.bpf_status
     }
 
     /// Rows in the table the controller holds now.
@@ -229,6 +375,58 @@ impl Reporter {
     ) -> Result<proto::ConnectionSnapshot, snapshot::SnapshotError> {
         let mut table = self.snapshotter.take()?;
         let local = self.snapshotter.addresses();
+        let mut short_lived = BTreeSet::new();
+        if let Some(tracer) = &self.tracer {
+            let connects = tracer.drain();
+            let bpf = &self.drops.bpf;
+            let dropped = bpf.ring_full.load(std::sync::atomic::Ordering::Relaxed)
+                + bpf.queue_full.load(std::sync::atomic::Ordering::Relaxed);
+            if dropped > self.bpf_dropped {
+                tracing::warn!(
+                    dropped = dropped - self.bpf_dropped,
+                    "BPF connects dropped (ring or queue full): some short-lived clients may show no process"
+                );
+                self.bpf_dropped = dropped;
+            }
+            let own = self.own_netns;
+            let snapshotter = &self.snapshotter;
+            let tag = |inode: u32| -> String {
+                if Some(inode) == own {
+                    return String::new();
+                }
+                snapshotter
+                    .namespace_name(u64::from(inode))
+                    .map_or_else(|| format!("net:[{inode}]"), str::to_string)
+            };
+            let (accepts, connects): (Vec<Connect>, Vec<Connect>) =
+                connects.into_iter().partition(|c| c.accepted);
+            short_lived = merge_connects(
+                &mut table,
+                &connects,
+                tag,
+                &self.control_plane,
+                snapshotter.translations(),
+            );
+            if self.catcher.is_none() {
+                // This namespace's only: a catch has no namespace to be tagged with.
+                let accepts: BTreeSet<Catch> = accepts
+                    .iter()
+                    .filter(|a| Some(a.netns) == own)
+                    .map(|a| Catch {
+                        server_ip: a.local.ip(),
+                        server_port: a.local.port(),
+                        client_ip: a.remote.ip(),
+                    })
+                    .collect();
+                short_lived.extend(merge_catches(
+                    &mut table,
+                    &accepts,
+                    &local,
+                    &self.control_plane,
+                    false,
+                ));
+            }
+        }
         if let Some(catcher) = &self.catcher {
             let catches = catcher.drain();
             let dropped = catcher
@@ -242,9 +440,16 @@ impl Reporter {
                 );
                 self.short_lived_dropped = dropped;
             }
-            self.short_lived = merge_catches(&mut table, &catches, &local, &self.control_plane);
-            self.short_lived_caught += self.short_lived.len() as u64;
+            short_lived.extend(merge_catches(
+                &mut table,
+                &catches,
+                &local,
+                &self.control_plane,
+                true,
+            ));
         }
+        self.short_lived = short_lived;
+        self.short_lived_caught += self.short_lived.len() as u64;
         let base = self.sequence;
         self.sequence += 1;
         let taken_at = tapgraph::time::unix_nanos();
@@ -259,6 +464,7 @@ impl Reporter {
             ..Default::default()
         };
         let short = |k: &EntryKey| self.short_lived.contains(k);
+        let note = |k: &EntryKey| process_note(k, &self.bpf_status);
         match (&self.sent, full) {
             (Some(prev), false) => {
                 let d = snapshot::delta(prev, &table);
@@ -267,9 +473,13 @@ impl Reporter {
                 msg.entries = d
                     .upserts
                     .iter()
-                    .map(|(k, v)| entry(k, Some(v), short(k)))
+                    .map(|(k, v)| entry(k, Some(v), short(k), note(k)))
                     .collect();
-                msg.removed = d.removed.iter().map(|k| entry(k, None, false)).collect();
+                msg.removed = d
+                    .removed
+                    .iter()
+                    .map(|k| entry(k, None, false, ""))
+                    .collect();
                 msg.listeners = d
                     .listeners_added
                     .iter()
@@ -286,7 +496,7 @@ impl Reporter {
                 msg.entries = table
                     .entries
                     .iter()
-                    .map(|(k, v)| entry(k, Some(v), short(k)))
+                    .map(|(k, v)| entry(k, Some(v), short(k), note(k)))
                     .collect();
                 msg.listeners = table
                     .listeners
@@ -357,7 +567,7 @@ mod tests {
         ]
         .into();
         let mut t = table_with_listener();
-        let added = merge_catches(&mut t, &catches, &local, &[]);
+        let added = merge_catches(&mut t, &catches, &local, &[], true);
         assert_eq!(added.len(), 2);
         let server = t
             .entries
@@ -401,7 +611,7 @@ mod tests {
         .into();
         let controllers = [sa("10.0.0.5:7443"), sa("10.0.0.7:7443")];
         let mut t = Table::default();
-        merge_catches(&mut t, &catches, &local, &controllers);
+        merge_catches(&mut t, &catches, &local, &controllers, true);
         let marked: Vec<(IpAddr, u16, bool)> = t
             .entries
             .iter()
@@ -425,7 +635,7 @@ mod tests {
         let controller = listener.local_addr().unwrap();
         let _client = std::net::TcpStream::connect(controller).unwrap();
         let _server = listener.accept().unwrap();
-        let mut reporter = Reporter::new(None, Scope::Own, &Drops::default());
+        let mut reporter = Reporter::new(None, Scope::Own, &Drops::default(), false);
         let towards = |snapshot: &proto::ConnectionSnapshot| -> Vec<bool> {
             snapshot
                 .entries
@@ -461,7 +671,7 @@ mod tests {
         };
         move_bytes(5000, 200);
         let drops = Drops::default();
-        let mut reporter = Reporter::new(None, Scope::Own, &drops);
+        let mut reporter = Reporter::new(None, Scope::Own, &drops, false);
         let ours = |s: &proto::ConnectionSnapshot| -> Vec<(i32, u64, u64, u32)> {
             s.traffic
                 .iter()
@@ -561,7 +771,7 @@ mod tests {
             client_ip: ip("10.0.0.9"),
         }]
         .into();
-        assert!(merge_catches(&mut t, &catches, &local, &[]).is_empty());
+        assert!(merge_catches(&mut t, &catches, &local, &[], true).is_empty());
         assert_eq!(t.entries.len(), 1);
     }
 
@@ -644,10 +854,182 @@ mod tests {
         for (listener, sockets, catch) in cases {
             let read = build(&[&[listener][..], &sockets].concat());
             let mut merged = build(&[listener]);
-            let added = merge_catches(&mut merged, &[catch].into(), &local, &[]);
+            let added = merge_catches(&mut merged, &[catch].into(), &local, &[], true);
             assert_eq!(added.len(), sockets.len(), "{catch:?}");
             assert_eq!(rows(&merged), rows(&read), "{catch:?}");
         }
+    }
+
+    fn connect(comm: &str, tgid: u32, local: &str, remote: &str) -> Connect {
+        Connect {
+            tgid,
+            comm: comm.into(),
+            netns: 7,
+            local: sa(local),
+            remote: sa(remote),
+            established: true,
+            accepted: false,
+        }
+    }
+
+    /// A connect the kernel translated (a ClusterIP's DNAT on this host) is a row towards the
+    /// backend, like the table's own rows, with the dialled address as `via`.
+    #[test]
+    fn a_connect_bpf_saw_through_nat_lands_on_the_backend() {
+        use crate::snapshot::conntrack::Flow;
+        let local: BTreeSet<IpAddr> = [ip("10.0.0.2")].into();
+        let nat = Translations::new(
+            [Flow {
+                protocol: snapshot::Protocol::Tcp,
+                client: sa("10.0.0.2:40001"),
+                dialled: sa("10.96.0.10:6379"),
+                backend: sa("10.0.0.7:6379"),
+            }],
+            &local,
+        );
+        let mut t = Table::default();
+        let connects = [connect(
+            "redis-cli",
+            902,
+            "10.0.0.2:40001",
+            "10.96.0.10:6379",
+        )];
+        let added = merge_connects(&mut t, &connects, |_| String::new(), &[], &nat);
+        let rows: Vec<_> = added
+            .iter()
+            .map(|k| (k.remote_ip, k.server_port, k.via, k.process.name.as_str()))
+            .collect();
+        assert_eq!(
+            rows,
+            [(
+                ip("10.0.0.7"),
+                6379,
+                Some(sa("10.96.0.10:6379")),
+                "redis-cli"
+            )]
+        );
+    }
+
+    /// A CLI client that connected between two reads, whose socket and process are gone: the
+    /// table shows nothing, BPF names the client, and the SYN-ACK capture adds only the server
+    /// side (the client row it would add is already there, named).
+    #[test]
+    fn a_connect_seen_by_bpf_names_the_client_the_table_cannot() {
+        let local: BTreeSet<IpAddr> = [ip("10.0.0.2")].into();
+        let mut t = table_with_listener();
+        let connects = [
+            connect("curl", 900, "127.0.0.1:40000", "127.0.0.1:80"),
+            connect("curl", 901, "127.0.0.1:40002", "127.0.0.1:80"),
+            // The same client towards a remote host; one failed before it had an address.
+            connect("redis-cli", 902, "10.0.0.2:40001", "10.0.0.7:6379"),
+            connect("redis-cli", 903, "0.0.0.0:0", "10.0.0.9:6379"),
+        ];
+        let mut added = merge_connects(
+            &mut t,
+            &connects,
+            |_| String::new(),
+            &[],
+            &Translations::default(),
+        );
+        let catches: BTreeSet<Catch> = [Catch {
+            server_ip: ip("127.0.0.1"),
+            server_port: 80,
+            client_ip: ip("127.0.0.1"),
+        }]
+        .into();
+        added.extend(merge_catches(&mut t, &catches, &local, &[], true));
+        let rows: Vec<(Direction, IpAddr, u16, &str, u32, u32)> = t
+            .entries
+            .iter()
+            .map(|(k, v)| {
+                let name = k.process.name.as_str();
+                (
+                    k.direction,
+                    k.remote_ip,
+                    k.server_port,
+                    name,
+                    v.pid,
+                    v.sockets,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (Direction::Client, ip("10.0.0.7"), 6379, "redis-cli", 902, 1),
+                (Direction::Client, ip("127.0.0.1"), 80, "curl", 900, 1),
+                (Direction::Server, ip("127.0.0.1"), 80, "nginx", 42, 1),
+            ]
+        );
+        assert_eq!(added.len(), 3, "all three rows are short-lived");
+        let bpf_off = bpf::Status::Off("disabled by configuration".into());
+        for k in t.entries.keys() {
+            assert_eq!(process_note(k, &bpf_off), "", "{k:?} has a process");
+        }
+    }
+
+    #[test]
+    fn a_client_the_table_names_is_left_as_it_is_and_notes_say_why_a_process_is_unknown() {
+        let mut t = Table::default();
+        let key = EntryKey {
+            netns: String::new(),
+            direction: Direction::Client,
+            local_ip: ip("10.0.0.2"),
+            remote_ip: ip("10.0.0.7"),
+            server_port: 5432,
+            protocol: snapshot::Protocol::Tcp,
+            process: ProcessKey {
+                name: "psql".into(),
+                cmdline: "psql -h db".into(),
+                container: String::new(),
+            },
+            via: None,
+        };
+        t.entries.insert(
+            key.clone(),
+            EntryValue {
+                sockets: 1,
+                pid: 5,
+                control_plane: false,
+            },
+        );
+        let connects = [connect("psql", 5, "10.0.0.2:41000", "10.0.0.7:5432")];
+        assert!(
+            merge_connects(
+                &mut t,
+                &connects,
+                |_| String::new(),
+                &[],
+                &Translations::default()
+            )
+            .is_empty()
+        );
+        assert_eq!(t.entries.len(), 1);
+        // In another namespace, it is another row, tagged.
+        let tagged = merge_connects(
+            &mut t,
+            &connects,
+            |n| format!("net:[{n}]"),
+            &[],
+            &Translations::default(),
+        );
+        assert_eq!(tagged.first().map(|k| k.netns.as_str()), Some("net:[7]"));
+        // A client row without a process says why; a server row never does.
+        let unnamed = EntryKey {
+            process: ProcessKey::default(),
+            ..key.clone()
+        };
+        let off = bpf::Status::Off("EPERM".into());
+        assert_eq!(process_note(&unnamed, &off), bpf::NO_BPF_NOTE);
+        assert_eq!(
+            process_note(&unnamed, &bpf::Status::Running),
+            bpf::MISSED_NOTE
+        );
+        let server = EntryKey {
+            direction: Direction::Server,
+            ..unnamed
+        };
+        assert_eq!(process_note(&server, &off), "");
     }
 
     #[test]
@@ -659,7 +1041,12 @@ mod tests {
         }]
         .into();
         let mut t = table_with_listener();
-        let added = merge_catches(&mut t, &catches, &BTreeSet::new(), &[]);
+        let added = merge_catches(&mut t, &catches, &BTreeSet::new(), &[], true);
         assert_eq!(added.len(), 2);
+        // From BPF accepts, the server side only: BPF names the client from its connect.
+        let mut t = table_with_listener();
+        let added = merge_catches(&mut t, &catches, &BTreeSet::new(), &[], false);
+        let sides: Vec<Direction> = added.iter().map(|k| k.direction).collect();
+        assert_eq!(sides, vec![Direction::Server]);
     }
 }

@@ -72,6 +72,19 @@ impl State {
     }
 }
 
+/// The connection-table reporter, made on first use and kept across sessions (it holds the
+/// inode→process cache, the SYN-ACK capture and the BPF tracer).
+fn reporter<'a>(config: &AgentConfig, state: &'a mut State) -> &'a mut Reporter {
+    state.reporter.get_or_insert_with(|| {
+        Reporter::new(
+            None,
+            config.scope,
+            &state.metrics.snapshot_drops,
+            config.bpf,
+        )
+    })
+}
+
 /// How a session ended.
 enum End {
     /// Shutdown requested: stop.
@@ -170,6 +183,14 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
     }
     let (tx, rx) = mpsc::channel::<proto::AgentMessage>(64);
     let mut hello = host::hello();
+    // Whether every TCP client is named after its process (BPF), and why not, so the operator
+    // knows what an unnamed short-lived client means.
+    if let Some(caps) = hello.capabilities.as_mut() {
+        match reporter(config, state).bpf_status() {
+            crate::bpf::Status::Running => caps.connect_process = true,
+            crate::bpf::Status::Off(reason) => caps.connect_process_off_reason.clone_from(reason),
+        }
+    }
     hello.started_at_unix_nanos = state.started_at;
     hello.agent_id = agent_id.clone();
     hello.scope = match config.scope {
@@ -207,10 +228,7 @@ async fn session(config: &AgentConfig, state: &mut State, shutdown: &Cancellatio
     // Rows towards the controllers are marked control-plane (hidden from the map by default):
     // towards every replica's address as resolved now, so that the sockets left towards one the
     // agent moved away from are not shown as the host's own traffic either.
-    state
-        .reporter
-        .get_or_insert_with(|| Reporter::new(None, config.scope, &state.metrics.snapshot_drops))
-        .set_control_plane(controllers);
+    reporter(config, state).set_control_plane(controllers);
     state.full_snapshot = true;
     let mut established = false;
     let mut heartbeat = new_ticker(state.policy.heartbeat_interval);

@@ -1,6 +1,6 @@
 // The map's side panel: what one node is, what it depends on and what depends on it. Builds the
 // elements only; map.js owns the panel, the selection and what the buttons do.
-import { bytes, el, rtt } from './format.js';
+import { bytes, el, processText, rtt } from './format.js';
 import { protocolName } from './view.js';
 
 function depTable(rows, heading, peer) {
@@ -22,7 +22,7 @@ function depTable(rows, heading, peer) {
             { class: r.active ? '' : 'inactive', title: r.active ? null : 'inactive' },
             el('td', {}, peer(r.peer)),
             el('td', {}, `${r.port}/${protocolName(r.protocol)}`),
-            el('td', {}, r.process || '?'),
+            el('td', {}, processText(r)),
             el('td', { class: 'r' }, String(r.sockets)),
             el('td', { class: 'r' }, r.traffic ? `${bytes(r.traffic.bytes_sent)} / ${bytes(r.traffic.bytes_received)}, ${rtt(r.traffic.srtt_us)}` : '–'),
           ),

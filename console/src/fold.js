@@ -118,6 +118,8 @@ export function fold(raw) {
       port: e.port,
       protocol: e.protocol,
       process: e.process || '',
+      // Why the process is unknown, as the client's agent said ("process unknown: no BPF on this host").
+      process_note: e.process_note || '',
       sockets: e.sockets || 0,
       active: e.active !== false,
       control_plane: !!e.control_plane,

@@ -68,3 +68,9 @@ export function rtt(us) {
   if (x < 1e6) return `${(x / 1000).toFixed(1)} ms`;
   return `${(x / 1e6).toFixed(1)} s`;
 }
+
+/** A connection's process, or `?` with the reason its agent gave when it is unknown. */
+export function processText(c) {
+  if (c.process) return c.process;
+  return c.process_note ? `? (${c.process_note})` : '?';
+}

@@ -1,7 +1,7 @@
 // What the map shows of a folded graph under the operator's filters, and the clusters that remain.
 // Pure: the map page draws what `visibleGraph` returns, and the test hook reports it.
 import { cmp } from './fold.js';
-import { bytes, rtt } from './format.js';
+import { bytes, processText, rtt } from './format.js';
 
 /** Protocol as a lower-case name, whether the API sent a name or an IP protocol number. */
 export function protocolName(p) {
@@ -241,5 +241,5 @@ export function connText(c) {
   const traffic = t
     ? ` · ${bytes(t.bytes_sent)} sent / ${bytes(t.bytes_received)} received · rtt ${rtt(t.srtt_us)} (min ${rtt(t.min_rtt_us)})${t.retransmits ? ` · ${t.retransmits} retransmits` : ''}`
     : '';
-  return `${c.port}/${protocolName(c.protocol)} ${c.process || '?'}${c.sockets > 1 ? ` ×${c.sockets}` : ''}${c.via ? ` via ${c.via}` : ''}${c.active ? '' : ' (inactive)'}${c.control_plane ? ' (control plane)' : ''}${traffic}`;
+  return `${c.port}/${protocolName(c.protocol)} ${processText(c)}${c.sockets > 1 ? ` ×${c.sockets}` : ''}${c.via ? ` via ${c.via}` : ''}${c.active ? '' : ' (inactive)'}${c.control_plane ? ' (control plane)' : ''}${traffic}`;
 }

@@ -115,3 +115,24 @@ describe('visibleGraph', () => {
     ]);
   });
 });
+
+describe('process notes', () => {
+  it('an edge whose client process is unknown says why, in the tooltip and the side panel', async () => {
+    const { processText } = await import('../src/format.js');
+    const f = fold({
+      nodes: [
+        { id: 'host:a', kind: 'host', name: 'a', properties: {} },
+        { id: 'host:b', kind: 'host', name: 'b', properties: {} },
+        { id: 'svc:b/tcp/80', kind: 'service', name: 'b:80/tcp', properties: { port: '80', protocol: 'tcp', process: 'nginx' } },
+      ],
+      edges: [
+        { from: 'host:b', to: 'svc:b/tcp/80', kind: 'LISTENS', port: 80, protocol: 'tcp' },
+        { from: 'host:a', to: 'svc:b/tcp/80', kind: 'CONNECTS_TO', port: 80, protocol: 'tcp', process: '', process_note: 'process unknown: no BPF on this host', sockets: 1, active: true },
+        { from: 'host:a', to: 'svc:b/tcp/80', kind: 'CONNECTS_TO', port: 81, protocol: 'tcp', process: 'curl', sockets: 1, active: true },
+      ],
+    });
+    const conns = f.edges.get('host:a->host:b').conns;
+    expect(conns.map(processText)).toEqual(['? (process unknown: no BPF on this host)', 'curl']);
+    expect(processText({ process: '' })).toBe('?');
+  });
+});

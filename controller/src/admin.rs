@@ -13,7 +13,7 @@ use crate::enrollment::tokens::Token;
 use crate::enrollment::{EnrolledAgent, Enrollment};
 use crate::events::Events;
 use crate::policies::{self, Policies, Selector};
-use crate::registry::{AgentState, AgentView, Registry};
+use crate::registry::{AgentState, AgentView, ConnectProcess, Registry};
 use crate::topology::labels::RuleText;
 use crate::topology::{GraphQuery, Naming, Topology};
 
@@ -172,6 +172,17 @@ fn agent_info(
         info.send_packets_per_second = v.send_pps;
         info.send_bits_per_second = v.send_bps;
         info.snapshot_entries = v.snapshot_entries;
+        info.connect_process = match v.connect_process {
+            ConnectProcess::Unknown => None,
+            ConnectProcess::Bpf => Some(proto::ConnectProcess {
+                bpf: true,
+                off_reason: String::new(),
+            }),
+            ConnectProcess::Off(reason) => Some(proto::ConnectProcess {
+                bpf: false,
+                off_reason: reason,
+            }),
+        };
         info.policy_version_sent = v.policy_version_sent;
         info.clock_offset_known = v.clock_offset_ms.is_some();
         info.clock_offset_ms = v.clock_offset_ms.unwrap_or(0.0);

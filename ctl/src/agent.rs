@@ -74,7 +74,21 @@ pub fn fields(a: &proto::AgentInfo) -> Vec<(&'static str, String)> {
         ("delay p50/p99", delay_text(a)),
         ("clock offset", offset_text(a)),
         ("snapshot entries", a.snapshot_entries.to_string()),
+        ("connect process", connect_process_text(a)),
     ]
+}
+
+/// Whether the agent names every TCP client's process: `bpf`, or why not (its clients of
+/// short-lived connections may then show no process).
+fn connect_process_text(a: &proto::AgentInfo) -> String {
+    match &a.connect_process {
+        None => "-".into(),
+        Some(c) if c.bpf => "bpf (every TCP connect names its process)".into(),
+        Some(c) => format!(
+            "no BPF on this host: SYN-ACK capture only, short-lived clients' processes unknown ({})",
+            c.off_reason
+        ),
+    }
 }
 
 /// One agent for `-o json`; `controller` is `""` while the agent is not connected.
@@ -108,6 +122,9 @@ pub fn json(a: &proto::AgentInfo) -> serde_json::Value {
         "delay_p99_ms": a.delay_p99_ms,
         "clock_offset_ms": a.clock_offset_known.then_some(a.clock_offset_ms),
         "snapshot_entries": a.snapshot_entries,
+        "connect_process": a.connect_process.as_ref().map(|c| json!({
+            "bpf": c.bpf, "off_reason": c.off_reason,
+        })),
     })
 }
 
@@ -220,6 +237,32 @@ mod tests {
         ] {
             assert_eq!(cell(&agent("x", state, ""), "STATE"), name);
         }
+    }
+
+    #[test]
+    fn agent_show_says_whether_every_client_process_is_named() {
+        let mut a = agent("web-1", proto::AgentState::Connected, "ctl-a");
+        let shown = |a: &proto::AgentInfo| {
+            fields(a)
+                .into_iter()
+                .find(|(k, _)| *k == "connect process")
+                .map(|(_, v)| v)
+                .unwrap()
+        };
+        assert_eq!(shown(&a), "-", "an older agent did not say");
+        a.connect_process = Some(proto::ConnectProcess {
+            bpf: true,
+            off_reason: String::new(),
+        });
+        assert!(shown(&a).starts_with("bpf"));
+        a.connect_process = Some(proto::ConnectProcess {
+            bpf: false,
+            off_reason: "disabled by configuration (snapshot.bpf = false)".into(),
+        });
+        let off = shown(&a);
+        assert!(off.starts_with("no BPF on this host"), "{off}");
+        assert!(off.contains("snapshot.bpf = false"), "{off}");
+        assert_eq!(json(&a)["connect_process"]["bpf"], false);
     }
 
     #[test]

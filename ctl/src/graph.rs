@@ -289,10 +289,11 @@ fn print_edges(edges: &[&proto::GraphEdge], g: &proto::Graph, json_out: bool) {
                 display(&e.from, &nodes),
                 display(&e.to, &nodes),
                 format!("{}/{}", e.port, protocol_name(e.protocol)),
-                if e.process.is_empty() {
-                    "-".into()
-                } else {
-                    e.process.clone()
+                match (e.process.is_empty(), e.process_note.is_empty()) {
+                    (false, _) => e.process.clone(),
+                    (true, true) => "-".into(),
+                    // "- (process unknown: no BPF on this host)"
+                    (true, false) => format!("- ({})", e.process_note),
                 },
                 e.sockets.to_string(),
                 if e.active { "active" } else { "inactive" }.into(),

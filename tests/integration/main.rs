@@ -1,6 +1,7 @@
 //! End-to-end tests with the real binaries. Build them first: `cargo build --workspace --bins`
 //! (`scripts/test` does it).
 
+mod bpf_process;
 mod console;
 mod console_browser;
 mod controller_list;

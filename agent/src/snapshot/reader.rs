@@ -131,6 +131,8 @@ pub struct Snapshotter {
     others: Vec<(netns::Namespace, u32)>,
     /// The agent's own namespace's conntrack: `None` until opened, or once it failed (logged).
     conntrack: Option<Result<conntrack::ConntrackReader, ()>>,
+    /// The translations the last snapshot read (for what is merged into it after).
+    nat: conntrack::Translations,
     failures: Arc<ReadFailures>,
     /// sock_diag dumps ask for `tcp_info`.
     tcp_info: bool,
@@ -157,6 +159,7 @@ impl Snapshotter {
             diag_failed: HashSet::new(),
             others: Vec::new(),
             conntrack: None,
+            nat: conntrack::Translations::default(),
             failures: Arc::default(),
             tcp_info: true,
         }
@@ -173,6 +176,15 @@ impl Snapshotter {
     pub fn with_failures(mut self, failures: Arc<ReadFailures>) -> Self {
         self.failures = failures;
         self
+    }
+
+    /// The tag rows of namespace `inode` carry, if the last snapshot read it as another
+    /// namespace than the agent's own (scope `all`); `None` otherwise.
+    pub fn namespace_name(&self, inode: u64) -> Option<&str> {
+        self.others
+            .iter()
+            .find(|(ns, _)| ns.inode == inode)
+            .map(|(ns, _)| ns.name.as_str())
     }
 
     /// Rows whose remote endpoint is one of `controllers` get `control_plane = true` from the next
@@ -242,7 +254,7 @@ impl Snapshotter {
                 source,
             }
         })?;
-        let nat = self.translations();
+        let nat = self.read_translations();
         let processes = &self.processes;
         let owner = |inode| {
             let pid = *resolution.owners.get(&inode)?;
@@ -260,6 +272,7 @@ impl Snapshotter {
         }
         table.stats.bad_lines = bad_lines;
         table.nat_fronts = nat.fronts().clone();
+        self.nat = nat;
         let r = &resolution.stats;
         tracing::debug!(
             namespaces = spaces.len(),
@@ -277,10 +290,15 @@ impl Snapshotter {
         Ok(table)
     }
 
+    /// The translations the last snapshot read.
+    pub fn translations(&self) -> &conntrack::Translations {
+        &self.nat
+    }
+
     /// The translated flows of the agent's own namespace (a pod's traffic is translated in its
     /// host's namespace, so scope `all` needs no other). Empty on a fixture tree, and where
     /// conntrack cannot be read: no NAT module loaded, or no CAP_NET_ADMIN (logged once, counted).
-    fn translations(&mut self) -> conntrack::Translations {
+    fn read_translations(&mut self) -> conntrack::Translations {
         if self.proc_root != Path::new("/proc") {
             return conntrack::Translations::default();
         }

@@ -14,7 +14,7 @@ use tonic::Status;
 use super::clock::Clock;
 use super::health::{AgentState, DEFAULT_HEARTBEAT_MS};
 use super::task::RegistryTask;
-use super::view::{AgentView, CaptureView};
+use super::view::{AgentView, CaptureView, ConnectProcess};
 use super::{CloseReason, Outbound, Pushed, Registered};
 
 /// A session replaced this many times within [`SHARED_WINDOW`] means two processes hold one
@@ -107,6 +107,7 @@ impl Agent {
                 send_pps: 0.0,
                 send_bps: 0.0,
                 snapshot_entries: 0,
+                connect_process: ConnectProcess::Unknown,
             },
             live: None,
             last_control: Instant::now(),
@@ -220,6 +221,7 @@ impl RegistryTask {
         v.remote_addr = remote.to_string();
         v.agent_version = hello.agent_version;
         v.kernel = hello.kernel;
+        v.connect_process = ConnectProcess::from_hello(hello.capabilities.as_ref());
         v.interfaces = hello
             .interfaces
             .iter()

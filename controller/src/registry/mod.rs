@@ -39,7 +39,7 @@ use presence::{Fleet, FleetView, PresenceStats, Writer};
 use task::{Command, RegistryTask};
 
 pub use health::AgentState;
-pub use view::{AgentView, DirectView};
+pub use view::{AgentView, ConnectProcess, DirectView};
 
 /// Commands queued to the registry task at most; senders wait beyond.
 const COMMANDS: usize = 1024;

@@ -115,6 +115,29 @@ impl CaptureView {
     }
 }
 
+/// Whether an agent names the process of every TCP connect (its BPF tracer), as its Hello said.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnectProcess {
+    /// An agent that has not said (older, or not connected yet).
+    #[default]
+    Unknown,
+    Bpf,
+    /// SYN-ACK capture only; the reason the agent gave.
+    Off(String),
+}
+
+impl ConnectProcess {
+    pub fn from_hello(caps: Option<&tapgraph::proto::Capabilities>) -> Self {
+        match caps {
+            Some(c) if c.connect_process => ConnectProcess::Bpf,
+            Some(c) if !c.connect_process_off_reason.is_empty() => {
+                ConnectProcess::Off(c.connect_process_off_reason.clone())
+            }
+            _ => ConnectProcess::Unknown,
+        }
+    }
+}
+
 /// One agent as operators see it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentView {
@@ -150,4 +173,7 @@ pub struct AgentView {
     pub send_pps: f64,
     pub send_bps: f64,
     pub snapshot_entries: u64,
+    /// Whether the agent names every TCP client's process (BPF), from its Hello.
+    #[serde(default)]
+    pub connect_process: ConnectProcess,
 }

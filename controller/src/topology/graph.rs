@@ -176,6 +176,8 @@ pub struct Edge {
     pub via: String,
     /// What a `CONNECTS_TO` edge carried, when an agent measured it.
     pub traffic: Option<Traffic>,
+    /// Why `process` is empty, as the client's agent said; empty otherwise.
+    pub process_note: String,
 }
 
 /// An edge's TCP traffic, counted once. Each direction comes from one side: bytes and segments
@@ -343,6 +345,7 @@ impl Edge {
             control_plane: false,
             via: String::new(),
             traffic: None,
+            process_note: String::new(),
         }
     }
 }
@@ -478,6 +481,7 @@ pub(super) fn build(model: &Model, query: &GraphQuery, now_ms: u64, ttl_ms: u64)
             control_plane: e.control_plane,
             via: e.via.clone(),
             traffic: traffic.remove(&e.key),
+            process_note: e.process_note.clone(),
         });
     }
     Graph {
@@ -509,6 +513,7 @@ mod tests {
                 sockets: 1,
                 control_plane,
                 short_lived: false,
+                process_note: String::new(),
             };
             (key, value)
         };

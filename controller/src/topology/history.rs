@@ -503,6 +503,7 @@ mod tests {
                     sockets: 1,
                     control_plane: false,
                     short_lived: false,
+                    process_note: String::new(),
                 },
             );
         }

@@ -195,6 +195,7 @@ fn row(e: &proto::ConnectionEntry, removed: bool) -> Result<(ObsKey, ObsValue), 
     let name = e.process.as_ref().map(|p| p.name.as_str()).unwrap_or("");
     check_name("process name", name)?;
     check_name("container", &e.container)?;
+    check_name("process note", &e.process_note)?;
     // In scope `all` the container says more than the program: `redis-server (docker:4f1c2e9a7b3d)`.
     let process = if e.container.is_empty() {
         name.into()
@@ -218,6 +219,7 @@ fn row(e: &proto::ConnectionEntry, removed: bool) -> Result<(ObsKey, ObsValue), 
         sockets: e.sockets.max(1),
         control_plane: e.control_plane,
         short_lived: e.short_lived,
+        process_note: e.process_note.clone(),
     };
     if !removed {
         check_row(&key, &value)?;
@@ -292,6 +294,7 @@ fn flow(t: &proto::FlowTraffic) -> Result<FlowKey, Invalid> {
             sockets: 1,
             control_plane: false,
             short_lived: false,
+            process_note: String::new(),
         },
     )?;
     Ok(key)
@@ -460,6 +463,7 @@ pub(super) mod tests {
             sockets: n,
             control_plane: false,
             short_lived: false,
+            process_note: String::new(),
         }
     }
 

@@ -70,6 +70,10 @@ pub struct ObsValue {
     pub sockets: u32,
     pub control_plane: bool,
     pub short_lived: bool,
+    /// Why a client row has no process, as its agent said ("process unknown: no BPF on this
+    /// host"); empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub process_note: String,
 }
 
 /// The endpoints of a TCP row without its process: what an agent counts traffic by.
@@ -204,6 +208,9 @@ pub struct Edge {
     /// service (`10.96.0.10:53`); empty for a connection made to the service itself.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub via: String,
+    /// Why `process` is empty, as the client's agent said; empty once a process is known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub process_note: String,
     /// Current observations (agent, row) backing this edge; empty once they are gone.
     #[serde(skip)]
     pub reporters: Reporters,
@@ -284,6 +291,18 @@ fn refresh(edge: &mut Edge, value: &ObsValue, now_ms: u64) -> bool {
     {
         edge.process = process.to_string();
         changed = true;
+    }
+    // A client row says why its process is unknown; a server row (no note) never clears it.
+    if !value.process_note.is_empty() || !edge.process.is_empty() {
+        let note = if edge.process.is_empty() {
+            value.process_note.as_str()
+        } else {
+            ""
+        };
+        if edge.process_note != note {
+            edge.process_note = note.to_string();
+            changed = true;
+        }
     }
     changed
 }
@@ -482,6 +501,7 @@ impl Model {
                 control_plane: false,
                 short_lived: false,
                 via: String::new(),
+                process_note: String::new(),
                 reporters: Reporters::default(),
             }
         });
@@ -663,6 +683,7 @@ impl Model {
                         control_plane: false,
                         short_lived: true,
                         via: String::new(),
+                        process_note: String::new(),
                         reporters: Reporters::default(),
                     },
                 );
@@ -949,6 +970,7 @@ mod tests {
                             sockets: *sockets,
                             control_plane: false,
                             short_lived: false,
+                            process_note: String::new(),
                         },
                     )
                 })

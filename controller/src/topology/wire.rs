@@ -69,6 +69,7 @@ impl From<&Edge> for proto::GraphEdge {
                 closed_connections: t.closed,
                 measured_by: t.measured_by.as_str().into(),
             }),
+            process_note: e.process_note.clone(),
         }
     }
 }
@@ -172,6 +173,7 @@ mod tests {
             sockets: 2,
             control_plane: false,
             short_lived: false,
+            process_note: String::new(),
         };
         (key, value)
     }

@@ -318,6 +318,7 @@ mod tests {
             control_plane: false,
             via: String::new(),
             traffic: None,
+            process_note: String::new(),
         }
     }
 

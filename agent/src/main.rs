@@ -258,6 +258,7 @@ fn print_snapshot(
                         std::mem::take(&mut table.sockets),
                         Vec::new(),
                         &table.listeners,
+                        snapshotter.translations(),
                     )
                     .len();
                 let took = started.elapsed();

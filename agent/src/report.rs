@@ -68,6 +68,20 @@ pub struct Reporter {
     traffic: Traffic,
 }
 
+/// Whether a flow is a session with one of `controllers`: its server end is a controller's
+/// address (the agent's side, or the controller's own side where both share the host).
+fn is_control_plane(t: &proto::FlowTraffic, controllers: &[SocketAddr]) -> bool {
+    let server_ip = if t.direction == proto::Direction::Client as i32 {
+        &t.remote_ip
+    } else {
+        &t.local_ip
+    };
+    controllers.iter().any(|cp| {
+        u32::from(cp.port()) == t.server_port
+            && server_ip.parse::<IpAddr>().ok() == Some(cp.ip().to_canonical())
+    })
+}
+
 /// Adds the TCP connects the BPF tracer saw that `table` does not show with a process, as client
 /// rows named after the connecting process; returns the keys added. `netns` gives the tag of a
 /// namespace inode (as the table's rows are tagged). The cmdline is left empty: the process is
@@ -453,7 +467,15 @@ impl Reporter {
         let base = self.sequence;
         self.sequence += 1;
         let taken_at = tapgraph::time::unix_nanos();
-        let (traffic, traffic_since) = self.traffic.take(&mut table, taken_at);
+        let (mut traffic, traffic_since) = self.traffic.take(
+            &mut table,
+            taken_at,
+            self.snapshotter.translations(),
+            &self.control_plane,
+        );
+        // The agent's own link to a controller is no dependency: its bytes would make an edge of
+        // their own once its row is gone (a closed session), one not marked control plane.
+        traffic.retain(|t| !is_control_plane(t, &self.control_plane));
         let mut msg = proto::ConnectionSnapshot {
             sequence: self.sequence,
             taken_at_unix_nanos: taken_at,
@@ -870,6 +892,35 @@ mod tests {
             established: true,
             accepted: false,
         }
+    }
+
+    /// The agent's own link to a controller carries no traffic on the map: a closed session's
+    /// bytes would otherwise make an edge of their own, not marked control plane.
+    #[test]
+    fn flows_to_a_controller_are_the_control_plane_s() {
+        let flow = |remote: &str, port: u32, direction: proto::Direction| proto::FlowTraffic {
+            direction: direction as i32,
+            remote_ip: remote.into(),
+            server_port: port,
+            ..Default::default()
+        };
+        let controllers = [sa("[::ffff:10.0.0.5]:7443"), sa("10.0.0.6:7443")];
+        assert!(is_control_plane(
+            &flow("10.0.0.5", 7443, proto::Direction::Client),
+            &controllers
+        ));
+        assert!(is_control_plane(
+            &flow("10.0.0.6", 7443, proto::Direction::Client),
+            &controllers
+        ));
+        assert!(!is_control_plane(
+            &flow("10.0.0.5", 7444, proto::Direction::Client),
+            &controllers
+        ));
+        assert!(!is_control_plane(
+            &flow("10.0.0.5", 7443, proto::Direction::Server),
+            &controllers
+        ));
     }
 
     /// A connect the kernel translated (a ClusterIP's DNAT on this host) is a row towards the

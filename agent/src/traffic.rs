@@ -17,6 +17,7 @@ use std::sync::Arc;
 use tapgraph::proto;
 
 use crate::snapshot::closed::{ClosedCounters, ClosedListener};
+use crate::snapshot::conntrack::Translations;
 use crate::snapshot::{Direction, Flow, Listener, Protocol, SocketRow, Table, TcpInfo, direction};
 
 /// A socket not seen by this many reads in a row, and never reported closed, is forgotten: its
@@ -88,6 +89,7 @@ impl Accountant {
         live: Vec<(Flow, TcpInfo)>,
         closed: Vec<SocketRow>,
         listeners: &BTreeMap<Listener, u32>,
+        nat: &Translations,
     ) -> BTreeMap<Flow, Moved> {
         self.reads += 1;
         let mut moved: BTreeMap<Flow, Moved> = BTreeMap::new();
@@ -117,7 +119,7 @@ impl Accountant {
                     }
                     (seen.flow, Some(seen.info))
                 }
-                None => (flow_of(&row, listeners), None),
+                None => (flow_of(&row, listeners, nat), None),
             };
             let m = moved.entry(flow).or_default();
             m.add(&info, before.as_ref());
@@ -138,24 +140,31 @@ impl Accountant {
 }
 
 /// The flow of a socket no read saw: a `Server` when a TCP listener of the namespace covers its
-/// local address and port.
-fn flow_of(row: &SocketRow, listeners: &BTreeMap<Listener, u32>) -> Flow {
+/// local address and port; a client the kernel translated (its conntrack entry outlives the
+/// socket) is a flow towards the backend, as its row is.
+fn flow_of(row: &SocketRow, listeners: &BTreeMap<Listener, u32>, nat: &Translations) -> Flow {
     let server = listeners.keys().any(|l| {
         l.protocol == Protocol::Tcp
             && l.netns.is_empty()
             && l.port == row.local.port()
             && direction::covers(l.ip, row.local.ip())
     });
+    let remote = if server {
+        row.remote
+    } else {
+        nat.backend(Protocol::Tcp, row.local, row.remote)
+            .unwrap_or(row.remote)
+    };
     let (direction, server_port) = if server {
         (Direction::Server, row.local.port())
     } else {
-        (Direction::Client, row.remote.port())
+        (Direction::Client, remote.port())
     };
     Flow {
         netns: String::new(),
         direction,
         local_ip: row.local.ip(),
-        remote_ip: row.remote.ip(),
+        remote_ip: remote.ip(),
         server_port,
     }
 }
@@ -193,7 +202,16 @@ impl Traffic {
     }
 
     /// The increments since the last snapshot, on the wire; `table.sockets` is taken.
-    pub fn take(&mut self, table: &mut Table, now: u64) -> (Vec<proto::FlowTraffic>, u64) {
+    /// A closed connection no read saw is placed with `nat`, the last snapshot's translations;
+    /// one with an end at a controller's address (`control_plane`) is a session, not a
+    /// dependency, and is left out (once its listener is gone, its direction cannot be told).
+    pub fn take(
+        &mut self,
+        table: &mut Table,
+        now: u64,
+        nat: &Translations,
+        control_plane: &[std::net::SocketAddr],
+    ) -> (Vec<proto::FlowTraffic>, u64) {
         let closed = match &self.closed {
             Some(listener) => {
                 let c = &listener.counters;
@@ -212,8 +230,22 @@ impl Traffic {
             }
             None => Vec::new(),
         };
+        let closed: Vec<SocketRow> = closed
+            .into_iter()
+            .filter(|row| {
+                let canon = |a: std::net::SocketAddr| {
+                    std::net::SocketAddr::new(a.ip().to_canonical(), a.port())
+                };
+                !control_plane
+                    .iter()
+                    .map(|cp| canon(*cp))
+                    .any(|cp| cp == canon(row.local) || cp == canon(row.remote))
+            })
+            .collect();
         let sockets = std::mem::take(&mut table.sockets);
-        let moved = self.accountant.account(sockets, closed, &table.listeners);
+        let moved = self
+            .accountant
+            .account(sockets, closed, &table.listeners, nat);
         let since = std::mem::replace(&mut self.since, now);
         (
             moved.iter().map(|(f, m)| flow_traffic(f, m)).collect(),
@@ -325,6 +357,7 @@ mod tests {
             ],
             vec![],
             &listeners,
+            &Translations::default(),
         );
         assert_eq!(sent(&first), [(Client, 5432, 1010, 55, 0)]);
         assert_eq!(first[&db].srtt_us, 1500);
@@ -337,6 +370,7 @@ mod tests {
             ],
             vec![],
             &listeners,
+            &Translations::default(),
         );
         assert_eq!(sent(&second), [(Client, 5432, 500, 0, 0)]);
         // Nothing moved: nothing to send.
@@ -347,6 +381,7 @@ mod tests {
             ],
             vec![],
             &listeners,
+            &Translations::default(),
         );
         assert!(idle.is_empty());
         // Socket 2 closes after moving 90 more; a connection to :80 came and went between two
@@ -358,6 +393,7 @@ mod tests {
                 closed("10.0.0.1:80", "10.0.0.9:50000", info(7, 300, 4000)),
             ],
             &listeners,
+            &Translations::default(),
         );
         assert_eq!(
             sent(&third),
@@ -371,11 +407,43 @@ mod tests {
     fn unseen_sockets_are_forgotten() {
         let mut a = Accountant::default();
         let f = flow(Direction::Client, 443);
-        a.account(vec![(f, info(1, 1, 1))], vec![], &BTreeMap::new());
+        a.account(
+            vec![(f, info(1, 1, 1))],
+            vec![],
+            &BTreeMap::new(),
+            &Translations::default(),
+        );
         for _ in 0..FORGET_AFTER_READS {
             assert_eq!(a.remembered(), 1);
-            a.account(vec![], vec![], &BTreeMap::new());
+            a.account(vec![], vec![], &BTreeMap::new(), &Translations::default());
         }
         assert_eq!(a.remembered(), 0);
+    }
+
+    /// A client of a virtual address that came and went between two reads: its bytes count on
+    /// the backend's flow, as its row would, from the conntrack entry that outlives the socket.
+    #[test]
+    fn a_closed_connection_through_nat_counts_on_the_backend() {
+        use crate::snapshot::conntrack::Flow as Translated;
+        let local: std::collections::BTreeSet<std::net::IpAddr> =
+            ["10.0.0.1".parse().unwrap()].into();
+        let nat = Translations::new(
+            [Translated {
+                protocol: Protocol::Tcp,
+                client: "10.0.0.1:40000".parse().unwrap(),
+                dialled: "10.96.0.10:53".parse().unwrap(),
+                backend: "10.0.0.2:8053".parse().unwrap(),
+            }],
+            &local,
+        );
+        let mut a = Accountant::default();
+        let moved = a.account(
+            vec![],
+            vec![closed("10.0.0.1:40000", "10.96.0.10:53", info(3, 100, 20))],
+            &BTreeMap::new(),
+            &nat,
+        );
+        let flows: Vec<_> = moved.keys().map(|f| (f.remote_ip, f.server_port)).collect();
+        assert_eq!(flows, [("10.0.0.2".parse().unwrap(), 8053)]);
     }
 }

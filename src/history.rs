@@ -11,7 +11,8 @@ use crate::proto::HistoryChange;
 /// `changes` must be oldest first (as `GetHistory` sends them).
 pub fn present_at(changes: &[HistoryChange], at: u64) -> BTreeMap<&str, &HistoryChange> {
     let mut present = BTreeMap::new();
-    for c in changes.iter().take_while(|c| c.at_unix_nanos <= at) {
+    let changes = changes.iter().filter(|c| c.kind != TRAFFIC);
+    for c in changes.take_while(|c| c.at_unix_nanos <= at) {
         if c.appeared {
             present.insert(c.id.as_str(), c);
         } else {
@@ -40,7 +41,7 @@ pub fn diff(changes: &[HistoryChange], from: u64, to: u64) -> Diff<'_> {
     let window = || {
         changes
             .iter()
-            .filter(move |c| c.at_unix_nanos > from && c.at_unix_nanos <= to)
+            .filter(move |c| c.kind != TRAFFIC && c.at_unix_nanos > from && c.at_unix_nanos <= to)
     };
     let mut gone_at: BTreeMap<&str, &HistoryChange> = BTreeMap::new();
     let mut first_in: BTreeMap<&str, &HistoryChange> = BTreeMap::new();
@@ -72,6 +73,52 @@ pub fn diff(changes: &[HistoryChange], from: u64, to: u64) -> Diff<'_> {
         list.sort_by(|a, b| (a.at_unix_nanos, &a.id).cmp(&(b.at_unix_nanos, &b.id)));
     }
     d
+}
+
+/// The kind of a sum of an edge's traffic over an interval (not an item that appears or goes).
+pub const TRAFFIC: &str = "traffic";
+
+/// What each edge carried in `(from, to]`, from the interval sums ending in it (an interval that
+/// ends inside counts whole): `(edge id, its last sum's change, bytes sent, bytes received)`,
+/// the most first.
+pub fn traffic_between(
+    changes: &[HistoryChange],
+    from: u64,
+    to: u64,
+) -> Vec<(String, &HistoryChange, u64, u64)> {
+    let mut sums: BTreeMap<&str, (&HistoryChange, u64, u64)> = BTreeMap::new();
+    for c in changes
+        .iter()
+        .filter(|c| c.kind == TRAFFIC && c.at_unix_nanos > from && c.at_unix_nanos <= to)
+    {
+        let id = c.id.strip_prefix("traffic:").unwrap_or(&c.id);
+        let s = sums.entry(id).or_insert((c, 0, 0));
+        s.0 = c;
+        s.1 = s.1.saturating_add(c.bytes_sent);
+        s.2 = s.2.saturating_add(c.bytes_received);
+    }
+    let mut out: Vec<_> = sums
+        .into_iter()
+        .map(|(id, (c, sent, received))| (id.to_string(), c, sent, received))
+        .collect();
+    out.sort_by(|a, b| (b.2 + b.3).cmp(&(a.2 + a.3)).then_with(|| a.0.cmp(&b.0)));
+    out
+}
+
+/// The sum for edge `id` over the interval that holds `at`, if one was kept.
+pub fn traffic_at<'a>(
+    changes: &'a [HistoryChange],
+    id: &str,
+    at: u64,
+) -> Option<&'a HistoryChange> {
+    changes.iter().find(|c| {
+        c.kind == TRAFFIC
+            && c.id.strip_prefix("traffic:") == Some(id)
+            && c.at_unix_nanos >= at
+            && c.at_unix_nanos
+                .saturating_sub(c.interval_ms.saturating_mul(1_000_000))
+                < at
+    })
 }
 
 /// A time as an operator writes it: RFC 3339 (`2026-12-07T04:00:00Z`), or a duration meaning
@@ -143,6 +190,40 @@ mod tests {
         assert_eq!(ids(&d.gone), [(5, "a".to_string())]);
         assert_eq!(ids(&d.between), [(6, "c".to_string())]);
         assert_eq!(diff(&changes, 9, 9), Diff::default());
+    }
+
+    #[test]
+    fn traffic_sums_are_kept_apart_and_added_per_edge() {
+        let sum = |at: u64, id: &str, sent: u64| HistoryChange {
+            at_unix_nanos: at,
+            kind: TRAFFIC.into(),
+            appeared: true,
+            id: format!("traffic:{id}"),
+            interval_ms: 2,
+            bytes_sent: sent,
+            bytes_received: 1,
+            ..Default::default()
+        };
+        let changes = [
+            change(1, true, "a"),
+            sum(2_000_000, "a", 10),
+            sum(4_000_000, "a", 5),
+            sum(4_000_000, "b", 100),
+        ];
+        assert_eq!(
+            present_at(&changes, 5_000_000).len(),
+            1,
+            "sums are not items"
+        );
+        assert_eq!(diff(&changes, 1, 5_000_000), Diff::default());
+        let t = traffic_between(&changes, 0, 5_000_000);
+        let t: Vec<_> = t
+            .iter()
+            .map(|(id, _, s, r)| (id.as_str(), *s, *r))
+            .collect();
+        assert_eq!(t, [("b", 100, 1), ("a", 15, 2)]);
+        assert_eq!(traffic_at(&changes, "a", 3_000_000).unwrap().bytes_sent, 5);
+        assert!(traffic_at(&changes, "a", 5_000_000).is_none());
     }
 
     #[test]

@@ -6,6 +6,7 @@ export function presentAt(changes, at) {
   const present = new Map();
   for (const c of changes) {
     if (c.at > at) break;
+    if (c.kind === 'traffic') continue;
     if (c.appeared) present.set(c.id, c);
     else present.delete(c.id);
   }
@@ -23,7 +24,7 @@ export function changesBetween(changes, from, to) {
   const goneAt = new Map();
   const firstIn = new Map();
   for (const c of changes) {
-    if (c.at <= from || c.at > to) continue;
+    if (c.at <= from || c.at > to || c.kind === 'traffic') continue;
     if (c.appeared) {
       if (!firstIn.has(c.id)) firstIn.set(c.id, c);
     } else goneAt.set(c.id, c);

@@ -156,7 +156,8 @@ async fn graph(State(state): State<HttpState>, Query(p): Query<GraphParams>) -> 
 
 /// What changed on the map (see `topology::history`), for the console's time slider and its
 /// changes view: `{horizon, now, changes: [{at, kind, appeared, first, id, from, to, port,
-/// protocol, process, via, agent, hostname, ip}]}`, times in Unix ms, oldest first.
+/// protocol, process, via, agent, hostname, ip, interval_ms, bytes_sent, bytes_received}]}`,
+/// times in Unix ms, oldest first; kind `traffic` is an edge's bytes over an interval.
 async fn history(State(state): State<HttpState>) -> Response {
     let now = tapgraph::time::unix_nanos() / 1_000_000;
     match state.topology.history(now).await {
@@ -181,6 +182,9 @@ async fn history(State(state): State<HttpState>) -> Response {
                         "agent": c.agent_id,
                         "hostname": c.hostname,
                         "ip": c.ip,
+                        "interval_ms": c.interval_ms,
+                        "bytes_sent": c.bytes_sent,
+                        "bytes_received": c.bytes_received,
                     })
                 })
                 .collect();

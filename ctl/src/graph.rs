@@ -387,14 +387,16 @@ fn change_text(c: &proto::HistoryChange, nodes: &BTreeMap<&str, &proto::GraphNod
     }
 }
 
+/// The diff's lists, and what each edge carried in the window (`traffic`: edge, bytes sent,
+/// received; the most first), `window` = (from, to, history's horizon).
 fn print_diff(
     lists: &[(&str, &Vec<proto::HistoryChange>)],
-    from: u64,
-    to: u64,
-    horizon: u64,
+    traffic: &[(proto::GraphEdge, u64, u64)],
+    window: (u64, u64, u64),
     g: &proto::Graph,
     json_out: bool,
 ) {
+    let (from, to, horizon) = window;
     if from < horizon {
         eprintln!(
             "warning: history is kept from {} (topology.history_retention); what changed before is not known",
@@ -419,6 +421,17 @@ fn print_diff(
         for (name, list) in lists {
             out[*name] = json!(list.iter().map(item).collect::<Vec<_>>());
         }
+        out["traffic"] = json!(
+            traffic
+                .iter()
+                .map(|(e, sent, received)| {
+                    let mut v = edge_json(e);
+                    v["bytes_sent"] = json!(sent);
+                    v["bytes_received"] = json!(received);
+                    v
+                })
+                .collect::<Vec<_>>()
+        );
         print_json(&out);
         return;
     }
@@ -438,9 +451,32 @@ fn print_diff(
         .collect();
     if rows.is_empty() {
         println!("nothing changed from {} to {}", ns_time(from), ns_time(to));
-        return;
+    } else {
+        table::print(&["CHANGE", "KIND", "WHAT", "AT"], &rows);
     }
-    table::print(&["CHANGE", "KIND", "WHAT", "AT"], &rows);
+    if !traffic.is_empty() {
+        println!("\nwhat the edges carried in the window (history intervals that end in it):");
+        let rows: Vec<Vec<String>> = traffic
+            .iter()
+            .take(20)
+            .map(|(e, sent, received)| {
+                vec![
+                    display(&e.from, &nodes),
+                    display(&e.to, &nodes),
+                    format!("{}/{}", e.port, protocol_name(e.protocol)),
+                    tapgraph::graph::bytes_text(*sent),
+                    tapgraph::graph::bytes_text(*received),
+                ]
+            })
+            .collect();
+        table::print(&["FROM", "TO", "PORT", "SENT", "RECEIVED"], &rows);
+        if traffic.len() > 20 {
+            println!(
+                "… and {} more edges (-o json lists them all)",
+                traffic.len() - 20
+            );
+        }
+    }
 }
 
 /// SENT (client to server), RECEIVED, RTT (smoothed), RETRANS; `-` where nothing was measured.
@@ -484,6 +520,16 @@ pub async fn run(
                     let mut e = c.edge.clone()?;
                     e.active = true;
                     e.first_seen_unix_nanos = c.at_unix_nanos;
+                    // What it carried over the history interval that holds the time asked.
+                    e.traffic =
+                        tapgraph::history::traffic_at(&history.changes, &c.id, at).map(|t| {
+                            proto::EdgeTraffic {
+                                bytes_sent: t.bytes_sent,
+                                bytes_received: t.bytes_received,
+                                measured_by: "interval".into(),
+                                ..Default::default()
+                            }
+                        });
                     Some(e)
                 })
                 .filter(|e| keep(e, &args.filter, &labels))
@@ -538,11 +584,16 @@ pub async fn run(
                     .collect()
             };
             let (new, gone, between) = (kept(d.new), kept(d.gone), kept(d.between));
+            let traffic: Vec<(proto::GraphEdge, u64, u64)> =
+                tapgraph::history::traffic_between(&history.changes, from, to)
+                    .into_iter()
+                    .filter_map(|(_, c, sent, received)| Some((c.edge.clone()?, sent, received)))
+                    .filter(|(e, _, _)| keep(e, &args.filter, &labels))
+                    .collect();
             print_diff(
                 &[("new", &new), ("gone", &gone), ("between", &between)],
-                from,
-                to,
-                history.horizon_unix_nanos,
+                &traffic,
+                (from, to, history.horizon_unix_nanos),
                 &names,
                 json_out,
             );

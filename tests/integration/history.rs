@@ -78,6 +78,7 @@ fn what_changed_is_kept_diffed_told_and_alerted() {
             ("TAPGRAPH_POLICY__SNAPSHOT_INTERVAL", "1s"),
             ("TAPGRAPH_POLICY__HEARTBEAT_INTERVAL", "1s"),
             ("TAPGRAPH_TOPOLOGY__TTL", "4s"),
+            ("TAPGRAPH_TOPOLOGY__HISTORY_INTERVAL", "2s"),
             // Every agent host is prod; the agentless host's network is a partner's.
             ("TAPGRAPH_TOPOLOGY__HOSTNAME_LABELS", "* env=prod"),
             (
@@ -150,6 +151,30 @@ fn what_changed_is_kept_diffed_told_and_alerted() {
         ids(&diff["new"]).len(),
         diff["new"].as_array().unwrap().len()
     );
+
+    // What the edges carried is summed per history interval: the app's pings before it went,
+    // the newcomer's after it came, each once.
+    let carried = wait_for("traffic sums in the diff", Duration::from_secs(20), || {
+        let d = lab.ctl(&["graph", "diff", "--since", "5m"]);
+        let sums: Vec<(String, u64, u64)> = d["traffic"]
+            .as_array()?
+            .iter()
+            .map(|t| {
+                (
+                    format!(
+                        "{} -> {}",
+                        t["from"].as_str().unwrap(),
+                        t["to"].as_str().unwrap()
+                    ),
+                    t["bytes_sent"].as_u64().unwrap(),
+                    t["bytes_received"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let moved = |edge: &str| sums.iter().any(|(e, s, r)| e == edge && *s > 0 && *r > 0);
+        (moved(&inside) && moved(&ext)).then_some(sums)
+    });
+    eprintln!("carried: {carried:?}");
 
     // The map as it was at t1: the app's edge, not the newcomer's.
     let then: Vec<String> = lab

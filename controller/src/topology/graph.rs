@@ -299,7 +299,7 @@ fn combine(client: Option<&Side>, server: Option<&Side>) -> Option<Traffic> {
 }
 
 /// Every edge's traffic, from the flows of every agent's table, counted once (see [`Traffic`]).
-fn traffic(model: &Model, now_ms: u64, ttl_ms: u64) -> HashMap<model::EdgeKey, Traffic> {
+pub(super) fn traffic(model: &Model, now_ms: u64, ttl_ms: u64) -> HashMap<model::EdgeKey, Traffic> {
     let mut by_edge: HashMap<model::EdgeKey, [Option<Side>; 2]> = HashMap::new();
     for (agent, table) in &model.agents {
         let fresh = now_ms.saturating_sub(table.last_snapshot_ms) < ttl_ms;

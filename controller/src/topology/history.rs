@@ -16,6 +16,9 @@
 //! - A listener is present while its host's table holds it, a host while the map holds its
 //!   table; both change at the time they were noticed.
 //!
+//! Beside the changes, each edge's traffic is summed per `topology.history_interval` (1 h by
+//! default): one record per edge that moved bytes in the interval, dated at its end.
+//!
 //! Retention keeps every change younger than the horizon, and of older ones only each item's
 //! last if it appeared: the map at any time inside the horizon can be rebuilt, and an item
 //! present for months costs one record.
@@ -58,6 +61,14 @@ pub enum Item {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         hostname: String,
     },
+    /// What an edge carried over one interval, ending at the change's time: not something that
+    /// appears or goes, a sum kept beside the changes.
+    Traffic {
+        key: EdgeKey,
+        interval_ms: u64,
+        bytes_sent: u64,
+        bytes_received: u64,
+    },
 }
 
 /// An item's identity, whatever its details.
@@ -66,6 +77,7 @@ pub enum ItemKey {
     Edge(EdgeKey),
     Listener(AgentId, ListenerKey),
     Host(AgentId),
+    Traffic(EdgeKey),
 }
 
 impl Item {
@@ -76,6 +88,7 @@ impl Item {
                 agent, listener, ..
             } => ItemKey::Listener(agent.clone(), listener.clone()),
             Item::Host { agent, .. } => ItemKey::Host(agent.clone()),
+            Item::Traffic { key, .. } => ItemKey::Traffic(key.clone()),
         }
     }
 
@@ -97,6 +110,7 @@ impl Item {
                 format!("listener:{agent}|{addr}/{}{netns}", l.protocol.as_str())
             }
             Item::Host { agent, .. } => format!("host:{agent}"),
+            Item::Traffic { key, .. } => format!("traffic:{}", key.id()),
         }
     }
 
@@ -105,6 +119,7 @@ impl Item {
             Item::Edge { .. } => "edge",
             Item::Listener { .. } => "listener",
             Item::Host { .. } => "host",
+            Item::Traffic { .. } => "traffic",
         }
     }
 }
@@ -162,6 +177,9 @@ impl Recorder {
     }
 
     fn note(&mut self, change: &Change) {
+        if matches!(change.item, Item::Traffic { .. }) {
+            return;
+        }
         let key = change.item.key();
         self.last.insert(key.clone(), change.at_ms);
         match (key, change.appeared) {
@@ -269,7 +287,7 @@ impl Recorder {
                     .get(agent)
                     .is_some_and(|t| t.listeners.contains_key(l)),
                 ItemKey::Host(agent) => model.agents.contains_key(agent),
-                ItemKey::Edge(_) => true,
+                ItemKey::Edge(_) | ItemKey::Traffic(_) => true,
             };
             if !still {
                 changes.push(Change {
@@ -301,10 +319,16 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Changes the store could not take yet, kept at most: beyond, the oldest are dropped (counted).
 const PENDING_MAX: usize = 100_000;
 
+/// Each edge's byte totals (sent, received).
+type ByteTotals = HashMap<EdgeKey, (u64, u64)>;
+
 /// The task's history: the recorder while this replica records, and what waits to be written.
 #[derive(Debug, Default)]
 pub(crate) struct State {
     recorder: Option<Recorder>,
+    /// The start of the traffic interval running now, and each edge's byte totals then (sent,
+    /// received): the next interval's sums are the differences.
+    traffic_base: Option<(u64, ByteTotals)>,
     pending: Vec<Change>,
     pruned: Option<Instant>,
     /// Changes dropped because the store refused them for too long.
@@ -319,6 +343,7 @@ impl Task {
         if !*self.leading.borrow() {
             self.history.recorder = None;
             self.history.pruned = None;
+            self.history.traffic_base = None;
             return;
         }
         let now = now_ms();
@@ -338,6 +363,8 @@ impl Task {
             announce(&self.events, c);
         }
         self.history.pending.extend(changes);
+        let sums = self.sum_traffic(now);
+        self.history.pending.extend(sums);
         if self.history.pending.is_empty() {
             return;
         }
@@ -359,6 +386,54 @@ impl Task {
                 tracing::warn!(pending = self.history.pending.len(), %error, "cannot write the map's history; kept, and written again");
             }
         }
+    }
+
+    /// At the end of each `topology.history_interval`: what each edge carried during it, from
+    /// the differences of its byte totals. The first interval after this replica starts
+    /// recording only takes the totals (what came before is not this interval's).
+    fn sum_traffic(&mut self, now: u64) -> Vec<Change> {
+        let interval = (self.settings.history_interval.as_millis() as u64).max(1);
+        let bucket = now - now % interval;
+        if self
+            .history
+            .traffic_base
+            .as_ref()
+            .is_some_and(|(start, _)| *start == bucket)
+        {
+            return Vec::new();
+        }
+        let ttl = self.settings.ttl.as_millis() as u64;
+        let totals: ByteTotals = super::graph::traffic(&self.model, now, ttl)
+            .into_iter()
+            .filter(|(k, _)| self.model.edges.get(k).is_none_or(|e| !e.control_plane))
+            .map(|(k, t)| (k, (t.bytes_sent, t.bytes_received)))
+            .collect();
+        let mut sums = Vec::new();
+        if let Some((start, base)) = self.history.traffic_base.take() {
+            for (key, &(sent, received)) in &totals {
+                let (sent0, received0) = base.get(key).copied().unwrap_or((0, 0));
+                // A total below its base started again (its agent's table was replaced).
+                let since = |now: u64, then: u64| if now >= then { now - then } else { now };
+                let (sent, received) = (since(sent, sent0), since(received, received0));
+                if sent == 0 && received == 0 {
+                    continue;
+                }
+                sums.push(Change {
+                    at_ms: bucket,
+                    appeared: true,
+                    first: false,
+                    item: Item::Traffic {
+                        key: key.clone(),
+                        interval_ms: bucket.saturating_sub(start),
+                        bytes_sent: sent,
+                        bytes_received: received,
+                    },
+                });
+            }
+        }
+        sums.sort_by_cached_key(|c| c.item.id());
+        self.history.traffic_base = Some((bucket, totals));
+        sums
     }
 
     /// Drops what retention no longer keeps and reads history back: the recorder starts from
@@ -453,10 +528,14 @@ fn announce(events: &Events, c: &Change) {
 /// but each item's last, and that one too when the item went.
 pub(super) fn expired(changes: &[Change], horizon_ms: u64) -> Vec<String> {
     let mut old: BTreeMap<ItemKey, Vec<&Change>> = BTreeMap::new();
-    for c in changes.iter().filter(|c| c.at_ms < horizon_ms) {
-        old.entry(c.item.key()).or_default().push(c);
-    }
     let mut drop = Vec::new();
+    for c in changes.iter().filter(|c| c.at_ms < horizon_ms) {
+        match c.item {
+            // A sum says nothing of the map after it.
+            Item::Traffic { .. } => drop.push(c.store_key()),
+            _ => old.entry(c.item.key()).or_default().push(c),
+        }
+    }
     for (_, mut cs) in old {
         cs.sort_by_key(|c| (c.at_ms, c.appeared));
         let keep_last = cs.last().is_some_and(|c| c.appeared);

@@ -58,6 +58,8 @@ pub struct TopologySettings {
     pub retention: Duration,
     /// What changed on the map is kept this long (see [`history`]).
     pub history_retention: Duration,
+    /// Each edge's traffic is summed in history over intervals of this length.
+    pub history_interval: Duration,
     /// Largest number of rows in one snapshot; a larger one is refused.
     pub max_entries: usize,
     /// Rows the whole fleet's map may hold (entries, listeners and addresses of every agent's

@@ -123,6 +123,24 @@ impl From<&Change> for proto::HistoryChange {
                 out.agent_id = agent.clone();
                 out.hostname = hostname.clone();
             }
+            Item::Traffic {
+                key,
+                interval_ms,
+                bytes_sent,
+                bytes_received,
+            } => {
+                out.edge = Some(proto::GraphEdge {
+                    from: key.from.id(),
+                    to: key.to.id(),
+                    kind: "CONNECTS_TO".into(),
+                    port: u32::from(key.port),
+                    protocol: protocol(key.protocol) as i32,
+                    ..Default::default()
+                });
+                out.interval_ms = *interval_ms;
+                out.bytes_sent = *bytes_sent;
+                out.bytes_received = *bytes_received;
+            }
         }
         out
     }

@@ -664,6 +664,7 @@ mod tests {
             ttl: Duration::from_secs(120),
             retention: Duration::from_secs(3600),
             history_retention: Duration::from_secs(86_400),
+            history_interval: Duration::from_secs(3600),
             max_entries: 100,
             max_rows: 1000,
             queue: 16,

@@ -20,27 +20,18 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, setsockopt, socket,
-    sockopt,
-};
-use nix::sys::time::{TimeVal, TimeValLike};
+use nix::sys::socket::SockProtocol;
 
 use super::Protocol;
 
-// include/uapi/linux/netlink.h
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_NOOP: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x01;
-const NLM_F_DUMP: u16 = 0x300;
+use super::netlink::{
+    DumpSocket, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP, Recv,
+};
+
 const NLA_HDRLEN: usize = 4;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 // include/uapi/linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h
@@ -65,9 +56,6 @@ const CTA_PROTO_DST_PORT: u16 = 3;
 const IPS_DST_NAT: u32 = 1 << 5;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
-/// The kernel caps a dump datagram at 32 KiB (as for sock_diag); a larger buffer changes nothing.
-const RECV_BUF_LEN: usize = 32 * 1024;
-const RECV_TIMEOUT_SECS: i64 = 5;
 /// Translated flows kept from one dump at most: a NAT gateway can track millions of flows, and
 /// a snapshot needs the few thousand that are this host's sockets or fronts. Beyond this, the
 /// rest of the dump is read and dropped, and counted.
@@ -168,50 +156,25 @@ fn hint(source: &io::Error) -> &'static str {
 }
 
 /// A ctnetlink socket of the namespace it was opened in, kept across dumps.
+#[derive(Debug)]
 pub struct ConntrackReader {
-    fd: OwnedFd,
-    buf: Box<[u8]>,
-    seq: u32,
-    unfinished: bool,
+    socket: DumpSocket,
     /// Ask the kernel for translated flows only (`CTA_STATUS_MASK`, Linux 5.19+); cleared when
     /// it refuses the filter, and every flow is then dumped and sorted here.
     filtered: bool,
 }
 
-impl fmt::Debug for ConntrackReader {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConntrackReader")
-            .field("fd", &self.fd)
-            .field("seq", &self.seq)
-            .finish_non_exhaustive()
-    }
-}
-
 impl ConntrackReader {
     /// A reader of the calling thread's network namespace.
     pub fn open() -> Result<Self, ConntrackError> {
-        let socket_err = |op, source: Errno| ConntrackError::Socket {
-            op,
-            source: source.into(),
-        };
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )
-        .map_err(|e| socket_err("socket", e))?;
-        setsockopt(
-            &fd,
-            sockopt::ReceiveTimeout,
-            &TimeVal::seconds(RECV_TIMEOUT_SECS),
-        )
-        .map_err(|e| socket_err("setsockopt", e))?;
+        let socket = DumpSocket::open(SockProtocol::NetlinkNetFilter).map_err(|e| {
+            ConntrackError::Socket {
+                op: "socket",
+                source: e.into(),
+            }
+        })?;
         Ok(Self {
-            fd,
-            buf: vec![0; RECV_BUF_LEN].into_boxed_slice(),
-            seq: 0,
-            unfinished: false,
+            socket,
             filtered: true,
         })
     }
@@ -230,30 +193,30 @@ impl ConntrackReader {
     }
 
     fn dump_once(&mut self) -> Result<(Vec<Flow>, u64), ConntrackError> {
-        let socket_err = |op, source: Errno| ConntrackError::Socket {
-            op,
-            source: source.into(),
-        };
-        if self.unfinished {
-            self.drain().map_err(|e| socket_err("drain", e))?;
-        }
-        self.seq = self.seq.wrapping_add(1);
-        let request = request(self.seq, self.filtered);
-        retry_eintr(|| send(self.fd.as_raw_fd(), &request, MsgFlags::empty()))
-            .map_err(|e| socket_err("send", e))?;
-        self.unfinished = true;
+        let filtered = self.filtered;
+        let seq = self
+            .socket
+            .start(|seq| request(seq, filtered))
+            .map_err(|(op, e)| ConntrackError::Socket {
+                op,
+                source: e.into(),
+            })?;
         let mut flows = Vec::new();
         let mut dropped = 0;
         loop {
-            let len = retry_eintr(|| recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_TRUNC))
-                .map_err(|e| socket_err("recv", e))?;
-            let Some(datagram) = self.buf.get(..len) else {
-                return Err(ConntrackError::Truncated {
-                    len,
-                    cap: self.buf.len(),
-                });
+            let datagram = match self.socket.next() {
+                Ok(datagram) => datagram,
+                Err(Recv::Failed(e)) => {
+                    return Err(ConntrackError::Socket {
+                        op: "recv",
+                        source: e.into(),
+                    });
+                }
+                Err(Recv::Truncated { len, cap }) => {
+                    return Err(ConntrackError::Truncated { len, cap });
+                }
             };
-            let progress = parse_datagram(datagram, self.seq, &mut |flow| {
+            let progress = parse_datagram(datagram, seq, &mut |flow| {
                 if flows.len() < MAX_FLOWS {
                     flows.push(flow);
                 } else {
@@ -263,37 +226,15 @@ impl ConntrackReader {
             match progress {
                 Ok(false) => {}
                 Ok(true) => {
-                    self.unfinished = false;
+                    self.socket.finished();
                     return Ok((flows, dropped));
                 }
                 Err(err @ ConntrackError::Kernel { .. }) => {
-                    self.unfinished = false;
+                    self.socket.finished();
                     return Err(err);
                 }
                 Err(err) => return Err(err),
             }
-        }
-    }
-
-    fn drain(&mut self) -> Result<(), Errno> {
-        loop {
-            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC;
-            match recv(self.fd.as_raw_fd(), &mut self.buf, flags) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => break,
-                Err(err) => return Err(err),
-            }
-        }
-        self.unfinished = false;
-        Ok(())
-    }
-}
-
-fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
-    loop {
-        match f() {
-            Err(Errno::EINTR) => {}
-            other => return other,
         }
     }
 }

@@ -33,26 +33,17 @@ use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::AddAssign;
-use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, setsockopt, socket,
-    sockopt,
-};
-use nix::sys::time::{TimeVal, TimeValLike};
+use nix::sys::socket::SockProtocol;
 
 use super::proc_net::{Protocol, SocketRow, TcpState};
 use super::tcp_info::{self, TcpInfo};
 
-// include/uapi/linux/netlink.h
-pub(super) const NLMSG_HDRLEN: usize = 16;
-const NLMSG_NOOP: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x01;
-/// `NLM_F_ROOT | NLM_F_MATCH`.
-const NLM_F_DUMP: u16 = 0x300;
+pub(super) use super::netlink::NLMSG_HDRLEN;
+use super::netlink::{
+    DumpSocket, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, Recv,
+};
 // include/uapi/linux/sock_diag.h, inet_diag.h
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const INET_DIAG_REQ_V2_LEN: usize = 56;
@@ -69,13 +60,6 @@ const TCP_BOUND_INACTIVE: u32 = 13;
 const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LAST_ACK: u8 = 9;
 const TCP_CLOSING: u8 = 11;
-
-/// Kernel dump datagrams are at most 32 KiB (`netlink_recvmsg` caps `max_recvmsg_len`), so this
-/// always holds one whole.
-const RECV_BUF_LEN: usize = 32 * 1024;
-/// A dump is answered synchronously; a receive that waits this long means the kernel will not
-/// answer, and the snapshot must not hang on it.
-const RECV_TIMEOUT_SECS: i64 = 5;
 
 /// One of the four socket tables, named like its `/proc/net` file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -223,46 +207,18 @@ impl AddAssign for ReadStats {
 }
 
 /// A `NETLINK_SOCK_DIAG` socket bound to one network namespace, with its receive buffer.
+#[derive(Debug)]
 pub struct DiagReader {
-    fd: OwnedFd,
-    buf: Box<[u8]>,
-    seq: u32,
-    /// A dump was abandoned part-way (bad datagram, receive error). The kernel refuses a new dump
-    /// on the socket with EBUSY until the old one is read to its end, so the next dump drains it.
-    unfinished: bool,
+    socket: DumpSocket,
     /// TCP dumps ask for each socket's `tcp_info` (on unless a benchmark turns it off).
     tcp_info: bool,
-}
-
-impl fmt::Debug for DiagReader {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DiagReader")
-            .field("fd", &self.fd)
-            .field("seq", &self.seq)
-            .field("unfinished", &self.unfinished)
-            .finish_non_exhaustive()
-    }
 }
 
 impl DiagReader {
     /// A reader of the calling thread's current network namespace.
     pub fn open() -> io::Result<Self> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkSockDiag,
-        )?;
-        setsockopt(
-            &fd,
-            sockopt::ReceiveTimeout,
-            &TimeVal::seconds(RECV_TIMEOUT_SECS),
-        )?;
         Ok(Self {
-            fd,
-            buf: vec![0; RECV_BUF_LEN].into_boxed_slice(),
-            seq: 0,
-            unfinished: false,
+            socket: DumpSocket::open(SockProtocol::NetlinkSockDiag)?,
             tcp_info: true,
         })
     }
@@ -270,17 +226,8 @@ impl DiagReader {
     /// A reader whose every dump fails at `send`: its socket is an unconnected Unix one.
     #[cfg(test)]
     pub fn failing() -> io::Result<Self> {
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
         Ok(Self {
-            fd,
-            buf: vec![0; RECV_BUF_LEN].into_boxed_slice(),
-            seq: 0,
-            unfinished: false,
+            socket: DumpSocket::unconnected()?,
             tcp_info: true,
         })
     }
@@ -333,69 +280,38 @@ impl DiagReader {
             op,
             source: source.into(),
         };
-        if self.unfinished {
-            self.drain()
-                .map_err(|e| socket_err("draining an abandoned dump", e))?;
-        }
-        self.seq = self.seq.wrapping_add(1);
-        let request = request(table, self.seq, self.tcp_info);
-        retry_eintr(|| send(self.fd.as_raw_fd(), &request, MsgFlags::empty()))
-            .map_err(|e| socket_err("send", e))?;
-        self.unfinished = true;
+        let tcp_info = self.tcp_info;
+        let seq = self
+            .socket
+            .start(|seq| request(table, seq, tcp_info))
+            .map_err(|(op, e)| socket_err(op, e))?;
         let mut stats = ReadStats::default();
         loop {
-            // MSG_TRUNC: netlink then returns the datagram's full length, so truncation shows.
-            let len = retry_eintr(|| recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_TRUNC))
-                .map_err(|e| socket_err("recv", e))?;
-            let Some(datagram) = self.buf.get(..len) else {
-                return Err(DiagError::Truncated {
-                    table,
-                    len,
-                    cap: self.buf.len(),
-                });
+            let datagram = match self.socket.next() {
+                Ok(datagram) => datagram,
+                Err(Recv::Failed(e)) => return Err(socket_err("recv", e)),
+                Err(Recv::Truncated { len, cap }) => {
+                    return Err(DiagError::Truncated { table, len, cap });
+                }
             };
             stats.datagrams += 1;
-            stats.bytes += len;
+            stats.bytes += datagram.len();
             let before = rows.len();
-            let parsed = parse_datagram(datagram, table, self.seq, rows);
+            let parsed = parse_datagram(datagram, table, seq, rows);
             stats.rows += rows.len() - before;
             match parsed {
                 Ok(Progress::More) => {}
                 Ok(Progress::Done) => {
-                    self.unfinished = false;
+                    self.socket.finished();
                     return Ok(stats);
                 }
                 // An error message ends the dump like NLMSG_DONE does.
                 Err(err @ DiagError::Kernel { .. }) => {
-                    self.unfinished = false;
+                    self.socket.finished();
                     return Err(err);
                 }
                 Err(err) => return Err(err),
             }
-        }
-    }
-
-    /// Reads and drops what is left of an abandoned dump. The kernel builds the next datagram of
-    /// a dump inside the `recv` that takes the previous one, so an empty queue means it is over.
-    fn drain(&mut self) -> Result<(), Errno> {
-        loop {
-            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC;
-            match recv(self.fd.as_raw_fd(), &mut self.buf, flags) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => break,
-                Err(err) => return Err(err),
-            }
-        }
-        self.unfinished = false;
-        Ok(())
-    }
-}
-
-fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
-    loop {
-        match f() {
-            Err(Errno::EINTR) => {}
-            other => return other,
         }
     }
 }
@@ -580,7 +496,9 @@ mod tests {
     use super::*;
     use crate::snapshot::proc_net;
     use nix::sched::CloneFlags;
+    use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socket};
     use std::net::{TcpListener, TcpStream, UdpSocket};
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
 
     fn inode_of(fd: &impl AsRawFd) -> u64 {
@@ -804,13 +722,14 @@ mod tests {
 
         // Start a dump and take only its first datagram, as an error part-way would.
         let abandon = |reader: &mut DiagReader| {
-            reader.seq += 1;
-            let fd = reader.fd.as_raw_fd();
-            send(fd, &request(tcp, reader.seq, true), MsgFlags::empty()).unwrap();
-            recv(fd, &mut reader.buf, MsgFlags::empty()).unwrap();
+            let socket = &mut reader.socket;
+            socket.seq += 1;
+            let fd = socket.fd.as_raw_fd();
+            send(fd, &request(tcp, socket.seq, true), MsgFlags::empty()).unwrap();
+            recv(fd, &mut socket.buf, MsgFlags::empty()).unwrap();
         };
         abandon(&mut reader);
-        reader.unfinished = false; // pretend it was not
+        reader.socket.unfinished = false; // pretend it was not
         let err = reader.read_table(tcp, &mut vec![]).unwrap_err();
         match err.get_ref().and_then(|e| e.downcast_ref::<DiagError>()) {
             Some(DiagError::Kernel { source, .. }) => {
@@ -824,7 +743,7 @@ mod tests {
             if read_all {
                 abandon(&mut reader);
             }
-            reader.unfinished = true;
+            reader.socket.unfinished = true;
             eventually(|| {
                 let mut rows = vec![];
                 if read_all {
@@ -832,7 +751,7 @@ mod tests {
                 } else {
                     reader.read_table(tcp, &mut rows).unwrap();
                 }
-                assert!(!reader.unfinished);
+                assert!(!reader.socket.unfinished);
                 let got = only(&rows, &inodes);
                 (got == expected).then_some(()).ok_or(format!("{got:#?}"))
             });

@@ -3,8 +3,9 @@
 //!
 //! One stage per file, in the order a snapshot runs them:
 //! - [`reader`]: the [`Snapshotter`], which reads the socket tables of the scope ([`diag`] over
-//!   netlink sock_diag, [`proc_net`] from `/proc/net`, namespaces through [`netns`]), finds the
-//!   processes that hold them ([`procs`]), and the addresses of the namespaces it read;
+//!   netlink sock_diag, its socket in [`netlink`] as [`conntrack`]'s is, [`proc_net`] from
+//!   `/proc/net`, namespaces through [`netns`]), finds the processes that hold them ([`procs`]),
+//!   and the addresses of the namespaces it read;
 //! - [`direction`]: which side of a connection a socket is, from the listeners of its namespace
 //!   (the short-lived merge in `crate::report` asks it too);
 //! - [`aggregate`]: one namespace's rows into [`Table`] entries and listeners;
@@ -15,6 +16,7 @@ pub mod closed;
 pub mod conntrack;
 mod diag;
 pub mod direction;
+mod netlink;
 pub mod netns;
 mod proc_net;
 mod procs;

@@ -331,6 +331,10 @@ pub(crate) struct State {
     traffic_base: Option<(u64, ByteTotals)>,
     pending: Vec<Change>,
     pruned: Option<Instant>,
+    /// History was empty while the map was not (the first start of a version that records it,
+    /// over a map restored from the store): the next changes are that map, recorded without
+    /// an `edge` event each, or every dependency would be announced (and alerted) as new.
+    baseline: bool,
     /// Changes dropped because the store refused them for too long.
     pub(super) dropped: u64,
 }
@@ -359,8 +363,17 @@ impl Task {
         };
         let ttl = self.settings.ttl.as_millis() as u64;
         let changes = recorder.reconcile(&self.model, now, ttl);
-        for c in &changes {
-            announce(&self.events, c);
+        if std::mem::take(&mut self.history.baseline) {
+            if !changes.is_empty() {
+                tracing::info!(
+                    changes = changes.len(),
+                    "history starts from the map as it is; its edges are not announced as new"
+                );
+            }
+        } else {
+            for c in &changes {
+                announce(&self.events, c);
+            }
         }
         self.history.pending.extend(changes);
         let sums = self.sum_traffic(now);
@@ -462,6 +475,9 @@ impl Task {
                     "history past its retention removed"
                 );
             }
+        }
+        if self.history.recorder.is_none() {
+            self.history.baseline = changes.is_empty() && !self.model.agents.is_empty();
         }
         let mut recorder = Recorder::replay(&changes);
         // What waits to be written is history too.

@@ -850,6 +850,51 @@ pub(super) mod tests {
         assert_eq!(per_snapshot, [3, 2, 0, 0, 0, 0, 0, 0, 0, 0]);
     }
 
+    /// The first start of a version that records history, over a map restored from the store:
+    /// that map is history's starting point, recorded without announcing each edge as a new
+    /// dependency; what changes after is announced.
+    #[test]
+    fn history_starts_from_the_map_without_announcing_it() {
+        use crate::topology::history::{Change, HISTORY};
+        let dir = tempfile::tempdir().unwrap();
+        let events = Events::new(64);
+        let mut rx = events.subscribe();
+        let mut t = task(&dir, events);
+        let client = |remote: &str| proto::ConnectionSnapshot {
+            sequence: 1,
+            full: true,
+            addresses: vec!["10.0.0.1".into()],
+            entries: vec![proto::ConnectionEntry {
+                direction: proto::Direction::Client as i32,
+                local_ip: "10.0.0.1".into(),
+                remote_ip: remote.into(),
+                server_port: 6379,
+                protocol: proto::Protocol::Tcp as i32,
+                process: Some(proto::ProcessInfo {
+                    name: "redis-cli".into(),
+                    ..Default::default()
+                }),
+                sockets: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        apply(&mut t, "web", &client("10.0.0.9")).unwrap();
+        t.record_history();
+        let edges = |rx: &mut tokio::sync::broadcast::Receiver<proto::Event>| {
+            drain(rx).into_iter().filter(|e| e.kind == "edge").count()
+        };
+        assert_eq!(edges(&mut rx), 0, "the map as it was is no news");
+        let recorded: Vec<Change> = t.store.load(HISTORY).unwrap();
+        assert!(
+            recorded.iter().any(|c| c.item.kind() == "edge"),
+            "{recorded:?}"
+        );
+        apply(&mut t, "app", &client("10.0.0.8")).unwrap();
+        t.record_history();
+        assert_eq!(edges(&mut rx), 1, "a new dependency after it is");
+    }
+
     /// Two replicas on one database: the one leading the cleanup records history, the other
     /// reads the same records; when the lead moves, the new leader reads history back first,
     /// so nothing is recorded twice, and records what changes from then on.

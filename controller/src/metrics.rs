@@ -252,6 +252,11 @@ const FLEET: &[Field<Scrape>] = &[
         |s| one(s.topology.store_errors),
     ),
     counter(
+        "tapgraph_topology_history_dropped_changes",
+        "Changes of the map's history (appearances, goings, traffic sums) dropped: the store refused them until more than 100,000 waited; the oldest went first.",
+        |s| one(s.topology.history_dropped),
+    ),
+    counter(
         "tapgraph_topology_remote_tables_applied",
         "Agents' tables other replicas wrote, applied to this replica's map (0 with the embedded store).",
         |s| one(s.topology.remote_tables_applied),
@@ -1082,6 +1087,7 @@ mod tests {
         "tapgraph_topology_rows",
         "tapgraph_topology_address_conflicts",
         "tapgraph_topology_store_errors",
+        "tapgraph_topology_history_dropped_changes",
         "tapgraph_topology_remote_tables_applied",
         "tapgraph_neo4j_lag_seconds",
         "tapgraph_neo4j_delay_seconds",

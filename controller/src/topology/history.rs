@@ -395,6 +395,10 @@ impl Task {
                 if over > 0 {
                     self.history.pending.drain(..over);
                     self.history.dropped += over as u64;
+                    tracing::error!(
+                        dropped = over,
+                        "history changes dropped: the store has refused them too long (tapgraph_topology_history_dropped_changes)"
+                    );
                 }
                 tracing::warn!(pending = self.history.pending.len(), %error, "cannot write the map's history; kept, and written again");
             }

@@ -115,6 +115,8 @@ pub struct Stats {
     /// `rows_skipped` by [`ingest::Invalid::reason`].
     pub rows_skipped_by_reason: BTreeMap<&'static str, u64>,
     pub store_errors: u64,
+    /// History changes dropped: the store refused them until more waited than are kept.
+    pub history_dropped: u64,
     /// Rows the map holds now, and its budget (`topology.max_rows`).
     pub rows: u64,
     pub max_rows: u64,

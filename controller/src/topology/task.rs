@@ -278,6 +278,7 @@ impl Task {
                 stats.rows = self.model.rows() as u64;
                 stats.max_rows = self.settings.max_rows as u64;
                 stats.address_conflicts = self.model.conflicts() as u64;
+                stats.history_dropped = self.history.dropped;
                 let _ = reply.send(stats);
             }
             Command::Snapshot(offered) => {

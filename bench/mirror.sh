@@ -12,6 +12,9 @@
 #
 #   sudo bench/mirror.sh                                  # all of it: 10½ minutes
 #   sudo ONLY="kernel naive" SIZES=1400 bench/mirror.sh   # some of it; other knobs below
+#   sudo ROUNDS=4 ONLY="capture base tapgraph floor" TAPGRAPH_BASE=DIR CPU_ONLY=1 bench/mirror.sh
+#       # the CPU goal (issue 22): 4 interleaved rounds, each tapgraph figure against its round's
+#       # floors, and beside it another build's ("base": the binaries in DIR)
 #   sudo ONLY=tapgraph CPU_ONLY=1 PERF=/tmp/mirror bench/mirror.sh   # only the CPU trial, with a
 #       per-thread split in the log (every run logs it) and `perf record -C 1 -g` of CPU 1 saved
 #       as /tmp/mirror-SIZE-TRY.data; TAPGRAPH_BIN=DIR takes the binaries from DIR (a build with
@@ -76,6 +79,11 @@ RPS=${RPS:-0}
 # a host's NIC has them: large TCP writes cross it as large segments. The capture and SPAN links
 # stay without offloads either way (every frame there is a real frame no larger than the MTU).
 TRANSPORT_OFFLOADS=${TRANSPORT_OFFLOADS:-off}
+# ROUNDS=N runs the ONLY list N times over, interleaved: with CPU_ONLY=1 and "capture tapgraph floor",
+# each round's tapgraph figure is set against that round's floors, and the table at the end gives
+# every round's ratio and their median. This VM's speed drifts by a quarter over minutes (the same
+# build, and the floors, measured minutes apart), so a ratio only holds within a round.
+ROUNDS=${ROUNDS:-1}
 SETTLE_S=${SETTLE_S:-2}   # delivered count unchanged this long = pipeline drained (tcpdump's
                           # libpcap hands over a partly filled buffer block after 1 s)
 
@@ -240,10 +248,12 @@ naive_pipeline() {
 # hub1. MODE=immediate|buffered (default buffered) is the agent's capture mode. Each step that can
 # fail says `|| return 1`: this runs in an `||` list, where errexit is off.
 tapgraph_build() {  # TAPGRAPH_BIN=DIR: binaries built elsewhere (a profiling build, say)
-  [ -n "${TAPGRAPH_BIN:-}" ] ||
+  [ -n "${TAPGRAPH_BIN:-}" ] || [ -n "${TAPGRAPH_BUILT:-}" ] ||
     cargo build --release --locked -p tapgraph-agent -p tapgraph-controller -p tapgraph-ctl >/dev/null
-  cp "${TAPGRAPH_BIN:-target/release}"/{tapgraph-agent,tapgraph-controller,tapgraphctl} "$work/bin/"
+  TAPGRAPH_BUILT=1
+  tapgraph_copy "${TAPGRAPH_BIN:-${CARGO_TARGET_DIR:-target}/release}"
 }
+tapgraph_copy() { cp "$1"/{tapgraph-agent,tapgraph-controller,tapgraphctl} "$work/bin/"; }
 tapgraph_pipeline() {
   tapgraph_start "$NS_HUB" 198.18.2.2 "$NS_SRC" on1 || return 1
   ctl policy set bench --all --capture --interface src0 --filter 'udp dst port 9000' \
@@ -390,6 +400,7 @@ measure() {
     if [ -n "${CPU_ONLY:-}" ]; then
       cpu_trial "$size"
       log "$name, $size B: $PROC_US µs per packet (processes), $BUSY_US µs (machine), others $CPU_OTHERS"
+      ROUND_CPU[$name,$round,$size]=$PROC_US
       continue
     fi
     log "$name, $size B: max rate"
@@ -455,19 +466,26 @@ floors() {
     snd=$(on1 "$NS_SRC" "$work/bin/tcpfloor" send 198.18.2.2 6000 "$size" 50000 "$CPU_S") || return 1
     wait "$rp"
     FLOOR_ROWS+=("| $size B | $(floor_us "$r64") | $(floor_us "$r64b") | $(floor_us "$rring") | $(floor_us "$r1") | $(floor_us "$snd") | $(floor_us "$(cat "$work/log/tcpfloor-recv.out")") | $(others since floor) |")
+    ROUND_FLOOR[$round,$size]="$(floor_us "$r64") $(floor_us "$r64b") $(floor_us "$rring") $(floor_us "$snd") $(floor_us "$(cat "$work/log/tcpfloor-recv.out")")"
   done
 }
 
+declare -A ROUND_CPU=() ROUND_FLOOR=()
 for size in $SIZES; do log "no mirror, $size B"; reference "$size"; done
-for what in $ONLY; do
-  case $what in
-    capture) measure capture capture_alone 0 ;;
-    kernel) measure kernel kernel_mirror 1 ;;
-    naive) measure naive naive_pipeline 1 ;;
-    tapgraph) tapgraph_build; measure tapgraph tapgraph_pipeline 1 ;;
-    floor) floors || log "floors: not run" ;;
-    *) echo "bench/mirror.sh: unknown pipeline $what (capture kernel naive tapgraph floor)" >&2; exit 2 ;;
-  esac
+for round in $(seq "$ROUNDS"); do
+  [ "$ROUNDS" = 1 ] || log "round $round of $ROUNDS"
+  for what in $ONLY; do
+    case $what in
+      capture) measure capture capture_alone 0 ;;
+      kernel) measure kernel kernel_mirror 1 ;;
+      naive) measure naive naive_pipeline 1 ;;
+      tapgraph) tapgraph_build; measure tapgraph tapgraph_pipeline 1 ;;
+      base) tapgraph_copy "${TAPGRAPH_BASE:?base: set TAPGRAPH_BASE=DIR, the binaries of another build}"
+        measure base tapgraph_pipeline 1 ;;
+      floor) floors || log "floors: not run" ;;
+      *) echo "bench/mirror.sh: unknown pipeline $what (capture kernel naive tapgraph base floor)" >&2; exit 2 ;;
+    esac
+  done
 done
 
 echo
@@ -481,6 +499,31 @@ echo
 echo "| pipeline | frame | max rate offered (pps) | delivered at max rate (pps) | zero-loss rate (pps) | process CPU per packet at 50 kpps (µs) | machine CPU per packet at 50 kpps, above no mirror (µs) | delay p50 / p99 / max at 10 kpps, µs (share delivered) | src processes at 10 kpps: CPU / RSS | src idle: CPU / RSS | hub processes at 10 kpps: CPU / RSS | others' load |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
+if [ -n "${CPU_ONLY:-}" ] && [ ${#ROUND_FLOOR[@]} -gt 0 ]; then
+  echo
+  echo "Per round: tapgraph's process CPU per packet against that round's floors (µs; cheapest reinjection)."
+  echo
+  echo "| frame | round | capture floor | TCP floor, sender + receiver | reinjection floor (cheapest) | sum of the floors | base (TAPGRAPH_BASE) | tapgraph | ratio |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  for size in $SIZES; do
+    ratios=()
+    for round in $(seq "$ROUNDS"); do
+      f=(${ROUND_FLOOR[$round,$size]:-})
+      c=${ROUND_CPU[capture,$round,$size]:-}
+      t=${ROUND_CPU[tapgraph,$round,$size]:-}
+      b=${ROUND_CPU[base,$round,$size]:-0}
+      [ ${#f[@]} -eq 5 ] && [ -n "$c" ] && [ -n "$t" ] || continue
+      row=$(python3 -c "import sys
+r64, r64b, ring, snd, rcv, cap, tg, base = map(float, sys.argv[1:])
+floor = cap + snd + rcv + min(r64, r64b, ring)
+b = f'{base:.2f} ({base / floor:.2f}×)' if base else '—'
+print(f'{cap:.2f} | {snd:.2f} + {rcv:.2f} | {min(r64, r64b, ring):.2f} | {floor:.2f} | {b} | {tg:.2f} | {tg / floor:.2f}')" "${f[@]}" "$c" "$t" "$b")
+      ratios+=("${row##*| }")
+      echo "| $size B | $round | $row× |"
+    done
+    [ ${#ratios[@]} -eq 0 ] || echo "| $size B | median of ${#ratios[@]} | | | | | | | $(python3 -c "import sys, statistics; print(f'{statistics.median(map(float, sys.argv[1:])):.2f}')" "${ratios[@]}")× |"
+  done
+fi
 if [ ${#FLOOR_ROWS[@]} -gt 0 ]; then
   echo
   echo "Floors at 50 kpps: CPU per packet (µs) of C programs doing only that, on the same veths and core."

@@ -51,6 +51,32 @@ impl Histogram {
         self.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
+    /// Records many delays, as [`Histogram::record`] each: a batch's packets, written at one
+    /// moment, mostly fall in a few neighbouring buckets, so each run of one bucket is one atomic
+    /// add (two atomic adds a packet were a tenth of the controller's own mirror work).
+    pub fn record_all(&self, micros: impl IntoIterator<Item = u64>) {
+        let mut sum = 0u64;
+        let mut run: Option<(usize, u64)> = None;
+        for m in micros {
+            sum = sum.wrapping_add(m);
+            let b = Self::bucket(m);
+            match &mut run {
+                Some((bucket, n)) if *bucket == b => *n += 1,
+                _ => {
+                    if let Some((bucket, n)) = run.replace((b, 1)) {
+                        self.counts[bucket].fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        if let Some((bucket, n)) = run {
+            self.counts[bucket].fetch_add(n, Ordering::Relaxed);
+        }
+        if sum != 0 {
+            self.sum_micros.fetch_add(sum, Ordering::Relaxed);
+        }
+    }
+
     pub fn snapshot(&self) -> HistogramSnapshot {
         let buckets = self
             .counts
@@ -103,6 +129,23 @@ impl Histogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recording_many_at_once_is_recording_each() {
+        let (each, all) = (Histogram::default(), Histogram::default());
+        let delays: Vec<u64> = (0..5_000u64)
+            .map(|i| (i * 7919) % 3_000 + if i % 97 == 0 { 1 << 40 } else { 0 })
+            .chain([0, 0, 5, 5, 5, 1 << 33])
+            .collect();
+        for &d in &delays {
+            each.record(d);
+        }
+        all.record_all(delays.iter().copied());
+        all.record_all([]);
+        let (a, b) = (each.snapshot(), all.snapshot());
+        assert_eq!(a.buckets, b.buckets);
+        assert_eq!(a.sum_micros, b.sum_micros);
+    }
 
     #[test]
     fn quantiles_land_in_the_right_bucket() {

@@ -134,11 +134,11 @@ impl Direct {
             let written = open.writer.write(&origin, packets);
             if written.packets > 0 {
                 let now = tapgraph::time::unix_nanos();
-                for p in packets {
-                    open.counters
-                        .delay
-                        .record(now.saturating_sub(p.timestamp_unix_nanos) / 1_000);
-                }
+                open.counters.delay.record_all(
+                    packets
+                        .iter()
+                        .map(|p| now.saturating_sub(p.timestamp_unix_nanos) / 1_000),
+                );
             }
             open.counters.count(&written);
         }

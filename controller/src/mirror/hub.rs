@@ -725,10 +725,11 @@ fn write_job(writer: &mut dyn Writer, job: &Job) {
     }
     // Our clock at write minus the capture time moved to our clock (agent − offset).
     let now = i128::from(now) + i128::from(job.offset_ns);
-    for p in &job.packets {
-        let delay = (now - i128::from(p.timestamp_unix_nanos)).max(0) / 1_000;
-        s.delay.record(delay as u64);
-    }
+    s.delay.record_all(
+        job.packets
+            .iter()
+            .map(|p| ((now - i128::from(p.timestamp_unix_nanos)).max(0) / 1_000) as u64),
+    );
 }
 
 fn write_loop(shared: &Shared, rx: Receiver<Job>, queued: Arc<AtomicU64>, name: String) {

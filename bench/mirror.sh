@@ -503,8 +503,8 @@ if [ -n "${CPU_ONLY:-}" ] && [ ${#ROUND_FLOOR[@]} -gt 0 ]; then
   echo
   echo "Per round: tapgraph's process CPU per packet against that round's floors (µs; cheapest reinjection)."
   echo
-  echo "| frame | round | capture floor | TCP floor, sender + receiver | reinjection floor (cheapest) | sum of the floors | base (TAPGRAPH_BASE) | tapgraph | ratio |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "| frame | round | capture floor | TCP floor, sender + receiver | reinjection floor (cheapest) | sum of the floors | naive (tapgraph / naive) | base (TAPGRAPH_BASE; / floors) | tapgraph | tapgraph / floors |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
   for size in $SIZES; do
     ratios=()
     for round in $(seq "$ROUNDS"); do
@@ -512,16 +512,18 @@ if [ -n "${CPU_ONLY:-}" ] && [ ${#ROUND_FLOOR[@]} -gt 0 ]; then
       c=${ROUND_CPU[capture,$round,$size]:-}
       t=${ROUND_CPU[tapgraph,$round,$size]:-}
       b=${ROUND_CPU[base,$round,$size]:-0}
+      n=${ROUND_CPU[naive,$round,$size]:-0}
       [ ${#f[@]} -eq 5 ] && [ -n "$c" ] && [ -n "$t" ] || continue
       row=$(python3 -c "import sys
-r64, r64b, ring, snd, rcv, cap, tg, base = map(float, sys.argv[1:])
+r64, r64b, ring, snd, rcv, cap, tg, base, naive = map(float, sys.argv[1:])
 floor = cap + snd + rcv + min(r64, r64b, ring)
 b = f'{base:.2f} ({base / floor:.2f}×)' if base else '—'
-print(f'{cap:.2f} | {snd:.2f} + {rcv:.2f} | {min(r64, r64b, ring):.2f} | {floor:.2f} | {b} | {tg:.2f} | {tg / floor:.2f}')" "${f[@]}" "$c" "$t" "$b")
+n = f'{naive:.2f} ({tg / naive:.2f}×)' if naive else '—'
+print(f'{cap:.2f} | {snd:.2f} + {rcv:.2f} | {min(r64, r64b, ring):.2f} | {floor:.2f} | {n} | {b} | {tg:.2f} | {tg / floor:.2f}')" "${f[@]}" "$c" "$t" "$b" "$n")
       ratios+=("${row##*| }")
       echo "| $size B | $round | $row× |"
     done
-    [ ${#ratios[@]} -eq 0 ] || echo "| $size B | median of ${#ratios[@]} | | | | | | | $(python3 -c "import sys, statistics; print(f'{statistics.median(map(float, sys.argv[1:])):.2f}')" "${ratios[@]}")× |"
+    [ ${#ratios[@]} -eq 0 ] || echo "| $size B | median of ${#ratios[@]} | | | | | | | | $(python3 -c "import sys, statistics; print(f'{statistics.median(map(float, sys.argv[1:])):.2f}')" "${ratios[@]}")× |"
   done
 fi
 if [ ${#FLOOR_ROWS[@]} -gt 0 ]; then

@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -37,7 +38,7 @@ pub struct PeerInfo {
 
 /// Bytes read from a busy connection's socket at a time. rustls reads at most 4 KiB per call: 16
 /// `recv` calls per 64 KiB of mirrored packets, 1 with this buffer (a mirror batch of 50 packets
-/// of 1,400 bytes, a millisecond at 50k packets/s, is 73 KB: 3-4 reads of 32 KiB each).
+/// of 1,400 bytes, a millisecond at 50k packets/s, is 73 KB: it took 3-4 reads of 32 KiB).
 const READ_AHEAD: usize = 128 << 10;
 
 /// Encrypted bytes a client connection holds for the socket before it stops taking more. rustls
@@ -48,37 +49,22 @@ const TLS_SEND_BUFFER: usize = 1 << 20;
 
 /// Reads its socket up to [`READ_AHEAD`] bytes at a time while data streams in (a mirror stream),
 /// and holds no buffer while the connection is quiet, which is what most of thousands of agent
-/// connections are most of the time: a fixed buffer would cost 128 KiB per agent.
+/// connections are most of the time: a fixed buffer would cost 128 KiB per agent. The buffer is
+/// not zeroed (a batch of small packets, a few KiB, takes a buffer and gives it back each time).
 pub struct ReadAhead<S> {
     inner: S,
-    /// Empty while the connection is quiet.
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    /// When a fill last brought more than one small read's worth: the buffer is kept for
-    /// [`ReadAhead::keep`] after that. Released at once, it was allocated and zeroed again for
-    /// every mirror batch of small packets (a few KiB each, a thousand a second).
-    streaming_at: Option<Instant>,
-    keep: Duration,
+    /// Without capacity while the connection is quiet.
+    buf: BytesMut,
+    /// The last fill was at least half the buffer: keep it for the next one.
+    busy: bool,
 }
-
-/// A fill at least this large says data is streaming in.
-const STREAMING: usize = 4 << 10;
 
 impl<S> ReadAhead<S> {
     pub fn new(inner: S) -> Self {
-        Self::keeping(inner, Duration::from_secs(1))
-    }
-
-    /// Keeps the buffer for `keep` after data last streamed in.
-    fn keeping(inner: S, keep: Duration) -> Self {
         Self {
             inner,
-            buf: Vec::new(),
-            start: 0,
-            end: 0,
-            streaming_at: None,
-            keep,
+            buf: BytesMut::new(),
+            busy: false,
         }
     }
 
@@ -99,34 +85,32 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         dst: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.start == this.end {
-            if this.buf.is_empty() || dst.remaining() >= READ_AHEAD {
+        if this.buf.is_empty() {
+            if this.buf.capacity() == 0 || dst.remaining() >= READ_AHEAD {
                 // Quiet, or a large read anyway: straight into the caller's buffer. A read that
                 // fills it says data is streaming in: read ahead from now on.
                 let (before, wanted) = (dst.filled().len(), dst.remaining());
                 std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, dst))?;
-                if wanted > 0 && dst.filled().len() - before == wanted && this.buf.is_empty() {
-                    this.buf = vec![0; READ_AHEAD];
-                    this.streaming_at = Some(Instant::now());
+                if wanted > 0 && dst.filled().len() - before == wanted && this.buf.capacity() == 0 {
+                    this.buf = BytesMut::with_capacity(READ_AHEAD);
                 }
                 return Poll::Ready(Ok(()));
             }
-            let mut fill = ReadBuf::new(&mut this.buf);
-            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut fill))?;
-            let n = fill.filled().len();
-            (this.start, this.end) = (0, n);
-            if n >= STREAMING {
-                this.streaming_at = Some(Instant::now());
-            }
+            // Drained: the whole allocation is ours again.
+            this.buf.reserve(READ_AHEAD);
+            let n = std::task::ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut this.buf
+            ))?;
+            this.busy = n >= READ_AHEAD / 2;
         }
-        let n = (this.end - this.start).min(dst.remaining());
-        dst.put_slice(&this.buf[this.start..this.start + n]);
-        this.start += n;
-        if this.start == this.end && this.streaming_at.is_none_or(|at| at.elapsed() >= this.keep) {
-            // Drained, and nothing streamed in for a while: give the buffer back until data
-            // streams again.
-            this.buf = Vec::new();
-            (this.start, this.end, this.streaming_at) = (0, 0, None);
+        let n = this.buf.len().min(dst.remaining());
+        dst.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
+        if this.buf.is_empty() && !this.busy {
+            // Drained and slowing down: give the buffer back until data streams again.
+            this.buf = BytesMut::new();
         }
         Poll::Ready(Ok(()))
     }
@@ -611,8 +595,7 @@ mod tests {
     #[tokio::test]
     async fn a_quiet_connection_holds_no_buffer() {
         let (mut tx, rx) = tokio::io::duplex(64 << 10);
-        // Kept for no time after a burst (the next test keeps it for a while).
-        let mut reader = ReadAhead::keeping(rx, Duration::ZERO);
+        let mut reader = ReadAhead::new(rx);
         let mut chunk = [0u8; 4096];
         for _ in 0..5 {
             tx.write_all(b"heartbeat").await.unwrap();
@@ -630,35 +613,5 @@ mod tests {
         let n = reader.read(&mut chunk).await.unwrap();
         assert_eq!(&chunk[..n], b"quiet again");
         assert_eq!(reader.buffered_capacity(), 0, "released after the burst");
-    }
-
-    /// Mirror batches of small packets, a few KiB each: the buffer stays from one to the next
-    /// (not allocated and zeroed for each), and goes once they stop for longer than `keep`.
-    #[tokio::test]
-    async fn the_buffer_stays_between_batches_and_goes_when_they_stop() {
-        let (mut tx, rx) = tokio::io::duplex(64 << 10);
-        let keep = Duration::from_millis(50);
-        let mut reader = ReadAhead::keeping(rx, keep);
-        let mut chunk = [0u8; 4096];
-        let batch = [9u8; 6_000];
-        let mut held = Vec::new();
-        for _ in 0..5 {
-            tx.write_all(&batch).await.unwrap();
-            let mut total = 0;
-            while total < batch.len() {
-                total += reader.read(&mut chunk).await.unwrap();
-            }
-            held.push(reader.buffered_capacity());
-        }
-        assert!(held[1..].iter().all(|&c| c == READ_AHEAD), "{held:?}");
-        tokio::time::sleep(keep * 2).await;
-        tx.write_all(b"heartbeat").await.unwrap();
-        let n = reader.read(&mut chunk).await.unwrap();
-        assert_eq!(&chunk[..n], b"heartbeat");
-        assert_eq!(
-            reader.buffered_capacity(),
-            0,
-            "released once batches stopped"
-        );
     }
 }

@@ -616,7 +616,7 @@ mod tests {
         assert!(d.admit(2, 10, 0, 1).deliver);
         assert!(d.judging());
         // Past the hold of agent 20's packet, agent 10's remains: no table.
-        assert!(d.admit(3, 10, 0, hold + 0).deliver);
+        assert!(d.admit(3, 10, 0, hold).deliver);
         assert!(!d.judging());
         assert_eq!(d.seen.len(), 0);
         // Agent 20 again, with a copy of agent 10's packet 3: dropped.

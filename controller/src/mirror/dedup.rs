@@ -29,8 +29,8 @@ pub const WINDOW: Duration = Duration::from_millis(50);
 /// How long a packet stays in the table after it arrived, waiting for its copies: batches are
 /// sent every ms or so, but a backlog on an agent's stream can hold one back far longer.
 pub const HOLD: Duration = Duration::from_secs(1);
-/// Packets held per target at most (about 64 bytes each: 8 MiB): a target fed more than this
-/// many packets a second evicts before [`HOLD`].
+/// Packets held per target at most (about 75 bytes each, queue and table: 9 MiB): a target fed
+/// more than this many packets a second evicts before [`HOLD`].
 pub const CAPACITY: usize = 1 << 17;
 
 /// IP header and L4 header bytes copied to be normalized; fields beyond are hashed as they are.

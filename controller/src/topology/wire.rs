@@ -5,7 +5,7 @@
 
 use tapgraph::proto;
 
-use super::graph::{Edge, Graph, Node, Prop};
+use super::graph::{Edge, EdgeKind, Graph, Node, Prop};
 use super::history::{Change, Item};
 use super::model::{self, Protocol};
 
@@ -87,14 +87,9 @@ impl From<&Change> for proto::HistoryChange {
         match &c.item {
             Item::Edge { key, process, via } => {
                 out.edge = Some(proto::GraphEdge {
-                    from: key.from.id(),
-                    to: key.to.id(),
-                    kind: "CONNECTS_TO".into(),
-                    port: u32::from(key.port),
-                    protocol: protocol(key.protocol) as i32,
                     process: process.clone(),
                     via: via.clone(),
-                    ..Default::default()
+                    ..connects_to(key)
                 });
             }
             Item::Listener {
@@ -112,7 +107,7 @@ impl From<&Change> for proto::HistoryChange {
                 out.edge = Some(proto::GraphEdge {
                     from: model::Node::Host(agent.clone()).id(),
                     to: service.id(),
-                    kind: "LISTENS".into(),
+                    kind: EdgeKind::Listens.as_str().into(),
                     port: u32::from(listener.port),
                     protocol: protocol(listener.protocol) as i32,
                     process: process.clone(),
@@ -129,20 +124,25 @@ impl From<&Change> for proto::HistoryChange {
                 bytes_sent,
                 bytes_received,
             } => {
-                out.edge = Some(proto::GraphEdge {
-                    from: key.from.id(),
-                    to: key.to.id(),
-                    kind: "CONNECTS_TO".into(),
-                    port: u32::from(key.port),
-                    protocol: protocol(key.protocol) as i32,
-                    ..Default::default()
-                });
+                out.edge = Some(connects_to(key));
                 out.interval_ms = *interval_ms;
                 out.bytes_sent = *bytes_sent;
                 out.bytes_received = *bytes_received;
             }
         }
         out
+    }
+}
+
+/// A `CONNECTS_TO` edge's ends, port and protocol, as a history record names it.
+fn connects_to(key: &model::EdgeKey) -> proto::GraphEdge {
+    proto::GraphEdge {
+        from: key.from.id(),
+        to: key.to.id(),
+        kind: EdgeKind::ConnectsTo.as_str().into(),
+        port: u32::from(key.port),
+        protocol: protocol(key.protocol) as i32,
+        ..Default::default()
     }
 }
 

@@ -217,6 +217,22 @@ pub struct Edge {
 }
 
 impl Edge {
+    /// A new edge first seen at `now_ms`, with nothing known of it yet but its key.
+    fn new(key: EdgeKey, now_ms: u64, short_lived: bool) -> Self {
+        Edge {
+            key,
+            process: String::new(),
+            sockets: 0,
+            first_seen_ms: now_ms,
+            last_seen_ms: now_ms,
+            control_plane: false,
+            short_lived,
+            via: String::new(),
+            process_note: String::new(),
+            reporters: Reporters::default(),
+        }
+    }
+
     /// Active while seen within `ttl`. Every snapshot of a reporting agent refreshes `last_seen`,
     /// so a closed connection, and every edge of an agent that went silent, turns inactive after it.
     pub fn active(&self, now_ms: u64, ttl_ms: u64) -> bool {
@@ -492,18 +508,7 @@ impl Model {
         let mut changed = false;
         let edge = self.edges.entry(key.clone()).or_insert_with(|| {
             changed = true;
-            Edge {
-                key: key.clone(),
-                process: String::new(),
-                sockets: 0,
-                first_seen_ms: now_ms,
-                last_seen_ms: now_ms,
-                control_plane: false,
-                short_lived: false,
-                via: String::new(),
-                process_note: String::new(),
-                reporters: Reporters::default(),
-            }
+            Edge::new(key.clone(), now_ms, false)
         });
         if let Some(via) = via.map(|v| v.to_string())
             && via != edge.via
@@ -672,21 +677,8 @@ impl Model {
                 }
             }
             None => {
-                self.edges.insert(
-                    key.clone(),
-                    Edge {
-                        key: key.clone(),
-                        process: String::new(),
-                        sockets: 0,
-                        first_seen_ms: now_ms,
-                        last_seen_ms: now_ms,
-                        control_plane: false,
-                        short_lived: true,
-                        via: String::new(),
-                        process_note: String::new(),
-                        reporters: Reporters::default(),
-                    },
-                );
+                self.edges
+                    .insert(key.clone(), Edge::new(key.clone(), now_ms, true));
                 ch.edges_upserted.insert(key);
             }
         }

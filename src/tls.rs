@@ -1,8 +1,8 @@
-//! rustls configurations for both ends: TLS 1.3 only, ring as the one crypto provider, HTTP/2 by ALPN,
+//! rustls configurations for both ends: TLS 1.3 only, aws-lc-rs as the one crypto provider, HTTP/2 by ALPN,
 //! and a client certificate required by the controller.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
@@ -64,9 +64,22 @@ impl TlsFiles {
     }
 }
 
-/// The one crypto provider of the whole workspace.
+/// The one crypto provider of the whole workspace: aws-lc-rs, which seals AES-256-GCM in about half
+/// ring's time on CPUs with vector AES, and every mirrored byte is sealed by the agent and opened by
+/// the controller (BENCHMARKS.md, "TLS"). The first call also makes it the process default, so a
+/// library that builds a rustls configuration without naming a provider gets the same one. Where
+/// another crate also compiles ring into rustls (neo4rs, in the tests), rustls would otherwise
+/// refuse to choose.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let provider = rustls::crypto::aws_lc_rs::default_provider();
+            // Already set: by an earlier call in another form, or by the embedding program.
+            let _ = provider.clone().install_default();
+            Arc::new(provider)
+        })
+        .clone()
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

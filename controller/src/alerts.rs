@@ -492,8 +492,8 @@ impl Drop for AbortOnDrop {
 
 /// `sha256=HEX` of the body under `key`.
 pub fn signature(key: &[u8], body: &[u8]) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
-    let tag = ring::hmac::sign(&key, body);
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
+    let tag = aws_lc_rs::hmac::sign(&key, body);
     let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256={hex}")
 }
@@ -607,8 +607,7 @@ fn client_tls() -> Result<Arc<rustls::ClientConfig>, String> {
             if roots.is_empty() {
                 return Err("no trusted CA certificates on this system".into());
             }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            rustls::ClientConfig::builder_with_provider(provider)
+            rustls::ClientConfig::builder_with_provider(tapgraph::tls::provider())
                 .with_safe_default_protocol_versions()
                 .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
                 .map_err(|e| format!("TLS: {e}"))

@@ -151,13 +151,11 @@ fn tls(root_cert: Option<&PathBuf>) -> Result<MakeRustlsConnect, StoreError> {
             }
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| StoreError::Failed(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(tapgraph::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Failed(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Ok(MakeRustlsConnect::new(config))
 }
 

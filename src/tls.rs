@@ -325,6 +325,26 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
 mod tests {
     use super::*;
 
+    /// The test build compiles ring into rustls too (through neo4rs), where a configuration built
+    /// without naming a provider panics unless a process default is set: `provider()` sets ours.
+    #[test]
+    fn the_provider_is_aws_lc_rs_and_the_process_default() {
+        let groups = |p: &rustls::crypto::CryptoProvider| {
+            p.kx_groups
+                .iter()
+                .map(|g| format!("{:?}", g.name()))
+                .collect::<Vec<_>>()
+        };
+        let aws_lc = groups(&rustls::crypto::aws_lc_rs::default_provider());
+        // ring has no post-quantum hybrid: this is what tells the two apart.
+        assert!(aws_lc.contains(&"X25519MLKEM768".to_string()), "{aws_lc:?}");
+        assert_eq!(groups(&provider()), aws_lc);
+        let default =
+            rustls::crypto::CryptoProvider::get_default().expect("installed by provider()");
+        assert_eq!(groups(default), aws_lc);
+        let _ = ClientConfig::builder().with_root_certificates(RootCertStore::empty());
+    }
+
     #[test]
     fn fingerprints_normalize() {
         let hex = "AB".repeat(32);

@@ -66,20 +66,27 @@ impl TlsFiles {
 
 /// The one crypto provider of the whole workspace: aws-lc-rs, which seals AES-256-GCM in about half
 /// ring's time on CPUs with vector AES, and every mirrored byte is sealed by the agent and opened by
-/// the controller (BENCHMARKS.md, "TLS"). The first call also makes it the process default, so a
-/// library that builds a rustls configuration without naming a provider gets the same one. Where
-/// another crate also compiles ring into rustls (neo4rs, in the tests), rustls would otherwise
-/// refuse to choose.
+/// the controller (BENCHMARKS.md, "TLS on aws-lc-rs"). The first call also makes it the process
+/// default, so a library that builds a rustls configuration without naming a provider gets the
+/// same one. Where another crate also compiles ring into rustls (neo4rs, in the controller), rustls
+/// would otherwise refuse to choose, and panic.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
     PROVIDER
         .get_or_init(|| {
             let provider = rustls::crypto::aws_lc_rs::default_provider();
-            // Already set: by an earlier call in another form, or by the embedding program.
+            // An error means a default is already set (by the embedding program): it stays.
             let _ = provider.clone().install_default();
             Arc::new(provider)
         })
         .clone()
+}
+
+/// Makes [`provider`] the process default now. A program that links a library building rustls
+/// configurations without naming a provider (the controller: neo4rs) calls it first in `main`, so
+/// that no order of start-up can leave such a library without one.
+pub fn install_default_provider() {
+    provider();
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -629,3 +629,48 @@ fn bad_neo4j_settings_are_refused_with_the_reason() {
         assert!(err.contains(needle), "{needle} missing from: {err}");
     }
 }
+
+/// The controller compiles two crypto providers into rustls, its own aws-lc-rs and ring through
+/// neo4rs, and neo4rs builds its TLS configuration without naming one. A `bolt+s://` sink must
+/// meet the default the controller installs first, and fail on the handshake, not panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_bolt_address_reaches_the_handshake_and_fails_with_the_reason() {
+    let world = World::new();
+    // Accepts and hangs up at once: the TLS handshake meets the peer's close.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(stream);
+        }
+    });
+    let uri = format!("bolt+s://127.0.0.1:{port}");
+    let env = [
+        ("TAPGRAPH_GRAPH__NEO4J__URI", uri.as_str()),
+        ("TAPGRAPH_GRAPH__NEO4J__PASSWORD", "unused"),
+    ];
+    let controller = Controller::start(&world, &env);
+    let failed = wait_for(
+        "the sink to report the failed handshake",
+        Duration::from_secs(20),
+        || {
+            let s = sink_stats(&controller);
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| !e.is_empty())
+                .then_some(s)
+        },
+    );
+    assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert_ne!(failed["state"], "in_sync", "{failed}");
+    let log = controller.proc.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains(&format!("127.0.0.1:{port}")), "{log}");
+    // The controller still serves: its map answers.
+    let ctl = world.operator("admin", controller.grpc);
+    assert_eq!(ctl_json(&ctl, &["graph"]), serde_json::json!([]));
+    server.abort();
+}

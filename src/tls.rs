@@ -82,9 +82,10 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         .clone()
 }
 
-/// Makes [`provider`] the process default now. A program that links a library building rustls
-/// configurations without naming a provider (the controller: neo4rs) calls it first in `main`, so
-/// that no order of start-up can leave such a library without one.
+/// Makes [`provider`] the process default now. Every binary calls it first in `main`, so that no
+/// order of start-up leaves a library that builds rustls configurations without naming a provider
+/// (neo4rs, in the controller) without one. Built together, the workspace's binaries all get the
+/// ring feature neo4rs turns on.
 pub fn install_default_provider() {
     provider();
 }

@@ -168,6 +168,9 @@ impl Cli {
 }
 
 fn main() -> ExitCode {
+    // Built with the whole workspace, this binary's rustls also has ring (the controller's neo4rs
+    // turns it on), and a configuration built without naming a provider needs a default.
+    tapgraph::tls::install_default_provider();
     let cli = Cli::parse();
     if let Some(Command::Snapshot {
         repeat,

@@ -197,7 +197,7 @@ impl Cli {
 fn main() -> ExitCode {
     tune_allocator();
     // Before anything builds a TLS configuration: neo4rs builds its own (bolt+s) without naming a
-    // provider, and this binary compiles ring into rustls through it besides aws-lc-rs.
+    // provider, and turns on rustls's ring feature beside aws-lc-rs.
     tapgraph::tls::install_default_provider();
     let cli = Cli::parse();
     let sources = Sources::from_process(cli.config.clone(), cli.overrides());

@@ -181,6 +181,9 @@ impl From<tonic::Status> for Failure {
 }
 
 fn main() -> ExitCode {
+    // Built with the whole workspace, this binary's rustls also has ring (the controller's neo4rs
+    // turns it on), and a configuration built without naming a provider needs a default.
+    tapgraph::tls::install_default_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

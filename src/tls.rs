@@ -1,5 +1,5 @@
-//! rustls configurations for both ends: TLS 1.3 only, aws-lc-rs as the one crypto provider, HTTP/2 by ALPN,
-//! and a client certificate required by the controller.
+//! rustls configurations for both ends: TLS 1.3 only, aws-lc-rs as the one crypto provider, HTTP/2
+//! by ALPN, and a client certificate required by the controller.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};

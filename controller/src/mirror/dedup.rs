@@ -628,9 +628,9 @@ mod tests {
         assert!(d.admit(4, 20, 0, 3 * hold + 1).deliver);
     }
 
-    /// Lean and judging agree: random streams from three agents give the same verdicts and
-    /// evictions as a table kept all along (a model: every arrival judged against every packet
-    /// held, newest first).
+    /// Lean and judging agree: random streams from three agents give the same verdicts as a table
+    /// kept all along (a model: every arrival judged against every packet held, newest first).
+    /// Nothing is evicted here; evictions are the test above's.
     #[test]
     fn verdicts_match_a_model_that_keeps_everything() {
         use rand::{Rng, SeedableRng};
